@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install everything vmwrap needs on a fresh Debian 12 host (as root, no systemd required):
+# apt packages, libvirtd + virtlogd started directly, the Python package, the test appliance.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+[ "$(id -u)" = 0 ] || { echo "install-host.sh: run as root" >&2; exit 1; }
+
+export DEBIAN_FRONTEND=noninteractive
+pkgs=(qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+      libvirt-dev pkg-config busybox-static e2fsprogs gcc libc6-dev tini cpio sqlite3
+      python3-venv python3-dev debootstrap kmod)
+missing=()
+for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+bash "$here/scripts/start-libvirtd.sh"
+
+# The Python package, in a venv outside the repository (PEP 668-safe on Debian).
+venv=${VMWRAP_VENV:-/opt/vmwrap/venv}
+py=$(command -v python3)
+if [ ! -x "$venv/bin/python" ]; then "$py" -m venv "$venv"; fi
+"$venv/bin/pip" install -q --upgrade pip >/dev/null
+"$venv/bin/pip" install -q -e "$here[test]"
+ln -sf "$venv/bin/vmwrap" /usr/local/bin/vmwrap
+
+# Site configuration and the test appliance (built from Debian packages, cached outside the repo).
+mkdir -p /etc/vmwrap
+[ -f /etc/vmwrap/vmwrap.toml ] || cp "$here/docs/vmwrap.toml.example" /etc/vmwrap/vmwrap.toml
+vmwrap image build --name busybox --kind busybox
+vmwrap doctor

@@ -1,0 +1,71 @@
+/* vmwrap-exec: run the job inside the guest as the job's user.
+ * Busybox cannot switch uid portably, so this tiny static helper does
+ * chroot -> setsid -> setgroups/setgid/setuid -> chdir -> execve, with the
+ * job's exact environment read from a NUL-separated file.
+ * usage: vmwrap-exec ROOT UID GID GROUPS UMASK CWD ENVFILE PROG [ARGS...]
+ *        GROUPS is a comma list or "-"; UMASK is octal. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static void die(const char *what, const char *arg) {
+    fprintf(stderr, "vmwrap: %s %s: %s\n", what, arg ? arg : "", strerror(errno));
+    _exit(127);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 9) { fprintf(stderr, "vmwrap-exec: bad usage\n"); return 127; }
+    const char *root = argv[1], *cwd = argv[6], *envfile = argv[7];
+    uid_t uid = (uid_t)strtoul(argv[2], NULL, 10);
+    gid_t gid = (gid_t)strtoul(argv[3], NULL, 10);
+    gid_t groups[256]; size_t ng = 0;
+    if (strcmp(argv[4], "-") != 0) {
+        char *s = strdup(argv[4]), *tok, *save = NULL;
+        for (tok = strtok_r(s, ",", &save); tok && ng < 256; tok = strtok_r(NULL, ",", &save))
+            groups[ng++] = (gid_t)strtoul(tok, NULL, 10);
+    }
+    umask((mode_t)strtoul(argv[5], NULL, 8));
+
+    /* Environment: read before chroot, it lives on the control share. */
+    int fd = open(envfile, O_RDONLY);
+    if (fd < 0) die("open", envfile);
+    size_t cap = 1 << 16, len = 0; char *buf = malloc(cap);
+    for (;;) {
+        if (len == cap) { cap *= 2; buf = realloc(buf, cap); }
+        ssize_t n = read(fd, buf + len, cap - len);
+        if (n < 0) die("read", envfile);
+        if (n == 0) break;
+        len += (size_t)n;
+    }
+    close(fd);
+    size_t nenv = 0;
+    for (size_t i = 0; i < len; i++) if (buf[i] == '\0') nenv++;
+    char **envp = calloc(nenv + 1, sizeof(char *));
+    size_t k = 0;
+    for (size_t i = 0; i < len && k < nenv; ) { envp[k++] = buf + i; i += strlen(buf + i) + 1; }
+
+    if (strcmp(root, "/") != 0) {
+        if (chroot(root) != 0) die("chroot", root);
+        if (chdir("/") != 0) die("chdir", "/");
+    }
+    setsid();
+    if (setgroups(ng, groups) != 0) die("setgroups", NULL);
+    if (setgid(gid) != 0) die("setgid", argv[3]);
+    if (setuid(uid) != 0) die("setuid", argv[2]);
+    if (chdir(cwd) != 0) die("chdir", cwd);
+    execve(argv[8], argv + 8, envp);
+    if (errno == ENOEXEC) {           /* no shebang: run it with sh, as a batch system would */
+        char **a = calloc((size_t)argc, sizeof(char *));
+        a[0] = "/bin/sh";
+        for (int i = 8; i < argc; i++) a[i - 7] = argv[i];
+        execve("/bin/sh", a, envp);
+    }
+    die("exec", argv[8]);
+    return 127;
+}

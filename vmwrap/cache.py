@@ -1,0 +1,260 @@
+"""Node image cache: content-addressed, size-bounded (LRU), pin-aware, one fetch per image at a time.
+
+Layout under the cache root:
+  blobs/<sha256>      read-only verified bytes
+  meta/<sha256>.json  size + stamp (size, mtime_ns) taken when verified, last use
+  pins/<sha256>/<job> one file per job that needs the blob (running or suspended): never evicted
+  locks/<sha256>      flock: serialises fetches of one blob across processes
+  tmp/                partial downloads, renamed into blobs/ only after the checksum matched
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .catalog import Artifact
+from .errors import ImageError, NodeError
+
+CHUNK = 1 << 20
+
+
+@dataclass
+class Fetched:
+    path: Path
+    hit: bool
+    bytes_transferred: int
+
+
+@dataclass
+class Entry:
+    sha256: str
+    size: int
+    last_use: float
+    pins: list[str]
+
+
+class Cache:
+    def __init__(self, root: str | os.PathLike, max_bytes: int, verify_on_use: bool = False):
+        self.root = Path(root)
+        self.max_bytes = int(max_bytes)
+        self.verify_on_use = verify_on_use
+        for d in ("blobs", "meta", "pins", "locks", "tmp", "reserve"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+
+    # -- paths -------------------------------------------------------------
+    def blob(self, sha: str) -> Path:
+        return self.root / "blobs" / sha
+
+    def _meta(self, sha: str) -> Path:
+        return self.root / "meta" / f"{sha}.json"
+
+    @contextmanager
+    def _lock(self, name: str) -> Iterator[None]:
+        with open(self.root / "locks" / name, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # -- public API --------------------------------------------------------
+    def fetch(self, art: Artifact) -> Fetched:
+        """Return a verified local copy of `art`, fetching it at most once however many jobs ask."""
+        with self._lock(art.sha256):
+            if self._valid(art):
+                self._touch(art.sha256)
+                return Fetched(self.blob(art.sha256), True, 0)
+            self._drop(art.sha256)
+            self._reserve(art)
+            try:
+                n = self._download(art)
+            finally:
+                (self.root / "reserve" / art.sha256).unlink(missing_ok=True)
+            self._touch(art.sha256)
+            return Fetched(self.blob(art.sha256), False, n)
+
+    def pin(self, sha: str, job_id: str) -> None:
+        d = self.root / "pins" / sha
+        d.mkdir(exist_ok=True)
+        (d / job_id).touch()
+
+    def unpin(self, sha: str, job_id: str) -> None:
+        (self.root / "pins" / sha / job_id).unlink(missing_ok=True)
+
+    def unpin_job(self, job_id: str) -> None:
+        for d in (self.root / "pins").iterdir():
+            (d / job_id).unlink(missing_ok=True)
+
+    def pins(self, sha: str) -> list[str]:
+        d = self.root / "pins" / sha
+        return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+    def entries(self) -> list[Entry]:
+        out = []
+        for p in (self.root / "blobs").iterdir():
+            meta = self._read_meta(p.name) or {}
+            out.append(Entry(p.name, p.stat().st_size, meta.get("last_use", 0.0), self.pins(p.name)))
+        return sorted(out, key=lambda e: e.last_use)
+
+    def used_bytes(self) -> int:
+        return sum(e.size for e in self.entries())
+
+    def evict(self, sha: str) -> bool:
+        """Remove one blob unless it is pinned; True if removed."""
+        with self._lock(sha):
+            if self.pins(sha):
+                return False
+            self._drop(sha)
+            return True
+
+    def verify(self, sha: str) -> bool:
+        """Full re-hash of one cached blob; a mismatch removes it."""
+        with self._lock(sha):
+            p = self.blob(sha)
+            if not p.exists():
+                return False
+            if _sha256_file(p) == sha:
+                return True
+            self._drop(sha)
+            return False
+
+    # -- internals ---------------------------------------------------------
+    def _read_meta(self, sha: str) -> dict | None:
+        try:
+            return json.loads(self._meta(sha).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _valid(self, art: Artifact) -> bool:
+        """Cheap check on every use (size and the stamp taken at verification); full hash if configured."""
+        p = self.blob(art.sha256)
+        meta = self._read_meta(art.sha256)
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            return False
+        if meta is None or st.st_size != art.size or meta.get("stamp") != [st.st_size, st.st_mtime_ns]:
+            return False
+        if self.verify_on_use and _sha256_file(p) != art.sha256:
+            return False
+        return True
+
+    def _touch(self, sha: str) -> None:
+        meta = self._read_meta(sha) or {}
+        meta["last_use"] = time.time()
+        tmp = self._meta(sha).with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, self._meta(sha))
+
+    def _drop(self, sha: str) -> None:
+        p = self.blob(sha)
+        if p.exists():
+            p.chmod(0o644)
+            p.unlink()
+        self._meta(sha).unlink(missing_ok=True)
+
+    def _reserve(self, art: Artifact) -> None:
+        """Make room for `art` under the size bound by evicting unpinned blobs, least recently used first."""
+        if art.size > self.max_bytes:
+            raise NodeError(f"image {art.sha256[:12]} ({art.size} B) is larger than the whole cache bound ({self.max_bytes} B)")
+        with self._lock(".global"):
+            reserved = sum(int(p.read_text() or 0) for p in (self.root / "reserve").iterdir())
+            used = self.used_bytes() + reserved
+            for e in self.entries():
+                if used + art.size <= self.max_bytes:
+                    break
+                if e.pins or e.sha256 == art.sha256:
+                    continue
+                # Never block on a blob another process is fetching or using right now.
+                with open(self.root / "locks" / e.sha256, "a") as f:
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue
+                    try:
+                        if not self.pins(e.sha256):
+                            self._drop(e.sha256)
+                            used -= e.size
+                    finally:
+                        fcntl.flock(f, fcntl.LOCK_UN)
+            if used + art.size > self.max_bytes:
+                pinned = [f"{e.sha256[:12]} (jobs {', '.join(e.pins)})" for e in self.entries() if e.pins]
+                raise NodeError(
+                    f"image cache full: need {art.size} B, bound {self.max_bytes} B, "
+                    f"{used} B in use; pinned: {'; '.join(pinned) or 'none'}"
+                )
+            (self.root / "reserve" / art.sha256).write_text(str(art.size))
+
+    def _download(self, art: Artifact) -> int:
+        tmp = self.root / "tmp" / f"{art.sha256}.{os.getpid()}.part"
+        h = hashlib.sha256()
+        n = 0
+        try:
+            with _open_source(art.source) as src, open(tmp, "wb") as dst:
+                while True:
+                    buf = src.read(CHUNK)
+                    if not buf:
+                        break
+                    h.update(buf)
+                    dst.write(buf)
+                    n += len(buf)
+                    if n > art.size:
+                        raise ImageError(f"image source {art.source} is larger than the catalog's size {art.size}")
+                dst.flush()
+                os.fsync(dst.fileno())
+            if n != art.size:
+                raise ImageError(f"image source {art.source} is truncated: {n} of {art.size} bytes")
+            if h.hexdigest() != art.sha256:
+                raise ImageError(
+                    f"checksum mismatch for {art.source}: expected sha256 {art.sha256}, got {h.hexdigest()}"
+                )
+            tmp.chmod(0o444)
+            st = tmp.stat()
+            os.replace(tmp, self.blob(art.sha256))
+            meta = {"stamp": [st.st_size, st.st_mtime_ns], "verified_at": time.time()}
+            self._meta(art.sha256).write_text(json.dumps(meta))
+            return n
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NodeError(f"cache disk full while fetching {art.source} into {self.root}") from None
+            raise ImageError(f"cannot fetch image {art.source}: {e.strerror or e}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _open_source(source: str):
+    if source.startswith(("http://", "https://")):
+        try:
+            return urllib.request.urlopen(source, timeout=30)
+        except OSError as e:
+            raise ImageError(f"cannot fetch image {source}: {e}") from None
+    path = source[len("file://"):] if source.startswith("file://") else source
+    if not path.startswith("/"):
+        raise ImageError(f"image source {source!r} must be an absolute path or an http(s) URL")
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise ImageError(f"cannot read image source {path}: {e.strerror}") from None
+
+
+def _sha256_file(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while buf := f.read(CHUNK):
+            h.update(buf)
+    return h.hexdigest()
+
+
+def disk_free(path: str | os.PathLike) -> int:
+    return shutil.disk_usage(path).free

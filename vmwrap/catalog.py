@@ -1,0 +1,188 @@
+"""The site's image catalog (TOML): which appliances exist, where their bytes come from, who may use them."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import re
+import tomllib
+from dataclasses import dataclass, field
+
+from .directives import check_image_name, parse_cpus, parse_memory
+from .errors import NodeError, UserError
+
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+BOOT_METHODS = ("kernel",)  # 'disk' (firmware boots the disk) is planned; see docs/design.md
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One file of an appliance: identified by content, fetched from source."""
+
+    source: str
+    sha256: str
+    size: int
+    format: str = "raw"
+
+
+@dataclass
+class Image:
+    name: str
+    boot: str
+    kernel: Artifact
+    initrd: Artifact
+    disk: Artifact | None = None
+    cmdline: str = ""
+    memory_mib: int | None = None
+    cpus: int | None = None
+    users: list[str] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+    description: str = ""
+
+    def artifacts(self) -> dict[str, Artifact]:
+        out = {"kernel": self.kernel, "initrd": self.initrd}
+        if self.disk:
+            out["disk"] = self.disk
+        return out
+
+    def allows(self, user: str, gid: int | None = None) -> bool:
+        """Open to all when neither users nor groups is set; '*' in users also means everyone."""
+        if not self.users and not self.groups:
+            return True
+        if "*" in self.users or user in self.users:
+            return True
+        if not self.groups:
+            return False
+        mine: set[str] = set()
+        try:
+            pw = pwd.getpwnam(user)
+            gids = os.getgrouplist(user, pw.pw_gid if gid is None else gid)
+            for g in gids:
+                try:
+                    mine.add(grp.getgrgid(g).gr_name)
+                except KeyError:
+                    pass
+        except KeyError:
+            return False
+        return bool(mine & set(self.groups))
+
+
+class Catalog:
+    def __init__(self, images: dict[str, Image], path: str = "<memory>"):
+        self.images = images
+        self.path = path
+
+    @classmethod
+    def load(cls, path: str) -> "Catalog":
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise NodeError(f"image catalog {path} does not exist (vmwrap image build or images add)") from None
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise NodeError(f"image catalog {path} is unreadable: {e}") from None
+        images = {}
+        for name, entry in (data.get("images") or {}).items():
+            images[name] = _image(path, name, entry)
+        return cls(images, path)
+
+    def resolve(self, name: str, user: str, gid: int | None = None) -> Image:
+        check_image_name(name)
+        img = self.images.get(name)
+        if img is None:
+            known = ", ".join(sorted(self.images)) or "none"
+            raise UserError(f"unknown image {name!r} (this site offers: {known})")
+        if not img.allows(user, gid):
+            raise UserError(f"user {user!r} may not use image {name!r} (ask your admin to be added)")
+        return img
+
+
+def _artifact(path: str, name: str, key: str, entry: dict) -> Artifact:
+    where = f"{path}: images.{name}.{key}"
+    if not isinstance(entry, dict):
+        raise NodeError(f"{where} must be a table with source, sha256, size")
+    try:
+        a = Artifact(str(entry["source"]), str(entry["sha256"]).lower(), int(entry["size"]), str(entry.get("format", "raw")))
+    except KeyError as e:
+        raise NodeError(f"{where} lacks {e.args[0]}") from None
+    if not _SHA.match(a.sha256):
+        raise NodeError(f"{where}.sha256 is not 64 hex digits")
+    if a.size <= 0:
+        raise NodeError(f"{where}.size must be positive")
+    if a.format not in ("raw", "qcow2"):
+        raise NodeError(f"{where}.format must be raw or qcow2")
+    return a
+
+
+def _image(path: str, name: str, e: dict) -> Image:
+    try:
+        check_image_name(name)
+    except UserError as err:
+        raise NodeError(f"{path}: {err}") from None
+    boot = e.get("boot", "kernel")
+    if boot not in BOOT_METHODS:
+        raise NodeError(f"{path}: images.{name}.boot={boot!r} is not supported (supported: {', '.join(BOOT_METHODS)})")
+    for k in ("kernel", "initrd"):
+        if k not in e:
+            raise NodeError(f"{path}: images.{name} needs a [{k}] table for boot='kernel'")
+    try:
+        mem = parse_memory(str(e["memory"])) if "memory" in e else None
+        cpus = parse_cpus(str(e["cpus"])) if "cpus" in e else None
+    except UserError as err:
+        raise NodeError(f"{path}: images.{name}: {err}") from None
+    return Image(
+        name=name,
+        boot=boot,
+        kernel=_artifact(path, name, "kernel", e["kernel"]),
+        initrd=_artifact(path, name, "initrd", e["initrd"]),
+        disk=_artifact(path, name, "disk", e["disk"]) if "disk" in e else None,
+        cmdline=str(e.get("cmdline", "")),
+        memory_mib=mem,
+        cpus=cpus,
+        users=[str(u) for u in e.get("users", [])],
+        groups=[str(g) for g in e.get("groups", [])],
+        description=str(e.get("description", "")),
+    )
+
+
+def _toml_str(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)  # JSON string escapes are valid TOML basic strings
+
+
+def render_entry(img: Image) -> str:
+    """TOML text for one image, used by `vmwrap image build` to register what it built."""
+    lines = [f"[images.{img.name}]", f"boot = {_toml_str(img.boot)}"]
+    if img.description:
+        lines.append(f"description = {_toml_str(img.description)}")
+    if img.memory_mib:
+        lines.append(f'memory = "{img.memory_mib}M"')
+    if img.cpus:
+        lines.append(f"cpus = {img.cpus}")
+    if img.cmdline:
+        lines.append(f"cmdline = {_toml_str(img.cmdline)}")
+    lines.append("users = [" + ", ".join(_toml_str(u) for u in img.users) + "]")
+    lines.append("groups = [" + ", ".join(_toml_str(g) for g in img.groups) + "]")
+    for key, a in img.artifacts().items():
+        lines.append(
+            f"{key} = {{ source = {_toml_str(a.source)}, sha256 = \"{a.sha256}\", size = {a.size}, format = \"{a.format}\" }}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def register(path: str, img: Image) -> None:
+    """Add or replace one image's entry in the catalog file, atomically."""
+    text = ""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    blocks = re.split(r"(?m)^(?=\[images\.)", text)
+    kept = [b for b in blocks if not b.startswith(f"[images.{img.name}]")]
+    new = "".join(kept).rstrip("\n")
+    new = (new + "\n\n" if new else "") + render_entry(img)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(new)
+    os.replace(tmp, path)

@@ -1,0 +1,175 @@
+"""The `vmwrap` command: what a scheduler runs as the job payload, and what an admin types."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import sys
+import time
+
+import click
+
+from . import config as config_mod
+from .errors import VmwrapError
+
+
+def _settings():
+    try:
+        return config_mod.load()
+    except VmwrapError as e:
+        raise click.ClickException(str(e))
+
+
+@click.group()
+@click.version_option()
+def main() -> None:
+    """Run batch jobs in per-job VMs."""
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("script", type=click.Path(dir_okay=False))
+@click.option("--job-id", default=lambda: f"local-{os.getpid()}", help="Scheduler's job id (names the VM).")
+@click.option("--user", "user", default=None, help="Run the job as this user (default: the caller).")
+@click.option("--workdir", default=None, help="Job work dir shared into the VM (default: current dir).")
+@click.option("--image", default=None, help="Image when the script has no #VMWRAP --image directive.")
+@click.option("--cpus", type=int, default=None, help="CPUs allocated by the scheduler (ceiling).")
+@click.option("--memory", "memory_mib", type=int, default=None, help="MiB allocated by the scheduler (ceiling).")
+@click.option("--scheduler", default="none", help="Scheduler name for the ledger.")
+def run(script, job_id, user, workdir, image, cpus, memory_mib, scheduler):
+    """Run SCRIPT inside its own VM; exit with its exit code."""
+    from .job import Job
+    from .launcher import EXIT_FOR, Launcher
+
+    try:
+        with open(script, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    except OSError as e:
+        click.echo(f"vmwrap: error: cannot read job script {script}: {e.strerror}", err=True)
+        sys.exit(EXIT_FOR["user"])
+    try:
+        pw = pwd.getpwnam(user) if user else pwd.getpwuid(os.getuid())
+    except KeyError:
+        click.echo(f"vmwrap: error: unknown user {user!r}", err=True)
+        sys.exit(EXIT_FOR["user"])
+    settings = _settings()
+    try:
+        job = Job(
+            job_id=job_id, scheduler=scheduler, user=pw.pw_name, uid=pw.pw_uid, gid=pw.pw_gid,
+            work_dir=os.path.abspath(workdir or os.getcwd()), script=text,
+            environment=dict(os.environ), cpus=cpus, memory_mib=memory_mib, image=image,
+            groups=[g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid],
+        )
+    except VmwrapError as e:
+        click.echo(f"vmwrap: error: {e}", err=True)
+        sys.exit(EXIT_FOR[e.kind])
+    sys.exit(Launcher(job, settings).run())
+
+
+@main.command()
+@click.argument("job_id")
+def teardown(job_id):
+    """Destroy JOB_ID's VM and remove its files (idempotent; for epilogs and admins)."""
+    from .job import Job
+    from .launcher import teardown as do_teardown
+
+    Job(job_id=job_id, scheduler="none", user="root", uid=0, gid=0, work_dir="/", script="")  # validates id
+    did = do_teardown(job_id, _settings())
+    click.echo(f"{job_id}: {'removed' if did else 'nothing to remove'}")
+
+
+@main.command()
+def ps():
+    """VMs on this node, with the ledger's last event for each job."""
+    from . import domain
+    from .ledger import Ledger
+
+    s = _settings()
+    last = Ledger(s.ledger_path).last_events()
+    try:
+        conn = domain.connect(s.libvirt_uri)
+        doms = {d.name(): d for d in conn.listAllDomains() if d.name().startswith("vmwrap-")}
+    except VmwrapError as e:
+        raise click.ClickException(str(e))
+    click.echo(f"{'JOB':<20} {'STATE':<10} {'LAST EVENT':<12} {'SINCE':>8}")
+    states = {1: "running", 3: "paused", 5: "shutoff"}
+    for name, d in sorted(doms.items()):
+        job = name[len("vmwrap-"):]
+        ev = last.get(job, {})
+        age = f"{time.time() - ev['ts']:.0f}s" if ev else "-"
+        click.echo(f"{job:<20} {states.get(d.state()[0], str(d.state()[0])):<10} {ev.get('event', '-'):<12} {age:>8}")
+
+
+@main.group()
+def image():
+    """Appliance images: build and list."""
+
+
+@image.command("build")
+@click.option("--name", required=True)
+@click.option("--kind", type=click.Choice(["busybox", "debootstrap"]), default="busybox")
+@click.option("--memory", "memory_mib", type=int, default=256)
+def image_build(name, kind, memory_mib):
+    """Build an appliance from Debian packages and register it in the catalog."""
+    from . import appliance
+    from .directives import check_image_name
+
+    s = _settings()
+    try:
+        check_image_name(name)
+        t0 = time.monotonic()
+        img = appliance.build(name, kind, s.appliance_dir, s.catalog, memory_mib=memory_mib)
+    except VmwrapError as e:
+        raise click.ClickException(str(e))
+    click.echo(f"built {img.name} ({img.description}) in {time.monotonic() - t0:.1f}s -> {s.catalog}")
+
+
+@image.command("list")
+def image_list():
+    """Images in the site catalog."""
+    from .catalog import Catalog
+
+    s = _settings()
+    try:
+        cat = Catalog.load(s.catalog)
+    except VmwrapError as e:
+        raise click.ClickException(str(e))
+    for img in cat.images.values():
+        size = sum(a.size for a in img.artifacts().values())
+        who = ",".join(img.users + ["@" + g for g in img.groups]) or "everyone"
+        click.echo(f"{img.name:<20} {size / 2**20:8.1f} MiB  {who:<20} {img.description}")
+
+
+@main.command()
+def doctor():
+    """Check this node: libvirt, QEMU, acceleration, catalog, cache."""
+    from . import accel, domain
+    from .catalog import Catalog
+
+    s = _settings()
+    ok = True
+    try:
+        conn = domain.connect(s.libvirt_uri)
+        click.echo(f"ok   libvirt {s.libvirt_uri} (hypervisor {conn.getVersion()})")
+        conn.close()
+    except VmwrapError as e:
+        click.echo(f"FAIL {e}")
+        ok = False
+    try:
+        cat = Catalog.load(s.catalog)
+        click.echo(f"ok   catalog {s.catalog}: {len(cat.images)} image(s)")
+        if ok and cat.images:
+            img = next(iter(cat.images.values()))
+            vt = accel.choose(s, img.kernel.source, img.initrd.source, img.kernel.sha256)
+            click.echo(f"ok   acceleration: domain type {vt!r} ({'KVM verified' if vt == 'kvm' else 'TCG: KVM absent or not working'})")
+    except VmwrapError as e:
+        click.echo(f"FAIL {e}")
+        ok = False
+    for d in (s.cache_dir, s.state_dir):
+        os.makedirs(d, exist_ok=True)
+        st = os.statvfs(d)
+        click.echo(f"ok   {d}: {st.f_bavail * st.f_frsize / 2**30:.1f} GiB free")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

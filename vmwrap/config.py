@@ -1,0 +1,54 @@
+"""Site settings: one TOML file (VMWRAP_CONFIG, else /etc/vmwrap/vmwrap.toml); every key has a default."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import NodeError
+
+DEFAULT_PATH = "/etc/vmwrap/vmwrap.toml"
+
+
+@dataclass
+class Settings:
+    catalog: str = "/etc/vmwrap/images.toml"
+    cache_dir: str = "/var/cache/vmwrap/images"
+    cache_max_bytes: int = 20 * 1024**3
+    state_dir: str = "/var/lib/vmwrap"
+    appliance_dir: str = "/var/cache/vmwrap/appliances"
+    libvirt_uri: str = "qemu:///system"
+    accel: str = "auto"  # auto | kvm | tcg
+    grace_seconds: float = 30.0
+    verify_on_use: bool = False
+    default_memory_mib: int = 256
+    default_cpus: int = 1
+
+    @property
+    def jobs_dir(self) -> Path:
+        return Path(self.state_dir) / "jobs"
+
+    @property
+    def ledger_path(self) -> Path:
+        return Path(self.state_dir) / "ledger.sqlite"
+
+
+def load(path: str | None = None) -> Settings:
+    path = path or os.environ.get("VMWRAP_CONFIG") or DEFAULT_PATH
+    if not os.path.exists(path):
+        return Settings()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise NodeError(f"cannot read vmwrap config {path}: {e}") from None
+    known = {f.name: f.type for f in fields(Settings)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise NodeError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}")
+    s = Settings(**data)
+    if s.accel not in ("auto", "kvm", "tcg"):
+        raise NodeError(f"{path}: accel must be auto, kvm or tcg, not {s.accel!r}")
+    return s

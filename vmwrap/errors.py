@@ -1,0 +1,25 @@
+"""Error kinds. Schedulers must tell a user's mistake from a broken node, so every error says which."""
+
+
+class VmwrapError(Exception):
+    """Base: a message fit to show to the person who caused or must fix it."""
+
+    kind = "error"
+
+
+class UserError(VmwrapError):
+    """The job asked for something wrong (bad directive, unknown image, no right). Fail the job, keep the node."""
+
+    kind = "user"
+
+
+class ImageError(VmwrapError):
+    """The site's image is unusable (checksum mismatch, unreachable source). Fail the job, keep the node."""
+
+    kind = "image"
+
+
+class NodeError(VmwrapError):
+    """This node cannot run VMs now (libvirtd down, cache disk full). A scheduler should drain the node."""
+
+    kind = "node"

@@ -1,0 +1,49 @@
+"""The one job description the whole core uses; plugins fill it from their scheduler's facts."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .errors import UserError
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass
+class Job:
+    job_id: str
+    scheduler: str
+    user: str
+    uid: int
+    gid: int
+    work_dir: str
+    script: str
+    environment: dict[str, str] = field(default_factory=dict)
+    cpus: int | None = None
+    memory_mib: int | None = None
+    time_limit_s: int | None = None
+    image: str | None = None
+    restart_count: int = 0
+    groups: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not _JOB_ID.match(self.job_id or ""):
+            raise UserError(f"invalid job id {self.job_id!r}: use letters, digits, '.', '_', '-' (max 64)")
+        validate_host_path(self.work_dir, "work dir")
+
+    @property
+    def domain_name(self) -> str:
+        return f"vmwrap-{self.job_id}"
+
+
+def validate_host_path(path: str, what: str) -> None:
+    """Refuse paths that could confuse the guest's mount code or escape via '..'."""
+    if not path.startswith("/"):
+        raise UserError(f"{what} must be an absolute path, got {path!r}")
+    if any(ord(c) < 32 or c == "\x7f" for c in path):
+        raise UserError(f"{what} {path!r} contains a control character (newline, tab, ...)")
+    if any(part == ".." for part in path.split("/")):
+        raise UserError(f"{what} {path!r} contains '..'")
+    if len(path) > 1024:
+        raise UserError(f"{what} is longer than 1024 characters")

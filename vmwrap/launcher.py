@@ -1,0 +1,329 @@
+"""`vmwrap run`: boot the job's VM, stream its output, exit with the job's exit code.
+
+Exit codes: the job's own (a signal N inside the guest gives 128+N); before the job could run,
+64 = the job's request is wrong, 65 = the image is unusable, 69 = this node cannot run VMs,
+70 = the guest died without reporting an exit status.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import accel, directives, domain, overlay
+from .cache import Cache
+from .catalog import Catalog, Image
+from .config import Settings
+from .errors import ImageError, NodeError, UserError, VmwrapError
+from .job import Job
+from .ledger import Ledger
+
+EXIT_USER, EXIT_IMAGE, EXIT_NODE, EXIT_GUEST = 64, 65, 69, 70
+EXIT_FOR = {"user": EXIT_USER, "image": EXIT_IMAGE, "node": EXIT_NODE}
+POLL = 0.02
+
+
+@dataclass
+class Plan:
+    """The validated request: what will boot. Building it has no side effects."""
+
+    image: Image
+    cpus: int
+    memory_mib: int
+
+
+def host_memory_mib() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+
+
+def plan(job: Job, settings: Settings, catalog: Catalog) -> Plan:
+    """Merge directives, scheduler allocation, image and site defaults; refuse what cannot fit."""
+    req = directives.parse(job.script)
+    name = req.image or job.image
+    if not name:
+        raise UserError("no image requested: add '#VMWRAP --image=NAME' to the job script")
+    image = catalog.resolve(name, job.user, job.gid)
+    cpus = req.cpus or job.cpus or image.cpus or settings.default_cpus
+    mem = req.memory_mib or job.memory_mib or image.memory_mib or settings.default_memory_mib
+    if job.cpus and req.cpus and req.cpus > job.cpus:
+        raise UserError(f"--cpus={req.cpus} is more than the job's allocation of {job.cpus} CPUs")
+    if job.memory_mib and req.memory_mib and req.memory_mib > job.memory_mib:
+        raise UserError(f"--memory={req.memory_mib}M is more than the job's allocation of {job.memory_mib}M")
+    ncpu = os.cpu_count() or 1
+    if cpus > ncpu:
+        raise UserError(f"the job asks for {cpus} CPUs; this node has {ncpu}")
+    total = host_memory_mib()
+    if mem > total:
+        raise UserError(f"the job asks for {mem}M of memory; this node has {total}M")
+    if mem < 64:
+        raise UserError(f"{mem}M of memory is too little to boot a guest (minimum 64M)")
+    return Plan(image, cpus, mem)
+
+
+class Launcher:
+    def __init__(self, job: Job, settings: Settings, out_fd: int = 1, err_fd: int = 2):
+        self.job = job
+        self.settings = settings
+        self.out_fd, self.err_fd = out_fd, err_fd
+        self.run_dir = settings.jobs_dir / job.job_id
+        self.ledger = Ledger(settings.ledger_path)
+        self.cache = Cache(settings.cache_dir, settings.cache_max_bytes, settings.verify_on_use)
+        self.conn = None
+        self._signals: list[int] = []
+        self.timeline: dict[str, float] = {"launcher_start": time.monotonic()}
+
+    # -- phases ----------------------------------------------------------
+    def prepare(self) -> None:
+        """Validate, fetch the image into the cache, make the overlay and control files. Idempotent."""
+        catalog = Catalog.load(self.settings.catalog)
+        self.plan = p = plan(self.job, self.settings, catalog)
+        if not os.path.isdir(self.job.work_dir):
+            raise UserError(f"work dir {self.job.work_dir} does not exist on this node")
+        self.conn = domain.connect(self.settings.libvirt_uri)
+        self.paths: dict[str, Path] = {}
+        for key, art in p.image.artifacts().items():
+            self.cache.pin(art.sha256, self.job.job_id)
+            got = self.cache.fetch(art)
+            self.ledger.record(self.job.job_id, self.job.domain_name, "cache_hit" if got.hit else "cache_miss",
+                               artifact=key, sha256=art.sha256, bytes=got.bytes_transferred)
+            self.paths[key] = got.path
+        self.timeline["cached"] = time.monotonic()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.chmod(0o700)
+        if p.image.disk:
+            ov = self.run_dir / "overlay.qcow2"
+            if not ov.exists():
+                overlay.create(self.paths["disk"], ov, p.image.disk.format)
+        self._write_control()
+        self.timeline["prepared"] = time.monotonic()
+
+    def _write_control(self) -> None:
+        ctl = self.run_dir / "ctl"
+        ctl.mkdir(exist_ok=True)
+        ctl.chmod(0o755)
+        script = ctl / "script"
+        script.write_text(self.job.script)
+        script.chmod(0o755)
+        env = b"".join(f"{k}={v}".encode() + b"\0" for k, v in self.job.environment.items() if "\0" not in k + v)
+        (ctl / "env").write_bytes(env)
+        (ctl / "workdir").write_text(self.job.work_dir)
+        groups = ",".join(str(g) for g in self.job.groups) or "-"
+        umask = os.umask(0o022)
+        os.umask(umask)
+        (ctl / "ids").write_text(f"{self.job.uid} {self.job.gid} {groups} {umask:o}\n")
+        (ctl / "hostname").write_text(os.uname().nodename)
+
+    def boot(self) -> None:
+        import libvirt
+
+        p = self.plan
+        virt_type = accel.choose(self.settings, str(self.paths["kernel"]), str(self.paths["initrd"]),
+                                 p.image.kernel.sha256)
+        for f in ("stdout", "stderr", "status", "console.log"):
+            (self.run_dir / f).unlink(missing_ok=True)
+        spec = domain.Spec(
+            name=self.job.domain_name, job_id=self.job.job_id, virt_type=virt_type,
+            memory_mib=p.memory_mib, cpus=p.cpus,
+            kernel=str(self.paths["kernel"]), initrd=str(self.paths["initrd"]),
+            disk=str(self.run_dir / "overlay.qcow2") if p.image.disk else None,
+            ctl_dir=str(self.run_dir / "ctl"), work_dir=self.job.work_dir,
+            run_dir=str(self.run_dir), cmdline=p.image.cmdline,
+        )
+        if domain.lookup(self.conn, self.job.domain_name) is not None:
+            raise NodeError(f"a VM named {self.job.domain_name} already exists on this node (stale job? vmwrap teardown {self.job.job_id})")
+        try:
+            self.conn.createXML(domain.render(spec), 0)
+        except libvirt.libvirtError as e:
+            raise NodeError(f"libvirt refused to start the job's VM: {e.get_error_message()}") from None
+        self.timeline["created"] = time.monotonic()
+        self.ledger.record(self.job.job_id, self.job.domain_name, "created", virt_type=virt_type,
+                           cpus=p.cpus, memory_mib=p.memory_mib, image=p.image.name)
+
+    def stream(self) -> int:
+        """Copy guest output to our stdout/stderr until the guest is gone; react to signals meanwhile."""
+        files = {}
+        pending = {"stdout": self.out_fd, "stderr": self.err_fd}
+        status_buf = b""
+        status_seen: set[str] = set()
+        exit_code: int | None = None
+        term_deadline = kill_deadline = None
+        paused = False
+        last_check = 0.0
+        status_f = None
+        while True:
+            moved = False
+            for name, fd in pending.items():
+                f = files.get(name)
+                if f is None:
+                    try:
+                        f = files[name] = open(self.run_dir / name, "rb")
+                    except FileNotFoundError:
+                        continue
+                buf = f.read(1 << 20)
+                if buf:
+                    _write_all(fd, buf)
+                    moved = True
+                    if "first_output" not in self.timeline:
+                        self.timeline["first_output"] = time.monotonic()
+            if status_f is None:
+                try:
+                    status_f = open(self.run_dir / "status", "rb")
+                except FileNotFoundError:
+                    pass
+            if status_f is not None:
+                status_buf += status_f.read()
+                *lines, status_buf = status_buf.split(b"\n")
+                for ln in lines:
+                    word, _, arg = ln.decode(errors="replace").partition(" ")
+                    if word in ("booted", "started") and word not in status_seen:
+                        status_seen.add(word)
+                        self.timeline[word] = time.monotonic()
+                        self.ledger.record(self.job.job_id, self.job.domain_name, word, guest_uptime=arg)
+                    elif word == "exit":
+                        exit_code = int(arg)
+                    elif word == "error":
+                        _write_all(self.err_fd, f"vmwrap: guest error: {arg}\n".encode())
+            while self._signals:
+                sig = self._signals.pop(0)
+                if sig == signal.SIGTSTP and not paused:
+                    paused = self._pause()
+                elif sig == signal.SIGCONT and paused:
+                    paused = not self._resume()
+                elif sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) and term_deadline is None:
+                    if paused:
+                        paused = not self._resume()
+                    domain.send_control(self.run_dir, "TERM")
+                    term_deadline = time.monotonic() + self.settings.grace_seconds
+            now = time.monotonic()
+            if term_deadline and now > term_deadline and kill_deadline is None:
+                domain.send_control(self.run_dir, "KILL")
+                kill_deadline = now + 2.0
+            if kill_deadline and now > kill_deadline:
+                domain.destroy(self.conn, self.job.domain_name)
+            if now - last_check > 0.1 or exit_code is not None:
+                last_check = now
+                if domain.is_gone(self.conn, self.job.domain_name):
+                    for name, fd in pending.items():  # drain what the guest wrote last
+                        f = files.get(name) or _open_or_none(self.run_dir / name)
+                        if f:
+                            while buf := f.read(1 << 20):
+                                _write_all(fd, buf)
+                    if status_f is None:
+                        status_f = _open_or_none(self.run_dir / "status")
+                    if exit_code is None and status_f is not None:
+                        for ln in (status_buf + status_f.read()).split(b"\n"):
+                            if ln.startswith(b"exit "):
+                                exit_code = int(ln.split()[1])
+                    break
+            if not moved:
+                time.sleep(POLL)
+        for f in files.values():
+            f.close()
+        if exit_code is None:
+            if term_deadline is not None:
+                exit_code = 128 + signal.SIGTERM
+            else:
+                tail = _tail(self.run_dir / "console.log")
+                _write_all(self.err_fd, f"vmwrap: the guest died without reporting an exit status\n{tail}".encode())
+                exit_code = EXIT_GUEST
+        self.ledger.record(self.job.job_id, self.job.domain_name, "exited", exit_code=exit_code)
+        return exit_code
+
+    def _pause(self) -> bool:
+        dom = domain.lookup(self.conn, self.job.domain_name)
+        if dom is None:
+            return False
+        try:
+            dom.suspend()
+        except Exception:
+            return False
+        self.ledger.record(self.job.job_id, self.job.domain_name, "paused")
+        return True
+
+    def _resume(self) -> bool:
+        dom = domain.lookup(self.conn, self.job.domain_name)
+        if dom is None:
+            return True
+        try:
+            dom.resume()
+        except Exception:
+            return False
+        self.ledger.record(self.job.job_id, self.job.domain_name, "resumed")
+        return True
+
+    def _on_signal(self, signum, _frame) -> None:
+        self._signals.append(signum)
+
+    def install_signal_handlers(self) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTSTP, signal.SIGCONT):
+            signal.signal(s, self._on_signal)
+
+    def run(self) -> int:
+        self.install_signal_handlers()
+        try:
+            self.prepare()
+            self.boot()
+            return self.stream()
+        except VmwrapError as e:
+            _write_all(self.err_fd, f"vmwrap: error: {e}\n".encode())
+            self.ledger.record(self.job.job_id, self.job.domain_name, "failed", kind=e.kind, message=str(e))
+            return EXIT_FOR[e.kind]
+        finally:
+            teardown(self.job.job_id, self.settings, conn=self.conn, ledger=self.ledger, cache=self.cache)
+
+
+def teardown(job_id: str, settings: Settings, conn=None, ledger: Ledger | None = None,
+             cache: Cache | None = None) -> bool:
+    """Destroy the job's VM and remove every per-job file and pin. Idempotent; safe from an epilog."""
+    name = f"vmwrap-{job_id}"
+    did = False
+    own_conn = conn is None
+    try:
+        if conn is None:
+            conn = domain.connect(settings.libvirt_uri)
+        did = domain.destroy(conn, name)
+    except NodeError:
+        pass  # libvirtd down: nothing we can destroy now; files still go
+    finally:
+        if own_conn and conn is not None:
+            conn.close()
+    run_dir = settings.jobs_dir / job_id
+    if run_dir.exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        did = True
+    (cache or Cache(settings.cache_dir, settings.cache_max_bytes)).unpin_job(job_id)
+    if did:
+        (ledger or Ledger(settings.ledger_path)).record(job_id, name, "destroyed")
+    return did
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except InterruptedError:
+            continue
+        except BrokenPipeError:
+            return
+        view = view[n:]
+
+
+def _open_or_none(p: Path):
+    try:
+        return open(p, "rb")
+    except FileNotFoundError:
+        return None
+
+
+def _tail(p: Path, n: int = 2000) -> str:
+    try:
+        data = p.read_bytes()[-n:]
+        return "--- guest console (last lines) ---\n" + data.decode(errors="replace") + "\n"
+    except OSError:
+        return ""

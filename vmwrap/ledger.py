@@ -1,0 +1,51 @@
+"""Node-local SQLite record of every VM's life: accounting and `vmwrap ps` read it."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+EVENTS = ("created", "booted", "started", "paused", "resumed", "saved", "restored", "exited",
+          "destroyed", "failed", "cache_hit", "cache_miss")
+
+
+class Ledger:
+    def __init__(self, path: str | os.PathLike):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), timeout=30, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, ts REAL NOT NULL, job_id TEXT NOT NULL,"
+            " domain TEXT NOT NULL, event TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '{}')"
+        )
+        self.db.execute("CREATE INDEX IF NOT EXISTS events_job ON events(job_id)")
+
+    def record(self, job_id: str, domain: str, event: str, **detail) -> None:
+        if event not in EVENTS:
+            raise ValueError(f"unknown ledger event {event}")
+        self.db.execute(
+            "INSERT INTO events (ts, job_id, domain, event, detail) VALUES (?,?,?,?,?)",
+            (time.time(), job_id, domain, event, json.dumps(detail, sort_keys=True)),
+        )
+
+    def events(self, job_id: str | None = None) -> list[dict]:
+        q = "SELECT ts, job_id, domain, event, detail FROM events"
+        args: tuple = ()
+        if job_id is not None:
+            q += " WHERE job_id = ?"
+            args = (job_id,)
+        rows = self.db.execute(q + " ORDER BY id", args).fetchall()
+        return [dict(ts=r[0], job_id=r[1], domain=r[2], event=r[3], detail=json.loads(r[4])) for r in rows]
+
+    def last_events(self) -> dict[str, dict]:
+        """Latest event per job, for `vmwrap ps`."""
+        rows = self.db.execute(
+            "SELECT ts, job_id, domain, event, detail FROM events WHERE id IN (SELECT MAX(id) FROM events GROUP BY job_id)"
+        ).fetchall()
+        return {r[1]: dict(ts=r[0], job_id=r[1], domain=r[2], event=r[3], detail=json.loads(r[4])) for r in rows}
+
+    def close(self) -> None:
+        self.db.close()
