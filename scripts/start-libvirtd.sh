@@ -8,8 +8,14 @@ if [ -e /dev/kvm ]; then chgrp kvm /dev/kvm && chmod 0660 /dev/kvm || true; fi
 mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt/qemu
 conf=/etc/libvirt/qemu.conf
 # QEMU runs as root: 9p passthrough then keeps the job user's uid on files it writes.
-if ! grep -q '^# vmwrap' "$conf" 2>/dev/null; then
-  printf '# vmwrap\nuser = "root"\ngroup = "root"\nsecurity_driver = "none"\n' >> "$conf"
+# stdio_handler=file: QEMU writes the job's output channels itself; virtlogd would roll them over at 2 MB.
+if ! grep -q '^# vmwrap v2' "$conf" 2>/dev/null; then
+  sed -i '/^# vmwrap/,$d' "$conf" 2>/dev/null || true
+  printf '# vmwrap v2\nuser = "root"\ngroup = "root"\nsecurity_driver = "none"\nstdio_handler = "file"\n' >> "$conf"
+  restart=1
+fi
+if [ "${restart:-0}" = 1 ] && pgrep -x libvirtd >/dev/null; then
+  pkill -x libvirtd; for _ in $(seq 1 50); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
 fi
 pgrep -x virtlogd >/dev/null || virtlogd -d
 if ! pgrep -x libvirtd >/dev/null; then

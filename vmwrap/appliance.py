@@ -149,7 +149,7 @@ def build_debootstrap_root(dest: Path, tmp: Path, suite: str = "bookworm", size_
 
 def _ext4(root: Path, dest: Path, tmp: Path, size_mib: int) -> None:
     raw = tmp / "root.raw"
-    _run(["mkfs.ext4", "-q", "-F", "-L", "vmwrap-root", "-d", str(root), str(raw), f"{size_mib}M"])
+    _run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-L", "vmwrap-root", "-d", str(root), str(raw), f"{size_mib}M"])
     _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(dest)])
 
 

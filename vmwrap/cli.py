@@ -154,6 +154,18 @@ def doctor():
     except VmwrapError as e:
         click.echo(f"FAIL {e}")
         ok = False
+    qconf = "/etc/libvirt/qemu.conf"
+    try:
+        text = open(qconf).read()
+    except OSError:
+        text = ""
+    import re as _re
+
+    if _re.search(r'(?m)^\s*stdio_handler\s*=\s*"file"', text):
+        click.echo(f"ok   {qconf}: stdio_handler = \"file\"")
+    else:
+        click.echo(f"FAIL {qconf}: set stdio_handler = \"file\" (virtlogd rolls job output over at 2 MB and loses it)")
+        ok = False
     try:
         cat = Catalog.load(s.catalog)
         click.echo(f"ok   catalog {s.catalog}: {len(cat.images)} image(s)")

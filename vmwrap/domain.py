@@ -18,7 +18,7 @@ _env = jinja2.Environment(
     autoescape=jinja2.select_autoescape(enabled_extensions=("xml", "j2"), default=True),
     undefined=jinja2.StrictUndefined,
 )
-BASE_CMDLINE = "console=ttyS0 quiet loglevel=1 panic=-1 mitigations=off"
+BASE_CMDLINE = "console=ttyS0 quiet loglevel=1 panic=-1 mitigations=off acpi=noirq"
 
 
 @dataclass
@@ -97,17 +97,44 @@ def destroy(conn, name: str) -> bool:
     return True
 
 
-def send_control(run_dir: str | os.PathLike, command: str, timeout: float = 2.0) -> bool:
-    """Send one line (TERM, KILL) to the guest agent's control port; False if the guest is not listening."""
-    path = str(Path(run_dir) / "control.sock")
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(path)
-            s.sendall(command.encode() + b"\n")
+class Control:
+    """The host end of the guest agent's control port (TERM, KILL), held open for the VM's life.
+
+    QEMU accepts one client on the socket; holding it open keeps the guest's reads blocking instead of
+    seeing EOF, and lets any process reconnect after the holder died.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = str(Path(run_dir) / "control.sock")
+        self.sock: socket.socket | None = None
+
+    def connect(self, timeout: float = 2.0) -> bool:
+        if self.sock is not None:
+            return True
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect(self.path)
+        except OSError:
+            s.close()
+            return False
+        self.sock = s
         return True
-    except OSError:
-        return False
+
+    def send(self, command: str) -> bool:
+        if not self.connect():
+            return False
+        try:
+            self.sock.sendall(command.encode() + b"\n")
+            return True
+        except OSError:
+            self.close()
+            return False
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 def wait_gone(conn, name: str, timeout: float, interval: float = 0.05) -> bool:

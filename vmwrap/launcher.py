@@ -141,6 +141,8 @@ class Launcher:
         except libvirt.libvirtError as e:
             raise NodeError(f"libvirt refused to start the job's VM: {e.get_error_message()}") from None
         self.timeline["created"] = time.monotonic()
+        self.control = domain.Control(self.run_dir)
+        self.control.connect()
         self.ledger.record(self.job.job_id, self.job.domain_name, "created", virt_type=virt_type,
                            cpus=p.cpus, memory_mib=p.memory_mib, image=p.image.name)
 
@@ -197,11 +199,11 @@ class Launcher:
                 elif sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) and term_deadline is None:
                     if paused:
                         paused = not self._resume()
-                    domain.send_control(self.run_dir, "TERM")
+                    self.control.send("TERM")
                     term_deadline = time.monotonic() + self.settings.grace_seconds
             now = time.monotonic()
             if term_deadline and now > term_deadline and kill_deadline is None:
-                domain.send_control(self.run_dir, "KILL")
+                self.control.send("KILL")
                 kill_deadline = now + 2.0
             if kill_deadline and now > kill_deadline:
                 domain.destroy(self.conn, self.job.domain_name)
@@ -224,6 +226,7 @@ class Launcher:
                 time.sleep(POLL)
         for f in files.values():
             f.close()
+        self.control.close()
         if exit_code is None:
             if term_deadline is not None:
                 exit_code = 128 + signal.SIGTERM

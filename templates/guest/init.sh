@@ -42,11 +42,15 @@ read -r UID_ GID_ GROUPS_ UMASK_ < /ctl/ids
   < /dev/null > "$OUT" 2> "$ERR" &
 JOB=$!
 say "started $(cut -d' ' -f1 /proc/uptime)"
-( while read -r cmd < "$CTL"; do
-    case "$cmd" in
-      TERM) kill -TERM -- "-$JOB" 2>/dev/null || kill -TERM "$JOB" ;;
-      KILL) kill -KILL -- "-$JOB" 2>/dev/null || kill -KILL "$JOB" ;;
-    esac
+# The host may not be connected yet: reading then gives EOF at once, so retry.
+( while :; do
+    while read -r cmd; do
+      case "$cmd" in
+        TERM) kill -TERM -- "-$JOB" 2>/dev/null || kill -TERM "$JOB" ;;
+        KILL) kill -KILL -- "-$JOB" 2>/dev/null || kill -KILL "$JOB" ;;
+      esac
+    done < "$CTL"
+    sleep 0.2
   done ) &
 wait "$JOB"; rc=$?
 sync

@@ -1,0 +1,138 @@
+"""Fixtures: a real libvirtd, the real busybox appliance, and a private vmwrap site per test."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+APPLIANCES = Path(os.environ.get("VMWRAP_APPLIANCE_DIR", "/var/cache/vmwrap/appliances"))
+TEST_USER = "vmwrapuser"
+VMWRAP = [sys.executable, "-m", "vmwrap.cli"]
+
+
+@pytest.fixture(scope="session")
+def libvirtd():
+    subprocess.run(["bash", str(ROOT / "scripts" / "start-libvirtd.sh")], check=True)
+    return "qemu:///system"
+
+
+@pytest.fixture(scope="session")
+def appliance(libvirtd):
+    """The busybox appliance's catalog entry (built once per machine, outside the repository)."""
+    from vmwrap import appliance as builder
+    from vmwrap.catalog import Catalog
+
+    # Rebuilt every session (~1 s once the kernel is cached) so the guest agent under test is current.
+    cat_path = APPLIANCES / "test-catalog.toml"
+    img = builder.build("vmwrap-test", "busybox", str(APPLIANCES), str(cat_path))
+    img.name = "busybox"
+    return img
+
+
+@pytest.fixture(scope="session")
+def virt_type(appliance, tmp_path_factory):
+    """Probe KVM once per session; every test site then states the verdict explicitly."""
+    from vmwrap import accel
+    from vmwrap.config import Settings
+
+    s = Settings(state_dir=str(tmp_path_factory.mktemp("accel")))
+    vt = accel.choose(s, appliance.kernel.source, appliance.initrd.source, appliance.kernel.sha256)
+    return "kvm" if vt == "kvm" else "tcg"
+
+
+@pytest.fixture(scope="session")
+def test_user():
+    try:
+        pw = pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(["useradd", "-m", "-u", "1234", "-U", TEST_USER], check=True)
+        pw = pwd.getpwnam(TEST_USER)
+    return pw
+
+
+class Site:
+    """A private vmwrap installation: config, catalog, cache and state under one temp dir."""
+
+    def __init__(self, base: Path, appliance, virt_type: str, **settings):
+        self.base = base
+        self.catalog = base / "images.toml"
+        self.config = base / "vmwrap.toml"
+        self.state = base / "state"
+        self.cache = base / "cache"
+        from vmwrap.catalog import register
+
+        if appliance is not None:
+            register(str(self.catalog), appliance)
+        lines = {
+            "catalog": str(self.catalog), "cache_dir": str(self.cache), "state_dir": str(self.state),
+            "appliance_dir": str(APPLIANCES), "accel": virt_type, "grace_seconds": 5.0,
+        }
+        lines.update(settings)
+        self.config.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in lines.items()))
+
+    def env(self, **extra) -> dict:
+        env = dict(os.environ, VMWRAP_CONFIG=str(self.config), PYTHONPATH=str(ROOT))
+        env.update(extra)
+        return env
+
+    def settings(self):
+        from vmwrap import config
+
+        return config.load(str(self.config))
+
+    def run(self, script: str, workdir: Path, *args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+        path = self.base / f"job-{os.urandom(3).hex()}.sh"
+        path.write_text(script)
+        return subprocess.run(VMWRAP + ["run", str(path), "--workdir", str(workdir), *args],
+                              capture_output=True, env=self.env(), timeout=timeout, **kw)
+
+    def popen(self, script: str, workdir: Path, *args: str, **kw) -> subprocess.Popen:
+        path = self.base / f"job-{os.urandom(3).hex()}.sh"
+        path.write_text(script)
+        return subprocess.Popen(VMWRAP + ["run", str(path), "--workdir", str(workdir), *args],
+                                env=self.env(), **kw)
+
+    def leftovers(self) -> list[str]:
+        """Per-job files and VMs that should be gone after a job ended."""
+        out = []
+        jobs = self.state / "jobs"
+        if jobs.exists():
+            out += [str(p) for p in jobs.iterdir()]
+        r = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"], capture_output=True, text=True)
+        out += [n for n in r.stdout.split() if n.startswith("vmwrap-") and "kvmprobe" not in n]
+        pins = self.cache / "pins"
+        if pins.exists():
+            out += [str(p) for d in pins.iterdir() for p in d.iterdir()]
+        return out
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@pytest.fixture
+def site(tmp_path, appliance, virt_type):
+    s = Site(tmp_path, appliance, virt_type)
+    yield s
+    for left in s.leftovers():
+        if left.startswith("vmwrap-"):
+            subprocess.run(["virsh", "-c", "qemu:///system", "destroy", left], capture_output=True)
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    d = tmp_path / "work dir"  # a space on purpose: every VM test covers it
+    d.mkdir()
+    d.chmod(0o777)
+    os.chmod(tmp_path, 0o755)
+    return d

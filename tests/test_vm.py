@@ -1,0 +1,178 @@
+"""Real guests under libvirt/QEMU: the job must behave as it would bare."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.vm
+
+HDR = "#!/bin/sh\n#VMWRAP --image=busybox\n"
+
+
+@pytest.mark.parametrize("code", [0, 1, 42])
+def test_exit_codes(site, workdir, code):
+    r = site.run(HDR + f"echo out; echo err >&2; exit {code}\n", workdir)
+    assert (r.returncode, r.stdout, r.stderr) == (code, b"out\n", b"err\n")
+    assert site.leftovers() == []
+
+
+def test_killed_by_signal_is_128_plus_n(site, workdir):
+    r = site.run(HDR + "echo before; kill -9 $$; echo after\n", workdir)
+    assert r.returncode == 128 + 9
+    assert r.stdout == b"before\n"
+
+
+def test_stdin_is_closed(site, workdir):
+    r = site.run(HDR + 'if read line; then echo "got:$line"; else echo eof; fi\n', workdir, input=b"secret\n")
+    assert r.stdout == b"eof\n"
+
+
+def test_large_output_is_exact(site, workdir):
+    r = site.run(HDR + "head -c 10485760 /dev/zero | tr '\\0' 'x'; echo; echo tail >&2\n", workdir, timeout=300)
+    assert r.returncode == 0
+    assert len(r.stdout) == 10 * 1024 * 1024 + 1
+    assert hashlib.sha256(r.stdout).hexdigest() == hashlib.sha256(b"x" * (10 << 20) + b"\n").hexdigest()
+    assert r.stderr == b"tail\n"
+
+
+def test_non_ascii_bytes_pass_through(site, workdir):
+    r = site.run(HDR + "printf 'h\\303\\251llo \\342\\234\\223 \\377\\000end\\n'\n", workdir)
+    assert r.stdout == "héllo ✓ ".encode() + b"\xff\x00end\n"
+
+
+def test_runs_as_job_user_in_work_dir_with_spaces(site, workdir, test_user):
+    r = site.run(HDR + 'id -u; id -g; pwd; echo data > "made by job.txt"; umask\n', workdir,
+                 "--user", test_user.pw_name)
+    uid, gid, pwd, _umask = r.stdout.decode().split("\n")[:4]
+    assert r.returncode == 0, r.stderr
+    assert (int(uid), int(gid), pwd) == (test_user.pw_uid, test_user.pw_gid, str(workdir))
+    made = workdir / "made by job.txt"
+    assert made.read_text() == "data\n"
+    assert (made.stat().st_uid, made.stat().st_gid) == (test_user.pw_uid, test_user.pw_gid)
+
+
+def test_job_cannot_see_host_paths_outside_work_dir(site, workdir, tmp_path):
+    secret = tmp_path / "host-secret"
+    secret.write_text("nope")
+    script = HDR + f'test -e "{secret}" && echo visible; ls "$PWD/.."; cat /etc/hostname 2>/dev/null; ls /\n'
+    r = site.run(script, workdir)
+    assert r.returncode == 0
+    assert b"visible" not in r.stdout and b"host-secret" not in r.stdout and b"nope" not in r.stdout
+
+
+def test_environment_is_the_jobs(site, workdir):
+    env = site.env(WEIRD='a b "c" $d\\e', EMPTY="")
+    path = site.base / "env.sh"
+    path.write_text(HDR + 'printf "%s|" "$WEIRD" "${EMPTY-unset}"\n')
+    r = subprocess.run([sys.executable, "-m", "vmwrap.cli", "run", str(path), "--workdir", str(workdir)],
+                       capture_output=True, env=env, timeout=120)
+    assert r.stdout == b'a b "c" $d\\e||'
+
+
+def test_root_disk_is_a_private_overlay(site, workdir):
+    r1 = site.run(HDR + "echo one > /etc/marker; cat /etc/marker\n", workdir)
+    r2 = site.run(HDR + "cat /etc/marker 2>/dev/null || echo clean\n", workdir)
+    assert (r1.stdout, r2.stdout) == (b"one\n", b"clean\n")
+
+
+def test_output_is_streamed_while_the_job_runs(site, workdir):
+    p = site.popen(HDR + "echo first; sleep 4; echo second\n", workdir, stdout=subprocess.PIPE)
+    line = p.stdout.readline()
+    seen_running = p.poll() is None
+    rest = p.stdout.read()
+    assert p.wait(60) == 0
+    assert line == b"first\n" and seen_running and rest == b"second\n"
+
+
+def _wait_for(p, text: bytes, timeout=60):
+    buf = b""
+    end = time.time() + timeout
+    while text not in buf and time.time() < end:
+        chunk = os.read(p.stdout.fileno(), 4096)
+        if not chunk:
+            break
+        buf += chunk
+    assert text in buf, buf
+    return buf
+
+
+def test_sigterm_is_graceful(site, workdir):
+    p = site.popen(HDR + "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.1; done\n",
+                   workdir, stdout=subprocess.PIPE)
+    _wait_for(p, b"ready")
+    p.send_signal(signal.SIGTERM)
+    out = p.stdout.read()
+    assert p.wait(30) == 7
+    assert b"got-term" in out
+    assert site.leftovers() == []
+
+
+def test_sigterm_ignored_ends_after_grace(site, workdir):
+    p = site.popen(HDR + "trap '' TERM; echo ready; while :; do sleep 0.1; done\n", workdir, stdout=subprocess.PIPE)
+    _wait_for(p, b"ready")
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    rc = p.wait(60)
+    took = time.time() - t0
+    assert rc in (128 + 9, 128 + 15)
+    assert 4.5 <= took < 20  # grace_seconds = 5 in the test site
+    assert site.leftovers() == []
+
+
+def _domstate(name):
+    return subprocess.run(["virsh", "-c", "qemu:///system", "domstate", name], capture_output=True, text=True).stdout.strip()
+
+
+def test_sigtstp_pauses_and_sigcont_resumes(site, workdir):
+    job_id = f"tstp{os.getpid()}"
+    p = site.popen(HDR + "i=0; while [ $i -lt 30 ]; do echo $i; i=$((i+1)); sleep 0.2; done\n",
+                   workdir, "--job-id", job_id, stdout=subprocess.PIPE)
+    _wait_for(p, b"3\n")
+    p.send_signal(signal.SIGTSTP)
+    time.sleep(0.5)
+    assert _domstate(f"vmwrap-{job_id}") == "paused"
+    size = len((site.state / "jobs" / job_id / "stdout").read_bytes())
+    time.sleep(2)
+    assert len((site.state / "jobs" / job_id / "stdout").read_bytes()) == size  # frozen
+    p.send_signal(signal.SIGCONT)
+    time.sleep(0.5)
+    assert _domstate(f"vmwrap-{job_id}") == "running"
+    rest = p.stdout.read()
+    assert p.wait(60) == 0
+    events = [e["event"] for e in _ledger(site, job_id)]
+    assert "paused" in events and "resumed" in events
+    nums = [int(x) for x in rest.split()]
+    assert nums == list(range(nums[0], 30))
+
+
+def _ledger(site, job_id):
+    from vmwrap.ledger import Ledger
+
+    return Ledger(site.settings().ledger_path).events(job_id)
+
+
+def test_ledger_records_the_vm_life(site, workdir):
+    r = site.run(HDR + "echo x\n", workdir, "--job-id", "led1")
+    assert r.returncode == 0
+    events = [e["event"] for e in _ledger(site, "led1")]
+    for ev in ("created", "booted", "started", "exited", "destroyed"):
+        assert ev in events
+    assert events.index("created") < events.index("booted") < events.index("exited") < events.index("destroyed")
+
+
+def test_teardown_after_launcher_is_killed(site, workdir):
+    p = site.popen(HDR + "echo ready; sleep 600\n", workdir, "--job-id", "killed1", stdout=subprocess.PIPE)
+    _wait_for(p, b"ready")
+    p.kill()
+    p.wait()
+    assert "vmwrap-killed1" in site.leftovers()  # a SIGKILLed launcher cannot clean up: the epilog must
+    r = subprocess.run([sys.executable, "-m", "vmwrap.cli", "teardown", "killed1"], env=site.env(), capture_output=True)
+    assert r.returncode == 0 and b"removed" in r.stdout
+    assert site.leftovers() == []
+    r = subprocess.run([sys.executable, "-m", "vmwrap.cli", "teardown", "killed1"], env=site.env(), capture_output=True)
+    assert r.returncode == 0 and b"nothing to remove" in r.stdout  # idempotent
