@@ -20,10 +20,22 @@ def _settings():
         raise click.ClickException(str(e))
 
 
+class _Obj:
+    @staticmethod
+    def settings():
+        return _settings()
+
+
 @click.group()
 @click.version_option()
-def main() -> None:
+@click.option("--config", "config_path", default=None, metavar="FILE",
+              help="Settings file (default $VMWRAP_CONFIG or /etc/vmwrap/vmwrap.toml); %n = node name.")
+@click.pass_context
+def main(ctx, config_path) -> None:
     """Run batch jobs in per-job VMs."""
+    if config_path:
+        os.environ["VMWRAP_CONFIG"] = config_path
+    ctx.obj = _Obj()
 
 
 @main.command(context_settings={"ignore_unknown_options": False})
@@ -38,7 +50,8 @@ def main() -> None:
 def run(script, job_id, user, workdir, image, cpus, memory_mib, scheduler):
     """Run SCRIPT inside its own VM; exit with its exit code."""
     from .job import Job
-    from .launcher import EXIT_FOR, Launcher
+    from .launcher import EXIT_FOR
+    from .launcher import run as run_job
 
     try:
         with open(script, encoding="utf-8", errors="surrogateescape") as f:
@@ -62,7 +75,7 @@ def run(script, job_id, user, workdir, image, cpus, memory_mib, scheduler):
     except VmwrapError as e:
         click.echo(f"vmwrap: error: {e}", err=True)
         sys.exit(EXIT_FOR[e.kind])
-    sys.exit(Launcher(job, settings).run())
+    sys.exit(run_job(job, settings))
 
 
 @main.command()
@@ -182,6 +195,56 @@ def doctor():
         click.echo(f"ok   {d}: {st.f_bavail * st.f_frsize / 2**30:.1f} GiB free")
     sys.exit(0 if ok else 1)
 
+
+@main.group("config")
+def config_group():
+    """Render scheduler configuration snippets."""
+
+
+@config_group.command("render")
+@click.argument("scheduler", type=click.Choice(["slurm"]))
+@click.option("--lua-out", type=click.Path(dir_okay=False), default=None,
+              help="Write job_submit.lua here (default: next to $SLURM_CONF or /etc/slurm).")
+@click.option("--vmwrap", "vmwrap_path", default="/usr/local/bin/vmwrap", help="vmwrap as the nodes see it.")
+@click.option("--default-image", default=None, help="Run jobs without a directive in this image.")
+@click.option("--node-config", default=None, help="Settings file the nodes use (may contain %n).")
+def config_render(scheduler, lua_out, vmwrap_path, default_image, node_config):
+    """Print slurm.conf lines and write job_submit.lua with the catalog compiled in."""
+    from plugins.slurm import render
+    from .catalog import Catalog
+    from .directives import check_image_name
+
+    s = _settings()
+    try:
+        cat = Catalog.load(s.catalog)
+        if default_image:
+            check_image_name(default_image)
+            if default_image not in cat.images:
+                raise click.ClickException(f"default image {default_image!r} is not in the catalog")
+    except VmwrapError as e:
+        raise click.ClickException(str(e))
+    if node_config and "'" in node_config:
+        raise click.ClickException("--node-config must not contain a single quote")
+    lua = render.render_lua(cat, vmwrap_path, node_config, default_image)
+    if lua_out is None:
+        conf = os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")
+        lua_out = os.path.join(os.path.dirname(conf), "job_submit.lua")
+    tmp = f"{lua_out}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(lua)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, lua_out)
+    click.echo(render.slurm_conf_lines())
+    click.echo(f"# job_submit.lua written to {lua_out} ({len(cat.images)} images)", err=True)
+
+
+def _register_plugins() -> None:
+    from plugins.slurm.cli import slurm
+
+    main.add_command(slurm)
+
+
+_register_plugins()
 
 if __name__ == "__main__":
     main()

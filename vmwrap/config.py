@@ -37,6 +37,8 @@ class Settings:
 
 def load(path: str | None = None) -> Settings:
     path = path or os.environ.get("VMWRAP_CONFIG") or DEFAULT_PATH
+    if "%n" in path:  # several nodes on one host (tests, Slurm's multiple-slurmd mode)
+        path = path.replace("%n", os.environ.get("SLURMD_NODENAME") or os.uname().nodename)
     if not os.path.exists(path):
         return Settings()
     try:

@@ -131,6 +131,22 @@ class Control:
             self.close()
             return False
 
+    def eof(self) -> bool:
+        """True once QEMU has gone (it closes the socket when it exits). The guest never writes here."""
+        if self.sock is None and not self.connect(timeout=0.5):
+            return True
+        try:
+            self.sock.setblocking(False)
+            data = self.sock.recv(4096)
+            return data == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        finally:
+            if self.sock is not None:
+                self.sock.settimeout(2.0)
+
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()

@@ -66,20 +66,19 @@ def plan(job: Job, settings: Settings, catalog: Catalog) -> Plan:
 
 
 class Launcher:
-    def __init__(self, job: Job, settings: Settings, out_fd: int = 1, err_fd: int = 2):
+    """Root side: validate, fetch, make the overlay and control share, boot the VM (it then waits for GO)."""
+
+    def __init__(self, job: Job, settings: Settings):
         self.job = job
         self.settings = settings
-        self.out_fd, self.err_fd = out_fd, err_fd
         self.run_dir = settings.jobs_dir / job.job_id
         self.ledger = Ledger(settings.ledger_path)
         self.cache = Cache(settings.cache_dir, settings.cache_max_bytes, settings.verify_on_use)
         self.conn = None
-        self._signals: list[int] = []
         self.timeline: dict[str, float] = {"launcher_start": time.monotonic()}
 
-    # -- phases ----------------------------------------------------------
     def prepare(self) -> None:
-        """Validate, fetch the image into the cache, make the overlay and control files. Idempotent."""
+        """Validate, fetch the image into the cache, make the overlay and control files."""
         catalog = Catalog.load(self.settings.catalog)
         self.plan = p = plan(self.job, self.settings, catalog)
         if not os.path.isdir(self.job.work_dir):
@@ -94,7 +93,7 @@ class Launcher:
             self.paths[key] = got.path
         self.timeline["cached"] = time.monotonic()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.run_dir.chmod(0o700)
+        self.run_dir.chmod(0o711)  # the job's user may reach its own files by name, not list others
         if p.image.disk:
             ov = self.run_dir / "overlay.qcow2"
             if not ov.exists():
@@ -103,20 +102,25 @@ class Launcher:
         self.timeline["prepared"] = time.monotonic()
 
     def _write_control(self) -> None:
+        """Root-owned facts (uid, work dir) apart from what the job's user hands over (script, env, args)."""
         ctl = self.run_dir / "ctl"
         ctl.mkdir(exist_ok=True)
         ctl.chmod(0o755)
-        script = ctl / "script"
-        script.write_text(self.job.script)
-        script.chmod(0o755)
-        env = b"".join(f"{k}={v}".encode() + b"\0" for k, v in self.job.environment.items() if "\0" not in k + v)
-        (ctl / "env").write_bytes(env)
         (ctl / "workdir").write_text(self.job.work_dir)
         groups = ",".join(str(g) for g in self.job.groups) or "-"
         umask = os.umask(0o022)
         os.umask(umask)
         (ctl / "ids").write_text(f"{self.job.uid} {self.job.gid} {groups} {umask:o}\n")
         (ctl / "hostname").write_text(os.uname().nodename)
+        user = ctl / "user"
+        user.mkdir(exist_ok=True)
+        os.chown(user, self.job.uid, self.job.gid)
+        user.chmod(0o700)
+        for name in ("stdout", "stderr", "status"):
+            f = self.run_dir / name
+            f.unlink(missing_ok=True)
+            f.touch(0o600)
+            os.chown(f, self.job.uid, self.job.gid)  # QEMU truncates but keeps the owner
 
     def boot(self) -> None:
         import libvirt
@@ -124,8 +128,6 @@ class Launcher:
         p = self.plan
         virt_type = accel.choose(self.settings, str(self.paths["kernel"]), str(self.paths["initrd"]),
                                  p.image.kernel.sha256)
-        for f in ("stdout", "stderr", "status", "console.log"):
-            (self.run_dir / f).unlink(missing_ok=True)
         spec = domain.Spec(
             name=self.job.domain_name, job_id=self.job.job_id, virt_type=virt_type,
             memory_mib=p.memory_mib, cpus=p.cpus,
@@ -135,59 +137,116 @@ class Launcher:
             run_dir=str(self.run_dir), cmdline=p.image.cmdline,
         )
         if domain.lookup(self.conn, self.job.domain_name) is not None:
-            raise NodeError(f"a VM named {self.job.domain_name} already exists on this node (stale job? vmwrap teardown {self.job.job_id})")
+            raise NodeError(f"a VM named {self.job.domain_name} already exists on this node "
+                            f"(stale job? vmwrap teardown {self.job.job_id})")
         try:
             self.conn.createXML(domain.render(spec), 0)
         except libvirt.libvirtError as e:
             raise NodeError(f"libvirt refused to start the job's VM: {e.get_error_message()}") from None
+        sock = self.run_dir / "control.sock"
+        if sock.exists():
+            os.chown(sock, self.job.uid, self.job.gid)
         self.timeline["created"] = time.monotonic()
-        self.control = domain.Control(self.run_dir)
-        self.control.connect()
         self.ledger.record(self.job.job_id, self.job.domain_name, "created", virt_type=virt_type,
                            cpus=p.cpus, memory_mib=p.memory_mib, image=p.image.name)
 
+    def fail(self, err: VmwrapError) -> None:
+        """Leave the error where the job's payload will find and print it (prolog use)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.chmod(0o711)
+        f = self.run_dir / "error"
+        f.write_text(f"{err.kind}\n{err}\n")
+        f.chmod(0o644)
+        self.ledger.record(self.job.job_id, self.job.domain_name, "failed", kind=err.kind, message=str(err))
+
+
+class Attachment:
+    """Either side: hand the job to the waiting guest, stream its output, forward signals.
+
+    With a libvirt connection (root) SIGTSTP/SIGCONT pause/resume the whole VM; without one (the
+    job's user under a scheduler) they stop/continue the job's processes inside the guest.
+    """
+
+    def __init__(self, run_dir: Path, job_id: str, out_fd: int = 1, err_fd: int = 2, grace: float = 30.0,
+                 conn=None, ledger: Ledger | None = None):
+        self.run_dir = Path(run_dir)
+        self.job_id = job_id
+        self.name = f"vmwrap-{job_id}"
+        self.out_fd, self.err_fd = out_fd, err_fd
+        self.grace = grace
+        self.conn = conn
+        self.ledger = ledger
+        self.control = domain.Control(self.run_dir)
+        self._signals: list[int] = []
+        self.timeline: dict[str, float] = {}
+
+    def _record(self, event: str, **kw) -> None:
+        if self.ledger is not None:
+            self.ledger.record(self.job_id, self.name, event, **kw)
+
+    def install_signal_handlers(self) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTSTP, signal.SIGCONT):
+            signal.signal(s, lambda signum, _f: self._signals.append(signum))
+
+    def start(self, script: str, environment: dict[str, str], args: list[str] = ()) -> None:
+        user = self.run_dir / "ctl" / "user"
+        _write_private(user / "script", script.encode("utf-8", "surrogateescape"), 0o700)
+        _write_private(user / "env", b"".join(
+            f"{k}={v}".encode("utf-8", "surrogateescape") + b"\0"
+            for k, v in environment.items() if "\0" not in k + v and "=" not in k), 0o600)
+        _write_private(user / "args", b"".join(a.encode("utf-8", "surrogateescape") + b"\0" for a in args), 0o600)
+        if not self.control.connect(timeout=5.0):
+            raise NodeError(f"cannot reach the job's VM control socket in {self.run_dir} (VM not running?)")
+        self.control.send("GO")
+        self.timeline["go"] = time.monotonic()
+
+    def _gone(self) -> bool:
+        if self.conn is not None:
+            return domain.is_gone(self.conn, self.name)
+        return self.control.eof()
+
     def stream(self) -> int:
-        """Copy guest output to our stdout/stderr until the guest is gone; react to signals meanwhile."""
-        files = {}
+        files: dict[str, object] = {}
         pending = {"stdout": self.out_fd, "stderr": self.err_fd}
         status_buf = b""
-        status_seen: set[str] = set()
         exit_code: int | None = None
+        exit_seen_at = None
         term_deadline = kill_deadline = None
         paused = False
         last_check = 0.0
         status_f = None
-        while True:
-            moved = False
-            for name, fd in pending.items():
-                f = files.get(name)
+
+        def pump(name: str, fd: int) -> bool:
+            f = files.get(name)
+            if f is None:
+                f = files[name] = _open_or_none(self.run_dir / name)
                 if f is None:
-                    try:
-                        f = files[name] = open(self.run_dir / name, "rb")
-                    except FileNotFoundError:
-                        continue
-                buf = f.read(1 << 20)
-                if buf:
-                    _write_all(fd, buf)
-                    moved = True
-                    if "first_output" not in self.timeline:
-                        self.timeline["first_output"] = time.monotonic()
+                    return False
+            moved = False
+            while buf := f.read(1 << 20):
+                _write_all(fd, buf)
+                moved = True
+                self.timeline.setdefault("first_output", time.monotonic())
+                if len(buf) < (1 << 20):
+                    break
+            return moved
+
+        while True:
+            moved = any([pump(n, fd) for n, fd in pending.items()])
             if status_f is None:
-                try:
-                    status_f = open(self.run_dir / "status", "rb")
-                except FileNotFoundError:
-                    pass
+                status_f = _open_or_none(self.run_dir / "status")
             if status_f is not None:
                 status_buf += status_f.read()
                 *lines, status_buf = status_buf.split(b"\n")
                 for ln in lines:
                     word, _, arg = ln.decode(errors="replace").partition(" ")
-                    if word in ("booted", "started") and word not in status_seen:
-                        status_seen.add(word)
-                        self.timeline[word] = time.monotonic()
-                        self.ledger.record(self.job.job_id, self.job.domain_name, word, guest_uptime=arg)
-                    elif word == "exit":
+                    if word in ("booted", "ready", "started"):
+                        self.timeline.setdefault(word, time.monotonic())
+                        if word != "ready":
+                            self._record(word, guest_uptime=arg)
+                    elif word == "exit" and exit_code is None:
                         exit_code = int(arg)
+                        exit_seen_at = time.monotonic()
                     elif word == "error":
                         _write_all(self.err_fd, f"vmwrap: guest error: {arg}\n".encode())
             while self._signals:
@@ -200,21 +259,23 @@ class Launcher:
                     if paused:
                         paused = not self._resume()
                     self.control.send("TERM")
-                    term_deadline = time.monotonic() + self.settings.grace_seconds
+                    term_deadline = time.monotonic() + self.grace
             now = time.monotonic()
             if term_deadline and now > term_deadline and kill_deadline is None:
                 self.control.send("KILL")
                 kill_deadline = now + 2.0
-            if kill_deadline and now > kill_deadline:
-                domain.destroy(self.conn, self.job.domain_name)
+            if kill_deadline and now > kill_deadline and self.conn is not None:
+                domain.destroy(self.conn, self.name)
             if now - last_check > 0.1 or exit_code is not None:
                 last_check = now
-                if domain.is_gone(self.conn, self.job.domain_name):
-                    for name, fd in pending.items():  # drain what the guest wrote last
-                        f = files.get(name) or _open_or_none(self.run_dir / name)
-                        if f:
-                            while buf := f.read(1 << 20):
-                                _write_all(fd, buf)
+                # Without libvirt, a guest that reported its exit but lingers is given 5 s to power off.
+                lingering = exit_seen_at is not None and self.conn is None and now - exit_seen_at > 5.0
+                if self._gone() or lingering:
+                    for name, fd in pending.items():
+                        pump(name, fd)
+                        f = files.get(name)
+                        while f is not None and (buf := f.read(1 << 20)):
+                            _write_all(fd, buf)
                     if status_f is None:
                         status_f = _open_or_none(self.run_dir / "status")
                     if exit_code is None and status_f is not None:
@@ -234,50 +295,85 @@ class Launcher:
                 tail = _tail(self.run_dir / "console.log")
                 _write_all(self.err_fd, f"vmwrap: the guest died without reporting an exit status\n{tail}".encode())
                 exit_code = EXIT_GUEST
-        self.ledger.record(self.job.job_id, self.job.domain_name, "exited", exit_code=exit_code)
+        self._record("exited", exit_code=exit_code)
         return exit_code
 
     def _pause(self) -> bool:
-        dom = domain.lookup(self.conn, self.job.domain_name)
+        if self.conn is None:
+            return self.control.send("STOP")
+        dom = domain.lookup(self.conn, self.name)
         if dom is None:
             return False
         try:
             dom.suspend()
         except Exception:
             return False
-        self.ledger.record(self.job.job_id, self.job.domain_name, "paused")
+        self._record("paused")
         return True
 
     def _resume(self) -> bool:
-        dom = domain.lookup(self.conn, self.job.domain_name)
+        if self.conn is None:
+            return self.control.send("CONT")
+        dom = domain.lookup(self.conn, self.name)
         if dom is None:
             return True
         try:
             dom.resume()
         except Exception:
             return False
-        self.ledger.record(self.job.job_id, self.job.domain_name, "resumed")
+        self._record("resumed")
         return True
 
-    def _on_signal(self, signum, _frame) -> None:
-        self._signals.append(signum)
 
-    def install_signal_handlers(self) -> None:
-        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTSTP, signal.SIGCONT):
-            signal.signal(s, self._on_signal)
+def run(job: Job, settings: Settings, args: list[str] = (), out_fd: int = 1, err_fd: int = 2) -> int:
+    """`vmwrap run`: everything in one process (needs root): prepare, boot, attach, tear down."""
+    launcher = Launcher(job, settings)
+    att = Attachment(launcher.run_dir, job.job_id, out_fd, err_fd, settings.grace_seconds, ledger=launcher.ledger)
+    att.install_signal_handlers()
+    try:
+        launcher.prepare()
+        launcher.boot()
+        att.conn = launcher.conn
+        att.start(job.script, job.environment, list(args))
+        return att.stream()
+    except VmwrapError as e:
+        _write_all(err_fd, f"vmwrap: error: {e}\n".encode())
+        launcher.ledger.record(job.job_id, job.domain_name, "failed", kind=e.kind, message=str(e))
+        return EXIT_FOR[e.kind]
+    finally:
+        att.timeline.update(launcher.timeline)
+        teardown(job.job_id, settings, conn=launcher.conn, ledger=launcher.ledger, cache=launcher.cache)
 
-    def run(self) -> int:
-        self.install_signal_handlers()
-        try:
-            self.prepare()
-            self.boot()
-            return self.stream()
-        except VmwrapError as e:
-            _write_all(self.err_fd, f"vmwrap: error: {e}\n".encode())
-            self.ledger.record(self.job.job_id, self.job.domain_name, "failed", kind=e.kind, message=str(e))
-            return EXIT_FOR[e.kind]
-        finally:
-            teardown(self.job.job_id, self.settings, conn=self.conn, ledger=self.ledger, cache=self.cache)
+
+def attach(run_dir: Path, job_id: str, script: str, environment: dict[str, str], args: list[str] = (),
+           grace: float = 30.0) -> int:
+    """The job's payload under a scheduler (runs as the job's user): the VM was booted by the prolog."""
+    err = Path(run_dir) / "error"
+    if err.exists():
+        kind, _, msg = err.read_text().partition("\n")
+        _write_all(2, f"vmwrap: error: {msg.strip()}\n".encode())
+        return EXIT_FOR.get(kind, EXIT_NODE)
+    att = Attachment(Path(run_dir), job_id, grace=grace)
+    att.install_signal_handlers()
+    try:
+        att.start(script, environment, list(args))
+        return att.stream()
+    except VmwrapError as e:
+        _write_all(2, f"vmwrap: error: {e}\n".encode())
+        return EXIT_FOR[e.kind]
+
+
+def _write_private(path: Path, data: bytes, mode: int) -> None:
+    """Write a file the job's user owns (root writing on the user's behalf gives it to the dir's owner)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    try:
+        _write_all(fd, data)
+        if os.geteuid() == 0:
+            st = os.stat(path.parent)
+            os.fchown(fd, st.st_uid, st.st_gid)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def teardown(job_id: str, settings: Settings, conn=None, ledger: Ledger | None = None,

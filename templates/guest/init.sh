@@ -38,16 +38,27 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=none vmwrap_work
 read -r UID_ GID_ GROUPS_ UMASK_ < /ctl/ids
 [ -n "$(cat /ctl/hostname 2>/dev/null)" ] && hostname "$(cat /ctl/hostname)"
 
-/bin/vmwrap-exec "$ROOT" "$UID_" "$GID_" "$GROUPS_" "$UMASK_" "$WORKDIR" /ctl/env /.vmwrap/script \
-  < /dev/null > "$OUT" 2> "$ERR" &
+say "ready $(cut -d' ' -f1 /proc/uptime)"
+# Wait for the host's GO: the job's script, environment and arguments are written by whoever attaches
+# (the launcher, or the user-side payload under a scheduler) into /ctl/user before it says GO.
+while :; do
+  while read -r cmd; do
+    case "$cmd" in GO) break 2 ;; TERM|KILL) say "exit 143"; poweroff -f ;; esac
+  done < "$CTL"
+  sleep 0.05
+done
+/bin/vmwrap-exec "$ROOT" "$UID_" "$GID_" "$GROUPS_" "$UMASK_" "$WORKDIR" /ctl/user/env /ctl/user/args \
+  /.vmwrap/user/script < /dev/null > "$OUT" 2> "$ERR" &
 JOB=$!
 say "started $(cut -d' ' -f1 /proc/uptime)"
-# The host may not be connected yet: reading then gives EOF at once, so retry.
+# The host may disconnect and reconnect (EOF then): keep reading.
 ( while :; do
     while read -r cmd; do
       case "$cmd" in
         TERM) kill -TERM -- "-$JOB" 2>/dev/null || kill -TERM "$JOB" ;;
         KILL) kill -KILL -- "-$JOB" 2>/dev/null || kill -KILL "$JOB" ;;
+        STOP) kill -STOP -- "-$JOB" 2>/dev/null ;;
+        CONT) kill -CONT -- "-$JOB" 2>/dev/null ;;
       esac
     done < "$CTL"
     sleep 0.2

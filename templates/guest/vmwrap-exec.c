@@ -2,8 +2,9 @@
  * Busybox cannot switch uid portably, so this tiny static helper does
  * chroot -> setsid -> setgroups/setgid/setuid -> chdir -> execve, with the
  * job's exact environment read from a NUL-separated file.
- * usage: vmwrap-exec ROOT UID GID GROUPS UMASK CWD ENVFILE PROG [ARGS...]
- *        GROUPS is a comma list or "-"; UMASK is octal. */
+ * usage: vmwrap-exec ROOT UID GID GROUPS UMASK CWD ENVFILE ARGSFILE PROG
+ *        GROUPS is a comma list or "-"; UMASK is octal; ENVFILE and ARGSFILE hold
+ *        NUL-terminated strings (ARGSFILE may be missing: no arguments). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -19,8 +20,32 @@ static void die(const char *what, const char *arg) {
     _exit(127);
 }
 
+/* Read a file of NUL-terminated strings into a NULL-terminated vector, leaving `lead` slots free. */
+static char **read_vec(const char *path, size_t lead, size_t *count, int must_exist) {
+    size_t cap = 1 << 16, len = 0; char *buf = malloc(cap);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) { if (must_exist) die("open", path); len = 0; }
+    else {
+        for (;;) {
+            if (len == cap) { cap *= 2; buf = realloc(buf, cap); }
+            ssize_t n = read(fd, buf + len, cap - len);
+            if (n < 0) die("read", path);
+            if (n == 0) break;
+            len += (size_t)n;
+        }
+        close(fd);
+    }
+    size_t n = 0;
+    for (size_t i = 0; i < len; i++) if (buf[i] == '\0') n++;
+    char **v = calloc(lead + n + 1, sizeof(char *));
+    size_t k = lead;
+    for (size_t i = 0; i < len && k < lead + n; ) { v[k++] = buf + i; i += strlen(buf + i) + 1; }
+    *count = n;
+    return v;
+}
+
 int main(int argc, char **argv) {
-    if (argc < 9) { fprintf(stderr, "vmwrap-exec: bad usage\n"); return 127; }
+    if (argc != 10) { fprintf(stderr, "vmwrap-exec: bad usage\n"); return 127; }
     const char *root = argv[1], *cwd = argv[6], *envfile = argv[7];
     uid_t uid = (uid_t)strtoul(argv[2], NULL, 10);
     gid_t gid = (gid_t)strtoul(argv[3], NULL, 10);
@@ -32,23 +57,11 @@ int main(int argc, char **argv) {
     }
     umask((mode_t)strtoul(argv[5], NULL, 8));
 
-    /* Environment: read before chroot, it lives on the control share. */
-    int fd = open(envfile, O_RDONLY);
-    if (fd < 0) die("open", envfile);
-    size_t cap = 1 << 16, len = 0; char *buf = malloc(cap);
-    for (;;) {
-        if (len == cap) { cap *= 2; buf = realloc(buf, cap); }
-        ssize_t n = read(fd, buf + len, cap - len);
-        if (n < 0) die("read", envfile);
-        if (n == 0) break;
-        len += (size_t)n;
-    }
-    close(fd);
-    size_t nenv = 0;
-    for (size_t i = 0; i < len; i++) if (buf[i] == '\0') nenv++;
-    char **envp = calloc(nenv + 1, sizeof(char *));
-    size_t k = 0;
-    for (size_t i = 0; i < len && k < nenv; ) { envp[k++] = buf + i; i += strlen(buf + i) + 1; }
+    /* Environment and arguments: read before chroot, they live on the control share. */
+    size_t nenv, nargs;
+    char **envp = read_vec(envfile, 0, &nenv, 1);
+    char **args = read_vec(argv[8], 1, &nargs, 0);
+    args[0] = argv[9];
 
     if (strcmp(root, "/") != 0) {
         if (chroot(root) != 0) die("chroot", root);
@@ -59,13 +72,13 @@ int main(int argc, char **argv) {
     if (setgid(gid) != 0) die("setgid", argv[3]);
     if (setuid(uid) != 0) die("setuid", argv[2]);
     if (chdir(cwd) != 0) die("chdir", cwd);
-    execve(argv[8], argv + 8, envp);
+    execve(argv[9], args, envp);
     if (errno == ENOEXEC) {           /* no shebang: run it with sh, as a batch system would */
-        char **a = calloc((size_t)argc, sizeof(char *));
+        char **a = calloc(nargs + 3, sizeof(char *));
         a[0] = "/bin/sh";
-        for (int i = 8; i < argc; i++) a[i - 7] = argv[i];
+        for (size_t i = 0; i <= nargs; i++) a[i + 1] = args[i];
         execve("/bin/sh", a, envp);
     }
-    die("exec", argv[8]);
+    die("exec", argv[9]);
     return 127;
 }

@@ -1,0 +1,71 @@
+"""`vmwrap config render slurm`: the slurm.conf lines and a job_submit.lua with the catalog compiled in."""
+
+from __future__ import annotations
+
+import grp
+import pwd
+import shlex
+from pathlib import Path
+
+import jinja2
+
+from vmwrap.catalog import Catalog
+
+TEMPLATES = Path(__file__).resolve().parent.parent.parent / "templates"
+HOOKS = Path(__file__).resolve().parent.parent.parent / "prolog_epilog"
+
+
+def lua_literal(v) -> str:
+    """A Lua literal for None or a string; every byte outside printable ASCII is escaped."""
+    if v is None:
+        return "nil"
+    out = []
+    for b in str(v).encode():
+        c = chr(b)
+        if c in '"\\':
+            out.append("\\" + c)
+        elif 32 <= b < 127:
+            out.append(c)
+        else:
+            out.append(f"\\{b:03d}")
+    return '"' + "".join(out) + '"'
+
+
+def vmwrap_command(vmwrap: str, config: str | None) -> str:
+    cmd = [vmwrap] + (["--config", config] if config else [])
+    return " ".join(shlex.quote(c) for c in cmd)
+
+
+def render_lua(catalog: Catalog, vmwrap: str = "/usr/local/bin/vmwrap", config: str | None = None,
+               default_image: str | None = None) -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=False,
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters["lua"] = lua_literal
+    wanted = sorted({g for img in catalog.images.values() for g in img.groups})
+    groups = []
+    for name in wanted:
+        try:
+            g = grp.getgrnam(name)
+        except KeyError:
+            continue
+        members = set(g.gr_mem) | {p.pw_name for p in pwd.getpwall() if p.pw_gid == g.gr_gid}
+        groups.append({"name": name, "gid": g.gr_gid, "members": sorted(members)})
+    return env.get_template("slurm/job_submit.lua.j2").render(
+        images=sorted(catalog.images.values(), key=lambda i: i.name), groups=groups,
+        offer=", ".join(sorted(catalog.images)) or "none",
+        vmwrap_cmd=vmwrap_command(vmwrap, config), default_image=default_image)
+
+
+def slurm_conf_lines(vmwrap_hooks: Path = HOOKS, prolog_timeout: int = 300) -> str:
+    return "\n".join([
+        "# vmwrap: per-job VMs (rendered by `vmwrap config render slurm`)",
+        "JobSubmitPlugins=lua",
+        f"Prolog={vmwrap_hooks / 'slurm-prolog'}",
+        f"Epilog={vmwrap_hooks / 'slurm-epilog'}",
+        "# Alloc: the prolog boots the VM at allocation, overlapping Slurm's own job launch.",
+        "PrologFlags=Alloc",
+        f"PrologEpilogTimeout={prolog_timeout}",
+        "# Time for the launcher to shut the guest down gracefully on scancel/time limit.",
+        "KillWait=30",
+        "",
+    ])

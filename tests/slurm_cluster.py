@@ -1,0 +1,207 @@
+"""A real Slurm 22.05 cluster on this host: munged, slurmctld and 3 slurmd (c1..c3) started directly.
+
+Each node has its own spool, log and vmwrap state/cache (VMWRAP_CONFIG=...-%n.toml), so per-node
+caches and placement are real even though all nodes share one machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NODES = ["c1", "c2", "c3"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_munge() -> None:
+    if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode == 0:
+        return
+    os.makedirs("/run/munge", exist_ok=True)
+    shutil.chown("/run/munge", "munge", "munge")
+    if not os.path.exists("/etc/munge/munge.key"):
+        subprocess.run(["mungekey", "-c"], check=True)
+        shutil.chown("/etc/munge/munge.key", "munge", "munge")
+    subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
+
+
+class Cluster:
+    def __init__(self, base: Path, site_config: dict, extra_conf: str = ""):
+        self.base = base
+        self.conf = base / "slurm.conf"
+        self.procs: list[subprocess.Popen] = []
+        self.site_config = site_config
+        self.extra_conf = extra_conf
+        self.vmwrap_config = str(base / "vmwrap-%n.toml")
+
+    @property
+    def env(self) -> dict:
+        return dict(os.environ, SLURM_CONF=str(self.conf))
+
+    def node_dir(self, node: str) -> Path:
+        return self.base / "nodes" / node
+
+    def write_config(self) -> None:
+        host = socket.gethostname()
+        for n in NODES:
+            d = self.node_dir(n)
+            for sub in ("spool", "state", "cache"):
+                (d / sub).mkdir(parents=True, exist_ok=True)
+            cfg = dict(self.site_config, state_dir=str(d / "state"), cache_dir=str(d / "cache"))
+            (self.base / f"vmwrap-{n}.toml").write_text(
+                "".join(f"{k} = {_toml(v)}\n" for k, v in cfg.items()))
+        (self.base / "ctld").mkdir(exist_ok=True)
+        hooks = self.base / "hooks"
+        hooks.mkdir(exist_ok=True)
+        for kind in ("prolog", "epilog"):
+            h = hooks / kind
+            h.write_text(f"#!/bin/sh\nVMWRAP_CONFIG='{self.vmwrap_config}' exec {ROOT}/prolog_epilog/slurm-{kind}\n")
+            h.chmod(0o755)
+        ctld_port = _free_port()
+        nodes = "\n".join(
+            f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} "
+            f"Sockets=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=3000 State=UNKNOWN" for n in NODES)
+        self.conf.write_text(f"""
+ClusterName=vmwraptest
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+StateSaveLocation={self.base}/ctld
+SlurmdSpoolDir={self.base}/nodes/%n/spool
+SlurmctldPidFile={self.base}/slurmctld.pid
+SlurmdPidFile={self.base}/nodes/%n/slurmd.pid
+SlurmctldLogFile={self.base}/slurmctld.log
+SlurmdLogFile={self.base}/nodes/%n/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+SchedulerParameters=batch_sched_delay=0
+ReturnToService=2
+JobSubmitPlugins=lua
+Prolog={hooks}/prolog
+Epilog={hooks}/epilog
+PrologFlags=Alloc
+PrologEpilogTimeout=120
+KillWait=10
+MinJobAge=600
+InactiveLimit=0
+SlurmdTimeout=60
+{self.extra_conf}
+{nodes}
+PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
+""")
+
+    def render_lua(self, **kw) -> subprocess.CompletedProcess:
+        args = ["vmwrap", "config", "render", "slurm", "--lua-out", str(self.base / "job_submit.lua"),
+                "--node-config", self.vmwrap_config]
+        for k, v in kw.items():
+            args += [f"--{k.replace('_', '-')}", v]
+        env = dict(self.env, VMWRAP_CONFIG=str(self.base / "vmwrap-c1.toml"))
+        return subprocess.run(args, env=env, capture_output=True, text=True, check=True)
+
+    def start(self) -> None:
+        start_munge()
+        self.write_config()
+        self.render_lua()
+        env = dict(self.env)
+        env.pop("VMWRAP_CONFIG", None)
+        self.procs.append(subprocess.Popen(["slurmctld", "-D", "-i", "-f", str(self.conf)], env=env,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                           start_new_session=True))
+        self._wait(lambda: self.run("scontrol", "ping").stdout.count("UP") >= 1, "slurmctld")
+        for n in NODES:
+            self.procs.append(subprocess.Popen(["slurmd", "-D", "-N", n, "-f", str(self.conf)], env=env,
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                               start_new_session=True))
+        self._wait(lambda: self.idle_nodes() == len(NODES), "3 idle nodes")
+
+    def idle_nodes(self) -> int:
+        out = self.run("sinfo", "-h", "-N", "-o", "%N %t").stdout.split("\n")
+        return sum(1 for ln in out if ln.endswith(" idle"))
+
+    def _wait(self, cond, what: str, timeout: float = 60) -> None:
+        end = time.time() + timeout
+        while time.time() < end:
+            try:
+                if cond():
+                    return
+            except Exception:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"timed out waiting for {what}; see {self.base}")
+
+    def run(self, *argv, user: str | None = None, input: str | None = None, check=False) -> subprocess.CompletedProcess:
+        cmd = list(argv)
+        if user:
+            cmd = ["runuser", "-u", user, "--", "env", f"SLURM_CONF={self.conf}"] + cmd
+        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, input=input, check=check,
+                              timeout=120)
+
+    def sbatch(self, script: str, *args, user: str, cwd: Path) -> subprocess.CompletedProcess:
+        path = cwd / f"job-{os.urandom(3).hex()}.sh"
+        path.write_text(script)
+        os.chmod(path, 0o755)
+        return self.run("sbatch", "--parsable", "-D", str(cwd), *args, str(path), user=user)
+
+    def job(self, job_id: str) -> dict:
+        out = self.run("scontrol", "-o", "show", "job", job_id).stdout
+        fields = {}
+        for tok in out.split():
+            k, _, v = tok.partition("=")
+            fields.setdefault(k, v)
+        return fields
+
+    def wait_state(self, job_id: str, states: set[str], timeout: float = 120) -> dict:
+        end = time.time() + timeout
+        info = {}
+        while time.time() < end:
+            info = self.job(job_id)
+            if info.get("JobState") in states:
+                return info
+            time.sleep(0.3)
+        raise AssertionError(f"job {job_id} not in {states} after {timeout}s: {info}")
+
+    def stop(self) -> None:
+        self.run("scancel", "--state=RUNNING,PENDING,SUSPENDED", "-u", "vmwrapuser")
+        for p in reversed(self.procs):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        # slurmd leaves job processes behind on shutdown; and VMs are not the job's processes at all
+        subprocess.run(["pkill", "-f", f"{self.base}/nodes/"], capture_output=True)
+        names = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--name"], capture_output=True,
+                               text=True).stdout.split()
+        for n in names:
+            if n.startswith("vmwrap-") and "kvmprobe" not in n:
+                subprocess.run(["virsh", "-c", "qemu:///system", "destroy", n], capture_output=True)
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'

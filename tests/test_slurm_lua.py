@@ -1,0 +1,110 @@
+"""The rendered job_submit.lua under Lua 5.1 (what Slurm 22.05 links), against the Python parser's cases."""
+
+import dataclasses
+import json
+import subprocess
+
+import pytest
+
+from plugins.slurm.render import lua_literal, render_lua
+from vmwrap import directives
+from vmwrap.catalog import Artifact, Catalog, Image
+from vmwrap.errors import UserError
+
+ART = Artifact("/x", "a" * 64, 1)
+CATALOG = Catalog({
+    "busybox": Image("busybox", "kernel", ART, ART),
+    "private": Image("private", "kernel", ART, ART, users=["alice"]),
+    "grp": Image("grp", "kernel", ART, ART, groups=["root"]),
+})
+
+HARNESS = r"""
+slurm = { SUCCESS = 0, ERROR = -1, msgs = {} }
+function slurm.log_user(m) table.insert(slurm.msgs, m) end
+dofile(arg[1])
+local job = { script = io.read("*a"), user_name = arg[2], group_id = tonumber(arg[3]),
+              min_nodes = tonumber(arg[4]), min_mem_per_node = tonumber(arg[5]) }
+local rc = slurm_job_submit(job, {}, 1000)
+io.write(rc, "\n", table.concat(slurm.msgs, "\n"), "\n--SCRIPT--\n", job.script or "", "\n--COMMENT--\n",
+         job.comment or "", "\n--MEM--\n", tostring(job.min_mem_per_node), "\n")
+"""
+
+
+@pytest.fixture(scope="module")
+def lua(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lua")
+    (d / "job_submit.lua").write_text(render_lua(CATALOG, "/usr/local/bin/vmwrap", "/etc/vmwrap/vm %n.toml"))
+    (d / "harness.lua").write_text(HARNESS)
+
+    def submit(script, user="root", gid=0, nodes=4294967294, mem=4294967294):
+        r = subprocess.run(["lua5.1", str(d / "harness.lua"), str(d / "job_submit.lua"), user, str(gid), str(nodes),
+                            str(mem)], input=script, capture_output=True, text=True, check=True)
+        rc, rest = r.stdout.split("\n", 1)
+        msg, rest = rest.split("\n--SCRIPT--\n", 1)
+        new_script, rest = rest.split("\n--COMMENT--\n", 1)
+        comment, mem_out = rest.split("\n--MEM--\n", 1)
+        return int(rc), msg.strip(), new_script, comment, mem_out.strip()
+    return submit
+
+
+CASES = [
+    "--image=nope", "--image=../x", "--image='busybox'", '--image=a"b', "--image=<x>", "--image=a&b",
+    "--image=busy box", "--image=", "--image", "", "image=x", "--imgae=x", "--image=a --image=b",
+    "--memory=0", "--memory=-5G", "--memory=lots", "--memory=99999999999T", "--cpus=0", "--cpus=-2",
+    "--cpus=two", "--cpus=1.5", "--cpus=100000", "--on-lost-checkpoint=maybe", "--image=busybox --gpu=1",
+]
+
+
+@pytest.mark.parametrize("directive", CASES)
+def test_lua_rejects_what_python_rejects_with_the_same_message(lua, directive):
+    script = f"#!/bin/sh\n#VMWRAP {directive}\necho hi\n"
+    try:
+        req = directives.parse(script)
+        expected = None
+    except UserError as e:
+        expected = str(e)
+    rc, msg, _, _, _ = lua(script)
+    if expected is None:  # valid syntax: only the catalog can refuse it
+        assert req.image == "nope" and rc == -1 and "unknown image 'nope'" in msg
+    else:
+        assert rc == -1
+        assert msg == "vmwrap: " + expected
+
+
+def test_accepted_job_is_wrapped_and_recorded(lua):
+    script = "#!/bin/bash\n#SBATCH -n 1\n#VMWRAP --image=busybox --memory=300M --cpus=1\necho hi\n"
+    rc, msg, new, comment, mem = lua(script)
+    assert rc == 0 and msg == ""
+    assert comment == "vmwrap:image=busybox,memory=300,cpus=1,lost="
+    head, marker, original = new.partition("#VMWRAP-ORIGINAL-SCRIPT\n")
+    assert original == script
+    assert "exec /usr/local/bin/vmwrap --config '/etc/vmwrap/vm %n.toml' slurm attach \"$0\" \"$@\"" in head
+    assert mem == "300"  # Slurm allocates what the VM will use
+
+
+def test_job_without_directive_is_untouched(lua):
+    rc, _, new, comment, _ = lua("#!/bin/sh\necho bare\n")
+    assert rc == 0 and new == "#!/bin/sh\necho bare\n" and comment == ""
+
+
+def test_rights_users_and_groups(lua):
+    assert lua("#!/bin/sh\n#VMWRAP --image=private\n", user="alice")[0] == 0
+    rc, msg, *_ = lua("#!/bin/sh\n#VMWRAP --image=private\n", user="bob", gid=4242)
+    assert rc == -1 and msg == "vmwrap: user 'bob' may not use image 'private' (ask your admin to be added)"
+    assert lua("#!/bin/sh\n#VMWRAP --image=grp\n", user="bob", gid=0)[0] == 0  # primary group root
+
+
+def test_multi_node_rejected(lua):
+    rc, msg, *_ = lua("#!/bin/sh\n#VMWRAP --image=busybox\n", nodes=2)
+    assert rc == -1 and "multi-node jobs are not supported yet (asked for 2 nodes)" in msg
+
+
+def test_memory_above_allocation_rejected(lua):
+    rc, msg, *_ = lua("#!/bin/sh\n#VMWRAP --image=busybox --memory=2G\n", mem=1024)
+    assert rc == -1 and msg == "vmwrap: --memory=2048M is more than the job's allocation of 1024M (--mem)"
+
+
+def test_lua_literal_escapes_everything():
+    s = 'a"b\\c\nd]]e\x00é'
+    out = subprocess.run(["lua5.1", "-e", f"io.write({lua_literal(s)})"], capture_output=True, check=True).stdout
+    assert out == s.encode()
