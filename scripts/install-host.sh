@@ -21,7 +21,11 @@ bash "$here/scripts/start-libvirtd.sh"
 
 # The Python package, in a venv outside the repository (PEP 668-safe on Debian).
 venv=${VMWRAP_VENV:-/opt/vmwrap/venv}
-py=$(command -v python3)
+# Debian's own interpreter: job users run `vmwrap` too, so it must not live under a private home.
+py=/usr/bin/python3
+if [ -x "$venv/bin/python" ] && [ "$(readlink -f "$venv/bin/python")" != "$(readlink -f "$py")" ]; then
+  rm -rf "$venv"
+fi
 if [ ! -x "$venv/bin/python" ]; then "$py" -m venv "$venv"; fi
 "$venv/bin/pip" install -q --upgrade pip >/dev/null
 "$venv/bin/pip" install -q -e "$here[test]"

@@ -143,9 +143,11 @@ class Launcher:
             self.conn.createXML(domain.render(spec), 0)
         except libvirt.libvirtError as e:
             raise NodeError(f"libvirt refused to start the job's VM: {e.get_error_message()}") from None
-        sock = self.run_dir / "control.sock"
-        if sock.exists():
-            os.chown(sock, self.job.uid, self.job.gid)
+        # libvirt's DAC driver hands chardev files to the QEMU user at start: give them back to the job.
+        for name in ("control.sock", "stdout", "stderr", "status"):
+            f = self.run_dir / name
+            if f.exists():
+                os.chown(f, self.job.uid, self.job.gid)
         self.timeline["created"] = time.monotonic()
         self.ledger.record(self.job.job_id, self.job.domain_name, "created", virt_type=virt_type,
                            cpus=p.cpus, memory_mib=p.memory_mib, image=p.image.name)

@@ -1,0 +1,215 @@
+"""Ordinary sbatch jobs in per-job VMs on a real Slurm 22.05 cluster (slurmctld + 3 slurmd, munge)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import Cluster
+from vmwrap.catalog import register
+
+pytestmark = pytest.mark.vm
+HDR = "#!/bin/sh\n#VMWRAP --image=busybox\n"
+
+
+@pytest.fixture(scope="module")
+def cluster(appliance, virt_type, test_user):
+    base = Path(f"/var/tmp/vmwrap-slurm-{os.getpid()}")
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    base.chmod(0o755)
+    catalog = base / "images.toml"
+    register(str(catalog), appliance)
+    c = Cluster(base, {"catalog": str(catalog), "accel": virt_type, "grace_seconds": 5.0})
+    c.start()
+    yield c
+    c.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def jobdir(cluster, test_user):
+    d = cluster.base / "work" / f"t{os.urandom(3).hex()}"
+    d.mkdir(parents=True)
+    os.chown(d, test_user.pw_uid, test_user.pw_gid)
+    return d
+
+
+def submit(cluster, jobdir, script, *args):
+    r = cluster.sbatch(script, *args, user="vmwrapuser", cwd=jobdir)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
+def done(cluster, job_id, timeout=120):
+    return cluster.wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout)
+
+
+def test_job_runs_in_its_own_vm(cluster, jobdir, test_user):
+    job = submit(cluster, jobdir, HDR + 'echo "kernel $(uname -r)"; echo "uid $(id -u)"; pwd; echo "job $SLURM_JOB_ID"\n')
+    info = done(cluster, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0"
+    out = (jobdir / f"slurm-{job}.out").read_text()
+    guest_kernel = (Path("/var/cache/vmwrap/appliances/.kernel/version")).read_text().strip()
+    assert f"kernel {guest_kernel}" in out and os.uname().release not in out
+    assert f"uid {test_user.pw_uid}\n{jobdir}\njob {job}\n" in out
+    assert (jobdir / f"slurm-{job}.out").stat().st_uid == test_user.pw_uid
+
+
+def test_exit_code_seen_by_slurm(cluster, jobdir):
+    job = submit(cluster, jobdir, HDR + "echo failing; exit 3\n")
+    info = done(cluster, job)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "3:0")
+
+
+def test_output_patterns_chdir_export_and_args(cluster, jobdir, test_user):
+    other = jobdir / "elsewhere"
+    other.mkdir()
+    os.chown(other, test_user.pw_uid, test_user.pw_gid)
+    job = submit(cluster, jobdir, HDR + 'echo "out $1|$2|$FOO|$(pwd)"; echo "err" >&2\n',
+                 "-o", str(jobdir / "o-%j.txt"), "-e", str(jobdir / "e-%j.txt"), "--chdir", str(other),
+                 "--export=FOO=bar baz")
+    # sbatch takes the script's own arguments after the script path: resubmit with them
+    assert done(cluster, job)["ExitCode"] == "0:0"
+    assert (jobdir / f"o-{job}.txt").read_text() == f"out |||{other}\n".replace("|||", "||bar baz|")
+    assert (jobdir / f"e-{job}.txt").read_text() == "err\n"
+
+
+def test_script_arguments(cluster, jobdir):
+    path = jobdir / "args.sh"
+    path.write_text(HDR + 'printf "[%s]" "$@"\n')
+    path.chmod(0o755)
+    r = cluster.run("sbatch", "--parsable", "-D", str(jobdir), str(path), "a", "b c", user="vmwrapuser")
+    job = r.stdout.strip()
+    assert done(cluster, job)["ExitCode"] == "0:0"
+    assert (jobdir / f"slurm-{job}.out").read_text() == "[a][b c]"
+
+
+def test_job_without_directive_runs_bare(cluster, jobdir):
+    job = submit(cluster, jobdir, "#!/bin/sh\nuname -r\n")
+    assert done(cluster, job)["ExitCode"] == "0:0"
+    assert (jobdir / f"slurm-{job}.out").read_text().strip() == os.uname().release
+
+
+@pytest.mark.parametrize("directive, message", [
+    ("--image=nope", "unknown image 'nope' (this site offers: busybox)"),
+    ("--image=../x", "invalid image name '../x'"),
+    ("--image='busybox'", "invalid image name \"'busybox'\""),
+    ("--image=<x>&", "invalid image name '<x>&'"),
+    ("--image=busy box", "unexpected 'box'"),
+    ("--image=busybox --memory=0", "at least 1M"),
+    ("--image=busybox --memory=lots", "not a size"),
+    ("--image=busybox --cpus=-1", "must be at least 1"),
+    ("--image=busybox --image=busybox", "duplicate directive --image"),
+    ("--image=busybox --frobnicate=1", "unknown directive --frobnicate"),
+])
+def test_bad_directive_rejected_at_submit(cluster, jobdir, directive, message):
+    r = cluster.sbatch(f"#!/bin/sh\n#VMWRAP {directive}\necho hi\n", user="vmwrapuser", cwd=jobdir)
+    assert r.returncode != 0
+    assert "sbatch: error: vmwrap: " in r.stderr and message in r.stderr
+
+
+def test_multi_node_rejected_at_submit(cluster, jobdir):
+    r = cluster.sbatch(HDR + "echo hi\n", "-N", "2", user="vmwrapuser", cwd=jobdir)
+    assert r.returncode != 0 and "multi-node jobs are not supported yet" in r.stderr
+
+
+def test_memory_above_allocation_rejected_at_submit(cluster, jobdir):
+    r = cluster.sbatch("#!/bin/sh\n#VMWRAP --image=busybox --memory=1G\n", "--mem=512M", user="vmwrapuser", cwd=jobdir)
+    assert r.returncode != 0 and "--memory=1024M is more than the job's allocation of 512M" in r.stderr
+
+
+def test_error_found_on_the_node_fails_the_job_not_the_node(cluster, jobdir):
+    # two CPUs asked inside, one allocated by Slurm: only the node side can know
+    job = submit(cluster, jobdir, "#!/bin/sh\n#VMWRAP --image=busybox --cpus=2\necho never\n", "-n", "1")
+    info = done(cluster, job)
+    assert info["JobState"] == "FAILED"
+    err = (jobdir / f"slurm-{job}.out").read_text()
+    assert "--cpus=2 is more than the 1 CPUs Slurm allocated on this node" in err and "never" not in err
+    assert cluster.idle_nodes() == 3 or "drain" not in cluster.run("sinfo", "-h", "-o", "%t").stdout
+
+
+def _domains() -> list[str]:
+    out = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--name"], capture_output=True, text=True).stdout
+    return [n for n in out.split() if n.startswith("vmwrap-")]
+
+
+def _wait_output(path: Path, text: str, timeout=90):
+    end = time.time() + timeout
+    while time.time() < end:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{text!r} not in {path}: {path.read_text() if path.exists() else 'missing'}")
+
+
+def test_scancel_destroys_the_vm_and_its_files(cluster, jobdir):
+    job = submit(cluster, jobdir, HDR + "echo started; sleep 600\n")
+    _wait_output(jobdir / f"slurm-{job}.out", "started")
+    node = cluster.job(job)["NodeList"]
+    assert f"vmwrap-{job}" in _domains()
+    t0 = time.time()
+    cluster.run("scancel", job, check=True)
+    done(cluster, job)
+    end = time.time() + 30
+    while f"vmwrap-{job}" in _domains() and time.time() < end:
+        time.sleep(0.2)
+    assert f"vmwrap-{job}" not in _domains()
+    took = time.time() - t0
+    assert took < 20, f"VM of a cancelled job lived {took:.1f}s"
+    end = time.time() + 15
+    while (cluster.node_dir(node) / "state" / "jobs" / job).exists() and time.time() < end:
+        time.sleep(0.2)
+    assert not (cluster.node_dir(node) / "state" / "jobs" / job).exists()
+
+
+def test_job_array_and_dependency(cluster, jobdir):
+    arr = submit(cluster, jobdir, HDR + 'echo "task $SLURM_ARRAY_TASK_ID"\n', "--array=1-3")
+    dep = submit(cluster, jobdir, HDR + "echo after\n", f"--dependency=afterok:{arr}")
+    info = done(cluster, dep, timeout=180)
+    assert info["ExitCode"] == "0:0"
+    outs = sorted((jobdir / f"slurm-{arr}_{i}.out").read_text() for i in (1, 2, 3))
+    assert outs == ["task 1\n", "task 2\n", "task 3\n"]
+    assert (jobdir / f"slurm-{dep}.out").read_text() == "after\n"
+
+
+def test_suspend_and_resume(cluster, jobdir):
+    job = submit(cluster, jobdir, HDR + "i=0; while [ $i -lt 40 ]; do echo $i; i=$((i+1)); sleep 0.25; done\n")
+    out = jobdir / f"slurm-{job}.out"
+    _wait_output(out, "4\n")
+    cluster.run("scontrol", "suspend", job, check=True)
+    time.sleep(1.0)
+    frozen = out.read_text()
+    time.sleep(3)
+    assert out.read_text() == frozen
+    cluster.run("scontrol", "resume", job, check=True)
+    info = done(cluster, job)
+    assert info["ExitCode"] == "0:0"
+    assert out.read_text().split() == [str(i) for i in range(40)]
+
+
+def test_node_fault_drains_the_node_with_a_reason(cluster, jobdir):
+    cfg = cluster.base / "vmwrap-c3.toml"
+    saved = cfg.read_text()
+    cfg.write_text(saved + 'libvirt_uri = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"\n')
+    try:
+        job = submit(cluster, jobdir, HDR + "echo hi\n", "-w", "c3")
+        end = time.time() + 60
+        reason = ""
+        while time.time() < end:
+            reason = cluster.run("sinfo", "-h", "-n", "c3", "-o", "%t|%E").stdout.strip()
+            if "drain" in reason:
+                break
+            time.sleep(0.3)
+        assert "drain" in reason and ("vmwrap: cannot connect to libvirt" in reason or "Prolog" in reason), reason
+        info = cluster.job(job)
+        assert info["JobState"] in ("PENDING", "REQUEUED") or "held" in info.get("Reason", "").lower()
+    finally:
+        cfg.write_text(saved)
+        cluster.run("scancel", job)
+        cluster.run("scontrol", "update", "nodename=c3", "state=resume")
