@@ -14,7 +14,6 @@ ROOT = Path(__file__).resolve().parent.parent
 APPLIANCES = Path(os.environ.get("VMWRAP_APPLIANCE_DIR", "/var/cache/vmwrap/appliances"))
 TEST_USER = "vmwrapuser"
 VMWRAP = [sys.executable, "-m", "vmwrap.cli"]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture(scope="session")

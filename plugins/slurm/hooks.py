@@ -68,7 +68,10 @@ def prolog(settings: Settings, env: dict[str, str]) -> int:
         lx.boot()
         return 0
     except NodeError as e:
-        lx.fail(e)
+        # Slurm requeues the job and drains the node: leave nothing that would make the epilog
+        # believe a VM may still be running here (its drain reason would replace ours).
+        launcher.teardown(job.job_id, settings)
+        lx.ledger.record(job.job_id, job.domain_name, "failed", kind=e.kind, message=str(e))
         _drain(env, f"vmwrap: {e}")
         print(f"vmwrap prolog: node fault: {e}", file=sys.stderr)
         return 1

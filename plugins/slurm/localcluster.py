@@ -1,4 +1,4 @@
-"""A real Slurm 22.05 cluster on this host: munged, slurmctld and 3 slurmd (c1..c3) started directly.
+"""A local Slurm 22.05 cluster on one host, for the demo and the tests: munged, slurmctld, 3 slurmd.
 
 Each node has its own spool, log and vmwrap state/cache (VMWRAP_CONFIG=...-%n.toml), so per-node
 caches and placement are real even though all nodes share one machine.
@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NODES = ["c1", "c2", "c3"]
 
 
@@ -175,6 +175,8 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
             info = self.job(job_id)
             if info.get("JobState") in states:
                 return info
+            if "held" in info.get("Reason", "") and not any("held" in s for s in states):
+                raise AssertionError(f"job {job_id} was held by Slurm ({info['Reason']}); see {self.base}/nodes/*/slurmd.log")
             time.sleep(0.3)
         raise AssertionError(f"job {job_id} not in {states} after {timeout}s: {info}")
 
@@ -205,3 +207,60 @@ def _toml(v) -> str:
     if isinstance(v, (int, float)):
         return str(v)
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+DEMO_SCRIPT = """#!/bin/sh
+#SBATCH --job-name=vmwrap-demo
+#VMWRAP --image=busybox --memory=256M
+echo "guest kernel: $(uname -r)  (host kernel: {host})"
+echo "job $SLURM_JOB_ID on $SLURMD_NODENAME, uid $(id -u), in $(pwd)"
+echo "hello from inside a per-job VM" > from-the-vm.txt
+ls -l from-the-vm.txt
+"""
+
+
+def demo(base: Path = Path("/var/tmp/vmwrap-demo"), user: str = "vmwrapuser") -> int:
+    """Start a local cluster, submit one job with sbatch, print its output, stop the cluster."""
+    import pwd
+
+    from vmwrap import config
+    from vmwrap.catalog import Catalog, register
+
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        subprocess.run(["useradd", "-m", "-U", user], check=True)
+        pw = pwd.getpwnam(user)
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    base.chmod(0o755)
+    site = config.load()
+    register(str(base / "images.toml"), Catalog.load(site.catalog).images["busybox"])
+    c = Cluster(base, {"catalog": str(base / "images.toml"), "accel": site.accel})
+    print(f"== starting slurmctld + 3 slurmd under {base}")
+    c.start()
+    try:
+        work = base / "work"
+        work.mkdir()
+        os.chown(work, pw.pw_uid, pw.pw_gid)
+        r = c.sbatch(DEMO_SCRIPT.format(host=os.uname().release), user=user, cwd=work)
+        if r.returncode != 0:
+            print(r.stderr)
+            return 1
+        job = r.stdout.strip()
+        print(f"== sbatch (as {user}): submitted job {job}; waiting")
+        info = c.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=180)
+        print(f"== job {job}: {info['JobState']}, exit code {info['ExitCode']}, ran {info['RunTime']} "
+              f"on {info['NodeList']}; slurm-{job}.out:")
+        print((work / f"slurm-{job}.out").read_text(), end="")
+        bad = c.sbatch("#!/bin/sh\n#VMWRAP --image=../etc/passwd\n", user=user, cwd=work)
+        print(f"== a bad request is refused at submit:\n{bad.stderr.strip()}")
+        return 0 if info["JobState"] == "COMPLETED" else 1
+    finally:
+        c.stop()
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(demo())
