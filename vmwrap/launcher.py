@@ -79,6 +79,8 @@ class Launcher:
 
     def prepare(self) -> None:
         """Validate, fetch the image into the cache, make the overlay and control files."""
+        self.ledger.record(self.job.job_id, self.job.domain_name, "prepare", scheduler=self.job.scheduler,
+                           restart_count=self.job.restart_count)
         catalog = Catalog.load(self.settings.catalog)
         self.plan = p = plan(self.job, self.settings, catalog)
         if not os.path.isdir(self.job.work_dir):
@@ -376,6 +378,25 @@ def _write_private(path: Path, data: bytes, mode: int) -> None:
         os.fchmod(fd, mode)
     finally:
         os.close(fd)
+
+
+def guest_timeline(run_dir: Path) -> dict[str, float | int]:
+    """What the guest agent reported (guest uptimes at booted/ready/started, exit status)."""
+    out: dict[str, float | int] = {}
+    try:
+        text = (Path(run_dir) / "status").read_text(errors="replace")
+    except OSError:
+        return out
+    for ln in text.splitlines():
+        word, _, arg = ln.partition(" ")
+        try:
+            if word in ("booted", "ready", "started"):
+                out[word] = float(arg)
+            elif word == "exit":
+                out["exit"] = int(arg)
+        except ValueError:
+            pass
+    return out
 
 
 def teardown(job_id: str, settings: Settings, conn=None, ledger: Ledger | None = None,

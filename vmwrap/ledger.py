@@ -8,7 +8,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-EVENTS = ("created", "booted", "started", "paused", "resumed", "saved", "restored", "exited",
+EVENTS = ("prepare", "created", "booted", "started", "paused", "resumed", "saved", "restored", "exited",
           "destroyed", "failed", "cache_hit", "cache_miss")
 
 

@@ -112,6 +112,13 @@ def epilog(settings: Settings, env: dict[str, str]) -> int:
             return 1
         return 0
     try:
+        run_dir = settings.jobs_dir / job_id
+        if run_dir.exists():
+            from vmwrap.ledger import Ledger
+
+            timeline = launcher.guest_timeline(run_dir)
+            Ledger(settings.ledger_path).record(job_id, f"vmwrap-{job_id}", "exited", scheduler="slurm",
+                                                slurm_exit=env.get("SLURM_JOB_EXIT_CODE2", ""), **timeline)
         launcher.teardown(job_id, settings, conn=conn)
     finally:
         conn.close()
