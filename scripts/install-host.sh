@@ -35,4 +35,8 @@ ln -sf "$venv/bin/vmwrap" /usr/local/bin/vmwrap
 mkdir -p /etc/vmwrap
 [ -f /etc/vmwrap/vmwrap.toml ] || cp "$here/docs/vmwrap.toml.example" /etc/vmwrap/vmwrap.toml
 vmwrap image build --name busybox --kind busybox
+# The node agent (root): lets a job's own user pause/resume its VM (scheduler suspend). Idempotent.
+if ! pgrep -f "vmwrap agent" >/dev/null; then
+  setsid vmwrap agent </dev/null >>/var/log/vmwrap-agent.log 2>&1 &
+fi
 vmwrap doctor

@@ -182,15 +182,27 @@ def test_suspend_and_resume(cluster, jobdir):
     job = submit(cluster, jobdir, HDR + "i=0; while [ $i -lt 40 ]; do echo $i; i=$((i+1)); sleep 0.25; done\n")
     out = jobdir / f"slurm-{job}.out"
     _wait_output(out, "4\n")
+    node = cluster.job(job)["NodeList"]
     cluster.run("scontrol", "suspend", job, check=True)
     time.sleep(1.0)
+    assert _domstate(f"vmwrap-{job}") == "paused"  # the whole VM, not only the processes inside
     frozen = out.read_text()
     time.sleep(3)
     assert out.read_text() == frozen
     cluster.run("scontrol", "resume", job, check=True)
+    time.sleep(1.0)
+    assert _domstate(f"vmwrap-{job}") == "running"
     info = done(cluster, job)
     assert info["ExitCode"] == "0:0"
     assert out.read_text().split() == [str(i) for i in range(40)]
+    from vmwrap.ledger import Ledger
+
+    events = Ledger(cluster.node_dir(node) / "state" / "ledger.sqlite").events(job)
+    assert [e["detail"].get("via") for e in events if e["event"] in ("paused", "resumed")] == ["agent", "agent"]
+
+
+def _domstate(name):
+    return subprocess.run(["virsh", "-c", "qemu:///system", "domstate", name], capture_output=True, text=True).stdout.strip()
 
 
 def test_node_fault_drains_the_node_with_a_reason(cluster, jobdir):

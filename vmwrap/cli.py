@@ -112,6 +112,17 @@ def ps():
         click.echo(f"{job:<20} {states.get(d.state()[0], str(d.state()[0])):<10} {ev.get('event', '-'):<12} {age:>8}")
 
 
+@main.command()
+def agent():
+    """Run the node agent (root, foreground): lets a job's user pause/resume that job's VM."""
+    from . import agent as agent_mod
+
+    try:
+        agent_mod.serve(_settings())
+    except VmwrapError as e:
+        raise click.ClickException(str(e))
+
+
 @main.group()
 def image():
     """Appliance images: build and list."""

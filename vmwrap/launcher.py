@@ -172,7 +172,7 @@ class Attachment:
     """
 
     def __init__(self, run_dir: Path, job_id: str, out_fd: int = 1, err_fd: int = 2, grace: float = 30.0,
-                 conn=None, ledger: Ledger | None = None):
+                 conn=None, ledger: Ledger | None = None, settings: Settings | None = None):
         self.run_dir = Path(run_dir)
         self.job_id = job_id
         self.name = f"vmwrap-{job_id}"
@@ -181,6 +181,8 @@ class Attachment:
         self.conn = conn
         self.ledger = ledger
         self.control = domain.Control(self.run_dir)
+        self.settings = settings
+        self._stopped_inside = False
         self._signals: list[int] = []
         self.timeline: dict[str, float] = {}
 
@@ -302,9 +304,23 @@ class Attachment:
         self._record("exited", exit_code=exit_code)
         return exit_code
 
+    def _pause_unprivileged(self) -> bool:
+        """Ask the node agent to pause the whole VM; without one, stop the job's processes inside."""
+        try:
+            from . import agent
+
+            if self.settings is None:
+                raise NodeError("no settings")
+            agent.request(self.settings, "pause", self.job_id)
+            return True
+        except NodeError as e:
+            _write_all(self.err_fd, f"vmwrap: {e}; stopping the job's processes inside the VM instead\n".encode())
+            self._stopped_inside = self.control.send("STOP")
+            return self._stopped_inside
+
     def _pause(self) -> bool:
         if self.conn is None:
-            return self.control.send("STOP")
+            return self._pause_unprivileged()
         dom = domain.lookup(self.conn, self.name)
         if dom is None:
             return False
@@ -317,7 +333,17 @@ class Attachment:
 
     def _resume(self) -> bool:
         if self.conn is None:
-            return self.control.send("CONT")
+            if self._stopped_inside:
+                self._stopped_inside = False
+                return self.control.send("CONT")
+            try:
+                from . import agent
+
+                agent.request(self.settings, "resume", self.job_id)
+                return True
+            except (NodeError, TypeError) as e:
+                _write_all(self.err_fd, f"vmwrap: cannot resume the VM: {e}\n".encode())
+                return False
         dom = domain.lookup(self.conn, self.name)
         if dom is None:
             return True
@@ -350,14 +376,14 @@ def run(job: Job, settings: Settings, args: list[str] = (), out_fd: int = 1, err
 
 
 def attach(run_dir: Path, job_id: str, script: str, environment: dict[str, str], args: list[str] = (),
-           grace: float = 30.0) -> int:
+           grace: float = 30.0, settings: Settings | None = None) -> int:
     """The job's payload under a scheduler (runs as the job's user): the VM was booted by the prolog."""
     err = Path(run_dir) / "error"
     if err.exists():
         kind, _, msg = err.read_text().partition("\n")
         _write_all(2, f"vmwrap: error: {msg.strip()}\n".encode())
         return EXIT_FOR.get(kind, EXIT_NODE)
-    att = Attachment(Path(run_dir), job_id, grace=grace)
+    att = Attachment(Path(run_dir), job_id, grace=grace, settings=settings)
     att.install_signal_handlers()
     try:
         att.start(script, environment, list(args))

@@ -134,4 +134,5 @@ def attach(settings: Settings, script_path: str, args: list[str]) -> int:
         return launcher.EXIT_NODE
     job_id = os.environ["SLURM_JOB_ID"]
     env = {k: v for k, v in os.environ.items() if k != "VMWRAP_CONFIG"}
-    return launcher.attach(settings.jobs_dir / job_id, job_id, original, env, args, grace=settings.grace_seconds)
+    return launcher.attach(settings.jobs_dir / job_id, job_id, original, env, args, grace=settings.grace_seconds,
+                           settings=settings)

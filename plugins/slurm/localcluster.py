@@ -126,11 +126,15 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                            start_new_session=True))
         self._wait(lambda: self.run("scontrol", "ping").stdout.count("UP") >= 1, "slurmctld")
+        for n in NODES:  # one vmwrap node agent per node (pause/resume for the job's own user)
+            self.procs.append(subprocess.Popen(["vmwrap", "--config", str(self.base / f"vmwrap-{n}.toml"), "agent"],
+                                               env=env, start_new_session=True, stdout=subprocess.DEVNULL))
         for n in NODES:
             self.procs.append(subprocess.Popen(["slurmd", "-D", "-N", n, "-f", str(self.conf)], env=env,
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                                start_new_session=True))
         self._wait(lambda: self.idle_nodes() == len(NODES), "3 idle nodes")
+        self._wait(lambda: all((self.node_dir(n) / "state" / "agent.sock").exists() for n in NODES), "node agents")
 
     def idle_nodes(self) -> int:
         out = self.run("sinfo", "-h", "-N", "-o", "%N %t").stdout.split("\n")
