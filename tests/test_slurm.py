@@ -225,3 +225,37 @@ def test_node_fault_drains_the_node_with_a_reason(cluster, jobdir):
         cfg.write_text(saved)
         cluster.run("scancel", job)
         cluster.run("scontrol", "update", "nodename=c3", "state=resume")
+
+
+def test_time_limit_stops_the_vm_and_cleans_up(cluster, jobdir):
+    job = submit(cluster, jobdir, HDR + "trap 'echo term-inside; exit 9' TERM; echo started; while :; do sleep 1; done\n",
+                 "--time=1")
+    info = done(cluster, job, timeout=150)
+    assert info["JobState"] == "TIMEOUT"
+    node = info["NodeList"]
+    out = (jobdir / f"slurm-{job}.out").read_text()
+    assert "started" in out and "term-inside" in out  # the job inside got SIGTERM, as it would bare
+    end = time.time() + 15
+    while (f"vmwrap-{job}" in _domains() or (cluster.node_dir(node) / "state" / "jobs" / job).exists()) \
+            and time.time() < end:
+        time.sleep(0.2)
+    assert f"vmwrap-{job}" not in _domains()
+    assert not (cluster.node_dir(node) / "state" / "jobs" / job).exists()
+
+
+def test_preemption_suspend_gang_pauses_the_vm(cluster, jobdir):
+    low = submit(cluster, jobdir, HDR + "i=0; while [ $i -lt 60 ]; do echo $i; i=$((i+1)); sleep 0.25; done\n",
+                 "-w", "c2", "-c", "2", "--mem=400M")  # all cores; suspended jobs keep their memory
+    out = jobdir / f"slurm-{low}.out"
+    _wait_output(out, "3\n")
+    high = submit(cluster, jobdir, HDR + "echo high-priority; sleep 3\n", "-p", "high", "-w", "c2", "-c", "2", "--mem=400M")
+    end = time.time() + 60
+    while cluster.job(low)["JobState"] != "SUSPENDED" and time.time() < end:
+        time.sleep(0.2)
+    assert cluster.job(low)["JobState"] == "SUSPENDED"
+    time.sleep(1.0)
+    assert _domstate(f"vmwrap-{low}") == "paused"
+    assert done(cluster, high)["ExitCode"] == "0:0"
+    info = done(cluster, low, timeout=180)
+    assert info["ExitCode"] == "0:0"
+    assert out.read_text().split() == [str(i) for i in range(60)]  # every value once: nothing lost or repeated

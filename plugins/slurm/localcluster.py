@@ -102,10 +102,13 @@ PrologEpilogTimeout=120
 KillWait=10
 MinJobAge=600
 InactiveLimit=0
+PreemptType=preempt/partition_prio
+PreemptMode=SUSPEND,GANG
 SlurmdTimeout=60
 {self.extra_conf}
 {nodes}
-PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP PriorityTier=1
+PartitionName=high Nodes={','.join(NODES)} MaxTime=INFINITE State=UP PriorityTier=2
 """)
 
     def render_lua(self, **kw) -> subprocess.CompletedProcess:
@@ -117,6 +120,13 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
         return subprocess.run(args, env=env, capture_output=True, text=True, check=True)
 
     def start(self) -> None:
+        try:
+            self._start()
+        except Exception:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         start_munge()
         self.write_config()
         self.render_lua()
@@ -138,7 +148,7 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
 
     def idle_nodes(self) -> int:
         out = self.run("sinfo", "-h", "-N", "-o", "%N %t").stdout.split("\n")
-        return sum(1 for ln in out if ln.endswith(" idle"))
+        return len({ln.split()[0] for ln in out if ln.endswith(" idle")})  # a node is listed per partition
 
     def _wait(self, cond, what: str, timeout: float = 60) -> None:
         end = time.time() + timeout
