@@ -9,7 +9,7 @@ export DEBIAN_FRONTEND=noninteractive
 pkgs=(qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
       libvirt-dev pkg-config busybox-static e2fsprogs gcc libc6-dev tini cpio sqlite3
       python3-venv python3-dev debootstrap kmod
-      slurmctld slurmd slurm-client munge slurm-wlm-basic-plugins lua5.1)
+      slurmctld slurmd slurm-client munge slurm-wlm-basic-plugins lua5.1 slurmdbd mariadb-server)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -25,7 +25,7 @@ def cluster(appliance, virt_type, test_user):
     base.chmod(0o755)
     catalog = base / "images.toml"
     register(str(catalog), appliance)
-    c = Cluster(base, {"catalog": str(catalog), "accel": virt_type, "grace_seconds": 5.0})
+    c = Cluster(base, {"catalog": str(catalog), "accel": virt_type, "grace_seconds": 5.0}, accounting=True)
     c.start()
     yield c
     c.stop()
@@ -61,10 +61,19 @@ def test_job_runs_in_its_own_vm(cluster, jobdir, test_user):
     assert (jobdir / f"slurm-{job}.out").stat().st_uid == test_user.pw_uid
 
 
-def test_exit_code_seen_by_slurm(cluster, jobdir):
+def test_exit_code_seen_by_slurm_and_sacct(cluster, jobdir):
     job = submit(cluster, jobdir, HDR + "echo failing; exit 3\n")
+    ok = submit(cluster, jobdir, HDR + "echo fine\n")
     info = done(cluster, job)
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "3:0")
+    done(cluster, ok)
+    end = time.time() + 30
+    while time.time() < end and (cluster.sacct(job).get(job, ("",))[0] != "FAILED"
+                                 or cluster.sacct(ok).get(ok, ("",))[0] != "COMPLETED"):
+        time.sleep(0.5)
+    assert cluster.sacct(job)[job] == ("FAILED", "3:0")
+    assert cluster.sacct(job)[f"{job}.batch"] == ("FAILED", "3:0")
+    assert cluster.sacct(ok)[ok] == ("COMPLETED", "0:0")
 
 
 def test_output_patterns_chdir_export_and_args(cluster, jobdir, test_user):

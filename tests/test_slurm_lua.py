@@ -108,3 +108,12 @@ def test_lua_literal_escapes_everything():
     s = 'a"b\\c\nd]]e\x00é'
     out = subprocess.run(["lua5.1", "-e", f"io.write({lua_literal(s)})"], capture_output=True, check=True).stdout
     assert out == s.encode()
+
+
+def test_site_default_image_wraps_jobs_without_directive(tmp_path):
+    (tmp_path / "job_submit.lua").write_text(render_lua(CATALOG, default_image="busybox"))
+    (tmp_path / "harness.lua").write_text(HARNESS)
+    r = subprocess.run(["lua5.1", str(tmp_path / "harness.lua"), str(tmp_path / "job_submit.lua"), "bob", "1",
+                        "1", "4294967294"], input="#!/bin/sh\necho bare\n", capture_output=True, text=True, check=True)
+    assert r.stdout.startswith("0\n")
+    assert "vmwrap:image=busybox," in r.stdout and "#VMWRAP-ORIGINAL-SCRIPT\n#!/bin/sh\necho bare\n" in r.stdout

@@ -36,13 +36,15 @@ def start_munge() -> None:
 
 
 class Cluster:
-    def __init__(self, base: Path, site_config: dict, extra_conf: str = ""):
+    def __init__(self, base: Path, site_config: dict, extra_conf: str = "", accounting: bool = False):
         self.base = base
         self.conf = base / "slurm.conf"
         self.procs: list[subprocess.Popen] = []
         self.site_config = site_config
         self.extra_conf = extra_conf
         self.vmwrap_config = str(base / "vmwrap-%n.toml")
+        self.accounting = accounting
+        self.dbd_port = _free_port()
 
     @property
     def env(self) -> dict:
@@ -68,6 +70,10 @@ class Cluster:
             h.write_text(f"#!/bin/sh\nVMWRAP_CONFIG='{self.vmwrap_config}' exec {ROOT}/prolog_epilog/slurm-{kind}\n")
             h.chmod(0o755)
         ctld_port = _free_port()
+        acct = ""
+        if self.accounting:
+            acct = (f"AccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost=127.0.0.1\n"
+                    f"AccountingStoragePort={self.dbd_port}\nJobAcctGatherType=jobacct_gather/none")
         nodes = "\n".join(
             f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} "
             f"Sockets=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=3000 State=UNKNOWN" for n in NODES)
@@ -105,6 +111,7 @@ InactiveLimit=0
 PreemptType=preempt/partition_prio
 PreemptMode=SUSPEND,GANG
 SlurmdTimeout=60
+{acct}
 {self.extra_conf}
 {nodes}
 PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP PriorityTier=1
@@ -126,12 +133,46 @@ PartitionName=high Nodes={','.join(NODES)} MaxTime=INFINITE State=UP PriorityTie
             self.stop()
             raise
 
+    def _start_accounting(self, env: dict) -> None:
+        """A private MariaDB (TCP on loopback) and slurmdbd, so that sacct answers as on a real site."""
+        db = self.base / "mysql"
+        subprocess.run(["mariadb-install-db", "--user=root", f"--datadir={db}", "--skip-test-db",
+                        "--auth-root-authentication-method=normal"], check=True, capture_output=True)
+        db_port = _free_port()
+        self.procs.append(subprocess.Popen(
+            ["mariadbd", "--user=root", f"--datadir={db}", f"--socket={self.base}/mysql.sock",
+             f"--port={db_port}", "--bind-address=127.0.0.1", f"--pid-file={self.base}/mysql.pid",
+             "--skip-name-resolve", f"--log-error={self.base}/mysql.log"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        self._wait(lambda: (self.base / "mysql.sock").exists(), "mariadb")
+        dbd = self.base / "slurmdbd.conf"
+        dbd.write_text(f"""AuthType=auth/munge
+DbdHost={socket.gethostname()}
+DbdAddr=127.0.0.1
+DbdPort={self.dbd_port}
+SlurmUser=root
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort={db_port}
+StorageUser=root
+StorageLoc=slurm_acct_db_{os.getpid()}
+LogFile={self.base}/slurmdbd.log
+PidFile={self.base}/slurmdbd.pid
+""")
+        dbd.chmod(0o600)
+        self.procs.append(subprocess.Popen(["slurmdbd", "-D"], env=env, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL, start_new_session=True))
+        self._wait(lambda: self.run("sacctmgr", "-n", "list", "cluster").returncode == 0, "slurmdbd")
+        self.run("sacctmgr", "-i", "add", "cluster", "vmwraptest", check=True)
+
     def _start(self) -> None:
         start_munge()
         self.write_config()
         self.render_lua()
         env = dict(self.env)
         env.pop("VMWRAP_CONFIG", None)
+        if self.accounting:
+            self._start_accounting(env)
         self.procs.append(subprocess.Popen(["slurmctld", "-D", "-i", "-f", str(self.conf)], env=env,
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                            start_new_session=True))
@@ -173,6 +214,11 @@ PartitionName=high Nodes={','.join(NODES)} MaxTime=INFINITE State=UP PriorityTie
         path.write_text(script)
         os.chmod(path, 0o755)
         return self.run("sbatch", "--parsable", "-D", str(cwd), *args, str(path), user=user)
+
+    def sacct(self, job_id: str) -> dict[str, tuple[str, str]]:
+        """{JobID: (State, ExitCode)} as sacct reports them (accounting clusters only)."""
+        out = self.run("sacct", "-n", "-P", "-j", job_id, "-o", "JobID,State,ExitCode").stdout
+        return {f[0]: (f[1], f[2]) for f in (ln.split("|") for ln in out.split("\n") if ln)}
 
     def job(self, job_id: str) -> dict:
         out = self.run("scontrol", "-o", "show", "job", job_id).stdout
