@@ -176,3 +176,16 @@ def test_teardown_after_launcher_is_killed(site, workdir):
     assert site.leftovers() == []
     r = subprocess.run([sys.executable, "-m", "vmwrap.cli", "teardown", "killed1"], env=site.env(), capture_output=True)
     assert r.returncode == 0 and b"nothing to remove" in r.stdout  # idempotent
+
+
+def test_initramfs_appliance_without_root_disk(site, workdir, test_user):
+    from conftest import APPLIANCES
+    from vmwrap import appliance as builder
+
+    img = builder.build("vmwrap-test-initramfs", "initramfs", str(APPLIANCES), str(site.catalog))
+    assert img.disk is None
+    r = site.run("#!/bin/sh\n#VMWRAP --image=vmwrap-test-initramfs\nid -u; pwd; test -b /dev/vda || echo no-disk\n",
+                 workdir, "--user", test_user.pw_name)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().split() == [str(test_user.pw_uid), str(workdir), "no-disk"]
+    assert site.leftovers() == []

@@ -17,9 +17,8 @@ from .catalog import Artifact, Image, register
 from .errors import NodeError
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
-GUEST_MODULES = [
-    "virtio_pci", "virtio_console", "9p", "9pnet_virtio", "virtio_blk", "crc32c_generic", "ext4",
-]
+GUEST_MODULES = ["virtio_pci", "virtio_console", "9p", "9pnet_virtio"]
+DISK_MODULES = ["virtio_blk", "crc32c_generic", "ext4"]  # loaded only when the VM has a root disk
 BUSYBOX = "/bin/busybox"
 
 
@@ -123,11 +122,13 @@ def build_initrd(moddir: Path, dest: Path, tmp: Path) -> None:
     os.symlink("busybox", root / "bin" / "sh")
     build_helper(root / "bin" / "vmwrap-exec")
     mods = module_closure(moddir, GUEST_MODULES)
-    for m in mods:
+    disk_mods = [m for m in module_closure(moddir, GUEST_MODULES + DISK_MODULES) if m not in mods]
+    for m in mods + disk_mods:
         target = root / "lib" / "modules" / m
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(strip_signature((moddir / m).read_bytes()))
     (root / "etc" / "vmwrap-modules").write_text("\n".join(mods) + "\n")
+    (root / "etc" / "vmwrap-disk-modules").write_text("\n".join(disk_mods) + "\n")
     shutil.copy2(TEMPLATES / "guest" / "init.sh", root / "init")
     (root / "init").chmod(0o755)
     _cpio(root, dest)
@@ -198,16 +199,17 @@ def build(name: str, kind: str, out_dir: str, catalog_path: str, memory_mib: int
             (kernel_cache / "version").write_text(moddir.name + "\n")
         shutil.copy2(kernel_cache / "vmlinux", dest / "vmlinux")
         build_initrd(kernel_cache / "modules", dest / "initrd.cpio", tmp)
+        (dest / "root.qcow2").unlink(missing_ok=True)
         if kind == "busybox":
             build_busybox_root(dest / "root.qcow2", tmp)
         elif kind == "debootstrap":
             build_debootstrap_root(dest / "root.qcow2", tmp)
-        else:
-            raise NodeError(f"unknown appliance kind {kind!r} (busybox or debootstrap)")
+        elif kind != "initramfs":  # initramfs: no root disk, the job runs in the initramfs' busybox
+            raise NodeError(f"unknown appliance kind {kind!r} (busybox, debootstrap or initramfs)")
     img = Image(
         name=name, boot="kernel",
         kernel=artifact(dest / "vmlinux"), initrd=artifact(dest / "initrd.cpio"),
-        disk=artifact(dest / "root.qcow2", "qcow2"),
+        disk=artifact(dest / "root.qcow2", "qcow2") if (dest / "root.qcow2").exists() else None,
         memory_mib=memory_mib, cpus=1, users=users or [], groups=groups or [],
         description=f"{kind} appliance, kernel {(Path(out_dir) / '.kernel' / 'version').read_text().strip()}",
     )

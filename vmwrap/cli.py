@@ -130,7 +130,8 @@ def image():
 
 @image.command("build")
 @click.option("--name", required=True)
-@click.option("--kind", type=click.Choice(["busybox", "debootstrap"]), default="busybox")
+@click.option("--kind", type=click.Choice(["busybox", "debootstrap", "initramfs"]), default="busybox",
+              help="busybox: tiny root disk (tests); debootstrap: Debian root disk; initramfs: no disk.")
 @click.option("--memory", "memory_mib", type=int, default=256)
 def image_build(name, kind, memory_mib):
     """Build an appliance from Debian packages and register it in the catalog."""

@@ -5,19 +5,32 @@
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-while read -r m; do insmod "/lib/modules/$m" || echo "vmwrap: insmod $m failed"; done < /etc/vmwrap-modules
+load() { while read -r m; do insmod "/lib/modules/$m" || echo "vmwrap: insmod $m failed"; done < "$1"; }
+load /etc/vmwrap-modules
+# The disk drivers only when the VM has a virtio disk (PCI ids 1af4:1001 legacy, 1af4:1042 modern).
+for d in /sys/bus/pci/devices/*; do
+  read -r dev < "$d/device"
+  case "$dev" in 0x1001|0x1042) load /etc/vmwrap-disk-modules; break ;; esac
+done
 
-port() {
+# Find the vmwrap virtio ports by name (the shell builtin read: no fork per port under TCG).
+find_ports() {
   for p in /sys/class/virtio-ports/*; do
-    [ "$(cat "$p/name" 2>/dev/null)" = "$1" ] && { echo "/dev/${p##*/}"; return; }
+    [ -e "$p/name" ] || continue
+    read -r n < "$p/name"
+    case "$n" in
+      org.vmwrap.status) STATUS=/dev/${p##*/} ;; org.vmwrap.stdout) OUT=/dev/${p##*/} ;;
+      org.vmwrap.stderr) ERR=/dev/${p##*/} ;; org.vmwrap.control) CTL=/dev/${p##*/} ;;
+    esac
   done
 }
-i=0; while [ -z "$(port org.vmwrap.status)" ] && [ $i -lt 200 ]; do sleep 0.02; i=$((i+1)); done
-STATUS=$(port org.vmwrap.status); OUT=$(port org.vmwrap.stdout); ERR=$(port org.vmwrap.stderr)
-CTL=$(port org.vmwrap.control)
+i=0; find_ports
+while { [ -z "$STATUS" ] || [ -z "$CTL" ] || [ ! -e "$STATUS" ]; } && [ $i -lt 200 ]; do
+  sleep 0.02; i=$((i+1)); find_ports
+done
 say() { echo "$*" > "$STATUS"; }
 fail() { say "error $*"; echo "vmwrap guest: $*" > "$ERR"; sync; poweroff -f; }
-say "booted $(cut -d' ' -f1 /proc/uptime)"
+read -r up _ < /proc/uptime; say "booted $up"
 
 if grep -q 'vmwrap.probe' /proc/cmdline; then say "exit 0"; poweroff -f; fi
 
@@ -36,9 +49,9 @@ mkdir -p "$ROOT$WORKDIR"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=none vmwrap_work "$ROOT$WORKDIR" \
   || fail "cannot mount the work dir"
 read -r UID_ GID_ GROUPS_ UMASK_ < /ctl/ids
-[ -n "$(cat /ctl/hostname 2>/dev/null)" ] && hostname "$(cat /ctl/hostname)"
+read -r h < /ctl/hostname && [ -n "$h" ] && hostname "$h"
 
-say "ready $(cut -d' ' -f1 /proc/uptime)"
+read -r up _ < /proc/uptime; say "ready $up"
 # Wait for the host's GO: the job's script, environment and arguments are written by whoever attaches
 # (the launcher, or the user-side payload under a scheduler) into /ctl/user before it says GO.
 while :; do
@@ -50,7 +63,7 @@ done
 /bin/vmwrap-exec "$ROOT" "$UID_" "$GID_" "$GROUPS_" "$UMASK_" "$WORKDIR" /ctl/user/env /ctl/user/args \
   /.vmwrap/user/script < /dev/null > "$OUT" 2> "$ERR" &
 JOB=$!
-say "started $(cut -d' ' -f1 /proc/uptime)"
+read -r up _ < /proc/uptime; say "started $up"
 # The host may disconnect and reconnect (EOF then): keep reading.
 ( while :; do
     while read -r cmd; do

@@ -1,0 +1,3 @@
+#!/bin/sh
+#VMWRAP --image=tiny
+echo tiny $(id -u) $(pwd); ls /
