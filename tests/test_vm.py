@@ -187,5 +187,5 @@ def test_initramfs_appliance_without_root_disk(site, workdir, test_user):
     r = site.run("#!/bin/sh\n#VMWRAP --image=vmwrap-test-initramfs\nid -u; pwd; test -b /dev/vda || echo no-disk\n",
                  workdir, "--user", test_user.pw_name)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.decode().split() == [str(test_user.pw_uid), str(workdir), "no-disk"]
+    assert r.stdout.decode().splitlines() == [str(test_user.pw_uid), str(workdir), "no-disk"]
     assert site.leftovers() == []
