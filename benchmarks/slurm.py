@@ -22,8 +22,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from plugins.slurm.localcluster import Cluster  # noqa: E402
-from vmwrap import config  # noqa: E402
-from vmwrap.catalog import Catalog, register  # noqa: E402
 from vmwrap.ledger import Ledger  # noqa: E402
 
 USER = "vmwrapuser"
@@ -53,12 +51,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=5)
     a = ap.parse_args()
     base = Path("/var/tmp/vmwrap-bench-slurm")
-    shutil.rmtree(base, ignore_errors=True)
-    base.mkdir(parents=True)
-    base.chmod(0o755)
-    site = config.load()
-    register(str(base / "images.toml"), Catalog.load(site.catalog).images["busybox"])
-    c = Cluster(base, {"catalog": str(base / "images.toml"), "accel": site.accel})
+    c = Cluster.for_site(base)
     c.start()
     try:
         import pwd

@@ -74,7 +74,9 @@ class Site:
             "appliance_dir": str(APPLIANCES), "accel": virt_type, "grace_seconds": 5.0,
         }
         lines.update(settings)
-        self.config.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in lines.items()))
+        from vmwrap.config import render
+
+        self.config.write_text(render(lines))
 
     def env(self, **extra) -> dict:
         env = dict(os.environ, VMWRAP_CONFIG=str(self.config), PYTHONPATH=str(ROOT))
@@ -110,14 +112,6 @@ class Site:
         if pins.exists():
             out += [str(p) for d in pins.iterdir() for p in d.iterdir()]
         return out
-
-
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return str(v)
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 @pytest.fixture

@@ -54,3 +54,17 @@ def load(path: str | None = None) -> Settings:
     if s.accel not in ("auto", "kvm", "tcg"):
         raise NodeError(f"{path}: accel must be auto, kvm or tcg, not {s.accel!r}")
     return s
+
+
+def toml_value(v) -> str:
+    """A TOML literal for a setting value (bool, number or string)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render(settings: dict) -> str:
+    """Settings file text for `settings` (used by test sites, the local cluster and benchmarks)."""
+    return "".join(f"{k} = {toml_value(v)}\n" for k, v in settings.items())

@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from vmwrap import config as vmwrap_config
+
 ROOT = Path(__file__).resolve().parents[2]
 NODES = ["c1", "c2", "c3"]
 
@@ -60,8 +62,7 @@ class Cluster:
             for sub in ("spool", "state", "cache"):
                 (d / sub).mkdir(parents=True, exist_ok=True)
             cfg = dict(self.site_config, state_dir=str(d / "state"), cache_dir=str(d / "cache"))
-            (self.base / f"vmwrap-{n}.toml").write_text(
-                "".join(f"{k} = {_toml(v)}\n" for k, v in cfg.items()))
+            (self.base / f"vmwrap-{n}.toml").write_text(vmwrap_config.render(cfg))
         (self.base / "ctld").mkdir(exist_ok=True)
         hooks = self.base / "hooks"
         hooks.mkdir(exist_ok=True)
@@ -117,6 +118,18 @@ SlurmdTimeout=60
 PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP PriorityTier=1
 PartitionName=high Nodes={','.join(NODES)} MaxTime=INFINITE State=UP PriorityTier=2
 """)
+
+    @classmethod
+    def for_site(cls, base: Path, image: str = "busybox", **kw) -> "Cluster":
+        """A fresh cluster under `base` offering one image of this host's catalog."""
+        from vmwrap.catalog import Catalog, register
+
+        shutil.rmtree(base, ignore_errors=True)
+        base.mkdir(parents=True)
+        base.chmod(0o755)
+        site = vmwrap_config.load()
+        register(str(base / "images.toml"), Catalog.load(site.catalog).images[image])
+        return cls(base, {"catalog": str(base / "images.toml"), "accel": site.accel}, **kw)
 
     def render_lua(self, **kw) -> subprocess.CompletedProcess:
         args = ["vmwrap", "config", "render", "slurm", "--lua-out", str(self.base / "job_submit.lua"),
@@ -261,14 +274,6 @@ PidFile={self.base}/slurmdbd.pid
                 subprocess.run(["virsh", "-c", "qemu:///system", "destroy", n], capture_output=True)
 
 
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return str(v)
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 DEMO_SCRIPT = """#!/bin/sh
 #SBATCH --job-name=vmwrap-demo
 #VMWRAP --image=busybox --memory=256M
@@ -283,20 +288,12 @@ def demo(base: Path = Path("/var/tmp/vmwrap-demo"), user: str = "vmwrapuser") ->
     """Start a local cluster, submit one job with sbatch, print its output, stop the cluster."""
     import pwd
 
-    from vmwrap import config
-    from vmwrap.catalog import Catalog, register
-
     try:
         pw = pwd.getpwnam(user)
     except KeyError:
         subprocess.run(["useradd", "-m", "-U", user], check=True)
         pw = pwd.getpwnam(user)
-    shutil.rmtree(base, ignore_errors=True)
-    base.mkdir(parents=True)
-    base.chmod(0o755)
-    site = config.load()
-    register(str(base / "images.toml"), Catalog.load(site.catalog).images["busybox"])
-    c = Cluster(base, {"catalog": str(base / "images.toml"), "accel": site.accel})
+    c = Cluster.for_site(base)
     print(f"== starting slurmctld + 3 slurmd under {base}")
     c.start()
     try:
