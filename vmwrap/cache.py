@@ -17,12 +17,12 @@ import json
 import os
 import shutil
 import time
-import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from . import transport
 from .catalog import Artifact
 from .errors import ImageError, NodeError
 
@@ -129,6 +129,29 @@ class Cache:
             self._drop(sha)
             return False
 
+    def gc(self, keep: set[str]) -> list[str]:
+        """Remove unpinned blobs not in `keep`, and what crashed fetches left behind; returns what went."""
+        gone = []
+        for e in self.entries():
+            if e.sha256 not in keep and not e.pins and self.evict(e.sha256):
+                gone.append(e.sha256)
+        for p in list((self.root / "tmp").iterdir()) + list((self.root / "reserve").iterdir()):
+            sha = p.name.split(".")[0]
+            with open(self.root / "locks" / sha, "a") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a fetch is running right now
+                try:
+                    p.unlink(missing_ok=True)
+                    gone.append(str(p.relative_to(self.root)))
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+        for d in (self.root / "pins").iterdir():
+            if not any(d.iterdir()):
+                d.rmdir()
+        return gone
+
     # -- internals ---------------------------------------------------------
     def _read_meta(self, sha: str) -> dict | None:
         try:
@@ -201,7 +224,7 @@ class Cache:
         h = hashlib.sha256()
         n = 0
         try:
-            with _open_source(art.source) as src, open(tmp, "wb") as dst:
+            with transport.open_source(art.source) as src, open(tmp, "wb") as dst:
                 while True:
                     buf = src.read(CHUNK)
                     if not buf:
@@ -231,21 +254,6 @@ class Cache:
             raise ImageError(f"cannot fetch image {art.source}: {e.strerror or e}") from None
         finally:
             tmp.unlink(missing_ok=True)
-
-
-def _open_source(source: str):
-    if source.startswith(("http://", "https://")):
-        try:
-            return urllib.request.urlopen(source, timeout=30)
-        except OSError as e:
-            raise ImageError(f"cannot fetch image {source}: {e}") from None
-    path = source[len("file://"):] if source.startswith("file://") else source
-    if not path.startswith("/"):
-        raise ImageError(f"image source {source!r} must be an absolute path or an http(s) URL")
-    try:
-        return open(path, "rb")
-    except OSError as e:
-        raise ImageError(f"cannot read image source {path}: {e.strerror}") from None
 
 
 def _sha256_file(p: Path) -> str:

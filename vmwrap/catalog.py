@@ -173,14 +173,24 @@ def render_entry(img: Image) -> str:
 
 def register(path: str, img: Image) -> None:
     """Add or replace one image's entry in the catalog file, atomically."""
+    kept = _without(path, img.name)
+    _write(path, (kept + "\n\n" if kept else "") + render_entry(img))
+
+
+def unregister(path: str, name: str) -> None:
+    _write(path, _without(path, name) + "\n")
+
+
+def _without(path: str, name: str) -> str:
     text = ""
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             text = f.read()
     blocks = re.split(r"(?m)^(?=\[images\.)", text)
-    kept = [b for b in blocks if not b.startswith(f"[images.{img.name}]")]
-    new = "".join(kept).rstrip("\n")
-    new = (new + "\n\n" if new else "") + render_entry(img)
+    return "".join(b for b in blocks if not b.startswith(f"[images.{name}]")).rstrip("\n")
+
+
+def _write(path: str, new: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(tmp, "w", encoding="utf-8") as f:

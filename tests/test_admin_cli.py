@@ -1,0 +1,75 @@
+"""Admin commands: images add/list/verify/remove, cache list/fetch/evict/gc (no VMs needed)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vmwrap.cache import Cache
+from vmwrap.config import render
+
+
+@pytest.fixture
+def admin(tmp_path):
+    cfg = tmp_path / "vmwrap.toml"
+    cfg.write_text(render({"catalog": str(tmp_path / "images.toml"), "cache_dir": str(tmp_path / "cache"),
+                           "state_dir": str(tmp_path / "state"), "cache_max_bytes": 10 << 20}))
+    for name in ("k", "i", "d"):
+        (tmp_path / name).write_bytes(os.urandom(4096))
+
+    def vmwrap(*args, ok=True):
+        r = subprocess.run([sys.executable, "-m", "vmwrap.cli", "--config", str(cfg), *args],
+                           capture_output=True, text=True)
+        if ok:
+            assert r.returncode == 0, r.stdout + r.stderr
+        return r
+    vmwrap.tmp = tmp_path
+    vmwrap.cache = lambda: Cache(tmp_path / "cache", 10 << 20)
+    return vmwrap
+
+
+def test_images_add_list_verify_remove(admin):
+    t = admin.tmp
+    admin("images", "add", "deb", "--kernel", str(t / "k"), "--initrd", str(t / "i"), "--disk", str(t / "d"),
+          "--memory", "512M", "--user", "alice", "--description", "test image")
+    assert "deb" in admin("images", "list").stdout and "alice" in admin("images", "list").stdout
+    assert admin("images", "verify").stdout.count("ok  ") == 3
+    with open(t / "d", "r+b") as f:
+        f.write(b"corrupt")
+    r = admin("images", "verify", "deb", ok=False)
+    assert r.returncode == 1 and "FAIL deb.disk: mismatch" in r.stdout
+    admin("images", "remove", "deb")
+    assert "deb" not in admin("images", "list").stdout
+    r = admin("images", "remove", "deb", ok=False)
+    assert r.returncode != 0 and "no image 'deb'" in r.stderr
+
+
+def test_images_add_refuses_bad_names(admin):
+    t = admin.tmp
+    r = admin("images", "add", "../x", "--kernel", str(t / "k"), "--initrd", str(t / "i"), ok=False)
+    assert r.returncode != 0 and "invalid image name '../x'" in r.stderr
+
+
+def test_cache_fetch_list_evict_gc(admin):
+    t = admin.tmp
+    admin("images", "add", "a", "--kernel", str(t / "k"), "--initrd", str(t / "i"))
+    assert "fetched 4096 bytes" in admin("cache", "fetch", "a").stdout
+    assert admin("cache", "fetch", "a").stdout.count("hit") == 2
+    listing = admin("cache", "list").stdout
+    assert "a.kernel" in listing and "a.initrd" in listing and "2 blobs" in listing
+    c = admin.cache()
+    sha = next(e.sha256 for e in c.entries())
+    c.pin(sha, "job42")
+    assert "job42" in admin("cache", "list").stdout
+    r = admin("cache", "evict", "a", ok=False)
+    assert r.returncode != 0 and "pinned by running or suspended jobs" in r.stderr
+    c.unpin_job("job42")
+    admin("cache", "evict", "a")
+    assert c.entries() == []
+    admin("cache", "fetch", "a")
+    admin("images", "remove", "a")
+    (t / "cache" / "tmp" / f"{'f' * 64}.999999.part").write_bytes(b"half")  # a crashed fetch
+    out = admin("cache", "gc").stdout
+    assert "removed 3 item(s)" in out
+    assert c.entries() == [] and os.listdir(t / "cache" / "tmp") == []
