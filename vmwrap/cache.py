@@ -69,8 +69,14 @@ class Cache:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     # -- public API --------------------------------------------------------
-    def fetch(self, art: Artifact) -> Fetched:
-        """Return a verified local copy of `art`, fetching it at most once however many jobs ask."""
+    def has(self, art: Artifact) -> bool:
+        """A valid copy is cached (no fetch, no wait for a fetch in progress)."""
+        return self._valid(art)
+
+    def fetch(self, art: Artifact, rate: float | None = None) -> Fetched:
+        """Return a verified local copy of `art`, fetching it at most once however many jobs ask.
+
+        `rate` caps the transfer in bytes/s (prestaging must not starve running jobs' I/O)."""
         with self._lock(art.sha256):
             if self._valid(art):
                 self._touch(art.sha256)
@@ -78,7 +84,7 @@ class Cache:
             self._drop(art.sha256)
             self._reserve(art)
             try:
-                n = self._download(art)
+                n = self._download(art, rate)
             finally:
                 (self.root / "reserve" / art.sha256).unlink(missing_ok=True)
             self._touch(art.sha256)
@@ -219,10 +225,11 @@ class Cache:
                 )
             (self.root / "reserve" / art.sha256).write_text(str(art.size))
 
-    def _download(self, art: Artifact) -> int:
+    def _download(self, art: Artifact, rate: float | None = None) -> int:
         tmp = self.root / "tmp" / f"{art.sha256}.{os.getpid()}.part"
         h = hashlib.sha256()
         n = 0
+        t0 = time.monotonic()
         try:
             with transport.open_source(art.source) as src, open(tmp, "wb") as dst:
                 while True:
@@ -234,6 +241,10 @@ class Cache:
                     n += len(buf)
                     if n > art.size:
                         raise ImageError(f"image source {art.source} is larger than the catalog's size {art.size}")
+                    if rate:
+                        ahead = n / rate - (time.monotonic() - t0)
+                        if ahead > 0:
+                            time.sleep(ahead)
                 dst.flush()
                 os.fsync(dst.fileno())
             if n != art.size:

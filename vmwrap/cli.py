@@ -400,10 +400,11 @@ def config_render(scheduler, lua_out, vmwrap_path, default_image, node_config):
         raise click.ClickException(str(e))
     if node_config and "'" in node_config:
         raise click.ClickException("--node-config must not contain a single quote")
-    lua = render.render_lua(cat, vmwrap_path, node_config, default_image)
     if lua_out is None:
         conf = os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")
         lua_out = os.path.join(os.path.dirname(conf), "job_submit.lua")
+    active = os.path.join(os.path.dirname(os.path.abspath(lua_out)), "vmwrap-active.lua")
+    lua = render.render_lua(cat, vmwrap_path, node_config, default_image, active_file=active)
     tmp = f"{lua_out}.tmp.{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(lua)

@@ -40,3 +40,48 @@ def attach(obj, script, args):
     from . import hooks
 
     sys.exit(hooks.attach(obj.settings(), script, list(args)))
+
+
+@slurm.command()
+@click.option("--node", default=lambda: os.environ.get("SLURMD_NODENAME") or os.uname().nodename,
+              help="This node's Slurm name (default $SLURMD_NODENAME or the hostname).")
+@click.option("--controller", is_flag=True, help="Run the controller side (next to slurmctld) instead.")
+@click.option("--lua-dir", default=lambda: os.path.dirname(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")),
+              help="Controller: where job_submit.lua lives.")
+@click.option("--interval", type=float, default=10.0, help="Seconds between passes (loop mode).")
+@click.option("--once", is_flag=True, help="One pass, then exit (for a cron job or systemd timer).")
+@click.option("--bandwidth", type=float, default=None, help="Cap on prestage transfers, MB/s.")
+@click.option("--horizon", type=float, default=3600.0, help="Only prestage for starts planned this soon (s).")
+@click.pass_obj
+def prestage(obj, node, controller, lua_dir, interval, once, bandwidth, horizon):
+    """Prestage images for planned starts and publish cache contents for placement."""
+    import logging
+    import time
+    from pathlib import Path
+
+    from vmwrap.cache import Cache
+    from vmwrap.catalog import Catalog
+    from vmwrap.ledger import Ledger
+    from vmwrap.prestage import Prestager
+
+    from . import prestage as sp
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    s = obj.settings()
+    while True:
+        try:
+            cat = Catalog.load(s.catalog)
+            if controller:
+                for job in sp.controller_pass(list(cat.images), Path(lua_dir)):
+                    logging.getLogger("vmwrap.prestage").info("job %s: prefer nodes holding its image", job)
+            else:
+                p = Prestager(cat, Cache(s.cache_dir, s.cache_max_bytes, s.verify_on_use),
+                              Ledger(s.ledger_path), rate=bandwidth * 1e6 if bandwidth else None, horizon=horizon)
+                sp.node_pass(p, node)
+        except Exception as e:  # keep the loop alive through a slurmctld restart or a bad catalog edit
+            logging.getLogger("vmwrap.prestage").error("pass failed: %s", e)
+            if once:
+                sys.exit(1)
+        if once:
+            return
+        time.sleep(interval)

@@ -38,7 +38,8 @@ def start_munge() -> None:
 
 
 class Cluster:
-    def __init__(self, base: Path, site_config: dict, extra_conf: str = "", accounting: bool = False):
+    def __init__(self, base: Path, site_config: dict, extra_conf: str = "", accounting: bool = False,
+                 prestage: bool = False, node_config: dict | None = None):
         self.base = base
         self.conf = base / "slurm.conf"
         self.procs: list[subprocess.Popen] = []
@@ -46,6 +47,8 @@ class Cluster:
         self.extra_conf = extra_conf
         self.vmwrap_config = str(base / "vmwrap-%n.toml")
         self.accounting = accounting
+        self.prestage = prestage
+        self.node_config = node_config or {}  # per-node overrides, e.g. {"c2": {"cache_max_bytes": ...}}
         self.dbd_port = _free_port()
 
     @property
@@ -61,7 +64,8 @@ class Cluster:
             d = self.node_dir(n)
             for sub in ("spool", "state", "cache"):
                 (d / sub).mkdir(parents=True, exist_ok=True)
-            cfg = dict(self.site_config, state_dir=str(d / "state"), cache_dir=str(d / "cache"))
+            cfg = dict(self.site_config, state_dir=str(d / "state"), cache_dir=str(d / "cache"),
+                       **self.node_config.get(n, {}))
             (self.base / f"vmwrap-{n}.toml").write_text(vmwrap_config.render(cfg))
         (self.base / "ctld").mkdir(exist_ok=True)
         hooks = self.base / "hooks"
@@ -99,7 +103,7 @@ MpiDefault=none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
-SchedulerParameters=batch_sched_delay=0
+SchedulerParameters=batch_sched_delay=0,bf_interval=2
 ReturnToService=2
 JobSubmitPlugins=lua
 Prolog={hooks}/prolog
@@ -120,16 +124,18 @@ PartitionName=high Nodes={','.join(NODES)} MaxTime=INFINITE State=UP PriorityTie
 """)
 
     @classmethod
-    def for_site(cls, base: Path, image: str = "busybox", **kw) -> "Cluster":
-        """A fresh cluster under `base` offering one image of this host's catalog."""
+    def for_site(cls, base: Path, images=("busybox",), site_config: dict | None = None, **kw) -> "Cluster":
+        """A fresh cluster under `base` offering images (names, or Image objects) of this host's catalog."""
         from vmwrap.catalog import Catalog, register
 
         shutil.rmtree(base, ignore_errors=True)
         base.mkdir(parents=True)
         base.chmod(0o755)
         site = vmwrap_config.load()
-        register(str(base / "images.toml"), Catalog.load(site.catalog).images[image])
-        return cls(base, {"catalog": str(base / "images.toml"), "accel": site.accel}, **kw)
+        for img in images:
+            register(str(base / "images.toml"), Catalog.load(site.catalog).images[img] if isinstance(img, str) else img)
+        cfg = {"catalog": str(base / "images.toml"), "accel": site.accel, **(site_config or {})}
+        return cls(base, cfg, **kw)
 
     def render_lua(self, **kw) -> subprocess.CompletedProcess:
         args = ["vmwrap", "config", "render", "slurm", "--lua-out", str(self.base / "job_submit.lua"),
@@ -199,6 +205,16 @@ PidFile={self.base}/slurmdbd.pid
                                                start_new_session=True))
         self._wait(lambda: self.idle_nodes() == len(NODES), "3 idle nodes")
         self._wait(lambda: all((self.node_dir(n) / "state" / "agent.sock").exists() for n in NODES), "node agents")
+        if self.prestage:
+            for n in NODES:
+                self.procs.append(subprocess.Popen(
+                    ["vmwrap", "--config", str(self.base / f"vmwrap-{n}.toml"), "slurm", "prestage", "--node", n,
+                     "--interval", "1"], env=env, start_new_session=True,
+                    stdout=open(self.base / f"prestage-{n}.log", "w"), stderr=subprocess.STDOUT))
+            self.procs.append(subprocess.Popen(
+                ["vmwrap", "--config", str(self.base / "vmwrap-c1.toml"), "slurm", "prestage", "--controller",
+                 "--lua-dir", str(self.base), "--interval", "1"], env=env, start_new_session=True,
+                stdout=open(self.base / "prestage-controller.log", "w"), stderr=subprocess.STDOUT))
 
     def idle_nodes(self) -> int:
         out = self.run("sinfo", "-h", "-N", "-o", "%N %t").stdout.split("\n")

@@ -37,7 +37,7 @@ def vmwrap_command(vmwrap: str, config: str | None) -> str:
 
 
 def render_lua(catalog: Catalog, vmwrap: str = "/usr/local/bin/vmwrap", config: str | None = None,
-               default_image: str | None = None) -> str:
+               default_image: str | None = None, active_file: str = "/etc/slurm/vmwrap-active.lua") -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=False,
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     env.filters["lua"] = lua_literal
@@ -53,7 +53,7 @@ def render_lua(catalog: Catalog, vmwrap: str = "/usr/local/bin/vmwrap", config: 
     return env.get_template("slurm/job_submit.lua.j2").render(
         images=sorted(catalog.images.values(), key=lambda i: i.name), groups=groups,
         offer=", ".join(sorted(catalog.images)) or "none",
-        vmwrap_cmd=vmwrap_command(vmwrap, config), default_image=default_image)
+        vmwrap_cmd=vmwrap_command(vmwrap, config), default_image=default_image, active_file=active_file)
 
 
 def slurm_conf_lines(vmwrap_hooks: Path = HOOKS, prolog_timeout: int = 300) -> str:

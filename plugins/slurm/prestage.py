@@ -1,0 +1,121 @@
+"""Slurm glue for prestaging and cache-aware placement.
+
+Node mode (each node, root): read Slurm's plan for pending jobs (squeue: planned start and scheduled
+nodes, filled in by the backfill scheduler), prestage the images this node will need, and publish the
+images it holds as node features `vmw_<image>` (other features are kept).
+Controller mode (next to slurmctld): collect the active `vmw_*` features of all nodes into
+`vmwrap-active.lua` beside job_submit.lua (which then sets `prefer` at submit, so a job that can
+start at once still lands where its image is), and give pending vmwrap jobs without a preference
+`Prefer=vmw_<image>` once their image is active somewhere. Slurm 22.05 refuses at submit a `prefer`
+that no node has active, hence the table instead of always setting it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from vmwrap.prestage import Need, Prestager
+
+from .hooks import parse_request
+
+log = logging.getLogger("vmwrap.prestage")
+PREFIX = "vmw_"
+
+
+def feature(image: str) -> str:
+    return PREFIX + re.sub(r"[^A-Za-z0-9_]", "_", image)
+
+
+def _cmd(name: str) -> str:
+    return shutil.which(name) or f"/usr/bin/{name}"
+
+
+def _run(*argv: str) -> str:
+    r = subprocess.run([_cmd(argv[0]), *argv[1:]], capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip()}")
+    return r.stdout
+
+
+def _epoch(stamp: str) -> float | None:
+    try:
+        return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
+
+
+def pending() -> list[dict]:
+    """Pending vmwrap jobs: id, image, planned start (or None), scheduled nodes, preference."""
+    out = _run("squeue", "-h", "-t", "PD", "-O", "JobID:|,StartTime:|,SchedNodes:|,Prefer:|,Comment:")
+    jobs, hosts = [], {}
+    for line in out.splitlines():
+        parts = line.split("|", 4)
+        if len(parts) < 5:
+            continue
+        job_id, start, sched, prefer, comment = (p.strip() for p in parts)
+        req = parse_request(comment)
+        if req is None:
+            continue
+        nodes: list[str] = []
+        if sched and sched not in ("(null)", "N/A"):
+            if sched not in hosts:
+                hosts[sched] = _run("scontrol", "show", "hostnames", sched).split()
+            nodes = hosts[sched]
+        jobs.append({"job": job_id, "image": req["image"], "start": _epoch(start), "nodes": nodes,
+                     "prefer": "" if prefer in ("(null)", "N/A") else prefer})
+    return jobs
+
+
+def needs_for(node: str, jobs: list[dict]) -> list[Need]:
+    safe = lambda j: re.sub(r"[^A-Za-z0-9_.-]", "_", j)  # noqa: E731 (array ids look like 12_[1-3])
+    return [Need(safe(j["job"]), j["image"], j["start"]) for j in jobs if j["start"] and node in j["nodes"]]
+
+
+def publish(node: str, images: list[str]) -> None:
+    """Set this node's vmw_* features to `images`, keeping every other feature."""
+    line = _run("scontrol", "-o", "show", "node", node)
+    m_av = re.search(r"AvailableFeatures=(\S*)", line)
+    m_ac = re.search(r"ActiveFeatures=(\S*)", line)
+    other_av = [f for f in (m_av.group(1) if m_av else "").split(",") if f and f != "(null)" and not f.startswith(PREFIX)]
+    other_ac = [f for f in (m_ac.group(1) if m_ac else "").split(",") if f and f != "(null)" and not f.startswith(PREFIX)]
+    mine = [feature(i) for i in images]
+    new_av, new_ac = ",".join(other_av + mine), ",".join(other_ac + mine)
+    if m_av and m_av.group(1) == (new_av or "(null)") and m_ac and m_ac.group(1) == (new_ac or "(null)"):
+        return
+    _run("scontrol", "update", f"nodename={node}", f"AvailableFeatures={new_av}", f"ActiveFeatures={new_ac}")
+
+
+def node_pass(prestager: Prestager, node: str) -> list:
+    decisions = prestager.step(needs_for(node, pending()))
+    publish(node, prestager.cached_images())
+    return decisions
+
+
+def active_features() -> set[str]:
+    out = _run("sinfo", "-h", "-N", "-o", "%b")
+    return {f for line in out.split() for f in line.split(",") if f.startswith(PREFIX)}
+
+
+def controller_pass(catalog_images: list[str], lua_dir: Path) -> list[str]:
+    """Write vmwrap-active.lua; prefer placement for queued jobs. Returns the jobs given a preference."""
+    active = active_features()
+    names = sorted(i for i in catalog_images if feature(i) in active)
+    text = "return {" + "".join(f'["{i}"]=true,' for i in names) + "}\n"
+    target = lua_dir / "vmwrap-active.lua"
+    if not target.exists() or target.read_text() != text:
+        tmp = target.with_suffix(f".tmp.{os.getpid()}")
+        tmp.write_text(text)
+        tmp.chmod(0o644)
+        os.replace(tmp, target)
+    preferred = []
+    for j in pending():
+        if not j["prefer"] and feature(j["image"]) in active:
+            _run("scontrol", "update", f"jobid={j['job']}", f"Prefer={feature(j['image'])}")
+            preferred.append(j["job"])
+    return preferred
