@@ -119,25 +119,31 @@ def test_site_default_image_wraps_jobs_without_directive(tmp_path):
     assert "vmwrap:image=busybox," in r.stdout and "#VMWRAP-ORIGINAL-SCRIPT\n#!/bin/sh\necho bare\n" in r.stdout
 
 
-def test_prefer_nodes_holding_the_image_when_one_does(tmp_path):
+def test_prefer_nodes_holding_the_image_only_when_safe(tmp_path):
     active = tmp_path / "vmwrap-active.lua"
     (tmp_path / "job_submit.lua").write_text(render_lua(CATALOG, active_file=str(active)))
-    harness = HARNESS.replace('"\\n--MEM--\\n"', '"\\n--PREFER--\\n", tostring(job.prefer), "\\n--MEM--\\n"')
-    (tmp_path / "harness.lua").write_text(harness)
 
-    def prefer(script, user_prefer=None):
-        h = harness if user_prefer is None else harness.replace(
-            "min_mem_per_node = tonumber(arg[5]) }", f"min_mem_per_node = tonumber(arg[5]), prefer = '{user_prefer}' }}")
-        (tmp_path / "harness.lua").write_text(h)
+    def prefer(script, **fields):
+        extra = "".join(f", {k} = {v!r}" if isinstance(v, str) else f", {k} = {v}" for k, v in fields.items())
+        h = HARNESS.replace('"\\n--MEM--\\n"', '"\\n--PREFER--\\n", tostring(job.prefer), "\\n--MEM--\\n"')
+        h = h.replace("min_mem_per_node = tonumber(arg[5]) }", "min_mem_per_node = tonumber(arg[5])" + extra + " }")
+        (tmp_path / "harness.lua").write_text(h.replace("'", '"') if False else h)
         r = subprocess.run(["lua5.1", str(tmp_path / "harness.lua"), str(tmp_path / "job_submit.lua"), "root", "0",
                             "1", "4294967294"], input=script, capture_output=True, text=True, check=True)
         return r.stdout.split("--PREFER--\n")[1].split("\n")[0]
 
     job = "#!/bin/sh\n#VMWRAP --image=busybox\n"
     assert prefer(job) == "nil"  # no file yet: Slurm would refuse a prefer no node has
-    active.write_text('return {["busybox"]=true}\n')
+    active.write_text('return {default="debug", images={["busybox"]={["debug"]={cpus=2,mem=3000}}}}\n')
     assert prefer(job) == "vmw_busybox"
+    assert prefer(job, partition="debug") == "vmw_busybox"
+    assert prefer(job, partition="high") == "nil"  # no holder in that partition
+    assert prefer(job, req_nodes="c2") == "nil"
+    assert prefer(job, exc_nodes="c1") == "nil"
+    assert prefer(job, features="gpu") == "nil"
+    assert prefer(job, min_cpus=4) == "nil"  # holders too small: prefer would make Slurm refuse the job
+    assert prefer("#!/bin/sh\n#VMWRAP --image=busybox --memory=4G\n") == "nil"
     assert prefer("#!/bin/sh\n#VMWRAP --image=grp\n") == "nil"
-    assert prefer(job, user_prefer="fast") == "fast"  # the user's own preference wins
+    assert prefer(job, prefer="fast") == "fast"  # the user's own preference wins
     active.write_text("this is not lua")
     assert prefer(job) == "nil"  # a broken file never breaks submission

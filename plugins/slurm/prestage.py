@@ -97,16 +97,40 @@ def node_pass(prestager: Prestager, node: str) -> list:
     return decisions
 
 
-def active_features() -> set[str]:
-    out = _run("sinfo", "-h", "-N", "-o", "%b")
-    return {f for line in out.split() for f in line.split(",") if f.startswith(PREFIX)}
+def holders() -> tuple[str | None, dict[str, dict[str, tuple[int, int]]]]:
+    """Default partition, and feature -> partition -> (max CPUs, max MB) over nodes holding it active."""
+    out = _run("sinfo", "-h", "-N", "-o", "%N|%P|%b|%c|%m")
+    default, held = None, {}
+    for line in out.splitlines():
+        try:
+            _node, part, feats, cpus, mem = line.split("|")
+            cpus_i, mem_i = int(cpus), int(mem.rstrip("+"))
+        except ValueError:
+            continue
+        if part.endswith("*"):
+            part = default = part[:-1]
+        for f in feats.split(","):
+            if f.startswith(PREFIX):
+                c, m = held.setdefault(f, {}).get(part, (0, 0))
+                held[f][part] = (max(c, cpus_i), max(m, mem_i))
+    return default, held
+
+
+def _lua_str(s: str) -> str:
+    return '"' + re.sub(r'[^A-Za-z0-9_.,+-]', "_", s) + '"'
 
 
 def controller_pass(catalog_images: list[str], lua_dir: Path) -> list[str]:
     """Write vmwrap-active.lua; prefer placement for queued jobs. Returns the jobs given a preference."""
-    active = active_features()
-    names = sorted(i for i in catalog_images if feature(i) in active)
-    text = "return {" + "".join(f'["{i}"]=true,' for i in names) + "}\n"
+    default, held = holders()
+    active = set(held)
+    entries = []
+    for i in sorted(catalog_images):
+        parts = held.get(feature(i))
+        if parts:
+            body = "".join(f"[{_lua_str(p)}]={{cpus={c},mem={m}}}," for p, (c, m) in sorted(parts.items()))
+            entries.append(f"[{_lua_str(i)}]={{{body}}},")
+    text = (f"return {{default={_lua_str(default) if default else 'nil'}, images={{" + "".join(entries) + "}}\n")
     target = lua_dir / "vmwrap-active.lua"
     if not target.exists() or target.read_text() != text:
         tmp = target.with_suffix(f".tmp.{os.getpid()}")
