@@ -31,7 +31,10 @@ def cluster(images, virt_type, test_user):
     a, b = images
     # c2's cache holds one image set at a time: the shared kernel plus A's or B's initrd and disk.
     room_for_one = a.kernel.size + a.initrd.size + a.disk.size + (b.initrd.size + b.disk.size) // 2
-    c = Cluster.for_site(Path(f"/var/tmp/vmwrap-prestage-{os.getpid()}"), images=[a, b],
+    corrupt = dataclasses.replace(a, name="corrupt", disk=dataclasses.replace(a.disk, sha256="0" * 64))
+    unreachable = dataclasses.replace(a, name="unreachable",
+                                      disk=dataclasses.replace(a.disk, source="http://127.0.0.1:9/gone.qcow2"))
+    c = Cluster.for_site(Path(f"/var/tmp/vmwrap-prestage-{os.getpid()}"), images=[a, b, corrupt, unreachable],
                          site_config={"accel": virt_type, "grace_seconds": 5.0}, prestage=True,
                          node_config={"c2": {"cache_max_bytes": room_for_one}})
     c.start()
@@ -122,3 +125,32 @@ def test_prestage_never_evicts_an_image_a_running_job_uses(cluster, jobdir, imag
     assert done(cluster, running)["ExitCode"] == "0:0"
     assert (jobdir / f"slurm-{running}.out").read_text() == "survived\n"
     assert done(cluster, waiting)["ExitCode"] == "0:0"
+
+
+@pytest.mark.parametrize("image, reason", [("corrupt", "checksum mismatch"), ("unreachable", "cannot fetch image")])
+def test_bad_image_fails_the_job_with_the_reason_not_the_node(cluster, jobdir, image, reason):
+    job = submit(cluster, jobdir, f"#!/bin/sh\n#VMWRAP --image={image}\necho never\n", "-w", "c3")
+    info = done(cluster, job)
+    assert info["JobState"] == "FAILED"
+    out = (jobdir / f"slurm-{job}.out").read_text()
+    assert reason in out and "never" not in out
+    assert "drain" not in cluster.run("sinfo", "-h", "-n", "c3", "-o", "%t").stdout
+    cache = cluster.node_dir("c3") / "cache"
+    assert os.listdir(cache / "tmp") == [] and not (cache / "blobs" / ("0" * 64)).exists()
+
+
+def test_full_cache_fails_the_job_with_the_reason_and_keeps_the_node(cluster, jobdir):
+    running = submit(cluster, jobdir, "#!/bin/sh\n#VMWRAP --image=busybox\nsleep 20\n", "-w", "c2", "-c", "1",
+                     "--mem=500M")
+    cluster.wait_state(running, {"RUNNING"}, 120)
+    end = time.time() + 60
+    while time.time() < end and not any(e["event"] == "created" for e in events(cluster, "c2", running)):
+        time.sleep(0.3)
+    other = submit(cluster, jobdir, "#!/bin/sh\n#VMWRAP --image=busybox2\necho never\n", "-w", "c2", "-c", "1",
+                   "--mem=500M")
+    info = done(cluster, other)
+    assert info["JobState"] == "FAILED"
+    out = (jobdir / f"slurm-{other}.out").read_text()
+    assert "image cache full" in out and f"jobs {running}" in out
+    assert "drain" not in cluster.run("sinfo", "-h", "-n", "c2", "-o", "%t").stdout
+    assert done(cluster, running)["ExitCode"] == "0:0"

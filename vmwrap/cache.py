@@ -24,7 +24,7 @@ from typing import Iterator
 
 from . import transport
 from .catalog import Artifact
-from .errors import ImageError, NodeError
+from .errors import CacheFullError, ImageError, NodeError
 
 CHUNK = 1 << 20
 
@@ -219,7 +219,7 @@ class Cache:
                         fcntl.flock(f, fcntl.LOCK_UN)
             if used + art.size > self.max_bytes:
                 pinned = [f"{e.sha256[:12]} (jobs {', '.join(e.pins)})" for e in self.entries() if e.pins]
-                raise NodeError(
+                raise CacheFullError(
                     f"image cache full: need {art.size} B, bound {self.max_bytes} B, "
                     f"{used} B in use; pinned: {'; '.join(pinned) or 'none'}"
                 )

@@ -23,3 +23,9 @@ class NodeError(VmwrapError):
     """This node cannot run VMs now (libvirtd down, cache disk full). A scheduler should drain the node."""
 
     kind = "node"
+
+
+class CacheFullError(NodeError):
+    """The image cache cannot make room because running or suspended jobs pin what is there.
+
+    A passing condition of a healthy node: fail (or requeue) the job, do not drain the node."""

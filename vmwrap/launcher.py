@@ -426,7 +426,7 @@ def guest_timeline(run_dir: Path) -> dict[str, float | int]:
 
 
 def teardown(job_id: str, settings: Settings, conn=None, ledger: Ledger | None = None,
-             cache: Cache | None = None) -> bool:
+             cache: Cache | None = None, keep_error: bool = False) -> bool:
     """Destroy the job's VM and remove every per-job file and pin. Idempotent; safe from an epilog."""
     name = f"vmwrap-{job_id}"
     did = False
@@ -442,7 +442,12 @@ def teardown(job_id: str, settings: Settings, conn=None, ledger: Ledger | None =
             conn.close()
     run_dir = settings.jobs_dir / job_id
     if run_dir.exists():
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if keep_error and (run_dir / "error").exists():  # the job's payload still has to report it
+            for p in run_dir.iterdir():
+                if p.name != "error":
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
         did = True
     (cache or Cache(settings.cache_dir, settings.cache_max_bytes)).unpin_job(job_id)
     if did:

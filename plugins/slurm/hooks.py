@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vmwrap import launcher
 from vmwrap.config import Settings
-from vmwrap.errors import NodeError, UserError, VmwrapError
+from vmwrap.errors import CacheFullError, NodeError, UserError, VmwrapError
 from vmwrap.job import Job
 
 MARKER = "#VMWRAP-ORIGINAL-SCRIPT"
@@ -66,6 +66,10 @@ def prolog(settings: Settings, env: dict[str, str]) -> int:
     try:
         lx.prepare()
         lx.boot()
+        return 0
+    except CacheFullError as e:
+        lx.fail(e)  # the node is healthy, only busy: the job fails with the reason, the node stays up
+        launcher.teardown(job.job_id, settings, keep_error=True)
         return 0
     except NodeError as e:
         # Slurm requeues the job and drains the node: leave nothing that would make the epilog
