@@ -129,4 +129,10 @@ def workdir(tmp_path):
     d.mkdir()
     d.chmod(0o777)
     os.chmod(tmp_path, 0o755)
+    # The job's user must reach its work dir on the host, as it would to run bare (the work dir server
+    # runs as that user): let everyone traverse pytest's private base dirs.
+    for parent in tmp_path.parents:
+        if parent == Path("/tmp") or parent == parent.parent:
+            break
+        os.chmod(parent, os.stat(parent).st_mode | 0o111)
     return d

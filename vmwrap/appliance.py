@@ -17,7 +17,7 @@ from .catalog import Artifact, Image, register
 from .errors import NodeError
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
-GUEST_MODULES = ["virtio_pci", "virtio_console", "9p", "9pnet_virtio"]
+GUEST_MODULES = ["virtio_pci", "virtio_console", "9p", "9pnet_virtio", "9pnet_fd"]
 DISK_MODULES = ["virtio_blk", "crc32c_generic", "ext4"]  # loaded only when the VM has a root disk
 BUSYBOX = "/bin/busybox"
 
@@ -110,8 +110,8 @@ def strip_signature(ko: bytes) -> bytes:
     return ko[: len(ko) - len(SIG_MAGIC) - 12 - sig_len]
 
 
-def build_helper(dest: Path) -> None:
-    _run(["gcc", "-static", "-Os", "-o", str(dest), str(TEMPLATES / "guest" / "vmwrap-exec.c")])
+def build_helper(dest: Path, source: str = "vmwrap-exec.c") -> None:
+    _run(["gcc", "-static", "-Os", "-o", str(dest), str(TEMPLATES / "guest" / source)])
 
 
 def build_initrd(moddir: Path, dest: Path, tmp: Path) -> None:
@@ -121,6 +121,7 @@ def build_initrd(moddir: Path, dest: Path, tmp: Path) -> None:
     shutil.copy2(BUSYBOX, root / "bin" / "busybox")
     os.symlink("busybox", root / "bin" / "sh")
     build_helper(root / "bin" / "vmwrap-exec")
+    build_helper(root / "bin" / "vmwrap-relay", "vmwrap-relay.c")
     mods = module_closure(moddir, GUEST_MODULES)
     disk_mods = [m for m in module_closure(moddir, GUEST_MODULES + DISK_MODULES) if m not in mods]
     for m in mods + disk_mods:

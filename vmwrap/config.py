@@ -25,6 +25,10 @@ class Settings:
     verify_on_use: bool = False
     default_memory_mib: int = 256
     default_cpus: int = 1
+    # serial: the work dir is served by vmwrap's 9P server over virtio-serial (the VM can be saved);
+    # virtio-9p: QEMU's own 9p device (a little faster, but a mounted share blocks saving the VM).
+    workdir_share: str = "serial"
+    checkpoint_dir: str = "/var/lib/vmwrap/checkpoints"  # must be storage every node shares
 
     @property
     def jobs_dir(self) -> Path:
@@ -53,6 +57,8 @@ def load(path: str | None = None) -> Settings:
     s = Settings(**data)
     if s.accel not in ("auto", "kvm", "tcg"):
         raise NodeError(f"{path}: accel must be auto, kvm or tcg, not {s.accel!r}")
+    if s.workdir_share not in ("serial", "virtio-9p"):
+        raise NodeError(f"{path}: workdir_share must be serial or virtio-9p, not {s.workdir_share!r}")
     return s
 
 

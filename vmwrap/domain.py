@@ -37,6 +37,7 @@ class Spec:
     ctl_dir: str | None = None
     work_dir: str | None = None
     cmdline: str = ""
+    ninep_socket: str | None = None  # work dir over vmwrap's 9P server (saveable) instead of virtio-9p
 
 
 def render(spec: Spec) -> str:

@@ -29,3 +29,9 @@ class CacheFullError(NodeError):
     """The image cache cannot make room because running or suspended jobs pin what is there.
 
     A passing condition of a healthy node: fail (or requeue) the job, do not drain the node."""
+
+
+class CheckpointError(VmwrapError):
+    """The job's checkpoint is missing or damaged: its --on-lost-checkpoint policy decides."""
+
+    kind = "checkpoint"

@@ -25,12 +25,18 @@ class Job:
     time_limit_s: int | None = None
     image: str | None = None
     restart_count: int = 0
+    on_lost_checkpoint: str | None = None  # restart | fail (None: fail), when the directive is not in the script
     groups: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not _JOB_ID.match(self.job_id or ""):
-            raise UserError(f"invalid job id {self.job_id!r}: use letters, digits, '.', '_', '-' (max 64)")
+        self.check_id(self.job_id)
         validate_host_path(self.work_dir, "work dir")
+
+    @staticmethod
+    def check_id(job_id: str) -> None:
+        """Job ids become file and domain names: refuse anything that is not a plain name."""
+        if not _JOB_ID.match(job_id or ""):
+            raise UserError(f"invalid job id {job_id!r}: use letters, digits, '.', '_', '-' (max 64)")
 
     @property
     def domain_name(self) -> str:

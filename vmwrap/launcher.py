@@ -1,21 +1,25 @@
 """`vmwrap run`: boot the job's VM, stream its output, exit with the job's exit code.
 
 Exit codes: the job's own (a signal N inside the guest gives 128+N); before the job could run,
-64 = the job's request is wrong, 65 = the image is unusable, 69 = this node cannot run VMs,
-70 = the guest died without reporting an exit status.
+64 = the job's request is wrong, 65 = the image is unusable, 66 = the job's checkpoint is missing or
+corrupt (and it asked to fail then), 69 = this node cannot run VMs, 70 = the guest died without
+reporting an exit status.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import stat
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from . import accel, directives, domain, overlay
+from . import accel, directives, domain, overlay, share
 from .cache import Cache
 from .catalog import Catalog, Image
 from .config import Settings
@@ -23,8 +27,8 @@ from .errors import ImageError, NodeError, UserError, VmwrapError
 from .job import Job
 from .ledger import Ledger
 
-EXIT_USER, EXIT_IMAGE, EXIT_NODE, EXIT_GUEST = 64, 65, 69, 70
-EXIT_FOR = {"user": EXIT_USER, "image": EXIT_IMAGE, "node": EXIT_NODE}
+EXIT_USER, EXIT_IMAGE, EXIT_CHECKPOINT, EXIT_NODE, EXIT_GUEST = 64, 65, 66, 69, 70
+EXIT_FOR = {"user": EXIT_USER, "image": EXIT_IMAGE, "checkpoint": EXIT_CHECKPOINT, "node": EXIT_NODE}
 POLL = 0.02
 
 
@@ -83,6 +87,7 @@ class Launcher:
                            restart_count=self.job.restart_count)
         catalog = Catalog.load(self.settings.catalog)
         self.plan = p = plan(self.job, self.settings, catalog)
+        self.on_lost_checkpoint = directives.parse(self.job.script).on_lost_checkpoint or self.job.on_lost_checkpoint
         if not os.path.isdir(self.job.work_dir):
             raise UserError(f"work dir {self.job.work_dir} does not exist on this node")
         self.conn = domain.connect(self.settings.libvirt_uri)
@@ -101,6 +106,11 @@ class Launcher:
             if not ov.exists():
                 overlay.create(self.paths["disk"], ov, p.image.disk.format)
         self._write_control()
+        (self.run_dir / "job.json").write_text(json.dumps({
+            "job_id": self.job.job_id, "scheduler": self.job.scheduler, "uid": self.job.uid, "gid": self.job.gid,
+            "image": p.image.name, "run_dir": str(self.run_dir), "restarts": self.job.restart_count,
+            "disk_format": p.image.disk.format if p.image.disk else None,
+            "on_lost_checkpoint": self.on_lost_checkpoint}))
         self.timeline["prepared"] = time.monotonic()
 
     def _write_control(self) -> None:
@@ -141,6 +151,9 @@ class Launcher:
         if domain.lookup(self.conn, self.job.domain_name) is not None:
             raise NodeError(f"a VM named {self.job.domain_name} already exists on this node "
                             f"(stale job? vmwrap teardown {self.job.job_id})")
+        if self.settings.workdir_share == "serial":
+            share.start(self.run_dir, self.job)
+            spec.ninep_socket = str(self.run_dir / share.SOCKET)
         try:
             self.conn.createXML(domain.render(spec), 0)
         except libvirt.libvirtError as e:
@@ -153,6 +166,25 @@ class Launcher:
         self.timeline["created"] = time.monotonic()
         self.ledger.record(self.job.job_id, self.job.domain_name, "created", virt_type=virt_type,
                            cpus=p.cpus, memory_mib=p.memory_mib, image=p.image.name)
+
+    def restore(self, store) -> dict:
+        """Instead of boot(): bring back the job's saved VM (CheckpointError if it is missing/corrupt)."""
+        from . import checkpoint
+
+        if domain.lookup(self.conn, self.job.domain_name) is not None:
+            raise NodeError(f"a VM named {self.job.domain_name} already exists on this node "
+                            f"(stale job? vmwrap teardown {self.job.job_id})")
+        info = checkpoint.restore(self.job.job_id, self.run_dir, store, self.conn, self.job, self.paths)
+        self.timeline["created"] = time.monotonic()
+        self.ledger.record(self.job.job_id, self.job.domain_name, "restored", **info)
+        return info
+
+    def notice(self, text: str) -> None:
+        """A message the job's payload prints on its stderr before the job's own output."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        f = self.run_dir / "notice"
+        f.write_text(f"vmwrap: {text}\n")
+        f.chmod(0o644)
 
     def fail(self, err: VmwrapError) -> None:
         """Leave the error where the job's payload will find and print it (prolog use)."""
@@ -185,6 +217,11 @@ class Attachment:
         self._stopped_inside = False
         self._signals: list[int] = []
         self.timeline: dict[str, float] = {}
+        # The scheduler's answer to "is this SIGTERM a requeue/preemption?": then the step only
+        # detaches and the VM is saved by the epilog instead of the job being terminated.
+        self.requeued: Callable[[], bool] | None = None
+        self.offsets = {"stdout": 0, "stderr": 0}  # bytes of each stream already delivered
+        self.detached = False
 
     def _record(self, event: str, **kw) -> None:
         if self.ledger is not None:
@@ -195,6 +232,10 @@ class Attachment:
             signal.signal(s, lambda signum, _f: self._signals.append(signum))
 
     def start(self, script: str, environment: dict[str, str], args: list[str] = ()) -> None:
+        restored = self.run_dir / "restored.json"
+        if restored.exists():  # the job already runs in a VM restored from its checkpoint
+            self._resume_streams(json.loads(restored.read_text()).get("delivered", {}))
+            return
         user = self.run_dir / "ctl" / "user"
         _write_private(user / "script", script.encode("utf-8", "surrogateescape"), 0o700)
         _write_private(user / "env", b"".join(
@@ -205,6 +246,26 @@ class Attachment:
             raise NodeError(f"cannot reach the job's VM control socket in {self.run_dir} (VM not running?)")
         self.control.send("GO")
         self.timeline["go"] = time.monotonic()
+
+    def _resume_streams(self, delivered: dict[str, int]) -> None:
+        """Continue each stream where the previous run's step stopped delivering it. If the scheduler
+        truncated the output file on restart (it is empty now), deliver everything again instead."""
+        for name, fd in (("stdout", self.out_fd), ("stderr", self.err_fd)):
+            off = int(delivered.get(name, 0))
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                    off = 0
+            except OSError:
+                pass
+            self.offsets[name] = off
+
+    def _save_offsets(self) -> None:
+        try:
+            _write_private(self.run_dir / "ctl" / "user" / "delivered.json",
+                           json.dumps(self.offsets).encode(), 0o600)
+        except OSError:
+            pass
 
     def _gone(self) -> bool:
         if self.conn is not None:
@@ -228,9 +289,11 @@ class Attachment:
                 f = files[name] = _open_or_none(self.run_dir / name)
                 if f is None:
                     return False
+                f.seek(self.offsets[name])
             moved = False
             while buf := f.read(1 << 20):
                 _write_all(fd, buf)
+                self.offsets[name] += len(buf)
                 moved = True
                 self.timeline.setdefault("first_output", time.monotonic())
                 if len(buf) < (1 << 20):
@@ -261,11 +324,22 @@ class Attachment:
                     paused = self._pause()
                 elif sig == signal.SIGCONT and paused:
                     paused = not self._resume()
+                elif sig == signal.SIGTERM and term_deadline is None and self.requeued and self.requeued():
+                    # Preempted/requeued: leave the VM as it is for the epilog to save; record how much
+                    # of each stream was delivered so that the restored job continues from there.
+                    for name, fd in pending.items():
+                        pump(name, fd)
+                    self._save_offsets()
+                    self.detached = True
+                    self._record("detached")
+                    break
                 elif sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) and term_deadline is None:
                     if paused:
                         paused = not self._resume()
                     self.control.send("TERM")
                     term_deadline = time.monotonic() + self.grace
+            if self.detached:
+                break
             now = time.monotonic()
             if term_deadline and now > term_deadline and kill_deadline is None:
                 self.control.send("KILL")
@@ -282,6 +356,7 @@ class Attachment:
                         f = files.get(name)
                         while f is not None and (buf := f.read(1 << 20)):
                             _write_all(fd, buf)
+                            self.offsets[name] += len(buf)
                     if status_f is None:
                         status_f = _open_or_none(self.run_dir / "status")
                     if exit_code is None and status_f is not None:
@@ -294,6 +369,8 @@ class Attachment:
         for f in files.values():
             f.close()
         self.control.close()
+        if self.detached:
+            return 0
         if exit_code is None:
             if term_deadline is not None:
                 exit_code = 128 + signal.SIGTERM
@@ -376,14 +453,19 @@ def run(job: Job, settings: Settings, args: list[str] = (), out_fd: int = 1, err
 
 
 def attach(run_dir: Path, job_id: str, script: str, environment: dict[str, str], args: list[str] = (),
-           grace: float = 30.0, settings: Settings | None = None) -> int:
+           grace: float = 30.0, settings: Settings | None = None,
+           requeued: Callable[[], bool] | None = None) -> int:
     """The job's payload under a scheduler (runs as the job's user): the VM was booted by the prolog."""
     err = Path(run_dir) / "error"
     if err.exists():
         kind, _, msg = err.read_text().partition("\n")
         _write_all(2, f"vmwrap: error: {msg.strip()}\n".encode())
         return EXIT_FOR.get(kind, EXIT_NODE)
+    notice = Path(run_dir) / "notice"
+    if notice.exists():
+        _write_all(2, notice.read_bytes())
     att = Attachment(Path(run_dir), job_id, grace=grace, settings=settings)
+    att.requeued = requeued
     att.install_signal_handlers()
     try:
         att.start(script, environment, list(args))
@@ -441,6 +523,7 @@ def teardown(job_id: str, settings: Settings, conn=None, ledger: Ledger | None =
         if own_conn and conn is not None:
             conn.close()
     run_dir = settings.jobs_dir / job_id
+    share.stop(run_dir)
     if run_dir.exists():
         if keep_error and (run_dir / "error").exists():  # the job's payload still has to report it
             for p in run_dir.iterdir():

@@ -43,6 +43,29 @@ def attach(obj, script, args):
 
 
 @slurm.command()
+@click.option("--interval", type=float, default=60.0, help="Seconds between passes (loop mode).")
+@click.option("--once", is_flag=True, help="One pass, then exit (cron or timer).")
+@click.pass_obj
+def gc(obj, interval, once):
+    """Delete checkpoints of jobs Slurm no longer has queued (e.g. cancelled while saved)."""
+    import time
+
+    from . import hooks
+
+    while True:
+        try:
+            for job in hooks.checkpoint_gc(obj.settings()):
+                click.echo(f"job {job}: ended while saved, checkpoint deleted")
+        except Exception as e:
+            click.echo(f"vmwrap slurm gc: {e}", err=True)
+            if once:
+                sys.exit(1)
+        if once:
+            return
+        time.sleep(interval)
+
+
+@slurm.command()
 @click.option("--node", default=lambda: os.environ.get("SLURMD_NODENAME") or os.uname().nodename,
               help="This node's Slurm name (default $SLURMD_NODENAME or the hostname).")
 @click.option("--controller", is_flag=True, help="Run the controller side (next to slurmctld) instead.")

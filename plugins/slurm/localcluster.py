@@ -64,7 +64,8 @@ class Cluster:
             d = self.node_dir(n)
             for sub in ("spool", "state", "cache"):
                 (d / sub).mkdir(parents=True, exist_ok=True)
-            cfg = dict(self.site_config, state_dir=str(d / "state"), cache_dir=str(d / "cache"),
+            cfg = dict({"checkpoint_dir": str(self.base / "checkpoints")},  # "shared storage": one host
+                       **self.site_config, state_dir=str(d / "state"), cache_dir=str(d / "cache"),
                        **self.node_config.get(n, {}))
             (self.base / f"vmwrap-{n}.toml").write_text(vmwrap_config.render(cfg))
         (self.base / "ctld").mkdir(exist_ok=True)
@@ -115,12 +116,16 @@ MinJobAge=600
 InactiveLimit=0
 PreemptType=preempt/partition_prio
 PreemptMode=SUSPEND,GANG
+JobRequeue=1
+# A requeued job may start again after cred_expire seconds (default 120): short, for tests.
+AuthInfo=cred_expire=10
 SlurmdTimeout=60
 {acct}
 {self.extra_conf}
 {nodes}
 PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP PriorityTier=1
 PartitionName=high Nodes={','.join(NODES)} MaxTime=INFINITE State=UP PriorityTier=2
+PartitionName=requeue Nodes={','.join(NODES)} MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE
 """)
 
     @classmethod

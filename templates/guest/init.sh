@@ -21,6 +21,7 @@ find_ports() {
     case "$n" in
       org.vmwrap.status) STATUS=/dev/${p##*/} ;; org.vmwrap.stdout) OUT=/dev/${p##*/} ;;
       org.vmwrap.stderr) ERR=/dev/${p##*/} ;; org.vmwrap.control) CTL=/dev/${p##*/} ;;
+      org.vmwrap.9p) NINEP=/dev/${p##*/} ;;
     esac
   done
 }
@@ -46,8 +47,14 @@ fi
 mkdir -p "$ROOT/.vmwrap" && mount -o bind,ro /ctl "$ROOT/.vmwrap"
 WORKDIR=$(cat /ctl/workdir)
 mkdir -p "$ROOT$WORKDIR"
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=none vmwrap_work "$ROOT$WORKDIR" \
-  || fail "cannot mount the work dir"
+if [ -n "$NINEP" ]; then
+  # vmwrap's 9P server over a virtio-serial port: unlike virtio-9p it lets the VM be saved.
+  /bin/vmwrap-relay "$NINEP" /bin/mount -t 9p -o trans=fd,rfdno=3,wfdno=3,version=9p2000.L,msize=65536,cache=none \
+    vmwrap_work "$ROOT$WORKDIR" || fail "cannot mount the work dir: $(dmesg | tail -6)"
+else
+  mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=none vmwrap_work "$ROOT$WORKDIR" \
+    || fail "cannot mount the work dir"
+fi
 read -r UID_ GID_ GROUPS_ UMASK_ < /ctl/ids
 read -r h < /ctl/hostname && [ -n "$h" ] && hostname "$h"
 
@@ -60,6 +67,12 @@ while :; do
   done < "$CTL"
   sleep 0.05
 done
+if [ -n "$NINEP" ]; then
+  # A mounted virtio-9p share blocks saving the VM: keep a copy of the control files in RAM instead.
+  mkdir /ctl.copy && cp -a /ctl/. /ctl.copy/ || fail "cannot copy the job's control files"
+  umount "$ROOT/.vmwrap" && umount /ctl && mount -o bind /ctl.copy /ctl && mount -o bind,ro /ctl "$ROOT/.vmwrap" \
+    || fail "cannot release the control share"
+fi
 /bin/vmwrap-exec "$ROOT" "$UID_" "$GID_" "$GROUPS_" "$UMASK_" "$WORKDIR" /ctl/user/env /ctl/user/args \
   /.vmwrap/user/script < /dev/null > "$OUT" 2> "$ERR" &
 JOB=$!
