@@ -143,6 +143,35 @@ class Store:
                 removed.append(job_id)
         return removed
 
+    def staging(self, job_id: str) -> Path:
+        """A private temporary directory in the store to build a checkpoint in (never listed)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{self.dir(job_id).name}.{os.getpid()}.{os.urandom(3).hex()}"
+        tmp.mkdir(mode=0o700)
+        return tmp
+
+    def commit(self, tmp: Path, job_id: str) -> dict:
+        """Seal a staged checkpoint (checksums, fsync) and rename it into place; returns the manifest."""
+        files = {}
+        for f in FILES:
+            _fsync_path(tmp / f)
+            files[f] = {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+        manifest = {"version": 1, "job_id": job_id, "created": time.time(), "node": socket.gethostname(),
+                    "files": files}
+        (tmp / "manifest.json").write_text(json.dumps(manifest))
+        _fsync_path(tmp / "manifest.json")
+        _fsync_path(tmp)
+        final = self.dir(job_id)
+        old = None
+        if final.exists():  # an older checkpoint of the same job (preempted before): swap, then drop
+            old = self.root / f".{job_id}.old.{os.urandom(3).hex()}"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_path(self.root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return manifest
+
     def verify(self, job_id: str) -> dict:
         """The manifest, after checking every file's size and checksum; CheckpointError if not intact."""
         d = self.dir(job_id)
@@ -191,8 +220,7 @@ def save(job_id: str, run_dir: Path, store: Store, conn, restarts: int) -> dict:
         raise
     t_quiesced = time.monotonic()
     store.root.mkdir(parents=True, exist_ok=True)
-    tmp = store.root / f".{job_id}.{os.getpid()}.{os.urandom(3).hex()}"
-    tmp.mkdir(mode=0o700)
+    tmp = store.staging(job_id)
     try:
         try:
             dom.save(str(tmp / "memory.save"))  # the domain is gone once this returns
@@ -214,30 +242,13 @@ def save(job_id: str, run_dir: Path, store: Store, conn, restarts: int) -> dict:
             pass
         meta.update(restarts=restarts, delivered={k: int(v) for k, v in delivered.items() if k in STREAMS})
         (tmp / "job.json").write_text(json.dumps(meta))
-        files = {}
-        for f in FILES:
-            _fsync_path(tmp / f)
-            files[f] = {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
-        manifest = {"version": 1, "job_id": job_id, "created": time.time(), "node": socket.gethostname(),
-                    "files": files}
-        (tmp / "manifest.json").write_text(json.dumps(manifest))
-        _fsync_path(tmp / "manifest.json")
-        _fsync_path(tmp)
-        final = store.dir(job_id)
-        old = None
-        if final.exists():
-            old = store.root / f".{job_id}.old.{os.urandom(3).hex()}"
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync_path(store.root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        manifest = store.commit(tmp, job_id)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     t_done = time.monotonic()
     return {"quiesce_s": t_quiesced - t0, "save_s": t_saved - t_quiesced, "seal_s": t_done - t_saved,
-            "total_s": t_done - t0, "memory_bytes": files["memory.save"]["bytes"]}
+            "total_s": t_done - t0, "memory_bytes": manifest["files"]["memory.save"]["bytes"]}
 
 
 def restore(job_id: str, run_dir: Path, store: Store, conn, job: Job, paths: dict[str, Path]) -> dict:

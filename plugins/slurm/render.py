@@ -67,5 +67,12 @@ def slurm_conf_lines(vmwrap_hooks: Path = HOOKS, prolog_timeout: int = 300) -> s
         f"PrologEpilogTimeout={prolog_timeout}",
         "# Time for the launcher to shut the guest down gracefully on scancel/time limit.",
         "KillWait=30",
+        "# Preemption that saves the VM (docs/checkpoint.md): requeue, not cancel; no GraceTime on",
+        "# partitions with PreemptMode=REQUEUE; a requeued job may restart after cred_expire seconds.",
+        "JobRequeue=1",
+        "#PreemptType=preempt/partition_prio",
+        "#PartitionName=... PreemptMode=REQUEUE GraceTime=0",
+        "#AuthInfo=cred_expire=30",
+        "# On the head node, as a loop or a timer: `vmwrap slurm gc` (checkpoints of jobs cancelled while saved).",
         "",
     ])
