@@ -73,3 +73,31 @@ def test_cache_fetch_list_evict_gc(admin):
     out = admin("cache", "gc").stdout
     assert "removed 3 item(s)" in out
     assert c.entries() == [] and os.listdir(t / "cache" / "tmp") == []
+
+
+def test_checkpoints_list_verify_delete(tmp_path):
+    from test_checkpoint import stage
+
+    from vmwrap import checkpoint
+
+    store = checkpoint.Store(tmp_path / "ck")
+    store.commit(stage(store, "77"), "77")
+    store.mark_lost("78", "saving its VM on c2 failed: No space left on device")
+    cfg = tmp_path / "vmwrap.toml"
+    cfg.write_text(render({"checkpoint_dir": str(store.root), "state_dir": str(tmp_path / "state")}))
+
+    def vmwrap(*args):
+        return subprocess.run([sys.executable, "-m", "vmwrap.cli", "--config", str(cfg), *args],
+                              capture_output=True, text=True)
+
+    out = vmwrap("checkpoints").stdout
+    assert out.splitlines()[1].startswith("77 ") and "busybox" in out
+    assert "78: lost: saving its VM on c2 failed: No space left on device" in out
+    assert "intact" in vmwrap("checkpoints", "verify", "77").stdout
+    (store.dir("77") / "share.json").write_text("tampered")
+    r = vmwrap("checkpoints", "verify", "77")
+    assert r.returncode == 1 and "share.json is corrupt" in r.stderr
+    r = vmwrap("checkpoints", "delete", "../77")
+    assert r.returncode == 1 and "invalid job id" in r.stderr
+    assert "77: deleted" in vmwrap("checkpoints", "delete", "77").stdout
+    assert not store.exists("77")

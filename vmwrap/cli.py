@@ -420,6 +420,21 @@ def doctor():
         os.makedirs(d, exist_ok=True)
         st = os.statvfs(d)
         click.echo(f"ok   {d}: {st.f_bavail * st.f_frsize / 2**30:.1f} GiB free")
+    if s.workdir_share == "serial":
+        probe = os.path.join(s.checkpoint_dir, f".doctor.{os.getpid()}")
+        try:
+            os.makedirs(s.checkpoint_dir, exist_ok=True)
+            with open(probe, "w") as f:
+                f.write("x")
+            os.unlink(probe)
+            st = os.statvfs(s.checkpoint_dir)
+            click.echo(f"ok   checkpoint store {s.checkpoint_dir}: writable, {st.f_bavail * st.f_frsize / 2**30:.1f} GiB "
+                       "free (must be shared by all nodes for restores elsewhere)")
+        except OSError as e:
+            click.echo(f"FAIL checkpoint store {s.checkpoint_dir}: {e} (preempted jobs cannot be saved)")
+            ok = False
+    else:
+        click.echo("ok   workdir_share = virtio-9p: VMs cannot be saved; requeued jobs start again from the beginning")
     sys.exit(0 if ok else 1)
 
 
