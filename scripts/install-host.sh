@@ -9,7 +9,13 @@ export DEBIAN_FRONTEND=noninteractive
 pkgs=(qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
       libvirt-dev pkg-config busybox-static e2fsprogs gcc libc6-dev tini cpio sqlite3
       python3-venv python3-dev debootstrap kmod
-      slurmctld slurmd slurm-client munge slurm-wlm-basic-plugins lua5.1 slurmdbd mariadb-server)
+      slurmctld slurmd slurm-client munge slurm-wlm-basic-plugins lua5.1 slurmdbd mariadb-server
+      gridengine-master gridengine-exec gridengine-client gridengine-common)
+# Grid Engine's postinst asks for the cell and master host: answer it (a one-host cell named default).
+for pkg in gridengine-common gridengine-master gridengine-client gridengine-exec; do
+  printf '%s shared/gridengineconfig boolean true\n%s shared/gridenginecell string default\n%s shared/gridenginemaster string %s\n' \
+    "$pkg" "$pkg" "$pkg" "$(hostname)"
+done | debconf-set-selections
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

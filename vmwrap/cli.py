@@ -444,14 +444,19 @@ def config_group():
 
 
 @config_group.command("render")
-@click.argument("scheduler", type=click.Choice(["slurm"]))
+@click.argument("scheduler", type=click.Choice(["slurm", "sge"]))
 @click.option("--lua-out", type=click.Path(dir_okay=False), default=None,
               help="Write job_submit.lua here (default: next to $SLURM_CONF or /etc/slurm).")
 @click.option("--vmwrap", "vmwrap_path", default="/usr/local/bin/vmwrap", help="vmwrap as the nodes see it.")
 @click.option("--default-image", default=None, help="Run jobs without a directive in this image.")
 @click.option("--node-config", default=None, help="Settings file the nodes use (may contain %n).")
 def config_render(scheduler, lua_out, vmwrap_path, default_image, node_config):
-    """Print slurm.conf lines and write job_submit.lua with the catalog compiled in."""
+    """slurm: print slurm.conf lines, write job_submit.lua. sge: print the queue and sge_request settings."""
+    if scheduler == "sge":
+        from plugins.sge.render import render_sge
+
+        click.echo(render_sge())
+        return
     from plugins.slurm import render
     from .catalog import Catalog
     from .directives import check_image_name
@@ -482,9 +487,11 @@ def config_render(scheduler, lua_out, vmwrap_path, default_image, node_config):
 
 
 def _register_plugins() -> None:
+    from plugins.sge.cli import sge
     from plugins.slurm.cli import slurm
 
     main.add_command(slurm)
+    main.add_command(sge)
 
 
 _register_plugins()

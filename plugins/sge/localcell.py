@@ -1,0 +1,133 @@
+"""A real Grid Engine 8.1.9 cell on this host for tests and the demo (Debian packages, no systemd).
+
+Debian's postinst creates the cell `default` under /var/lib/gridengine; this adds what it leaves out
+(host alias, submit/admin host, a queue wired to vmwrap's hooks), and starts sge_qmaster and
+sge_execd directly under `env -i` (jobs inherit the daemon's environment).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+SGE_ROOT = Path("/var/lib/gridengine")
+CELL = "default"
+HOOKS = ROOT / "prolog_epilog"
+
+
+def env() -> dict:
+    return dict(os.environ, SGE_ROOT=str(SGE_ROOT), SGE_CELL=CELL)
+
+
+def qconf(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(["qconf", *args], capture_output=True, text=True, env=env(), timeout=60)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"qconf {' '.join(args)}: {r.stdout}{r.stderr}")
+    return r
+
+
+def _daemon(path: str) -> None:
+    subprocess.run(["env", "-i", f"SGE_ROOT={SGE_ROOT}", f"SGE_CELL={CELL}", "PATH=/usr/sbin:/usr/bin:/bin", path],
+                   check=True, timeout=60)
+
+
+def _wait(cond, what: str, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.3)
+    raise RuntimeError(f"Grid Engine: timed out waiting for {what}")
+
+
+def queue_config(name: str, host: str, slots: int, hooks: Path = HOOKS, extra: dict | None = None) -> str:
+    """The queue's settings wiring vmwrap in (also printed by `vmwrap config render sge`)."""
+    HOOKS = hooks  # noqa: N806
+    q = {
+        "qname": name, "hostlist": host, "seq_no": "0", "load_thresholds": "NONE", "suspend_thresholds": "NONE",
+        "nsuspend": "1", "suspend_interval": "00:05:00", "priority": "0", "min_cpu_interval": "00:05:00",
+        "processors": "UNDEFINED", "qtype": "BATCH INTERACTIVE", "ckpt_list": "NONE", "pe_list": "NONE",
+        "rerun": "FALSE", "slots": str(slots), "tmpdir": "/tmp", "shell": "/bin/sh",
+        "prolog": f"root@{HOOKS / 'sge-prolog'} $job_owner", "epilog": f"root@{HOOKS / 'sge-epilog'}",
+        "shell_start_mode": "unix_behavior", "starter_method": str(HOOKS / "sge-starter"),
+        "suspend_method": f"{HOOKS / 'sge-method'} suspend $job_id $job_pid",
+        "resume_method": f"{HOOKS / 'sge-method'} resume $job_id $job_pid",
+        "terminate_method": f"{HOOKS / 'sge-method'} terminate $job_id $job_pid",
+        "notify": "00:00:60", "owner_list": "NONE", "user_lists": "NONE", "xuser_lists": "NONE",
+        "subordinate_list": "NONE", "complex_values": "NONE", "projects": "NONE", "xprojects": "NONE",
+        "calendar": "NONE", "initial_state": "default", "s_rt": "INFINITY", "h_rt": "INFINITY",
+        "s_cpu": "INFINITY", "h_cpu": "INFINITY", "s_fsize": "INFINITY", "h_fsize": "INFINITY",
+        "s_data": "INFINITY", "h_data": "INFINITY", "s_stack": "INFINITY", "h_stack": "INFINITY",
+        "s_core": "INFINITY", "h_core": "INFINITY", "s_rss": "INFINITY", "h_rss": "INFINITY",
+        "s_vmem": "INFINITY", "h_vmem": "INFINITY",
+    }
+    q.update(extra or {})
+    return "".join(f"{k:<20} {v}\n" for k, v in q.items())
+
+
+class Cell:
+    def __init__(self, base: Path, vmwrap_config: str, slots: int = 2):
+        self.base = base
+        self.vmwrap_config = vmwrap_config
+        self.slots = slots
+        self.host = socket.gethostname()
+
+    def start(self) -> None:
+        common = SGE_ROOT / CELL / "common"
+        if not (common / "bootstrap").exists():
+            raise RuntimeError("Grid Engine is not installed (scripts/install-host.sh installs it)")
+        # Clients whose IP resolves to 'localhost' are refused unless it is an alias of the host name.
+        (common / "host_aliases").write_text(f"{self.host} localhost\n")
+        # GE gives its methods no environment of ours: per-cell wrappers name the site config.
+        hooks = self.base / "hooks"
+        hooks.mkdir(parents=True, exist_ok=True)
+        for kind in ("prolog", "epilog", "starter", "method", "jsv"):
+            h = hooks / f"sge-{kind}"
+            h.write_text(f"#!/bin/sh\nVMWRAP_CONFIG='{self.vmwrap_config}' exec {HOOKS}/sge-{kind} \"$@\"\n")
+            h.chmod(0o755)
+        # Every qsub on this cell runs vmwrap's client JSV (it reads the script body; a server JSV cannot).
+        (common / "sge_request").write_text(f"-jsv {hooks / 'sge-jsv'}\n")
+        if subprocess.run(["pgrep", "-x", "sge_qmaster"], capture_output=True).returncode != 0:
+            _daemon("/usr/sbin/sge_qmaster")
+        _wait(lambda: qconf("-sh", check=False).returncode == 0, "sge_qmaster")
+        qconf("-ah", self.host, check=False)
+        qconf("-as", self.host, check=False)
+        sched = self.base / "sched.conf"
+        text = qconf("-ssconf").stdout
+        text = "\n".join("schedule_interval                 0:0:1" if ln.startswith("schedule_interval") else
+                         "flush_submit_sec                  1" if ln.startswith("flush_submit_sec") else
+                         "flush_finish_sec                  1" if ln.startswith("flush_finish_sec") else ln
+                         for ln in text.splitlines()) + "\n"
+        sched.write_text(text)
+        qconf("-Msconf", str(sched))
+        if subprocess.run(["pgrep", "-x", "sge_execd"], capture_output=True).returncode != 0:
+            _daemon("/usr/sbin/sge_execd")
+        _wait(lambda: self.host in qconf("-sel", check=False).stdout, "sge_execd to register")
+        qfile = self.base / "vmwrap.q"
+        qfile.write_text(queue_config("vmwrap.q", self.host, self.slots, hooks))
+        if qconf("-sq", "vmwrap.q", check=False).returncode == 0:
+            qconf("-Mq", str(qfile))
+        else:
+            qconf("-Aq", str(qfile))
+        _wait(lambda: "vmwrap.q@" in self.run("qstat", "-f").stdout, "the queue instance")
+
+    def run(self, *argv: str, user: str | None = None, cwd: str | None = None,
+            input: str | None = None) -> subprocess.CompletedProcess:
+        cmd = list(argv)
+        if user:
+            cmd = ["runuser", "-u", user, "--", "env", f"SGE_ROOT={SGE_ROOT}", f"SGE_CELL={CELL}", *cmd]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=cwd, input=input, timeout=120)
+
+    def stop(self) -> None:
+        qconf("-kej", check=False)
+        qconf("-km", check=False)
+        for _ in range(50):
+            if subprocess.run(["pgrep", "sge_"], capture_output=True).returncode != 0:
+                break
+            time.sleep(0.2)
+        subprocess.run(["pkill", "-9", "-x", "sge_execd"], capture_output=True)
+        subprocess.run(["pkill", "-9", "-x", "sge_qmaster"], capture_output=True)

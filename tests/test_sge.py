@@ -1,0 +1,181 @@
+"""Ordinary qsub jobs in per-job VMs on a real Grid Engine 8.1.9 cell (Debian packages)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from plugins.sge.localcell import Cell
+from vmwrap.catalog import register
+from vmwrap.config import render
+
+pytestmark = pytest.mark.vm
+HDR = "#!/bin/sh\n#VMWRAP --image=busybox\n"
+
+
+@pytest.fixture(scope="module")
+def cell(appliance, virt_type, test_user):
+    base = Path(f"/var/tmp/vmwrap-sge-{os.getpid()}")
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    base.chmod(0o755)
+    register(str(base / "images.toml"), appliance)
+    cfg = base / "vmwrap.toml"
+    # Job ids restart at 1 in a fresh cell: a private state dir and a domain prefix keep them apart.
+    cfg.write_text(render({"catalog": str(base / "images.toml"), "accel": virt_type, "grace_seconds": 5.0,
+                           "state_dir": str(base / "state"), "cache_dir": str(base / "cache"),
+                           "checkpoint_dir": str(base / "checkpoints")}))
+    agent = subprocess.Popen(["vmwrap", "--config", str(cfg), "agent"], start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    c = Cell(base, str(cfg))
+    c.start()
+    for _ in range(100):
+        if (base / "state" / "agent.sock").exists():
+            break
+        time.sleep(0.1)
+    yield c
+    c.stop()
+    agent.kill()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def jobdir(cell, test_user):
+    d = cell.base / "work" / f"t{os.urandom(3).hex()}"
+    d.mkdir(parents=True)
+    os.chown(d, test_user.pw_uid, test_user.pw_gid)
+    return d
+
+
+def qsub(cell, jobdir, script, *args) -> str:
+    path = jobdir / f"job-{os.urandom(3).hex()}.sh"
+    path.write_text(script)
+    os.chown(path, 1234, 1234)
+    r = cell.run("qsub", "-terse", "-cwd", "-q", "vmwrap.q", *args, str(path), user="vmwrapuser", cwd=str(jobdir))
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout.strip().split(".")[0]
+
+
+def finished(cell, job, timeout=120) -> dict:
+    """qacct's record of the finished job (accounting is on in Debian's cell)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        r = cell.run("qacct", "-j", job)
+        if r.returncode == 0 and "exit_status" in r.stdout:
+            return dict(re.findall(r"^(\w+)\s+(.*?)\s*$", r.stdout, re.M))
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} did not finish: {cell.run('qstat', '-j', job).stdout}")
+
+
+def output(jobdir, job) -> tuple[str, str]:
+    o = next(jobdir.glob(f"*.o{job}"))
+    e = next(jobdir.glob(f"*.e{job}"))
+    return o.read_text(), e.read_text()
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_qsub_job_runs_in_its_vm_with_bare_output_and_exit_code(cell, jobdir, code, test_user):
+    job = qsub(cell, jobdir, HDR + f'uname -r; id -u; pwd; echo err >&2; echo "arg=$1"; exit {code}\n',
+               "-b", "n")
+    acct = finished(cell, job)
+    assert acct["exit_status"] == str(code), acct
+    out, err = output(jobdir, job)
+    guest_kernel = Path("/var/cache/vmwrap/appliances/.kernel/version").read_text().strip()
+    assert out.splitlines()[:3] == [guest_kernel, str(test_user.pw_uid), str(jobdir)], out
+    assert err == "err\n"
+    assert not (cell.base / "state" / "jobs" / job).exists()
+
+
+def test_job_without_directive_runs_bare(cell, jobdir):
+    job = qsub(cell, jobdir, "#!/bin/sh\nuname -r\n")
+    assert finished(cell, job)["exit_status"] == "0"
+    assert output(jobdir, job)[0].strip() == os.uname().release
+
+
+def test_bad_directive_fails_the_job_with_its_reason_and_keeps_the_queue(cell, jobdir):
+    """`qsub -clear` drops the JSV of sge_request: the prolog still refuses, the queue stays up."""
+    path = jobdir / "bad.sh"
+    path.write_text("#!/bin/sh\n#VMWRAP --image=nosuch\necho never\n")
+    os.chown(path, 1234, 1234)
+    r = cell.run("qsub", "-clear", "-terse", "-cwd", "-q", "vmwrap.q", str(path), user="vmwrapuser", cwd=str(jobdir))
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = r.stdout.strip()
+    acct = finished(cell, job)
+    assert acct["exit_status"] == "64", acct
+    assert "unknown image" in output(jobdir, job)[1] or "nosuch" in output(jobdir, job)[1]
+    assert "E" not in cell.run("qstat", "-f", "-q", "vmwrap.q").stdout.split("\n")[2].split()[-1:]
+
+
+def test_qdel_stops_the_vm_and_cleans_up(cell, jobdir):
+    job = qsub(cell, jobdir, HDR + "echo started; sleep 300\n")
+    o = lambda: next(iter(jobdir.glob(f"*.o{job}")), None)  # noqa: E731
+    end = time.monotonic() + 60
+    while not (o() and "started" in o().read_text()):
+        assert time.monotonic() < end, "the job did not start"
+        time.sleep(0.3)
+    assert cell.run("qdel", job, user="vmwrapuser").returncode == 0
+    finished(cell, job, timeout=60)
+    assert subprocess.run(["pgrep", "-f", f"guest=vmwrap-{job},"], capture_output=True).returncode != 0
+    assert not (cell.base / "state" / "jobs" / job).exists()
+
+
+def test_qmod_suspend_pauses_the_whole_vm(cell, jobdir):
+    job = qsub(cell, jobdir, HDR + "i=0; while [ $i -lt 12 ]; do i=$((i+1)); echo n=$i; sleep 1; done\n")
+    o = lambda: next(iter(jobdir.glob(f"*.o{job}")), None)  # noqa: E731
+    end = time.monotonic() + 60
+    while not (o() and "n=3" in o().read_text()):
+        assert time.monotonic() < end, "the job did not count"
+        time.sleep(0.3)
+    assert cell.run("qmod", "-sj", job, user="vmwrapuser").returncode == 0
+    time.sleep(1.5)
+    frozen = o().read_text()
+    state = subprocess.run(["virsh", "-c", "qemu:///system", "domstate", f"vmwrap-{job}"],
+                           capture_output=True, text=True).stdout.strip()
+    assert state == "paused"
+    time.sleep(3)
+    assert o().read_text() == frozen  # nothing counted while suspended
+    assert cell.run("qmod", "-usj", job, user="vmwrapuser").returncode == 0
+    assert finished(cell, job)["exit_status"] == "0"
+    nums = [int(n) for n in re.findall(r"^n=(\d+)$", o().read_text(), re.M)]
+    assert nums == list(range(1, 13))
+
+
+@pytest.mark.parametrize("directive,args,message", [
+    ("#VMWRAP --image=nosuch\n", (), "vmwrap: unknown image 'nosuch'"),
+    ("#VMWRAP --image=busybox --memory=lots\n", (), "--memory=lots: not a size"),
+    ("#VMWRAP --image=../../etc/x\n", (), "invalid image name"),
+    ("#VMWRAP --image=busybox --bogus=1\n", (), "unknown directive"),
+    ("", ("-ac", "vmwrap_image=x'y"), "invalid image name"),
+    ("#VMWRAP --image=busybox\n", ("-ac", "vmwrap_image=other"), "but -ac vmwrap_image=other"),
+])
+def test_bad_requests_are_rejected_at_qsub(cell, jobdir, directive, args, message):
+    path = jobdir / "bad.sh"
+    path.write_text("#!/bin/sh\n" + directive + "echo never\n")
+    os.chown(path, 1234, 1234)
+    r = cell.run("qsub", "-cwd", "-q", "vmwrap.q", *args, str(path), user="vmwrapuser", cwd=str(jobdir))
+    assert r.returncode != 0
+    assert "Unable to run job: vmwrap:" in r.stdout + r.stderr and message in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_native_option_for_binary_jobs(cell, jobdir):
+    """`qsub -b y -ac vmwrap_image=busybox cmd`: no script to carry a directive."""
+    r = cell.run("qsub", "-terse", "-cwd", "-q", "vmwrap.q", "-b", "y", "-ac", "vmwrap_image=busybox",
+                 "/bin/uname", "-r", user="vmwrapuser", cwd=str(jobdir))
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = r.stdout.strip()
+    assert finished(cell, job)["exit_status"] == "0"
+    guest_kernel = Path("/var/cache/vmwrap/appliances/.kernel/version").read_text().strip()
+    assert output(jobdir, job)[0].strip() == guest_kernel
+
+
+def test_config_render_sge():
+    r = subprocess.run(["vmwrap", "config", "render", "sge"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for key in ("prolog ", "starter_method", "suspend_method", "terminate_method", "-jsv "):
+        assert key in r.stdout
