@@ -179,3 +179,63 @@ def test_config_render_sge():
     assert r.returncode == 0
     for key in ("prolog ", "starter_method", "suspend_method", "terminate_method", "-jsv "):
         assert key in r.stdout
+
+
+def test_subordinate_queue_suspension_pauses_the_vm(cell, jobdir):
+    """A job in urgent.q (subordinate_list vmwrap.q=1) suspends vmwrap.q: the VM pauses, then goes on."""
+    cell.add_queue("urgent.q", subordinate_list="vmwrap.q=1")
+    try:
+        job = qsub(cell, jobdir, HDR + "i=0; while [ $i -lt 14 ]; do i=$((i+1)); echo n=$i; sleep 1; done\n")
+        o = lambda: next(iter(jobdir.glob(f"*.o{job}")), None)  # noqa: E731
+        end = time.monotonic() + 60
+        while not (o() and "n=3" in o().read_text()):
+            assert time.monotonic() < end, "the job did not count"
+            time.sleep(0.3)
+        path = jobdir / "urgent.sh"
+        path.write_text("#!/bin/sh\nsleep 6\n")
+        os.chown(path, 1234, 1234)
+        r = cell.run("qsub", "-terse", "-cwd", "-q", "urgent.q", str(path), user="vmwrapuser", cwd=str(jobdir))
+        assert r.returncode == 0, r.stderr
+        state = lambda: subprocess.run(["virsh", "-c", "qemu:///system", "domstate", f"vmwrap-{job}"],  # noqa: E731
+                                       capture_output=True, text=True).stdout.strip()
+        end = time.monotonic() + 30
+        while state() != "paused":
+            assert time.monotonic() < end, "the VM was not paused by the subordinate suspension"
+            time.sleep(0.3)
+        frozen = o().read_text()
+        time.sleep(2)
+        assert o().read_text() == frozen
+        assert finished(cell, job)["exit_status"] == "0"
+        assert [int(n) for n in re.findall(r"^n=(\d+)$", o().read_text(), re.M)] == list(range(1, 15))
+    finally:
+        cell.run("qconf", "-dq", "urgent.q")
+
+
+def test_server_jsv_rejects_at_submit_without_the_client_cost(cell, jobdir):
+    """jsv_url (one JSV process in sge_qmaster, run as the admin user): `-ac` and readable scripts."""
+    from plugins.sge.localcell import CELL, SGE_ROOT
+
+    request = SGE_ROOT / CELL / "common" / "sge_request"
+    saved = request.read_text()
+    request.write_text("")
+    cell.set_server_jsv(cell.base / "hooks" / "sge-jsv")
+    try:
+        path = jobdir / "job.sh"
+        path.write_text("#!/bin/sh\necho hi\n")
+        os.chown(path, 1234, 1234)
+        r = cell.run("qsub", "-h", "-cwd", "-q", "vmwrap.q", "-ac", "vmwrap_image=nosuch", str(path),
+                     user="vmwrapuser", cwd=str(jobdir))
+        assert r.returncode != 0 and "vmwrap: unknown image 'nosuch'" in r.stdout + r.stderr, r.stdout + r.stderr
+        path.write_text("#!/bin/sh\n#VMWRAP --image=busybox --cpus=0\necho hi\n")
+        r = cell.run("qsub", "-h", "-cwd", "-q", "vmwrap.q", str(path), user="vmwrapuser", cwd=str(jobdir))
+        assert r.returncode != 0 and "--cpus=0" in r.stdout + r.stderr, r.stdout + r.stderr
+        ok = jobdir / "ok.sh"
+        ok.write_text("#!/bin/sh\necho hi\n")
+        os.chown(ok, 1234, 1234)
+        r = cell.run("qsub", "-h", "-terse", "-cwd", "-q", "vmwrap.q", "-ac", "vmwrap_image=busybox", str(ok),
+                     user="vmwrapuser", cwd=str(jobdir))
+        assert r.returncode == 0, r.stdout + r.stderr
+        cell.run("qdel", r.stdout.strip())
+    finally:
+        cell.set_server_jsv(None)
+        request.write_text(saved)

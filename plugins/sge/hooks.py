@@ -150,7 +150,8 @@ def method(settings: Settings, action: str, jid: str, pid: int) -> int:
         return 1
 
 
-def check_request(settings: Settings, params: dict[str, str], user: str, gid: int) -> tuple[str | None, str | None]:
+def check_request(settings: Settings, params: dict[str, str], user: str, gid: int,
+                  script_optional: bool = False) -> tuple[str | None, str | None]:
     """(image, None) for an acceptable request, (None, reason) to reject it. Reads the script body
     (the client JSV runs as the submitter, in qsub's directory) and the `-ac vmwrap_image=` context."""
     from vmwrap.catalog import Catalog
@@ -164,7 +165,8 @@ def check_request(settings: Settings, params: dict[str, str], user: str, gid: in
             with open(cmd, encoding="utf-8", errors="surrogateescape") as f:
                 text = f.read(1 << 20)
         except OSError as e:
-            return None, f"cannot read the job script {cmd}: {e.strerror}"
+            if not script_optional:  # a server JSV may not read users' files: the prolog checks it then
+                return None, f"cannot read the job script {cmd}: {e.strerror}"
     try:
         req = directives.parse(text)
         if native is not None:
@@ -182,7 +184,7 @@ def check_request(settings: Settings, params: dict[str, str], user: str, gid: in
 
 def jsv(settings: Settings, inp, out) -> int:
     """Grid Engine's JSV line protocol (client JSV, run by qsub as the submitter)."""
-    pw = pwd.getpwuid(os.getuid())
+    me = pwd.getpwuid(os.getuid())
 
     def say(line: str) -> None:
         out.write(line + "\n")
@@ -197,7 +199,15 @@ def jsv(settings: Settings, inp, out) -> int:
         elif cmd == "PARAM" and len(parts) >= 2:
             params[parts[1]] = parts[2] if len(parts) > 2 else ""
         elif cmd == "BEGIN":
-            image, reason = check_request(settings, params, pw.pw_name, pw.pw_gid)
+            # A client JSV runs as the submitter; a server JSV (jsv_url, one long-lived process in
+            # sge_qmaster) as the admin user, for everybody: then the job's USER param names them.
+            user = params.get("USER") or me.pw_name
+            try:
+                pw = pwd.getpwnam(user)
+            except KeyError:
+                pw = me
+            server = pw.pw_uid != me.pw_uid
+            image, reason = check_request(settings, params, pw.pw_name, pw.pw_gid, script_optional=server)
             if reason:
                 say(f"RESULT STATE REJECT vmwrap: {reason}")
             elif image and "vmwrap_image=" not in params.get("ac", ""):

@@ -70,8 +70,9 @@ def queue_config(name: str, host: str, slots: int, hooks: Path = HOOKS, extra: d
 
 
 class Cell:
-    def __init__(self, base: Path, vmwrap_config: str, slots: int = 2):
+    def __init__(self, base: Path, vmwrap_config: str, slots: int = 2, jsv: str = "client"):
         self.base = base
+        self.jsv = jsv  # client: `-jsv` in sge_request (sees the script); server: jsv_url (fast)
         self.vmwrap_config = vmwrap_config
         self.slots = slots
         self.host = socket.gethostname()
@@ -90,10 +91,11 @@ class Cell:
             h.write_text(f"#!/bin/sh\nVMWRAP_CONFIG='{self.vmwrap_config}' exec {HOOKS}/sge-{kind} \"$@\"\n")
             h.chmod(0o755)
         # Every qsub on this cell runs vmwrap's client JSV (it reads the script body; a server JSV cannot).
-        (common / "sge_request").write_text(f"-jsv {hooks / 'sge-jsv'}\n")
+        (common / "sge_request").write_text(f"-jsv {hooks / 'sge-jsv'}\n" if self.jsv == "client" else "")
         if subprocess.run(["pgrep", "-x", "sge_qmaster"], capture_output=True).returncode != 0:
             _daemon("/usr/sbin/sge_qmaster")
         _wait(lambda: qconf("-sh", check=False).returncode == 0, "sge_qmaster")
+        self.set_server_jsv(hooks / "sge-jsv" if self.jsv == "server" else None)
         qconf("-ah", self.host, check=False)
         qconf("-as", self.host, check=False)
         sched = self.base / "sched.conf"
@@ -114,6 +116,24 @@ class Cell:
         else:
             qconf("-Aq", str(qfile))
         _wait(lambda: "vmwrap.q@" in self.run("qstat", "-f").stdout, "the queue instance")
+
+    def set_server_jsv(self, script: Path | None) -> None:
+        """jsv_url in the global configuration: one JSV process inside sge_qmaster for every submission."""
+        text = qconf("-sconf", "global").stdout
+        url = f"script:{script}" if script else "none"
+        lines = [f"jsv_url                      {url}" if ln.startswith("jsv_url") else ln for ln in text.splitlines()]
+        (self.base / "conf").mkdir(exist_ok=True)
+        f = self.base / "conf" / "global"  # -Mconf takes the configuration's name from the file's
+        f.write_text("\n".join(lines) + "\n")
+        qconf("-Mconf", str(f))
+
+    def add_queue(self, name: str, **settings: str) -> None:
+        """A plain queue (no vmwrap hooks), e.g. one whose jobs suspend vmwrap.q as its subordinate."""
+        plain = {k: "NONE" for k in ("prolog", "epilog", "starter_method", "suspend_method", "resume_method",
+                                     "terminate_method")}
+        qfile = self.base / f"{name}.conf"
+        qfile.write_text(queue_config(name, self.host, self.slots, extra={**plain, **settings}))
+        qconf("-Mq" if qconf("-sq", name, check=False).returncode == 0 else "-Aq", str(qfile))
 
     def run(self, *argv: str, user: str | None = None, cwd: str | None = None,
             input: str | None = None) -> subprocess.CompletedProcess:
