@@ -150,12 +150,27 @@ def method(settings: Settings, action: str, jid: str, pid: int) -> int:
         return 1
 
 
+_CATALOG: dict[str, tuple[float, object]] = {}
+
+
+def _catalog(path: str):
+    """The catalog, re-read only when the file changed (a server JSV checks many jobs in one process)."""
+    from vmwrap.catalog import Catalog
+
+    try:
+        mtime = os.stat(path).st_mtime_ns
+    except OSError:
+        mtime = -1
+    hit = _CATALOG.get(path)
+    if hit is None or hit[0] != mtime:
+        hit = _CATALOG[path] = (mtime, Catalog.load(path))
+    return hit[1]
+
+
 def check_request(settings: Settings, params: dict[str, str], user: str, gid: int,
                   script_optional: bool = False) -> tuple[str | None, str | None]:
     """(image, None) for an acceptable request, (None, reason) to reject it. Reads the script body
     (the client JSV runs as the submitter, in qsub's directory) and the `-ac vmwrap_image=` context."""
-    from vmwrap.catalog import Catalog
-
     ctx = dict(kv.partition("=")[::2] for kv in params.get("ac", "").split(",") if kv)
     native = ctx.get("vmwrap_image") or None
     text = ""
@@ -176,7 +191,7 @@ def check_request(settings: Settings, params: dict[str, str], user: str, gid: in
         image = req.image or native
         if image is None:
             return None, None
-        Catalog.load(settings.catalog).resolve(image, user, gid)
+        _catalog(settings.catalog).resolve(image, user, gid)
     except VmwrapError as e:
         return None, str(e)
     return image, None
