@@ -143,6 +143,12 @@ class Cell:
         return subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=cwd, input=input, timeout=120)
 
     def stop(self) -> None:
+        # Leave no JSV behind that points into this cell's (soon removed) hooks dir.
+        (SGE_ROOT / CELL / "common" / "sge_request").write_text("")
+        try:
+            self.set_server_jsv(None)
+        except RuntimeError:
+            pass
         qconf("-kej", check=False)
         qconf("-km", check=False)
         for _ in range(50):
