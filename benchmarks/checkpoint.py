@@ -82,6 +82,7 @@ def one(settings, mem_mib: int, work: Path, store: checkpoint.Store) -> dict:
         pauses.append(t1 - t0)
         resumes.append(time.perf_counter() - t1)
     rounds = []
+    nbytes = 0  # the save image's size, known after the first save
     for i in range(3):  # save, restore, save...: medians; dd before or after the save, alternately
         row = {}
         if i % 2:

@@ -5,7 +5,6 @@ Everything built lands in the appliance dir (outside the repository) and is regi
 
 from __future__ import annotations
 
-import hashlib
 import lzma
 import os
 import shutil
@@ -13,6 +12,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from .cache import sha256_file
 from .catalog import Artifact, Image, register
 from .errors import NodeError
 
@@ -171,11 +171,7 @@ def _ext4(root: Path, dest: Path, tmp: Path, size_mib: int) -> None:
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while buf := f.read(1 << 20):
-            h.update(buf)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def artifact(path: Path, fmt: str = "raw") -> Artifact:

@@ -130,7 +130,7 @@ class Cache:
             p = self.blob(sha)
             if not p.exists():
                 return False
-            if _sha256_file(p) == sha:
+            if sha256_file(p) == sha:
                 return True
             self._drop(sha)
             return False
@@ -175,7 +175,7 @@ class Cache:
             return False
         if meta is None or st.st_size != art.size or meta.get("stamp") != [st.st_size, st.st_mtime_ns]:
             return False
-        if self.verify_on_use and _sha256_file(p) != art.sha256:
+        if self.verify_on_use and sha256_file(p) != art.sha256:
             return False
         return True
 
@@ -267,7 +267,8 @@ class Cache:
             tmp.unlink(missing_ok=True)
 
 
-def _sha256_file(p: Path) -> str:
+def sha256_file(p: str | os.PathLike) -> str:
+    """SHA-256 of a file, read in chunks (images and checkpoints are GBs)."""
     h = hashlib.sha256()
     with open(p, "rb") as f:
         while buf := f.read(CHUNK):

@@ -15,7 +15,6 @@ job always holds a complete checkpoint, and a half-written one is never taken fo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import domain, share
+from .cache import sha256_file
 from .errors import CheckpointError, NodeError
 from .job import Job
 
@@ -42,14 +42,6 @@ class Info:
     node: str
     restarts: int
     image: str
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_path(path: Path) -> None:
@@ -159,7 +151,7 @@ class Store:
             _fsync_path(tmp / f)
         t1 = time.monotonic()
         for f in FILES:
-            files[f] = {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+            files[f] = {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)}
         self.last_commit = {"fsync_s": t1 - t0, "hash_s": time.monotonic() - t1}
         manifest = {"version": 1, "job_id": job_id, "created": time.time(), "node": socket.gethostname(),
                     "files": files}
@@ -193,7 +185,7 @@ class Store:
                 size = p.stat().st_size
             except OSError:
                 raise CheckpointError(f"checkpoint of job {job_id}: {name} is missing") from None
-            if size != want["bytes"] or _sha256(p) != want["sha256"]:
+            if size != want["bytes"] or sha256_file(p) != want["sha256"]:
                 raise CheckpointError(f"checkpoint of job {job_id}: {name} is corrupt (checksum mismatch)")
         return m
 

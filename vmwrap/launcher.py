@@ -188,11 +188,7 @@ class Launcher:
 
     def fail(self, err: VmwrapError) -> None:
         """Leave the error where the job's payload will find and print it (prolog use)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.run_dir.chmod(0o711)
-        f = self.run_dir / "error"
-        f.write_text(f"{err.kind}\n{err}\n")
-        f.chmod(0o644)
+        record_error(self.run_dir, err)
         self.ledger.record(self.job.job_id, self.job.domain_name, "failed", kind=err.kind, message=str(err))
 
 
@@ -473,6 +469,15 @@ def attach(run_dir: Path, job_id: str, script: str, environment: dict[str, str],
     except VmwrapError as e:
         _write_all(2, f"vmwrap: error: {e}\n".encode())
         return EXIT_FOR[e.kind]
+
+
+def record_error(run_dir: Path, err: VmwrapError) -> None:
+    """The job's payload prints this and exits with its code (a hook's way to fail just the job)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.chmod(0o711)
+    f = run_dir / "error"
+    f.write_text(f"{err.kind}\n{err}\n")
+    f.chmod(0o644)
 
 
 def _write_private(path: Path, data: bytes, mode: int) -> None:

@@ -16,6 +16,7 @@ import select
 import socket
 import stat
 import struct
+import time
 from dataclasses import dataclass, field
 
 VERSION = "9P2000.L"
@@ -315,14 +316,10 @@ class Server:
         if valid & SETATTR_SIZE:
             os.truncate(p, size)
         if valid & (SETATTR_ATIME | SETATTR_MTIME):
-            st = os.lstat(p)
-            now = None
+            st, now = os.lstat(p), time.time_ns()
             a = (asec * 10**9 + ansec if valid & SETATTR_ATIME_SET else now) if valid & SETATTR_ATIME else st.st_atime_ns
             m = (msec * 10**9 + mnsec if valid & SETATTR_MTIME_SET else now) if valid & SETATTR_MTIME else st.st_mtime_ns
-            import time
-
-            t = time.time_ns()
-            os.utime(p, ns=(a if a is not None else t, m if m is not None else t), follow_symlinks=False)
+            os.utime(p, ns=(a, m), follow_symlinks=False)
         return b""
 
     def xattrwalk(self, r: Reader) -> bytes:

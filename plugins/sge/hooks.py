@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 from vmwrap import agent, directives, launcher
 from vmwrap.config import Settings
@@ -73,7 +72,7 @@ def prolog(settings: Settings, env: dict[str, str], owner: str) -> int:
         lx.boot()
         return 0
     except CacheFullError as e:
-        _fail(settings, jid, e)
+        launcher.record_error(settings.jobs_dir / jid, e)
         launcher.teardown(jid, settings, keep_error=True)
         return 0
     except NodeError as e:
@@ -81,16 +80,8 @@ def prolog(settings: Settings, env: dict[str, str], owner: str) -> int:
         print(f"vmwrap prolog: node fault: {e}", file=sys.stderr)
         return 1  # GE puts this queue instance in error state: an admin must look
     except VmwrapError as e:  # the user's mistake: the job runs, prints the reason and fails
-        _fail(settings, jid, e)
+        launcher.record_error(settings.jobs_dir / jid, e)
         return 0
-
-
-def _fail(settings: Settings, jid: str, err: VmwrapError) -> None:
-    run_dir = settings.jobs_dir / jid
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run_dir.chmod(0o711)
-    (run_dir / "error").write_text(f"{err.kind}\n{err}\n")
-    (run_dir / "error").chmod(0o644)
 
 
 def epilog(settings: Settings, env: dict[str, str]) -> int:

@@ -46,17 +46,16 @@ def _wait(cond, what: str, timeout: float = 60) -> None:
 
 def queue_config(name: str, host: str, slots: int, hooks: Path = HOOKS, extra: dict | None = None) -> str:
     """The queue's settings wiring vmwrap in (also printed by `vmwrap config render sge`)."""
-    HOOKS = hooks  # noqa: N806
     q = {
         "qname": name, "hostlist": host, "seq_no": "0", "load_thresholds": "NONE", "suspend_thresholds": "NONE",
         "nsuspend": "1", "suspend_interval": "00:05:00", "priority": "0", "min_cpu_interval": "00:05:00",
         "processors": "UNDEFINED", "qtype": "BATCH INTERACTIVE", "ckpt_list": "NONE", "pe_list": "NONE",
         "rerun": "FALSE", "slots": str(slots), "tmpdir": "/tmp", "shell": "/bin/sh",
-        "prolog": f"root@{HOOKS / 'sge-prolog'} $job_owner", "epilog": f"root@{HOOKS / 'sge-epilog'}",
-        "shell_start_mode": "unix_behavior", "starter_method": str(HOOKS / "sge-starter"),
-        "suspend_method": f"{HOOKS / 'sge-method'} suspend $job_id $job_pid",
-        "resume_method": f"{HOOKS / 'sge-method'} resume $job_id $job_pid",
-        "terminate_method": f"{HOOKS / 'sge-method'} terminate $job_id $job_pid",
+        "prolog": f"root@{hooks / 'sge-prolog'} $job_owner", "epilog": f"root@{hooks / 'sge-epilog'}",
+        "shell_start_mode": "unix_behavior", "starter_method": str(hooks / "sge-starter"),
+        "suspend_method": f"{hooks / 'sge-method'} suspend $job_id $job_pid",
+        "resume_method": f"{hooks / 'sge-method'} resume $job_id $job_pid",
+        "terminate_method": f"{hooks / 'sge-method'} terminate $job_id $job_pid",
         "notify": "00:00:60", "owner_list": "NONE", "user_lists": "NONE", "xuser_lists": "NONE",
         "subordinate_list": "NONE", "complex_values": "NONE", "projects": "NONE", "xprojects": "NONE",
         "calendar": "NONE", "initial_state": "default", "s_rt": "INFINITY", "h_rt": "INFINITY",

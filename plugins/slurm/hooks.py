@@ -100,11 +100,7 @@ def prolog(settings: Settings, env: dict[str, str]) -> int:
 
 
 def _user_failure(settings: Settings, job_id: str, err: VmwrapError) -> int:
-    run_dir = settings.jobs_dir / job_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run_dir.chmod(0o711)
-    (run_dir / "error").write_text(f"{err.kind}\n{err}\n")
-    (run_dir / "error").chmod(0o644)
+    launcher.record_error(settings.jobs_dir / job_id, err)
     return 0
 
 
