@@ -1,0 +1,740 @@
+"""Discrete-event simulation of a cluster running batch jobs and advance reservations (ARs).
+
+Model (HPDC'08, Sotomayor et al., unless a setting says otherwise):
+- nodes are whole units: a job or AR takes `nodes` nodes exclusively;
+- batch jobs: FCFS with backfilling, EASY (one reservation, for the queue head) or conservative
+  (one for every queued job); the scheduler knows requested times only;
+- ARs are accepted when requested (on nodes free of other ARs and, without suspension, of running
+  jobs that would still run at the AR's start) and start exactly on time or are rejected;
+- with suspension a job may run into an AR's window: it is saved so the save ends at the AR's start
+  (`vmwrap.plan`, the same decision the live planner uses), re-queued in its original position, and
+  restored later on any nodes (a memory copy over the network when the nodes differ);
+- VMs add boot+shutdown time and a runtime slowdown; images come from one repository over one link
+  (transfers serialized, multicast to several nodes counts once; AR transfers are booked backwards
+  from the AR's start, earliest deadline first; batch transfers forward, first come first served);
+  node caches hold `cache_mb` of images, least recently used out, never an image in use.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+
+from ..plan import SaveModel, min_gap
+from .workload import Job, Reservation
+
+INF = math.inf
+EPS = 1e-6   # a job ending this close after a reservation's start ended in time (float sums)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int = 144
+    mem_mb: float = 1024.0          # a job's memory per node: what a save writes
+    cache_mb: float = 20480.0
+    bandwidth_mb_s: float = 10.0    # image repository link, and node-to-node memory copies
+    suspend_mb_s: float = 50.0
+    boot_s: float = 20.0            # VM boot + shutdown
+    overhead: float = 0.05          # runtime slowdown inside a VM
+    image_mb: float = 4096.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """One way to run the cluster. `transfer`: none (images predeployed), fresh (every start
+    transfers, no reuse), cache (node caches). `placement`: any, or cache (prefer nodes holding the
+    image). `prestage`: fetch the queue head's image onto its planned nodes before it starts."""
+    name: str
+    vm: bool = False
+    suspend: bool = False
+    transfer: str = "none"
+    images: str = "uniform"
+    backfill: str = "easy"
+    placement: str = "any"
+    prestage: bool = False
+    threshold: float = 1.0          # suspend-threshold-factor
+    reservations: bool = True       # False: drop the ARs (the baseline)
+
+    def __post_init__(self) -> None:
+        if self.transfer not in ("none", "fresh", "cache"):
+            raise ValueError(f"transfer must be none, fresh or cache, not {self.transfer!r}")
+        if self.backfill not in ("easy", "conservative", "none"):
+            raise ValueError(f"backfill must be easy, conservative or none, not {self.backfill!r}")
+        if self.placement not in ("any", "cache"):
+            raise ValueError(f"placement must be any or cache, not {self.placement!r}")
+        if not self.vm and self.transfer != "none":
+            raise ValueError("image transfers need vm=True")
+
+
+class Run:
+    """A batch job's changing state."""
+    __slots__ = ("job", "work_left", "req_left", "nodes", "start", "work_start", "end", "req_end",
+                 "token", "first_start", "last_nodes", "suspensions", "done", "ready", "worked")
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.work_left = float(job.run)
+        self.req_left = float(job.req)
+        self.nodes: tuple[int, ...] = ()
+        self.start = self.work_start = self.end = self.req_end = INF
+        self.token = 0
+        self.first_start = None
+        self.last_nodes: tuple[int, ...] = ()
+        self.suspensions = 0
+        self.done = None
+        self.ready = 0.0
+        self.worked = 0.0      # bare seconds of work actually executed, from time spent running
+
+    @property
+    def key(self):
+        return (self.job.submit, self.job.id)
+
+
+@dataclass
+class Result:
+    config: str
+    end: float = 0.0                      # when the last batch job finished
+    jobs: int = 0
+    mean_wait: float = 0.0
+    mean_bsld: float = 0.0
+    utilization: float = 0.0              # useful node-seconds / (nodes x end)
+    ars_accepted: int = 0
+    ars_rejected: int = 0
+    ars_on_time: int = 0
+    ars_late: int = 0
+    suspensions: int = 0
+    transfers: int = 0
+    link_mb: float = 0.0                  # bytes over the repository link
+    node_mb: float = 0.0                  # bytes landing on nodes (multicast counted per node)
+    events: int = 0
+    timeline: list = field(default_factory=list)   # (time, busy nodes) steps
+    rejected: list = field(default_factory=list)   # (ar id, reason)
+    records: dict = field(default_factory=dict)    # job id -> (first start, end, suspensions)
+
+    def row(self) -> dict:
+        return {k: getattr(self, k) for k in (
+            "config", "end", "jobs", "mean_wait", "mean_bsld", "utilization", "ars_accepted",
+            "ars_rejected", "ars_on_time", "ars_late", "suspensions", "transfers", "link_mb",
+            "node_mb", "events")}
+
+
+class InvariantError(AssertionError):
+    pass
+
+
+class _Blocks(dict):
+    """Per-node intervals promised to queued jobs; `easy` = (time, nodes) of EASY's one promise."""
+    easy = None
+
+
+class _Link:
+    """The repository link: booked intervals, sorted and disjoint, each carrying one image to any
+    number of nodes (multicast): a transfer that has not started yet can take more destinations."""
+
+    def __init__(self):
+        self.iv: list[tuple[float, float]] = []
+        self.img: dict[float, int] = {}       # booking start -> image
+
+    def joinable(self, now: float, img: int) -> float | None:
+        """End of a booked, not yet started transfer of `img`, if any."""
+        for s, e in self.iv:
+            if s >= now and self.img.get(s) == img:
+                return e
+        return None
+
+    def prune(self, now: float) -> None:
+        i = 0
+        while i < len(self.iv) and self.iv[i][1] <= now:
+            i += 1
+        if i:
+            for s, _ in self.iv[:i]:
+                self.img.pop(s, None)
+            del self.iv[:i]
+
+    def earliest(self, t: float, length: float) -> float:
+        for s, e in self.iv:
+            if e <= t:
+                continue
+            if s >= t + length:
+                break
+            t = max(t, e)
+        return t
+
+    def latest(self, deadline: float, length: float, not_before: float) -> float | None:
+        t = deadline - length
+        for s, e in reversed(self.iv):
+            if s >= t + length:
+                continue
+            if e <= t:
+                break
+            t = s - length
+        return t if t >= not_before else None
+
+    def book(self, s: float, length: float, img: int) -> None:
+        bisect.insort(self.iv, (s, s + length))
+        self.img[s] = img
+
+
+# event kinds, in the order they are handled at one instant: things that free nodes first
+_END, _SUSPENDED, _CACHED, _PREEMPT, _AR_START, _AR_END, _AR_SUBMIT, _SUBMIT = range(8)
+
+
+class Simulator:
+    def __init__(self, cluster: Cluster, config: Config, jobs: list[Job], ars: list[Reservation],
+                 save: SaveModel | None = None, timeline: bool = True, check: bool = False):
+        self.c, self.cfg = cluster, config
+        self.check = check
+        for j in jobs:
+            if j.nodes > cluster.nodes:
+                raise ValueError(f"job {j.id} asks for {j.nodes} nodes; the cluster has {cluster.nodes}")
+        self.jobs = jobs
+        self.ars = ars if config.reservations else []
+        self.save = save or SaveModel(cluster.suspend_mb_s)
+        self.susp_s = self.save.budget(cluster.mem_mb)
+        self.resume_s = self.save.save_seconds(cluster.mem_mb)
+        self.slow = 1.0 + cluster.overhead if config.vm else 1.0
+        self.boot = cluster.boot_s if config.vm else 0.0
+        self.xfer_s = cluster.image_mb / cluster.bandwidth_mb_s
+        self.migrate_s = cluster.mem_mb / cluster.bandwidth_mb_s
+        self.slots = int(cluster.cache_mb // cluster.image_mb)
+        n = cluster.nodes
+        self.busy: list = [None] * n
+        self.free: set[int] = set(range(n))
+        self.node_ars: list[list[Reservation]] = [[] for _ in range(n)]
+        self.cache: list[OrderedDict] = [OrderedDict() for _ in range(n)]
+        self.holders: dict[int, set] = defaultdict(set)       # image -> nodes caching it
+        self.incoming: list[dict] = [{} for _ in range(n)]   # image -> arrival (prestage / AR)
+        self.ar_nodes: dict[int, tuple[int, ...]] = {}
+        self.queue: list[Run] = []
+        self.keys: list = []
+        self.link = _Link()
+        self.ev: list = []
+        self.seq = 0
+        self.res = Result(config.name)
+        self.track = timeline
+        self.busy_count = 0
+        self.prestaged: dict[int, tuple] = {}
+        self.useful = 0.0
+        self._gap_cache = None
+        self._done = 0
+        self._dirty = True
+        self._fresh: list[Run] = []
+        self._blocks = None
+
+    # -- events ---------------------------------------------------------------------------------
+    def _push(self, t: float, kind: int, obj) -> None:
+        self.seq += 1
+        heapq.heappush(self.ev, (t, kind, self.seq, obj))
+
+    def run(self) -> Result:
+        for j in self.jobs:
+            self._push(j.submit, _SUBMIT, Run(j))
+        for r in self.ars:
+            self._push(r.submit, _AR_SUBMIT, r)
+        remaining = len(self.jobs)
+        now = 0.0
+        while self.ev and self._done < remaining:
+            now = self.ev[0][0]
+            while self.ev and self.ev[0][0] == now:
+                _, kind, _, obj = heapq.heappop(self.ev)
+                self.res.events += 1
+                if kind != _SUBMIT:
+                    self._dirty = True
+                if kind == _END:
+                    run, token = obj
+                    if token == run.token:
+                        self._finish(run, now)
+                elif kind == _SUSPENDED:
+                    self._suspended(obj, now)
+                elif kind == _CACHED:
+                    nodes, img, arrival = obj
+                    for n in nodes:
+                        if self.incoming[n].get(img) == arrival:
+                            del self.incoming[n][img]
+                            self._cache_add(n, img)
+                elif kind == _PREEMPT:
+                    self._preempt(obj, now)
+                elif kind == _AR_START:
+                    self._ar_start(obj, now)
+                elif kind == _AR_END:
+                    self._ar_end(obj, now)
+                elif kind == _AR_SUBMIT:
+                    self._ar_submit(obj, now)
+                else:
+                    self._enqueue(obj)
+                    self._fresh.append(obj)
+            self._schedule(now)
+            if self.check:
+                self._check(now)
+        if self._done < remaining:
+            raise InvariantError(f"{remaining - self._done} batch jobs never finished")
+        return self._result()
+
+    # -- batch jobs -----------------------------------------------------------------------------
+    def _enqueue(self, run: Run) -> None:
+        i = bisect.bisect(self.keys, run.key)
+        self.keys.insert(i, run.key)
+        self.queue.insert(i, run)
+
+    def _dequeue(self, i: int) -> None:
+        del self.queue[i]
+        del self.keys[i]
+
+    def _finish(self, run: Run, now: float) -> None:
+        run.worked += (now - run.work_start) / self.slow
+        if abs(run.worked - run.job.run) > 1e-6 * max(1.0, run.job.run):
+            raise InvariantError(f"job {run.job.id} ran {run.worked:.3f}s of work, needs {run.job.run}s")
+        self._release(run.nodes, now, run.job.image)
+        run.done = now
+        run.token += 1
+        self._done += 1
+        self.useful += run.job.run * run.job.nodes
+        self.res.records[run.job.id] = (run.first_start, now, run.suspensions)
+
+    def _release(self, nodes, now: float, img: int | None) -> None:
+        self._gap_cache = None
+        for n in nodes:
+            self.busy[n] = None
+            self.free.add(n)
+        self._busy(now, -len(nodes))
+
+    def _busy(self, now: float, delta: int) -> None:
+        self.busy_count += delta
+        if self.track:
+            tl = self.res.timeline
+            if tl and tl[-1][0] == now:
+                tl[-1] = (now, self.busy_count)
+            else:
+                tl.append((now, self.busy_count))
+
+    def _next_ar(self, n: int, t: float) -> Reservation | None:
+        """The first AR on node n that has not ended by t."""
+        lst = self.node_ars[n]
+        while lst and lst[0].start + lst[0].dur <= t:
+            lst.pop(0)
+        return lst[0] if lst else None
+
+    def _until(self, n: int, now: float) -> float:
+        r = self._next_ar(n, now)
+        return r.start if r else INF
+
+    def _has(self, n: int, img: int) -> bool:
+        return self.cfg.transfer == "none" or (self.cfg.transfer == "cache" and img in self.cache[n])
+
+    def _setup(self, run: Run, nodes) -> float:
+        s = self.boot
+        if run.suspensions:
+            s = self.resume_s + (self.migrate_s if set(nodes) != set(run.last_nodes) else 0.0)
+        return s
+
+    def _need(self, run: Run, setup: float) -> float:
+        """Shortest gap this job may start in (vmwrap.plan decides, as the live planner does)."""
+        return min_gap(run.req_left * self.slow, self.c.mem_mb, self.save, setup_s=setup,
+                       factor=self.cfg.threshold, can_save=self.cfg.suspend)
+
+    def _gaps(self, now: float) -> list:
+        """Free nodes by how long they stay free (longest first); cached until the free set changes.
+        The third item counts, per prefix, the nodes reserved for the queue head (EASY)."""
+        if self._gap_cache is None:
+            pairs = sorted(((self._until(n, now) - now, n) for n in self.free), reverse=True)
+            self._gap_cache = [[-g for g, _ in pairs], [n for _, n in pairs], None,
+                               {n: g for g, n in pairs}]
+        return self._gap_cache
+
+    def _fits(self, run: Run, now: float, blocks: dict, ready: float, among=None) -> list[int]:
+        """Free nodes this job could start on now, given when its image is ready (only nodes in
+        `among`, when given)."""
+        setup = (ready - now) + (self.resume_s + self.migrate_s if run.suspensions else self.boot)
+        need = self._need(run, setup)
+        cache = self._gaps(now)
+        k = run.job.nodes
+        if among is not None:
+            occ_end = now + setup + run.req_left * self.slow
+            gap = cache[3]
+            out = []
+            for n in among:
+                if gap[n] >= need:
+                    b = blocks.get(n)
+                    if not (b and any(s < occ_end and now < e for s, e in b)):
+                        out.append(n)
+            return out if len(out) >= k else []
+        nodes_ok = None
+        neg, nodes = cache[0], cache[1]
+        m = bisect.bisect_right(neg, -need)     # nodes free for at least `need`
+        if m < k:
+            return []
+        if not blocks and nodes_ok is None:
+            return nodes[:m]
+        occ_end = now + setup + run.req_left * self.slow
+        if blocks.easy is not None and nodes_ok is None:   # O(1) count before building the list
+            t, reserved = blocks.easy
+            if occ_end <= t:
+                return nodes[:m]
+            if cache[2] is None:
+                pre = [0]
+                for n in nodes:
+                    pre.append(pre[-1] + (n in reserved))
+                cache[2] = pre
+            if m - cache[2][m] < k:
+                return []
+        out = []
+        for n in nodes[:m]:
+            if nodes_ok is not None and not nodes_ok(n):
+                continue
+            b = blocks.get(n)
+            if b and any(s < occ_end and now < e for s, e in b):
+                continue
+            out.append(n)
+        return out
+
+    def _pick(self, run: Run, cands: list[int], now: float) -> list[int]:
+        img = run.job.image
+        prefer_cache = self.cfg.placement == "cache" and self.cfg.transfer == "cache"
+        last = set(run.last_nodes)
+
+        def key(n):
+            return (n not in last, (img not in self.cache[n]) if prefer_cache else False,
+                    self._until(n, now), n)
+        return sorted(cands, key=key)[:run.job.nodes]
+
+    def _try_start(self, run: Run, now: float, blocks: dict) -> bool:
+        k = run.job.nodes
+        if len(self.free) < k:
+            return False
+        img = run.job.image
+        if self.cfg.transfer == "none":
+            cands = self._fits(run, now, blocks, now, None)
+            if len(cands) < k:
+                return False
+            return self._start(run, self._pick(run, cands, now), now, now)
+        held = self.holders[img] & self.free if self.cfg.transfer == "cache" else ()
+        if len(held) >= k:
+            # nodes that already hold the image, then any node with a transfer (or prestage) first
+            cands = self._fits(run, now, blocks, now, held)
+            if len(cands) >= k:
+                return self._start(run, self._pick(run, cands, now), now, now)
+        t_net = self.link.earliest(now, self.xfer_s) + self.xfer_s
+        cands = self._fits(run, now, blocks, t_net, None)
+        if len(cands) < k:
+            return False
+        chosen = self._pick(run, cands, now)
+        ready = now
+        lacking = []
+        for n in chosen:
+            if self._has(n, img):
+                continue
+            arr = self.incoming[n].get(img)
+            if arr is not None and arr <= t_net:
+                ready = max(ready, arr)
+            else:
+                lacking.append(n)
+        if lacking:
+            joined = self.link.joinable(now, img)
+            if joined is not None and joined <= t_net:
+                ready = max(ready, joined)
+                self._transferred(len(lacking), link=False)
+            else:
+                s = self.link.earliest(now, self.xfer_s)
+                self.link.book(s, self.xfer_s, img)
+                ready = max(ready, s + self.xfer_s)
+                self._transferred(len(lacking))
+            if self.cfg.transfer == "cache":
+                for n in lacking:
+                    self.incoming[n][img] = ready
+                self._push(ready, _CACHED, (tuple(lacking), img, ready))
+        return self._start(run, chosen, now, ready)
+
+    def _transferred(self, nodes: int, link: bool = True) -> None:
+        if link:
+            self.res.transfers += 1
+            self.res.link_mb += self.c.image_mb
+        self.res.node_mb += self.c.image_mb * nodes
+
+    def _start(self, run: Run, nodes: list[int], now: float, ready: float) -> bool:
+        self._gap_cache = None
+        for n in nodes:
+            if self.busy[n] is not None:
+                raise InvariantError(f"node {n} over-committed at {now}")
+            self.busy[n] = run
+            self.free.discard(n)
+            if self.cfg.transfer == "cache" and run.job.image in self.cache[n]:
+                self.cache[n].move_to_end(run.job.image)
+        self._busy(now, len(nodes))
+        setup = self._setup(run, nodes)
+        run.nodes = tuple(nodes)
+        run.start = now
+        run.work_start = ready + setup
+        run.end = run.work_start + run.work_left * self.slow
+        run.req_end = run.work_start + run.req_left * self.slow
+        if run.first_start is None:
+            run.first_start = now
+        run.token += 1
+        self._push(run.end, _END, (run, run.token))
+        return True
+
+    # -- scheduling pass ------------------------------------------------------------------------
+    def _schedule(self, now: float) -> None:
+        self._gap_cache = None      # node gaps are relative to now
+        if not self.queue or not self.free:
+            self._dirty = False
+            self._fresh.clear()
+            return
+        self.link.prune(now)
+        if not self._dirty and self.cfg.backfill == "easy" and self._blocks is not None:
+            # only arrivals since the last pass: the jobs before them would fail again (nothing
+            # freed, gaps only shrank), so try the newcomers against the same promise
+            blocks = self._blocks
+            for run in self._fresh:
+                i = bisect.bisect_left(self.keys, run.key)
+                if self.free and self._try_start(run, now, blocks):
+                    self._dequeue(i)
+            self._fresh.clear()
+            return
+        self._dirty = False
+        self._fresh.clear()
+        blocks = _Blocks()
+        self._blocks = None
+        head_done = False
+        fails: list[tuple[int, float]] = []   # (nodes, requested) that failed since the last start
+        memo = self.cfg.transfer != "cache"    # with caches a job's own image changes its chances
+        i = 0
+        while i < len(self.queue) and self.free:
+            run = self.queue[i]
+            if memo and head_done and not run.suspensions and any(
+                    k <= run.job.nodes and q <= run.req_left for k, q in fails):
+                i += 1            # a smaller, shorter job could not start: neither can this one
+                continue
+            if self._try_start(run, now, blocks):
+                self._dequeue(i)
+                fails.clear()
+                continue
+            if memo and head_done and not run.suspensions:
+                fails.append((run.job.nodes, run.req_left))
+            if self.cfg.backfill == "none":
+                break
+            if self.cfg.backfill == "conservative" or not head_done:
+                head_done = True
+                t, nodes = self._reserve(run, now, blocks)
+                dur = run.req_left * self.slow + self._setup(run, ())
+                for n in nodes:
+                    blocks.setdefault(n, []).append((t, t + dur))
+                if self.cfg.backfill == "easy":
+                    blocks.easy = (t, frozenset(nodes))
+                    self._blocks = blocks
+                if self.cfg.prestage and not run.suspensions and self.cfg.transfer != "none":
+                    self._prestage(run, t, nodes, now)
+            i += 1
+
+    def _reserve(self, run: Run, now: float, blocks: dict) -> tuple[float, list[int]]:
+        """Earliest time `run` could start, and on which nodes (EASY's shadow time)."""
+        setup = self.boot + (self.resume_s + self.migrate_s if run.suspensions else 0.0)
+        need = self._need(run, setup)
+        pts = []
+        for n in range(self.c.nodes):
+            occ = self.busy[n]
+            if occ is None:
+                rel = now
+            elif isinstance(occ, Run):
+                rel = max(now, min(occ.req_end, self._until(n, now)))
+            elif isinstance(occ, tuple):   # ("suspending", run, until)
+                rel = occ[2]
+            else:                          # an AR
+                rel = occ.start + occ.dur
+            cur = rel
+            iv = [(a.start, a.start + a.dur) for a in self.node_ars[n] if a.start + a.dur > rel]
+            if n in blocks:
+                iv += blocks[n]
+                iv.sort()
+            for bs, be in iv:
+                if be <= cur:
+                    continue
+                if bs - cur >= need:
+                    pts.append((cur, 0, n))
+                    pts.append((bs - need, 1, n))
+                cur = max(cur, be)
+            pts.append((cur, 0, n))
+        pts.sort()
+        have = set()
+        k = run.job.nodes
+        for i, (t, kind, n) in enumerate(pts):
+            if kind == 0:
+                have.add(n)
+                if len(have) >= k:
+                    for t2, kind2, n2 in pts[i + 1:]:   # every node free at t, to choose from
+                        if t2 > t or kind2:
+                            break
+                        have.add(n2)
+                    # promise the nodes busy now: the free ones stay open to backfilling
+                    return t, sorted(have, key=lambda m: (self.busy[m] is None, m))[:k]
+            else:
+                have.discard(n)
+        return INF, []
+
+    def _prestage(self, run: Run, t: float, nodes: list[int], now: float) -> None:
+        """Fetch the head's image onto the nodes it is planned to start on (vmwrap's prestage)."""
+        img = run.job.image
+        if t == INF or self.prestaged.get(run.job.id) == (t, tuple(nodes)):
+            return
+        lacking = [n for n in nodes if img not in self.cache[n] and img not in self.incoming[n]]
+        if not lacking:
+            return
+        s = self.link.earliest(now, self.xfer_s)
+        if s + 2 * self.xfer_s < t or s + self.xfer_s > t + 3600:
+            return   # too early (the plan will change; ask again later) or too late to matter
+        self.link.book(s, self.xfer_s, img)
+        arrival = s + self.xfer_s
+        for n in lacking:
+            self.incoming[n][img] = arrival
+        self._transferred(len(lacking))
+        self._push(arrival, _CACHED, (tuple(lacking), img, arrival))
+        self.prestaged[run.job.id] = (t, tuple(nodes))
+
+    def _cache_add(self, n: int, img: int) -> None:
+        c = self.cache[n]
+        if img in c:
+            c.move_to_end(img)
+            return
+        in_use = set()
+        occ = self.busy[n]
+        if isinstance(occ, Run):
+            in_use.add(occ.job.image)
+        elif isinstance(occ, Reservation):
+            in_use.add(occ.image)
+        while len(c) >= self.slots:
+            victim = next((i for i in c if i not in in_use), None)
+            if victim is None:
+                return
+            del c[victim]
+            self.holders[victim].discard(n)
+        c[img] = True
+        self.holders[img].add(n)
+
+    # -- reservations ---------------------------------------------------------------------------
+    def _ar_submit(self, r: Reservation, now: float) -> None:
+        end = r.start + r.dur
+        lead = self.susp_s if self.cfg.suspend else 0.0
+        cands = []
+        for n in range(self.c.nodes):
+            if any(a.start < end and r.start - lead < a.start + a.dur for a in self.node_ars[n]):
+                continue
+            occ = self.busy[n]
+            running_past = isinstance(occ, Run) and occ.req_end > r.start - lead
+            if running_past and not self.cfg.suspend:
+                continue
+            cands.append((running_past, self._has(n, r.image) is False, self._until(n, now), n))
+        if len(cands) < r.nodes:
+            return self._reject(r, f"only {len(cands)} of {r.nodes} nodes free of other commitments")
+        nodes = tuple(n for *_, n in sorted(cands)[:r.nodes])
+        if self.cfg.transfer != "none":
+            lacking = [n for n in nodes if not self._has(n, r.image)]
+            if lacking:
+                s = self.link.latest(r.start, self.xfer_s, now)
+                if s is None:
+                    return self._reject(r, "its image cannot arrive before the start")
+                self.link.book(s, self.xfer_s, r.image)
+                self._transferred(len(lacking))
+                if self.cfg.transfer == "cache":
+                    for n in lacking:
+                        self.incoming[n][r.image] = s + self.xfer_s
+                    self._push(s + self.xfer_s, _CACHED, (tuple(lacking), r.image, s + self.xfer_s))
+        for n in nodes:
+            bisect.insort(self.node_ars[n], r, key=lambda a: a.start)
+        self.ar_nodes[r.id] = nodes
+        self.res.ars_accepted += 1
+        if self.cfg.suspend:
+            self._push(max(now, r.start - self.susp_s), _PREEMPT, r)
+        self._push(r.start, _AR_START, r)
+
+    def _reject(self, r: Reservation, why: str) -> None:
+        self.res.ars_rejected += 1
+        self.res.rejected.append((r.id, why))
+
+    def _preempt(self, r: Reservation, now: float) -> None:
+        """Save every job on the AR's nodes so the save ends when the AR starts."""
+        for n in self.ar_nodes[r.id]:
+            occ = self.busy[n]
+            if isinstance(occ, Run) and occ.end > r.start:   # ending in time: leave it be
+                self._suspend(occ, now, r.start)
+
+    def _suspend(self, run: Run, now: float, until: float) -> None:
+        run.token += 1
+        if now >= run.work_start:
+            done = (now - run.work_start) / self.slow
+            run.worked += done
+            run.work_left -= done
+            run.req_left -= done
+            run.suspensions += 1
+            self.res.suspensions += 1
+            mark = ("suspending", run, until)
+        else:   # still staging or booting: nothing to save, just give the nodes back
+            mark = ("suspending", run, now)
+        for n in run.nodes:
+            self.busy[n] = mark
+        self._push(mark[2], _SUSPENDED, mark)
+
+    def _suspended(self, mark, now: float) -> None:
+        _, run, _ = mark
+        if run.suspensions:
+            run.last_nodes = run.nodes
+        self._release(run.nodes, now, None)
+        run.nodes = ()
+        run.start = run.work_start = run.end = run.req_end = INF
+        self._enqueue(run)
+
+    def _ar_start(self, r: Reservation, now: float) -> None:
+        late = False
+        for n in self.ar_nodes[r.id]:
+            occ = self.busy[n]
+            if isinstance(occ, Run) and occ.end - now <= EPS * max(1.0, now):
+                self._finish(occ, occ.end)   # ends at the same instant, give or take float rounding
+            if self.busy[n] is not None:
+                late = True
+                raise InvariantError(f"reservation {r.id} cannot start at {now}: node {n} is busy")
+            self.busy[n] = r
+            self.free.discard(n)
+            self._gap_cache = None
+        self._busy(now, len(self.ar_nodes[r.id]))
+        if self.cfg.transfer == "cache":
+            for n in self.ar_nodes[r.id]:
+                self.incoming[n].pop(r.image, None)
+                self._cache_add(n, r.image)
+        self.res.ars_late += late
+        self.res.ars_on_time += not late
+        self._push(now + r.dur, _AR_END, r)
+
+    def _ar_end(self, r: Reservation, now: float) -> None:
+        self._release(self.ar_nodes[r.id], now, r.image)
+        self.useful += r.dur * r.nodes
+
+    # -- checks and results ---------------------------------------------------------------------
+    def _check(self, now: float) -> None:
+        busy = sum(1 for b in self.busy if b is not None)
+        if busy + len(self.free) != self.c.nodes or busy != self.busy_count:
+            raise InvariantError(f"node accounting broken at {now}: {busy} busy, {len(self.free)} free")
+        for b in self.busy:
+            if isinstance(b, Run) and b.nodes and len(b.nodes) != b.job.nodes:
+                raise InvariantError(f"job {b.job.id} holds {len(b.nodes)} nodes, asked {b.job.nodes}")
+
+    def _result(self) -> Result:
+        r = self.res
+        recs = r.records
+        r.jobs = len(recs)
+        r.end = max((e for _, e, _ in recs.values()), default=0.0)
+        by_id = {j.id: j for j in self.jobs}
+        waits, bslds = [], []
+        for jid, (s, e, _) in recs.items():
+            j = by_id[jid]
+            waits.append(s - j.submit)
+            bslds.append(max(1.0, (e - j.submit) / max(j.run, 10.0)))
+        r.mean_wait = sum(waits) / len(waits) if waits else 0.0
+        r.mean_bsld = sum(bslds) / len(bslds) if bslds else 0.0
+        r.utilization = self.useful / (self.c.nodes * r.end) if r.end else 0.0
+        return r
+
+
+def simulate(jobs: list[Job], ars: list[Reservation], config: Config, cluster: Cluster = Cluster(),
+             save: SaveModel | None = None, **kw) -> Result:
+    return Simulator(cluster, config, jobs, ars, save, **kw).run()
