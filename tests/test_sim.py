@@ -42,6 +42,9 @@ def test_parse_errors_name_file_and_line(tmp_path):
     lwf.write_text("200 100 50 50 2 1 1024 0 'x.img' 600\n")
     with pytest.raises(WorkloadError, match=r"a\.lwf:1: starts at 100, before it is requested at 200"):
         read_lwf(lwf)
+    lwf.write_text("0 -30 50 50 2 1 1024 0 'x.img' 600\n0 -90 50 50 2 1 1024 0 'x.img' 600\n")
+    (r,) = read_lwf(lwf)   # under way when the trace begins: what is left of it; the other is over
+    assert (r.start, r.dur) == (0, 20)
     img = tmp_path / "i.images"
     img.write_text("a 4096 1\nb 4096 -2\n")
     with pytest.raises(WorkloadError, match=r"i\.images:2: size must be > 0 and weight >= 0"):

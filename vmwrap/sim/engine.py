@@ -204,6 +204,7 @@ class Simulator:
         self.busy: list = [None] * n
         self.free: set[int] = set(range(n))
         self.node_ars: list[list[Reservation]] = [[] for _ in range(n)]
+        self.node_iv: list[list[tuple[float, float]]] = [[] for _ in range(n)]   # same, as (start, end)
         self.cache: list[OrderedDict] = [OrderedDict() for _ in range(n)]
         self.holders: dict[int, set] = defaultdict(set)       # image -> nodes caching it
         self.incoming: list[dict] = [{} for _ in range(n)]   # image -> arrival (prestage / AR)
@@ -315,6 +316,7 @@ class Simulator:
         lst = self.node_ars[n]
         while lst and lst[0].start + lst[0].dur <= t:
             lst.pop(0)
+            self.node_iv[n].pop(0)
         return lst[0] if lst else None
 
     def _until(self, n: int, now: float) -> float:
@@ -400,12 +402,16 @@ class Simulator:
                     self._until(n, now), n)
         return sorted(cands, key=key)[:run.job.nodes]
 
-    def _try_start(self, run: Run, now: float, blocks: dict) -> bool:
+    def _try_start(self, run: Run, now: float, blocks: dict, general: bool = True) -> bool:
+        """Start `run` now if it fits. `general=False` skips the image-independent path (any free
+        node, with a transfer if needed): the caller knows a smaller, shorter job just failed it."""
         k = run.job.nodes
         if len(self.free) < k:
             return False
         img = run.job.image
         if self.cfg.transfer == "none":
+            if not general:
+                return False
             cands = self._fits(run, now, blocks, now, None)
             if len(cands) < k:
                 return False
@@ -416,6 +422,8 @@ class Simulator:
             cands = self._fits(run, now, blocks, now, held)
             if len(cands) >= k:
                 return self._start(run, self._pick(run, cands, now), now, now)
+        if not general:
+            return False
         t_net = self.link.earliest(now, self.xfer_s) + self.xfer_s
         cands = self._fits(run, now, blocks, t_net, None)
         if len(cands) < k:
@@ -498,21 +506,27 @@ class Simulator:
         blocks = _Blocks()
         self._blocks = None
         head_done = False
-        fails: list[tuple[int, float]] = []   # (nodes, requested) that failed since the last start
-        memo = self.cfg.transfer != "cache"    # with caches a job's own image changes its chances
+        # (nodes, requested) of jobs that failed since the last start: a larger, longer job fails
+        # the same image-independent test; with caches its own image may still let it start
+        fails: list[tuple[int, float]] = []
+        held_only = self.cfg.transfer == "cache"
         i = 0
         while i < len(self.queue) and self.free:
             run = self.queue[i]
-            if memo and head_done and not run.suspensions and any(
-                    k <= run.job.nodes and q <= run.req_left for k, q in fails):
-                i += 1            # a smaller, shorter job could not start: neither can this one
+            dominated = head_done and not run.suspensions and any(
+                k <= run.job.nodes and q <= run.req_left for k, q in fails)
+            if dominated and not held_only:
+                i += 1    # no promise of its own either: see docs/simulate.md, Limits (conservative)
                 continue
-            if self._try_start(run, now, blocks):
+            if self._try_start(run, now, blocks, general=not dominated):
                 self._dequeue(i)
                 fails.clear()
                 continue
-            if memo and head_done and not run.suspensions:
-                fails.append((run.job.nodes, run.req_left))
+            if head_done and not run.suspensions and not dominated:
+                # keep the Pareto front only: what this failure dominates is redundant
+                k, q = run.job.nodes, run.req_left
+                fails[:] = [f for f in fails if f[0] < k or f[1] < q]
+                fails.append((k, q))
             if self.cfg.backfill == "none":
                 break
             if self.cfg.backfill == "conservative" or not head_done:
@@ -529,48 +543,66 @@ class Simulator:
             i += 1
 
     def _reserve(self, run: Run, now: float, blocks: dict) -> tuple[float, list[int]]:
-        """Earliest time `run` could start, and on which nodes (EASY's shadow time)."""
+        """Earliest time `run` could start, and on which nodes (EASY's shadow time).
+
+        Each node contributes windows [open, close] in which a start fits before its next
+        commitment; the answer is the first open at which k windows overlap. Counting over two
+        sorted float lists finds it without sorting tuples, the hot spot of a whole sweep.
+        """
         setup = self.boot + (self.resume_s + self.migrate_s if run.suspensions else 0.0)
         need = self._need(run, setup)
-        pts = []
+        opens: list[float] = []
+        closes: list[float] = []
+        wins: list[tuple[float, float, int]] = []
+        busy, node_iv = self.busy, self.node_iv
         for n in range(self.c.nodes):
-            occ = self.busy[n]
+            occ = busy[n]
             if occ is None:
                 rel = now
             elif isinstance(occ, Run):
-                rel = max(now, min(occ.req_end, self._until(n, now)))
+                rel = occ.req_end
+                if node_iv[n]:
+                    u = self._until(n, now)
+                    if u < rel:
+                        rel = u
+                if rel < now:
+                    rel = now
             elif isinstance(occ, tuple):   # ("suspending", run, until)
                 rel = occ[2]
             else:                          # an AR
                 rel = occ.start + occ.dur
             cur = rel
-            iv = [(a.start, a.start + a.dur) for a in self.node_ars[n] if a.start + a.dur > rel]
-            if n in blocks:
-                iv += blocks[n]
-                iv.sort()
+            iv = node_iv[n]
+            b = blocks.get(n) if blocks else None
+            if b:
+                iv = sorted(iv + b)
             for bs, be in iv:
                 if be <= cur:
                     continue
                 if bs - cur >= need:
-                    pts.append((cur, 0, n))
-                    pts.append((bs - need, 1, n))
-                cur = max(cur, be)
-            pts.append((cur, 0, n))
-        pts.sort()
-        have = set()
+                    opens.append(cur)
+                    closes.append(bs - need)
+                    wins.append((cur, bs - need, n))
+                if be > cur:
+                    cur = be
+            opens.append(cur)
+            wins.append((cur, INF, n))
         k = run.job.nodes
-        for i, (t, kind, n) in enumerate(pts):
-            if kind == 0:
-                have.add(n)
-                if len(have) >= k:
-                    for t2, kind2, n2 in pts[i + 1:]:   # every node free at t, to choose from
-                        if t2 > t or kind2:
-                            break
-                        have.add(n2)
-                    # promise the nodes busy now: the free ones stay open to backfilling
-                    return t, sorted(have, key=lambda m: (self.busy[m] is None, m))[:k]
-            else:
-                have.discard(n)
+        opens.sort()
+        closes.sort()
+        j, nc, no = 0, len(closes), len(opens)
+        i = 0
+        while i < no:
+            t = opens[i]
+            while i + 1 < no and opens[i + 1] == t:
+                i += 1
+            while j < nc and closes[j] < t:
+                j += 1
+            if i + 1 - j >= k:
+                have = [m for o, c, m in wins if o <= t <= c]
+                # promise the nodes busy now: the free ones stay open to backfilling
+                return t, sorted(have, key=lambda m: (busy[m] is None, m))[:k]
+            i += 1
         return INF, []
 
     def _prestage(self, run: Run, t: float, nodes: list[int], now: float) -> None:
@@ -642,6 +674,7 @@ class Simulator:
                     self._push(s + self.xfer_s, _CACHED, (tuple(lacking), r.image, s + self.xfer_s))
         for n in nodes:
             bisect.insort(self.node_ars[n], r, key=lambda a: a.start)
+            bisect.insort(self.node_iv[n], (r.start, r.start + r.dur))
         self.ar_nodes[r.id] = nodes
         self.res.ars_accepted += 1
         if self.cfg.suspend:

@@ -100,7 +100,8 @@ def read_swf(path: str | Path, max_nodes: int | None = None) -> list[Job]:
 
 def read_lwf(path: str | Path, max_nodes: int | None = None, first_id: int = 1_000_000) -> list[Reservation]:
     """Haizea's LWF lines: submit start requested_duration actual_duration nodes cpu mem disk
-    'image' image_MB (times in seconds from trace start)."""
+    'image' image_MB (times in seconds from trace start). A reservation submitted at 0 that
+    started before 0 is clipped to what remains of it at 0."""
     out = []
     for i, (lineno, s) in enumerate(_lines(Path(path))):
         f = s.split()
@@ -112,6 +113,13 @@ def read_lwf(path: str | Path, max_nodes: int | None = None, first_id: int = 1_0
         nodes = _num(path, lineno, "nodes", f[4], int)
         if dur <= 0 or nodes <= 0:
             raise WorkloadError(f"{path}:{lineno}: duration and nodes must be > 0")
+        if start < submit and submit == 0:
+            # already under way when the trace begins (the HPDC'08 files have a few on day one):
+            # keep what is left of it from time 0, drop it if nothing is
+            dur -= submit - start
+            start = submit
+            if dur <= 0:
+                continue
         if start < submit:
             raise WorkloadError(f"{path}:{lineno}: starts at {start:g}, before it is requested at {submit:g}")
         if max_nodes is not None and nodes > max_nodes:
