@@ -116,6 +116,14 @@ def test_reservation_rejected_when_nodes_are_committed():
     assert "only 1 of 3 nodes" in r.rejected[0][1]
 
 
+def test_back_to_back_reservations_on_the_same_nodes():
+    # the first ends at the very instant the second starts: its nodes are free for it (HPDC'08 has these)
+    ars = [Reservation(100, 0, 100, 100, 4), Reservation(101, 0, 200, 100, 4)]
+    r = simulate([Job(1, 250, 10, 10, 1)], ars, Config("novm"), SMALL, check=True)
+    assert (r.ars_accepted, r.ars_on_time, r.ars_rejected) == (2, 2, 0)
+    assert r.records[1] == (300, 310, 0)
+
+
 def test_conservative_backfilling_keeps_every_promise():
     # J1 holds 3 of 4 nodes until 1000; J2 (head) and J3 each want 2 nodes; J4 wants 1 node for 1500 s.
     # EASY promises only J2, so J4 takes the free node and J3 slips; conservative promises J3 too.

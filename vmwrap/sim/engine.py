@@ -179,7 +179,7 @@ class _Link:
 
 
 # event kinds, in the order they are handled at one instant: things that free nodes first
-_END, _SUSPENDED, _CACHED, _PREEMPT, _AR_START, _AR_END, _AR_SUBMIT, _SUBMIT = range(8)
+_END, _SUSPENDED, _AR_END, _CACHED, _PREEMPT, _AR_START, _AR_SUBMIT, _SUBMIT = range(8)
 
 
 class Simulator:
