@@ -19,6 +19,8 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
     Config("vmwrap-skewed", vm=True, suspend=True, transfer="cache", images="skewed",
            placement="cache", prestage=True),
     Config("novm-conservative", backfill="conservative"),
+    # the planner off (issue 8's comparison): VMs, image predeployed, no run before reservations
+    Config("vm+predeployed-noplan", vm=True),
 )}
 
 #: Published Table 1 (medium ARs of 3 h): extra time to finish all batch work, % over the baseline.

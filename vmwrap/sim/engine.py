@@ -506,27 +506,32 @@ class Simulator:
         blocks = _Blocks()
         self._blocks = None
         head_done = False
-        # (nodes, requested) of jobs that failed since the last start: a larger, longer job fails
-        # the same image-independent test; with caches its own image may still let it start
-        fails: list[tuple[int, float]] = []
+        # Jobs that failed since the last start: a larger, longer job fails the same
+        # image-independent test (with caches its own image may still let it start).
+        # fail_q[k] = shortest request that failed among jobs of at most k nodes.
+        fail_q = None
         held_only = self.cfg.transfer == "cache"
+        holders = self.holders
         i = 0
         while i < len(self.queue) and self.free:
             run = self.queue[i]
-            dominated = head_done and not run.suspensions and any(
-                k <= run.job.nodes and q <= run.req_left for k, q in fails)
-            if dominated and not held_only:
+            k = run.job.nodes
+            dominated = fail_q is not None and not run.suspensions and fail_q[k] <= run.req_left
+            if dominated and (not held_only or len(holders[run.job.image]) < k):
                 i += 1    # no promise of its own either: see docs/simulate.md, Limits (conservative)
                 continue
             if self._try_start(run, now, blocks, general=not dominated):
                 self._dequeue(i)
-                fails.clear()
+                fail_q = None
                 continue
             if head_done and not run.suspensions and not dominated:
-                # keep the Pareto front only: what this failure dominates is redundant
-                k, q = run.job.nodes, run.req_left
-                fails[:] = [f for f in fails if f[0] < k or f[1] < q]
-                fails.append((k, q))
+                if fail_q is None:
+                    fail_q = [INF] * (self.c.nodes + 1)
+                q = run.req_left
+                for m in range(k, self.c.nodes + 1):
+                    if fail_q[m] <= q:
+                        break      # already as low from here on (the table is non-increasing)
+                    fail_q[m] = q
             if self.cfg.backfill == "none":
                 break
             if self.cfg.backfill == "conservative" or not head_done:
