@@ -189,3 +189,33 @@ def test_initramfs_appliance_without_root_disk(site, workdir, test_user):
     assert r.returncode == 0, r.stderr
     assert r.stdout.decode().splitlines() == [str(test_user.pw_uid), str(workdir), "no-disk"]
     assert site.leftovers() == []
+
+
+def test_a_save_that_would_run_past_its_deadline_is_stopped(site, workdir):
+    """The gap planner's last line of defence: a reservation needs the node at the deadline."""
+    from vmwrap import checkpoint, domain, launcher
+    from vmwrap.errors import NodeError
+
+    settings = site.settings()
+    store = checkpoint.Store(site.base / "ckpt")
+    p = site.popen(HDR + "i=0; while :; do i=$((i+1)); echo n=$i; sleep 1; done\n", workdir,
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"n=1\n"
+        (run_dir,) = (site.state / "jobs").iterdir()
+        job = run_dir.name
+        conn = domain.connect(settings.libvirt_uri)
+        t0 = time.time()
+        with pytest.raises(NodeError, match="did not finish by .* reservation needs the node"):
+            checkpoint.save(job, run_dir, store, conn, 1, deadline=t0 + 0.05)
+        assert time.time() - t0 < 5            # aborted at the deadline, not after the whole save
+        assert not store.exists(job) and not list(store.root.glob(f".{job}.*"))   # nothing half-written
+        with pytest.raises(NodeError, match="no time left to save"):
+            checkpoint.save(job, run_dir, store, conn, 1, deadline=time.time() - 1)
+        conn.close()
+    finally:
+        p.kill()
+        p.wait()
+        for d in (site.state / "jobs").iterdir():
+            launcher.teardown(d.name, settings)
+    assert site.leftovers() == []

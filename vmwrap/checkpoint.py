@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -83,6 +84,44 @@ class Store:
         except OSError:
             pass
 
+    # Shared records the gap planner reads: measured save throughput, and a save's deadline (the
+    # reservation's start), written by the planner before it requeues a job.
+    def record_rate(self, nbytes: int, seconds: float) -> None:
+        try:
+            with open(self.root / ".save-rates", "a") as f:
+                f.write(json.dumps({"ts": time.time(), "bytes": nbytes, "seconds": seconds}) + "\n")
+        except OSError:
+            pass
+
+    def measured_save_rate(self, last: int = 10) -> float | None:
+        """MB/s of the slowest of the last saves (None before any): what the planner predicts with."""
+        try:
+            lines = (self.root / ".save-rates").read_text().splitlines()[-last:]
+        except OSError:
+            return None
+        rates = []
+        for ln in lines:
+            try:
+                r = json.loads(ln)
+                if r["seconds"] > 0 and r["bytes"] > 0:
+                    rates.append(r["bytes"] / 1e6 / r["seconds"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        return min(rates) if rates else None
+
+    def set_deadline(self, job_id: str, when: float) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / f"{self.dir(job_id).name}.deadline").write_text(f"{when:.3f}\n")
+
+    def deadline(self, job_id: str) -> float | None:
+        try:
+            return float((self.root / f"{self.dir(job_id).name}.deadline").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def clear_deadline(self, job_id: str) -> None:
+        (self.root / f"{self.dir(job_id).name}.deadline").unlink(missing_ok=True)
+
     def lost_reason(self, job_id: str) -> str | None:
         try:
             return (self.root / f"{self.dir(job_id).name}.lost").read_text().strip()
@@ -109,7 +148,7 @@ class Store:
         d = self.dir(job_id)
         gone = d.exists()
         shutil.rmtree(d, ignore_errors=True)
-        for marker in ("ran", "lost"):
+        for marker in ("ran", "lost", "deadline"):
             (self.root / f"{d.name}.{marker}").unlink(missing_ok=True)
         for tmp in self.root.glob(f".{job_id}.*") if self.root.exists() else ():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -123,7 +162,7 @@ class Store:
         for p in self.root.iterdir():
             if p.name.startswith("."):
                 continue
-            out.add(p.name.rsplit(".", 1)[0] if p.suffix in (".ran", ".lost") else p.name)
+            out.add(p.name.rsplit(".", 1)[0] if p.suffix in (".ran", ".lost", ".deadline") else p.name)
         return out
 
     def gc(self, still_queued) -> list[str]:
@@ -190,14 +229,18 @@ class Store:
         return m
 
 
-def save(job_id: str, run_dir: Path, store: Store, conn, restarts: int) -> dict:
+def save(job_id: str, run_dir: Path, store: Store, conn, restarts: int, deadline: float | None = None) -> dict:
     """Quiesce the work dir server, save the VM into the store, and leave the node with no VM.
 
     Returns timings; raises NodeError (the VM is then destroyed by the caller's teardown, and the
-    restart follows the job's --on-lost-checkpoint policy).
+    restart follows the job's --on-lost-checkpoint policy). With a `deadline` (epoch seconds: a
+    reservation needs the node then) a save still running at that time is aborted, so the node is
+    free on time and the job's checkpoint counts as lost, with that reason.
     """
     import libvirt
 
+    if deadline is not None and time.time() >= deadline:
+        raise NodeError(f"no time left to save: the node is needed at {time.strftime('%H:%M:%S', time.localtime(deadline))}")
     t0 = time.monotonic()
     name = f"vmwrap-{job_id}"
     dom = domain.lookup(conn, name)
@@ -221,7 +264,7 @@ def save(job_id: str, run_dir: Path, store: Store, conn, restarts: int) -> dict:
     try:
         try:
             # O_DIRECT: measured 2-3x faster than through the page cache, and already on disk.
-            dom.saveFlags(str(tmp / "memory.save"), None, libvirt.VIR_DOMAIN_SAVE_BYPASS_CACHE)
+            _save_by(dom, str(tmp / "memory.save"), libvirt.VIR_DOMAIN_SAVE_BYPASS_CACHE, deadline)
         except libvirt.libvirtError as e:
             raise NodeError(f"libvirt could not save the VM of job {job_id}: {e.get_error_message()}") from None
         t_saved = time.monotonic()
@@ -248,6 +291,33 @@ def save(job_id: str, run_dir: Path, store: Store, conn, restarts: int) -> dict:
     return {"quiesce_s": t_quiesced - t0, "save_s": t_saved - t_quiesced, "seal_s": t_done - t_saved,
             **store.last_commit,
             "total_s": t_done - t0, "memory_bytes": manifest["files"]["memory.save"]["bytes"]}
+
+
+def _save_by(dom, path: str, flags: int, deadline: float | None) -> None:
+    """virDomainSaveFlags, aborted (virDomainAbortJob) if it is still running at `deadline`."""
+    if deadline is None:
+        dom.saveFlags(path, None, flags)
+        return
+    err: list[BaseException] = []
+
+    def work():
+        try:
+            dom.saveFlags(path, None, flags)
+        except BaseException as e:  # noqa: BLE001 (handed to the caller's thread)
+            err.append(e)
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    t.join(max(0.0, deadline - time.time()))
+    if t.is_alive():
+        try:
+            dom.abortJob()
+        except Exception:
+            pass
+        t.join(30)
+        raise NodeError(f"the save did not finish by {time.strftime('%H:%M:%S', time.localtime(deadline))}, when a "
+                        "reservation needs the node: stopped so the reservation starts on time")
+    if err:
+        raise err[0]
 
 
 def restore(job_id: str, run_dir: Path, store: Store, conn, job: Job, paths: dict[str, Path]) -> dict:

@@ -560,9 +560,10 @@ def simulate(swf, lwf, synth, jobs, load, ar_share, ar_nodes, ar_hours, names, l
 
 def _register_plugins() -> None:
     from plugins.sge.cli import sge
-    from plugins.slurm.cli import slurm
+    from plugins.slurm.cli import plan, slurm
 
     main.add_command(slurm)
+    main.add_command(plan)   # Slurm's is the only planner adapter so far
     main.add_command(sge)
 
 

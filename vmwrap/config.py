@@ -29,6 +29,19 @@ class Settings:
     # virtio-9p: QEMU's own 9p device (a little faster, but a mounted share blocks saving the VM).
     workdir_share: str = "serial"
     checkpoint_dir: str = "/var/lib/vmwrap/checkpoints"  # must be storage every node shares
+    # The gap planner (`vmwrap plan`, docs/plan.md): off until enabled; jobs already in a gap are
+    # always saved in time, enabled or not.
+    plan_enabled: bool = False
+    plan_partitions: str = ""          # comma-separated; empty: every partition
+    plan_users: str = ""               # comma-separated; empty: every user
+    plan_max_nodes: int = 0            # nodes running in gaps at once; 0: no cap
+    plan_save_rate_mb_s: float = 200.0  # until saves were measured (then the slowest recent one)
+    plan_save_fixed_s: float = 15.0    # requeue signal, batch step detach, epilog start, checksums
+    plan_save_margin: float = 0.5      # relative margin on the predicted save
+    plan_save_margin_s: float = 10.0   # absolute margin on top
+    plan_min_run_s: float = 60.0       # work before the save worth a gap at all
+    plan_setup_s: float = 15.0         # boot (or restore) before the job's work starts
+    plan_teardown_s: float = 15.0      # epilog teardown after Slurm's KillWait
 
     @property
     def jobs_dir(self) -> Path:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 EVENTS = ("prepare", "created", "booted", "started", "paused", "resumed", "saved", "restored", "exited",
-          "destroyed", "failed", "cache_hit", "cache_miss", "prestage")
+          "destroyed", "failed", "cache_hit", "cache_miss", "prestage", "save_failed", "plan")
 
 
 class Ledger:

@@ -108,3 +108,36 @@ def prestage(obj, node, controller, lua_dir, interval, once, bandwidth, horizon)
         if once:
             return
         time.sleep(interval)
+
+
+@click.command("plan")
+@click.option("--interval", type=float, default=5.0, help="Seconds between passes (loop mode).")
+@click.option("--once", is_flag=True, help="One pass, then exit.")
+@click.option("--dry-run", is_flag=True, help="Say what would be done and why; change nothing.")
+@click.pass_obj
+def plan(obj, interval, once, dry_run):
+    """Run queue heads in the gaps before advance reservations, saved in time (next to slurmctld).
+
+    Settings: plan_* in vmwrap.toml (docs/plan.md). Every decision is logged with its reason.
+    """
+    import logging
+    import time
+
+    from .planner import Planner
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    s = obj.settings()
+    if not s.plan_enabled:
+        logging.getLogger("vmwrap.plan").info(
+            "plan_enabled is false: no new job is put into a gap (jobs already in one are still saved in time)")
+    p = Planner(s, dry_run=dry_run)
+    while True:
+        try:
+            p.pass_once()
+        except Exception as e:  # keep going through a slurmctld restart
+            logging.getLogger("vmwrap.plan").error("pass failed: %s", e)
+            if once:
+                sys.exit(1)
+        if once:
+            return
+        time.sleep(interval)

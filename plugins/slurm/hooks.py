@@ -140,14 +140,18 @@ def epilog(settings: Settings, env: dict[str, str]) -> int:
         ledger = Ledger(settings.ledger_path)
         if requeued and settings.workdir_share == "serial" and not domain.is_gone(conn, f"vmwrap-{job_id}"):
             # Preempted (PreemptMode=REQUEUE) or `scontrol requeue`: save the VM, the restart restores it.
+            deadline = store.deadline(job_id)   # set by the gap planner: a reservation needs the node
             try:
-                info = checkpoint.save(job_id, run_dir, store, conn, restarts)
+                info = checkpoint.save(job_id, run_dir, store, conn, restarts, deadline=deadline)
                 ledger.record(job_id, f"vmwrap-{job_id}", "saved", scheduler="slurm", **info)
+                store.record_rate(info["memory_bytes"], info["total_s"])
             except Exception as e:  # the restart then follows the job's --on-lost-checkpoint
                 reason = f"saving its VM on {env.get('SLURMD_NODENAME', os.uname().nodename)} failed: {e}"
                 store.mark_lost(job_id, reason)
                 ledger.record(job_id, f"vmwrap-{job_id}", "save_failed", message=str(e))
                 print(f"vmwrap epilog: job {job_id}: {reason}", file=sys.stderr)
+            finally:
+                store.clear_deadline(job_id)
         elif run_dir.exists():
             timeline = launcher.guest_timeline(run_dir)
             ledger.record(job_id, f"vmwrap-{job_id}", "exited", scheduler="slurm",

@@ -1,0 +1,208 @@
+"""Slurm glue for the gap planner (`vmwrap plan`): the queue head runs before an advance reservation.
+
+Mechanism (no patch to Slurm): a pending vmwrap job that only waits because a reservation starts
+before its time limit would end gets its `TimeLimit` lowered so that Slurm's own scheduler starts it
+in the gap; at `save_at` the planner `scontrol requeue`s it, which makes the epilog save its VM
+(vmwrap's preemption path, docs/checkpoint.md); once pending again its `TimeLimit` is set to what it
+has left, and after the reservation Slurm restarts it and the prolog restores the VM, on any node.
+If the planner is not there to requeue it, the lowered limit makes Slurm stop the job early enough
+that the reservation's nodes are still free on time (its work is then lost, as for any time limit).
+
+Decisions are `vmwrap.plan.plan_pass`'s, the same code the simulator evaluates; this module only
+reads Slurm's state (squeue --json, scontrol -o, sinfo) and applies the actions with scontrol.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from vmwrap import checkpoint
+from vmwrap.config import Settings
+from vmwrap.ledger import Ledger
+from vmwrap.plan import Action, Policy, QueuedJob, Reservation, SaveModel, plan_pass
+
+from .hooks import parse_request
+
+log = logging.getLogger("vmwrap.plan")
+UNLIMITED = 0xFFFFFFFE   # Slurm's INFINITE (and NO_VAL above it) as squeue --json prints time limits
+
+
+def _run(*argv: str) -> str:
+    exe = shutil.which(argv[0]) or f"/usr/bin/{argv[0]}"
+    r = subprocess.run([exe, *argv[1:]], capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip() or r.stdout.strip()}")
+    return r.stdout
+
+
+def _epoch(stamp: str) -> float | None:
+    try:
+        return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
+
+
+def _hostnames(expr: str, cache: dict) -> frozenset[str]:
+    if not expr or expr == "(null)":
+        return frozenset()
+    if expr not in cache:
+        cache[expr] = frozenset(_run("scontrol", "show", "hostnames", expr).split())
+    return cache[expr]
+
+
+def _fields(line: str) -> dict[str, str]:
+    out = {}
+    for tok in line.split():
+        k, sep, v = tok.partition("=")
+        if sep:
+            out.setdefault(k, v)
+    return out
+
+
+def reservations(hosts: dict) -> list[Reservation]:
+    """Reservations not yet over (scontrol has no --json for them in 22.05)."""
+    out = []
+    for line in _run("scontrol", "show", "reservation", "-o").splitlines():
+        f = _fields(line)
+        start, end = _epoch(f.get("StartTime", "")), _epoch(f.get("EndTime", ""))
+        if "ReservationName" not in f or start is None or end is None:
+            continue
+        users = f.get("Users", "(null)")
+        out.append(Reservation(f["ReservationName"], start, end, _hostnames(f.get("Nodes", ""), hosts),
+                               frozenset() if users == "(null)" else frozenset(users.split(","))))
+    return out
+
+
+def idle_nodes() -> dict[str, set[str]]:
+    """Partition -> its idle nodes."""
+    out: dict[str, set[str]] = {}
+    for line in _run("sinfo", "-h", "-N", "-t", "idle", "-o", "%N %P").splitlines():
+        node, _, part = line.partition(" ")
+        out.setdefault(part.strip().rstrip("*"), set()).add(node.strip())
+    return out
+
+
+def _limit_s(minutes) -> float:
+    if not isinstance(minutes, int) or minutes >= UNLIMITED:
+        return math.inf
+    return minutes * 60.0
+
+
+def jobs(settings: Settings, idle: dict[str, set[str]], now: float) -> list[QueuedJob]:
+    """Pending and running jobs in Slurm's priority order."""
+    data = json.loads(_run("squeue", "--json"))
+    out = []
+    for j in data.get("jobs", []):
+        state = {"PENDING": "pending", "RUNNING": "running"}.get(j.get("job_state"), "other")
+        req = parse_request(j.get("comment") or "")
+        mem = (req or {}).get("memory_mib") or settings.default_memory_mib
+        reason = j.get("state_reason") or ""
+        eligible = (state == "pending" and not j.get("dependency")
+                    and reason not in ("BeginTime", "JobHeldUser", "JobHeldAdmin", "Dependency",
+                                       "DependencyNeverSatisfied", "PartitionDown", "PartitionInactive")
+                    and (j.get("eligible_time") or 0) <= now and int(j.get("priority") or 0) > 0)
+        part = j.get("partition") or ""
+        out.append((-(j.get("priority") or 0), int(j["job_id"]), QueuedJob(
+            job=str(j["job_id"]), user=j.get("user_name") or "", partition=part,
+            nodes=int(j.get("node_count") or 1), limit_s=_limit_s(j.get("time_limit")), mem_mb=float(mem),
+            saveable=req is not None and settings.workdir_share == "serial" and bool(j.get("batch_flag", True)),
+            state=state, start=float(j["start_time"]) if state == "running" else None,
+            idle=frozenset(idle.get(part, ())) if state == "pending" else frozenset(),
+            eligible=eligible, reservation=j.get("resv_name") or "")))
+    return [q for *_, q in sorted(out, key=lambda t: (t[0], t[1]))]
+
+
+def slurm_config() -> dict[str, str]:
+    out = {}
+    for line in _run("scontrol", "show", "config").splitlines():
+        k, sep, v = line.partition("=")
+        if sep:
+            out[k.strip()] = v.strip()
+    return out
+
+
+def policy(settings: Settings, store: checkpoint.Store, conf: dict[str, str] | None = None) -> Policy:
+    """The site's policy; the save model uses the slowest of the store's recent measured saves."""
+    conf = conf if conf is not None else slurm_config()
+    kill_wait = float(re.match(r"(\d+)", conf.get("KillWait", "30")).group(1))
+    m = re.search(r"bf_interval=(\d+)", conf.get("SchedulerParameters", ""))
+    bf = float(m.group(1)) if m else 30.0
+    measured = store.measured_save_rate()
+    rate = min(measured, settings.plan_save_rate_mb_s) if measured else settings.plan_save_rate_mb_s
+    split = lambda s: frozenset(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
+    return Policy(
+        model=SaveModel(rate, settings.plan_save_fixed_s, settings.plan_save_margin, settings.plan_save_margin_s),
+        enabled=settings.plan_enabled, partitions=split(settings.plan_partitions), users=split(settings.plan_users),
+        max_nodes=settings.plan_max_nodes, setup_s=settings.plan_setup_s,
+        stop_s=kill_wait + settings.plan_teardown_s, slack_s=max(10.0, 2 * bf + 2),
+        min_run_s=settings.plan_min_run_s)
+
+
+def _slurm_limit(seconds: float) -> str:
+    return "UNLIMITED" if math.isinf(seconds) else str(max(1, int(seconds // 60)))
+
+
+class Planner:
+    """One planner per cluster, next to slurmctld (root). State survives restarts in state_dir."""
+
+    def __init__(self, settings: Settings, dry_run: bool = False):
+        self.settings = settings
+        self.dry_run = dry_run
+        self.store = checkpoint.Store(settings.checkpoint_dir)
+        self.path = Path(settings.state_dir) / "planner.json"
+        self.state: dict[str, dict] = {}
+        if not dry_run:
+            try:
+                self.state = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self.state = {}
+        self._said: dict[str, str] = {}
+        self._hosts: dict = {}
+
+    def pass_once(self, now: float | None = None) -> list[Action]:
+        now = time.time() if now is None else now
+        idle = idle_nodes()
+        pol = policy(self.settings, self.store)
+        acts = plan_pass(now, reservations(self._hosts), jobs(self.settings, idle, now), pol, self.state)
+        for a in acts:
+            self._apply(a, now)
+        if not self.dry_run:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.state, indent=1))
+            os.replace(tmp, self.path)
+        return acts
+
+    def _apply(self, a: Action, now: float) -> None:
+        if a.kind == "note":
+            if self._said.get(a.job) != a.reason:   # a decision is logged when it changes
+                self._said[a.job] = a.reason
+                log.info("job %s: %s", a.job, a.reason)
+            return
+        what = (f"TimeLimit={_slurm_limit(a.seconds)}" if a.kind == "limit" else "requeue")
+        self._said.pop(a.job, None)
+        log.info("job %s: %s -> %s%s", a.job, a.reason, what, " (dry run: not done)" if self.dry_run else "")
+        if self.dry_run:
+            return
+        try:
+            Ledger(self.settings.ledger_path).record(a.job, f"vmwrap-{a.job}", "plan", action=what, reason=a.reason)
+        except Exception as e:  # the ledger is accounting: never let it stop a save
+            log.error("ledger: %s", e)
+        try:
+            if a.kind == "limit":
+                _run("scontrol", "update", f"jobid={a.job}", f"TimeLimit={_slurm_limit(a.seconds)}")
+            elif a.kind == "requeue":
+                st = self.state.get(a.job, {})
+                # the epilog must not run past the reservation's start: it stops the save by then
+                self.store.set_deadline(a.job, st.get("ar_start", now) - self.settings.plan_teardown_s)
+                _run("scontrol", "requeue", a.job)
+        except RuntimeError as e:
+            log.error("job %s: %s failed: %s", a.job, what, e)

@@ -1,0 +1,120 @@
+"""The gap planner's pass (vmwrap.plan.plan_pass) on hand-made cluster states: no scheduler needed.
+
+The same state machine drives `vmwrap plan` on Slurm (tests/test_slurm_plan.py proves it there).
+"""
+
+from __future__ import annotations
+
+import math
+
+from vmwrap.plan import Policy, QueuedJob, Reservation, SaveModel, plan_pass
+
+NODES = frozenset({"c1", "c2", "c3"})
+AR = Reservation("ar", start=1000.0, end=1600.0, nodes=NODES)
+# save budget for 256 MiB: (10 + 256/128) * 1.5 + 5 = 23 s
+POL = Policy(model=SaveModel(128.0, 10.0, 0.5, 5.0), setup_s=10, stop_s=20, slack_s=10, min_run_s=60)
+
+
+def job(jid="1", state="pending", limit=3600.0, **kw) -> QueuedJob:
+    base = dict(job=jid, user="u", partition="p", nodes=1, limit_s=limit, mem_mb=256.0, saveable=True,
+                state=state, idle=NODES if state == "pending" else frozenset())
+    base.update(kw)
+    return QueuedJob(**base)
+
+
+def kinds(acts, jid="1"):
+    return [(a.kind, a.seconds) for a in acts if a.job == jid and a.kind != "note"]
+
+
+def test_head_gets_a_limit_that_ends_before_the_reservation_then_is_requeued_and_gets_the_rest():
+    st: dict = {}
+    acts = plan_pass(0.0, [AR], [job()], POL, st)
+    # gap closes at 1000 - 20 (the scheduler's own kill must be over by the start); whole minutes
+    assert kinds(acts) == [("limit", 960.0)]
+    # the requeue must come before the scheduler's own kill at the lowered limit
+    assert st["1"]["phase"] == "offered" and st["1"]["save_at"] == 960 - 10
+
+
+def test_saved_when_the_budget_says_requeued_then_given_the_rest_of_its_time():
+    pol = Policy(model=SaveModel(8.0, 10.0, 0.5, 5.0), setup_s=10, stop_s=20, slack_s=10)   # 68 s save
+    st: dict = {}
+    assert kinds(plan_pass(0.0, [AR], [job()], pol, st)) == [("limit", 960.0)]
+    assert kinds(plan_pass(5.0, [AR], [job(state="running", start=3.0)], pol, st)) == []
+    assert st["1"]["phase"] == "running"
+    assert kinds(plan_pass(931.0, [AR], [job(state="running", start=3.0)], pol, st)) == []
+    acts = plan_pass(932.0, [AR], [job(state="running", start=3.0)], pol, st)
+    assert kinds(acts) == [("requeue", 0.0)] and "saving its VM now (68s before)" in acts[0].reason
+    assert kinds(plan_pass(934.0, [AR], [job(state="other")], pol, st)) == []      # completing
+    acts = plan_pass(936.0, [AR], [job(eligible=False)], pol, st)
+    # ran 929 s: 15 whole minutes are charged, the rest of its hour is given back
+    assert kinds(acts) == [("limit", 3600.0 - 15 * 60)]
+    assert st["1"]["phase"] == "done"
+    assert kinds(plan_pass(1700.0, [], [job(state="running", start=1650.0)], pol, st)) == []
+    assert st == {}
+
+
+def test_the_save_must_fit():
+    slow = Policy(model=SaveModel(0.5), setup_s=10, stop_s=20, slack_s=10, min_run_s=60)   # 512 s save
+    st: dict = {}
+    acts = plan_pass(500.0, [AR], [job()], slow, st)
+    assert kinds(acts) == [] and st == {}
+    assert any("needs" in a.reason and "save" in a.reason for a in acts)
+
+
+def test_not_started_in_time_the_limit_goes_back_but_a_late_start_is_still_saved():
+    st: dict = {}
+    plan_pass(0.0, [AR], [job()], POL, st)
+    acts = plan_pass(11.0, [AR], [job()], POL, st)
+    assert kinds(acts) == [("limit", 3600.0)] and st["1"]["phase"] == "withdrawn"
+    # the scheduler started it at the last moment anyway: it is adopted and saved in time
+    plan_pass(12.0, [AR], [job(state="running", start=11.5)], POL, st)
+    assert st["1"]["phase"] == "running"
+    assert kinds(plan_pass(950.0, [AR], [job(state="running", start=11.5)], POL, st)) == [("requeue", 0.0)]
+
+
+def test_who_is_never_put_into_a_gap():
+    cases = {
+        "not in a saveable VM": job(saveable=False),
+        "partition p is not planned": job(),
+        "user u is not planned": job(),
+        "needs 2 nodes, 1 idle": job(nodes=2, idle=frozenset({"c1"})),
+        "not eligible": job(eligible=False),
+        "ends before ar as it is": job(limit=600.0),
+        "outside every reservation": job(idle=NODES | {"c9"}),
+    }
+    pols = {"partition p is not planned": Policy(model=POL.model, partitions=frozenset({"q"})),
+            "user u is not planned": Policy(model=POL.model, users=frozenset({"v"}))}
+    for why, j in cases.items():
+        st: dict = {}
+        acts = plan_pass(0.0, [AR], [j], pols.get(why, POL), st)
+        assert kinds(acts) == [] and st == {}, why
+        assert any(why in a.reason for a in acts), (why, [a.reason for a in acts])
+
+
+def test_disabled_offers_nothing_but_still_saves_a_job_already_in_a_gap():
+    st: dict = {}
+    plan_pass(0.0, [AR], [job()], POL, st)
+    plan_pass(5.0, [AR], [job(state="running", start=3.0)], POL, st)
+    off = Policy(model=POL.model, enabled=False, setup_s=10, stop_s=20, slack_s=10)
+    assert kinds(plan_pass(950.0, [AR], [job(state="running", start=3.0)], off, st)) == [("requeue", 0.0)]
+    assert kinds(plan_pass(0.0, [AR], [job("2")], off, {}), "2") == []
+
+
+def test_one_offer_at_a_time_in_priority_order_and_a_node_cap():
+    st: dict = {}
+    acts = plan_pass(0.0, [AR], [job("1"), job("2")], POL, st)
+    assert kinds(acts, "1") == [("limit", 960.0)] and kinds(acts, "2") == []
+    capped = Policy(model=POL.model, max_nodes=1, setup_s=10, stop_s=20, slack_s=10, min_run_s=60)
+    acts = plan_pass(5.0, [AR], [job("1", state="running", start=3.0), job("2")], capped, st)
+    assert kinds(acts, "2") == [] and any("cap of 1 nodes" in a.reason for a in acts)
+    acts = plan_pass(6.0, [AR], [job("1", state="running", start=3.0), job("2")], POL, st)
+    assert kinds(acts, "2") == [("limit", 960.0)]
+
+
+def test_unlimited_jobs_get_unlimited_back():
+    st: dict = {}
+    plan_pass(0.0, [AR], [job(limit=math.inf)], POL, st)
+    plan_pass(5.0, [AR], [job(state="running", start=3.0)], POL, st)
+    plan_pass(950.0, [AR], [job(state="running", start=3.0)], POL, st)
+    acts = plan_pass(955.0, [AR], [job(limit=960.0)], POL, st)
+    assert kinds(acts) == [("limit", math.inf)]
