@@ -107,6 +107,7 @@ def test_the_save_must_fit_or_the_job_is_not_started(cluster, test_user):
         rates.unlink() if before is None else rates.write_text(before)
 
 
+@pytest.mark.timeout(600)
 def test_head_runs_before_the_reservation_is_saved_in_time_and_resumes_after(cluster, test_user):
     ar_start = reservation(cluster, "ar", T)
     d_off, d_on = workdir(cluster, test_user), workdir(cluster, test_user)
