@@ -116,6 +116,25 @@ def test_reservation_rejected_when_nodes_are_committed():
     assert "only 1 of 3 nodes" in r.rejected[0][1]
 
 
+def test_conservative_promises_jobs_dominated_by_an_earlier_failure_too():
+    # J1 holds 3 of 4 nodes until 1000; J2 (head) wants 4; J3 wants 2 for 5000 s; J4 wants 2 for
+    # 6000 s: it cannot start if J3 could not, but it still gets a promise of its own.
+    from vmwrap.sim.engine import Simulator
+    jobs = [Job(1, 0, 1000, 1000, 3), Job(2, 1, 100, 100, 4), Job(3, 2, 5000, 5000, 2), Job(4, 3, 6000, 6000, 2)]
+    sim = Simulator(SMALL, Config("c", backfill="conservative"), jobs, [], check=True)
+    promised: dict = {}
+    orig = sim._reserve
+
+    def spy(run, now, blocks):
+        t, nodes = orig(run, now, blocks)
+        promised.setdefault(now, {})[run.job.id] = t
+        return t, nodes
+    sim._reserve = spy
+    r = sim.run()
+    assert promised[3] == {2: 1000, 3: 1100, 4: 1100}
+    assert r.records[4][0] == 1100
+
+
 def test_back_to_back_reservations_on_the_same_nodes():
     # the first ends at the very instant the second starts: its nodes are free for it (HPDC'08 has these)
     ars = [Reservation(100, 0, 100, 100, 4), Reservation(101, 0, 200, 100, 4)]

@@ -517,10 +517,11 @@ class Simulator:
             run = self.queue[i]
             k = run.job.nodes
             dominated = fail_q is not None and not run.suspensions and fail_q[k] <= run.req_left
-            if dominated and (not held_only or len(holders[run.job.image]) < k):
-                i += 1    # no promise of its own either: see docs/simulate.md, Limits (conservative)
+            skip = dominated and (not held_only or len(holders[run.job.image]) < k)
+            if skip and self.cfg.backfill != "conservative":
+                i += 1
                 continue
-            if self._try_start(run, now, blocks, general=not dominated):
+            if not skip and self._try_start(run, now, blocks, general=not dominated):
                 self._dequeue(i)
                 fail_q = None
                 continue
