@@ -126,12 +126,14 @@ def test_head_runs_before_the_reservation_is_saved_in_time_and_resumes_after(clu
     # saved before the reservation starts: no QEMU left, a checkpoint in the store, job requeued
     while time.time() < ar_start and (qemu_running(on) or not (cluster.base / "checkpoints" / on / "manifest.json").exists()):
         time.sleep(0.3)
-    assert time.time() < ar_start, "the gap job was not saved before the reservation started"
+    saved_at = time.time()
+    assert saved_at < ar_start, "the gap job was not saved before the reservation started"
     assert cluster.job(on)["JobState"] in ("PENDING", "COMPLETING", "REQUEUED")
 
     ar = cluster.wait_state(ar_job, {"RUNNING", "COMPLETED"}, timeout=T + 30)
     assert ar["NodeList"] == "c[1-3]"
-    assert abs(epoch(ar["StartTime"]) - ar_start) <= 2, (ar["StartTime"], ar_start)
+    ar_delay = epoch(ar["StartTime"]) - ar_start
+    assert 0 <= ar_delay <= 5, (ar["StartTime"], ar_start)
     assert cluster.job(off)["JobState"] == "PENDING"
 
     done_on = cluster.wait_state(on, FINAL, timeout=240)
@@ -148,4 +150,7 @@ def test_head_runs_before_the_reservation_is_saved_in_time_and_resumes_after(clu
     said = cluster.planner_log.read_text()
     assert f"job {on}: gap before ar:" in said and f"job {on}: reservation ar starts at" in said
     assert f"job {off}: partition debug is not planned" in said
-    print(f"planner on: ended {done_on['EndTime']}, off: {done_off['EndTime']} ({gain:.0f}s earlier)")
+    print(f"\nplanner on: started {info['StartTime']}, saved {ar_start - saved_at:.1f}s before the reservation, "
+          f"reservation job started {ar_delay:.0f}s after its start on {ar['NodeList']}, ended {done_on['EndTime']}; "
+          f"planner off: ended {done_off['EndTime']} -> {gain:.0f}s earlier with the planner")
+    print(said)
