@@ -1,7 +1,6 @@
 """The simulator: parsing, hand-checked schedules, invariants on random mixes, the CLI, the paper's baseline."""
 
 import json
-import math
 from pathlib import Path
 
 import pytest

@@ -19,8 +19,6 @@ import logging
 import math
 import os
 import re
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -29,25 +27,12 @@ from vmwrap.config import Settings
 from vmwrap.ledger import Ledger
 from vmwrap.plan import Action, Policy, QueuedJob, Reservation, SaveModel, plan_pass
 
+from .commands import epoch as _epoch
+from .commands import run as _run
 from .hooks import parse_request
 
 log = logging.getLogger("vmwrap.plan")
 UNLIMITED = 0xFFFFFFFE   # Slurm's INFINITE (and NO_VAL above it) as squeue --json prints time limits
-
-
-def _run(*argv: str) -> str:
-    exe = shutil.which(argv[0]) or f"/usr/bin/{argv[0]}"
-    r = subprocess.run([exe, *argv[1:]], capture_output=True, text=True, timeout=60)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip() or r.stdout.strip()}")
-    return r.stdout
-
-
-def _epoch(stamp: str) -> float | None:
-    try:
-        return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S"))
-    except ValueError:
-        return None
 
 
 def _hostnames(expr: str, cache: dict) -> frozenset[str]:

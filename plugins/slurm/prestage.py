@@ -15,13 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
-import subprocess
-import time
 from pathlib import Path
 
 from vmwrap.prestage import Need, Prestager
 
+from .commands import epoch as _epoch
+from .commands import run as _run
 from .hooks import parse_request
 
 log = logging.getLogger("vmwrap.prestage")
@@ -30,24 +29,6 @@ PREFIX = "vmw_"
 
 def feature(image: str) -> str:
     return PREFIX + re.sub(r"[^A-Za-z0-9_]", "_", image)
-
-
-def _cmd(name: str) -> str:
-    return shutil.which(name) or f"/usr/bin/{name}"
-
-
-def _run(*argv: str) -> str:
-    r = subprocess.run([_cmd(argv[0]), *argv[1:]], capture_output=True, text=True, timeout=60)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip()}")
-    return r.stdout
-
-
-def _epoch(stamp: str) -> float | None:
-    try:
-        return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S"))
-    except ValueError:
-        return None
 
 
 def pending() -> list[dict]:

@@ -1,0 +1,24 @@
+"""Slurm's client commands as the head-node agents (prestage, plan) call them."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+
+def run(*argv: str) -> str:
+    """stdout of a Slurm command; RuntimeError with its message if it failed (hooks have no PATH)."""
+    exe = shutil.which(argv[0]) or f"/usr/bin/{argv[0]}"
+    r = subprocess.run([exe, *argv[1:]], capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip() or r.stdout.strip()}")
+    return r.stdout
+
+
+def epoch(stamp: str) -> float | None:
+    """Slurm's local-time stamp (2026-12-02T01:10:46) as epoch seconds; None for N/A, Unknown..."""
+    try:
+        return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
