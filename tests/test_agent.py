@@ -14,7 +14,7 @@ from vmwrap.errors import NodeError
 
 
 @pytest.fixture
-def running_agent(libvirtd):
+def running_agent(libvirtd, test_user):
     import shutil
     import tempfile
     from pathlib import Path
@@ -28,7 +28,8 @@ def running_agent(libvirtd):
             break
         time.sleep(0.05)
     (s.jobs_dir / "77" / "ctl").mkdir(parents=True)
-    (s.jobs_dir / "77" / "ctl" / "ids").write_text("1234 1234 - 22\n")
+    # job 77 belongs to the test user, whatever uid it got (the demo creates it without a fixed one)
+    (s.jobs_dir / "77" / "ctl" / "ids").write_text(f"{test_user.pw_uid} {test_user.pw_gid} - 22\n")
     os.chmod(tmp_path, 0o755)
     yield s
     shutil.rmtree(tmp_path, ignore_errors=True)
