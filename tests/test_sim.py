@@ -59,6 +59,21 @@ def test_swf_cuts_runs_at_request_and_skips_cancelled(tmp_path):
     assert [(j.id, j.run, j.req, j.nodes) for j in jobs] == [(1, 20, 20, 1), (3, 7, 7, 2)]
 
 
+def test_swf_jobs_cancelled_while_waiting_queue_until_their_user_gave_up(tmp_path):
+    p = tmp_path / "t.swf"
+    cancelled = "4 10 300 -1 -1 -1 -1 2 500 -1 5 1 -1 -1 1 -1 -1 -1"     # waited 300 s, then cancelled
+    p.write_text("\n".join([swf_line(1, 0, 0, 1, 20), cancelled]))
+    jobs = read_swf(p)
+    assert [(j.id, j.run, j.req, j.nodes, j.cancel_at) for j in jobs] == [(1, 1, 20, 1, None), (4, 500, 500, 2, 310)]
+    assert [j.id for j in read_swf(p, cancelled="skip")] == [1]
+    # started before its user gives up: it runs its requested time; otherwise it leaves the queue
+    wide = Job(9, 0, 1000, 1000, 4)
+    waits = simulate([wide, Job(4, 10, 500, 500, 2, cancel_at=310)], [], Config("novm"), SMALL, check=True)
+    runs = simulate([wide, Job(4, 10, 500, 500, 2, cancel_at=1310)], [], Config("novm"), SMALL, check=True)
+    assert 4 not in waits.records and waits.cancelled == 1 and waits.end == 1000
+    assert runs.records[4] == (1000, 1500, 0) and runs.cancelled == 0
+
+
 # -- hand-checked schedules -------------------------------------------------------------------------
 def head_and_ar():
     # 4 nodes; an AR on all 4 over [1000, 2000); the queue head wants all 4 for 3000 s.
@@ -214,6 +229,8 @@ def test_cli_errors_are_specific(tmp_path):
 # -- the paper's trace ------------------------------------------------------------------------------
 @pytest.mark.skipif(not (TRACES / "30days.swf").exists(), reason="HPDC'08 traces not present")
 def test_blue_horizon_baseline_matches_the_paper():
-    jobs = read_swf(TRACES / "30days.swf", 144)
-    r = simulate(jobs, [], Config("baseline", reservations=False))
-    assert abs(r.end / 2_674_265 - 1) < 0.01, r.end
+    # without the 437 jobs cancelled while waiting: -0.42 %; with them, as Haizea read the trace: +1.24 %
+    skip = simulate(read_swf(TRACES / "30days.swf", 144, cancelled="skip"), [], Config("baseline", reservations=False))
+    assert abs(skip.end / 2_674_265 - 1) < 0.01, skip.end
+    r = simulate(read_swf(TRACES / "30days.swf", 144), [], Config("baseline", reservations=False))
+    assert abs(r.end / 2_674_265 - 1) < 0.015 and r.cancelled > 0, (r.end, r.cancelled)

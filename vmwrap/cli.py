@@ -508,8 +508,10 @@ def config_render(scheduler, lua_out, vmwrap_path, default_image, node_config):
 @click.option("--format", "fmt", type=click.Choice(["text", "csv", "json"]), default="text", show_default=True)
 @click.option("--plot-dir", type=click.Path(file_okay=False), default=None, help="Write utilization.png and comparison.png here.")
 @click.option("--check", is_flag=True, help="Check invariants after every event (slower).")
+@click.option("--swf-cancelled", type=click.Choice(["queue", "skip"]), default="queue", show_default=True,
+              help="SWF jobs cancelled while waiting: queue them until their user gave up (as HPDC'08), or skip them.")
 def simulate(swf, lwf, synth, jobs, load, ar_share, ar_nodes, ar_hours, names, list_configs, images, nodes,
-             cache_gb, bandwidth, suspend_rate, seed, fmt, plot_dir, check):
+             cache_gb, bandwidth, suspend_rate, seed, fmt, plot_dir, check, swf_cancelled):
     """What per-job VMs, image caching and suspend/resume would do to a workload (trace-driven).
 
     Prints, per configuration, when the last batch job finishes (and how much later than with no
@@ -542,7 +544,7 @@ def simulate(swf, lwf, synth, jobs, load, ar_share, ar_nodes, ar_hours, names, l
             js, ars = workload.synthetic(jobs=jobs, nodes=cluster.nodes, load=load, ar_share=ar_share,
                                          ar_nodes=rng, ar_hours=ar_hours, seed=seed)
         elif swf:
-            js = workload.read_swf(swf, cluster.nodes)
+            js = workload.read_swf(swf, cluster.nodes, cancelled=swf_cancelled)
             ars = workload.read_lwf(lwf, cluster.nodes) if lwf else []
         else:
             raise click.UsageError("give --swf (and --lwf) or --synthetic")

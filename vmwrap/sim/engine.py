@@ -106,6 +106,7 @@ class Result:
     ars_on_time: int = 0
     ars_late: int = 0
     suspensions: int = 0
+    cancelled: int = 0                    # jobs whose users gave up before they started (trace)
     transfers: int = 0
     link_mb: float = 0.0                  # bytes over the repository link
     node_mb: float = 0.0                  # bytes landing on nodes (multicast counted per node)
@@ -117,7 +118,7 @@ class Result:
     def row(self) -> dict:
         return {k: getattr(self, k) for k in (
             "config", "end", "jobs", "mean_wait", "mean_bsld", "utilization", "ars_accepted",
-            "ars_rejected", "ars_on_time", "ars_late", "suspensions", "transfers", "link_mb",
+            "ars_rejected", "ars_on_time", "ars_late", "suspensions", "cancelled", "transfers", "link_mb",
             "node_mb", "events")}
 
 
@@ -179,7 +180,7 @@ class _Link:
 
 
 # event kinds, in the order they are handled at one instant: things that free nodes first
-_END, _SUSPENDED, _AR_END, _CACHED, _PREEMPT, _AR_START, _AR_SUBMIT, _SUBMIT = range(8)
+_END, _SUSPENDED, _AR_END, _CACHED, _PREEMPT, _AR_START, _AR_SUBMIT, _SUBMIT, _CANCEL = range(9)
 
 
 class Simulator:
@@ -232,7 +233,10 @@ class Simulator:
 
     def run(self) -> Result:
         for j in self.jobs:
-            self._push(j.submit, _SUBMIT, Run(j))
+            run = Run(j)
+            self._push(j.submit, _SUBMIT, run)
+            if j.cancel_at is not None:
+                self._push(j.cancel_at, _CANCEL, run)
         for r in self.ars:
             self._push(r.submit, _AR_SUBMIT, r)
         remaining = len(self.jobs)
@@ -264,6 +268,8 @@ class Simulator:
                     self._ar_end(obj, now)
                 elif kind == _AR_SUBMIT:
                     self._ar_submit(obj, now)
+                elif kind == _CANCEL:
+                    self._cancel(obj, now)
                 else:
                     self._enqueue(obj)
                     self._fresh.append(obj)
@@ -283,6 +289,19 @@ class Simulator:
     def _dequeue(self, i: int) -> None:
         del self.queue[i]
         del self.keys[i]
+
+    def _cancel(self, run: Run, now: float) -> None:
+        """Its user gave up waiting (as in the trace): gone if it never started, else it runs on."""
+        if run.first_start is not None or run.done is not None:
+            return
+        i = bisect.bisect_left(self.keys, run.key)
+        if i < len(self.queue) and self.queue[i] is run:
+            self._dequeue(i)
+        if run in self._fresh:
+            self._fresh.remove(run)
+        run.done = now
+        self._done += 1
+        self.res.cancelled += 1
 
     def _finish(self, run: Run, now: float) -> None:
         run.worked += (now - run.work_start) / self.slow

@@ -12,7 +12,7 @@ from .engine import Cluster, Config, Result, simulate
 from .workload import Job, Reservation, assign_images, image_mix
 
 COLUMNS = ("config", "end_s", "extra_pct", "utilization", "mean_wait_s", "mean_bsld",
-           "ars_accepted", "ars_on_time", "ars_rejected", "suspensions", "transfers", "link_gb", "events")
+           "ars_accepted", "ars_on_time", "ars_rejected", "suspensions", "cancelled", "transfers", "link_gb", "events")
 
 
 def compare(jobs: list[Job], ars: list[Reservation], configs: list[Config], cluster: Cluster = Cluster(),
@@ -34,7 +34,8 @@ def rows(base: Result, results: list[Result]) -> list[dict]:
             "config": r.config, "end_s": round(r.end), "extra_pct": round((r.end / base.end - 1) * 100, 2),
             "utilization": round(r.utilization, 4), "mean_wait_s": round(r.mean_wait),
             "mean_bsld": round(r.mean_bsld, 2), "ars_accepted": r.ars_accepted, "ars_on_time": r.ars_on_time,
-            "ars_rejected": r.ars_rejected, "suspensions": r.suspensions, "transfers": r.transfers,
+            "ars_rejected": r.ars_rejected, "suspensions": r.suspensions, "cancelled": r.cancelled,
+            "transfers": r.transfers,
             "link_gb": round(r.link_mb / 1024, 1), "events": r.events})
     return out
 
