@@ -82,8 +82,10 @@ def test_who_is_never_put_into_a_gap():
         "ends before ar as it is": job(limit=600.0),
         "outside every reservation": job(idle=NODES | {"c9"}),
     }
+    cases["over the 900s cap: left to the scheduler's own backfilling"] = job()
     pols = {"partition p is not planned": Policy(model=POL.model, partitions=frozenset({"q"})),
-            "user u is not planned": Policy(model=POL.model, users=frozenset({"v"}))}
+            "user u is not planned": Policy(model=POL.model, users=frozenset({"v"})),
+            "over the 900s cap: left to the scheduler's own backfilling": Policy(model=POL.model, max_gap_s=900)}
     for why, j in cases.items():
         st: dict = {}
         acts = plan_pass(0.0, [AR], [j], pols.get(why, POL), st)

@@ -35,6 +35,7 @@ class Settings:
     plan_partitions: str = ""          # comma-separated; empty: every partition
     plan_users: str = ""               # comma-separated; empty: every user
     plan_max_nodes: int = 0            # nodes running in gaps at once; 0: no cap
+    plan_max_gap_s: float = 0.0        # gaps longer than this are left to Slurm's backfill; 0: no cap
     plan_save_rate_mb_s: float = 200.0  # until saves were measured (then the slowest recent one)
     plan_save_fixed_s: float = 15.0    # requeue signal, batch step detach, epilog start, checksums
     plan_save_margin: float = 0.5      # relative margin on the predicted save

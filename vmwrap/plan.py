@@ -125,6 +125,7 @@ class Policy:
     partitions: frozenset[str] = frozenset()   # empty: every partition
     users: frozenset[str] = frozenset()        # empty: every user
     max_nodes: int = 0                         # nodes in gaps at once (0: no cap)
+    max_gap_s: float = 0.0                     # longer gaps are left to plain backfilling (0: no cap)
     setup_s: float = 10.0                      # boot or restore before work starts
     stop_s: float = 20.0                       # the scheduler's kill (KillWait) + epilog teardown
     slack_s: float = 10.0                      # an offer stands this long (>= the scheduler's pass)
@@ -257,6 +258,9 @@ def _gap_for(now: float, j: QueuedJob, reservations: list[Reservation], p: Polic
             break
     if now + j.limit_s + p.stop_s <= r.start:
         return f"ends before {r.name} as it is: the scheduler backfills it"
+    if p.max_gap_s and r.start - now > p.max_gap_s:
+        return (f"gap before {r.name} is {r.start - now:.0f}s, over the {p.max_gap_s:.0f}s cap: "
+                "left to the scheduler's own backfilling")
     # when it must be off its nodes: the scheduler's own kill at the lowered limit must end in time
     gap_end = r.start - p.stop_s
     d = gap_decision(now + p.slack_s, gap_end, j.limit_s, j.mem_mb, p.model, setup_s=p.setup_s,

@@ -126,7 +126,7 @@ def policy(settings: Settings, store: checkpoint.Store, conf: dict[str, str] | N
     return Policy(
         model=SaveModel(rate, settings.plan_save_fixed_s, settings.plan_save_margin, settings.plan_save_margin_s),
         enabled=settings.plan_enabled, partitions=split(settings.plan_partitions), users=split(settings.plan_users),
-        max_nodes=settings.plan_max_nodes, setup_s=settings.plan_setup_s,
+        max_nodes=settings.plan_max_nodes, max_gap_s=settings.plan_max_gap_s, setup_s=settings.plan_setup_s,
         stop_s=kill_wait + settings.plan_teardown_s, slack_s=max(10.0, 2 * bf + 2),
         min_run_s=settings.plan_min_run_s)
 
