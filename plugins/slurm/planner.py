@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from vmwrap import checkpoint
+from vmwrap.catalog import Catalog
 from vmwrap.config import Settings
 from vmwrap.ledger import Ledger
 from vmwrap.plan import Action, Policy, QueuedJob, Reservation, SaveModel, plan_pass
@@ -84,11 +85,17 @@ def _limit_s(minutes) -> float:
 def jobs(settings: Settings, idle: dict[str, set[str]], now: float) -> list[QueuedJob]:
     """Pending and running jobs in Slurm's priority order."""
     data = json.loads(_run("squeue", "--json"))
+    try:   # a VM's memory, as the launcher picks it: the request, else the image's, else the site's
+        images = Catalog.load(settings.catalog).images
+    except Exception:
+        images = {}
     out = []
     for j in data.get("jobs", []):
         state = {"PENDING": "pending", "RUNNING": "running"}.get(j.get("job_state"), "other")
         req = parse_request(j.get("comment") or "")
-        mem = (req or {}).get("memory_mib") or settings.default_memory_mib
+        img = images.get((req or {}).get("image"))
+        mem = ((req or {}).get("memory_mib") or (img.memory_mib if img is not None else None)
+               or settings.default_memory_mib)
         reason = j.get("state_reason") or ""
         eligible = (state == "pending" and not j.get("dependency")
                     and reason not in ("BeginTime", "JobHeldUser", "JobHeldAdmin", "Dependency",
