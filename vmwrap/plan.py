@@ -244,18 +244,16 @@ def _not_a_candidate(j: QueuedJob, p: Policy, in_gaps: int) -> str:
 
 def _gap_for(now: float, j: QueuedJob, reservations: list[Reservation], p: Policy):
     """The reservation that keeps `j` waiting, and the limit and save time that let it use the gap."""
-    blocking = [r for r in reservations if r.start > now and j.user not in r.users and r.nodes & j.idle]
-    free_of_all = j.idle - frozenset().union(*(r.nodes for r in blocking)) if blocking else j.idle
-    if len(free_of_all) >= j.nodes:
-        return "enough idle nodes outside every reservation: the scheduler starts it as it is"
+    blocking = sorted((r for r in reservations if r.start > now and j.user not in r.users and r.nodes & j.idle),
+                      key=lambda r: r.start)
     # the gap closes at the first reservation start that leaves fewer than `nodes` idle nodes
-    blocking.sort(key=lambda r: r.start)
     usable = set(j.idle)
-    r = None
     for r in blocking:
         usable -= r.nodes
         if len(usable) < j.nodes:
             break
+    else:
+        return "enough idle nodes outside every reservation: the scheduler starts it as it is"
     if now + j.limit_s + p.stop_s <= r.start:
         return f"ends before {r.name} as it is: the scheduler backfills it"
     if p.max_gap_s and r.start - now > p.max_gap_s:
@@ -269,6 +267,6 @@ def _gap_for(now: float, j: QueuedJob, reservations: list[Reservation], p: Polic
         return f"gap before {r.name}: {d.reason}"
     limit = _limit(gap_end - now - p.slack_s, p.granularity_s)
     save_at = min(r.start - p.model.budget(j.mem_mb), now + limit - p.stop_s / 2)
-    if limit < p.granularity_s or save_at - now - p.slack_s - p.setup_s < max(p.min_run_s, 0):
+    if limit < p.granularity_s or save_at - now - p.slack_s - p.setup_s < p.min_run_s:
         return f"gap before {r.name}: too short once rounded to the scheduler's time limit unit"
     return r, limit, save_at, d.reason
