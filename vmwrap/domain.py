@@ -38,6 +38,9 @@ class Spec:
     work_dir: str | None = None
     cmdline: str = ""
     ninep_socket: str | None = None  # work dir over vmwrap's 9P server (saveable) instead of virtio-9p
+    # QEMU's identity: the job's own uid/gid (libvirt static DAC label, relabel='no'), never root.
+    uid: int | None = None
+    gid: int | None = None
 
 
 def render(spec: Spec) -> str:
