@@ -36,6 +36,21 @@ def choose(settings, kernel: str, initrd: str, kernel_sha: str) -> str:
     return virt_type
 
 
+def kvm_usable_by(uid: int, gid: int, groups: list[int] = ()) -> bool:
+    """Whether a QEMU running as this uid can open /dev/kvm (read and write)."""
+    try:
+        st = os.stat("/dev/kvm")
+    except OSError:
+        return False
+    if uid == 0 or uid == st.st_uid:
+        bits = (st.st_mode >> 6) & 0o6
+    elif st.st_gid == gid or st.st_gid in groups:
+        bits = (st.st_mode >> 3) & 0o6
+    else:
+        bits = st.st_mode & 0o6
+    return bits == 0o6
+
+
 def probe_kvm(settings, kernel: str, initrd: str, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
     """Boot the appliance kernel under KVM in probe mode; it must report 'booted' within `timeout`."""
     import libvirt
@@ -43,9 +58,22 @@ def probe_kvm(settings, kernel: str, initrd: str, timeout: float = PROBE_TIMEOUT
     conn = domain.connect(settings.libvirt_uri)
     name = f"vmwrap-kvmprobe-{os.getpid()}"
     with tempfile.TemporaryDirectory(prefix="vmwrap-probe-") as run_dir:
+        # The probe's QEMU runs as libvirt's unprivileged user: it may write only its chardev files.
+        os.chmod(run_dir, 0o711)
+        try:
+            import pwd
+
+            qemu = pwd.getpwnam("libvirt-qemu")
+            ids = (qemu.pw_uid, qemu.pw_gid)
+        except KeyError:
+            ids = (os.getuid(), os.getgid())
+        for f in ("stdout", "stderr", "status", "console.log"):
+            fd = os.open(os.path.join(run_dir, f), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.fchown(fd, *ids)
+            os.close(fd)
         spec = domain.Spec(name=name, job_id="kvm-probe", virt_type="kvm", memory_mib=128, cpus=1,
                            kernel=kernel, initrd=initrd, run_dir=run_dir,
-                           cmdline="vmwrap.probe=1")
+                           cmdline="vmwrap.probe=1", uid=ids[0], gid=ids[1])
         t0 = time.monotonic()
         try:
             conn.createXML(domain.render(spec), 0)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -90,17 +91,61 @@ class Cache:
             self._touch(art.sha256)
             return Fetched(self.blob(art.sha256), False, n)
 
-    def pin(self, sha: str, job_id: str) -> None:
+    def pin(self, sha: str, job_id: str, uid: int | None = None) -> None:
+        """Keep the blob while the job needs it; `uid` (QEMU's) may read it if the blob is restricted."""
         d = self.root / "pins" / sha
         d.mkdir(exist_ok=True)
-        (d / job_id).touch()
+        (d / job_id).write_text("" if uid is None else str(int(uid)))
 
     def unpin(self, sha: str, job_id: str) -> None:
-        (self.root / "pins" / sha / job_id).unlink(missing_ok=True)
+        p = self.root / "pins" / sha / job_id
+        if p.exists():
+            p.unlink(missing_ok=True)
+            self._sync_access(sha)
 
     def unpin_job(self, job_id: str) -> None:
         for d in (self.root / "pins").iterdir():
-            (d / job_id).unlink(missing_ok=True)
+            if (d / job_id).exists():
+                (d / job_id).unlink(missing_ok=True)
+                self._sync_access(d.name)
+
+    # Blobs arrive root-only (0400). An open image's blobs are published to everyone (0444): QEMU runs
+    # as the job's user and reads them. A restricted image's blobs stay 0400 with a POSIX ACL naming
+    # exactly the uids of the jobs pinning them now, so nobody else on the node can read the image.
+    def publish(self, sha: str) -> None:
+        with self._lock(sha):
+            p = self.blob(sha)
+            _set_acl(p, None)
+            p.chmod(0o444)
+
+    def restrict(self, sha: str) -> None:
+        with self._lock(sha):
+            self.blob(sha).chmod(0o400)
+            self._sync_access(sha, locked=True)
+
+    def readers(self, sha: str) -> set[int]:
+        """uids of the jobs pinning the blob now."""
+        out = set()
+        d = self.root / "pins" / sha
+        for p in (d.iterdir() if d.is_dir() else ()):
+            try:
+                out.add(int(p.read_text()[:12]))
+            except (OSError, ValueError):
+                pass
+        return out
+
+    def _sync_access(self, sha: str, locked: bool = False) -> None:
+        p = self.blob(sha)
+        try:
+            if p.stat().st_mode & 0o004:
+                return  # published: everybody may read it anyway
+        except FileNotFoundError:
+            return
+        if locked:
+            _set_acl(p, self.readers(sha))
+        else:
+            with self._lock(sha):
+                _set_acl(p, self.readers(sha))
 
     def pins(self, sha: str) -> list[str]:
         d = self.root / "pins" / sha
@@ -253,7 +298,7 @@ class Cache:
                 raise ImageError(
                     f"checksum mismatch for {art.source}: expected sha256 {art.sha256}, got {h.hexdigest()}"
                 )
-            tmp.chmod(0o444)
+            tmp.chmod(0o400)  # root-only until publish() or restrict() says who may read it
             st = tmp.stat()
             os.replace(tmp, self.blob(art.sha256))
             meta = {"stamp": [st.st_size, st.st_mtime_ns], "verified_at": time.time()}
@@ -265,6 +310,30 @@ class Cache:
             raise ImageError(f"cannot fetch image {art.source}: {e.strerror or e}") from None
         finally:
             tmp.unlink(missing_ok=True)
+
+
+_ACL_XATTR = "system.posix_acl_access"
+_USER_OBJ, _USER, _GROUP_OBJ, _MASK, _OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+
+
+def _set_acl(path: Path, uids: set[int] | None) -> None:
+    """Give read access to exactly `uids` (a POSIX access ACL); None or empty: no ACL at all."""
+    if not uids:
+        try:
+            os.removexattr(path, _ACL_XATTR)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.ENOENT, errno.EOPNOTSUPP):
+                raise
+        return
+    undef = 0xFFFFFFFF
+    entries = [(_USER_OBJ, 4, undef)] + [(_USER, 4, u) for u in sorted(uids)] + \
+              [(_GROUP_OBJ, 0, undef), (_MASK, 4, undef), (_OTHER, 0, undef)]
+    data = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    try:
+        os.setxattr(path, _ACL_XATTR, data)
+    except OSError as e:
+        raise NodeError(f"cannot set the access list of cached image {path} (file system without ACLs?): "
+                        f"{e.strerror}") from None
 
 
 def sha256_file(p: str | os.PathLike) -> str:

@@ -41,11 +41,54 @@ class Spec:
     # QEMU's identity: the job's own uid/gid (libvirt static DAC label, relabel='no'), never root.
     uid: int | None = None
     gid: int | None = None
+    memory_limit_mib: int | None = None  # hard limit on QEMU's whole memory (guest RAM + QEMU itself)
+
+
+def qemu_identity(uid: int, gid: int) -> tuple[int, int]:
+    """Whom the job's QEMU runs as: the job's own user, so an escape from QEMU gains nothing the user
+    did not have; a root job's QEMU runs as libvirt's unprivileged user instead (never as root)."""
+    if uid != 0:
+        return uid, gid
+    import pwd
+
+    try:
+        pw = pwd.getpwnam("libvirt-qemu")
+    except KeyError:
+        raise NodeError("user libvirt-qemu does not exist: a root job's VM has no unprivileged identity "
+                        "to run as (scripts/start-libvirtd.sh creates it)") from None
+    return pw.pw_uid, pw.pw_gid
 
 
 def render(spec: Spec) -> str:
     cmdline = " ".join(x for x in (BASE_CMDLINE, spec.cmdline) if x)
     return _env.get_template("domain.xml.j2").render(**{**spec.__dict__, "cmdline": cmdline})
+
+
+def start_limited(dom, memory_limit_mib: int | None) -> None:
+    """Run a domain created (or restored) paused once its QEMU has a hard memory limit.
+
+    The limit is set on the live domain (its memory cgroup): `<memtune>` in the XML would also make
+    libvirt raise QEMU's RLIMIT_MEMLOCK, which unprivileged containers refuse. No limit, no VM: the
+    domain is destroyed and the node reported (a node without a memory cgroup cannot bound a job)."""
+    import libvirt
+
+    try:
+        if memory_limit_mib:
+            dom.setMemoryParameters({"hard_limit": int(memory_limit_mib) * 1024}, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        dom.resume()
+    except libvirt.libvirtError as e:
+        try:
+            dom.destroy()
+        except libvirt.libvirtError:
+            pass
+        raise NodeError(f"cannot give the job's VM its hard memory limit of {memory_limit_mib} MiB "
+                        f"(memory cgroup missing?): {e.get_error_message()}") from None
+
+
+def memory_limit_mib(dom) -> int | None:
+    """The live domain's hard memory limit, None if unlimited."""
+    v = dom.memoryParameters().get("hard_limit")
+    return None if v is None or v >= 2**53 - 1 else v // 1024
 
 
 def connect(uri: str):
