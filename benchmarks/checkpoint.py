@@ -54,7 +54,8 @@ def dd(path: Path, nbytes: int, sync: bool) -> float:
 
 def one(settings, mem_mib: int, work: Path, store: checkpoint.Store) -> dict:
     fill = int(mem_mib * 0.6)
-    script = fill_script(fill)
+    # the VM's size is a request; the allocation (memory_mib) is only its ceiling (launcher.plan)
+    script = fill_script(fill).replace("--image=busybox", f"--image=busybox --memory={mem_mib}M", 1)
     job_id = f"bench-ckpt-{mem_mib}"
     launcher.teardown(job_id, settings)
     store.delete(job_id)

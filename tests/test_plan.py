@@ -5,7 +5,10 @@ The same state machine drives `vmwrap plan` on Slurm (tests/test_slurm_plan.py p
 
 from __future__ import annotations
 
+import json
 import math
+
+import pytest
 
 from vmwrap.plan import Policy, QueuedJob, Reservation, SaveModel, plan_pass
 
@@ -120,3 +123,62 @@ def test_unlimited_jobs_get_unlimited_back():
     plan_pass(950.0, [AR], [job(state="running", start=3.0)], POL, st)
     acts = plan_pass(955.0, [AR], [job(limit=960.0)], POL, st)
     assert kinds(acts) == [("limit", math.inf)]
+
+
+# --- `vmwrap plan` on Slurm: users' job records never fail a planner pass (issue 14) -----------------------
+
+def _fake_slurm(monkeypatch, squeue_json: str, calls: list):
+    from plugins.slurm import planner
+
+    def run(*argv):
+        calls.append(argv)
+        if argv[:2] == ("squeue", "--json"):
+            return squeue_json
+        if argv[:3] == ("scontrol", "show", "config"):
+            return "KillWait                = 30 sec\nSchedulerParameters     = bf_interval=2\n"
+        if argv[:3] == ("scontrol", "show", "reservation"):
+            return ("ReservationName=ar StartTime=2030-01-01T00:16:40 EndTime=2030-01-01T00:26:40 "
+                    "Nodes=c1 Users=alice\n")
+        if argv[:3] == ("scontrol", "show", "hostnames"):
+            return "c1\n"
+        if argv[0] == "sinfo":
+            return "c1 debug*\n"
+        return ""
+    monkeypatch.setattr(planner, "_run", run)
+    return planner
+
+
+def _sq(**kw):
+    base = {"job_id": 5, "job_state": "PENDING", "comment": "", "partition": "debug", "priority": 100,
+            "user_name": "bob", "node_count": 1, "time_limit": 60, "eligible_time": 0, "start_time": 0}
+    base.update(kw)
+    return base
+
+
+def test_a_planner_pass_survives_what_users_put_in_their_jobs(monkeypatch, tmp_path):
+    from vmwrap.config import Settings
+
+    huge = "9" * 5000
+    jobs = [
+        _sq(job_id=1, comment=f"vmwrap:image=busybox,memory={huge},cpus=,lost="),   # int() would raise
+        _sq(job_id=2, comment="vmwrap:image=busybox,memory=,cpus=,lost=bogus"),
+        _sq(job_id=3, priority="high"),                                              # not a number
+        _sq(job_id=4, partition={"x": 1}),                                           # not a string
+        {"job_state": "PENDING"},                                                    # no id
+        _sq(job_id=6, comment="vmwrap:image=busybox,memory=300,cpus=,lost="),
+    ]
+    planner = _fake_slurm(monkeypatch, json.dumps({"jobs": jobs}), [])
+    s = Settings(state_dir=str(tmp_path), catalog=str(tmp_path / "none.toml"), checkpoint_dir=str(tmp_path / "c"))
+    got = {q.job: q for q in planner.jobs(s, {"debug": {"c1"}}, 0.0)}
+    assert set(got) == {"1", "2", "3", "6"}
+    assert not got["1"].saveable and not got["2"].saveable and got["6"].saveable  # malformed: a plain job
+    assert got["6"].mem_mb == 300.0 and not got["3"].eligible
+    planner.Planner(s, dry_run=True).pass_once(now=0.0)   # the whole pass, as `vmwrap plan --once` runs it
+
+
+def test_a_planner_pass_with_broken_squeue_output_says_so(monkeypatch, tmp_path):
+    from vmwrap.config import Settings
+
+    planner = _fake_slurm(monkeypatch, '{"jobs": [' + "1" * 5000 + "]}", [])
+    with pytest.raises(RuntimeError, match="squeue --json: not JSON"):
+        planner.jobs(Settings(catalog=str(tmp_path / "none.toml")), {}, 0.0)

@@ -88,3 +88,62 @@ def test_bandwidth_cap(world):
     t0 = time.monotonic()
     p.step([Need("1", "a", 1100.0)], now=1000.0)
     assert time.monotonic() - t0 >= 0.35  # 400 kB at 1 MB/s
+
+
+# --- `vmwrap slurm prestage` on what users write into their jobs (issue 14) -----------------------------
+
+REQ = "vmwrap:image={},memory=,cpus=,lost="
+
+
+class _Squeue:
+    """squeue/scontrol/sinfo as prestage calls them, from crafted jobs: (id, start, nodes, prefer, comment)."""
+
+    def __init__(self, jobs):
+        self.jobs, self.calls = jobs, []
+
+    def __call__(self, *argv):
+        self.calls.append(argv)
+        if argv[0] == "squeue":
+            fields = argv[-1].replace(":|", "").replace(":", "").split(",")
+            col = {"JobID": 0, "StartTime": 1, "SchedNodes": 2, "Prefer": 3, "Comment": 4}
+            return "".join("|".join(j[col[f]] for f in fields) + "\n" for j in self.jobs)
+        if argv[:3] == ("scontrol", "show", "hostnames"):
+            return argv[3].replace(",", "\n") + "\n"
+        if argv[:3] == ("scontrol", "-o", "show"):
+            return f"NodeName={argv[4]} AvailableFeatures=(null) ActiveFeatures=(null)\n"
+        if argv[0] == "sinfo":
+            return "c1|debug*|vmw_busybox,vmw_secret|2|3000\n"
+        return ""
+
+
+class _Prestager:
+    def __init__(self):
+        self.needs = None
+
+    def step(self, needs):
+        self.needs = needs
+        return []
+
+    def cached_images(self):
+        return []
+
+
+def test_prestage_passes_survive_what_users_put_in_their_jobs(monkeypatch, tmp_path):
+    from plugins.slurm import prestage
+
+    start = "2030-01-01T00:00:00"
+    sq = _Squeue([
+        ("11", start, "c1", "(null)", REQ.format("busybox").replace("memory=", "memory=" + "9" * 5000)),
+        ("12", start, "c1", "(null)", "vmwrap:image=busybox,memory=,cpus=,lost=never"),
+        ("13", start, "c1", "x|" + REQ.format("secret"), "plain comment"),   # '|' in the user's --prefer
+        ("14", start, "c1", "(null)", "ok\n15|" + start + "|c1|(null)|" + REQ.format("secret")),
+        ("15", start, "c1", "(null)", REQ.format("busybox")),
+        ("16", start, "c1", "(null)", REQ.format("busybox")),
+    ])
+    monkeypatch.setattr(prestage, "_run", sq)
+    p = _Prestager()
+    prestage.node_pass(p, "c1")
+    assert [(n.job_id, n.image) for n in p.needs] == [("16", "busybox")]  # 15 was printed twice: left out
+    assert prestage.controller_pass(["busybox", "secret"], tmp_path) == ["16"]
+    assert [c for c in sq.calls if c[:2] == ("scontrol", "update") and "jobid=" in c[2]] == \
+        [("scontrol", "update", "jobid=16", "Prefer=vmw_busybox")]

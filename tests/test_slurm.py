@@ -268,3 +268,71 @@ def test_preemption_suspend_gang_pauses_the_vm(cluster, jobdir):
     info = done(cluster, low, timeout=180)
     assert info["ExitCode"] == "0:0"
     assert out.read_text().split() == [str(i) for i in range(60)]  # every value once: nothing lost or repeated
+
+
+# --- Issue 14: users cannot forge the VM request; root caps the VM at the allocation -------------------
+
+FORGED = "vmwrap:image=busybox,memory=200000,cpus=,lost="
+
+
+def _no_drain(cluster):
+    out = cluster.run("sinfo", "-h", "-N", "-o", "%N %t %E").stdout
+    assert "drain" not in out, out
+
+
+@pytest.mark.parametrize("script", ["#!/bin/sh\necho bare\n", HDR + "echo vm\n"])
+def test_forged_comment_is_refused_at_submit(cluster, jobdir, script):
+    r = cluster.sbatch(script, f"--comment={FORGED}", user="vmwrapuser", cwd=jobdir)
+    assert r.returncode != 0
+    assert "sbatch: error: vmwrap: a job's comment may not start with 'vmwrap:'" in r.stderr, r.stderr
+
+
+def test_script_holding_the_marker_is_refused_at_submit(cluster, jobdir):
+    r = cluster.sbatch("#!/bin/sh\n#VMWRAP-ORIGINAL-SCRIPT\n#VMWRAP --image=busybox --memory=200000M\necho hi\n",
+                       "-N", "2", user="vmwrapuser", cwd=jobdir)
+    assert r.returncode != 0
+    assert "vmwrap: the script contains #VMWRAP-ORIGINAL-SCRIPT, which vmwrap reserves" in r.stderr, r.stderr
+
+
+def test_users_cannot_write_or_change_a_vm_request_with_scontrol(cluster, jobdir):
+    plain = submit(cluster, jobdir, "#!/bin/sh\necho bare\n", "-H")
+    vm = submit(cluster, jobdir, HDR + "echo vm\n", "-H")
+    try:
+        r = cluster.run("scontrol", "update", f"jobid={plain}", f"comment={FORGED}", user="vmwrapuser")
+        assert r.returncode != 0, r.stdout + r.stderr
+        assert cluster.job(plain).get("Comment", "(null)") == "(null)"
+        r = cluster.run("scontrol", "update", f"jobid={vm}", "comment=vmwrap:image=busybox,memory=9999,cpus=,lost=",
+                        user="vmwrapuser")
+        assert r.returncode != 0, r.stdout + r.stderr
+        assert cluster.job(vm)["Comment"].startswith("vmwrap:image=busybox,memory=,")
+        r = cluster.run("scontrol", "update", f"jobid={plain}", "comment=just a note", user="vmwrapuser")
+        assert r.returncode == 0, r.stderr   # ordinary comments still work
+    finally:
+        cluster.run("scancel", plain, vm)
+
+
+@pytest.mark.parametrize("directive, args, reason", [
+    # --mem-per-cpu: job_submit.lua only sees --mem; the prolog asks Slurm what it allocated
+    ("--memory=300M", ("--mem-per-cpu=100M", "-n", "1"), "--memory=300M is more than the job's allocation of 100M"),
+    # the image's default size is not in job_submit.lua at all
+    ("", ("--mem=100M",), "image busybox's default memory of 256M is more than the job's allocation of 100M"),
+])
+def test_vm_memory_above_the_allocation_fails_the_job_not_the_node(cluster, jobdir, directive, args, reason):
+    job = submit(cluster, jobdir, f"#!/bin/sh\n#VMWRAP --image=busybox {directive}\necho never\n", *args)
+    info = done(cluster, job)
+    assert info["JobState"] == "FAILED"
+    out = (jobdir / f"slurm-{job}.out").read_text()
+    assert reason in out and "never" not in out, out
+    _no_drain(cluster)
+
+
+def test_memory_lowered_after_submit_is_caught_by_the_prolog(cluster, jobdir):
+    job = submit(cluster, jobdir, "#!/bin/sh\n#VMWRAP --image=busybox --memory=300M\necho never\n", "-H")
+    r = cluster.run("scontrol", "update", f"jobid={job}", "MinMemoryNode=100", user="vmwrapuser")
+    assert r.returncode == 0, r.stderr   # Slurm lets users lower their job's memory
+    assert cluster.job(job)["MinMemoryNode"] == "100M"
+    cluster.run("scontrol", "release", job, user="vmwrapuser", check=True)
+    assert done(cluster, job)["JobState"] == "FAILED"
+    out = (jobdir / f"slurm-{job}.out").read_text()
+    assert "--memory=300M is more than the job's allocation of 100M" in out and "never" not in out, out
+    _no_drain(cluster)

@@ -147,3 +147,84 @@ def test_prefer_nodes_holding_the_image_only_when_safe(tmp_path):
     assert prefer(job, prefer="fast") == "fast"  # the user's own preference wins
     active.write_text("this is not lua")
     assert prefer(job) == "nil"  # a broken file never breaks submission
+
+
+# Issue 14: the comment carries the VM request the root prolog acts on; only the filter may write it.
+FORGE_HARNESS = r"""
+slurm = { SUCCESS = 0, ERROR = -1, msgs = {} }
+function slurm.log_user(m) table.insert(slurm.msgs, m) end
+dofile(arg[1])
+local function opt(s) if s == "<nil>" then return nil end return s end
+local rc
+if arg[2] == "submit" then
+  local job = { script = opt(io.read("*a")), comment = opt(arg[3]), user_name = "bob", group_id = 4242,
+                min_nodes = 1, min_mem_per_node = 4294967294 }
+  rc = slurm_job_submit(job, {}, 1234)
+else
+  rc = slurm_job_modify({ comment = opt(arg[3]) }, { comment = opt(arg[4]) }, {}, tonumber(arg[5]))
+end
+io.write(rc, "\n", table.concat(slurm.msgs, "\n"), "\n")
+"""
+
+
+@pytest.fixture(scope="module")
+def forge(tmp_path_factory):
+    d = tmp_path_factory.mktemp("forge")
+    (d / "job_submit.lua").write_text(render_lua(CATALOG))
+    (d / "harness.lua").write_text(FORGE_HARNESS)
+
+    def call(*args, stdin=""):
+        r = subprocess.run(["lua5.1", str(d / "harness.lua"), str(d / "job_submit.lua"), *map(str, args)],
+                           input=stdin, capture_output=True, text=True, check=True)
+        rc, msg = r.stdout.split("\n", 1)
+        return int(rc), msg.strip()
+    return call
+
+
+FORGED = "vmwrap:image=busybox,memory=200000,cpus=,lost="
+
+
+@pytest.mark.parametrize("script", ["#!/bin/sh\necho no directive\n", "#!/bin/sh\n#VMWRAP --image=busybox\n", "<nil>"])
+def test_submit_refuses_a_comment_that_forges_a_vm_request(forge, script):
+    rc, msg = forge("submit", FORGED, stdin=script if script != "<nil>" else "<nil>")
+    assert rc == -1
+    assert msg == "vmwrap: a job's comment may not start with 'vmwrap:': vmwrap writes the job's VM request there"
+
+
+def test_submit_refuses_line_breaks_in_a_comment(forge):
+    rc, msg = forge("submit", "ok\n1|2026-12-02T10:00:00|c1|" + FORGED, stdin="#!/bin/sh\necho hi\n")
+    assert (rc, msg) == (-1, "vmwrap: a job's comment may not contain line breaks")
+
+
+def test_submit_keeps_an_ordinary_comment(forge):
+    assert forge("submit", "my project vmwrap: later", stdin="#!/bin/sh\necho hi\n") == (0, "")
+
+
+@pytest.mark.parametrize("script", [
+    "#!/bin/sh\n#VMWRAP-ORIGINAL-SCRIPT\n#VMWRAP --image=busybox --memory=99G\n",   # skips every check
+    "#!/bin/sh\necho hi\n#VMWRAP-ORIGINAL-SCRIPT\n",
+])
+def test_submit_refuses_a_script_that_holds_the_marker(forge, script):
+    rc, msg = forge("submit", "<nil>", stdin=script)
+    assert rc == -1
+    assert msg == ("vmwrap: the script contains #VMWRAP-ORIGINAL-SCRIPT, which vmwrap reserves for scripts "
+                   "it wrapped")
+
+
+@pytest.mark.parametrize("new, cur, uid, refused", [
+    (FORGED, "", 1234, "a job's comment may not start with 'vmwrap:'"),          # a job without a request gets one
+    (FORGED, "<nil>", 1234, "a job's comment may not start with 'vmwrap:'"),
+    (FORGED, "plain", 1234, "a job's comment may not start with 'vmwrap:'"),
+    ("plain", FORGED, 1234, "the job's comment carries its VM request and cannot be changed"),
+    ("", FORGED, 1234, "the job's comment carries its VM request and cannot be changed"),
+    ("a\nb", "plain", 1234, "a job's comment may not contain line breaks"),
+    ("other", "plain", 1234, None),
+    ("<nil>", FORGED, 1234, None),                                                 # the comment is not touched
+    (FORGED, "plain", 0, None),                                                    # root may
+])
+def test_modify_refuses_users_writing_or_changing_a_vm_request(forge, new, cur, uid, refused):
+    rc, msg = forge("modify", new, cur, uid)
+    if refused is None:
+        assert (rc, msg) == (0, "")
+    else:
+        assert rc == -1 and msg.startswith("vmwrap: " + refused), msg

@@ -25,6 +25,10 @@ class Settings:
     verify_on_use: bool = False
     default_memory_mib: int = 256
     default_cpus: int = 1
+    # Ceiling for any VM's memory in MiB (asked for, the image's or the site's default), on top of the
+    # scheduler's allocation and alone where it allocates none (Slurm without memory as a consumable,
+    # GE jobs without h_vmem/s_vmem/mem_free/virtual_free); 0: the node's memory is the only limit.
+    max_memory_mib: int = 0
     # serial: the work dir is served by vmwrap's 9P server over virtio-serial (the VM can be saved);
     # virtio-9p: QEMU's own 9p device (a little faster, but a mounted share blocks saving the VM).
     workdir_share: str = "serial"

@@ -46,18 +46,31 @@ def host_memory_mib() -> int:
 
 
 def plan(job: Job, settings: Settings, catalog: Catalog) -> Plan:
-    """Merge directives, scheduler allocation, image and site defaults; refuse what cannot fit."""
+    """Merge directives, scheduler allocation, image and site defaults; refuse what cannot fit.
+
+    The VM's memory is the request, else the image's default, else the site's; whichever it is, it
+    may not exceed the scheduler's allocation (job.memory_mib, filled by the scheduler plugin from
+    what the scheduler itself granted) nor the site's max_memory_mib: a VM never holds more memory
+    than its job was given, whatever the job's own request says."""
     req = directives.parse(job.script)
     name = req.image or job.image
     if not name:
         raise UserError("no image requested: add '#VMWRAP --image=NAME' to the job script")
     image = catalog.resolve(name, job.user, job.gid)
     cpus = req.cpus or job.cpus or image.cpus or settings.default_cpus
-    mem = req.memory_mib or job.memory_mib or image.memory_mib or settings.default_memory_mib
+    if req.memory_mib:
+        mem, what = req.memory_mib, f"--memory={req.memory_mib}M"
+    elif image.memory_mib:
+        mem, what = image.memory_mib, f"image {image.name}'s default memory of {image.memory_mib}M"
+    else:
+        mem, what = settings.default_memory_mib, f"the site's default VM memory of {settings.default_memory_mib}M"
     if job.cpus and req.cpus and req.cpus > job.cpus:
         raise UserError(f"--cpus={req.cpus} is more than the job's allocation of {job.cpus} CPUs")
-    if job.memory_mib and req.memory_mib and req.memory_mib > job.memory_mib:
-        raise UserError(f"--memory={req.memory_mib}M is more than the job's allocation of {job.memory_mib}M")
+    if job.memory_mib is not None and mem > job.memory_mib:
+        hint = "" if req.memory_mib else "; ask the scheduler for more memory or '#VMWRAP --memory=' less"
+        raise UserError(f"{what} is more than the job's allocation of {job.memory_mib}M{hint}")
+    if settings.max_memory_mib and mem > settings.max_memory_mib:
+        raise UserError(f"{what} is more than this site's limit of {settings.max_memory_mib}M per VM")
     ncpu = os.cpu_count() or 1
     if cpus > ncpu:
         raise UserError(f"the job asks for {cpus} CPUs; this node has {ncpu}")

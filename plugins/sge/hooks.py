@@ -10,13 +10,14 @@ import re
 import signal
 import subprocess
 import sys
+import traceback
 
 from vmwrap import agent, directives, launcher
 from vmwrap.config import Settings
 from vmwrap.errors import CacheFullError, NodeError, UserError, VmwrapError
 from vmwrap.job import Job
 
-CONTEXT = re.compile(r"^context:\s+(.*)$", re.M)
+CONTEXT = re.compile(r"^context:[ \t]+(.*)$", re.M)
 
 
 def job_id(env: dict[str, str]) -> str:
@@ -26,20 +27,83 @@ def job_id(env: dict[str, str]) -> str:
     return f"{jid}.{task}" if task not in ("", "undefined") else jid
 
 
-def context_image(jid: str) -> str | None:
-    """The native way: `qsub -ac vmwrap_image=NAME` (a job context variable, validated by the JSV)."""
+def qstat_job(jid: str) -> str | None:
+    """`qstat -j` of the job (its context and resource requests); None if qstat failed."""
     try:
-        r = subprocess.run(["qstat", "-j", jid.split(".")[0]], capture_output=True, text=True, timeout=30)
+        r = subprocess.run(["qstat", "-j", jid.split(".")[0]], capture_output=True, text=True, timeout=30,
+                           errors="replace")
     except (OSError, subprocess.TimeoutExpired):
         return None
-    m = CONTEXT.search(r.stdout)
-    if not m:
+    return r.stdout if r.returncode == 0 else None
+
+
+def context_image(jid: str) -> str | None:
+    """The native way: `qsub -ac vmwrap_image=NAME` (a job context variable, validated by the JSV)."""
+    return parse_context(qstat_job(jid) or "")
+
+
+def parse_context(qstat: str) -> str | None:
+    """vmwrap_image from `qstat -j`'s context. The JSV checks it at qsub, but `qalter -ac` can change
+    it later: a value that is not an image name, or two different ones, raise UserError."""
+    names = set()
+    for m in CONTEXT.finditer(qstat):
+        for kv in m.group(1).split(","):
+            k, _, v = kv.partition("=")
+            if k.strip() == "vmwrap_image":
+                names.add(v.strip())
+    if len(names) > 1:
+        raise UserError("the job's context names more than one vmwrap_image: "
+                        + ", ".join(repr(n[:64]) for n in sorted(names)[:3]))
+    return directives.check_image_name(names.pop()) if names else None
+
+
+# Hard requests that bound a job's memory; each is per slot (GE multiplies it by the job's slots).
+MEMORY_REQUESTS = ("h_vmem", "s_vmem", "mem_free", "virtual_free")
+_GE_SIZE = re.compile(r"(0[xX][0-9a-fA-F]{1,13}|\d{1,15}(?:\.\d{1,6})?)([kKmMgGtT]?)")
+_GE_UNIT = {"": 1, "k": 1000, "K": 1024, "m": 1000**2, "M": 1024**2, "g": 1000**3, "G": 1024**3,
+            "t": 1000**4, "T": 1024**4}
+_HARD = re.compile(r"^hard resource_list:[ \t]*(.*)$", re.M)
+
+
+def memory_bytes(value: str) -> int | None:
+    """A GE memory_specifier (sge_types(5): decimal, 0x hex or 0 octal, k/m/g/t x1000, K/M/G/T x1024)
+    in bytes; None for INFINITY. Anything else raises UserError: the ceiling must not be guessed."""
+    v = value.strip()
+    if v.upper() in ("INFINITY", "INF"):
         return None
-    for kv in m.group(1).split(","):
-        k, _, v = kv.partition("=")
-        if k.strip() == "vmwrap_image":
-            return v.strip()
-    return None
+    m = _GE_SIZE.fullmatch(v)
+    if not m:
+        raise UserError(f"cannot read the job's memory request {v[:40]!r}")
+    num = m.group(1)
+    if num[:2].lower() == "0x":
+        n: float = int(num, 16)
+    elif len(num) > 1 and num[0] == "0" and num.isdigit() and set(num) <= set("01234567"):
+        n = int(num, 8)  # octal is the smaller reading of such digits
+    else:
+        n = float(num)
+    return int(n * _GE_UNIT[m.group(2)])
+
+
+def requested_memory_mib(qstat: str, slots: int) -> int | None:
+    """The least memory the job's hard requests grant it on this host, in MiB (per slot x slots);
+    None when it asked for none. Several `hard resource_list:` lines (one forged in a variable's
+    value?) can only lower it."""
+    found = []
+    for line in _HARD.findall(qstat):
+        for item in line.split(","):
+            k, sep, v = item.partition("=")
+            if sep and k.strip() in MEMORY_REQUESTS:
+                b = memory_bytes(v)
+                if b is not None:
+                    found.append(b * slots // 2**20)
+    return min(found) if found else None
+
+
+def slots(env: dict[str, str]) -> int:
+    v = env.get("NSLOTS") or "1"
+    if not re.fullmatch(r"\d{1,5}", v) or int(v) < 1:
+        raise UserError(f"NSLOTS={v[:20]!r} from execd is not a slot count")
+    return int(v)
 
 
 def job_from_env(env: dict[str, str], owner: str) -> Job | None:
@@ -50,17 +114,39 @@ def job_from_env(env: dict[str, str], owner: str) -> Job | None:
         script = ""
     req = directives.parse(script)
     jid = job_id(env)
-    image = req.image or context_image(jid)
+    qstat = qstat_job(jid)
+    image = req.image or parse_context(qstat or "")
     if not image:
         return None
+    if qstat is None:  # a job for a VM, but what it may use is unknown: fail it rather than guess
+        raise VmwrapError(f"cannot read job {jid}'s resource requests with qstat -j")
     pw = pwd.getpwnam(owner)
+    n = slots(env)
     return Job(job_id=jid, scheduler="sge", user=owner, uid=pw.pw_uid, gid=pw.pw_gid, work_dir=os.getcwd(),
-               script=script, cpus=int(env.get("NSLOTS") or 1), image=image,
+               script=script, cpus=n, memory_mib=requested_memory_mib(qstat, n), image=image,
                groups=[g for g in os.getgrouplist(owner, pw.pw_gid) if g != pw.pw_gid])
 
 
 def prolog(settings: Settings, env: dict[str, str], owner: str) -> int:
+    """Boot the job's VM. Users write much of what it reads (script, context, requests): any error but
+    a node fault, even an unexpected exception (its traceback goes to stderr), fails only the job."""
     jid = job_id(env)
+    try:
+        return _prolog(settings, env, owner, jid)
+    except Exception as e:
+        print(f"vmwrap prolog: job {jid}: internal error:\n{traceback.format_exc()}", file=sys.stderr)
+        err = VmwrapError(f"internal error in vmwrap's prolog ({type(e).__name__}: {str(e)[:200]}); "
+                          "the queue stays up, the traceback is in the execd's messages")
+        try:
+            Job.check_id(jid)
+            launcher.record_error(settings.jobs_dir / jid, err)
+        except (UserError, OSError) as e2:
+            print(f"vmwrap prolog: cannot record the failure of job {jid!r}: {e2}", file=sys.stderr)
+            return 1
+        return 0
+
+
+def _prolog(settings: Settings, env: dict[str, str], owner: str, jid: str) -> int:
     lx = None
     try:
         job = job_from_env(env, owner)

@@ -10,7 +10,8 @@ import time
 def run(*argv: str) -> str:
     """stdout of a Slurm command; RuntimeError with its message if it failed (hooks have no PATH)."""
     exe = shutil.which(argv[0]) or f"/usr/bin/{argv[0]}"
-    r = subprocess.run([exe, *argv[1:]], capture_output=True, text=True, timeout=60)
+    # errors="replace": users write job names and comments, in any bytes
+    r = subprocess.run([exe, *argv[1:]], capture_output=True, text=True, errors="replace", timeout=60)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip() or r.stdout.strip()}")
     return r.stdout

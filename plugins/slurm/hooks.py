@@ -9,6 +9,8 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+import traceback
 from pathlib import Path
 
 from vmwrap import checkpoint, launcher
@@ -16,49 +18,165 @@ from vmwrap.config import Settings
 from vmwrap.errors import CacheFullError, CheckpointError, NodeError, UserError, VmwrapError
 from vmwrap.job import Job
 
+SCONTROL = "/usr/bin/scontrol"  # root calls Slurm by absolute path
+
 MARKER = "#VMWRAP-ORIGINAL-SCRIPT"
-REQUEST = re.compile(r"^vmwrap:image=([^,]*),memory=(\d*),cpus=(\d*),lost=(\w*)")
+PREFIX = "vmwrap:"
+# Exactly what job_submit.lua writes, the user's own comment after " | ". Users can put anything in a
+# comment (and job_submit.lua refuses theirs that start with PREFIX): every number is bounded before
+# int() sees it (Python refuses > 4300 digits with ValueError, which would fail a root prolog).
+REQUEST = re.compile(r"vmwrap:image=([A-Za-z0-9][A-Za-z0-9._-]{0,63}),memory=(\d{1,9})?,cpus=(\d{1,4})?,"
+                     r"lost=(restart|fail)?(?: \| .*)?", re.S)
 
 
-def parse_request(comment: str) -> dict | None:
-    m = REQUEST.match(comment or "")
-    if not m:
+def parse_request(comment: str | None) -> dict | None:
+    """The VM request job_submit.lua put in the job's comment; None for a comment that is not one.
+
+    A comment that starts with 'vmwrap:' but is not what job_submit.lua writes raises UserError:
+    the job was meant to run in a VM (or someone forged a request) and must not run bare."""
+    comment = comment or ""
+    if not comment.startswith(PREFIX):
         return None
+    m = REQUEST.fullmatch(comment)
+    if not m:
+        raise UserError(f"the job's comment starts with {PREFIX!r} but is not a VM request vmwrap wrote: "
+                        f"{_clip(comment)}")
     return {"image": m.group(1), "memory_mib": int(m.group(2)) if m.group(2) else None,
             "cpus": int(m.group(3)) if m.group(3) else None, "lost": m.group(4) or None}
 
 
-def allocated_cpus(value: str) -> int | None:
-    """SLURM_JOB_CPUS_PER_NODE looks like '2', '2(x3)' or '4,2(x2)': this node's count is the first."""
-    m = re.match(r"^(\d+)", value or "")
+def _clip(s: str, n: int = 80) -> str:
+    return repr(s[:n]) + (f"... ({len(s)} characters)" if len(s) > n else "")
+
+
+_CPUS_PER_NODE = re.compile(r"(\d{1,5})(?:\(x\d{1,5}\))?(?:,.*)?", re.S)
+
+
+def allocated_cpus(value: str | None) -> int | None:
+    """SLURM_JOB_CPUS_PER_NODE looks like '2', '2(x3)' or '4,2(x2)': this node's count is the first.
+    None when it is missing or not of that form."""
+    m = _CPUS_PER_NODE.fullmatch(value or "")
     return int(m.group(1)) if m else None
 
 
-def job_from_env(env: dict[str, str]) -> tuple[Job, dict] | None:
+def _env_int(env: dict[str, str], name: str, digits: int, default: int | None = None) -> int:
+    v = env.get(name) or ""
+    if not v and default is not None:
+        return default
+    if not re.fullmatch(rf"\d{{1,{digits}}}", v):
+        raise UserError(f"{name}={_clip(v)} from slurmd is not a number of at most {digits} digits")
+    return int(v)
+
+
+# A memory size as scontrol prints it: 512M, 1.50G, 3000M (MiB unless a unit says otherwise).
+_SIZE = r"(\d{1,12})(?:\.(\d{1,6}))?([KMGTP]?)"
+_MIB = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2, "P": 1024**3}
+_MEM_NODE = re.compile(r"(?:^|\s)MinMemoryNode=" + _SIZE + r"(?=\s|$)")
+_MEM_CPU = re.compile(r"(?:^|\s)MinMemoryCPU=" + _SIZE + r"(?=\s|$)")
+_TRES = re.compile(r"(?:^|\s)(?:Alloc)?TRES=(\S{0,1000})")
+_TRES_MEM = re.compile(r"(?:^|,)mem=" + _SIZE + r"(?=,|$)")
+
+
+def _size_mib(m: re.Match) -> int:
+    return int(float(f"{m.group(1)}.{m.group(2) or 0}") * _MIB[m.group(3)])
+
+
+def allocated_memory_mib(show_job: str, cpus: int | None) -> int | None:
+    """The memory Slurm allocated the job on this node, in MiB, from `scontrol show job -o` output;
+    None when the job has none (Slurm without memory as a consumable resource).
+
+    MinMemoryNode (0: the whole node, then TRES says how much), MinMemoryCPU x this node's CPUs and
+    the mem of TRES/AllocTRES (the whole job's: at least this node's) are each a ceiling, so the least
+    is taken. Users write other fields of that line (JobName, Comment, WorkDir may hold spaces and
+    'MinMemoryNode=...'): a forged field can only lower the least, never raise it."""
+    found = [v for v in (_size_mib(m) for m in _MEM_NODE.finditer(show_job)) if v > 0]
+    if cpus:
+        found += [v * cpus for v in (_size_mib(m) for m in _MEM_CPU.finditer(show_job)) if v > 0]
+    for t in _TRES.finditer(show_job):
+        found += [v for v in (_size_mib(m) for m in _TRES_MEM.finditer(t.group(1))) if v > 0]
+    return min(found) if found else None
+
+
+def slurm_job(job_id: str) -> str:
+    """`scontrol show job -o ID` (root, by absolute path). Slurm unreachable fails the job, not the
+    node: the ceiling of its VM's memory cannot be known without it."""
+    last = ""
+    for attempt in range(3):
+        try:
+            r = subprocess.run([SCONTROL, "show", "job", "-o", job_id], capture_output=True, text=True,
+                               errors="replace", timeout=30)
+            if r.returncode == 0 and f"JobId={job_id} " in r.stdout:
+                return r.stdout
+            last = (r.stderr or r.stdout).strip()[:200]
+        except (OSError, subprocess.TimeoutExpired) as e:
+            last = str(e)
+        time.sleep(1 + attempt)
+    raise VmwrapError(f"cannot read job {job_id}'s memory allocation from Slurm (scontrol show job: {last})")
+
+
+def _directives(req: dict) -> str:
+    """The request from the comment as the #VMWRAP lines launcher.plan() reads: the one strict parser
+    checks them again, and plan() weighs them against the allocation like any script's."""
+    opts = ([f"--memory={req['memory_mib']}M"] if req["memory_mib"] else []) + \
+           ([f"--cpus={req['cpus']}"] if req["cpus"] else [])
+    return f"#!/bin/sh\n#VMWRAP {' '.join(opts)}\n" if opts else ""
+
+
+def job_from_env(env: dict[str, str], show_job=slurm_job) -> tuple[Job, dict] | None:
+    """The job as the core sees it: request from the comment, CPUs and memory from Slurm's allocation
+    on this node (ceilings launcher.plan() enforces). `show_job(id)` returns `scontrol show job -o`."""
     req = parse_request(env.get("SLURM_JOB_COMMENT", ""))
     if req is None:
         return None
-    user = env["SLURM_JOB_USER"]
-    uid, gid = int(env["SLURM_JOB_UID"]), int(env["SLURM_JOB_GID"])
+    job_id = env.get("SLURM_JOB_ID", "")
+    Job.check_id(job_id)
+    user = env.get("SLURM_JOB_USER", "")
+    uid, gid = _env_int(env, "SLURM_JOB_UID", 10), _env_int(env, "SLURM_JOB_GID", 10)
     alloc = allocated_cpus(env.get("SLURM_JOB_CPUS_PER_NODE", ""))
-    cpus = req["cpus"] or alloc
     if req["cpus"] and alloc and req["cpus"] > alloc:
         raise UserError(f"--cpus={req['cpus']} is more than the {alloc} CPUs Slurm allocated on this node")
+    memory = allocated_memory_mib(show_job(job_id), alloc)
     work_dir = env.get("SLURM_JOB_WORK_DIR") or pwd.getpwuid(uid).pw_dir
-    job = Job(job_id=env["SLURM_JOB_ID"], scheduler="slurm", user=user, uid=uid, gid=gid,
-              work_dir=work_dir, script="", cpus=cpus, memory_mib=req["memory_mib"], image=req["image"],
-              restart_count=int(env.get("SLURM_JOB_RESTART_COUNT") or 0), on_lost_checkpoint=req["lost"],
+    job = Job(job_id=job_id, scheduler="slurm", user=user, uid=uid, gid=gid,
+              work_dir=work_dir, script=_directives(req), cpus=alloc, memory_mib=memory, image=req["image"],
+              restart_count=_env_int(env, "SLURM_JOB_RESTART_COUNT", 6, default=0), on_lost_checkpoint=req["lost"],
               groups=[g for g in os.getgrouplist(user, gid) if g != gid])
     return job, req
 
 
 def prolog(settings: Settings, env: dict[str, str]) -> int:
     """Boot the job's VM. A user or image mistake is handed to the job (exit 0: the node stays up);
-    only a node fault fails the prolog, which drains the node with our reason."""
+    only a node fault fails the prolog, which drains the node with our reason.
+
+    Users write much of what the prolog reads (comment, names, sizes): any other exception, a bug or
+    data nobody foresaw, fails the job with the reason too, its traceback on stderr and in the ledger."""
+    try:
+        return _prolog(settings, env)
+    except NodeError as e:
+        _drain(env, f"vmwrap: {e}")
+        print(f"vmwrap prolog: node fault: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        trace = traceback.format_exc()
+        print(f"vmwrap prolog: job {env.get('SLURM_JOB_ID')}: internal error:\n{trace}", file=sys.stderr)
+        job_id = env.get("SLURM_JOB_ID", "")
+        try:
+            from vmwrap.ledger import Ledger
+
+            Ledger(settings.ledger_path).record(job_id, f"vmwrap-{job_id}", "failed", kind="internal",
+                                                message=trace[-2000:])
+        except Exception as le:  # accounting only: the job must still learn why it failed
+            print(f"vmwrap prolog: ledger: {le}", file=sys.stderr)
+        return _user_failure(settings, job_id, VmwrapError(
+            f"internal error in vmwrap's prolog ({type(e).__name__}: {str(e)[:200]}); "
+            "the node stays up, the traceback is in its ledger and slurmd log"))
+
+
+def _prolog(settings: Settings, env: dict[str, str]) -> int:
     try:
         parsed = job_from_env(env)
-    except UserError as e:
-        return _user_failure(settings, env["SLURM_JOB_ID"], e)
+    except VmwrapError as e:
+        return _user_failure(settings, env.get("SLURM_JOB_ID", ""), e)
     if parsed is None:
         return 0
     job, _ = parsed
@@ -100,7 +218,14 @@ def prolog(settings: Settings, env: dict[str, str]) -> int:
 
 
 def _user_failure(settings: Settings, job_id: str, err: VmwrapError) -> int:
-    launcher.record_error(settings.jobs_dir / job_id, err)
+    """Fail just the job: its batch step prints `err` and exits with its code; the prolog exits 0.
+    A job id slurmd should never give, or a state dir root cannot write, is the node's fault."""
+    try:
+        Job.check_id(job_id)
+        launcher.record_error(settings.jobs_dir / job_id, err)
+    except (UserError, OSError) as e:
+        print(f"vmwrap prolog: cannot record the failure of job {job_id!r} ({err}): {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -186,7 +311,7 @@ def restarts(job_id: str) -> int:
         r = subprocess.run([scontrol, "show", "job", "-o", job_id], capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return -1
-    m = re.search(r"\bRestarts=(\d+)", r.stdout)
+    m = re.search(r"\bRestarts=(\d{1,9})\b", r.stdout)  # bounded: a job name can say Restarts=<5000 digits>
     return int(m.group(1)) if m else -1
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from vmwrap import checkpoint
 from vmwrap.catalog import Catalog
 from vmwrap.config import Settings
+from vmwrap.errors import UserError
 from vmwrap.ledger import Ledger
 from vmwrap.plan import Action, Policy, QueuedJob, Reservation, SaveModel, plan_pass
 
@@ -82,34 +83,77 @@ def _limit_s(minutes) -> float:
     return minutes * 60.0
 
 
+def _num(v, default: float = 0.0) -> float:
+    """A number squeue --json gives; anything else (a string, a dict, a bool) is `default`."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else default
+
+
+_warned: dict[str, str] = {}
+
+
+def _warn_once(job: str, what: str) -> None:
+    """Log a job skipped or taken as plain once per reason (a pass runs every few seconds)."""
+    if _warned.get(job) != what:
+        _warned[job] = what
+        log.warning("job %s: %s", job, what)
+
+
+def request(job: str, comment) -> dict | None:
+    """The job's VM request, or None (not a vmwrap job). Users write comments: a malformed request
+    makes the job a plain one for the planner (its prolog fails it), never fails the pass."""
+    try:
+        return parse_request(comment if isinstance(comment, str) else "")
+    except UserError as e:
+        _warn_once(job, f"taken as a job without a VM: {e}")
+        return None
+
+
 def jobs(settings: Settings, idle: dict[str, set[str]], now: float) -> list[QueuedJob]:
-    """Pending and running jobs in Slurm's priority order."""
-    data = json.loads(_run("squeue", "--json"))
+    """Pending and running jobs in Slurm's priority order. A job whose record does not read as
+    expected is left out with a logged reason; no job's data can fail the pass."""
+    try:
+        data = json.loads(_run("squeue", "--json"))
+    except ValueError as e:
+        raise RuntimeError(f"squeue --json: not JSON: {e}") from None
     try:   # a VM's memory, as the launcher picks it: the request, else the image's, else the site's
         images = Catalog.load(settings.catalog).images
     except Exception:
         images = {}
     out = []
-    for j in data.get("jobs", []):
-        state = {"PENDING": "pending", "RUNNING": "running"}.get(j.get("job_state"), "other")
-        req = parse_request(j.get("comment") or "")
-        img = images.get((req or {}).get("image"))
-        mem = ((req or {}).get("memory_mib") or (img.memory_mib if img is not None else None)
-               or settings.default_memory_mib)
-        reason = j.get("state_reason") or ""
-        eligible = (state == "pending" and not j.get("dependency")
-                    and reason not in ("BeginTime", "JobHeldUser", "JobHeldAdmin", "Dependency",
-                                       "DependencyNeverSatisfied", "PartitionDown", "PartitionInactive")
-                    and (j.get("eligible_time") or 0) <= now and int(j.get("priority") or 0) > 0)
-        part = j.get("partition") or ""
-        out.append((-(j.get("priority") or 0), int(j["job_id"]), QueuedJob(
-            job=str(j["job_id"]), user=j.get("user_name") or "", partition=part,
-            nodes=int(j.get("node_count") or 1), limit_s=_limit_s(j.get("time_limit")), mem_mb=float(mem),
-            saveable=req is not None and settings.workdir_share == "serial" and bool(j.get("batch_flag", True)),
-            state=state, start=float(j["start_time"]) if state == "running" else None,
-            idle=frozenset(idle.get(part, ())) if state == "pending" else frozenset(),
-            eligible=eligible, reservation=j.get("resv_name") or "")))
+    for j in data.get("jobs", []) if isinstance(data, dict) else []:
+        jid = j.get("job_id") if isinstance(j, dict) else None
+        if not isinstance(jid, int) or isinstance(jid, bool) or not 0 < jid < 2**32:
+            _warn_once(str(jid)[:20], "left out of the plan: no job id squeue --json should give")
+            continue
+        try:
+            out.append(_queued(settings, images, idle, now, j, jid))
+        except (TypeError, ValueError, AttributeError, KeyError) as e:
+            _warn_once(str(jid), f"left out of the plan: its squeue record does not read as expected ({e})")
     return [q for *_, q in sorted(out, key=lambda t: (t[0], t[1]))]
+
+
+def _queued(settings: Settings, images: dict, idle: dict[str, set[str]], now: float, j: dict, jid: int):
+    state = {"PENDING": "pending", "RUNNING": "running"}.get(j.get("job_state"), "other")
+    req = request(str(jid), j.get("comment"))
+    img = images.get((req or {}).get("image"))
+    mem = ((req or {}).get("memory_mib") or (img.memory_mib if img is not None else None)
+           or settings.default_memory_mib)
+    reason = j.get("state_reason") or ""
+    priority = _num(j.get("priority"))
+    eligible = (state == "pending" and not j.get("dependency")
+                and reason not in ("BeginTime", "JobHeldUser", "JobHeldAdmin", "Dependency",
+                                   "DependencyNeverSatisfied", "PartitionDown", "PartitionInactive")
+                and _num(j.get("eligible_time")) <= now and priority > 0)
+    part = j.get("partition") or ""
+    if not isinstance(part, str):
+        raise TypeError(f"partition {part!r}")
+    return (-priority, jid, QueuedJob(
+        job=str(jid), user=str(j.get("user_name") or ""), partition=part,
+        nodes=max(1, int(_num(j.get("node_count"), 1))), limit_s=_limit_s(j.get("time_limit")), mem_mb=float(mem),
+        saveable=req is not None and settings.workdir_share == "serial" and bool(j.get("batch_flag", True)),
+        state=state, start=_num(j.get("start_time")) if state == "running" else None,
+        idle=frozenset(idle.get(part, ())) if state == "pending" else frozenset(),
+        eligible=eligible, reservation=str(j.get("resv_name") or "")))
 
 
 def slurm_config() -> dict[str, str]:
@@ -124,8 +168,9 @@ def slurm_config() -> dict[str, str]:
 def policy(settings: Settings, store: checkpoint.Store, conf: dict[str, str] | None = None) -> Policy:
     """The site's policy; the save model uses the slowest of the store's recent measured saves."""
     conf = conf if conf is not None else slurm_config()
-    kill_wait = float(re.match(r"(\d+)", conf.get("KillWait", "30")).group(1))
-    m = re.search(r"bf_interval=(\d+)", conf.get("SchedulerParameters", ""))
+    m = re.match(r"(\d{1,6})\b", conf.get("KillWait", "30"))
+    kill_wait = float(m.group(1)) if m else 30.0
+    m = re.search(r"\bbf_interval=(\d{1,6})\b", conf.get("SchedulerParameters", ""))
     bf = float(m.group(1)) if m else 30.0
     measured = store.measured_save_rate()
     rate = min(measured, settings.plan_save_rate_mb_s) if measured else settings.plan_save_rate_mb_s

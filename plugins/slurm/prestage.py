@@ -17,6 +17,7 @@ import os
 import re
 from pathlib import Path
 
+from vmwrap.errors import UserError
 from vmwrap.prestage import Need, Prestager
 
 from .commands import epoch as _epoch
@@ -31,26 +32,67 @@ def feature(image: str) -> str:
     return PREFIX + re.sub(r"[^A-Za-z0-9_]", "_", image)
 
 
-def pending() -> list[dict]:
-    """Pending vmwrap jobs: id, image, planned start (or None), scheduled nodes, preference."""
-    out = _run("squeue", "-h", "-t", "PD", "-O", "JobID:|,StartTime:|,SchedNodes:|,Prefer:|,Comment:")
-    jobs, hosts = [], {}
-    for line in out.splitlines():
-        parts = line.split("|", 4)
-        if len(parts) < 5:
+_warned: dict[str, str] = {}
+
+
+def _warn_once(key: str, what: str) -> None:
+    """Log a job left out once per reason (a pass runs every few seconds)."""
+    if _warned.get(key) != what:
+        _warned[key] = what
+        log.warning("%s", what)
+
+
+_JOB_ID = re.compile(r"\d{1,10}(?:_(?:\d{1,10}|\[[0-9,%-]{1,200}\]))?")
+_NODES = re.compile(r"[A-Za-z0-9_.,\[\]-]{1,4000}")
+
+
+def _lines(*fields: str) -> dict[str, list[str]]:
+    """Pending jobs' fields by job id from `squeue -O`, one user-written field at most and last (it may
+    hold the separator). A line whose job id is malformed or seen twice (a comment with a line break
+    can forge one) is left out with a logged reason."""
+    fmt = ",".join(f"{f}:|" for f in fields[:-1]) + f",{fields[-1]}:"
+    out: dict[str, list[str]] = {}
+    bad: set[str] = set()
+    for line in _run("squeue", "-h", "-t", "PD", "-O", fmt).splitlines():
+        parts = [p.strip() for p in line.split("|", len(fields) - 1)]
+        if len(parts) < len(fields):
             continue
-        job_id, start, sched, prefer, comment = (p.strip() for p in parts)
-        req = parse_request(comment)
+        if not _JOB_ID.fullmatch(parts[0]):
+            _warn_once(line[:80], f"squeue line left out, not a job id: {line[:80]!r}")
+            continue
+        if parts[0] in out:
+            bad.add(parts[0])
+        out[parts[0]] = parts[1:]
+    for j in bad:
+        _warn_once(j, f"job {j}: left out, squeue printed it twice (a forged line?)")
+        del out[j]
+    return out
+
+
+def pending() -> list[dict]:
+    """Pending vmwrap jobs: id, image, planned start (or None), scheduled nodes. Comments are users':
+    a malformed request leaves its job out (its prolog fails it) with a logged reason."""
+    jobs, hosts = [], {}
+    for job_id, (start, sched, comment) in _lines("JobID", "StartTime", "SchedNodes", "Comment").items():
+        try:
+            req = parse_request(comment)
+        except UserError as e:
+            _warn_once(job_id, f"job {job_id}: not prestaged: {e}")
+            continue
         if req is None:
             continue
         nodes: list[str] = []
-        if sched and sched not in ("(null)", "N/A"):
+        if sched and sched not in ("(null)", "N/A") and _NODES.fullmatch(sched):
             if sched not in hosts:
                 hosts[sched] = _run("scontrol", "show", "hostnames", sched).split()
             nodes = hosts[sched]
-        jobs.append({"job": job_id, "image": req["image"], "start": _epoch(start), "nodes": nodes,
-                     "prefer": "" if prefer in ("(null)", "N/A") else prefer})
+        jobs.append({"job": job_id, "image": req["image"], "start": _epoch(start), "nodes": nodes})
     return jobs
+
+
+def preferences() -> dict[str, str]:
+    """Pending jobs' own `--prefer` (users write it, '|' included: it is queried on its own)."""
+    return {j: ("" if p in ("(null)", "N/A") else p) for j, (p,) in _lines("JobID", "Prefer").items()}
 
 
 def needs_for(node: str, jobs: list[dict]) -> list[Need]:
@@ -119,8 +161,9 @@ def controller_pass(catalog_images: list[str], lua_dir: Path) -> list[str]:
         tmp.chmod(0o644)
         os.replace(tmp, target)
     preferred = []
+    prefer = preferences()
     for j in pending():
-        if not j["prefer"] and feature(j["image"]) in active:
+        if j["job"] in prefer and not prefer[j["job"]] and feature(j["image"]) in active:
             _run("scontrol", "update", f"jobid={j['job']}", f"Prefer={feature(j['image'])}")
             preferred.append(j["job"])
     return preferred
