@@ -275,3 +275,17 @@ def test_node_fault_puts_the_queue_instance_in_error_with_a_reason(cell, jobdir)
     while "ran" not in output(jobdir, job)[0]:
         assert time.monotonic() < end, cell.run("qstat", "-j", job).stdout
         time.sleep(0.5)
+
+
+@pytest.mark.parametrize("directive, request_, reason", [
+    ("--memory=300M", "h_vmem=100M", "--memory=300M is more than the job's allocation of 100M"),
+    ("", "h_vmem=100M", "image busybox's default memory of 256M is more than the job's allocation of 100M"),
+])
+def test_vm_memory_above_the_jobs_request_fails_the_job_not_the_queue(cell, jobdir, directive, request_, reason):
+    """GE enforces h_vmem on the job's processes only; QEMU runs outside them: the prolog compares."""
+    job = qsub(cell, jobdir, f"#!/bin/sh\n#VMWRAP --image=busybox {directive}\necho never\n", "-l", request_)
+    acct = finished(cell, job)
+    assert acct["exit_status"] == "64", acct
+    out, err = output(jobdir, job)
+    assert reason in err and "never" not in out, (out, err)
+    assert not queue_in_error(cell)
