@@ -15,7 +15,7 @@ import socketserver
 import struct
 from pathlib import Path
 
-from . import domain
+from . import domain, safeio
 from .config import Settings
 from .errors import NodeError, UserError
 from .job import Job
@@ -31,7 +31,7 @@ def socket_path(settings: Settings) -> Path:
 def _owner(settings: Settings, job_id: str) -> int:
     Job(job_id=job_id, scheduler="none", user="x", uid=0, gid=0, work_dir="/", script="")  # validates the id
     try:
-        return int((settings.jobs_dir / job_id / "ctl" / "ids").read_text().split()[0])
+        return int((safeio.read_capped(settings.jobs_dir / job_id / "ctl" / "ids", 4096) or b"").split()[0])
     except (OSError, ValueError, IndexError):
         raise UserError(f"no VM for job {job_id} on this node") from None
 

@@ -1,8 +1,13 @@
-"""Site settings: one TOML file (VMWRAP_CONFIG, else /etc/vmwrap/vmwrap.toml); every key has a default."""
+"""Site settings: one TOML file (VMWRAP_CONFIG, else /etc/vmwrap/vmwrap.toml); every key has a default.
+
+Root trusts only root's own files: as root, load() refuses a config file or catalog that anyone else
+could change (owner, mode, parent directories, symlinks), and scheduler hooks never take the path
+from the environment (Grid Engine passes `qsub -v VMWRAP_CONFIG=...` to its root prolog)."""
 
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -25,6 +30,9 @@ class Settings:
     verify_on_use: bool = False
     default_memory_mib: int = 256
     default_cpus: int = 1
+    # Each VM's QEMU gets a hard memory limit (libvirt memtune, a cgroup) of its guest memory plus
+    # this much for QEMU itself (TCG's code cache, device buffers): one job cannot exhaust the node.
+    vm_memory_overhead_mib: int = 256
     # Ceiling for any VM's memory in MiB (asked for, the image's or the site's default), on top of the
     # scheduler's allocation and alone where it allocates none (Slurm without memory as a consumable,
     # GE jobs without h_vmem/s_vmem/mem_free/virtual_free); 0: the node's memory is the only limit.
@@ -33,6 +41,9 @@ class Settings:
     # virtio-9p: QEMU's own 9p device (a little faster, but a mounted share blocks saving the VM).
     workdir_share: str = "serial"
     checkpoint_dir: str = "/var/lib/vmwrap/checkpoints"  # must be storage every node shares
+    # HMAC key authenticating checkpoints (root-owned, mode 0600/0400, the same file on every node):
+    # a restore refuses a checkpoint whose manifest it did not sign (docs/checkpoint.md).
+    checkpoint_key_file: str = "/etc/vmwrap/checkpoint.key"
     # The gap planner (`vmwrap plan`, docs/plan.md): off until enabled; jobs already in a gap are
     # always saved in time, enabled or not.
     plan_enabled: bool = False
@@ -47,6 +58,11 @@ class Settings:
     plan_min_run_s: float = 60.0       # work before the save worth a gap at all
     plan_setup_s: float = 15.0         # boot (or restore) before the job's work starts
     plan_teardown_s: float = 15.0      # epilog teardown after Slurm's KillWait
+    # Per-job disk limits on what a job's VM writes into its run dir under state_dir (0: no limit).
+    # A root watcher stops the VM of a job over one and the job fails naming the setting (exit 153).
+    job_output_max_bytes: int = 10 * 1024**3  # stdout + stderr, staged here until delivered
+    console_max_bytes: int = 1024**2           # serial console log and status port, each: evidence only
+    job_disk_max_bytes: int = 0                # the qcow2 overlay's allocated size; 0: the image's size bounds it
 
     @property
     def jobs_dir(self) -> Path:
@@ -57,14 +73,86 @@ class Settings:
         return Path(self.state_dir) / "ledger.sqlite"
 
 
-def load(path: str | None = None) -> Settings:
-    path = path or os.environ.get("VMWRAP_CONFIG") or DEFAULT_PATH
+def check_root_owned(path: str, what: str = "vmwrap config") -> None:
+    """Refuse (NodeError naming `path`) a file root would read although another user could change it.
+
+    The file must be a regular file (not a symlink) owned by root and writable by nobody else; every
+    directory on the way to it, symlinks followed, must be root's and not writable by group or
+    others (a sticky directory such as /tmp is fine; a symlink in it must be root's). A missing file
+    passes: only root could create it there.
+    """
+    p = os.path.abspath(path)
+    todo = [c for c in p.split("/") if c][::-1]  # components still to walk, next one last
+    cur = "/"
+    _check_dir("/", os.lstat("/"), path, what)
+    hops = 0
+    while todo:
+        name = todo.pop()
+        if name == ".":
+            continue
+        if name == "..":
+            cur = os.path.dirname(cur)  # cur is already resolved, its parents already checked
+            continue
+        nxt = os.path.join(cur, name)
+        try:
+            st = os.lstat(nxt)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise NodeError(f"{what} {path}: cannot check {nxt}: {e.strerror}") from None
+        if stat.S_ISLNK(st.st_mode):
+            if not todo:
+                raise NodeError(f"{what} {path}: is a symlink; as root vmwrap reads only root's own regular files")
+            if st.st_uid != 0:
+                raise NodeError(f"{what} {path}: symlink {nxt} is owned by uid {st.st_uid}, not root")
+            hops += 1
+            if hops > 40:
+                raise NodeError(f"{what} {path}: too many symlinks")
+            target = os.readlink(nxt)
+            if target.startswith("/"):
+                cur = "/"
+            todo.extend(c for c in reversed(target.split("/")) if c)
+            continue
+        if todo:
+            _check_dir(nxt, st, path, what)
+            cur = nxt
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise NodeError(f"{what} {path}: not a regular file")
+        if st.st_uid != 0:
+            raise NodeError(f"{what} {path}: owned by uid {st.st_uid}, not root; root does not trust it")
+        if st.st_mode & 0o022:
+            raise NodeError(f"{what} {path}: writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                            "root does not trust it")
+
+
+def _check_dir(d: str, st: os.stat_result, path: str, what: str) -> None:
+    if not stat.S_ISDIR(st.st_mode):
+        raise NodeError(f"{what} {path}: {d} is not a directory")
+    if st.st_uid != 0:
+        raise NodeError(f"{what} {path}: directory {d} is owned by uid {st.st_uid}, not root; root does not trust it")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise NodeError(f"{what} {path}: directory {d} is writable by group or others "
+                        f"(mode {stat.S_IMODE(st.st_mode):04o}); root does not trust it")
+
+
+def load(path: str | None = None, from_env: bool = True) -> Settings:
+    """Settings from `path`, else $VMWRAP_CONFIG (unless `from_env` is False: scheduler hooks), else
+    DEFAULT_PATH; `%n` in the path is the node name. As root, the file and the catalog it names must
+    pass check_root_owned()."""
+    path = path or (os.environ.get("VMWRAP_CONFIG") if from_env else None) or DEFAULT_PATH
     if "%n" in path:  # several nodes on one host (tests, Slurm's multiple-slurmd mode)
         path = path.replace("%n", os.environ.get("SLURMD_NODENAME") or os.uname().nodename)
+    root = os.geteuid() == 0
+    if root:
+        check_root_owned(path)
     if not os.path.exists(path):
-        return Settings()
+        s = Settings()
+        if root:
+            check_root_owned(s.catalog, "vmwrap catalog")
+        return s
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", opener=lambda p, fl: os.open(p, fl | (os.O_NOFOLLOW if root else 0))) as f:
             data = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise NodeError(f"cannot read vmwrap config {path}: {e}") from None
@@ -77,6 +165,8 @@ def load(path: str | None = None) -> Settings:
         raise NodeError(f"{path}: accel must be auto, kvm or tcg, not {s.accel!r}")
     if s.workdir_share not in ("serial", "virtio-9p"):
         raise NodeError(f"{path}: workdir_share must be serial or virtio-9p, not {s.workdir_share!r}")
+    if root:
+        check_root_owned(s.catalog, "vmwrap catalog")
     return s
 
 

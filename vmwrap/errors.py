@@ -35,3 +35,10 @@ class CheckpointError(VmwrapError):
     """The job's checkpoint is missing or damaged: its --on-lost-checkpoint policy decides."""
 
     kind = "checkpoint"
+
+
+class JobDiskError(CacheFullError):
+    """No space (ENOSPC/EDQUOT) for the job's run dir, overlay or control files while preparing it.
+
+    Usually other jobs' files fill the disk for a while: like CacheFullError, fail the job with the
+    reason and keep the node up (a prolog that exits 1 would drain it for what users wrote)."""

@@ -2,13 +2,21 @@
 
 Exit codes: the job's own (a signal N inside the guest gives 128+N); before the job could run,
 64 = the job's request is wrong, 65 = the image is unusable, 66 = the job's checkpoint is missing or
-corrupt (and it asked to fail then), 69 = this node cannot run VMs, 70 = the guest died without
-reporting an exit status.
+corrupt (and it asked to fail then), 69 = this node cannot run VMs (or no disk space for the job
+now), 70 = the guest died without reporting an exit status, 153 (128 + SIGXFSZ) = the job's VM was
+stopped for writing more than a per-job limit allows (job_output_max_bytes, console_max_bytes,
+job_disk_max_bytes: vmwrap/limits.py).
+
+Whatever root reads from the run dir is written by QEMU for the (hostile) guest, or by the job's user
+in ctl/user: it goes through vmwrap/safeio.py (no links, no FIFOs, bounded).
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
+import math
 import os
 import shutil
 import signal
@@ -19,17 +27,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import accel, directives, domain, overlay, share
+from . import accel, directives, domain, limits, overlay, safeio, share
 from .cache import Cache
 from .catalog import Catalog, Image
 from .config import Settings
-from .errors import ImageError, NodeError, UserError, VmwrapError
+from .errors import CacheFullError, ImageError, JobDiskError, NodeError, UserError, VmwrapError
 from .job import Job
 from .ledger import Ledger
 
 EXIT_USER, EXIT_IMAGE, EXIT_CHECKPOINT, EXIT_NODE, EXIT_GUEST = 64, 65, 66, 69, 70
 EXIT_FOR = {"user": EXIT_USER, "image": EXIT_IMAGE, "checkpoint": EXIT_CHECKPOINT, "node": EXIT_NODE}
 POLL = 0.02
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+SMALL_FILE_MAX = 1 << 16     # error, notice, restored.json: root-written, capped anyway
+STATUS_TIMELINE_MAX = 1 << 16  # the agent's booted/ready/started/exit lines come first
+STATUS_READ_MAX = 1 << 16    # status bytes taken per poll
+STATUS_LINE_MAX = 4096       # a longer unfinished status "line" is the guest's garbage: dropped
+CONSOLE_TAIL = 2000
 
 
 @dataclass
@@ -82,6 +96,26 @@ def plan(job: Job, settings: Settings, catalog: Catalog) -> Plan:
     return Plan(image, cpus, mem)
 
 
+def _disk_full_fails_the_job(method):
+    """ENOSPC/EDQUOT while preparing or starting a job becomes JobDiskError: the job fails with the
+    reason and the node stays up, instead of an uncaught OSError failing (and draining) the prolog."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            raise JobDiskError(f"cannot prepare the job's VM: {e.strerror} writing {e.filename or 'its files'} "
+                               f"(state_dir = {self.settings.state_dir})") from None
+        except NodeError as e:  # libvirt/QEMU could not create a file (console.log, ...) for the same reason
+            if isinstance(e, CacheFullError) or not any(os.strerror(n) in str(e) for n in DISK_FULL):
+                raise
+            raise JobDiskError(f"{e} (state_dir = {self.settings.state_dir})") from None
+    return wrapper
+
+
 class Launcher:
     """Root side: validate, fetch, make the overlay and control share, boot the VM (it then waits for GO)."""
 
@@ -93,7 +127,9 @@ class Launcher:
         self.cache = Cache(settings.cache_dir, settings.cache_max_bytes, settings.verify_on_use)
         self.conn = None
         self.timeline: dict[str, float] = {"launcher_start": time.monotonic()}
+        self.qemu_ids = domain.qemu_identity(job.uid, job.gid)
 
+    @_disk_full_fails_the_job
     def prepare(self) -> None:
         """Validate, fetch the image into the cache, make the overlay and control files."""
         self.ledger.record(self.job.job_id, self.job.domain_name, "prepare", scheduler=self.job.scheduler,
@@ -101,12 +137,11 @@ class Launcher:
         catalog = Catalog.load(self.settings.catalog)
         self.plan = p = plan(self.job, self.settings, catalog)
         self.on_lost_checkpoint = directives.parse(self.job.script).on_lost_checkpoint or self.job.on_lost_checkpoint
-        if not os.path.isdir(self.job.work_dir):
-            raise UserError(f"work dir {self.job.work_dir} does not exist on this node")
+        check_work_dir(self.job)
         self.conn = domain.connect(self.settings.libvirt_uri)
         self.paths: dict[str, Path] = {}
         for key, art in p.image.artifacts().items():
-            self.cache.pin(art.sha256, self.job.job_id)
+            self.cache.pin(art.sha256, self.job.job_id, self.job.uid)
             got = self.cache.fetch(art)
             self.ledger.record(self.job.job_id, self.job.domain_name, "cache_hit" if got.hit else "cache_miss",
                                artifact=key, sha256=art.sha256, bytes=got.bytes_transferred)
@@ -114,10 +149,18 @@ class Launcher:
         self.timeline["cached"] = time.monotonic()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir.chmod(0o711)  # the job's user may reach its own files by name, not list others
+        for key, art in p.image.artifacts().items():  # QEMU, as the job's user, reads them
+            if key == "disk" and (p.image.users or p.image.groups):
+                self.cache.restrict(art.sha256)  # readable by the uids of the jobs using it, no one else
+            else:
+                self.cache.publish(art.sha256)  # kernels and open images: anyone may read them
         if p.image.disk:
             ov = self.run_dir / "overlay.qcow2"
             if not ov.exists():
                 overlay.create(self.paths["disk"], ov, p.image.disk.format)
+            # QEMU runs as the job's user: it owns its disk, nobody else may read it.
+            os.chown(ov, *self.qemu_ids)
+            ov.chmod(0o600)
         self._write_control()
         (self.run_dir / "job.json").write_text(json.dumps({
             "job_id": self.job.job_id, "scheduler": self.job.scheduler, "uid": self.job.uid, "gid": self.job.gid,
@@ -139,27 +182,32 @@ class Launcher:
         (ctl / "hostname").write_text(os.uname().nodename)
         user = ctl / "user"
         user.mkdir(exist_ok=True)
-        os.chown(user, self.job.uid, self.job.gid)
+        os.chown(user, *self.qemu_ids)  # the job hands over its script here; QEMU shares it in
         user.chmod(0o700)
-        for name in ("stdout", "stderr", "status"):
+        for name in ("stdout", "stderr", "status", "console.log"):
             f = self.run_dir / name
             f.unlink(missing_ok=True)
-            f.touch(0o600)
-            os.chown(f, self.job.uid, self.job.gid)  # QEMU truncates but keeps the owner
+            fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            os.fchown(fd, *self.qemu_ids)  # QEMU (the job's uid) writes these; others may not read them
+            os.close(fd)
 
+    @_disk_full_fails_the_job
     def boot(self) -> None:
         import libvirt
 
         p = self.plan
         virt_type = accel.choose(self.settings, str(self.paths["kernel"]), str(self.paths["initrd"]),
                                  p.image.kernel.sha256)
+        if virt_type == "kvm" and not accel.kvm_usable_by(*self.qemu_ids, self.job.groups):
+            virt_type = "qemu"  # QEMU runs as the job's user, who cannot open /dev/kvm here (doctor says so)
         spec = domain.Spec(
             name=self.job.domain_name, job_id=self.job.job_id, virt_type=virt_type,
             memory_mib=p.memory_mib, cpus=p.cpus,
             kernel=str(self.paths["kernel"]), initrd=str(self.paths["initrd"]),
             disk=str(self.run_dir / "overlay.qcow2") if p.image.disk else None,
             ctl_dir=str(self.run_dir / "ctl"), work_dir=self.job.work_dir,
-            run_dir=str(self.run_dir), cmdline=p.image.cmdline,
+            run_dir=str(self.run_dir), cmdline=p.image.cmdline, uid=self.qemu_ids[0], gid=self.qemu_ids[1],
+            memory_limit_mib=p.memory_mib + self.settings.vm_memory_overhead_mib,
         )
         if domain.lookup(self.conn, self.job.domain_name) is not None:
             raise NodeError(f"a VM named {self.job.domain_name} already exists on this node "
@@ -167,19 +215,27 @@ class Launcher:
         if self.settings.workdir_share == "serial":
             share.start(self.run_dir, self.job)
             spec.ninep_socket = str(self.run_dir / share.SOCKET)
+            os.chown(spec.ninep_socket, *self.qemu_ids)  # QEMU connects to it
+        from .checkpoint import record_spec
+
+        record_spec(self.run_dir, spec)  # what a restore must render again (checkpoint.restore_xml)
         try:
-            self.conn.createXML(domain.render(spec), 0)
+            dom = self.conn.createXML(domain.render(spec), libvirt.VIR_DOMAIN_START_PAUSED)
         except libvirt.libvirtError as e:
             raise NodeError(f"libvirt refused to start the job's VM: {e.get_error_message()}") from None
-        # libvirt's DAC driver hands chardev files to the QEMU user at start: give them back to the job.
-        for name in ("control.sock", "stdout", "stderr", "status"):
-            f = self.run_dir / name
-            if f.exists():
-                os.chown(f, self.job.uid, self.job.gid)
+        domain.start_limited(dom, spec.memory_limit_mib)  # the hard limit holds from the first instruction
+        # libvirtd creates the control socket as root: the job's own batch step talks to it. (The run
+        # dir is root's: nothing in it can have been swapped for a link.)
+        f = self.run_dir / "control.sock"
+        if f.exists():
+            os.chown(f, self.job.uid, self.job.gid)
+            f.chmod(0o600)
+        limits.start(self.run_dir, self.job.domain_name, self.settings)  # root watcher: per-job disk limits
         self.timeline["created"] = time.monotonic()
         self.ledger.record(self.job.job_id, self.job.domain_name, "created", virt_type=virt_type,
                            cpus=p.cpus, memory_mib=p.memory_mib, image=p.image.name)
 
+    @_disk_full_fails_the_job
     def restore(self, store) -> dict:
         """Instead of boot(): bring back the job's saved VM (CheckpointError if it is missing/corrupt)."""
         from . import checkpoint
@@ -187,7 +243,9 @@ class Launcher:
         if domain.lookup(self.conn, self.job.domain_name) is not None:
             raise NodeError(f"a VM named {self.job.domain_name} already exists on this node "
                             f"(stale job? vmwrap teardown {self.job.job_id})")
-        info = checkpoint.restore(self.job.job_id, self.run_dir, store, self.conn, self.job, self.paths)
+        info = checkpoint.restore(self.job.job_id, self.run_dir, store, self.conn, self.job, self.paths,
+                                  image=self.plan.image.name)
+        limits.start(self.run_dir, self.job.domain_name, self.settings)
         self.timeline["created"] = time.monotonic()
         self.ledger.record(self.job.job_id, self.job.domain_name, "restored", **info)
         return info
@@ -241,16 +299,21 @@ class Attachment:
             signal.signal(s, lambda signum, _f: self._signals.append(signum))
 
     def start(self, script: str, environment: dict[str, str], args: list[str] = ()) -> None:
-        restored = self.run_dir / "restored.json"
-        if restored.exists():  # the job already runs in a VM restored from its checkpoint
-            self._resume_streams(json.loads(restored.read_text()).get("delivered", {}))
+        restored = safeio.read_capped(self.run_dir / "restored.json", SMALL_FILE_MAX)
+        if restored is not None:  # the job already runs in a VM restored from its checkpoint
+            self._resume_streams(json.loads(restored).get("delivered", {}))
             return
         user = self.run_dir / "ctl" / "user"
-        _write_private(user / "script", script.encode("utf-8", "surrogateescape"), 0o700)
-        _write_private(user / "env", b"".join(
-            f"{k}={v}".encode("utf-8", "surrogateescape") + b"\0"
-            for k, v in environment.items() if "\0" not in k + v and "=" not in k), 0o600)
-        _write_private(user / "args", b"".join(a.encode("utf-8", "surrogateescape") + b"\0" for a in args), 0o600)
+        try:
+            _write_private(user / "script", script.encode("utf-8", "surrogateescape"), 0o700)
+            _write_private(user / "env", b"".join(
+                f"{k}={v}".encode("utf-8", "surrogateescape") + b"\0"
+                for k, v in environment.items() if "\0" not in k + v and "=" not in k), 0o600)
+            _write_private(user / "args", b"".join(a.encode("utf-8", "surrogateescape") + b"\0" for a in args), 0o600)
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            raise JobDiskError(f"cannot hand the job to its VM: {e.strerror} writing {e.filename}") from None
         if not self.control.connect(timeout=5.0):
             raise NodeError(f"cannot reach the job's VM control socket in {self.run_dir} (VM not running?)")
         self.control.send("GO")
@@ -314,19 +377,19 @@ class Attachment:
             if status_f is None:
                 status_f = _open_or_none(self.run_dir / "status")
             if status_f is not None:
-                status_buf += status_f.read()
-                *lines, status_buf = status_buf.split(b"\n")
+                lines, status_buf = _status_lines(status_f, status_buf)
                 for ln in lines:
                     word, _, arg = ln.decode(errors="replace").partition(" ")
                     if word in ("booted", "ready", "started"):
                         self.timeline.setdefault(word, time.monotonic())
                         if word != "ready":
-                            self._record(word, guest_uptime=arg)
+                            self._record(word, guest_uptime=arg[:32])
                     elif word == "exit" and exit_code is None:
-                        exit_code = int(arg)
-                        exit_seen_at = time.monotonic()
+                        exit_code = _exit_status(arg)
+                        if exit_code is not None:
+                            exit_seen_at = time.monotonic()
                     elif word == "error":
-                        _write_all(self.err_fd, f"vmwrap: guest error: {arg}\n".encode())
+                        _write_all(self.err_fd, f"vmwrap: guest error: {arg[:1000]}\n".encode())
             while self._signals:
                 sig = self._signals.pop(0)
                 if sig == signal.SIGTSTP and not paused:
@@ -369,9 +432,9 @@ class Attachment:
                     if status_f is None:
                         status_f = _open_or_none(self.run_dir / "status")
                     if exit_code is None and status_f is not None:
-                        for ln in (status_buf + status_f.read()).split(b"\n"):
-                            if ln.startswith(b"exit "):
-                                exit_code = int(ln.split()[1])
+                        for ln in (status_buf + status_f.read(16 * STATUS_READ_MAX)).split(b"\n"):
+                            if ln.startswith(b"exit ") and exit_code is None:
+                                exit_code = _exit_status(ln[5:].decode(errors="replace"))
                     break
             if not moved:
                 time.sleep(POLL)
@@ -380,6 +443,10 @@ class Attachment:
         self.control.close()
         if self.detached:
             return 0
+        why = limits.reason(self.run_dir)  # the root watcher stopped the VM: that is the job's end
+        if why is not None:
+            _write_all(self.err_fd, why.encode())
+            exit_code = limits.EXIT_LIMIT
         if exit_code is None:
             if term_deadline is not None:
                 exit_code = 128 + signal.SIGTERM
@@ -465,14 +532,14 @@ def attach(run_dir: Path, job_id: str, script: str, environment: dict[str, str],
            grace: float = 30.0, settings: Settings | None = None,
            requeued: Callable[[], bool] | None = None) -> int:
     """The job's payload under a scheduler (runs as the job's user): the VM was booted by the prolog."""
-    err = Path(run_dir) / "error"
-    if err.exists():
-        kind, _, msg = err.read_text().partition("\n")
+    err = safeio.read_capped(Path(run_dir) / "error", SMALL_FILE_MAX)
+    if err is not None:
+        kind, _, msg = err.decode(errors="replace").partition("\n")
         _write_all(2, f"vmwrap: error: {msg.strip()}\n".encode())
         return EXIT_FOR.get(kind, EXIT_NODE)
-    notice = Path(run_dir) / "notice"
-    if notice.exists():
-        _write_all(2, notice.read_bytes())
+    notice = safeio.read_capped(Path(run_dir) / "notice", SMALL_FILE_MAX)
+    if notice:
+        _write_all(2, notice)
     att = Attachment(Path(run_dir), job_id, grace=grace, settings=settings)
     att.requeued = requeued
     att.install_signal_handlers()
@@ -484,18 +551,55 @@ def attach(run_dir: Path, job_id: str, script: str, environment: dict[str, str],
         return EXIT_FOR[e.kind]
 
 
+def check_work_dir(job: Job) -> None:
+    """The work dir is shared into a VM run by the job's user: it must be a directory that user owns.
+
+    Refusing others' dirs (`--chdir=/`, a group project dir) keeps the share within what the user
+    could change on the host anyway."""
+    try:
+        st = os.stat(job.work_dir)
+    except OSError:
+        raise UserError(f"work dir {job.work_dir} does not exist on this node") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UserError(f"work dir {job.work_dir} is not a directory")
+    if st.st_uid != job.uid:
+        raise UserError(f"work dir {job.work_dir} belongs to uid {st.st_uid}, not to the job's user {job.user} "
+                        f"(uid {job.uid}): a VM job's work dir must be the user's own directory")
+
+
 def record_error(run_dir: Path, err: VmwrapError) -> None:
     """The job's payload prints this and exits with its code (a hook's way to fail just the job)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     run_dir.chmod(0o711)
     f = run_dir / "error"
-    f.write_text(f"{err.kind}\n{err}\n")
+    try:
+        f.write_text(f"{err.kind}\n{err}\n")
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        # The disk is full: the job's own files go first (it fails anyway), then the reason fits.
+        _clear_run_dir(run_dir, keep="error")
+        try:
+            f.write_text(f"{err.kind}\n{err}\n")
+        except OSError as e2:  # still full: the job fails without its reason; the node must stay up
+            print(f"vmwrap: cannot record job error in {f}: {e2.strerror}: {err}", file=sys.stderr)
+            return
     f.chmod(0o644)
+
+
+def _clear_run_dir(run_dir: Path, keep: str | None = None) -> None:
+    """Remove everything in the run dir but `keep`, never following a link."""
+    for p in run_dir.iterdir():
+        if p.name != keep:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 def _write_private(path: Path, data: bytes, mode: int) -> None:
     """Write a file the job's user owns (root writing on the user's behalf gives it to the dir's owner)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    # A fresh inode in the user's dir: a FIFO, link or hard link put there by the user is replaced,
+    # never opened (opening a FIFO for writing would block root forever).
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         _write_all(fd, data)
         if os.geteuid() == 0:
@@ -509,20 +613,34 @@ def _write_private(path: Path, data: bytes, mode: int) -> None:
 def guest_timeline(run_dir: Path) -> dict[str, float | int]:
     """What the guest agent reported (guest uptimes at booted/ready/started, exit status)."""
     out: dict[str, float | int] = {}
-    try:
-        text = (Path(run_dir) / "status").read_text(errors="replace")
+    try:  # the guest writes this file (through QEMU): only its head, and never through a link or FIFO
+        data = safeio.read_capped(Path(run_dir) / "status", STATUS_TIMELINE_MAX)
     except OSError:
         return out
-    for ln in text.splitlines():
+    for ln in (data or b"").decode(errors="replace").splitlines():
         word, _, arg = ln.partition(" ")
-        try:
-            if word in ("booted", "ready", "started"):
-                out[word] = float(arg)
-            elif word == "exit":
-                out["exit"] = int(arg)
-        except ValueError:
-            pass
+        if word in ("booted", "ready", "started"):
+            try:
+                v = float(arg[:32])
+            except ValueError:
+                continue
+            if math.isfinite(v):
+                out[word] = v
+        elif word == "exit" and (code := _exit_status(arg)) is not None:
+            out["exit"] = code
     return out
+
+
+def _exit_status(arg: str) -> int | None:
+    """The status of an `exit N` line: 0..255, anything else from the guest is ignored."""
+    arg = arg.strip()
+    return int(arg) if arg.isascii() and arg.isdigit() and len(arg) <= 3 and int(arg) <= 255 else None
+
+
+def _status_lines(f, buf: bytes) -> tuple[list[bytes], bytes]:
+    """Complete lines newly readable on the status port, and the unfinished rest (both bounded)."""
+    *lines, rest = (buf + f.read(STATUS_READ_MAX)).split(b"\n")
+    return lines, (rest if len(rest) <= STATUS_LINE_MAX else b"")
 
 
 def teardown(job_id: str, settings: Settings, conn=None, ledger: Ledger | None = None,
@@ -541,12 +659,11 @@ def teardown(job_id: str, settings: Settings, conn=None, ledger: Ledger | None =
         if own_conn and conn is not None:
             conn.close()
     run_dir = settings.jobs_dir / job_id
+    limits.stop(run_dir)
     share.stop(run_dir)
     if run_dir.exists():
         if keep_error and (run_dir / "error").exists():  # the job's payload still has to report it
-            for p in run_dir.iterdir():
-                if p.name != "error":
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            _clear_run_dir(run_dir, keep="error")
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
         did = True
@@ -569,15 +686,16 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _open_or_none(p: Path):
-    try:
-        return open(p, "rb")
-    except FileNotFoundError:
-        return None
+    """A reader on a stream file QEMU writes; None unless it is a regular file (no link, FIFO)."""
+    return safeio.open_stream(p)
 
 
-def _tail(p: Path, n: int = 2000) -> str:
+def _tail(p: Path, n: int = CONSOLE_TAIL) -> str:
+    """The console's last `n` bytes (seek, never the whole file: the guest decides its size)."""
     try:
-        data = p.read_bytes()[-n:]
-        return "--- guest console (last lines) ---\n" + data.decode(errors="replace") + "\n"
+        data = safeio.tail_capped(p, n)
     except OSError:
         return ""
+    if data is None:
+        return ""
+    return "--- guest console (last lines) ---\n" + data.decode(errors="replace") + "\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import sys
 import time
 from pathlib import Path
 
@@ -26,10 +27,16 @@ class Ledger:
     def record(self, job_id: str, domain: str, event: str, **detail) -> None:
         if event not in EVENTS:
             raise ValueError(f"unknown ledger event {event}")
-        self.db.execute(
-            "INSERT INTO events (ts, job_id, domain, event, detail) VALUES (?,?,?,?,?)",
-            (time.time(), job_id, domain, event, json.dumps(detail, sort_keys=True)),
-        )
+        try:
+            self.db.execute(
+                "INSERT INTO events (ts, job_id, domain, event, detail) VALUES (?,?,?,?,?)",
+                (time.time(), job_id, domain, event, json.dumps(detail, sort_keys=True)),
+            )
+        except sqlite3.OperationalError as e:
+            # A full state disk loses this record, not the job or the node (prologs record first).
+            if getattr(e, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+                raise
+            print(f"vmwrap: ledger full, {event} of job {job_id} not recorded: {e}", file=sys.stderr)
 
     def events(self, job_id: str | None = None) -> list[dict]:
         q = "SELECT ts, job_id, domain, event, detail FROM events"
