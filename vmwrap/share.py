@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from .errors import NodeError
 from .job import Job
 
 SOCKET, CONTROL, PIDFILE, LOG = "9p.sock", "9p.ctl", "9p.pid", "9p.log"
+ANSWER_MAX = 256 << 20  # the server's bounds keep its state far below this
 
 
 def start(run_dir: Path, job: Job, state_file: Path | None = None) -> int:
@@ -35,13 +37,17 @@ def start(run_dir: Path, job: Job, state_file: Path | None = None) -> int:
         os.chmod(p, 0o600)
         s.listen(4)
         socks.append(s)
-    log = open(run_dir / LOG, "ab")
-    argv = [sys.executable, "-m", "vmwrap.ninep", "--root", job.work_dir,
+    # The log and the state hold the job's data (trace lines, queued writes): root and the job's user only.
+    log = _private(run_dir / LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, job)
+    pkg = str(Path(__file__).resolve().parent.parent)
+    # -I: no PYTHON* variables, no user site, no cwd on sys.path; the package dir comes from argv only.
+    argv = [sys.executable, "-I", "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+            "from vmwrap.ninep import main; sys.exit(main())", pkg, "--root", job.work_dir,
             "--listen-fd", str(socks[0].fileno()), "--control-fd", str(socks[1].fileno())]
     if state_file is not None:
-        os.chmod(state_file, 0o644)
+        os.close(_private(state_file, os.O_RDONLY, job))  # the server reads it as the job's user
         argv += ["--state", str(state_file)]
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {"PATH": "/usr/bin:/bin"}
     if os.environ.get("VMWRAP_9P_TRACE"):
         env["VMWRAP_9P_TRACE"] = "1"
     try:
@@ -53,9 +59,26 @@ def start(run_dir: Path, job: Job, state_file: Path | None = None) -> int:
     finally:
         for s in socks:
             s.close()
-        log.close()
+        os.close(log)
     (run_dir / PIDFILE).write_text(str(proc.pid))
     return proc.pid
+
+
+def _private(path: Path, flags: int, job: Job) -> int:
+    """Open path (never through a symlink) as a 0600 file of the job's user; returns the fd."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise NodeError(f"cannot open {path} for the work dir server: {e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NodeError(f"{path} is not a regular file")
+        os.fchown(fd, job.uid, job.gid)
+        os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _ask(run_dir: Path, command: str, timeout: float = 10.0) -> bytes:
@@ -64,13 +87,18 @@ def _ask(run_dir: Path, command: str, timeout: float = 10.0) -> bytes:
     try:
         s.connect(str(run_dir / CONTROL))
         s.sendall(command.encode() + b"\n")
-        out = b""
-        while not out.endswith(b"\n"):
+        chunks, size = [], 0  # a list joined once: the state can be tens of MiB
+        while True:
             chunk = s.recv(1 << 20)
             if not chunk:
                 break
-            out += chunk
-        return out
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > ANSWER_MAX:
+                raise NodeError(f"the work dir server of {run_dir.name} answered {command} with over {ANSWER_MAX} bytes")
+            if chunk.endswith(b"\n"):
+                break
+        return b"".join(chunks)
     except OSError as e:
         raise NodeError(f"the work dir server of {run_dir.name} did not answer {command}: {e}") from None
     finally:
