@@ -596,7 +596,10 @@ class Server:
             if valid & SETATTR_SIZE:
                 if size > OFF_MAX:
                     raise Error(errno.EINVAL)
-                os.truncate(inode, size)
+                if f.fd is not None and f.flags is not None and f.flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+                    os.ftruncate(f.fd, size)  # like the guest's ftruncate: no permission check again
+                else:
+                    os.truncate(inode, size)
             if valid & (SETATTR_ATIME | SETATTR_MTIME):
                 now = time.time_ns()
                 a = (asec * 10**9 + ansec if valid & SETATTR_ATIME_SET else now) if valid & SETATTR_ATIME else st.st_atime_ns
