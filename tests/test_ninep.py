@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import socket
+import stat
 import struct
 import threading
 import time
@@ -711,21 +712,26 @@ def fuzz_tree(base) -> None:
 
 def fuzz_setup(c: Client) -> None:
     """Fids the corpus uses: 0 root, 1 open file d/g, 2 file f, 4 esc, 5 open dir d."""
+    import shutil
+
     root = c.server.root
     os.chmod(root, 0o755)
-    os.makedirs(os.path.join(root, "d"), exist_ok=True)
-    for p in ("d/g", "f"):
+    for p, is_dir in (("d", True), ("d/g", False), ("f", False)):  # by lstat: the fuzz makes symlinks too
         fp = os.path.join(root, p)
-        if not os.path.lexists(fp) or not os.path.isfile(fp) or os.path.islink(fp):
-            if os.path.isdir(fp) and not os.path.islink(fp):
-                import shutil
-                shutil.rmtree(fp)
-            elif os.path.lexists(fp):
-                os.unlink(fp)
-            with open(fp, "w") as f:
-                f.write("x")
-        os.chmod(fp, 0o644)
-    os.chmod(os.path.join(root, "d"), 0o755)
+        try:
+            mode = os.lstat(fp).st_mode
+        except FileNotFoundError:
+            mode = 0
+        if mode and (stat.S_ISDIR(mode) != is_dir or stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) or stat.S_ISREG(mode))):
+            shutil.rmtree(fp) if stat.S_ISDIR(mode) else os.unlink(fp)
+            mode = 0
+        if not mode:
+            if is_dir:
+                os.mkdir(fp)
+            else:
+                with open(fp, "w") as f:
+                    f.write("x")
+        os.chmod(fp, 0o755 if is_dir else 0o644)
     c.mount()
     c.walk(0, 1, "d", "g")
     c.ok(ninep.Tlopen, struct.pack("<II", 1, os.O_RDWR))
