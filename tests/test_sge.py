@@ -277,6 +277,102 @@ def test_node_fault_puts_the_queue_instance_in_error_with_a_reason(cell, jobdir)
         time.sleep(0.5)
 
 
+# --- root hooks start from a clean environment (security issue 14) -----------------------------------
+
+GUEST_KERNEL = Path("/var/cache/vmwrap/appliances/.kernel/version")
+
+
+def _hostile_jobdir(jobdir: Path) -> tuple[Path, Path]:
+    """What a user can plant for a root hook: a `qstat` for $PATH, sitecustomize/usercustomize for
+    $PYTHONPATH, `vmwrap`/`plugins` packages in the work dir (the prolog's cwd). Each one leaves
+    marks/<what>-<uid> when it runs."""
+    marks = jobdir / "marks"
+    marks.mkdir()
+    marks.chmod(0o777)
+    evil = jobdir / "evil"
+    evil.mkdir()
+    (evil / "qstat").write_text(f"#!/bin/sh\ntouch {marks}/qstat-$(id -u)\n")
+    (evil / "qstat").chmod(0o755)
+    plant = f"import os\nopen(os.path.join({str(marks)!r}, '%s-' + str(os.getuid())), 'w').close()\n"
+    for mod in ("sitecustomize", "usercustomize"):
+        (evil / f"{mod}.py").write_text(plant % mod)
+    for pkg in ("vmwrap", "plugins"):
+        (jobdir / pkg).mkdir()
+        (jobdir / pkg / "__init__.py").write_text(plant % f"cwd-{pkg}")
+    for p in [evil, *evil.iterdir(), jobdir / "vmwrap", jobdir / "plugins", *jobdir.glob("*/__init__.py")]:
+        os.chown(p, 1234, 1234)
+    return evil, marks
+
+
+def test_root_hooks_ignore_the_jobs_path_pythonpath_and_cwd(cell, jobdir):
+    """`qsub -v PATH=...,PYTHONPATH=...` from a work dir with planted modules: the root prolog and
+    epilog (isolated Python, clean environment, qstat by absolute path) run none of it, and the job
+    still runs in its VM with the image `-ac` named (the prolog's qstat found it)."""
+    evil, marks = _hostile_jobdir(jobdir)
+    try:
+        job = qsub(cell, jobdir, "#!/bin/sh\nuname -r\n", "-ac", "vmwrap_image=busybox",
+                   "-v", f"PATH={evil}:/usr/bin:/bin,PYTHONPATH={evil}")
+        acct = finished(cell, job)
+        assert acct["exit_status"] == "0", acct
+        assert output(jobdir, job)[0].strip() == GUEST_KERNEL.read_text().strip()
+        assert sorted(m.name for m in marks.iterdir() if m.name.endswith("-0")) == []
+        assert not queue_in_error(cell)
+    finally:
+        cell.run("qmod", "-cq", "vmwrap.q")
+
+
+def test_root_hooks_ignore_the_jobs_vmwrap_config(cell, jobdir, virt_type):
+    """`qsub -v VMWRAP_CONFIG=<the user's TOML>` on a queue wired as a site would (the hooks by their
+    own path, no --config: the site's default config): root never loads the user's file, whose
+    state_dir would make root create and boot the job's VM files where the user chooses."""
+    from plugins.sge.localcell import HOOKS
+    from vmwrap import config
+    from vmwrap.catalog import Catalog
+
+    site = config.load(config.DEFAULT_PATH)
+    if "busybox" not in Catalog.load(site.catalog).images:
+        pytest.skip(f"the default site {config.DEFAULT_PATH} offers no busybox image (scripts/install-host.sh)")
+    mine = jobdir / "mine.toml"
+    mine.write_text(render({"catalog": str(cell.base / "images.toml"), "accel": virt_type, "grace_seconds": 5.0,
+                            "state_dir": str(jobdir / "userstate"), "cache_dir": str(jobdir / "usercache")}))
+    os.chown(mine, 1234, 1234)
+    cell.add_queue("site.q", prolog=f"root@{HOOKS / 'sge-prolog'} $job_owner", epilog=f"root@{HOOKS / 'sge-epilog'}",
+                   starter_method=str(HOOKS / "sge-starter"),
+                   terminate_method=f"{HOOKS / 'sge-method'} terminate $job_id $job_pid")
+    try:
+        path = jobdir / "job.sh"
+        path.write_text(HDR + "uname -r\n")
+        os.chown(path, 1234, 1234)
+        r = cell.run("qsub", "-terse", "-cwd", "-q", "site.q", "-v", f"VMWRAP_CONFIG={mine}", str(path),
+                     user="vmwrapuser", cwd=str(jobdir))
+        assert r.returncode == 0, r.stdout + r.stderr
+        job = r.stdout.strip()
+        acct = finished(cell, job)
+        assert acct["exit_status"] == "0", (acct, output(jobdir, job))
+        assert output(jobdir, job)[0].strip() == GUEST_KERNEL.read_text().strip()
+        assert not (jobdir / "userstate").exists() and not (jobdir / "usercache").exists()
+        assert not (site.jobs_dir / job).exists()  # the site's own state held it, and the epilog cleaned up
+    finally:
+        cell.run("qconf", "-dq", "site.q")
+
+
+def test_root_prolog_reads_only_the_spooled_job_script(cell, jobdir):
+    """A binary job's JOB_SCRIPT is the user's command: naming a file only root may read must not
+    make the root prolog read it (its #VMWRAP line would pick the image and show up in the error)."""
+    secret = cell.base / f"secret-{os.urandom(3).hex()}"
+    secret.write_text("#!/bin/sh\n#VMWRAP --image=nosuch-secret\n")
+    secret.chmod(0o600)
+    r = cell.run("qsub", "-terse", "-cwd", "-q", "vmwrap.q", "-b", "y", "-ac", "vmwrap_image=busybox", str(secret),
+                 user="vmwrapuser", cwd=str(jobdir))
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = r.stdout.strip()
+    acct = finished(cell, job)
+    out, err = output(jobdir, job)
+    assert "nosuch-secret" not in out + err, (acct, out, err)
+    assert acct["exit_status"] != "65", (acct, out, err)  # 65: the image the secret named was refused
+    assert not queue_in_error(cell)
+
+
 @pytest.mark.parametrize("directive, request_, reason", [
     ("--memory=300M", "h_vmem=100M", "--memory=300M is more than the job's allocation of 100M"),
     ("", "h_vmem=100M", "image busybox's default memory of 256M is more than the job's allocation of 100M"),

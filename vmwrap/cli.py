@@ -13,28 +13,34 @@ from . import config as config_mod
 from .errors import VmwrapError
 
 
-def _settings():
+_CONFIG_PATH: str | None = None  # --config, kept here: root hooks replace os.environ (vmwrap.rootenv)
+
+
+def _settings(hook: bool = False):
+    """The settings of --config, else $VMWRAP_CONFIG, else the default. Scheduler hooks (`hook`) never
+    take the path from the environment: Grid Engine hands its hooks the job's `qsub -v` variables."""
     try:
-        return config_mod.load()
+        return config_mod.load(_CONFIG_PATH, from_env=not hook)
     except VmwrapError as e:
         raise click.ClickException(str(e))
 
 
 class _Obj:
     @staticmethod
-    def settings():
-        return _settings()
+    def settings(hook: bool = False):
+        return _settings(hook)
 
 
 @click.group()
 @click.version_option()
 @click.option("--config", "config_path", default=None, metavar="FILE",
-              help="Settings file (default $VMWRAP_CONFIG or /etc/vmwrap/vmwrap.toml); %n = node name.")
+              help="Settings file (default $VMWRAP_CONFIG or /etc/vmwrap/vmwrap.toml; scheduler hooks ignore "
+                   "$VMWRAP_CONFIG); %n = node name.")
 @click.pass_context
 def main(ctx, config_path) -> None:
     """Run batch jobs in per-job VMs."""
-    if config_path:
-        os.environ["VMWRAP_CONFIG"] = config_path
+    global _CONFIG_PATH
+    _CONFIG_PATH = config_path
     ctx.obj = _Obj()
 
 

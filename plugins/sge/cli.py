@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
@@ -17,19 +16,25 @@ def sge() -> None:
 @click.argument("owner")
 @click.pass_obj
 def prolog(obj, owner):
-    """prolog root@... $job_owner"""
+    """prolog root@... $job_owner (root, with the job's environment: a clean one first, vmwrap.rootenv)"""
+    from vmwrap.rootenv import clean_environment
+
     from . import hooks
 
-    sys.exit(hooks.prolog(obj.settings(), dict(os.environ), owner))
+    env = clean_environment(hooks.ROOT_ENV, hooks.ROOT_FIXED)
+    sys.exit(hooks.prolog(obj.settings(hook=True), env, owner))
 
 
 @sge.command()
 @click.pass_obj
 def epilog(obj):
-    """epilog root@..."""
+    """epilog root@... (root, with the job's environment: a clean one first, vmwrap.rootenv)"""
+    from vmwrap.rootenv import clean_environment
+
     from . import hooks
 
-    sys.exit(hooks.epilog(obj.settings(), dict(os.environ)))
+    env = clean_environment(hooks.ROOT_ENV, hooks.ROOT_FIXED)
+    sys.exit(hooks.epilog(obj.settings(hook=True), env))
 
 
 @sge.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -39,7 +44,7 @@ def starter(obj, argv):
     """starter_method: run the job in its VM (or as usual without one)."""
     from . import hooks
 
-    sys.exit(hooks.starter(obj.settings(), list(argv)))
+    sys.exit(hooks.starter(obj.settings(hook=True), list(argv)))
 
 
 @sge.command()
@@ -51,7 +56,7 @@ def method(obj, action, job_id, job_pid):
     """suspend_method / resume_method / terminate_method."""
     from . import hooks
 
-    sys.exit(hooks.method(obj.settings(), action, job_id, job_pid))
+    sys.exit(hooks.method(obj.settings(hook=True), action, job_id, job_pid))
 
 
 @sge.command()
@@ -60,4 +65,4 @@ def jsv(obj):
     """Client JSV (`-jsv` in the cell's sge_request): checks #VMWRAP directives at qsub time."""
     from . import hooks
 
-    sys.exit(hooks.jsv(obj.settings(), sys.stdin, sys.stdout))
+    sys.exit(hooks.jsv(obj.settings(hook=True), sys.stdin, sys.stdout))

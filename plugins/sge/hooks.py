@@ -8,6 +8,7 @@ import os
 import pwd
 import re
 import signal
+import stat
 import subprocess
 import sys
 import traceback
@@ -18,6 +19,16 @@ from vmwrap.errors import CacheFullError, NodeError, UserError, VmwrapError
 from vmwrap.job import Job
 
 CONTEXT = re.compile(r"^context:[ \t]+(.*)$", re.M)
+
+# Root calls Grid Engine's binaries by absolute path with the cell's own SGE_ROOT/SGE_CELL (Debian's
+# layout; /usr/bin/q* are its wrappers), never through the job's PATH or variables.
+QSTAT = "/usr/bin/qstat"
+SGE_ROOT = "/var/lib/gridengine"
+SGE_CELL = "default"
+# What the root prolog/epilog keep of their environment (execd sets these itself; `qsub -v` cannot
+# override them, verified on 8.1.9). Everything else is the job's and is dropped (vmwrap.rootenv).
+ROOT_ENV = ("JOB_ID", "SGE_TASK_ID", "JOB_SCRIPT", "NSLOTS", "SGE_JOB_SPOOL_DIR")
+ROOT_FIXED = {"SGE_ROOT": SGE_ROOT, "SGE_CELL": SGE_CELL}
 
 
 def job_id(env: dict[str, str]) -> str:
@@ -30,8 +41,8 @@ def job_id(env: dict[str, str]) -> str:
 def qstat_job(jid: str) -> str | None:
     """`qstat -j` of the job (its context and resource requests); None if qstat failed."""
     try:
-        r = subprocess.run(["qstat", "-j", jid.split(".")[0]], capture_output=True, text=True, timeout=30,
-                           errors="replace")
+        r = subprocess.run([QSTAT, "-j", jid.split(".")[0]], capture_output=True, text=True, timeout=30, cwd="/",
+                           env={**os.environ, **ROOT_FIXED}, errors="replace")
     except (OSError, subprocess.TimeoutExpired):
         return None
     return r.stdout if r.returncode == 0 else None
@@ -106,12 +117,33 @@ def slots(env: dict[str, str]) -> int:
     return int(v)
 
 
-def job_from_env(env: dict[str, str], owner: str) -> Job | None:
+def spooled_script(env: dict[str, str], owner_uid: int) -> str:
+    """The job script as execd spooled it (root reads it for #VMWRAP lines), at most 1 MiB; "" for a
+    binary job (JOB_SCRIPT is then the user's command) or anything else that is not the spooled copy:
+    `<spool>/<host>/job_scripts/<JOB_ID>` next to SGE_JOB_SPOOL_DIR's `active_jobs`, in a directory
+    the job's user cannot write, a regular file opened without following symlinks."""
+    path, jid, spool = env.get("JOB_SCRIPT", ""), env.get("JOB_ID", ""), env.get("SGE_JOB_SPOOL_DIR", "")
+    if not (jid.isdigit() and spool.startswith("/") and os.path.basename(os.path.dirname(spool)) == "active_jobs"):
+        return ""
+    expected = os.path.join(os.path.dirname(os.path.dirname(spool)), "job_scripts", jid)
+    if path != expected or os.path.normpath(path) != path:
+        return ""
     try:
-        with open(env["JOB_SCRIPT"], "rb") as f:  # a binary job's "script" is its command: read a little
-            script = f.read(1 << 20).decode("utf-8", "surrogateescape")
+        d = os.lstat(os.path.dirname(path))
+        if not stat.S_ISDIR(d.st_mode) or d.st_uid == owner_uid or d.st_mode & 0o022:
+            return ""
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        script = ""
+        return ""
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        return f.read(1 << 20).decode("utf-8", "surrogateescape")
+
+
+def job_from_env(env: dict[str, str], owner: str) -> Job | None:
+    pw = pwd.getpwnam(owner)
+    script = spooled_script(env, pw.pw_uid)
     req = directives.parse(script)
     jid = job_id(env)
     qstat = qstat_job(jid)
@@ -120,7 +152,6 @@ def job_from_env(env: dict[str, str], owner: str) -> Job | None:
         return None
     if qstat is None:  # a job for a VM, but what it may use is unknown: fail it rather than guess
         raise VmwrapError(f"cannot read job {jid}'s resource requests with qstat -j")
-    pw = pwd.getpwnam(owner)
     n = slots(env)
     return Job(job_id=jid, scheduler="sge", user=owner, uid=pw.pw_uid, gid=pw.pw_gid, work_dir=os.getcwd(),
                script=script, cpus=n, memory_mib=requested_memory_mib(qstat, n), image=image,

@@ -82,12 +82,13 @@ class Cell:
             raise RuntimeError("Grid Engine is not installed (scripts/install-host.sh installs it)")
         # Clients whose IP resolves to 'localhost' are refused unless it is an alias of the host name.
         (common / "host_aliases").write_text(f"{self.host} localhost\n")
-        # GE gives its methods no environment of ours: per-cell wrappers name the site config.
+        # Per-cell wrappers name the site config on the hooks' command line (hooks never take it from
+        # the environment: GE hands them the job's `qsub -v` variables).
         hooks = self.base / "hooks"
         hooks.mkdir(parents=True, exist_ok=True)
         for kind in ("prolog", "epilog", "starter", "method", "jsv"):
             h = hooks / f"sge-{kind}"
-            h.write_text(f"#!/bin/sh\nVMWRAP_CONFIG='{self.vmwrap_config}' exec {HOOKS}/sge-{kind} \"$@\"\n")
+            h.write_text(f"#!/bin/sh\nexec {HOOKS}/sge-{kind} --config '{self.vmwrap_config}' \"$@\"\n")
             h.chmod(0o755)
         # Every qsub on this cell runs vmwrap's client JSV (it reads the script body; a server JSV cannot).
         (common / "sge_request").write_text(f"-jsv {hooks / 'sge-jsv'}\n" if self.jsv == "client" else "")

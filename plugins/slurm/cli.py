@@ -16,19 +16,25 @@ def slurm() -> None:
 @slurm.command()
 @click.pass_obj
 def prolog(obj):
-    """Prolog= hook (root, under slurmd)."""
+    """Prolog= hook (root, under slurmd): a clean environment first (vmwrap.rootenv)."""
+    from vmwrap.rootenv import clean_environment
+
     from . import hooks
 
-    sys.exit(hooks.prolog(obj.settings(), dict(os.environ)))
+    env = clean_environment(hooks.ROOT_ENV)
+    sys.exit(hooks.prolog(obj.settings(hook=True), env))
 
 
 @slurm.command()
 @click.pass_obj
 def epilog(obj):
-    """Epilog= hook (root, under slurmd)."""
+    """Epilog= hook (root, under slurmd): a clean environment first (vmwrap.rootenv)."""
+    from vmwrap.rootenv import clean_environment
+
     from . import hooks
 
-    sys.exit(hooks.epilog(obj.settings(), dict(os.environ)))
+    env = clean_environment(hooks.ROOT_ENV)
+    sys.exit(hooks.epilog(obj.settings(hook=True), env))
 
 
 @slurm.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -39,7 +45,7 @@ def attach(obj, script, args):
     """The batch step (job's user): hand the job to its VM and stream its output."""
     from . import hooks
 
-    sys.exit(hooks.attach(obj.settings(), script, list(args)))
+    sys.exit(hooks.attach(obj.settings(hook=True), script, list(args)))
 
 
 @slurm.command()

@@ -6,7 +6,6 @@ import json
 import os
 import pwd
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +17,14 @@ from vmwrap.config import Settings
 from vmwrap.errors import CacheFullError, CheckpointError, NodeError, UserError, VmwrapError
 from vmwrap.job import Job
 
-SCONTROL = "/usr/bin/scontrol"  # root calls Slurm by absolute path
+from .commands import SCONTROL, SQUEUE
+
+# What the root prolog/epilog keep of slurmd's environment (vmwrap.rootenv drops everything else);
+# slurmd sets these itself. SLURM_CONF: the slurm.conf scontrol must read to drain this node.
+ROOT_ENV = ("SLURM_JOB_ID", "SLURM_JOB_USER", "SLURM_JOB_UID", "SLURM_JOB_GID", "SLURM_JOB_WORK_DIR",
+            "SLURM_JOB_CPUS_PER_NODE", "SLURM_JOB_RESTART_COUNT", "SLURM_JOB_COMMENT", "SLURM_JOB_PARTITION",
+            "SLURMD_NODENAME", "SLURM_SCRIPT_CONTEXT", "SLURM_JOB_EXIT_CODE", "SLURM_JOB_EXIT_CODE2",
+            "SLURM_JOB_DERIVED_EC", "SLURM_CONF")
 
 MARKER = "#VMWRAP-ORIGINAL-SCRIPT"
 PREFIX = "vmwrap:"
@@ -231,9 +237,8 @@ def _user_failure(settings: Settings, job_id: str, err: VmwrapError) -> int:
 
 def _drain(env: dict[str, str], reason: str) -> None:
     node = env.get("SLURMD_NODENAME")
-    scontrol = shutil.which("scontrol") or "/usr/bin/scontrol"
-    if node and os.path.exists(scontrol):
-        subprocess.run([scontrol, "update", f"nodename={node}", "state=drain", f"reason={reason[:200]}"],
+    if node and os.path.exists(SCONTROL):
+        subprocess.run([SCONTROL, "update", f"nodename={node}", "state=drain", f"reason={reason[:200]}"],
                        capture_output=True, timeout=30)
 
 
@@ -306,9 +311,8 @@ def attach(settings: Settings, script_path: str, args: list[str]) -> int:
 
 def restarts(job_id: str) -> int:
     """Slurm's restart count of the job now (it grows the moment the job is requeued or preempted)."""
-    scontrol = shutil.which("scontrol") or "/usr/bin/scontrol"
     try:
-        r = subprocess.run([scontrol, "show", "job", "-o", job_id], capture_output=True, text=True, timeout=20)
+        r = subprocess.run([SCONTROL, "show", "job", "-o", job_id], capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return -1
     m = re.search(r"\bRestarts=(\d{1,9})\b", r.stdout)  # bounded: a job name can say Restarts=<5000 digits>
@@ -320,8 +324,7 @@ FINAL = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 def checkpoint_gc(settings: Settings) -> list[str]:
     """Delete checkpoints of jobs that ended while they were not running (no epilog ran for them)."""
-    squeue = shutil.which("squeue") or "/usr/bin/squeue"
-    r = subprocess.run([squeue, "-h", "-a", "-t", "all", "-o", "%i %T"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([SQUEUE, "-h", "-a", "-t", "all", "-o", "%i %T"], capture_output=True, text=True, timeout=60)
     if r.returncode != 0:
         return []  # slurmctld unreachable: keep everything
     states = dict(line.split(None, 1) for line in r.stdout.splitlines() if " " in line)

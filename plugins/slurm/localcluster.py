@@ -1,7 +1,8 @@
 """A local Slurm 22.05 cluster on one host, for the demo and the tests: munged, slurmctld, 3 slurmd.
 
-Each node has its own spool, log and vmwrap state/cache (VMWRAP_CONFIG=...-%n.toml), so per-node
-caches and placement are real even though all nodes share one machine.
+Each node has its own spool, log and vmwrap state/cache (`--config .../vmwrap-%n.toml` in the
+root-written hook wrappers), so per-node caches and placement are real even though all nodes share
+one machine.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class Cluster:
         hooks.mkdir(exist_ok=True)
         for kind in ("prolog", "epilog"):
             h = hooks / kind
-            h.write_text(f"#!/bin/sh\nVMWRAP_CONFIG='{self.vmwrap_config}' exec {ROOT}/prolog_epilog/slurm-{kind}\n")
+            # Root hooks take their config from their command line only (never $VMWRAP_CONFIG).
+            h.write_text(f"#!/bin/sh\nexec {ROOT}/prolog_epilog/slurm-{kind} --config '{self.vmwrap_config}'\n")
             h.chmod(0o755)
         ctld_port = _free_port()
         acct = ""
