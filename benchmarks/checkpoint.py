@@ -130,9 +130,10 @@ def main() -> None:
         cfg = tmp / "vmwrap.toml"
         cfg.write_text(config.render({
             "catalog": str(tmp / "images.toml"), "cache_dir": str(tmp / "cache"), "state_dir": str(tmp / "state"),
-            "accel": os.environ.get("VMWRAP_BENCH_ACCEL", "tcg"), "checkpoint_dir": a.store}))
+            "accel": os.environ.get("VMWRAP_BENCH_ACCEL", "tcg"), "checkpoint_dir": a.store,
+            "checkpoint_key_file": str(tmp / "checkpoint.key")}))
         settings = config.load(str(cfg))
-        store = checkpoint.Store(a.store)
+        store = checkpoint.Store(a.store, checkpoint.keygen(settings.checkpoint_key_file))
         store.root.mkdir(parents=True, exist_ok=True)
         work = tmp / "work"
         work.mkdir()

@@ -40,6 +40,8 @@ ln -sf "$venv/bin/vmwrap" /usr/local/bin/vmwrap
 # Site configuration and the test appliance (built from Debian packages, cached outside the repo).
 mkdir -p /etc/vmwrap
 [ -f /etc/vmwrap/vmwrap.toml ] || cp "$here/docs/vmwrap.toml.example" /etc/vmwrap/vmwrap.toml
+# The checkpoint key (root 0600): a multi-node site copies this one file to every node instead.
+[ -f /etc/vmwrap/checkpoint.key ] || vmwrap checkpoints keygen
 vmwrap image build --name busybox --kind busybox
 # The node agent (root): lets a job's own user pause/resume its VM (scheduler suspend). Idempotent.
 if ! pgrep -f "vmwrap agent" >/dev/null; then

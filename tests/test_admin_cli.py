@@ -76,15 +76,14 @@ def test_cache_fetch_list_evict_gc(admin):
 
 
 def test_checkpoints_list_verify_delete(tmp_path):
-    from test_checkpoint import stage
+    from test_checkpoint import new_store, stage
 
-    from vmwrap import checkpoint
-
-    store = checkpoint.Store(tmp_path / "ck")
+    store = new_store(tmp_path)
     store.commit(stage(store, "77"), "77")
     store.mark_lost("78", "saving its VM on c2 failed: No space left on device")
     cfg = tmp_path / "vmwrap.toml"
-    cfg.write_text(render({"checkpoint_dir": str(store.root), "state_dir": str(tmp_path / "state")}))
+    cfg.write_text(render({"checkpoint_dir": str(store.root), "checkpoint_key_file": store.key_file,
+                           "state_dir": str(tmp_path / "state")}))
 
     def vmwrap(*args):
         return subprocess.run([sys.executable, "-m", "vmwrap.cli", "--config", str(cfg), *args],

@@ -1,46 +1,78 @@
-"""The checkpoint store without a VM: atomic commit, verification, markers, garbage collection."""
+"""The checkpoint store without a VM: atomic commit, authentication (site key MAC), store ownership,
+verification, the restore's own domain XML, markers, garbage collection."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
 from vmwrap import checkpoint
-from vmwrap.errors import CheckpointError, UserError
+from vmwrap.errors import CheckpointError, NodeError, UserError
+from vmwrap.job import Job
+
+UID, GID = 1234, 1234
+UUID = "0b3e1f5c-6d1e-4c3a-9a55-3e0f6c2f4a10"
 
 
-def stage(store: checkpoint.Store, job: str, memory: bytes = b"RAM" * 1000):
+def shape(**kw) -> dict:
+    return {"virt_type": "qemu", "memory_mib": 128, "cpus": 1, "cmdline": "vmwrap.x=1", "work_dir": "/srv/w",
+            "disk": False, "ninep": True, "uuid": UUID, **kw}
+
+
+def job_meta(job: str, **kw) -> dict:
+    return {"job_id": job, "scheduler": "slurm", "uid": UID, "gid": GID, "image": "busybox", "run_dir": "/x",
+            "restarts": 1, "disk_format": None, "delivered": {"stdout": 3}, "spec": shape(), **kw}
+
+
+def new_store(tmp_path: Path, name: str = "ck") -> checkpoint.Store:
+    key = tmp_path / f"{name}.key"
+    if not key.exists():
+        checkpoint.keygen(key)
+    return checkpoint.Store(tmp_path / name, key)
+
+
+def stage(store: checkpoint.Store, job: str, memory: bytes = b"RAM" * 1000, meta: dict | None = None):
     tmp = store.staging(job)
     for f in checkpoint.FILES:
         (tmp / f).write_bytes(b"")
     (tmp / "memory.save").write_bytes(memory)
-    (tmp / "job.json").write_text(json.dumps({"restarts": 1, "image": "busybox"}))
+    (tmp / "share.json").write_text(json.dumps({"version": 1, "msize": 8192, "fids": {}, "pending": []}))
+    (tmp / "stdout").write_bytes(b"n=1\nn=2\n")
+    (tmp / "job.json").write_text(json.dumps(meta if meta is not None else job_meta(job)))
     return tmp
 
 
 def test_commit_then_verify_and_list(tmp_path):
-    store = checkpoint.Store(tmp_path / "ck")
+    store = new_store(tmp_path)
     tmp = stage(store, "42")
     assert store.list() == [] and not store.exists("42")  # a staged checkpoint is never visible
     store.commit(tmp, "42")
     assert store.exists("42") and not tmp.exists()
     assert store.verify("42")["files"]["memory.save"]["bytes"] == 3000
     [info] = store.list()
-    assert (info.job_id, info.bytes, info.restarts, info.image) == ("42", 3000 + len('{"restarts": 1, "image": "busybox"}'), 1, "busybox")
+    assert (info.job_id, info.restarts, info.image) == ("42", 1, "busybox")
+    d = store.dir("42")  # root's alone: 0700 dir, 0600 files
+    assert oct(d.stat().st_mode & 0o777) == "0o700"
+    assert {oct((d / f).stat().st_mode & 0o777) for f in os.listdir(d)} == {"0o600"}
 
 
 def test_a_newer_checkpoint_replaces_the_older(tmp_path):
-    store = checkpoint.Store(tmp_path)
+    store = new_store(tmp_path)
     store.commit(stage(store, "7", b"old"), "7")
     store.commit(stage(store, "7", b"new"), "7")
     assert (store.dir("7") / "memory.save").read_bytes() == b"new"
-    assert [p.name for p in tmp_path.iterdir()] == ["7"]  # no leftovers of the swap
+    assert [p.name for p in store.root.iterdir()] == ["7"]  # no leftovers of the swap
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "symlink"])
 def test_damage_is_detected(tmp_path, damage):
-    store = checkpoint.Store(tmp_path)
+    store = new_store(tmp_path)
     store.commit(stage(store, "9"), "9")
     f = store.dir("9") / "memory.save"
     if damage == "flip":
@@ -49,19 +81,260 @@ def test_damage_is_detected(tmp_path, damage):
         f.write_bytes(bytes(data))
     elif damage == "truncate":
         f.write_bytes(f.read_bytes()[:-1])
+    elif damage == "symlink":  # same bytes, but root never follows a link in the store
+        (tmp_path / "elsewhere").write_bytes(f.read_bytes())
+        f.unlink()
+        f.symlink_to(tmp_path / "elsewhere")
     else:
         f.unlink()
-    with pytest.raises(CheckpointError, match="memory.save is (corrupt|missing)"):
+    with pytest.raises(CheckpointError, match="memory.save is (corrupt|missing|unreadable)"):
         store.verify("9")
 
 
 def test_missing_checkpoint_says_why(tmp_path):
-    store = checkpoint.Store(tmp_path)
+    store = new_store(tmp_path)
+    store.root.mkdir()
     with pytest.raises(CheckpointError, match="not saved when the job was requeued"):
         store.verify("5")
     store.mark_lost("5", "saving its VM on c2 failed: No space left on device")
     with pytest.raises(CheckpointError, match="No space left on device"):
         store.verify("5")
+
+
+def _rewrite_manifest(store, job, edit):
+    p = store.dir(job) / "manifest.json"
+    m = json.loads(p.read_text())
+    edit(m)
+    p.write_text(json.dumps(m))
+
+
+def test_a_manifest_without_a_valid_mac_is_refused(tmp_path):
+    store = new_store(tmp_path)
+    store.commit(stage(store, "11"), "11")
+    store.verify("11")
+    _rewrite_manifest(store, "11", lambda m: m.pop("mac"))
+    with pytest.raises(CheckpointError, match="not authenticated"):
+        store.verify("11")
+    # signed with another site's key
+    other = new_store(tmp_path, "other")
+    other.commit(stage(other, "11"), "11")
+    shutil.rmtree(store.dir("11"))
+    shutil.copytree(other.dir("11"), store.dir("11"))
+    other.verify("11")
+    with pytest.raises(CheckpointError, match="not authenticated"):
+        store.verify("11")
+
+
+def test_a_tampered_file_with_a_matching_checksum_is_refused(tmp_path):
+    """Changing job.json (uid 0) and its checksum in the manifest: only the site key could re-sign it."""
+    store = new_store(tmp_path)
+    store.commit(stage(store, "12"), "12")
+    evil = json.dumps(job_meta("12", uid=0, gid=0)).encode()
+    (store.dir("12") / "job.json").write_bytes(evil)
+    import hashlib
+
+    _rewrite_manifest(store, "12", lambda m: m["files"]["job.json"].update(
+        bytes=len(evil), sha256=hashlib.sha256(evil).hexdigest()))
+    with pytest.raises(CheckpointError, match="not authenticated"):
+        store.verify("12")
+
+
+def test_a_checkpoint_moved_to_another_jobs_name_is_refused(tmp_path):
+    store = new_store(tmp_path)
+    store.commit(stage(store, "13"), "13")
+    os.rename(store.dir("13"), store.dir("14"))
+    with pytest.raises(CheckpointError, match="not made for job 14"):
+        store.verify("14")
+
+
+@pytest.mark.parametrize("bad", ["group-writable", "world-writable", "user-owned"])
+def test_a_store_others_can_write_is_refused(tmp_path, bad):
+    store = new_store(tmp_path)
+    store.commit(stage(store, "15"), "15")
+    if bad == "user-owned":
+        os.chown(store.root, UID, GID)
+    else:
+        store.root.chmod(0o770 if bad == "group-writable" else 0o1777)
+    with pytest.raises(NodeError, match=f"checkpoint store {store.root} must be owned by root and writable only by root"):
+        store.verify("15")
+    with pytest.raises(NodeError, match="must be owned by root"):
+        store.staging("16")
+
+
+def test_the_site_key_must_be_roots_alone(tmp_path):
+    key = tmp_path / "k"
+    store = checkpoint.Store(tmp_path / "ck", key)
+    with pytest.raises(NodeError, match=f"checkpoint key {key} does not exist"):
+        store.commit(stage(store, "17"), "17")
+    checkpoint.keygen(key)
+    with pytest.raises(NodeError, match="already exists"):
+        checkpoint.keygen(key)
+    assert len(store.key()) == 64
+    key.chmod(0o640)
+    with pytest.raises(NodeError, match=f"checkpoint key {key} must be owned by root with mode 0600 or 0400"):
+        store.key()
+    key.chmod(0o400)
+    store.key()
+    os.chown(key, UID, GID)
+    with pytest.raises(NodeError, match="uid 1234"):
+        store.key()
+    os.chown(key, 0, 0)
+    link = tmp_path / "link"
+    link.symlink_to(key)
+    with pytest.raises(NodeError, match="symlink"):
+        checkpoint.load_key(link)
+    key.chmod(0o600)
+    key.write_text("short\n")
+    with pytest.raises(NodeError, match="32 to 4096 bytes"):
+        store.key()
+
+
+# --- restore: identity checks and vmwrap's own domain XML ---------------------------------------------
+
+EVIL_XML = """<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>vmwrap-21</name><uuid>%s</uuid><memory unit='KiB'>131072</memory><vcpu>1</vcpu>
+  <os><type>hvm</type><kernel>/x/k</kernel><initrd>/x/i</initrd></os>
+  <devices><emulator>/tmp/evil-qemu</emulator>
+    <disk type='file' device='disk'><source file='/etc/shadow'/><target dev='vdb' bus='virtio'/></disk>
+    <filesystem type='mount' accessmode='passthrough'><source dir='/'/><target dir='root'/></filesystem>
+  </devices>
+  <qemu:commandline><qemu:arg value='-runas'/><qemu:arg value='root'/></qemu:commandline>
+</domain>""" % UUID
+
+
+class FakeConn:
+    def __init__(self):
+        self.restored: list[tuple[str, str, int]] = []
+
+    def saveImageGetXMLDesc(self, path, flags):  # what a tampered memory.save would carry
+        return EVIL_XML
+
+    def restoreFlags(self, path, dxml, flags):
+        self.restored.append((path, dxml, flags))
+
+
+@pytest.fixture
+def restoring(tmp_path, monkeypatch):
+    """A committed checkpoint of job 21 whose saved XML is hostile, and what restore() needs around it."""
+    from vmwrap import share
+
+    store = new_store(tmp_path)
+    store.commit(stage(store, "21", memory=EVIL_XML.encode()), "21")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o711)
+    started = []
+
+    def fake_start(rd, job, sf):
+        started.append(json.loads(Path(sf).read_text()))
+        (rd / share.SOCKET).touch()
+    monkeypatch.setattr(share, "start", fake_start)
+    monkeypatch.setattr(share, "stop", lambda rd: None)
+    job = Job("21", "slurm", "u", UID, GID, "/srv/w", "", image="busybox", restart_count=1)
+    paths = {"kernel": Path("/cache/blobs/k"), "initrd": Path("/cache/blobs/i")}
+    return store, run_dir, job, paths, started
+
+
+def test_restore_uses_vmwraps_own_xml_not_the_saved_one(restoring):
+    store, run_dir, job, paths, started = restoring
+    conn = FakeConn()
+    checkpoint.restore("21", run_dir, store, conn, job, paths, image="busybox")
+    [(path, dxml, _)] = conn.restored
+    assert path == str(store.dir("21") / "memory.save")
+    for evil in ("commandline", "evil-qemu", "/etc/shadow", "emulator", "vdb", "dir='/'", "kvm"):
+        assert evil not in dxml
+    root = ET.fromstring(dxml)
+    assert root.get("type") == "qemu" and root.findtext("uuid") == UUID and root.findtext("name") == "vmwrap-21"
+    assert root.find("devices/disk") is None  # the checkpoint recorded no disk
+    assert [f.find("source").get("dir") for f in root.iter("filesystem")] == [str(run_dir / "ctl")]
+    assert root.findtext("os/kernel") == "/cache/blobs/k"
+    assert root.find("seclabel/label").text == f"+{UID}:+{GID}"  # QEMU as the job's user
+    assert dxml == checkpoint.restore_xml(job_meta("21"), job, run_dir, paths)[0]
+    # the streams are back, private to the job's user; the server got the saved state
+    st = (run_dir / "stdout").stat()
+    assert (run_dir / "stdout").read_bytes() == b"n=1\nn=2\n" and (st.st_uid, st.st_mode & 0o777) == (UID, 0o600)
+    assert all(((run_dir / s).stat().st_mode & 0o777) == 0o600 for s in checkpoint.STREAMS)
+    assert started == [{"version": 1, "msize": 8192, "fids": {}, "pending": []}]
+    assert json.loads((run_dir / "restored.json").read_text())["delivered"] == {"stdout": 3}
+    assert json.loads((run_dir / "spec.json").read_text())["memory_mib"] == 128  # a second save finds it
+
+
+@pytest.mark.parametrize("field", ["uid", "gid", "image", "job_id"])
+def test_restore_refuses_another_jobs_checkpoint(restoring, field):
+    store, run_dir, job, paths, started = restoring
+    image = "busybox"
+    if field in ("uid", "gid"):
+        job = dataclasses.replace(job, **{field: 0})
+    elif field == "image":
+        image = "debian"
+    else:  # a checkpoint vmwrap signed for job 20, found under job 21's name
+        store.commit(stage(store, "21", meta=job_meta("20")), "21")
+    conn = FakeConn()
+    with pytest.raises(CheckpointError, match=f"made for another {field}"):
+        checkpoint.restore("21", run_dir, store, conn, job, paths, image=image)
+    assert conn.restored == [] and started == [] and not (run_dir / "stdout").exists()
+
+
+@pytest.mark.parametrize("bad", [{"memory_mib": 1 << 40}, {"memory_mib": "128"}, {"cpus": 0}, {"cpus": 4096},
+                                 {"virt_type": "xen"}, {"cmdline": "a\nb"}, {"disk": True}, {"ninep": 1},
+                                 {"uuid": "x"}, {"work_dir": "/etc"}])
+def test_restore_xml_validates_the_recorded_shape(tmp_path, bad):
+    job = Job("21", "slurm", "u", UID, GID, "/srv/w", "", image="busybox")
+    paths = {"kernel": Path("/k"), "initrd": Path("/i")}
+    checkpoint.restore_xml(job_meta("21"), job, tmp_path, paths)
+    with pytest.raises(CheckpointError, match="unusable VM|work dir"):
+        checkpoint.restore_xml(job_meta("21", spec=shape(**bad)), job, tmp_path, paths)
+
+
+def test_delivered_offsets_from_the_users_dir_are_read_safely(tmp_path):
+    user = tmp_path / "ctl" / "user"
+    user.mkdir(parents=True)
+    f = user / "delivered.json"
+    f.write_text(json.dumps({"stdout": 5, "stderr": "x", "other": 9}))
+    assert checkpoint._delivered(tmp_path) == {"stdout": 5}
+    f.unlink()
+    os.mkfifo(f)  # would block a plain open() forever
+    assert checkpoint._delivered(tmp_path) == {}
+    f.unlink()
+    (tmp_path / "secret").write_text(json.dumps({"stdout": 7}))
+    f.symlink_to(tmp_path / "secret")
+    assert checkpoint._delivered(tmp_path) == {}
+    f.unlink()
+    f.write_text(json.dumps({"stdout": 5, "pad": "x" * 5000}))
+    assert checkpoint._delivered(tmp_path) == {}
+
+
+def test_first_start_deletes_a_stale_checkpoint_of_the_same_job_id(tmp_path, monkeypatch):
+    """Slurm reuses job ids after a controller reset: a new job must not continue an old VM."""
+    from plugins.slurm import hooks
+    from vmwrap.config import Settings
+
+    store = new_store(tmp_path)
+    store.commit(stage(store, "31"), "31")
+    store.mark_lost("31", "old")
+    booted = []
+
+    class FakeLauncher:
+        on_lost_checkpoint = None
+
+        def __init__(self, job, settings):
+            self.job = job
+
+        def prepare(self):
+            pass
+
+        def restore(self, store):
+            raise AssertionError("restored a stale checkpoint")
+
+        def boot(self):
+            booted.append(self.job.job_id)
+    job = Job("31", "slurm", "root", 0, 0, str(tmp_path), "", image="busybox", restart_count=0)
+    monkeypatch.setattr(hooks, "job_from_env", lambda env: (job, {}))
+    monkeypatch.setattr(hooks.launcher, "teardown", lambda *a, **k: None)
+    monkeypatch.setattr(hooks.launcher, "Launcher", FakeLauncher)
+    s = Settings(state_dir=str(tmp_path / "state"), checkpoint_dir=str(store.root),
+                 checkpoint_key_file=store.key_file)
+    assert hooks.prolog(s, {"SLURM_JOB_ID": "31", "SLURM_JOB_RESTART_COUNT": "0"}) == 0
+    assert booted == ["31"] and not store.exists("31") and store.lost_reason("31") is None
 
 
 def test_job_ids_cannot_escape_the_store(tmp_path):
@@ -72,7 +345,7 @@ def test_job_ids_cannot_escape_the_store(tmp_path):
 
 
 def test_gc_keeps_queued_jobs_only(tmp_path):
-    store = checkpoint.Store(tmp_path)
+    store = new_store(tmp_path)
     store.commit(stage(store, "1"), "1")
     store.commit(stage(store, "2"), "2")
     store.mark_ran("3")

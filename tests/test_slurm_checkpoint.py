@@ -148,21 +148,38 @@ def test_cancelled_while_saved_deletes_the_checkpoint(cluster, jobdir):
     cluster.run("scancel", pre)
 
 
-@pytest.mark.parametrize("policy", ["fail", "restart"])
-def test_corrupt_checkpoint_follows_the_jobs_policy(cluster, jobdir, policy):
+def forge_uid(d: Path) -> None:
+    """What a compromised node can do to the shared store without the site key: job.json says root,
+    its checksum in the manifest matches."""
+    import hashlib
+    import json
+
+    meta = json.loads((d / "job.json").read_text())
+    data = json.dumps({**meta, "uid": 0, "gid": 0}).encode()
+    (d / "job.json").write_bytes(data)
+    m = json.loads((d / "manifest.json").read_text())
+    m["files"]["job.json"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("policy,damage", [("fail", "flip"), ("restart", "flip"), ("fail", "forge")])
+def test_corrupt_checkpoint_follows_the_jobs_policy(cluster, jobdir, policy, damage):
     extra = "" if policy == "fail" else "#VMWRAP --on-lost-checkpoint=restart\n"
     job = submit(cluster, jobdir, COUNTER.format(extra=extra), "-p", "requeue", "-w", "c3", "-n", "2")
     pre, _ = preempt(cluster, jobdir, job, "c3", hold=4)
     saved = checkpoint_dir(cluster, job) / "memory.save"
     wait_for(lambda: (checkpoint_dir(cluster, job) / "manifest.json").exists(), "the checkpoint")
-    with open(saved, "r+b") as f:  # flip a byte in the middle of the guest's memory image
-        f.seek(saved.stat().st_size // 2)
-        b = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([b[0] ^ 0xFF]))
+    if damage == "forge":
+        forge_uid(checkpoint_dir(cluster, job))
+    else:
+        with open(saved, "r+b") as f:  # flip a byte in the middle of the guest's memory image
+            f.seek(saved.stat().st_size // 2)
+            b = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([b[0] ^ 0xFF]))
     info = cluster.wait_state(job, FINAL, timeout=180)
     out = (jobdir / f"slurm-{job}.out").read_text()
-    assert "memory.save is corrupt" in out, out
+    assert ("memory.save is corrupt" if damage == "flip" else "is not authenticated") in out, out
     if policy == "fail":
         assert info["JobState"] == "FAILED" and info["ExitCode"] == "66:0", info
         assert "not starting the job again from the beginning" in out

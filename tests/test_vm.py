@@ -197,7 +197,7 @@ def test_a_save_that_would_run_past_its_deadline_is_stopped(site, workdir):
     from vmwrap.errors import NodeError
 
     settings = site.settings()
-    store = checkpoint.Store(site.base / "ckpt")
+    store = checkpoint.Store(site.base / "ckpt", checkpoint.keygen(site.base / "ckpt.key"))
     p = site.popen(HDR + "i=0; while :; do i=$((i+1)); echo n=$i; sleep 1; done\n", workdir,
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -218,4 +218,92 @@ def test_a_save_that_would_run_past_its_deadline_is_stopped(site, workdir):
         p.wait()
         for d in (site.state / "jobs").iterdir():
             launcher.teardown(d.name, settings)
+    assert site.leftovers() == []
+
+
+def _reseal(store, job_id):
+    """Re-sign a checkpoint's manifest as vmwrap would: what only a holder of the site key can do."""
+    import json
+
+    from vmwrap import checkpoint
+
+    d = store.dir(job_id)
+    m = json.loads((d / "manifest.json").read_text())
+    m.pop("mac")
+    for name in m["files"]:
+        n, digest = checkpoint._hash_file(d / name)
+        m["files"][name] = {"bytes": n, "sha256": digest}
+    (d / "manifest.json").write_text(json.dumps({**m, "mac": checkpoint._mac(store.key(), m)}))
+
+
+def test_restore_trusts_only_what_the_site_key_signed(site, workdir, test_user):
+    """Through real libvirt: a restored VM gets vmwrap's own domain XML even when the one inside
+    memory.save asks for QEMU arguments, and a checkpoint changed without the site key is refused."""
+    import json
+
+    from vmwrap import checkpoint, domain, launcher
+    from vmwrap.errors import CheckpointError
+    from vmwrap.job import Job
+
+    os.chown(workdir, test_user.pw_uid, test_user.pw_gid)
+    settings = site.settings()
+    store = checkpoint.Store(site.base / "ckpt", checkpoint.keygen(site.base / "ckpt.key"))
+    script = HDR + "i=0; while :; do i=$((i+1)); echo n=$i; sleep 1; done\n"
+
+    def job(restarts):
+        return Job("ckpt1", "test", test_user.pw_name, test_user.pw_uid, test_user.pw_gid, str(workdir), script,
+                   restart_count=restarts)
+
+    def wait_out(run_dir, text, timeout=120):
+        end = time.time() + timeout
+        while text not in (run_dir / "stdout").read_bytes():
+            assert time.time() < end, [(f, (run_dir / f).read_bytes()[-1500:]) for f in
+                                       ("stdout", "stderr", "status", "console.log", "9p.log") if (run_dir / f).exists()]
+            time.sleep(0.2)
+
+    lx = launcher.Launcher(job(0), settings)
+    try:
+        lx.prepare()
+        lx.boot()
+        att = launcher.Attachment(lx.run_dir, "ckpt1", conn=lx.conn)
+        att.start(script, {"PATH": "/bin:/usr/bin"}, [])  # the guest reads GO while att holds the socket
+        wait_out(lx.run_dir, b"n=3\n")
+        att.control.close()
+        checkpoint.save("ckpt1", lx.run_dir, store, lx.conn, 1)
+        launcher.teardown("ckpt1", settings)
+        mem = store.dir("ckpt1") / "memory.save"
+        # A node holding the key wrote QEMU arguments into the saved XML (the worst case): not used.
+        saved = lx.conn.saveImageGetXMLDesc(str(mem), 0)
+        evil = saved.replace("<domain ", "<domain xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0' ", 1)
+        evil = evil.replace("</domain>", "<qemu:commandline><qemu:arg value='-fw_cfg'/>"
+                            "<qemu:arg value='name=opt/vmwrap-evil,string=1'/></qemu:commandline></domain>")
+        lx.conn.saveImageDefineXML(str(mem), evil, 0)
+        assert "vmwrap-evil" in lx.conn.saveImageGetXMLDesc(str(mem), 0)
+        _reseal(store, "ckpt1")
+        lx2 = launcher.Launcher(job(1), settings)
+        lx2.prepare()
+        lx2.restore(store)
+        live = lx2.conn.lookupByName("vmwrap-ckpt1").XMLDesc(0)
+        assert "vmwrap-evil" not in live and "commandline" not in live
+        pid = subprocess.run(["pgrep", "-f", "guest=vmwrap-ckpt1,"], capture_output=True, text=True).stdout.split()
+        with open(f"/proc/{pid[0]}/cmdline", "rb") as f:
+            assert b"vmwrap-evil" not in f.read()
+        wait_out(lx2.run_dir, b"n=5\n")  # the guest continues after its restore
+        assert (lx2.run_dir / "stdout").read_bytes().startswith(b"n=1\nn=2\nn=3\n")
+        launcher.teardown("ckpt1", settings)
+        # job.json now says uid 0 and the manifest its new checksum, but nobody could re-sign it.
+        d = store.dir("ckpt1")
+        meta = json.loads((d / "job.json").read_text())
+        (d / "job.json").write_text(json.dumps({**meta, "uid": 0, "gid": 0}))
+        m = json.loads((d / "manifest.json").read_text())
+        n, digest = checkpoint._hash_file(d / "job.json")
+        m["files"]["job.json"] = {"bytes": n, "sha256": digest}
+        (d / "manifest.json").write_text(json.dumps(m))
+        lx3 = launcher.Launcher(job(1), settings)
+        lx3.prepare()
+        with pytest.raises(CheckpointError, match="not authenticated"):
+            lx3.restore(store)
+        assert domain.lookup(lx3.conn, "vmwrap-ckpt1") is None
+    finally:
+        launcher.teardown("ckpt1", settings)
     assert site.leftovers() == []

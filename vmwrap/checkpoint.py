@@ -6,33 +6,52 @@ One directory per job in the store (`checkpoint_dir`, on storage every node shar
     overlay.qcow2    the job's copy-on-write disk (its base is found again by checksum)
     share.json       the work dir server's fid table and queued requests
     stdout stderr status   everything the guest wrote so far (the restore resumes the stream)
-    job.json         who/what/where, and the paths the saved XML points at
-    manifest.json    size and SHA-256 of every file above; written last
+    job.json         who/what, and the VM's shape (memory, CPUs, accelerator, devices) to render again
+    manifest.json    size and SHA-256 of every file above and an HMAC-SHA256 over it; written last
 
 It is built under a temporary name, fsynced, then renamed into place: a directory named after the
 job always holds a complete checkpoint, and a half-written one is never taken for a good one.
+
+The store is shared storage other nodes (or a misconfigured export) can write, so a restore trusts
+nothing in it that the site key does not authenticate: the manifest carries a MAC made with a
+root-only key every node holds (`checkpoint_key_file`), each file is hashed as it is read, and the
+domain XML is rendered again from vmwrap's own template (the XML inside memory.save is never used).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import hmac
 import json
 import os
+import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import threading
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import domain, share
-from .cache import sha256_file
 from .errors import CheckpointError, NodeError
 from .job import Job
 
 FILES = ("memory.save", "overlay.qcow2", "share.json", "stdout", "stderr", "status", "job.json")
 STREAMS = ("stdout", "stderr", "status")
+VERSION = 2
+KEY_FILE = "/etc/vmwrap/checkpoint.key"
+QEMU_IMG = "/usr/bin/qemu-img"
+MAC_CONTEXT = b"vmwrap checkpoint manifest v2\0"
+JSON_MAX = 1 << 20          # manifest.json, job.json, spec.json
+SHARE_MAX = 64 << 20        # share.json: fid table plus queued requests (each up to 512 KiB, base64)
+DELIVERED_MAX = 4096        # the user's delivered.json
+CHUNK = 1 << 20
+_RO = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 @dataclass
@@ -45,18 +64,173 @@ class Info:
     image: str
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _fsync_path(path: Path, mode: int | None = None) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def _open_regular(path: Path) -> int:
+    """An fd of a regular file, never through a symlink and never blocking on a FIFO; OSError else."""
+    fd = os.open(path, _RO)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_capped(path: Path, cap: int) -> bytes:
+    """A small file's bytes (OSError if it is not a regular file or holds more than `cap` bytes)."""
+    fd = _open_regular(path)
+    try:
+        data = b""
+        while len(data) <= cap and (buf := os.read(fd, cap + 1 - len(data))):
+            data += buf
+    finally:
+        os.close(fd)
+    if len(data) > cap:
+        raise OSError(errno.EFBIG, f"larger than {cap} bytes", str(path))
+    return data
+
+
+def _write_new(path: Path, data: bytes, mode: int = 0o600) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def _copy_out(src: Path, dst: Path) -> None:
+    """Copy a run dir file into the staging dir (0600, no symlinks followed on either side)."""
+    sfd = _open_regular(src)
+    try:
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            while buf := os.read(sfd, CHUNK):
+                view = memoryview(buf)
+                while view:
+                    view = view[os.write(dfd, view):]
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+def _hash_file(path: Path) -> tuple[int, str]:
+    fd = _open_regular(path)
+    h = hashlib.sha256()
+    n = 0
+    try:
+        while buf := os.read(fd, CHUNK):
+            h.update(buf)
+            n += len(buf)
+    finally:
+        os.close(fd)
+    return n, h.hexdigest()
+
+
+def _canonical(body: dict) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _mac(key: bytes, body: dict) -> str:
+    return hmac.new(key, MAC_CONTEXT + _canonical(body), hashlib.sha256).hexdigest()
+
+
+def load_key(path: str | os.PathLike) -> bytes:
+    """The site's checkpoint key; NodeError unless it is a root-owned regular file, mode 0600/0400."""
+    where = f"the checkpoint key {path}"
+    try:
+        fd = os.open(path, _RO)
+    except FileNotFoundError:
+        raise NodeError(f"{where} does not exist: create it once (`vmwrap checkpoints keygen` or "
+                        "`(umask 077; head -c 32 /dev/urandom > KEYFILE)`) and copy it to every node "
+                        "(docs/checkpoint.md)") from None
+    except OSError as e:
+        raise NodeError(f"cannot read {where}: {os.strerror(e.errno)}"
+                        + (" (it is a symlink)" if e.errno == errno.ELOOP else "")) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NodeError(f"{where} is not a regular file")
+        if st.st_uid != 0 or stat.S_IMODE(st.st_mode) not in (0o600, 0o400):
+            raise NodeError(f"{where} must be owned by root with mode 0600 or 0400 (it is uid {st.st_uid}, "
+                            f"mode {stat.S_IMODE(st.st_mode):04o}): whoever reads it can forge checkpoints")
+        data = os.read(fd, 4097)
+    finally:
+        os.close(fd)
+    key = data.strip()
+    if len(data) > 4096 or len(key) < 32:
+        raise NodeError(f"{where} must hold 32 to 4096 bytes of random data")
+    return key
+
+
+def keygen(path: str | os.PathLike) -> Path:
+    """Create a new random site key (root, 0600); refuses to replace an existing one."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_new(p, (secrets.token_hex(32) + "\n").encode(), 0o600)
+    except FileExistsError:
+        raise NodeError(f"the checkpoint key {p} already exists (every node must keep the same one)") from None
+    return p
+
+
+def record_spec(run_dir: Path, spec: domain.Spec) -> None:
+    """Keep the VM's shape beside it (root-only) so a save can record what a restore must render again."""
+    shape = {"virt_type": spec.virt_type, "memory_mib": spec.memory_mib, "cpus": spec.cpus,
+             "cmdline": spec.cmdline, "work_dir": spec.work_dir, "disk": spec.disk is not None,
+             "ninep": spec.ninep_socket is not None}
+    p = Path(run_dir) / "spec.json"
+    p.unlink(missing_ok=True)
+    _write_new(p, json.dumps(shape).encode())
+
+
 class Store:
-    def __init__(self, root: str | os.PathLike):
+    """The shared checkpoint store; `key_file` is the site's `checkpoint_key_file` (needed to save,
+    restore or verify; listing and deleting work without it)."""
+
+    def __init__(self, root: str | os.PathLike, key_file: str | os.PathLike = KEY_FILE):
         self.root = Path(root)
+        self.key_file = str(key_file)
         self.last_commit: dict[str, float] = {}
+
+    def key(self) -> bytes:
+        return load_key(self.key_file)
+
+    def check_root(self) -> None:
+        """Refuse a store someone other than root could write: its checkpoints could be anyone's."""
+        try:
+            st = os.stat(self.root)
+        except OSError as e:
+            raise NodeError(f"the checkpoint store {self.root} is not reachable: {os.strerror(e.errno)} "
+                            "(is the shared storage mounted?)") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise NodeError(f"the checkpoint store {self.root} is not a directory")
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            raise NodeError(f"the checkpoint store {self.root} must be owned by root and writable only by root "
+                            f"(it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}); refusing to save "
+                            "or restore checkpoints there")
+
+    def _ensure_root(self) -> None:
+        if not self.root.exists():
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.root.mkdir(mode=0o700)
+            except FileExistsError:
+                pass
+        self.check_root()
 
     def dir(self, job_id: str) -> Path:
         Job.check_id(job_id)
@@ -69,8 +243,8 @@ class Store:
     # checkpoint is a lost checkpoint, not a first start) and why a save failed.
     def mark_ran(self, job_id: str) -> None:
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            (self.root / f"{self.dir(job_id).name}.ran").touch()
+            self._ensure_root()
+            (self.root / f"{self.dir(job_id).name}.ran").touch(0o600)
         except OSError as e:
             raise NodeError(f"cannot write to the checkpoint store {self.root}: {e}") from None
 
@@ -80,7 +254,9 @@ class Store:
     def mark_lost(self, job_id: str, reason: str) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            (self.root / f"{self.dir(job_id).name}.lost").write_text(reason)
+            p = self.root / f"{self.dir(job_id).name}.lost"
+            p.unlink(missing_ok=True)
+            _write_new(p, reason.encode(errors="replace")[:DELIVERED_MAX])
         except OSError:
             pass
 
@@ -115,7 +291,7 @@ class Store:
 
     def deadline(self, job_id: str) -> float | None:
         try:
-            return float((self.root / f"{self.dir(job_id).name}.deadline").read_text())
+            return float(_read_capped(self.root / f"{self.dir(job_id).name}.deadline", 64))
         except (OSError, ValueError):
             return None
 
@@ -124,24 +300,26 @@ class Store:
 
     def lost_reason(self, job_id: str) -> str | None:
         try:
-            return (self.root / f"{self.dir(job_id).name}.lost").read_text().strip()
+            return _read_capped(self.root / f"{self.dir(job_id).name}.lost", DELIVERED_MAX).decode(
+                errors="replace").strip()
         except OSError:
             return None
 
     def list(self) -> list[Info]:
+        """What the store holds (not authenticated: for display only)."""
         out = []
         if not self.root.exists():
             return out
         for d in sorted(self.root.iterdir()):
-            if not d.is_dir() or d.name.startswith("."):
+            if d.name.startswith(".") or not d.is_dir() or d.is_symlink():
                 continue
             try:
-                m = json.loads((d / "manifest.json").read_text())
-                j = json.loads((d / "job.json").read_text())
-            except (OSError, ValueError):
+                m = json.loads(_read_capped(d / "manifest.json", JSON_MAX))
+                j = json.loads(_read_capped(d / "job.json", JSON_MAX))
+                out.append(Info(d.name, sum(int(f["bytes"]) for f in m["files"].values()), float(m["created"]),
+                                str(m["node"]), int(j.get("restarts", 0)), str(j.get("image", ""))))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue
-            out.append(Info(d.name, sum(f["bytes"] for f in m["files"].values()), m["created"], m["node"],
-                            j.get("restarts", 0), j.get("image", "")))
         return out
 
     def delete(self, job_id: str) -> bool:
@@ -177,29 +355,31 @@ class Store:
 
     def staging(self, job_id: str) -> Path:
         """A private temporary directory in the store to build a checkpoint in (never listed)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._ensure_root()
         tmp = self.root / f".{self.dir(job_id).name}.{os.getpid()}.{os.urandom(3).hex()}"
         tmp.mkdir(mode=0o700)
         return tmp
 
     def commit(self, tmp: Path, job_id: str) -> dict:
-        """Seal a staged checkpoint (checksums, fsync) and rename it into place; returns the manifest."""
+        """Seal a staged checkpoint (checksums, MAC, fsync) and rename it into place; returns the manifest."""
+        key = self.key()
         files = {}
         t0 = time.monotonic()
         for f in FILES:
-            _fsync_path(tmp / f)
+            _fsync_path(tmp / f, 0o600)
         t1 = time.monotonic()
         for f in FILES:
-            files[f] = {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)}
+            n, digest = _hash_file(tmp / f)
+            files[f] = {"bytes": n, "sha256": digest}
         self.last_commit = {"fsync_s": t1 - t0, "hash_s": time.monotonic() - t1}
-        manifest = {"version": 1, "job_id": job_id, "created": time.time(), "node": socket.gethostname(),
+        manifest = {"version": VERSION, "job_id": job_id, "created": time.time(), "node": socket.gethostname(),
                     "files": files}
-        (tmp / "manifest.json").write_text(json.dumps(manifest))
+        _write_new(tmp / "manifest.json", json.dumps({**manifest, "mac": _mac(key, manifest)}).encode())
         _fsync_path(tmp / "manifest.json")
         _fsync_path(tmp)
         final = self.dir(job_id)
         old = None
-        if final.exists():  # an older checkpoint of the same job (preempted before): swap, then drop
+        if final.exists() or final.is_symlink():  # an older checkpoint of the same job: swap, then drop
             old = self.root / f".{job_id}.old.{os.urandom(3).hex()}"
             os.rename(final, old)
         os.rename(tmp, final)
@@ -208,25 +388,102 @@ class Store:
             shutil.rmtree(old, ignore_errors=True)
         return manifest
 
-    def verify(self, job_id: str) -> dict:
-        """The manifest, after checking every file's size and checksum; CheckpointError if not intact."""
+    def manifest(self, job_id: str) -> dict:
+        """The checkpoint's manifest once its MAC (site key) proves vmwrap wrote it for this job.
+
+        CheckpointError if missing or not authentic; NodeError if the store or the key is unfit."""
+        self.check_root()
         d = self.dir(job_id)
         try:
-            m = json.loads((d / "manifest.json").read_text())
+            raw = _read_capped(d / "manifest.json", JSON_MAX)
         except FileNotFoundError:
             why = self.lost_reason(job_id) or "it was not saved when the job was requeued (node failure?)"
             raise CheckpointError(f"job {job_id} has no checkpoint to continue from: {why}") from None
-        except (OSError, ValueError) as e:
+        except OSError as e:
             raise CheckpointError(f"the checkpoint of job {job_id} is unreadable: {e}") from None
-        for name, want in m["files"].items():
-            p = d / name
-            try:
-                size = p.stat().st_size
-            except OSError:
-                raise CheckpointError(f"checkpoint of job {job_id}: {name} is missing") from None
-            if size != want["bytes"] or sha256_file(p) != want["sha256"]:
-                raise CheckpointError(f"checkpoint of job {job_id}: {name} is corrupt (checksum mismatch)")
+        key = self.key()
+        try:
+            m = json.loads(raw)
+            mac = m.pop("mac", None) if isinstance(m, dict) else None
+        except ValueError:
+            m, mac = None, None
+        if not isinstance(mac, str) or not hmac.compare_digest(mac.encode(), _mac(key, m).encode()):
+            raise CheckpointError(f"the checkpoint of job {job_id} is not authenticated (no valid MAC under this "
+                                  f"site's key {self.key_file}): refusing to restore it")
+        files = m.get("files")
+        if (m.get("version") != VERSION or m.get("job_id") != job_id or not isinstance(files, dict)
+                or set(files) != set(FILES)):
+            raise CheckpointError(f"the checkpoint in {d} was not made for job {job_id}")
         return m
+
+    def verify(self, job_id: str) -> dict:
+        """The authenticated manifest, after checking every file's size and checksum."""
+        m = self.manifest(job_id)
+        for name in FILES:
+            _check(self.dir(job_id) / name, m["files"][name], job_id)
+        return m
+
+
+def _bad(job_id: str, name: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint of job {job_id}: {name} is corrupt (checksum mismatch)")
+
+
+def _check(p: Path, want: dict, job_id: str) -> None:
+    try:
+        n, digest = _hash_file(p)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint of job {job_id}: {p.name} is missing") from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint of job {job_id}: {p.name} is unreadable: {e.strerror}") from None
+    if n != want["bytes"] or not hmac.compare_digest(digest, str(want["sha256"])):
+        raise _bad(job_id, p.name)
+
+
+def _read_verified(d: Path, name: str, m: dict, job_id: str, cap: int) -> bytes:
+    """A checkpoint file's bytes, checked against the manifest as read (no second read to race with)."""
+    want = m["files"][name]
+    if want["bytes"] > cap:
+        raise CheckpointError(f"checkpoint of job {job_id}: {name} is larger than {cap} bytes")
+    try:
+        data = _read_capped(d / name, cap)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint of job {job_id}: {name} is missing") from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint of job {job_id}: {name} is unreadable: {e.strerror}") from None
+    if len(data) != want["bytes"] or not hmac.compare_digest(hashlib.sha256(data).hexdigest(), str(want["sha256"])):
+        raise _bad(job_id, name)
+    return data
+
+
+def _copy_verified(d: Path, name: str, m: dict, job_id: str, dst: Path, uid: int, gid: int, mode: int) -> None:
+    """Copy a checkpoint file to a new `dst` (owner uid:gid, `mode`), hashing what was copied."""
+    want = m["files"][name]
+    try:
+        sfd = _open_regular(d / name)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint of job {job_id}: {name} is missing") from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint of job {job_id}: {name} is unreadable: {e.strerror}") from None
+    dst.unlink(missing_ok=True)
+    h, n = hashlib.sha256(), 0
+    try:
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchown(dfd, uid, gid)
+            os.fchmod(dfd, mode)
+            while n <= want["bytes"] and (buf := os.read(sfd, min(CHUNK, want["bytes"] + 1 - n))):
+                h.update(buf)
+                n += len(buf)
+                view = memoryview(buf)
+                while view:
+                    view = view[os.write(dfd, view):]
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+    if n != want["bytes"] or not hmac.compare_digest(h.hexdigest(), str(want["sha256"])):
+        dst.unlink(missing_ok=True)
+        raise _bad(job_id, name)
 
 
 def save(job_id: str, run_dir: Path, store: Store, conn, restarts: int, deadline: float | None = None) -> dict:
@@ -235,18 +492,37 @@ def save(job_id: str, run_dir: Path, store: Store, conn, restarts: int, deadline
     Returns timings; raises NodeError (the VM is then destroyed by the caller's teardown, and the
     restart follows the job's --on-lost-checkpoint policy). With a `deadline` (epoch seconds: a
     reservation needs the node then) a save still running at that time is aborted, so the node is
-    free on time and the job's checkpoint counts as lost, with that reason.
+    free on time and the job's checkpoint counts as lost, with that reason. A failed save also drops
+    an older checkpoint of the job: the VM ran on since, so that one would replay work and output.
     """
+    try:
+        return _save(job_id, run_dir, store, conn, restarts, deadline)
+    except BaseException:
+        shutil.rmtree(store.dir(job_id), ignore_errors=True)
+        raise
+
+
+def _save(job_id: str, run_dir: Path, store: Store, conn, restarts: int, deadline: float | None) -> dict:
     import libvirt
 
     if deadline is not None and time.time() >= deadline:
         raise NodeError(f"no time left to save: the node is needed at {time.strftime('%H:%M:%S', time.localtime(deadline))}")
+    store.key()          # fail before pausing the VM and writing GBs: the key is missing or unfit
+    if store.root.exists():
+        store.check_root()
     t0 = time.monotonic()
     name = f"vmwrap-{job_id}"
     dom = domain.lookup(conn, name)
     if dom is None or not dom.isActive():
         raise NodeError(f"job {job_id} has no running VM on this node to save")
-    meta = json.loads((run_dir / "job.json").read_text())
+    try:
+        meta = json.loads(_read_capped(run_dir / "job.json", JSON_MAX))
+        shape = json.loads(_read_capped(run_dir / "spec.json", JSON_MAX))
+    except (OSError, ValueError) as e:
+        raise NodeError(f"job {job_id}: its run dir does not record the VM's shape (booted by an older "
+                        f"vmwrap?): {e}") from None
+    shape["uuid"] = dom.UUIDString()
+    meta["spec"] = shape
     serial = (run_dir / share.CONTROL).exists()
     if serial:
         share.drain(run_dir)
@@ -259,7 +535,6 @@ def save(job_id: str, run_dir: Path, store: Store, conn, restarts: int, deadline
             share.resume(run_dir)
         raise
     t_quiesced = time.monotonic()
-    store.root.mkdir(parents=True, exist_ok=True)
     tmp = store.staging(job_id)
     try:
         try:
@@ -267,22 +542,18 @@ def save(job_id: str, run_dir: Path, store: Store, conn, restarts: int, deadline
             _save_by(dom, str(tmp / "memory.save"), libvirt.VIR_DOMAIN_SAVE_BYPASS_CACHE, deadline)
         except libvirt.libvirtError as e:
             raise NodeError(f"libvirt could not save the VM of job {job_id}: {e.get_error_message()}") from None
+        os.chmod(tmp / "memory.save", 0o600)
         t_saved = time.monotonic()
         if (run_dir / "overlay.qcow2").exists():
-            shutil.copyfile(run_dir / "overlay.qcow2", tmp / "overlay.qcow2")
+            _copy_out(run_dir / "overlay.qcow2", tmp / "overlay.qcow2")
         else:
-            (tmp / "overlay.qcow2").write_bytes(b"")
-        (tmp / "share.json").write_text(json.dumps(state))
+            _write_new(tmp / "overlay.qcow2", b"")
+        _write_new(tmp / "share.json", json.dumps(state).encode())
         for s in STREAMS:
             src = run_dir / s
-            shutil.copyfile(src, tmp / s) if src.exists() else (tmp / s).write_bytes(b"")
-        delivered = {}
-        try:
-            delivered = json.loads((run_dir / "ctl" / "user" / "delivered.json").read_text())
-        except (OSError, ValueError):
-            pass
-        meta.update(restarts=restarts, delivered={k: int(v) for k, v in delivered.items() if k in STREAMS})
-        (tmp / "job.json").write_text(json.dumps(meta))
+            _copy_out(src, tmp / s) if src.exists() else _write_new(tmp / s, b"")
+        meta.update(restarts=restarts, delivered=_delivered(run_dir))
+        _write_new(tmp / "job.json", json.dumps(meta).encode())
         manifest = store.commit(tmp, job_id)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -291,6 +562,18 @@ def save(job_id: str, run_dir: Path, store: Store, conn, restarts: int, deadline
     return {"quiesce_s": t_quiesced - t0, "save_s": t_saved - t_quiesced, "seal_s": t_done - t_saved,
             **store.last_commit,
             "total_s": t_done - t0, "memory_bytes": manifest["files"]["memory.save"]["bytes"]}
+
+
+def _delivered(run_dir: Path) -> dict[str, int]:
+    """How much of each stream the job's step delivered. The file is in a dir the job's user writes:
+    read it without following links or blocking on a FIFO, at most 4 KiB; anything odd counts as 0."""
+    try:
+        raw = json.loads(_read_capped(run_dir / "ctl" / "user" / "delivered.json", DELIVERED_MAX))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {k: v for k, v in raw.items() if k in STREAMS and type(v) is int and 0 <= v < 1 << 62}
 
 
 def _save_by(dom, path: str, flags: int, deadline: float | None) -> None:
@@ -320,68 +603,136 @@ def _save_by(dom, path: str, flags: int, deadline: float | None) -> None:
         raise err[0]
 
 
-def restore(job_id: str, run_dir: Path, store: Store, conn, job: Job, paths: dict[str, Path]) -> dict:
+def check_owner(meta: dict, job: Job, image: str | None) -> None:
+    """The checkpoint must be this job's: same id, user, group and image (CheckpointError otherwise)."""
+    want = {"job_id": job.job_id, "uid": job.uid, "gid": job.gid, "image": image}
+    for k, v in want.items():
+        if meta.get(k) != v or type(meta.get(k)) is not type(v):
+            raise CheckpointError(f"the checkpoint of job {job.job_id} was made for another {k} "
+                                  f"({meta.get(k)!r}, this job has {v!r}): refusing to restore it")
+
+
+def restore_xml(meta: dict, job: Job, run_dir: Path, paths: dict[str, Path]) -> tuple[str, domain.Spec]:
+    """The restored VM's domain XML: vmwrap's template with this node's paths and the job's identity.
+
+    Only the VM's validated shape comes from the (authenticated) checkpoint: memory, CPUs, accelerator,
+    kernel arguments, which devices exist, the domain UUID. libvirt then checks that it is
+    ABI-compatible with the saved VM; nothing of the XML inside memory.save is used."""
+    from .launcher import host_memory_mib
+
+    s = meta.get("spec")
+    if not isinstance(s, dict):
+        raise CheckpointError(f"the checkpoint of job {job.job_id} does not record the VM's shape")
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"the checkpoint of job {job.job_id} records an unusable VM {what}: {s.get(what)!r}")
+
+    mem, cpus, vt, cmdline = s.get("memory_mib"), s.get("cpus"), s.get("virt_type"), s.get("cmdline")
+    if type(mem) is not int or not 64 <= mem <= host_memory_mib():
+        raise bad("memory_mib")
+    if type(cpus) is not int or not 1 <= cpus <= (os.cpu_count() or 1):
+        raise bad("cpus")
+    if vt not in ("kvm", "qemu"):  # libvirt's domain types: KVM, or QEMU's TCG
+        raise bad("virt_type")
+    if not isinstance(cmdline, str) or len(cmdline) > 4096 or not cmdline.isprintable():
+        raise bad("cmdline")
+    for flag in ("disk", "ninep"):
+        if type(s.get(flag)) is not bool:
+            raise bad(flag)
+    if s["disk"] != bool(paths.get("disk")):
+        raise bad("disk")
+    if s.get("work_dir") != job.work_dir:
+        raise CheckpointError(f"the checkpoint of job {job.job_id} was made with work dir {s.get('work_dir')!r}, "
+                              f"this job has {job.work_dir!r}")
+    try:
+        uid = str(uuid.UUID(s.get("uuid")))
+    except (TypeError, ValueError, AttributeError):
+        raise bad("uuid") from None
+    if uid != s["uuid"]:
+        raise bad("uuid")
+    ids = domain.qemu_identity(job.uid, job.gid)  # QEMU runs as the job's user, as at boot
+    spec = domain.Spec(
+        name=job.domain_name, job_id=job.job_id, virt_type=vt, memory_mib=mem, cpus=cpus,
+        kernel=str(paths["kernel"]), initrd=str(paths["initrd"]),
+        disk=str(run_dir / "overlay.qcow2") if s["disk"] else None,
+        ctl_dir=str(run_dir / "ctl"), work_dir=job.work_dir, run_dir=str(run_dir), cmdline=cmdline,
+        ninep_socket=str(run_dir / share.SOCKET) if s["ninep"] else None,
+        uid=ids[0], gid=ids[1])
+    root = ET.fromstring(domain.render(spec))
+    el = ET.Element("uuid")
+    el.text = uid
+    root.insert(list(root).index(root.find("name")) + 1, el)
+    return ET.tostring(root, encoding="unicode"), spec
+
+
+def restore(job_id: str, run_dir: Path, store: Store, conn, job: Job, paths: dict[str, Path],
+            image: str | None = None) -> dict:
     """Bring the saved VM back on this node: streams, disk, work dir server, then the VM itself.
 
-    `paths` are this node's cached kernel/initrd/disk of the job's image (the caller fetched them).
+    `paths` are this node's cached kernel/initrd/disk of the job's image (the caller fetched them);
+    `image` the image name the caller resolved for the job (default `job.image`).
     """
     import libvirt
 
     t0 = time.monotonic()
-    manifest = store.verify(job_id)
+    if job.job_id != job_id:
+        raise CheckpointError(f"asked to restore job {job_id} for job {job.job_id}")
+    m = store.manifest(job_id)
     d = store.dir(job_id)
-    meta = json.loads((d / "job.json").read_text())
+    try:
+        meta = json.loads(_read_verified(d, "job.json", m, job_id, JSON_MAX))
+        if not isinstance(meta, dict):
+            raise ValueError("not an object")
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint of job {job_id}: job.json is unusable: {e}") from None
+    check_owner(meta, job, image or job.image)
+    xml, spec = restore_xml(meta, job, run_dir, paths)
+    fmt = meta.get("disk_format") or "qcow2"
+    if spec.disk and fmt not in ("qcow2", "raw"):
+        raise CheckpointError(f"checkpoint of job {job_id}: unknown disk format {fmt!r}")
+    delivered = meta.get("delivered", {})
+    if not isinstance(delivered, dict) or not all(k in STREAMS and type(v) is int and v >= 0
+                                                  for k, v in delivered.items()):
+        raise CheckpointError(f"checkpoint of job {job_id}: unusable delivered offsets")
+    try:
+        state = json.loads(_read_verified(d, "share.json", m, job_id, SHARE_MAX))
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint of job {job_id}: share.json is unusable: {e}") from None
+    if (spec.ninep_socket is not None) != isinstance(state, dict):
+        raise CheckpointError(f"checkpoint of job {job_id}: the work dir server's state does not match the VM")
     t_verified = time.monotonic()
-    for s in STREAMS:  # QEMU appends to these: the stream continues where the saved guest left it
-        shutil.copyfile(d / s, run_dir / s)
-        os.chown(run_dir / s, job.uid, job.gid)
-    if paths.get("disk"):
+    for s in STREAMS:  # QEMU (spec.uid) appends to these: the stream continues where the saved guest left it
+        _copy_verified(d, s, m, job_id, run_dir / s, spec.uid, spec.gid, 0o600)
+    if spec.disk:
+        # QEMU's own (the job's user's) disk, as at boot. The job's user could write to it while the VM
+        # ran: qemu-img parses it as that user, not as root (-u: the base is not opened).
         ov = run_dir / "overlay.qcow2"
-        shutil.copyfile(d / "overlay.qcow2", ov)
-        r = subprocess.run(["qemu-img", "rebase", "-u", "-F", meta.get("disk_format", "qcow2"), "-b",
-                            str(paths["disk"]), str(ov)], capture_output=True, text=True)
+        _copy_verified(d, "overlay.qcow2", m, job_id, ov, spec.uid, spec.gid, 0o600)
+        r = subprocess.run([QEMU_IMG, "rebase", "-u", "-F", fmt, "-b", str(paths["disk"]), str(ov)],
+                           capture_output=True, text=True, cwd="/", env={"PATH": "/usr/bin:/bin"},
+                           user=spec.uid, group=spec.gid, extra_groups=[])
         if r.returncode != 0:
             raise NodeError(f"cannot attach the restored disk to its base image: {r.stderr.strip()}")
-    state = json.loads((d / "share.json").read_text())
-    xml = conn.saveImageGetXMLDesc(str(d / "memory.save"), 0)
-    new_xml = relocate(xml, meta["run_dir"], str(run_dir), paths)
+    record_spec(run_dir, spec)
+    # Last before libvirt reads it: the shortest window for a store writer to swap it after the check.
+    _check(d / "memory.save", m["files"]["memory.save"], job_id)
     if state is not None:
         sf = run_dir / "share-state.json"
-        sf.write_text(json.dumps(state))
+        sf.unlink(missing_ok=True)
+        _write_new(sf, json.dumps(state).encode())
         share.start(run_dir, job, sf)
+        os.chown(run_dir / share.SOCKET, spec.uid, spec.gid)  # QEMU connects to it
     try:
-        conn.restoreFlags(str(d / "memory.save"), new_xml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+        conn.restoreFlags(str(d / "memory.save"), xml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
     except libvirt.libvirtError as e:
         share.stop(run_dir)
         raise CheckpointError(f"libvirt could not restore the VM of job {job_id}: {e.get_error_message()}") from None
-    for name in ("control.sock", "stdout", "stderr", "status"):
-        f = run_dir / name
-        if f.exists():
-            os.chown(f, job.uid, job.gid)
-    (run_dir / "restored.json").write_text(json.dumps({"delivered": meta.get("delivered", {}),
+    f = run_dir / "control.sock"  # libvirtd made it as root: the job's own batch step talks to it
+    if f.exists():
+        os.chown(f, job.uid, job.gid)
+        f.chmod(0o600)
+    (run_dir / "restored.json").write_text(json.dumps({"delivered": delivered,
                                                        "restarts": meta.get("restarts", 0)}))
     t_done = time.monotonic()
     return {"verify_s": t_verified - t0, "restore_s": t_done - t_verified, "total_s": t_done - t0,
-            "from_node": manifest["node"]}
-
-
-def relocate(xml: str, old_run_dir: str, new_run_dir: str, paths: dict[str, Path]) -> str:
-    """The saved domain XML with this node's paths (run dir, cached kernel/initrd, overlay)."""
-    root = ET.fromstring(xml)
-
-    def move(p: str) -> str:
-        return new_run_dir + p[len(old_run_dir):] if p == old_run_dir or p.startswith(old_run_dir + "/") else p
-
-    os_el = root.find("os")
-    for tag in ("kernel", "initrd"):
-        el = os_el.find(tag) if os_el is not None else None
-        if el is not None and tag in paths:
-            el.text = str(paths[tag])
-    for disk in root.iter("disk"):  # the base is found again through the overlay's rebased header
-        for bs in disk.findall("backingStore"):
-            disk.remove(bs)
-    for el in root.iter("source"):
-        for attr in ("path", "file", "dir"):
-            if attr in el.attrib:
-                el.attrib[attr] = move(el.attrib[attr])
-    return ET.tostring(root, encoding="unicode")
+            "from_node": str(m.get("node", "?"))}

@@ -362,7 +362,8 @@ def checkpoints_verify(job_id):
     from .checkpoint import Store
 
     try:
-        m = Store(_settings().checkpoint_dir).verify(job_id)
+        s = _settings()
+        m = Store(s.checkpoint_dir, s.checkpoint_key_file).verify(job_id)
     except VmwrapError as e:
         raise click.ClickException(str(e))
     click.echo(f"job {job_id}: intact ({len(m['files'])} files, saved on {m['node']})")
@@ -380,6 +381,17 @@ def checkpoints_delete(job_ids):
             click.echo(f"{j}: {'deleted' if store.delete(j) else 'no checkpoint'}")
         except VmwrapError as e:
             raise click.ClickException(str(e))
+
+
+@checkpoints.command("keygen")
+def checkpoints_keygen():
+    """Create the site's checkpoint key (checkpoint_key_file, root 0600); copy it to every node."""
+    from .checkpoint import keygen
+
+    try:
+        click.echo(f"created {keygen(_settings().checkpoint_key_file)}: copy it to every node (same owner and mode)")
+    except VmwrapError as e:
+        raise click.ClickException(str(e))
 
 
 main.add_command(image, "images")  # the issue's spelling; `image` stays for muscle memory
@@ -438,6 +450,14 @@ def doctor():
                        "free (must be shared by all nodes for restores elsewhere)")
         except OSError as e:
             click.echo(f"FAIL checkpoint store {s.checkpoint_dir}: {e} (preempted jobs cannot be saved)")
+            ok = False
+        try:
+            from .checkpoint import Store
+
+            Store(s.checkpoint_dir, s.checkpoint_key_file).key()
+            click.echo(f"ok   checkpoint key {s.checkpoint_key_file}: root's alone (it must be the same file on every node)")
+        except VmwrapError as e:
+            click.echo(f"FAIL {e}")
             ok = False
     else:
         click.echo("ok   workdir_share = virtio-9p: VMs cannot be saved; requeued jobs start again from the beginning")

@@ -189,8 +189,10 @@ def _prolog(settings: Settings, env: dict[str, str]) -> int:
     launcher.teardown(job.job_id, settings)  # leftovers of an earlier run of the same job id
     lx = launcher.Launcher(job, settings)
     saving = settings.workdir_share == "serial"
-    store = checkpoint.Store(settings.checkpoint_dir)
+    store = checkpoint.Store(settings.checkpoint_dir, settings.checkpoint_key_file)
     try:
+        if job.restart_count == 0:  # a first start: what the store holds under this id is an older job's
+            store.delete(job.job_id)  # (Slurm reuses job ids after a controller reset)
         lx.prepare()
         if saving and job.restart_count > 0 and store.ran(job.job_id):
             try:
@@ -258,7 +260,7 @@ def epilog(settings: Settings, env: dict[str, str]) -> int:
         return 0
     from vmwrap.ledger import Ledger
 
-    store = checkpoint.Store(settings.checkpoint_dir)
+    store = checkpoint.Store(settings.checkpoint_dir, settings.checkpoint_key_file)
     try:
         run_dir = settings.jobs_dir / job_id
         restarts = int(env.get("SLURM_JOB_RESTART_COUNT") or 0)

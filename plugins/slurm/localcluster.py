@@ -61,11 +61,16 @@ class Cluster:
 
     def write_config(self) -> None:
         host = socket.gethostname()
+        if not (self.base / "checkpoint.key").exists():
+            from vmwrap.checkpoint import keygen
+
+            keygen(self.base / "checkpoint.key")
         for n in NODES:
             d = self.node_dir(n)
             for sub in ("spool", "state", "cache"):
                 (d / sub).mkdir(parents=True, exist_ok=True)
-            cfg = dict({"checkpoint_dir": str(self.base / "checkpoints")},  # "shared storage": one host
+            cfg = dict({"checkpoint_dir": str(self.base / "checkpoints"),  # "shared storage": one host
+                        "checkpoint_key_file": str(self.base / "checkpoint.key")},  # the same key on every node
                        **self.site_config, state_dir=str(d / "state"), cache_dir=str(d / "cache"),
                        **self.node_config.get(n, {}))
             (self.base / f"vmwrap-{n}.toml").write_text(vmwrap_config.render(cfg))
