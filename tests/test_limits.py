@@ -121,3 +121,9 @@ def test_started_watcher_is_root_and_stops_with_teardown(tmp_path, fake_qemu):
 def test_no_watcher_when_no_limit_is_set(tmp_path):
     s = Settings(state_dir=str(tmp_path), job_output_max_bytes=0, console_max_bytes=0)
     assert limits.start(tmp_path, "vmwrap-none", s) is None
+
+
+def test_no_watcher_for_a_vm_that_already_ended(tmp_path):
+    """A restored job may finish before the launcher looks: that is not a node fault."""
+    s = Settings(state_dir=str(tmp_path), job_output_max_bytes=1000)
+    assert limits.start(tmp_path, "vmwrap-gone-already", s) is None

@@ -11,8 +11,9 @@ pidfd (no pid reuse race). The attachment then fails the job with the reason and
 teardown stops it.
 
 Why not RLIMIT_FSIZE on QEMU: one per-process limit for every file QEMU writes (overlay, console,
-streams, virtio-9p work dir files); a write past it raises SIGXFSZ, which kills QEMU with a core dump
-(QEMU 7.2 does not handle it) and leaves no reason. Why not a libvirt chardev with rollover: that is
+streams, virtio-9p work dir files); measured on QEMU 7.2, a virtio-serial write past it kills QEMU
+with SIGXFSZ (no reason left for the job) while a serial console write just fails silently; and
+prlimit on another process needs CAP_SYS_RESOURCE. Why not a libvirt chardev with rollover: that is
 virtlogd, which rolls over at 2 MB and silently lost job output (docs/design.md).
 """
 
@@ -115,21 +116,27 @@ def reason(run_dir: Path) -> str | None:
     return data.decode(errors="replace") if data else None
 
 
-def qemu_pid(name: str) -> int | None:
-    """The pid of the QEMU running domain `name` (libvirt's pidfile, checked against the command line)."""
-    data = safeio.read_capped(f"/run/libvirt/qemu/{name}.pid", 32)
-    candidates = []
-    if data and data.strip().isdigit():
-        candidates.append(int(data.strip()))
-    candidates += [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    for pid in candidates:
-        if _is_qemu_of(pid, name):
-            return pid
+def qemu_pid(name: str, tries: int = 10) -> int | None:
+    """The pid of the QEMU running domain `name` (libvirt's pidfile, checked against the command line;
+    else any process with that command line: other libvirt set-ups keep the pidfile elsewhere)."""
+    for attempt in range(tries):
+        data = safeio.read_capped(f"/run/libvirt/qemu/{name}.pid", 32)
+        candidates = []
+        if data and data.strip().isdigit():
+            candidates.append(int(data.strip()))
+        candidates += [int(p) for p in os.listdir("/proc") if p.isdigit()]
+        for pid in candidates:
+            if _is_qemu_of(pid, name):
+                return pid
+        time.sleep(0.1)  # a process just started may not show its command line yet
     return None
 
 
 def _is_qemu_of(pid: int, name: str) -> bool:
-    cmd = safeio.read_capped(f"/proc/{pid}/cmdline", 1 << 16) or b""
+    try:
+        cmd = safeio.read_capped(f"/proc/{pid}/cmdline", 1 << 16) or b""
+    except OSError:  # exiting while we look
+        return False
     return f"guest={name},".encode() in cmd or f"guest={name}\0".encode() in cmd
 
 
@@ -172,7 +179,9 @@ def start(run_dir: Path, name: str, settings) -> int | None:
     stop(run_dir)
     pid = qemu_pid(name)
     if pid is None:
-        raise NodeError(f"cannot find the QEMU process of {name} to enforce the job's disk limits")
+        if os.path.exists(f"/run/libvirt/qemu/{name}.pid"):  # it runs, but not as a QEMU we recognise
+            raise NodeError(f"cannot find the QEMU process of {name} to enforce the job's disk limits")
+        return None  # it already ended (a restored job that finished at once): nothing left to grow
     argv = [sys.executable, "-m", "vmwrap.limits", str(run_dir), name, str(pid),
             json.dumps(limits.__dict__), str(settings.ledger_path)]
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
