@@ -202,9 +202,20 @@ EVIL_XML = """<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/q
 </domain>""" % UUID
 
 
+class FakeDom:
+    def setMemoryParameters(self, params, flags):
+        pass
+
+    def resume(self):
+        pass
+
+
 class FakeConn:
     def __init__(self):
         self.restored: list[tuple[str, str, int]] = []
+
+    def lookupByName(self, name):
+        return FakeDom()
 
     def saveImageGetXMLDesc(self, path, flags):  # what a tampered memory.save would carry
         return EVIL_XML
@@ -353,3 +364,18 @@ def test_gc_keeps_queued_jobs_only(tmp_path):
     assert store.jobs() == {"1", "2", "3"}
     assert store.gc(lambda j: j == "2") == ["1", "3"]
     assert store.jobs() == {"2"}
+
+
+def test_shared_records_never_follow_a_planted_link(tmp_path):
+    """The planner's deadline and the save-rate log are written by root into the store."""
+    store = new_store(tmp_path)
+    store.root.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    (store.root / "5.deadline").symlink_to(victim)
+    (store.root / ".save-rates").symlink_to(victim)
+    store.set_deadline("5", 1234.5)
+    store.record_rate(10**9, 2.0)
+    assert victim.read_text() == "keep\n"
+    assert store.deadline("5") == 1234.5 and not (store.root / "5.deadline").is_symlink()
+    assert store.measured_save_rate() is None  # the link is not read either

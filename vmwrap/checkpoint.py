@@ -263,16 +263,20 @@ class Store:
     # Shared records the gap planner reads: measured save throughput, and a save's deadline (the
     # reservation's start), written by the planner before it requeues a job.
     def record_rate(self, nbytes: int, seconds: float) -> None:
-        try:
-            with open(self.root / ".save-rates", "a") as f:
-                f.write(json.dumps({"ts": time.time(), "bytes": nbytes, "seconds": seconds}) + "\n")
+        line = json.dumps({"ts": time.time(), "bytes": nbytes, "seconds": seconds}) + "\n"
+        try:  # never through a link someone planted in the store
+            fd = os.open(self.root / ".save-rates", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
         except OSError:
             pass
 
     def measured_save_rate(self, last: int = 10) -> float | None:
         """MB/s of the slowest of the last saves (None before any): what the planner predicts with."""
         try:
-            lines = (self.root / ".save-rates").read_text().splitlines()[-last:]
+            lines = _read_capped(self.root / ".save-rates", 16 << 20).decode(errors="replace").splitlines()[-last:]
         except OSError:
             return None
         rates = []
@@ -286,8 +290,10 @@ class Store:
         return min(rates) if rates else None
 
     def set_deadline(self, job_id: str, when: float) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / f"{self.dir(job_id).name}.deadline").write_text(f"{when:.3f}\n")
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        p = self.root / f"{self.dir(job_id).name}.deadline"
+        p.unlink(missing_ok=True)
+        _write_new(p, f"{when:.3f}\n".encode())
 
     def deadline(self, job_id: str) -> float | None:
         try:
