@@ -46,6 +46,7 @@ def test_non_ascii_bytes_pass_through(site, workdir):
 
 
 def test_runs_as_job_user_in_work_dir_with_spaces(site, workdir, test_user):
+    os.chown(workdir, test_user.pw_uid, test_user.pw_gid)  # a VM job's work dir is its user's
     r = site.run(HDR + 'id -u; id -g; pwd; echo data > "made by job.txt"; umask\n', workdir,
                  "--user", test_user.pw_name)
     uid, gid, pwd, _umask = r.stdout.decode().split("\n")[:4]
@@ -179,6 +180,7 @@ def test_teardown_after_launcher_is_killed(site, workdir):
 
 
 def test_initramfs_appliance_without_root_disk(site, workdir, test_user):
+    os.chown(workdir, test_user.pw_uid, test_user.pw_gid)  # a VM job's work dir is its user's
     from conftest import APPLIANCES
     from vmwrap import appliance as builder
 

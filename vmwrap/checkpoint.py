@@ -672,7 +672,7 @@ def restore_xml(meta: dict, job: Job, run_dir: Path, paths: dict[str, Path]) -> 
 
 
 def restore(job_id: str, run_dir: Path, store: Store, conn, job: Job, paths: dict[str, Path],
-            image: str | None = None) -> dict:
+            image: str | None = None, memory_overhead_mib: int | None = None) -> dict:
     """Bring the saved VM back on this node: streams, disk, work dir server, then the VM itself.
 
     `paths` are this node's cached kernel/initrd/disk of the job's image (the caller fetched them);
@@ -729,10 +729,13 @@ def restore(job_id: str, run_dir: Path, store: Store, conn, job: Job, paths: dic
         share.start(run_dir, job, sf)
         os.chown(run_dir / share.SOCKET, spec.uid, spec.gid)  # QEMU connects to it
     try:
-        conn.restoreFlags(str(d / "memory.save"), xml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+        conn.restoreFlags(str(d / "memory.save"), xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
     except libvirt.libvirtError as e:
         share.stop(run_dir)
         raise CheckpointError(f"libvirt could not restore the VM of job {job_id}: {e.get_error_message()}") from None
+    # As at boot: the hard memory limit holds before the restored guest runs again.
+    limit = spec.memory_mib + memory_overhead_mib if memory_overhead_mib is not None else None
+    domain.start_limited(conn.lookupByName(job.domain_name), limit)
     f = run_dir / "control.sock"  # libvirtd made it as root: the job's own batch step talks to it
     if f.exists():
         os.chown(f, job.uid, job.gid)

@@ -97,12 +97,19 @@ def teardown(job_id):
 
 
 @main.command()
-def ps():
+@click.option("--failed", is_flag=True, help="Guests that died, with where their console and timeline were kept.")
+def ps(failed):
     """VMs on this node, with the ledger's last event for each job."""
-    from . import domain
+    from . import domain, evidence
     from .ledger import Ledger
 
     s = _settings()
+    if failed:
+        click.echo(f"{'JOB':<20} {'WHEN':<20} {'EVIDENCE':<50} REASON")
+        for e in evidence.listing(s.state_dir):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))
+            click.echo(f"{e['job_id']:<20} {when:<20} {e['path']:<50} {e['reason']}")
+        return
     last = Ledger(s.ledger_path).last_events()
     try:
         conn = domain.connect(s.libvirt_uri)
@@ -412,18 +419,17 @@ def doctor():
     except VmwrapError as e:
         click.echo(f"FAIL {e}")
         ok = False
-    qconf = "/etc/libvirt/qemu.conf"
-    try:
-        text = open(qconf).read()
-    except OSError:
-        text = ""
-    import re as _re
+    from . import hostcheck
 
-    if _re.search(r'(?m)^\s*stdio_handler\s*=\s*"file"', text):
-        click.echo(f"ok   {qconf}: stdio_handler = \"file\"")
-    else:
-        click.echo(f"FAIL {qconf}: set stdio_handler = \"file\" (virtlogd rolls job output over at 2 MB and loses it)")
-        ok = False
+    for level, msg in hostcheck.check(s):  # setups that would let a user or a guest reach root
+        click.echo(f"{level:<4} {msg}")
+        ok = ok and level != "FAIL"
+    from . import evidence
+
+    died = [e for e in evidence.listing(s.state_dir) if e["at"] > time.time() - 86400]
+    if died:
+        click.echo(f"WARN {len(died)} guest(s) died in the last 24 h without an exit status (latest: job "
+                   f"{died[0]['job_id']}, {died[0]['path']}); `vmwrap ps --failed` lists them")
     try:
         cat = Catalog.load(s.catalog)
         click.echo(f"ok   catalog {s.catalog}: {len(cat.images)} image(s)")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import accel, directives, domain, limits, overlay, safeio, share
+from . import accel, evidence, directives, domain, limits, overlay, safeio, share
 from .cache import Cache
 from .catalog import Catalog, Image
 from .config import Settings
@@ -244,7 +244,8 @@ class Launcher:
             raise NodeError(f"a VM named {self.job.domain_name} already exists on this node "
                             f"(stale job? vmwrap teardown {self.job.job_id})")
         info = checkpoint.restore(self.job.job_id, self.run_dir, store, self.conn, self.job, self.paths,
-                                  image=self.plan.image.name)
+                                  image=self.plan.image.name,
+                                  memory_overhead_mib=self.settings.vm_memory_overhead_mib)
         limits.start(self.run_dir, self.job.domain_name, self.settings)
         self.timeline["created"] = time.monotonic()
         self.ledger.record(self.job.job_id, self.job.domain_name, "restored", **info)
@@ -315,6 +316,8 @@ class Attachment:
                 raise
             raise JobDiskError(f"cannot hand the job to its VM: {e.strerror} writing {e.filename}") from None
         if not self.control.connect(timeout=5.0):
+            if evidence.guest_ran(self.run_dir):
+                return  # it booted and died before we attached: stream() reports it, console included
             raise NodeError(f"cannot reach the job's VM control socket in {self.run_dir} (VM not running?)")
         self.control.send("GO")
         self.timeline["go"] = time.monotonic()
@@ -644,21 +647,31 @@ def _status_lines(f, buf: bytes) -> tuple[list[bytes], bytes]:
 
 
 def teardown(job_id: str, settings: Settings, conn=None, ledger: Ledger | None = None,
-             cache: Cache | None = None, keep_error: bool = False) -> bool:
-    """Destroy the job's VM and remove every per-job file and pin. Idempotent; safe from an epilog."""
+             cache: Cache | None = None, keep_error: bool = False, keep_evidence: bool = True) -> bool:
+    """Destroy the job's VM and remove every per-job file and pin. Idempotent; safe from an epilog.
+
+    A guest that died without an exit status leaves its console tail and timeline in
+    `<state_dir>/failed/<job>.<time>/` first (`keep_evidence=False` when the VM was saved on purpose)."""
     name = f"vmwrap-{job_id}"
     did = False
     own_conn = conn is None
+    run_dir = settings.jobs_dir / job_id
     try:
         if conn is None:
             conn = domain.connect(settings.libvirt_uri)
+        gone_by_itself = domain.is_gone(conn, name)
         did = domain.destroy(conn, name)
     except NodeError:
-        pass  # libvirtd down: nothing we can destroy now; files still go
+        gone_by_itself = False  # libvirtd down: nothing we can destroy now; files still go
     finally:
         if own_conn and conn is not None:
             conn.close()
-    run_dir = settings.jobs_dir / job_id
+    if keep_evidence and gone_by_itself and evidence.guest_died(run_dir):
+        kept = evidence.keep(settings.state_dir, job_id, run_dir, "the guest died without reporting an exit status")
+        if kept is not None:
+            (ledger or Ledger(settings.ledger_path)).record(job_id, name, "failed", kind="guest",
+                                                            message="the guest died without an exit status",
+                                                            evidence=str(kept))
     limits.stop(run_dir)
     share.stop(run_dir)
     if run_dir.exists():

@@ -288,7 +288,7 @@ def epilog(settings: Settings, env: dict[str, str]) -> int:
             timeline = launcher.guest_timeline(run_dir)
             ledger.record(job_id, f"vmwrap-{job_id}", "exited", scheduler="slurm",
                           slurm_exit=env.get("SLURM_JOB_EXIT_CODE2", ""), **timeline)
-        launcher.teardown(job_id, settings, conn=conn)
+        launcher.teardown(job_id, settings, conn=conn, keep_evidence=not requeued)  # a saved VM did not die
         if not requeued:
             store.delete(job_id)  # the job ended for good: its checkpoint can never be used again
     finally:

@@ -25,10 +25,16 @@ find_ports() {
     esac
   done
 }
+# Ports appear as the virtio-serial driver probes them: on a saturated host that takes seconds.
+# Wait as long as it takes up to 120 s of guest time, then say on the console what is missing.
 i=0; find_ports
-while { [ -z "$STATUS" ] || [ -z "$CTL" ] || [ ! -e "$STATUS" ]; } && [ $i -lt 200 ]; do
+while { [ -z "$STATUS" ] || [ -z "$CTL" ] || [ ! -e "$STATUS" ] || [ ! -e "$CTL" ]; } && [ $i -lt 6000 ]; do
   sleep 0.02; i=$((i+1)); find_ports
 done
+if [ -z "$STATUS" ] || [ ! -e "$STATUS" ] || [ -z "$CTL" ] || [ ! -e "$CTL" ]; then
+  echo "vmwrap guest: virtio ports not found after 120 s (status='$STATUS' control='$CTL'): $(ls /sys/class/virtio-ports 2>&1)" > /dev/console
+  poweroff -f
+fi
 say() { echo "$*" > "$STATUS"; }
 fail() { say "error $*"; echo "vmwrap guest: $*" > "$ERR"; sync; poweroff -f; }
 read -r up _ < /proc/uptime; say "booted $up"

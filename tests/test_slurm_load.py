@@ -1,0 +1,113 @@
+"""Guests on a saturated host (issue 26): no job fails because the host is busy, and a guest that
+does die leaves its console tail in the job's error output and a copy for the admin."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from plugins.slurm.localcluster import NODES, Cluster
+from vmwrap.catalog import Artifact, register
+
+pytestmark = pytest.mark.vm
+JOBS = 24
+
+
+@pytest.fixture(scope="module")
+def cluster(appliance, virt_type, test_user):
+    base = Path(f"/var/tmp/vmwrap-slurm-load-{os.getpid()}")
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    base.chmod(0o755)
+    catalog = base / "images.toml"
+    register(str(catalog), appliance)
+    register(str(catalog), broken_image(appliance, base))
+    c = Cluster(base, {"catalog": str(catalog), "accel": virt_type, "grace_seconds": 5.0})
+    c.start()
+    yield c
+    c.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def broken_image(appliance, base: Path):
+    """The test appliance with an init that gives up at once: the guest kernel panics early in boot."""
+    d = base / "broken"
+    d.mkdir()
+    init = d / "root" / "init"
+    init.parent.mkdir()
+    init.write_text("#!/bin/busybox sh\necho 'vmwrap-test: init gives up on purpose'\nexit 1\n")
+    init.chmod(0o755)
+    extra = subprocess.run(["cpio", "--null", "-o", "-H", "newc", "--quiet", "--owner=0:0"], input=b"init\0",
+                           cwd=init.parent, capture_output=True, check=True).stdout
+    initrd = d / "initrd.cpio"
+    initrd.write_bytes(Path(appliance.initrd.source).read_bytes() + extra)  # later members replace earlier
+    data = initrd.read_bytes()
+    art = Artifact(str(initrd), hashlib.sha256(data).hexdigest(), len(data))
+    return replace(appliance, name="broken", initrd=art)
+
+
+def jobdir(cluster, test_user) -> Path:
+    d = cluster.base / "work" / f"t{os.urandom(3).hex()}"
+    d.mkdir(parents=True)
+    os.chown(d, test_user.pw_uid, test_user.pw_gid)
+    return d
+
+
+def submit(cluster, d, script, *args) -> str:
+    r = cluster.sbatch(script, *args, user="vmwrapuser", cwd=d)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
+def drained(cluster) -> list[str]:
+    r = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=cluster.env, capture_output=True, text=True)
+    return [ln for ln in r.stdout.splitlines() if "drain" in ln.lower()]
+
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+
+
+def test_no_job_fails_because_the_host_is_saturated(cluster, test_user):
+    """A CPU hog on every core (load ~2x the cores) while small VM jobs run through Slurm."""
+    hogs = [subprocess.Popen(["/bin/sh", "-c", "while :; do :; done"]) for _ in range(2 * (os.cpu_count() or 1))]
+    try:
+        d = jobdir(cluster, test_user)
+        script = "#!/bin/sh\n#VMWRAP --image=busybox --memory=128M\necho hello $SLURM_JOB_ID; sleep 2\n"
+        jobs = [submit(cluster, d, script) for _ in range(JOBS)]
+        infos = {j: cluster.wait_state(j, FINAL, 900) for j in jobs}
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    bad = {j: (i["JobState"], i["ExitCode"], (d / f"slurm-{j}.out").read_text(errors="replace")[-3000:])
+           for j, i in infos.items() if (i["JobState"], i["ExitCode"]) != ("COMPLETED", "0:0")}
+    assert not bad, f"{len(bad)} of {JOBS} jobs failed on a busy host: {bad}"
+    for j in jobs:
+        assert (d / f"slurm-{j}.out").read_text() == f"hello {j}\n"
+    assert not drained(cluster)
+
+
+def test_a_guest_that_dies_shows_its_console_and_leaves_evidence(cluster, test_user):
+    d = jobdir(cluster, test_user)
+    job = submit(cluster, d, "#!/bin/sh\n#VMWRAP --image=broken\necho never\n")
+    info = cluster.wait_state(job, FINAL, 300)
+    out = (d / f"slurm-{job}.out").read_text(errors="replace")
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "70:0"), out
+    assert "vmwrap: the guest died without reporting an exit status" in out
+    assert "vmwrap-test: init gives up on purpose" in out      # the console tail, in the job's output
+    assert "Attempted to kill init" in out
+    assert "never" not in out
+    kept = [p for n in NODES for p in (cluster.node_dir(n) / "state" / "failed").glob(f"{job}.*")]
+    assert len(kept) == 1, kept
+    assert "Attempted to kill init" in (kept[0] / "console.log").read_text(errors="replace")
+    assert json.loads((kept[0] / "reason").read_text())["job_id"] == job
+    assert oct(kept[0].stat().st_mode & 0o777) == "0o700"
+    assert not drained(cluster)
