@@ -24,7 +24,7 @@ def test_fetch_then_hit(tmp_path):
     assert (first.hit, first.bytes_transferred) == (False, 4096)
     assert (second.hit, second.bytes_transferred) == (True, 0)
     assert first.path.name == art.sha256  # content-addressed
-    assert oct(first.path.stat().st_mode & 0o777) == "0o444"  # base images are read-only
+    assert oct(first.path.stat().st_mode & 0o777) == "0o400"  # read-only, root-only until published/restricted
 
 
 def _fetch(args):
