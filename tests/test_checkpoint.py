@@ -222,6 +222,7 @@ class FakeConn:
 
     def restoreFlags(self, path, dxml, flags):
         self.restored.append((path, dxml, flags))
+        self.image = Path(path).read_bytes()  # what libvirtd would read from that path now
 
 
 @pytest.fixture
@@ -250,7 +251,8 @@ def test_restore_uses_vmwraps_own_xml_not_the_saved_one(restoring):
     conn = FakeConn()
     checkpoint.restore("21", run_dir, store, conn, job, paths, image="busybox")
     [(path, dxml, _)] = conn.restored
-    assert path == str(store.dir("21") / "memory.save")
+    assert path == str(run_dir / "memory.save")  # a verified copy in root's run dir, not the store's file
+    assert not (run_dir / "memory.save").exists()  # removed once libvirt has restored from it
     for evil in ("commandline", "evil-qemu", "/etc/shadow", "emulator", "vdb", "dir='/'", "kvm"):
         assert evil not in dxml
     root = ET.fromstring(dxml)
@@ -379,3 +381,28 @@ def test_shared_records_never_follow_a_planted_link(tmp_path):
     assert victim.read_text() == "keep\n"
     assert store.deadline("5") == 1234.5 and not (store.root / "5.deadline").is_symlink()
     assert store.measured_save_rate() is None  # the link is not read either
+
+
+def test_a_save_image_swapped_in_the_store_after_its_check_is_not_what_libvirt_reads(restoring, monkeypatch):
+    """A node that can write the store replaces memory.save between vmwrap's hash and libvirt's open."""
+    store, run_dir, job, paths, started = restoring
+    good = (store.dir("21") / "memory.save").read_bytes()
+    mem = store.dir("21") / "memory.save"
+
+    def swap():
+        mem.chmod(0o600)
+        mem.write_bytes(b"swapped by a hostile node")
+
+    def after(fn, is_mem):
+        def wrapped(*a, **kw):
+            r = fn(*a, **kw)
+            if is_mem(*a):
+                swap()
+            return r
+        return wrapped
+    # Whichever way restore checks the save image, the swap comes right after that check.
+    monkeypatch.setattr(checkpoint, "_copy_verified", after(checkpoint._copy_verified, lambda d, n, *r: n == "memory.save"))
+    monkeypatch.setattr(checkpoint, "_check", after(checkpoint._check, lambda p, *r: Path(p).name == "memory.save"))
+    conn = FakeConn()
+    checkpoint.restore("21", run_dir, store, conn, job, paths, image="busybox")
+    assert conn.image == good

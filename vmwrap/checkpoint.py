@@ -720,8 +720,10 @@ def restore(job_id: str, run_dir: Path, store: Store, conn, job: Job, paths: dic
         if r.returncode != 0:
             raise NodeError(f"cannot attach the restored disk to its base image: {r.stderr.strip()}")
     record_spec(run_dir, spec)
-    # Last before libvirt reads it: the shortest window for a store writer to swap it after the check.
-    _check(d / "memory.save", m["files"]["memory.save"], job_id)
+    # libvirtd opens the save image by path: restore from a copy in the run dir (root's, 0711) made
+    # while hashing it, so a node that can write the store cannot swap it after the check.
+    saved = run_dir / "memory.save"
+    _copy_verified(d, "memory.save", m, job_id, saved, 0, 0, 0o600)
     if state is not None:
         sf = run_dir / "share-state.json"
         sf.unlink(missing_ok=True)
@@ -729,10 +731,12 @@ def restore(job_id: str, run_dir: Path, store: Store, conn, job: Job, paths: dic
         share.start(run_dir, job, sf)
         os.chown(run_dir / share.SOCKET, spec.uid, spec.gid)  # QEMU connects to it
     try:
-        conn.restoreFlags(str(d / "memory.save"), xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
+        conn.restoreFlags(str(saved), xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
     except libvirt.libvirtError as e:
         share.stop(run_dir)
         raise CheckpointError(f"libvirt could not restore the VM of job {job_id}: {e.get_error_message()}") from None
+    finally:
+        saved.unlink(missing_ok=True)
     # As at boot: the hard memory limit holds before the restored guest runs again.
     limit = spec.memory_mib + memory_overhead_mib if memory_overhead_mib is not None else None
     domain.start_limited(conn.lookupByName(job.domain_name), limit)
