@@ -835,6 +835,9 @@ def serve(server: Server, listen: socket.socket, control: socket.socket, accept_
 
     IN = select.POLLIN | select.POLLHUP | select.POLLERR
     if not _poll({listen.fileno(): select.POLLIN}, accept_timeout):
+        # QEMU connects while it starts (before the guest runs): it never started, or is gone.
+        print(f"vmwrap.ninep: QEMU did not connect within {accept_timeout:.0f} s; the work dir is not served",
+              file=sys.stderr, flush=True)
         return
     conn, _ = listen.accept()
     listen.close()
