@@ -570,6 +570,19 @@ def check_work_dir(job: Job) -> None:
                         f"(uid {job.uid}): a VM job's work dir must be the user's own directory")
 
 
+def fail_job(settings: Settings, job_id: str, err: VmwrapError) -> bool:
+    """A hook's way to fail just the job: its payload prints `err` and exits with its code. False when
+    even that cannot be recorded (a job id the scheduler should never give, a state dir root cannot
+    write): then it is the node's fault."""
+    try:
+        Job.check_id(job_id)
+        record_error(settings.jobs_dir / job_id, err)
+    except (UserError, OSError) as e:
+        print(f"vmwrap prolog: cannot record the failure of job {job_id!r} ({err}): {e}", file=sys.stderr)
+        return False
+    return True
+
+
 def record_error(run_dir: Path, err: VmwrapError) -> None:
     """The job's payload prints this and exits with its code (a hook's way to fail just the job)."""
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -168,13 +168,7 @@ def prolog(settings: Settings, env: dict[str, str], owner: str) -> int:
         print(f"vmwrap prolog: job {jid}: internal error:\n{traceback.format_exc()}", file=sys.stderr)
         err = VmwrapError(f"internal error in vmwrap's prolog ({type(e).__name__}: {str(e)[:200]}); "
                           "the queue stays up, the traceback is in the execd's messages")
-        try:
-            Job.check_id(jid)
-            launcher.record_error(settings.jobs_dir / jid, err)
-        except (UserError, OSError) as e2:
-            print(f"vmwrap prolog: cannot record the failure of job {jid!r}: {e2}", file=sys.stderr)
-            return 1
-        return 0
+        return 0 if launcher.fail_job(settings, jid, err) else 1
 
 
 def _prolog(settings: Settings, env: dict[str, str], owner: str, jid: str) -> int:

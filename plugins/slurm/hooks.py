@@ -228,13 +228,7 @@ def _prolog(settings: Settings, env: dict[str, str]) -> int:
 def _user_failure(settings: Settings, job_id: str, err: VmwrapError) -> int:
     """Fail just the job: its batch step prints `err` and exits with its code; the prolog exits 0.
     A job id slurmd should never give, or a state dir root cannot write, is the node's fault."""
-    try:
-        Job.check_id(job_id)
-        launcher.record_error(settings.jobs_dir / job_id, err)
-    except (UserError, OSError) as e:
-        print(f"vmwrap prolog: cannot record the failure of job {job_id!r} ({err}): {e}", file=sys.stderr)
-        return 1
-    return 0
+    return 0 if launcher.fail_job(settings, job_id, err) else 1
 
 
 def _drain(env: dict[str, str], reason: str) -> None:
