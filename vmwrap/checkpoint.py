@@ -111,13 +111,26 @@ def _write_new(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.close(fd)
 
 
+SPARSE_SLACK = 64 * 1024 * 1024
+
+
 def _copy_out(src: Path, dst: Path) -> None:
-    """Copy a run dir file into the staging dir (0600, no symlinks followed on either side)."""
+    """Copy a run dir file into the staging dir (0600, no symlinks followed on either side).
+
+    The job's uid owns these files (QEMU writes them): it may grow one while it is copied, or make it
+    a petabyte hole with `truncate`. Only the bytes present when it was opened are copied, and a file
+    whose size is mostly a hole (a qcow2 overlay or a stream never is) fails the save."""
     sfd = _open_regular(src)
     try:
+        st = os.fstat(sfd)
+        if st.st_size > st.st_blocks * 512 + SPARSE_SLACK:
+            raise NodeError(f"{src.name} claims {st.st_size} bytes but holds {st.st_blocks * 512}: "
+                            "not saving a file the job made sparse")
+        left = st.st_size
         dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            while buf := os.read(sfd, CHUNK):
+            while left > 0 and (buf := os.read(sfd, min(CHUNK, left))):
+                left -= len(buf)
                 view = memoryview(buf)
                 while view:
                     view = view[os.write(dfd, view):]

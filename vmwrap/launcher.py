@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -141,7 +142,7 @@ class Launcher:
         self.conn = domain.connect(self.settings.libvirt_uri)
         self.paths: dict[str, Path] = {}
         for key, art in p.image.artifacts().items():
-            self.cache.pin(art.sha256, self.job.job_id, self.job.uid)
+            self.cache.pin(art.sha256, self.job.job_id, self.qemu_ids[0])  # QEMU's uid reads it
             got = self.cache.fetch(art)
             self.ledger.record(self.job.job_id, self.job.domain_name, "cache_hit" if got.hit else "cache_miss",
                                artifact=key, sha256=art.sha256, bytes=got.bytes_transferred)
@@ -603,11 +604,20 @@ def record_error(run_dir: Path, err: VmwrapError) -> None:
     f.chmod(0o644)
 
 
+def _remove_tree(p: Path) -> None:
+    """rmtree that a user-made deep tree (ctl/user is the job's) cannot turn into a RecursionError:
+    Python's rmtree recurses; rm(1) walks iteratively and never follows links."""
+    try:
+        shutil.rmtree(p, ignore_errors=True)
+    except RecursionError:
+        subprocess.run(["/bin/rm", "-rf", "--one-file-system", "--", str(p)], capture_output=True, timeout=600)
+
+
 def _clear_run_dir(run_dir: Path, keep: str | None = None) -> None:
     """Remove everything in the run dir but `keep`, never following a link."""
     for p in run_dir.iterdir():
         if p.name != keep:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            _remove_tree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 def _write_private(path: Path, data: bytes, mode: int) -> None:
@@ -691,7 +701,7 @@ def teardown(job_id: str, settings: Settings, conn=None, ledger: Ledger | None =
         if keep_error and (run_dir / "error").exists():  # the job's payload still has to report it
             _clear_run_dir(run_dir, keep="error")
         else:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            _remove_tree(run_dir)
         did = True
     (cache or Cache(settings.cache_dir, settings.cache_max_bytes)).unpin_job(job_id)
     if did:

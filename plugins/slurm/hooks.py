@@ -282,7 +282,10 @@ def epilog(settings: Settings, env: dict[str, str]) -> int:
             timeline = launcher.guest_timeline(run_dir)
             ledger.record(job_id, f"vmwrap-{job_id}", "exited", scheduler="slurm",
                           slurm_exit=env.get("SLURM_JOB_EXIT_CODE2", ""), **timeline)
-        launcher.teardown(job_id, settings, conn=conn, keep_evidence=not requeued)  # a saved VM did not die
+        try:
+            launcher.teardown(job_id, settings, conn=conn, keep_evidence=not requeued)  # a saved VM did not die
+        except Exception as e:  # the VM is destroyed first; leftover files are not worth a drained node
+            print(f"vmwrap epilog: job {job_id}: cleaning up after the VM failed: {e!r}", file=sys.stderr)
         if not requeued:
             store.delete(job_id)  # the job ended for good: its checkpoint can never be used again
     finally:
