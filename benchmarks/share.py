@@ -9,6 +9,7 @@ usage: /opt/vmwrap/venv/bin/python benchmarks/share.py
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,9 @@ echo "write $a $b read $b $c files $c $d"
 """
 
 
+USER = pwd.getpwnam("nobody")
+
+
 def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="vmwrap-bench-share-", dir="/var/tmp"))
     os.chmod(tmp, 0o755)
@@ -49,7 +53,10 @@ def main() -> None:
             work = tmp / f"work-{mode}"
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir()
-            r = subprocess.run(["vmwrap", "--config", str(cfg), "run", str(tmp / "job.sh"), "--workdir", str(work)],
+            # As an ordinary user, like a real job: its QEMU (virtio-9p) and 9P server run as that user.
+            os.chown(work, USER.pw_uid, USER.pw_gid)
+            r = subprocess.run(["vmwrap", "--config", str(cfg), "run", str(tmp / "job.sh"), "--workdir", str(work),
+                                "--user", USER.pw_name],
                                capture_output=True, text=True, timeout=600)
             f = r.stdout.split()
             if r.returncode != 0 or len(f) != 9:
