@@ -126,18 +126,26 @@ def _copy_out(src: Path, dst: Path) -> None:
         if st.st_size > st.st_blocks * 512 + SPARSE_SLACK:
             raise NodeError(f"{src.name} claims {st.st_size} bytes but holds {st.st_blocks * 512}: "
                             "not saving a file the job made sparse")
-        left = st.st_size
         dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            while left > 0 and (buf := os.read(sfd, min(CHUNK, left))):
-                left -= len(buf)
-                view = memoryview(buf)
-                while view:
-                    view = view[os.write(dfd, view):]
+            _pump(sfd, dfd, st.st_size)
         finally:
             os.close(dfd)
     finally:
         os.close(sfd)
+
+
+def _pump(sfd: int, dfd: int, limit: int, h=None) -> int:
+    """Copy at most `limit` bytes from sfd to dfd (hashing them into `h`); returns how many."""
+    n = 0
+    while n < limit and (buf := os.read(sfd, min(CHUNK, limit - n))):
+        if h is not None:
+            h.update(buf)
+        n += len(buf)
+        view = memoryview(buf)
+        while view:
+            view = view[os.write(dfd, view):]
+    return n
 
 
 def _hash_file(path: Path) -> tuple[int, str]:
@@ -484,18 +492,13 @@ def _copy_verified(d: Path, name: str, m: dict, job_id: str, dst: Path, uid: int
     except OSError as e:
         raise CheckpointError(f"checkpoint of job {job_id}: {name} is unreadable: {e.strerror}") from None
     dst.unlink(missing_ok=True)
-    h, n = hashlib.sha256(), 0
+    h = hashlib.sha256()
     try:
         dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.fchown(dfd, uid, gid)
             os.fchmod(dfd, mode)
-            while n <= want["bytes"] and (buf := os.read(sfd, min(CHUNK, want["bytes"] + 1 - n))):
-                h.update(buf)
-                n += len(buf)
-                view = memoryview(buf)
-                while view:
-                    view = view[os.write(dfd, view):]
+            n = _pump(sfd, dfd, want["bytes"] + 1, h)  # one byte more than signed: a longer file is caught
         finally:
             os.close(dfd)
     finally:
