@@ -6,30 +6,41 @@ from the environment (Grid Engine passes `qsub -v VMWRAP_CONFIG=...` to its root
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 import stat
 import tomllib
-from dataclasses import dataclass, fields
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
 from .errors import NodeError
 
 DEFAULT_PATH = "/etc/vmwrap/vmwrap.toml"
 
 
+POSITIVE = {"positive": True}  # field metadata: a number that must be more than 0 (others: 0 or more)
+
+
 @dataclass
 class Settings:
+    """Every site setting with its default. load() checks each value against the field's type:
+    bool, int (a whole number), float (any finite number), str, or Literal[...] (one of those strings).
+    Numbers are 0 or more, more than 0 with POSITIVE metadata. docs/vmwrap.toml.example lists them all."""
+
     catalog: str = "/etc/vmwrap/images.toml"
     cache_dir: str = "/var/cache/vmwrap/images"
     cache_max_bytes: int = 20 * 1024**3
     state_dir: str = "/var/lib/vmwrap"
     appliance_dir: str = "/var/cache/vmwrap/appliances"
     libvirt_uri: str = "qemu:///system"
-    accel: str = "auto"  # auto | kvm | tcg
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
     grace_seconds: float = 30.0
     verify_on_use: bool = False
-    default_memory_mib: int = 256
-    default_cpus: int = 1
+    default_memory_mib: int = field(default=256, metadata=POSITIVE)
+    default_cpus: int = field(default=1, metadata=POSITIVE)
     # Each VM's QEMU gets a hard memory limit (libvirt memtune, a cgroup) of its guest memory plus
     # this much for QEMU itself (TCG's code cache, device buffers): one job cannot exhaust the node.
     vm_memory_overhead_mib: int = 256
@@ -39,7 +50,7 @@ class Settings:
     max_memory_mib: int = 0
     # serial: the work dir is served by vmwrap's 9P server over virtio-serial (the VM can be saved);
     # virtio-9p: QEMU's own 9p device (a little faster, but a mounted share blocks saving the VM).
-    workdir_share: str = "serial"
+    workdir_share: Literal["serial", "virtio-9p"] = "serial"
     checkpoint_dir: str = "/var/lib/vmwrap/checkpoints"  # must be storage every node shares
     # HMAC key authenticating checkpoints (root-owned, mode 0600/0400, the same file on every node):
     # a restore refuses a checkpoint whose manifest it did not sign (docs/checkpoint.md).
@@ -51,7 +62,8 @@ class Settings:
     plan_users: str = ""               # comma-separated; empty: every user
     plan_max_nodes: int = 0            # nodes running in gaps at once; 0: no cap
     plan_max_gap_s: float = 0.0        # gaps longer than this are left to Slurm's backfill; 0: no cap
-    plan_save_rate_mb_s: float = 200.0  # until saves were measured (then the slowest recent one)
+    # assumed until saves were measured (then the slowest recent measured rate is used)
+    plan_save_rate_mb_s: float = field(default=200.0, metadata=POSITIVE)
     plan_save_fixed_s: float = 15.0    # requeue signal, batch step detach, epilog start, checksums
     plan_save_margin: float = 0.5      # relative margin on the predicted save
     plan_save_margin_s: float = 10.0   # absolute margin on top
@@ -156,18 +168,66 @@ def load(path: str | None = None, from_env: bool = True) -> Settings:
             data = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise NodeError(f"cannot read vmwrap config {path}: {e}") from None
-    known = {f.name: f.type for f in fields(Settings)}
-    unknown = set(data) - set(known)
-    if unknown:
-        raise NodeError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}")
-    s = Settings(**data)
-    if s.accel not in ("auto", "kvm", "tcg"):
-        raise NodeError(f"{path}: accel must be auto, kvm or tcg, not {s.accel!r}")
-    if s.workdir_share not in ("serial", "virtio-9p"):
-        raise NodeError(f"{path}: workdir_share must be serial or virtio-9p, not {s.workdir_share!r}")
+    s = Settings(**checked(data, path))
     if root:
         check_root_owned(s.catalog, "vmwrap catalog")
     return s
+
+
+def checked(data: dict, path: str) -> dict:
+    """`data` (a parsed settings file) with each value checked against its Settings field's type:
+    NodeError naming `path` and the key for an unknown key or a value of the wrong type or range.
+    Whole numbers given for float settings become floats."""
+    hints = typing.get_type_hints(Settings)
+    known = {f.name: f for f in fields(Settings)}
+    out = {}
+    for key, value in data.items():
+        f = known.get(key)
+        if f is None:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise NodeError(f"{path}: unknown setting {key!r}{hint}")
+        out[key] = _check(key, hints[key], f.metadata, value, path)
+    return out
+
+
+def _unit(key: str) -> str:
+    units = (("_mb_s", "MB per second"), ("_seconds", "seconds"), ("_s", "seconds"), ("_bytes", "bytes"),
+             ("_mib", "MiB"))
+    for suffix, unit in units:
+        if key.endswith(suffix):
+            return f" of {unit}"
+    return ""
+
+
+def _check(key: str, typ, meta, value, path: str):
+    def bad(what: str):
+        return NodeError(f"{path}: {key} must be {what}, got {value!r}")
+
+    if typing.get_origin(typ) is Literal:
+        choices = typing.get_args(typ)
+        if value not in choices:
+            raise bad(" or ".join(filter(None, (", ".join(choices[:-1]), choices[-1]))))
+        return value
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if typ is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if typ not in (int, float):
+        raise TypeError(f"Settings.{key}: load() cannot check a setting of type {typ!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (typ is int and not isinstance(value, int)):
+        raise bad(("a whole number" if typ is int else "a number") + _unit(key))
+    if not math.isfinite(value):
+        raise bad("a finite number" + _unit(key))
+    if meta.get("positive") and value <= 0:
+        raise bad("more than 0")
+    if value < 0:
+        raise bad("0 or more")
+    return typ(value)
 
 
 def toml_value(v) -> str:
