@@ -78,3 +78,22 @@ def test_rendered_defaults_load_back(tmp_path):
     """render() (test sites, local clusters) writes what load() accepts, for every setting."""
     defaults = {f.name: getattr(Settings(), f.name) for f in fields(Settings)}
     assert _load(tmp_path, config.render(defaults)) == Settings()
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "vmwrap.toml.example"
+
+
+def test_example_lists_every_setting_with_its_default(tmp_path):
+    """docs/vmwrap.toml.example cannot drift from Settings: same keys, the defaults as values, and a
+    one-line comment right above each key; it loads cleanly (scripts/install-host.sh installs it)."""
+    import tomllib
+
+    example = tomllib.loads(EXAMPLE.read_text())
+    assert set(example) == {f.name for f in fields(Settings)}
+    defaults = Settings()
+    assert {k: v for k, v in example.items() if v != getattr(defaults, k)} == {}
+    lines = EXAMPLE.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line and not line.startswith("#"):
+            assert i > 0 and lines[i - 1].startswith("# "), f"no comment above {line!r}"
+    assert _load(tmp_path, EXAMPLE.read_text()) == defaults
