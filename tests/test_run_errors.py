@@ -102,3 +102,17 @@ def test_unreadable_script(site, workdir):
     r = subprocess.run([sys.executable, "-m", "vmwrap.cli", "run", str(workdir / "none.sh")],
                        capture_output=True, env=site.env())
     assert r.returncode == EXIT_USER and b"cannot read job script" in r.stderr
+
+
+def test_a_kernel_panic_does_not_push_the_users_last_words_out_of_the_console_tail():
+    from vmwrap.launcher import summarise_console
+    trace = "\n".join(f"[    2.4{i:05d}]  ? some_kernel_fn+0x{i:x}/0x100" for i in range(200))
+    text = ("boot noise\n" * 50 + "my-init: cannot mount /data\n"
+            "[    2.414033] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\n" + trace)
+    out = summarise_console(text)
+    assert "my-init: cannot mount /data" in out
+    assert "Kernel panic - not syncing" in out
+    assert "some_kernel_fn" not in out and "backtrace omitted" in out
+    assert len(out) < 2200
+    # no panic: the plain tail
+    assert summarise_console("a\n" * 5000 + "last words\n").endswith("last words\n")

@@ -210,3 +210,63 @@ def test_every_vm_has_a_hard_memory_limit(site, userdir, test_user, monkeypatch)
     code, out, err = run_in_process(site, job, monkeypatch, during=look)
     assert code == 0, err
     assert seen.get("limit") == 200 + site.settings().vm_memory_overhead_mib
+
+
+def qemu_pid(name: str) -> int | None:
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if b"qemu-system" in (cmd := (d / "cmdline").read_bytes()) and f"guest={name},".encode() in cmd:
+                    return int(d.name)
+            except OSError:
+                continue
+    return None
+
+
+@pytest.mark.parametrize("call", ["save", "pause"])
+def test_a_user_who_stops_their_qemu_cannot_hang_roots_libvirt_calls(call, site, userdir, test_user, monkeypatch):
+    """QEMU runs as the job's user, who may SIGSTOP it: root's save (epilog) and pause (node agent)
+    would then wait on its monitor forever, and a hung epilog drains the node. The VM is destroyed
+    within seconds instead and the call fails as the job's fault."""
+    from vmwrap import agent, checkpoint, domain
+    from vmwrap.errors import GuestStalledError
+
+    name, job_id = f"vmwrap-sec-stop-{call}", f"sec-stop-{call}"
+    run_dir = site.state / "jobs" / job_id
+    seen = {}
+
+    def attack():
+        end = time.monotonic() + 120
+        while time.monotonic() < end and not (userdir / "counting").exists():
+            time.sleep(0.1)
+        pid = qemu_pid(name)
+        assert pid, "no QEMU"
+        r = subprocess.run(["runuser", "-u", test_user.pw_name, "--", "kill", "-STOP", str(pid)])
+        assert r.returncode == 0   # the job's user can stop their own QEMU
+        settings = site.settings()
+        conn = domain.connect(settings.libvirt_uri)
+        t0 = time.monotonic()
+        result = {}
+
+        def root_call():
+            try:
+                if call == "save":
+                    store = checkpoint.Store(site.base / "ckpt", checkpoint.keygen(site.base / "ckpt.key"))
+                    checkpoint.save(job_id, run_dir, store, conn, 1)
+                else:
+                    agent.handle(settings, conn, 0, "pause", job_id)
+            except Exception as e:  # noqa: BLE001
+                result["error"] = e
+        t = threading.Thread(target=root_call, daemon=True)
+        t.start()
+        t.join(60)
+        seen.update(result, returned=not t.is_alive(), took=time.monotonic() - t0)
+        if t.is_alive():  # without the watchdog: let the test end
+            subprocess.run(["kill", "-KILL", str(pid)])
+
+    job = make_job(HDR + "touch counting; i=0; while :; do i=$((i+1)); sleep 1; done\n", userdir, test_user, job_id)
+    code, out, err = run_in_process(site, job, monkeypatch, during=attack)
+    assert seen["returned"] and seen["took"] < 20, seen
+    assert isinstance(seen.get("error"), GuestStalledError), seen
+    assert "QEMU was stopped" in str(seen["error"])
+    assert qemu_pid(name) is None and code != 0

@@ -188,3 +188,30 @@ def test_corrupt_checkpoint_follows_the_jobs_policy(cluster, jobdir, policy, dam
         assert "starting the job again from the beginning" in out
         assert values(out)[-N:] == list(range(1, N + 1))
     assert not checkpoint_dir(cluster, job).exists()
+
+
+def qemu_pid(job: str) -> int | None:
+    r = subprocess.run(["pgrep", "-f", f"guest=vmwrap-{job},"], capture_output=True, text=True)
+    return int(r.stdout.split()[0]) if r.returncode == 0 and r.stdout.split() else None
+
+
+def test_a_user_who_stops_their_qemu_cannot_hang_the_epilog_or_drain_the_node(cluster, jobdir):
+    """QEMU runs as the job's user, who can SIGSTOP it: root's save would wait on its monitor until
+    slurmd gave up on the epilog and drained the node. The VM is destroyed instead; the job's own
+    --on-lost-checkpoint (default fail) decides what happens to it."""
+    job = submit(cluster, jobdir, COUNTER.format(extra=""), "-p", "requeue")
+    out = jobdir / f"slurm-{job}.out"
+    wait_for(lambda: out.exists() and len(values(out.read_text())) >= 3, "the job to count to 3")
+    node = cluster.job(job)["BatchHost"]
+    pid = qemu_pid(job)
+    assert pid
+    assert cluster.run("kill", "-STOP", str(pid), user="vmwrapuser").returncode == 0  # the user can
+    t0 = time.monotonic()
+    assert cluster.run("scontrol", "requeue", job).returncode == 0
+    wait_for(lambda: not qemu_running(job), "the stopped VM to be destroyed", timeout=60)
+    info = cluster.wait_state(job, FINAL, timeout=180)
+    assert time.monotonic() - t0 < 100          # PrologEpilogTimeout is 120 s: it never came close
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "1", info
+    text = out.read_text()
+    assert "QEMU was stopped" in text and "--on-lost-checkpoint" in text, text
+    assert "DRAIN" not in cluster.run("scontrol", "show", "node", node).stdout.upper()

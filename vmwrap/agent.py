@@ -48,7 +48,7 @@ def handle(settings: Settings, conn, peer_uid: int, op: str, job_id: str) -> Non
     import libvirt
 
     try:
-        dom.suspend() if op == "pause" else dom.resume()
+        domain.guarded(conn, f"vmwrap-{job_id}", op, dom.suspend if op == "pause" else dom.resume)
     except libvirt.libvirtError as e:
         raise NodeError(f"{op} failed: {e.get_error_message()}") from None
     Ledger(settings.ledger_path).record(job_id, f"vmwrap-{job_id}", "paused" if op == "pause" else "resumed",

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import domain, share
-from .errors import CheckpointError, NodeError
+from .errors import CheckpointError, GuestStalledError, NodeError
 from .job import Job
 
 FILES = ("memory.save", "overlay.qcow2", "share.json", "stdout", "stderr", "status", "job.json")
@@ -550,11 +550,14 @@ def _save(job_id: str, run_dir: Path, store: Store, conn, restarts: int, deadlin
         share.drain(run_dir)
     try:
         if dom.info()[0] != libvirt.VIR_DOMAIN_PAUSED:
-            dom.suspend()
+            domain.guarded(conn, name, "pause for its save", dom.suspend)
         state = share.state(run_dir) if serial else None
     except Exception:
         if serial:
-            share.resume(run_dir)
+            try:
+                share.resume(run_dir)
+            except NodeError:
+                pass  # the server is gone with its VM (destroyed by domain.guarded?): keep the cause
         raise
     t_quiesced = time.monotonic()
     tmp = store.staging(job_id)
@@ -599,30 +602,25 @@ def _delivered(run_dir: Path) -> dict[str, int]:
 
 
 def _save_by(dom, path: str, flags: int, deadline: float | None) -> None:
-    """virDomainSaveFlags, aborted (virDomainAbortJob) if it is still running at `deadline`."""
-    if deadline is None:
-        dom.saveFlags(path, None, flags)
-        return
-    err: list[BaseException] = []
+    """virDomainSaveFlags, aborted (virDomainAbortJob) if it is still running at `deadline`; a QEMU
+    its user stopped meanwhile gets the VM destroyed (domain.guarded), never a hung epilog."""
+    import libvirt
 
-    def work():
-        try:
-            dom.saveFlags(path, None, flags)
-        except BaseException as e:  # noqa: BLE001 (handed to the caller's thread)
-            err.append(e)
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-    t.join(max(0.0, deadline - time.time()))
-    if t.is_alive():
-        try:
-            dom.abortJob()
-        except Exception:
-            pass
-        t.join(30)
-        raise NodeError(f"the save did not finish by {time.strftime('%H:%M:%S', time.localtime(deadline))}, when a "
-                        "reservation needs the node: stopped so the reservation starts on time")
-    if err:
-        raise err[0]
+    aborted = []
+
+    def abort():
+        aborted.append(True)
+        threading.Thread(target=dom.abortJob, daemon=True).start()  # needs QEMU's answer: may hang too
+    timeout = domain.CALL_TIMEOUT if deadline is None else max(0.0, deadline - time.time())
+    try:
+        domain.guarded(dom.connect(), dom.name(), "save", lambda: dom.saveFlags(path, None, flags),
+                       timeout=timeout, on_timeout=abort if deadline is not None else None)
+        return
+    except (GuestStalledError, libvirt.libvirtError):
+        if not aborted:
+            raise
+    raise NodeError(f"the save did not finish by {time.strftime('%H:%M:%S', time.localtime(deadline))}, "
+                    "when a reservation needs the node: stopped so the reservation starts on time")
 
 
 def check_owner(meta: dict, job: Job, image: str | None) -> None:
@@ -747,7 +745,8 @@ def restore(job_id: str, run_dir: Path, store: Store, conn, job: Job, paths: dic
         share.start(run_dir, job, sf)
         os.chown(run_dir / share.SOCKET, spec.uid, spec.gid)  # QEMU connects to it
     try:
-        conn.restoreFlags(str(saved), xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
+        domain.guarded(conn, job.domain_name, "restore",
+                       lambda: conn.restoreFlags(str(saved), xml, libvirt.VIR_DOMAIN_SAVE_PAUSED))
     except libvirt.libvirtError as e:
         share.stop(run_dir)
         raise CheckpointError(f"libvirt could not restore the VM of job {job_id}: {e.get_error_message()}") from None

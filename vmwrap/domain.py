@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 
-from .errors import NodeError
+from . import safeio
+from .errors import GuestStalledError, NodeError
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 _env = jinja2.Environment(
@@ -72,13 +75,13 @@ def start_limited(dom, memory_limit_mib: int | None) -> None:
 
     The limit is set on the live domain (its memory cgroup): `<memtune>` in the XML would also make
     libvirt raise QEMU's RLIMIT_MEMLOCK, which unprivileged containers refuse. No limit, no VM: the
-    domain is destroyed and the node reported (a node without a memory cgroup cannot bound a job)."""
+    domain is destroyed and the node reported (a node without a memory cgroup cannot bound a job).
+    A resume that fails or hangs is the job's: its user can kill or stop their own QEMU."""
     import libvirt
 
     try:
         if memory_limit_mib:
             dom.setMemoryParameters({"hard_limit": int(memory_limit_mib) * 1024}, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        dom.resume()
     except libvirt.libvirtError as e:
         try:
             dom.destroy()
@@ -86,6 +89,142 @@ def start_limited(dom, memory_limit_mib: int | None) -> None:
             pass
         raise NodeError(f"cannot give the job's VM its hard memory limit of {memory_limit_mib} MiB "
                         f"(memory cgroup missing?): {e.get_error_message()}") from None
+    try:
+        guarded(dom.connect(), dom.name(), "start running", dom.resume)
+    except libvirt.libvirtError as e:
+        try:
+            dom.destroy()
+        except libvirt.libvirtError:
+            pass
+        raise GuestStalledError(f"the job's VM died before it could run: {e.get_error_message()}") from None
+
+
+def node_starts_vms(conn, spec: Spec) -> tuple[bool, str]:
+    """Whether this node can start a VM like `spec` at all, as libvirt's own user (whom no batch user
+    can signal). Asked after a job's VM failed to start: its QEMU ran as the job's user, who may have
+    killed it; only a probe that fails too makes the failure the node's."""
+    import pwd
+    import tempfile
+
+    import libvirt
+
+    try:
+        pw = pwd.getpwnam("libvirt-qemu")
+        ids = (pw.pw_uid, pw.pw_gid)
+    except KeyError:
+        return False, "user libvirt-qemu does not exist"
+    name = f"vmwrap-probe-{os.getpid()}"
+    with tempfile.TemporaryDirectory(prefix="vmwrap-probe-") as run_dir:
+        os.chmod(run_dir, 0o711)
+        for f in ("stdout", "stderr", "status", "console.log"):
+            fd = os.open(os.path.join(run_dir, f), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.fchown(fd, *ids)
+            os.close(fd)
+        probe = Spec(name=name, job_id="probe", virt_type=spec.virt_type, memory_mib=64, cpus=1,
+                     kernel=spec.kernel, initrd=spec.initrd, run_dir=run_dir, uid=ids[0], gid=ids[1])
+        try:
+            conn.createXML(render(probe), libvirt.VIR_DOMAIN_START_PAUSED)
+            return True, "a probe VM started"
+        except libvirt.libvirtError as e:
+            return False, e.get_error_message()
+        finally:
+            destroy(conn, name)
+
+
+# Where libvirtd (qemu:///system) records each running domain's QEMU pid; root-owned.
+QEMU_PIDFILE_DIR = Path("/run/libvirt/qemu")
+STOPPED_GRACE = 3.0     # seconds a QEMU may sit stopped (SIGSTOP, ptrace) during a root call
+CALL_TIMEOUT = 600.0    # any root call that needs QEMU to answer: ends by then whatever happens
+
+
+def qemu_state(name: str) -> str | None:
+    """The state letter of domain `name`'s QEMU in /proc (R, S, D, T stopped, t traced); None if unknown."""
+    pid = _qemu_pid(name)
+    if pid is None:
+        return None
+    stat = safeio.read_capped(f"/proc/{pid}/stat", 4096) or b""
+    rest = stat[stat.rfind(b")") + 1:].split()
+    return rest[0].decode(errors="replace") if rest else None
+
+
+def guarded(conn, name: str, what: str, call: Callable[[], object], timeout: float = CALL_TIMEOUT,
+            on_timeout: Callable[[], None] | None = None):
+    """Run a root libvirt call that needs the job's QEMU to answer, and make sure it returns.
+
+    QEMU runs as the job's user, who can stop it with a signal: libvirt then waits on its monitor
+    forever and the prolog or epilog hangs until the scheduler gives up on the node. A QEMU stopped
+    for STOPPED_GRACE seconds, or a call still running after `timeout`, gets its VM destroyed (which
+    kills even a stopped QEMU) and raises GuestStalledError: the job fails, the node stays up.
+    `on_timeout` replaces the destroy when time runs out (e.g. abort a save that a deadline cut)."""
+    box: dict = {}
+
+    def work():
+        try:
+            box["value"] = call()
+        except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+            box["error"] = e
+    t = threading.Thread(target=work, daemon=True, name=f"libvirt {what} {name}")
+    t.start()
+    end = time.monotonic() + timeout
+    stopped_since = None
+    while True:
+        t.join(0.25)
+        if not t.is_alive():
+            break
+        now = time.monotonic()
+        if qemu_state(name) in ("T", "t"):
+            stopped_since = stopped_since or now
+            if now - stopped_since >= STOPPED_GRACE:
+                _destroy_for(conn, name, t)
+                raise GuestStalledError(
+                    f"the VM's QEMU was stopped (a signal or a debugger from the job's user) while vmwrap "
+                    f"waited for it to {what}: the VM was destroyed")
+        else:
+            stopped_since = None
+        if now >= end:
+            if on_timeout is not None:
+                on_timeout()
+                t.join(30)
+                if not t.is_alive():
+                    break
+            _destroy_for(conn, name, t)
+            raise GuestStalledError(f"the VM did not {what} within {timeout:.0f} s: the VM was destroyed")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _qemu_pid(name: str) -> int | None:
+    """The pid libvirtd recorded for domain `name`'s QEMU, if that process is still that QEMU."""
+    try:
+        pid = int(safeio.read_capped(QEMU_PIDFILE_DIR / f"{name}.pid", 32) or b"")
+    except ValueError:
+        return None
+    cmd = safeio.read_capped(f"/proc/{pid}/cmdline", 1 << 16) or b""
+    return pid if f"guest={name},".encode() in cmd else None
+
+
+def _destroy_for(conn, name: str, t: threading.Thread) -> None:
+    """Destroy a domain whose call hangs, on a connection of its own (the stuck one is busy). A
+    stopped QEMU would sit on libvirt's SIGTERM for its 10 s grace: it gets SIGKILL at once."""
+    import signal
+
+    pid = _qemu_pid(name)
+    if pid is not None and qemu_state(name) in ("T", "t"):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    try:
+        other = connect(conn.getURI())
+    except Exception:  # noqa: BLE001
+        other = conn
+    try:
+        destroy(other, name)
+    finally:
+        if other is not conn:
+            other.close()
+    t.join(30)
 
 
 def memory_limit_mib(dom) -> int | None:

@@ -42,3 +42,12 @@ class JobDiskError(CacheFullError):
 
     Usually other jobs' files fill the disk for a while: like CacheFullError, fail the job with the
     reason and keep the node up (a prolog that exits 1 would drain it for what users wrote)."""
+
+
+class GuestStalledError(VmwrapError):
+    """The job's QEMU stopped answering a root libvirt call (its user can SIGSTOP it: it runs as them).
+
+    The VM was destroyed so the call returned: fail the job, never the node (a hung prolog or
+    epilog would drain it for what a user did)."""
+
+    kind = "stalled"

@@ -32,7 +32,7 @@ from . import accel, evidence, directives, domain, limits, overlay, safeio, shar
 from .cache import Cache
 from .catalog import Catalog, Image
 from .config import Settings
-from .errors import CacheFullError, ImageError, JobDiskError, NodeError, UserError, VmwrapError
+from .errors import CacheFullError, GuestStalledError, ImageError, JobDiskError, NodeError, UserError, VmwrapError
 from .job import Job
 from .ledger import Ledger
 
@@ -45,6 +45,8 @@ STATUS_TIMELINE_MAX = 1 << 16  # the agent's booted/ready/started/exit lines com
 STATUS_READ_MAX = 1 << 16    # status bytes taken per poll
 STATUS_LINE_MAX = 4096       # a longer unfinished status "line" is the guest's garbage: dropped
 CONSOLE_TAIL = 2000
+PANIC_WINDOW = 16 * 1024   # bytes read back to find a panic's first line
+PANIC_CONTEXT_LINES = 15
 
 
 @dataclass
@@ -221,9 +223,16 @@ class Launcher:
 
         record_spec(self.run_dir, spec)  # what a restore must render again (checkpoint.restore_xml)
         try:
-            dom = self.conn.createXML(domain.render(spec), libvirt.VIR_DOMAIN_START_PAUSED)
+            dom = domain.guarded(self.conn, spec.name, "start",
+                                 lambda: self.conn.createXML(domain.render(spec), libvirt.VIR_DOMAIN_START_PAUSED))
         except libvirt.libvirtError as e:
-            raise NodeError(f"libvirt refused to start the job's VM: {e.get_error_message()}") from None
+            domain.destroy(self.conn, spec.name)
+            ok, detail = domain.node_starts_vms(self.conn, spec)
+            if not ok:
+                raise NodeError(f"libvirt refused to start the job's VM: {e.get_error_message()} "
+                                f"(and a probe VM: {detail})") from None
+            raise GuestStalledError(f"the job's VM failed to start ({e.get_error_message()}); this node "
+                                    "starts VMs, so its QEMU was probably killed by the job's user") from None
         domain.start_limited(dom, spec.memory_limit_mib)  # the hard limit holds from the first instruction
         # libvirtd creates the control socket as root: the job's own batch step talks to it. (The run
         # dir is root's: nothing in it can have been swapped for a link.)
@@ -482,7 +491,7 @@ class Attachment:
         if dom is None:
             return False
         try:
-            dom.suspend()
+            domain.guarded(self.conn, self.name, "pause", dom.suspend)
         except Exception:
             return False
         self._record("paused")
@@ -505,7 +514,7 @@ class Attachment:
         if dom is None:
             return True
         try:
-            dom.resume()
+            domain.guarded(self.conn, self.name, "resume", dom.resume)
         except Exception:
             return False
         self._record("resumed")
@@ -727,11 +736,24 @@ def _open_or_none(p: Path):
 
 
 def _tail(p: Path, n: int = CONSOLE_TAIL) -> str:
-    """The console's last `n` bytes (seek, never the whole file: the guest decides its size)."""
+    """The console's last lines for the job's error output (seek, never the whole file: the guest
+    decides its size). A kernel panic's backtrace would fill the tail and push out what the user
+    needs (their init's last words), so for a panic the lines before it are shown and the trace
+    is left to the kept evidence."""
     try:
-        data = safeio.tail_capped(p, n)
+        data = safeio.tail_capped(p, PANIC_WINDOW)
     except OSError:
         return ""
     if data is None:
         return ""
-    return "--- guest console (last lines) ---\n" + data.decode(errors="replace") + "\n"
+    return "--- guest console (last lines) ---\n" + summarise_console(data.decode(errors="replace"), n) + "\n"
+
+
+def summarise_console(text: str, n: int = CONSOLE_TAIL) -> str:
+    """The last `n` characters of a console, or for a kernel panic the lines leading up to it."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if "Kernel panic - not syncing" in line:
+            head = "\n".join(lines[max(0, i - PANIC_CONTEXT_LINES):i + 1])[-n:]
+            return head + "\n[kernel backtrace omitted; `vmwrap ps --failed` shows the kept console]"
+    return text[-n:]
