@@ -1,4 +1,4 @@
-"""Admin commands: images add/list/verify/remove, cache list/fetch/evict/gc (no VMs needed)."""
+"""Admin commands: image add/list/verify/remove, cache list/fetch/evict/gc (no VMs needed)."""
 
 import os
 import subprocess
@@ -29,31 +29,40 @@ def admin(tmp_path):
     return vmwrap
 
 
-def test_images_add_list_verify_remove(admin):
+def test_image_add_list_verify_remove(admin):
     t = admin.tmp
-    admin("images", "add", "deb", "--kernel", str(t / "k"), "--initrd", str(t / "i"), "--disk", str(t / "d"),
+    admin("image", "add", "deb", "--kernel", str(t / "k"), "--initrd", str(t / "i"), "--disk", str(t / "d"),
           "--memory", "512M", "--user", "alice", "--description", "test image")
-    assert "deb" in admin("images", "list").stdout and "alice" in admin("images", "list").stdout
-    assert admin("images", "verify").stdout.count("ok  ") == 3
+    assert "deb" in admin("image", "list").stdout and "alice" in admin("image", "list").stdout
+    assert admin("image", "verify").stdout.count("ok  ") == 3
     with open(t / "d", "r+b") as f:
         f.write(b"corrupt")
-    r = admin("images", "verify", "deb", ok=False)
+    r = admin("image", "verify", "deb", ok=False)
     assert r.returncode == 1 and "FAIL deb.disk: mismatch" in r.stdout
-    admin("images", "remove", "deb")
-    assert "deb" not in admin("images", "list").stdout
-    r = admin("images", "remove", "deb", ok=False)
+    admin("image", "remove", "deb")
+    assert "deb" not in admin("image", "list").stdout
+    r = admin("image", "remove", "deb", ok=False)
     assert r.returncode != 0 and "no image 'deb'" in r.stderr
 
 
-def test_images_add_refuses_bad_names(admin):
+def test_image_add_refuses_bad_names(admin):
     t = admin.tmp
-    r = admin("images", "add", "../x", "--kernel", str(t / "k"), "--initrd", str(t / "i"), ok=False)
+    r = admin("image", "add", "../x", "--kernel", str(t / "k"), "--initrd", str(t / "i"), ok=False)
     assert r.returncode != 0 and "invalid image name '../x'" in r.stderr
+
+
+def test_images_is_a_hidden_deprecated_alias_of_image(admin):
+    t = admin.tmp
+    r = admin("images", "add", "old", "--kernel", str(t / "k"), "--initrd", str(t / "i"))
+    assert "deprecated" in r.stderr
+    assert "old" in admin("image", "list").stdout
+    help_text = admin("--help").stdout
+    assert "image " in help_text and "images" not in help_text
 
 
 def test_cache_fetch_list_evict_gc(admin):
     t = admin.tmp
-    admin("images", "add", "a", "--kernel", str(t / "k"), "--initrd", str(t / "i"))
+    admin("image", "add", "a", "--kernel", str(t / "k"), "--initrd", str(t / "i"))
     assert "fetched 4096 bytes" in admin("cache", "fetch", "a").stdout
     assert admin("cache", "fetch", "a").stdout.count("hit") == 2
     listing = admin("cache", "list").stdout
@@ -68,7 +77,7 @@ def test_cache_fetch_list_evict_gc(admin):
     admin("cache", "evict", "a")
     assert c.entries() == []
     admin("cache", "fetch", "a")
-    admin("images", "remove", "a")
+    admin("image", "remove", "a")
     (t / "cache" / "tmp" / f"{'f' * 64}.999999.part").write_bytes(b"half")  # a crashed fetch
     out = admin("cache", "gc").stdout
     assert "removed 3 item(s)" in out

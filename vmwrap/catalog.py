@@ -80,7 +80,7 @@ class Catalog:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
         except FileNotFoundError:
-            raise NodeError(f"image catalog {path} does not exist (vmwrap image build or images add)") from None
+            raise NodeError(f"image catalog {path} does not exist (vmwrap image build or image add)") from None
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise NodeError(f"image catalog {path} is unreadable: {e}") from None
         images = {}

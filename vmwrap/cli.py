@@ -138,7 +138,7 @@ def agent():
 
 @main.group()
 def image():
-    """Appliance images: build and list."""
+    """Images in the catalog: build, add, list, verify, remove."""
 
 
 @image.command("build")
@@ -401,7 +401,9 @@ def checkpoints_keygen():
         raise click.ClickException(str(e))
 
 
-main.add_command(image, "images")  # the issue's spelling; `image` stays for muscle memory
+# The old spelling of `image`, hidden: the same subcommands, with a deprecation notice on stderr.
+main.add_command(click.Group("images", commands=image.commands, hidden=True, deprecated=True,
+                             help="Deprecated: use `vmwrap image`."))
 
 
 @main.command()
