@@ -1,3 +1,0 @@
-#!/bin/sh
-#VMWRAP --image=tiny
-echo tiny $(id -u) $(pwd); ls /
