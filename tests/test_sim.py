@@ -182,7 +182,7 @@ def test_invariants_hold_on_random_mixes(seed, share, cfg, load):
     r = simulate(jobs, ars, CONFIGS[cfg], cluster, check=True)
     assert r.jobs == len(jobs)
     assert r.ars_accepted + r.ars_rejected <= len(ars)
-    assert r.ars_late == 0
+    assert r.ars_on_time <= r.ars_accepted   # a late start raises InvariantError in the engine
     for job in jobs:
         start, end, _ = r.records[job.id]
         assert job.submit <= start < end
