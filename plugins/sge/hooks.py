@@ -11,12 +11,12 @@ import signal
 import stat
 import subprocess
 import sys
-import traceback
 
-from vmwrap import agent, directives, launcher
+from vmwrap import agent, directives, launcher, lifecycle
 from vmwrap.config import Settings
-from vmwrap.errors import CacheFullError, NodeError, UserError, VmwrapError
+from vmwrap.errors import NodeError, UserError, VmwrapError
 from vmwrap.job import Job
+from vmwrap.lifecycle import Verdict
 
 CONTEXT = re.compile(r"^context:[ \t]+(.*)$", re.M)
 
@@ -159,49 +159,16 @@ def job_from_env(env: dict[str, str], owner: str) -> Job | None:
 
 
 def prolog(settings: Settings, env: dict[str, str], owner: str) -> int:
-    """Boot the job's VM. Users write much of what it reads (script, context, requests): any error but
-    a node fault, even an unexpected exception (its traceback goes to stderr), fails only the job."""
-    jid = job_id(env)
-    try:
-        return _prolog(settings, env, owner, jid)
-    except Exception as e:
-        print(f"vmwrap prolog: job {jid}: internal error:\n{traceback.format_exc()}", file=sys.stderr)
-        err = VmwrapError(f"internal error in vmwrap's prolog ({type(e).__name__}: {str(e)[:200]}); "
-                          "the queue stays up, the traceback is in the execd's messages")
-        return 0 if launcher.fail_job(settings, jid, err) else 1
-
-
-def _prolog(settings: Settings, env: dict[str, str], owner: str, jid: str) -> int:
-    lx = None
-    try:
-        job = job_from_env(env, owner)
-        if job is None:
-            return 0
-        launcher.teardown(jid, settings)
-        lx = launcher.Launcher(job, settings)
-        lx.prepare()
-        lx.boot()
-        return 0
-    except CacheFullError as e:
-        launcher.record_error(settings.jobs_dir / jid, e)
-        launcher.teardown(jid, settings, keep_error=True)
-        return 0
-    except NodeError as e:
-        launcher.teardown(jid, settings)
-        print(f"vmwrap prolog: node fault: {e}", file=sys.stderr)
-        return 1  # GE puts this queue instance in error state: an admin must look
-    except VmwrapError as e:  # the user's mistake: the job runs, prints the reason and fails
-        launcher.record_error(settings.jobs_dir / jid, e)
-        return 0
+    """Boot the job's VM (vmwrap.lifecycle.start). Exit 0 runs the job, even one that is to fail (its
+    starter prints why); exit 1 only for a node fault: GE puts the queue instance in error state."""
+    out = lifecycle.start(settings, job_id(env), lambda: job_from_env(env, owner), "sge")
+    return 1 if out.verdict is Verdict.NODE_FAULT else 0
 
 
 def epilog(settings: Settings, env: dict[str, str]) -> int:
-    try:
-        launcher.teardown(job_id(env), settings)
-    except NodeError as e:
-        print(f"vmwrap epilog: {e}", file=sys.stderr)
-        return 1
-    return 0
+    """Destroy the VM and clean up (vmwrap.lifecycle.end)."""
+    out = lifecycle.end(settings, job_id(env), requeued=False, restarts=0, scheduler="sge")
+    return 1 if out.verdict is Verdict.NODE_FAULT else 0
 
 
 def starter(settings: Settings, argv: list[str]) -> int:

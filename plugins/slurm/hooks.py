@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import re
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
-from vmwrap import checkpoint, launcher
+from vmwrap import launcher, lifecycle
 from vmwrap.config import Settings
-from vmwrap.errors import CacheFullError, CheckpointError, NodeError, UserError, VmwrapError
+from vmwrap.errors import UserError, VmwrapError
 from vmwrap.job import Job
+from vmwrap.lifecycle import Verdict
 
 from .commands import SCONTROL, SQUEUE
 
@@ -151,84 +150,19 @@ def job_from_env(env: dict[str, str], show_job=slurm_job) -> tuple[Job, dict] | 
 
 
 def prolog(settings: Settings, env: dict[str, str]) -> int:
-    """Boot the job's VM. A user or image mistake is handed to the job (exit 0: the node stays up);
-    only a node fault fails the prolog, which drains the node with our reason.
-
-    Users write much of what the prolog reads (comment, names, sizes): any other exception, a bug or
-    data nobody foresaw, fails the job with the reason too, its traceback on stderr and in the ledger."""
-    try:
-        return _prolog(settings, env)
-    except NodeError as e:
-        _drain(env, f"vmwrap: {e}")
-        print(f"vmwrap prolog: node fault: {e}", file=sys.stderr)
+    """Boot the job's VM (vmwrap.lifecycle.start). Exit 0 runs the job, even one that is to fail
+    (its batch step prints why); exit 1 only for a node fault, after draining the node with our
+    reason (slurmd would drain it with its own, vaguer one)."""
+    out = lifecycle.start(settings, env.get("SLURM_JOB_ID", ""), lambda: _job(env), "slurm")
+    if out.verdict is Verdict.NODE_FAULT:
+        _drain(env, f"vmwrap: {out.reason}")
         return 1
-    except Exception as e:
-        trace = traceback.format_exc()
-        print(f"vmwrap prolog: job {env.get('SLURM_JOB_ID')}: internal error:\n{trace}", file=sys.stderr)
-        job_id = env.get("SLURM_JOB_ID", "")
-        try:
-            from vmwrap.ledger import Ledger
-
-            Ledger(settings.ledger_path).record(job_id, f"vmwrap-{job_id}", "failed", kind="internal",
-                                                message=trace[-2000:])
-        except Exception as le:  # accounting only: the job must still learn why it failed
-            print(f"vmwrap prolog: ledger: {le}", file=sys.stderr)
-        return _user_failure(settings, job_id, VmwrapError(
-            f"internal error in vmwrap's prolog ({type(e).__name__}: {str(e)[:200]}); "
-            "the node stays up, the traceback is in its ledger and slurmd log"))
+    return 0
 
 
-def _prolog(settings: Settings, env: dict[str, str]) -> int:
-    try:
-        parsed = job_from_env(env)
-    except VmwrapError as e:
-        return _user_failure(settings, env.get("SLURM_JOB_ID", ""), e)
-    if parsed is None:
-        return 0
-    job, _ = parsed
-    launcher.teardown(job.job_id, settings)  # leftovers of an earlier run of the same job id
-    lx = launcher.Launcher(job, settings)
-    saving = settings.workdir_share == "serial"
-    store = checkpoint.Store(settings.checkpoint_dir, settings.checkpoint_key_file)
-    try:
-        if job.restart_count == 0:  # a first start: what the store holds under this id is an older job's
-            store.delete(job.job_id)  # (Slurm reuses job ids after a controller reset)
-        lx.prepare()
-        if saving and job.restart_count > 0 and store.ran(job.job_id):
-            try:
-                lx.restore(store)  # preempted or requeued: continue where the VM was saved
-                return 0
-            except CheckpointError as e:
-                if (lx.on_lost_checkpoint or "fail") == "fail":
-                    raise CheckpointError(f"{e}; not starting the job again from the beginning "
-                                          "(add '#VMWRAP --on-lost-checkpoint=restart' to allow that)") from None
-                lx.notice(f"{e}; starting the job again from the beginning (--on-lost-checkpoint=restart)")
-                store.delete(job.job_id)
-        lx.boot()
-        if saving:
-            store.mark_ran(job.job_id)
-        return 0
-    except CacheFullError as e:
-        lx.fail(e)  # the node is healthy, only busy: the job fails with the reason, the node stays up
-        launcher.teardown(job.job_id, settings, keep_error=True)
-        return 0
-    except NodeError as e:
-        # Slurm requeues the job and drains the node: leave nothing that would make the epilog
-        # believe a VM may still be running here (its drain reason would replace ours).
-        launcher.teardown(job.job_id, settings)
-        lx.ledger.record(job.job_id, job.domain_name, "failed", kind=e.kind, message=str(e))
-        _drain(env, f"vmwrap: {e}")
-        print(f"vmwrap prolog: node fault: {e}", file=sys.stderr)
-        return 1
-    except VmwrapError as e:
-        lx.fail(e)
-        return 0
-
-
-def _user_failure(settings: Settings, job_id: str, err: VmwrapError) -> int:
-    """Fail just the job: its batch step prints `err` and exits with its code; the prolog exits 0.
-    A job id slurmd should never give, or a state dir root cannot write, is the node's fault."""
-    return 0 if launcher.fail_job(settings, job_id, err) else 1
+def _job(env: dict[str, str]) -> Job | None:
+    parsed = job_from_env(env)
+    return parsed[0] if parsed else None
 
 
 def _drain(env: dict[str, str], reason: str) -> None:
@@ -239,57 +173,17 @@ def _drain(env: dict[str, str], reason: str) -> None:
 
 
 def epilog(settings: Settings, env: dict[str, str]) -> int:
-    """Destroy the VM and every per-job file. Idempotent. Fails (drains) only if libvirt is unreachable
-    while a VM of this job may still run."""
-    job_id = env["SLURM_JOB_ID"]
-    from vmwrap import domain
-
-    try:
-        conn = domain.connect(settings.libvirt_uri)
-    except NodeError as e:
-        if (settings.jobs_dir / job_id).exists():
-            _drain(env, f"vmwrap: cannot destroy VM of job {job_id}: {e}")
-            print(f"vmwrap epilog: {e}", file=sys.stderr)
-            return 1
-        return 0
-    from vmwrap.ledger import Ledger
-
-    store = checkpoint.Store(settings.checkpoint_dir, settings.checkpoint_key_file)
-    try:
-        run_dir = settings.jobs_dir / job_id
-        restarts = int(env.get("SLURM_JOB_RESTART_COUNT") or 0)
-        try:
-            started_as = json.loads((run_dir / "job.json").read_text())["restarts"]
-        except (OSError, ValueError, KeyError):
-            started_as = None
-        requeued = started_as is not None and restarts > started_as
-        ledger = Ledger(settings.ledger_path)
-        if requeued and settings.workdir_share == "serial" and not domain.is_gone(conn, f"vmwrap-{job_id}"):
-            # Preempted (PreemptMode=REQUEUE) or `scontrol requeue`: save the VM, the restart restores it.
-            deadline = store.deadline(job_id)   # set by the gap planner: a reservation needs the node
-            try:
-                info = checkpoint.save(job_id, run_dir, store, conn, restarts, deadline=deadline)
-                ledger.record(job_id, f"vmwrap-{job_id}", "saved", scheduler="slurm", **info)
-                store.record_rate(info["memory_bytes"], info["total_s"])
-            except Exception as e:  # the restart then follows the job's --on-lost-checkpoint
-                reason = f"saving its VM on {env.get('SLURMD_NODENAME', os.uname().nodename)} failed: {e}"
-                store.mark_lost(job_id, reason)
-                ledger.record(job_id, f"vmwrap-{job_id}", "save_failed", message=str(e))
-                print(f"vmwrap epilog: job {job_id}: {reason}", file=sys.stderr)
-            finally:
-                store.clear_deadline(job_id)
-        elif run_dir.exists():
-            timeline = launcher.guest_timeline(run_dir)
-            ledger.record(job_id, f"vmwrap-{job_id}", "exited", scheduler="slurm",
-                          slurm_exit=env.get("SLURM_JOB_EXIT_CODE2", ""), **timeline)
-        try:
-            launcher.teardown(job_id, settings, conn=conn, keep_evidence=not requeued)  # a saved VM did not die
-        except Exception as e:  # the VM is destroyed first; leftover files are not worth a drained node
-            print(f"vmwrap epilog: job {job_id}: cleaning up after the VM failed: {e!r}", file=sys.stderr)
-        if not requeued:
-            store.delete(job_id)  # the job ended for good: its checkpoint can never be used again
-    finally:
-        conn.close()
+    """Save the VM of a requeued/preempted job, destroy it, clean up (vmwrap.lifecycle.end). Slurm
+    counts restarts: more than when the VM started here means the job was requeued."""
+    job_id = env.get("SLURM_JOB_ID", "")
+    v = env.get("SLURM_JOB_RESTART_COUNT") or "0"
+    restarts = int(v) if re.fullmatch(r"\d{1,6}", v) else 0
+    out = lifecycle.end(settings, job_id, requeued=lifecycle.requeued(settings, job_id, restarts),
+                        restarts=restarts, scheduler="slurm", node=env.get("SLURMD_NODENAME", ""),
+                        slurm_exit=env.get("SLURM_JOB_EXIT_CODE2", "")[:32])
+    if out.verdict is Verdict.NODE_FAULT:
+        _drain(env, f"vmwrap: {out.reason}")
+        return 1
     return 0
 
 
@@ -327,4 +221,4 @@ def checkpoint_gc(settings: Settings) -> list[str]:
     if r.returncode != 0:
         return []  # slurmctld unreachable: keep everything
     states = dict(line.split(None, 1) for line in r.stdout.splitlines() if " " in line)
-    return checkpoint.Store(settings.checkpoint_dir).gc(lambda j: states.get(j, "").strip() not in FINAL | {""})
+    return lifecycle.gc_checkpoints(settings, lambda j: states.get(j, "").strip() not in FINAL | {""})

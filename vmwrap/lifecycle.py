@@ -1,0 +1,203 @@
+"""A VM job's life on a node, once for every scheduler.
+
+A scheduler's prolog asks `start`, its epilog `end`; each answers with an Outcome the adapter maps
+onto its own conventions (Slurm: prolog exit 0/1 and `scontrol update state=drain`; Grid Engine:
+exit 0/1 and the queue's error state; ...). What is decided here and nowhere else: tear down a
+leftover VM of the same job id, restore or boot, the job's --on-lost-checkpoint, save when the
+scheduler requeues the job (with the gap planner's deadline), delete the checkpoint when the job
+ended for good, and which error fails the job and which one is the node's.
+
+Users write much of what a prolog reads (comments, scripts, sizes): any error but a node fault, even
+an exception nobody foresaw, fails only the job: a node is never drained for what a user did."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from . import checkpoint, launcher
+from .config import Settings
+from .errors import CacheFullError, CheckpointError, NodeError, VmwrapError
+from .job import Job
+from .ledger import Ledger
+
+
+class Verdict(Enum):
+    RUN = "run"              # the job goes on (its VM runs, or it is no VM job, or the epilog is done)
+    JOB_FAILED = "job"       # the job fails with `reason` (its payload prints it); the node is fine
+    NODE_FAULT = "node"      # this node cannot run VMs now: the adapter takes it out with `reason`
+
+
+@dataclass
+class Outcome:
+    verdict: Verdict
+    reason: str = ""
+    vm: bool = False                       # the job has (had) a VM on this node
+    facts: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict is not Verdict.NODE_FAULT
+
+
+def _say(hook: str, text: str) -> None:
+    print(f"vmwrap {hook}: {text}", file=sys.stderr)
+
+
+def start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], scheduler: str) -> Outcome:
+    """The prolog: boot the job's VM, or restore it when the scheduler restarts a saved job.
+
+    `read_job()` is the adapter's translation of its hook environment (None: not a VM job); what it
+    raises counts like any other error here."""
+    try:
+        return _start(settings, job_id, read_job, scheduler)
+    except NodeError as e:
+        _say("prolog", f"node fault: {e}")
+        return Outcome(Verdict.NODE_FAULT, str(e), vm=True)
+    except Exception as e:  # noqa: BLE001 (a bug, or data nobody foresaw: the job's failure)
+        trace = traceback.format_exc()
+        _say("prolog", f"job {job_id}: internal error:\n{trace}")
+        try:
+            Ledger(settings.ledger_path).record(job_id, f"vmwrap-{job_id}", "failed", kind="internal",
+                                                scheduler=scheduler, message=trace[-2000:])
+        except Exception as le:  # noqa: BLE001 (accounting only: the job must still learn why)
+            _say("prolog", f"ledger: {le}")
+        return _fail(settings, job_id, VmwrapError(
+            f"internal error in vmwrap's prolog ({type(e).__name__}: {str(e)[:200]}); "
+            "the node stays up, the traceback is in its ledger and the scheduler's log"))
+
+
+def _fail(settings: Settings, job_id: str, err: VmwrapError) -> Outcome:
+    """Fail just the job; if even that cannot be recorded it is the node's fault."""
+    if launcher.fail_job(settings, job_id, err):
+        return Outcome(Verdict.JOB_FAILED, str(err), vm=True)
+    return Outcome(Verdict.NODE_FAULT, f"cannot record the failure of job {job_id}: {err}", vm=True)
+
+
+def _start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], scheduler: str) -> Outcome:
+    try:
+        job = read_job()
+    except NodeError:
+        raise
+    except VmwrapError as e:
+        return _fail(settings, job_id, e)
+    if job is None:
+        return Outcome(Verdict.RUN)
+    launcher.teardown(job.job_id, settings)  # leftovers of an earlier run of the same job id
+    lx = launcher.Launcher(job, settings)
+    saving = settings.workdir_share == "serial"
+    store = checkpoint.Store(settings.checkpoint_dir, settings.checkpoint_key_file)
+    try:
+        if job.restart_count == 0:  # a first start: what the store holds under this id is an older job's
+            store.delete(job.job_id)  # (schedulers reuse job ids, e.g. after a controller reset)
+        lx.prepare()
+        if saving and job.restart_count > 0 and store.ran(job.job_id):
+            try:
+                info = lx.restore(store)  # preempted or requeued: continue where the VM was saved
+                return Outcome(Verdict.RUN, vm=True, facts={"restored": True, **info})
+            except CheckpointError as e:
+                if (lx.on_lost_checkpoint or "fail") == "fail":
+                    raise CheckpointError(f"{e}; not starting the job again from the beginning "
+                                          "(add '#VMWRAP --on-lost-checkpoint=restart' to allow that)") from None
+                lx.notice(f"{e}; starting the job again from the beginning (--on-lost-checkpoint=restart)")
+                store.delete(job.job_id)
+        lx.boot()
+        if saving:
+            store.mark_ran(job.job_id)
+        return Outcome(Verdict.RUN, vm=True, facts={"restored": False})
+    except CacheFullError as e:
+        lx.fail(e)  # the node is healthy, only busy: the job fails with the reason, the node stays up
+        launcher.teardown(job.job_id, settings, keep_error=True)
+        return Outcome(Verdict.JOB_FAILED, str(e), vm=True)
+    except NodeError as e:
+        # The scheduler requeues the job and takes the node out: leave nothing that would make the
+        # epilog believe a VM may still be running here.
+        launcher.teardown(job.job_id, settings)
+        lx.ledger.record(job.job_id, job.domain_name, "failed", kind=e.kind, scheduler=scheduler, message=str(e))
+        _say("prolog", f"node fault: {e}")
+        return Outcome(Verdict.NODE_FAULT, str(e), vm=True)
+    except VmwrapError as e:
+        lx.fail(e)
+        lx.ledger.record(job.job_id, job.domain_name, "failed", kind=e.kind, scheduler=scheduler, message=str(e))
+        return Outcome(Verdict.JOB_FAILED, str(e), vm=True)
+
+
+def started_as(settings: Settings, job_id: str) -> int | None:
+    """The scheduler's restart count when this node started the job's VM (None: no VM here)."""
+    from . import safeio
+
+    try:
+        return int(json.loads(safeio.read_capped(settings.jobs_dir / job_id / "job.json", 1 << 20) or b"")["restarts"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def requeued(settings: Settings, job_id: str, restarts_now: int) -> bool:
+    """For schedulers that count restarts (Slurm): the job was requeued since its VM started here."""
+    before = started_as(settings, job_id)
+    return before is not None and restarts_now > before
+
+
+def end(settings: Settings, job_id: str, *, requeued: bool, restarts: int, scheduler: str, node: str = "",
+        **facts) -> Outcome:
+    """The epilog: save the VM when the scheduler requeued (or vacated) the job, then tear everything
+    down; delete the job's checkpoint when it ended for good. Idempotent. A node fault only when
+    libvirt is unreachable while a VM of this job may still run (it cannot be destroyed)."""
+    from . import domain
+    from .errors import UserError
+
+    try:
+        Job.check_id(job_id)
+    except UserError as e:  # nothing of vmwrap's can be under such a name
+        return Outcome(Verdict.RUN, str(e))
+    node = node or os.uname().nodename
+    run_dir = settings.jobs_dir / job_id
+    try:
+        conn = domain.connect(settings.libvirt_uri)
+    except NodeError as e:
+        if run_dir.exists():
+            _say("epilog", str(e))
+            return Outcome(Verdict.NODE_FAULT, f"cannot destroy the VM of job {job_id}: {e}", vm=True)
+        return Outcome(Verdict.RUN)
+    store = checkpoint.Store(settings.checkpoint_dir, settings.checkpoint_key_file)
+    ledger = Ledger(settings.ledger_path)
+    name = f"vmwrap-{job_id}"
+    out = Outcome(Verdict.RUN, vm=run_dir.exists())
+    try:
+        if requeued and settings.workdir_share == "serial" and not domain.is_gone(conn, name):
+            deadline = store.deadline(job_id)   # set by the gap planner: a reservation needs the node
+            try:
+                info = checkpoint.save(job_id, run_dir, store, conn, restarts, deadline=deadline)
+                ledger.record(job_id, name, "saved", scheduler=scheduler, **info)
+                store.record_rate(info["memory_bytes"], info["total_s"])
+                out.facts["saved"] = True
+            except Exception as e:  # noqa: BLE001 (the restart then follows the job's --on-lost-checkpoint)
+                reason = f"saving its VM on {node} failed: {e}"
+                store.mark_lost(job_id, reason)
+                ledger.record(job_id, name, "save_failed", scheduler=scheduler, message=str(e))
+                _say("epilog", f"job {job_id}: {reason}")
+                out.facts["saved"] = False
+            finally:
+                store.clear_deadline(job_id)
+        elif run_dir.exists():
+            ledger.record(job_id, name, "exited", scheduler=scheduler, **facts, **launcher.guest_timeline(run_dir))
+        try:
+            launcher.teardown(job_id, settings, conn=conn, keep_evidence=not requeued)  # a saved VM did not die
+        except Exception as e:  # noqa: BLE001 (the VM is destroyed first; leftover files are no node fault)
+            _say("epilog", f"job {job_id}: cleaning up after the VM failed: {e!r}")
+        if not requeued:
+            store.delete(job_id)  # the job ended for good: its checkpoint can never be used again
+    finally:
+        conn.close()
+    return out
+
+
+def gc_checkpoints(settings: Settings, still_queued: Callable[[str], bool]) -> list[str]:
+    """Delete checkpoints of jobs that ended while saved (no epilog ran for them). `still_queued`
+    is the adapter's word; a scheduler it cannot reach must answer True (keep everything)."""
+    return checkpoint.Store(settings.checkpoint_dir).gc(still_queued)
