@@ -478,46 +478,23 @@ def config_group():
 
 
 @config_group.command("render")
-@click.argument("scheduler", type=click.Choice(["slurm", "sge"]))
+@click.argument("scheduler")
 @click.option("--lua-out", type=click.Path(dir_okay=False), default=None,
-              help="Write job_submit.lua here (default: next to $SLURM_CONF or /etc/slurm).")
+              help="slurm: write job_submit.lua here (default: next to $SLURM_CONF or /etc/slurm).")
 @click.option("--vmwrap", "vmwrap_path", default="/usr/local/bin/vmwrap", help="vmwrap as the nodes see it.")
 @click.option("--default-image", default=None, help="Run jobs without a directive in this image.")
 @click.option("--node-config", default=None, help="Settings file the nodes use (may contain %n).")
 def config_render(scheduler, lua_out, vmwrap_path, default_image, node_config):
-    """slurm: print slurm.conf lines, write job_submit.lua. sge: print the queue and sge_request settings."""
-    if scheduler == "sge":
-        from plugins.sge.render import render_sge
+    """Print SCHEDULER's configuration that enables vmwrap (slurm: slurm.conf lines, and job_submit.lua
+    written; sge: the queue and sge_request settings)."""
+    from .adapter import scheduler as find
 
-        click.echo(render_sge())
-        return
-    from plugins.slurm import render
-    from .catalog import Catalog
-    from .directives import check_image_name
-
-    s = _settings()
     try:
-        cat = Catalog.load(s.catalog)
-        if default_image:
-            check_image_name(default_image)
-            if default_image not in cat.images:
-                raise click.ClickException(f"default image {default_image!r} is not in the catalog")
+        adapter = find(scheduler)
+        click.echo(adapter.render_config(_settings(), lua_out=lua_out, vmwrap_path=vmwrap_path,
+                                         default_image=default_image, node_config=node_config))
     except VmwrapError as e:
         raise click.ClickException(str(e))
-    if node_config and "'" in node_config:
-        raise click.ClickException("--node-config must not contain a single quote")
-    if lua_out is None:
-        conf = os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")
-        lua_out = os.path.join(os.path.dirname(conf), "job_submit.lua")
-    active = os.path.join(os.path.dirname(os.path.abspath(lua_out)), "vmwrap-active.lua")
-    lua = render.render_lua(cat, vmwrap_path, node_config, default_image, active_file=active)
-    tmp = f"{lua_out}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(lua)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, lua_out)
-    click.echo(render.slurm_conf_lines())
-    click.echo(f"# job_submit.lua written to {lua_out} ({len(cat.images)} images)", err=True)
 
 
 @main.command()
@@ -595,12 +572,11 @@ def simulate(swf, lwf, synth, jobs, load, ar_share, ar_nodes, ar_hours, names, l
 
 
 def _register_plugins() -> None:
-    from plugins.sge.cli import sge
-    from plugins.slurm.cli import plan, slurm
+    """Each installed scheduler plugin's commands (entry points `vmwrap.cli`, vmwrap.adapter)."""
+    from .adapter import cli_groups
 
-    main.add_command(slurm)
-    main.add_command(plan)   # Slurm's is the only planner adapter so far
-    main.add_command(sge)
+    for group in cli_groups():
+        main.add_command(group)
 
 
 _register_plugins()

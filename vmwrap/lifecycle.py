@@ -201,3 +201,22 @@ def gc_checkpoints(settings: Settings, still_queued: Callable[[str], bool]) -> l
     """Delete checkpoints of jobs that ended while saved (no epilog ran for them). `still_queued`
     is the adapter's word; a scheduler it cannot reach must answer True (keep everything)."""
     return checkpoint.Store(settings.checkpoint_dir).gc(still_queued)
+
+
+def prolog(adapter, settings: Settings, env) -> Outcome:
+    """A root prolog through an adapter (vmwrap.adapter.Scheduler): start, take the node out on a
+    node fault. The adapter maps the outcome onto its exit code."""
+    out = start(settings, adapter.job_id(env), lambda: adapter.job(env), adapter.name)
+    if out.verdict is Verdict.NODE_FAULT:
+        adapter.take_out(env, f"vmwrap: {out.reason}")
+    return out
+
+
+def epilog(adapter, settings: Settings, env, **facts) -> Outcome:
+    """A root epilog through an adapter: end (save if requeued), take the node out on a node fault."""
+    job_id = adapter.job_id(env)
+    requeued_, restarts = adapter.requeue_state(settings, env)
+    out = end(settings, job_id, requeued=requeued_, restarts=restarts, scheduler=adapter.name, **facts)
+    if out.verdict is Verdict.NODE_FAULT:
+        adapter.take_out(env, f"vmwrap: {out.reason}")
+    return out

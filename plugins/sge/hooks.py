@@ -16,7 +16,6 @@ from vmwrap import agent, directives, launcher, lifecycle
 from vmwrap.config import Settings
 from vmwrap.errors import NodeError, UserError, VmwrapError
 from vmwrap.job import Job
-from vmwrap.lifecycle import Verdict
 
 CONTEXT = re.compile(r"^context:[ \t]+(.*)$", re.M)
 
@@ -158,17 +157,52 @@ def job_from_env(env: dict[str, str], owner: str) -> Job | None:
                groups=[g for g in os.getgrouplist(owner, pw.pw_gid) if g != pw.pw_gid])
 
 
+class GridEngine:
+    """vmwrap.adapter.Scheduler for Grid Engine. The node is taken out by the prolog's exit code (GE
+    puts the queue instance in error state); no planned starts or requeue yet."""
+
+    name = "sge"
+    root_env = ROOT_ENV
+
+    def __init__(self, owner: str | None = None):
+        self.owner = owner  # the prolog's $job_owner argument
+
+    def job_id(self, env) -> str:
+        return job_id(env)
+
+    def job(self, env) -> Job | None:
+        return job_from_env(dict(env), self.owner or "")
+
+    def requeue_state(self, settings: Settings, env) -> tuple[bool, int]:
+        return False, 0
+
+    def take_out(self, env, reason: str) -> None:
+        print(f"vmwrap: {reason}", file=sys.stderr)  # execd logs it with the queue's error state
+
+    def still_queued(self):
+        return lambda j: True
+
+    def planned_starts(self) -> list[dict] | None:
+        return None
+
+    def publish_cached(self, node: str, images: list[str]) -> None:
+        return None
+
+    def render_config(self, settings: Settings, **options) -> str:
+        from .render import render_sge
+
+        return render_sge()  # the Slurm-only options (job_submit.lua) do not apply
+
+
 def prolog(settings: Settings, env: dict[str, str], owner: str) -> int:
-    """Boot the job's VM (vmwrap.lifecycle.start). Exit 0 runs the job, even one that is to fail (its
+    """Boot the job's VM (vmwrap.lifecycle). Exit 0 runs the job, even one that is to fail (its
     starter prints why); exit 1 only for a node fault: GE puts the queue instance in error state."""
-    out = lifecycle.start(settings, job_id(env), lambda: job_from_env(env, owner), "sge")
-    return 1 if out.verdict is Verdict.NODE_FAULT else 0
+    return 0 if lifecycle.prolog(GridEngine(owner), settings, env).ok else 1
 
 
 def epilog(settings: Settings, env: dict[str, str]) -> int:
-    """Destroy the VM and clean up (vmwrap.lifecycle.end)."""
-    out = lifecycle.end(settings, job_id(env), requeued=False, restarts=0, scheduler="sge")
-    return 1 if out.verdict is Verdict.NODE_FAULT else 0
+    """Destroy the VM and clean up (vmwrap.lifecycle)."""
+    return 0 if lifecycle.epilog(GridEngine(), settings, env).ok else 1
 
 
 def starter(settings: Settings, argv: list[str]) -> int:

@@ -14,7 +14,6 @@ from vmwrap import launcher, lifecycle
 from vmwrap.config import Settings
 from vmwrap.errors import UserError, VmwrapError
 from vmwrap.job import Job
-from vmwrap.lifecycle import Verdict
 
 from .commands import SCONTROL, SQUEUE
 
@@ -149,42 +148,70 @@ def job_from_env(env: dict[str, str], show_job=slurm_job) -> tuple[Job, dict] | 
     return job, req
 
 
+class Slurm:
+    """vmwrap.adapter.Scheduler for Slurm: what slurmd's prolog/epilog environment and slurmctld say."""
+
+    name = "slurm"
+    root_env = ROOT_ENV
+
+    def job_id(self, env) -> str:
+        return env.get("SLURM_JOB_ID", "")
+
+    def job(self, env) -> Job | None:
+        parsed = job_from_env(dict(env))
+        return parsed[0] if parsed else None
+
+    def requeue_state(self, settings: Settings, env) -> tuple[bool, int]:
+        """Slurm counts restarts: more than when the VM started here means requeued or preempted."""
+        v = env.get("SLURM_JOB_RESTART_COUNT") or "0"
+        restarts = int(v) if re.fullmatch(r"\d{1,6}", v) else 0
+        return lifecycle.requeued(settings, self.job_id(env), restarts), restarts
+
+    def take_out(self, env, reason: str) -> None:
+        node = env.get("SLURMD_NODENAME")
+        if node and os.path.exists(SCONTROL):
+            subprocess.run([SCONTROL, "update", f"nodename={node}", "state=drain", f"reason={reason[:200]}"],
+                           capture_output=True, timeout=30)
+
+    def still_queued(self):
+        r = subprocess.run([SQUEUE, "-h", "-a", "-t", "all", "-o", "%i %T"], capture_output=True, text=True,
+                           timeout=60)
+        if r.returncode != 0:
+            return lambda j: True  # slurmctld unreachable: keep everything
+        states = dict(line.split(None, 1) for line in r.stdout.splitlines() if " " in line)
+        return lambda j: states.get(j, "").strip() not in FINAL | {""}
+
+    def planned_starts(self) -> list[dict] | None:
+        from .prestage import pending
+
+        return pending()
+
+    def publish_cached(self, node: str, images: list[str]) -> None:
+        from .prestage import publish
+
+        publish(node, images)
+
+    def render_config(self, settings: Settings, **options) -> str:
+        from .render import render_config
+
+        return render_config(settings, **options)
+
+
+SLURM = Slurm()
+
+
 def prolog(settings: Settings, env: dict[str, str]) -> int:
-    """Boot the job's VM (vmwrap.lifecycle.start). Exit 0 runs the job, even one that is to fail
-    (its batch step prints why); exit 1 only for a node fault, after draining the node with our
-    reason (slurmd would drain it with its own, vaguer one)."""
-    out = lifecycle.start(settings, env.get("SLURM_JOB_ID", ""), lambda: _job(env), "slurm")
-    if out.verdict is Verdict.NODE_FAULT:
-        _drain(env, f"vmwrap: {out.reason}")
-        return 1
-    return 0
-
-
-def _job(env: dict[str, str]) -> Job | None:
-    parsed = job_from_env(env)
-    return parsed[0] if parsed else None
-
-
-def _drain(env: dict[str, str], reason: str) -> None:
-    node = env.get("SLURMD_NODENAME")
-    if node and os.path.exists(SCONTROL):
-        subprocess.run([SCONTROL, "update", f"nodename={node}", "state=drain", f"reason={reason[:200]}"],
-                       capture_output=True, timeout=30)
+    """Boot the job's VM (vmwrap.lifecycle). Exit 0 runs the job, even one that is to fail (its batch
+    step prints why); exit 1 only for a node fault, after draining the node with our reason (slurmd
+    would drain it with its own, vaguer one)."""
+    return 0 if lifecycle.prolog(SLURM, settings, env).ok else 1
 
 
 def epilog(settings: Settings, env: dict[str, str]) -> int:
-    """Save the VM of a requeued/preempted job, destroy it, clean up (vmwrap.lifecycle.end). Slurm
-    counts restarts: more than when the VM started here means the job was requeued."""
-    job_id = env.get("SLURM_JOB_ID", "")
-    v = env.get("SLURM_JOB_RESTART_COUNT") or "0"
-    restarts = int(v) if re.fullmatch(r"\d{1,6}", v) else 0
-    out = lifecycle.end(settings, job_id, requeued=lifecycle.requeued(settings, job_id, restarts),
-                        restarts=restarts, scheduler="slurm", node=env.get("SLURMD_NODENAME", ""),
-                        slurm_exit=env.get("SLURM_JOB_EXIT_CODE2", "")[:32])
-    if out.verdict is Verdict.NODE_FAULT:
-        _drain(env, f"vmwrap: {out.reason}")
-        return 1
-    return 0
+    """Save the VM of a requeued/preempted job, destroy it, clean up (vmwrap.lifecycle)."""
+    out = lifecycle.epilog(SLURM, settings, env, node=env.get("SLURMD_NODENAME", ""),
+                           slurm_exit=env.get("SLURM_JOB_EXIT_CODE2", "")[:32])
+    return 0 if out.ok else 1
 
 
 def attach(settings: Settings, script_path: str, args: list[str]) -> int:
@@ -217,8 +244,4 @@ FINAL = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 def checkpoint_gc(settings: Settings) -> list[str]:
     """Delete checkpoints of jobs that ended while they were not running (no epilog ran for them)."""
-    r = subprocess.run([SQUEUE, "-h", "-a", "-t", "all", "-o", "%i %T"], capture_output=True, text=True, timeout=60)
-    if r.returncode != 0:
-        return []  # slurmctld unreachable: keep everything
-    states = dict(line.split(None, 1) for line in r.stdout.splitlines() if " " in line)
-    return lifecycle.gc_checkpoints(settings, lambda j: states.get(j, "").strip() not in FINAL | {""})
+    return lifecycle.gc_checkpoints(settings, SLURM.still_queued())

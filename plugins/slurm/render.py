@@ -76,3 +76,33 @@ def slurm_conf_lines(vmwrap_hooks: Path = HOOKS, prolog_timeout: int = 300) -> s
         "# On the head node, as a loop or a timer: `vmwrap slurm gc` (checkpoints of jobs cancelled while saved).",
         "",
     ])
+
+
+def render_config(settings, lua_out: str | None = None, vmwrap_path: str = "/usr/local/bin/vmwrap",
+                  default_image: str | None = None, node_config: str | None = None) -> str:
+    """`vmwrap config render slurm`: write job_submit.lua (atomically), return slurm.conf's lines."""
+    import os
+    import sys
+
+    from vmwrap.directives import check_image_name
+    from vmwrap.errors import UserError
+
+    cat = Catalog.load(settings.catalog)
+    if default_image:
+        check_image_name(default_image)
+        if default_image not in cat.images:
+            raise UserError(f"default image {default_image!r} is not in the catalog")
+    if node_config and "'" in node_config:
+        raise UserError("--node-config must not contain a single quote")
+    if lua_out is None:
+        conf = os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")
+        lua_out = os.path.join(os.path.dirname(conf), "job_submit.lua")
+    active = os.path.join(os.path.dirname(os.path.abspath(lua_out)), "vmwrap-active.lua")
+    lua = render_lua(cat, vmwrap_path, node_config, default_image, active_file=active)
+    tmp = f"{lua_out}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(lua)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, lua_out)
+    print(f"# job_submit.lua written to {lua_out} ({len(cat.images)} images)", file=sys.stderr)
+    return slurm_conf_lines()

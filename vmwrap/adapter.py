@@ -1,0 +1,76 @@
+"""The scheduler-adapter contract: everything the core asks of a batch scheduler.
+
+The core never imports a scheduler. A plugin declares one object implementing `Scheduler` under the
+entry point group `vmwrap.schedulers` (and its click command group under `vmwrap.cli`); the core
+finds it with `schedulers()` / `scheduler(name)`. Node-side hooks then only translate: the hook
+environment into a Job (`job`), requeue facts (`requeue_state`), and the lifecycle's Outcome into
+the scheduler's exit codes and drain/offline mechanism (`take_out`). Capabilities a scheduler does
+not have (no planned starts to prestage for, no reservations) answer None and the core skips them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from importlib.metadata import entry_points
+from typing import Protocol, runtime_checkable
+
+from .config import Settings
+from .errors import NodeError
+from .job import Job
+
+GROUP = "vmwrap.schedulers"
+CLI_GROUP = "vmwrap.cli"
+
+
+@runtime_checkable
+class Scheduler(Protocol):
+    name: str
+    # Variables a root hook keeps from its environment (vmwrap.rootenv drops every other one).
+    root_env: tuple[str, ...]
+
+    def job_id(self, env: Mapping[str, str]) -> str:
+        """The job's id as a plain name (array tasks included), from the hook environment."""
+
+    def job(self, env: Mapping[str, str]) -> Job | None:
+        """The job as the core sees it, ceilings (CPUs, memory) from the scheduler's allocation;
+        None for a job that asked for no VM. Raises UserError for a request that must fail the job."""
+
+    def requeue_state(self, settings: Settings, env: Mapping[str, str]) -> tuple[bool, int]:
+        """In an epilog: (requeued/vacated/checkpointed since its VM started here, restart count)."""
+
+    def take_out(self, env: Mapping[str, str], reason: str) -> None:
+        """Drain/offline this node with `reason` (a no-op where the hook's exit code does it)."""
+
+    def still_queued(self) -> Callable[[str], bool]:
+        """For checkpoint GC: whether a job id may still run again. Unreachable scheduler: always True."""
+
+    def planned_starts(self) -> list[dict] | None:
+        """Jobs the scheduler will start next, with their image and node if planned (prestage)."""
+
+    def publish_cached(self, node: str, images: list[str]) -> None:
+        """Tell the scheduler which images this node holds (cache-aware placement)."""
+
+    def render_config(self, settings: Settings, **options) -> str:
+        """The scheduler's configuration lines that enable vmwrap."""
+
+
+def schedulers() -> dict[str, Scheduler]:
+    """Every installed scheduler adapter by name."""
+    found = {}
+    for ep in entry_points(group=GROUP):
+        obj = ep.load()
+        inst = obj() if isinstance(obj, type) else obj
+        found[inst.name] = inst
+    return found
+
+
+def scheduler(name: str) -> Scheduler:
+    found = schedulers()
+    if name not in found:
+        raise NodeError(f"no scheduler adapter {name!r} installed (have: {', '.join(sorted(found)) or 'none'})")
+    return found[name]
+
+
+def cli_groups() -> list:
+    """The click command groups plugins add to `vmwrap` (e.g. `vmwrap slurm ...`)."""
+    return [ep.load() for ep in entry_points(group=CLI_GROUP)]
