@@ -17,7 +17,7 @@ from vmwrap.errors import NodeError
 from vmwrap.rootenv import BASE, SAFE_PATH, clean_environment
 
 ROOT = Path(__file__).resolve().parent.parent
-HOOKS = ROOT / "prolog_epilog"
+HOOKS = ROOT / "vmwrap" / "hooks"
 USER = 1234  # tests/conftest.py's test user
 
 # Runs the real CLI with the hooks replaced by a spy that records what they were handed.

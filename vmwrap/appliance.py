@@ -15,8 +15,8 @@ from pathlib import Path
 from .cache import sha256_file
 from .catalog import Artifact, Image, register
 from .errors import NodeError
+from .resources import TEMPLATES
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 GUEST_MODULES = ["virtio_pci", "virtio_console", "9p", "9pnet_virtio", "9pnet_fd"]
 DISK_MODULES = ["virtio_blk", "crc32c_generic", "ext4"]  # loaded only when the VM has a root disk
 BUSYBOX = "/bin/busybox"

@@ -14,8 +14,8 @@ import jinja2
 
 from . import safeio
 from .errors import GuestStalledError, NodeError
+from .resources import TEMPLATES
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATES)),
     autoescape=jinja2.select_autoescape(enabled_extensions=("xml", "j2"), default=True),

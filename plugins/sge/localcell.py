@@ -13,10 +13,10 @@ import subprocess
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+from vmwrap.resources import HOOKS
+
 SGE_ROOT = Path("/var/lib/gridengine")
 CELL = "default"
-HOOKS = ROOT / "prolog_epilog"
 
 
 def env() -> dict:

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from vmwrap import config as vmwrap_config
+from vmwrap.resources import HOOKS
 
-ROOT = Path(__file__).resolve().parents[2]
 NODES = ["c1", "c2", "c3"]
 
 
@@ -80,7 +80,7 @@ class Cluster:
         for kind in ("prolog", "epilog"):
             h = hooks / kind
             # Root hooks take their config from their command line only (never $VMWRAP_CONFIG).
-            h.write_text(f"#!/bin/sh\nexec {ROOT}/prolog_epilog/slurm-{kind} --config '{self.vmwrap_config}'\n")
+            h.write_text(f"#!/bin/sh\nexec {HOOKS}/slurm-{kind} --config '{self.vmwrap_config}'\n")
             h.chmod(0o755)
         ctld_port = _free_port()
         acct = ""

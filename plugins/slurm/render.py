@@ -10,9 +10,8 @@ from pathlib import Path
 import jinja2
 
 from vmwrap.catalog import Catalog
+from vmwrap.resources import HOOKS, TEMPLATES
 
-TEMPLATES = Path(__file__).resolve().parent.parent.parent / "templates"
-HOOKS = Path(__file__).resolve().parent.parent.parent / "prolog_epilog"
 
 
 def lua_literal(v) -> str:
