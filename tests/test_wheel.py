@@ -1,0 +1,112 @@
+"""vmwrap installed from a built wheel (not editable, no source tree on sys.path) runs a VM job.
+
+The wheel is built from a copy of the tracked files (no stale build/ dir), installed into a fresh
+venv with `--no-deps`; its dependencies (libvirt-python needs libvirt's headers to build, so no
+offline install) are linked from the venv running the tests. The job runs from / with a clean
+environment, so nothing of /work/main can be imported.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, Site
+
+pytestmark = pytest.mark.vm
+
+DEPS = ("libvirt", "click", "jinja2", "markupsafe")
+
+
+def _site_packages(python: Path) -> Path:
+    out = subprocess.run([str(python), "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True, cwd="/", env={"PATH": "/usr/bin:/bin"})
+    return Path(out.stdout.strip())
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("wheel")
+    src, dist, venv = base / "src", base / "dist", base / "venv"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for f in files:
+        if f and not f.startswith(("tests/", "benchmarks/")) and (ROOT / f).is_file():
+            (src / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, src / f)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + ["wheel", "--no-deps", "-w", str(dist), str(src)], check=True, cwd="/", capture_output=True)
+    (whl,) = dist.glob("vmwrap-*.whl")
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True, cwd="/")
+    target = _site_packages(venv / "bin" / "python")
+    here = _site_packages(Path(sys.executable))
+    for entry in here.iterdir():
+        low = entry.name.lower()
+        if any(low == d or low.startswith((d + ".", d + "-", d + "_", d + "mod", d + "aio")) for d in DEPS):
+            (target / entry.name).symlink_to(entry)
+    subprocess.run(pip + ["--python", str(venv / "bin" / "python"), "install", "--no-deps", "--no-index", str(whl)],
+                   check=True, cwd="/", capture_output=True)
+    return venv
+
+
+def test_wheel_install_has_package_data(wheel_venv):
+    py = wheel_venv / "bin" / "python"
+    r = subprocess.run([str(py), "-I", "-c", "import vmwrap, plugins.slurm.render as r; from vmwrap import resources; "
+                        "print(vmwrap.__file__); print(resources.TEMPLATES); print(resources.HOOKS); print(r.HOOKS)"],
+                       capture_output=True, text=True, cwd="/", env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    pkg, templates, hooks, slurm_hooks = map(Path, r.stdout.split())
+    site = _site_packages(py)
+    assert pkg == site / "vmwrap" / "__init__.py"
+    assert templates == site / "vmwrap" / "templates" and hooks == slurm_hooks == site / "vmwrap" / "hooks"
+    for f in ("domain.xml.j2", "guest/init.sh", "guest/vmwrap-exec.c", "guest/vmwrap-relay.c", "slurm/job_submit.lua.j2"):
+        assert (templates / f).is_file(), f
+    names = sorted(p.name for p in hooks.iterdir())
+    assert names == sorted(p.name for p in (ROOT / "vmwrap" / "hooks").iterdir())
+    for h in hooks.iterdir():  # pip keeps the executable bit the wheel recorded
+        assert os.stat(h).st_mode & stat.S_IXUSR, h
+
+
+def _procs_with(*needles: str) -> list[list[str]]:
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                argv = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if all(any(n in a for a in argv) for n in needles):
+                found.append(argv)
+    return found
+
+
+def test_job_runs_from_the_wheel(wheel_venv, appliance, virt_type, tmp_path, workdir):
+    site = Site(tmp_path, appliance, virt_type)
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/sh\n#VMWRAP --image=busybox\necho from-wheel > out.txt; sleep 3; echo hello; exit 7\n")
+    env = {"PATH": "/usr/bin:/bin", "VMWRAP_CONFIG": str(site.config), "HOME": "/root"}
+    start = time.monotonic()
+    proc = subprocess.Popen([str(wheel_venv / "bin" / "vmwrap"), "run", str(script), "--workdir", str(workdir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", env=env)
+    # The helpers the job starts (work dir server, limit watcher) run the installed package too.
+    helpers = {"vmwrap.ninep": [], "vmwrap.limits": []}
+    while proc.poll() is None and time.monotonic() - start < 120 and not all(helpers.values()):
+        for mod in helpers:
+            helpers[mod] = helpers[mod] or _procs_with(mod, str(tmp_path))  # its run dir or work dir
+        time.sleep(0.2)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 7, err.decode()
+    assert out == b"hello\n"
+    assert (workdir / "out.txt").read_text() == "from-wheel\n"
+    for mod, argvs in helpers.items():
+        assert argvs, f"{mod} never ran"
+        assert argvs[0][0] == str(wheel_venv / "bin" / "python") or Path(argvs[0][0]).parent == wheel_venv / "bin", argvs
+        assert not any(str(ROOT) in a for a in argvs[0]), argvs
+    assert not site.leftovers()
