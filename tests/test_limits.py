@@ -118,6 +118,65 @@ def test_started_watcher_is_root_and_stops_with_teardown(tmp_path, fake_qemu):
     assert not os.path.exists(f"/proc/{pid}") or b"vmwrap.limits" not in Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
+def _stand_in(marker: str) -> subprocess.Popen:
+    """A process whose command line holds `marker`, as another job's helper's would."""
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker])
+    for _ in range(500):  # just after exec, /proc may show an empty command line for a moment
+        if marker.encode() in Path(f"/proc/{p.pid}/cmdline").read_bytes():
+            break
+        time.sleep(0.01)
+    return p
+
+
+def test_stop_kills_only_the_process_the_pidfile_recorded(tmp_path):
+    """After pid reuse the pid in limits.pid may be another VM's watcher (the same command line):
+    stop() kills only a process with the recorded start time and uid, never on a bare pid."""
+    from vmwrap import procs
+
+    p = _stand_in("vmwrap.limits")
+    pidfile = tmp_path / limits.PIDFILE
+    try:
+        start = procs.start_time(p.pid)
+        for text in (f"{p.pid}\n",                                  # an older vmwrap's: cannot be verified
+                     f"{p.pid} {start + 1} {os.geteuid()}\n",       # that pid, a later process
+                     f"{p.pid} {start} {os.geteuid() + 1}\n",       # another uid
+                     f"{p.pid} {start} {os.geteuid()} x\n"):
+            pidfile.write_text(text)
+            limits.stop(tmp_path)
+            assert not pidfile.exists()
+            time.sleep(0.05)
+            assert p.poll() is None, text
+        pidfile.write_text(f"{p.pid} {start} {os.geteuid()}\n")
+        limits.stop(tmp_path)
+        assert not os.path.exists(f"/proc/{p.pid}") and not pidfile.exists()  # killed, and reaped (our child)
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_start_time_is_read_after_the_last_parenthesis(tmp_path):
+    """A process names itself (comm, field 2 of /proc/<pid>/stat): ') R 1 2 3' in it must not shift
+    the fields root reads."""
+    from vmwrap import procs
+
+    code = ("import ctypes, time; ctypes.CDLL(None).prctl(15, b') R 1 2 3 4 5', 0, 0, 0); "
+            "open(__import__('sys').argv[1], 'w').close(); time.sleep(60)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "ready")])
+    try:
+        for _ in range(200):
+            if (tmp_path / "ready").exists():
+                break
+            time.sleep(0.01)
+        stat = Path(f"/proc/{p.pid}/stat").read_bytes()
+        assert b"() R 1 2 3 4 " in stat
+        assert procs.start_time(p.pid) == int(stat[stat.rindex(b")") + 2:].split()[19])
+        procs.record(tmp_path / "x.pid", p.pid, os.geteuid())
+        assert procs.read(tmp_path / "x.pid") == (p.pid, procs.start_time(p.pid), os.geteuid())
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_no_watcher_when_no_limit_is_set(tmp_path):
     s = Settings(state_dir=str(tmp_path), job_output_max_bytes=0, console_max_bytes=0)
     assert limits.start(tmp_path, "vmwrap-none", s) is None

@@ -622,7 +622,7 @@ def test_ask_reads_a_large_state_in_linear_time(tmp_path):
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(str(tmp_path / share.CONTROL))
     srv.listen(1)
-    payload = b"x" * (96 << 20) + b"\n"
+    payload = b"x" * share.STATE_MAX + b"\n"  # the largest answer taken
 
     def run():
         k, _ = srv.accept()
@@ -638,6 +638,112 @@ def test_ask_reads_a_large_state_in_linear_time(tmp_path):
     out = share._ask(tmp_path, "STATE", timeout=30)
     assert len(out) == len(payload)
     assert time.monotonic() - t0 < 4
+
+
+
+def _control_server(run_dir, answer):
+    """A stand-in for a hostile job's 9P server on run_dir's control socket: answer(conn) talks."""
+    from vmwrap import share
+
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(run_dir / share.CONTROL))
+    srv.listen(1)
+
+    def run():
+        k, _ = srv.accept()
+        try:
+            k.recv(64)
+            answer(k)
+        except OSError:
+            pass  # root gave up on it
+        finally:
+            k.close()
+            srv.close()
+    threading.Thread(target=run, daemon=True).start()
+
+
+def test_ask_gives_a_dribbling_server_one_deadline_not_one_per_read(tmp_path):
+    """The server runs as the job's user: one byte every 0.3 s kept a per-read timeout of 1 s (10 s in
+    real use) waiting forever. The whole answer has one deadline."""
+    from vmwrap import share
+    from vmwrap.errors import NodeError
+
+    def dribble(k):
+        for _ in range(15):  # 4.5 s (forever, for a real attacker)
+            time.sleep(0.3)
+            k.sendall(b"{")
+    _control_server(tmp_path, dribble)
+    t0 = time.monotonic()
+    with pytest.raises(NodeError, match=r"did not answer STATE within 1 s"):
+        share._ask(tmp_path, "STATE", timeout=1)
+    assert time.monotonic() - t0 < 2
+
+
+def test_ask_refuses_an_answer_a_checkpoint_could_not_restore(tmp_path):
+    """The answer is capped at what a restore reads back (checkpoint.SHARE_MAX), not 4 times more."""
+    from vmwrap import checkpoint, share
+    from vmwrap.errors import NodeError
+
+    assert checkpoint.SHARE_MAX == share.STATE_MAX
+    chunk = b"x" * (1 << 20)
+
+    def flood(k):
+        for _ in range((share.STATE_MAX >> 20) + 8):
+            k.sendall(chunk)
+        k.sendall(b"\n")
+    _control_server(tmp_path, flood)
+    with pytest.raises(NodeError, match=f"answered STATE with over {share.STATE_MAX} bytes"):
+        share._ask(tmp_path, "STATE", timeout=30)
+
+
+def test_state_is_refused_if_its_checkpoint_copy_would_be_too_large(tmp_path):
+    """share.json is json.dumps of the state: a server's compact JSON (no spaces, raw UTF-8) can grow by
+    that; what a restore could not read back is refused at the save."""
+    from vmwrap import share
+    from vmwrap.errors import NodeError
+
+    body = b'{"a":[' + b"0," * ((share.STATE_MAX - 100) // 2) + b'0]}\n'  # ", " doubles it
+    assert len(body) <= share.STATE_MAX + 1
+    _control_server(tmp_path, lambda k: k.sendall(body))
+    with pytest.raises(NodeError, match="returned a state of over"):
+        share.state(tmp_path)
+    for bad in (b"[1, 2]\n", b"[" * 100000 + b"\n"):
+        (tmp_path / share.CONTROL).unlink()
+        _control_server(tmp_path, lambda k, bad=bad: k.sendall(bad))
+        with pytest.raises(NodeError, match="returned no state"):
+            share.state(tmp_path)
+
+
+
+def test_share_stop_kills_only_the_server_it_started(tmp_path):
+    """9p.pid names a process by pid, start time and the job's uid: after pid reuse the same pid may be
+    another job's server (the same command line), which stop() must leave alone."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vmwrap import procs, share
+
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "vmwrap.ninep"])
+    for _ in range(500):  # just after exec, /proc may show an empty command line for a moment
+        if b"vmwrap.ninep" in Path(f"/proc/{p.pid}/cmdline").read_bytes():
+            break
+        time.sleep(0.01)
+    pidfile = tmp_path / share.PIDFILE
+    try:
+        start, uid = procs.start_time(p.pid), os.geteuid()
+        for text in (f"{p.pid}", f"{p.pid} {start - 1} {uid}", f"{p.pid} {start} 1234", "x", f"{p.pid} {start}"):
+            pidfile.write_text(text)
+            share.stop(tmp_path)
+            assert not pidfile.exists()
+            time.sleep(0.05)
+            assert p.poll() is None, text
+        pidfile.write_text(f"{p.pid} {start} {uid}\n")
+        share.stop(tmp_path)
+        assert not os.path.exists(f"/proc/{p.pid}") and not pidfile.exists()
+    finally:
+        p.kill()
+        p.wait()
 
 
 FUZZ_SECONDS = float(os.environ.get("VMWRAP_FUZZ_SECONDS", "12"))
@@ -858,9 +964,10 @@ def test_share_start_keeps_log_and_state_private_and_python_isolated(tmp_path):
             qemu.settimeout(10)
             qemu.sendall(msg(ninep.Tgetattr, struct.pack("<IQ", 3, 0x7FF)))  # the restored fid
             assert recv_reply(qemu)[4] == ninep.Tgetattr + 1
-            qemu.close()
         finally:
             share.stop(run)
+        assert not os.path.exists(f"/proc/{pid}")  # the recorded server itself was killed
+        qemu.close()
     finally:
         import shutil
 

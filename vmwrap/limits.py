@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import safeio
+from . import procs, safeio
 from .errors import NodeError
 
 REASON, PIDFILE = "limit", "limits.pid"
@@ -190,29 +190,20 @@ def start(run_dir: Path, name: str, settings) -> int | None:
                                 cwd="/", env=env, start_new_session=True, close_fds=True)
     except OSError as e:
         raise NodeError(f"cannot start the disk limit watcher of {name}: {e}") from None
-    (Path(run_dir) / PIDFILE).write_text(str(proc.pid))
+    try:
+        procs.record(Path(run_dir) / PIDFILE, proc.pid, os.geteuid())  # it runs as root, as we do
+    except (OSError, NodeError) as e:
+        proc.kill()
+        proc.wait()
+        raise NodeError(f"cannot record the disk limit watcher of {name}: {e}") from None
     return proc.pid
 
 
 def stop(run_dir: Path) -> None:
-    """Kill the watcher if it still runs (it exits by itself when QEMU goes)."""
-    pidfile = Path(run_dir) / PIDFILE
-    data = safeio.read_capped(pidfile, 32)
-    try:
-        pid = int(data or b"")
-    except ValueError:
-        pidfile.unlink(missing_ok=True)
-        return
-    if b"vmwrap.limits" in (safeio.read_capped(f"/proc/{pid}/cmdline", 4096) or b""):
-        try:
-            os.kill(pid, signal.SIGKILL)
-            for _ in range(100):
-                if os.waitpid(pid, os.WNOHANG)[0]:
-                    break
-                time.sleep(0.01)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-    pidfile.unlink(missing_ok=True)
+    """Kill the watcher if it still runs (it exits by itself when QEMU goes). Only the process the
+    pidfile recorded is killed, with its start time and uid (procs.kill): after pid reuse that pid
+    may be another VM's watcher. A pidfile of an older vmwrap (a bare pid) is only removed."""
+    procs.kill(Path(run_dir) / PIDFILE)
 
 
 def main(argv: list[str]) -> int:

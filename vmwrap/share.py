@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import stat
 import subprocess
@@ -18,11 +17,14 @@ import sys
 import time
 from pathlib import Path
 
+from . import procs
 from .errors import NodeError
 from .job import Job
 
 SOCKET, CONTROL, PIDFILE, LOG = "9p.sock", "9p.ctl", "9p.pid", "9p.log"
-ANSWER_MAX = 256 << 20  # the server's bounds keep its state far below this
+# The server's state as JSON (fid table plus queued requests, each up to 512 KiB in base64): its own
+# bounds keep it far below this. A checkpoint stores it as share.json, and a restore reads no more.
+STATE_MAX = 64 << 20
 
 
 def start(run_dir: Path, job: Job, state_file: Path | None = None) -> int:
@@ -60,7 +62,12 @@ def start(run_dir: Path, job: Job, state_file: Path | None = None) -> int:
         for s in socks:
             s.close()
         os.close(log)
-    (run_dir / PIDFILE).write_text(str(proc.pid))
+    try:
+        procs.record(run_dir / PIDFILE, proc.pid, job.uid)
+    except (OSError, NodeError) as e:
+        proc.kill()
+        proc.wait()
+        raise NodeError(f"cannot record the work dir server of job {job.job_id}: {e}") from None
     return proc.pid
 
 
@@ -82,25 +89,42 @@ def _private(path: Path, flags: int, job: Job) -> int:
 
 
 def _ask(run_dir: Path, command: str, timeout: float = 10.0) -> bytes:
+    """Send `command` to the server's control socket; its answer, up to the first newline.
+
+    The server runs as the job's user, so it may answer slowly, never, or too much: `timeout` bounds
+    the whole exchange (not each read) and the answer is at most STATE_MAX bytes plus its newline.
+    NodeError otherwise (callers save a checkpoint: the job's save fails, the node is not drained)."""
+    deadline = time.monotonic() + timeout
+    where = f"the work dir server of {run_dir.name}"
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
+
+    def left() -> float:
+        t = deadline - time.monotonic()
+        if t <= 0:
+            raise NodeError(f"{where} did not answer {command} within {timeout:g} s")
+        return t
     try:
+        s.settimeout(left())
         s.connect(str(run_dir / CONTROL))
+        s.settimeout(left())
         s.sendall(command.encode() + b"\n")
         chunks, size = [], 0  # a list joined once: the state can be tens of MiB
         while True:
-            chunk = s.recv(1 << 20)
+            s.settimeout(left())
+            chunk = s.recv(min(1 << 20, STATE_MAX + 2 - size))
             if not chunk:
                 break
             chunks.append(chunk)
             size += len(chunk)
-            if size > ANSWER_MAX:
-                raise NodeError(f"the work dir server of {run_dir.name} answered {command} with over {ANSWER_MAX} bytes")
+            if size > STATE_MAX + 1:
+                raise NodeError(f"{where} answered {command} with over {STATE_MAX} bytes")
             if chunk.endswith(b"\n"):
                 break
         return b"".join(chunks)
+    except TimeoutError:
+        raise NodeError(f"{where} did not answer {command} within {timeout:g} s") from None
     except OSError as e:
-        raise NodeError(f"the work dir server of {run_dir.name} did not answer {command}: {e}") from None
+        raise NodeError(f"{where} did not answer {command}: {e}") from None
     finally:
         s.close()
 
@@ -120,30 +144,18 @@ def state(run_dir: Path) -> dict:
     """The server's fid table and queued requests (after drain() and the VM is paused)."""
     raw = _ask(run_dir, "STATE", timeout=30.0)
     try:
-        return json.loads(raw)
-    except ValueError:
+        st = json.loads(raw)
+    except (ValueError, RecursionError):
         raise NodeError(f"the work dir server of {run_dir.name} returned no state") from None
+    if not isinstance(st, dict):
+        raise NodeError(f"the work dir server of {run_dir.name} returned no state")
+    if len(json.dumps(st).encode()) > STATE_MAX:  # as the checkpoint will store it: a restore reads no more
+        raise NodeError(f"the work dir server of {run_dir.name} returned a state of over {STATE_MAX} bytes")
+    return st
 
 
 def stop(run_dir: Path) -> None:
-    """Kill the server if it still runs (it exits by itself when QEMU goes)."""
-    pidfile = run_dir / PIDFILE
-    try:
-        pid = int(pidfile.read_text())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        pidfile.unlink(missing_ok=True)
-        return
-    if b"vmwrap.ninep" not in cmdline:  # gone long ago, the pid now belongs to someone else
-        pidfile.unlink(missing_ok=True)
-        return
-    try:
-        os.kill(pid, signal.SIGKILL)
-        for _ in range(100):
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            time.sleep(0.01)
-    except (ProcessLookupError, ChildProcessError):
-        pass
-    pidfile.unlink(missing_ok=True)
+    """Kill the server if it still runs (it exits by itself when QEMU goes). Only the process the
+    pidfile recorded is killed, with its start time and the job's uid (procs.kill): after pid reuse
+    that pid may be another job's server. A pidfile of an older vmwrap (a bare pid) is only removed."""
+    procs.kill(run_dir / PIDFILE)
