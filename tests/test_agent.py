@@ -54,3 +54,117 @@ def test_refuses_a_user_who_does_not_own_the_job(running_agent, test_user):
     owner = subprocess.run(["runuser", "-u", test_user.pw_name, "--", sys.executable, "-c", code],
                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
     assert "no VM for job 77" in owner.stdout  # authorised; there is simply no domain on the test driver
+
+
+def _ask_raw(settings, data: bytes, timeout: float = 10.0):
+    """Send raw bytes to the agent; its one-line answer as JSON (None if it closed without one)."""
+    import json
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(str(agent.socket_path(settings)))
+        if data:
+            s.sendall(data)
+        line = s.makefile("rb").readline()
+    return json.loads(line) if line else None
+
+
+def test_malformed_requests_get_an_error_answer_not_a_traceback(running_agent, capsys):
+    """A JSON list or number made req.get raise AttributeError, deep nesting RecursionError: the client
+    got no answer and the agent printed a traceback. Each now gets {"ok": false} saying what is wrong."""
+    cases = {
+        b"[]\n": "a JSON list, not an object",
+        b"5\n": "a JSON int, not an object",
+        b'"pause"\n': "a JSON str, not an object",
+        b"null\n": "a JSON NoneType, not an object",
+        b"[" * 4000 + b"\n": "not JSON",
+        b"\xff\xfe{}\n": "not JSON",
+        b"\n": "not JSON",
+        b'{"op": 1, "job": "77"}\n': '"op" must be a string',
+        b'{"op": "pause", "job": ["77"]}\n': '"job" must be a string',
+        b'{"op": "pause"}\n': '"job" must be a string',
+        b'{"op": "pause", "job": "' + b"7" * 1000 + b'"}\n': '"job" is longer than 128 characters',
+        b'{"op": "pause", "job": "' + b"7" * 5000 + b'"}\n': "longer than 4096 bytes",
+    }
+    for data, why in cases.items():
+        reply = _ask_raw(running_agent, data)
+        assert reply is not None and reply["ok"] is False and why in reply["error"], (data[:40], reply)
+    with pytest.raises(NodeError, match="no VM for job 99"):  # and it still serves
+        agent.request(running_agent, "pause", "99")
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_silent_or_dribbling_client_is_cut_off(running_agent, monkeypatch):
+    """Anyone may connect: a client that sends nothing, or a byte now and then, held a thread forever.
+    The request line has one deadline for all of it."""
+    import socket
+
+    monkeypatch.setattr(agent, "REQUEST_TIMEOUT", 1.0)
+    t0 = time.monotonic()
+    reply = _ask_raw(running_agent, b"", timeout=8)
+    assert reply == {"ok": False, "error": reply["error"]} and "no complete request within 1 s" in reply["error"]
+    assert time.monotonic() - t0 < 3
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(8)
+        s.connect(str(agent.socket_path(running_agent)))
+        t0 = time.monotonic()
+        got = b""
+        for _ in range(20):  # 6 s of dribble at most
+            try:
+                s.sendall(b" ")
+            except OSError:
+                break
+            time.sleep(0.3)
+            s.setblocking(False)
+            try:
+                got = s.recv(4096)
+                break
+            except BlockingIOError:
+                pass
+            finally:
+                s.settimeout(8)
+        assert b"no complete request within 1 s" in got
+        assert time.monotonic() - t0 < 3
+
+
+def test_connections_are_bounded_per_uid_and_in_all(running_agent, monkeypatch, test_user):
+    """Idle connections of one user could take every thread and descriptor of the agent: beyond
+    MAX_CLIENTS_PER_UID (and MAX_CLIENTS in all) a connection is refused at once; others are served."""
+    import socket
+
+    monkeypatch.setattr(agent, "REQUEST_TIMEOUT", 30.0)
+    monkeypatch.setattr(agent, "MAX_CLIENTS_PER_UID", 3)
+    idle = []
+    try:
+        for _ in range(3):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(agent.socket_path(running_agent)))
+            idle.append(s)
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        reply = _ask_raw(running_agent, b"", timeout=5)  # sends nothing: refused without waiting for it
+        assert reply["ok"] is False and "busy (uid 0 already has 3 requests open)" in reply["error"], reply
+        assert time.monotonic() - t0 < 1
+        code = ("from vmwrap import agent; from vmwrap.config import Settings\n"
+                f"s = Settings(state_dir={str(running_agent.state_dir)!r})\n"
+                "try:\n    agent.request(s, 'pause', '77')\nexcept Exception as e:\n    print(e)\n")
+        owner = subprocess.run(["runuser", "-u", test_user.pw_name, "--", sys.executable, "-c", code],
+                               capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        assert "no VM for job 77" in owner.stdout, owner  # another user is still served
+        monkeypatch.setattr(agent, "MAX_CLIENTS_PER_UID", 8)
+        monkeypatch.setattr(agent, "MAX_CLIENTS", 3)
+        reply = _ask_raw(running_agent, b"", timeout=5)
+        assert reply["ok"] is False and "busy (3 requests are open)" in reply["error"], reply
+    finally:
+        for s in idle:
+            s.close()
+    for _ in range(50):  # the closed ones free their slots
+        try:
+            agent.request(running_agent, "pause", "99")
+        except NodeError as e:
+            if "no VM for job 99" in str(e):
+                break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the agent never served again")

@@ -4,6 +4,11 @@ Batch steps (Slurm), suspend methods (Grid Engine) and wrappers run as the job's
 libvirt access (that is root on the node). They ask this agent over a Unix socket; the caller's uid
 comes from the kernel (SO_PEERCRED) and must own the job (or be root).
 Protocol: one JSON line {"op": "pause"|"resume", "job": ID} -> one JSON line {"ok": bool, "error": str}.
+
+The socket is open to every local user, so the agent bounds what any of them can hold: the request
+line must arrive within REQUEST_TIMEOUT s in all (not per read) and within REQUEST_MAX bytes; at most
+MAX_CLIENTS connections are served at once, MAX_CLIENTS_PER_UID of them one uid's, and more are
+refused at once. Every malformed request gets {"ok": false, "error": ...}, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,15 +18,24 @@ import os
 import socket
 import socketserver
 import struct
+import sys
+import threading
+import time
 from pathlib import Path
 
 from . import domain, safeio
 from .config import Settings
-from .errors import NodeError, UserError
+from .errors import NodeError, UserError, VmwrapError
 from .job import Job
 from .ledger import Ledger
 
 OPS = ("pause", "resume")
+REQUEST_MAX = 4096         # bytes of the one request line
+REQUEST_TIMEOUT = 5.0      # s for the whole request line (and for sending the reply)
+MAX_CLIENTS = 64           # connections served at once; more are refused at once ...
+MAX_CLIENTS_PER_UID = 8    # ... and so are a uid's beyond these: one user cannot take every slot
+FIELD_MAX = 128            # characters of "op" and "job" (a job id has at most 64)
+USAGE = 'one JSON line {"op": "pause" or "resume", "job": "<job id>"}'
 
 
 def socket_path(settings: Settings) -> Path:
@@ -55,26 +69,123 @@ def handle(settings: Settings, conn, peer_uid: int, op: str, job_id: str) -> Non
                                         by_uid=peer_uid, via="agent")
 
 
+def parse(line: bytes) -> tuple[str, str]:
+    """(op, job id) of one request line; UserError saying what is wrong with anything else."""
+    try:
+        req = json.loads(line)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; "[[[[..." recurses
+        raise UserError(f"the request is not JSON: send {USAGE}") from None
+    if not isinstance(req, dict):
+        raise UserError(f"the request is a JSON {type(req).__name__}, not an object: send {USAGE}")
+    op, job_id = req.get("op"), req.get("job")
+    for key, v in (("op", op), ("job", job_id)):
+        if not isinstance(v, str):
+            raise UserError(f'the request\'s "{key}" must be a string: send {USAGE}')
+        if len(v) > FIELD_MAX:
+            raise UserError(f'the request\'s "{key}" is longer than {FIELD_MAX} characters')
+    return op, job_id
+
+
+def read_request(sock: socket.socket, timeout: float | None = None) -> bytes:
+    """The request line (without its newline) from a client, which must send it within `timeout` s
+    in all (REQUEST_TIMEOUT by default) and within REQUEST_MAX bytes; UserError otherwise."""
+    timeout = REQUEST_TIMEOUT if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    buf = bytearray()
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
+            chunk = sock.recv(REQUEST_MAX + 1 - len(buf))
+        except TimeoutError:
+            raise UserError(f"no complete request within {timeout:g} s: send {USAGE}") from None
+        if not chunk:
+            return bytes(buf)  # the client closed: what it sent is the request
+        buf += chunk
+        end = buf.find(b"\n")
+        if end >= 0:
+            return bytes(buf[:end])
+        if len(buf) > REQUEST_MAX:
+            raise UserError(f"the request is longer than {REQUEST_MAX} bytes: send {USAGE}")
+
+
+def _reply(sock: socket.socket, reply: dict, timeout: float) -> None:
+    try:
+        if timeout:
+            sock.settimeout(timeout)
+        else:
+            sock.setblocking(False)  # a line fits the empty send buffer; never wait on the client
+        sock.sendall(json.dumps(reply).encode() + b"\n")
+    except OSError:
+        pass  # the client went away (or reads nothing): its loss
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("iII"))
+    return struct.unpack("iII", creds)[1]  # struct ucred: pid_t pid; uid_t uid; gid_t gid
+
+
 def serve(settings: Settings) -> None:
     path = socket_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     conn = domain.connect(settings.libvirt_uri)
 
-    class Handler(socketserver.StreamRequestHandler):
+    class Handler(socketserver.BaseRequestHandler):
         def handle(self):
-            creds = self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            _pid, uid, _gid = struct.unpack("3i", creds)
+            uid = self.client_address  # Server.process_request hands over the caller's uid
             try:
-                req = json.loads(self.rfile.readline(4096) or b"{}")
-                handle(settings, conn, uid, str(req.get("op")), str(req.get("job")))
+                op, job_id = parse(read_request(self.request))
+                handle(settings, conn, uid, op, job_id)
                 reply = {"ok": True}
-            except (UserError, NodeError, ValueError) as e:
+            except (VmwrapError, ValueError) as e:
                 reply = {"ok": False, "error": str(e)}
-            self.wfile.write(json.dumps(reply).encode() + b"\n")
+            except Exception as e:  # noqa: BLE001 (a bug or a libvirt surprise: this request fails, not the agent)
+                print(f"vmwrap agent: request of uid {uid} failed: {e!r}", file=sys.stderr, flush=True)
+                reply = {"ok": False, "error": f"the node agent failed: {e}"}
+            _reply(self.request, reply, REQUEST_TIMEOUT)
 
     class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         daemon_threads = True
+        block_on_close = False
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.lock = threading.Lock()
+            self.clients: dict[int, int] = {}  # uid -> connections being served
+
+        def process_request(self, request, client_address):
+            uid = _peer_uid(request)
+            with self.lock:
+                total, mine = sum(self.clients.values()), self.clients.get(uid, 0)
+                busy = total >= MAX_CLIENTS or mine >= MAX_CLIENTS_PER_UID
+                if not busy:
+                    self.clients[uid] = mine + 1
+            if busy:
+                why = (f"uid {uid} already has {mine} requests open" if mine >= MAX_CLIENTS_PER_UID
+                       else f"{total} requests are open")
+                _reply(request, {"ok": False, "error": f"the node agent is busy ({why}): try again"}, 0)
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, uid)
+            except BaseException:
+                self._done(uid)
+                raise
+
+        def process_request_thread(self, request, uid):
+            try:
+                super().process_request_thread(request, uid)
+            finally:
+                self._done(uid)
+
+        def _done(self, uid: int) -> None:
+            with self.lock:
+                self.clients[uid] -= 1
+                if not self.clients[uid]:
+                    del self.clients[uid]
 
     with Server(str(path), Handler) as srv:
         os.chmod(path, 0o666)  # anyone may ask; only a job's owner is obeyed
@@ -91,5 +202,7 @@ def request(settings: Settings, op: str, job_id: str, timeout: float = 2.0) -> N
             reply = json.loads(s.makefile("rb").readline() or b"{}")
     except (OSError, ValueError) as e:
         raise NodeError(f"vmwrap node agent unreachable at {socket_path(settings)}: {e}") from None
+    if not isinstance(reply, dict):
+        raise NodeError(f"vmwrap node agent at {socket_path(settings)} sent no answer to {op}")
     if not reply.get("ok"):
         raise NodeError(f"vmwrap node agent refused {op}: {reply.get('error', 'no reason')}")
