@@ -163,3 +163,77 @@ def test_disk_full_during_fetch(tmp_path, small_fs):
     with pytest.raises(NodeError, match="cache disk full while fetching"):
         c.fetch(art)
     assert os.listdir(small_fs / "tmp") == [] and os.listdir(small_fs / "blobs") == []
+
+
+def _acl_uids(p) -> set[int] | None:
+    """uids named in the file's POSIX access ACL; None without one."""
+    import struct
+
+    try:
+        raw = os.getxattr(p, "system.posix_acl_access")
+    except OSError:
+        return None
+    entries = [struct.unpack_from("<HHI", raw, 4 + 8 * i) for i in range((len(raw) - 4) // 8)]
+    return {qid for tag, _perm, qid in entries if tag == 0x02}
+
+
+def test_a_restricted_images_kernel_and_initrd_are_as_private_as_its_disk(tmp_path):
+    """Only the disk of a restricted image was kept from other users: its kernel and initrd (which
+    may hold what the site restricts the image for) were published 0444 to every user on the node."""
+    from vmwrap.catalog import Image
+
+    c = Cache(tmp_path / "c", 1 << 20)
+    arts = {k: make(tmp_path, k, 4096 + i) for i, k in enumerate(("kernel", "initrd", "disk"))}
+    img = Image("secret", "kernel", arts["kernel"], arts["initrd"], arts["disk"], users=["alice"])
+    assert img.restricted
+    for a in arts.values():
+        c.pin(a.sha256, "j1", 1234)
+        c.fetch(a)
+    c.grant(img)
+    for key, a in arts.items():
+        mode = c.blob(a.sha256).stat().st_mode
+        assert (mode & 0o007, _acl_uids(c.blob(a.sha256))) == (0, {1234}), key  # group bits: the ACL's mask
+    c.unpin_job("j1")
+    assert all(not _acl_uids(c.blob(a.sha256)) for a in arts.values())  # gone with the job
+
+    for open_img in (Image("open", "kernel", arts["kernel"], arts["initrd"], arts["disk"]),
+                     Image("all", "kernel", arts["kernel"], arts["initrd"], arts["disk"], users=["*"])):
+        assert not open_img.restricted
+        c.grant(open_img)
+        assert all(c.blob(a.sha256).stat().st_mode & 0o777 == 0o444 for a in arts.values())
+    assert Image("g", "kernel", arts["kernel"], arts["initrd"], groups=["staff"]).restricted
+
+
+def test_the_kvm_probe_boots_its_own_copies_of_kernel_and_initrd(tmp_path, monkeypatch):
+    """The probe's QEMU runs as libvirt-qemu, which a restricted image's cached kernel and initrd
+    do not name: it gets copies it owns, so the verdict is not 'no KVM' for a file it cannot read."""
+    import re
+
+    import libvirt
+
+    from vmwrap import accel, domain
+    from vmwrap.config import Settings
+
+    kernel, initrd = tmp_path / "k", tmp_path / "i"
+    kernel.write_bytes(b"kernel bytes")
+    initrd.write_bytes(b"initrd bytes")
+    for p in (kernel, initrd):
+        p.chmod(0o400)
+    seen = {}
+
+    class Conn:
+        def createXML(self, xml, flags):
+            for key in ("kernel", "initrd"):
+                path = re.search(f"<{key}>([^<]+)</{key}>", xml).group(1)
+                st = os.stat(path)
+                seen[key] = (open(path, "rb").read(), st.st_uid, st.st_mode & 0o777)
+                seen["uid"] = int(re.search(r"<label>\+(\d+):", xml).group(1))
+            raise libvirt.libvirtError("enough")
+
+        def close(self):
+            pass
+    monkeypatch.setattr(domain, "connect", lambda uri: Conn())
+    ok, detail = accel.probe_kvm(Settings(state_dir=str(tmp_path / "state")), str(kernel), str(initrd))
+    assert not ok and "KVM domain refused" in detail
+    assert seen["kernel"] == (b"kernel bytes", seen["uid"], 0o400)
+    assert seen["initrd"] == (b"initrd bytes", seen["uid"], 0o400)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -71,8 +72,16 @@ def probe_kvm(settings, kernel: str, initrd: str, timeout: float = PROBE_TIMEOUT
             fd = os.open(os.path.join(run_dir, f), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.fchown(fd, *ids)
             os.close(fd)
+        # Its own copies: a restricted image's cached kernel and initrd are readable only by the uids
+        # of the jobs using it (Cache.grant), and the probe's QEMU is none of them.
+        boot = {}
+        for key, src in (("kernel", kernel), ("initrd", initrd)):
+            boot[key] = os.path.join(run_dir, key)
+            shutil.copyfile(src, boot[key])
+            os.chown(boot[key], *ids)
+            os.chmod(boot[key], 0o400)
         spec = domain.Spec(name=name, job_id="kvm-probe", virt_type="kvm", memory_mib=128, cpus=1,
-                           kernel=kernel, initrd=initrd, run_dir=run_dir,
+                           kernel=boot["kernel"], initrd=boot["initrd"], run_dir=run_dir,
                            cmdline="vmwrap.probe=1", uid=ids[0], gid=ids[1])
         t0 = time.monotonic()
         try:

@@ -112,6 +112,19 @@ class Cache:
     # Blobs arrive root-only (0400). An open image's blobs are published to everyone (0444): QEMU runs
     # as the job's user and reads them. A restricted image's blobs stay 0400 with a POSIX ACL naming
     # exactly the uids of the jobs pinning them now, so nobody else on the node can read the image.
+    def grant(self, image) -> None:
+        """Let QEMU read every blob of `image` (a catalog.Image; call once they are pinned and fetched).
+
+        A restricted image's kernel and initrd get what its disk gets: readable by the pinning jobs'
+        uids only; the kernel or initrd may hold what the site restricts the image for. A blob with
+        the same bytes as an open image's may be published again by that image's next job: those
+        bytes are everyone's anyway."""
+        for art in image.artifacts().values():
+            if image.restricted:
+                self.restrict(art.sha256)
+            else:
+                self.publish(art.sha256)
+
     def publish(self, sha: str) -> None:
         with self._lock(sha):
             p = self.blob(sha)

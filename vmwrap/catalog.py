@@ -47,6 +47,12 @@ class Image:
             out["disk"] = self.disk
         return out
 
+    @property
+    def restricted(self) -> bool:
+        """Only the listed users/groups may run it: none of its files (kernel, initrd, disk) may be
+        readable by anyone else on a node (Cache.grant)."""
+        return bool(self.users or self.groups) and "*" not in self.users
+
     def allows(self, user: str, gid: int | None = None) -> bool:
         """Open to all when neither users nor groups is set; '*' in users also means everyone."""
         if not self.users and not self.groups:
