@@ -186,6 +186,26 @@ def test_restricted_image_blob_readable_only_by_its_running_jobs_users(tmp_path,
     assert readable_by("nobody")                # an open image's blob is for everyone
 
 
+def test_a_restricted_images_job_boots_with_kernel_and_initrd_kept_from_other_users(site, userdir, appliance,
+                                                                                      test_user):
+    """The launcher granted a restricted image's disk to its users only but published its kernel and
+    initrd 0444 to everyone on the node: they may hold what the site restricts the image for."""
+    import dataclasses
+
+    from vmwrap.catalog import register
+
+    register(str(site.catalog), dataclasses.replace(appliance, name="private", users=[test_user.pw_name]))
+    r = site.run("#!/bin/sh\n#VMWRAP --image=private\necho booted\n", userdir, "--user", test_user.pw_name)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert r.stdout == b"booted\n"                       # its QEMU (the job's user) could read them all
+    for art in (appliance.kernel, appliance.initrd):
+        blob = site.cache / "blobs" / art.sha256
+        assert not blob.stat().st_mode & 0o004, art          # not published (an ACL may show as group bits)
+        assert subprocess.run(["runuser", "-u", "nobody", "--", "head", "-c1", str(blob)],
+                              capture_output=True).returncode != 0
+    assert site.leftovers() == []
+
+
 def test_every_vm_has_a_hard_memory_limit(site, userdir, test_user, monkeypatch):
     """QEMU's whole memory (guest RAM + QEMU itself) is capped by its cgroup, set before the guest runs."""
     import libvirt

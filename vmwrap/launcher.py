@@ -152,11 +152,7 @@ class Launcher:
         self.timeline["cached"] = time.monotonic()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir.chmod(0o711)  # the job's user may reach its own files by name, not list others
-        for key, art in p.image.artifacts().items():  # QEMU, as the job's user, reads them
-            if key == "disk" and (p.image.users or p.image.groups):
-                self.cache.restrict(art.sha256)  # readable by the uids of the jobs using it, no one else
-            else:
-                self.cache.publish(art.sha256)  # kernels and open images: anyone may read them
+        self.cache.grant(p.image)  # QEMU, as the job's user, reads them; a restricted image's only its users
         if p.image.disk:
             ov = self.run_dir / "overlay.qcow2"
             if not ov.exists():
