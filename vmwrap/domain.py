@@ -168,7 +168,7 @@ def guarded(conn, name: str, what: str, call: Callable[[], object], timeout: flo
     end = time.monotonic() + timeout
     stopped_since = None
     while True:
-        t.join(0.25)
+        t.join(max(0.0, min(0.25, end - time.monotonic())))   # a deadline is kept to the instant
         if not t.is_alive():
             break
         now = time.monotonic()
