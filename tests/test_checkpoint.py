@@ -203,6 +203,15 @@ EVIL_XML = """<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/q
 
 
 class FakeDom:
+    def __init__(self, conn, name):
+        self._conn, self._name = conn, name
+
+    def connect(self):
+        return self._conn
+
+    def name(self):
+        return self._name
+
     def setMemoryParameters(self, params, flags):
         pass
 
@@ -215,7 +224,7 @@ class FakeConn:
         self.restored: list[tuple[str, str, int]] = []
 
     def lookupByName(self, name):
-        return FakeDom()
+        return FakeDom(self, name)
 
     def saveImageGetXMLDesc(self, path, flags):  # what a tampered memory.save would carry
         return EVIL_XML

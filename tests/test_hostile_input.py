@@ -105,7 +105,7 @@ def settings(tmp_path):
 @pytest.mark.parametrize("comment", [f"vmwrap:image=busybox,memory={HUGE},cpus=,lost=",
                                      "vmwrap:image=busybox,memory=200000,cpus=,lost=x"])
 def test_prolog_with_a_crafted_comment_fails_the_job_and_keeps_the_node(settings, comment, monkeypatch):
-    monkeypatch.setattr(hooks, "_drain", lambda *a: pytest.fail("the node was drained"))
+    monkeypatch.setattr(hooks.Slurm, "take_out", lambda *a: pytest.fail("the node was taken out"))
     assert hooks.prolog(settings, env(comment)) == 0
     err = (settings.jobs_dir / "77" / "error").read_text()
     assert err.startswith("user\n") and "not a VM request vmwrap wrote" in err
@@ -115,7 +115,7 @@ def test_prolog_turns_an_unexpected_exception_into_a_job_failure(settings, monke
     def boom(env):
         raise ValueError("Exceeds the limit (4300 digits) for integer string conversion")
     monkeypatch.setattr(hooks, "job_from_env", boom)
-    monkeypatch.setattr(hooks, "_drain", lambda *a: pytest.fail("the node was drained"))
+    monkeypatch.setattr(hooks.Slurm, "take_out", lambda *a: pytest.fail("the node was taken out"))
     assert hooks.prolog(settings, env("vmwrap:image=busybox,memory=,cpus=,lost=")) == 0
     err = (settings.jobs_dir / "77" / "error").read_text()
     assert "internal error in vmwrap's prolog (ValueError: Exceeds the limit" in err
@@ -129,7 +129,7 @@ def test_prolog_when_slurm_cannot_say_the_allocation_fails_the_job(settings, mon
         raise VmwrapError(f"cannot read job {jid}'s memory allocation from Slurm (scontrol show job: timeout)")
     monkeypatch.setattr(hooks, "slurm_job", unreachable)
     monkeypatch.setattr(hooks.job_from_env, "__defaults__", (unreachable,))
-    monkeypatch.setattr(hooks, "_drain", lambda *a: pytest.fail("the node was drained"))
+    monkeypatch.setattr(hooks.Slurm, "take_out", lambda *a: pytest.fail("the node was taken out"))
     assert hooks.prolog(settings, env("vmwrap:image=busybox,memory=,cpus=,lost=")) == 0
     assert "cannot read job 77's memory allocation" in (settings.jobs_dir / "77" / "error").read_text()
 

@@ -88,7 +88,7 @@ def slurm_hooks(monkeypatch, tmp_path):
     fake.chmod(0o755)
     monkeypatch.setattr(hooks, "SCONTROL", str(fake))
     hooks.drained = []
-    monkeypatch.setattr(hooks, "_drain", lambda env, reason: hooks.drained.append(reason))
+    monkeypatch.setattr(hooks.Slurm, "take_out", lambda self, env, reason: hooks.drained.append(reason))
     return hooks
 
 
