@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from plugins.sge.localcell import CELL, SGE_ROOT, Cell  # noqa: E402
+from harness.sge_cell import CELL, SGE_ROOT, Cell  # noqa: E402
 from vmwrap.catalog import Catalog, register  # noqa: E402
 from vmwrap.config import render  # noqa: E402
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from plugins.slurm.localcluster import Cluster  # noqa: E402
+from harness.slurm_cluster import Cluster  # noqa: E402
 from vmwrap.ledger import Ledger  # noqa: E402
 
 USER = "vmwrapuser"

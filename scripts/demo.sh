@@ -15,4 +15,4 @@ rc=0; (cd "$demo" && vmwrap run job.sh) || rc=$?
 echo "== exit code $rc (the script's own)"
 echo
 echo "== 2. Slurm: sbatch on a local 3-node cluster, the job runs in its own VM"
-cd "$here" && /opt/vmwrap/venv/bin/python -m plugins.slurm.localcluster
+cd "$here" && /opt/vmwrap/venv/bin/python -m harness.slurm_cluster

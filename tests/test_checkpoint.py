@@ -327,7 +327,7 @@ def test_delivered_offsets_from_the_users_dir_are_read_safely(tmp_path):
 
 def test_first_start_deletes_a_stale_checkpoint_of_the_same_job_id(tmp_path, monkeypatch):
     """Slurm reuses job ids after a controller reset: a new job must not continue an old VM."""
-    from plugins.slurm import hooks
+    from vmwrap_plugins.slurm import hooks
     from vmwrap.config import Settings
 
     store = new_store(tmp_path)

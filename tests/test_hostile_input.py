@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from plugins.sge import hooks as sge
-from plugins.slurm import hooks, planner, prestage
+from vmwrap_plugins.sge import hooks as sge
+from vmwrap_plugins.slurm import hooks, planner, prestage
 from vmwrap import launcher
 from vmwrap.catalog import Artifact, Catalog, Image
 from vmwrap.config import Settings

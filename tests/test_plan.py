@@ -128,7 +128,7 @@ def test_unlimited_jobs_get_unlimited_back():
 # --- `vmwrap plan` on Slurm: users' job records never fail a planner pass (issue 14) -----------------------
 
 def _fake_slurm(monkeypatch, squeue_json: str, calls: list):
-    from plugins.slurm import planner
+    from vmwrap_plugins.slurm import planner
 
     def run(*argv):
         calls.append(argv)

@@ -129,7 +129,7 @@ class _Prestager:
 
 
 def test_prestage_passes_survive_what_users_put_in_their_jobs(monkeypatch, tmp_path):
-    from plugins.slurm import prestage
+    from vmwrap_plugins.slurm import prestage
 
     start = "2030-01-01T00:00:00"
     sq = _Squeue([

@@ -23,7 +23,7 @@ USER = 1234  # tests/conftest.py's test user
 # Runs the real CLI with the hooks replaced by a spy that records what they were handed.
 SPY = r"""
 import json, os, sys
-import plugins.slurm.hooks as sh, plugins.sge.hooks as gh
+import vmwrap_plugins.slurm.hooks as sh, vmwrap_plugins.sge.hooks as gh
 out = sys.argv[1]
 def spy(settings, *rest):
     with open(out, "w") as f:
@@ -122,7 +122,7 @@ def test_slurm_prolog_script_runs_isolated_python(base, tmp_path, test_user):
     plant = f"import os\nopen(os.path.join({str(marks)!r}, '%s-' + str(os.getuid())), 'w').close()\n"
     for mod in ("sitecustomize", "usercustomize"):
         (evil / f"{mod}.py").write_text(plant % mod)
-    for pkg in ("vmwrap", "plugins"):
+    for pkg in ("vmwrap", "vmwrap_plugins"):
         (evil / pkg).mkdir()
         (evil / pkg / "__init__.py").write_text(plant % f"cwd-{pkg}")
     user_state = base / "userstate"

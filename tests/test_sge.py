@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from plugins.sge.localcell import Cell
+from harness.sge_cell import Cell
 from vmwrap.catalog import register
 from vmwrap.config import render
 
@@ -221,7 +221,7 @@ def test_subordinate_queue_suspension_pauses_the_vm(cell, jobdir):
 
 def test_server_jsv_rejects_at_submit_without_the_client_cost(cell, jobdir):
     """jsv_url (one JSV process in sge_qmaster, run as the admin user): `-ac` and readable scripts."""
-    from plugins.sge.localcell import CELL, SGE_ROOT
+    from harness.sge_cell import CELL, SGE_ROOT
 
     request = SGE_ROOT / CELL / "common" / "sge_request"
     saved = request.read_text()
@@ -284,7 +284,7 @@ GUEST_KERNEL = Path("/var/cache/vmwrap/appliances/.kernel/version")
 
 def _hostile_jobdir(jobdir: Path) -> tuple[Path, Path]:
     """What a user can plant for a root hook: a `qstat` for $PATH, sitecustomize/usercustomize for
-    $PYTHONPATH, `vmwrap`/`plugins` packages in the work dir (the prolog's cwd). Each one leaves
+    $PYTHONPATH, `vmwrap`/`vmwrap_plugins` packages in the work dir (the prolog's cwd). Each one leaves
     marks/<what>-<uid> when it runs."""
     marks = jobdir / "marks"
     marks.mkdir()
@@ -296,10 +296,10 @@ def _hostile_jobdir(jobdir: Path) -> tuple[Path, Path]:
     plant = f"import os\nopen(os.path.join({str(marks)!r}, '%s-' + str(os.getuid())), 'w').close()\n"
     for mod in ("sitecustomize", "usercustomize"):
         (evil / f"{mod}.py").write_text(plant % mod)
-    for pkg in ("vmwrap", "plugins"):
+    for pkg in ("vmwrap", "vmwrap_plugins"):
         (jobdir / pkg).mkdir()
         (jobdir / pkg / "__init__.py").write_text(plant % f"cwd-{pkg}")
-    for p in [evil, *evil.iterdir(), jobdir / "vmwrap", jobdir / "plugins", *jobdir.glob("*/__init__.py")]:
+    for p in [evil, *evil.iterdir(), jobdir / "vmwrap", jobdir / "vmwrap_plugins", *jobdir.glob("*/__init__.py")]:
         os.chown(p, 1234, 1234)
     return evil, marks
 
@@ -325,7 +325,7 @@ def test_root_hooks_ignore_the_jobs_vmwrap_config(cell, jobdir, virt_type):
     """`qsub -v VMWRAP_CONFIG=<the user's TOML>` on a queue wired as a site would (the hooks by their
     own path, no --config: the site's default config): root never loads the user's file, whose
     state_dir would make root create and boot the job's VM files where the user chooses."""
-    from plugins.sge.localcell import HOOKS
+    from harness.sge_cell import HOOKS
     from vmwrap import config
     from vmwrap.catalog import Catalog
 

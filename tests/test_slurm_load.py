@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from plugins.slurm.localcluster import NODES, Cluster
+from harness.slurm_cluster import NODES, Cluster
 from vmwrap.catalog import Artifact, register
 
 pytestmark = pytest.mark.vm

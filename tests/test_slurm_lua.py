@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from plugins.slurm.render import lua_literal, render_lua
+from vmwrap_plugins.slurm.render import lua_literal, render_lua
 from vmwrap import directives
 from vmwrap.catalog import Artifact, Catalog, Image
 from vmwrap.errors import UserError

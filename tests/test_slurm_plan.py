@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from plugins.slurm.localcluster import Cluster
+from harness.slurm_cluster import Cluster
 from vmwrap.catalog import register
 
 pytestmark = pytest.mark.vm

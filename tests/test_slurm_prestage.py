@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from plugins.slurm.localcluster import Cluster
+from harness.slurm_cluster import Cluster
 from vmwrap.ledger import Ledger
 
 pytestmark = pytest.mark.vm

@@ -80,8 +80,8 @@ def _job(job_id: str, workdir) -> Job:
 
 @pytest.fixture
 def slurm_hooks(monkeypatch, tmp_path):
-    """plugins/slurm/hooks.py with a stand-in scontrol (no Slurm here) and drains recorded, not done."""
-    from plugins.slurm import hooks
+    """vmwrap_plugins/slurm/hooks.py with a stand-in scontrol (no Slurm here) and drains recorded, not done."""
+    from vmwrap_plugins.slurm import hooks
 
     fake = tmp_path / "scontrol"
     fake.write_text('#!/bin/sh\necho "JobId=$4 JobName=x MinMemoryNode=0"\n')

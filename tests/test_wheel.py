@@ -58,7 +58,7 @@ def wheel_venv(tmp_path_factory) -> Path:
 
 def test_wheel_install_has_package_data(wheel_venv):
     py = wheel_venv / "bin" / "python"
-    r = subprocess.run([str(py), "-I", "-c", "import vmwrap, plugins.slurm.render as r; from vmwrap import resources; "
+    r = subprocess.run([str(py), "-I", "-c", "import vmwrap, vmwrap_plugins.slurm.render as r; from vmwrap import resources; "
                         "print(vmwrap.__file__); print(resources.TEMPLATES); print(resources.HOOKS); print(r.HOOKS)"],
                        capture_output=True, text=True, cwd="/", env={"PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
@@ -72,6 +72,10 @@ def test_wheel_install_has_package_data(wheel_venv):
     assert names == sorted(p.name for p in (ROOT / "vmwrap" / "hooks").iterdir())
     for h in hooks.iterdir():  # pip keeps the executable bit the wheel recorded
         assert os.stat(h).st_mode & stat.S_IXUSR, h
+    # Top-level names are vmwrap's own; the test clusters stay in the repository.
+    tops = {p.name for p in site.iterdir() if not p.name.endswith((".dist-info", ".pth")) and p.name != "__pycache__"}
+    assert {"vmwrap", "vmwrap_plugins"} <= tops and not tops & {"plugins", "harness"}, tops
+    assert not list(site.glob("vmwrap_plugins/*/local*.py"))
 
 
 def _procs_with(*needles: str) -> list[list[str]]:

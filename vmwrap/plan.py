@@ -1,6 +1,6 @@
 """Whether a job may use the gap before an advance reservation, and when it must be saved.
 
-One decision shared by the live planner (`vmwrap plan`, plugins/slurm/planner.py) and the simulator
+One decision shared by the live planner (`vmwrap plan`, vmwrap_plugins/slurm/planner.py) and the simulator
 (`vmwrap simulate`), so what the simulator predicts is what the cluster does. Scheduler-neutral: it
 sees times in seconds and sizes in MiB, never a scheduler.
 """

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from vmwrap.resources import HOOKS
+from vmwrap_plugins.sge.render import queue_config  # noqa: F401 (the cell's queue is the rendered one)
 
 SGE_ROOT = Path("/var/lib/gridengine")
 CELL = "default"
@@ -42,30 +43,6 @@ def _wait(cond, what: str, timeout: float = 60) -> None:
             return
         time.sleep(0.3)
     raise RuntimeError(f"Grid Engine: timed out waiting for {what}")
-
-
-def queue_config(name: str, host: str, slots: int, hooks: Path = HOOKS, extra: dict | None = None) -> str:
-    """The queue's settings wiring vmwrap in (also printed by `vmwrap config render sge`)."""
-    q = {
-        "qname": name, "hostlist": host, "seq_no": "0", "load_thresholds": "NONE", "suspend_thresholds": "NONE",
-        "nsuspend": "1", "suspend_interval": "00:05:00", "priority": "0", "min_cpu_interval": "00:05:00",
-        "processors": "UNDEFINED", "qtype": "BATCH INTERACTIVE", "ckpt_list": "NONE", "pe_list": "NONE",
-        "rerun": "FALSE", "slots": str(slots), "tmpdir": "/tmp", "shell": "/bin/sh",
-        "prolog": f"root@{hooks / 'sge-prolog'} $job_owner", "epilog": f"root@{hooks / 'sge-epilog'}",
-        "shell_start_mode": "unix_behavior", "starter_method": str(hooks / "sge-starter"),
-        "suspend_method": f"{hooks / 'sge-method'} suspend $job_id $job_pid",
-        "resume_method": f"{hooks / 'sge-method'} resume $job_id $job_pid",
-        "terminate_method": f"{hooks / 'sge-method'} terminate $job_id $job_pid",
-        "notify": "00:00:60", "owner_list": "NONE", "user_lists": "NONE", "xuser_lists": "NONE",
-        "subordinate_list": "NONE", "complex_values": "NONE", "projects": "NONE", "xprojects": "NONE",
-        "calendar": "NONE", "initial_state": "default", "s_rt": "INFINITY", "h_rt": "INFINITY",
-        "s_cpu": "INFINITY", "h_cpu": "INFINITY", "s_fsize": "INFINITY", "h_fsize": "INFINITY",
-        "s_data": "INFINITY", "h_data": "INFINITY", "s_stack": "INFINITY", "h_stack": "INFINITY",
-        "s_core": "INFINITY", "h_core": "INFINITY", "s_rss": "INFINITY", "h_rss": "INFINITY",
-        "s_vmem": "INFINITY", "h_vmem": "INFINITY",
-    }
-    q.update(extra or {})
-    return "".join(f"{k:<20} {v}\n" for k, v in q.items())
 
 
 class Cell:

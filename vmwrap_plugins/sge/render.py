@@ -1,0 +1,52 @@
+"""`vmwrap config render sge`: the qconf settings that enable vmwrap on a Grid Engine cell."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from vmwrap.resources import HOOKS
+
+
+def queue_config(name: str, host: str, slots: int, hooks: Path = HOOKS, extra: dict | None = None) -> str:
+    """The queue's settings wiring vmwrap in (also printed by `vmwrap config render sge`)."""
+    q = {
+        "qname": name, "hostlist": host, "seq_no": "0", "load_thresholds": "NONE", "suspend_thresholds": "NONE",
+        "nsuspend": "1", "suspend_interval": "00:05:00", "priority": "0", "min_cpu_interval": "00:05:00",
+        "processors": "UNDEFINED", "qtype": "BATCH INTERACTIVE", "ckpt_list": "NONE", "pe_list": "NONE",
+        "rerun": "FALSE", "slots": str(slots), "tmpdir": "/tmp", "shell": "/bin/sh",
+        "prolog": f"root@{hooks / 'sge-prolog'} $job_owner", "epilog": f"root@{hooks / 'sge-epilog'}",
+        "shell_start_mode": "unix_behavior", "starter_method": str(hooks / "sge-starter"),
+        "suspend_method": f"{hooks / 'sge-method'} suspend $job_id $job_pid",
+        "resume_method": f"{hooks / 'sge-method'} resume $job_id $job_pid",
+        "terminate_method": f"{hooks / 'sge-method'} terminate $job_id $job_pid",
+        "notify": "00:00:60", "owner_list": "NONE", "user_lists": "NONE", "xuser_lists": "NONE",
+        "subordinate_list": "NONE", "complex_values": "NONE", "projects": "NONE", "xprojects": "NONE",
+        "calendar": "NONE", "initial_state": "default", "s_rt": "INFINITY", "h_rt": "INFINITY",
+        "s_cpu": "INFINITY", "h_cpu": "INFINITY", "s_fsize": "INFINITY", "h_fsize": "INFINITY",
+        "s_data": "INFINITY", "h_data": "INFINITY", "s_stack": "INFINITY", "h_stack": "INFINITY",
+        "s_core": "INFINITY", "h_core": "INFINITY", "s_rss": "INFINITY", "h_rss": "INFINITY",
+        "s_vmem": "INFINITY", "h_vmem": "INFINITY",
+    }
+    q.update(extra or {})
+    return "".join(f"{k:<20} {v}\n" for k, v in q.items())
+
+
+def render_sge(queue: str = "vmwrap.q", hostlist: str = "@allhosts", slots: int = 0) -> str:
+    q = queue_config(queue, hostlist, slots or 1, HOOKS)
+    keep = ("qname", "hostlist", "prolog", "epilog", "starter_method", "suspend_method", "resume_method",
+            "terminate_method", "shell_start_mode")
+    lines = [ln for ln in q.splitlines() if ln.split()[0] in keep]
+    return "\n".join([
+        "# vmwrap for Grid Engine (rendered by `vmwrap config render sge`)",
+        f"# 1. Queue: `qconf -mq {queue}` (or -aq for a new one) and set:",
+        *("   " + ln for ln in lines),
+        "#    prolog/epilog run as root (root@); the methods run as the job owner and reach VMs through",
+        "#    the node agent (`vmwrap agent`, root, one per node) - start it with the execd.",
+        "# 2. Submit check: add this line to $SGE_ROOT/$SGE_CELL/common/sge_request (every qsub runs it",
+        "#    as the submitter; it reads #VMWRAP lines in the script and `-ac vmwrap_image=NAME`):",
+        f"   -jsv {HOOKS / 'sge-jsv'}",
+        "# 3. Users: `#VMWRAP --image=NAME` in the script, or `qsub -ac vmwrap_image=NAME` (binary jobs).",
+        f"# (rendered on {socket.gethostname()})",
+        "",
+    ])
