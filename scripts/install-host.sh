@@ -43,6 +43,8 @@ mkdir -p /etc/vmwrap
 # The checkpoint key (root 0600): a multi-node site copies this one file to every node instead.
 [ -f /etc/vmwrap/checkpoint.key ] || vmwrap checkpoints keygen
 vmwrap image build --name busybox --kind busybox
+# HTCondor 23.9 is trixie-only: a cached trixie root its test pool runs in (skipped when present).
+bash "$here/scripts/build-condor-root.sh"
 # The node agent (root): lets a job's own user pause/resume its VM (scheduler suspend). Idempotent.
 if ! pgrep -f "vmwrap agent" >/dev/null; then
   setsid vmwrap agent </dev/null >>/var/log/vmwrap-agent.log 2>&1 &
