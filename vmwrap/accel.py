@@ -87,6 +87,7 @@ def probe_kvm(settings, kernel: str, initrd: str, timeout: float = PROBE_TIMEOUT
         try:
             conn.createXML(domain.render(spec), 0)
         except libvirt.libvirtError as e:
+            conn.close()
             return False, f"KVM domain refused: {e.get_error_message()}"
         status = Path(run_dir) / "status"
         try:
