@@ -1,0 +1,29 @@
+"""`vmwrap config ...`: the scheduler configuration that enables vmwrap, rendered by its adapter."""
+
+from __future__ import annotations
+
+import click
+
+from .context import settings
+
+
+@click.group("config")
+def config_group():
+    """Render scheduler configuration snippets."""
+
+
+@config_group.command("render")
+@click.argument("scheduler")
+@click.option("--lua-out", type=click.Path(dir_okay=False), default=None,
+              help="slurm: write job_submit.lua here (default: next to $SLURM_CONF or /etc/slurm).")
+@click.option("--vmwrap", "vmwrap_path", default="/usr/local/bin/vmwrap", help="vmwrap as the nodes see it.")
+@click.option("--default-image", default=None, help="Run jobs without a directive in this image.")
+@click.option("--node-config", default=None, help="Settings file the nodes use (may contain %n).")
+def config_render(scheduler, lua_out, vmwrap_path, default_image, node_config):
+    """Print SCHEDULER's configuration that enables vmwrap (slurm: slurm.conf lines, and job_submit.lua
+    written; sge: the queue and sge_request settings)."""
+    from ..adapter import scheduler as find
+
+    adapter = find(scheduler)
+    click.echo(adapter.render_config(settings(), lua_out=lua_out, vmwrap_path=vmwrap_path,
+                                     default_image=default_image, node_config=node_config))

@@ -1,0 +1,126 @@
+"""`vmwrap image ...`: the site's image catalog (build, add, list, verify, remove)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from ..errors import VmwrapError
+from .context import settings
+
+
+@click.group()
+def image():
+    """Images in the catalog: build, add, list, verify, remove."""
+
+
+@image.command("build")
+@click.option("--name", required=True)
+@click.option("--kind", type=click.Choice(["busybox", "debootstrap", "initramfs"]), default="busybox",
+              help="busybox: tiny root disk (tests); debootstrap: Debian root disk; initramfs: no disk.")
+@click.option("--memory", "memory_mib", type=int, default=256)
+def image_build(name, kind, memory_mib):
+    """Build an appliance from Debian packages and register it in the catalog."""
+    from .. import appliance
+    from ..directives import check_image_name
+
+    s = settings()
+    check_image_name(name)
+    t0 = time.monotonic()
+    img = appliance.build(name, kind, s.appliance_dir, s.catalog, memory_mib=memory_mib)
+    click.echo(f"built {img.name} ({img.description}) in {time.monotonic() - t0:.1f}s -> {s.catalog}")
+
+
+@image.command("list")
+def image_list():
+    """Images in the site catalog."""
+    from ..catalog import Catalog
+
+    cat = Catalog.load(settings().catalog)
+    for img in cat.images.values():
+        size = sum(a.size for a in img.artifacts().values())
+        who = ",".join(img.users + ["@" + g for g in img.groups]) or "everyone"
+        click.echo(f"{img.name:<20} {size / 2**20:8.1f} MiB  {who:<20} {img.description}")
+
+
+@image.command("add")
+@click.argument("name")
+@click.option("--kernel", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--initrd", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--disk", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--disk-format", type=click.Choice(["qcow2", "raw"]), default="qcow2")
+@click.option("--memory", default=None, help="Default memory, e.g. 512M.")
+@click.option("--cpus", type=int, default=None)
+@click.option("--user", "users", multiple=True, help="May use it (repeat; none and no --group = everyone).")
+@click.option("--group", "groups", multiple=True)
+@click.option("--description", default="")
+def image_add(name, kernel, initrd, disk, disk_format, memory, cpus, users, groups, description):
+    """Register existing appliance files (hashed now) in the catalog."""
+    from pathlib import Path
+
+    from .. import appliance
+    from ..catalog import Image, register
+    from ..directives import check_image_name, parse_memory
+
+    s = settings()
+    check_image_name(name)
+    img = Image(name=name, boot="kernel", kernel=appliance.artifact(Path(kernel).resolve()),
+                initrd=appliance.artifact(Path(initrd).resolve()),
+                disk=appliance.artifact(Path(disk).resolve(), disk_format) if disk else None,
+                memory_mib=parse_memory(memory) if memory else None, cpus=cpus,
+                users=list(users), groups=list(groups), description=description)
+    register(s.catalog, img)
+    click.echo(f"added {name} to {s.catalog}")
+
+
+@image.command("remove")
+@click.argument("name")
+def image_remove(name):
+    """Remove an image from the catalog (cached copies go with `vmwrap cache gc`)."""
+    from ..catalog import Catalog, unregister
+
+    s = settings()
+    if name not in Catalog.load(s.catalog).images:
+        raise click.ClickException(f"no image {name!r} in {s.catalog}")
+    unregister(s.catalog, name)
+    click.echo(f"removed {name} from {s.catalog}")
+
+
+@image.command("verify")
+@click.argument("names", nargs=-1)
+def image_verify(names):
+    """Re-hash each image's sources against the catalog (all images by default)."""
+    import hashlib
+
+    from .. import transport
+    from ..catalog import Catalog
+
+    cat = Catalog.load(settings().catalog)
+    bad = 0
+    for name in names or sorted(cat.images):
+        img = cat.images.get(name)
+        if img is None:
+            click.echo(f"FAIL {name}: not in the catalog")
+            bad += 1
+            continue
+        for key, art in img.artifacts().items():
+            h, n = hashlib.sha256(), 0
+            try:  # one bad source is a FAIL line, not the end of the check
+                with transport.open_source(art.source) as f:
+                    while buf := f.read(1 << 20):
+                        h.update(buf)
+                        n += len(buf)
+                ok = (h.hexdigest(), n) == (art.sha256, art.size)
+                msg = "ok" if ok else f"mismatch: {n} bytes, sha256 {h.hexdigest()}"
+            except VmwrapError as e:
+                ok, msg = False, str(e)
+            bad += not ok
+            click.echo(f"{'ok  ' if ok else 'FAIL'} {name}.{key}: {msg}")
+    sys.exit(1 if bad else 0)
+
+
+# The old spelling of `image`, hidden: the same subcommands, with a deprecation notice on stderr.
+images = click.Group("images", commands=image.commands, hidden=True, deprecated=True,
+                     help="Deprecated: use `vmwrap image`.")
