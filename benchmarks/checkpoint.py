@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vmwrap import checkpoint, config, launcher  # noqa: E402
+from vmwrap import checkpoint, config, domain, launcher, payload  # noqa: E402
 from vmwrap.catalog import Catalog, register  # noqa: E402
 from vmwrap.job import Job  # noqa: E402
 
@@ -54,7 +54,7 @@ def dd(path: Path, nbytes: int, sync: bool) -> float:
 
 def one(settings, mem_mib: int, work: Path, store: checkpoint.Store) -> dict:
     fill = int(mem_mib * 0.6)
-    # the VM's size is a request; the allocation (memory_mib) is only its ceiling (launcher.plan)
+    # the VM's size is a request; the allocation (memory_mib) is only its ceiling (vmwrap.request.resolve)
     script = fill_script(fill).replace("--image=busybox", f"--image=busybox --memory={mem_mib}M", 1)
     job_id = f"bench-ckpt-{mem_mib}"
     launcher.teardown(job_id, settings)
@@ -63,7 +63,7 @@ def one(settings, mem_mib: int, work: Path, store: checkpoint.Store) -> dict:
     lx = launcher.Launcher(job, settings)
     lx.prepare()
     lx.boot()
-    att = launcher.Attachment(lx.run_dir, job_id, conn=lx.conn)
+    att = payload.Attachment(lx.run_dir, job_id, conn=lx.conn)
     att.start(script, {"PATH": "/bin:/usr/bin"}, [])
     end = time.monotonic() + 180
     while b"filled" not in (lx.run_dir / "stdout").read_bytes():
@@ -105,7 +105,7 @@ def one(settings, mem_mib: int, work: Path, store: checkpoint.Store) -> dict:
         subprocess.run(["sync"])
         r = lx.restore(store)
         row.update(restore=r["restore_s"], verify=r["verify_s"])
-        row["alive"] = not launcher.domain.is_gone(lx.conn, job.domain_name)
+        row["alive"] = not domain.is_gone(lx.conn, job.domain_name)
         rounds.append(row)
     launcher.teardown(job_id, settings)
     store.delete(job_id)

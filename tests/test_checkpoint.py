@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vmwrap import checkpoint
+from vmwrap import checkpoint, launcher
 from vmwrap.errors import CheckpointError, NodeError, UserError
 from vmwrap.job import Job
 
@@ -351,8 +351,8 @@ def test_first_start_deletes_a_stale_checkpoint_of_the_same_job_id(tmp_path, mon
             booted.append(self.job.job_id)
     job = Job("31", "slurm", "root", 0, 0, str(tmp_path), "", image="busybox", restart_count=0)
     monkeypatch.setattr(hooks, "job_from_env", lambda env: (job, {}))
-    monkeypatch.setattr(hooks.launcher, "teardown", lambda *a, **k: None)
-    monkeypatch.setattr(hooks.launcher, "Launcher", FakeLauncher)
+    monkeypatch.setattr(launcher, "teardown", lambda *a, **k: None)
+    monkeypatch.setattr(launcher, "Launcher", FakeLauncher)
     s = Settings(state_dir=str(tmp_path / "state"), checkpoint_dir=str(store.root),
                  checkpoint_key_file=store.key_file)
     assert hooks.prolog(s, {"SLURM_JOB_ID": "31", "SLURM_JOB_RESTART_COUNT": "0"}) == 0

@@ -11,7 +11,7 @@ import pytest
 
 from vmwrap_plugins.sge import hooks as sge
 from vmwrap_plugins.slurm import hooks, planner, prestage
-from vmwrap import launcher
+from vmwrap import request, wire
 from vmwrap.catalog import Artifact, Catalog, Image
 from vmwrap.config import Settings
 from vmwrap.errors import UserError, VmwrapError
@@ -38,14 +38,14 @@ CATALOG = Catalog({"busybox": Image("busybox", "kernel", ART, ART),
 ])
 def test_a_malformed_request_is_a_user_error_never_a_crash(comment):
     with pytest.raises(UserError, match="not a VM request vmwrap wrote"):
-        hooks.parse_request(comment)
+        wire.decode(comment)
 
 
 def test_requests_the_filter_writes_still_parse():
-    assert hooks.parse_request("vmwrap:image=busybox,memory=300,cpus=2,lost=restart | my\nnote") == \
-        {"image": "busybox", "memory_mib": 300, "cpus": 2, "lost": "restart"}
-    assert hooks.parse_request("vmwrap:image=a.b_c-1,memory=,cpus=,lost=")["memory_mib"] is None
-    assert hooks.parse_request("a user's note") is None and hooks.parse_request(None) is None
+    assert wire.decode("vmwrap:image=busybox,memory=300,cpus=2,lost=restart | my\nnote") == \
+        wire.Accepted("busybox", memory_mib=300, cpus=2, on_lost_checkpoint="restart")
+    assert wire.decode("vmwrap:image=a.b_c-1,memory=,cpus=,lost=").memory_mib is None
+    assert wire.decode("a user's note") is None and wire.decode(None) is None
 
 
 @pytest.mark.parametrize("value, cpus", [("2", 2), ("2(x3)", 2), ("4,2(x2)", 4), (HUGE, None),
@@ -86,7 +86,7 @@ def test_job_from_env_fills_the_allocation_and_carries_the_request_as_directives
                                   show_job=lambda jid: SHOW.replace("{comment}", "x"))
     assert (job.memory_mib, job.cpus, job.image, job.on_lost_checkpoint) == (200, 1, "busybox", "restart")
     with pytest.raises(UserError, match=r"--memory=300M is more than the job's allocation of 200M"):
-        launcher.plan(job, Settings(), CATALOG)
+        request.resolve(job, Settings(), CATALOG)
 
 
 @pytest.mark.parametrize("field", ["SLURM_JOB_UID", "SLURM_JOB_GID", "SLURM_JOB_RESTART_COUNT"])
@@ -134,7 +134,7 @@ def test_prolog_when_slurm_cannot_say_the_allocation_fails_the_job(settings, mon
     assert "cannot read job 77's memory allocation" in (settings.jobs_dir / "77" / "error").read_text()
 
 
-# --- launcher.plan: the allocation and the site's max are ceilings for every source of the size --------
+# --- request.resolve: the allocation and the site's max are ceilings for every source of the size --------
 
 def job(script="", memory=None, image="busybox"):
     return Job("1", "test", "root", 0, 0, "/tmp", script, memory_mib=memory, image=image)
@@ -148,15 +148,15 @@ def job(script="", memory=None, image="busybox"):
     (job(image="big"), Settings(max_memory_mib=512), "image big's default memory of 1024M is more than this site's"),
     (job(memory=4096, image="big"), Settings(max_memory_mib=512), "this site's limit of 512M"),
 ])
-def test_plan_refuses_memory_above_any_ceiling(j, s, message):
+def test_resolve_refuses_memory_above_any_ceiling(j, s, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
-        launcher.plan(j, s, CATALOG)
+        request.resolve(j, s, CATALOG)
 
 
-def test_plan_sizes_within_the_ceilings():
-    assert launcher.plan(job(memory=300), Settings(default_memory_mib=256), CATALOG).memory_mib == 256
-    assert launcher.plan(job("#VMWRAP --memory=300M\n", memory=300), Settings(max_memory_mib=300),
-                         CATALOG).memory_mib == 300
+def test_resolve_sizes_within_the_ceilings():
+    assert request.resolve(job(memory=300), Settings(default_memory_mib=256), CATALOG).memory_mib == 256
+    assert request.resolve(job("#VMWRAP --memory=300M\n", memory=300), Settings(max_memory_mib=300),
+                           CATALOG).memory_mib == 300
 
 
 # --- Grid Engine: context and resource requests from qstat -j ------------------------------------------

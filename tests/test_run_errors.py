@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from vmwrap.catalog import register
-from vmwrap.launcher import EXIT_IMAGE, EXIT_NODE, EXIT_USER
+from vmwrap.payload import EXIT_IMAGE, EXIT_NODE, EXIT_USER
 
 HDR = "#!/bin/sh\n"
 
@@ -105,7 +105,7 @@ def test_unreadable_script(site, workdir):
 
 
 def test_a_kernel_panic_does_not_push_the_users_last_words_out_of_the_console_tail():
-    from vmwrap.launcher import summarise_console
+    from vmwrap.payload import summarise_console
     trace = "\n".join(f"[    2.4{i:05d}]  ? some_kernel_fn+0x{i:x}/0x100" for i in range(200))
     text = ("boot noise\n" * 50 + "my-init: cannot mount /data\n"
             "[    2.414033] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\n" + trace)

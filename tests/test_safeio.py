@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vmwrap import launcher, safeio
+from vmwrap import payload, safeio
 
 ROOT = Path(__file__).resolve().parent.parent
 HUGE = 64 << 30  # sparse: costs no disk, but reading it whole would need 64 GiB of memory
@@ -75,7 +75,7 @@ def _sparse_status(path: Path, head: bytes) -> None:
 def test_guest_timeline_of_a_64gib_status_file(tmp_path):
     """The epilog reads it as root: a guest that makes it huge must not exhaust the node's memory."""
     _sparse_status(tmp_path / "status", b"booted 1.5\nready 2.0\nstarted 2.5\nexit 3\n")
-    r = _bounded(f"import json; from vmwrap import launcher; t = launcher.guest_timeline({str(tmp_path)!r}); "
+    r = _bounded(f"import json; from vmwrap import payload; t = payload.guest_timeline({str(tmp_path)!r}); "
                  "print(json.dumps(t))")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout) == {"booted": 1.5, "ready": 2.0, "started": 2.5, "exit": 3}
@@ -83,12 +83,12 @@ def test_guest_timeline_of_a_64gib_status_file(tmp_path):
 
 def test_guest_timeline_ignores_hostile_values(tmp_path):
     (tmp_path / "status").write_text("booted inf\nready nan\nstarted 1e5\nexit " + "9" * 5000 + "\n")
-    assert launcher.guest_timeline(tmp_path) == {"started": 1e5}
+    assert payload.guest_timeline(tmp_path) == {"started": 1e5}
 
 
 def test_guest_timeline_on_a_fifo_returns(tmp_path):
     os.mkfifo(tmp_path / "status")
-    r = _bounded(f"from vmwrap import launcher; print(launcher.guest_timeline({str(tmp_path)!r}))", timeout=10)
+    r = _bounded(f"from vmwrap import payload; print(payload.guest_timeline({str(tmp_path)!r}))", timeout=10)
     assert r.stdout.strip() == "{}"
 
 
@@ -97,17 +97,17 @@ def test_console_tail_of_a_64gib_console_log(tmp_path):
         fh.truncate(HUGE)
     with open(tmp_path / "console.log", "ab") as fh:
         fh.write(b"Kernel panic - not syncing\n")
-    r = _bounded(f"from pathlib import Path; from vmwrap import launcher; "
-                 f"print(launcher._tail(Path({str(tmp_path)!r}) / 'console.log'))")
+    r = _bounded(f"from pathlib import Path; from vmwrap import payload; "
+                 f"print(payload._tail(Path({str(tmp_path)!r}) / 'console.log'))")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Kernel panic - not syncing" in r.stdout
-    assert len(r.stdout) < 2 * launcher.CONSOLE_TAIL + 100
+    assert len(r.stdout) < 2 * payload.CONSOLE_TAIL + 100
 
 
 def _stream_code(run_dir: Path) -> str:
     """Attach to a run dir whose VM is already gone (no control socket): parse its status, exit."""
-    return (f"import sys; from pathlib import Path; from vmwrap import launcher\n"
-            f"a = launcher.Attachment(Path({str(run_dir)!r}), 'j1', out_fd=1, err_fd=2)\n"
+    return (f"import sys; from pathlib import Path; from vmwrap import payload\n"
+            f"a = payload.Attachment(Path({str(run_dir)!r}), 'j1', out_fd=1, err_fd=2)\n"
             f"sys.exit(a.stream())\n")
 
 
@@ -123,7 +123,7 @@ def test_stream_survives_a_huge_exit_value(tmp_path):
     d = _run_dir(tmp_path)
     (d / "status").write_text("booted 1.0\nexit " + "7" * 5000 + "\n")
     r = _bounded(_stream_code(d))
-    assert r.returncode == launcher.EXIT_GUEST, r.stderr[-2000:]
+    assert r.returncode == payload.EXIT_GUEST, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
 
 
@@ -137,14 +137,14 @@ def test_stream_bounds_a_status_line_without_newline(tmp_path):
         fh.write(b"\nexit 5\n")
     r = _bounded(_stream_code(d), timeout=120, mem=768 << 20)
     assert "MemoryError" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert r.returncode in (5, launcher.EXIT_GUEST)
+    assert r.returncode in (5, payload.EXIT_GUEST)
 
 
 def test_write_private_replaces_a_fifo_instead_of_blocking(tmp_path):
     """Root writes the script into the user's ctl/user dir: a FIFO planted there must not hang it."""
     os.mkfifo(tmp_path / "script")
-    r = _bounded(f"from pathlib import Path; from vmwrap import launcher; "
-                 f"launcher._write_private(Path({str(tmp_path)!r}) / 'script', b'echo hi', 0o700)", timeout=10)
+    r = _bounded(f"from pathlib import Path; from vmwrap import payload; "
+                 f"payload._write_private(Path({str(tmp_path)!r}) / 'script', b'echo hi', 0o700)", timeout=10)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "script").read_bytes() == b"echo hi"
 
@@ -153,16 +153,16 @@ def test_write_private_replaces_a_symlink(tmp_path):
     victim = tmp_path / "victim"
     victim.write_text("keep")
     (tmp_path / "args").symlink_to(victim)
-    launcher._write_private(tmp_path / "args", b"a\0", 0o600)
+    payload._write_private(tmp_path / "args", b"a\0", 0o600)
     assert victim.read_text() == "keep" and (tmp_path / "args").read_bytes() == b"a\0"
     assert not (tmp_path / "args").is_symlink()
 
 
 def test_attach_reads_error_and_notice_capped(tmp_path, capfd):
     (tmp_path / "error").write_bytes(b"user\nbad request\n" + b"x" * (1 << 20))
-    assert launcher.attach(tmp_path, "j1", "", {}) == launcher.EXIT_USER
+    assert payload.attach(tmp_path, "j1", "", {}) == payload.EXIT_USER
     err = capfd.readouterr().err
-    assert "vmwrap: error: bad request" in err and len(err) <= launcher.SMALL_FILE_MAX + 100
+    assert "vmwrap: error: bad request" in err and len(err) <= payload.SMALL_FILE_MAX + 100
 
 
 def test_attach_ignores_an_error_symlink(tmp_path, capfd):
@@ -171,5 +171,5 @@ def test_attach_ignores_an_error_symlink(tmp_path, capfd):
     target.write_text("user\nfrom a link\n")
     (tmp_path / "error").symlink_to(target)
     with pytest.raises(FileNotFoundError):  # it goes on to hand the job over: no ctl dir here
-        launcher.attach(tmp_path, "j1", "", {})
+        payload.attach(tmp_path, "j1", "", {})
     assert "from a link" not in capfd.readouterr().err

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from vmwrap_plugins.slurm.render import lua_literal, render_lua
-from vmwrap import directives
+from vmwrap import directives, wire
 from vmwrap.catalog import Artifact, Catalog, Image
 from vmwrap.errors import UserError
 
@@ -80,6 +80,49 @@ def test_accepted_job_is_wrapped_and_recorded(lua):
     assert original == script
     assert "exec /usr/local/bin/vmwrap --config '/etc/vmwrap/vm %n.toml' slurm attach \"$0\" \"$@\"" in head
     assert mem == "300"  # Slurm allocates what the VM will use
+
+
+COMMENT_HARNESS = r"""
+slurm = { SUCCESS = 0, ERROR = -1, msgs = {} }
+function slurm.log_user(m) table.insert(slurm.msgs, m) end
+dofile(arg[1])
+local job = { script = io.read("*a"), comment = arg[2] ~= "" and arg[2] or nil, user_name = "root", group_id = 0,
+              min_nodes = 1, min_mem_per_node = 4294967294 }
+local rc = slurm_job_submit(job, {}, 0)
+io.write(rc, "\n", table.concat(slurm.msgs, "\n"), "\n--COMMENT--\n", job.comment or "")
+"""
+
+
+def _submit_with_comment(tmp_path, directives_line, comment=""):
+    (tmp_path / "job_submit.lua").write_text(render_lua(CATALOG))
+    (tmp_path / "harness.lua").write_text(COMMENT_HARNESS)
+    r = subprocess.run(["lua5.1", str(tmp_path / "harness.lua"), str(tmp_path / "job_submit.lua"), comment],
+                       input=f"#!/bin/sh\n#VMWRAP {directives_line}\necho hi\n", capture_output=True, text=True,
+                       check=True)
+    head, _, written = r.stdout.partition("\n--COMMENT--\n")
+    return head.strip(), written
+
+
+@pytest.mark.parametrize("line, comment, accepted", [
+    ("--image=busybox", "", wire.Accepted("busybox")),
+    ("--image=grp --memory=2G --cpus=3 --on-lost-checkpoint=restart", "",
+     wire.Accepted("grp", memory_mib=2048, cpus=3, on_lost_checkpoint="restart")),
+    ("--image=busybox --on-lost-checkpoint=fail", "my project | x", wire.Accepted("busybox", on_lost_checkpoint="fail")),
+])
+def test_the_filter_writes_what_the_hooks_decode(tmp_path, line, comment, accepted):
+    """job_submit.lua's comment is vmwrap.wire's encoding: the root prolog, planner and prestager read it back."""
+    rc, written = _submit_with_comment(tmp_path, line, comment)
+    assert rc == "0"
+    assert wire.decode(written) == accepted
+    assert written == wire.encode(accepted) + (wire.USER_SEPARATOR + comment if comment else "")
+
+
+def test_the_filter_takes_its_request_format_from_vmwrap_wire(tmp_path, monkeypatch):
+    """One owner of the format: change it in vmwrap/wire.py and the rendered filter follows."""
+    monkeypatch.setattr(wire, "PREFIX", "vmwrap2:")
+    monkeypatch.setattr(wire, "USER_SEPARATOR", " // ")
+    rc, written = _submit_with_comment(tmp_path, "--image=busybox --cpus=2", "note")
+    assert (rc, written) == ("0", "vmwrap2:image=busybox,memory=,cpus=2,lost= // note")
 
 
 def test_job_without_directive_is_untouched(lua):

@@ -243,7 +243,7 @@ def test_restore_trusts_only_what_the_site_key_signed(site, workdir, test_user):
     memory.save asks for QEMU arguments, and a checkpoint changed without the site key is refused."""
     import json
 
-    from vmwrap import checkpoint, domain, launcher
+    from vmwrap import checkpoint, domain, launcher, payload
     from vmwrap.errors import CheckpointError
     from vmwrap.job import Job
 
@@ -267,7 +267,7 @@ def test_restore_trusts_only_what_the_site_key_signed(site, workdir, test_user):
     try:
         lx.prepare()
         lx.boot()
-        att = launcher.Attachment(lx.run_dir, "ckpt1", conn=lx.conn)
+        att = payload.Attachment(lx.run_dir, "ckpt1", conn=lx.conn)
         att.start(script, {"PATH": "/bin:/usr/bin"}, [])  # the guest reads GO while att holds the socket
         wait_out(lx.run_dir, b"n=3\n")
         att.control.close()

@@ -13,7 +13,7 @@ import time
 import pytest
 from conftest import Site
 
-from vmwrap import launcher, limits
+from vmwrap import launcher, limits, payload
 from vmwrap.errors import CacheFullError, JobDiskError
 from vmwrap.job import Job
 from vmwrap.ledger import Ledger
@@ -100,7 +100,7 @@ def _slurm_env(job_id: str, workdir) -> dict[str, str]:
 
 def _payload_says(site, job_id: str, capfd) -> tuple[int, str]:
     capfd.readouterr()
-    rc = launcher.attach(site.settings().jobs_dir / job_id, job_id, "echo ran\n", {})
+    rc = payload.attach(site.settings().jobs_dir / job_id, job_id, "echo ran\n", {})
     return rc, capfd.readouterr().err
 
 
@@ -124,7 +124,7 @@ def test_enospc_in_the_prolog_fails_the_job_not_the_node(site, workdir, monkeypa
     assert slurm_hooks.prolog(site.settings(), _slurm_env("nospc1", workdir)) == 0
     assert slurm_hooks.drained == []
     rc, err = _payload_says(site, "nospc1", capfd)
-    assert rc == launcher.EXIT_NODE
+    assert rc == payload.EXIT_NODE
     assert err == (f"vmwrap: error: cannot prepare the job's VM: No space left on device writing "
                    f"{site.state}/jobs/nospc1/ctl/ids (state_dir = {site.state})\n")
     assert sorted(p.name for p in (site.state / "jobs" / "nospc1").iterdir()) == ["error"]
@@ -143,7 +143,7 @@ def test_full_state_disk_fails_the_job_not_the_node(site, workdir, slurm_hooks, 
         assert slurm_hooks.prolog(settings, _slurm_env("nospc2", workdir)) == 0
         assert slurm_hooks.drained == []
         rc, err = _payload_says(site, "nospc2", capfd)
-        assert rc == launcher.EXIT_NODE
+        assert rc == payload.EXIT_NODE
         assert err.startswith("vmwrap: error: no space left on the node's state disk for the job's overlay "), err
         assert launcher.teardown("nospc2", settings)  # the epilog then cleans up as usual
     finally:

@@ -37,7 +37,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import domain, share
+from . import domain, rundir, share
 from .errors import CheckpointError, GuestStalledError, NodeError
 from .job import Job
 
@@ -213,7 +213,7 @@ def record_spec(run_dir: Path, spec: domain.Spec) -> None:
     shape = {"virt_type": spec.virt_type, "memory_mib": spec.memory_mib, "cpus": spec.cpus,
              "cmdline": spec.cmdline, "work_dir": spec.work_dir, "disk": spec.disk is not None,
              "ninep": spec.ninep_socket is not None}
-    p = Path(run_dir) / "spec.json"
+    p = Path(run_dir) / rundir.SPEC
     p.unlink(missing_ok=True)
     _write_new(p, json.dumps(shape).encode())
 
@@ -533,13 +533,13 @@ def _save(job_id: str, run_dir: Path, store: Store, conn, restarts: int, deadlin
     if store.root.exists():
         store.check_root()
     t0 = time.monotonic()
-    name = f"vmwrap-{job_id}"
+    name = rundir.domain_name(job_id)
     dom = domain.lookup(conn, name)
     if dom is None or not dom.isActive():
         raise NodeError(f"job {job_id} has no running VM on this node to save")
     try:
-        meta = json.loads(_read_capped(run_dir / "job.json", JSON_MAX))
-        shape = json.loads(_read_capped(run_dir / "spec.json", JSON_MAX))
+        meta = json.loads(_read_capped(run_dir / rundir.JOB, JSON_MAX))
+        shape = json.loads(_read_capped(run_dir / rundir.SPEC, JSON_MAX))
     except (OSError, ValueError) as e:
         raise NodeError(f"job {job_id}: its run dir does not record the VM's shape (booted by an older "
                         f"vmwrap?): {e}") from None
@@ -569,8 +569,8 @@ def _save(job_id: str, run_dir: Path, store: Store, conn, restarts: int, deadlin
             raise NodeError(f"libvirt could not save the VM of job {job_id}: {e.get_error_message()}") from None
         os.chmod(tmp / "memory.save", 0o600)
         t_saved = time.monotonic()
-        if (run_dir / "overlay.qcow2").exists():
-            _copy_out(run_dir / "overlay.qcow2", tmp / "overlay.qcow2")
+        if (run_dir / rundir.OVERLAY).exists():
+            _copy_out(run_dir / rundir.OVERLAY, tmp / "overlay.qcow2")
         else:
             _write_new(tmp / "overlay.qcow2", b"")
         _write_new(tmp / "share.json", json.dumps(state).encode())
@@ -593,7 +593,7 @@ def _delivered(run_dir: Path) -> dict[str, int]:
     """How much of each stream the job's step delivered. The file is in a dir the job's user writes:
     read it without following links or blocking on a FIFO, at most 4 KiB; anything odd counts as 0."""
     try:
-        raw = json.loads(_read_capped(run_dir / "ctl" / "user" / "delivered.json", DELIVERED_MAX))
+        raw = json.loads(_read_capped(rundir.user_dir(run_dir) / rundir.DELIVERED, DELIVERED_MAX))
     except (OSError, ValueError):
         return {}
     if not isinstance(raw, dict):
@@ -638,7 +638,7 @@ def restore_xml(meta: dict, job: Job, run_dir: Path, paths: dict[str, Path]) -> 
     Only the VM's validated shape comes from the (authenticated) checkpoint: memory, CPUs, accelerator,
     kernel arguments, which devices exist, the domain UUID. libvirt then checks that it is
     ABI-compatible with the saved VM; nothing of the XML inside memory.save is used."""
-    from .launcher import host_memory_mib
+    from .sizing import MIN_MEMORY_MIB, host_memory_mib
 
     s = meta.get("spec")
     if not isinstance(s, dict):
@@ -648,7 +648,7 @@ def restore_xml(meta: dict, job: Job, run_dir: Path, paths: dict[str, Path]) -> 
         return CheckpointError(f"the checkpoint of job {job.job_id} records an unusable VM {what}: {s.get(what)!r}")
 
     mem, cpus, vt, cmdline = s.get("memory_mib"), s.get("cpus"), s.get("virt_type"), s.get("cmdline")
-    if type(mem) is not int or not 64 <= mem <= host_memory_mib():
+    if type(mem) is not int or not MIN_MEMORY_MIB <= mem <= host_memory_mib():
         raise bad("memory_mib")
     if type(cpus) is not int or not 1 <= cpus <= (os.cpu_count() or 1):
         raise bad("cpus")
@@ -674,8 +674,8 @@ def restore_xml(meta: dict, job: Job, run_dir: Path, paths: dict[str, Path]) -> 
     spec = domain.Spec(
         name=job.domain_name, job_id=job.job_id, virt_type=vt, memory_mib=mem, cpus=cpus,
         kernel=str(paths["kernel"]), initrd=str(paths["initrd"]),
-        disk=str(run_dir / "overlay.qcow2") if s["disk"] else None,
-        ctl_dir=str(run_dir / "ctl"), work_dir=job.work_dir, run_dir=str(run_dir), cmdline=cmdline,
+        disk=str(run_dir / rundir.OVERLAY) if s["disk"] else None,
+        ctl_dir=str(rundir.ctl(run_dir)), work_dir=job.work_dir, run_dir=str(run_dir), cmdline=cmdline,
         ninep_socket=str(run_dir / share.SOCKET) if s["ninep"] else None,
         uid=ids[0], gid=ids[1])
     root = ET.fromstring(domain.render(spec))
@@ -726,7 +726,7 @@ def restore(job_id: str, run_dir: Path, store: Store, conn, job: Job, paths: dic
     if spec.disk:
         # QEMU's own (the job's user's) disk, as at boot. The job's user could write to it while the VM
         # ran: qemu-img parses it as that user, not as root (-u: the base is not opened).
-        ov = run_dir / "overlay.qcow2"
+        ov = run_dir / rundir.OVERLAY
         _copy_verified(d, "overlay.qcow2", m, job_id, ov, spec.uid, spec.gid, 0o600)
         r = subprocess.run([QEMU_IMG, "rebase", "-u", "-F", fmt, "-b", str(paths["disk"]), str(ov)],
                            capture_output=True, text=True, cwd="/", env={"PATH": "/usr/bin:/bin"},
@@ -736,10 +736,10 @@ def restore(job_id: str, run_dir: Path, store: Store, conn, job: Job, paths: dic
     record_spec(run_dir, spec)
     # libvirtd opens the save image by path: restore from a copy in the run dir (root's, 0711) made
     # while hashing it, so a node that can write the store cannot swap it after the check.
-    saved = run_dir / "memory.save"
+    saved = run_dir / rundir.MEMORY_SAVE
     _copy_verified(d, "memory.save", m, job_id, saved, 0, 0, 0o600)
     if state is not None:
-        sf = run_dir / "share-state.json"
+        sf = run_dir / rundir.SHARE_STATE
         sf.unlink(missing_ok=True)
         _write_new(sf, json.dumps(state).encode())
         share.start(run_dir, job, sf)
@@ -755,11 +755,11 @@ def restore(job_id: str, run_dir: Path, store: Store, conn, job: Job, paths: dic
     # As at boot: the hard memory limit holds before the restored guest runs again.
     limit = spec.memory_mib + memory_overhead_mib if memory_overhead_mib is not None else None
     domain.start_limited(conn.lookupByName(job.domain_name), limit)
-    f = run_dir / "control.sock"  # libvirtd made it as root: the job's own batch step talks to it
+    f = run_dir / rundir.CONTROL_SOCKET  # libvirtd made it as root: the job's own batch step talks to it
     if f.exists():
         os.chown(f, job.uid, job.gid)
         f.chmod(0o600)
-    (run_dir / "restored.json").write_text(json.dumps({"delivered": delivered,
+    (run_dir / rundir.RESTORED).write_text(json.dumps({"delivered": delivered,
                                                        "restarts": meta.get("restarts", 0)}))
     t_done = time.monotonic()
     return {"verify_s": t_verified - t0, "restore_s": t_done - t_verified, "total_s": t_done - t0,

@@ -26,7 +26,7 @@ class Request:
 
 
 def check_image_name(name: str) -> str:
-    if not IMAGE_NAME.match(name):
+    if not IMAGE_NAME.fullmatch(name):
         raise UserError(
             f"invalid image name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no paths, quotes, spaces or markup)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from . import rundir
 from .errors import UserError
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -40,7 +41,7 @@ class Job:
 
     @property
     def domain_name(self) -> str:
-        return f"vmwrap-{self.job_id}"
+        return rundir.domain_name(self.job_id)
 
 
 def validate_host_path(path: str, what: str) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from . import checkpoint, launcher
+from . import checkpoint, launcher, payload, rundir
 from .config import Settings
 from .errors import CacheFullError, CheckpointError, NodeError, VmwrapError
 from .job import Job
@@ -63,7 +63,7 @@ def start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], s
         trace = traceback.format_exc()
         _say("prolog", f"job {job_id}: internal error:\n{trace}")
         try:
-            Ledger(settings.ledger_path).record(job_id, f"vmwrap-{job_id}", "failed", kind="internal",
+            Ledger(settings.ledger_path).record(job_id, rundir.domain_name(job_id), "failed", kind="internal",
                                                 scheduler=scheduler, message=trace[-2000:])
         except Exception as le:  # noqa: BLE001 (accounting only: the job must still learn why)
             _say("prolog", f"ledger: {le}")
@@ -132,7 +132,7 @@ def started_as(settings: Settings, job_id: str) -> int | None:
     from . import safeio
 
     try:
-        return int(json.loads(safeio.read_capped(settings.jobs_dir / job_id / "job.json", 1 << 20) or b"")["restarts"])
+        return int(json.loads(safeio.read_capped(rundir.path(settings, job_id) / rundir.JOB, 1 << 20) or b"")["restarts"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -156,7 +156,7 @@ def end(settings: Settings, job_id: str, *, requeued: bool, restarts: int, sched
     except UserError as e:  # nothing of vmwrap's can be under such a name
         return Outcome(Verdict.RUN, str(e))
     node = node or os.uname().nodename
-    run_dir = settings.jobs_dir / job_id
+    run_dir = rundir.path(settings, job_id)
     try:
         conn = domain.connect(settings.libvirt_uri)
     except NodeError as e:
@@ -166,7 +166,7 @@ def end(settings: Settings, job_id: str, *, requeued: bool, restarts: int, sched
         return Outcome(Verdict.RUN)
     store = checkpoint.Store(settings.checkpoint_dir, settings.checkpoint_key_file)
     ledger = Ledger(settings.ledger_path)
-    name = f"vmwrap-{job_id}"
+    name = rundir.domain_name(job_id)
     out = Outcome(Verdict.RUN, vm=run_dir.exists())
     try:
         if requeued and settings.workdir_share == "serial" and not domain.is_gone(conn, name):
@@ -185,7 +185,7 @@ def end(settings: Settings, job_id: str, *, requeued: bool, restarts: int, sched
             finally:
                 store.clear_deadline(job_id)
         elif run_dir.exists():
-            ledger.record(job_id, name, "exited", scheduler=scheduler, **facts, **launcher.guest_timeline(run_dir))
+            ledger.record(job_id, name, "exited", scheduler=scheduler, **facts, **payload.guest_timeline(run_dir))
         try:
             launcher.teardown(job_id, settings, conn=conn, keep_evidence=not requeued)  # a saved VM did not die
         except Exception as e:  # noqa: BLE001 (the VM is destroyed first; leftover files are no node fault)

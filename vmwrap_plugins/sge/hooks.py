@@ -12,7 +12,7 @@ import stat
 import subprocess
 import sys
 
-from vmwrap import agent, directives, launcher, lifecycle
+from vmwrap import agent, directives, lifecycle, payload, wire
 from vmwrap.config import Settings
 from vmwrap.errors import NodeError, UserError, VmwrapError
 from vmwrap.job import Job
@@ -48,23 +48,14 @@ def qstat_job(jid: str) -> str | None:
 
 
 def context_image(jid: str) -> str | None:
-    """The native way: `qsub -ac vmwrap_image=NAME` (a job context variable, validated by the JSV)."""
+    """The native way: `qsub -ac vmwrap_image=NAME` (wire.CONTEXT_IMAGE, validated by the JSV)."""
     return parse_context(qstat_job(jid) or "")
 
 
 def parse_context(qstat: str) -> str | None:
-    """vmwrap_image from `qstat -j`'s context. The JSV checks it at qsub, but `qalter -ac` can change
-    it later: a value that is not an image name, or two different ones, raise UserError."""
-    names = set()
-    for m in CONTEXT.finditer(qstat):
-        for kv in m.group(1).split(","):
-            k, _, v = kv.partition("=")
-            if k.strip() == "vmwrap_image":
-                names.add(v.strip())
-    if len(names) > 1:
-        raise UserError("the job's context names more than one vmwrap_image: "
-                        + ", ".join(repr(n[:64]) for n in sorted(names)[:3]))
-    return directives.check_image_name(names.pop()) if names else None
+    """The image from `qstat -j`'s context (wire.decode_context: `qalter -ac` can change it after the
+    JSV checked it, so a bad or doubled value raises UserError)."""
+    return wire.decode_context(kv for m in CONTEXT.finditer(qstat) for kv in m.group(1).split(","))
 
 
 # Hard requests that bound a job's memory; each is per slot (GE multiplies it by the job's slots).
@@ -216,7 +207,7 @@ def starter(settings: Settings, argv: list[str]) -> int:
         os.execvp(argv[0], argv)
     script, args = _payload(argv)
     env = {k: v for k, v in os.environ.items() if k != "VMWRAP_CONFIG"}
-    return launcher.attach(run_dir, jid, script, env, args, grace=settings.grace_seconds, settings=settings)
+    return payload.attach(run_dir, jid, script, env, args, grace=settings.grace_seconds, settings=settings)
 
 
 def _payload(argv: list[str]) -> tuple[str, list[str]]:
@@ -275,7 +266,7 @@ def check_request(settings: Settings, params: dict[str, str], user: str, gid: in
     """(image, None) for an acceptable request, (None, reason) to reject it. Reads the script body
     (the client JSV runs as the submitter, in qsub's directory) and the `-ac vmwrap_image=` context."""
     ctx = dict(kv.partition("=")[::2] for kv in params.get("ac", "").split(",") if kv)
-    native = ctx.get("vmwrap_image") or None
+    native = ctx.get(wire.CONTEXT_IMAGE) or None
     text = ""
     cmd = params.get("CMDNAME", "")
     if cmd and params.get("b", "n") != "y" and os.path.isfile(cmd):
@@ -290,7 +281,7 @@ def check_request(settings: Settings, params: dict[str, str], user: str, gid: in
         if native is not None:
             directives.check_image_name(native)
         if req.image and native and req.image != native:
-            return None, f"the script asks for image {req.image!r} but -ac vmwrap_image={native}"
+            return None, f"the script asks for image {req.image!r} but -ac {wire.CONTEXT_IMAGE}={native}"
         image = req.image or native
         if image is None:
             return None, None
@@ -328,8 +319,8 @@ def jsv(settings: Settings, inp, out) -> int:
             image, reason = check_request(settings, params, pw.pw_name, pw.pw_gid, script_optional=server)
             if reason:
                 say(f"RESULT STATE REJECT vmwrap: {reason}")
-            elif image and "vmwrap_image=" not in params.get("ac", ""):
-                ac = ",".join(x for x in (params.get("ac", ""), f"vmwrap_image={image}") if x)
+            elif image and f"{wire.CONTEXT_IMAGE}=" not in params.get("ac", ""):
+                ac = ",".join(x for x in (params.get("ac", ""), wire.encode_context(image)) if x)
                 say(f"PARAM ac {ac}")
                 say("RESULT STATE CORRECT")
             else:

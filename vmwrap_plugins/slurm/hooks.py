@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from vmwrap import launcher, lifecycle
+from vmwrap import lifecycle, payload, rundir, wire
 from vmwrap.config import Settings
 from vmwrap.errors import UserError, VmwrapError
 from vmwrap.job import Job
@@ -24,29 +24,8 @@ ROOT_ENV = ("SLURM_JOB_ID", "SLURM_JOB_USER", "SLURM_JOB_UID", "SLURM_JOB_GID", 
             "SLURMD_NODENAME", "SLURM_SCRIPT_CONTEXT", "SLURM_JOB_EXIT_CODE", "SLURM_JOB_EXIT_CODE2",
             "SLURM_JOB_DERIVED_EC", "SLURM_CONF")
 
+# job_submit.lua puts it above the user's script; the batch step runs what follows it.
 MARKER = "#VMWRAP-ORIGINAL-SCRIPT"
-PREFIX = "vmwrap:"
-# Exactly what job_submit.lua writes, the user's own comment after " | ". Users can put anything in a
-# comment (and job_submit.lua refuses theirs that start with PREFIX): every number is bounded before
-# int() sees it (Python refuses > 4300 digits with ValueError, which would fail a root prolog).
-REQUEST = re.compile(r"vmwrap:image=([A-Za-z0-9][A-Za-z0-9._-]{0,63}),memory=(\d{1,9})?,cpus=(\d{1,4})?,"
-                     r"lost=(restart|fail)?(?: \| .*)?", re.S)
-
-
-def parse_request(comment: str | None) -> dict | None:
-    """The VM request job_submit.lua put in the job's comment; None for a comment that is not one.
-
-    A comment that starts with 'vmwrap:' but is not what job_submit.lua writes raises UserError:
-    the job was meant to run in a VM (or someone forged a request) and must not run bare."""
-    comment = comment or ""
-    if not comment.startswith(PREFIX):
-        return None
-    m = REQUEST.fullmatch(comment)
-    if not m:
-        raise UserError(f"the job's comment starts with {PREFIX!r} but is not a VM request vmwrap wrote: "
-                        f"{_clip(comment)}")
-    return {"image": m.group(1), "memory_mib": int(m.group(2)) if m.group(2) else None,
-            "cpus": int(m.group(3)) if m.group(3) else None, "lost": m.group(4) or None}
 
 
 def _clip(s: str, n: int = 80) -> str:
@@ -118,18 +97,17 @@ def slurm_job(job_id: str) -> str:
     raise VmwrapError(f"cannot read job {job_id}'s memory allocation from Slurm (scontrol show job: {last})")
 
 
-def _directives(req: dict) -> str:
-    """The request from the comment as the #VMWRAP lines launcher.plan() reads: the one strict parser
-    checks them again, and plan() weighs them against the allocation like any script's."""
-    opts = ([f"--memory={req['memory_mib']}M"] if req["memory_mib"] else []) + \
-           ([f"--cpus={req['cpus']}"] if req["cpus"] else [])
+def _directives(req: wire.Accepted) -> str:
+    """The request from the comment as the #VMWRAP lines vmwrap.request.resolve() reads: the one strict
+    parser checks them again, and resolve() weighs them against the allocation like any script's."""
+    opts = ([f"--memory={req.memory_mib}M"] if req.memory_mib else []) + ([f"--cpus={req.cpus}"] if req.cpus else [])
     return f"#!/bin/sh\n#VMWRAP {' '.join(opts)}\n" if opts else ""
 
 
-def job_from_env(env: dict[str, str], show_job=slurm_job) -> tuple[Job, dict] | None:
+def job_from_env(env: dict[str, str], show_job=slurm_job) -> tuple[Job, wire.Accepted] | None:
     """The job as the core sees it: request from the comment, CPUs and memory from Slurm's allocation
-    on this node (ceilings launcher.plan() enforces). `show_job(id)` returns `scontrol show job -o`."""
-    req = parse_request(env.get("SLURM_JOB_COMMENT", ""))
+    on this node (ceilings vmwrap.request.resolve() enforces). `show_job(id)` returns `scontrol show job -o`."""
+    req = wire.decode(env.get("SLURM_JOB_COMMENT", ""))
     if req is None:
         return None
     job_id = env.get("SLURM_JOB_ID", "")
@@ -137,13 +115,14 @@ def job_from_env(env: dict[str, str], show_job=slurm_job) -> tuple[Job, dict] | 
     user = env.get("SLURM_JOB_USER", "")
     uid, gid = _env_int(env, "SLURM_JOB_UID", 10), _env_int(env, "SLURM_JOB_GID", 10)
     alloc = allocated_cpus(env.get("SLURM_JOB_CPUS_PER_NODE", ""))
-    if req["cpus"] and alloc and req["cpus"] > alloc:
-        raise UserError(f"--cpus={req['cpus']} is more than the {alloc} CPUs Slurm allocated on this node")
+    if req.cpus and alloc and req.cpus > alloc:
+        raise UserError(f"--cpus={req.cpus} is more than the {alloc} CPUs Slurm allocated on this node")
     memory = allocated_memory_mib(show_job(job_id), alloc)
     work_dir = env.get("SLURM_JOB_WORK_DIR") or pwd.getpwuid(uid).pw_dir
     job = Job(job_id=job_id, scheduler="slurm", user=user, uid=uid, gid=gid,
-              work_dir=work_dir, script=_directives(req), cpus=alloc, memory_mib=memory, image=req["image"],
-              restart_count=_env_int(env, "SLURM_JOB_RESTART_COUNT", 6, default=0), on_lost_checkpoint=req["lost"],
+              work_dir=work_dir, script=_directives(req), cpus=alloc, memory_mib=memory, image=req.image,
+              restart_count=_env_int(env, "SLURM_JOB_RESTART_COUNT", 6, default=0),
+              on_lost_checkpoint=req.on_lost_checkpoint,
               groups=[g for g in os.getgrouplist(user, gid) if g != gid])
     return job, req
 
@@ -220,13 +199,13 @@ def attach(settings: Settings, script_path: str, args: list[str]) -> int:
     _, sep, original = text.partition(MARKER + "\n")
     if not sep:
         print("vmwrap: error: this batch script was not wrapped by vmwrap's job_submit.lua", file=sys.stderr)
-        return launcher.EXIT_NODE
+        return payload.EXIT_NODE
     job_id = os.environ["SLURM_JOB_ID"]
     env = {k: v for k, v in os.environ.items() if k != "VMWRAP_CONFIG"}
     started_as = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     requeued = (lambda: restarts(job_id) > started_as) if settings.workdir_share == "serial" else None
-    return launcher.attach(settings.jobs_dir / job_id, job_id, original, env, args, grace=settings.grace_seconds,
-                           settings=settings, requeued=requeued)
+    return payload.attach(rundir.path(settings, job_id), job_id, original, env, args, grace=settings.grace_seconds,
+                          settings=settings, requeued=requeued)
 
 
 def restarts(job_id: str) -> int:

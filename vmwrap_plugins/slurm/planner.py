@@ -22,7 +22,7 @@ import re
 import time
 from pathlib import Path
 
-from vmwrap import checkpoint
+from vmwrap import checkpoint, sizing, wire
 from vmwrap.catalog import Catalog
 from vmwrap.config import Settings
 from vmwrap.errors import UserError
@@ -31,7 +31,6 @@ from vmwrap.plan import Action, Policy, QueuedJob, Reservation, SaveModel, plan_
 
 from .commands import epoch as _epoch
 from .commands import run as _run
-from .hooks import parse_request
 
 log = logging.getLogger("vmwrap.plan")
 UNLIMITED = 0xFFFFFFFE   # Slurm's INFINITE (and NO_VAL above it) as squeue --json prints time limits
@@ -98,11 +97,11 @@ def _warn_once(job: str, what: str) -> None:
         log.warning("job %s: %s", job, what)
 
 
-def request(job: str, comment) -> dict | None:
+def request(job: str, comment) -> wire.Accepted | None:
     """The job's VM request, or None (not a vmwrap job). Users write comments: a malformed request
     makes the job a plain one for the planner (its prolog fails it), never fails the pass."""
     try:
-        return parse_request(comment if isinstance(comment, str) else "")
+        return wire.decode(comment if isinstance(comment, str) else "")
     except UserError as e:
         _warn_once(job, f"taken as a job without a VM: {e}")
         return None
@@ -135,9 +134,7 @@ def jobs(settings: Settings, idle: dict[str, set[str]], now: float) -> list[Queu
 def _queued(settings: Settings, images: dict, idle: dict[str, set[str]], now: float, j: dict, jid: int):
     state = {"PENDING": "pending", "RUNNING": "running"}.get(j.get("job_state"), "other")
     req = request(str(jid), j.get("comment"))
-    img = images.get((req or {}).get("image"))
-    mem = ((req or {}).get("memory_mib") or (img.memory_mib if img is not None else None)
-           or settings.default_memory_mib)
+    mem, _ = sizing.memory_mib(req and req.memory_mib, images.get(req.image) if req else None, settings)
     reason = j.get("state_reason") or ""
     priority = _num(j.get("priority"))
     eligible = (state == "pending" and not j.get("dependency")

@@ -17,12 +17,12 @@ import os
 import re
 from pathlib import Path
 
+from vmwrap import wire
 from vmwrap.errors import UserError
 from vmwrap.prestage import Need, Prestager
 
 from .commands import epoch as _epoch
 from .commands import run as _run
-from .hooks import parse_request
 
 log = logging.getLogger("vmwrap.prestage")
 PREFIX = "vmw_"
@@ -75,7 +75,7 @@ def pending() -> list[dict]:
     jobs, hosts = [], {}
     for job_id, (start, sched, comment) in _lines("JobID", "StartTime", "SchedNodes", "Comment").items():
         try:
-            req = parse_request(comment)
+            req = wire.decode(comment)
         except UserError as e:
             _warn_once(job_id, f"job {job_id}: not prestaged: {e}")
             continue
@@ -86,7 +86,7 @@ def pending() -> list[dict]:
             if sched not in hosts:
                 hosts[sched] = _run("scontrol", "show", "hostnames", sched).split()
             nodes = hosts[sched]
-        jobs.append({"job": job_id, "image": req["image"], "start": _epoch(start), "nodes": nodes})
+        jobs.append({"job": job_id, "image": req.image, "start": _epoch(start), "nodes": nodes})
     return jobs
 
 

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import jinja2
 
+from vmwrap import directives, wire
 from vmwrap.catalog import Catalog
 from vmwrap.resources import HOOKS, TEMPLATES
 
+from .hooks import MARKER
 
 
 def lua_literal(v) -> str:
@@ -52,7 +54,10 @@ def render_lua(catalog: Catalog, vmwrap: str = "/usr/local/bin/vmwrap", config: 
     return env.get_template("slurm/job_submit.lua.j2").render(
         images=sorted(catalog.images.values(), key=lambda i: i.name), groups=groups,
         offer=", ".join(sorted(catalog.images)) or "none",
-        vmwrap_cmd=vmwrap_command(vmwrap, config), default_image=default_image, active_file=active_file)
+        vmwrap_cmd=vmwrap_command(vmwrap, config), default_image=default_image, active_file=active_file,
+        marker=MARKER, max_cpus=directives.MAX_CPUS, max_memory_mib=directives.MAX_MEMORY_MIB,
+        request_prefix=wire.PREFIX, request_format=wire.lua_format(), request_fields=", ".join(wire.FIELDS),
+        user_separator=wire.USER_SEPARATOR)
 
 
 def slurm_conf_lines(vmwrap_hooks: Path = HOOKS, prolog_timeout: int = 300) -> str:

@@ -1,0 +1,401 @@
+"""The job's payload: hand the job to its waiting VM, relay its output and signals, exit with its code.
+
+Runs as the job's user under a scheduler (`attach`: the prolog booted the VM), or inside `vmwrap run`
+(root, vmwrap/launcher.py). Exit codes: the job's own (a signal N inside the guest gives 128+N);
+before the job could run, 64 = the job's request is wrong, 65 = the image is unusable, 66 = the job's
+checkpoint is missing or corrupt (and it asked to fail then), 69 = this node cannot run VMs (or no
+disk space for the job now), 70 = the guest died without reporting an exit status, 153 (128 +
+SIGXFSZ) = the job's VM was stopped for writing more than a per-job limit allows
+(job_output_max_bytes, console_max_bytes, job_disk_max_bytes: vmwrap/limits.py).
+
+Whatever it reads from the run dir is written by QEMU for the (hostile) guest, or by root: it goes
+through vmwrap/safeio.py (no links, no FIFOs, bounded).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import signal
+import stat
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import domain, evidence, limits, rundir, safeio
+from .config import Settings
+from .errors import JobDiskError, NodeError, VmwrapError
+from .ledger import Ledger
+
+EXIT_USER, EXIT_IMAGE, EXIT_CHECKPOINT, EXIT_NODE, EXIT_GUEST = 64, 65, 66, 69, 70
+EXIT_FOR = {"user": EXIT_USER, "image": EXIT_IMAGE, "checkpoint": EXIT_CHECKPOINT, "node": EXIT_NODE}
+POLL = 0.02
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+SMALL_FILE_MAX = 1 << 16     # error, notice, restored.json: root-written, capped anyway
+STATUS_TIMELINE_MAX = 1 << 16  # the agent's booted/ready/started/exit lines come first
+STATUS_READ_MAX = 1 << 16    # status bytes taken per poll
+STATUS_LINE_MAX = 4096       # a longer unfinished status "line" is the guest's garbage: dropped
+CONSOLE_TAIL = 2000
+PANIC_WINDOW = 16 * 1024   # bytes read back to find a panic's first line
+PANIC_CONTEXT_LINES = 15
+
+class Attachment:
+    """Either side: hand the job to the waiting guest, stream its output, forward signals.
+
+    With a libvirt connection (root) SIGTSTP/SIGCONT pause/resume the whole VM; without one (the
+    job's user under a scheduler) they stop/continue the job's processes inside the guest.
+    """
+
+    def __init__(self, run_dir: Path, job_id: str, out_fd: int = 1, err_fd: int = 2, grace: float = 30.0,
+                 conn=None, ledger: Ledger | None = None, settings: Settings | None = None):
+        self.run_dir = Path(run_dir)
+        self.job_id = job_id
+        self.name = rundir.domain_name(job_id)
+        self.out_fd, self.err_fd = out_fd, err_fd
+        self.grace = grace
+        self.conn = conn
+        self.ledger = ledger
+        self.control = domain.Control(self.run_dir)
+        self.settings = settings
+        self._stopped_inside = False
+        self._signals: list[int] = []
+        self.timeline: dict[str, float] = {}
+        # The scheduler's answer to "is this SIGTERM a requeue/preemption?": then the step only
+        # detaches and the VM is saved by the epilog instead of the job being terminated.
+        self.requeued: Callable[[], bool] | None = None
+        self.offsets = {rundir.STDOUT: 0, rundir.STDERR: 0}  # bytes of each stream already delivered
+        self.detached = False
+
+    def _record(self, event: str, **kw) -> None:
+        if self.ledger is not None:
+            self.ledger.record(self.job_id, self.name, event, **kw)
+
+    def install_signal_handlers(self) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTSTP, signal.SIGCONT):
+            signal.signal(s, lambda signum, _f: self._signals.append(signum))
+
+    def start(self, script: str, environment: dict[str, str], args: list[str] = ()) -> None:
+        restored = safeio.read_capped(self.run_dir / rundir.RESTORED, SMALL_FILE_MAX)
+        if restored is not None:  # the job already runs in a VM restored from its checkpoint
+            self._resume_streams(json.loads(restored).get("delivered", {}))
+            return
+        user = rundir.user_dir(self.run_dir)
+        try:
+            _write_private(user / rundir.USER_SCRIPT, script.encode("utf-8", "surrogateescape"), 0o700)
+            _write_private(user / rundir.USER_ENV, b"".join(
+                f"{k}={v}".encode("utf-8", "surrogateescape") + b"\0"
+                for k, v in environment.items() if "\0" not in k + v and "=" not in k), 0o600)
+            _write_private(user / rundir.USER_ARGS, b"".join(a.encode("utf-8", "surrogateescape") + b"\0" for a in args), 0o600)
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            raise JobDiskError(f"cannot hand the job to its VM: {e.strerror} writing {e.filename}") from None
+        if not self.control.connect(timeout=5.0):
+            if evidence.guest_ran(self.run_dir):
+                return  # it booted and died before we attached: stream() reports it, console included
+            raise NodeError(f"cannot reach the job's VM control socket in {self.run_dir} (VM not running?)")
+        self.control.send("GO")
+        self.timeline["go"] = time.monotonic()
+
+    def _resume_streams(self, delivered: dict[str, int]) -> None:
+        """Continue each stream where the previous run's step stopped delivering it. If the scheduler
+        truncated the output file on restart (it is empty now), deliver everything again instead."""
+        for name, fd in ((rundir.STDOUT, self.out_fd), (rundir.STDERR, self.err_fd)):
+            off = int(delivered.get(name, 0))
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                    off = 0
+            except OSError:
+                pass
+            self.offsets[name] = off
+
+    def _save_offsets(self) -> None:
+        try:
+            _write_private(rundir.user_dir(self.run_dir) / rundir.DELIVERED,
+                           json.dumps(self.offsets).encode(), 0o600)
+        except OSError:
+            pass
+
+    def _gone(self) -> bool:
+        if self.conn is not None:
+            return domain.is_gone(self.conn, self.name)
+        return self.control.eof()
+
+    def stream(self) -> int:
+        files: dict[str, object] = {}
+        pending = {rundir.STDOUT: self.out_fd, rundir.STDERR: self.err_fd}
+        status_buf = b""
+        exit_code: int | None = None
+        exit_seen_at = None
+        term_deadline = kill_deadline = None
+        paused = False
+        last_check = 0.0
+        status_f = None
+
+        def pump(name: str, fd: int) -> bool:
+            f = files.get(name)
+            if f is None:
+                f = files[name] = _open_or_none(self.run_dir / name)
+                if f is None:
+                    return False
+                f.seek(self.offsets[name])
+            moved = False
+            while buf := f.read(1 << 20):
+                _write_all(fd, buf)
+                self.offsets[name] += len(buf)
+                moved = True
+                self.timeline.setdefault("first_output", time.monotonic())
+                if len(buf) < (1 << 20):
+                    break
+            return moved
+
+        while True:
+            moved = any([pump(n, fd) for n, fd in pending.items()])
+            if status_f is None:
+                status_f = _open_or_none(self.run_dir / rundir.STATUS)
+            if status_f is not None:
+                lines, status_buf = _status_lines(status_f, status_buf)
+                for ln in lines:
+                    word, _, arg = ln.decode(errors="replace").partition(" ")
+                    if word in ("booted", "ready", "started"):
+                        self.timeline.setdefault(word, time.monotonic())
+                        if word != "ready":
+                            self._record(word, guest_uptime=arg[:32])
+                    elif word == "exit" and exit_code is None:
+                        exit_code = _exit_status(arg)
+                        if exit_code is not None:
+                            exit_seen_at = time.monotonic()
+                    elif word == "error":
+                        _write_all(self.err_fd, f"vmwrap: guest error: {arg[:1000]}\n".encode())
+            while self._signals:
+                sig = self._signals.pop(0)
+                if sig == signal.SIGTSTP and not paused:
+                    paused = self._pause()
+                elif sig == signal.SIGCONT and paused:
+                    paused = not self._resume()
+                elif sig == signal.SIGTERM and term_deadline is None and self.requeued and self.requeued():
+                    # Preempted/requeued: leave the VM as it is for the epilog to save; record how much
+                    # of each stream was delivered so that the restored job continues from there.
+                    for name, fd in pending.items():
+                        pump(name, fd)
+                    self._save_offsets()
+                    self.detached = True
+                    self._record("detached")
+                    break
+                elif sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) and term_deadline is None:
+                    if paused:
+                        paused = not self._resume()
+                    self.control.send("TERM")
+                    term_deadline = time.monotonic() + self.grace
+            if self.detached:
+                break
+            now = time.monotonic()
+            if term_deadline and now > term_deadline and kill_deadline is None:
+                self.control.send("KILL")
+                kill_deadline = now + 2.0
+            if kill_deadline and now > kill_deadline and self.conn is not None:
+                domain.destroy(self.conn, self.name)
+            if now - last_check > 0.1 or exit_code is not None:
+                last_check = now
+                # Without libvirt, a guest that reported its exit but lingers is given 5 s to power off.
+                lingering = exit_seen_at is not None and self.conn is None and now - exit_seen_at > 5.0
+                if self._gone() or lingering:
+                    for name, fd in pending.items():
+                        pump(name, fd)
+                        f = files.get(name)
+                        while f is not None and (buf := f.read(1 << 20)):
+                            _write_all(fd, buf)
+                            self.offsets[name] += len(buf)
+                    if status_f is None:
+                        status_f = _open_or_none(self.run_dir / rundir.STATUS)
+                    if exit_code is None and status_f is not None:
+                        for ln in (status_buf + status_f.read(16 * STATUS_READ_MAX)).split(b"\n"):
+                            if ln.startswith(b"exit ") and exit_code is None:
+                                exit_code = _exit_status(ln[5:].decode(errors="replace"))
+                    break
+            if not moved:
+                time.sleep(POLL)
+        for f in files.values():
+            f.close()
+        self.control.close()
+        if self.detached:
+            return 0
+        why = limits.reason(self.run_dir)  # the root watcher stopped the VM: that is the job's end
+        if why is not None:
+            _write_all(self.err_fd, why.encode())
+            exit_code = limits.EXIT_LIMIT
+        if exit_code is None:
+            if term_deadline is not None:
+                exit_code = 128 + signal.SIGTERM
+            else:
+                tail = _tail(self.run_dir / rundir.CONSOLE)
+                _write_all(self.err_fd, f"vmwrap: the guest died without reporting an exit status\n{tail}".encode())
+                exit_code = EXIT_GUEST
+        self._record("exited", exit_code=exit_code)
+        return exit_code
+
+    def _pause_unprivileged(self) -> bool:
+        """Ask the node agent to pause the whole VM; without one, stop the job's processes inside."""
+        try:
+            from . import agent
+
+            if self.settings is None:
+                raise NodeError("no settings")
+            agent.request(self.settings, "pause", self.job_id)
+            return True
+        except NodeError as e:
+            _write_all(self.err_fd, f"vmwrap: {e}; stopping the job's processes inside the VM instead\n".encode())
+            self._stopped_inside = self.control.send("STOP")
+            return self._stopped_inside
+
+    def _pause(self) -> bool:
+        if self.conn is None:
+            return self._pause_unprivileged()
+        dom = domain.lookup(self.conn, self.name)
+        if dom is None:
+            return False
+        try:
+            domain.guarded(self.conn, self.name, "pause", dom.suspend)
+        except Exception:
+            return False
+        self._record("paused")
+        return True
+
+    def _resume(self) -> bool:
+        if self.conn is None:
+            if self._stopped_inside:
+                self._stopped_inside = False
+                return self.control.send("CONT")
+            try:
+                from . import agent
+
+                agent.request(self.settings, "resume", self.job_id)
+                return True
+            except (NodeError, TypeError) as e:
+                _write_all(self.err_fd, f"vmwrap: cannot resume the VM: {e}\n".encode())
+                return False
+        dom = domain.lookup(self.conn, self.name)
+        if dom is None:
+            return True
+        try:
+            domain.guarded(self.conn, self.name, "resume", dom.resume)
+        except Exception:
+            return False
+        self._record("resumed")
+        return True
+
+
+def attach(run_dir: Path, job_id: str, script: str, environment: dict[str, str], args: list[str] = (),
+           grace: float = 30.0, settings: Settings | None = None,
+           requeued: Callable[[], bool] | None = None) -> int:
+    """The job's payload under a scheduler (runs as the job's user): the VM was booted by the prolog."""
+    err = safeio.read_capped(Path(run_dir) / rundir.ERROR, SMALL_FILE_MAX)
+    if err is not None:
+        kind, _, msg = err.decode(errors="replace").partition("\n")
+        _write_all(2, f"vmwrap: error: {msg.strip()}\n".encode())
+        return EXIT_FOR.get(kind, EXIT_NODE)
+    notice = safeio.read_capped(Path(run_dir) / rundir.NOTICE, SMALL_FILE_MAX)
+    if notice:
+        _write_all(2, notice)
+    att = Attachment(Path(run_dir), job_id, grace=grace, settings=settings)
+    att.requeued = requeued
+    att.install_signal_handlers()
+    try:
+        att.start(script, environment, list(args))
+        return att.stream()
+    except VmwrapError as e:
+        _write_all(2, f"vmwrap: error: {e}\n".encode())
+        return EXIT_FOR[e.kind]
+
+
+def _write_private(path: Path, data: bytes, mode: int) -> None:
+    """Write a file the job's user owns (root writing on the user's behalf gives it to the dir's owner)."""
+    # A fresh inode in the user's dir: a FIFO, link or hard link put there by the user is replaced,
+    # never opened (opening a FIFO for writing would block root forever).
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        _write_all(fd, data)
+        if os.geteuid() == 0:
+            st = os.stat(path.parent)
+            os.fchown(fd, st.st_uid, st.st_gid)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def guest_timeline(run_dir: Path) -> dict[str, float | int]:
+    """What the guest agent reported (guest uptimes at booted/ready/started, exit status)."""
+    out: dict[str, float | int] = {}
+    try:  # the guest writes this file (through QEMU): only its head, and never through a link or FIFO
+        data = safeio.read_capped(Path(run_dir) / rundir.STATUS, STATUS_TIMELINE_MAX)
+    except OSError:
+        return out
+    for ln in (data or b"").decode(errors="replace").splitlines():
+        word, _, arg = ln.partition(" ")
+        if word in ("booted", "ready", "started"):
+            try:
+                v = float(arg[:32])
+            except ValueError:
+                continue
+            if math.isfinite(v):
+                out[word] = v
+        elif word == "exit" and (code := _exit_status(arg)) is not None:
+            out["exit"] = code
+    return out
+
+
+def _exit_status(arg: str) -> int | None:
+    """The status of an `exit N` line: 0..255, anything else from the guest is ignored."""
+    arg = arg.strip()
+    return int(arg) if arg.isascii() and arg.isdigit() and len(arg) <= 3 and int(arg) <= 255 else None
+
+
+def _status_lines(f, buf: bytes) -> tuple[list[bytes], bytes]:
+    """Complete lines newly readable on the status port, and the unfinished rest (both bounded)."""
+    *lines, rest = (buf + f.read(STATUS_READ_MAX)).split(b"\n")
+    return lines, (rest if len(rest) <= STATUS_LINE_MAX else b"")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except InterruptedError:
+            continue
+        except BrokenPipeError:
+            return
+        view = view[n:]
+
+
+def _open_or_none(p: Path):
+    """A reader on a stream file QEMU writes; None unless it is a regular file (no link, FIFO)."""
+    return safeio.open_stream(p)
+
+
+def _tail(p: Path, n: int = CONSOLE_TAIL) -> str:
+    """The console's last lines for the job's error output (seek, never the whole file: the guest
+    decides its size). A kernel panic's backtrace would fill the tail and push out what the user
+    needs (their init's last words), so for a panic the lines before it are shown and the trace
+    is left to the kept evidence."""
+    try:
+        data = safeio.tail_capped(p, PANIC_WINDOW)
+    except OSError:
+        return ""
+    if data is None:
+        return ""
+    return "--- guest console (last lines) ---\n" + summarise_console(data.decode(errors="replace"), n) + "\n"
+
+
+def summarise_console(text: str, n: int = CONSOLE_TAIL) -> str:
+    """The last `n` characters of a console, or for a kernel panic the lines leading up to it."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if "Kernel panic - not syncing" in line:
+            head = "\n".join(lines[max(0, i - PANIC_CONTEXT_LINES):i + 1])[-n:]
+            return head + "\n[kernel backtrace omitted; `vmwrap ps --failed` shows the kept console]"
+    return text[-n:]

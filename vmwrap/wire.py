@@ -1,0 +1,136 @@
+"""The accepted request on its way from submit time to the node, spelled once.
+
+A submit-time check (Slurm's job_submit.lua, Grid Engine's JSV) accepts a job's VM request and
+leaves it where the scheduler carries it to the root prolog, the gap planner and the prestager:
+
+- Slurm: the job's comment, `vmwrap:image=NAME,memory=MIB,cpus=N,lost=restart|fail` (empty values
+  mean "not given"), followed by ` | ` and the user's own comment if there was one. The Lua filter
+  formats it with `lua_format()`, rendered into job_submit.lua from here.
+- Grid Engine: the job context item `vmwrap_image=NAME` (`qsub -ac`); the rest stays in the script's
+  #VMWRAP lines, which root reads from the spooled script.
+
+Users write comments and contexts too (`scontrol update comment=`, `qalter -ac`): `decode` trusts
+nothing, bounds every number before int() sees it, and names what is wrong (WireError).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .directives import IMAGE_NAME, MAX_CPUS, MAX_MEMORY_MIB, check_image_name
+from .errors import UserError
+
+PREFIX = "vmwrap:"
+USER_SEPARATOR = " | "  # the user's own comment follows the request
+FIELDS = ("image", "memory", "cpus", "lost")
+POLICIES = ("restart", "fail")
+CONTEXT_IMAGE = "vmwrap_image"  # Grid Engine's job context key
+
+
+class WireError(UserError):
+    """A comment or context that claims to carry a VM request but is not one vmwrap wrote."""
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A request the submit-time check accepted; None means 'not given' (image or site defaults apply)."""
+
+    image: str
+    memory_mib: int | None = None
+    cpus: int | None = None
+    on_lost_checkpoint: str | None = None
+
+
+def _clip(s: str, n: int = 40) -> str:
+    return repr(s[:n]) + (f"... ({len(s)} characters)" if len(s) > n else "")
+
+
+def _number(name: str, value: str, top: int) -> int | None:
+    if value == "":
+        return None
+    if not (value.isascii() and value.isdigit() and len(value) <= len(str(top))):
+        raise WireError(f"{name}={_clip(value)} is not a whole number from 1 to {top}")
+    n = int(value)
+    if not 1 <= n <= top:
+        raise WireError(f"{name}={_clip(value)} is not a whole number from 1 to {top}")
+    return n
+
+
+def _image(value: str) -> str:
+    if not IMAGE_NAME.fullmatch(value):
+        raise WireError(f"image={_clip(value)} is not an image name")
+    return value
+
+
+def _policy(value: str) -> str | None:
+    if value not in ("",) + POLICIES:
+        raise WireError(f"lost={_clip(value)} is not {' or '.join(POLICIES)}")
+    return value or None
+
+
+def encode(a: Accepted) -> str:
+    """The comment text for `a` (what job_submit.lua writes); WireError for anything decode would refuse."""
+    try:
+        _image(a.image if isinstance(a.image, str) else repr(a.image))
+        for name, v, top in (("memory", a.memory_mib, MAX_MEMORY_MIB), ("cpus", a.cpus, MAX_CPUS)):
+            if v is not None and (type(v) is not int or not 1 <= v <= top):
+                raise WireError(f"{name}={v!r} is not a whole number from 1 to {top}")
+        _policy(a.on_lost_checkpoint or "")
+    except WireError as e:
+        raise WireError(f"cannot carry {a!r} as a VM request: {e}") from None
+    return f"{PREFIX}image={a.image},memory={a.memory_mib or ''},cpus={a.cpus or ''},lost={a.on_lost_checkpoint or ''}"
+
+
+def decode(comment: str | None) -> Accepted | None:
+    """The request in a job's comment; None for a comment that is not one (a plain job).
+
+    A comment that starts with PREFIX but is not what job_submit.lua writes raises WireError: the job
+    was meant to run in a VM (or someone forged a request) and must not run bare, nor on a guess."""
+    comment = comment or ""
+    if not comment.startswith(PREFIX):
+        return None
+    try:
+        return _fields(comment[len(PREFIX):].partition(USER_SEPARATOR)[0])
+    except WireError as e:
+        raise WireError(f"the job's comment starts with {PREFIX!r} but is not a VM request vmwrap wrote "
+                        f"({e}): {_clip(comment, 80)}") from None
+
+
+def _fields(body: str) -> Accepted:
+    items = body.split(",", len(FIELDS))
+    if len(items) != len(FIELDS):
+        raise WireError(f"{len(items)} comma-separated fields where {len(FIELDS)} belong ({', '.join(FIELDS)})")
+    values = {}
+    for want, item in zip(FIELDS, items):
+        key, eq, value = item.partition("=")
+        if key != want or not eq:
+            raise WireError(f"{_clip(item)} where {want}=... belongs")
+        values[key] = value
+    return Accepted(image=_image(values["image"]), memory_mib=_number("memory", values["memory"], MAX_MEMORY_MIB),
+                    cpus=_number("cpus", values["cpus"], MAX_CPUS), on_lost_checkpoint=_policy(values["lost"]))
+
+
+def lua_format() -> str:
+    """`encode` as a Lua format string; job_submit.lua passes the values in FIELDS order ("" for none)."""
+    return PREFIX + ",".join(f"{f}=%s" for f in FIELDS)
+
+
+def encode_context(image: str) -> str:
+    """The job context item that carries the image (Grid Engine `-ac`)."""
+    return f"{CONTEXT_IMAGE}={check_image_name(image)}"
+
+
+def decode_context(items: Iterable[str]) -> str | None:
+    """The image from job context items 'key=value'; None when none names it. `qalter -ac` can change
+    the context after the JSV checked it: a value that is not an image name, or two different ones,
+    raise UserError."""
+    names = set()
+    for kv in items:
+        k, _, v = kv.partition("=")
+        if k.strip() == CONTEXT_IMAGE:
+            names.add(v.strip())
+    if len(names) > 1:
+        raise WireError(f"the job's context names more than one {CONTEXT_IMAGE}: "
+                        + ", ".join(repr(n[:64]) for n in sorted(names)[:3]))
+    return check_image_name(names.pop()) if names else None
