@@ -40,6 +40,8 @@ def parse_memory(value: str) -> int:
     if v.startswith("-"):
         raise UserError(f"--memory={value}: memory must be positive")
     m = _SIZE.match(v)
+    if m and len(m.group(1)) > 15:
+        raise UserError(f"--memory={v[:12]}...: absurdly large (limit {MAX_MEMORY_MIB // (1024 * 1024)} TiB)")
     if not m:
         raise UserError(f"--memory={value}: not a size; use e.g. 512M or 2G")
     mib = int(m.group(1)) * _UNIT_MIB[m.group(2).upper()]
@@ -54,6 +56,8 @@ def parse_cpus(value: str) -> int:
     v = value.strip()
     if not re.fullmatch(r"-?\d+", v):
         raise UserError(f"--cpus={value}: not a whole number")
+    if len(v.lstrip("-")) > 9:  # int() refuses > 4300 digits with ValueError: a user's text never crashes a hook
+        raise UserError(f"--cpus={v[:12]}...: absurdly large (limit {MAX_CPUS})")
     n = int(v)
     if n <= 0:
         raise UserError(f"--cpus={value}: must be at least 1")
