@@ -6,6 +6,13 @@ finds it with `schedulers()` / `scheduler(name)`. Node-side hooks then only tran
 environment into a Job (`job`), requeue facts (`requeue_state`), and the lifecycle's Outcome into
 the scheduler's exit codes and drain/offline mechanism (`take_out`). Capabilities a scheduler does
 not have (no planned starts to prestage for, no reservations) answer None and the core skips them.
+
+The daemon loops are core code driven only through these methods: the checkpoint GC
+(vmwrap.daemons.gc: `still_queued`), the prestager (vmwrap.prestage.node_pass: `planned_starts`,
+`publish_cached`) and the gap planner (vmwrap.planner.Planner: `reservations`, `queue`,
+`plan_timing`, `set_time_limit`, `vacate`). The planner's save deadline does not go through the
+scheduler: the core writes it into the shared checkpoint store before `vacate`, and the node's
+epilog (vmwrap.lifecycle.end) stops the save by then.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Protocol, runtime_checkable
 from .config import Settings
 from .errors import NodeError
 from .job import Job
+from .plan import QueuedJob, Reservation, Timing
 
 GROUP = "vmwrap.schedulers"
 CLI_GROUP = "vmwrap.cli"
@@ -45,10 +53,37 @@ class Scheduler(Protocol):
         """For checkpoint GC: whether a job id may still run again. Unreachable scheduler: always True."""
 
     def planned_starts(self) -> list[dict] | None:
-        """Jobs the scheduler will start next, with their image and node if planned (prestage)."""
+        """Jobs the scheduler will start next (prestage): dicts with `job` (id), `image`, `start`
+        (planned start, epoch seconds, or None) and `nodes` (the nodes planned for it). None: the
+        scheduler makes no such plan."""
 
     def publish_cached(self, node: str, images: list[str]) -> None:
         """Tell the scheduler which images this node holds (cache-aware placement)."""
+
+    # -- the gap planner (vmwrap.planner), run next to the scheduler's controller ------------------
+
+    def reservations(self) -> list[Reservation] | None:
+        """Advance reservations not yet over: start, end, nodes, and the users whose jobs run inside
+        it (their other jobs are not kept waiting by it). None: the scheduler has none."""
+
+    def queue(self, settings: Settings, now: float) -> list[QueuedJob]:
+        """Pending and running jobs in the scheduler's priority order (the queue head first): each
+        one's time limit, nodes, the VM's memory (as the launcher sizes it), whether it runs in a
+        saveable VM, and for a pending job the idle nodes it may use. A job whose record does not
+        read as expected is left out with a logged reason: users' data never fails a pass."""
+
+    def plan_timing(self) -> Timing:
+        """How the scheduler stops a job at its time limit (until its nodes are free), how often it
+        schedules (an offer must stand that long) and the unit of its time limits."""
+
+    def set_time_limit(self, job: str, seconds: float) -> None:
+        """Set a pending job's run-time limit (math.inf: none). A limit that ends before a
+        reservation lets the scheduler's own backfilling start the queue head in the gap, and makes
+        the scheduler stop it in time should the planner be gone. RuntimeError if refused."""
+
+    def vacate(self, job: str) -> None:
+        """Requeue a running job so that its epilog saves the VM (the adapter's `requeue_state`
+        then says requeued) and it waits again. RuntimeError if refused."""
 
     def render_config(self, settings: Settings, **options) -> str:
         """The scheduler's configuration lines that enable vmwrap."""

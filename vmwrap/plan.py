@@ -1,6 +1,6 @@
 """Whether a job may use the gap before an advance reservation, and when it must be saved.
 
-One decision shared by the live planner (`vmwrap plan`, vmwrap_plugins/slurm/planner.py) and the simulator
+One decision shared by the live planner (vmwrap/planner.py, any scheduler's adapter) and the simulator
 (`vmwrap simulate`), so what the simulator predicts is what the cluster does. Scheduler-neutral: it
 sees times in seconds and sizes in MiB, never a scheduler.
 """
@@ -132,6 +132,14 @@ class Policy:
     factor: float = 1.0
     min_run_s: float = 60.0
     granularity_s: float = 60.0                # the scheduler's time limit unit (Slurm: minutes)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """What the planner must know of a scheduler's clock (vmwrap.adapter.Scheduler.plan_timing)."""
+    kill_s: float          # from a job's time limit until its processes are gone (Slurm: KillWait)
+    pass_s: float          # how often the scheduler looks for jobs to start (Slurm: bf_interval)
+    limit_unit_s: float    # the unit of its time limits (Slurm: a minute, Grid Engine: a second)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Prestaging: fetch the images this node will need before the scheduler starts the jobs that need them.
 
-Scheduler-neutral: a plugin turns its scheduler's plan into `Need`s (job, image, planned start) for this
-node; `Prestager.step` decides, earliest deadline first, what to fetch now. Images needed by planned
+Scheduler-neutral: the adapter says which jobs its scheduler will start next and where
+(vmwrap.adapter.Scheduler.planned_starts); `node_pass` turns that into this node's `Need`s (job, image,
+planned start), `Prestager.step` decides, earliest deadline first, what to fetch now, and the
+adapter publishes what the node then holds (`publish_cached`, for cache-aware placement). Images needed by planned
 jobs are pinned as `plan-<job>` so LRU eviction leaves them alone; when a job's plan goes away
 (started, cancelled, moved to another node) only its pin goes, never the image: a plan that moves
 back and forth does not make the cache thrash.
@@ -10,6 +12,7 @@ back and forth does not make the cache thrash.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 
@@ -114,3 +117,19 @@ class Prestager:
             self.ledger.record(need.job_id, f"vmwrap-{need.job_id}", "prestage", image=need.image, action=action,
                                reason=reason, bytes=nbytes)
         return d
+
+
+def needs_for(node: str, planned: list[dict]) -> list[Need]:
+    """This node's needs from the adapter's planned starts (jobs without a planned start or planned
+    elsewhere are not). Job ids become pin-safe names (a Slurm array id looks like 12_[1-3])."""
+    safe = lambda j: re.sub(r"[^A-Za-z0-9_.-]", "_", j)  # noqa: E731
+    return [Need(safe(str(j["job"])), j["image"], j["start"]) for j in planned
+            if j.get("start") and node in (j.get("nodes") or ())]
+
+
+def node_pass(sched, prestager: Prestager, node: str) -> list[Decision]:
+    """One prestage pass on `node` through the adapter `sched` (vmwrap.adapter.Scheduler)."""
+    planned = sched.planned_starts()
+    decisions = prestager.step(needs_for(node, planned)) if planned is not None else []
+    sched.publish_cached(node, prestager.cached_images())
+    return decisions

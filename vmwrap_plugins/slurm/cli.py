@@ -54,21 +54,11 @@ def attach(obj, script, args):
 @click.pass_obj
 def gc(obj, interval, once):
     """Delete checkpoints of jobs Slurm no longer has queued (e.g. cancelled while saved)."""
-    import time
+    from vmwrap import daemons
 
-    from . import hooks
+    from .hooks import SLURM
 
-    while True:
-        try:
-            for job in hooks.checkpoint_gc(obj.settings()):
-                click.echo(f"job {job}: ended while saved, checkpoint deleted")
-        except Exception as e:
-            click.echo(f"vmwrap slurm gc: {e}", err=True)
-            if once:
-                sys.exit(1)
-        if once:
-            return
-        time.sleep(interval)
+    sys.exit(daemons.gc(SLURM, obj.settings(), interval, once, say=click.echo))
 
 
 @slurm.command()
@@ -84,36 +74,28 @@ def gc(obj, interval, once):
 @click.pass_obj
 def prestage(obj, node, controller, lua_dir, interval, once, bandwidth, horizon):
     """Prestage images for planned starts and publish cache contents for placement."""
+    from vmwrap import daemons
+
+    from .hooks import SLURM
+
+    s = obj.settings()
+    if not controller:
+        sys.exit(daemons.prestage(SLURM, s, node, interval, once, bandwidth, horizon))
     import logging
-    import time
     from pathlib import Path
 
-    from vmwrap.cache import Cache
     from vmwrap.catalog import Catalog
-    from vmwrap.ledger import Ledger
-    from vmwrap.prestage import Prestager
 
     from . import prestage as sp
 
+    log = logging.getLogger("vmwrap.prestage")
+
+    def step():
+        for job in sp.controller_pass(list(Catalog.load(s.catalog).images), Path(lua_dir)):
+            log.info("job %s: prefer nodes holding its image", job)
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    s = obj.settings()
-    while True:
-        try:
-            cat = Catalog.load(s.catalog)
-            if controller:
-                for job in sp.controller_pass(list(cat.images), Path(lua_dir)):
-                    logging.getLogger("vmwrap.prestage").info("job %s: prefer nodes holding its image", job)
-            else:
-                p = Prestager(cat, Cache(s.cache_dir, s.cache_max_bytes, s.verify_on_use),
-                              Ledger(s.ledger_path), rate=bandwidth * 1e6 if bandwidth else None, horizon=horizon)
-                sp.node_pass(p, node)
-        except Exception as e:  # keep the loop alive through a slurmctld restart or a bad catalog edit
-            logging.getLogger("vmwrap.prestage").error("pass failed: %s", e)
-            if once:
-                sys.exit(1)
-        if once:
-            return
-        time.sleep(interval)
+    sys.exit(daemons.repeat(step, interval, once, log))
 
 
 @click.command("plan")
@@ -126,24 +108,8 @@ def plan(obj, interval, once, dry_run):
 
     Settings: plan_* in vmwrap.toml (docs/plan.md). Every decision is logged with its reason.
     """
-    import logging
-    import time
+    from vmwrap import daemons
 
-    from .planner import Planner
+    from .hooks import SLURM
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    s = obj.settings()
-    if not s.plan_enabled:
-        logging.getLogger("vmwrap.plan").info(
-            "plan_enabled is false: no new job is put into a gap (jobs already in one are still saved in time)")
-    p = Planner(s, dry_run=dry_run)
-    while True:
-        try:
-            p.pass_once()
-        except Exception as e:  # keep going through a slurmctld restart
-            logging.getLogger("vmwrap.plan").error("pass failed: %s", e)
-            if once:
-                sys.exit(1)
-        if once:
-            return
-        time.sleep(interval)
+    sys.exit(daemons.plan(SLURM, obj.settings(), interval, once, dry_run))

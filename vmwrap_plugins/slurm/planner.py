@@ -1,4 +1,4 @@
-"""Slurm glue for the gap planner (`vmwrap plan`): the queue head runs before an advance reservation.
+"""Slurm's facts and actions for the core gap planner (vmwrap.planner; `vmwrap plan`).
 
 Mechanism (no patch to Slurm): a pending vmwrap job that only waits because a reservation starts
 before its time limit would end gets its `TimeLimit` lowered so that Slurm's own scheduler starts it
@@ -8,8 +8,9 @@ has left, and after the reservation Slurm restarts it and the prolog restores th
 If the planner is not there to requeue it, the lowered limit makes Slurm stop the job early enough
 that the reservation's nodes are still free on time (its work is then lost, as for any time limit).
 
-Decisions are `vmwrap.plan.plan_pass`'s, the same code the simulator evaluates; this module only
-reads Slurm's state (squeue --json, scontrol -o, sinfo) and applies the actions with scontrol.
+Decisions and the loop are the core's (vmwrap.planner over vmwrap.plan.plan_pass, the same code the
+simulator evaluates); this module only reads Slurm's state (squeue --json, scontrol -o, sinfo) and
+applies the actions with scontrol, for the Slurm adapter's planner methods.
 """
 
 from __future__ import annotations
@@ -17,17 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import time
-from pathlib import Path
 
-from vmwrap import checkpoint, sizing, wire
+from vmwrap import planner as core
+from vmwrap import sizing, wire
 from vmwrap.catalog import Catalog
 from vmwrap.config import Settings
 from vmwrap.errors import UserError
-from vmwrap.ledger import Ledger
-from vmwrap.plan import Action, Policy, QueuedJob, Reservation, SaveModel, plan_pass
+from vmwrap.plan import QueuedJob, Reservation, Timing
 
 from .commands import epoch as _epoch
 from .commands import run as _run
@@ -162,81 +160,41 @@ def slurm_config() -> dict[str, str]:
     return out
 
 
-def policy(settings: Settings, store: checkpoint.Store, conf: dict[str, str] | None = None) -> Policy:
-    """The site's policy; the save model uses the slowest of the store's recent measured saves."""
+def timing(conf: dict[str, str] | None = None) -> Timing:
+    """KillWait (Slurm's kill at a time limit), bf_interval (its backfill pass), whole minutes."""
     conf = conf if conf is not None else slurm_config()
     m = re.match(r"(\d{1,6})\b", conf.get("KillWait", "30"))
     kill_wait = float(m.group(1)) if m else 30.0
     m = re.search(r"\bbf_interval=(\d{1,6})\b", conf.get("SchedulerParameters", ""))
     bf = float(m.group(1)) if m else 30.0
-    measured = store.measured_save_rate()
-    rate = min(measured, settings.plan_save_rate_mb_s) if measured else settings.plan_save_rate_mb_s
-    split = lambda s: frozenset(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
-    return Policy(
-        model=SaveModel(rate, settings.plan_save_fixed_s, settings.plan_save_margin, settings.plan_save_margin_s),
-        enabled=settings.plan_enabled, partitions=split(settings.plan_partitions), users=split(settings.plan_users),
-        max_nodes=settings.plan_max_nodes, max_gap_s=settings.plan_max_gap_s, setup_s=settings.plan_setup_s,
-        stop_s=kill_wait + settings.plan_teardown_s, slack_s=max(10.0, 2 * bf + 2),
-        min_run_s=settings.plan_min_run_s)
+    return Timing(kill_s=kill_wait, pass_s=bf, limit_unit_s=60.0)
 
 
 def _slurm_limit(seconds: float) -> str:
     return "UNLIMITED" if math.isinf(seconds) else str(max(1, int(seconds // 60)))
 
 
-class Planner:
-    """One planner per cluster, next to slurmctld (root). State survives restarts in state_dir."""
+_hosts: dict = {}
 
-    def __init__(self, settings: Settings, dry_run: bool = False):
-        self.settings = settings
-        self.dry_run = dry_run
-        self.store = checkpoint.Store(settings.checkpoint_dir)
-        self.path = Path(settings.state_dir) / "planner.json"
-        self.state: dict[str, dict] = {}
-        if not dry_run:
-            try:
-                self.state = json.loads(self.path.read_text())
-            except (OSError, ValueError):
-                self.state = {}
-        self._said: dict[str, str] = {}
-        self._hosts: dict = {}
 
-    def pass_once(self, now: float | None = None) -> list[Action]:
-        now = time.time() if now is None else now
-        idle = idle_nodes()
-        pol = policy(self.settings, self.store)
-        acts = plan_pass(now, reservations(self._hosts), jobs(self.settings, idle, now), pol, self.state)
-        for a in acts:
-            self._apply(a, now)
-        if not self.dry_run:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.state, indent=1))
-            os.replace(tmp, self.path)
-        return acts
+def queue(settings: Settings, now: float) -> list[QueuedJob]:
+    return jobs(settings, idle_nodes(), now)
 
-    def _apply(self, a: Action, now: float) -> None:
-        if a.kind == "note":
-            if self._said.get(a.job) != a.reason:   # a decision is logged when it changes
-                self._said[a.job] = a.reason
-                log.info("job %s: %s", a.job, a.reason)
-            return
-        what = (f"TimeLimit={_slurm_limit(a.seconds)}" if a.kind == "limit" else "requeue")
-        self._said.pop(a.job, None)
-        log.info("job %s: %s -> %s%s", a.job, a.reason, what, " (dry run: not done)" if self.dry_run else "")
-        if self.dry_run:
-            return
-        try:
-            Ledger(self.settings.ledger_path).record(a.job, f"vmwrap-{a.job}", "plan", action=what, reason=a.reason)
-        except Exception as e:  # the ledger is accounting: never let it stop a save
-            log.error("ledger: %s", e)
-        try:
-            if a.kind == "limit":
-                _run("scontrol", "update", f"jobid={a.job}", f"TimeLimit={_slurm_limit(a.seconds)}")
-            elif a.kind == "requeue":
-                st = self.state.get(a.job, {})
-                # the epilog must not run past the reservation's start: it stops the save by then
-                self.store.set_deadline(a.job, st.get("ar_start", now) - self.settings.plan_teardown_s)
-                _run("scontrol", "requeue", a.job)
-        except RuntimeError as e:
-            log.error("job %s: %s failed: %s", a.job, what, e)
+
+def set_time_limit(job: str, seconds: float) -> None:
+    _run("scontrol", "update", f"jobid={job}", f"TimeLimit={_slurm_limit(seconds)}")
+
+
+def requeue(job: str) -> None:
+    _run("scontrol", "requeue", job)
+
+
+def current_reservations() -> list[Reservation]:
+    return reservations(_hosts)
+
+
+def Planner(settings: Settings, dry_run: bool = False) -> core.Planner:  # noqa: N802 (was a class here)
+    """The core planner driving Slurm (one per cluster, next to slurmctld)."""
+    from .hooks import SLURM
+
+    return core.Planner(SLURM, settings, dry_run=dry_run)

@@ -1,8 +1,9 @@
-"""Slurm glue for prestaging and cache-aware placement.
+"""Slurm's facts for prestaging (the loop is vmwrap.prestage.node_pass) and cache-aware placement.
 
-Node mode (each node, root): read Slurm's plan for pending jobs (squeue: planned start and scheduled
-nodes, filled in by the backfill scheduler), prestage the images this node will need, and publish the
-images it holds as node features `vmw_<image>` (other features are kept).
+Node mode (each node, root): the core loop asks the adapter for Slurm's plan for pending jobs
+(`pending`: squeue's planned start and scheduled nodes, filled in by the backfill scheduler),
+prestages the images this node will need, and the adapter publishes the images it holds as node
+features `vmw_<image>` (`publish`; other features are kept).
 Controller mode (next to slurmctld): collect the active `vmw_*` features of all nodes into
 `vmwrap-active.lua` beside job_submit.lua (which then sets `prefer` at submit, so a job that can
 start at once still lands where its image is), and give pending vmwrap jobs without a preference
@@ -17,6 +18,7 @@ import os
 import re
 from pathlib import Path
 
+from vmwrap import prestage as core
 from vmwrap import wire
 from vmwrap.errors import UserError
 from vmwrap.prestage import Need, Prestager
@@ -96,8 +98,7 @@ def preferences() -> dict[str, str]:
 
 
 def needs_for(node: str, jobs: list[dict]) -> list[Need]:
-    safe = lambda j: re.sub(r"[^A-Za-z0-9_.-]", "_", j)  # noqa: E731 (array ids look like 12_[1-3])
-    return [Need(safe(j["job"]), j["image"], j["start"]) for j in jobs if j["start"] and node in j["nodes"]]
+    return core.needs_for(node, jobs)
 
 
 def publish(node: str, images: list[str]) -> None:
@@ -115,9 +116,10 @@ def publish(node: str, images: list[str]) -> None:
 
 
 def node_pass(prestager: Prestager, node: str) -> list:
-    decisions = prestager.step(needs_for(node, pending()))
-    publish(node, prestager.cached_images())
-    return decisions
+    """The core prestage pass (vmwrap.prestage.node_pass) through the Slurm adapter."""
+    from .hooks import SLURM
+
+    return core.node_pass(SLURM, prestager, node)
 
 
 def holders() -> tuple[str | None, dict[str, dict[str, tuple[int, int]]]]:
