@@ -182,3 +182,104 @@ def test_a_planner_pass_with_broken_squeue_output_says_so(monkeypatch, tmp_path)
     planner = _fake_slurm(monkeypatch, '{"jobs": [' + "1" * 5000 + "]}", [])
     with pytest.raises(RuntimeError, match="squeue --json: not JSON"):
         planner.jobs(Settings(catalog=str(tmp_path / "none.toml")), {}, 0.0)
+
+
+# --- `vmwrap sge plan`/`prestage` on what users put in their Grid Engine jobs (issue 15) ----------------
+
+def _ge_job(num, state="qw", name="j", hard=(), queue="vmwrap.q"):
+    reqs = "".join(f'<hard_request name="{k}" resource_contribution="0.0">{v}</hard_request>' for k, v in hard)
+    return (f'<job_list state="pending"><JB_job_number>{num}</JB_job_number><JAT_prio>0.5</JAT_prio>'
+            f"<JB_name>{name}</JB_name><JB_owner>bob</JB_owner><state>{state}</state>"
+            f"<JB_submission_time>2030-01-01T00:00:00</JB_submission_time><queue_name></queue_name>"
+            f"<slots>1</slots>{reqs}<hard_req_queue>{queue}</hard_req_queue></job_list>")
+
+
+def _ge_detail(num, context=(), hard=()):
+    ctx = "".join(f"<context_list><VA_variable>{k}</VA_variable><VA_value>{v}</VA_value></context_list>"
+                  for k, v in context)
+    req = "".join(f"<qstat_l_requests><CE_name>{k}</CE_name><CE_valtype>3</CE_valtype><CE_stringval>{v}"
+                  f"</CE_stringval></qstat_l_requests>" for k, v in hard)
+    return (f"<element><JB_job_number>{num}</JB_job_number><JB_ar>0</JB_ar><JB_ja_tasks><JATASK:       {num}.>"
+            f"<JAT_status>0</JAT_status></JATASK:       {num}.></JB_ja_tasks><JB_env_list><job_sublist>"
+            f"<VA_variable>vmwrap_image</VA_variable><VA_value>from-the-env</VA_value></job_sublist></JB_env_list>"
+            f"<JB_hard_resource_list>{req}</JB_hard_resource_list><JB_context>{ctx}</JB_context></element>")
+
+
+def _fake_ge(monkeypatch, jobs: list[str], details: list[str], calls: list):
+    from vmwrap_plugins.sge import facts
+
+    def run(*argv, check=True):
+        calls.append(argv)
+        if argv[:4] == ("qstat", "-xml", "-r", "-u"):
+            return f"<?xml version='1.0'?><job_info><queue_info></queue_info><job_info>{''.join(jobs)}</job_info></job_info>"
+        if argv[:3] == ("qstat", "-xml", "-j"):
+            return f"<?xml version='1.0'?><detailed_job_info><djob_info>{''.join(details)}</djob_info></detailed_job_info>"
+        if argv[:3] == ("qstat", "-xml", "-f"):
+            return ("<job_info><queue_info><Queue-List><name>vmwrap.q@n1</name><slots_used>0</slots_used>"
+                    "<slots_resv>0</slots_resv><slots_total>1</slots_total></Queue-List></queue_info></job_info>")
+        if argv[0] == "qrstat":
+            return "<qrstat></qrstat>"
+        if argv[:2] == ("qconf", "-ssconf"):
+            return "schedule_interval                 0:0:1\n"
+        return ""
+    monkeypatch.setattr(facts, "run", run)
+    return facts
+
+
+def test_a_grid_engine_planner_pass_survives_what_users_put_in_their_jobs(monkeypatch, tmp_path):
+    from vmwrap.config import Settings
+    from vmwrap_plugins.sge.hooks import GridEngine
+
+    jobs = [_ge_job(1, hard=[("h_rt", "9" * 5000)]),                 # not a time GE prints
+            _ge_job(2, hard=[("h_vmem", "lots")]),                     # not a memory size
+            _ge_job(3, name="a&lt;b&amp;c"),                            # escaped by qstat: just a name
+            _ge_job("x1"),                                             # not a job number
+            _ge_job(4, hard=[("h_rt", "600"), ("h_vmem", "1G")]),
+            _ge_job(5)]
+    details = [_ge_detail(1, [("vmwrap_image", "busybox")], [("h_rt", "9" * 5000)]),
+               _ge_detail(2, [("vmwrap_image", "busybox")], [("h_vmem", "lots")]),
+               _ge_detail(3, [("vmwrap_image", "../etc")]),            # not an image name: a plain job
+               _ge_detail(4, [("vmwrap_image", "busybox")], [("h_rt", "600"), ("h_vmem", "1G")]),
+               _ge_detail(5, [("vmwrap_image", "a"), ("vmwrap_image", "b")])]   # two images: plain
+    calls: list = []
+    facts = _fake_ge(monkeypatch, jobs, details, calls)
+    s = Settings(state_dir=str(tmp_path), catalog=str(tmp_path / "none.toml"), checkpoint_dir=str(tmp_path / "c"),
+                 plan_enabled=True)
+    got = {q.job: q for q in facts.queue(s, 0.0)}
+    assert set(got) == {"3", "4", "5"}
+    assert got["4"].saveable and got["4"].limit_s == 600 and got["4"].idle == {"n1"} and got["4"].partition == "vmwrap.q"
+    assert not got["3"].saveable and not got["5"].saveable      # malformed context: a job without a VM
+    assert facts.image_of("4", facts.job_details(["4"])["4"]) == "busybox"   # the context's, never the env's
+    from vmwrap.planner import Planner
+
+    Planner(GridEngine(), s, dry_run=True).pass_once(now=0.0)    # the whole pass, as `vmwrap sge plan --once`
+
+
+def test_grid_engine_time_limits_keep_the_other_requests_or_refuse(monkeypatch):
+    calls: list = []
+    facts = _fake_ge(monkeypatch, [], [_ge_detail(4, hard=[("h_rt", "600"), ("h_vmem", "1G")]),
+                                       _ge_detail(6, hard=[("h_rt", "600"), ("arch", "lx*,x=1")])], calls)
+    facts.set_time_limit("4", 90.0)
+    assert calls[-1] == ("qalter", "-l", "h_vmem=1G,h_rt=90", "4")
+    facts.set_time_limit("4", math.inf)
+    assert calls[-1] == ("qalter", "-l", "h_vmem=1G,h_rt=INFINITY", "4")
+    with pytest.raises(RuntimeError, match="cannot be passed back"):
+        facts.set_time_limit("6", 90.0)
+    with pytest.raises(RuntimeError, match="not a Grid Engine job id"):
+        facts.set_time_limit("4 -u root", 90.0)
+
+
+def test_grid_engine_planned_starts_come_from_its_reservations_in_the_schedule_file(monkeypatch, tmp_path):
+    sched = tmp_path / "schedule"
+    sched.write_text("::::::::\n7:1:RESERVING:1000:60:Q:vmwrap.q@old:slots:1.000000\n::::::::\n"
+                     "7:1:RESERVING:2000:60:Q:vmwrap.q@n1:slots:1.000000\n"
+                     "7:1:RESERVING:2000:60:G:global:slots:1.000000\n"
+                     "8:1:RUNNING:500:60:Q:vmwrap.q@n1:slots:1.000000\n"
+                     "9:1:RESERVING:2000:60:H:n2:h_vmem:1000.000000\n"
+                     "x:1:RESERVING:2000:60:Q:vmwrap.q@n1:slots:1.000000\n::::::::\n"
+                     "10:1:RESERVING:3000:60:Q:vmwrap.q@n1:slots:1.000000\n")   # interval being written
+    facts = _fake_ge(monkeypatch, [], [_ge_detail(7, [("vmwrap_image", "busybox")]), _ge_detail(9)], [])
+    monkeypatch.setattr(facts, "SCHEDULE", str(sched))
+    assert facts.reserved_starts(facts.schedule_tail(str(sched)), 1500.0) == {"7": (2000.0, {"n1"}),
+                                                                               "9": (2000.0, {"n2"})}
+    assert facts.pending(now=1500.0) == [{"job": "7", "image": "busybox", "start": 2000.0, "nodes": ["n1"]}]

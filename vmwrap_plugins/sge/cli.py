@@ -66,3 +66,53 @@ def jsv(obj):
     from . import hooks
 
     sys.exit(hooks.jsv(obj.settings(hook=True), sys.stdin, sys.stdout))
+
+
+# -- the daemon loops, core code driven by the Grid Engine adapter (vmwrap.daemons) ----------------
+
+@sge.command()
+@click.option("--interval", type=float, default=60.0, help="Seconds between passes (loop mode).")
+@click.option("--once", is_flag=True, help="One pass, then exit (cron or timer).")
+@click.pass_obj
+def gc(obj, interval, once):
+    """Delete checkpoints of jobs Grid Engine no longer has (e.g. deleted while saved)."""
+    from vmwrap import daemons
+
+    from .hooks import GridEngine
+
+    sys.exit(daemons.gc(GridEngine(), obj.settings(), interval, once, say=click.echo))
+
+
+@sge.command()
+@click.option("--node", default=lambda: __import__("socket").gethostname(),
+              help="This execution host's name as Grid Engine knows it (default: the hostname).")
+@click.option("--interval", type=float, default=10.0, help="Seconds between passes (loop mode).")
+@click.option("--once", is_flag=True, help="One pass, then exit (for a cron job or systemd timer).")
+@click.option("--bandwidth", type=float, default=None, help="Cap on prestage transfers, MB/s.")
+@click.option("--horizon", type=float, default=3600.0, help="Only prestage for starts planned this soon (s).")
+@click.pass_obj
+def prestage(obj, node, interval, once, bandwidth, horizon):
+    """Prestage the images of the jobs Grid Engine reserved this host for (root, on each host).
+
+    Needs sched_conf `params MONITOR=1` (the scheduler's schedule file) and jobs with `-R y` while
+    max_reservation > 0: those are the jobs GE plans a start for."""
+    from vmwrap import daemons
+
+    from .hooks import GridEngine
+
+    sys.exit(daemons.prestage(GridEngine(), obj.settings(), node, interval, once, bandwidth, horizon))
+
+
+@sge.command()
+@click.option("--interval", type=float, default=5.0, help="Seconds between passes (loop mode).")
+@click.option("--once", is_flag=True, help="One pass, then exit.")
+@click.option("--dry-run", is_flag=True, help="Say what would be done and why; change nothing.")
+@click.pass_obj
+def plan(obj, interval, once, dry_run):
+    """Run queue heads in the gaps before advance reservations (qrsub), saved in time (root, next
+    to sge_qmaster). Settings: plan_* in vmwrap.toml; plan_partitions names cluster queues."""
+    from vmwrap import daemons
+
+    from .hooks import GridEngine
+
+    sys.exit(daemons.plan(GridEngine(), obj.settings(), interval, once, dry_run))

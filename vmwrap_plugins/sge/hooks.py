@@ -170,14 +170,44 @@ class GridEngine:
     def take_out(self, env, reason: str) -> None:
         print(f"vmwrap: {reason}", file=sys.stderr)  # execd logs it with the queue's error state
 
+    # the daemon loops (vmwrap.daemons): GE's facts and actions live in facts.py
     def still_queued(self):
-        return lambda j: True
+        from . import facts
+
+        return facts.still_queued()
 
     def planned_starts(self) -> list[dict] | None:
-        return None
+        from . import facts
+
+        return facts.pending()
 
     def publish_cached(self, node: str, images: list[str]) -> None:
         return None
+
+    def reservations(self):
+        from . import facts
+
+        return facts.reservations()
+
+    def queue(self, settings: Settings, now: float):
+        from . import facts
+
+        return facts.queue(settings, now)
+
+    def plan_timing(self):
+        from . import facts
+
+        return facts.timing()
+
+    def set_time_limit(self, job: str, seconds: float) -> None:
+        from . import facts
+
+        facts.set_time_limit(job, seconds)
+
+    def vacate(self, job: str) -> None:
+        from . import facts
+
+        facts.reschedule(job)
 
     def render_config(self, settings: Settings, **options) -> str:
         from .render import render_sge
