@@ -32,10 +32,28 @@ def queue_config(name: str, host: str, slots: int, hooks: Path = HOOKS, extra: d
     return "".join(f"{k:<20} {v}\n" for k, v in q.items())
 
 
-def render_sge(queue: str = "vmwrap.q", hostlist: str = "@allhosts", slots: int = 0) -> str:
-    q = queue_config(queue, hostlist, slots or 1, HOOKS)
+def ckpt_config(name: str = "vmwrap", hooks: Path = HOOKS) -> str:
+    """The checkpointing environment (sge_checkpoint(5), `qconf -Ackpt FILE`) that saves a job's VM.
+
+    interface application-level: GE runs `migr_command` (as the job owner, like the methods) when it
+    migrates the job and restarts the job script itself (restart_command is not used), which attaches
+    to the VM the prolog restored. when: x = migrate when the job is suspended (qmod -sj, a
+    subordinate queue, suspend_thresholds), s = when its execd shuts down, r = `qmod -rj` may
+    reschedule it (and so may a host that stays unknown longer than reschedule_unknown, but then no
+    save was possible: the job's --on-lost-checkpoint decides). No periodic checkpoints (no m): a VM
+    is saved only when it leaves its host. The VM goes to vmwrap's checkpoint_dir, not ckpt_dir."""
+    c = {
+        "ckpt_name": name, "interface": "application-level", "ckpt_command": "none",
+        "migr_command": f"{hooks / 'sge-method'} migrate $job_id $job_pid",
+        "restart_command": "none", "clean_command": "none", "ckpt_dir": "/tmp", "signal": "none", "when": "xsr",
+    }
+    return "".join(f"{k:<20} {v}\n" for k, v in c.items())
+
+
+def render_sge(queue: str = "vmwrap.q", hostlist: str = "@allhosts", slots: int = 0, ckpt: str = "vmwrap") -> str:
+    q = queue_config(queue, hostlist, slots or 1, HOOKS, extra={"ckpt_list": ckpt})
     keep = ("qname", "hostlist", "prolog", "epilog", "starter_method", "suspend_method", "resume_method",
-            "terminate_method", "shell_start_mode")
+            "terminate_method", "shell_start_mode", "ckpt_list")
     lines = [ln for ln in q.splitlines() if ln.split()[0] in keep]
     return "\n".join([
         "# vmwrap for Grid Engine (rendered by `vmwrap config render sge`)",
@@ -47,6 +65,12 @@ def render_sge(queue: str = "vmwrap.q", hostlist: str = "@allhosts", slots: int 
         "#    as the submitter; it reads #VMWRAP lines in the script and `-ac vmwrap_image=NAME`):",
         f"   -jsv {HOOKS / 'sge-jsv'}",
         "# 3. Users: `#VMWRAP --image=NAME` in the script, or `qsub -ac vmwrap_image=NAME` (binary jobs).",
+        f"# 4. Save/restore: this checkpointing environment (`qconf -Ackpt FILE`; `ckpt_list {ckpt}` above):",
+        *("   " + ln for ln in ckpt_config(ckpt, HOOKS).splitlines()),
+        "#    A VM job rescheduled by `qmod -rj` (needs `qsub -r y` or `rerun TRUE` on the queue) or migrated",
+        f"#    (`qsub -ckpt {ckpt}`: suspending it moves it instead) is saved by the epilog into vmwrap's",
+        "#    checkpoint_dir (shared by all hosts, with one checkpoint_key_file) and restored by the prolog",
+        "#    wherever GE starts it next; a job that ends for good has its checkpoint deleted.",
         f"# (rendered on {socket.gethostname()})",
         "",
     ])
