@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import domain
+from . import domain, rundir
 
 PROBE_TIMEOUT = 20.0
 
@@ -68,7 +68,7 @@ def probe_kvm(settings, kernel: str, initrd: str, timeout: float = PROBE_TIMEOUT
             ids = (qemu.pw_uid, qemu.pw_gid)
         except KeyError:
             ids = (os.getuid(), os.getgid())
-        for f in ("stdout", "stderr", "status", "console.log"):
+        for f in rundir.GUEST_FILES:
             fd = os.open(os.path.join(run_dir, f), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.fchown(fd, *ids)
             os.close(fd)
@@ -89,7 +89,7 @@ def probe_kvm(settings, kernel: str, initrd: str, timeout: float = PROBE_TIMEOUT
         except libvirt.libvirtError as e:
             conn.close()
             return False, f"KVM domain refused: {e.get_error_message()}"
-        status = Path(run_dir) / "status"
+        status = Path(run_dir) / rundir.STATUS
         try:
             while time.monotonic() - t0 < timeout:
                 if status.exists() and "booted" in status.read_text(errors="replace"):

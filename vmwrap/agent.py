@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import domain, safeio
+from . import domain, rundir, safeio
 from .config import Settings
 from .errors import NodeError, UserError, VmwrapError
 from .job import Job
@@ -45,7 +45,7 @@ def socket_path(settings: Settings) -> Path:
 def _owner(settings: Settings, job_id: str) -> int:
     Job(job_id=job_id, scheduler="none", user="x", uid=0, gid=0, work_dir="/", script="")  # validates the id
     try:
-        return int((safeio.read_capped(settings.jobs_dir / job_id / "ctl" / "ids", 4096) or b"").split()[0])
+        return int((safeio.read_capped(rundir.ctl(rundir.path(settings, job_id)) / rundir.CTL_IDS, 4096) or b"").split()[0])
     except (OSError, ValueError, IndexError):
         raise UserError(f"no VM for job {job_id} on this node") from None
 
@@ -56,16 +56,17 @@ def handle(settings: Settings, conn, peer_uid: int, op: str, job_id: str) -> Non
     owner = _owner(settings, job_id)
     if peer_uid not in (0, owner):
         raise UserError(f"uid {peer_uid} does not own job {job_id}")
-    dom = domain.lookup(conn, f"vmwrap-{job_id}")
+    name = rundir.domain_name(job_id)
+    dom = domain.lookup(conn, name)
     if dom is None:
         raise UserError(f"no VM for job {job_id} on this node")
     import libvirt
 
     try:
-        domain.guarded(conn, f"vmwrap-{job_id}", op, dom.suspend if op == "pause" else dom.resume)
+        domain.guarded(conn, name, op, dom.suspend if op == "pause" else dom.resume)
     except libvirt.libvirtError as e:
         raise NodeError(f"{op} failed: {e.get_error_message()}") from None
-    Ledger(settings.ledger_path).record(job_id, f"vmwrap-{job_id}", "paused" if op == "pause" else "resumed",
+    Ledger(settings.ledger_path).record(job_id, name, "paused" if op == "pause" else "resumed",
                                         by_uid=peer_uid, via="agent")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jinja2
 
-from . import safeio
+from . import rundir, safeio
 from .errors import GuestStalledError, NodeError
 from .resources import TEMPLATES
 
@@ -116,7 +116,7 @@ def node_starts_vms(conn, spec: Spec) -> tuple[bool, str]:
     name = f"vmwrap-probe-{os.getpid()}"
     with tempfile.TemporaryDirectory(prefix="vmwrap-probe-") as run_dir:
         os.chmod(run_dir, 0o711)
-        for f in ("stdout", "stderr", "status", "console.log"):
+        for f in rundir.GUEST_FILES:
             fd = os.open(os.path.join(run_dir, f), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.fchown(fd, *ids)
             os.close(fd)
@@ -294,7 +294,7 @@ class Control:
     """
 
     def __init__(self, run_dir: str | os.PathLike):
-        self.path = str(Path(run_dir) / "control.sock")
+        self.path = str(Path(run_dir) / rundir.CONTROL_SOCKET)
         self.sock: socket.socket | None = None
 
     def connect(self, timeout: float = 2.0) -> bool:

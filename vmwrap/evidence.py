@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from . import safeio
+from . import limits, rundir, safeio, share
 
 CONSOLE_TAIL = 64 * 1024
 STATUS_HEAD = 16 * 1024
@@ -24,13 +24,13 @@ KEEP_BYTES = 64 * 1024 * 1024
 
 def died_without_status(run_dir: Path) -> bool:
     """The guest never said `exit N` (what the job's payload reports as exit 70)."""
-    status = safeio.read_capped(Path(run_dir) / "status", STATUS_HEAD) or b""
+    status = safeio.read_capped(Path(run_dir) / rundir.STATUS, STATUS_HEAD) or b""
     return not any(ln.startswith(b"exit ") for ln in status.split(b"\n"))
 
 
 def guest_ran(run_dir: Path) -> bool:
     """A VM was started for the job and its guest got far enough to write to its console or status."""
-    for name in ("console.log", "status"):
+    for name in (rundir.CONSOLE, rundir.STATUS):
         try:
             st = os.lstat(Path(run_dir) / name)
         except OSError:
@@ -44,14 +44,14 @@ def guest_died(run_dir: Path) -> bool:
     """The job's VM was prepared, it ran, and the guest never reported an exit status: what the job's
     payload reports as exit 70. A job refused before boot (its `error` file) is not a dead guest."""
     run_dir = Path(run_dir)
-    if not (run_dir / "job.json").exists() or (run_dir / "error").exists() or (run_dir / "limit").exists():
+    if not (run_dir / rundir.JOB).exists() or (run_dir / rundir.ERROR).exists() or (run_dir / limits.REASON).exists():
         return False  # refused before boot, or stopped by vmwrap/limits.py (the job reports that reason)
     return guest_ran(run_dir) and died_without_status(run_dir)
 
 
 def console_tail(run_dir: Path, n: int = 4000) -> str:
     """The last `n` bytes of the guest's console, for the job's error output."""
-    data = safeio.tail_capped(Path(run_dir) / "console.log", n)
+    data = safeio.tail_capped(Path(run_dir) / rundir.CONSOLE, n)
     return data.decode("utf-8", "replace") if data else ""
 
 
@@ -63,10 +63,10 @@ def keep(state_dir: str | os.PathLike, job_id: str, run_dir: Path, reason: str) 
         prune(root)
         dest = root / f"{job_id}.{int(time.time())}"
         dest.mkdir(mode=0o700)
-        for name, data in (("console.log", safeio.tail_capped(run_dir / "console.log", CONSOLE_TAIL)),
-                           ("status", safeio.read_capped(run_dir / "status", STATUS_HEAD)),
-                           ("job.json", safeio.read_capped(run_dir / "job.json", STATUS_HEAD)),
-                           ("9p.log", safeio.tail_capped(run_dir / "9p.log", STATUS_HEAD))):
+        for name, data in ((rundir.CONSOLE, safeio.tail_capped(run_dir / rundir.CONSOLE, CONSOLE_TAIL)),
+                           (rundir.STATUS, safeio.read_capped(run_dir / rundir.STATUS, STATUS_HEAD)),
+                           (rundir.JOB, safeio.read_capped(run_dir / rundir.JOB, STATUS_HEAD)),
+                           (share.LOG, safeio.tail_capped(run_dir / share.LOG, STATUS_HEAD))):
             if data is not None:
                 fd = os.open(dest / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
                 with os.fdopen(fd, "wb") as f:

@@ -26,7 +26,7 @@ from .config import Settings
 from .errors import CacheFullError, GuestStalledError, JobDiskError, NodeError, UserError, VmwrapError
 from .job import Job
 from .ledger import Ledger
-from .payload import DISK_FULL, EXIT_FOR, Attachment, _write_all
+from .payload import DISK_FULL, EXIT_FOR, Attachment, write_all
 from .request import VmRequest, on_lost_checkpoint, resolve
 
 
@@ -214,7 +214,7 @@ def run(job: Job, settings: Settings, args: list[str] = (), out_fd: int = 1, err
         att.start(job.script, job.environment, list(args))
         return att.stream()
     except VmwrapError as e:
-        _write_all(err_fd, f"vmwrap: error: {e}\n".encode())
+        write_all(err_fd, f"vmwrap: error: {e}\n".encode())
         launcher.ledger.record(job.job_id, job.domain_name, "failed", kind=e.kind, message=str(e))
         return EXIT_FOR[e.kind]
     finally:

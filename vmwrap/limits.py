@@ -30,14 +30,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import procs, safeio
+from . import procs, rundir, safeio, share
 from .errors import NodeError
 
 REASON, PIDFILE = "limit", "limits.pid"
 EXIT_LIMIT = 128 + signal.SIGXFSZ
 INTERVAL = 0.25
-STREAMS = ("stdout", "stderr", "9p.log")  # what the job's output limit counts
-LOGS = ("console.log", "status")          # evidence only: each is held to console_max_bytes
+STREAMS = (rundir.STDOUT, rundir.STDERR, share.LOG)  # what the job's output limit counts
+LOGS = (rundir.CONSOLE, rundir.STATUS)               # evidence only: each is held to console_max_bytes
 
 
 @dataclass
@@ -86,11 +86,11 @@ def check(run_dir: Path, limits: Limits) -> str | None:
         for name in LOGS:
             used = _size(run_dir, name)
             if used > limits.console:
-                what = "serial console" if name == "console.log" else "status port"
+                what = "serial console" if name == rundir.CONSOLE else "status port"
                 return (f"the guest's {what} output exceeded console_max_bytes = {limits.console} "
                         f"({human(limits.console)}): {used} bytes; its VM was stopped")
     if limits.disk:
-        used = _size(run_dir, "overlay.qcow2", allocated=True)
+        used = _size(run_dir, rundir.OVERLAY, allocated=True)
         if used > limits.disk:
             return (f"the job's disk (overlay) exceeded job_disk_max_bytes = {limits.disk} ({human(limits.disk)}): "
                     f"{used} bytes allocated; its VM was stopped")

@@ -144,7 +144,7 @@ class Attachment:
                 f.seek(self.offsets[name])
             moved = False
             while buf := f.read(1 << 20):
-                _write_all(fd, buf)
+                write_all(fd, buf)
                 self.offsets[name] += len(buf)
                 moved = True
                 self.timeline.setdefault("first_output", time.monotonic())
@@ -169,7 +169,7 @@ class Attachment:
                         if exit_code is not None:
                             exit_seen_at = time.monotonic()
                     elif word == "error":
-                        _write_all(self.err_fd, f"vmwrap: guest error: {arg[:1000]}\n".encode())
+                        write_all(self.err_fd, f"vmwrap: guest error: {arg[:1000]}\n".encode())
             while self._signals:
                 sig = self._signals.pop(0)
                 if sig == signal.SIGTSTP and not paused:
@@ -207,7 +207,7 @@ class Attachment:
                         pump(name, fd)
                         f = files.get(name)
                         while f is not None and (buf := f.read(1 << 20)):
-                            _write_all(fd, buf)
+                            write_all(fd, buf)
                             self.offsets[name] += len(buf)
                     if status_f is None:
                         status_f = _open_or_none(self.run_dir / rundir.STATUS)
@@ -225,14 +225,14 @@ class Attachment:
             return 0
         why = limits.reason(self.run_dir)  # the root watcher stopped the VM: that is the job's end
         if why is not None:
-            _write_all(self.err_fd, why.encode())
+            write_all(self.err_fd, why.encode())
             exit_code = limits.EXIT_LIMIT
         if exit_code is None:
             if term_deadline is not None:
                 exit_code = 128 + signal.SIGTERM
             else:
                 tail = _tail(self.run_dir / rundir.CONSOLE)
-                _write_all(self.err_fd, f"vmwrap: the guest died without reporting an exit status\n{tail}".encode())
+                write_all(self.err_fd, f"vmwrap: the guest died without reporting an exit status\n{tail}".encode())
                 exit_code = EXIT_GUEST
         self._record("exited", exit_code=exit_code)
         return exit_code
@@ -247,7 +247,7 @@ class Attachment:
             agent.request(self.settings, "pause", self.job_id)
             return True
         except NodeError as e:
-            _write_all(self.err_fd, f"vmwrap: {e}; stopping the job's processes inside the VM instead\n".encode())
+            write_all(self.err_fd, f"vmwrap: {e}; stopping the job's processes inside the VM instead\n".encode())
             self._stopped_inside = self.control.send("STOP")
             return self._stopped_inside
 
@@ -275,7 +275,7 @@ class Attachment:
                 agent.request(self.settings, "resume", self.job_id)
                 return True
             except (NodeError, TypeError) as e:
-                _write_all(self.err_fd, f"vmwrap: cannot resume the VM: {e}\n".encode())
+                write_all(self.err_fd, f"vmwrap: cannot resume the VM: {e}\n".encode())
                 return False
         dom = domain.lookup(self.conn, self.name)
         if dom is None:
@@ -295,11 +295,11 @@ def attach(run_dir: Path, job_id: str, script: str, environment: dict[str, str],
     err = safeio.read_capped(Path(run_dir) / rundir.ERROR, SMALL_FILE_MAX)
     if err is not None:
         kind, _, msg = err.decode(errors="replace").partition("\n")
-        _write_all(2, f"vmwrap: error: {msg.strip()}\n".encode())
+        write_all(2, f"vmwrap: error: {msg.strip()}\n".encode())
         return EXIT_FOR.get(kind, EXIT_NODE)
     notice = safeio.read_capped(Path(run_dir) / rundir.NOTICE, SMALL_FILE_MAX)
     if notice:
-        _write_all(2, notice)
+        write_all(2, notice)
     att = Attachment(Path(run_dir), job_id, grace=grace, settings=settings)
     att.requeued = requeued
     att.install_signal_handlers()
@@ -307,7 +307,7 @@ def attach(run_dir: Path, job_id: str, script: str, environment: dict[str, str],
         att.start(script, environment, list(args))
         return att.stream()
     except VmwrapError as e:
-        _write_all(2, f"vmwrap: error: {e}\n".encode())
+        write_all(2, f"vmwrap: error: {e}\n".encode())
         return EXIT_FOR[e.kind]
 
 
@@ -318,7 +318,7 @@ def _write_private(path: Path, data: bytes, mode: int) -> None:
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
-        _write_all(fd, data)
+        write_all(fd, data)
         if os.geteuid() == 0:
             st = os.stat(path.parent)
             os.fchown(fd, st.st_uid, st.st_gid)
@@ -360,7 +360,8 @@ def _status_lines(f, buf: bytes) -> tuple[list[bytes], bytes]:
     return lines, (rest if len(rest) <= STATUS_LINE_MAX else b"")
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
+    """All of `data` to `fd` across short writes and EINTR; a reader that went away is not an error."""
     view = memoryview(data)
     while view:
         try:
