@@ -16,6 +16,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from . import rundir
 from .cache import Cache
 from .catalog import Catalog, Image
 from .errors import VmwrapError
@@ -114,7 +115,7 @@ class Prestager:
         d = Decision(need.job_id, need.image, action, reason, nbytes)
         log.info("prestage %s for job %s: %s (%s)", need.image, need.job_id, action, reason)
         if self.ledger is not None and action != "cached":
-            self.ledger.record(need.job_id, f"vmwrap-{need.job_id}", "prestage", image=need.image, action=action,
+            self.ledger.record(need.job_id, rundir.domain_name(need.job_id), "prestage", image=need.image, action=action,
                                reason=reason, bytes=nbytes)
         return d
 

@@ -26,10 +26,11 @@ import threading
 import time
 from pathlib import Path
 
-from vmwrap import launcher, lifecycle, safeio
+from vmwrap import lifecycle, rundir, safeio
 from vmwrap.config import Settings
 from vmwrap.errors import NodeError, UserError, VmwrapError
 from vmwrap.job import Job
+from vmwrap.payload import EXIT_CHECKPOINT, EXIT_NODE, attach
 
 from . import jobs
 
@@ -62,7 +63,7 @@ class Torque:
 
     def requeue_state(self, settings: Settings, env) -> tuple[bool, int]:
         """A qhold checkpoint (HOLD in the run dir): the VM was saved, keep its checkpoint."""
-        return (settings.jobs_dir / self.job_id(env) / HOLD).exists(), 0
+        return (rundir.path(settings, self.job_id(env)) / HOLD).exists(), 0
 
     def take_out(self, env, reason: str) -> None:
         if self.settings is not None:
@@ -218,17 +219,17 @@ def payload(settings: Settings, script: str, args: list[str]) -> int:
         jid = jobs.job_id(torque_id)
     except UserError as e:
         print(f"vmwrap: error: {e}", file=sys.stderr)
-        return launcher.EXIT_NODE
-    run_dir = settings.jobs_dir / jid
+        return EXIT_NODE
+    run_dir = rundir.path(settings, jid)
     if not run_dir.exists():
         print(f"vmwrap: error: job {torque_id} has no VM on this node: is vmwrap's prologue installed as "
               "mom_priv/prologue?", file=sys.stderr)
-        return launcher.EXIT_NODE
+        return EXIT_NODE
     hold = run_dir / HOLD
     threading.Thread(target=_watch_hold, args=(hold,), daemon=True).start()
     env = {k: v for k, v in os.environ.items() if k != "VMWRAP_CONFIG"}
-    rc = launcher.attach(run_dir, jid, script, env, args, grace=settings.grace_seconds, settings=settings,
-                         requeued=hold.exists)
+    rc = attach(run_dir, jid, script, env, args, grace=settings.grace_seconds, settings=settings,
+                requeued=hold.exists)
     if hold.exists():
         return _wait_saved(run_dir)
     return rc
@@ -253,10 +254,10 @@ def _wait_saved(run_dir: Path) -> int:
             if ok == "ok":
                 return 0
             print(f"vmwrap: error: the job's VM could not be saved for qhold: {why.strip()}", file=sys.stderr)
-            return launcher.EXIT_CHECKPOINT
+            return EXIT_CHECKPOINT
         time.sleep(0.1)
     print("vmwrap: error: the checkpoint script did not finish saving the VM", file=sys.stderr)
-    return launcher.EXIT_CHECKPOINT
+    return EXIT_CHECKPOINT
 
 
 # --- $checkpoint_script / $restart_script (root) ------------------------------------------------------
@@ -287,18 +288,18 @@ def checkpoint(settings: Settings, argv: list[str]) -> int:
     except UserError as e:
         print(f"vmwrap: {e}", file=sys.stderr)
         return 1
-    run_dir = settings.jobs_dir / jid
-    if not (run_dir / "job.json").exists():
+    run_dir = rundir.path(settings, jid)
+    if not (run_dir / rundir.JOB).exists():
         print(f"vmwrap: job {torque_id} has no VM on this node to checkpoint", file=sys.stderr)
         return 1
     if sig != "15":
         print("vmwrap: a VM is checkpointed by saving it, which stops it: use qhold (checkpoint and hold), "
               "not qchkpt", file=sys.stderr)
         return 1
-    work_dir = (safeio.read_capped(run_dir / "ctl" / "workdir", 4096) or b"").decode(errors="replace")
-    image = json.loads(safeio.read_capped(run_dir / "job.json", 1 << 20) or b"{}").get("image")
+    work_dir = (safeio.read_capped(rundir.ctl(run_dir) / rundir.CTL_WORKDIR, 4096) or b"").decode(errors="replace")
+    image = json.loads(safeio.read_capped(run_dir / rundir.JOB, 1 << 20) or b"{}").get("image")
     _write_result(run_dir / HOLD, torque_id)
-    delivered = run_dir / "ctl" / "user" / "delivered.json"  # the payload detached: its offsets are in
+    delivered = rundir.user_dir(run_dir) / rundir.DELIVERED  # the payload detached: its offsets are in
     end = time.monotonic() + 10
     while time.monotonic() < end and not os.path.lexists(delivered):
         time.sleep(0.05)
@@ -316,12 +317,12 @@ def checkpoint(settings: Settings, argv: list[str]) -> int:
         os.chmod(side, 0o600)
         _torque_file(Path(ckpt_dir) / ckpt_name, pw.pw_uid, gid)
     except Exception as e:  # noqa: BLE001 (the job learns why; the node stays up)
-        Ledger(settings.ledger_path).record(jid, f"vmwrap-{jid}", "save_failed", scheduler=NAME, message=str(e))
+        Ledger(settings.ledger_path).record(jid, rundir.domain_name(jid), "save_failed", scheduler=NAME, message=str(e))
         store.delete(jid)
         _write_result(run_dir / SAVED, f"failed\n{e}")
         print(f"vmwrap: saving the VM of job {torque_id} failed: {e}", file=sys.stderr)
         return 1
-    Ledger(settings.ledger_path).record(jid, f"vmwrap-{jid}", "saved", scheduler=NAME, **info)
+    Ledger(settings.ledger_path).record(jid, rundir.domain_name(jid), "saved", scheduler=NAME, **info)
     _write_result(run_dir / SAVED, "ok\n")
     return 0
 
@@ -378,7 +379,7 @@ def restart(settings: Settings, argv: list[str], spool: str | None = None) -> in
     if out.verdict is lifecycle.Verdict.NODE_FAULT:
         take_out(settings, f"vmwrap: {out.reason}")
         print(f"vmwrap: {out.reason}", file=sys.stderr)
-        return launcher.EXIT_NODE
+        return EXIT_NODE
     groups = [g for g in os.getgrouplist(pw.pw_name, gid)]
     os.setgroups(groups)
     os.setgid(gid)
