@@ -13,6 +13,7 @@ _SIZE = re.compile(r"^(\d+)([KMGT]?)(?:i?B)?$", re.IGNORECASE)
 _UNIT_MIB = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
 MAX_CPUS = 4096
 MAX_MEMORY_MIB = 64 * 1024 * 1024  # 64 TiB: anything above is a typo, not a request
+POLICIES = ("restart", "fail")     # --on-lost-checkpoint
 
 
 @dataclass
@@ -67,7 +68,7 @@ def parse_cpus(value: str) -> int:
 
 
 def _parse_policy(value: str) -> str:
-    if value not in ("restart", "fail"):
+    if value not in POLICIES:
         raise UserError(f"--on-lost-checkpoint={value}: use 'restart' or 'fail'")
     return value
 

@@ -18,13 +18,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .directives import IMAGE_NAME, MAX_CPUS, MAX_MEMORY_MIB, check_image_name
+from .directives import IMAGE_NAME, MAX_CPUS, MAX_MEMORY_MIB, POLICIES, check_image_name
 from .errors import UserError
 
 PREFIX = "vmwrap:"
 USER_SEPARATOR = " | "  # the user's own comment follows the request
 FIELDS = ("image", "memory", "cpus", "lost")
-POLICIES = ("restart", "fail")
 CONTEXT_IMAGE = "vmwrap_image"  # Grid Engine's job context key
 
 
