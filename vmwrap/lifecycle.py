@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,13 +50,16 @@ def _say(hook: str, text: str) -> None:
     print(f"vmwrap {hook}: {text}", file=sys.stderr)
 
 
-def start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], scheduler: str) -> Outcome:
+def start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], scheduler: str,
+          settle: float = 0.0) -> Outcome:
     """The prolog: boot the job's VM, or restore it when the scheduler restarts a saved job.
 
     `read_job()` is the adapter's translation of its hook environment (None: not a VM job); what it
-    raises counts like any other error here."""
+    raises counts like any other error here. `settle`: how long the scheduler may start a restarted
+    job before the epilog of its previous run has saved the VM (Grid Engine's `qmod -rj` does not
+    wait for the old run); a restart waits up to that long for a checkpoint newer than its last start."""
     try:
-        return _start(settings, job_id, read_job, scheduler)
+        return _start(settings, job_id, read_job, scheduler, settle)
     except NodeError as e:
         _say("prolog", f"node fault: {e}")
         return Outcome(Verdict.NODE_FAULT, str(e), vm=True)
@@ -79,7 +83,26 @@ def _fail(settings: Settings, job_id: str, err: VmwrapError) -> Outcome:
     return Outcome(Verdict.NODE_FAULT, f"cannot record the failure of job {job_id}: {err}", vm=True)
 
 
-def _start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], scheduler: str) -> Outcome:
+def _await_checkpoint(store: checkpoint.Store, job_id: str, seconds: float) -> None:
+    """Until the job's last run (boot or restore, `.ran`'s time) has a newer checkpoint, a recorded
+    failure to save, or no marker at all (it ended for good), for at most `seconds`."""
+    ran = store.root / f"{store.dir(job_id).name}.ran"
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and store.lost_reason(job_id) is None:
+        try:
+            since = ran.stat().st_mtime
+        except OSError:
+            return
+        try:
+            if (store.dir(job_id) / "manifest.json").stat().st_mtime >= since:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+
+
+def _start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], scheduler: str,
+           settle: float = 0.0) -> Outcome:
     try:
         job = read_job()
     except NodeError:
@@ -97,8 +120,10 @@ def _start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], 
             store.delete(job.job_id)  # (schedulers reuse job ids, e.g. after a controller reset)
         lx.prepare()
         if saving and job.restart_count > 0 and store.ran(job.job_id):
+            _await_checkpoint(store, job.job_id, settle)
             try:
                 info = lx.restore(store)  # preempted or requeued: continue where the VM was saved
+                store.mark_ran(job.job_id)  # this start is the one a next checkpoint must be newer than
                 return Outcome(Verdict.RUN, vm=True, facts={"restored": True, **info})
             except CheckpointError as e:
                 if (lx.on_lost_checkpoint or "fail") == "fail":
@@ -206,7 +231,8 @@ def gc_checkpoints(settings: Settings, still_queued: Callable[[str], bool]) -> l
 def prolog(adapter, settings: Settings, env) -> Outcome:
     """A root prolog through an adapter (vmwrap.adapter.Scheduler): start, take the node out on a
     node fault. The adapter maps the outcome onto its exit code."""
-    out = start(settings, adapter.job_id(env), lambda: adapter.job(env), adapter.name)
+    out = start(settings, adapter.job_id(env), lambda: adapter.job(env), adapter.name,
+                settle=getattr(adapter, "restart_settle", 0.0))
     if out.verdict is Verdict.NODE_FAULT:
         adapter.take_out(env, f"vmwrap: {out.reason}")
     return out

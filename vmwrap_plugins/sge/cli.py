@@ -48,12 +48,12 @@ def starter(obj, argv):
 
 
 @sge.command()
-@click.argument("action", type=click.Choice(["suspend", "resume", "terminate"]))
+@click.argument("action", type=click.Choice(["suspend", "resume", "terminate", "migrate"]))
 @click.argument("job_id")
 @click.argument("job_pid", type=int)
 @click.pass_obj
 def method(obj, action, job_id, job_pid):
-    """suspend_method / resume_method / terminate_method."""
+    """suspend_method / resume_method / terminate_method, and the checkpointing environment's migr_command."""
     from . import hooks
 
     sys.exit(hooks.method(obj.settings(hook=True), action, job_id, job_pid))

@@ -1,6 +1,20 @@
-"""Grid Engine glue: the queue's prolog/epilog (root), starter_method and suspend/resume/terminate
-methods (job owner) translated into core calls. Exit codes follow GE's meaning: a prolog exit 0 runs
-the job, anything else but 99/100 puts the queue instance in error (node fault only)."""
+"""Grid Engine glue: the queue's prolog/epilog (root), starter_method, suspend/resume/terminate
+methods and the checkpointing environment's migr_command (job owner) translated into core calls.
+Exit codes follow GE's meaning: a prolog exit 0 runs the job, anything else but 99/100 puts the
+queue instance in error (node fault only).
+
+GE's facts about a job that leaves its host to run again (read in GE's sources, seen on 8.1.9):
+`qmod -rj` makes qmaster put the task back in the pending list at once (qstat state `Rq`) and kill
+the old run at that execd's next report (load_report_time), through the terminate_method; the epilog
+then runs as usual. 8.1.9 does not hold the new run back until then (its scheduler tests the
+deferral bit in the wrong field): it may start elsewhere while the old run still runs, hence
+`restart_settle`. A checkpointing job migrates when it is suspended (`when` x) or its execd shuts
+down (s): the shepherd runs migr_command, and once the job ended it leaves `checkpointed` in the
+job's active_jobs dir (execd's, not the user's), which makes execd report the job as migrated and
+qmaster reschedule it only then. execd sets RESTARTED and HOSTNAME in the job's environment after the
+job's own variables: RESTARTED is 0 on a first start, 1 after a reschedule, 2 after a migration that
+left a checkpoint (a flag, not a count).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +26,7 @@ import stat
 import subprocess
 import sys
 
-from vmwrap import agent, directives, lifecycle, payload, wire
+from vmwrap import agent, directives, lifecycle, payload, rundir, wire
 from vmwrap.config import Settings
 from vmwrap.errors import NodeError, UserError, VmwrapError
 from vmwrap.job import Job
@@ -24,9 +38,10 @@ CONTEXT = re.compile(r"^context:[ \t]+(.*)$", re.M)
 QSTAT = "/usr/bin/qstat"
 SGE_ROOT = "/var/lib/gridengine"
 SGE_CELL = "default"
+ADMIN_USER = "sgeadmin"  # Debian's GE admin user: execd's spool belongs to it
 # What the root prolog/epilog keep of their environment (execd sets these itself; `qsub -v` cannot
 # override them, verified on 8.1.9). Everything else is the job's and is dropped (vmwrap.rootenv).
-ROOT_ENV = ("JOB_ID", "SGE_TASK_ID", "JOB_SCRIPT", "NSLOTS", "SGE_JOB_SPOOL_DIR")
+ROOT_ENV = ("JOB_ID", "SGE_TASK_ID", "JOB_SCRIPT", "NSLOTS", "SGE_JOB_SPOOL_DIR", "RESTARTED", "HOSTNAME")
 ROOT_FIXED = {"SGE_ROOT": SGE_ROOT, "SGE_CELL": SGE_CELL}
 
 
@@ -131,6 +146,101 @@ def spooled_script(env: dict[str, str], owner_uid: int) -> str:
         return f.read(1 << 20).decode("utf-8", "surrogateescape")
 
 
+def restarted(env) -> int:
+    """execd's RESTARTED (0 first start, 1 rescheduled, 2 migrated with a checkpoint)."""
+    v = env.get("RESTARTED") or "0"
+    if not re.fullmatch(r"\d{1,3}", v):
+        raise UserError(f"RESTARTED={v[:20]!r} from execd is not a number")
+    return int(v)
+
+
+def _active_dir(env) -> str | None:
+    """SGE_JOB_SPOOL_DIR if it is execd's active_jobs/<job> dir, a directory only root or the GE
+    admin user can write (never the job's user)."""
+    spool = env.get("SGE_JOB_SPOOL_DIR", "")
+    if not spool.startswith("/") or os.path.normpath(spool) != spool \
+            or os.path.basename(os.path.dirname(spool)) != "active_jobs":
+        return None
+    try:
+        st = os.lstat(spool)
+        admin = pwd.getpwnam(ADMIN_USER).pw_uid
+    except (OSError, KeyError):
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o022 or st.st_uid not in (0, admin):
+        return None
+    return spool
+
+
+def migrated(env) -> bool:
+    """The shepherd left `checkpointed` in the job's active dir: execd reports the job as migrated
+    and qmaster runs it again (the shepherd keeps it only when it started the migr_command)."""
+    spool = _active_dir(env)
+    return spool is not None and os.path.lexists(os.path.join(spool, "checkpointed"))
+
+
+# One line of plain `qstat -u '*'`: job-ID prior name user state date time [queue] slots [task ids].
+# The name is the user's (it may hold spaces): the fields are read from the (last) date on.
+_LINE = re.compile(r"^\s*(\d{1,12})\s+(.*\S)\s*$")
+_DATE = re.compile(r"\d\d/\d\d/\d{4}")
+_TIME = re.compile(r"\d\d:\d\d:\d\d")
+
+
+def job_lines(qstat: str, jid: str) -> list[tuple[str, str, str]]:
+    """(state, queue instance or '', task ids) of the job's lines in plain `qstat` output."""
+    found = []
+    for line in qstat.splitlines():
+        m = _LINE.match(line)
+        if not m or m.group(1) != jid:
+            continue
+        f = m.group(2).split()
+        for i in range(len(f) - 1, 1, -1):  # the last date: a name cannot push it to the right
+            if _DATE.fullmatch(f[i - 1]) and _TIME.fullmatch(f[i]):
+                rest = f[i + 1:]
+                queue = rest.pop(0) if rest and "@" in rest[0] else ""
+                found.append((f[i - 2], queue, " ".join(rest[1:])))
+                break
+    return found
+
+
+def _in_tasks(task: str, spec: str) -> bool:
+    """Whether array task `task` is in qstat's task ids ('3', '1-10:1', '1,4,7')."""
+    if not task.isdigit():
+        return False
+    n = int(task)
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d{1,9})(?:-(\d{1,9})(?::(\d{1,9}))?)?", part.strip())
+        if m:
+            lo, hi, step = int(m.group(1)), int(m.group(2) or m.group(1)), int(m.group(3) or 1)
+            if lo <= n <= hi and (n - lo) % step == 0:
+                return True
+    return False
+
+
+def moved(qstat: str, jid: str, host: str) -> bool:
+    """From qmaster's `qstat` lines: the run on `host` is no longer the job's current one. The job
+    (task) waits again (its state has q) or runs on another host's queue instance (qmod -rj)."""
+    num, _, task = jid.partition(".")
+    for state, queue, tasks in job_lines(qstat, num):
+        if task and not _in_tasks(task, tasks):
+            continue
+        if "q" in state or (queue and queue.rpartition("@")[2] != host):
+            return True
+    return False
+
+
+def rescheduled(jid: str, host: str) -> bool:
+    """qmaster moved the job away from this run on `host` (see moved). qstat failing, or no host to
+    compare with, answers False: the job then ends as usual."""
+    if not host:
+        return False
+    try:
+        r = subprocess.run([QSTAT, "-u", "*"], capture_output=True, text=True, timeout=30, cwd="/",
+                           env={**os.environ, **ROOT_FIXED}, errors="replace")
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0 and moved(r.stdout[:1 << 24], jid, host)
+
+
 def job_from_env(env: dict[str, str], owner: str) -> Job | None:
     pw = pwd.getpwnam(owner)
     script = spooled_script(env, pw.pw_uid)
@@ -145,15 +255,20 @@ def job_from_env(env: dict[str, str], owner: str) -> Job | None:
     n = slots(env)
     return Job(job_id=jid, scheduler="sge", user=owner, uid=pw.pw_uid, gid=pw.pw_gid, work_dir=os.getcwd(),
                script=script, cpus=n, memory_mib=requested_memory_mib(qstat, n), image=image,
+               restart_count=restarted(env),
                groups=[g for g in os.getgrouplist(owner, pw.pw_gid) if g != pw.pw_gid])
 
 
 class GridEngine:
     """vmwrap.adapter.Scheduler for Grid Engine. The node is taken out by the prolog's exit code (GE
-    puts the queue instance in error state); no planned starts or requeue yet."""
+    puts the queue instance in error state)."""
 
     name = "sge"
     root_env = ROOT_ENV
+    # qmod -rj: the old run ends at its execd's next report (load_report_time, 40 s by default) and its
+    # epilog then saves the VM, while the restarted run may already be in its prolog (which GE kills
+    # after 120 s): the lifecycle waits this long for that checkpoint.
+    restart_settle = 60.0
 
     def __init__(self, owner: str | None = None):
         self.owner = owner  # the prolog's $job_owner argument
@@ -165,7 +280,12 @@ class GridEngine:
         return job_from_env(dict(env), self.owner or "")
 
     def requeue_state(self, settings: Settings, env) -> tuple[bool, int]:
-        return False, 0
+        """GE runs the job again after this epilog: it migrated (checkpointed), or qmaster already has
+        it waiting again or running on another host (qmod -rj). GE keeps no restart count: one more
+        than when the VM started."""
+        before = lifecycle.started_as(settings, job_id(env)) or 0
+        again = migrated(env) or rescheduled(job_id(env), env.get("HOSTNAME", ""))
+        return again, before + 1 if again else before
 
     def take_out(self, env, reason: str) -> None:
         print(f"vmwrap: {reason}", file=sys.stderr)  # execd logs it with the queue's error state
@@ -237,7 +357,13 @@ def starter(settings: Settings, argv: list[str]) -> int:
         os.execvp(argv[0], argv)
     script, args = _payload(argv)
     env = {k: v for k, v in os.environ.items() if k != "VMWRAP_CONFIG"}
-    return payload.attach(run_dir, jid, script, env, args, grace=settings.grace_seconds, settings=settings)
+    marker = rundir.user_dir(run_dir) / MIGRATING
+    # A SIGTERM that is GE moving the job (migr_command's marker, or qmod -rj: qmaster has it pending
+    # or running elsewhere) leaves the VM running for the epilog to save; any other stops it in its VM.
+    host = os.environ.get("HOSTNAME", "")  # execd's name for this host (set after the job's variables)
+    again = (lambda: marker.exists() or rescheduled(jid, host)) if settings.workdir_share == "serial" else None
+    return payload.attach(run_dir, jid, script, env, args, grace=settings.grace_seconds, settings=settings,
+                          requeued=again)
 
 
 def _payload(argv: list[str]) -> tuple[str, list[str]]:
@@ -253,11 +379,23 @@ def _payload(argv: list[str]) -> tuple[str, list[str]]:
     return head.decode("utf-8", "surrogateescape"), argv[1:]
 
 
+# In the run dir's hand-over dir (the job's user's): migr_command tells the job's starter that the
+# SIGTERM which follows is a migration (GE's own `checkpointed` file appears only after the job ended).
+MIGRATING = "migrating"
+
+
 def method(settings: Settings, action: str, jid: str, pid: int) -> int:
-    """suspend/resume/terminate_method (job owner). GE does not signal the job when a method is set."""
+    """suspend/resume/terminate_method and the checkpointing environment's migr_command (job owner).
+    GE does not signal the job when a method is set."""
     env_jid = job_id(os.environ) if "JOB_ID" in os.environ else jid
     has_vm = (settings.jobs_dir / env_jid).exists()
     try:
+        if action == "migrate":
+            if has_vm:  # the starter detaches, the VM keeps running; the epilog saves it
+                os.close(os.open(rundir.user_dir(settings.jobs_dir / env_jid) / MIGRATING,
+                                 os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+            os.kill(pid, signal.SIGTERM)
+            return 0
         if action in ("suspend", "resume") and has_vm:
             agent.request(settings, "pause" if action == "suspend" else "resume", env_jid)
             return 0
