@@ -220,7 +220,9 @@ def _fake_ge(monkeypatch, jobs: list[str], details: list[str], calls: list):
         if argv[0] == "qrstat":
             return "<qrstat></qrstat>"
         if argv[:2] == ("qconf", "-ssconf"):
-            return "schedule_interval                 0:0:1\n"
+            return "schedule_interval                 0:0:1\nparams                            MONITOR=1,DURATION_OFFSET=5\n"
+        if argv[:2] == ("qconf", "-sconf"):
+            return "load_report_time             00:00:05\n"
         return ""
     monkeypatch.setattr(facts, "run", run)
     return facts
@@ -274,6 +276,7 @@ def test_grid_engine_planned_starts_come_from_its_reservations_in_the_schedule_f
     sched.write_text("::::::::\n7:1:RESERVING:1000:60:Q:vmwrap.q@old:slots:1.000000\n::::::::\n"
                      "7:1:RESERVING:2000:60:Q:vmwrap.q@n1:slots:1.000000\n"
                      "7:1:RESERVING:2000:60:G:global:slots:1.000000\n"
+                     "0:0:RESERVING:1800:60:Q:vmwrap.q@n1:slots:1.000000\n"      # an advance reservation
                      "8:1:RUNNING:500:60:Q:vmwrap.q@n1:slots:1.000000\n"
                      "9:1:RESERVING:2000:60:H:n2:h_vmem:1000.000000\n"
                      "x:1:RESERVING:2000:60:Q:vmwrap.q@n1:slots:1.000000\n::::::::\n"

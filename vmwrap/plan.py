@@ -137,9 +137,12 @@ class Policy:
 @dataclass(frozen=True)
 class Timing:
     """What the planner must know of a scheduler's clock (vmwrap.adapter.Scheduler.plan_timing)."""
-    kill_s: float          # from a job's time limit until its processes are gone (Slurm: KillWait)
+    kill_s: float          # from a job's time limit until the scheduler sees its nodes free (Slurm:
+                           # KillWait; Grid Engine plans h_rt + duration_offset)
     pass_s: float          # how often the scheduler looks for jobs to start (Slurm: bf_interval)
     limit_unit_s: float    # the unit of its time limits (Slurm: a minute, Grid Engine: a second)
+    vacate_s: float = 0.0  # from a requeue until the node's epilog starts (Grid Engine: up to a
+                           # load_report_time; Slurm: at once): saves are started that much earlier
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,14 @@ def split(s: str) -> frozenset[str]:
 
 
 def policy(settings: Settings, store: checkpoint.Store, timing: Timing) -> Policy:
-    """The site's policy; the save model uses the slowest of the store's recent measured saves.
-    An offer stands two scheduler passes (and at least 10 s) so the scheduler can take it."""
+    """The site's policy; the save model uses the slowest of the store's recent measured saves and
+    sets aside the scheduler's delay in reaching the node. An offer stands two scheduler passes (and
+    at least 10 s) so the scheduler can take it."""
     measured = store.measured_save_rate()
     rate = min(measured, settings.plan_save_rate_mb_s) if measured else settings.plan_save_rate_mb_s
     return Policy(
-        model=SaveModel(rate, settings.plan_save_fixed_s, settings.plan_save_margin, settings.plan_save_margin_s),
+        model=SaveModel(rate, settings.plan_save_fixed_s, settings.plan_save_margin,
+                        settings.plan_save_margin_s + timing.vacate_s),
         enabled=settings.plan_enabled, partitions=split(settings.plan_partitions), users=split(settings.plan_users),
         max_nodes=settings.plan_max_nodes, max_gap_s=settings.plan_max_gap_s, setup_s=settings.plan_setup_s,
         stop_s=timing.kill_s + settings.plan_teardown_s, slack_s=max(10.0, 2 * timing.pass_s + 2),

@@ -240,13 +240,34 @@ def _queued(settings, images, idle, d, jid, j, memory_requests, memory_bytes):
         eligible=state == "pending" and not set(state_s) & set("hE"), reservation=d.get("ar", "") if d.get("ar", "") not in ("", "0") else ""))
 
 
+def _ge_time(text: str, key: str, default: float) -> float:
+    """A `key  [[h:]m:]s` line of qconf output in seconds."""
+    m = re.search(rf"^{key}\s+(\d{{1,6}}(?::\d{{1,2}}){{0,2}})\s*$", text, re.M)
+    return h_rt_seconds(m.group(1)) if m else default
+
+
+def duration_offset(sched: str) -> float:
+    """sched_conf `params` DURATION_OFFSET=time (sge_sched_conf(5)); 60 s when not set."""
+    m = re.search(r"^params\s+(.*)$", sched, re.M)
+    for item in re.split(r"[,\s]+", m.group(1) if m else ""):
+        k, _, v = item.partition("=")
+        if k.upper() == "DURATION_OFFSET":
+            try:
+                return h_rt_seconds(v)
+            except ValueError:
+                break
+    return 60.0
+
+
 def timing() -> Timing:
-    """GE kills a job at h_rt at once (SIGKILL: a few seconds until execd reports it), schedules
-    every schedule_interval, counts h_rt in seconds."""
-    conf = run("qconf", "-ssconf")
-    m = re.search(r"^schedule_interval\s+(\d{1,4}):(\d{1,2}):(\d{1,2})\s*$", conf, re.M)
-    interval = int(m.group(1)) * 3600 + int(m.group(2)) * 60 + int(m.group(3)) if m else 15
-    return Timing(kill_s=5.0, pass_s=float(interval), limit_unit_s=1.0)
+    """GE plans a job's slots busy until h_rt + DURATION_OFFSET (sched_conf params, 60 s by default)
+    and schedules every schedule_interval; h_rt counts seconds. A rescheduled job's old run is
+    killed at its execd's next load report (load_report_time, 40 s by default)."""
+    sched = run("qconf", "-ssconf")
+    conf = run("qconf", "-sconf", "global")
+    return Timing(kill_s=max(5.0, duration_offset(sched)),
+                  pass_s=_ge_time(sched, "schedule_interval", 15.0), limit_unit_s=1.0,
+                  vacate_s=_ge_time(conf, "load_report_time", 40.0))
 
 
 def set_time_limit(job: str, seconds: float) -> None:
@@ -298,7 +319,7 @@ def reserved_starts(lines: list[str], now: float) -> dict[str, tuple[float, set[
     out: dict[str, tuple[float, set[str]]] = {}
     for ln in lines:
         f = ln.split(":")
-        if len(f) < 8 or f[2] != "RESERVING" or not _ID.fullmatch(f[0]) or not f[3].isdigit():
+        if len(f) < 8 or f[2] != "RESERVING" or not _ID.fullmatch(f[0]) or f[0] == "0" or not f[3].isdigit():
             continue
         start = float(f[3])
         if start <= now:
