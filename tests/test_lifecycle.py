@@ -15,6 +15,7 @@ from vmwrap import adapter, checkpoint, domain, lifecycle
 from vmwrap.errors import UserError
 from vmwrap.job import Job
 from vmwrap.lifecycle import Verdict
+from vmwrap.plan import Timing
 
 pytestmark = pytest.mark.vm
 HDR = "#!/bin/sh\n#VMWRAP --image=busybox\n"
@@ -53,6 +54,21 @@ class FakeScheduler:
 
     def publish_cached(self, node, images):
         return None
+
+    def reservations(self):
+        return None   # no advance reservations: the gap planner has nothing to do
+
+    def queue(self, settings, now):
+        return []
+
+    def plan_timing(self):
+        return Timing(kill_s=0.0, pass_s=1.0, limit_unit_s=1.0)
+
+    def set_time_limit(self, job, seconds) -> None:
+        raise RuntimeError("the fake scheduler has no time limits")
+
+    def vacate(self, job) -> None:
+        raise RuntimeError("the fake scheduler cannot requeue")
 
     def render_config(self, settings, **options) -> str:
         return ""

@@ -286,3 +286,20 @@ def test_grid_engine_planned_starts_come_from_its_reservations_in_the_schedule_f
     assert facts.reserved_starts(facts.schedule_tail(str(sched)), 1500.0) == {"7": (2000.0, {"n1"}),
                                                                                "9": (2000.0, {"n2"})}
     assert facts.pending(now=1500.0) == [{"job": "7", "image": "busybox", "start": 2000.0, "nodes": ["n1"]}]
+
+
+def test_a_scheduler_without_reservations_is_not_planned(tmp_path):
+    from vmwrap.config import Settings
+    from vmwrap.planner import Planner
+
+    class NoReservations:
+        name = "none"
+
+        def reservations(self):
+            return None
+
+        def plan_timing(self):
+            raise AssertionError("not asked: there is nothing to plan")
+
+    s = Settings(state_dir=str(tmp_path), checkpoint_dir=str(tmp_path / "c"), plan_enabled=True)
+    assert Planner(NoReservations(), s).pass_once(now=0.0) == []

@@ -69,8 +69,10 @@ class Planner:
     def pass_once(self, now: float | None = None) -> list[Action]:
         now = time.time() if now is None else now
         ars = self.sched.reservations()
+        if ars is None:   # a scheduler without advance reservations: no gap to plan
+            return []
         pol = policy(self.settings, self.store, self.sched.plan_timing())
-        acts = plan_pass(now, ars or [], self.sched.queue(self.settings, now), pol, self.state)
+        acts = plan_pass(now, ars, self.sched.queue(self.settings, now), pol, self.state)
         for a in acts:
             self._apply(a, now)
         if not self.dry_run:
