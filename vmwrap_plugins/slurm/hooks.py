@@ -170,6 +170,32 @@ class Slurm:
 
         publish(node, images)
 
+    # the gap planner (vmwrap.planner): Slurm's facts and actions live in planner.py
+    def reservations(self):
+        from . import planner
+
+        return planner.current_reservations()
+
+    def queue(self, settings: Settings, now: float):
+        from . import planner
+
+        return planner.queue(settings, now)
+
+    def plan_timing(self):
+        from . import planner
+
+        return planner.timing()
+
+    def set_time_limit(self, job: str, seconds: float) -> None:
+        from . import planner
+
+        planner.set_time_limit(job, seconds)
+
+    def vacate(self, job: str) -> None:
+        from . import planner
+
+        planner.requeue(job)
+
     def render_config(self, settings: Settings, **options) -> str:
         from .render import render_config
 
