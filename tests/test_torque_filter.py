@@ -201,9 +201,11 @@ def test_prologue_reads_no_script_but_the_spooled_one(tmp_path, test_user):
     """Arg 8 must be <PBS_HOME>/mom_priv/jobs/<ID>.SC in a root dir no one else may write."""
     d = tmp_path / "mom_priv" / "jobs"
     d.mkdir(parents=True)
-    (d / "1.srv.SC").write_text("#VMWRAP --image=busybox\n")
+    for f in ("1.srv.SC", "12.srv.SC", "2.srv.SC"):
+        (d / f).write_text("#VMWRAP --image=busybox\n")
     assert jobs.spooled_script(str(d / "1.srv.SC"), "1.srv", 1234) is not None
-    for bad in (str(d / ".." / "jobs" / "1.srv.SC"), str(d / "2.srv.SC"), "/etc/shadow", str(tmp_path / "x.SC")):
+    for bad in (str(d / ".." / "jobs" / "1.srv.SC"), str(d / "2.srv.SC"), str(d / "12.srv.SC"), "/etc/shadow",
+                str(tmp_path / "x.SC")):
         assert jobs.spooled_script(bad, "1.srv", 1234) is None
     d.chmod(0o777)
     assert jobs.spooled_script(str(d / "1.srv.SC"), "1.srv", 1234) is None

@@ -111,7 +111,8 @@ def spooled_script(path: str, torque_id: str, owner_uid: int) -> str | None:
     d = os.path.dirname(path)
     if os.path.basename(d) != "jobs" or os.path.basename(os.path.dirname(d)) != "mom_priv":
         return None
-    if not os.path.basename(path).startswith(torque_id.split(".")[0]):
+    stem = os.path.basename(path)[:-len(".SC")]   # pbs_mom's file prefix: the job id (or its sequence)
+    if stem != torque_id and stem.split(".")[0] != torque_id.split(".")[0]:
         return None
     from vmwrap import safeio
 
