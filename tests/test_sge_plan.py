@@ -200,3 +200,17 @@ def test_queue_head_runs_before_the_reservation_is_saved_in_time_and_resumes_aft
     assert values(out) == list(range(1, N + 1)), out   # continued after the reservation: every value once
     print(f"\nstarted {ar_start - started:.0f}s before the reservation, saved {ar_start - saved_at:.1f}s before it, "
           f"reservation job started {ar_ran - ar_start}s after its start\n{said}")
+
+
+def test_checkpoints_of_jobs_ge_no_longer_has_are_collected(cell, jobdir):
+    store = cell.base / "checkpoints"
+    held = qsub(cell, jobdir, "#!/bin/sh\nsleep 60\n", "-h")   # held: still queued, may run again
+    for j in (held, "99999"):                                # 99999: deleted while it was saved
+        (store / j).mkdir(parents=True, exist_ok=True)
+        (store / j / "manifest.json").write_text("{}")
+    r = subprocess.run(["vmwrap", "--config", str(cell.cfg), "sge", "gc", "--once"], capture_output=True, text=True,
+                       timeout=120)
+    cell.run("qdel", held)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "job 99999: ended while saved, checkpoint deleted" in r.stdout
+    assert (store / held / "manifest.json").exists() and not (store / "99999").exists()
