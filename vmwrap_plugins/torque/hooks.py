@@ -40,7 +40,7 @@ ROOT_ENV = ("PBS_O_WORKDIR", "PBS_NUM_PPN", "PBS_NP", "PBS_MSHOST", "PBS_NODENUM
 OFFLINE = "torque-offline"    # in state_dir: the reason the node health check reports
 HOLD = "torque-hold"          # in a run dir: a checkpoint for qhold is under way (root's file)
 SAVED = "torque-saved"        # in a run dir: its result, for the payload waiting to leave
-SIDECAR = ".torque"           # beside a checkpoint in the store: what a restart on another mom needs
+SIDECAR = ".torque.json"      # beside a checkpoint in the store: what a restart on another mom needs
 SAVE_WAIT = 900.0             # s the payload waits for a checkpoint script to finish the save
 EXIT_REQUEUE = 2              # prologue: "other values requeue the job"
 
@@ -201,8 +201,10 @@ def epilogue(settings: Settings, argv: list[str], env: dict[str, str]) -> int:
 
 
 def _sidecar(settings: Settings, jid: str) -> Path:
+    """Root's record beside the job's checkpoint in the (root-only) store; a dot name, so that the
+    store's listing and GC never take it for a job."""
     Job.check_id(jid)
-    return Path(settings.checkpoint_dir) / f"{jid}{SIDECAR}"
+    return Path(settings.checkpoint_dir) / f".{jid}{SIDECAR}"
 
 
 # --- the job's payload (the user, started by pbs_mom's shell through the filter's wrapper) ----------
