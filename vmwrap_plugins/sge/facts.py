@@ -27,6 +27,8 @@ from vmwrap.config import Settings
 from vmwrap.errors import UserError
 from vmwrap.plan import QueuedJob, Reservation, Timing
 
+from .hooks import MEMORY_REQUESTS, memory_bytes
+
 log = logging.getLogger("vmwrap.sge")
 SGE_ROOT = "/var/lib/gridengine"
 SGE_CELL = "default"
@@ -182,8 +184,6 @@ def queue(settings: Settings, now: float) -> list[QueuedJob]:
     does it (the image's or the site's; its hard memory request per slot caps it)."""
     from vmwrap.catalog import Catalog
 
-    from .hooks import MEMORY_REQUESTS, memory_bytes
-
     root = _xml(run("qstat", "-xml", "-r", "-u", "*", "-s", "pr"), "qstat -xml -r")
     rows = []
     for j in root.iter("job_list"):
@@ -204,14 +204,13 @@ def queue(settings: Settings, now: float) -> list[QueuedJob]:
     out = []
     for jid, j in rows:
         try:
-            out.append(_queued(settings, images, idle, details.get(jid, {}), jid, j, MEMORY_REQUESTS,
-                               memory_bytes))
+            out.append(_queued(settings, images, idle, details.get(jid, {}), jid, j))
         except (TypeError, ValueError, AttributeError, KeyError, UserError) as e:
             _warn_once(jid, f"left out of the plan: its qstat record does not read as expected ({e})")
     return [q for *_, q in sorted(out, key=lambda t: (t[0], t[1]))]
 
 
-def _queued(settings, images, idle, d, jid, j, memory_requests, memory_bytes):
+def _queued(settings: Settings, images: dict, idle: dict[str, set[str]], d: dict, jid: str, j: ET.Element):
     state_s = (j.findtext("state") or "").strip()   # GE's letters: q queued, w waiting, h hold, r running...
     state = ("running" if ("r" in state_s or "t" in state_s) and not set(state_s) & set("sSTd") else
              "pending" if "q" in state_s else "other")
@@ -223,7 +222,7 @@ def _queued(settings, images, idle, d, jid, j, memory_requests, memory_bytes):
     hard = d.get("hard", {})
     slots = max(1, int(j.findtext("slots") or 1))
     mem = float(sizing.memory_mib(None, images.get(image or ""), settings)[0])
-    caps = [memory_bytes(v) for k, v in hard.items() if k in memory_requests]
+    caps = [memory_bytes(v) for k, v in hard.items() if k in MEMORY_REQUESTS]
     caps = [c * slots / 2**20 for c in caps if c is not None]
     if caps:
         mem = min([mem, *caps])
