@@ -71,10 +71,12 @@ def _pid(path: Path) -> int | None:
 
 
 def _alive(pid: int | None, name: str) -> bool:
-    """pid runs the GE daemon `name` (a stale pid file may name another process by now)."""
+    """pid runs the GE daemon `name` (a stale pid file may name another process by now; a zombie
+    is gone)."""
     try:
-        return pid is not None and Path(f"/proc/{pid}/comm").read_text().strip() == name
-    except OSError:
+        return pid is not None and Path(f"/proc/{pid}/comm").read_text().strip() == name \
+            and Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
         return False
 
 
@@ -194,6 +196,9 @@ class Cell:
         qfile.write_text(queue_config("vmwrap.q", " ".join(self.hosts), self.slots, hooks,
                                       extra={"ckpt_list": CKPT, **self.queue}))
         if qconf("-sq", "vmwrap.q", check=False).returncode == 0:
+            # From this host alone (a crashed two-host cell may have left HOST2's instance behind:
+            # -Mq then refuses to create it "again").
+            qconf("-mattr", "queue", "hostlist", self.host, "vmwrap.q", check=False)
             qconf("-Mq", str(qfile))
         else:
             qconf("-Aq", str(qfile))
@@ -228,6 +233,13 @@ class Cell:
         hosts.write_text(hosts.read_text() + f"{ADDR[1]} {HOST2} {HOSTS_MARK}\n")
 
     def _unnetwork(self) -> None:
+        # Whatever runs in the second host's namespace is this cell's (its execd, shepherds, jobs).
+        r = subprocess.run(["/usr/sbin/ip", "netns", "pids", NETNS], capture_output=True, text=True, timeout=30)
+        for pid in r.stdout.split() if r.returncode == 0 else ():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
         hosts = Path("/etc/hosts")
         text = hosts.read_text()
         if HOSTS_MARK in text:
@@ -290,7 +302,7 @@ class Cell:
         while time.monotonic() < end and any(_alive(pid, n) for pid, n in started if n == "sge_execd"):
             time.sleep(0.2)
         if len(self.hosts) > 1:  # a later one-host cell must not wait for HOST2 (gone from /etc/hosts)
-            qconf("-dq", "vmwrap.q", check=False)
+            qconf("-mattr", "queue", "hostlist", self.host, "vmwrap.q", check=False)
             qconf("-de", HOST2, check=False)
         qconf("-km", check=False)
         end = time.monotonic() + 10
