@@ -325,10 +325,3 @@ def teardown(job_id: str, settings: Settings, conn=None, ledger: Ledger | None =
     if did:
         (ledger or Ledger(settings.ledger_path)).record(job_id, name, "destroyed")
     return did
-
-
-# Old names, importable from here while callers move to their new homes (issue 15).
-from .payload import (CONSOLE_TAIL, EXIT_CHECKPOINT, EXIT_GUEST, EXIT_IMAGE, EXIT_NODE, EXIT_USER,  # noqa: E402,F401
-                      SMALL_FILE_MAX, _tail, _write_private, attach, guest_timeline, summarise_console)
-from .request import VmRequest as Plan, resolve as plan  # noqa: E402,F401
-from .sizing import host_memory_mib  # noqa: E402,F401
