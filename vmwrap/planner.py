@@ -17,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-from . import checkpoint
+from . import checkpoint, rundir
 from .config import Settings
 from .ledger import Ledger
 from .plan import Action, Policy, SaveModel, Timing, plan_pass
@@ -94,7 +94,7 @@ class Planner:
         if self.dry_run:
             return
         try:
-            Ledger(self.settings.ledger_path).record(a.job, f"vmwrap-{a.job}", "plan", action=what, reason=a.reason,
+            Ledger(self.settings.ledger_path).record(a.job, rundir.domain_name(a.job), "plan", action=what, reason=a.reason,
                                                      scheduler=self.sched.name)
         except Exception as e:  # the ledger is accounting: never let it stop a save
             log.error("ledger: %s", e)

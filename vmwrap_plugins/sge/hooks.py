@@ -349,7 +349,7 @@ def epilog(settings: Settings, env: dict[str, str]) -> int:
 def starter(settings: Settings, argv: list[str]) -> int:
     """starter_method (job owner): a job with a VM attaches to it; any other job runs as usual."""
     jid = job_id(os.environ)
-    run_dir = settings.jobs_dir / jid
+    run_dir = rundir.path(settings, jid)
     if not argv:
         print("vmwrap sge starter: no job command", file=sys.stderr)
         return 2
@@ -388,11 +388,11 @@ def method(settings: Settings, action: str, jid: str, pid: int) -> int:
     """suspend/resume/terminate_method and the checkpointing environment's migr_command (job owner).
     GE does not signal the job when a method is set."""
     env_jid = job_id(os.environ) if "JOB_ID" in os.environ else jid
-    has_vm = (settings.jobs_dir / env_jid).exists()
+    has_vm = rundir.path(settings, env_jid).exists()
     try:
         if action == "migrate":
             if has_vm:  # the starter detaches, the VM keeps running; the epilog saves it
-                os.close(os.open(rundir.user_dir(settings.jobs_dir / env_jid) / MIGRATING,
+                os.close(os.open(rundir.user_dir(rundir.path(settings, env_jid)) / MIGRATING,
                                  os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
             os.kill(pid, signal.SIGTERM)
             return 0
