@@ -1,0 +1,328 @@
+"""A real HTCondor 23.9 pool on this host for tests and the demo: central manager + schedd and two
+execute nodes (two startds with their own names and execute dirs), run in the cached trixie root
+(scripts/build-condor-root.sh) under `env -i`, no systemd.
+
+Chroot mounts (shared/README): the root bound onto itself and made private (the starter unshares its
+mount namespace), proc, rbind /dev, sysfs, and the pool dir bound at the same path inside and out, so
+that execute dirs, submit files and the vmwrap bridge socket have one path for the chrooted daemons
+and for root's vmwrap on the host. Queries go through the `htcondor2` bindings of the root's own
+python3-htcondor (run in the chroot, answers as JSON): PyPI's `htcondor` is not in vmwrap's venv.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(os.environ.get("VMWRAP_CONDOR_ROOT", "/var/cache/vmwrap/condor-root"))
+STARTDS = ("node1", "node2")
+PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Runs inside the chroot with its python3 and htcondor2; argv: CONSTRAINT PROJECTION-JSON.
+_QUERY = r"""
+import json, sys, htcondor2 as h
+what, constraint, proj = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+if what == "jobs":
+    ads = h.Schedd().query(constraint=constraint, projection=proj)
+elif what == "history":
+    ads = h.Schedd().history(constraint=constraint, projection=proj, match=100)
+else:
+    ads = h.Collector().query(h.AdTypes.Startd, constraint=constraint, projection=proj)
+def val(v):
+    return v if isinstance(v, (str, int, float, bool)) or v is None else str(v)
+print(json.dumps([{k: val(ad.get(k)) for k in (proj or ad.keys())} for ad in ads]))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mounted(path: Path) -> list[str]:
+    p = str(path)
+    with open("/proc/self/mounts") as f:
+        points = [ln.split()[1] for ln in f]
+    return [m for m in points if m == p or m.startswith(p + "/")]
+
+
+def unmount_all(root: Path = ROOT) -> None:
+    """Undo every mount under the root (deepest first); a lazy unmount for what is still busy."""
+    for m in sorted(set(_mounted(root)), key=len, reverse=True):
+        if subprocess.run(["umount", m], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", m], capture_output=True)
+
+
+class Pool:
+    """`extra_config` is appended to the pool's config (vmwrap's rendered lines); `wrapper` becomes
+    USER_JOB_WRAPPER when given."""
+
+    def __init__(self, base: Path, extra_config: str = "", root: Path = ROOT, startds=STARTDS):
+        self.base = Path(base)
+        self.root = Path(root)
+        self.startds = tuple(startds)
+        self.extra_config = extra_config
+        self.port = _free_port()
+        self.config = self.base / "condor_config"
+        self.master: subprocess.Popen | None = None
+
+    # -- life ----------------------------------------------------------------------------------
+    def local(self, *parts: str) -> Path:
+        return self.base.joinpath("local", *parts)
+
+    def execute_dir(self, startd: str) -> Path:
+        return self.local("execute", startd)
+
+    def write_config(self) -> None:
+        lines = [
+            # The Debian package's layout (its condor_config is not read: this file is CONDOR_CONFIG).
+            "RELEASE_DIR = /usr",
+            "BIN = $(RELEASE_DIR)/bin",
+            "SBIN = $(RELEASE_DIR)/sbin",
+            "LIB = $(RELEASE_DIR)/lib/condor",
+            "LIBEXEC = $(RELEASE_DIR)/libexec/condor",
+            "SHARE = $(RELEASE_DIR)/share/condor",
+            "ETC = /etc/condor",
+            "use ROLE: Personal",
+            "CONDOR_HOST = 127.0.0.1",
+            f"COLLECTOR_HOST = 127.0.0.1:{self.port}",
+            "NETWORK_INTERFACE = 127.0.0.1",
+            "USE_SHARED_PORT = False",
+            "MOUNT_UNDER_SCRATCH =",
+            "UID_DOMAIN = vmwrap.test",
+            "TRUST_UID_DOMAIN = True",
+            "SOFT_UID_DOMAIN = True",
+            "SEC_DEFAULT_AUTHENTICATION_METHODS = FS",
+            "SEC_CLIENT_AUTHENTICATION_METHODS = FS",
+            "ALLOW_READ = *",
+            "ALLOW_WRITE = *",
+            "ALLOW_NEGOTIATOR = *",
+            "ALLOW_ADMINISTRATOR = *",
+            "ALLOW_DAEMON = *",
+            "CONDOR_ADMIN =",
+            "MAIL = /bin/true",
+            f"LOCAL_DIR = {self.local()}",
+            "LOG = $(LOCAL_DIR)/log",
+            "SPOOL = $(LOCAL_DIR)/spool",
+            "LOCK = $(LOCAL_DIR)/lock",
+            "RUN = $(LOCAL_DIR)/run",
+            "CRED_STORE_DIR = $(LOCAL_DIR)/cred_dir",
+            "LOCAL_CONFIG_FILE =",
+            "LOCAL_CONFIG_DIR =",
+            # Fast turnaround for tests: negotiate, update and start at once.
+            "NEGOTIATOR_INTERVAL = 2",
+            "NEGOTIATOR_CYCLE_DELAY = 1",
+            "SCHEDD_INTERVAL = 2",
+            "UPDATE_INTERVAL = 2",
+            "STARTER_UPDATE_INTERVAL = 2",
+            "SHADOW_QUEUE_UPDATE_INTERVAL = 2",
+            "STARTD_CRON_UPDATE_INTERVAL = 2",
+            "JOB_START_DELAY = 0",
+            "JOB_START_COUNT = 10",
+            "SCHEDD_MIN_INTERVAL = 0",
+            "NUM_CPUS = 1",
+            "MEMORY = 1024",
+            "START = True",
+            "SUSPEND = False",
+            "PREEMPT = False",
+            "KILL = False",
+            "WANT_SUSPEND = False",
+            "WANT_VACATE = False",
+            "DAEMON_LIST = MASTER COLLECTOR NEGOTIATOR SCHEDD " + " ".join(s.upper() for s in self.startds),
+        ]
+        # vmwrap's lines before the per-startd ones, which extend what they set (STARTD_ATTRS).
+        lines += self.extra_config.strip().splitlines()
+        for s in self.startds:
+            u = s.upper()
+            lines += [
+                f"{u} = $(SBIN)/condor_startd",
+                f"{u}_ARGS = -local-name {u}",
+                f"DC_DAEMON_LIST = $(DC_DAEMON_LIST) {u}",
+                f"{u}_LOG = $(LOG)/StartLog.{s}",
+                f"{u}.STARTD_NAME = {s}",
+                f"{u}.STARTD_LOG = $(LOG)/StartLog.{s}",
+                f"{u}.EXECUTE = {self.execute_dir(s)}",
+                f"{u}.STARTD_ADDRESS_FILE = $(LOG)/.startd_address.{s}",
+                f"{u}.VmwrapStartd = \"{s}\"",
+                f"{u}.STARTD_ATTRS = $(STARTD_ATTRS) VmwrapStartd",
+            ]
+        text = "\n".join(lines) + "\n"
+        self.config.write_text(text)
+
+    def _users(self) -> None:
+        """The chroot's passwd/group plus the host's ordinary users (same uids inside and out), bound
+        over the root's own files so the cached root stays untouched."""
+        etc = self.base / "etc"
+        etc.mkdir(exist_ok=True)
+        for name in ("passwd", "group"):
+            inner = (self.root / "etc" / name).read_text().splitlines()
+            names = {ln.split(":")[0] for ln in inner}
+            ids = {ln.split(":")[2] for ln in inner}
+            extra = [ln for ln in Path("/etc", name).read_text().splitlines()
+                     if ln and ln.split(":")[0] not in names and ln.split(":")[2] not in ids
+                     and int(ln.split(":")[2]) >= 1000 and ln.split(":")[2] != "65534"]
+            (etc / name).write_text("\n".join(inner + extra) + "\n")
+
+    def mount(self) -> None:
+        r = str(self.root)
+        unmount_all(self.root)
+        subprocess.run(["mount", "--bind", r, r], check=True)
+        subprocess.run(["mount", "--make-private", r], check=True)
+        subprocess.run(["mount", "-t", "proc", "proc", f"{r}/proc"], check=True)
+        subprocess.run(["mount", "--rbind", "/dev", f"{r}/dev"], check=True)
+        subprocess.run(["mount", "--make-rslave", f"{r}/dev"], check=True)
+        subprocess.run(["mount", "-t", "sysfs", "sysfs", f"{r}/sys"], check=True)
+        inner = self.root / str(self.base).lstrip("/")
+        inner.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "--bind", str(self.base), str(inner)], check=True)
+        for name in ("passwd", "group"):
+            subprocess.run(["mount", "--bind", str(self.base / "etc" / name), f"{r}/etc/{name}"], check=True)
+        subprocess.run(["mount", "--bind", "/etc/hosts", f"{r}/etc/hosts"], check=True)  # the host's own name
+
+    def start(self, timeout: float = 90) -> None:
+        if not (self.root / ".vmwrap-condor-root").exists():
+            raise RuntimeError(f"no HTCondor root at {self.root} (scripts/build-condor-root.sh builds it)")
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.base.chmod(0o755)
+        for d in ("log", "spool", "lock", "run", "cred_dir", "execute"):
+            self.local(d).mkdir(parents=True, exist_ok=True)
+            shutil.chown(self.local(d), "root", "root")
+        for d in ("log", "spool", "lock", "run"):
+            os.chown(self.local(d), *self._condor_ids())
+        for s in self.startds:
+            self.execute_dir(s).mkdir(exist_ok=True)
+            os.chown(self.execute_dir(s), *self._condor_ids())  # the startd keeps it 0755, condor's
+            self.execute_dir(s).chmod(0o755)
+        self.write_config()
+        self._users()
+        self.mount()
+        self.master = subprocess.Popen(
+            ["chroot", str(self.root), "/usr/bin/env", "-i", f"PATH={PATH}", f"CONDOR_CONFIG={self.config}",
+             "/usr/sbin/condor_master", "-f"],
+            stdin=subprocess.DEVNULL, stdout=open(self.base / "master.out", "ab"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        self.wait_for(lambda: len(self.slots()) >= len(self.startds), "every startd's slot", timeout)
+
+    def _condor_ids(self) -> tuple[int, int]:
+        for ln in (self.root / "etc" / "passwd").read_text().splitlines():
+            f = ln.split(":")
+            if f[0] == "condor":
+                return int(f[2]), int(f[3])
+        raise RuntimeError("no condor user in the HTCondor root")
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.master is not None and self.master.poll() is None:
+            self.master.terminate()  # SIGTERM: the master shuts every daemon down gracefully
+            try:
+                self.master.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.master.pid, 9)
+                self.master.wait(10)
+        # Anything of the pool still running (a stuck starter or job) goes before the mounts do.
+        for pid in self._pids_in_root():
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        unmount_all(self.root)
+        inner = self.root / str(self.base).lstrip("/")
+        while inner != self.root and inner.is_dir() and not any(inner.iterdir()):
+            inner.rmdir()  # the empty mount point made in the cached root
+            inner = inner.parent
+
+    def _pids_in_root(self) -> list[int]:
+        out = []
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    if os.readlink(f"/proc/{d}/root") == str(self.root):
+                        out.append(int(d))
+                except OSError:
+                    pass
+        return out
+
+    # -- commands ------------------------------------------------------------------------------
+    def env(self) -> list[str]:
+        return ["/usr/bin/env", "-i", f"PATH={PATH}", f"CONDOR_CONFIG={self.config}", "LANG=C.UTF-8"]
+
+    def run(self, *argv: str, user: str | None = None, cwd: str | None = None, timeout: float = 60,
+            check: bool = False) -> subprocess.CompletedProcess:
+        """A command in the chroot, as root or as `user` (with that user's HOME), in `cwd`."""
+        cmd = ["chroot"]
+        env = self.env()
+        if user:
+            pw = pwd.getpwnam(user)
+            cmd.append(f"--userspec={pw.pw_uid}:{pw.pw_gid}")
+            env += [f"HOME={pw.pw_dir}", f"USER={user}", f"LOGNAME={user}"]
+        inner = env + (["/bin/sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", cwd] if cwd else []) + list(argv)
+        r = subprocess.run(cmd + [str(self.root)] + inner, capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)}: rc={r.returncode}\n{r.stdout}{r.stderr}")
+        return r
+
+    def submit(self, text: str, user: str, cwd: Path) -> tuple[int, subprocess.CompletedProcess]:
+        """condor_submit a submit description as `user` in `cwd` (inside the pool dir); (cluster, result),
+        cluster -1 when condor_submit refused it."""
+        f = Path(cwd) / f"job-{os.urandom(3).hex()}.sub"
+        f.write_text(text)
+        os.chmod(f, 0o644)
+        r = self.run("/usr/bin/condor_submit", "-terse", str(f), user=user, cwd=str(cwd))
+        if r.returncode != 0:
+            return -1, r
+        return int(r.stdout.strip().split(".")[0]), r
+
+    def query(self, what: str, constraint: str = "true", projection: list[str] | None = None) -> list[dict]:
+        """jobs (schedd queue), history or startds (collector), through htcondor2 in the chroot."""
+        r = self.run("/usr/bin/python3", "-I", "-c", _QUERY, what, constraint, json.dumps(projection or []))
+        if r.returncode != 0:
+            raise RuntimeError(f"htcondor2 query {what}: {r.stderr[-2000:]}")
+        return json.loads(r.stdout)
+
+    def slots(self) -> list[dict]:
+        try:
+            return self.query("startds", "true", ["Name", "State", "Activity", "VmwrapStartd"])
+        except (RuntimeError, ValueError):
+            return []
+
+    def job(self, cluster: int, proc: int = 0, projection: list[str] | None = None) -> dict | None:
+        c = f"ClusterId == {int(cluster)} && ProcId == {int(proc)}"
+        found = self.query("jobs", c, projection) or self.query("history", c, projection)
+        return found[0] if found else None
+
+    def wait_job(self, cluster: int, proc: int = 0, status=(4,), timeout: float = 180,
+                 projection: list[str] | None = None) -> dict:
+        """Until the job's JobStatus is one of `status` (4 completed, 5 held, 3 removed, 2 running)."""
+        last: dict = {}
+
+        def done():
+            nonlocal last
+            last = self.job(cluster, proc, projection and ["JobStatus", *projection]) or {}
+            return last.get("JobStatus") in status
+
+        self.wait_for(done, f"job {cluster}.{proc} in status {status}", timeout,
+                      lambda: f"last: {last}")
+        return last
+
+    def wait_for(self, cond, what: str, timeout: float, detail=lambda: "") -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.master is not None and self.master.poll() is not None:
+                raise RuntimeError(f"condor_master exited ({self.master.returncode}): {self.logs()}")
+            if cond():
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"HTCondor pool: timed out waiting for {what} {detail()}\n{self.logs()}")
+
+    def logs(self, n: int = 30) -> str:
+        out = []
+        for f in sorted(self.local("log").glob("*Log*")):
+            lines = f.read_text(errors="replace").splitlines()[-n:]
+            out.append(f"== {f.name}\n" + "\n".join(lines))
+        return "\n".join(out)
