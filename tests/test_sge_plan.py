@@ -124,7 +124,8 @@ def finished(cell, job, timeout=300) -> dict:
         if r.returncode == 0 and "exit_status" in r.stdout and not state(cell, job):
             return dict(re.findall(r"^(\w+)\s+(.*?)\s*$", r.stdout.split("=" * 20)[-1], re.M))
         time.sleep(1)
-    raise AssertionError(f"job {job} did not finish: {cell.run('qstat', '-j', job).stdout}")
+    raise AssertionError(f"job {job} did not finish: {cell.run('qstat', '-j', job).stdout}\n"
+                         f"{events(cell, job)}\n{(cell.base / 'planner.log').read_text()}")
 
 
 def events(cell, job):
@@ -159,6 +160,7 @@ def test_image_is_prestaged_for_the_job_ge_reserved_the_host_for(cell, jobdir):
     finished(cell, blocker)
 
 
+@pytest.mark.timeout(600)
 def test_queue_head_runs_before_the_reservation_is_saved_in_time_and_resumes_after(cell, jobdir):
     start = time.time() + T
     r = cell.run("qrsub", "-a", time.strftime("%Y%m%d%H%M.%S", time.localtime(start)), "-d", "30", "-q", f"vmwrap.q@{cell.host}",
@@ -190,7 +192,7 @@ def test_queue_head_runs_before_the_reservation_is_saved_in_time_and_resumes_aft
     ar_ran = int((jobdir / f"{Path(ar_info['jobname']).name}.o{ar_job}").read_text().split()[0])
     assert ar_start <= ar_ran <= ar_start + 10, (ar_ran, ar_start)
 
-    info = finished(cell, job, timeout=400)
+    info = finished(cell, job, timeout=300)
     out = (jobdir / f"{Path(info['jobname']).name}.o{job}").read_text()
     said = (cell.base / "planner.log").read_text()
     assert info["exit_status"] == "0", (info, out)
