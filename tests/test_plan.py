@@ -303,3 +303,21 @@ def test_a_scheduler_without_reservations_is_not_planned(tmp_path):
 
     s = Settings(state_dir=str(tmp_path), checkpoint_dir=str(tmp_path / "c"), plan_enabled=True)
     assert Planner(NoReservations(), s).pass_once(now=0.0) == []
+
+
+def test_a_grid_engine_reservation_that_ends_during_the_pass_is_left_out(monkeypatch):
+    from vmwrap_plugins.sge import facts
+
+    def run(*argv, check=True):
+        if argv == ("qrstat", "-xml", "-u", "*"):
+            return "<qrstat><ar_summary><id>8</id></ar_summary><ar_summary><id>9</id></ar_summary></qrstat>"
+        if argv == ("qrstat", "-xml", "-ar", "8"):
+            raise RuntimeError("qrstat -xml -ar 8: gone")     # ended between the two calls
+        if argv == ("qrstat", "-xml", "-ar", "9"):
+            return ("<qrstat><ar_summary><id>9</id><name>m&lt;x</name><start_time>2030-01-01T00:00:00</start_time>"
+                    "<end_time>2030-01-01T00:01:00</end_time><granted_slots_list><granted_slots "
+                    "queue_instance=\"vmwrap.q@n1\" slots=\"1\"/></granted_slots_list></ar_summary></qrstat>")
+        raise AssertionError(argv)
+    monkeypatch.setattr(facts, "run", run)
+    (r,) = facts.reservations()
+    assert (r.name, r.nodes, r.end - r.start) == ("m_x", {"n1"}, 60.0)

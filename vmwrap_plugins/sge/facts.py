@@ -98,7 +98,13 @@ def reservations() -> list[Reservation]:
     if not ids:
         return []
     out = []
-    for ar in _xml(run("qrstat", "-xml", "-ar", ",".join(ids)), "qrstat -xml -ar").iter("ar_summary"):
+    found = []
+    for i in ids:   # one at a time: an AR that ended since the summary makes qrstat -ar fail
+        try:
+            found += _xml(run("qrstat", "-xml", "-ar", i), "qrstat -xml -ar").iter("ar_summary")
+        except RuntimeError as e:
+            log.info("advance reservation %s: %s", i, str(e)[:200])
+    for ar in found:
         start, end = stamp(ar.findtext("start_time")), stamp(ar.findtext("end_time"))
         if start is None or end is None:
             continue
