@@ -1,0 +1,1 @@
+"""HTCondor plugin: vanilla jobs with `+VmwrapImage = "NAME"` run in their own VM (docs/condor.md)."""

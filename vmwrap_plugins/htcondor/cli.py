@@ -1,0 +1,50 @@
+"""`vmwrap condor ...`: the node's bridge (root) and the payload side it starts (the job's user)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+import click
+
+
+def _config_path() -> str | None:
+    return click.get_current_context().find_root().params.get("config_path")
+
+
+@click.group("condor")
+def condor() -> None:
+    """HTCondor: the execute node's bridge between the (chrooted) starter and root's VMs."""
+
+
+@condor.command()
+@click.option("--socket", "socket_path", default="/run/vmwrap/condor.sock", show_default=True,
+              help="Unix socket the job wrappers connect to (bind it into the starter's chroot).")
+@click.option("--condor-python", default=None,
+              help="Command line of a Python with htcondor2 to query the schedd with, when vmwrap's own "
+                   "Python lacks it (e.g. 'chroot ROOT /usr/bin/env -i CONDOR_CONFIG=F /usr/bin/python3').")
+@click.option("--startd", "startds", multiple=True,
+              help="Name of a startd on this node (NAME@HOST as in RemoteHost); default: this host's name.")
+@click.pass_obj
+def bridge(obj, socket_path, condor_python, startds):
+    """Serve job wrappers (root): verify each job with the schedd, boot its VM, run it, tear it down."""
+    from vmwrap.rootenv import clean_environment
+
+    from .bridge import Bridge, serve
+    from .facts import Schedd
+
+    clean_environment(())
+    settings = obj.settings(hook=True)
+    schedd = Schedd(shlex.split(condor_python) if condor_python else None)
+    serve(Bridge(settings, _config_path(), schedd, list(startds)), socket_path)
+
+
+@condor.command()
+@click.argument("job_id")
+@click.option("--payload-fd", type=int, required=True)
+@click.pass_obj
+def attach(obj, job_id, payload_fd):
+    """The payload side (the job's user; started by the bridge): run the job in its VM."""
+    from .hooks import attach as run
+
+    sys.exit(run(obj.settings(hook=True), job_id, payload_fd))

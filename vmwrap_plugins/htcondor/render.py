@@ -1,0 +1,100 @@
+"""HTCondor configuration that enables vmwrap: the submit side (schedd: a job transform and submit
+requirements reading `+VmwrapImage = "NAME"`) and the execute side (startd: USER_JOB_WRAPPER and
+what it advertises). Printed by `vmwrap config render condor`. No inline comments: HTCondor takes a
+`#` after a value as part of it.
+"""
+
+from __future__ import annotations
+
+import grp
+import re
+
+from vmwrap.catalog import Catalog
+from vmwrap.config import Settings
+from vmwrap.directives import IMAGE_NAME
+
+from .hooks import wrapper_path
+
+SOCKET = "/run/vmwrap/condor.sock"
+
+
+def _classad_str(s: str) -> str:
+    """A ClassAd string literal of a catalog-checked name (letters, digits, '.', '_', '-')."""
+    if not re.fullmatch(r"[A-Za-z0-9_.*-]{1,64}", s):
+        raise ValueError(f"cannot render {s!r} into the HTCondor configuration")
+    return f'"{s}"'
+
+
+def _users_of(groups: list[str]) -> list[str]:
+    out = []
+    for g in groups:
+        try:
+            out += grp.getgrnam(g).gr_mem
+        except KeyError:
+            pass
+    return out
+
+
+def submit_side(settings: Settings) -> str:
+    """Schedd lines: bad requests are refused at condor_submit with `vmwrap: <reason>`."""
+    cat = Catalog.load(settings.catalog)
+    names = sorted(cat.images)
+    pattern = IMAGE_NAME.pattern.lstrip("^").rstrip("$")
+    known = "{" + ", ".join(_classad_str(n) for n in names) + "}"
+    lines = [
+        "JOB_TRANSFORM_NAMES = $(JOB_TRANSFORM_NAMES) Vmwrap",
+        "JOB_TRANSFORM_Vmwrap @=end",
+        "REQUIREMENTS VmwrapImage isnt undefined",
+        "SET Requirements ($(MY.Requirements)) && (TARGET.HasVmwrap =?= true) && (TARGET.VmwrapFault is undefined)",
+        "SET VmwrapRequested true",
+        "@end",
+        "SUBMIT_REQUIREMENT_NAMES = $(SUBMIT_REQUIREMENT_NAMES) VmwrapType VmwrapName VmwrapKnown VmwrapAllowed",
+        "SUBMIT_REQUIREMENT_VmwrapType = VmwrapImage is undefined || isString(VmwrapImage)",
+        'SUBMIT_REQUIREMENT_VmwrapType_REASON = "vmwrap: +VmwrapImage must be a quoted image name, e.g. +VmwrapImage = \\"debian\\""',
+        f'SUBMIT_REQUIREMENT_VmwrapName = VmwrapImage is undefined || regexp("^{pattern}$", VmwrapImage)',
+        "SUBMIT_REQUIREMENT_VmwrapName_REASON = strcat(\"vmwrap: invalid image name \", unparse(VmwrapImage), "
+        "\": use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit (no paths, quotes, spaces or markup)\")",
+        f"SUBMIT_REQUIREMENT_VmwrapKnown = VmwrapImage is undefined || member(VmwrapImage, {known})",
+        f"SUBMIT_REQUIREMENT_VmwrapKnown_REASON = strcat(\"vmwrap: unknown image \", unparse(VmwrapImage), "
+        f"\" (this site offers: {', '.join(names) or 'none'})\")",
+    ]
+    allowed = []
+    for n in names:
+        img = cat.images[n]
+        if not img.users and not img.groups or "*" in img.users:
+            allowed.append(f"VmwrapImage == {_classad_str(n)}")
+        else:
+            who = sorted(set(img.users) | set(_users_of(img.groups)))
+            allowed.append(f"(VmwrapImage == {_classad_str(n)} && member(Owner, "
+                           "{" + ", ".join(_classad_str(u) for u in who) + "}))")
+    lines += [
+        "SUBMIT_REQUIREMENT_VmwrapAllowed = VmwrapImage is undefined || " + (" || ".join(allowed) or "false"),
+        "SUBMIT_REQUIREMENT_VmwrapAllowed_REASON = strcat(\"vmwrap: user \", Owner, \" may not use image \", "
+        "VmwrapImage, \" (ask your admin to be added)\")",
+    ]
+    return "\n".join(lines)
+
+
+def execute_side(socket: str = SOCKET, wrapper: str | None = None) -> str:
+    """Startd lines: every job goes through the wrapper (a job without VmwrapImage runs as usual);
+    the node advertises vmwrap so that the transform's Requirements match it."""
+    w = wrapper or str(wrapper_path())
+    return "\n".join([
+        f"USER_JOB_WRAPPER = {w}",
+        f"VMWRAP_BRIDGE_SOCKET = {socket}",
+        "HasVmwrap = true",
+        "STARTD_ATTRS = $(STARTD_ATTRS) HasVmwrap",
+        "MOUNT_UNDER_SCRATCH =",
+    ])
+
+
+def render_condor(settings: Settings, socket: str = SOCKET, wrapper: str | None = None) -> str:
+    return "\n".join([
+        "# vmwrap for HTCondor (docs/condor.md). Submit side: the schedd's configuration.",
+        submit_side(settings),
+        "",
+        "# Execute side: each startd's configuration. Run the bridge as root on the host:",
+        f"#   vmwrap condor bridge --socket {socket}",
+        "# and make the socket reachable at that path for the starter (bind it into a chroot).",
+        execute_side(socket, wrapper),
+    ]) + "\n"
