@@ -164,11 +164,17 @@ def check_moved(cell, jobdir, job: str, first: str) -> None:
 
 @vm
 def test_qmod_rj_continues_on_the_other_host_with_the_vms_memory(cell, jobdir):
+    """The job waits (both queue instances disabled) until the old run saved its VM: GE 8.1.9 would
+    restart it at once, and this cell's two hosts share one libvirtd, where the restart's prolog
+    would destroy the old run's VM by its name (separate hosts have separate libvirtds)."""
     job = qsub(cell, jobdir, COUNTER.format(extra=""), "-r", "y")
     first = counting_on(cell, jobdir, job)
-    assert cell.run("qmod", "-d", f"vmwrap.q@{first}").returncode == 0  # the restart must go elsewhere
+    for h in cell.hosts:
+        assert cell.run("qmod", "-d", f"vmwrap.q@{h}").returncode == 0
     assert cell.run("qmod", "-rj", job, user="vmwrapuser").returncode == 0
     wait_for(lambda: (store(cell) / job / "manifest.json").exists(), "the checkpoint", 90)
+    other = next(h for h in cell.hosts if h != first)
+    assert cell.run("qmod", "-e", f"vmwrap.q@{other}").returncode == 0
     check_moved(cell, jobdir, job, first)
 
 
