@@ -16,7 +16,7 @@ from vmwrap.errors import NodeError, UserError
 
 # Attributes root reads from the schedd for a starting job.
 JOB_ATTRS = ["ClusterId", "ProcId", "Owner", "JobStatus", "VmwrapImage", "RequestCpus", "RequestMemory",
-             "NumJobStarts", "RemoteHost", "JobUniverse"]
+             "NumJobStarts", "RemoteHost", "JobUniverse", "CpusProvisioned", "MemoryProvisioned"]
 ANSWER_MAX = 1 << 20
 _QUERY = r"""
 import json, sys, htcondor2 as h

@@ -35,6 +35,13 @@ def _whole(v, what: str, top: int) -> int | None:
     return int(v)
 
 
+def _given(ad: dict, what: str):
+    """What the slot gave the job (the shadow's CpusProvisioned/MemoryProvisioned), else what it
+    asked for: request_memory's default is derived from the executable's size (1 MiB for a script)."""
+    v = ad.get(f"{what}Provisioned")
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else ad.get(f"Request{what}")
+
+
 def job_from_ad(ad: dict, uid: int, work_dir: str) -> Job | None:
     """The core's Job from the schedd's ad of a running job. None: it asked for no VM."""
     image = ad.get("VmwrapImage")
@@ -48,8 +55,8 @@ def job_from_ad(ad: dict, uid: int, work_dir: str) -> Job | None:
     starts = ad.get("NumJobStarts")
     restarts = max(0, starts - 1) if isinstance(starts, int) and not isinstance(starts, bool) else 0
     return Job(job_id=f"{cluster}.{proc}", scheduler=NAME, user=pw.pw_name, uid=uid, gid=pw.pw_gid,
-               work_dir=work_dir, script="", cpus=_whole(ad.get("RequestCpus"), "request_cpus", 4096),
-               memory_mib=_whole(ad.get("RequestMemory"), "request_memory (MiB)", 1 << 24),
+               work_dir=work_dir, script="", cpus=_whole(_given(ad, "Cpus"), "request_cpus", 4096),
+               memory_mib=_whole(_given(ad, "Memory"), "request_memory (MiB)", 1 << 24),
                image=image, restart_count=restarts,
                groups=[g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid])
 
