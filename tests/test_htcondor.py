@@ -21,10 +21,6 @@ pytestmark = pytest.mark.vm
 REPO = Path(__file__).resolve().parent.parent
 USER = "vmwrapuser"
 
-# Written but not yet seen green on the pool (the shared heavy-test lock was busy): skipped until
-# they are, so that they cannot fail CI unseen.
-pool_test = pytest.mark.skip(reason="HTCondor VM-job test not yet run green here")
-
 if not (ROOT / ".vmwrap-condor-root").exists():
     pytest.skip(f"no HTCondor root at {ROOT} (scripts/build-condor-root.sh)", allow_module_level=True)
 
@@ -127,7 +123,6 @@ def _logs(condor) -> str:
     return (condor.base / "bridge.log").read_text(errors="replace")[-3000:] + condor.pool.logs(15)
 
 
-@pool_test
 def test_vm_job_matches_the_bare_job(condor):
     """stdout, stderr, exit code and files transferred back are those of the same job without vmwrap."""
     results = {}
@@ -178,7 +173,6 @@ def _wait(cond, what: str, timeout: float, condor) -> None:
     raise AssertionError(f"timed out waiting for {what}\n{_logs(condor)}")
 
 
-@pool_test
 def test_condor_rm_leaves_no_vm(condor):
     d = condor.jobdir()
     cluster, r = condor.submit(d, "executable = /bin/sleep\narguments = 300\ntransfer_executable = false\n"
@@ -194,7 +188,6 @@ def test_condor_rm_leaves_no_vm(condor):
     assert gone_after < 30, gone_after
 
 
-@pool_test
 def test_suspend_pauses_the_vm_and_continue_resumes_it(condor):
     d = condor.jobdir()
     cluster, r = condor.submit(d, "executable = /bin/sleep\narguments = 300\ntransfer_executable = false\n"
