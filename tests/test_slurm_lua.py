@@ -271,3 +271,16 @@ def test_modify_refuses_users_writing_or_changing_a_vm_request(forge, new, cur, 
         assert (rc, msg) == (0, "")
     else:
         assert rc == -1 and msg.startswith("vmwrap: " + refused), msg
+
+
+def test_render_into_a_missing_directory_says_which(tmp_path):
+    """`config render slurm --lua-out /no/such/dir/x.lua` ended in a FileNotFoundError traceback."""
+    from vmwrap.config import Settings
+    from vmwrap.errors import UserError
+    from vmwrap_plugins.slurm.render import render_config
+
+    with pytest.raises(UserError, match=r"cannot write the Lua filter to .*/absent/job_submit.lua: directory "
+                                        r".*/absent does not exist"):
+        (tmp_path / "images.toml").write_text("")
+        render_config(Settings(catalog=str(tmp_path / "images.toml")), lua_out=str(tmp_path / "absent" / "job_submit.lua"))
+    assert not (tmp_path / "absent").exists()

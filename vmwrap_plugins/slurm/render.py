@@ -101,7 +101,10 @@ def render_config(settings, lua_out: str | None = None, vmwrap_path: str = "/usr
     if lua_out is None:
         conf = os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")
         lua_out = os.path.join(os.path.dirname(conf), "job_submit.lua")
-    active = os.path.join(os.path.dirname(os.path.abspath(lua_out)), "vmwrap-active.lua")
+    out_dir = os.path.dirname(os.path.abspath(lua_out))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"cannot write the Lua filter to {lua_out}: directory {out_dir} does not exist")
+    active = os.path.join(out_dir, "vmwrap-active.lua")
     lua = render_lua(cat, vmwrap_path, node_config, default_image, active_file=active)
     tmp = f"{lua_out}.tmp.{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
