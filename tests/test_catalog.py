@@ -63,3 +63,18 @@ def test_bad_catalog_is_a_node_error(tmp_path, text, message):
 def test_missing_catalog(tmp_path):
     with pytest.raises(NodeError, match="does not exist"):
         Catalog.load(str(tmp_path / "none.toml"))
+
+
+def test_an_unknown_image_error_names_only_open_images():
+    """Every user saw the names of every restricted image in the "unknown image" error and in the
+    submit filters rendered from the catalog (Lua, HTCondor); a restricted image is for its users only."""
+    from vmwrap.config import Settings
+    from vmwrap_plugins.slurm.render import render_lua
+
+    cat = Catalog({"open": entry("open"), "secret-proj": entry("secret-proj", users=["alice"]),
+                   "grp-only": entry("grp-only", groups=["staff"])})
+    assert cat.offered() == ["open"]
+    with pytest.raises(UserError) as e:
+        cat.resolve("nope", "bob")
+    assert "this site offers: open)" in str(e.value) and "secret" not in str(e.value)
+    assert "secret-proj" not in render_lua(cat).split("local OFFER", 1)[1].split("\n", 1)[0]

@@ -94,11 +94,15 @@ class Catalog:
             images[name] = _image(path, name, entry)
         return cls(images, path)
 
+    def offered(self) -> list[str]:
+        """The image names any user may be told about: a restricted image's name is for its users only."""
+        return sorted(n for n, img in self.images.items() if not img.restricted)
+
     def resolve(self, name: str, user: str, gid: int | None = None) -> Image:
         check_image_name(name)
         img = self.images.get(name)
         if img is None:
-            known = ", ".join(sorted(self.images)) or "none"
+            known = ", ".join(self.offered()) or "none"
             raise UserError(f"unknown image {name!r} (this site offers: {known})")
         if not img.allows(user, gid):
             raise UserError(f"user {user!r} may not use image {name!r} (ask your admin to be added)")

@@ -56,7 +56,7 @@ def submit_side(settings: Settings) -> str:
         "\": use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit (no paths, quotes, spaces or markup)\")",
         f"SUBMIT_REQUIREMENT_VmwrapKnown = VmwrapImage is undefined || member(VmwrapImage, {known})",
         f"SUBMIT_REQUIREMENT_VmwrapKnown_REASON = strcat(\"vmwrap: unknown image \", unparse(VmwrapImage), "
-        f"\" (this site offers: {', '.join(names) or 'none'})\")",
+        f"\" (this site offers: {', '.join(cat.offered()) or 'none'})\")",
     ]
     allowed = []
     for n in names:
