@@ -28,9 +28,36 @@ def appliance(libvirtd):
     from vmwrap import appliance as builder
     from vmwrap.catalog import Catalog
 
-    # Rebuilt every session (~1 s once the kernel is cached) so the guest agent under test is current.
+    # Rebuilt only when what goes into it changed (the guest agent, its builder, busybox),
+    # under a lock: a rebuild rewrites the initrd in place, which would break a VM test of another
+    # pytest session that is booting it at the same moment ("checksum mismatch").
+    import fcntl
+    import hashlib
+
+    APPLIANCES.mkdir(parents=True, exist_ok=True)
     cat_path = APPLIANCES / "test-catalog.toml"
-    img = builder.build("vmwrap-test", "busybox", str(APPLIANCES), str(cat_path))
+    h = hashlib.sha256()
+    inputs = sorted((ROOT / "vmwrap" / "templates" / "guest").iterdir()) + [ROOT / "vmwrap" / "appliance.py",
+                                                                           Path(builder.BUSYBOX)]
+    for f in inputs:  # the kernel is fetched once per machine and never changes under a stamp
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    key = h.hexdigest()
+    stamp = APPLIANCES / "vmwrap-test" / ".inputs"
+    with open(APPLIANCES / ".test-appliance.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        img = None
+        if stamp.exists() and stamp.read_text() == key:
+            try:
+                img = Catalog.load(str(cat_path)).images.get("vmwrap-test")
+            except Exception:
+                img = None
+            if img is not None and not all(Path(a.source).is_file() and Path(a.source).stat().st_size == a.size
+                                           for a in (img.kernel, img.initrd, img.disk) if a is not None):
+                img = None
+        if img is None:
+            stamp.unlink(missing_ok=True)
+            img = builder.build("vmwrap-test", "busybox", str(APPLIANCES), str(cat_path))
+            stamp.write_text(key)
     img.name = "busybox"
     return img
 
