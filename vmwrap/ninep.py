@@ -823,7 +823,12 @@ def _send(conn: socket.socket, out: bytearray) -> None:
     del out[:n]
 
 
-def serve(server: Server, listen: socket.socket, control: socket.socket, accept_timeout: float = 60.0) -> None:
+# QEMU connects while libvirt starts it, which domain.guarded allows up to CALL_TIMEOUT (600 s) on a
+# saturated host; the server waits as long (teardown stops it sooner when the start failed).
+ACCEPT_TIMEOUT = 600.0
+
+
+def serve(server: Server, listen: socket.socket, control: socket.socket, accept_timeout: float = ACCEPT_TIMEOUT) -> None:
     """Serve QEMU's connection until it closes; obey DRAIN / STATE / RESUME on the control socket.
 
     DRAIN: stop answering (new requests are queued), wait until QEMU has read every reply; then

@@ -28,7 +28,7 @@ STATE_MAX = 64 << 20
 
 
 def start(run_dir: Path, job: Job, state_file: Path | None = None) -> int:
-    """Start the server for `job` (root only); returns its pid. QEMU must connect within 60 s."""
+    """Start the server for `job` (root only); returns its pid. QEMU must connect within ninep.ACCEPT_TIMEOUT."""
     stop(run_dir)
     socks = []
     for name in (SOCKET, CONTROL):
