@@ -1,15 +1,44 @@
-"""A `pbs` module for PBS hook code in tests: only what the PBS Hooks Guide documents for the events
-vmwrap uses (not shipped; no PBS server can be installed here). `e.accept()` and `e.reject(msg)` end
-the hook as in pbs_server (a SystemExit the server catches); the outcome is what qsub would print:
-a rejection `qsub: <msg>` with exit status 32 (seen on OpenPBS 23.06)."""
+"""A `pbs` module for PBS hook code in tests, and a pbs_mom that calls the mom hooks (not shipped; no
+PBS server can be installed from the registries here).
+
+The module has only the documented hook API vmwrap uses. Its source, OpenPBS (github.com/openpbs/
+openpbs): the event/job/vnode objects and accept/reject in src/modules/python/pbs/v1/_svr_types.py
+(_event.accept/reject raise SystemExit and end the hook; job.rerun(), job.in_ms_mom(); the launch
+event's progname/argv/env are the only writable event parameters), the constants in
+src/lib/Libpython/module_pbs_v1.c (EXECJOB_* = HOOK_EVENT_EXECJOB_* of src/include/hook.h:101-113,
+ND_OFFLINE = INUSE_OFFLINE of src/include/pbs_nodes.h:281), `pbs_conf` and `hook_config_filename`
+(_svr_types.py:68-79: the imported hook configuration file, PBS_HOOK_CONFIG_FILE), `get_local_nodename()`
+(_svr_types.py:102), `logjobmsg` (used by the shipped cgroups hook, src/hooks/cgroups/pbs_cgroups.PY).
+
+What a reject means is the mom's, from src/resmom (see MomResult.outcome)."""
 
 from __future__ import annotations
 
+import json
+import os
+import pwd
+import grp
 import runpy
+import signal
+import subprocess
 import sys
+import time
 import types
+from dataclasses import dataclass, field
+from pathlib import Path
 
 QUEUEJOB = 1
+# src/include/hook.h:101-113 (module_pbs_v1.c:440-464 exports them under these names).
+EXECJOB_BEGIN = 0x40
+EXECJOB_PROLOGUE = 0x80
+EXECJOB_EPILOGUE = 0x100
+EXECJOB_END = 0x200
+EXECJOB_PRETERM = 0x400
+EXECJOB_LAUNCH = 0x800
+EXECJOB_ABORT = 0x40000
+EXECJOB_POSTSUSPEND = 0x80000
+EXECJOB_PRERESUME = 0x100000
+ND_OFFLINE = 0x01                # INUSE_OFFLINE (pbs_nodes.h:281; module_pbs_v1.c:474)
 QSUB_REJECT_STATUS = 32
 
 
@@ -19,21 +48,46 @@ class _Accepted(SystemExit):
 
 class _Rejected(SystemExit):
     def __init__(self, msg: str):
-        super().__init__(1)
+        super().__init__(255)    # _svr_types.py: reject(emsg, ecode=255)
         self.msg = msg
 
 
 class Job:
-    def __init__(self, variables: dict[str, str] | None = None, resources: dict[str, str] | None = None):
+    def __init__(self, variables: dict[str, str] | None = None, resources: dict[str, str] | None = None,
+                 id: str = "", euser: str = "", egroup: str = "", ms: bool = True):
         self.Variable_List = dict(variables or {})
         self.Resource_List = dict(resources or {})
+        self.id = id
+        self.euser = euser
+        self.egroup = egroup
+        self._msmom = ms
+        self._rerun = False
+
+    def in_ms_mom(self) -> bool:
+        return self._msmom
+
+    def rerun(self) -> None:
+        self._rerun = True
+
+
+@dataclass
+class Vnode:
+    name: str
+    state: int = 0
+    comment: str = ""
 
 
 class Event:
-    def __init__(self, type_: int, job: Job, requestor: str):
+    def __init__(self, type_: int, job: Job, requestor: str = "", *, progname: str | None = None,
+                 argv: list[str] | None = None, env: dict[str, str] | None = None,
+                 vnode_list: dict[str, Vnode] | None = None):
         self.type = type_
         self.job = job
         self.requestor = requestor
+        self.progname = progname
+        self.argv = list(argv or [])
+        self.env = dict(env or {})
+        self.vnode_list = dict(vnode_list or {})
 
     def accept(self, *_):
         raise _Accepted(0)
@@ -42,17 +96,22 @@ class Event:
         raise _Rejected(msg)
 
 
-def module(event: Event) -> types.ModuleType:
+def module(event: Event, *, nodename: str = "node1", pbs_home: str = "/var/spool/pbs",
+           hook_config: str | None = None, log: list[str] | None = None) -> types.ModuleType:
     m = types.ModuleType("pbs")
-    m.QUEUEJOB = QUEUEJOB
+    for name, value in globals().items():
+        if name.startswith("EXECJOB_") or name in ("QUEUEJOB", "ND_OFFLINE"):
+            setattr(m, name, value)
     m.event = lambda: event
+    m.get_local_nodename = lambda: nodename
+    m.pbs_conf = {"PBS_HOME": pbs_home, "PBS_EXEC": "/opt/pbs"}
+    m.hook_config_filename = hook_config
+    m.logjobmsg = lambda jobid, msg: (log if log is not None else []).append(f"{jobid};{msg}")
     return m
 
 
-def qsub(hook, event: Event) -> tuple[int, str]:
-    """Run a queuejob hook (a callable taking the `pbs` module, or a hook file) for `event`:
-    (qsub's exit status, what it prints on stderr)."""
-    pbs = module(event)
+def _run(hook, pbs) -> tuple[bool, str]:
+    """(accepted, reject message) of running `hook` (a callable taking the module, or a hook file)."""
     saved = sys.modules.get("pbs")
     sys.modules["pbs"] = pbs
     try:
@@ -60,13 +119,222 @@ def qsub(hook, event: Event) -> tuple[int, str]:
             hook(pbs)
         else:
             runpy.run_path(str(hook), run_name="__main__")
-        return 0, ""    # a hook that neither accepts nor rejects accepts
+        return True, ""     # a hook that neither accepts nor rejects accepts
     except _Accepted:
-        return 0, ""
+        return True, ""
     except _Rejected as r:
-        return QSUB_REJECT_STATUS, f"qsub: {r.msg}\n"
+        return False, r.msg
     finally:
         if saved is None:
             sys.modules.pop("pbs", None)
         else:
             sys.modules["pbs"] = saved
+
+
+def qsub(hook, event: Event) -> tuple[int, str]:
+    """Run a queuejob hook for `event`: (qsub's exit status, what it prints on stderr); a rejection
+    is `qsub: <msg>` with exit status 32 (seen on OpenPBS 23.06)."""
+    ok, msg = _run(hook, module(event))
+    return (0, "") if ok else (QSUB_REJECT_STATUS, f"qsub: {msg}\n")
+
+
+@dataclass
+class MomResult:
+    accepted: bool
+    message: str
+    event: Event
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def outcome(self) -> str:
+        """What pbs_mom does with the hook's verdict (OpenPBS src/resmom):
+        begin reject: the job is purged on the mom and the server requeues it (req_quejob.c);
+        launch reject: the job is deleted, or requeued after job.rerun() (start_exec.c,
+        JOB_EXEC_FAILHOOK_DELETE / _RERUN); postsuspend reject: logged, the job stays suspended
+        (requests.c:1356); preresume reject: the job is not resumed (requests.c:1689);
+        end/abort: logged only (mom_comm.c)."""
+        if self.accepted:
+            return "accepted"
+        t = self.event.type
+        if t == EXECJOB_BEGIN:
+            return "requeued"
+        if t == EXECJOB_LAUNCH:
+            return "requeued" if self.event.job._rerun else "deleted"
+        if t == EXECJOB_PRERESUME:
+            return "not resumed"
+        return "logged"
+
+
+def mom_hook(hook, event: Event, *, nodename: str = "node1", pbs_home: str = "/var/spool/pbs",
+             hook_config: str | None = None) -> MomResult:
+    """Run a mom hook (a file as `qmgr import hook` installs it) for `event` as pbs_mom does."""
+    event.vnode_list.setdefault(nodename, Vnode(nodename))
+    log: list[str] = []
+    ok, msg = _run(hook, module(event, nodename=nodename, pbs_home=pbs_home, hook_config=hook_config, log=log))
+    return MomResult(ok, msg, event, log)
+
+
+# --- a pbs_mom running real jobs through the hooks -----------------------------------------------------
+
+KILL_DELAY = 2.0          # qdel: SIGTERM, then SIGKILL kill_delay later (queue attribute, default 10 s)
+
+
+@dataclass
+class PbsJob:
+    seq: int
+    server: str
+    name: str
+    user: pwd.struct_passwd
+    script: str
+    workdir: str
+    variables: dict[str, str] = field(default_factory=dict)
+    resources: dict[str, str] = field(default_factory=dict)
+    state: str = "Q"
+    exit_status: int | None = None
+    history: list[str] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return f"{self.seq}.{self.server}"
+
+
+class Mom:
+    """pbs_mom on one host, at the points where it runs vmwrap's hook (begin, launch, end,
+    postsuspend, preresume) and the job's first process. Default build (SHELL_INVOKE=1,
+    start_exec.c:3269-3318): the login shell's stdin is one line, the path of
+    PBS_HOME/mom_priv/jobs/<ID>.SC chowned to the user; the process starts in the user's home
+    with the job's environment; output to PBS_HOME/spool/<ID>.OU/.ER, delivered as NAME.o<SEQ>."""
+
+    def __init__(self, base: Path, name: str, hook: Path, hook_config: Path, server: str = "pbssrv"):
+        self.name, self.hook, self.hook_config, self.server = name, hook, hook_config, server
+        self.home = Path(base) / name / "pbs"
+        self.jobs = self.home / "mom_priv" / "jobs"
+        self.spool = self.home / "spool"
+        for d, mode in ((self.home, 0o755), (self.home / "mom_priv", 0o751), (self.jobs, 0o751), (self.spool, 0o1777)):
+            d.mkdir(parents=True, exist_ok=True)
+            d.chmod(mode)
+        self.vnode = Vnode(name)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.seq = 200
+
+    def job(self, user: pwd.struct_passwd, script: str, workdir: Path, name: str = "STDIN",
+            variables: dict | None = None, resources: dict | None = None) -> PbsJob:
+        self.seq += 1
+        return PbsJob(self.seq, self.server, name, user, script, str(workdir),
+                      {"PBS_O_WORKDIR": str(workdir), **(variables or {})}, dict(resources or {}))
+
+    def _event(self, type_: int, job: PbsJob, **kw) -> MomResult:
+        j = Job(job.variables, job.resources, id=job.id, euser=job.user.pw_name,
+                egroup=grp.getgrgid(job.user.pw_gid).gr_name)
+        r = mom_hook(self.hook, Event(type_, j, vnode_list={self.name: self.vnode}, **kw), nodename=self.name,
+                     pbs_home=str(self.home), hook_config=str(self.hook_config))
+        job.history.append(f"{type_:#x} {r.outcome} {r.message}".strip())
+        return r
+
+    def _env(self, job: PbsJob) -> dict[str, str]:
+        pw = job.user
+        return {"HOME": pw.pw_dir, "LOGNAME": pw.pw_name, "USER": pw.pw_name, "SHELL": "/bin/sh",
+                "PATH": "/bin:/usr/bin", "PBS_JOBID": job.id, "PBS_JOBNAME": job.name,
+                "PBS_ENVIRONMENT": "PBS_BATCH", "PBS_O_WORKDIR": job.workdir, "PBS_QUEUE": "workq",
+                **{k: v for k, v in job.variables.items() if not k.startswith("PBS_")}}
+
+    def start(self, job: PbsJob) -> str:
+        """Spool the script, execjob_begin, execjob_launch, exec the (possibly rewritten) program."""
+        sc = self.jobs / f"{job.id}.SC"
+        sc.write_text(job.script)
+        sc.chmod(0o700)
+        r = self._event(EXECJOB_BEGIN, job)
+        if not r.accepted:
+            job.state = "Q"
+            return r.outcome
+        os.chown(sc, job.user.pw_uid, job.user.pw_gid)       # start_exec.c:3283
+        r = self._event(EXECJOB_LAUNCH, job, progname="/bin/sh", argv=["-sh"], env=self._env(job))
+        if not r.accepted:
+            return r.outcome
+        ev = r.event
+        out = open(self.spool / f"{job.id}.OU", "wb")
+        err = open(self.spool / f"{job.id}.ER", "wb")
+        for f in (out, err):
+            os.chown(f.name, job.user.pw_uid, job.user.pw_gid)
+        rfd, wfd = os.pipe()
+        os.write(wfd, f"{sc}\n".encode())
+        os.close(wfd)
+        p = subprocess.Popen(ev.argv or [ev.progname], executable=ev.progname, stdin=rfd, stdout=out, stderr=err,
+                             cwd=job.user.pw_dir if os.path.isdir(job.user.pw_dir) else "/", env=ev.env or self._env(job),
+                             user=job.user.pw_uid, group=job.user.pw_gid,
+                             extra_groups=os.getgrouplist(job.user.pw_name, job.user.pw_gid), start_new_session=True)
+        os.close(rfd)
+        out.close()
+        err.close()
+        self.procs[job.id] = p
+        job.state = "R"
+        return "running"
+
+    def spool_out(self, job: PbsJob) -> str:
+        p = self.spool / f"{job.id}.OU"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def signal_session(self, job: PbsJob, sig: int) -> None:
+        try:
+            os.killpg(self.procs[job.id].pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, job: PbsJob, timeout: float = 180) -> int:
+        """The job's end: its exit status (256 + signal when killed: PBS's JOB_EXEC_... convention for
+        a signalled job), execjob_end, then the output delivered to PBS_O_WORKDIR."""
+        p = self.procs.pop(job.id)
+        rc = p.wait(timeout=timeout)
+        job.exit_status = rc if rc >= 0 else 256 - rc
+        self._event(EXECJOB_END, job)
+        job.state = "F"
+        for key, letter in (("OU", "o"), ("ER", "e")):
+            src = self.spool / f"{job.id}.{key}"
+            dst = Path(job.workdir) / f"{job.name}.{letter}{job.seq}"
+            subprocess.run(["/bin/cp", str(src), str(dst)], user=job.user.pw_uid, group=job.user.pw_gid, check=True)
+            src.unlink()
+        (self.jobs / f"{job.id}.SC").unlink(missing_ok=True)
+        return job.exit_status
+
+    def qdel(self, job: PbsJob) -> None:
+        """SIGTERM to the session, SIGKILL kill_delay later (requests.c)."""
+        self.signal_session(job, signal.SIGCONT)
+        self.signal_session(job, signal.SIGTERM)
+        try:
+            self.procs[job.id].wait(timeout=KILL_DELAY)
+        except subprocess.TimeoutExpired:
+            self.signal_session(job, signal.SIGKILL)
+
+    def suspend(self, job: PbsJob) -> MomResult:
+        """qsig -s suspend: suspend_signal (SIGSTOP, mom_main.c:4023) to the job's tasks, then
+        execjob_postsuspend (requests.c:1356)."""
+        self.signal_session(job, signal.SIGSTOP)
+        job.state = "S"
+        return self._event(EXECJOB_POSTSUSPEND, job)
+
+    def resume(self, job: PbsJob) -> MomResult:
+        """qsig -s resume: execjob_preresume first; a reject leaves the job suspended (requests.c:1689)."""
+        r = self._event(EXECJOB_PRERESUME, job)
+        if r.accepted:
+            self.signal_session(job, signal.SIGCONT)
+            job.state = "R"
+        return r
+
+
+def output(job: PbsJob) -> tuple[str, str]:
+    return tuple((Path(job.workdir) / f"{job.name}.{x}{job.seq}").read_text(errors="replace") for x in "oe")
+
+
+def wait_for(cond, what: str, timeout: float = 120.0, every: float = 0.2):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def hook_config(path: Path, vmwrap_config: Path) -> Path:
+    """The hook's configuration file (`qmgr import hook NAME application/x-config default FILE`)."""
+    path.write_text(json.dumps({"config": str(vmwrap_config)}))
+    return path

@@ -1,0 +1,244 @@
+"""PBS Professional / OpenPBS mom hooks (vmwrap/hooks/pbs-mom.py) as pbs_mom runs them.
+
+harness/pbs_standin.py is the `pbs` module (only the documented API, each part citing its OpenPBS
+source) and a pbs_mom at the points where it calls the hook: execjob_begin when the job arrives
+(src/server/req_quejob.c, mom side), execjob_launch in the job's first process before the exec
+(src/resmom/start_exec.c: progname/argv replace the login shell, whose stdin names the spooled
+script, SHELL_INVOKE=1), execjob_end after the job (src/resmom/mom_comm.c), qsig -s suspend =
+SIGSTOP then execjob_postsuspend, resume = execjob_preresume then SIGCONT (src/resmom/requests.c),
+qdel = SIGTERM then SIGKILL. What a reject means per event: MomResult.outcome. The VMs, libvirt,
+QEMU and the node agent are real."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.pbs_standin import (EXECJOB_BEGIN, EXECJOB_LAUNCH, EXECJOB_PRERESUME, ND_OFFLINE, Event, Job, Mom,
+                                 hook_config, mom_hook, output, wait_for)
+from vmwrap.config import Settings, render
+from vmwrap.resources import HOOKS
+
+HOOK = HOOKS / "pbs-mom.py"
+
+
+def _dirs(base: Path, user) -> Path:
+    base.mkdir(parents=True, exist_ok=True)
+    base.chmod(0o755)
+    w = base / "work"
+    w.mkdir(exist_ok=True)
+    os.chown(w, user.pw_uid, user.pw_gid)
+    return w
+
+
+@pytest.fixture
+def light(tmp_path, test_user):
+    """A mom whose vmwrap has an empty catalog: no VM can boot (no lock needed)."""
+    base = Path(f"/var/tmp/vmwrap-pbsl-{os.getpid()}-{os.urandom(2).hex()}")
+    work = _dirs(base, test_user)
+    (base / "images.toml").write_text("")
+    cfg = base / "vmwrap.toml"
+    cfg.write_text(render({"catalog": str(base / "images.toml"), "state_dir": str(base / "state")}))
+    mom = Mom(base, "node1", HOOK, hook_config(base / "hook.json", cfg))
+    yield mom, work, Settings(state_dir=str(base / "state"))
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_job_without_a_vm_request_runs_its_login_shell(light, test_user):
+    """No -v/-l image and no #VMWRAP image: begin boots nothing, launch leaves the login shell."""
+    mom, work, settings = light
+    job = mom.job(test_user, "#!/bin/sh\necho out; echo err >&2; pwd; echo $PBS_JOBID; exit 3\n", work, name="bare")
+    assert mom.start(job) == "running", job.history
+    assert mom.wait(job) == 3
+    assert output(job) == (f"out\n{test_user.pw_dir}\n{job.id}\n", "err\n")
+    assert not (Path(settings.state_dir) / "jobs").exists() or not any((Path(settings.state_dir) / "jobs").iterdir())
+
+
+def test_a_users_mistake_fails_the_job_through_its_payload_not_the_node(light, test_user):
+    """An unknown image (-v VMWRAP_IMAGE or #VMWRAP): begin accepts (a reject would requeue the job
+    and never offline for a user's error), launch substitutes vmwrap's payload for the shell, which
+    prints why in the job's .e file and exits 64 (EXIT_USER); execjob_end removes what was left."""
+    mom, work, settings = light
+    for script, variables in (("#!/bin/sh\necho never\n", {"VMWRAP_IMAGE": "nope"}),
+                              ("#!/bin/sh\n#VMWRAP --image=nope\necho never\n", {})):
+        job = mom.job(test_user, script, work, name="mistake", variables=variables)
+        assert mom.start(job) == "running", job.history
+        assert mom.wait(job) == 64
+        out, err = output(job)
+        assert out == "" and "vmwrap: error: unknown image 'nope'" in err, err
+        assert mom.vnode.state == 0
+        assert not (Path(settings.state_dir) / "jobs" / f"{job.seq}.pbssrv").exists()
+
+
+def test_launch_rewrites_progname_and_argv_only_for_a_vm_job(light, test_user):
+    """execjob_launch: e.progname/e.argv are the writable launch parameters (_svr_types.py)."""
+    mom, work, _ = light
+    bare = mom.job(test_user, "#!/bin/sh\ntrue\n", work)
+    r = mom_hook(HOOK, Event(EXECJOB_LAUNCH, Job(id=bare.id), progname="/bin/sh", argv=["-sh"]),
+                 pbs_home=str(mom.home), hook_config=str(mom.hook_config))
+    assert r.accepted and (r.event.progname, r.event.argv) == ("/bin/sh", ["-sh"])
+    vm = mom.job(test_user, "#!/bin/sh\ntrue\n", work, variables={"VMWRAP_IMAGE": "nope"})
+    (mom.jobs / f"{vm.id}.SC").write_text(vm.script)
+    assert mom._event(EXECJOB_BEGIN, vm).accepted
+    r = mom_hook(HOOK, Event(EXECJOB_LAUNCH, Job(id=vm.id), progname="/bin/sh", argv=["-sh"]),
+                 pbs_home=str(mom.home), hook_config=str(mom.hook_config))
+    assert r.accepted and r.event.progname == str(HOOKS / "pbs-job")
+    assert r.event.argv == ["pbs-job", "--config", str(Path(mom.hook_config).parent / "vmwrap.toml")]
+
+
+def test_a_sister_mom_boots_nothing(light, test_user):
+    mom, work, settings = light
+    r = mom_hook(HOOK, Event(EXECJOB_BEGIN, Job({"VMWRAP_IMAGE": "nope"}, id="7.pbssrv", euser=test_user.pw_name,
+                                                 egroup=test_user.pw_name, ms=False)),
+                 pbs_home=str(mom.home), hook_config=str(mom.hook_config))
+    assert r.accepted and not (Path(settings.state_dir) / "jobs" / "7.pbssrv").exists()
+
+
+def test_vmwrap_unable_to_run_offlines_the_vnode_and_requeues(light, tmp_path):
+    """A settings file vmwrap cannot read is the node's fault: the vnode goes offline with the
+    reason as its comment, and begin's reject makes the server requeue the job."""
+    mom, _, _ = light
+    (tmp_path / "broken.toml").write_text("state_dir = [\n")
+    bad = hook_config(tmp_path / "bad.json", tmp_path / "broken.toml")
+    r = mom_hook(HOOK, Event(EXECJOB_BEGIN, Job(id="8.pbssrv", euser="nobody", egroup="nogroup")),
+                 pbs_home=str(mom.home), hook_config=str(bad), nodename="node1")
+    assert r.outcome == "requeued" and r.message.startswith("vmwrap: ")
+    assert r.event.vnode_list["node1"].state == ND_OFFLINE and r.event.vnode_list["node1"].comment.startswith("vmwrap: ")
+
+
+def test_preresume_of_a_job_without_a_vm_accepts(light, test_user):
+    mom, _, _ = light
+    r = mom_hook(HOOK, Event(EXECJOB_PRERESUME, Job(id="9.pbssrv")), pbs_home=str(mom.home),
+                 hook_config=str(mom.hook_config))
+    assert r.outcome == "accepted"
+
+
+def test_bad_job_ids_and_facts_are_refused_without_a_traceback(light):
+    from vmwrap_plugins.pbs import mom as mom_
+
+    s = light[2]
+    assert mom_.handle(s, "begin", {"job": "../../etc"})["log"].startswith("vmwrap: '../../etc' is not a PBS job id")
+    assert mom_.handle(s, "nosuch", {"job": "1.x"})["reject"].startswith("vmwrap: no such mom event")
+    with pytest.raises(Exception, match="not a string"):
+        mom_.begin_job({"job": ["1"]})
+    assert mom_.job_id("12[3].pbs.example.org") == "12-3.pbs"
+    assert mom_.memory_mib("2gb") == 2048 and mom_.memory_mib("1048576kb") == 1024
+
+
+def test_render_prints_the_qmgr_commands():
+    """pbs_hook_attributes(7B): events, order, alarm, user, fail_action=offline_vnodes (begin only)."""
+    from vmwrap_plugins.pbs.mom import PBS
+
+    text = PBS().render_config(Settings(), node_config="/etc/vmwrap/node.toml")
+    assert "qmgr -c 'create hook vmwrap_begin event=execjob_begin'" in text
+    assert ("qmgr -c 'create hook vmwrap_mom event=\"execjob_launch,execjob_end,execjob_abort,"
+            "execjob_postsuspend,execjob_preresume\"'") in text
+    assert f"qmgr -c 'import hook vmwrap_mom application/x-python default {HOOK}'" in text
+    assert "qmgr -c 'set hook vmwrap_begin fail_action=offline_vnodes'" in text
+    assert "qmgr -c 'set hook vmwrap_mom user=pbsadmin'" in text
+    assert '{"config": "/etc/vmwrap/node.toml"}' in text
+    assert "application/x-config default /etc/vmwrap/pbs-hook.json" in text
+
+
+def test_hook_body_calls_the_venv_python_isolated_with_an_empty_environment():
+    """The installer rewrites this exact path; -I and env={} as every root hook (docs/security.md)."""
+    body = HOOK.read_text()
+    assert 'PYTHON = "/opt/vmwrap/venv/bin/python"' in body and '[PYTHON, "-I", "-m", "vmwrap_plugins.pbs"]' in body
+    assert "env={}" in body
+    assert "exec /opt/vmwrap/venv/bin/python -I -m vmwrap_plugins.pbs" in (HOOKS / "pbs-job").read_text()
+
+
+# --- real VMs -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pbs_vm(appliance, virt_type, test_user):
+    from vmwrap.catalog import register
+
+    base = Path(f"/var/tmp/vmwrap-pbs-{os.getpid()}")
+    shutil.rmtree(base, ignore_errors=True)
+    work = _dirs(base, test_user)
+    register(str(base / "images.toml"), appliance)
+    cfg = base / "vmwrap.toml"
+    cfg.write_text(render({"catalog": str(base / "images.toml"), "accel": virt_type, "grace_seconds": 5.0,
+                           "state_dir": str(base / "state"), "cache_dir": str(base / "cache")}))
+    agent = subprocess.Popen([sys.executable, "-m", "vmwrap.cli", "--config", str(cfg), "agent"],
+                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: (base / "state" / "agent.sock").exists(), "the node agent", 30)
+    mom = Mom(base, "node1", HOOK, hook_config(base / "hook.json", cfg))
+    yield mom, work, base
+    agent.kill()
+    agent.wait()
+    for d in (base / "state" / "jobs").glob("*"):
+        subprocess.run(["virsh", "-c", "qemu:///system", "destroy", f"vmwrap-{d.name}"], capture_output=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _domain(job) -> str:
+    return f"vmwrap-{job.seq}.{job.id.split('.')[1]}"
+
+
+def _qemu_running(job) -> bool:
+    return subprocess.run(["pgrep", "-f", f"guest={_domain(job)},"], capture_output=True).returncode == 0
+
+
+def _vm_gone(mom_base: Path, job) -> bool:
+    return not _qemu_running(job) and not (mom_base / "state" / "jobs" / _domain(job)[len("vmwrap-"):]).exists()
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("code", [0, 3])
+def test_vm_job_runs_through_begin_launch_end_like_a_bare_job(pbs_vm, test_user, code):
+    """begin boots the VM, launch hands the job to vmwrap's payload, end destroys the VM: the job's
+    .o/.e files and exit status are what the bare job gives, and its script ran in the guest."""
+    mom, work, base = pbs_vm
+    job = mom.job(test_user, f'#!/bin/sh\n#VMWRAP --image=busybox\nuname -r; id -u; echo "$PBS_JOBID"; '
+                             f'echo err >&2; exit {code}\n', work, name="vmjob")
+    assert mom.start(job) == "running", job.history
+    assert mom.wait(job) == code, output(job)
+    out, err = output(job)
+    guest_kernel = Path("/var/cache/vmwrap/appliances/.kernel/version").read_text().strip()
+    assert out.splitlines() == [guest_kernel, str(test_user.pw_uid), job.id], out + err
+    assert err == "err\n"
+    assert _vm_gone(base, job)
+
+
+@pytest.mark.vm
+def test_qdel_leaves_no_vm(pbs_vm, test_user):
+    mom, work, base = pbs_vm
+    job = mom.job(test_user, "#!/bin/sh\necho started; sleep 300\n", work, name="del",
+                  variables={"VMWRAP_IMAGE": "busybox"})
+    assert mom.start(job) == "running", job.history
+    wait_for(lambda: "started" in mom.spool_out(job), "the job to start", 90)
+    assert _qemu_running(job)
+    mom.qdel(job)
+    assert mom.wait(job) != 0
+    assert _vm_gone(base, job)
+
+
+@pytest.mark.vm
+def test_qsig_suspend_pauses_the_whole_vm_and_resume_continues(pbs_vm, test_user):
+    """qsig -s suspend: SIGSTOP to the job, then execjob_postsuspend pauses the VM; resume:
+    execjob_preresume resumes it, then SIGCONT. Every count appears once, none while suspended."""
+    mom, work, base = pbs_vm
+    job = mom.job(test_user, "#!/bin/sh\ni=0; while [ $i -lt 14 ]; do i=$((i+1)); echo n=$i; sleep 1; done\n",
+                  work, name="susp", resources={"vmwrap_image": "busybox"})
+    assert mom.start(job) == "running", job.history
+    wait_for(lambda: "n=3\n" in mom.spool_out(job), "the job to count", 90)
+    assert mom.suspend(job).accepted
+    state = subprocess.run(["virsh", "-c", "qemu:///system", "domstate", _domain(job)], capture_output=True,
+                           text=True).stdout.strip()
+    assert state == "paused"
+    frozen = mom.spool_out(job)
+    time.sleep(3)
+    assert mom.spool_out(job) == frozen
+    assert mom.resume(job).accepted
+    assert mom.wait(job) == 0
+    assert [int(n) for n in re.findall(r"^n=(\d+)$", output(job)[0], re.M)] == list(range(1, 15))
+    assert _vm_gone(base, job)

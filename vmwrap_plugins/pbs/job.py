@@ -1,0 +1,56 @@
+"""The PBS job's payload (the job's user): what execjob_launch put in place of the login shell.
+
+pbs_mom execs it as the job's user, in the home directory, with the login shell's stdin and output
+(start_exec.c): on a default build (SHELL_INVOKE=1) stdin carries one line, the path of the spooled
+script `PBS_HOME/mom_priv/jobs/<ID>.SC` (chowned to the user, `[`/`]` escaped with a backslash, after
+`cd DIR;` with sandbox=PRIVATE); built with --disable-shell-pipe it is the script itself. The script
+runs in the VM the execjob_begin hook booted; our stdout/stderr are the job's .o/.e and our exit
+status is the job's. `qsig -s suspend` stops this process (SIGSTOP) and execjob_postsuspend pauses
+the VM; qdel's SIGTERM detaches and execjob_end destroys the VM.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from vmwrap import rundir, safeio
+from vmwrap.config import Settings
+from vmwrap.errors import UserError
+from vmwrap.payload import EXIT_NODE, attach
+
+from .mom import SCRIPT_MAX, job_id
+
+STDIN_MAX = 16 << 20
+
+
+def script_from_stdin(data: bytes) -> str:
+    """The job script: the file stdin names (SHELL_INVOKE=1), else stdin itself."""
+    text = data.decode("utf-8", "surrogateescape")
+    line = text.strip()
+    if "\n" not in line:
+        line = re.sub(r"^cd [^;\n]*;", "", line).replace("\\[", "[").replace("\\]", "]")
+        if line.startswith("/") and line.endswith(".SC") and "/mom_priv/jobs/" in line:
+            raw = safeio.read_capped(line, SCRIPT_MAX)
+            if raw is None:
+                raise UserError(f"cannot read the job script {line[:200]}")
+            return raw.decode("utf-8", "surrogateescape")
+    return text
+
+
+def payload(settings: Settings, stdin, args: list[str]) -> int:
+    pbs_id = os.environ.get("PBS_JOBID", "")
+    try:
+        jid = job_id(pbs_id)
+        script = script_from_stdin(stdin.read(STDIN_MAX))
+    except (UserError, OSError) as e:
+        print(f"vmwrap: error: {e}", file=sys.stderr)
+        return EXIT_NODE
+    run_dir = rundir.path(settings, jid)
+    if not run_dir.exists():
+        print(f"vmwrap: error: job {pbs_id} has no VM on this node: is vmwrap's execjob_begin hook enabled?",
+              file=sys.stderr)
+        return EXIT_NODE
+    env = {k: v for k, v in os.environ.items() if k != "VMWRAP_CONFIG"}
+    return attach(run_dir, jid, script, env, args, grace=settings.grace_seconds, settings=settings)

@@ -1,0 +1,260 @@
+"""PBS Professional / OpenPBS mom hooks (root, on the execution host) translated into core calls.
+
+The hook body pbs_mom runs (vmwrap/hooks/pbs-mom.py, in PBS's own Python) only copies facts out of
+`pbs.event()` and hands them here as JSON on stdin, in a clean environment; it applies the reply
+(accept, reject, offline the vnode, rewrite the launched program). Event semantics, from the OpenPBS
+sources (github.com/openpbs/openpbs, src/resmom; the Hooks Guide says the same):
+
+- execjob_begin (req_quejob.c, the mom receiving the job): boot the VM through vmwrap.lifecycle.
+  A reject purges the job on the mom and the server requeues it: only for a node fault, which also
+  sets this vnode offline (`vnode_list[...].state`). A user's mistake never does: the job runs and
+  its payload prints why it fails (as under Slurm, Grid Engine and Torque).
+- execjob_launch (start_exec.c, the job's first process, as root before the exec): a job with a VM
+  gets the vmwrap payload (vmwrap/hooks/pbs-job) as `progname`/`argv` instead of the login shell; it
+  runs as the job's user with the shell's stdin (the script's path, or the script) and output.
+  A reject there deletes the job (JOB_EXEC_FAILHOOK_DELETE) unless job.rerun() was called.
+- execjob_end and execjob_abort (mom_comm.c): destroy the VM and its files; idempotent.
+- execjob_postsuspend / execjob_preresume (requests.c): `qsig -s suspend` stops the job's processes
+  (SIGSTOP), then the hook pauses the whole VM; resume runs the hook (the VM resumes) before SIGCONT.
+  A preresume reject leaves the job suspended.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import grp
+import re
+
+from vmwrap import directives, lifecycle, rundir, safeio
+from vmwrap.config import Settings
+from vmwrap.errors import NodeError, UserError
+from vmwrap.job import Job
+
+NAME = "pbs"
+EVENTS = ("begin", "launch", "end", "abort", "postsuspend", "preresume")
+FACTS_MAX = 1 << 20           # bytes of JSON the hook body may hand over
+SCRIPT_MAX = 1 << 20          # bytes of the spooled job script root reads (directives are at its head)
+PAYLOAD = "pbs-job"           # vmwrap/hooks/pbs-job: the program the launch hook substitutes
+
+# `123.server`, `123[4].server` (an array subjob): sequence, index, server (qsub(1B), "Job Identifier").
+_JOB_ID = re.compile(r"(\d{1,12})(?:\[(\d{1,9})\])?(?:\.([A-Za-z0-9][A-Za-z0-9.-]{0,252}))?")
+# pbs_resources(7B) size: an integer with an optional k/m/g/t/p and b (bytes) or w (words) suffix.
+_SIZE = re.compile(r"(\d{1,15})([kmgtp]?)([bw]?)", re.I)
+_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50}
+
+
+def job_id(pbs_id: str) -> str:
+    """The core's id (file and domain name) for PBS's: `SEQ[-INDEX].SERVER-LABEL`, at most 64 chars."""
+    m = _JOB_ID.fullmatch(pbs_id or "")
+    if not m:
+        raise UserError(f"{str(pbs_id)[:80]!r} is not a PBS job id (SEQ.SERVER or SEQ[INDEX].SERVER)")
+    seq, idx, server = m.groups()
+    jid = seq + (f"-{idx}" if idx else "")
+    if server:
+        jid += "." + server.split(".")[0][:64 - len(jid) - 1]
+    return jid
+
+
+def memory_mib(value: str | None) -> int | None:
+    if value in (None, ""):
+        return None
+    m = _SIZE.fullmatch(str(value).strip())
+    if not m:
+        raise UserError(f"cannot read the job's memory request {str(value)[:40]!r} (PBS size: e.g. 512mb, 2gb)")
+    n = int(m.group(1)) << _SHIFT[m.group(2).lower()]
+    return (n * 8 if m.group(3).lower() == "w" else n) >> 20
+
+
+def ncpus(value) -> int | None:
+    v = str(value or "")
+    return int(v) if re.fullmatch(r"[1-9]\d{0,4}", v) else None
+
+
+def _str(facts: dict, key: str, limit: int = 4096) -> str:
+    v = facts.get(key)
+    if v is None:
+        return ""
+    if not isinstance(v, str) or len(v) > limit or "\0" in v:
+        raise UserError(f"the hook's {key!r} is not a string of at most {limit} characters")
+    return v
+
+
+def spooled_script(pbs_home: str, pbs_id: str) -> str | None:
+    """The job script as pbs_mom spooled it (`PBS_HOME/mom_priv/jobs/<ID>.SC`, start_exec.c), capped;
+    None when it is not there as a plain file in a root-owned directory nobody else may write."""
+    import stat
+
+    if not pbs_home.startswith("/") or os.path.normpath(pbs_home) != pbs_home:
+        return None
+    d = os.path.join(pbs_home, "mom_priv", "jobs")
+    try:
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+            return None
+        data = safeio.read_capped(os.path.join(d, f"{pbs_id}.SC"), SCRIPT_MAX)
+    except OSError:
+        return None
+    return None if data is None else data.decode("utf-8", "surrogateescape")
+
+
+def begin_job(facts: dict) -> Job | None:
+    """The job in the core's terms; None when it asks for no VM (no -v/-l image, no #VMWRAP image)."""
+    from .queuejob import RESOURCE, VARIABLE
+
+    pbs_id = _str(facts, "job", 300)
+    jid = job_id(pbs_id)
+    resources = facts.get("resources") or {}
+    variables = facts.get("variables") or {}
+    if not isinstance(resources, dict) or not isinstance(variables, dict):
+        raise UserError("the hook's resources/variables are not mappings")
+    native = [str(v) for v in (variables.get(VARIABLE), resources.get(RESOURCE)) if v not in (None, "")]
+    for v in native:
+        directives.check_image_name(v)
+    if len(set(native)) > 1:
+        raise UserError(f"-v {VARIABLE}={native[0]} but -l {RESOURCE}={native[1]}")
+    script = spooled_script(_str(facts, "pbs_home"), pbs_id) or ""
+    if not native and not directives.parse(script).image:
+        return None
+    try:
+        pw = pwd.getpwnam(_str(facts, "euser", 64))
+        gid = grp.getgrnam(_str(facts, "egroup", 64)).gr_gid
+    except (KeyError, ValueError):
+        raise UserError("unknown job user or group") from None
+    if pw.pw_uid == 0:
+        raise UserError("root's jobs do not run in VMs")
+    work_dir = str(variables.get("PBS_O_WORKDIR") or pw.pw_dir)
+    cpus = ncpus(resources.get("ncpus"))
+    return Job(job_id=jid, scheduler=NAME, user=pw.pw_name, uid=pw.pw_uid, gid=gid, work_dir=work_dir,
+               script=script, cpus=cpus, memory_mib=memory_mib(resources.get("mem")),
+               image=native[0] if native else None,
+               groups=[g for g in os.getgrouplist(pw.pw_name, gid) if g != gid])
+
+
+def handle(settings: Settings, event: str, facts: dict, config_path: str | None = None) -> dict:
+    """One mom hook event: the reply the hook body applies (`reject`, `offline`, `progname`/`argv`,
+    `log`). `config_path`: the settings file the hook named, handed on to the launched payload."""
+    if event not in EVENTS:
+        return {"reject": f"vmwrap: no such mom event {event[:40]!r}"}
+    try:
+        jid = job_id(_str(facts, "job", 300))
+    except UserError as e:
+        return {"log": f"vmwrap: {e}"}    # nothing of vmwrap's can exist under that name
+    if not facts.get("ms", True) and event != "end" and event != "abort":
+        return {}                         # a sister: the VM runs on the primary execution host only
+    if event == "begin":
+        out = lifecycle.start(settings, jid, lambda: begin_job(facts), NAME)
+        if out.verdict is lifecycle.Verdict.NODE_FAULT:
+            return {"reject": f"vmwrap: {out.reason}", "offline": f"vmwrap: {out.reason}"}
+        return {"log": f"vmwrap: {out.verdict.value}{': ' + out.reason if out.reason else ''}"} if out.vm else {}
+    if event == "launch":
+        if not (rundir.path(settings, jid) / rundir.JOB).exists() and \
+                not (rundir.path(settings, jid) / rundir.ERROR).exists():
+            return {}                     # no VM job: the login shell runs as usual
+        from vmwrap.resources import HOOKS
+
+        return {"progname": str(HOOKS / PAYLOAD),
+                "argv": [PAYLOAD, *(["--config", config_path] if config_path else [])]}
+    if event in ("end", "abort"):
+        out = lifecycle.end(settings, jid, requeued=False, restarts=0, scheduler=NAME)
+        if out.verdict is lifecycle.Verdict.NODE_FAULT:
+            return {"offline": f"vmwrap: {out.reason}", "log": f"vmwrap: {out.reason}"}
+        return {}
+    return _pause(settings, jid, event == "postsuspend")
+
+
+def _pause(settings: Settings, jid: str, pause: bool) -> dict:
+    """Pause/resume the job's whole VM (libvirt, as root); a job without a VM here is left alone."""
+    from vmwrap import domain
+
+    if not rundir.path(settings, jid).exists():
+        return {}
+    what = "pause" if pause else "resume"
+    try:
+        conn = domain.connect(settings.libvirt_uri)
+    except NodeError as e:
+        return {"reject": f"vmwrap: cannot {what} the job's VM: {e}"}
+    try:
+        dom = domain.lookup(conn, rundir.domain_name(jid))
+        if dom is None:
+            return {}
+        import libvirt
+
+        state = dom.state()[0]
+        if pause and state == libvirt.VIR_DOMAIN_RUNNING:
+            domain.guarded(conn, rundir.domain_name(jid), what, dom.suspend)
+        elif not pause and state == libvirt.VIR_DOMAIN_PAUSED:
+            domain.guarded(conn, rundir.domain_name(jid), what, dom.resume)
+    except Exception as e:  # noqa: BLE001 (the scheduler learns why; the node stays up)
+        return {"reject": f"vmwrap: cannot {what} the job's VM: {e}"}
+    finally:
+        conn.close()
+    return {"log": f"vmwrap: VM {'paused' if pause else 'resumed'}"}
+
+
+def main(settings: Settings, event: str, stdin, stdout, config_path: str | None = None) -> int:
+    """`vmwrap pbs mom EVENT`: facts as JSON on stdin, the reply as JSON on stdout."""
+    os.umask(0o022)
+    raw = stdin.buffer.read(FACTS_MAX + 1)
+    try:
+        if len(raw) > FACTS_MAX:
+            raise ValueError("more than 1 MiB")
+        facts = json.loads(raw or b"{}")
+        if not isinstance(facts, dict):
+            raise ValueError("not an object")
+    except ValueError as e:
+        reply = {"reject": f"vmwrap: the hook's facts are not valid JSON ({e})"}
+    else:
+        reply = handle(settings, event, facts, config_path)
+    stdout.write(json.dumps(reply) + "\n")
+    stdout.flush()
+    return 0
+
+
+class PBS:
+    """vmwrap.adapter.Scheduler for PBS Professional / OpenPBS (the mom side; no planner, no prestage)."""
+
+    name = NAME
+    root_env: tuple[str, ...] = ()
+
+    def job_id(self, env) -> str:
+        return job_id(env["job"])
+
+    def job(self, env) -> Job | None:
+        return begin_job(env)
+
+    def requeue_state(self, settings: Settings, env) -> tuple[bool, int]:
+        return False, 0
+
+    def take_out(self, env, reason: str) -> None:
+        return None       # the hook body offlines the vnode from the reply
+
+    def still_queued(self):
+        return lambda j: True
+
+    def planned_starts(self):
+        return None
+
+    def publish_cached(self, node: str, images: list[str]) -> None:
+        return None
+
+    def reservations(self):
+        return None
+
+    def queue(self, settings: Settings, now: float) -> list:
+        return []
+
+    def plan_timing(self):
+        raise RuntimeError("the gap planner does not drive PBS")
+
+    def set_time_limit(self, job: str, seconds: float) -> None:
+        raise RuntimeError("the gap planner does not drive PBS")
+
+    def vacate(self, job: str) -> None:
+        raise RuntimeError("the gap planner does not drive PBS")
+
+    def render_config(self, settings: Settings, **options) -> str:
+        from .render import render_pbs
+
+        return render_pbs(settings, node_config=options.get("node_config"))
