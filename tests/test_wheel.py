@@ -116,3 +116,47 @@ def test_job_runs_from_the_wheel(wheel_venv, appliance, virt_type, tmp_path, wor
         assert argvs[0][0] == str(wheel_venv / "bin" / "python") or Path(argvs[0][0]).parent == wheel_venv / "bin", argvs
         assert not any(str(ROOT) in a for a in argvs[0]), argvs
     assert not site.leftovers()
+
+
+def test_hooks_installed_from_the_wheel_run_its_interpreter(wheel_venv, appliance, virt_type, tmp_path):
+    """`vmwrap hooks install DIR` from the wheel's venv binds every hook to that venv's Python; the
+    installed Grid Engine JSV (a root-owned hook that needs no daemon) then answers qsub's protocol
+    from the wheel's package, not /opt/vmwrap/venv's."""
+    site = Site(tmp_path, appliance, virt_type)
+    hooks = tmp_path / "hooks"
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/root"}
+    r = subprocess.run([str(wheel_venv / "bin" / "vmwrap"), "hooks", "install", str(hooks)],
+                       capture_output=True, text=True, cwd="/", env=env)
+    assert r.returncode == 0, r.stderr
+    py = str(wheel_venv / "bin" / "python")
+    for h in hooks.iterdir():
+        text = h.read_text()
+        assert "/opt/vmwrap/venv" not in text, h
+        assert h.name == "condor-wrapper" or py in text or str(_site_packages(Path(py))) in text, h
+    assert f"exec {py} -I -m vmwrap.cli" in (hooks / "sge-jsv").read_text()
+    good, bad = tmp_path / "good.sh", tmp_path / "bad.sh"
+    good.write_text("#!/bin/sh\n#VMWRAP --image=busybox\necho hi\n")
+    bad.write_text("#!/bin/sh\n#VMWRAP --image=nonesuch\necho hi\n")
+    proc = subprocess.Popen([str(hooks / "sge-jsv"), "--config", str(site.config)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/", env=env)
+    try:
+        proc.stdin.write("START\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "STARTED\n", proc.stderr.read() if proc.poll() is not None else ""
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+        assert argv == [py, "-I", "-m", "vmwrap.cli", "--config", str(site.config), "sge", "jsv"], argv
+        answers = []
+        for script in (good, bad):
+            proc.stdin.write(f"PARAM CMDNAME {script}\nBEGIN\n")
+            proc.stdin.flush()
+            while not (line := proc.stdout.readline()).startswith("RESULT"):
+                answers.append(line)
+            answers.append(line)
+        proc.stdin.write("QUIT\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "PARAM ac vmwrap_image=busybox\n" in answers and "RESULT STATE CORRECT\n" in answers, answers
+    assert answers[-1].startswith("RESULT STATE REJECT vmwrap: ") and "nonesuch" in answers[-1], answers

@@ -21,3 +21,18 @@ def path(*parts: str) -> Path:
 
 TEMPLATES = path("templates")
 HOOKS = path("hooks")
+
+
+def hooks_dir(installed: str | None = None) -> Path:
+    """Where the scheduler should run the hooks from: the package's own (they name the reference
+    install's /opt/vmwrap/venv/bin/python), or a dir `vmwrap hooks install` wrote for this install."""
+    if installed is None:
+        return HOOKS
+    d = Path(installed)
+    if not d.is_absolute():
+        raise ValueError(f"hooks dir {installed}: give an absolute path")
+    missing = sorted(h.name for h in HOOKS.iterdir()
+                     if h.is_file() and not h.name.startswith((".", "__")) and not (d / h.name).is_file())
+    if missing:
+        raise ValueError(f"hooks dir {installed}: no {', '.join(missing)} (run `vmwrap hooks install {installed}` first)")
+    return d

@@ -19,11 +19,24 @@ def config_group():
 @click.option("--vmwrap", "vmwrap_path", default="/usr/local/bin/vmwrap", help="vmwrap as the nodes see it.")
 @click.option("--default-image", default=None, help="Run jobs without a directive in this image.")
 @click.option("--node-config", default=None, help="Settings file the nodes use (may contain %n).")
-def config_render(scheduler, lua_out, vmwrap_path, default_image, node_config):
+@click.option("--hooks", "hooks", default=None, metavar="DIR",
+              help="Hooks written by `vmwrap hooks install DIR` (default: the package's own, for /opt/vmwrap/venv).")
+def config_render(scheduler, lua_out, vmwrap_path, default_image, node_config, hooks):
     """Print SCHEDULER's configuration that enables vmwrap (slurm: slurm.conf lines, and job_submit.lua
     written; sge: the queue and sge_request settings)."""
     from ..adapter import scheduler as find
 
+    from .. import resources
+
     adapter = find(scheduler)
-    click.echo(adapter.render_config(settings(), lua_out=lua_out, vmwrap_path=vmwrap_path,
-                                     default_image=default_image, node_config=node_config))
+    extra = {}
+    if hooks is not None:
+        try:
+            extra["hooks_dir"] = resources.hooks_dir(hooks)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--hooks") from None
+    text = adapter.render_config(settings(), lua_out=lua_out, vmwrap_path=vmwrap_path,
+                                 default_image=default_image, node_config=node_config, **extra)
+    if hooks is not None and str(resources.HOOKS) in text:
+        raise click.UsageError(f"vmwrap config render {scheduler} does not take --hooks yet (it names {resources.HOOKS})")
+    click.echo(text)

@@ -332,7 +332,8 @@ class GridEngine:
     def render_config(self, settings: Settings, **options) -> str:
         from .render import render_sge
 
-        return render_sge()  # the Slurm-only options (job_submit.lua) do not apply
+        kw = {"hooks": options["hooks_dir"]} if options.get("hooks_dir") else {}
+        return render_sge(**kw)  # the Slurm-only options (job_submit.lua) do not apply
 
 
 def prolog(settings: Settings, env: dict[str, str], owner: str) -> int:

@@ -50,8 +50,9 @@ def ckpt_config(name: str = "vmwrap", hooks: Path = HOOKS) -> str:
     return "".join(f"{k:<20} {v}\n" for k, v in c.items())
 
 
-def render_sge(queue: str = "vmwrap.q", hostlist: str = "@allhosts", slots: int = 0, ckpt: str = "vmwrap") -> str:
-    q = queue_config(queue, hostlist, slots or 1, HOOKS, extra={"ckpt_list": ckpt})
+def render_sge(queue: str = "vmwrap.q", hostlist: str = "@allhosts", slots: int = 0, ckpt: str = "vmwrap",
+               hooks: Path = HOOKS) -> str:
+    q = queue_config(queue, hostlist, slots or 1, hooks, extra={"ckpt_list": ckpt})
     keep = ("qname", "hostlist", "prolog", "epilog", "starter_method", "suspend_method", "resume_method",
             "terminate_method", "shell_start_mode", "ckpt_list")
     lines = [ln for ln in q.splitlines() if ln.split()[0] in keep]
@@ -63,10 +64,10 @@ def render_sge(queue: str = "vmwrap.q", hostlist: str = "@allhosts", slots: int 
         "#    the node agent (`vmwrap agent`, root, one per node) - start it with the execd.",
         "# 2. Submit check: add this line to $SGE_ROOT/$SGE_CELL/common/sge_request (every qsub runs it",
         "#    as the submitter; it reads #VMWRAP lines in the script and `-ac vmwrap_image=NAME`):",
-        f"   -jsv {HOOKS / 'sge-jsv'}",
+        f"   -jsv {hooks / 'sge-jsv'}",
         "# 3. Users: `#VMWRAP --image=NAME` in the script, or `qsub -ac vmwrap_image=NAME` (binary jobs).",
         f"# 4. Save/restore: this checkpointing environment (`qconf -Ackpt FILE`; `ckpt_list {ckpt}` above):",
-        *("   " + ln for ln in ckpt_config(ckpt, HOOKS).splitlines()),
+        *("   " + ln for ln in ckpt_config(ckpt, hooks).splitlines()),
         "#    A VM job rescheduled by `qmod -rj` (needs `qsub -r y` or `rerun TRUE` on the queue) or migrated",
         f"#    (`qsub -ckpt {ckpt}`: suspending it moves it instead) is saved by the epilog into vmwrap's",
         "#    checkpoint_dir (shared by all hosts, with one checkpoint_key_file) and restored by the prolog",

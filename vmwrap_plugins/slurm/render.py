@@ -83,7 +83,8 @@ def slurm_conf_lines(vmwrap_hooks: Path = HOOKS, prolog_timeout: int = 300) -> s
 
 
 def render_config(settings, lua_out: str | None = None, vmwrap_path: str = "/usr/local/bin/vmwrap",
-                  default_image: str | None = None, node_config: str | None = None) -> str:
+                  default_image: str | None = None, node_config: str | None = None,
+                  hooks_dir: Path = HOOKS) -> str:
     """`vmwrap config render slurm`: write job_submit.lua (atomically), return slurm.conf's lines."""
     import os
     import sys
@@ -112,4 +113,4 @@ def render_config(settings, lua_out: str | None = None, vmwrap_path: str = "/usr
     os.chmod(tmp, 0o644)
     os.replace(tmp, lua_out)
     print(f"# job_submit.lua written to {lua_out} ({len(cat.images)} images)", file=sys.stderr)
-    return slurm_conf_lines()
+    return slurm_conf_lines(hooks_dir)
