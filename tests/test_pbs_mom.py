@@ -77,6 +77,20 @@ def test_a_users_mistake_fails_the_job_through_its_payload_not_the_node(light, t
         assert not (Path(settings.state_dir) / "jobs" / f"{job.seq}.pbssrv").exists()
 
 
+def test_abort_removes_what_begin_left(light, test_user):
+    """execjob_abort (mom_comm.c: the job was aborted after begin, e.g. a sister failed to join): the
+    job's run dir (here a failed begin's) is removed as by execjob_end."""
+    from harness.pbs_standin import EXECJOB_ABORT
+
+    mom, work, settings = light
+    job = mom.job(test_user, "#!/bin/sh\ntrue\n", work, variables={"VMWRAP_IMAGE": "nope"})
+    (mom.jobs / f"{job.id}.SC").write_text(job.script)
+    assert mom._event(EXECJOB_BEGIN, job).accepted
+    run_dir = Path(settings.state_dir) / "jobs" / job.id
+    assert run_dir.exists()
+    assert mom._event(EXECJOB_ABORT, job).accepted and not run_dir.exists()
+
+
 def test_launch_rewrites_progname_and_argv_only_for_a_vm_job(light, test_user):
     """execjob_launch: e.progname/e.argv are the writable launch parameters (_svr_types.py)."""
     mom, work, _ = light
