@@ -11,6 +11,7 @@ checkpoint.c, requests.c), checked against a real Torque 6.1 build (../shared/RE
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import grp
@@ -20,6 +21,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -73,6 +75,43 @@ class Server:
         self.checkpoint_dir = self.base / "checkpoint"      # $remote_checkpoint_dirs: every mom sees it
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_dir.chmod(0o755)
+        self.jobs: dict[str, TorqueJob] = {}
+        self.reachable = True
+
+    # --- qstat -f ID, as a root daemon on a node calls it -----------------------------------------------
+    def qstat_command(self) -> Path:
+        """A qstat answering `qstat -f ID` from the server's jobs as of the last `sync()`: the job's
+        `job_state = X` line, or for a job the server does not know `qstat: Unknown Job Id Error ID`
+        with exit status 153 (src/cmds/qstat.c: exit(any_failed), PBSE_UNKJOBID = 15001; the message
+        from src/include/pbs_error_db.h). An unreachable server: `cannot connect`, exit status 1."""
+        path = self.base / "qstat"
+        path.write_text(f"""#!{sys.executable}
+import json, sys
+state = json.load(open({str(self.base / "server-jobs.json")!r}))
+if not state["reachable"]:
+    print("qstat: cannot connect to server {self.name} (errno=111) Connection refused", file=sys.stderr)
+    sys.exit(1)
+jid = sys.argv[-1]
+if jid not in state["jobs"]:
+    print("qstat: Unknown Job Id Error " + jid, file=sys.stderr)
+    sys.exit(15001 & 0xff)
+print("Job Id: " + jid)
+print("    job_state = " + state["jobs"][jid])
+""")
+        path.chmod(0o755)
+        self.sync()
+        return path
+
+    def sync(self) -> None:
+        (self.base / "server-jobs.json").write_text(json.dumps(
+            {"reachable": self.reachable, "jobs": {j: job.state for j, job in self.jobs.items()}}))
+
+    def qdel_queued(self, job: TorqueJob) -> None:
+        """qdel of a job that is not running (queued or held): the server drops it, no mom is told,
+        no epilogue runs (keep_completed 0)."""
+        assert job.state in ("Q", "H"), job.state
+        self.jobs.pop(job.id, None)
+        self.sync()
 
     def qsub(self, script_path: Path, *args: str, user: pwd.struct_passwd, cwd: Path):
         """qsub ARGS SCRIPT as `user` in `cwd`: (exit status, stderr, job or None).
@@ -105,6 +144,7 @@ class Server:
                      + "".join(f",{x}" for x in res.split(",") if x and not x.startswith("nodes=")))
         job = TorqueJob(self.seq, self.name, name, user, grp.getgrgid(user.pw_gid).gr_name, filtered, str(cwd),
                         resources, opts.get("v", {}), opts.get("S"), opts.get("c", ""))
+        self.jobs[job.id] = job
         return 0, err, job
 
 

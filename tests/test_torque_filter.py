@@ -255,7 +255,7 @@ def test_config_render_torque(entry_points):
     for want in ("SUBMITFILTER /usr/local/sbin/vmwrap-submitfilter", "mom_priv/prologue", "mom_priv/epilogue",
                  "chmod 0500", "$checkpoint_script", "$restart_script", "$remote_checkpoint_dirs",
                  "$node_check_script", "$prologalarm", "--config /etc/vmwrap/node.toml", " agent",
-                 "VMWRAP_IMAGE=NAME"):
+                 "VMWRAP_IMAGE=NAME", "torque gc --qstat /usr/local/bin/qstat"):
         assert want in r.stdout, want
     r = subprocess.run([sys.executable, "-m", "vmwrap.cli", "torque", "--help"], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "prologue" in r.stdout and "submitfilter" in r.stdout

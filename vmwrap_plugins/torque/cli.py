@@ -107,3 +107,25 @@ def online(obj):
     from . import hooks
 
     click.echo("cleared" if hooks.online(obj.settings(hook=True)) else "no node fault recorded")
+
+
+@torque.command()
+@click.option("--qstat", "qstat", default="/usr/local/bin/qstat", show_default=True,
+              help="Torque's qstat (absolute path): asks pbs_server whether a saved job still exists.")
+@click.option("--interval", type=float, default=600.0, show_default=True, help="Seconds between passes.")
+@click.option("--once", is_flag=True, help="One pass, then exit.")
+@click.pass_obj
+def gc(obj, qstat, interval, once):
+    """Delete checkpoints of jobs deleted while held (no epilogue runs for them): root, on one host
+    that mounts the shared checkpoint store and can reach pbs_server."""
+    import os
+
+    from vmwrap import daemons
+
+    from .hooks import Torque
+
+    _root_env()
+    if not os.path.isabs(qstat) or not os.path.isfile(qstat):
+        raise click.BadParameter(f"{qstat!r} is not an absolute path to Torque's qstat", param_hint="--qstat")
+    settings = obj.settings(hook=True)
+    sys.exit(daemons.gc(Torque(settings, qstat=qstat), settings, interval, once, say=click.echo))

@@ -52,8 +52,9 @@ class Torque:
     name = NAME
     root_env = ROOT_ENV
 
-    def __init__(self, settings: Settings | None = None):
+    def __init__(self, settings: Settings | None = None, qstat: str | None = None):
         self.settings = settings
+        self.qstat = qstat        # `vmwrap torque gc --qstat PATH`: Torque's qstat, by absolute path
 
     def job_id(self, env) -> str:
         return jobs.job_id(env["argv"][0])
@@ -70,7 +71,17 @@ class Torque:
             take_out(self.settings, reason)
 
     def still_queued(self):
-        return lambda j: True  # no server query from the mom: keep every checkpoint
+        """For the checkpoint GC (`vmwrap torque gc`): a saved job is gone once pbs_server says so
+        through qstat; without a qstat (the hooks) or a server answer, every checkpoint is kept."""
+        if self.settings is None or not self.qstat:
+            return lambda j: True
+        def still_queued(jid: str) -> bool:
+            if not ended(self.settings, self.qstat, jid):
+                return True
+            _sidecar(self.settings, jid).unlink(missing_ok=True)   # the store deletes the checkpoint next
+            return False
+
+        return still_queued
 
     def planned_starts(self):
         return None
@@ -111,6 +122,33 @@ def take_out(settings: Settings, reason: str) -> None:
             f.write(" ".join(reason.split())[:500])
     except OSError as e:
         print(f"vmwrap: cannot record that this node is out of service ({reason}): {e}", file=sys.stderr)
+
+
+QSTAT_UNKNOWN = 153           # qstat's exit status for PBSE_UNKJOBID (15001 & 0xff)
+
+
+def ended(settings: Settings, qstat: str, jid: str) -> bool:
+    """Whether the held job whose VM is in the store under `jid` ended for good: pbs_server does not
+    know it (qstat -f ID: `qstat: Unknown Job Id Error ID`, exit(PBSE_UNKJOBID) = 153; src/cmds/
+    qstat.c `exit(ret_code)`, src/include/pbs_error_db.h) or lists it completed (`job_state = C`,
+    kept for keep_completed). The Torque id is the one the checkpoint script recorded beside the
+    checkpoint; without that record, an unreachable server or any other answer: not ended."""
+    import re
+    import subprocess
+
+    try:
+        raw = safeio.read_capped(_sidecar(settings, jid), 1 << 16)
+        torque_id = json.loads(raw)["job"] if raw is not None else None
+        if not isinstance(torque_id, str) or jobs.job_id(torque_id) != jid:
+            return False
+        r = subprocess.run([qstat, "-f", torque_id], capture_output=True, timeout=60, cwd="/",
+                           env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL)
+    except (OSError, ValueError, KeyError, TypeError, UserError, subprocess.TimeoutExpired):
+        return False
+    out, err = r.stdout[:1 << 20].decode(errors="replace"), r.stderr[:4096].decode(errors="replace")
+    if r.returncode == QSTAT_UNKNOWN and "Unknown Job Id" in err:
+        return True
+    return r.returncode == 0 and re.search(r"^\s*job_state = C\s*$", out, re.M) is not None
 
 
 def health(settings: Settings, out) -> int:

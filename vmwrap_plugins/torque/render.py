@@ -50,8 +50,12 @@ def render_torque(settings: Settings, node_config: str | None = None, pbs_home: 
               f"#    vmwrap's checkpoint store ({settings.checkpoint_dir}) must be shared by every mom too.",
               "", "# 4. Every mom: the node agent (root), which pauses/resumes a job's VM on qsig -s suspend/resume:",
               f"   {vmwrap_path}{' --config ' + shlex.quote(node_config) if node_config else ''} agent",
-              "", "# 5. The server: checkpointable VM jobs, and who may suspend them.",
+              "", "# 5. One host that mounts the checkpoint store and can reach pbs_server (root, a service):",
+              "#    deletes the checkpoints of jobs deleted while held (no epilogue runs for them).",
+              f"   {vmwrap_path}{' --config ' + shlex.quote(node_config) if node_config else ''} torque gc "
+              "--qstat /usr/local/bin/qstat",
+              "", "# 6. The server: checkpointable VM jobs, and who may suspend them.",
               "qmgr -c 'set queue batch checkpoint_defaults = enabled'",
-              "", "# 6. Users: `#VMWRAP --image=NAME` in the script, or `qsub -v VMWRAP_IMAGE=NAME`.",
+              "", "# 7. Users: `#VMWRAP --image=NAME` in the script, or `qsub -v VMWRAP_IMAGE=NAME`.",
               f"# (rendered on {socket.gethostname()})", ""]
     return "\n".join(lines)
