@@ -161,6 +161,27 @@ def test_render_prints_the_qmgr_commands():
     assert "application/x-config default /etc/vmwrap/pbs-hook.json" in text
 
 
+def test_vmwrap_config_render_pbs_through_the_entry_point(tmp_path):
+    """pyproject.toml's `pbs` entry points as an installed distribution has them (the venv's own
+    metadata is only rewritten by a reinstall)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    eps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["entry-points"]
+    d = tmp_path / "vmwrap_pbs_check-0.dist-info"
+    d.mkdir()
+    (d / "METADATA").write_text("Metadata-Version: 2.1\nName: vmwrap-pbs-check\nVersion: 0\n")
+    (d / "entry_points.txt").write_text("".join(f"[{g}]\npbs = {eps[g]['pbs']}\n"
+                                                for g in ("vmwrap.schedulers", "vmwrap.cli")))
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}:{root}")
+    r = subprocess.run([sys.executable, "-m", "vmwrap.cli", "config", "render", "pbs"], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "qmgr -c 'create hook vmwrap_begin event=execjob_begin'" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "vmwrap.cli", "pbs", "--help"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "mom" in r.stdout and "job" in r.stdout
+
+
 def test_hook_body_calls_the_venv_python_isolated_with_an_empty_environment():
     """The installer rewrites this exact path; -I and env={} as every root hook (docs/security.md)."""
     body = HOOK.read_text()
