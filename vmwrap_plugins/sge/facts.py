@@ -365,3 +365,94 @@ def still_queued():
         return lambda j: True
     have = {(j.findtext("JB_job_number") or "").strip() for j in root.iter("job_list")}
     return lambda j: j.split(".")[0] in have
+
+
+# -- cache-aware placement: the images a host holds, as a host-level complex ----------------------
+# A STRING complex (sge_complex(5), `==` matches the request as a wildcard pattern against the host's
+# value): each host's prestager sets `vmwrap_cached=+img1+img2+` in its exechost complex_values and
+# the JSV gives a VM job the soft request `vmwrap_cached=*+IMAGE+*`, so GE prefers a host holding its
+# image (a soft request is never required: a job still starts where nothing is cached). '+' is in no
+# image name and literal in GE's patterns; image names have no pattern characters.
+
+CACHED = "vmwrap_cached"
+CACHED_COMPLEX = f"{CACHED:<20} vmwc       STRING      ==    YES         NO         NONE     0"
+CACHED_VALUE_MAX = 4000        # a longer complex value is cut at a whole name (logged)
+_SC_MAX_AGE = 60.0             # a long-lived server JSV re-reads the complex list this often
+_sc_seen: list = []            # [(monotonic time, defined)]
+
+
+def _note_once(key: str, what: str) -> None:
+    if _warned.get(key) != what:
+        _warned[key] = what
+        log.warning("%s", what)
+
+
+def cached_value(images: list[str]) -> str:
+    """The complex value naming `images` (invalid names are left out with a logged reason)."""
+    from vmwrap.directives import check_image_name
+
+    names = []
+    for i in sorted(set(images)):
+        try:
+            names.append(check_image_name(i))
+        except UserError as e:
+            _note_once(f"image {i[:64]!r}", f"not published as cached: {e}")
+    value = "+"
+    for n in names:
+        if len(value) + len(n) + 1 > CACHED_VALUE_MAX:
+            _note_once("publish", f"{CACHED}: {len(names)} images do not fit into {CACHED_VALUE_MAX} characters; "
+                                  f"published up to {n!r} (exclusive)")
+            break
+        value += n + "+"
+    return value
+
+
+def soft_request(image: str) -> str:
+    """The JSV's soft request for `image` (validated: it goes into the job's resource list)."""
+    from vmwrap.directives import check_image_name
+
+    return f"{CACHED}=*+{check_image_name(image)}+*"
+
+
+def cached_complex_defined() -> bool:
+    """Whether the cell has the vmwrap_cached complex (qsub refuses a request naming an unknown one).
+    Cached for a minute; unknown (qconf failed) counts as not defined."""
+    now = time.monotonic()
+    if _sc_seen and now - _sc_seen[0][0] < _SC_MAX_AGE:
+        return _sc_seen[0][1]
+    try:
+        defined = any(ln.split()[:1] == [CACHED] for ln in run("qconf", "-sc").splitlines())
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        log.warning("cannot read the complex list: %s", str(e)[:200])
+        defined = False
+    _sc_seen[:] = [(now, defined)]
+    return defined
+
+
+def host_complex_values(text: str) -> dict[str, str]:
+    """complex_values of `qconf -se HOST` output (continuation lines joined) as name -> value."""
+    lines, out = text.replace("\\\n", " ").splitlines(), {}
+    for ln in lines:
+        key, _, rest = ln.strip().partition(" ")
+        if key == "complex_values":
+            for item in rest.replace(" ", "").split(","):
+                k, sep, v = item.partition("=")
+                if sep:
+                    out[k] = v
+    return out
+
+
+def publish_cached(node: str, images: list[str]) -> None:
+    """Set `node`'s vmwrap_cached to `images` (qconf -mattr, only when it changed; other complex
+    values are kept). Needs the complex defined and this host an admin host (qconf -ah)."""
+    if not _NAME.fullmatch(node):
+        raise RuntimeError(f"not a Grid Engine host name: {node[:60]!r}")
+    if not cached_complex_defined():
+        _note_once("publish", f"the complex {CACHED} is not defined: images cached here are not published "
+                              "(`vmwrap config render sge` shows the qconf -mc line)")
+        return
+    value = cached_value(images)
+    if host_complex_values(run("qconf", "-se", node)).get(CACHED) == value:
+        return
+    run("qconf", "-mattr", "exechost", "complex_values", f"{CACHED}={value}", node)
+    log.info("published %s=%s for %s", CACHED, value, node)

@@ -302,7 +302,9 @@ class GridEngine:
         return facts.pending()
 
     def publish_cached(self, node: str, images: list[str]) -> None:
-        return None
+        from . import facts
+
+        facts.publish_cached(node, images)
 
     def reservations(self):
         from . import facts
@@ -460,6 +462,25 @@ def check_request(settings: Settings, params: dict[str, str], user: str, gid: in
     return image, None
 
 
+def _names(resources: str) -> set[str]:
+    return {kv.partition("=")[0].strip() for kv in resources.split(",") if kv.strip()}
+
+
+def jsv_changes(params: dict[str, str], image: str) -> list[tuple[str, str]]:
+    """The job parameters an accepted VM job gets: its image as job context (read by the hooks and
+    the daemons), and a soft request for hosts holding it (cache-aware placement, when the cell has
+    the complex; a job that names it itself keeps its own)."""
+    from . import facts
+
+    out = []
+    if f"{wire.CONTEXT_IMAGE}=" not in params.get("ac", ""):
+        out.append(("ac", ",".join(x for x in (params.get("ac", ""), wire.encode_context(image)) if x)))
+    soft = params.get("l_soft", "")
+    if facts.CACHED not in _names(soft) | _names(params.get("l_hard", "")) and facts.cached_complex_defined():
+        out.append(("l_soft", ",".join(x for x in (soft, facts.soft_request(image)) if x)))
+    return out
+
+
 def jsv(settings: Settings, inp, out) -> int:
     """Grid Engine's JSV line protocol (client JSV, run by qsub as the submitter)."""
     me = pwd.getpwuid(os.getuid())
@@ -488,12 +509,11 @@ def jsv(settings: Settings, inp, out) -> int:
             image, reason = check_request(settings, params, pw.pw_name, pw.pw_gid, script_optional=server)
             if reason:
                 say(f"RESULT STATE REJECT vmwrap: {reason}")
-            elif image and f"{wire.CONTEXT_IMAGE}=" not in params.get("ac", ""):
-                ac = ",".join(x for x in (params.get("ac", ""), wire.encode_context(image)) if x)
-                say(f"PARAM ac {ac}")
-                say("RESULT STATE CORRECT")
             else:
-                say("RESULT STATE ACCEPT")
+                changes = jsv_changes(params, image) if image else []
+                for name, value in changes:
+                    say(f"PARAM {name} {value}")
+                say("RESULT STATE CORRECT" if changes else "RESULT STATE ACCEPT")
             params = {}
         elif cmd == "QUIT":
             return 0

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from vmwrap.resources import HOOKS
 
+from .facts import CACHED, CACHED_COMPLEX
+
 
 def queue_config(name: str, host: str, slots: int, hooks: Path = HOOKS, extra: dict | None = None) -> str:
     """The queue's settings wiring vmwrap in (also printed by `vmwrap config render sge`)."""
@@ -72,6 +74,12 @@ def render_sge(queue: str = "vmwrap.q", hostlist: str = "@allhosts", slots: int 
         f"#    (`qsub -ckpt {ckpt}`: suspending it moves it instead) is saved by the epilog into vmwrap's",
         "#    checkpoint_dir (shared by all hosts, with one checkpoint_key_file) and restored by the prolog",
         "#    wherever GE starts it next; a job that ends for good has its checkpoint deleted.",
+        "# 5. Cache-aware placement (optional): add this line to the complex list (`qconf -mc`):",
+        f"   {CACHED_COMPLEX}",
+        "#    and make every execution host an admin host (`qconf -ah HOST`). Each host's prestager",
+        "#    (`vmwrap sge prestage --node HOST`) then sets its exechost complex_values",
+        f"#    {CACHED}=+IMAGE+IMAGE+ to the images its cache holds, and the JSV gives every VM job",
+        f"#    `-soft -l {CACHED}=*+IMAGE+*`: GE prefers a host that holds the job's image.",
         f"# (rendered on {socket.gethostname()})",
         "",
     ])
