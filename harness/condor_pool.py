@@ -35,6 +35,8 @@ elif what == "history":
 else:
     ads = h.Collector().query(h.AdTypes.Startd, constraint=constraint, projection=proj)
 def val(v):
+    if type(v).__name__ == "Value":  # classad2's Undefined / Error (an int enum)
+        return None
     return v if isinstance(v, (str, int, float, bool)) or v is None else str(v)
 print(json.dumps([{k: val(ad.get(k)) for k in (proj or ad.keys())} for ad in ads]))
 """
@@ -326,3 +328,126 @@ class Pool:
             lines = f.read_text(errors="replace").splitlines()[-n:]
             out.append(f"== {f.name}\n" + "\n".join(lines))
         return "\n".join(out)
+
+
+class VmwrapSite:
+    """A pool with vmwrap enabled as an admin would: the rendered submit and execute sides, the
+    wrapper as the chrooted starter sees it (root's copy in the pool dir, told where the bridge
+    listens), and the bridge as root on the host. `start_bridge`/`stop_bridge` let a test take the
+    bridge away (a node fault)."""
+
+    def __init__(self, base: Path, appliance, virt_type: str, user: str = "vmwrapuser", probe_period: int = 2):
+        from vmwrap.catalog import register
+        from vmwrap.config import Settings, render
+        from vmwrap.resources import HOOKS
+        from vmwrap_plugins.htcondor import render as condor_render
+
+        self.base, self.user = Path(base), user
+        shutil.rmtree(self.base, ignore_errors=True)
+        self.base.mkdir(parents=True)
+        self.base.chmod(0o755)
+        register(str(self.base / "images.toml"), appliance)
+        self.cfg = self.base / "vmwrap.toml"
+        self.state = self.base / "state"
+        self.checkpoints = self.base / "checkpoints"
+        # Cluster ids restart at 1 in a fresh pool: a private state dir keeps them apart from other tests.
+        self.cfg.write_text(render({"catalog": str(self.base / "images.toml"), "accel": virt_type,
+                                    "grace_seconds": 5.0, "state_dir": str(self.state),
+                                    "cache_dir": str(self.base / "cache"), "checkpoint_dir": str(self.checkpoints)}))
+        (self.base / "submit").mkdir(mode=0o755)
+        hooks = self.base / "hooks"
+        hooks.mkdir(mode=0o755)
+        shutil.copy(HOOKS / "condor-wrapper", hooks / "condor-wrapper.py")
+        self.sock = self.base / "bridge" / "condor.sock"
+        (hooks / "condor-wrapper").write_text(
+            f"#!/bin/sh\nexec /usr/bin/python3 -I {hooks / 'condor-wrapper.py'} --socket {self.sock} \"$@\"\n")
+        for f in hooks.iterdir():
+            f.chmod(0o755)
+        settings = Settings(catalog=str(self.base / "images.toml"))
+        extra = (condor_render.submit_side(settings) + "\n"
+                 + condor_render.execute_side(str(self.sock), str(hooks / "condor-wrapper"), probe_period))
+        self.pool = Pool(self.base, extra_config=extra)
+        self.bridge: subprocess.Popen | None = None
+
+    def condor_python(self) -> str:
+        return f"chroot {self.pool.root} /usr/bin/env -i CONDOR_CONFIG={self.pool.config} /usr/bin/python3"
+
+    def start_bridge(self, condor_python: str | None = None) -> None:
+        """The bridge as root; `condor_python` replaces the command it queries the schedd with."""
+        import sys
+
+        repo = Path(__file__).resolve().parent.parent
+        self.sock.unlink(missing_ok=True)
+        node = os.uname().nodename
+        self.bridge = subprocess.Popen(
+            [sys.executable, "-I", "-m", "vmwrap_plugins.htcondor", "--config", str(self.cfg), "condor", "bridge",
+             "--socket", str(self.sock), "--condor-python", condor_python or self.condor_python(),
+             *[a for s in self.pool.startds for a in ("--startd", f"{s}@{node}")]],
+            cwd="/", stdout=open(self.base / "bridge.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            env={"PATH": PATH, "PYTHONPATH": str(repo)})
+        for _ in range(100):
+            if self.sock.exists():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the bridge did not listen: {(self.base / 'bridge.log').read_text()[-2000:]}")
+
+    def stop_bridge(self) -> None:
+        if self.bridge is not None and self.bridge.poll() is None:
+            self.bridge.terminate()
+            try:
+                self.bridge.wait(10)
+            except subprocess.TimeoutExpired:
+                self.bridge.kill()
+                self.bridge.wait()
+        self.bridge = None
+
+    def gc(self) -> subprocess.CompletedProcess:
+        import sys
+
+        repo = Path(__file__).resolve().parent.parent
+        return subprocess.run([sys.executable, "-I", "-m", "vmwrap_plugins.htcondor", "--config", str(self.cfg),
+                               "condor", "gc", "--once", "--condor-python", self.condor_python()],
+                              cwd="/", capture_output=True, text=True, timeout=120,
+                              env={"PATH": PATH, "PYTHONPATH": str(repo)})
+
+    def __enter__(self) -> "VmwrapSite":
+        try:
+            self.start_bridge()
+            self.pool.start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.stop()
+        self.stop_bridge()
+        names = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                               capture_output=True, text=True).stdout.split()
+        for n in names:
+            if n.startswith("vmwrap-") and (self.state / "jobs" / n[len("vmwrap-"):]).exists():
+                subprocess.run(["virsh", "-c", "qemu:///system", "destroy", n], capture_output=True)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def jobdir(self) -> Path:
+        d = self.base / "submit" / f"t{os.urandom(3).hex()}"
+        d.mkdir(parents=True)
+        pw = pwd.getpwnam(self.user)
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+        return d
+
+    def submit(self, d: Path, text: str) -> tuple[int, subprocess.CompletedProcess]:
+        return self.pool.submit(text, self.user, d)
+
+    def ledger(self, job: str) -> list[tuple[str, dict]]:
+        import sqlite3
+
+        db = sqlite3.connect(self.state / "ledger.sqlite")
+        try:
+            return [(e, json.loads(d)) for e, d in
+                    db.execute("select event, detail from events where job_id=? order by id", (job,))]
+        finally:
+            db.close()
+
+    def logs(self) -> str:
+        return (self.base / "bridge.log").read_text(errors="replace")[-3000:] + self.pool.logs(15)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -11,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.condor_pool import ROOT, Pool
+from harness.condor_pool import ROOT, VmwrapSite
 from vmwrap.catalog import register
 from vmwrap.config import Settings, render
 from vmwrap.resources import HOOKS
-from vmwrap_plugins.htcondor import render as condor_render
 
 pytestmark = pytest.mark.vm
 REPO = Path(__file__).resolve().parent.parent
@@ -30,71 +28,10 @@ def _virsh_names() -> list[str]:
     return r.stdout.split()
 
 
-class Env:
-    def __init__(self, pool: Pool, base: Path, bridge: subprocess.Popen, state: Path):
-        self.pool, self.base, self.bridge, self.state = pool, base, bridge, state
-
-    def jobdir(self) -> Path:
-        d = self.base / "submit" / f"t{os.urandom(3).hex()}"
-        d.mkdir(parents=True)
-        os.chown(d, 1234, 1234)
-        return d
-
-    def submit(self, d: Path, text: str) -> tuple[int, subprocess.CompletedProcess]:
-        return self.pool.submit(text, USER, d)
-
-
 @pytest.fixture(scope="module")
 def condor(appliance, virt_type, test_user, libvirtd):
-    base = Path(f"/var/tmp/vmwrap-condor-{os.getpid()}")
-    shutil.rmtree(base, ignore_errors=True)
-    base.mkdir(parents=True)
-    base.chmod(0o755)
-    register(str(base / "images.toml"), appliance)
-    cfg = base / "vmwrap.toml"
-    state = base / "state"
-    # Cluster ids restart at 1 in a fresh pool: a private state dir keeps them apart from other tests.
-    cfg.write_text(render({"catalog": str(base / "images.toml"), "accel": virt_type, "grace_seconds": 5.0,
-                           "state_dir": str(state), "cache_dir": str(base / "cache"),
-                           "checkpoint_dir": str(base / "checkpoints")}))
-    (base / "submit").mkdir(mode=0o755)
-    # The wrapper as the chrooted starter sees it: root's copy in the pool dir (bound at the same path),
-    # told where the bridge listens.
-    hooks = base / "hooks"
-    hooks.mkdir(mode=0o755)
-    shutil.copy(HOOKS / "condor-wrapper", hooks / "condor-wrapper.py")
-    sock = base / "bridge" / "condor.sock"
-    (hooks / "condor-wrapper").write_text(
-        f"#!/bin/sh\nexec /usr/bin/python3 -I {hooks / 'condor-wrapper.py'} --socket {sock} \"$@\"\n")
-    for f in hooks.iterdir():
-        f.chmod(0o755)
-    settings = Settings(catalog=str(base / "images.toml"))
-    extra = condor_render.submit_side(settings) + "\n" + condor_render.execute_side(
-        str(sock), str(hooks / "condor-wrapper"))
-    pool = Pool(base, extra_config=extra)
-    py = f"chroot {ROOT} /usr/bin/env -i CONDOR_CONFIG={pool.config} /usr/bin/python3"
-    bridge = subprocess.Popen(
-        [sys.executable, "-I", "-m", "vmwrap_plugins.htcondor", "--config", str(cfg), "condor", "bridge",
-         "--socket", str(sock), "--condor-python", py,
-         "--startd", f"node1@{os.uname().nodename}", "--startd", f"node2@{os.uname().nodename}"],
-        cwd="/", stdout=open(base / "bridge.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO)})
-    try:
-        pool.start()
-        for _ in range(100):
-            if sock.exists():
-                break
-            time.sleep(0.1)
-        assert sock.exists(), (base / "bridge.log").read_text()
-        yield Env(pool, base, bridge, state)
-    finally:
-        pool.stop()
-        bridge.kill()
-        bridge.wait()
-        for n in _virsh_names():
-            if n.startswith("vmwrap-") and (state / "jobs" / n[len("vmwrap-"):]).exists():
-                subprocess.run(["virsh", "-c", "qemu:///system", "destroy", n], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+    with VmwrapSite(Path(f"/var/tmp/vmwrap-condor-{os.getpid()}"), appliance, virt_type) as site:
+        yield site
 
 
 PAYLOAD = """#!/bin/sh
@@ -120,7 +57,7 @@ def _job(image: str | None) -> str:
 
 
 def _logs(condor) -> str:
-    return (condor.base / "bridge.log").read_text(errors="replace")[-3000:] + condor.pool.logs(15)
+    return condor.logs()
 
 
 def test_vm_job_matches_the_bare_job(condor):
@@ -186,6 +123,9 @@ def test_condor_rm_leaves_no_vm(condor):
     gone_after = time.monotonic() - t
     _wait(lambda: not (condor.state / "jobs" / f"{cluster}.0").exists(), "the run dir to go", 30, condor)
     assert gone_after < 30, gone_after
+    # A removed job is stopped, never saved (that is a vacate's).
+    assert "saved" not in [e for e, _ in condor.ledger(f"{cluster}.0")]
+    assert not (condor.checkpoints / f"{cluster}.0").exists()
 
 
 def test_suspend_pauses_the_vm_and_continue_resumes_it(condor):
@@ -207,6 +147,100 @@ def test_suspend_pauses_the_vm_and_continue_resumes_it(condor):
     _wait(lambda: state() == "running", "the VM resumed", 30, condor)
     assert condor.pool.run("/usr/bin/condor_rm", str(cluster), user=USER).returncode == 0
     _wait(lambda: name not in _virsh_names(), f"the VM {name} to go", 60, condor)
+
+
+def _faults(condor) -> dict:
+    return {a["Name"]: a.get("VmwrapFault") for a in condor.pool.query("startds", "true", ["Name", "VmwrapFault"])}
+
+
+def test_a_job_fault_holds_the_job_with_the_reason(condor):
+    """What the job asked for and may not have (an image edited past the submit check) holds it with
+    `vmwrap: <reason>` in HoldReason; the node stays in service."""
+    d = condor.jobdir()
+    cluster, r = condor.submit(d, "executable = /bin/true\ntransfer_executable = false\nhold = true\n"
+                                  'output = out.txt\nerror = err.txt\nrequest_memory = 512\n+VmwrapImage = "busybox"\nqueue\n')
+    assert cluster > 0, r.stderr
+    assert condor.pool.run("/usr/bin/condor_qedit", str(cluster), "VmwrapImage", '"nope"', user=USER).returncode == 0
+    assert condor.pool.run("/usr/bin/condor_release", str(cluster), user=USER).returncode == 0
+    ad = condor.pool.wait_job(cluster, 0, (4, 5), 120, ["HoldReason", "NumJobStarts"])
+    assert ad["JobStatus"] == 5, (ad, _logs(condor))
+    assert ad["HoldReason"].startswith("vmwrap: ") and "nope" in ad["HoldReason"], ad
+    assert not Path(str(condor.sock) + ".fault").exists()
+    time.sleep(5)  # two probe periods: no node took itself out for what a user did
+    assert set(_faults(condor).values()) == {None}, _faults(condor)
+    condor.pool.run("/usr/bin/condor_rm", str(cluster), user=USER)
+
+
+def test_without_its_bridge_a_node_matches_no_vm_job(condor):
+    """A node whose bridge is down publishes VmwrapFault (its probe): VM jobs wait instead of failing
+    there, bare jobs still run; once the bridge is back the VM job runs to its end."""
+    condor.stop_bridge()
+    try:
+        _wait(lambda: len([f for f in _faults(condor).values() if f]) == len(condor.pool.startds),
+              "every startd to publish VmwrapFault", 60, condor)
+        assert all("no vmwrap bridge" in f for f in _faults(condor).values()), _faults(condor)
+        d = condor.jobdir()
+        cluster, r = condor.submit(d, "executable = /bin/echo\narguments = hi\ntransfer_executable = false\n"
+                                      'output = out.txt\nerror = err.txt\nrequest_memory = 512\n+VmwrapImage = "busybox"\nqueue\n')
+        assert cluster > 0, r.stderr
+        bare, r = condor.submit(d, "executable = /bin/true\ntransfer_executable = false\nqueue\n")
+        assert bare > 0, r.stderr
+        assert condor.pool.wait_job(bare, 0, (4, 5), 60)["JobStatus"] == 4
+        ad = condor.pool.job(cluster, 0, ["JobStatus", "NumJobStarts"])
+        assert (ad["JobStatus"], ad["NumJobStarts"]) == (1, 0), (ad, _logs(condor))
+    finally:
+        condor.start_bridge()
+    _wait(lambda: set(_faults(condor).values()) == {None}, "VmwrapFault to clear", 60, condor)
+    ad = condor.pool.wait_job(cluster, 0, (4, 5), 180, ["ExitCode", "HoldReason"])
+    assert (ad["JobStatus"], ad["ExitCode"]) == (4, 0), (ad, _logs(condor))
+    assert (d / "out.txt").read_text() == "hi\n"
+
+
+def test_a_node_fault_sends_the_job_back_to_idle_never_to_hold(condor):
+    """The bridge cannot ask the schedd (the node's trouble, not the job's): the job goes back to idle
+    with VmwrapRequeue and is tried again, never held; when the node is well it runs to its end."""
+    condor.stop_bridge()
+    condor.start_bridge(condor_python="/bin/false")
+    try:
+        d = condor.jobdir()
+        cluster, r = condor.submit(d, "executable = /bin/echo\narguments = hi\ntransfer_executable = false\n"
+                                      'output = out.txt\nerror = err.txt\nrequest_memory = 512\n+VmwrapImage = "busybox"\nqueue\n')
+        assert cluster > 0, r.stderr
+        seen = {}
+
+        def requeued():
+            seen.update(condor.pool.job(cluster, 0, ["JobStatus", "NumJobStarts", "VmwrapRequeue", "HoldReason"]))
+            assert seen["JobStatus"] in (1, 2), seen  # never held, never completed
+            return seen["NumJobStarts"] >= 2 and "cannot query the schedd" in (seen["VmwrapRequeue"] or "")
+
+        _wait(requeued, "the job to be sent back to idle twice", 120, condor)
+        assert seen["HoldReason"] is None, seen
+    finally:
+        condor.stop_bridge()
+        condor.start_bridge()
+    ad = condor.pool.wait_job(cluster, 0, (4, 5), 180, ["ExitCode", "HoldReason", "VmwrapRequeue"])
+    assert (ad["JobStatus"], ad["ExitCode"]) == (4, 0), (ad, _logs(condor))
+    assert (d / "out.txt").read_text() == "hi\n"
+
+
+def test_a_lifecycle_node_fault_is_published_by_the_probe(tmp_path):
+    """The bridge's take_out writes the fault the startd's probe (the real wrapper) publishes."""
+    from vmwrap_plugins.htcondor.hooks import HTCondor, fault_path
+
+    sock = tmp_path / "condor.sock"
+    probe = [sys.executable, "-I", str(HOOKS / "condor-wrapper"), "--socket", str(sock), "--fault-ad"]
+    out = subprocess.run(probe, capture_output=True, text=True, timeout=30).stdout
+    assert out.startswith('VmwrapFault = "vmwrap: no vmwrap bridge on this node'), out
+    import socket as so
+
+    srv = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+    srv.bind(str(sock))
+    srv.listen(4)
+    assert subprocess.run(probe, capture_output=True, text=True, timeout=30).stdout == "VmwrapFault = undefined\n"
+    HTCondor(fault_file=fault_path(str(sock))).take_out({}, 'vmwrap: cannot reach libvirt "x"\nmore')
+    out = subprocess.run(probe, capture_output=True, text=True, timeout=30).stdout
+    assert out == 'VmwrapFault = "vmwrap: cannot reach libvirt \\"x\\" more"\n', out
+    srv.close()
 
 
 def test_render_prints_both_sides(tmp_path, appliance):
@@ -305,8 +339,20 @@ def test_wrapper_turns_a_refusal_into_a_hold_and_runs_a_plain_job_as_usual(tmp_p
     ad.write_text("ClusterId = 5\nProcId = 0\nVmwrapImage = \"busybox\"\n")
     r = subprocess.run(wrapper + ["/bin/echo", "vm"], env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and r.stdout == ""
-    assert err.read_text().startswith("vmwrap: only a job's wrapper under the node's condor_starter"), err.read_text()
-    err.unlink()
-    r = subprocess.run(wrapper[:3] + ["--socket", str(tmp_path / "none.sock"), "/bin/echo"], env=env,
+    # A refusal (the job's fault) is set as VmwrapHoldReason through chirp (the transform holds the job).
+    said = tmp_path / "chirp.said"
+    chirp = tmp_path / "chirp"
+    chirp.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$*\" >> {said}\n")
+    chirp.chmod(0o755)
+    env["_CONDOR_CHIRP_CONFIG"] = str(tmp_path / ".chirp.config")
+    r = subprocess.run(wrapper[:3] + ["--chirp", str(chirp), "--socket", str(sock), "/bin/echo", "vm"], env=env,
                        capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "vmwrap: only a job's wrapper under the node's condor_starter" in r.stderr
+    assert said.read_text().startswith('set_job_attr VmwrapHoldReason "vmwrap: only a job\'s wrapper'), said.read_text()
+    assert not err.exists()
+    said.unlink()
+    # No bridge (the node's fault): VmwrapRequeue (back to idle) and the wrapper error file.
+    r = subprocess.run(wrapper[:3] + ["--chirp", str(chirp), "--socket", str(tmp_path / "none.sock"), "/bin/echo"],
+                       env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and err.read_text().startswith("vmwrap: no vmwrap bridge on this node")
+    assert said.read_text().startswith('set_job_attr VmwrapRequeue "vmwrap: no vmwrap bridge'), said.read_text()

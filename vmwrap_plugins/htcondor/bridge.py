@@ -16,8 +16,16 @@ and environment, and waits. The bridge:
     in, so a stopped wrapper pauses the VM and a continued one resumes it; a wrapper that is gone
     (condor_rm's hard kill) destroys the VM at once; a TERM line from it (the starter's soft kill)
     is passed to the payload, which stops the job in its VM.
+  - on the starter's SIGTERM asks the schedd whether the job is still running there: then it is a
+    vacate (condor_vacate_job, the startd's PREEMPT, preemption), the payload detaches and the epilog
+    saves the VM into the checkpoint store; removed or held, the job is stopped in its VM. Only a job
+    running in its initialdir (no file transfer) is saved: a restore needs the same work dir, and a
+    sandbox is new on every match (such a job starts again from the beginning, like a bare one).
 Bounds as in the node agent (vmwrap/agent.py): one deadline for the request, a size cap, connections
-per uid and in all; every refusal is a one-line reason the wrapper turns into the job's HoldReason.
+per uid and in all. Answers: `exit N`; `bare` (no VM); `hold REASON` for what the job asked (the
+wrapper sets VmwrapHoldReason through chirp, the transform's OnExitHold holds it); `requeue REASON`
+for what this node cannot do (VmwrapRequeue: OnExitRemove is false, the job goes back to idle) - a
+lifecycle node fault also writes the fault file, and the startd stops matching VM jobs.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from pathlib import Path
 
 from vmwrap import domain, lifecycle, procs, rundir, safeio
 from vmwrap.config import Settings
-from vmwrap.errors import UserError, VmwrapError
+from vmwrap.errors import NodeError, UserError, VmwrapError
 from vmwrap.job import validate_host_path
 from vmwrap.ledger import Ledger
 from vmwrap.rootenv import BASE
@@ -159,8 +167,9 @@ def peer_cwd(pid: int) -> str:
 
 class Bridge:
     def __init__(self, settings: Settings, config_path: str | None, schedd: Schedd,
-                 startds: list[str] | None = None, python: str = sys.executable):
+                 startds: list[str] | None = None, python: str = sys.executable, fault_file: Path | None = None):
         self.settings = settings
+        self.fault_file = fault_file
         self.config_path = config_path
         self.schedd = schedd
         self.startds = list(startds or [])
@@ -210,7 +219,11 @@ class Bridge:
             if job is None and err is None:
                 _reply(sock, {"bare": True})  # the schedd says: no VM (the wrapper runs it as usual)
                 return
-            self.run(sock, pid, job_id, HTCondor(job, err), req, fds)
+            adapter = HTCondor(job, err, fault_file=self.fault_file)
+            adapter.saveable = isinstance(ad.get("Iwd"), str) and os.path.realpath(ad["Iwd"]) == work_dir
+            self.run(sock, pid, job_id, adapter, req, fds)
+        except NodeError as e:  # e.g. the schedd did not answer: not the job's fault, nor proof of a bad node
+            _reply(sock, {"requeue": hold_reason(str(e))})
         except VmwrapError as e:
             _reply(sock, {"hold": hold_reason(str(e))})
         except Exception as e:  # noqa: BLE001 (one job's request fails, the bridge stays)
@@ -227,30 +240,38 @@ class Bridge:
             lifecycle.epilog(adapter, self.settings, env)
             if out.verdict is lifecycle.Verdict.RUN:
                 _reply(sock, {"bare": True})
+            elif out.verdict is lifecycle.Verdict.NODE_FAULT:  # prolog took the node out (fault file)
+                _reply(sock, {"requeue": hold_reason(out.reason)})
             else:
                 _reply(sock, {"hold": hold_reason(out.reason)})
             return
         code = None
         try:
-            code = self.supervise(sock, pid, job_id, adapter._job, req, fds)
+            code = self.supervise(sock, pid, job_id, adapter, req, fds)
         finally:
             lifecycle.epilog(adapter, self.settings, env)
         if code is not None:
             _reply(sock, {"exit": code})
 
-    def _child(self, job, req: dict, fds: list[int]) -> subprocess.Popen:
+    def _child(self, job, req: dict, fds: list[int]) -> tuple[subprocess.Popen, int]:
+        """The payload side as the job's user, and the write end of its control pipe."""
         r, w = os.pipe()
+        cr, cw = os.pipe()
         cmd = [self.python, "-I", "-m", "vmwrap_plugins.htcondor"]
         if self.config_path:
             cmd += ["--config", self.config_path]
-        cmd += ["condor", "attach", job.job_id, "--payload-fd", str(r)]
+        cmd += ["condor", "attach", job.job_id, "--payload-fd", str(r), "--control-fd", str(cr)]
         pw = pwd.getpwuid(job.uid)
         try:
-            child = subprocess.Popen(cmd, stdin=fds[0], stdout=fds[1], stderr=fds[2], pass_fds=(r,),
+            child = subprocess.Popen(cmd, stdin=fds[0], stdout=fds[1], stderr=fds[2], pass_fds=(r, cr),
                                      user=job.uid, group=job.gid, extra_groups=job.groups, cwd=job.work_dir,
                                      env={**BASE, "HOME": pw.pw_dir, "USER": pw.pw_name}, start_new_session=True)
+        except BaseException:
+            os.close(cw)
+            raise
         finally:
             os.close(r)
+            os.close(cr)
         data = json.dumps({"argv": req["argv"], "env": req["env"]}).encode("utf-8", "surrogateescape")
 
         def feed():
@@ -261,16 +282,27 @@ class Bridge:
                 pass
 
         threading.Thread(target=feed, daemon=True).start()
-        return child
+        return child, cw
 
-    def supervise(self, sock, pid: int, job_id: str, job, req: dict, fds: list[int]) -> int | None:
-        """Run the payload; follow the wrapper (stopped: pause, continued: resume, TERM: pass it on,
-        gone: kill). The payload's exit code, or None when the wrapper is gone."""
-        child = self._child(job, req, fds)
+    def vacating(self, job_id: str) -> bool:
+        """The starter's SIGTERM is a vacate when the schedd still has the job running (condor_rm
+        marks it removed, condor_hold held, before the starter is told). Unknown: save (GC cleans up)."""
+        try:
+            ad = self.schedd.job(*split_id(job_id))
+        except VmwrapError:
+            return True
+        return ad is not None and ad.get("JobStatus") == 2
+
+    def supervise(self, sock, pid: int, job_id: str, adapter: HTCondor, req: dict, fds: list[int]) -> int | None:
+        """Run the payload; follow the wrapper (stopped: pause, continued: resume, TERM: a vacate
+        detaches the payload for the epilog to save the VM, else pass it on; gone: kill). The
+        payload's exit code, or None when the wrapper is gone."""
+        child, control = self._child(adapter._job, req, fds)
         conn = domain.connect(self.settings.libvirt_uri)
         name = rundir.domain_name(job_id)
         born = procs.start_time(pid)
         paused = False
+        term_sent = False
         try:
             while True:
                 rc = child.poll()
@@ -287,9 +319,16 @@ class Bridge:
                         child.kill()
                         child.wait(10)
                         return None
-                    if b"TERM" in data and child.returncode is None:
+                    if b"TERM" in data and child.returncode is None and not term_sent:
+                        term_sent = True
                         if paused:
                             paused = not self._vm(conn, name, job_id, "resume")
+                        if adapter.saveable and self.vacating(job_id):
+                            adapter.vacated = True
+                            try:
+                                os.write(control, b"vacate\n")
+                            except OSError:
+                                pass
                         child.send_signal(signal.SIGTERM)
                 f = _stat_fields(pid)
                 if f is None or procs.start_time(pid) != born:
@@ -302,6 +341,7 @@ class Bridge:
             if child.poll() is None:
                 child.kill()
                 child.wait(10)
+            os.close(control)
             conn.close()
 
     def _vm(self, conn, name: str, job_id: str, op: str) -> bool:

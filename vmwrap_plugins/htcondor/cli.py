@@ -32,19 +32,37 @@ def bridge(obj, socket_path, condor_python, startds):
 
     from .bridge import Bridge, serve
     from .facts import Schedd
+    from .hooks import fault_path
 
     clean_environment(())
     settings = obj.settings(hook=True)
     schedd = Schedd(shlex.split(condor_python) if condor_python else None)
-    serve(Bridge(settings, _config_path(), schedd, list(startds)), socket_path)
+    serve(Bridge(settings, _config_path(), schedd, list(startds), fault_file=fault_path(socket_path)), socket_path)
 
 
 @condor.command()
 @click.argument("job_id")
 @click.option("--payload-fd", type=int, required=True)
+@click.option("--control-fd", type=int, default=None, help="Pipe on which the bridge says `vacate`.")
 @click.pass_obj
-def attach(obj, job_id, payload_fd):
+def attach(obj, job_id, payload_fd, control_fd):
     """The payload side (the job's user; started by the bridge): run the job in its VM."""
     from .hooks import attach as run
 
-    sys.exit(run(obj.settings(hook=True), job_id, payload_fd))
+    sys.exit(run(obj.settings(hook=True), job_id, payload_fd, control_fd))
+
+
+@condor.command()
+@click.option("--condor-python", default=None, help="As for `vmwrap condor bridge`.")
+@click.option("--interval", default=600.0, show_default=True, help="Seconds between passes.")
+@click.option("--once", is_flag=True, help="One pass, then exit (1 if it failed).")
+@click.pass_obj
+def gc(obj, condor_python, interval, once):
+    """Delete checkpoints of VM jobs the schedd no longer has (condor_rm of a job waiting saved)."""
+    from vmwrap import daemons
+
+    from .facts import Schedd
+    from .hooks import HTCondor
+
+    schedd = Schedd(shlex.split(condor_python) if condor_python else None)
+    sys.exit(daemons.gc(HTCondor(schedd=schedd), obj.settings(hook=True), interval, once))

@@ -16,7 +16,8 @@ from vmwrap.errors import NodeError, UserError
 
 # Attributes root reads from the schedd for a starting job.
 JOB_ATTRS = ["ClusterId", "ProcId", "Owner", "JobStatus", "VmwrapImage", "RequestCpus", "RequestMemory",
-             "NumJobStarts", "RemoteHost", "JobUniverse", "CpusProvisioned", "MemoryProvisioned"]
+             "NumJobStarts", "JobRunCount", "Iwd", "RemoteHost", "JobUniverse", "CpusProvisioned",
+             "MemoryProvisioned"]
 ANSWER_MAX = 1 << 20
 _QUERY = r"""
 import json, sys, htcondor2 as h
@@ -78,6 +79,12 @@ class Schedd:
     def job(self, cluster: int, proc: int) -> dict | None:
         found = self.query(f"ClusterId == {int(cluster)} && ProcId == {int(proc)}", JOB_ATTRS)
         return found[0] if found and isinstance(found[0], dict) else None
+
+    def job_ids(self) -> set[str]:
+        """CLUSTER.PROC of every job the schedd may still run (not removed, not completed)."""
+        found = self.query("JobStatus =!= 3 && JobStatus =!= 4", ["ClusterId", "ProcId"])
+        return {f"{a['ClusterId']}.{a['ProcId']}" for a in found
+                if isinstance(a, dict) and isinstance(a.get("ClusterId"), int) and isinstance(a.get("ProcId"), int)}
 
 
 def _plain(ad, k: str):

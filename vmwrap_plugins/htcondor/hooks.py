@@ -42,6 +42,16 @@ def _given(ad: dict, what: str):
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) else ad.get(f"Request{what}")
 
 
+def _restarts(ad: dict) -> int:
+    """Earlier runs of the job: the schedd counts a shadow (JobRunCount) before the starter runs the
+    wrapper; NumJobStarts is counted only once the job has started, maybe after the bridge asked."""
+    for key in ("JobRunCount", "NumJobStarts"):
+        v = ad.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v - 1
+    return 0
+
+
 def job_from_ad(ad: dict, uid: int, work_dir: str) -> Job | None:
     """The core's Job from the schedd's ad of a running job. None: it asked for no VM."""
     image = ad.get("VmwrapImage")
@@ -52,8 +62,7 @@ def job_from_ad(ad: dict, uid: int, work_dir: str) -> Job | None:
     directives.check_image_name(image)
     cluster, proc = ad.get("ClusterId"), ad.get("ProcId")
     pw = pwd.getpwuid(uid)
-    starts = ad.get("NumJobStarts")
-    restarts = max(0, starts - 1) if isinstance(starts, int) and not isinstance(starts, bool) else 0
+    restarts = _restarts(ad)
     return Job(job_id=f"{cluster}.{proc}", scheduler=NAME, user=pw.pw_name, uid=uid, gid=pw.pw_gid,
                work_dir=work_dir, script="", cpus=_whole(_given(ad, "Cpus"), "request_cpus", 4096),
                memory_mib=_whole(_given(ad, "Memory"), "request_memory (MiB)", 1 << 24),
@@ -61,15 +70,35 @@ def job_from_ad(ad: dict, uid: int, work_dir: str) -> Job | None:
                groups=[g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid])
 
 
+def fault_path(socket: str) -> Path:
+    """Where the bridge records a node fault: next to its socket, in a root-owned dir the startd's
+    STARTD_CRON probe (`condor-wrapper --fault-ad`) reads from inside the chroot too."""
+    return Path(str(socket) + ".fault")
+
+
+def classad_string(text: str) -> str:
+    """A ClassAd string literal of one line of text (quotes and backslashes escaped)."""
+    line = " ".join(str(text).split())[:900]
+    return '"' + line.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 class HTCondor:
     """vmwrap.adapter.Scheduler for HTCondor. Node hooks get their facts from the bridge, which
-    verified them with the schedd (`env` here is the bridge's {"VMWRAP_CONDOR_JOB": id} only)."""
+    verified them with the schedd (`env` here is the bridge's {"VMWRAP_CONDOR_JOB": id} only).
+    `vacated`: the bridge saw the job vacated (not removed or held), so the epilog saves the VM."""
 
     name = NAME
     root_env: tuple[str, ...] = ()
 
-    def __init__(self, job: Job | None = None, error: Exception | None = None):
+    def __init__(self, job: Job | None = None, error: Exception | None = None, fault_file: Path | None = None,
+                 schedd=None):
         self._job, self._error = job, error
+        self.fault_file = fault_file
+        self.schedd = schedd
+        self.vacated = False
+        # A restored VM needs its work dir at the same path: only a job that runs in its initialdir
+        # (no file transfer, shared storage) has that on its next match; a sandbox is new each time.
+        self.saveable = job is not None and bool(job.work_dir)
 
     def job_id(self, env) -> str:
         return env["VMWRAP_CONDOR_JOB"]
@@ -82,13 +111,30 @@ class HTCondor:
     def requeue_state(self, settings: Settings, env) -> tuple[bool, int]:
         from vmwrap import lifecycle
 
-        return False, lifecycle.started_as(settings, self.job_id(env)) or 0
+        return self.vacated, lifecycle.started_as(settings, self.job_id(env)) or 0
 
     def take_out(self, env, reason: str) -> None:
+        """The startd stops matching VM jobs: its STARTD_CRON probe publishes VmwrapFault from this
+        file (the transform's Requirements and START exclude such a node) until an admin removes it."""
         print(f"vmwrap condor: {reason}", file=sys.stderr, flush=True)
+        if self.fault_file is None:
+            return
+        tmp = self.fault_file.with_name(f".{self.fault_file.name}.{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"VmwrapFault = {classad_string(hold_reason(reason))}\n")
+        os.replace(tmp, self.fault_file)
 
     def still_queued(self):
-        return lambda j: True
+        """For checkpoint GC: a job the schedd may still run. Schedd unreachable: keep everything."""
+        if self.schedd is None:
+            return lambda j: True
+        try:
+            have = self.schedd.job_ids()
+        except Exception:  # noqa: BLE001 (NodeError, or the bindings' own kinds)
+            return lambda j: True
+        return lambda j: j in have
 
     def planned_starts(self) -> list[dict] | None:
         return None
@@ -130,9 +176,30 @@ def payload_argv(argv: list[str]) -> tuple[str, list[str]]:
     return head.decode("utf-8", "surrogateescape"), list(argv[1:])
 
 
-def attach(settings: Settings, job_id: str, payload_fd: int) -> int:
+def _vacating(control_fd: int | None):
+    """The bridge writes `vacate` to the control pipe before it passes the starter's SIGTERM on
+    when the schedd still runs the job (a vacate, not condor_rm or condor_hold)."""
+    seen = []
+
+    def ask() -> bool:
+        if control_fd is None or seen:
+            return bool(seen)
+        try:
+            os.set_blocking(control_fd, False)
+            data = os.read(control_fd, 64)
+        except (BlockingIOError, OSError):
+            data = b""
+        if b"vacate" in data:
+            seen.append(True)
+        return bool(seen)
+
+    return ask
+
+
+def attach(settings: Settings, job_id: str, payload_fd: int, control_fd: int | None = None) -> int:
     """The job's payload, as the job's user (the bridge started this with the wrapper's stdin,
-    stdout and stderr): hand argv and environment to the waiting VM, stream its output back."""
+    stdout and stderr): hand argv and environment to the waiting VM, stream its output back. On a
+    vacate it detaches and leaves the VM to the bridge's epilog, which saves it."""
     split_id(job_id)
     with os.fdopen(payload_fd, "rb") as f:
         raw = f.read(PAYLOAD_MAX + 1)
@@ -143,7 +210,7 @@ def attach(settings: Settings, job_id: str, payload_fd: int) -> int:
     argv, env = req["argv"], req["env"]
     script, args = payload_argv(argv)
     return payload.attach(rundir.path(settings, job_id), job_id, script, env, args,
-                          grace=settings.grace_seconds, settings=settings)
+                          grace=settings.grace_seconds, settings=settings, requeued=_vacating(control_fd))
 
 
 def hold_reason(text: str) -> str:

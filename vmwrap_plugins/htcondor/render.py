@@ -47,6 +47,16 @@ def submit_side(settings: Settings) -> str:
         "REQUIREMENTS VmwrapImage isnt undefined",
         "SET Requirements ($(MY.Requirements)) && (TARGET.HasVmwrap =?= true) && (TARGET.VmwrapFault is undefined)",
         "SET VmwrapRequested true",
+        # The wrapper reports through chirp: VmwrapHoldReason (the job's fault: hold it with that
+        # reason) or VmwrapRequeue (the node's fault: back to idle). The user's own on_exit_hold,
+        # on_exit_hold_reason and on_exit_remove still apply, kept under Vmwrap* names.
+        "SET WantIOProxy true",
+        "COPY OnExitHold VmwrapUserOnExitHold",
+        "COPY OnExitHoldReason VmwrapUserOnExitHoldReason",
+        "COPY OnExitRemove VmwrapUserOnExitRemove",
+        "SET OnExitHold (VmwrapHoldReason isnt undefined) || (VmwrapUserOnExitHold =?= true)",
+        "SET OnExitHoldReason ifThenElse(VmwrapHoldReason isnt undefined, VmwrapHoldReason, VmwrapUserOnExitHoldReason)",
+        "SET OnExitRemove (VmwrapRequeue is undefined) && (VmwrapUserOnExitRemove isnt false)",
         "@end",
         "SUBMIT_REQUIREMENT_NAMES = $(SUBMIT_REQUIREMENT_NAMES) VmwrapType VmwrapName VmwrapKnown VmwrapAllowed",
         "SUBMIT_REQUIREMENT_VmwrapType = VmwrapImage is undefined || isString(VmwrapImage)",
@@ -75,9 +85,11 @@ def submit_side(settings: Settings) -> str:
     return "\n".join(lines)
 
 
-def execute_side(socket: str = SOCKET, wrapper: str | None = None) -> str:
+def execute_side(socket: str = SOCKET, wrapper: str | None = None, probe_period: int = 30) -> str:
     """Startd lines: every job goes through the wrapper (a job without VmwrapImage runs as usual);
-    the node advertises vmwrap so that the transform's Requirements match it."""
+    the node advertises vmwrap so that the transform's Requirements match it, and a node fault
+    (VmwrapFault, published by the wrapper's STARTD_CRON probe) keeps VM jobs off it, START included
+    (a claim the schedd reuses is not matched again)."""
     w = wrapper or str(wrapper_path())
     return "\n".join([
         f"USER_JOB_WRAPPER = {w}",
@@ -85,10 +97,17 @@ def execute_side(socket: str = SOCKET, wrapper: str | None = None) -> str:
         "HasVmwrap = true",
         "STARTD_ATTRS = $(STARTD_ATTRS) HasVmwrap",
         "MOUNT_UNDER_SCRATCH =",
+        "STARTD_CRON_JOBLIST = $(STARTD_CRON_JOBLIST) VMWRAP",
+        f"STARTD_CRON_VMWRAP_EXECUTABLE = {w}",
+        "STARTD_CRON_VMWRAP_ARGS = --fault-ad" + ("" if socket == SOCKET else f" --socket {socket}"),
+        f"STARTD_CRON_VMWRAP_PERIOD = {int(probe_period)}s",
+        "STARTD_CRON_VMWRAP_MODE = Periodic",
+        "START = ($(START)) && ((TARGET.VmwrapImage is undefined) || (MY.VmwrapFault is undefined))",
     ])
 
 
 def render_condor(settings: Settings, socket: str = SOCKET, wrapper: str | None = None) -> str:
+    # A node fault stays until the admin removes the bridge's fault file (SOCKET.fault).
     return "\n".join([
         "# vmwrap for HTCondor (docs/condor.md). Submit side: the schedd's configuration.",
         submit_side(settings),
@@ -96,5 +115,6 @@ def render_condor(settings: Settings, socket: str = SOCKET, wrapper: str | None 
         "# Execute side: each startd's configuration. Run the bridge as root on the host:",
         f"#   vmwrap condor bridge --socket {socket}",
         "# and make the socket reachable at that path for the starter (bind it into a chroot).",
+        f"# A node fault is kept in {socket}.fault until you remove it (the startd then matches VM jobs again).",
         execute_side(socket, wrapper),
     ]) + "\n"

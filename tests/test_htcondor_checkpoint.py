@@ -1,0 +1,117 @@
+"""HTCondor eviction loses nothing: condor_vacate_job saves the job's VM into the shared checkpoint
+store, and the job, matched again on the other execute node, restores it and continues.
+
+A real HTCondor 23.9 pool (harness.condor_pool: two startds on this host, one bridge, one libvirtd),
+real VMs. The guest's counter lives only in the shell's memory: after the move it must continue, and
+the job's output (transferred back at its end) must hold every value exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.condor_pool import ROOT, VmwrapSite
+
+pytestmark = pytest.mark.vm
+N = 24
+COUNTER = f"#!/bin/sh\ni=0; while [ $i -lt {N} ]; do i=$((i+1)); echo n=$i; sleep 1; done\n"
+LIFE = ("created", "saved", "save_failed", "restored", "exited", "failed")
+
+if not (ROOT / ".vmwrap-condor-root").exists():
+    pytest.skip(f"no HTCondor root at {ROOT} (scripts/build-condor-root.sh)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def condor(appliance, virt_type, test_user, libvirtd):
+    with VmwrapSite(Path(f"/var/tmp/vmwrap-condorckpt-{os.getpid()}"), appliance, virt_type) as site:
+        yield site
+
+
+def values(text: str) -> list[int]:
+    return [int(m) for m in re.findall(r"^n=(\d+)$", text, re.M)]
+
+
+def wait_for(cond, what: str, timeout: float, condor):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}\n{condor.logs()}")
+
+
+def submit_counter(condor) -> tuple[Path, int]:
+    """The counter as a vanilla job in a shared directory (no file transfer: a restored VM needs its
+    work dir at the same path); it avoids the startd named in VmwrapAvoid and runs only while
+    VmwrapGo is not false (the test steers the rematch with condor_qedit)."""
+    d = condor.jobdir()
+    (d / "count.sh").write_text(COUNTER)
+    (d / "count.sh").chmod(0o755)
+    os.chown(d / "count.sh", 1234, 1234)
+    cluster, r = condor.submit(d, "\n".join([
+        "executable = count.sh", "should_transfer_files = NO",
+        "output = out.txt", "error = err.txt", "log = log.txt", "request_memory = 512",
+        '+VmwrapImage = "busybox"', '+VmwrapAvoid = "none"',
+        "requirements = (TARGET.VmwrapStartd =!= MY.VmwrapAvoid) && (MY.VmwrapGo =!= false)", "queue", ""]))
+    assert cluster > 0, r.stderr
+    return d, cluster
+
+
+def counting_on(condor, d: Path, cluster: int, n: int = 5) -> str:
+    """Wait until the job counted to n; the startd it runs on."""
+    def counted():
+        out = d / "out.txt"
+        if not out.exists() or len(values(out.read_text(errors="replace"))) < n:
+            return None
+        host = (condor.pool.job(cluster, 0, ["RemoteHost"]) or {}).get("RemoteHost") or ""
+        return host.split("@")[1] if host.count("@") == 2 else None
+
+    return wait_for(counted, f"job {cluster} to count to {n}", 180, condor)
+
+
+def test_vacate_saves_the_vm_and_the_other_startd_restores_it(condor):
+    d, cluster = submit_counter(condor)
+    job = f"{cluster}.0"
+    first = counting_on(condor, d, cluster)
+    other = next(s for s in condor.pool.startds if s != first)
+    assert condor.pool.run("/usr/bin/condor_qedit", str(cluster), "VmwrapAvoid", f'"{first}"', user=condor.user).returncode == 0
+    assert condor.pool.run("/usr/bin/condor_vacate_job", str(cluster), user=condor.user).returncode == 0
+    ad = condor.pool.wait_job(cluster, 0, (4, 5), 240, ["ExitCode", "ExitBySignal", "HoldReason", "LastRemoteHost",
+                                                        "JobRunCount"])
+    out, err = (d / "out.txt").read_text(), (d / "err.txt").read_text()
+    assert (ad["JobStatus"], ad["ExitCode"]) == (4, 0), (ad, out, err, condor.logs())
+    assert f"@{other}@" in ad["LastRemoteHost"] and ad["JobRunCount"] == 2, ad
+    assert values(out) == list(range(1, N + 1)), (out, err)
+    events = condor.ledger(job)
+    assert [e for e, _ in events if e in LIFE] == ["created", "saved", "restored", "exited"], events
+    saved = dict(events)["saved"]
+    assert saved["scheduler"] == "condor" and saved["memory_bytes"] > 0, saved
+    assert not (condor.checkpoints / job).exists()
+    assert not any(p.name.startswith(job + ".") for p in condor.checkpoints.iterdir())
+
+
+def test_condor_rm_of_a_saved_job_lets_gc_delete_its_checkpoint(condor):
+    """Vacated and saved, the job waits (it matches nowhere); the GC keeps its checkpoint while the
+    schedd has it, and deletes it once condor_rm took the waiting job away (no epilog runs then)."""
+    d, cluster = submit_counter(condor)
+    job = f"{cluster}.0"
+    counting_on(condor, d, cluster, 3)
+    assert condor.pool.run("/usr/bin/condor_qedit", str(cluster), "VmwrapGo", "false", user=condor.user).returncode == 0
+    assert condor.pool.run("/usr/bin/condor_vacate_job", str(cluster), user=condor.user).returncode == 0
+    wait_for(lambda: (condor.checkpoints / job / "manifest.json").exists(), "the checkpoint", 120, condor)
+    condor.pool.wait_job(cluster, 0, (1,), 60)
+    r = condor.gc()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (condor.checkpoints / job / "manifest.json").exists()  # still queued: kept
+    assert condor.pool.run("/usr/bin/condor_rm", str(cluster), user=condor.user).returncode == 0
+    wait_for(lambda: condor.pool.query("jobs", f"ClusterId == {cluster} && JobStatus =!= 3", ["ClusterId"]) == [],
+             "the job to leave the queue", 60, condor)
+    r = condor.gc()
+    assert r.returncode == 0 and f"job {job}: ended while saved" in r.stdout, r.stdout + r.stderr
+    assert not (condor.checkpoints / job).exists()
