@@ -95,6 +95,32 @@ def test_no_job_fails_because_the_host_is_saturated(cluster, test_user):
     assert not drained(cluster)
 
 
+STARVED = 4
+MACHINES = Path("/sys/fs/cgroup/cpu/machine/cpu.shares")   # libvirt's cgroup of all QEMUs (cgroup v1)
+
+
+@pytest.mark.skipif(not MACHINES.exists(), reason="libvirt's cpu cgroup is not at /sys/fs/cgroup/cpu/machine")
+def test_guests_starved_of_cpu_during_boot_still_run(cluster, test_user):
+    """The cause found for issue 26: a guest whose QEMU gets almost no host time while its kernel boots
+    (all VMs' cgroup at 1/16 of one CPU hog's weight, a hog per core) must still boot and run."""
+    before = MACHINES.read_text()
+    hogs = [subprocess.Popen(["/bin/sh", "-c", "while :; do :; done"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        MACHINES.write_text("64")
+        d = jobdir(cluster, test_user)
+        script = "#!/bin/sh\n#VMWRAP --image=busybox --memory=128M\necho hello $SLURM_JOB_ID\n"
+        jobs = [submit(cluster, d, script) for _ in range(STARVED)]
+        infos = {j: cluster.wait_state(j, FINAL, 1200) for j in jobs}
+    finally:
+        MACHINES.write_text(before)
+        for h in hogs:
+            h.kill()
+            h.wait()
+    bad = {j: (i["JobState"], i["ExitCode"], (d / f"slurm-{j}.out").read_text(errors="replace")[-2000:])
+           for j, i in infos.items() if (i["JobState"], i["ExitCode"]) != ("COMPLETED", "0:0")}
+    assert not bad, f"{len(bad)} of {STARVED} starved guests failed: {bad}"
+
+
 def test_a_guest_that_dies_shows_its_console_and_leaves_evidence(cluster, test_user):
     d = jobdir(cluster, test_user)
     job = submit(cluster, d, "#!/bin/sh\n#VMWRAP --image=broken\necho never\n")
