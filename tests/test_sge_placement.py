@@ -65,7 +65,7 @@ def _jsv(monkeypatch, tmp_path, defined: bool, params: str) -> list[str]:
     from vmwrap.config import Settings
 
     monkeypatch.setattr(facts, "cached_complex_defined", lambda: defined)
-    monkeypatch.setattr(hooks, "check_request", lambda *a, **k: (IMAGE, None))
+    monkeypatch.setattr(hooks, "check_request", lambda *a, **k: (IMAGE, None, None))
     out = io.StringIO()
     hooks.jsv(Settings(), io.StringIO(f"START\n{params}BEGIN\nQUIT\n"), out)
     return out.getvalue().splitlines()[1:]

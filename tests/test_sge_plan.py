@@ -216,3 +216,87 @@ def test_checkpoints_of_jobs_ge_no_longer_has_are_collected(cell, jobdir):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "job 99999: ended while saved, checkpoint deleted" in r.stdout
     assert (store / held / "manifest.json").exists() and not (store / "99999").exists()
+
+
+# -- the VM's memory the planner budgets a save for: the script's --memory, as the prolog sizes it ------
+
+def _job_list(jid: str, state: str = "qw", slots: int = 1):
+    import xml.etree.ElementTree as ET
+
+    return ET.fromstring(f"<job_list><JB_job_number>{jid}</JB_job_number><JB_owner>vmwrapuser</JB_owner>"
+                         f"<state>{state}</state><slots>{slots}</slots><JAT_prio>0.5</JAT_prio></job_list>")
+
+
+@pytest.mark.parametrize("context,hard,slots,want", [
+    ({"vmwrap_memory": {"300"}}, {}, 1, 300.0),
+    ({"vmwrap_memory": {"2048"}}, {"h_rt": "60"}, 1, 2048.0),
+    # a hard memory request per slot still caps it (the prolog would refuse the rest)
+    ({"vmwrap_memory": {"3072"}}, {"h_vmem": "1G"}, 2, 2048.0),
+    # no --memory: the image's default, else the site's
+    ({}, {}, 1, None),
+], ids=["memory", "with-h_rt", "capped", "no-memory"])
+def test_planner_budgets_the_save_for_the_scripts_memory(context, hard, slots, want):
+    from vmwrap.config import Settings
+    from vmwrap_plugins.sge import facts
+
+    settings = Settings()
+    details = {"hard": hard, "context": {"vmwrap_image": {"busybox"}, **context}, "ar": ""}
+    *_, q = facts._queued(settings, {}, {"vmwrap.q": {"node1"}}, details, "4711", _job_list("4711", slots=slots))
+    assert q.mem_mb == (want if want is not None else float(settings.default_memory_mib))
+    assert q.saveable and q.state == "pending"
+
+
+@pytest.mark.parametrize("forged", ["0", "1e9", "9" * 40, "x"])
+def test_a_forged_memory_context_leaves_the_job_out_of_the_plan(forged):
+    from vmwrap.config import Settings
+    from vmwrap.errors import UserError
+    from vmwrap_plugins.sge import facts
+
+    details = {"hard": {}, "context": {"vmwrap_image": {"busybox"}, "vmwrap_memory": {forged}}, "ar": ""}
+    with pytest.raises(UserError):   # facts.queue logs it and leaves the job out
+        facts._queued(Settings(), {}, {}, details, "4711", _job_list("4711"))
+
+
+def _jsv(monkeypatch, params: str, memory) -> list[str]:
+    import io
+
+    from vmwrap.config import Settings
+    from vmwrap_plugins.sge import facts, hooks
+
+    monkeypatch.setattr(facts, "cached_complex_defined", lambda: False)
+    monkeypatch.setattr(hooks, "check_request", lambda *a, **k: ("busybox", memory, None))
+    out = io.StringIO()
+    hooks.jsv(Settings(), io.StringIO(f"START\n{params}BEGIN\nQUIT\n"), out)
+    return out.getvalue().splitlines()[1:]
+
+
+def test_jsv_copies_the_scripts_memory_into_the_context(monkeypatch):
+    assert _jsv(monkeypatch, "", 300) == ["PARAM ac vmwrap_image=busybox,vmwrap_memory=300", "RESULT STATE CORRECT"]
+    # the user's own value is replaced by the script's, or dropped when the script gives none
+    assert _jsv(monkeypatch, "PARAM ac a=1,vmwrap_memory=1\n", 300) == [
+        "PARAM ac a=1,vmwrap_image=busybox,vmwrap_memory=300", "RESULT STATE CORRECT"]
+    assert _jsv(monkeypatch, "PARAM ac vmwrap_image=busybox,vmwrap_memory=1\n", None) == [
+        "PARAM ac vmwrap_image=busybox", "RESULT STATE CORRECT"]
+    assert _jsv(monkeypatch, "PARAM ac vmwrap_image=busybox,vmwrap_memory=300\n", 300) == ["RESULT STATE ACCEPT"]
+
+
+def test_planner_sees_the_memory_of_a_job_qmaster_holds(cell, jobdir):
+    """On the real cell: the JSV puts the script's --memory where the planner reads it; a job whose
+    context was changed since (`qalter -ac`) fails in its prolog with the reason, the node stays up."""
+    from vmwrap import config
+    from vmwrap_plugins.sge import facts
+
+    job = qsub(cell, jobdir, "#!/bin/sh\n#VMWRAP --image=busybox --memory=300M\necho hi\n", "-h")
+    try:
+        queued = {q.job: q for q in facts.queue(config.load(str(cell.cfg)), time.time())}
+        assert queued[job].mem_mb == 300.0 and not queued[job].eligible
+        r = cell.run("qalter", "-ac", "vmwrap_memory=64", job, user="vmwrapuser")
+        assert r.returncode == 0, r.stderr
+        assert cell.run("qrls", job, user="vmwrapuser").returncode == 0
+        info = finished(cell, job, timeout=120)
+        assert info["exit_status"] != "0", info
+        err = (jobdir / f"{Path(info['jobname']).name}.e{job}").read_text()
+        assert "vmwrap_memory=64 but its script asks for --memory=300M" in err, err
+        assert cell.queue_state() == "", cell.queue_state()
+    finally:
+        cell.run("qdel", job)

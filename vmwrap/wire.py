@@ -6,8 +6,9 @@ leaves it where the scheduler carries it to the root prolog, the gap planner and
 - Slurm: the job's comment, `vmwrap:image=NAME,memory=MIB,cpus=N,lost=restart|fail` (empty values
   mean "not given"), followed by ` | ` and the user's own comment if there was one. The Lua filter
   formats it with `lua_format()`, rendered into job_submit.lua from here.
-- Grid Engine: the job context item `vmwrap_image=NAME` (`qsub -ac`); the rest stays in the script's
-  #VMWRAP lines, which root reads from the spooled script.
+- Grid Engine: the job context item `vmwrap_image=NAME` (`qsub -ac`), and `vmwrap_memory=MIB` when
+  the script gives --memory (the planner cannot read the script; the prolog checks it against the
+  script); the rest stays in the script's #VMWRAP lines, which root reads from the spooled script.
 
 Users write comments and contexts too (`scontrol update comment=`, `qalter -ac`): `decode` trusts
 nothing, bounds every number before int() sees it, and names what is wrong (WireError).
@@ -25,6 +26,7 @@ PREFIX = "vmwrap:"
 USER_SEPARATOR = " | "  # the user's own comment follows the request
 FIELDS = ("image", "memory", "cpus", "lost")
 CONTEXT_IMAGE = "vmwrap_image"  # Grid Engine's job context key
+CONTEXT_MEMORY = "vmwrap_memory"  # Grid Engine: the script's --memory in MiB, for the gap planner
 
 
 class WireError(UserError):
@@ -115,9 +117,20 @@ def lua_format() -> str:
     return PREFIX + ",".join(f"{f}=%s" for f in FIELDS)
 
 
-def encode_context(image: str) -> str:
-    """The job context item that carries the image (Grid Engine `-ac`)."""
-    return f"{CONTEXT_IMAGE}={check_image_name(image)}"
+def encode_context(image: str, memory_mib: int | None = None) -> str:
+    """The job context items that carry the image and the requested memory (Grid Engine `-ac`)."""
+    mem = "" if memory_mib is None else f",{CONTEXT_MEMORY}={_number(CONTEXT_MEMORY, str(memory_mib), MAX_MEMORY_MIB)}"
+    return f"{CONTEXT_IMAGE}={check_image_name(image)}{mem}"
+
+
+def decode_context_memory(items: Iterable[str]) -> int | None:
+    """The requested memory (MiB) from job context items; None when none gives it. Users can change
+    it (`qalter -ac`): a value that is not a bounded whole number, or two different ones, raise WireError."""
+    values = {v.strip() for k, _, v in (kv.partition("=") for kv in items) if k.strip() == CONTEXT_MEMORY}
+    if len(values) > 1:
+        raise WireError(f"the job's context gives more than one {CONTEXT_MEMORY}: "
+                        + ", ".join(_clip(v) for v in sorted(values)[:3]))
+    return _number(CONTEXT_MEMORY, values.pop(), MAX_MEMORY_MIB) if values else None
 
 
 def decode_context(items: Iterable[str]) -> str | None:

@@ -187,7 +187,9 @@ def image_of(jid: str, details: dict) -> str | None:
 
 def queue(settings: Settings, now: float) -> list[QueuedJob]:
     """Pending and running jobs in GE's priority order. A job's VM memory is sized as the launcher
-    does it (the image's or the site's; its hard memory request per slot caps it)."""
+    does it (the script's --memory, which the JSV copied into the job context, else the image's or
+    the site's; its hard memory request per slot caps it). A job whose context no longer reads as
+    expected (`qalter -ac`) is left out of the plan with a logged reason."""
     from vmwrap.catalog import Catalog
 
     root = _xml(run("qstat", "-xml", "-r", "-u", "*", "-s", "pr"), "qstat -xml -r")
@@ -227,7 +229,9 @@ def _queued(settings: Settings, images: dict, idle: dict[str, set[str]], d: dict
         image = None
     hard = d.get("hard", {})
     slots = max(1, int(j.findtext("slots") or 1))
-    mem = float(sizing.memory_mib(None, images.get(image or ""), settings)[0])
+    items = [f"{k}={v}" for k, vs in d.get("context", {}).items() for v in vs]
+    requested = wire.decode_context_memory(items) if image else None   # the JSV's copy of --memory
+    mem = float(sizing.memory_mib(requested, images.get(image or ""), settings)[0])
     caps = [memory_bytes(v) for k, v in hard.items() if k in MEMORY_REQUESTS]
     caps = [c * slots / 2**20 for c in caps if c is not None]
     if caps:

@@ -252,6 +252,11 @@ def job_from_env(env: dict[str, str], owner: str) -> Job | None:
         return None
     if qstat is None:  # a job for a VM, but what it may use is unknown: fail it rather than guess
         raise VmwrapError(f"cannot read job {jid}'s resource requests with qstat -j")
+    said = wire.decode_context_memory(kv for m in CONTEXT.finditer(qstat) for kv in m.group(1).split(","))
+    if said is not None and said != req.memory_mib:  # the planner budgets the job's save by it
+        raise UserError(f"the job's context says {wire.CONTEXT_MEMORY}={said} but its script asks for "
+                        f"{f'--memory={req.memory_mib}M' if req.memory_mib else 'no --memory'}; "
+                        f"`qalter -ac {wire.CONTEXT_MEMORY}=...` may not change it")
     n = slots(env)
     return Job(job_id=jid, scheduler="sge", user=owner, uid=pw.pw_uid, gid=pw.pw_gid, work_dir=os.getcwd(),
                script=script, cpus=n, memory_mib=requested_memory_mib(qstat, n), image=image,
@@ -433,8 +438,8 @@ def _catalog(path: str):
 
 
 def check_request(settings: Settings, params: dict[str, str], user: str, gid: int,
-                  script_optional: bool = False) -> tuple[str | None, str | None]:
-    """(image, None) for an acceptable request, (None, reason) to reject it. Reads the script body
+                  script_optional: bool = False) -> tuple[str | None, int | None, str | None]:
+    """(image, memory MiB or None, None) for an acceptable request, (None, None, reason) to reject it. Reads the script body
     (the client JSV runs as the submitter, in qsub's directory) and the `-ac vmwrap_image=` context."""
     ctx = dict(kv.partition("=")[::2] for kv in params.get("ac", "").split(",") if kv)
     native = ctx.get(wire.CONTEXT_IMAGE) or None
@@ -446,35 +451,42 @@ def check_request(settings: Settings, params: dict[str, str], user: str, gid: in
                 text = f.read(1 << 20)
         except OSError as e:
             if not script_optional:  # a server JSV may not read users' files: the prolog checks it then
-                return None, f"cannot read the job script {cmd}: {e.strerror}"
+                return None, None, f"cannot read the job script {cmd}: {e.strerror}"
     try:
         req = directives.parse(text)
         if native is not None:
             directives.check_image_name(native)
         if req.image and native and req.image != native:
-            return None, f"the script asks for image {req.image!r} but -ac {wire.CONTEXT_IMAGE}={native}"
+            return None, None, f"the script asks for image {req.image!r} but -ac {wire.CONTEXT_IMAGE}={native}"
         image = req.image or native
         if image is None:
-            return None, None
+            return None, None, None
         _catalog(settings.catalog).resolve(image, user, gid)
     except VmwrapError as e:
-        return None, str(e)
-    return image, None
+        return None, None, str(e)
+    return image, req.memory_mib, None
 
 
 def _names(resources: str) -> set[str]:
     return {kv.partition("=")[0].strip() for kv in resources.split(",") if kv.strip()}
 
 
-def jsv_changes(params: dict[str, str], image: str) -> list[tuple[str, str]]:
-    """The job parameters an accepted VM job gets: its image as job context (read by the hooks and
-    the daemons), and a soft request for hosts holding it (cache-aware placement, when the cell has
-    the complex; a job that names it itself keeps its own)."""
+def jsv_changes(params: dict[str, str], image: str, memory_mib: int | None = None) -> list[tuple[str, str]]:
+    """The job parameters an accepted VM job gets: its image and its script's --memory as job context
+    (read by the hooks and the daemons; a vmwrap_memory of the user's own is replaced), and a soft
+    request for hosts holding the image (cache-aware placement, when the cell has the complex; a
+    job that names it itself keeps its own)."""
     from . import facts
 
     out = []
-    if f"{wire.CONTEXT_IMAGE}=" not in params.get("ac", ""):
-        out.append(("ac", ",".join(x for x in (params.get("ac", ""), wire.encode_context(image)) if x)))
+    items = [kv for kv in params.get("ac", "").split(",") if kv]
+    keep = [kv for kv in items if kv.partition("=")[0].strip() != wire.CONTEXT_MEMORY]
+    if not any(kv.partition("=")[0].strip() == wire.CONTEXT_IMAGE for kv in keep):
+        keep.append(f"{wire.CONTEXT_IMAGE}={image}")
+    if memory_mib is not None:
+        keep.append(wire.encode_context(image, memory_mib).split(",")[1])
+    if keep != items:
+        out.append(("ac", ",".join(keep)))
     soft = params.get("l_soft", "")
     if facts.CACHED not in _names(soft) | _names(params.get("l_hard", "")) and facts.cached_complex_defined():
         out.append(("l_soft", ",".join(x for x in (soft, facts.soft_request(image)) if x)))
@@ -506,11 +518,11 @@ def jsv(settings: Settings, inp, out) -> int:
             except KeyError:
                 pw = me
             server = pw.pw_uid != me.pw_uid
-            image, reason = check_request(settings, params, pw.pw_name, pw.pw_gid, script_optional=server)
+            image, memory, reason = check_request(settings, params, pw.pw_name, pw.pw_gid, script_optional=server)
             if reason:
                 say(f"RESULT STATE REJECT vmwrap: {reason}")
             else:
-                changes = jsv_changes(params, image) if image else []
+                changes = jsv_changes(params, image, memory) if image else []
                 for name, value in changes:
                     say(f"PARAM {name} {value}")
                 say("RESULT STATE CORRECT" if changes else "RESULT STATE ACCEPT")
