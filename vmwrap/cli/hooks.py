@@ -2,10 +2,11 @@
 
 The shipped hooks (vmwrap/hooks/) name the reference install's interpreter, /opt/vmwrap/venv/bin/python,
 so a wheel installed into any other venv or prefix cannot use them where they are. Installing them
-writes each one into DIR with that path replaced by the running interpreter (and, for the PBS hook,
-the site directory vmwrap is imported from). The hook files themselves stay as they are; a hook that
-does not contain the expected line exactly once fails the install, so a new hook cannot slip through
-still pointing at /opt. Root runs these files: DIR, the interpreter and the package must be root's
+writes each one into DIR with that path replaced by the running interpreter (in a PBS hook run by
+pbs_server's own Python: its PYTHON constant, or VENV_SITE, the interpreter's site directory). The
+hook files themselves stay as they are; a hook that does not name the reference interpreter exactly
+once in one of these forms fails the install, so a new hook cannot slip through still pointing at
+/opt (condor-wrapper, on the node's own Python, is copied as it is). Root runs these files: DIR, the interpreter and the package must be root's
 alone (docs/security.md).
 """
 
