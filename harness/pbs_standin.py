@@ -54,8 +54,11 @@ class _Rejected(SystemExit):
 
 class Job:
     def __init__(self, variables: dict[str, str] | None = None, resources: dict[str, str] | None = None,
-                 id: str = "", euser: str = "", egroup: str = "", ms: bool = True):
+                 id: str = "", euser: str = "", egroup: str = "", ms: bool = True, run_count: int | None = None,
+                 Exit_status: int | None = None):
         self.Variable_List = dict(variables or {})
+        self.run_count = run_count          # the server's count of starts (job attribute run_count)
+        self.Exit_status = Exit_status      # set for execjob_end/epilogue (mom_hook_func.c:3669-3677)
         self.Resource_List = dict(resources or {})
         self.id = id
         self.euser = euser
@@ -176,6 +179,7 @@ def mom_hook(hook, event: Event, *, nodename: str = "node1", pbs_home: str = "/v
 
 # --- a pbs_mom running real jobs through the hooks -----------------------------------------------------
 
+JOB_EXEC_RERUN = -11      # src/include/job.h:941
 KILL_DELAY = 2.0          # qdel: SIGTERM, then SIGKILL kill_delay later (queue attribute, default 10 s)
 
 
@@ -191,6 +195,9 @@ class PbsJob:
     resources: dict[str, str] = field(default_factory=dict)
     state: str = "Q"
     exit_status: int | None = None
+    run_count: int = 0
+    rerun: bool = False
+    spool: dict[str, bytes] = field(default_factory=dict)   # .OU/.ER the server keeps over a rerun
     history: list[str] = field(default_factory=list)
 
     @property
@@ -225,7 +232,8 @@ class Mom:
 
     def _event(self, type_: int, job: PbsJob, **kw) -> MomResult:
         j = Job(job.variables, job.resources, id=job.id, euser=job.user.pw_name,
-                egroup=grp.getgrgid(job.user.pw_gid).gr_name)
+                egroup=grp.getgrgid(job.user.pw_gid).gr_name, run_count=job.run_count,
+                Exit_status=kw.pop("exit_status", None))
         r = mom_hook(self.hook, Event(type_, j, vnode_list={self.name: self.vnode}, **kw), nodename=self.name,
                      pbs_home=str(self.home), hook_config=str(self.hook_config))
         job.history.append(f"{type_:#x} {r.outcome} {r.message}".strip())
@@ -240,6 +248,8 @@ class Mom:
 
     def start(self, job: PbsJob) -> str:
         """Spool the script, execjob_begin, execjob_launch, exec the (possibly rewritten) program."""
+        job.run_count += 1      # the server counts every start it sends to a mom
+        job.rerun = False
         sc = self.jobs / f"{job.id}.SC"
         sc.write_text(job.script)
         sc.chmod(0o700)
@@ -254,6 +264,10 @@ class Mom:
         ev = r.event
         out = open(self.spool / f"{job.id}.OU", "wb")
         err = open(self.spool / f"{job.id}.ER", "wb")
+        out.write(job.spool.pop("OU", b""))
+        err.write(job.spool.pop("ER", b""))
+        out.flush()
+        err.flush()
         for f in (out, err):
             os.chown(f.name, job.user.pw_uid, job.user.pw_gid)
         rfd, wfd = os.pipe()
@@ -286,7 +300,16 @@ class Mom:
         p = self.procs.pop(job.id)
         rc = p.wait(timeout=timeout)
         job.exit_status = rc if rc >= 0 else 256 - rc
-        self._event(EXECJOB_END, job)
+        if job.rerun:   # requests.c:1983 JOB_EXEC_RERUN, kept over the task's status (catch_child.c:491)
+            job.exit_status = JOB_EXEC_RERUN
+        self._event(EXECJOB_END, job, exit_status=job.exit_status)
+        if job.rerun:   # the mom sends the output files to the server for safe keeping and deletes
+            job.state = "Q"  # hers; the next run's mom gets them back (server/req_jobobit.c:785-860)
+            for key in ("OU", "ER"):
+                f = self.spool / f"{job.id}.{key}"
+                job.spool[key] = f.read_bytes()
+                f.unlink()
+            return job.exit_status
         job.state = "F"
         for key, letter in (("OU", "o"), ("ER", "e")):
             src = self.spool / f"{job.id}.{key}"
@@ -297,7 +320,18 @@ class Mom:
         return job.exit_status
 
     def qdel(self, job: PbsJob) -> None:
-        """SIGTERM to the session, SIGKILL kill_delay later (requests.c)."""
+        """execjob_preterm (qdel only: requests.c:1958-1972), then SIGTERM to the session, SIGKILL
+        kill_delay later (terminate_job)."""
+        self._event(EXECJOB_PRETERM, job)
+        self._terminate(job)
+
+    def qrerun(self, job: PbsJob) -> None:
+        """qrerun: the mom's exit status becomes JOB_EXEC_RERUN, then the same SIGTERM/SIGKILL as
+        qdel, with no hook before it (requests.c:1981-1996)."""
+        job.rerun = True
+        self._terminate(job)
+
+    def _terminate(self, job: PbsJob) -> None:
         self.signal_session(job, signal.SIGCONT)
         self.signal_session(job, signal.SIGTERM)
         try:

@@ -152,7 +152,7 @@ def test_render_prints_the_qmgr_commands():
 
     text = PBS().render_config(Settings(), node_config="/etc/vmwrap/node.toml")
     assert "qmgr -c 'create hook vmwrap_begin event=execjob_begin'" in text
-    assert ("qmgr -c 'create hook vmwrap_mom event=\"execjob_launch,execjob_end,execjob_abort,"
+    assert ("qmgr -c 'create hook vmwrap_mom event=\"execjob_launch,execjob_preterm,execjob_end,execjob_abort,"
             "execjob_postsuspend,execjob_preresume\"'") in text
     assert f"qmgr -c 'import hook vmwrap_mom application/x-python default {HOOK}'" in text
     assert "qmgr -c 'set hook vmwrap_begin fail_action=offline_vnodes'" in text
@@ -201,8 +201,12 @@ def pbs_vm(appliance, virt_type, test_user):
     work = _dirs(base, test_user)
     register(str(base / "images.toml"), appliance)
     cfg = base / "vmwrap.toml"
+    from vmwrap.checkpoint import keygen
+
+    keygen(base / "checkpoint.key")
     cfg.write_text(render({"catalog": str(base / "images.toml"), "accel": virt_type, "grace_seconds": 5.0,
-                           "state_dir": str(base / "state"), "cache_dir": str(base / "cache")}))
+                           "state_dir": str(base / "state"), "cache_dir": str(base / "cache"),
+                           "checkpoint_dir": str(base / "store"), "checkpoint_key_file": str(base / "checkpoint.key")}))
     agent = subprocess.Popen([sys.executable, "-m", "vmwrap.cli", "--config", str(cfg), "agent"],
                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: (base / "state" / "agent.sock").exists(), "the node agent", 30)
@@ -245,15 +249,18 @@ def test_vm_job_runs_through_begin_launch_end_like_a_bare_job(pbs_vm, test_user,
 
 
 @pytest.mark.vm
-def test_qdel_leaves_no_vm(pbs_vm, test_user):
+def test_qdel_stops_the_guest_job_and_leaves_no_vm(pbs_vm, test_user):
+    """qdel: execjob_preterm marks the run dir, so the payload passes the SIGTERM on to the guest's
+    job (a qrerun's SIGTERM, unmarked, detaches instead); execjob_end destroys the VM."""
     mom, work, base = pbs_vm
-    job = mom.job(test_user, "#!/bin/sh\necho started; sleep 300\n", work, name="del",
-                  variables={"VMWRAP_IMAGE": "busybox"})
+    job = mom.job(test_user, "#!/bin/sh\ntrap 'echo got TERM; exit 7' TERM\necho started; sleep 300 & wait\n", work,
+                  name="del", variables={"VMWRAP_IMAGE": "busybox"})
     assert mom.start(job) == "running", job.history
     wait_for(lambda: "started" in mom.spool_out(job), "the job to start", 90)
     assert _qemu_running(job)
     mom.qdel(job)
     assert mom.wait(job) != 0
+    assert "got TERM" in output(job)[0], output(job)
     assert _vm_gone(base, job)
 
 
@@ -277,3 +284,27 @@ def test_qsig_suspend_pauses_the_whole_vm_and_resume_continues(pbs_vm, test_user
     assert mom.wait(job) == 0
     assert [int(n) for n in re.findall(r"^n=(\d+)$", output(job)[0], re.M)] == list(range(1, 15))
     assert _vm_gone(base, job)
+
+
+@pytest.mark.vm
+def test_qrerun_saves_the_vm_and_the_next_run_restores_it(pbs_vm, test_user):
+    """qrerun: no hook before the SIGTERM (requests.c), so the payload, finding no execjob_preterm
+    mark, detaches; execjob_end sees Exit_status JOB_EXEC_RERUN and saves the VM; the next start
+    (run_count 2) restores it in execjob_begin. The server keeps the first run's output and hands it
+    to the next run's mom (req_jobobit.c). The counter lives only in the guest shell's memory: every
+    value appears exactly once, so the second run went on where the first was saved."""
+    mom, work, base = pbs_vm
+    n = 20
+    job = mom.job(test_user, f"#!/bin/sh\ni=0; while [ $i -lt {n} ]; do i=$((i+1)); echo n=$i; sleep 1; done\n",
+                  work, name="rerun", variables={"VMWRAP_IMAGE": "busybox"})
+    assert mom.start(job) == "running", job.history
+    wait_for(lambda: "n=4\n" in mom.spool_out(job), "the job to count", 90)
+    mom.qrerun(job)
+    assert mom.wait(job) == -11 and job.state == "Q", job.history
+    jid = _domain(job)[len("vmwrap-"):]
+    assert (base / "store" / jid / "manifest.json").exists() and not _qemu_running(job)
+    assert mom.start(job) == "running", job.history
+    assert mom.wait(job, timeout=180) == 0, output(job)
+    assert [int(v) for v in re.findall(r"^n=(\d+)$", output(job)[0], re.M)] == list(range(1, n + 1)), output(job)
+    assert any(h.startswith("0x40 accepted") for h in job.history[3:])
+    assert _vm_gone(base, job) and not (base / "store" / jid).exists()

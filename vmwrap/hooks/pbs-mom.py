@@ -1,5 +1,5 @@
 # PBS Professional / OpenPBS mom hook (one hook for the events execjob_begin, execjob_launch,
-# execjob_end, execjob_abort, execjob_postsuspend, execjob_preresume; `vmwrap config render pbs`
+# execjob_preterm, execjob_end, execjob_abort, execjob_postsuspend, execjob_preresume; `vmwrap config render pbs`
 # prints the qmgr commands). pbs_mom runs it as root in its own Python: it only copies the event's
 # facts, hands them as JSON to vmwrap (vmwrap_plugins/pbs/mom.py) in an isolated Python with an empty
 # environment, and applies the reply. Only the documented `pbs` hook API is used (Hooks Guide; the
@@ -16,7 +16,8 @@ CONFIG_MAX = 4096
 REPLY_MAX = 1 << 16
 
 e = pbs.event()
-EVENTS = {pbs.EXECJOB_BEGIN: "begin", pbs.EXECJOB_LAUNCH: "launch", pbs.EXECJOB_END: "end",
+EVENTS = {pbs.EXECJOB_BEGIN: "begin", pbs.EXECJOB_LAUNCH: "launch", pbs.EXECJOB_PRETERM: "preterm",
+          pbs.EXECJOB_END: "end",
           pbs.EXECJOB_ABORT: "abort", pbs.EXECJOB_POSTSUSPEND: "postsuspend",
           pbs.EXECJOB_PRERESUME: "preresume"}
 event = EVENTS.get(e.type)
@@ -43,8 +44,15 @@ def _value(mapping, key):
     return None if v is None else str(v)
 
 
+def _attr(job, name):
+    v = getattr(job, name, None)   # an unset job attribute reads as None
+    return None if v is None else str(v)
+
+
 j = e.job
 facts = {"job": str(j.id), "ms": bool(j.in_ms_mom()), "node": str(pbs.get_local_nodename())}
+if event in ("begin", "end"):
+    facts.update(run_count=_attr(j, "run_count"), exit_status=_attr(j, "Exit_status"))
 if event == "begin":
     facts.update(euser=str(j.euser), egroup=str(j.egroup), pbs_home=str(pbs.pbs_conf.get("PBS_MOM_HOME") or pbs.pbs_conf["PBS_HOME"]),
                  resources={k: _value(j.Resource_List, k) for k in ("ncpus", "mem", "vmwrap_image")},

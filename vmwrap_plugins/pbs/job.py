@@ -6,7 +6,8 @@ script `PBS_HOME/mom_priv/jobs/<ID>.SC` (chowned to the user, `[`/`]` escaped wi
 `cd DIR;` with sandbox=PRIVATE); built with --disable-shell-pipe it is the script itself. The script
 runs in the VM the execjob_begin hook booted; our stdout/stderr are the job's .o/.e and our exit
 status is the job's. `qsig -s suspend` stops this process (SIGSTOP) and execjob_postsuspend pauses
-the VM; qdel's SIGTERM detaches and execjob_end destroys the VM.
+the VM; qdel's SIGTERM (after execjob_preterm marked the run dir) asks the guest's job to stop;
+qrerun's SIGTERM (no such mark) detaches, and execjob_end saves the VM for the next run.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from vmwrap.config import Settings
 from vmwrap.errors import UserError
 from vmwrap.payload import EXIT_NODE, attach
 
-from .mom import SCRIPT_MAX, job_id
+from .mom import DELETED, SCRIPT_MAX, job_id
 
 STDIN_MAX = 16 << 20
 
@@ -53,4 +54,7 @@ def payload(settings: Settings, stdin, args: list[str]) -> int:
               file=sys.stderr)
         return EXIT_NODE
     env = {k: v for k, v in os.environ.items() if k != "VMWRAP_CONFIG"}
-    return attach(run_dir, jid, script, env, args, grace=settings.grace_seconds, settings=settings)
+    # A SIGTERM without execjob_preterm's mark is qrerun's (or a resource limit's): detach and leave
+    # the VM to execjob_end, which saves it for a rerun and destroys it otherwise.
+    return attach(run_dir, jid, script, env, args, grace=settings.grace_seconds, settings=settings,
+                  requeued=lambda: not (run_dir / DELETED).exists())

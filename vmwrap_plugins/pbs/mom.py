@@ -13,7 +13,11 @@ sources (github.com/openpbs/openpbs, src/resmom; the Hooks Guide says the same):
   gets the vmwrap payload (vmwrap/hooks/pbs-job) as `progname`/`argv` instead of the login shell; it
   runs as the job's user with the shell's stdin (the script's path, or the script) and output.
   A reject there deletes the job (JOB_EXEC_FAILHOOK_DELETE) unless job.rerun() was called.
-- execjob_end and execjob_abort (mom_comm.c): destroy the VM and its files; idempotent.
+- execjob_preterm (requests.c:1968, qdel only, before the SIGTERM): marks the run dir, so that
+  the payload, on the SIGTERM that follows, ends the guest's job instead of detaching from it.
+- execjob_end and execjob_abort (mom_comm.c): destroy the VM and its files; idempotent. After
+  `qrerun` (the job's Exit_status is JOB_EXEC_RERUN, requests.c:1983, kept by catch_child.c:491)
+  the VM is saved first, and the next run's execjob_begin (run_count > 1) restores it.
 - execjob_postsuspend / execjob_preresume (requests.c): `qsig -s suspend` stops the job's processes
   (SIGSTOP), then the hook pauses the whole VM; resume runs the hook (the VM resumes) before SIGCONT.
   A preresume reject leaves the job suspended.
@@ -33,7 +37,10 @@ from vmwrap.errors import NodeError, UserError
 from vmwrap.job import Job
 
 NAME = "pbs"
-EVENTS = ("begin", "launch", "end", "abort", "postsuspend", "preresume")
+EVENTS = ("begin", "launch", "preterm", "end", "abort", "postsuspend", "preresume")
+DELETED = "pbs-deleted"       # in a run dir: execjob_preterm saw a qdel (root's file)
+RERUN_STATUSES = {-11, -14}   # JOB_EXEC_RERUN, JOB_EXEC_RERUN_SIS_FAIL (src/include/job.h:941-944)
+RESTART_SETTLE = 120.0        # s a rerun job's begin waits for its previous run's end to save the VM
 FACTS_MAX = 1 << 20           # bytes of JSON the hook body may hand over
 SCRIPT_MAX = 1 << 20          # bytes of the spooled job script root reads (directives are at its head)
 PAYLOAD = "pbs-job"           # vmwrap/hooks/pbs-job: the program the launch hook substitutes
@@ -81,6 +88,15 @@ def _str(facts: dict, key: str, limit: int = 4096) -> str:
     return v
 
 
+def _int(facts: dict, key: str) -> int:
+    v = facts.get(key)
+    if v in (None, ""):
+        return 0
+    if not re.fullmatch(r"-?\d{1,9}", str(v)):
+        raise UserError(f"the hook's {key!r} is not a number")
+    return int(v)
+
+
 def spooled_script(pbs_home: str, pbs_id: str) -> str | None:
     """The job script as pbs_mom spooled it (`PBS_HOME/mom_priv/jobs/<ID>.SC`, start_exec.c), capped;
     None when it is not there as a plain file in a root-owned directory nobody else may write."""
@@ -126,9 +142,10 @@ def begin_job(facts: dict) -> Job | None:
         raise UserError("root's jobs do not run in VMs")
     work_dir = str(variables.get("PBS_O_WORKDIR") or pw.pw_dir)
     cpus = ncpus(resources.get("ncpus"))
+    runs = _int(facts, "run_count")
     return Job(job_id=jid, scheduler=NAME, user=pw.pw_name, uid=pw.pw_uid, gid=gid, work_dir=work_dir,
                script=script, cpus=cpus, memory_mib=memory_mib(resources.get("mem")),
-               image=native[0] if native else None,
+               image=native[0] if native else None, restart_count=max(runs - 1, 0),
                groups=[g for g in os.getgrouplist(pw.pw_name, gid) if g != gid])
 
 
@@ -144,7 +161,7 @@ def handle(settings: Settings, event: str, facts: dict, config_path: str | None 
     if not facts.get("ms", True) and event != "end" and event != "abort":
         return {}                         # a sister: the VM runs on the primary execution host only
     if event == "begin":
-        out = lifecycle.start(settings, jid, lambda: begin_job(facts), NAME)
+        out = lifecycle.start(settings, jid, lambda: begin_job(facts), NAME, settle=RESTART_SETTLE)
         if out.verdict is lifecycle.Verdict.NODE_FAULT:
             return {"reject": f"vmwrap: {out.reason}", "offline": f"vmwrap: {out.reason}"}
         return {"log": f"vmwrap: {out.verdict.value}{': ' + out.reason if out.reason else ''}"} if out.vm else {}
@@ -156,12 +173,30 @@ def handle(settings: Settings, event: str, facts: dict, config_path: str | None 
 
         return {"progname": str(HOOKS / PAYLOAD),
                 "argv": [PAYLOAD, *(["--config", config_path] if config_path else [])]}
+    if event == "preterm":
+        _mark_deleted(settings, jid)
+        return {}
     if event in ("end", "abort"):
-        out = lifecycle.end(settings, jid, requeued=False, restarts=0, scheduler=NAME)
+        try:
+            rerun, runs = _int(facts, "exit_status") in RERUN_STATUSES, _int(facts, "run_count")
+        except UserError:
+            rerun, runs = False, 0
+        out = lifecycle.end(settings, jid, requeued=rerun and event == "end", restarts=runs, scheduler=NAME)
         if out.verdict is lifecycle.Verdict.NODE_FAULT:
             return {"offline": f"vmwrap: {out.reason}", "log": f"vmwrap: {out.reason}"}
         return {}
     return _pause(settings, jid, event == "postsuspend")
+
+
+def _mark_deleted(settings: Settings, jid: str) -> None:
+    run_dir = rundir.path(settings, jid)
+    if not run_dir.is_dir() or run_dir.is_symlink():
+        return
+    try:
+        fd = os.open(run_dir / DELETED, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        os.close(fd)
+    except OSError:
+        pass   # the payload then detaches on SIGTERM and execjob_end destroys the VM all the same
 
 
 def _pause(settings: Settings, jid: str, pause: bool) -> dict:

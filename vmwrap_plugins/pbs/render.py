@@ -13,7 +13,7 @@ from vmwrap.config import Settings
 from vmwrap.resources import HOOKS
 
 BEGIN_EVENTS = "execjob_begin"
-MOM_EVENTS = "execjob_launch,execjob_end,execjob_abort,execjob_postsuspend,execjob_preresume"
+MOM_EVENTS = "execjob_launch,execjob_preterm,execjob_end,execjob_abort,execjob_postsuspend,execjob_preresume"
 ORDER = 900           # after site hooks that set up the job's node (e.g. the cgroups hook, order 100)
 BEGIN_ALARM = 900     # s: fetching an image into the node cache, then booting the VM
 MOM_ALARM = 300       # s: destroying a VM, pausing it
