@@ -115,3 +115,31 @@ def test_condor_rm_of_a_saved_job_lets_gc_delete_its_checkpoint(condor):
     r = condor.gc()
     assert r.returncode == 0 and f"job {job}: ended while saved" in r.stdout, r.stdout + r.stderr
     assert not (condor.checkpoints / job).exists()
+
+
+def test_a_vacated_sandbox_job_starts_again_from_the_beginning(condor):
+    """With file transfer the job's work dir is a new sandbox on every match, where its saved VM
+    could not be restored: it is not saved, and runs again from the beginning like a bare job
+    (instead of being held for a checkpoint it can never use)."""
+    d = condor.jobdir()
+    (d / "count.sh").write_text(COUNTER)
+    (d / "count.sh").chmod(0o755)
+    os.chown(d / "count.sh", 1234, 1234)
+    cluster, r = condor.submit(d, "\n".join([
+        "executable = count.sh", "should_transfer_files = YES", "when_to_transfer_output = ON_EXIT",
+        "output = out.txt", "error = err.txt", "request_memory = 512", '+VmwrapImage = "busybox"',
+        '+VmwrapAvoid = "none"', "requirements = TARGET.VmwrapStartd =!= MY.VmwrapAvoid", "queue", ""]))
+    assert cluster > 0, r.stderr
+    job = f"{cluster}.0"
+    wait_for(lambda: "created" in [e for e, _ in condor.ledger(job)], "the job's VM", 180, condor)
+    time.sleep(5)  # counting in its VM
+    host = condor.pool.job(cluster, 0, ["RemoteHost"])["RemoteHost"]
+    assert condor.pool.run("/usr/bin/condor_qedit", str(cluster), "VmwrapAvoid", f'"{host.split("@")[1]}"',
+                           user=condor.user).returncode == 0
+    assert condor.pool.run("/usr/bin/condor_vacate_job", str(cluster), user=condor.user).returncode == 0
+    ad = condor.pool.wait_job(cluster, 0, (4, 5), 240, ["ExitCode", "HoldReason", "JobRunCount"])
+    out = (d / "out.txt").read_text()
+    assert (ad["JobStatus"], ad["ExitCode"], ad["JobRunCount"]) == (4, 0, 2), (ad, condor.logs())
+    assert values(out) == list(range(1, N + 1)), out
+    assert [e for e, _ in condor.ledger(job) if e in LIFE] == ["created", "exited", "created", "exited"]
+    assert not (condor.checkpoints / job).exists()
