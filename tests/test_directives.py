@@ -45,6 +45,7 @@ def test_similar_prefix_is_not_a_directive():
     ("#VMWRAP --imgae=x", "unknown directive --imgae"),
     ("#VMWRAP --image=a --image=b", "duplicate directive --image"),
     ("#VMWRAP --memory=0", "at least 1M"),
+    ("#VMWRAP --memory=127M", "at least 128M to boot"),
     ("#VMWRAP --memory=-5G", "memory must be positive"),
     ("#VMWRAP --memory=lots", "not a size"),
     ("#VMWRAP --memory=99999999999T", "absurdly large"),
@@ -73,6 +74,6 @@ def test_newline_in_name_via_api():
 
 
 @pytest.mark.parametrize("value, mib", [("512", 512), ("512M", 512), ("2G", 2048), ("2GiB", 2048),
-                                        ("1T", 1024 * 1024), ("2048K", 2), ("1g", 1024)])
+                                        ("1T", 1024 * 1024), ("262144K", 256), ("1g", 1024)])
 def test_memory_units(value, mib):
     assert directives.parse_memory(value) == mib

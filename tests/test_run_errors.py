@@ -22,6 +22,7 @@ HDR = "#!/bin/sh\n"
     ("--image=a&b", "invalid image name 'a&b'"),
     ("--image=busy box", "unexpected 'box'"),
     ("--image=busybox --memory=0", "at least 1M"),
+    ("--image=busybox --memory=64M", "at least 128M to boot"),
     ("--image=busybox --memory=-1", "must be positive"),
     ("--image=busybox --memory=much", "not a size"),
     ("--image=busybox --memory=60T", "this node has"),

@@ -19,7 +19,7 @@ SETTINGS = Settings(default_memory_mib=128, default_cpus=1)
 
 @pytest.mark.parametrize("accepted, mib, source", [
     (wire.Accepted("busybox", memory_mib=200), 200, "--memory=200M"),
-    (wire.Accepted("big", memory_mib=100), 100, "--memory=100M"),
+    (wire.Accepted("big", memory_mib=150), 150, "--memory=150M"),
     (wire.Accepted("big"), 300, "image big's default memory of 300M"),
     (wire.Accepted("busybox"), 128, "the site's default VM memory of 128M"),
 ])

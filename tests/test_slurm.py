@@ -112,6 +112,7 @@ def test_job_without_directive_runs_bare(cluster, jobdir):
     ("--image=<x>&", "invalid image name '<x>&'"),
     ("--image=busy box", "unexpected 'box'"),
     ("--image=busybox --memory=0", "at least 1M"),
+    ("--image=busybox --memory=96M", "at least 128M to boot"),
     ("--image=busybox --memory=lots", "not a size"),
     ("--image=busybox --cpus=-1", "must be at least 1"),
     ("--image=busybox --image=busybox", "duplicate directive --image"),

@@ -55,7 +55,7 @@ def render_lua(catalog: Catalog, vmwrap: str = "/usr/local/bin/vmwrap", config: 
         images=sorted(catalog.images.values(), key=lambda i: i.name), groups=groups,
         offer=", ".join(catalog.offered()) or "none",
         vmwrap_cmd=vmwrap_command(vmwrap, config), default_image=default_image, active_file=active_file,
-        marker=MARKER, max_cpus=directives.MAX_CPUS, max_memory_mib=directives.MAX_MEMORY_MIB,
+        marker=MARKER, max_cpus=directives.MAX_CPUS, max_memory_mib=directives.MAX_MEMORY_MIB, min_memory_mib=directives.MIN_MEMORY_MIB,
         request_prefix=wire.PREFIX, request_format=wire.lua_format(), request_fields=", ".join(wire.FIELDS),
         user_separator=wire.USER_SEPARATOR)
 
