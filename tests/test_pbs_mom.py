@@ -308,3 +308,20 @@ def test_qrerun_saves_the_vm_and_the_next_run_restores_it(pbs_vm, test_user):
     assert [int(v) for v in re.findall(r"^n=(\d+)$", output(job)[0], re.M)] == list(range(1, n + 1)), output(job)
     assert any(h.startswith("0x40 accepted") for h in job.history[3:])
     assert _vm_gone(base, job) and not (base / "store" / jid).exists()
+
+
+@pytest.mark.vm
+def test_a_plain_sigterm_ends_the_job_as_killed_and_leaves_no_vm(pbs_vm, test_user):
+    """`qsig -s TERM` (no execjob_preterm, no rerun): the payload cannot tell it from a rerun's
+    SIGTERM, so it detaches; the job still ends as killed by SIGTERM (143), not as a success, and
+    execjob_end (Exit_status not JOB_EXEC_RERUN) destroys the VM without saving it."""
+    import signal
+
+    mom, work, base = pbs_vm
+    job = mom.job(test_user, "#!/bin/sh\necho started; sleep 300\n", work, name="term",
+                  variables={"VMWRAP_IMAGE": "busybox"})
+    assert mom.start(job) == "running", job.history
+    wait_for(lambda: "started" in mom.spool_out(job), "the job to start", 90)
+    mom.signal_session(job, signal.SIGTERM)
+    assert mom.wait(job) == 143
+    assert _vm_gone(base, job) and not (base / "store" / _domain(job)[len("vmwrap-"):]).exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 
 from vmwrap import rundir, safeio
@@ -54,7 +55,14 @@ def payload(settings: Settings, stdin, args: list[str]) -> int:
               file=sys.stderr)
         return EXIT_NODE
     env = {k: v for k, v in os.environ.items() if k != "VMWRAP_CONFIG"}
-    # A SIGTERM without execjob_preterm's mark is qrerun's (or a resource limit's): detach and leave
-    # the VM to execjob_end, which saves it for a rerun and destroys it otherwise.
-    return attach(run_dir, jid, script, env, args, grace=settings.grace_seconds, settings=settings,
-                  requeued=lambda: not (run_dir / DELETED).exists())
+    # A SIGTERM without execjob_preterm's mark is qrerun's (or a limit's, or `qsig -s TERM`): detach
+    # and leave the VM to execjob_end, which saves it for a rerun and destroys it otherwise; the job
+    # then ends as killed by SIGTERM (a rerun's status is the mom's JOB_EXEC_RERUN all the same).
+    detached: list[bool] = []
+
+    def requeued() -> bool:
+        detached.append(not (run_dir / DELETED).exists())
+        return detached[-1]
+
+    rc = attach(run_dir, jid, script, env, args, grace=settings.grace_seconds, settings=settings, requeued=requeued)
+    return 128 + signal.SIGTERM if any(detached) else rc
