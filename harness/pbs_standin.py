@@ -372,3 +372,24 @@ def hook_config(path: Path, vmwrap_config: Path) -> Path:
     """The hook's configuration file (`qmgr import hook NAME application/x-config default FILE`)."""
     path.write_text(json.dumps({"config": str(vmwrap_config)}))
     return path
+
+
+def qstat_command(path: Path, jobs: dict[str, str], reachable: bool = True) -> Path:
+    """A qstat answering `qstat -x -f ID` as OpenPBS's does (src/cmds/qstat.c): `job_state = X` for a
+    job the server knows (history included), else `qstat: Unknown Job Id ID` (prt_job_err,
+    msg_unkjobid) and exit(PBSE_UNKJOBID) = 15001 & 0xff = 153; an unreachable server: exit 1."""
+    path.write_text(f"""#!{sys.executable}
+import sys
+jobs, reachable = {jobs!r}, {reachable!r}
+if not reachable:
+    print("Connection refused\\nqstat: cannot connect to server pbssrv (errno=111)", file=sys.stderr)
+    sys.exit(1)
+jid = sys.argv[-1]
+if jid not in jobs:
+    print("qstat: Unknown Job Id " + jid, file=sys.stderr)
+    sys.exit(15001 & 0xff)
+print("Job Id: " + jid)
+print("    job_state = " + jobs[jid])
+""")
+    path.chmod(0o755)
+    return path

@@ -11,6 +11,7 @@ QEMU and the node agent are real."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -89,6 +90,49 @@ def test_abort_removes_what_begin_left(light, test_user):
     run_dir = Path(settings.state_dir) / "jobs" / job.id
     assert run_dir.exists()
     assert mom._event(EXECJOB_ABORT, job).accepted and not run_dir.exists()
+
+
+def test_a_bare_job_is_not_taken_for_a_vm_job_by_a_crashed_runs_leftovers(light, test_user):
+    mom, work, settings = light
+    job = mom.job(test_user, "#!/bin/sh\necho bare\n", work, name="left")
+    stale = Path(settings.state_dir) / "jobs" / job.id
+    stale.mkdir(parents=True)
+    (stale / "job.json").write_text("{}")
+    assert mom.start(job) == "running" and mom.wait(job) == 0
+    assert output(job) == ("bare\n", "") and not stale.exists()
+
+
+def test_gc_deletes_checkpoints_of_jobs_deleted_while_queued(light, test_user):
+    """`vmwrap pbs gc`: a rerun job's checkpoint (with its PBS id recorded beside it by execjob_end)
+    goes once qstat says the job is unknown (exit 153) or finished (F); a queued job's, one without a
+    record, or any answer from an unreachable server stays."""
+    from harness.pbs_standin import qstat_command
+
+    mom, _, settings = light
+    cfg = Path(mom.hook_config).parent / "vmwrap.toml"
+    store = Path(settings.state_dir).parent / "store"
+    cfg.write_text(cfg.read_text() + f'checkpoint_dir = "{store}"\n')
+    store.mkdir(mode=0o700)
+    ids = {"301.pbssrv": "Q", "302.pbssrv": "F", "303.pbssrv": None, "304.pbssrv": None}
+    for jid in ids:
+        (store / jid).mkdir()
+        (store / jid / "manifest.json").write_text("{}")
+        if jid != "304.pbssrv":
+            (store / f".{jid}.pbs.json").write_text(json.dumps({"job": jid + ".example.org"}))
+
+    def gc(reachable: bool) -> subprocess.CompletedProcess:
+        qstat = qstat_command(store.parent / "qstat", {j + ".example.org": st for j, st in ids.items() if st},
+                              reachable)
+        return subprocess.run(["/opt/vmwrap/venv/bin/python", "-I", "-m", "vmwrap_plugins.pbs", "--config", str(cfg),
+                               "pbs", "gc", "--once", "--qstat", str(qstat)], capture_output=True, text=True,
+                              timeout=120, env={}, cwd="/")
+
+    r = gc(reachable=False)
+    assert r.returncode == 0 and all((store / j).exists() for j in ids), r.stderr
+    r = gc(reachable=True)
+    assert r.returncode == 0, r.stderr
+    assert sorted(j for j in ids if (store / j).exists()) == ["301.pbssrv", "304.pbssrv"], r.stdout + r.stderr
+    assert not (store / ".302.pbssrv.pbs.json").exists() and (store / ".301.pbssrv.pbs.json").exists()
 
 
 def test_launch_rewrites_progname_and_argv_only_for_a_vm_job(light, test_user):
@@ -303,11 +347,13 @@ def test_qrerun_saves_the_vm_and_the_next_run_restores_it(pbs_vm, test_user):
     assert mom.wait(job) == -11 and job.state == "Q", job.history
     jid = _domain(job)[len("vmwrap-"):]
     assert (base / "store" / jid / "manifest.json").exists() and not _qemu_running(job)
+    assert json.loads((base / "store" / f".{jid}.pbs.json").read_text()) == {"job": job.id}
     assert mom.start(job) == "running", job.history
     assert mom.wait(job, timeout=180) == 0, output(job)
     assert [int(v) for v in re.findall(r"^n=(\d+)$", output(job)[0], re.M)] == list(range(1, n + 1)), output(job)
     assert any(h.startswith("0x40 accepted") for h in job.history[3:])
     assert _vm_gone(base, job) and not (base / "store" / jid).exists()
+    assert not (base / "store" / f".{jid}.pbs.json").exists()
 
 
 @pytest.mark.vm

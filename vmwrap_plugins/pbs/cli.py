@@ -39,3 +39,26 @@ def job(obj, args):
     from . import job as job_
 
     sys.exit(job_.payload(obj.settings(hook=True), sys.stdin.buffer, list(args)))
+
+
+@pbs.command()
+@click.option("--qstat", "qstat", default="/opt/pbs/bin/qstat", show_default=True,
+              help="PBS's qstat (absolute path): asks the server whether a saved job still exists.")
+@click.option("--interval", type=float, default=600.0, show_default=True, help="Seconds between passes.")
+@click.option("--once", is_flag=True, help="One pass, then exit.")
+@click.pass_obj
+def gc(obj, qstat, interval, once):
+    """Delete checkpoints of rerun jobs deleted while queued (no mom hook runs for them): root, on
+    one host that sees the checkpoint store and can reach the server."""
+    import os
+
+    from vmwrap import daemons
+    from vmwrap.rootenv import clean_environment
+
+    from .mom import PBS
+
+    clean_environment(())
+    if not os.path.isabs(qstat) or not os.path.isfile(qstat):
+        raise click.BadParameter(f"{qstat!r} is not an absolute path to PBS's qstat", param_hint="--qstat")
+    settings = obj.settings(hook=True)
+    sys.exit(daemons.gc(PBS(settings, qstat=qstat), settings, interval, once, say=click.echo))

@@ -30,6 +30,7 @@ import os
 import pwd
 import grp
 import re
+from pathlib import Path
 
 from vmwrap import directives, lifecycle, rundir, safeio
 from vmwrap.config import Settings
@@ -164,6 +165,10 @@ def handle(settings: Settings, event: str, facts: dict, config_path: str | None 
         out = lifecycle.start(settings, jid, lambda: begin_job(facts), NAME, settle=RESTART_SETTLE)
         if out.verdict is lifecycle.Verdict.NODE_FAULT:
             return {"reject": f"vmwrap: {out.reason}", "offline": f"vmwrap: {out.reason}"}
+        if not out.vm and rundir.path(settings, jid).exists():
+            from vmwrap import launcher   # a crashed run's leftovers would make launch take it for a VM job
+
+            launcher.teardown(jid, settings)
         return {"log": f"vmwrap: {out.verdict.value}{': ' + out.reason if out.reason else ''}"} if out.vm else {}
     if event == "launch":
         if not (rundir.path(settings, jid) / rundir.JOB).exists() and \
@@ -182,10 +187,56 @@ def handle(settings: Settings, event: str, facts: dict, config_path: str | None 
         except UserError:
             rerun, runs = False, 0
         out = lifecycle.end(settings, jid, requeued=rerun and event == "end", restarts=runs, scheduler=NAME)
+        if out.facts.get("saved"):
+            _record(settings, jid, _str(facts, "job", 300))
+        elif not rerun:
+            record_path(settings, jid).unlink(missing_ok=True)   # its checkpoint was deleted with it
         if out.verdict is lifecycle.Verdict.NODE_FAULT:
             return {"offline": f"vmwrap: {out.reason}", "log": f"vmwrap: {out.reason}"}
         return {}
     return _pause(settings, jid, event == "postsuspend")
+
+
+def _record(settings: Settings, jid: str, pbs_id: str) -> None:
+    """Beside a saved job's checkpoint (root's store), its PBS id: what `vmwrap pbs gc` asks qstat."""
+    p = record_path(settings, jid)
+    try:
+        p.unlink(missing_ok=True)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"job": pbs_id}, f)
+    except OSError:
+        pass      # without it the GC keeps the checkpoint: never deletes what it cannot name
+
+
+def record_path(settings: Settings, jid: str) -> Path:
+    Job.check_id(jid)
+    return Path(settings.checkpoint_dir) / f".{jid}.pbs.json"   # a dot name: never listed as a job
+
+
+QSTAT_UNKNOWN = 153           # exit(PBSE_UNKJOBID) = 15001 & 0xff (src/cmds/qstat.c:3348)
+
+
+def ended(settings: Settings, qstat: str, jid: str) -> bool:
+    """Whether the saved job `jid` ended for good: `qstat -x -f ID` prints `qstat: Unknown Job Id ID`
+    and exits 153 (src/cmds/qstat.c:3114, prt_job_err; Liblog/pbs_messages.c msg_unkjobid) or shows
+    it finished (`job_state = F`, job history). No record of its PBS id, an unreachable server, any
+    other answer: not ended."""
+    import subprocess
+
+    try:
+        raw = safeio.read_capped(record_path(settings, jid), 1 << 16)
+        pbs_id = json.loads(raw)["job"] if raw is not None else None
+        if not isinstance(pbs_id, str) or job_id(pbs_id) != jid:
+            return False
+        r = subprocess.run([qstat, "-x", "-f", pbs_id], capture_output=True, timeout=60, cwd="/",
+                           env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL)
+    except (OSError, ValueError, KeyError, TypeError, UserError, subprocess.TimeoutExpired):
+        return False
+    out, err = r.stdout[:1 << 20].decode(errors="replace"), r.stderr[:4096].decode(errors="replace")
+    if r.returncode == QSTAT_UNKNOWN and "Unknown Job Id" in err:
+        return True
+    return r.returncode == 0 and re.search(r"^\s*job_state = F\s*$", out, re.M) is not None
 
 
 def _mark_deleted(settings: Settings, jid: str) -> None:
@@ -253,6 +304,10 @@ class PBS:
     name = NAME
     root_env: tuple[str, ...] = ()
 
+    def __init__(self, settings: Settings | None = None, qstat: str | None = None):
+        self.settings = settings
+        self.qstat = qstat        # `vmwrap pbs gc --qstat PATH`: PBS's qstat, by absolute path
+
     def job_id(self, env) -> str:
         return job_id(env["job"])
 
@@ -266,7 +321,18 @@ class PBS:
         return None       # the hook body offlines the vnode from the reply
 
     def still_queued(self):
-        return lambda j: True
+        """For the checkpoint GC: a rerun job deleted while queued never reaches a mom again."""
+        if self.settings is None or not self.qstat:
+            return lambda j: True
+        settings, qstat = self.settings, self.qstat
+
+        def still_queued(jid: str) -> bool:
+            if not ended(settings, qstat, jid):
+                return True
+            record_path(settings, jid).unlink(missing_ok=True)   # the store deletes the checkpoint next
+            return False
+
+        return still_queued
 
     def planned_starts(self):
         return None

@@ -50,6 +50,9 @@ def render_pbs(settings: Settings, node_config: str | None = None) -> str:
                   f"mkdir -p /etc/vmwrap && printf '%s\\n' {content} > {cfg}",
                   q(f"import hook vmwrap_begin application/x-config default {cfg}"),
                   q(f"import hook vmwrap_mom application/x-config default {cfg}")]
+    lines += ["# One host that sees the checkpoint store and can reach the server (root, a service): deletes",
+              "# the checkpoints of rerun jobs deleted while queued (no mom hook runs for them).",
+              f"#   vmwrap{' --config ' + shlex.quote(node_config) if node_config else ''} pbs gc --qstat /opt/pbs/bin/qstat"]
     lines += [q("set hook vmwrap_begin enabled=true"), q("set hook vmwrap_mom enabled=true"),
               q("set hook vmwrap_queuejob enabled=true"),
               "# Check: qmgr -c 'list hook vmwrap_begin'; mom hooks reach the moms a moment after import."]
