@@ -28,7 +28,7 @@ from pathlib import Path
 
 from vmwrap import lifecycle, rundir, safeio
 from vmwrap.config import Settings
-from vmwrap.errors import NodeError, UserError, VmwrapError
+from vmwrap.errors import NodeError, UserError
 from vmwrap.job import Job
 from vmwrap.payload import EXIT_CHECKPOINT, EXIT_NODE, attach
 
