@@ -256,6 +256,11 @@ def pbs_vm(appliance, virt_type, test_user):
     wait_for(lambda: (base / "state" / "agent.sock").exists(), "the node agent", 30)
     mom = Mom(base, "node1", HOOK, hook_config(base / "hook.json", cfg))
     yield mom, work, base
+    for p in mom.procs.values():   # a failed test's job (perhaps stopped by a suspend): its session
+        try:
+            os.killpg(p.pid, 9)
+        except ProcessLookupError:
+            pass
     agent.kill()
     agent.wait()
     for d in (base / "state" / "jobs").glob("*"):
