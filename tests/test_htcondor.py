@@ -87,6 +87,26 @@ def test_vm_job_matches_the_bare_job(condor):
                 (condor.state / "jobs" / n[7:]).exists()]
 
 
+def test_a_job_killed_by_a_signal_shows_it_as_the_bare_job_does(condor):
+    """ExitBySignal/ExitSignal, not ExitCode 128+N: the guest reports the signal, the wrapper dies by it."""
+    results = {}
+    for kind, image in (("bare", None), ("vm", "busybox")):
+        d = condor.jobdir()
+        (d / "payload.sh").write_text("#!/bin/sh\necho going\nkill -SEGV $$\necho never\n")
+        os.chown(d / "payload.sh", 1234, 1234)
+        (d / "payload.sh").chmod(0o755)
+        sub = "\n".join(["executable = payload.sh", "should_transfer_files = YES", "when_to_transfer_output = ON_EXIT",
+                         "output = out.txt", "error = err.txt", "log = log.txt", "request_memory = 256",
+                         *([f'+VmwrapImage = "{image}"'] if image else []), "queue", ""])
+        cluster, r = condor.submit(d, sub)
+        assert cluster > 0, r.stderr
+        ad = condor.pool.wait_job(cluster, 0, (4, 5), 150, ["ExitBySignal", "ExitSignal", "HoldReason"])
+        assert ad["JobStatus"] == 4, (ad, _logs(condor))
+        results[kind] = (ad["ExitBySignal"], ad["ExitSignal"], (d / "out.txt").read_text())
+    assert results["bare"] == (True, 11, "going\n")
+    assert results["vm"] == results["bare"]
+
+
 @pytest.mark.parametrize("value,reason", [
     ('"../etc/passwd"', "vmwrap: invalid image name"),
     ('"a b"', "vmwrap: invalid image name"),

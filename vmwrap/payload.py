@@ -1,7 +1,8 @@
 """The job's payload: hand the job to its waiting VM, relay its output and signals, exit with its code.
 
 Runs as the job's user under a scheduler (`attach`: the prolog booted the VM), or inside `vmwrap run`
-(root, vmwrap/launcher.py). Exit codes: the job's own (a signal N inside the guest gives 128+N);
+(root, vmwrap/launcher.py). Exit codes: the job's own; a signal N that killed it inside the guest gives
+128+N, and under a scheduler the payload then ends by that same signal (`attach`), as the bare job would;
 before the job could run, 64 = the job's request is wrong, 65 = the image is unusable, 66 = the job's
 checkpoint is missing or corrupt (and it asked to fail then), 69 = this node cannot run VMs (or no
 disk space for the job now), 70 = the guest died without reporting an exit status, 153 (128 +
@@ -20,6 +21,7 @@ import math
 import os
 import signal
 import stat
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -67,6 +69,7 @@ class Attachment:
         self.requeued: Callable[[], bool] | None = None
         self.offsets = {rundir.STDOUT: 0, rundir.STDERR: 0}  # bytes of each stream already delivered
         self.detached = False
+        self.killed_by: int | None = None  # the signal that ended the job inside the guest
 
     def _record(self, event: str, **kw) -> None:
         if self.ledger is not None:
@@ -129,6 +132,7 @@ class Attachment:
         pending = {rundir.STDOUT: self.out_fd, rundir.STDERR: self.err_fd}
         status_buf = b""
         exit_code: int | None = None
+        killed_by: int | None = None
         exit_seen_at = None
         term_deadline = kill_deadline = None
         paused = False
@@ -164,6 +168,8 @@ class Attachment:
                         self.timeline.setdefault(word, time.monotonic())
                         if word != "ready":
                             self._record(word, guest_uptime=arg[:32])
+                    elif word == "signal" and exit_code is None:
+                        killed_by = _signal_number(arg)
                     elif word == "exit" and exit_code is None:
                         exit_code = _exit_status(arg)
                         if exit_code is not None:
@@ -213,6 +219,8 @@ class Attachment:
                         status_f = _open_or_none(self.run_dir / rundir.STATUS)
                     if exit_code is None and status_f is not None:
                         for ln in (status_buf + status_f.read(16 * STATUS_READ_MAX)).split(b"\n"):
+                            if ln.startswith(b"signal ") and exit_code is None:
+                                killed_by = _signal_number(ln[7:].decode(errors="replace"))
                             if ln.startswith(b"exit ") and exit_code is None:
                                 exit_code = _exit_status(ln[5:].decode(errors="replace"))
                     break
@@ -228,12 +236,14 @@ class Attachment:
             write_all(self.err_fd, why.encode())
             exit_code = limits.EXIT_LIMIT
         if exit_code is None:
-            if term_deadline is not None:
-                exit_code = 128 + signal.SIGTERM
+            if term_deadline is not None:  # told to stop, and the VM ended before saying how
+                exit_code, killed_by = 128 + signal.SIGTERM, signal.SIGTERM
             else:
                 tail = _tail(self.run_dir / rundir.CONSOLE)
                 write_all(self.err_fd, f"vmwrap: the guest died without reporting an exit status\n{tail}".encode())
                 exit_code = EXIT_GUEST
+        if killed_by is not None and exit_code == 128 + killed_by:
+            self.killed_by = killed_by
         self._record("exited", exit_code=exit_code)
         return exit_code
 
@@ -305,10 +315,31 @@ def attach(run_dir: Path, job_id: str, script: str, environment: dict[str, str],
     att.install_signal_handlers()
     try:
         att.start(script, environment, list(args))
-        return att.stream()
+        rc = att.stream()
     except VmwrapError as e:
         write_all(2, f"vmwrap: error: {e}\n".encode())
         return EXIT_FOR[e.kind]
+    if att.killed_by is not None:
+        die_by(att.killed_by)
+    return rc
+
+
+def die_by(sig: int) -> None:
+    """End this process by `sig`, so that the scheduler records what it records for a bare job killed by
+    it (Slurm: ExitCode 0:N, not 128+N:0). No core file: the signal was the job's, not ours."""
+    import resource
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError):
+        pass
+    if sig not in (signal.SIGKILL, signal.SIGSTOP):  # these two cannot be caught, blocked or reset
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+        signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+    time.sleep(1)  # a signal whose default is not to end the process: fall back to the 128+N exit
 
 
 def _write_private(path: Path, data: bytes, mode: int) -> None:
@@ -346,6 +377,17 @@ def guest_timeline(run_dir: Path) -> dict[str, float | int]:
         elif word == "exit" and (code := _exit_status(arg)) is not None:
             out["exit"] = code
     return out
+
+
+def _signal_number(arg: str) -> int | None:
+    """The N of a `signal N` line: a signal that ends a process by default, anything else is ignored."""
+    arg = arg.strip()
+    if not (arg.isascii() and arg.isdigit() and len(arg) <= 2):
+        return None
+    n = int(arg)
+    return n if 1 <= n < signal.SIGRTMIN and n not in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN,
+                                                      signal.SIGTTOU, signal.SIGCHLD, signal.SIGCONT,
+                                                      signal.SIGURG, signal.SIGWINCH) else None
 
 
 def _exit_status(arg: str) -> int | None:

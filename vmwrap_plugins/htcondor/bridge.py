@@ -250,8 +250,8 @@ class Bridge:
             code = self.supervise(sock, pid, job_id, adapter, req, fds)
         finally:
             lifecycle.epilog(adapter, self.settings, env)
-        if code is not None:
-            _reply(sock, {"exit": code})
+        if code is not None:  # a payload killed by signal N (the job's own, passed on): the wrapper ends by it too
+            _reply(sock, {"exit": 128 - code, "signal": -code} if code < 0 else {"exit": code})
 
     def _child(self, job, req: dict, fds: list[int]) -> tuple[subprocess.Popen, int]:
         """The payload side as the job's user, and the write end of its control pipe."""

@@ -41,7 +41,7 @@ read -r up _ < /proc/uptime; say "booted $up"
 
 if grep -q 'vmwrap.probe' /proc/cmdline; then say "exit 0"; poweroff -f; fi
 
-mkdir -p /ctl && mount -t 9p -o trans=virtio,version=9p2000.L,ro vmwrap_ctl /ctl || fail "cannot mount control share"
+mkdir -p /run /ctl && mount -t 9p -o trans=virtio,version=9p2000.L,ro vmwrap_ctl /ctl || fail "cannot mount control share"
 ROOT=/
 if [ -b /dev/vda ]; then
   mkdir -p /newroot && mount -t ext4 /dev/vda /newroot || fail "cannot mount the appliance disk"
@@ -87,15 +87,16 @@ read -r up _ < /proc/uptime; say "started $up"
 ( while :; do
     while read -r cmd; do
       case "$cmd" in
-        TERM) kill -TERM -- "-$JOB" 2>/dev/null || kill -TERM "$JOB" ;;
-        KILL) kill -KILL -- "-$JOB" 2>/dev/null || kill -KILL "$JOB" ;;
-        STOP) kill -STOP -- "-$JOB" 2>/dev/null ;;
-        CONT) kill -CONT -- "-$JOB" 2>/dev/null ;;
+        TERM|KILL|STOP|CONT)  # the job's own process group (vmwrap-exec's child); until it is known, vmwrap-exec
+          read -r PG < /run/vmwrap-job.pgid 2>/dev/null || PG=
+          kill -"$cmd" -- "-$PG" 2>/dev/null || kill -"$cmd" "$JOB" 2>/dev/null ;;
       esac
     done < "$CTL"
     sleep 0.2
   done ) &
 wait "$JOB"; rc=$?
 sync
+# A signal killed the job: say which before its 128+N (the host then ends the same way).
+[ -s /run/vmwrap-job.signal ] && read -r sig < /run/vmwrap-job.signal && say "signal $sig"
 say "exit $rc"
 poweroff -f

@@ -4,7 +4,11 @@
  * job's exact environment read from a NUL-separated file.
  * usage: vmwrap-exec ROOT UID GID GROUPS UMASK CWD ENVFILE ARGSFILE PROG
  *        GROUPS is a comma list or "-"; UMASK is octal; ENVFILE and ARGSFILE hold
- *        NUL-terminated strings (ARGSFILE may be missing: no arguments). */
+ *        NUL-terminated strings (ARGSFILE may be missing: no arguments).
+ * The job runs in a child, leader of its own session and process group, whose id goes to
+ * /run/vmwrap-job.pgid (init signals that group); this process waits for it and exits with its
+ * status, writing the signal number to /run/vmwrap-job.signal when a signal killed it: a shell's
+ * `wait` says 128+N for both `exit 128+N` and signal N, and the scheduler must tell them apart. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -12,8 +16,25 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+static pid_t child;
+
+/* Before init knows the child's group (a few instructions), its signals reach this process: pass them on. */
+static void forward(int sig) { if (child > 0) kill(-child, sig); }
+
+static void put(const char *path, long v) {
+    char buf[32], tmp[64];
+    int n = snprintf(buf, sizeof buf, "%ld\n", v);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) return;
+    if (write(fd, buf, (size_t)n) == n) rename(tmp, path);
+    close(fd);
+}
 
 static void die(const char *what, const char *arg) {
     fprintf(stderr, "vmwrap: %s %s: %s\n", what, arg ? arg : "", strerror(errno));
@@ -63,11 +84,29 @@ int main(int argc, char **argv) {
     char **args = read_vec(argv[8], 1, &nargs, 0);
     args[0] = argv[9];
 
+    int forwarded[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2};
+    sigset_t all, old;
+    sigfillset(&all);
+    sigprocmask(SIG_BLOCK, &all, &old);
+    for (size_t i = 0; i < sizeof forwarded / sizeof *forwarded; i++) signal(forwarded[i], forward);
+    child = fork();
+    if (child < 0) die("fork", NULL);
+    if (child > 0) {
+        int st;
+        put("/run/vmwrap-job.pgid", (long)child);
+        sigprocmask(SIG_SETMASK, &old, NULL);
+        while (waitpid(child, &st, 0) < 0) if (errno != EINTR) die("waitpid", NULL);
+        if (WIFSIGNALED(st)) { put("/run/vmwrap-job.signal", (long)WTERMSIG(st)); return 128 + WTERMSIG(st); }
+        return WEXITSTATUS(st);
+    }
+    for (size_t i = 0; i < sizeof forwarded / sizeof *forwarded; i++) signal(forwarded[i], SIG_DFL);
+    setsid();
+    sigprocmask(SIG_SETMASK, &old, NULL);
+
     if (strcmp(root, "/") != 0) {
         if (chroot(root) != 0) die("chroot", root);
         if (chdir("/") != 0) die("chdir", "/");
     }
-    setsid();
     if (setgroups(ng, groups) != 0) die("setgroups", NULL);
     if (setgid(gid) != 0) die("setgid", argv[3]);
     if (setuid(uid) != 0) die("setuid", argv[2]);
