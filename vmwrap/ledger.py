@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 EVENTS = ("prepare", "created", "booted", "started", "paused", "resumed", "saved", "restored", "exited",
-          "destroyed", "failed", "cache_hit", "cache_miss", "prestage", "save_failed", "plan")
+          "destroyed", "failed", "cache_hit", "cache_miss", "prestage", "save_failed", "plan",
+          "detached", "wrapper_gone", "pause_failed", "resume_failed")
 
 
 class Ledger:
