@@ -19,6 +19,7 @@ import os
 import pwd
 import grp
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,12 +66,16 @@ class Job:
         self.egroup = egroup
         self._msmom = ms
         self._rerun = False
+        self._checkpointed = False   # the job's JOB_SVFLG_CHKPT (mom_hook_func.c:1099)
 
     def in_ms_mom(self) -> bool:
         return self._msmom
 
     def rerun(self) -> None:
         self._rerun = True
+
+    def is_checkpointed(self) -> bool:
+        return self._checkpointed
 
 
 @dataclass
@@ -180,6 +185,34 @@ def mom_hook(hook, event: Event, *, nodename: str = "node1", pbs_home: str = "/v
 # --- a pbs_mom running real jobs through the hooks -----------------------------------------------------
 
 JOB_EXEC_RERUN = -11      # src/include/job.h:941
+JOB_EXEC_CHKP = -12       # src/include/job.h:942: checkpointed and killed
+
+
+
+@dataclass
+class MomAction:
+    timeout: int
+    script: str
+    args: list[str]
+
+
+def parse_mom_config(text: str) -> tuple[dict[str, MomAction], bool]:
+    """`$action NAME TIMEOUT !SCRIPT ARGS...` lines as add_mom_action reads them (mom_main.c:1468:
+    a known name, a number, `!` and an absolute script path, whitespace-separated args) and
+    `$restart_transmogrify` (set_boolean); other lines and comments are skipped."""
+    actions, transmogrify = {}, False
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if words[:1] == ["$restart_transmogrify"]:
+            transmogrify = words[1].lower() in ("true", "1", "yes", "on")
+        if words[:1] != ["$action"]:
+            continue
+        name, tout, script, *args = words[1:]
+        if name not in ("terminate", "checkpoint", "checkpoint_abort", "restart", "multinodebusy") \
+                or not tout.isdigit() or not script.startswith("!/"):
+            raise ValueError(f"pbs_mom rejects the config line {line!r}")
+        actions[name] = MomAction(int(tout), script[1:], args)
+    return actions, transmogrify
 KILL_DELAY = 2.0          # qdel: SIGTERM, then SIGKILL kill_delay later (queue attribute, default 10 s)
 
 
@@ -197,6 +230,7 @@ class PbsJob:
     exit_status: int | None = None
     run_count: int = 0
     rerun: bool = False
+    checkpointed: bool = False   # the server's JOB_SVFLG_CHKPT: the next start restarts from it
     spool: dict[str, bytes] = field(default_factory=dict)   # .OU/.ER the server keeps over a rerun
     history: list[str] = field(default_factory=list)
 
@@ -212,12 +246,17 @@ class Mom:
     PBS_HOME/mom_priv/jobs/<ID>.SC chowned to the user; the process starts in the user's home
     with the job's environment; output to PBS_HOME/spool/<ID>.OU/.ER, delivered as NAME.o<SEQ>."""
 
-    def __init__(self, base: Path, name: str, hook: Path, hook_config: Path, server: str = "pbssrv"):
+    def __init__(self, base: Path, name: str, hook: Path, hook_config: Path, server: str = "pbssrv",
+                 config: str = "", checkpoint_path: Path | None = None):
         self.name, self.hook, self.hook_config, self.server = name, hook, hook_config, server
+        self.actions, self.transmogrify = parse_mom_config(config)   # mom_priv/config
         self.home = Path(base) / name / "pbs"
+        # `$checkpoint_path` (mom_main.c:3227), default PBS_HOME/checkpoint
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else self.home / "checkpoint"
         self.jobs = self.home / "mom_priv" / "jobs"
         self.spool = self.home / "spool"
-        for d, mode in ((self.home, 0o755), (self.home / "mom_priv", 0o751), (self.jobs, 0o751), (self.spool, 0o1777)):
+        for d, mode in ((self.home, 0o755), (self.home / "mom_priv", 0o751), (self.jobs, 0o751), (self.spool, 0o1777),
+                        (self.home / "aux", 0o755), (self.checkpoint_path, 0o700)):
             d.mkdir(parents=True, exist_ok=True)
             d.chmod(mode)
         self.vnode = Vnode(name)
@@ -234,6 +273,7 @@ class Mom:
         j = Job(job.variables, job.resources, id=job.id, euser=job.user.pw_name,
                 egroup=grp.getgrgid(job.user.pw_gid).gr_name, run_count=job.run_count,
                 Exit_status=kw.pop("exit_status", None))
+        j._checkpointed = job.checkpointed
         r = mom_hook(self.hook, Event(type_, j, vnode_list={self.name: self.vnode}, **kw), nodename=self.name,
                      pbs_home=str(self.home), hook_config=str(self.hook_config))
         job.history.append(f"{type_:#x} {r.outcome} {r.message}".strip())
@@ -247,8 +287,10 @@ class Mom:
                 **{k: v for k, v in job.variables.items() if not k.startswith("PBS_")}}
 
     def start(self, job: PbsJob) -> str:
-        """Spool the script, execjob_begin, execjob_launch, exec the (possibly rewritten) program."""
-        job.run_count += 1      # the server counts every start it sends to a mom
+        """Spool the script, execjob_begin, execjob_launch, exec the (possibly rewritten) program; a
+        checkpointed job restarts instead (begin, then the restart action)."""
+        if not job.checkpointed:
+            job.run_count += 1  # the server counts every start it sends to a mom but a restart (req_runjob.c:1021)
         job.rerun = False
         sc = self.jobs / f"{job.id}.SC"
         sc.write_text(job.script)
@@ -257,6 +299,8 @@ class Mom:
         if not r.accepted:
             job.state = "Q"
             return r.outcome
+        if job.checkpointed:
+            return self._restart(job)
         os.chown(sc, job.user.pw_uid, job.user.pw_gid)       # start_exec.c:3283
         r = self._event(EXECJOB_LAUNCH, job, progname="/bin/sh", argv=["-sh"], env=self._env(job))
         if not r.accepted:
@@ -282,6 +326,105 @@ class Mom:
         err.close()
         self.procs[job.id] = p
         job.state = "R"
+        return "running"
+
+    def _open_spool(self, job: PbsJob) -> None:
+        for key in ("OU", "ER"):
+            f = self.spool / f"{job.id}.{key}"
+            f.write_bytes(job.spool.pop(key, b""))
+            os.chown(f, job.user.pw_uid, job.user.pw_gid)
+
+    # --- checkpoint / restart through `$action` scripts (src/resmom/requests.c, mom_main.c) ------------
+
+    def _action_env(self, job: PbsJob, sid: int) -> dict[str, str]:
+        """do_mom_action_script's whole environment (mom_main.c:2323-2370)."""
+        pw = job.user
+        nodefile = self.home / "aux" / job.id
+        nodefile.write_text(self.name + "\n")
+        return {"UID": str(pw.pw_uid), "GID": str(pw.pw_gid), "HOME": pw.pw_dir, "LOGNAME": pw.pw_name,
+                "PBS_JOBNAME": job.name, "PBS_JOBID": job.id, "PBS_QUEUE": "workq", "SHELL": "/bin/sh",
+                "USER": pw.pw_name, "PBS_JOBCOOKIE": "0" * 32, "PBS_NODENUM": "0", "PBS_TASKNUM": "1",
+                "PBS_MOMPORT": "15003", "PBS_NODEFILE": str(nodefile), "PBS_SID": str(sid), "PBS_JOBDIR": pw.pw_dir}
+
+    def _action_argv(self, a: MomAction, job: PbsJob, sid: int, path: Path) -> list[str]:
+        """`%` keywords as do_mom_action_script expands them (mom_main.c:2233-2266)."""
+        keys = {"jobid": job.id, "sid": str(sid), "taskid": "1", "uid": str(job.user.pw_uid),
+                "gid": str(job.user.pw_gid), "login": job.user.pw_name, "owner": f"{job.user.pw_name}@submithost",
+                "globid": "NULL", "auxid": "NULL", "path": str(path)}
+        return [a.script] + [keys[x[1:]] if x.startswith("%") else x for x in a.args]
+
+    def _check_script(self, a: MomAction) -> None:
+        """mom_main.c:2180-2189: root's, group id <= 10, executable by its owner, not writable by others."""
+        st = os.stat(a.script)
+        if st.st_uid != 0 or st.st_gid > 10 or not st.st_mode & 0o100 or st.st_mode & 0o002:
+            raise PermissionError(f"action script {a.script} cannot be executed due to permissions")
+
+    def qhold(self, job: PbsJob) -> str:
+        """qhold of a running job (Checkpoint not 'n', req_holdjob.c:215): the mom runs
+        checkpoint_abort as root, fds 0-2 closed, SIGKILLed after its timeout, waited for
+        (requests.c:3608, mom_main.c:2410-2496), for the task with %path =
+        <checkpoint_path>/<ID>.CK/<TASK> in a fresh 0755 directory; exit 0: an empty file marks
+        the checkpoint if the script made none, execjob_end runs (exit status JOB_EXEC_CHKP,
+        requests.c:3836-3851 and 3999), the job's processes end (the script's duty: 'abort') and the
+        server holds the job with its checkpoint flag (req_jobobit.c:1796). A failure: the hold
+        is refused, the job runs on (req_holdjob.c post_hold). Returns 'held' or why not."""
+        a = self.actions.get("checkpoint_abort")
+        if a is None:
+            return "not supported"   # PBSE_NOSUP: only the hold type is set
+        self._check_script(a)
+        ck = self.checkpoint_path / f"{job.id}.CK"
+        shutil.rmtree(ck, ignore_errors=True)
+        ck.mkdir(mode=0o755)
+        path = ck / f"{1:08X}"   # task_fmt "/%8.8X" of the first task
+        sid = self.procs[job.id].pid
+
+        def close_std():
+            for fd in (0, 1, 2):
+                os.close(fd)
+
+        p = subprocess.Popen(self._action_argv(a, job, sid, path), executable=a.script, cwd=job.user.pw_dir,
+                             env=self._action_env(job, sid), preexec_fn=close_std)
+        try:
+            rc = p.wait(timeout=a.timeout or None)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            rc = -9
+        if rc != 0:
+            shutil.rmtree(ck, ignore_errors=True)
+            return f"checkpoint failed (exit {rc})"
+        if not path.exists():
+            path.touch(mode=0o600)
+        self._event(EXECJOB_END, job, exit_status=JOB_EXEC_CHKP)
+        p = self.procs.pop(job.id)
+        p.wait(timeout=60)
+        job.exit_status, job.state, job.checkpointed = JOB_EXEC_CHKP, "H", True
+        return "held"
+
+    def hand_over_output(self, job: PbsJob) -> None:
+        """A checkpoint restarted on another mom (migratable: the server recovers the output and
+        checkpoint files and hands them to the next mom, req_jobobit.c:1703-1713)."""
+        for key in ("OU", "ER"):
+            f = self.spool / f"{job.id}.{key}"
+            job.spool[key] = f.read_bytes()
+            f.unlink()
+
+    def _restart(self, job: PbsJob) -> str:
+        """The restart path: no execjob_launch; for the task whose checkpoint file exists the restart
+        action runs (requests.c:4177-4196); with $restart_transmogrify it is root's, in a session of
+        its own, and becomes the job's task (mom_main.c:2279, 2338-2360): its exit status is the job's."""
+        a = self.actions.get("restart")
+        path = self.checkpoint_path / f"{job.id}.CK" / f"{1:08X}"
+        if a is None or not self.transmogrify or not path.exists():
+            job.state = "Q"
+            return "restart failed"      # JOB_EXEC_BADRESRT: the server reruns it
+        self._check_script(a)
+        self._open_spool(job)
+        p = subprocess.Popen(self._action_argv(a, job, 0, path), executable=a.script, cwd=job.user.pw_dir,
+                             env=self._action_env(job, 0), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+        self.procs[job.id] = p
+        job.state, job.checkpointed = "R", False
         return "running"
 
     def spool_out(self, job: PbsJob) -> str:

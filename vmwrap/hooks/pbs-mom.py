@@ -52,7 +52,8 @@ def _attr(job, name):
 j = e.job
 facts = {"job": str(j.id), "ms": bool(j.in_ms_mom()), "node": str(pbs.get_local_nodename())}
 if event in ("begin", "end"):
-    facts.update(run_count=_attr(j, "run_count"), exit_status=_attr(j, "Exit_status"))
+    facts.update(run_count=_attr(j, "run_count"), exit_status=_attr(j, "Exit_status"),
+                 checkpointed=bool(j.is_checkpointed()))
 if event == "begin":
     facts.update(euser=str(j.euser), egroup=str(j.egroup), pbs_home=str(pbs.pbs_conf.get("PBS_MOM_HOME") or pbs.pbs_conf["PBS_HOME"]),
                  resources={k: _value(j.Resource_List, k) for k in ("ncpus", "mem", "vmwrap_image")},

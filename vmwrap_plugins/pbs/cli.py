@@ -41,6 +41,26 @@ def job(obj, args):
     sys.exit(job_.payload(obj.settings(hook=True), sys.stdin.buffer, list(args)))
 
 
+@pbs.command(context_settings=_ARGV)
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def action(obj, argv):
+    """pbs_mom's `$action checkpoint_abort|checkpoint|restart` script (root): ACTION %jobid %uid %gid %path."""
+    import os
+
+    from vmwrap.rootenv import clean_environment
+
+    from . import action as action_
+
+    for fd in (0, 1, 2):   # pbs_mom closed them (mom_main.c:2410-2414): nothing we open may land there
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)   # the lowest free descriptor: this one
+    clean_environment(("PBS_JOBID", "PBS_JOBNAME", "PBS_QUEUE", "PBS_NODEFILE", "PBS_JOBDIR"))
+    sys.exit(action_.main(obj.settings(hook=True), list(argv)))
+
+
 @pbs.command()
 @click.option("--qstat", "qstat", default="/opt/pbs/bin/qstat", show_default=True,
               help="PBS's qstat (absolute path): asks the server whether a saved job still exists.")

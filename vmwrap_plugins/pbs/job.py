@@ -7,7 +7,9 @@ script `PBS_HOME/mom_priv/jobs/<ID>.SC` (chowned to the user, `[`/`]` escaped wi
 runs in the VM the execjob_begin hook booted; our stdout/stderr are the job's .o/.e and our exit
 status is the job's. `qsig -s suspend` stops this process (SIGSTOP) and execjob_postsuspend pauses
 the VM; qdel's SIGTERM (after execjob_preterm marked the run dir) asks the guest's job to stop;
-qrerun's SIGTERM (no such mark) detaches, and execjob_end saves the VM for the next run.
+qrerun's SIGTERM (no such mark) detaches, and execjob_end saves the VM for the next run; qhold's
+checkpoint_abort action marks the run dir, we detach and leave once it saved the VM. After qrls the
+restart action (root, then the job's user) restores the VM and runs `run` in place of this payload.
 """
 
 from __future__ import annotations
@@ -44,9 +46,21 @@ def script_from_stdin(data: bytes) -> str:
 def payload(settings: Settings, stdin, args: list[str]) -> int:
     pbs_id = os.environ.get("PBS_JOBID", "")
     try:
-        jid = job_id(pbs_id)
+        job_id(pbs_id)
         script = script_from_stdin(stdin.read(STDIN_MAX))
     except (UserError, OSError) as e:
+        print(f"vmwrap: error: {e}", file=sys.stderr)
+        return EXIT_NODE
+    return run(settings, pbs_id, script, args)
+
+
+def run(settings: Settings, pbs_id: str, script: str, args: list[str]) -> int:
+    """Attach to the job's VM (booted by execjob_begin, or restored by the restart action)."""
+    from .action import HOLD, wait_saved, watch_hold
+
+    try:
+        jid = job_id(pbs_id)
+    except UserError as e:
         print(f"vmwrap: error: {e}", file=sys.stderr)
         return EXIT_NODE
     run_dir = rundir.path(settings, jid)
@@ -58,11 +72,16 @@ def payload(settings: Settings, stdin, args: list[str]) -> int:
     # A SIGTERM without execjob_preterm's mark is qrerun's (or a limit's, or `qsig -s TERM`): detach
     # and leave the VM to execjob_end, which saves it for a rerun and destroys it otherwise; the job
     # then ends as killed by SIGTERM (a rerun's status is the mom's JOB_EXEC_RERUN all the same).
+    # qhold: the checkpoint_abort action marks the run dir (HOLD), we signal ourselves, detach the
+    # same way and leave once it saved the VM.
     detached: list[bool] = []
 
     def requeued() -> bool:
         detached.append(not (run_dir / DELETED).exists())
         return detached[-1]
 
+    watch_hold(run_dir)
     rc = attach(run_dir, jid, script, env, args, grace=settings.grace_seconds, settings=settings, requeued=requeued)
+    if (run_dir / HOLD).exists():
+        return wait_saved(run_dir)
     return 128 + signal.SIGTERM if any(detached) else rc

@@ -18,6 +18,10 @@ sources (github.com/openpbs/openpbs, src/resmom; the Hooks Guide says the same):
 - execjob_end and execjob_abort (mom_comm.c): destroy the VM and its files; idempotent. After
   `qrerun` (the job's Exit_status is JOB_EXEC_RERUN, requests.c:1983, kept by catch_child.c:491)
   the VM is saved first, and the next run's execjob_begin (run_count > 1) restores it.
+- qhold of a running job: the `$action checkpoint_abort` script saves the VM (vmwrap_plugins/pbs/
+  action.py); execjob_end keeps that checkpoint; on qrls execjob_begin (the job is checkpointed, its
+  run count unchanged) boots nothing and the `$action restart` script restores the VM and becomes
+  the job.
 - execjob_postsuspend / execjob_preresume (requests.c): `qsig -s suspend` stops the job's processes
   (SIGSTOP), then the hook pauses the whole VM; resume runs the hook (the VM resumes) before SIGCONT.
   A preresume reject leaves the job suspended.
@@ -162,6 +166,10 @@ def handle(settings: Settings, event: str, facts: dict, config_path: str | None 
     if not facts.get("ms", True) and event != "end" and event != "abort":
         return {}                         # a sister: the VM runs on the primary execution host only
     if event == "begin":
+        from .action import held
+
+        if facts.get("checkpointed") is True or held(settings, jid):
+            return {"log": "vmwrap: restarting from qhold's checkpoint: the restart action restores the VM"}
         out = lifecycle.start(settings, jid, lambda: begin_job(facts), NAME, settle=RESTART_SETTLE)
         if out.verdict is lifecycle.Verdict.NODE_FAULT:
             return {"reject": f"vmwrap: {out.reason}", "offline": f"vmwrap: {out.reason}"}
@@ -182,14 +190,18 @@ def handle(settings: Settings, event: str, facts: dict, config_path: str | None 
         _mark_deleted(settings, jid)
         return {}
     if event in ("end", "abort"):
+        from .action import held
+
         try:
             rerun, runs = _int(facts, "exit_status") in RERUN_STATUSES, _int(facts, "run_count")
         except UserError:
             rerun, runs = False, 0
-        out = lifecycle.end(settings, jid, requeued=rerun and event == "end", restarts=runs, scheduler=NAME)
+        checkpointed = held(settings, jid)   # qhold: checkpoint_abort saved the VM, keep its checkpoint
+        out = lifecycle.end(settings, jid, requeued=(rerun and event == "end") or checkpointed, restarts=runs,
+                            scheduler=NAME)
         if out.facts.get("saved"):
             _record(settings, jid, _str(facts, "job", 300))
-        elif not rerun:
+        elif not rerun and not checkpointed:
             record_path(settings, jid).unlink(missing_ok=True)   # its checkpoint was deleted with it
         if out.verdict is lifecycle.Verdict.NODE_FAULT:
             return {"offline": f"vmwrap: {out.reason}", "log": f"vmwrap: {out.reason}"}

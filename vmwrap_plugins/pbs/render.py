@@ -17,6 +17,7 @@ MOM_EVENTS = "execjob_launch,execjob_preterm,execjob_end,execjob_abort,execjob_p
 ORDER = 900           # after site hooks that set up the job's node (e.g. the cgroups hook, order 100)
 BEGIN_ALARM = 900     # s: fetching an image into the node cache, then booting the VM
 MOM_ALARM = 300       # s: destroying a VM, pausing it
+ACTION_TIMEOUT = 900  # s: pbs_mom kills a checkpoint action after this (saving a VM's memory)
 
 
 def render_pbs(settings: Settings, node_config: str | None = None) -> str:
@@ -50,6 +51,17 @@ def render_pbs(settings: Settings, node_config: str | None = None) -> str:
                   f"mkdir -p /etc/vmwrap && printf '%s\\n' {content} > {cfg}",
                   q(f"import hook vmwrap_begin application/x-config default {cfg}"),
                   q(f"import hook vmwrap_mom application/x-config default {cfg}")]
+    action = f"!{HOOKS / 'pbs-action'}" + (f" --config {node_config}" if node_config else "")
+    args = "%jobid %uid %gid %path"
+    lines += ["# Every mom: PBS_HOME/mom_priv/config lines (then kill -HUP pbs_mom). qhold of a running VM job",
+              "# saves its VM into vmwrap's checkpoint store (checkpoint_abort); qrls restores it (restart,",
+              "# which becomes the job: restart_transmogrify). A periodic checkpoint is refused (it would stop",
+              "# the VM). Restarting on another mom needs the checkpoint store and checkpoint_path shared.",
+              f"$action checkpoint_abort {ACTION_TIMEOUT} {action} checkpoint_abort {args}",
+              f"$action checkpoint {ACTION_TIMEOUT} {action} checkpoint {args}",
+              f"$action restart {ACTION_TIMEOUT} {action} restart {args}",
+              "$restart_transmogrify true",
+              "# $checkpoint_path /shared/pbs/checkpoint   # shared by every mom: restart elsewhere"]
     lines += ["# One host that sees the checkpoint store and can reach the server (root, a service): deletes",
               "# the checkpoints of rerun jobs deleted while queued (no mom hook runs for them).",
               f"#   vmwrap{' --config ' + shlex.quote(node_config) if node_config else ''} pbs gc --qstat /opt/pbs/bin/qstat"]
