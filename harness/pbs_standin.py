@@ -382,7 +382,8 @@ class Mom:
             for fd in (0, 1, 2):
                 os.close(fd)
 
-        p = subprocess.Popen(self._action_argv(a, job, sid, path), executable=a.script, cwd=job.user.pw_dir,
+        home = job.user.pw_dir if os.path.isdir(job.user.pw_dir) else "/"   # requests.c:3574-3590
+        p = subprocess.Popen(self._action_argv(a, job, sid, path), executable=a.script, cwd=home,
                              env=self._action_env(job, sid), preexec_fn=close_std)
         try:
             rc = p.wait(timeout=a.timeout or None)
@@ -420,7 +421,8 @@ class Mom:
             return "restart failed"      # JOB_EXEC_BADRESRT: the server reruns it
         self._check_script(a)
         self._open_spool(job)
-        p = subprocess.Popen(self._action_argv(a, job, 0, path), executable=a.script, cwd=job.user.pw_dir,
+        p = subprocess.Popen(self._action_argv(a, job, 0, path), executable=a.script,
+                             cwd=job.user.pw_dir if os.path.isdir(job.user.pw_dir) else "/",
                              env=self._action_env(job, 0), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
         self.procs[job.id] = p
