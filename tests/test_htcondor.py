@@ -256,10 +256,11 @@ def test_a_lifecycle_node_fault_is_published_by_the_probe(tmp_path):
     srv = so.socket(so.AF_UNIX, so.SOCK_STREAM)
     srv.bind(str(sock))
     srv.listen(4)
-    assert subprocess.run(probe, capture_output=True, text=True, timeout=30).stdout == "VmwrapFault = undefined\n"
+    assert subprocess.run(probe, capture_output=True, text=True, timeout=30).stdout.splitlines()[0] == \
+        "VmwrapFault = undefined"  # the next line is VmwrapCachedImages (tests/test_htcondor_placement.py)
     HTCondor(fault_file=fault_path(str(sock))).take_out({}, 'vmwrap: cannot reach libvirt "x"\nmore')
-    out = subprocess.run(probe, capture_output=True, text=True, timeout=30).stdout
-    assert out == 'VmwrapFault = "vmwrap: cannot reach libvirt \\"x\\" more"\n', out
+    out = subprocess.run(probe, capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+    assert out == 'VmwrapFault = "vmwrap: cannot reach libvirt \\"x\\" more"', out
     srv.close()
 
 
@@ -277,7 +278,11 @@ def test_render_prints_both_sides(tmp_path, appliance):
             Settings(catalog=str(tmp_path / "images.toml")), lua_out=None, vmwrap_path="/usr/local/bin/vmwrap",
             default_image=None, node_config=None), "")
     assert r.returncode == 0, r.stderr
-    for line in ("JOB_TRANSFORM_NAMES = $(JOB_TRANSFORM_NAMES) Vmwrap",
+    from vmwrap_plugins.htcondor.render import rank_expr
+
+    for line in ("JOB_TRANSFORM_NAMES = $(JOB_TRANSFORM_NAMES) VmwrapHold Vmwrap", "COPY Rank VmwrapUserRank",
+                 f"SET Rank {rank_expr()}", "#   vmwrap condor prestage --socket /run/vmwrap/condor.sock",
+                 "STARTD_CRON_VMWRAP_ARGS = --fault-ad",
                  "SUBMIT_REQUIREMENT_VmwrapKnown = VmwrapImage is undefined || member(VmwrapImage, {\"busybox\"})",
                  f"USER_JOB_WRAPPER = {HOOKS / 'condor-wrapper'}", "STARTD_ATTRS = $(STARTD_ATTRS) HasVmwrap"):
         assert line in r.stdout.splitlines(), r.stdout

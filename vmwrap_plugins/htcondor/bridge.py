@@ -8,8 +8,10 @@ and environment, and waits. The bridge:
   - requires the caller to descend from a root-owned condor_starter, and the job (CLUSTER.PROC) to be
     the caller's, running, on a startd of this node, per the schedd (htcondor2) - never the job ad
     file in the sandbox, which the job's user can rewrite;
-  - reads image, request_cpus and request_memory from the schedd's ad, the work dir from the caller's
-    own cwd (/proc/PID/cwd: the sandbox, the same path inside and outside the chroot);
+  - reads image, request_cpus and request_memory from the schedd's ad, `#VMWRAP` lines from the head of
+    the executable the wrapper (the job's user) read and sent (what the user could write anyway: it is
+    parsed and validated like +VmwrapImage), the work dir from the caller's own cwd (/proc/PID/cwd:
+    the sandbox, the same path inside and outside the chroot);
   - runs the core lifecycle (prolog: boot; epilog: tear down), and in between the payload side as the
     job's user (`condor attach`) with the wrapper's descriptors;
   - watches the caller: HTCondor suspends a job by SIGSTOPping its process tree, which the VM is not
@@ -53,7 +55,7 @@ from vmwrap.ledger import Ledger
 from vmwrap.rootenv import BASE
 
 from .facts import Schedd, split_id
-from .hooks import PAYLOAD_MAX, HTCondor, hold_reason, job_from_ad
+from .hooks import PAYLOAD_MAX, SCRIPT_MAX, HTCondor, hold_reason, job_from_ad
 
 REQUEST_TIMEOUT = 10.0
 MAX_CLIENTS = 64
@@ -111,13 +113,15 @@ def receive(sock: socket.socket, timeout: float = REQUEST_TIMEOUT) -> tuple[list
         req = None
     if not isinstance(req, dict) or req.get("op") != "run":
         raise Refused('the wrapper\'s request is not {"op": "run", ...}')
-    argv, env, job = req.get("argv"), req.get("env"), req.get("job")
+    argv, env, job, script = req.get("argv"), req.get("env"), req.get("job"), req.get("script", "")
     if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
         raise Refused("the wrapper's argv must be a non-empty list of strings")
     if not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
         raise Refused("the wrapper's env must map strings to strings")
+    if not (isinstance(script, str) and len(script) <= SCRIPT_MAX):
+        raise Refused(f"the wrapper's script head must be a string of at most {SCRIPT_MAX} characters")
     split_id(job)
-    return fds, {"job": job, "argv": argv, "env": env}
+    return fds, {"job": job, "argv": argv, "env": env, "script": script}
 
 
 def _stat_fields(pid: int) -> tuple[str, int] | None:
@@ -213,7 +217,7 @@ class Bridge:
             ad = self.verify(job_id, uid, pid)
             work_dir = peer_cwd(pid)
             try:
-                job, err = job_from_ad(ad, uid, work_dir), None
+                job, err = job_from_ad(ad, uid, work_dir, req["script"]), None
             except VmwrapError as e:
                 job, err = None, e
             if job is None and err is None:

@@ -66,3 +66,26 @@ def gc(obj, condor_python, interval, once):
 
     schedd = Schedd(shlex.split(condor_python) if condor_python else None)
     sys.exit(daemons.gc(HTCondor(schedd=schedd), obj.settings(hook=True), interval, once))
+
+
+@condor.command()
+@click.option("--socket", "socket_path", default="/run/vmwrap/condor.sock", show_default=True,
+              help="The bridge's socket: the images are written to SOCKET.cached, which the startd's probe reads.")
+@click.option("--cached-ad", default=None, help="Write the images here instead of SOCKET.cached.")
+@click.option("--node", default=None, help="This execute node's name (default: the host name).")
+@click.option("--interval", default=60.0, show_default=True, help="Seconds between passes.")
+@click.option("--once", is_flag=True, help="One pass, then exit (1 if it failed).")
+@click.pass_obj
+def prestage(obj, socket_path, cached_ad, node, interval, once):
+    """Advertise the images this node's cache holds (root): the startd publishes them as
+    VmwrapCachedImages and the submit transform's Rank prefers such nodes for a job's image."""
+    import os
+    from pathlib import Path
+
+    from vmwrap import daemons
+
+    from .hooks import HTCondor, cached_path
+
+    out = Path(cached_ad) if cached_ad else cached_path(socket_path)
+    sys.exit(daemons.prestage(HTCondor(cached_file=out), obj.settings(hook=True),
+                              node or os.uname().nodename.split(".")[0], interval, once))

@@ -9,12 +9,13 @@ facts (the schedd's job ad) into the core's Job and runs the payload side as the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pwd
 import sys
 from pathlib import Path
 
-from vmwrap import directives, payload, rundir
+from vmwrap import directives, payload, rundir, safeio
 from vmwrap.config import Settings
 from vmwrap.errors import UserError
 from vmwrap.job import Job
@@ -23,7 +24,11 @@ from .facts import split_id
 
 NAME = "condor"
 PAYLOAD_MAX = 1 << 20   # bytes of argv + environment a wrapper hands over
+SCRIPT_MAX = 1 << 16    # bytes of the executable's head the wrapper hands over for its #VMWRAP lines
 HOLD_PREFIX = "vmwrap: "
+CACHED_ATTR = "VmwrapCachedImages"
+CACHED_MAX = 4000       # characters of the advertised list (the probe refuses a longer line)
+log = logging.getLogger("vmwrap.condor")
 
 
 def _whole(v, what: str, top: int) -> int | None:
@@ -52,21 +57,27 @@ def _restarts(ad: dict) -> int:
     return 0
 
 
-def job_from_ad(ad: dict, uid: int, work_dir: str) -> Job | None:
-    """The core's Job from the schedd's ad of a running job. None: it asked for no VM."""
+def job_from_ad(ad: dict, uid: int, work_dir: str, script: str = "") -> Job | None:
+    """The core's Job from the schedd's ad of a running job and the head of its executable (its
+    `#VMWRAP` lines, read by the wrapper as the job's user). None: it asked for no VM."""
     image = ad.get("VmwrapImage")
-    if image is None:
+    if image is not None:
+        if not isinstance(image, str):
+            raise UserError(f"VmwrapImage must be a string (+VmwrapImage = \"NAME\"), not {str(image)[:40]}")
+        directives.check_image_name(image)
+    req = directives.parse(script)  # the core parses it again when it sizes the VM; a bad line holds now
+    if image is None and req.image is None:
         return None
-    if not isinstance(image, str):
-        raise UserError(f"VmwrapImage must be a string (+VmwrapImage = \"NAME\"), not {str(image)[:40]}")
-    directives.check_image_name(image)
+    if image is not None and req.image is not None and image != req.image:
+        raise UserError(f"+VmwrapImage = \"{image}\" but the executable says #VMWRAP --image={req.image}: "
+                        "ask for one image")
     cluster, proc = ad.get("ClusterId"), ad.get("ProcId")
     pw = pwd.getpwuid(uid)
     restarts = _restarts(ad)
     return Job(job_id=f"{cluster}.{proc}", scheduler=NAME, user=pw.pw_name, uid=uid, gid=pw.pw_gid,
-               work_dir=work_dir, script="", cpus=_whole(_given(ad, "Cpus"), "request_cpus", 4096),
+               work_dir=work_dir, script=script, cpus=_whole(_given(ad, "Cpus"), "request_cpus", 4096),
                memory_mib=_whole(_given(ad, "Memory"), "request_memory (MiB)", 1 << 24),
-               image=image, restart_count=restarts,
+               image=image or req.image, restart_count=restarts,
                groups=[g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid])
 
 
@@ -74,6 +85,29 @@ def fault_path(socket: str) -> Path:
     """Where the bridge records a node fault: next to its socket, in a root-owned dir the startd's
     STARTD_CRON probe (`condor-wrapper --fault-ad`) reads from inside the chroot too."""
     return Path(str(socket) + ".fault")
+
+
+def cached_path(socket: str) -> Path:
+    """Where the node's prestager writes the images its cache holds, for the same probe."""
+    return Path(str(socket) + ".cached")
+
+
+def cached_ad(images: list[str]) -> str:
+    """`VmwrapCachedImages = "+a+b+"`: validated names only (a bad one is left out and logged), at
+    most CACHED_MAX characters. The submit transform's Rank looks a job's image up in it."""
+    value = "+"
+    for name in sorted(set(images)):
+        try:
+            directives.check_image_name(name)
+        except UserError as e:
+            log.warning("not advertised as cached: %s", e)
+            continue
+        if len(value) + len(name) + 1 > CACHED_MAX:
+            log.warning("%s: the cached images do not fit into %d characters; advertised up to %r (exclusive)",
+                        CACHED_ATTR, CACHED_MAX, name)
+            break
+        value += name + "+"
+    return f'{CACHED_ATTR} = "{value}"'
 
 
 def classad_string(text: str) -> str:
@@ -91,9 +125,10 @@ class HTCondor:
     root_env: tuple[str, ...] = ()
 
     def __init__(self, job: Job | None = None, error: Exception | None = None, fault_file: Path | None = None,
-                 schedd=None):
+                 schedd=None, cached_file: Path | None = None):
         self._job, self._error = job, error
         self.fault_file = fault_file
+        self.cached_file = cached_file
         self.schedd = schedd
         self.vacated = False
         # A restored VM needs its work dir at the same path: only a job that runs in its initialdir
@@ -140,7 +175,19 @@ class HTCondor:
         return None
 
     def publish_cached(self, node: str, images: list[str]) -> None:
-        return None
+        """One ClassAd line (root's file, replaced whole) the startd's probe publishes: one file per
+        execute node, so `node` is not needed."""
+        if self.cached_file is None:
+            return
+        line = cached_ad(images) + "\n"
+        if safeio.read_capped(self.cached_file, CACHED_MAX + 100) == line.encode():
+            return
+        tmp = self.cached_file.with_name(f".{self.cached_file.name}.{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(line)
+        os.replace(tmp, self.cached_file)
 
     def reservations(self):
         return None

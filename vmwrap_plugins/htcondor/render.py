@@ -35,21 +35,31 @@ def _users_of(groups: list[str]) -> list[str]:
     return out
 
 
-def submit_side(settings: Settings) -> str:
+CACHED_RANK = 1000
+
+
+def rank_expr(weight: float = CACHED_RANK) -> str:
+    """The VM job's Rank: the user's own (0 when it is not a number for this machine) plus `weight`
+    on a machine whose VmwrapCachedImages names the job's image."""
+    return ("ifThenElse(isReal(real(VmwrapUserRank)), real(VmwrapUserRank), 0.0) + "
+            f"ifThenElse(stringListMember(VmwrapImage, TARGET.VmwrapCachedImages, \"+\") =?= true, {float(weight)!r}, 0.0)")
+
+
+def submit_side(settings: Settings, cached_rank: float = CACHED_RANK) -> str:
     """Schedd lines: bad requests are refused at condor_submit with `vmwrap: <reason>`."""
     cat = Catalog.load(settings.catalog)
     names = sorted(cat.images)
     pattern = IMAGE_NAME.pattern.lstrip("^").rstrip("$")
     known = "{" + ", ".join(_classad_str(n) for n in names) + "}"
     lines = [
-        "JOB_TRANSFORM_NAMES = $(JOB_TRANSFORM_NAMES) Vmwrap",
-        "JOB_TRANSFORM_Vmwrap @=end",
-        "REQUIREMENTS VmwrapImage isnt undefined",
-        "SET Requirements ($(MY.Requirements)) && (TARGET.HasVmwrap =?= true) && (TARGET.VmwrapFault is undefined)",
-        "SET VmwrapRequested true",
+        "JOB_TRANSFORM_NAMES = $(JOB_TRANSFORM_NAMES) VmwrapHold Vmwrap",
+        # Every vanilla job: one whose executable says `#VMWRAP --image=NAME` is known as a VM job only
+        # on its node (the schedd never reads the executable), where a bad request must still hold it.
         # The wrapper reports through chirp: VmwrapHoldReason (the job's fault: hold it with that
         # reason) or VmwrapRequeue (the node's fault: back to idle). The user's own on_exit_hold,
         # on_exit_hold_reason and on_exit_remove still apply, kept under Vmwrap* names.
+        "JOB_TRANSFORM_VmwrapHold @=end",
+        "REQUIREMENTS JobUniverse == 5",
         "SET WantIOProxy true",
         "COPY OnExitHold VmwrapUserOnExitHold",
         "COPY OnExitHoldReason VmwrapUserOnExitHoldReason",
@@ -57,6 +67,16 @@ def submit_side(settings: Settings) -> str:
         "SET OnExitHold (VmwrapHoldReason isnt undefined) || (VmwrapUserOnExitHold =?= true)",
         "SET OnExitHoldReason ifThenElse(VmwrapHoldReason isnt undefined, VmwrapHoldReason, VmwrapUserOnExitHoldReason)",
         "SET OnExitRemove (VmwrapRequeue is undefined) && (VmwrapUserOnExitRemove isnt false)",
+        "@end",
+        # +VmwrapImage jobs: only nodes that run vmwrap and have no fault; among them, nodes whose
+        # cache holds the image first (their VmwrapCachedImages, from the prestager), on top of the
+        # user's own rank.
+        "JOB_TRANSFORM_Vmwrap @=end",
+        "REQUIREMENTS VmwrapImage isnt undefined",
+        "SET Requirements ($(MY.Requirements)) && (TARGET.HasVmwrap =?= true) && (TARGET.VmwrapFault is undefined)",
+        "SET VmwrapRequested true",
+        "COPY Rank VmwrapUserRank",
+        f"SET Rank {rank_expr(cached_rank)}",
         "@end",
         "SUBMIT_REQUIREMENT_NAMES = $(SUBMIT_REQUIREMENT_NAMES) VmwrapType VmwrapName VmwrapKnown VmwrapAllowed",
         "SUBMIT_REQUIREMENT_VmwrapType = VmwrapImage is undefined || isString(VmwrapImage)",
@@ -89,7 +109,8 @@ def execute_side(socket: str = SOCKET, wrapper: str | None = None, probe_period:
     """Startd lines: every job goes through the wrapper (a job without VmwrapImage runs as usual);
     the node advertises vmwrap so that the transform's Requirements match it, and a node fault
     (VmwrapFault, published by the wrapper's STARTD_CRON probe) keeps VM jobs off it, START included
-    (a claim the schedd reuses is not matched again)."""
+    (a claim the schedd reuses is not matched again). The same probe publishes VmwrapCachedImages
+    (what `vmwrap condor prestage` found in the node's cache), which the transform's Rank reads."""
     w = wrapper or str(wrapper_path())
     return "\n".join([
         f"USER_JOB_WRAPPER = {w}",
@@ -115,6 +136,9 @@ def render_condor(settings: Settings, socket: str = SOCKET, wrapper: str | None 
         "# Execute side: each startd's configuration. Run the bridge as root on the host:",
         f"#   vmwrap condor bridge --socket {socket}",
         "# and make the socket reachable at that path for the starter (bind it into a chroot).",
+        "# For cache-aware placement run the prestager as root too; it writes the images the node's cache",
+        f"# holds to {socket}.cached, which the probe below publishes as VmwrapCachedImages:",
+        f"#   vmwrap condor prestage --socket {socket}",
         f"# A node fault is kept in {socket}.fault until you remove it (the startd then matches VM jobs again).",
         execute_side(socket, wrapper),
     ]) + "\n"
