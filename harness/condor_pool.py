@@ -42,6 +42,17 @@ print(json.dumps([{k: val(ad.get(k)) for k in (proj or ad.keys())} for ad in ads
 """
 
 
+def vmwrap_cmd(*args: str) -> list[str]:
+    """`vmwrap ARGS` with the condor commands, from this checkout: `-I` ignores PYTHONPATH, so the
+    checkout goes first on sys.path here (the venv's editable install may point at another clone)."""
+    import sys
+
+    repo = str(Path(__file__).resolve().parent.parent)
+    boot = (f"import sys; sys.path.insert(0, {repo!r}); import runpy; "
+            "runpy.run_module('vmwrap_plugins.htcondor', run_name='__main__')")
+    return [sys.executable, "-I", "-c", boot, *args]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -334,7 +345,11 @@ class VmwrapSite:
     """A pool with vmwrap enabled as an admin would: the rendered submit and execute sides, the
     wrapper as the chrooted starter sees it (root's copy in the pool dir, told where the bridge
     listens), and the bridge as root on the host. `start_bridge`/`stop_bridge` let a test take the
-    bridge away (a node fault)."""
+    bridge away (a node fault).
+
+    The two startds share this host, hence one bridge; for cache-aware placement each plays a node of
+    its own cache (`node_config`: cache-NODE) whose prestager (`advertise`) writes NODE.cached, the
+    file that startd's probe publishes."""
 
     def __init__(self, base: Path, appliance, virt_type: str, user: str = "vmwrapuser", probe_period: int = 2):
         from vmwrap.catalog import register
@@ -351,9 +366,12 @@ class VmwrapSite:
         self.state = self.base / "state"
         self.checkpoints = self.base / "checkpoints"
         # Cluster ids restart at 1 in a fresh pool: a private state dir keeps them apart from other tests.
-        self.cfg.write_text(render({"catalog": str(self.base / "images.toml"), "accel": virt_type,
-                                    "grace_seconds": 5.0, "state_dir": str(self.state),
-                                    "cache_dir": str(self.base / "cache"), "checkpoint_dir": str(self.checkpoints)}))
+        values = {"catalog": str(self.base / "images.toml"), "accel": virt_type, "grace_seconds": 5.0,
+                  "state_dir": str(self.state), "cache_dir": str(self.base / "cache"),
+                  "checkpoint_dir": str(self.checkpoints)}
+        self.cfg.write_text(render(values))
+        for s in STARTDS:
+            self.node_config(s).write_text(render({**values, "cache_dir": str(self.node_cache_dir(s))}))
         (self.base / "submit").mkdir(mode=0o755)
         hooks = self.base / "hooks"
         hooks.mkdir(mode=0o755)
@@ -365,24 +383,41 @@ class VmwrapSite:
             f.chmod(0o755)
         settings = Settings(catalog=str(self.base / "images.toml"))
         extra = (condor_render.submit_side(settings) + "\n"
-                 + condor_render.execute_side(str(self.sock), str(hooks / "condor-wrapper"), probe_period))
+                 + condor_render.execute_side(str(self.sock), str(hooks / "condor-wrapper"), probe_period) + "\n"
+                 + "\n".join(f"{s.upper()}.STARTD_CRON_VMWRAP_ARGS = --fault-ad --socket {self.sock} "
+                             f"--cached-ad {self.cached_ad(s)}" for s in STARTDS))
         self.pool = Pool(self.base, extra_config=extra)
         self.bridge: subprocess.Popen | None = None
+
+    def node_config(self, startd: str) -> Path:
+        return self.base / f"vmwrap-{startd}.toml"
+
+    def node_cache_dir(self, startd: str) -> Path:
+        return self.base / f"cache-{startd}"
+
+    def cached_ad(self, startd: str) -> Path:
+        return self.sock.parent / f"{startd}.cached"
+
+    def advertise(self, startd: str) -> subprocess.CompletedProcess:
+        """One pass of `startd`'s prestager (root, its own cache): writes what its probe publishes."""
+        repo = Path(__file__).resolve().parent.parent
+        return subprocess.run(vmwrap_cmd("--config", str(self.node_config(startd)), "condor", "prestage", "--once",
+                                         "--node", startd, "--cached-ad", str(self.cached_ad(startd))),
+                              cwd="/", capture_output=True, text=True, timeout=120,
+                              env={"PATH": PATH, "PYTHONPATH": str(repo)})
 
     def condor_python(self) -> str:
         return f"chroot {self.pool.root} /usr/bin/env -i CONDOR_CONFIG={self.pool.config} /usr/bin/python3"
 
     def start_bridge(self, condor_python: str | None = None) -> None:
         """The bridge as root; `condor_python` replaces the command it queries the schedd with."""
-        import sys
-
         repo = Path(__file__).resolve().parent.parent
         self.sock.unlink(missing_ok=True)
         node = os.uname().nodename
         self.bridge = subprocess.Popen(
-            [sys.executable, "-I", "-m", "vmwrap_plugins.htcondor", "--config", str(self.cfg), "condor", "bridge",
-             "--socket", str(self.sock), "--condor-python", condor_python or self.condor_python(),
-             *[a for s in self.pool.startds for a in ("--startd", f"{s}@{node}")]],
+            vmwrap_cmd("--config", str(self.cfg), "condor", "bridge", "--socket", str(self.sock),
+                       "--condor-python", condor_python or self.condor_python(),
+                       *[a for s in self.pool.startds for a in ("--startd", f"{s}@{node}")]),
             cwd="/", stdout=open(self.base / "bridge.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
             env={"PATH": PATH, "PYTHONPATH": str(repo)})
         for _ in range(100):
@@ -402,11 +437,9 @@ class VmwrapSite:
         self.bridge = None
 
     def gc(self) -> subprocess.CompletedProcess:
-        import sys
-
         repo = Path(__file__).resolve().parent.parent
-        return subprocess.run([sys.executable, "-I", "-m", "vmwrap_plugins.htcondor", "--config", str(self.cfg),
-                               "condor", "gc", "--once", "--condor-python", self.condor_python()],
+        return subprocess.run(vmwrap_cmd("--config", str(self.cfg), "condor", "gc", "--once", "--condor-python",
+                                         self.condor_python()),
                               cwd="/", capture_output=True, text=True, timeout=120,
                               env={"PATH": PATH, "PYTHONPATH": str(repo)})
 
