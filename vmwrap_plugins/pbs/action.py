@@ -33,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from vmwrap import lifecycle, rundir, safeio
+from vmwrap import lifecycle, restart_record, rundir, safeio
 from vmwrap.config import Settings
 from vmwrap.errors import UserError
 from vmwrap.job import Job
@@ -124,12 +124,8 @@ def checkpoint_abort(settings: Settings, pbs_id: str, jid: str, pw: pwd.struct_p
             info = ckpt.save(jid, run_dir, store, conn, 0)
         finally:
             conn.close()
-        rec = record_path(settings, jid)
-        rec.unlink(missing_ok=True)
-        fd = os.open(rec, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"job": pbs_id, "checkpoint": True, "uid": pw.pw_uid, "gid": gid,
-                       "image": meta.get("image"), "work_dir": work_dir}, f)
+        restart_record.write(record_path(settings, jid), {"job": pbs_id, "checkpoint": True, "uid": pw.pw_uid,
+                                                          "gid": gid, "image": meta.get("image"), "work_dir": work_dir})
     except Exception as e:  # noqa: BLE001 (PBS logs the failure, the job learns why; the node stays up)
         ledger.record(jid, rundir.domain_name(jid), "save_failed", scheduler=NAME, message=str(e))
         store.delete(jid)
@@ -169,17 +165,7 @@ def restart(settings: Settings, pbs_id: str, jid: str, pw: pwd.struct_passwd, gi
         return EXIT_NODE
 
     def read_job() -> Job:
-        raw = safeio.read_capped(record_path(settings, jid), 1 << 16)
-        if raw is None:
-            from vmwrap.errors import CheckpointError
-
-            raise CheckpointError(f"no vmwrap checkpoint of job {pbs_id} in {settings.checkpoint_dir}")
-        rec = json.loads(raw)
-        if rec.get("uid") != pw.pw_uid or rec.get("gid") != gid or rec.get("job") != pbs_id:
-            raise UserError(f"the checkpoint of job {pbs_id} was made for another job or user")
-        return Job(job_id=jid, scheduler=NAME, user=pw.pw_name, uid=pw.pw_uid, gid=gid,
-                   work_dir=str(rec.get("work_dir") or pw.pw_dir), script="", image=rec.get("image"),
-                   restart_count=1, groups=[g for g in os.getgrouplist(pw.pw_name, gid) if g != gid])
+        return restart_record.restart_job(record_path(settings, jid), pbs_id, jid, NAME, pw, gid)
 
     out = lifecycle.start(settings, jid, read_job, NAME)
     if out.verdict is lifecycle.Verdict.NODE_FAULT:

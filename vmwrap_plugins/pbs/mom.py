@@ -36,7 +36,7 @@ import grp
 import re
 from pathlib import Path
 
-from vmwrap import directives, lifecycle, rundir, safeio
+from vmwrap import directives, lifecycle, restart_record, rundir, safeio
 from vmwrap.config import Settings
 from vmwrap.errors import NodeError, UserError
 from vmwrap.job import Job
@@ -213,17 +213,13 @@ def _record(settings: Settings, jid: str, pbs_id: str) -> None:
     """Beside a saved job's checkpoint (root's store), its PBS id: what `vmwrap pbs gc` asks qstat."""
     p = record_path(settings, jid)
     try:
-        p.unlink(missing_ok=True)
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"job": pbs_id}, f)
+        restart_record.write(p, {"job": pbs_id})
     except OSError:
         pass      # without it the GC keeps the checkpoint: never deletes what it cannot name
 
 
 def record_path(settings: Settings, jid: str) -> Path:
-    Job.check_id(jid)
-    return Path(settings.checkpoint_dir) / f".{jid}.pbs.json"   # a dot name: never listed as a job
+    return restart_record.path(settings, jid, NAME)
 
 
 QSTAT_UNKNOWN = 153           # exit(PBSE_UNKJOBID) = 15001 & 0xff (src/cmds/qstat.c:3348)

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from vmwrap import lifecycle, rundir, safeio
+from vmwrap import lifecycle, restart_record, rundir, safeio
 from vmwrap.config import Settings
 from vmwrap.errors import NodeError, UserError
 from vmwrap.job import Job
@@ -40,7 +40,6 @@ ROOT_ENV = ("PBS_O_WORKDIR", "PBS_NUM_PPN", "PBS_NP", "PBS_MSHOST", "PBS_NODENUM
 OFFLINE = "torque-offline"    # in state_dir: the reason the node health check reports
 HOLD = "torque-hold"          # in a run dir: a checkpoint for qhold is under way (root's file)
 SAVED = "torque-saved"        # in a run dir: its result, for the payload waiting to leave
-SIDECAR = ".torque.json"      # beside a checkpoint in the store: what a restart on another mom needs
 SAVE_WAIT = 900.0             # s the payload waits for a checkpoint script to finish the save
 EXIT_REQUEUE = 2              # prologue: "other values requeue the job"
 
@@ -239,10 +238,7 @@ def epilogue(settings: Settings, argv: list[str], env: dict[str, str]) -> int:
 
 
 def _sidecar(settings: Settings, jid: str) -> Path:
-    """Root's record beside the job's checkpoint in the (root-only) store; a dot name, so that the
-    store's listing and GC never take it for a job."""
-    Job.check_id(jid)
-    return Path(settings.checkpoint_dir) / f".{jid}{SIDECAR}"
+    return restart_record.path(settings, jid, NAME)
 
 
 # --- the job's payload (the user, started by pbs_mom's shell through the filter's wrapper) ----------
@@ -350,11 +346,8 @@ def checkpoint(settings: Settings, argv: list[str]) -> int:
             info = ckpt.save(jid, run_dir, store, conn, 0)
         finally:
             conn.close()
-        side = _sidecar(settings, jid)
-        side.unlink(missing_ok=True)
-        _write_result(side, json.dumps({"job": torque_id, "uid": pw.pw_uid, "gid": gid, "image": image,
-                                        "work_dir": work_dir}))
-        os.chmod(side, 0o600)
+        restart_record.write(_sidecar(settings, jid), {"job": torque_id, "uid": pw.pw_uid, "gid": gid,
+                                                       "image": image, "work_dir": work_dir})
         _torque_file(Path(ckpt_dir) / ckpt_name, pw.pw_uid, gid)
     except Exception as e:  # noqa: BLE001 (the job learns why; the node stays up)
         Ledger(settings.ledger_path).record(jid, rundir.domain_name(jid), "save_failed", scheduler=NAME, message=str(e))
@@ -403,17 +396,7 @@ def restart(settings: Settings, argv: list[str], spool: str | None = None) -> in
     spool_dir = Path(spool) if spool else Path(os.path.normpath(os.path.join(ckpt_dir, "..", "..", "spool")))
 
     def read_job() -> Job:
-        raw = safeio.read_capped(_sidecar(settings, jid), 1 << 16)
-        if raw is None:
-            from vmwrap.errors import CheckpointError
-
-            raise CheckpointError(f"no vmwrap checkpoint of job {torque_id} in {settings.checkpoint_dir}")
-        side = json.loads(raw)
-        if side.get("uid") != pw.pw_uid or side.get("gid") != gid or side.get("job") != torque_id:
-            raise UserError(f"the checkpoint of job {torque_id} was made for another job or user")
-        return Job(job_id=jid, scheduler=NAME, user=pw.pw_name, uid=pw.pw_uid, gid=gid,
-                   work_dir=str(side.get("work_dir") or pw.pw_dir), script="", image=side.get("image"),
-                   restart_count=1, groups=[g for g in os.getgrouplist(pw.pw_name, gid) if g != gid])
+        return restart_record.restart_job(_sidecar(settings, jid), torque_id, jid, NAME, pw, gid)
 
     out = lifecycle.start(settings, jid, read_job, NAME)
     if out.verdict is lifecycle.Verdict.NODE_FAULT:
