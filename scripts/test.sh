@@ -4,4 +4,4 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 bash "$here/scripts/install-host.sh"
 cd "$here"
-exec /opt/vmwrap/venv/bin/python -m pytest -v -p no:cacheprovider "$@"
+exec /opt/vmwrap/venv/bin/python -m pytest -v -p no:cacheprovider --durations=40 "$@"

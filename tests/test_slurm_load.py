@@ -18,7 +18,7 @@ from harness.slurm_cluster import NODES, Cluster
 from vmwrap.catalog import Artifact, register
 
 pytestmark = pytest.mark.vm
-JOBS = 24
+JOBS = 12
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,7 @@ def drained(cluster) -> list[str]:
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
 
 
+@pytest.mark.timeout(1200)
 def test_no_job_fails_because_the_host_is_saturated(cluster, test_user):
     """A CPU hog on every core (load ~2x the cores) while small VM jobs run through Slurm."""
     hogs = [subprocess.Popen(["/bin/sh", "-c", "while :; do :; done"]) for _ in range(2 * (os.cpu_count() or 1))]
@@ -100,6 +101,7 @@ MACHINES = Path("/sys/fs/cgroup/cpu/machine/cpu.shares")   # libvirt's cgroup of
 
 
 @pytest.mark.skipif(not MACHINES.exists(), reason="libvirt's cpu cgroup is not at /sys/fs/cgroup/cpu/machine")
+@pytest.mark.timeout(1500)   # a starved boot takes minutes; the wait below bounds it
 def test_guests_starved_of_cpu_during_boot_still_run(cluster, test_user):
     """The cause found for issue 26: a guest whose QEMU gets almost no host time while its kernel boots
     (all VMs' cgroup at 1/16 of one CPU hog's weight, a hog per core) must still boot and run."""
