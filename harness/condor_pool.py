@@ -399,10 +399,13 @@ class VmwrapSite:
         return self.sock.parent / f"{startd}.cached"
 
     def advertise(self, startd: str) -> subprocess.CompletedProcess:
-        """One pass of `startd`'s prestager (root, its own cache): writes what its probe publishes."""
+        """One pass of `startd`'s prestager (root, its own cache): fetches the images of idle VM jobs
+        that could start on that startd, writes what its probe publishes."""
         repo = Path(__file__).resolve().parent.parent
         return subprocess.run(vmwrap_cmd("--config", str(self.node_config(startd)), "condor", "prestage", "--once",
-                                         "--node", startd, "--cached-ad", str(self.cached_ad(startd))),
+                                         "--node", f"{startd}@{os.uname().nodename}",
+                                         "--condor-python", self.condor_python(),
+                                         "--cached-ad", str(self.cached_ad(startd))),
                               cwd="/", capture_output=True, text=True, timeout=120,
                               env={"PATH": PATH, "PYTHONPATH": str(repo)})
 

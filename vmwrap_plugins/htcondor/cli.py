@@ -72,20 +72,29 @@ def gc(obj, condor_python, interval, once):
 @click.option("--socket", "socket_path", default="/run/vmwrap/condor.sock", show_default=True,
               help="The bridge's socket: the images are written to SOCKET.cached, which the startd's probe reads.")
 @click.option("--cached-ad", default=None, help="Write the images here instead of SOCKET.cached.")
-@click.option("--node", default=None, help="This execute node's name (default: the host name).")
+@click.option("--node", default=None,
+              help="This execute node as the schedd's ads name it: a startd's name (NAME@HOST, as in RemoteHost "
+                   "without its slot) or its machine (default: this host's short name, i.e. all its startds).")
+@click.option("--condor-python", default=None, help="As for `vmwrap condor bridge`.")
 @click.option("--interval", default=60.0, show_default=True, help="Seconds between passes.")
 @click.option("--once", is_flag=True, help="One pass, then exit (1 if it failed).")
 @click.pass_obj
-def prestage(obj, socket_path, cached_ad, node, interval, once):
-    """Advertise the images this node's cache holds (root): the startd publishes them as
-    VmwrapCachedImages and the submit transform's Rank prefers such nodes for a job's image."""
+def prestage(obj, socket_path, cached_ad, node, condor_python, interval, once):
+    """Fetch the images of idle VM jobs that could start on this node (root), most likely first, and
+    advertise the images the node's cache holds: the startd publishes them as VmwrapCachedImages and
+    the submit transform's Rank prefers such nodes for a job's image."""
     import os
     from pathlib import Path
 
     from vmwrap import daemons
 
+    from vmwrap.rootenv import clean_environment
+
+    from .facts import Schedd
     from .hooks import HTCondor, cached_path
 
+    clean_environment(("CONDOR_CONFIG",))  # the in-process bindings find the pool by it
     out = Path(cached_ad) if cached_ad else cached_path(socket_path)
-    sys.exit(daemons.prestage(HTCondor(cached_file=out), obj.settings(hook=True),
+    schedd = Schedd(shlex.split(condor_python) if condor_python else None)
+    sys.exit(daemons.prestage(HTCondor(cached_file=out, schedd=schedd), obj.settings(hook=True),
                               node or os.uname().nodename.split(".")[0], interval, once))

@@ -172,7 +172,30 @@ class HTCondor:
         return lambda j: j in have
 
     def planned_starts(self) -> list[dict] | None:
-        return None
+        """HTCondor plans no start times: the schedd's idle VM jobs stand in, each on the startds
+        whose ads it matches, all due now and kept in the negotiator's order by a millisecond apart
+        (the prestager serves the earliest first). Image names come from users' ads (condor_qedit
+        can change them after submit): a job with a bad one is left out, logged. No schedd: None."""
+        import time
+
+        if self.schedd is None:
+            return None
+        now, out = time.time(), []
+        for ad in self.schedd.idle_vm_jobs():
+            cluster, proc, image = ad.get("ClusterId"), ad.get("ProcId"), ad.get("VmwrapImage")
+            if not all(type(v) is int and 0 <= v < 1 << 31 for v in (cluster, proc)):
+                log.warning("idle job left out of prestaging: not a job id: %.80r.%.80r", cluster, proc)
+                continue
+            try:
+                if not isinstance(image, str):
+                    raise UserError(f"VmwrapImage is not a string: {str(image)[:40]!r}")
+                directives.check_image_name(image)
+            except UserError as e:
+                log.warning("job %d.%d: not prestaged: %s", cluster, proc, e)
+                continue
+            out.append({"job": f"{cluster}.{proc}", "image": image, "start": now + len(out) / 1000,
+                        "nodes": [n for n in ad.get("startds", ()) if isinstance(n, str)]})
+        return out
 
     def publish_cached(self, node: str, images: list[str]) -> None:
         """One ClassAd line (root's file, replaced whole) the startd's probe publishes: one file per
