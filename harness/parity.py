@@ -76,7 +76,7 @@ CORPUS: tuple[Case, ...] = (
     Case("sbatch-line-after-vmwrap", "{VMWRAP}\n#SBATCH -J late-name\necho \"$SLURM_JOB_NAME\"\n"),
     Case("open-mode-append", "echo appended\n", args=("--open-mode=append", "-o", "log.txt"), out="log.txt",
          before={"log.txt": b"old line\n"}),
-    Case("interleaved-streams", "echo one\necho two >&2\necho three\n"),
+    Case("interleaved-streams", "for i in 1 2 3 4 5 6 7 8; do echo out$i; echo err$i >&2; done\n"),
     Case("background-and-wait", "(sleep 1; echo from-bg) &\nwait\necho done\n"),
     Case("pipeline-status", "echo x | grep -q y\necho rc=$?\n"),
     Case("here-document", "cat <<EOF\nline one\n  indented \\$dollar\nEOF\n"),

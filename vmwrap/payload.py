@@ -91,6 +91,10 @@ class Attachment:
                 f"{k}={v}".encode("utf-8", "surrogateescape") + b"\0"
                 for k, v in environment.items() if "\0" not in k + v and "=" not in k), 0o600)
             _write_private(user / rundir.USER_ARGS, b"".join(a.encode("utf-8", "surrogateescape") + b"\0" for a in args), 0o600)
+            _write_private(user / rundir.USER_LIMITS, own_limits().encode(), 0o600)
+            (user / rundir.USER_MERGED).unlink(missing_ok=True)
+            if same_file(self.out_fd, self.err_fd):
+                _write_private(user / rundir.USER_MERGED, b"", 0o600)
         except OSError as e:
             if e.errno not in DISK_FULL:
                 raise
@@ -340,6 +344,36 @@ def die_by(sig: int) -> None:
         signal.signal(sig, signal.SIG_DFL)
     os.kill(os.getpid(), sig)
     time.sleep(1)  # a signal whose default is not to end the process: fall back to the 128+N exit
+
+
+# The limits a scheduler (or the user's ulimit) puts on a job that mean the same inside a guest. Not
+# carried: the scheduling ones (nice, rtprio, rttime) and those sized by the host (sigpending, msgqueue).
+CARRIED_LIMITS = ("core", "cpu", "fsize", "data", "stack", "nofile", "as", "nproc", "memlock")
+
+
+def own_limits() -> str:
+    """This process's limits, `NAME SOFT HARD` per line (`unlimited` for infinity), for vmwrap-exec:
+    a bare job runs with them, so the job in the guest does too (a core file where the queue allows one)."""
+    import resource
+
+    def word(v: int) -> str:
+        return "unlimited" if v == resource.RLIM_INFINITY else str(v)
+
+    lines = []
+    for name in CARRIED_LIMITS:
+        soft, hard = resource.getrlimit(getattr(resource, f"RLIMIT_{name.upper()}"))
+        lines.append(f"{name} {word(soft)} {word(hard)}\n")
+    return "".join(lines)
+
+
+def same_file(a: int, b: int) -> bool:
+    """Whether two descriptors write to one file (Slurm's default output, Grid Engine's -j y, a shared
+    pipe or terminal): a bare job's lines then interleave in the order it wrote them."""
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def _write_private(path: Path, data: bytes, mode: int) -> None:

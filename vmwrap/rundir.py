@@ -34,6 +34,9 @@ CONTROL_SOCKET = "control.sock"  # the guest agent's control port (libvirtd make
 CTL = "ctl"
 CTL_WORKDIR, CTL_IDS, CTL_HOSTNAME, CTL_USER = "workdir", "ids", "hostname", "user"
 USER_SCRIPT, USER_ENV, USER_ARGS = "script", "env", "args"
+# The job's process facts the guest reproduces: its resource limits, and whether its stdout and stderr
+# are one file (then the guest sends both over one port, which keeps their order).
+USER_LIMITS, USER_MERGED = "limits", "merged"
 DELIVERED = "delivered.json"  # in ctl/user: how much of each stream the job's step delivered
 
 

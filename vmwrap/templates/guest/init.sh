@@ -79,8 +79,11 @@ if [ -n "$NINEP" ]; then
   umount "$ROOT/.vmwrap" && umount /ctl && mount -o bind /ctl.copy /ctl && mount -o bind,ro /ctl "$ROOT/.vmwrap" \
     || fail "cannot release the control share"
 fi
-/bin/vmwrap-exec "$ROOT" "$UID_" "$GID_" "$GROUPS_" "$UMASK_" "$WORKDIR" /ctl/user/env /ctl/user/args \
-  /.vmwrap/user/script < /dev/null > "$OUT" 2> "$ERR" &
+job() { exec /bin/vmwrap-exec "$ROOT" "$UID_" "$GID_" "$GROUPS_" "$UMASK_" "$WORKDIR" /ctl/user/env /ctl/user/args \
+  /.vmwrap/user/script /ctl/user/limits; }
+# One output file on the host for both streams: send both over the one port (a port opens only once),
+# in the order they were written.
+if [ -e /ctl/user/merged ]; then job < /dev/null > "$OUT" 2>&1 & else job < /dev/null > "$OUT" 2> "$ERR" & fi
 JOB=$!
 read -r up _ < /proc/uptime; say "started $up"
 # The host may disconnect and reconnect (EOF then): keep reading.
