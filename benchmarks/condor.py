@@ -179,7 +179,8 @@ def main() -> None:
         print(f"  without vmwrap's submit side:       {rate[False]:5.1f}/s "
               f"(median {med[False]:.1f} ms per condor_submit)")
         print(f"  with its transforms + requirements: {rate[True]:5.1f}/s "
-              f"(median {med[True]:.1f} ms per condor_submit) | ratio {ratio:.2f} (goal >= 0.9): {'PASS' if ratio >= 0.9 else 'FAIL'}")
+              f"(median {med[True]:.1f} ms per condor_submit) | ratio {ratio:.2f} (goal >= 0.9): "
+              f"{'PASS' if ratio >= 0.9 else 'FAIL'}")
 
         rows = start_breakdown(site, queries, a.vm_jobs)
         phases = [
