@@ -487,3 +487,73 @@ class VmwrapSite:
 
     def logs(self) -> str:
         return (self.base / "bridge.log").read_text(errors="replace")[-3000:] + self.pool.logs(15)
+
+
+DEMO_JOB = """#!/bin/sh
+echo "guest kernel: $(uname -r)  (host kernel: {host})"
+echo "uid $(id -u), in $(pwd)"
+exit 7
+"""
+
+DEMO_SUBMIT = """executable = job.sh
+output = job.out
+error = job.err
+log = job.log
+request_memory = 256
++VmwrapImage = "busybox"
+queue
+"""
+
+
+def demo(base: Path = Path("/var/tmp/vmwrap-condor-demo"), user: str = "vmwrapuser") -> int:
+    """Start a local pool with vmwrap, condor_submit one ordinary vanilla job asking for a VM with
+    `+VmwrapImage`, print its output, exit code and node, stop the pool (on every way out)."""
+    import signal
+    import sys
+
+    from vmwrap import config as vmwrap_config
+    from vmwrap.catalog import Catalog
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)  # unwinds through VmwrapSite.__exit__: daemons, mounts, VMs
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        subprocess.run(["useradd", "-m", "-U", user], check=True)
+        pw = pwd.getpwnam(user)
+    site_cfg = vmwrap_config.load()
+    image = Catalog.load(site_cfg.catalog).images["busybox"]
+    print(f"== starting an HTCondor 23.9 pool (collector, negotiator, schedd, startds {', '.join(STARTDS)}) "
+          f"and vmwrap's bridge under {base}", flush=True)
+    with VmwrapSite(base, image, site_cfg.accel, user=user) as site:
+        work = site.jobdir()
+        (work / "job.sh").write_text(DEMO_JOB.format(host=os.uname().release))
+        os.chown(work / "job.sh", pw.pw_uid, pw.pw_gid)
+        (work / "job.sh").chmod(0o755)
+        print(f"== job.submit:\n{DEMO_SUBMIT}", end="", flush=True)
+        cluster, r = site.submit(work, DEMO_SUBMIT)
+        if cluster < 0:
+            print(r.stdout + r.stderr, file=sys.stderr)
+            return 1
+        print(f"== condor_submit (as {user}): cluster {cluster}; waiting", flush=True)
+        ad = site.pool.wait_job(cluster, 0, (3, 4, 5), 300,
+                                ["ExitCode", "HoldReason", "LastRemoteHost", "RemoteWallClockTime"])
+        state = {3: "removed", 4: "completed", 5: "held"}[ad["JobStatus"]]
+        print(f"== job {cluster}.0: {state}, exit code {ad.get('ExitCode')}, ran "
+              f"{ad.get('RemoteWallClockTime') or 0:.0f} s on {ad.get('LastRemoteHost')}; job.out:", flush=True)
+        print((work / "job.out").read_text(errors="replace"), end="")
+        if ad.get("HoldReason"):
+            print(f"== hold reason: {ad['HoldReason']}")
+        vm = [e for e, _ in site.ledger(f"{cluster}.0") if e in ("created", "destroyed")]
+        print(f"== vmwrap's ledger for {cluster}.0: VM {' then '.join(vm) or 'never created'}", flush=True)
+        print("== stopping the pool", flush=True)
+        return 0 if (state, ad.get("ExitCode"), vm[:1]) == ("completed", 7, ["created"]) else 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(demo())

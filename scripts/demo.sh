@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Demo: a batch script with one #VMWRAP line runs in its own VM via `vmwrap run`.
+# Demo: a batch job in its own VM: `vmwrap run`, then sbatch on a local Slurm cluster, then
+# condor_submit on a local HTCondor pool.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 bash "$here/scripts/install-host.sh"
@@ -16,3 +17,6 @@ echo "== exit code $rc (the script's own)"
 echo
 echo "== 2. Slurm: sbatch on a local 3-node cluster, the job runs in its own VM"
 cd "$here" && /opt/vmwrap/venv/bin/python -m harness.slurm_cluster
+echo
+echo "== 3. HTCondor: condor_submit on a local pool (two startds), the job runs in its own VM"
+cd "$here" && /opt/vmwrap/venv/bin/python -m harness.condor_pool
