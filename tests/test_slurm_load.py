@@ -139,3 +139,73 @@ def test_a_guest_that_dies_shows_its_console_and_leaves_evidence(cluster, test_u
     assert json.loads((kept[0] / "reason").read_text())["job_id"] == job
     assert oct(kept[0].stat().st_mode & 0o777) == "0o700"
     assert not drained(cluster)
+
+
+def _our_vms() -> set[str]:
+    r = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"], capture_output=True, text=True)
+    return {n for n in r.stdout.split() if n.startswith("vmwrap-")}
+
+
+def _reconcile(cluster, node: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["vmwrap", "--config", str(cluster.base / f"vmwrap-{node}.toml"), "reconcile", "slurm", *args],
+                          env=env or cluster.env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.timeout(900)
+def test_reconcile_removes_what_ended_jobs_left_and_nothing_of_live_ones(cluster, test_user):
+    """Issue 20's repair: an ended job whose epilog never ran (its VM, run dir and pins still on the node)
+    is cleaned by `vmwrap reconcile slurm`; a running VM job on the same node is not touched, and with
+    slurmctld unreachable nothing is removed."""
+    d = jobdir(cluster, test_user)
+    ended = submit(cluster, d, "#!/bin/sh\necho bare\n", "-w", "c2")
+    cluster.wait_state(ended, FINAL, 300)
+    live = submit(cluster, d, "#!/bin/sh\n#VMWRAP --image=busybox --memory=128M\necho up; while [ ! -e go ]; do sleep 1; done; echo live-done\n",
+                  "-w", "c2")
+    end = time.time() + 300
+    while f"vmwrap-{live}" not in _our_vms() or not (d / f"slurm-{live}.out").is_file() \
+            or "up" not in (d / f"slurm-{live}.out").read_text(errors="replace"):
+        assert time.time() < end, f"the live VM job never started: {cluster.job(live)['JobState']} {_our_vms()}"
+        time.sleep(0.5)
+    # What a node crash leaves for the ended job: its VM running, run dir, pins (an SIGKILLed launcher).
+    script = d / "leftover.sh"
+    script.write_text("#!/bin/sh\n#VMWRAP --image=busybox --memory=128M\necho ready; sleep 600\n")
+    p = subprocess.Popen(["vmwrap", "--config", str(cluster.base / "vmwrap-c2.toml"), "run", str(script),
+                          "--job-id", ended, "--user", test_user.pw_name, "--workdir", str(d)],
+                         env=cluster.env, stdout=subprocess.PIPE)
+    assert p.stdout.readline() == b"ready\n"
+    p.kill()
+    p.wait()
+    state = cluster.node_dir("c2") / "state" / "jobs"
+    pins = cluster.node_dir("c2") / "cache" / "pins"
+    assert f"vmwrap-{ended}" in _our_vms() and (state / ended).is_dir()
+    assert any((s / ended).exists() for s in pins.iterdir())
+
+    r = _reconcile(cluster, "c2", "--once", env=dict(cluster.env, SLURM_CONF="/nonexistent/slurm.conf"))
+    assert r.returncode == 0, r.stderr
+    assert f"vmwrap-{ended}" in _our_vms() and (state / ended).is_dir()  # no scheduler's word: keep everything
+
+    r = _reconcile(cluster, "c2", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"job {ended}: would remove vm, run dir, " +
+                                     ", ".join(f"pin {s.name[:12]}" for s in sorted(pins.iterdir())
+                                               if (s / ended).exists())], r.stdout
+    assert f"vmwrap-{ended}" in _our_vms()
+
+    r = _reconcile(cluster, "c2", "--once")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 1 and r.stdout.startswith(f"job {ended}: removed vm, run dir, pin "), \
+        (r.stdout, cluster.job(live)["JobState"])
+    assert f"vmwrap-{ended}" not in _our_vms() and not (state / ended).exists()
+    assert not any((s / ended).exists() for s in pins.iterdir())
+    assert f"vmwrap-{live}" in _our_vms() and (state / live).is_dir(), (
+        cluster.job(live)["JobState"], (d / f"slurm-{live}.out").read_text(errors="replace")[-3000:])
+    from vmwrap.ledger import Ledger
+
+    events = Ledger(cluster.node_dir("c2") / "state" / "ledger.sqlite").events(ended)
+    assert [e["detail"]["removed"][:2] for e in events if e["event"] == "reconciled"] == [["vm", "run dir"]], events
+
+    (d / "go").write_text("")
+    info = cluster.wait_state(live, FINAL, 300)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0")
+    assert (d / f"slurm-{live}.out").read_text() == "up\nlive-done\n"
+    assert _reconcile(cluster, "c2", "--dry-run").stdout == ""

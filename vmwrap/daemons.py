@@ -1,4 +1,4 @@
-"""The daemon loops (checkpoint GC, prestager, gap planner) as any scheduler plugin's CLI runs them.
+"""The daemon loops (checkpoint GC, node repair, prestager, gap planner) as any scheduler plugin's CLI runs them.
 
 Each loop is core code driven only through the scheduler's adapter (vmwrap.adapter.Scheduler); a
 plugin's command only picks the adapter and its options. A pass that fails (the scheduler is
@@ -44,6 +44,16 @@ def gc(sched, settings: Settings, interval: float, once: bool, say: Callable[[st
             say(f"job {job}: ended while saved, checkpoint deleted")
 
     return repeat(step, interval, once, logging.getLogger(f"vmwrap.gc.{sched.name}"))
+
+
+def reconcile(sched, settings: Settings, interval: float, once: bool, dry_run: bool = False,
+              say: Callable[[str], None] = print) -> int:
+    """Repair this node (vmwrap.reconcile): what belongs to jobs the scheduler no longer has goes."""
+    from .reconcile import reconcile as one_pass
+
+    _logging()
+    return repeat(lambda: one_pass(settings, sched.still_queued, dry_run=dry_run, say=say), interval, once,
+                  logging.getLogger(f"vmwrap.reconcile.{sched.name}"))
 
 
 def prestage(sched, settings: Settings, node: str, interval: float, once: bool,

@@ -37,7 +37,7 @@ def main(ctx, config_path) -> None:
 
 
 for _cmd in (jobs.run, jobs.teardown, node.ps, node.agent, images.image, images.images, node.cache,
-             checkpoints.checkpoints, node.doctor, config.config_group, hooks.hooks, simulate.simulate):
+             checkpoints.checkpoints, node.doctor, node.reconcile, config.config_group, hooks.hooks, simulate.simulate):
     main.add_command(_cmd)
 
 

@@ -47,6 +47,23 @@ def agent():
 
 
 @click.command()
+@click.argument("scheduler_name", metavar="SCHEDULER")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.option("--interval", type=float, default=300.0, help="Seconds between passes (loop mode).")
+@click.option("--once", is_flag=True, help="One pass, then exit (at boot, from cron, or by hand).")
+def reconcile(scheduler_name, dry_run, interval, once):
+    """Remove VMs, run dirs, pins and checkpoints of jobs SCHEDULER no longer has (root, on each node).
+
+    Run it once when the node starts (after a crash: every VM gone, state dirs left) and then
+    periodically; each removal is a `reconciled` event in the ledger."""
+    from .. import daemons
+    from ..adapter import scheduler
+
+    sys.exit(daemons.reconcile(scheduler(scheduler_name), settings(), interval, once or dry_run, dry_run,
+                               say=click.echo))
+
+
+@click.command()
 def doctor():
     """Check this node: libvirt, QEMU, acceleration, catalog, cache."""
     from .. import accel, domain
