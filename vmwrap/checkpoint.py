@@ -606,6 +606,14 @@ def _save_by(dom, path: str, flags: int, deadline: float | None) -> None:
     its user stopped meanwhile gets the VM destroyed (domain.guarded), never a hung epilog."""
     import libvirt
 
+    def too_late() -> NodeError:
+        return NodeError(f"the save did not finish by {time.strftime('%H:%M:%S', time.localtime(deadline))}, "
+                         "when a reservation needs the node: stopped so the reservation starts on time")
+
+    if deadline is not None and time.time() >= deadline:
+        # Pausing took all the time left (a busy node): do not start a save that an abort may no
+        # longer catch (libvirt then finishes it after the deadline, and the reservation waits).
+        raise too_late()
     aborted = []
 
     def abort():
@@ -619,8 +627,7 @@ def _save_by(dom, path: str, flags: int, deadline: float | None) -> None:
     except (GuestStalledError, libvirt.libvirtError):
         if not aborted:
             raise
-    raise NodeError(f"the save did not finish by {time.strftime('%H:%M:%S', time.localtime(deadline))}, "
-                    "when a reservation needs the node: stopped so the reservation starts on time")
+    raise too_late()
 
 
 def check_owner(meta: dict, job: Job, image: str | None) -> None:
