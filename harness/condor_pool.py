@@ -488,6 +488,16 @@ class VmwrapSite:
     def logs(self) -> str:
         return (self.base / "bridge.log").read_text(errors="replace")[-3000:] + self.pool.logs(15)
 
+    def wait_until(self, cond, what: str, timeout: float):
+        """`cond()`'s first true value within `timeout` s; else fail naming `what`, with the logs."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            v = cond()
+            if v:
+                return v
+            time.sleep(0.5)
+        raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
+
 
 DEMO_JOB = """#!/bin/sh
 echo "guest kernel: $(uname -r)  (host kernel: {host})"

@@ -10,7 +10,6 @@ import socket as so
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -167,16 +166,6 @@ def condor(appliance, virt_type, test_user, libvirtd):
         yield site
 
 
-def _wait(cond, what: str, timeout: float, condor):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}\n{condor.logs()}")
-
-
 def _all_free(condor) -> bool:
     """Every startd's whole (partitionable) slot is free: no dynamic slot of an earlier job is left,
     which would make the other node the only one with room."""
@@ -205,7 +194,7 @@ def _cache_only_on(condor, holder: str, appliance) -> None:
         seen = {a["VmwrapStartd"]: a.get("VmwrapCachedImages") for a in ads}
         return seen == want and _all_free(condor)
 
-    _wait(published, f"VmwrapCachedImages {want} on unclaimed startds", 60, condor)
+    condor.wait_until(published, f"VmwrapCachedImages {want} on unclaimed startds", 60)
 
 
 @pytest.mark.vm
@@ -224,7 +213,7 @@ def test_vm_jobs_go_to_the_node_that_caches_their_image(condor, appliance, holde
         host = ad.get("LastRemoteHost") or ad.get("RemoteHost") or ""
         assert f"@{holder}@" in host, (i, ad)
         assert "created" in [e for e, _ in condor.ledger(f"{cluster}.0")]  # it ran in a VM
-        _wait(lambda: _all_free(condor), "free startds", 90, condor)
+        condor.wait_until(lambda: _all_free(condor), "free startds", 90)
 
 
 DIRECTIVE_JOB = """#!/bin/sh

@@ -26,14 +26,13 @@ def condor(appliance, virt_type, test_user, libvirtd):
         yield site
 
 
-def _wait(cond, what: str, timeout: float, condor):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}\n{condor.logs()}")
+def _occupy_every_startd(condor, jobs: list[int]) -> None:
+    """A bare `sleep` running on each startd (added to `jobs` for removal), so that VM jobs stay idle."""
+    blockers = [_submit(condor, f"executable = /bin/sleep\narguments = 300\nrequirements = "
+                                f"TARGET.VmwrapStartd == \"{s}\"\n") for s in STARTDS]
+    jobs += blockers
+    for b in blockers:
+        condor.pool.wait_job(b, 0, (2,), 90)
 
 
 def _submit(condor, text: str) -> int:
@@ -65,11 +64,7 @@ def test_idle_vm_jobs_images_are_prestaged_on_the_startds_they_could_run_on(cond
         shutil.rmtree(condor.node_cache_dir(s), ignore_errors=True)
     jobs = []
     try:
-        blockers = [_submit(condor, f"executable = /bin/sleep\narguments = 300\nrequirements = "
-                                    f"TARGET.VmwrapStartd == \"{s}\"\n") for s in STARTDS]
-        jobs += blockers
-        for b in blockers:
-            condor.pool.wait_job(b, 0, (2,), 90)
+        _occupy_every_startd(condor, jobs)
         vm = _submit(condor, 'executable = /bin/echo\narguments = hi\nrequest_memory = 512\n'
                              '+VmwrapImage = "busybox"\nrequirements = TARGET.VmwrapStartd == "node1"\n')
         forged = _submit(condor, 'executable = /bin/echo\narguments = hi\nrequest_memory = 512\n'
@@ -90,8 +85,8 @@ def test_idle_vm_jobs_images_are_prestaged_on_the_startds_they_could_run_on(cond
         assert [e["detail"]["action"] for e in ev] == ["fetched"], (ev, log1)
         assert not [e for e in Ledger(condor.state / "ledger.sqlite").events(f"{forged}.0")
                     if e["event"] == "prestage"]
-        _wait(lambda: _published(condor) == {"node1": "+busybox+", "node2": "+"},
-              "node1 advertising busybox, node2 nothing", 60, condor)
+        condor.wait_until(lambda: _published(condor) == {"node1": "+busybox+", "node2": "+"},
+                          "node1 advertising busybox, node2 nothing", 60)
     finally:
         for j in reversed(jobs):  # VM jobs first: none starts on a freed startd
             condor.pool.run("/usr/bin/condor_rm", str(j), user=USER)
@@ -108,11 +103,7 @@ def test_planned_starts_follow_the_negotiators_order(condor):
 
     jobs = []
     try:
-        blockers = [_submit(condor, f"executable = /bin/sleep\narguments = 300\nrequirements = "
-                                    f"TARGET.VmwrapStartd == \"{s}\"\n") for s in STARTDS]
-        jobs += blockers
-        for b in blockers:
-            condor.pool.wait_job(b, 0, (2,), 90)
+        _occupy_every_startd(condor, jobs)
         vm = 'executable = /bin/echo\narguments = hi\nrequest_memory = 512\n+VmwrapImage = "busybox"\n'
         first, second, anywhere = (_submit(condor, vm + f'requirements = TARGET.VmwrapStartd == "{s}"\n')
                                    for s in ("node1", "node1", "node2"))
