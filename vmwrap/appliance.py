@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .cache import sha256_file
@@ -179,14 +180,19 @@ def artifact(path: Path, fmt: str = "raw") -> Artifact:
 
 
 def build(name: str, kind: str, out_dir: str, catalog_path: str, memory_mib: int = 256,
-          users: list[str] | None = None, groups: list[str] | None = None) -> Image:
-    """Build appliance `name` of `kind` ('busybox' or 'debootstrap') and register it in the catalog."""
+          users: list[str] | None = None, groups: list[str] | None = None,
+          on_stage: Callable[[str], None] | None = None) -> Image:
+    """Build appliance `name` of `kind` ('busybox' or 'debootstrap') and register it in the catalog.
+
+    `on_stage` hears each step's name before it starts (an admin's stage lines)."""
+    stage = on_stage or (lambda _s: None)
     dest = Path(out_dir) / name
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="vmwrap-build-") as t:
         tmp = Path(t)
         kernel_cache = Path(out_dir) / ".kernel"
         if not (kernel_cache / "version").exists():
+            stage("Debian kernel: download and extract")
             vmlinuz, moddir = debian_kernel(tmp / "kernel")
             kernel_cache.mkdir(parents=True, exist_ok=True)
             extract_vmlinux(vmlinuz, kernel_cache / "vmlinux.tmp")
@@ -195,14 +201,18 @@ def build(name: str, kind: str, out_dir: str, catalog_path: str, memory_mib: int
             shutil.copytree(moddir, kernel_cache / "modules", symlinks=True)
             (kernel_cache / "version").write_text(moddir.name + "\n")
         shutil.copy2(kernel_cache / "vmlinux", dest / "vmlinux")
+        stage("initrd: kernel modules and guest agent")
         build_initrd(kernel_cache / "modules", dest / "initrd.cpio", tmp)
         (dest / "root.qcow2").unlink(missing_ok=True)
+        if kind in ("busybox", "debootstrap"):
+            stage(f"root disk: {kind}")
         if kind == "busybox":
             build_busybox_root(dest / "root.qcow2", tmp)
         elif kind == "debootstrap":
             build_debootstrap_root(dest / "root.qcow2", tmp)
         elif kind != "initramfs":  # initramfs: no root disk, the job runs in the initramfs' busybox
             raise NodeError(f"unknown appliance kind {kind!r} (busybox, debootstrap or initramfs)")
+    stage("hash and register in the catalog")
     img = Image(
         name=name, boot="kernel",
         kernel=artifact(dest / "vmlinux"), initrd=artifact(dest / "initrd.cpio"),

@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from . import transport
 from .catalog import Artifact
@@ -74,10 +74,12 @@ class Cache:
         """A valid copy is cached (no fetch, no wait for a fetch in progress)."""
         return self._valid(art)
 
-    def fetch(self, art: Artifact, rate: float | None = None) -> Fetched:
+    def fetch(self, art: Artifact, rate: float | None = None,
+              on_bytes: Callable[[int], None] | None = None) -> Fetched:
         """Return a verified local copy of `art`, fetching it at most once however many jobs ask.
 
-        `rate` caps the transfer in bytes/s (prestaging must not starve running jobs' I/O)."""
+        `rate` caps the transfer in bytes/s (prestaging must not starve running jobs' I/O);
+        `on_bytes` hears each chunk's size (an admin's progress bar; never set on a job's path)."""
         with self._lock(art.sha256):
             if self._valid(art):
                 self._touch(art.sha256)
@@ -85,7 +87,7 @@ class Cache:
             self._drop(art.sha256)
             self._reserve(art)
             try:
-                n = self._download(art, rate)
+                n = self._download(art, rate, on_bytes)
             finally:
                 (self.root / "reserve" / art.sha256).unlink(missing_ok=True)
             self._touch(art.sha256)
@@ -283,7 +285,8 @@ class Cache:
                 )
             (self.root / "reserve" / art.sha256).write_text(str(art.size))
 
-    def _download(self, art: Artifact, rate: float | None = None) -> int:
+    def _download(self, art: Artifact, rate: float | None = None,
+                  on_bytes: Callable[[int], None] | None = None) -> int:
         tmp = self.root / "tmp" / f"{art.sha256}.{os.getpid()}.part"
         h = hashlib.sha256()
         n = 0
@@ -297,6 +300,8 @@ class Cache:
                     h.update(buf)
                     dst.write(buf)
                     n += len(buf)
+                    if on_bytes:
+                        on_bytes(len(buf))
                     if n > art.size:
                         raise ImageError(f"image source {art.source} is larger than the catalog's size {art.size}")
                     if rate:

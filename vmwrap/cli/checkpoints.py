@@ -6,7 +6,7 @@ import time
 
 import click
 
-from .context import settings
+from .context import echo_json, echo_table, friendly_oserrors, json_option, settings
 
 
 @click.group(invoke_without_command=True)
@@ -18,25 +18,34 @@ def checkpoints(ctx):
 
 
 @checkpoints.command("list")
-def checkpoints_list():
+@json_option
+@friendly_oserrors
+def checkpoints_list(as_json: bool = False) -> None:
     """Checkpoints: job, size, age, node that saved it, restarts, image."""
     from ..checkpoint import Store
 
     store = Store(settings().checkpoint_dir)
     items = store.list()
-    click.echo(f"{'JOB':<16} {'MiB':>8} {'AGE':>8} {'SAVED ON':<16} {'RESTARTS':>8}  IMAGE")
-    for i in items:
-        click.echo(f"{i.job_id:<16} {i.bytes / 2**20:8.1f} {time.time() - i.created:7.0f}s {i.node:<16} "
-                   f"{i.restarts:>8}  {i.image}")
-    lost = sorted(j for j in store.jobs() if store.lost_reason(j))
-    for j in lost:
-        click.echo(f"{j}: lost: {store.lost_reason(j)}")
+    lost = [(j, store.lost_reason(j)) for j in sorted(store.jobs())]
+    lost = [(j, why) for j, why in lost if why]
+    if as_json:
+        echo_json({"checkpoints": [{"job": i.job_id, "bytes": i.bytes, "created": i.created, "node": i.node,
+                                    "restarts": i.restarts, "image": i.image} for i in items],
+                   "lost": [{"job": j, "reason": why} for j, why in lost], "store": str(store.root)})
+        return
+    now = time.time()
+    echo_table(["JOB", "MiB", "AGE", "SAVED ON", "RESTARTS", "IMAGE"],
+               [[i.job_id, f"{i.bytes / 2**20:.1f}", f"{now - i.created:.0f}s", i.node, i.restarts, i.image]
+                for i in items], right={1, 2, 4})
+    for j, why in lost:
+        click.echo(f"{j}: lost: {why}")
     click.echo(f"{len(items)} checkpoints, {sum(i.bytes for i in items) / 2**20:.1f} MiB in {store.root}")
 
 
 @checkpoints.command("verify")
 @click.argument("job_id")
-def checkpoints_verify(job_id):
+@friendly_oserrors
+def checkpoints_verify(job_id: str) -> None:
     """Check a checkpoint's files against their recorded sizes and checksums."""
     from ..checkpoint import Store
 
@@ -47,7 +56,8 @@ def checkpoints_verify(job_id):
 
 @checkpoints.command("delete")
 @click.argument("job_ids", nargs=-1, required=True)
-def checkpoints_delete(job_ids):
+@friendly_oserrors
+def checkpoints_delete(job_ids: tuple[str, ...]) -> None:
     """Delete checkpoints (the job can then no longer continue where it was saved)."""
     from ..checkpoint import Store
 
@@ -57,7 +67,8 @@ def checkpoints_delete(job_ids):
 
 
 @checkpoints.command("keygen")
-def checkpoints_keygen():
+@friendly_oserrors
+def checkpoints_keygen() -> None:
     """Create the site's checkpoint key (checkpoint_key_file, root 0600); copy it to every node."""
     from ..checkpoint import keygen
 

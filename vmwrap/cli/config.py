@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .context import settings
+from .context import friendly_oserrors, settings
 
 
 @click.group("config")
@@ -21,7 +21,8 @@ def config_group():
 @click.option("--node-config", default=None, help="Settings file the nodes use (may contain %n).")
 @click.option("--hooks", "hooks", default=None, metavar="DIR",
               help="Hooks written by `vmwrap hooks install DIR` (default: the package's own, for /opt/vmwrap/venv).")
-def config_render(scheduler, lua_out, vmwrap_path, default_image, node_config, hooks):
+@friendly_oserrors
+def config_render(scheduler, lua_out, vmwrap_path, default_image, node_config, hooks) -> None:
     """Print SCHEDULER's configuration that enables vmwrap (slurm: slurm.conf lines, and job_submit.lua
     written; sge: the queue and sge_request settings)."""
     from ..adapter import scheduler as find

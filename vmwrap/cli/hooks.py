@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 
 from ..errors import VmwrapError
+from .context import friendly_oserrors
 
 REFERENCE_PREFIX = "/opt/vmwrap/venv"
 REFERENCE_PYTHON = REFERENCE_PREFIX + "/bin/python"
@@ -213,7 +214,8 @@ def hooks() -> None:
 
 @hooks.command("install")
 @click.argument("target", metavar="DIR")
-def install_cmd(target):
+@friendly_oserrors
+def install_cmd(target: str) -> None:
     """Write the hooks into DIR (root's, 0755), bound to this vmwrap's Python. Then point the scheduler
     at DIR: `vmwrap config render SCHEDULER --hooks DIR`."""
     for p in install(target):

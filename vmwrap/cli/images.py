@@ -8,7 +8,7 @@ import time
 import click
 
 from ..errors import VmwrapError
-from .context import settings
+from .context import echo_json, echo_table, friendly_oserrors, json_option, quiet_option, settings
 
 
 @click.group()
@@ -20,29 +20,44 @@ def image():
 @click.option("--name", required=True)
 @click.option("--kind", type=click.Choice(["busybox", "debootstrap", "initramfs"]), default="busybox",
               help="busybox: tiny root disk (tests); debootstrap: Debian root disk; initramfs: no disk.")
-@click.option("--memory", "memory_mib", type=int, default=256)
-def image_build(name, kind, memory_mib):
-    """Build an appliance from Debian packages and register it in the catalog."""
+@click.option("--memory", "memory_mib", type=click.IntRange(min=1), default=256, help="Default memory, MiB.")
+@quiet_option
+@friendly_oserrors
+def image_build(name: str, kind: str, memory_mib: int, quiet: bool) -> None:
+    """Build an appliance from Debian packages and register it in the catalog (stages on a terminal)."""
     from .. import appliance
     from ..directives import check_image_name
+    from ..progress import progress, stage_callback
 
     s = settings()
     check_image_name(name)
     t0 = time.monotonic()
-    img = appliance.build(name, kind, s.appliance_dir, s.catalog, memory_mib=memory_mib)
+    with progress(f"build {name}", "stages", quiet=quiet) as report:
+        img = appliance.build(name, kind, s.appliance_dir, s.catalog, memory_mib=memory_mib,
+                              on_stage=stage_callback(report))
     click.echo(f"built {img.name} ({img.description}) in {time.monotonic() - t0:.1f}s -> {s.catalog}")
 
 
 @image.command("list")
-def image_list():
+@json_option
+@friendly_oserrors
+def image_list(as_json: bool) -> None:
     """Images in the site catalog."""
     from ..catalog import Catalog
 
     cat = Catalog.load(settings().catalog)
-    for img in cat.images.values():
-        size = sum(a.size for a in img.artifacts().values())
-        who = ",".join(img.users + ["@" + g for g in img.groups]) or "everyone"
-        click.echo(f"{img.name:<20} {size / 2**20:8.1f} MiB  {who:<20} {img.description}")
+    imgs = list(cat.images.values())
+    if as_json:
+        echo_json([{"name": i.name, "bytes": sum(a.size for a in i.artifacts().values()), "users": list(i.users),
+                    "groups": list(i.groups), "memory_mib": i.memory_mib, "cpus": i.cpus,
+                    "description": i.description,
+                    "artifacts": {k: {"source": a.source, "sha256": a.sha256, "bytes": a.size}
+                                  for k, a in i.artifacts().items()}} for i in imgs])
+        return
+    echo_table(["NAME", "MiB", "USERS", "DESCRIPTION"],
+               [[i.name, f"{sum(a.size for a in i.artifacts().values()) / 2**20:.1f}",
+                 ",".join(i.users + ["@" + g for g in i.groups]) or "everyone", i.description] for i in imgs],
+               right={1})
 
 
 @image.command("add")
@@ -52,11 +67,12 @@ def image_list():
 @click.option("--disk", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--disk-format", type=click.Choice(["qcow2", "raw"]), default="qcow2")
 @click.option("--memory", default=None, help="Default memory, e.g. 512M.")
-@click.option("--cpus", type=int, default=None)
+@click.option("--cpus", type=click.IntRange(min=1), default=None)
 @click.option("--user", "users", multiple=True, help="May use it (repeat; none and no --group = everyone).")
 @click.option("--group", "groups", multiple=True)
 @click.option("--description", default="")
-def image_add(name, kernel, initrd, disk, disk_format, memory, cpus, users, groups, description):
+@friendly_oserrors
+def image_add(name, kernel, initrd, disk, disk_format, memory, cpus, users, groups, description) -> None:
     """Register existing appliance files (hashed now) in the catalog."""
     from pathlib import Path
 
@@ -77,7 +93,8 @@ def image_add(name, kernel, initrd, disk, disk_format, memory, cpus, users, grou
 
 @image.command("remove")
 @click.argument("name")
-def image_remove(name):
+@friendly_oserrors
+def image_remove(name: str) -> None:
     """Remove an image from the catalog (cached copies go with `vmwrap cache gc`)."""
     from ..catalog import Catalog, unregister
 
@@ -90,12 +107,15 @@ def image_remove(name):
 
 @image.command("verify")
 @click.argument("names", nargs=-1)
-def image_verify(names):
-    """Re-hash each image's sources against the catalog (all images by default)."""
+@quiet_option
+@friendly_oserrors
+def image_verify(names: tuple[str, ...], quiet: bool) -> None:
+    """Re-hash each image's sources against the catalog (all images by default; progress on a terminal)."""
     import hashlib
 
     from .. import transport
     from ..catalog import Catalog
+    from ..progress import progress
 
     cat = Catalog.load(settings().catalog)
     bad = 0
@@ -108,10 +128,12 @@ def image_verify(names):
         for key, art in img.artifacts().items():
             h, n = hashlib.sha256(), 0
             try:  # one bad source is a FAIL line, not the end of the check
-                with transport.open_source(art.source) as f:
+                with transport.open_source(art.source) as f, \
+                        progress(f"verify {name}.{key}", "bytes", total=art.size, quiet=quiet) as report:
                     while buf := f.read(1 << 20):
                         h.update(buf)
                         n += len(buf)
+                        report(len(buf))
                 ok = (h.hexdigest(), n) == (art.sha256, art.size)
                 msg = "ok" if ok else f"mismatch: {n} bytes, sha256 {h.hexdigest()}"
             except VmwrapError as e:

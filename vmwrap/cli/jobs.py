@@ -9,6 +9,7 @@ import sys
 import click
 
 from ..errors import VmwrapError
+from .context import friendly_oserrors
 from .context import settings as site_settings
 
 
@@ -55,7 +56,8 @@ def run(script, job_id, user, workdir, image, cpus, memory_mib, scheduler):
 
 @click.command()
 @click.argument("job_id")
-def teardown(job_id):
+@friendly_oserrors
+def teardown(job_id: str) -> None:
     """Destroy JOB_ID's VM and remove its files (idempotent; for epilogs and admins)."""
     from ..job import Job
     from ..launcher import teardown as do_teardown

@@ -9,37 +9,51 @@ import time
 import click
 
 from ..errors import VmwrapError
-from .context import settings
+from .context import echo_json, echo_table, friendly_oserrors, json_option, quiet_option, settings
 
 
 @click.command()
 @click.option("--failed", is_flag=True, help="Guests that died, with where their console and timeline were kept.")
-def ps(failed):
+@json_option
+@friendly_oserrors
+def ps(failed: bool, as_json: bool) -> None:
     """VMs on this node, with the ledger's last event for each job."""
     from .. import domain, evidence
     from ..ledger import Ledger
 
     s = settings()
     if failed:
-        click.echo(f"{'JOB':<20} {'WHEN':<20} {'EVIDENCE':<50} REASON")
-        for e in evidence.listing(s.state_dir):
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))
-            click.echo(f"{e['job_id']:<20} {when:<20} {e['path']:<50} {e['reason']}")
+        died = evidence.listing(s.state_dir)
+        if as_json:
+            echo_json([{"job": e["job_id"], "at": e["at"], "evidence": str(e["path"]), "reason": e["reason"]}
+                       for e in died])
+            return
+        echo_table(["JOB", "WHEN", "EVIDENCE", "REASON"],
+                   [[e["job_id"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"])), e["path"], e["reason"]]
+                    for e in died])
         return
     last = Ledger(s.ledger_path).last_events()
     conn = domain.connect(s.libvirt_uri)
     doms = {d.name(): d for d in conn.listAllDomains() if d.name().startswith("vmwrap-")}
-    click.echo(f"{'JOB':<20} {'STATE':<10} {'LAST EVENT':<12} {'SINCE':>8}")
     states = {1: "running", 3: "paused", 5: "shutoff"}
+    now = time.time()
+    vms = []
     for name, d in sorted(doms.items()):
         job = name[len("vmwrap-"):]
         ev = last.get(job, {})
-        age = f"{time.time() - ev['ts']:.0f}s" if ev else "-"
-        click.echo(f"{job:<20} {states.get(d.state()[0], str(d.state()[0])):<10} {ev.get('event', '-'):<12} {age:>8}")
+        vms.append({"job": job, "state": states.get(d.state()[0], str(d.state()[0])),
+                    "last_event": ev.get("event"), "since_s": round(now - ev["ts"], 1) if ev else None})
+    if as_json:
+        echo_json(vms)
+        return
+    echo_table(["JOB", "STATE", "LAST EVENT", "SINCE"],
+               [[v["job"], v["state"], v["last_event"] or "-", "-" if v["since_s"] is None else f"{v['since_s']:.0f}s"]
+                for v in vms], right={3})
 
 
 @click.command()
-def agent():
+@friendly_oserrors
+def agent() -> None:
     """Run the node agent (root, foreground): lets a job's user pause/resume that job's VM."""
     from .. import agent as agent_mod
 
@@ -51,7 +65,8 @@ def agent():
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
 @click.option("--interval", type=float, default=300.0, help="Seconds between passes (loop mode).")
 @click.option("--once", is_flag=True, help="One pass, then exit (at boot, from cron, or by hand).")
-def reconcile(scheduler_name, dry_run, interval, once):
+@friendly_oserrors
+def reconcile(scheduler_name: str, dry_run: bool, interval: float, once: bool) -> None:
     """Remove VMs, run dirs, pins and checkpoints of jobs SCHEDULER no longer has (root, on each node).
 
     Run it once when the node starts (after a crash: every VM gone, state dirs left) and then
@@ -64,46 +79,59 @@ def reconcile(scheduler_name, dry_run, interval, once):
 
 
 @click.command()
-def doctor():
-    """Check this node: libvirt, QEMU, acceleration, catalog, cache."""
-    from .. import accel, domain
+@json_option
+@friendly_oserrors
+def doctor(as_json: bool) -> None:
+    """Check this node: libvirt, QEMU, acceleration, catalog, cache. Exit 1 when a check FAILs."""
+    checks = _doctor_checks(settings())
+    ok = all(c["status"] != "FAIL" for c in checks)
+    if as_json:
+        echo_json({"ok": ok, "checks": checks})
+    else:
+        for c in checks:
+            click.echo(f"{c['status']:<4} {c['name']}: {c['detail']}")
+    sys.exit(0 if ok else 1)
+
+
+def _doctor_checks(s) -> list[dict]:
+    """Every check as {"status": ok|WARN|FAIL, "name", "detail"}; a FAIL does not stop the next check."""
+    from .. import accel, domain, evidence, hostcheck
     from ..catalog import Catalog
 
-    # Each check's failure is a FAIL line and the next check still runs; the exit code sums them up.
-    s = settings()
-    ok = True
+    out: list[dict] = []
+
+    def add(status: str, name: str, detail: str) -> None:
+        out.append({"status": status, "name": name, "detail": detail})
+
     try:
         conn = domain.connect(s.libvirt_uri)
-        click.echo(f"ok   libvirt {s.libvirt_uri} (hypervisor {conn.getVersion()})")
+        add("ok", "libvirt", f"{s.libvirt_uri} (hypervisor {conn.getVersion()})")
         conn.close()
     except VmwrapError as e:
-        click.echo(f"FAIL {e}")
-        ok = False
-    from .. import hostcheck
-
+        add("FAIL", "libvirt", str(e))
     for level, msg in hostcheck.check(s):  # setups that would let a user or a guest reach root
-        click.echo(f"{level:<4} {msg}")
-        ok = ok and level != "FAIL"
-    from .. import evidence
-
+        add(level, "host", msg)
     died = [e for e in evidence.listing(s.state_dir) if e["at"] > time.time() - 86400]
     if died:
-        click.echo(f"WARN {len(died)} guest(s) died in the last 24 h without an exit status (latest: job "
-                   f"{died[0]['job_id']}, {died[0]['path']}); `vmwrap ps --failed` lists them")
+        add("WARN", "guests", f"{len(died)} guest(s) died in the last 24 h without an exit status (latest: job "
+                              f"{died[0]['job_id']}, {died[0]['path']}); `vmwrap ps --failed` lists them")
     try:
         cat = Catalog.load(s.catalog)
-        click.echo(f"ok   catalog {s.catalog}: {len(cat.images)} image(s)")
-        if ok and cat.images:
+        add("ok", "catalog", f"{s.catalog}: {len(cat.images)} image(s)")
+        if all(c["status"] != "FAIL" for c in out) and cat.images:
             img = next(iter(cat.images.values()))
             vt = accel.choose(s, img.kernel.source, img.initrd.source, img.kernel.sha256)
-            click.echo(f"ok   acceleration: domain type {vt!r} ({'KVM verified' if vt == 'kvm' else 'TCG: KVM absent or not working'})")
+            add("ok", "acceleration", f"domain type {vt!r} "
+                                      f"({'KVM verified' if vt == 'kvm' else 'TCG: KVM absent or not working'})")
     except VmwrapError as e:
-        click.echo(f"FAIL {e}")
-        ok = False
-    for d in (s.cache_dir, s.state_dir):
-        os.makedirs(d, exist_ok=True)
-        st = os.statvfs(d)
-        click.echo(f"ok   {d}: {st.f_bavail * st.f_frsize / 2**30:.1f} GiB free")
+        add("FAIL", "catalog", str(e))
+    for name, d in (("cache_dir", s.cache_dir), ("state_dir", s.state_dir)):
+        try:
+            os.makedirs(d, exist_ok=True)
+            st = os.statvfs(d)
+            add("ok", name, f"{d}: {st.f_bavail * st.f_frsize / 2**30:.1f} GiB free")
+        except OSError as e:
+            add("FAIL", name, f"{d}: {e.strerror or e}")
     if s.workdir_share == "serial":
         probe = os.path.join(s.checkpoint_dir, f".doctor.{os.getpid()}")
         try:
@@ -112,22 +140,20 @@ def doctor():
                 f.write("x")
             os.unlink(probe)
             st = os.statvfs(s.checkpoint_dir)
-            click.echo(f"ok   checkpoint store {s.checkpoint_dir}: writable, {st.f_bavail * st.f_frsize / 2**30:.1f} GiB "
-                       "free (must be shared by all nodes for restores elsewhere)")
+            add("ok", "checkpoint store", f"{s.checkpoint_dir}: writable, {st.f_bavail * st.f_frsize / 2**30:.1f} GiB "
+                                          "free (must be shared by all nodes for restores elsewhere)")
         except OSError as e:
-            click.echo(f"FAIL checkpoint store {s.checkpoint_dir}: {e} (preempted jobs cannot be saved)")
-            ok = False
+            add("FAIL", "checkpoint store", f"{s.checkpoint_dir}: {e.strerror or e} (preempted jobs cannot be saved)")
         try:
             from ..checkpoint import Store
 
             Store(s.checkpoint_dir, s.checkpoint_key_file).key()
-            click.echo(f"ok   checkpoint key {s.checkpoint_key_file}: root's alone (it must be the same file on every node)")
+            add("ok", "checkpoint key", f"{s.checkpoint_key_file}: root's alone (it must be the same file on every node)")
         except VmwrapError as e:
-            click.echo(f"FAIL {e}")
-            ok = False
+            add("FAIL", "checkpoint key", str(e))
     else:
-        click.echo("ok   workdir_share = virtio-9p: VMs cannot be saved; requeued jobs start again from the beginning")
-    sys.exit(0 if ok else 1)
+        add("ok", "workdir_share", "virtio-9p: VMs cannot be saved; requeued jobs start again from the beginning")
+    return out
 
 
 @click.group()
@@ -151,37 +177,49 @@ def _cache_and_names():
 
 
 @cache.command("list")
-def cache_list():
+@json_option
+@friendly_oserrors
+def cache_list(as_json: bool) -> None:
     """Cached blobs: image, size, pins (jobs), last use."""
     s, c, names = _cache_and_names()
-    entries = c.entries()
-    click.echo(f"{'IMAGE':<28} {'SHA256':<14} {'MiB':>8} {'LAST USE':>10}  PINNED BY")
-    for e in sorted(entries, key=lambda e: -e.last_use):
-        age = f"{time.time() - e.last_use:.0f}s ago" if e.last_use else "-"
-        click.echo(f"{names.get(e.sha256, '(not in catalog)'):<28} {e.sha256[:12]:<14} {e.size / 2**20:8.1f} "
-                   f"{age:>10}  {','.join(e.pins) or '-'}")
+    entries = sorted(c.entries(), key=lambda e: -e.last_use)
     used = sum(e.size for e in entries)
+    if as_json:
+        echo_json({"blobs": [{"image": names.get(e.sha256), "sha256": e.sha256, "bytes": e.size,
+                              "last_use": e.last_use or None, "pinned_by": list(e.pins)} for e in entries],
+                   "used_bytes": used, "max_bytes": s.cache_max_bytes, "cache_dir": str(s.cache_dir)})
+        return
+    now = time.time()
+    echo_table(["IMAGE", "SHA256", "MiB", "LAST USE", "PINNED BY"],
+               [[names.get(e.sha256, "(not in catalog)"), e.sha256[:12], f"{e.size / 2**20:.1f}",
+                 f"{now - e.last_use:.0f}s ago" if e.last_use else "-", ",".join(e.pins) or "-"] for e in entries],
+               right={2, 3})
     click.echo(f"{len(entries)} blobs, {used / 2**20:.1f} MiB of {s.cache_max_bytes / 2**20:.0f} MiB")
 
 
 @cache.command("fetch")
 @click.argument("name")
-def cache_fetch(name):
-    """Fetch an image into this node's cache now."""
+@quiet_option
+@friendly_oserrors
+def cache_fetch(name: str, quiet: bool) -> None:
+    """Fetch an image into this node's cache now (progress on a terminal's stderr)."""
     from ..catalog import Catalog
+    from ..progress import progress
 
     s, c, _ = _cache_and_names()
     img = Catalog.load(s.catalog).images.get(name)
     if img is None:
-        raise click.ClickException(f"no image {name!r} in {s.catalog}")
+        raise click.ClickException(f"no image {name!r} in {s.catalog}: `vmwrap image list` shows the names")
     for key, art in img.artifacts().items():
-        got = c.fetch(art)
+        with progress(f"{name}.{key}", "bytes", total=art.size, quiet=quiet) as report:
+            got = c.fetch(art, on_bytes=report)
         click.echo(f"{name}.{key}: {'hit' if got.hit else f'fetched {got.bytes_transferred} bytes'}")
 
 
 @cache.command("evict")
 @click.argument("name")
-def cache_evict(name):
+@friendly_oserrors
+def cache_evict(name: str) -> None:
     """Evict an image (or one blob by sha256) unless a job pins it."""
     s, c, names = _cache_and_names()
     shas = [sha for sha, n in names.items() if n.split(".")[0] == name] or \
@@ -195,7 +233,8 @@ def cache_evict(name):
 
 
 @cache.command("gc")
-def cache_gc():
+@friendly_oserrors
+def cache_gc() -> None:
     """Drop unpinned blobs no catalog image uses, and leftovers of crashed fetches."""
     s, c, names = _cache_and_names()
     gone = c.gc(set(names))

@@ -102,8 +102,10 @@ def prestage(obj, node, controller, lua_dir, interval, once, bandwidth, horizon)
 @click.option("--interval", type=float, default=5.0, help="Seconds between passes (loop mode).")
 @click.option("--once", is_flag=True, help="One pass, then exit.")
 @click.option("--dry-run", is_flag=True, help="Say what would be done and why; change nothing.")
+@click.option("--json", "as_json", is_flag=True,
+              help="With --dry-run: one pass, its decisions as one JSON document on stdout (README).")
 @click.pass_obj
-def plan(obj, interval, once, dry_run):
+def plan(obj, interval: float, once: bool, dry_run: bool, as_json: bool) -> None:
     """Run queue heads in the gaps before advance reservations, saved in time (next to slurmctld).
 
     Settings: plan_* in vmwrap.toml (docs/plan.md). Every decision is logged with its reason.
@@ -112,4 +114,20 @@ def plan(obj, interval, once, dry_run):
 
     from .hooks import SLURM
 
-    sys.exit(daemons.plan(SLURM, obj.settings(), interval, once, dry_run))
+    if not as_json:
+        sys.exit(daemons.plan(SLURM, obj.settings(), interval, once, dry_run))
+    if not dry_run:
+        raise click.UsageError("--json lists what one pass would do: add --dry-run")
+    import json
+
+    from vmwrap.planner import Planner
+
+    s = obj.settings()
+    try:
+        acts = Planner(SLURM, s, dry_run=True).pass_once()
+    except (RuntimeError, OSError) as e:  # scontrol/squeue missing or slurmctld unreachable: one line
+        last = (str(e).strip().splitlines() or ["?"])[-1]
+        raise click.ClickException(f"cannot ask Slurm ({str(e).split(':')[0]}): {last}") from None
+    click.echo(json.dumps({"enabled": s.plan_enabled,
+                           "actions": [{"job": a.job, "action": a.kind, "seconds": a.seconds if a.kind == "limit" else None,
+                                        "reason": a.reason} for a in acts]}, indent=2))
