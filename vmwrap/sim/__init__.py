@@ -18,6 +18,12 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
            placement="cache", prestage=True),
     Config("vmwrap-skewed", vm=True, suspend=True, transfer="cache", images="skewed",
            placement="cache", prestage=True),
+    # Haizea's image staging (the paper's simulator): transfers overlap the nodes' earlier work
+    Config("vm+noreuse@haizea", vm=True, suspend=True, transfer="fresh", staging="overlap"),
+    Config("vm+reuse-uniform@haizea", vm=True, suspend=True, transfer="cache", images="uniform",
+           staging="overlap"),
+    Config("vm+reuse-skewed@haizea", vm=True, suspend=True, transfer="cache", images="skewed",
+           staging="overlap"),
     Config("novm-conservative", backfill="conservative"),
     # the planner off (issue 8's comparison): VMs, image predeployed, no run before reservations
     Config("vm+predeployed-noplan", vm=True),

@@ -57,6 +57,11 @@ class Config:
     prestage: bool = False
     threshold: float = 1.0          # suspend-threshold-factor
     reservations: bool = True       # False: drop the ARs (the baseline)
+    # hold: a job takes its nodes when its transfer is booked and holds them while the image
+    # arrives (vmwrap's prolog fetch on Slurm). overlap: Haizea's way, the transfer uses only the
+    # link and the job's nodes are booked from the image's arrival, free for earlier work till then
+    # (haizea imagetransfer.py find_earliest_starting_times; vm_scheduler.py __schedule_asap).
+    staging: str = "hold"
 
     def __post_init__(self) -> None:
         if self.transfer not in ("none", "fresh", "cache"):
@@ -67,12 +72,14 @@ class Config:
             raise ValueError(f"placement must be any or cache, not {self.placement!r}")
         if not self.vm and self.transfer != "none":
             raise ValueError("image transfers need vm=True")
+        if self.staging not in ("hold", "overlap"):
+            raise ValueError(f"staging must be hold or overlap, not {self.staging!r}")
 
 
 class Run:
     """A batch job's changing state."""
     __slots__ = ("job", "work_left", "req_left", "nodes", "start", "work_start", "end", "req_end",
-                 "token", "first_start", "last_nodes", "suspensions", "done", "ready", "worked")
+                 "token", "first_start", "last_nodes", "suspensions", "done", "ready", "worked", "claim")
 
     def __init__(self, job: Job):
         self.job = job
@@ -87,6 +94,7 @@ class Run:
         self.done = None
         self.ready = 0.0
         self.worked = 0.0      # bare seconds of work actually executed, from time spent running
+        self.claim = None      # a booked start on nodes, waiting for its image (staging=overlap)
 
     @property
     def key(self):
@@ -123,6 +131,17 @@ class Result:
 
 class InvariantError(AssertionError):
     pass
+
+
+class _Claim:
+    """A job's start booked on nodes for when its image arrives (staging=overlap). It sits in the
+    nodes' commitment lists like a reservation, so earlier work fits around it (and with
+    suspension is saved before it), as Haizea's slot table does with a future lease."""
+    __slots__ = ("id", "start", "dur", "run", "nodes", "cancelled")
+
+    def __init__(self, cid: int, start: float, dur: float, run: Run, nodes: tuple[int, ...]):
+        self.id, self.start, self.dur, self.run, self.nodes = cid, start, dur, run, nodes
+        self.cancelled = False
 
 
 class _Blocks(dict):
@@ -179,7 +198,7 @@ class _Link:
 
 
 # event kinds, in the order they are handled at one instant: things that free nodes first
-_END, _SUSPENDED, _AR_END, _CACHED, _PREEMPT, _AR_START, _AR_SUBMIT, _SUBMIT, _CANCEL = range(9)
+_END, _SUSPENDED, _AR_END, _CACHED, _PREEMPT, _AR_START, _CLAIM, _AR_SUBMIT, _SUBMIT, _CANCEL = range(10)
 
 
 class Simulator:
@@ -263,6 +282,8 @@ class Simulator:
                     self._preempt(obj, now)
                 elif kind == _AR_START:
                     self._ar_start(obj, now)
+                elif kind == _CLAIM:
+                    self._claim_start(obj, now)
                 elif kind == _AR_END:
                     self._ar_end(obj, now)
                 elif kind == _AR_SUBMIT:
@@ -291,7 +312,7 @@ class Simulator:
 
     def _cancel(self, run: Run, now: float) -> None:
         """Its user gave up waiting (as in the trace): gone if it never started, else it runs on."""
-        if run.first_start is not None or run.done is not None:
+        if run.first_start is not None or run.done is not None or run.claim is not None:
             return
         i = bisect.bisect_left(self.keys, run.key)
         if i < len(self.queue) and self.queue[i] is run:
@@ -414,14 +435,14 @@ class Simulator:
 
         def key(n):
             return (n not in last, (img not in self.cache[n]) if prefer_cache else False,
-                    self._until(n, now), n)
+                    self.busy[n] is None, self._until(n, now), n)
         return sorted(cands, key=key)[:run.job.nodes]
 
     def _try_start(self, run: Run, now: float, blocks: dict, general: bool = True) -> bool:
         """Start `run` now if it fits. `general=False` skips the image-independent path (any free
         node, with a transfer if needed): the caller knows a smaller, shorter job just failed it."""
         k = run.job.nodes
-        if len(self.free) < k:
+        if len(self.free) < k and self.cfg.staging != "overlap":
             return False
         img = run.job.image
         if self.cfg.transfer == "none":
@@ -432,6 +453,7 @@ class Simulator:
                 return False
             return self._start(run, self._pick(run, cands, now), now, now)
         held = self.holders[img] & self.free if self.cfg.transfer == "cache" else ()
+        held = held if len(self.free) >= k else ()
         if len(held) >= k:
             # nodes that already hold the image, then any node with a transfer (or prestage) first
             cands = self._fits(run, now, blocks, now, held)
@@ -440,7 +462,8 @@ class Simulator:
         if not general:
             return False
         t_net = self.link.earliest(now, self.xfer_s) + self.xfer_s
-        cands = self._fits(run, now, blocks, t_net, None)
+        overlap = self.cfg.staging == "overlap"
+        cands = self._free_at(run, now, t_net, blocks) if overlap else self._fits(run, now, blocks, t_net, None)
         if len(cands) < k:
             return False
         chosen = self._pick(run, cands, now)
@@ -468,7 +491,81 @@ class Simulator:
                 for n in lacking:
                     self.incoming[n][img] = ready
                 self._push(ready, _CACHED, (tuple(lacking), img, ready))
+        if overlap:   # the nodes were chosen free at t_net, not now
+            return self._book_claim(run, chosen, now, t_net)
         return self._start(run, chosen, now, ready)
+
+    def _free_at(self, run: Run, now: float, t: float, blocks: dict) -> list[int]:
+        """Nodes `run` could start on at t, whatever runs on them now: Haizea maps a lease at
+        its image's arrival (vm_scheduler.py __schedule_asap, changepoints from `earliest`)."""
+        setup = self.resume_s + self.migrate_s if run.suspensions else self.boot
+        need = self._need(run, setup)
+        out = []
+        for n in range(self.c.nodes):
+            occ = self.busy[n]
+            if isinstance(occ, Run):
+                rel = occ.req_end
+            elif isinstance(occ, tuple):
+                rel = occ[2]
+            elif occ is not None:
+                rel = occ.start + occ.dur
+            else:
+                rel = now
+            if rel > t:
+                continue
+            iv = self.node_iv[n]
+            b = blocks.get(n) if blocks else None
+            if b:
+                iv = iv + b
+            if all(be <= t or bs - t >= need for bs, be in iv):
+                out.append(n)
+        return out
+
+    def _book_claim(self, run: Run, nodes: list[int], now: float, ready: float) -> bool:
+        self._gap_cache = None
+        self.seq += 1
+        dur = self._setup(run, nodes) + run.req_left * self.slow
+        c = _Claim(-self.seq, ready, dur, run, tuple(nodes))
+        run.claim = c
+        if run.first_start is None:
+            run.first_start = now
+        for n in nodes:
+            bisect.insort(self.node_ars[n], c, key=lambda a: a.start)
+            bisect.insort(self.node_iv[n], (c.start, c.start + c.dur))
+        self.ar_nodes[c.id] = c.nodes
+        if self.cfg.suspend:
+            self._push(max(now, ready - self.susp_s), _PREEMPT, c)
+        self._push(ready, _CLAIM, c)
+        return True
+
+    def _unclaim(self, c: _Claim) -> None:
+        for n in c.nodes:
+            i = self.node_ars[n].index(c)
+            del self.node_ars[n][i]
+            self.node_iv[n].remove((c.start, c.start + c.dur))
+        self.ar_nodes.pop(c.id, None)
+        c.run.claim = None
+        self._gap_cache = None
+
+    def _claim_start(self, c: _Claim, now: float) -> None:
+        if c.cancelled:
+            return
+        self._unclaim(c)
+        for n in c.nodes:
+            occ = self.busy[n]
+            if isinstance(occ, Run) and occ.end - now <= EPS * max(1.0, now):
+                self._finish(occ, occ.end)
+            if self.busy[n] is not None:
+                raise InvariantError(f"job {c.run.job.id}'s booked start at {now}: node {n} is busy")
+        self._start(c.run, list(c.nodes), now, now)
+
+    def _drop_claim(self, c: _Claim) -> None:
+        """A reservation took its nodes (Haizea's ARs preempt best-effort leases): back in line."""
+        c.cancelled = True
+        self._unclaim(c)
+        if not c.run.suspensions:
+            c.run.first_start = None
+        self._enqueue(c.run)
 
     def _transferred(self, nodes: int, link: bool = True) -> None:
         if link:
@@ -501,7 +598,9 @@ class Simulator:
     # -- scheduling pass ------------------------------------------------------------------------
     def _schedule(self, now: float) -> None:
         self._gap_cache = None      # node gaps are relative to now
-        if not self.queue or not self.free:
+        # with staging=overlap a job may be booked on busy nodes, so a pass is worth it anyway
+        anyfree = self.cfg.staging == "overlap"
+        if not self.queue or not (self.free or anyfree):
             self._dirty = False
             self._fresh.clear()
             return
@@ -512,7 +611,7 @@ class Simulator:
             blocks = self._blocks
             for run in self._fresh:
                 i = bisect.bisect_left(self.keys, run.key)
-                if self.free and self._try_start(run, now, blocks):
+                if (self.free or anyfree) and self._try_start(run, now, blocks):
                     self._dequeue(i)
             self._fresh.clear()
             return
@@ -528,7 +627,7 @@ class Simulator:
         held_only = self.cfg.transfer == "cache"
         holders = self.holders
         i = 0
-        while i < len(self.queue) and self.free:
+        while i < len(self.queue) and (self.free or anyfree):
             run = self.queue[i]
             k = run.job.nodes
             dominated = fail_q is not None and not run.suspensions and fail_q[k] <= run.req_left
@@ -671,7 +770,8 @@ class Simulator:
         lead = self.susp_s if self.cfg.suspend else 0.0
         cands = []
         for n in range(self.c.nodes):
-            if any(a.start < end and r.start - lead < a.start + a.dur for a in self.node_ars[n]):
+            if any(a.start < end and r.start - lead < a.start + a.dur for a in self.node_ars[n]
+                   if not isinstance(a, _Claim)):
                 continue
             occ = self.busy[n]
             running_past = isinstance(occ, Run) and occ.req_end > r.start - lead
@@ -685,6 +785,10 @@ class Simulator:
             lacking = [n for n in nodes if not self._has(n, r.image)]
             if lacking:
                 s = self.link.latest(r.start, self.xfer_s, now)
+                if s is None and self.cfg.staging == "overlap":
+                    # Haizea's EDF books the last free slot before the deadline without checking
+                    # it is not in the past (imagetransfer.py __get_last_transfer_slot)
+                    s = self.link.earliest(now, self.xfer_s)
                 if s is None:
                     return self._reject(r, "its image cannot arrive before the start")
                 self.link.book(s, self.xfer_s, r.image)
@@ -693,6 +797,10 @@ class Simulator:
                     for n in lacking:
                         self.incoming[n][r.image] = s + self.xfer_s
                     self._push(s + self.xfer_s, _CACHED, (tuple(lacking), r.image, s + self.xfer_s))
+        clash = {a for n in nodes for a in self.node_ars[n]
+                 if isinstance(a, _Claim) and a.start < end and r.start - lead < a.start + a.dur}
+        for c in sorted(clash, key=lambda c: c.id):
+            self._drop_claim(c)
         for n in nodes:
             bisect.insort(self.node_ars[n], r, key=lambda a: a.start)
             bisect.insort(self.node_iv[n], (r.start, r.start + r.dur))
@@ -708,6 +816,8 @@ class Simulator:
 
     def _preempt(self, r: Reservation, now: float) -> None:
         """Save every job on the AR's nodes so the save ends when the AR starts."""
+        if isinstance(r, _Claim) and r.cancelled:
+            return
         for n in self.ar_nodes[r.id]:
             occ = self.busy[n]
             if isinstance(occ, Run) and occ.end > r.start:   # ending in time: leave it be

@@ -1,0 +1,36 @@
+"""Haizea's image staging (`staging="overlap"`): the transfer uses the link, not the nodes."""
+
+from vmwrap.sim import Cluster, Config, Job, Reservation, simulate
+
+SMALL = Cluster(nodes=4, mem_mb=1000, suspend_mb_s=100, bandwidth_mb_s=100, image_mb=1000, cache_mb=2000,
+                boot_s=10)
+HOLD = Config("hold", vm=True, suspend=True, transfer="cache")
+OVERLAP = Config("overlap", vm=True, suspend=True, transfer="cache", staging="overlap")
+
+
+def test_a_job_is_mapped_at_its_images_arrival_onto_nodes_busy_until_then():
+    # J1 holds all 4 nodes until 125 (requested); at 120 (a reservation's submission makes a pass)
+    # J2's image can arrive by 130: Haizea books J2 there on J1's nodes; holding waits for 125.
+    jobs = [Job(1, 0, 100, 100, 4, image=0), Job(2, 1, 100, 100, 4, image=1)]
+    ars = [Reservation(100, 120, 10_000, 10, 1, image=0)]
+    hold = simulate(jobs, ars, HOLD, SMALL, check=True)
+    over = simulate(jobs, ars, OVERLAP, SMALL, check=True)
+    assert hold.records[1][1] == over.records[1][1] == 10 + 10 + 105
+    assert hold.records[2][1] == 125 + 10 + 10 + 105
+    assert over.records[2][1] == 130 + 10 + 105
+
+
+def test_a_reservation_takes_the_nodes_of_a_booked_start_and_the_job_still_runs():
+    jobs = [Job(1, 0, 100, 100, 4, image=0), Job(2, 1, 100, 100, 4, image=1)]
+    ars = [Reservation(100, 120, 200, 50, 4, image=0)]
+    r = simulate(jobs, ars, OVERLAP, SMALL, check=True)
+    assert r.ars_on_time == 1 and r.jobs == 2
+    assert r.records[2][1] > 250     # after the reservation, not at its booked 130
+
+
+def test_haizea_books_a_reservations_image_even_without_lead_time():
+    # imagetransfer.py __get_last_transfer_slot never checks the slot against now; we reject
+    ars = [Reservation(100, 0, 0, 50, 2, image=3)]
+    jobs = [Job(1, 0, 10, 10, 1)]
+    assert simulate(jobs, ars, HOLD, SMALL, check=True).ars_rejected == 1
+    assert simulate(jobs, ars, OVERLAP, SMALL, check=True).ars_rejected == 0
