@@ -225,3 +225,30 @@ def test_fetch_reports_bytes_to_its_callback_and_prints_nothing_itself(site, cap
     assert not c.fetch(disk, on_bytes=seen.append).hit and sum(seen) == disk.size and len(seen) == 2
     c.evict(disk.sha256)
     assert not c.fetch(disk).hit and capfd.readouterr() == ("", "")
+
+
+def test_image_add_hashing_progress_on_a_terminal_only(site):
+    t = site.tmp
+    add = ["image", "add", "b", "--kernel", str(t / "k"), "--initrd", str(t / "i"), "--disk", str(t / "d")]
+    code, out, err = _run_on_pty(_vmwrap(site, *add))
+    text = err.decode(errors="replace")
+    assert code == 0 and out.startswith("added b") and all(f"hash b.{k}" in text for k in ("kernel", "initrd", "disk"))
+    assert "1.1 MB" in text
+    code, out, err = _run_on_pty(_vmwrap(site, *add, "--quiet"))
+    assert code == 0 and err == b""
+
+
+def test_checkpoints_verify_progress_on_a_terminal_only(tmp_path):
+    from test_checkpoint import new_store, stage
+
+    store = new_store(tmp_path)
+    store.commit(stage(store, "77"), "77")
+    cfg = tmp_path / "vmwrap.toml"
+    cfg.write_text(render({"checkpoint_dir": str(store.root), "checkpoint_key_file": store.key_file,
+                           "state_dir": str(tmp_path / "state")}))
+    argv = [sys.executable, "-m", "vmwrap.cli", "--config", str(cfg), "checkpoints", "verify", "77"]
+    code, out, err = _run_on_pty(argv)
+    assert code == 0 and "intact" in out and "verify checkpoint 77" in err.decode(errors="replace")
+    assert _run_on_pty(argv + ["--quiet"])[2] == b""
+    r = subprocess.run(argv, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == ""

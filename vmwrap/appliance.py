@@ -171,12 +171,13 @@ def _ext4(root: Path, dest: Path, tmp: Path, size_mib: int) -> None:
     _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(dest)])
 
 
-def sha256(path: Path) -> str:
-    return sha256_file(path)
+def sha256(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    return sha256_file(path, on_bytes)
 
 
-def artifact(path: Path, fmt: str = "raw") -> Artifact:
-    return Artifact(str(path), sha256(path), path.stat().st_size, fmt)
+def artifact(path: Path, fmt: str = "raw", on_bytes: Callable[[int], None] | None = None) -> Artifact:
+    """`path` as a catalog artifact (hashed now; `on_bytes` hears the progress)."""
+    return Artifact(str(path), sha256(path, on_bytes), path.stat().st_size, fmt)
 
 
 def build(name: str, kind: str, out_dir: str, catalog_path: str, memory_mib: int = 256,

@@ -354,12 +354,14 @@ def _set_acl(path: Path, uids: set[int] | None) -> None:
                         f"{e.strerror}") from None
 
 
-def sha256_file(p: str | os.PathLike) -> str:
-    """SHA-256 of a file, read in chunks (images and checkpoints are GBs)."""
+def sha256_file(p: str | os.PathLike, on_bytes: Callable[[int], None] | None = None) -> str:
+    """SHA-256 of a file, read in chunks (images and checkpoints are GBs); `on_bytes` hears each chunk."""
     h = hashlib.sha256()
     with open(p, "rb") as f:
         while buf := f.read(CHUNK):
             h.update(buf)
+            if on_bytes:
+                on_bytes(len(buf))
     return h.hexdigest()
 
 

@@ -34,6 +34,7 @@ import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +149,7 @@ def _pump(sfd: int, dfd: int, limit: int, h=None) -> int:
     return n
 
 
-def _hash_file(path: Path) -> tuple[int, str]:
+def _hash_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> tuple[int, str]:
     fd = _open_regular(path)
     h = hashlib.sha256()
     n = 0
@@ -156,6 +157,8 @@ def _hash_file(path: Path) -> tuple[int, str]:
         while buf := os.read(fd, CHUNK):
             h.update(buf)
             n += len(buf)
+            if on_bytes:
+                on_bytes(len(buf))
     finally:
         os.close(fd)
     return n, h.hexdigest()
@@ -443,11 +446,12 @@ class Store:
             raise CheckpointError(f"the checkpoint in {d} was not made for job {job_id}")
         return m
 
-    def verify(self, job_id: str) -> dict:
-        """The authenticated manifest, after checking every file's size and checksum."""
+    def verify(self, job_id: str, on_bytes: Callable[[int], None] | None = None) -> dict:
+        """The authenticated manifest, after checking every file's size and checksum (`on_bytes`
+        hears the bytes hashed: an admin's progress bar)."""
         m = self.manifest(job_id)
         for name in FILES:
-            _check(self.dir(job_id) / name, m["files"][name], job_id)
+            _check(self.dir(job_id) / name, m["files"][name], job_id, on_bytes)
         return m
 
 
@@ -455,9 +459,9 @@ def _bad(job_id: str, name: str) -> CheckpointError:
     return CheckpointError(f"checkpoint of job {job_id}: {name} is corrupt (checksum mismatch)")
 
 
-def _check(p: Path, want: dict, job_id: str) -> None:
+def _check(p: Path, want: dict, job_id: str, on_bytes: Callable[[int], None] | None = None) -> None:
     try:
-        n, digest = _hash_file(p)
+        n, digest = _hash_file(p, on_bytes)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint of job {job_id}: {p.name} is missing") from None
     except OSError as e:

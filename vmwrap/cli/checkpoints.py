@@ -6,7 +6,7 @@ import time
 
 import click
 
-from .context import echo_json, echo_table, friendly_oserrors, json_option, settings
+from .context import echo_json, echo_table, friendly_oserrors, json_option, quiet_option, settings
 
 
 @click.group(invoke_without_command=True)
@@ -44,13 +44,17 @@ def checkpoints_list(as_json: bool = False) -> None:
 
 @checkpoints.command("verify")
 @click.argument("job_id")
+@quiet_option
 @friendly_oserrors
-def checkpoints_verify(job_id: str) -> None:
-    """Check a checkpoint's files against their recorded sizes and checksums."""
+def checkpoints_verify(job_id: str, quiet: bool) -> None:
+    """Check a checkpoint's files against their recorded sizes and checksums (progress on a terminal)."""
     from ..checkpoint import Store
+    from ..progress import progress
 
     s = settings()
-    m = Store(s.checkpoint_dir, s.checkpoint_key_file).verify(job_id)
+    store = Store(s.checkpoint_dir, s.checkpoint_key_file)
+    with progress(f"verify checkpoint {job_id}", "bytes", quiet=quiet) as report:  # bytes and rate, no total
+        m = store.verify(job_id, on_bytes=report)
     click.echo(f"job {job_id}: intact ({len(m['files'])} files, saved on {m['node']})")
 
 

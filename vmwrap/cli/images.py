@@ -71,21 +71,29 @@ def image_list(as_json: bool) -> None:
 @click.option("--user", "users", multiple=True, help="May use it (repeat; none and no --group = everyone).")
 @click.option("--group", "groups", multiple=True)
 @click.option("--description", default="")
+@quiet_option
 @friendly_oserrors
-def image_add(name, kernel, initrd, disk, disk_format, memory, cpus, users, groups, description) -> None:
-    """Register existing appliance files (hashed now) in the catalog."""
+def image_add(name, kernel, initrd, disk, disk_format, memory, cpus, users, groups, description, quiet) -> None:
+    """Register existing appliance files (hashed now, progress on a terminal) in the catalog."""
     from pathlib import Path
 
     from .. import appliance
     from ..catalog import Image, register
     from ..directives import check_image_name, parse_memory
+    from ..progress import progress
 
     s = settings()
     check_image_name(name)
-    img = Image(name=name, boot="kernel", kernel=appliance.artifact(Path(kernel).resolve()),
-                initrd=appliance.artifact(Path(initrd).resolve()),
-                disk=appliance.artifact(Path(disk).resolve(), disk_format) if disk else None,
-                memory_mib=parse_memory(memory) if memory else None, cpus=cpus,
+    mem = parse_memory(memory) if memory else None  # a bad size before hashing GBs
+
+    def hashed(key: str, path: str, fmt: str = "raw"):
+        p = Path(path).resolve()
+        with progress(f"hash {name}.{key}", "bytes", total=p.stat().st_size, quiet=quiet) as report:
+            return appliance.artifact(p, fmt, on_bytes=report)
+
+    img = Image(name=name, boot="kernel", kernel=hashed("kernel", kernel), initrd=hashed("initrd", initrd),
+                disk=hashed("disk", disk, disk_format) if disk else None,
+                memory_mib=mem, cpus=cpus,
                 users=list(users), groups=list(groups), description=description)
     register(s.catalog, img)
     click.echo(f"added {name} to {s.catalog}")
