@@ -23,6 +23,8 @@ import click
 @click.option("--cache-gb", type=float, default=None, help="Image cache per node (default 20).")
 @click.option("--bandwidth", type=float, default=None, help="Image link MB/s (default 10).")
 @click.option("--suspend-rate", type=float, default=None, help="Save/restore MB/s of VM memory (default 50).")
+@click.option("--calibrate-from", "ledgers", multiple=True, type=click.Path(dir_okay=False), metavar="LEDGER",
+              help="Take boot, save, restore and image-transfer rates from this site's ledger (repeatable).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["text", "csv", "json"]), default="text", show_default=True)
 @click.option("--plot-dir", type=click.Path(file_okay=False), default=None, help="Write utilization.png and comparison.png here.")
@@ -30,14 +32,14 @@ import click
 @click.option("--swf-cancelled", type=click.Choice(["queue", "skip"]), default="queue", show_default=True,
               help="SWF jobs cancelled while waiting: queue them until their user gave up (as HPDC'08), or skip them.")
 def simulate(swf, lwf, synth, jobs, load, ar_share, ar_nodes, ar_hours, names, list_configs, images, nodes,
-             cache_gb, bandwidth, suspend_rate, seed, fmt, plot_dir, check, swf_cancelled):
+             cache_gb, bandwidth, suspend_rate, ledgers, seed, fmt, plot_dir, check, swf_cancelled):
     """What per-job VMs, image caching and suspend/resume would do to a workload (trace-driven).
 
     Prints, per configuration, when the last batch job finishes (and how much later than with no
     reservations and no VMs), utilization, mean wait, mean bounded slowdown, reservations on time or
     rejected, suspensions and image transfers."""
     from ..sim import CONFIGS, Cluster, WorkloadError
-    from ..sim import report, workload
+    from ..sim import calibrate, report, workload
 
     if list_configs:
         for c in CONFIGS.values():
@@ -51,7 +53,15 @@ def simulate(swf, lwf, synth, jobs, load, ar_share, ar_nodes, ar_hours, names, l
                    ("--suspend-rate", suspend_rate)):
         if v is not None and not v > 0:
             raise click.BadParameter("must be > 0", param_hint=opt)
-    cluster = report.with_nodes(Cluster(), nodes=nodes, bandwidth_mb_s=bandwidth, suspend_mb_s=suspend_rate,
+    base_cluster = Cluster()
+    if ledgers:   # the site's own rates; an explicit option below still wins
+        try:
+            cal = calibrate.calibrate(list(ledgers))
+        except WorkloadError as e:
+            raise click.ClickException(str(e))
+        base_cluster = cal.apply(base_cluster)
+        click.echo(cal.describe(), err=True)
+    cluster = report.with_nodes(base_cluster, nodes=nodes, bandwidth_mb_s=bandwidth, suspend_mb_s=suspend_rate,
                                 cache_mb=cache_gb * 1024 if cache_gb else None)
     try:
         if synth:

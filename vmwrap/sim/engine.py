@@ -37,6 +37,7 @@ class Cluster:
     cache_mb: float = 20480.0
     bandwidth_mb_s: float = 10.0    # image repository link, and node-to-node memory copies
     suspend_mb_s: float = 50.0
+    restore_mb_s: float | None = None   # None: as fast as a save (the paper's one rate)
     boot_s: float = 20.0            # VM boot + shutdown
     overhead: float = 0.05          # runtime slowdown inside a VM
     image_mb: float = 4096.0
@@ -213,7 +214,8 @@ class Simulator:
         self.ars = ars if config.reservations else []
         self.save = save or SaveModel(cluster.suspend_mb_s)
         self.susp_s = self.save.budget(cluster.mem_mb)
-        self.resume_s = self.save.save_seconds(cluster.mem_mb)
+        self.resume_s = (cluster.mem_mb / cluster.restore_mb_s if cluster.restore_mb_s
+                         else self.save.save_seconds(cluster.mem_mb))
         self.slow = 1.0 + cluster.overhead if config.vm else 1.0
         self.boot = cluster.boot_s if config.vm else 0.0
         self.xfer_s = cluster.image_mb / cluster.bandwidth_mb_s
