@@ -59,6 +59,8 @@ def friendly_oserrors(f: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return f(*args, **kwargs)
+        except BrokenPipeError:  # `vmwrap ... | head`: click ends quietly, as for any command
+            raise
         except OSError as e:
             where = e.filename if e.filename is not None else ""
             site = click.get_current_context().find_object(Site)

@@ -8,6 +8,7 @@ import time
 
 import click
 
+from ..config import Settings
 from ..errors import VmwrapError
 from .context import echo_json, echo_table, friendly_oserrors, json_option, quiet_option, settings
 
@@ -93,7 +94,7 @@ def doctor(as_json: bool) -> None:
     sys.exit(0 if ok else 1)
 
 
-def _doctor_checks(s) -> list[dict]:
+def _doctor_checks(s: Settings) -> list[dict]:
     """Every check as {"status": ok|WARN|FAIL, "name", "detail"}; a FAIL does not stop the next check."""
     from .. import accel, domain, evidence, hostcheck
     from ..catalog import Catalog
