@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -168,3 +169,22 @@ def test_doctor_names_an_unreachable_libvirt_as_a_failed_check(good_site):
     assert r.exit_code == 1 and "Traceback" not in r.output
     [lv] = [c for c in json.loads(r.stdout)["checks"] if c["name"] == "libvirt"]
     assert lv["status"] == "FAIL" and BAD_URI in lv["detail"]
+
+
+def test_a_closed_pipe_is_not_reported_as_a_mistake():
+    """`vmwrap cache list | head`: click's own quiet exit handles EPIPE, so it must reach click as it is."""
+    from vmwrap.cli.context import friendly_oserrors
+
+    @friendly_oserrors
+    def listing():
+        raise BrokenPipeError(32, "Broken pipe")
+
+    @friendly_oserrors
+    def unusable():
+        raise FileNotFoundError(2, "No such file or directory", "/nonexistent/cache")
+
+    with click.Context(click.Command("x")):
+        with pytest.raises(BrokenPipeError):
+            listing()
+        with pytest.raises(click.ClickException, match="^/nonexistent/cache: No such file or directory$"):
+            unusable()
