@@ -28,17 +28,19 @@ import click
 @click.option("--seed", default=0, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["text", "csv", "json"]), default="text", show_default=True)
 @click.option("--plot-dir", type=click.Path(file_okay=False), default=None, help="Write utilization.png and comparison.png here.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on the terminal.")
 @click.option("--check", is_flag=True, help="Check invariants after every event (slower).")
 @click.option("--swf-cancelled", type=click.Choice(["queue", "skip"]), default="queue", show_default=True,
               help="SWF jobs cancelled while waiting: queue them until their user gave up (as HPDC'08), or skip them.")
 def simulate(swf, lwf, synth, jobs, load, ar_share, ar_nodes, ar_hours, names, list_configs, images, nodes,
-             cache_gb, bandwidth, suspend_rate, ledgers, seed, fmt, plot_dir, check, swf_cancelled):
+             cache_gb, bandwidth, suspend_rate, ledgers, seed, fmt, plot_dir, quiet, check, swf_cancelled):
     """What per-job VMs, image caching and suspend/resume would do to a workload (trace-driven).
 
     Prints, per configuration, when the last batch job finishes (and how much later than with no
     reservations and no VMs), utilization, mean wait, mean bounded slowdown, reservations on time or
     rejected, suspensions and image transfers."""
     from ..sim import CONFIGS, Cluster, WorkloadError
+    from ..progress import progress
     from ..sim import calibrate, report, workload
 
     if list_configs:
@@ -79,11 +81,14 @@ def simulate(swf, lwf, synth, jobs, load, ar_share, ar_nodes, ar_hours, names, l
             raise click.UsageError("give --swf (and --lwf) or --synthetic")
         if images:
             workload.image_mix(images)   # parse errors now, not after the first configuration
-        base, results = report.compare(js, ars, [CONFIGS[n] for n in names.split(",")], cluster, seed,
-                                       images, check)
+        chosen = [CONFIGS[n] for n in names.split(",")]
+        with progress(f"simulating {len(js)} jobs", unit="stages", total=len(chosen) + 1, quiet=quiet) as tell:
+            base, results = report.compare(js, ars, chosen, cluster, seed, images, check,
+                                           on_done=lambda name: tell(1, stage=f"{name} done"))
     except WorkloadError as e:
         raise click.ClickException(str(e))
     click.echo(report.render(report.rows(base, results), fmt))
     if plot_dir:
-        for p in report.plot(base, results, cluster.nodes, plot_dir):
+        for p in report.plot(base, results, cluster.nodes, plot_dir, jobs=js,
+                             paper=report.published(lwf) if swf else None):
             click.echo(f"wrote {p}", err=True)
