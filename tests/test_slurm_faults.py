@@ -1,0 +1,226 @@
+"""Issue 20's fault matrix on real Slurm: each fault ends with the job's documented fate, the node still
+in service, and nothing of the job left on any node (VM, run dir, cache pins, its processes, partial
+checkpoints).
+
+Real Slurm 22.05 (3 nodes), real libvirtd and QEMU guests; the faults are real ones (SIGKILL, a daemon
+restarted, a full store), not simulated in code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.slurm_cluster import NODES, Cluster
+from vmwrap.catalog import register
+from vmwrap.resources import HOOKS
+
+pytestmark = pytest.mark.vm
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+ROOT = Path(__file__).resolve().parents[1]
+WAITER = "#!/bin/sh\n#VMWRAP --image=busybox --memory=128M\necho up; while [ ! -e go ]; do sleep 1; done; echo done\n"
+N = 20
+COUNTER = ("#!/bin/sh\n#VMWRAP --image=busybox --memory=128M\n{extra}"
+           f"i=0; while [ $i -lt {N} ]; do i=$((i+1)); echo n=$i; sleep 1; done\n")
+
+
+@pytest.fixture(scope="module")
+def cluster(appliance, virt_type, test_user):
+    base = Path(f"/var/tmp/vmwrap-faults-{os.getpid()}")
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    base.chmod(0o755)
+    register(str(base / "images.toml"), appliance)
+    c = Cluster(base, {"catalog": str(base / "images.toml"), "accel": virt_type, "grace_seconds": 5.0})
+    c.start()
+    yield c
+    c.stop()
+    subprocess.run(["umount", str(base / "checkpoints")], capture_output=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def jobdir(cluster, test_user):
+    d = cluster.base / "work" / f"t{os.urandom(3).hex()}"
+    d.mkdir(parents=True)
+    os.chown(d, test_user.pw_uid, test_user.pw_gid)
+    return d
+
+
+def submit(cluster, d: Path, script: str, *args: str) -> str:
+    r = cluster.sbatch(script, *args, user="vmwrapuser", cwd=d)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
+def wait_for(cond, what: str, timeout: float = 180):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def output(d: Path, job: str) -> str:
+    p = d / f"slurm-{job}.out"
+    return p.read_text(errors="replace") if p.exists() else ""
+
+
+def values(text: str) -> list[int]:
+    return [int(m) for m in re.findall(r"^n=(\d+)$", text, re.M)]
+
+
+def qemu_pid(job: str) -> int | None:
+    r = subprocess.run(["pgrep", "-f", f"guest=vmwrap-{job},"], capture_output=True, text=True)
+    return int(r.stdout.split()[0]) if r.returncode == 0 and r.stdout.split() else None
+
+
+def drained(cluster) -> list[str]:
+    r = cluster.run("sinfo", "-h", "-N", "-o", "%N %T %E")
+    return [ln for ln in r.stdout.splitlines() if "drain" in ln.lower() or "down" in ln.lower()]
+
+
+def leftovers(cluster, job: str) -> list[str]:
+    """Everything of `job` vmwrap could leave behind on any node or in the shared store."""
+    found = []
+    names = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"], capture_output=True,
+                           text=True).stdout.split()
+    if f"vmwrap-{job}" in names:
+        found.append("vm")
+    for n in NODES:
+        if (cluster.node_dir(n) / "state" / "jobs" / job).exists():
+            found.append(f"run dir on {n}")
+        pins = cluster.node_dir(n) / "cache" / "pins"
+        if pins.is_dir() and any((s / job).exists() for s in pins.iterdir()):
+            found.append(f"pin on {n}")
+    procs = subprocess.run(["pgrep", "-af", f"/state/jobs/{job}/"], capture_output=True, text=True).stdout
+    found += [f"process {ln[:120]}" for ln in procs.splitlines()]
+    store = cluster.base / "checkpoints"
+    if store.is_dir():
+        found += [f"store {p.name}" for p in store.iterdir() if p.name == job or p.name.startswith(job + ".")]
+    return found
+
+
+def clean(cluster, job: str) -> None:
+    """The epilog runs after the job's end is reported: allow it a moment, then nothing may be left."""
+    try:
+        wait_for(lambda: not leftovers(cluster, job), f"job {job}'s leftovers to go", timeout=60)
+    except AssertionError:
+        raise AssertionError(f"job {job} left {leftovers(cluster, job)}") from None
+
+
+def running(cluster, d: Path, job: str, text: str = "up") -> None:
+    wait_for(lambda: text in output(d, job), f"job {job} to print {text!r}", timeout=300)
+
+
+@pytest.mark.timeout(600)
+def test_the_jobs_qemu_killed_fails_the_job_with_a_reason_and_keeps_the_node(cluster, jobdir):
+    job = submit(cluster, jobdir, WAITER, "-w", "c1")
+    running(cluster, jobdir, job)
+    os.kill(qemu_pid(job), signal.SIGKILL)
+    info = cluster.wait_state(job, FINAL, timeout=180)
+    out = output(jobdir, job)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "70:0"), (info, out)
+    assert "vmwrap: the guest died without reporting an exit status" in out, out
+    assert not drained(cluster)
+    clean(cluster, job)
+
+
+@pytest.mark.timeout(600)
+def test_libvirtd_restarted_mid_job_the_job_goes_on(cluster, jobdir):
+    job = submit(cluster, jobdir, WAITER, "-w", "c2")
+    running(cluster, jobdir, job)
+    subprocess.run(["pkill", "-x", "libvirtd"], check=True)
+    wait_for(lambda: subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode != 0,
+             "libvirtd to exit", timeout=30)
+    assert qemu_pid(job), "the guest died with libvirtd"
+    subprocess.run(["bash", str(ROOT / "scripts" / "start-libvirtd.sh")], check=True)
+    (jobdir / "go").write_text("")
+    info = cluster.wait_state(job, FINAL, timeout=180)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), (info, output(jobdir, job))
+    assert output(jobdir, job) == "up\ndone\n"
+    assert not drained(cluster)
+    clean(cluster, job)
+
+
+@pytest.mark.timeout(600)
+def test_slurmd_killed_mid_job_and_restarted_the_job_goes_on(cluster, jobdir):
+    job = submit(cluster, jobdir, WAITER, "-w", "c3")
+    running(cluster, jobdir, job)
+    argv = ["slurmd", "-D", "-N", "c3", "-f", str(cluster.conf)]
+    pids = subprocess.run(["pgrep", "-f", "-x", " ".join(argv)], capture_output=True, text=True).stdout.split()
+    assert len(pids) == 1, pids
+    os.kill(int(pids[0]), signal.SIGKILL)
+    time.sleep(2)
+    assert qemu_pid(job), "the guest died with slurmd"
+    cluster.procs.append(subprocess.Popen(argv, env=cluster.env, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, start_new_session=True))
+    time.sleep(3)
+    (jobdir / "go").write_text("")
+    info = cluster.wait_state(job, FINAL, timeout=180)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), (info, output(jobdir, job))
+    assert output(jobdir, job) == "up\ndone\n"
+    assert not drained(cluster)
+    clean(cluster, job)
+
+
+@pytest.mark.timeout(300)
+def test_an_epilog_run_again_after_the_job_is_a_harmless_no_op(cluster, jobdir, test_user):
+    job = submit(cluster, jobdir, "#!/bin/sh\n#VMWRAP --image=busybox --memory=128M\necho once\n", "-w", "c1")
+    info = cluster.wait_state(job, FINAL, timeout=300)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), (info, output(jobdir, job))
+    clean(cluster, job)
+    from vmwrap.ledger import Ledger
+
+    ledger = Ledger(cluster.node_dir("c1") / "state" / "ledger.sqlite")
+    before = ledger.events(job)
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SLURM_JOB_ID": job, "SLURMD_NODENAME": "c1",
+           "SLURM_JOB_USER": test_user.pw_name, "SLURM_JOB_UID": str(test_user.pw_uid),
+           "SLURM_JOB_GID": str(test_user.pw_gid), "SLURM_SCRIPT_CONTEXT": "epilog_slurmd",
+           "SLURM_JOB_EXIT_CODE2": "0:0", "SLURM_CONF": str(cluster.conf)}
+    for _ in range(2):
+        r = subprocess.run([f"{HOOKS}/slurm-epilog", "--config", cluster.vmwrap_config], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+    assert ledger.events(job) == before      # nothing happened twice: no second "exited"
+    assert output(jobdir, job) == "once\n"
+    assert not drained(cluster)
+    clean(cluster, job)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("policy", ["restart", "fail"])
+def test_a_full_checkpoint_store_gives_the_job_its_lost_checkpoint_policy_not_the_node(cluster, jobdir, policy):
+    """`scontrol requeue` saves the VM; the shared store has 8 MiB left, the guest's memory needs more.
+    The save fails, no partial checkpoint stays, the job follows --on-lost-checkpoint, the node serves on."""
+    store = cluster.base / "checkpoints"
+    store.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "vmwrap-full-store", str(store)], check=True)
+    try:
+        extra = "#VMWRAP --on-lost-checkpoint=restart\n" if policy == "restart" else ""
+        job = submit(cluster, jobdir, COUNTER.format(extra=extra), "-p", "requeue", "-w", "c2")
+        wait_for(lambda: len(values(output(jobdir, job))) >= 4, "the job to count to 4", timeout=300)
+        assert cluster.run("scontrol", "requeue", job).returncode == 0
+        info = cluster.wait_state(job, FINAL, timeout=300)
+        out = output(jobdir, job)
+        if policy == "restart":
+            assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), (info, out)
+            assert "starting the job again from the beginning" in out, out
+            assert values(out)[-N:] == list(range(1, N + 1)), out
+        else:
+            assert (info["JobState"], info["ExitCode"]) == ("FAILED", "66:0"), (info, out)
+            assert "not starting the job again from the beginning" in out, out
+        assert re.search(r"sav\w* its VM on c2 failed: .*(No space left|space)", out, re.I), out
+        assert not drained(cluster)
+        clean(cluster, job)
+    finally:
+        subprocess.run(["umount", str(store)], check=True)
