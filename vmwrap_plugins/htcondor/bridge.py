@@ -178,7 +178,6 @@ class Bridge:
         self.schedd = schedd
         self.startds = list(startds or [])
         self.python = python
-        self.ledger = Ledger(settings.ledger_path)
 
     def _local(self, remote_host) -> bool:
         if not isinstance(remote_host, str):
@@ -361,8 +360,14 @@ class Bridge:
         return True
 
     def _record(self, job_id: str, event: str, **kw) -> None:
+        # Its own connection: each request is served in a thread of its own, and an sqlite3
+        # connection made in another thread refuses to work (the records were lost that way).
         try:
-            self.ledger.record(job_id, rundir.domain_name(job_id), event, scheduler="condor", **kw)
+            ledger = Ledger(self.settings.ledger_path)
+            try:
+                ledger.record(job_id, rundir.domain_name(job_id), event, scheduler="condor", **kw)
+            finally:
+                ledger.close()
         except Exception:  # noqa: BLE001 (accounting only)
             pass
 
