@@ -89,6 +89,20 @@ class Scheduler(Protocol):
         """The scheduler's configuration lines that enable vmwrap."""
 
 
+@runtime_checkable
+class Drainable(Protocol):
+    """What `vmwrap drain` (vmwrap.drain) asks of a scheduler beyond `Scheduler`, a separate contract
+    so adapters without it still satisfy `Scheduler` (drain then says it is not supported)."""
+
+    def node_jobs(self, node: str) -> dict[str, bool]:
+        """Every job running (or still completing) on `node`: id -> whether it runs in a vmwrap VM.
+        VmwrapError naming the node when the scheduler has no such node."""
+
+    def drain_node(self, node: str, reason: str) -> None:
+        """Start no new job on `node` (running jobs go on), with `reason` where the scheduler keeps
+        one. VmwrapError if refused."""
+
+
 def schedulers() -> dict[str, Scheduler]:
     """Every installed scheduler adapter by name."""
     found = {}

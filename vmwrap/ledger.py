@@ -11,7 +11,7 @@ from pathlib import Path
 
 EVENTS = ("prepare", "created", "booted", "started", "paused", "resumed", "saved", "restored", "exited",
           "destroyed", "failed", "cache_hit", "cache_miss", "prestage", "save_failed", "plan",
-          "detached", "wrapper_gone", "pause_failed", "resume_failed", "reconciled")
+          "detached", "wrapper_gone", "pause_failed", "resume_failed", "reconciled", "drained")
 
 
 class Ledger:

@@ -460,3 +460,43 @@ def publish_cached(node: str, images: list[str]) -> None:
         return
     run("qconf", "-mattr", "exechost", "complex_values", f"{CACHED}={value}", node)
     log.info("published %s=%s for %s", CACHED, value, node)
+
+
+# -- vmwrap drain: the jobs on a host, and keeping new ones off it ---------------------------------
+
+def _check_host(host: str) -> None:
+    if not _NAME.fullmatch(host) or "@" in host:
+        raise RuntimeError(f"invalid Grid Engine host name {host[:80]!r}")
+    if run("qconf", "-se", host, check=False).strip() == "":   # qconf prints why on stderr
+        raise RuntimeError(f"Grid Engine has no execution host {host!r}")
+
+
+def host_jobs(host: str) -> dict[str, bool]:
+    """Jobs running (or suspended) in `host`'s queue instances: id -> whether it has a VM (its
+    vmwrap_image context, which the JSV sets). Array tasks are listed as 'job.task'."""
+    _check_host(host)
+    root = _xml(run("qstat", "-xml", "-f", "-u", "*", "-s", "rs"), "qstat -xml -f")
+    found: dict[str, str] = {}
+    for q in root.iter("Queue-List"):
+        if host_of(q.findtext("name", "")) != host:
+            continue
+        for j in q.iter("job_list"):
+            jid = (j.findtext("JB_job_number") or "").strip()
+            task = (j.findtext("tasks") or "").strip()
+            if _ID.fullmatch(jid):
+                found[f"{jid}.{task}" if _ID.fullmatch(task) else jid] = jid
+    details = job_details(sorted(set(found.values())))
+    out = {}
+    for key, jid in found.items():
+        try:
+            out[key] = image_of(jid, details.get(jid, {})) is not None
+        except UserError as e:
+            _warn_once(jid, f"taken as a job without a VM: {e}")
+            out[key] = False
+    return out
+
+
+def disable_host(host: str) -> None:
+    """`qmod -d '*@host'`: every queue instance on the host takes no new job; running ones go on."""
+    _check_host(host)
+    run("qmod", "-d", f"*@{host}")

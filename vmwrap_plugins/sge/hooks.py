@@ -336,6 +336,24 @@ class GridEngine:
 
         facts.reschedule(job)
 
+    # `vmwrap drain` (vmwrap.adapter.Drainable, vmwrap.drain): GE's facts and actions in facts.py
+    def node_jobs(self, node: str) -> dict[str, bool]:
+        from . import facts
+
+        try:
+            return facts.host_jobs(node)
+        except RuntimeError as e:
+            raise VmwrapError(str(e)[:400]) from None
+
+    def drain_node(self, node: str, reason: str) -> None:
+        from . import facts
+
+        try:
+            facts.disable_host(node)
+        except RuntimeError as e:
+            raise VmwrapError(f"Grid Engine refused to disable {node}: {str(e)[:300]}") from None
+        print(f"vmwrap: {node} disabled: {reason}", file=sys.stderr)  # GE keeps no reason for qmod -d
+
     def render_config(self, settings: Settings, **options) -> str:
         from .render import render_sge
 

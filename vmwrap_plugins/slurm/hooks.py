@@ -127,6 +127,15 @@ def job_from_env(env: dict[str, str], show_job=slurm_job) -> tuple[Job, wire.Acc
     return job, req
 
 
+_NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _check_node(node: str) -> None:
+    """A node name goes to scontrol/squeue as one argument: a plain host name, never a list or option."""
+    if not _NODE.fullmatch(node or ""):
+        raise VmwrapError(f"invalid Slurm node name {node[:80]!r}")
+
+
 class Slurm:
     """vmwrap.adapter.Scheduler for Slurm: what slurmd's prolog/epilog environment and slurmctld say."""
 
@@ -195,6 +204,41 @@ class Slurm:
         from . import planner
 
         planner.requeue(job)
+
+    # `vmwrap drain` (vmwrap.adapter.Drainable, vmwrap.drain)
+    def node_jobs(self, node: str) -> dict[str, bool]:
+        """Jobs on `node` by `squeue -w` (ids only: numbers); whether each has a VM from its comment
+        in `squeue --json` (users write comments: a malformed one makes a job without a VM)."""
+        import json
+
+        from .commands import run
+        from .planner import request
+
+        _check_node(node)
+        try:
+            run("scontrol", "show", "node", "-o", node)
+        except RuntimeError as e:
+            raise VmwrapError(f"Slurm has no node {node!r} ({str(e)[:200]})") from None
+        ids = {i for i in run("squeue", "-h", "-w", node, "-t", "RUNNING,SUSPENDED,COMPLETING", "-o", "%A").split()
+               if re.fullmatch(r"\d{1,10}", i)}
+        if not ids:
+            return {}
+        try:
+            data = json.loads(run("squeue", "--json"))
+        except ValueError as e:
+            raise VmwrapError(f"squeue --json: not JSON: {e}") from None
+        vm = {str(j.get("job_id")): request(str(j.get("job_id")), j.get("comment")) is not None
+              for j in (data.get("jobs", []) if isinstance(data, dict) else []) if isinstance(j, dict)}
+        return {i: vm.get(i, False) for i in ids}
+
+    def drain_node(self, node: str, reason: str) -> None:
+        from .commands import run
+
+        _check_node(node)
+        try:
+            run("scontrol", "update", f"nodename={node}", "state=drain", f"reason={reason[:200]}")
+        except RuntimeError as e:
+            raise VmwrapError(f"Slurm refused to drain {node}: {str(e)[:300]}") from None
 
     def render_config(self, settings: Settings, **options) -> str:
         from .render import render_config
