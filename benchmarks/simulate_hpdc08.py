@@ -4,7 +4,14 @@ Prints our Table 1 next to the published one, the worst case over all 72 workloa
 suspension, vmwrap's own best configuration against the paper's best VM cell, and the sweep's
 wall time and events per second (goal: the whole sweep <= 10 minutes on 2 cores).
 
-usage: python benchmarks/simulate_hpdc08.py [--traces DIR] [--procs N] [--only-table]
+Haizea's own image staging (transfers overlap the nodes' earlier work; `@haizea`) runs on the
+Table 1 workloads beside ours, also with the constants of Haizea's code (600 MB batch images,
+100 Mb/s read as 12.5 MB/s; `/code`): always with --only-table, with --haizea in the full sweep
+(they add ~4 min of CPU, mostly vm+noreuse@haizea). `--plot-dir` writes table1.png and, for the full sweep,
+sweep.png.
+
+usage: python benchmarks/simulate_hpdc08.py [--traces DIR] [--procs N] [--only-table] [--haizea]
+                                           [--plot-dir DIR]
 """
 
 from __future__ import annotations
@@ -19,12 +26,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vmwrap.sim import CONFIGS, PAPER_BASELINE_S, PAPER_TABLE1  # noqa: E402
-from vmwrap.sim.engine import Config, simulate  # noqa: E402
+from vmwrap.sim import report  # noqa: E402
+from vmwrap.sim.engine import Cluster, Config, simulate  # noqa: E402
 from vmwrap.sim.workload import assign_images, image_mix, read_lwf, read_swf  # noqa: E402
 
 TRACES = Path(__file__).resolve().parent.parent.parent / "shared" / "traces" / "hpdc08"
 PAPER = list(PAPER_TABLE1)
 OURS = ["vmwrap-uniform", "vmwrap-skewed", "vm+predeployed-noplan"]
+HAIZEA = ["vm+noreuse@haizea", "vm+reuse-uniform@haizea", "vm+reuse-skewed@haizea"]
+# the constants in Haizea's code rather than the paper's text: batch images of 600 MB
+# (traces/readers.py SWF: vmimagesize = 600), 100 Mb/s divided by 8 (common/utils.py
+# estimate_transfer_time)
+CODE = dict(image_mb=600.0, bandwidth_mb_s=12.5)
 # the gap planner (vmwrap.plan) on / off, the rest equal; the paper has the no-VM pair
 PLANNER = [("novm", "novm+suspend"), ("vm+predeployed-noplan", "vm+predeployed")]
 _jobs = None
@@ -41,11 +54,12 @@ def _one(task):
     if lwf is None:
         r = simulate(_jobs, [], Config("baseline", reservations=False), timeline=False)
     else:
-        cfg = CONFIGS[name]
+        cfg = CONFIGS[name.removesuffix("/code")]
+        cluster = Cluster(**CODE) if name.endswith("/code") else Cluster()
         ars = read_lwf(Path(traces) / "injected_leases" / lwf, 144)
         j, a = assign_images(_jobs, ars, image_mix(cfg.images), seed=1)
         try:
-            r = simulate(j, a, cfg, timeline=False)
+            r = simulate(j, a, cfg, cluster, timeline=False)
         except Exception as e:   # an invariant broke: report which workload, keep the sweep going
             return lwf, name, f"{type(e).__name__}: {e}"
     return lwf, name, r.end, r.mean_wait, r.mean_bsld, r.utilization, r.events, r.ars_rejected, \
@@ -57,16 +71,23 @@ def main() -> None:
     ap.add_argument("--traces", default=str(TRACES))
     ap.add_argument("--procs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--only-table", action="store_true", help="Only the Table 1 workloads (fast).")
+    ap.add_argument("--haizea", action="store_true", help="Haizea's staging on the Table 1 workloads too.")
+    ap.add_argument("--plot-dir", help="Write table1.png (and sweep.png for the full sweep) here.")
     a = ap.parse_args()
     lwfs = sorted(p.name for p in (Path(a.traces) / "injected_leases").glob("*.lwf"))
     table_lwfs = [f"work_{r}-dur_3h-size_2medium.lwf" for r in ("10", "20", "30")]
     if a.only_table:
         lwfs = table_lwfs
     tasks = [(a.traces, None, "baseline")] + [(a.traces, l, c) for l in lwfs for c in PAPER]
+    haizea = a.only_table or a.haizea
     tasks += [(a.traces, l, c) for l in table_lwfs for c in OURS]
+    if haizea:
+        tasks += [(a.traces, l, c) for l in table_lwfs for c in HAIZEA]
+        tasks += [(a.traces, l, c + "/code") for l in table_lwfs for c in ["vm+predeployed"] + HAIZEA]
     # longest first, so no core idles behind one late, heavy simulation: cost grows with the
     # reservations in the file and with what the configuration models
-    weight = {"baseline": 1, "novm": 1, "novm+suspend": 1.5, "vm+predeployed": 1.5, "vm+noreuse": 2}
+    weight = {"baseline": 1, "novm": 1, "novm+suspend": 1.5, "vm+predeployed": 1.5, "vm+noreuse": 2,
+              "vm+noreuse@haizea": 8, "vm+reuse-uniform@haizea": 5, "vm+reuse-skewed@haizea": 4}
     ars = {l: sum(1 for _ in open(Path(a.traces) / "injected_leases" / l)) for l in lwfs}
     tasks.sort(key=lambda t: -(ars.get(t[1], 0) + 300) * weight.get(t[2], 3))
     t0 = time.perf_counter()
@@ -95,8 +116,17 @@ def main() -> None:
         print(f"{c:22}{cells}")
     for c in OURS:
         print(f"{c:22}" + "".join(f"{extra(l, c):+9.2f} |      -    " for l in table_lwfs))
+    if haizea:
+        print("\nHaizea's image staging (transfers overlap earlier work), ours | paper; then with Haizea's code "
+              "constants (600 MB images, 12.5 MB/s)")
+    for c in HAIZEA if haizea else []:
+        p = PAPER_TABLE1[c.removesuffix("@haizea")]
+        print(f"{c:26}" + "".join(f"{extra(l, c):+9.2f} | {v:+7.2f} %" for l, v in zip(table_lwfs, p)))
+    for c in ["vm+predeployed"] + HAIZEA if haizea else []:
+        p = PAPER_TABLE1[c.removesuffix("@haizea")]
+        print(f"{c + '/code':26}" + "".join(f"{extra(l, c + '/code'):+9.2f} | {v:+7.2f} %" for l, v in zip(table_lwfs, p)))
     print("\nmean wait (s) / mean bounded slowdown, same cells")
-    for c in PAPER + OURS:
+    for c in PAPER + OURS + (HAIZEA if haizea else []):
         print(f"{c:22}" + "".join(f"{res[(l, c)][1]:>10,.0f} / {res[(l, c)][2]:<8.1f}" for l in table_lwfs))
     if not a.only_table:
         worst = {c: max(extra(l, c) for l in lwfs) for c in PAPER}
@@ -118,6 +148,23 @@ def main() -> None:
     print("\nvmwrap's best (prestage + cache-aware placement + suspend) vs the best published-config VM cell (ours):")
     for l, r in zip(table_lwfs, ("10", "20", "30")):
         print(f"  rho={r} %: {best_ours[l]:+.2f} % vs {best_paper[l]:+.2f} %")
+    if a.plot_dir:
+        cells = {"ours, vmwrap (nodes held)": {c: tuple(extra(l, c) for l in table_lwfs) for c in PAPER}}
+        if haizea:
+            cells["ours, Haizea staging"] = {c: tuple(extra(l, c + "@haizea" if c + "@haizea" in HAIZEA else c)
+                                                      for l in table_lwfs) for c in PAPER}
+            cells["same, Haizea's code constants"] = {
+                c: tuple(extra(l, c + "/code") for l in table_lwfs) for c in ["vm+predeployed"] + HAIZEA}
+            cells["same, Haizea's code constants"] = {
+                c.removesuffix("@haizea"): v for c, v in cells["same, Haizea's code constants"].items()}
+        cells["published"] = dict(PAPER_TABLE1)
+        print(f"wrote {report.plot_table1(cells, Path(a.plot_dir) / 'table1.png')}")
+        if not a.only_table:
+            series = {"novm": "no suspension", "novm+suspend": "suspension"}
+            pts = [(l, int(l[5:7]) + 0.25 * ("1h 2h 3h 4h".split().index(l[12:14]) - 1.5), extra(l, c), s)
+                   for l in lwfs for c, s in series.items()]
+            bounds = {"suspension": 10.0, "no suspension": 32.97}
+            print(f"wrote {report.plot_sweep(pts, bounds, Path(a.plot_dir) / 'sweep.png')}")
     rejected = sum(r[5] for r in res.values())
     print(f"\nsweep: {len(tasks)} simulations, {events:,} events, wall {wall:.0f} s on {a.procs} processes "
           f"({events / wall:,.0f} events/s; {cpu:.0f} s of simulation CPU); reservations rejected: {rejected}")
