@@ -34,3 +34,13 @@ def test_haizea_books_a_reservations_image_even_without_lead_time():
     jobs = [Job(1, 0, 10, 10, 1)]
     assert simulate(jobs, ars, HOLD, SMALL, check=True).ars_rejected == 1
     assert simulate(jobs, ars, OVERLAP, SMALL, check=True).ars_rejected == 0
+
+
+def test_list_shows_which_configurations_stage_as_haizea():
+    from click.testing import CliRunner
+
+    from vmwrap.cli import main
+    r = CliRunner().invoke(main, ["simulate", "--list"])
+    lines = {ln.split()[0]: ln for ln in r.output.splitlines()}
+    assert "staging=overlap" in lines["vm+reuse-skewed@haizea"] and "staging" not in lines["vm+reuse-skewed"]
+    assert max(map(len, lines.values())) <= 100

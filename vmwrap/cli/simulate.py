@@ -44,9 +44,13 @@ def simulate(swf, lwf, synth, jobs, load, ar_share, ar_nodes, ar_hours, names, l
     from ..sim import calibrate, report, workload
 
     if list_configs:
-        for c in CONFIGS.values():
-            click.echo(f"{c.name:20} vm={c.vm} suspend={c.suspend} transfer={c.transfer} images={c.images} "
-                       f"backfill={c.backfill} placement={c.placement} prestage={c.prestage}")
+        for c in CONFIGS.values():   # only what differs from a plain batch cluster, to fit 100 columns
+            what = [w for w, on in (("vm", c.vm), ("suspend", c.suspend)) if on]
+            what += [f"{k}={getattr(c, k)}" for k, plain in (
+                ("transfer", "none"), ("images", "uniform"), ("backfill", "easy"), ("placement", "any"),
+                ("staging", "hold")) if getattr(c, k) != plain and (k != "images" or c.transfer != "none")]
+            what += ["prestage"] if c.prestage else []
+            click.echo(f"{c.name:24} {' '.join(what) or 'batch only, no VMs'}")
         return
     unknown = [n for n in names.split(",") if n not in CONFIGS]
     if unknown:
