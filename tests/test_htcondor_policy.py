@@ -3,8 +3,10 @@
 the job is matched again on the other execute node.
 
 A real HTCondor 23.9 pool (harness.condor_pool: two startds on this host), real VMs. The guest's
-counter lives only in its shell's memory: a VM that was not paused kept counting, one that was not
-restored starts again from 1; the job's output must hold every value exactly once.
+counter lives only in its shell's memory and appends each value to count.log in the shared work dir
+(HTCondor truncates the job's output when it starts it again, count.log is kept): a VM that was not
+paused kept counting, one that was not restored starts again from 1; count.log must hold every value
+exactly once.
 """
 
 from __future__ import annotations
@@ -47,9 +49,10 @@ def submit_counter(condor, n: int) -> tuple[Path, int]:
     """A counter to n as a vanilla job in a shared dir (a restore needs the same work dir), avoiding
     the startd named in VmwrapAvoid (the test steers the rematch with condor_qedit)."""
     d = condor.jobdir()
-    (d / "count.sh").write_text(f"#!/bin/sh\ni=0; while [ $i -lt {n} ]; do i=$((i+1)); echo n=$i; sleep 1; done\n")
+    (d / "count.sh").write_text(
+        f"#!/bin/sh\ni=0; while [ $i -lt {n} ]; do i=$((i+1)); echo n=$i; echo n=$i >> count.log; sleep 1; done\n")
     (d / "count.sh").chmod(0o755)
-    os.chown(d / "count.sh", condor_uid(condor), -1)
+    os.chown(d / "count.sh", pwd.getpwnam(condor.user).pw_uid, -1)
     cluster, r = condor.submit(d, "\n".join([
         "executable = count.sh", "should_transfer_files = NO",
         "output = out.txt", "error = err.txt", "log = log.txt", "request_memory = 512",
@@ -57,10 +60,6 @@ def submit_counter(condor, n: int) -> tuple[Path, int]:
         "requirements = TARGET.VmwrapStartd =!= MY.VmwrapAvoid", "queue", ""]))
     assert cluster > 0, r.stdout + r.stderr
     return d, cluster
-
-
-def condor_uid(condor) -> int:
-    return pwd.getpwnam(condor.user).pw_uid
 
 
 def domstate(name: str) -> str:
@@ -80,7 +79,7 @@ def test_startd_suspend_pauses_the_vm_and_continue_resumes_it(condor):
     d, cluster = submit_counter(condor, n)
     job, name = f"{cluster}.0", f"vmwrap-{cluster}.0"
     first = counting_on(condor, d, cluster, 3)
-    out = d / "out.txt"
+    out = d / "count.log"
     mine = f'(MY.VmwrapStartd =?= "{first}") && (TARGET.ClusterId =?= {cluster})'
     with startd_policy(condor, "WANT_SUSPEND = True", f"SUSPEND = {mine}", "CONTINUE = False"):
         wait_for(lambda: domstate(name) == "paused", f"the VM {name} paused", 60, condor)
@@ -95,6 +94,7 @@ def test_startd_suspend_pauses_the_vm_and_continue_resumes_it(condor):
             ad = condor.pool.wait_job(cluster, 0, (4, 5), 120, ["ExitCode", "HoldReason", "JobRunCount"])
     text, err = out.read_text(), (d / "err.txt").read_text()
     assert (ad["JobStatus"], ad["ExitCode"], ad["JobRunCount"]) == (4, 0, 1), (ad, text, err, condor.logs())
+    assert values((d / "out.txt").read_text()) == list(range(1, n + 1))
     assert values(text) == list(range(1, n + 1)), (text, err)
     events = [e for e, _ in condor.ledger(job)]
     assert [e for e in events if e in LIFE] == ["created", "exited"], events
@@ -137,7 +137,7 @@ def test_a_better_priority_user_preempts_the_vm_job_which_is_saved_and_restored(
         rad = condor.pool.wait_job(rc, 0, (4, 5), 120, ["ExitCode", "LastRemoteHost"])
     finally:
         userprio(condor, condor.user, 1000)
-    text, err = (d / "out.txt").read_text(), (d / "err.txt").read_text()
+    text, err = (d / "count.log").read_text(), (d / "err.txt").read_text()
     assert (ad["JobStatus"], ad["ExitCode"]) == (4, 0), (ad, text, err, condor.logs())
     assert f"@{other}@" in ad["LastRemoteHost"] and ad["JobRunCount"] == 2, (ad, [e for e, _ in condor.ledger(job)])
     assert (rad["JobStatus"], rad["ExitCode"]) == (4, 0) and f"@{first}@" in rad["LastRemoteHost"], rad
