@@ -1,0 +1,136 @@
+"""`vmwrap drain HOST --scheduler sge` on a real Grid Engine 8.1.9 cell of two hosts, real VMs.
+
+The VM job's host is drained (its queue instances disabled) and the job rescheduled with `qmod -rj`:
+its epilog saves the VM, the other host restores it, and its output holds every value exactly once.
+This cell's two hosts share one libvirtd, where a restart's prolog would destroy the old run's VM by
+its name (see test_sge_checkpoint): the other host is disabled until the checkpoint is there, as when
+a site has no free host at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.sge_cell import Cell
+from vmwrap.catalog import register
+
+pytestmark = pytest.mark.vm
+N = 24
+COUNTER = ("#!/bin/sh\n#VMWRAP --image=busybox\n"
+           f"i=0; while [ $i -lt {N} ]; do i=$((i+1)); echo n=$i; sleep 1; done\n")
+
+
+@pytest.fixture(scope="module")
+def cell(appliance, virt_type, test_user):
+    base = Path(f"/var/tmp/vmwrap-sgedrain-{os.getpid()}")
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    base.chmod(0o755)
+    register(str(base / "images.toml"), appliance)
+    c = Cell(base, site_config={"catalog": str(base / "images.toml"), "accel": virt_type, "grace_seconds": 5.0},
+             hosts=2)
+    c.start()
+    yield c
+    c.run("qdel", "-u", "vmwrapuser")
+    c.stop()
+    for name in subprocess.run(["virsh", "-c", "qemu:///system", "list", "--name"], capture_output=True,
+                               text=True).stdout.split():
+        if name.startswith("vmwrap-") and "kvmprobe" not in name:
+            subprocess.run(["virsh", "-c", "qemu:///system", "destroy", name], capture_output=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def jobdir(cell, test_user):
+    d = cell.base / "work" / f"t{os.urandom(3).hex()}"
+    d.mkdir(parents=True)
+    os.chown(d, test_user.pw_uid, test_user.pw_gid)
+    yield d
+    for h in cell.hosts:
+        cell.run("qmod", "-e", f"vmwrap.q@{h}")
+
+
+def qsub(cell, jobdir, script: str, *args: str) -> str:
+    path = jobdir / f"job-{os.urandom(3).hex()}.sh"
+    path.write_text(script)
+    os.chown(path, 1234, 1234)
+    r = cell.run("qsub", "-terse", "-cwd", "-q", "vmwrap.q", *args, str(path), user="vmwrapuser", cwd=str(jobdir))
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout.strip()
+
+
+def values(text: str) -> list[int]:
+    return [int(m) for m in re.findall(r"^n=(\d+)$", text, re.M)]
+
+
+def wait_for(cond, what: str, timeout: float = 120):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stdout(jobdir: Path, job: str) -> str:
+    o = next(jobdir.glob(f"*.o{job}"), None)
+    return o.read_text() if o else ""
+
+
+def running_host(cell, job: str) -> str | None:
+    for ln in cell.run("qstat", "-u", "*", "-s", "r").stdout.splitlines():
+        f = ln.split()
+        if f and f[0] == job and "r" in f[4]:
+            return next((x.split("@", 1)[1] for x in f if x.startswith("vmwrap.q@")), None)
+    return None
+
+
+def drain(cell, *args) -> subprocess.Popen:
+    return subprocess.Popen(["vmwrap", "--config", cell.vmwrap_config, "drain", "--scheduler", "sge", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_drain_moves_the_vm_job_to_the_other_host(cell, jobdir):
+    job = qsub(cell, jobdir, COUNTER, "-r", "y")
+    wait_for(lambda: len(values(stdout(jobdir, job))) >= 4, "the job to count to 4")
+    first = wait_for(lambda: running_host(cell, job), "the job to show as running")
+    other = next(h for h in cell.hosts if h != first)
+    dry = drain(cell, first, "--dry-run")
+    out, err = dry.communicate(timeout=120)
+    assert dry.returncode == 0 and f"job {job}: would requeue" in out, out + err
+    assert "d" not in cell.queue_state(first)
+    assert cell.run("qmod", "-d", f"vmwrap.q@{other}").returncode == 0   # no room elsewhere yet
+    p = drain(cell, first, "--reason", "disk swap", "--timeout", "180")
+    wait_for(lambda: (cell.base / "checkpoints" / job / "manifest.json").exists(), "the checkpoint", 150)
+    assert cell.run("qmod", "-e", f"vmwrap.q@{other}").returncode == 0
+    out, err = p.communicate(timeout=200)
+    assert p.returncode == 0, out + err
+    assert f"job {job}: saved" in out, out + err
+    assert "d" in cell.queue_state(first)
+    wait_for(lambda: cell.run("qstat", "-j", job).returncode != 0, "the job to end", 240)
+    assert values(stdout(jobdir, job)) == list(range(1, N + 1)), stdout(jobdir, job)
+    # qacct gets the second run's record a moment after qstat forgot the job
+    hosts = wait_for(lambda: (lambda h: h if len(h) >= 2 else None)(
+        re.findall(r"^hostname\s+(\S+)", cell.run("qacct", "-j", job).stdout, re.M)), "both runs' records", 30)
+    assert hosts[-1] == other, hosts
+    db = sqlite3.connect(cell.node_dir(cell.host) / "state" / "ledger.sqlite")
+    rows = [json.loads(d) for (d,) in db.execute(
+        "select detail from events where job_id=? and event='drained'", (job,))]
+    db.close()
+    assert [r["status"] for r in rows] == ["saved"] and rows[0]["node"] == first, rows
+
+
+def test_an_unknown_host_is_a_clear_error(cell):
+    p = drain(cell, "nosuchhost")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and "Grid Engine has no execution host 'nosuchhost'" in err, out + err
