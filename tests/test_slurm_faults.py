@@ -224,3 +224,35 @@ def test_a_full_checkpoint_store_gives_the_job_its_lost_checkpoint_policy_not_th
         clean(cluster, job)
     finally:
         subprocess.run(["umount", str(store)], check=True)
+
+
+def domstate(job: str) -> str:
+    return subprocess.run(["virsh", "-c", "qemu:///system", "domstate", f"vmwrap-{job}"], capture_output=True,
+                          text=True).stdout.strip()
+
+
+@pytest.mark.timeout(600)
+def test_the_node_agent_killed_while_the_job_is_suspended_the_job_resumes_once_it_is_back(cluster, jobdir):
+    """The agent pauses and resumes VMs for the payload (which runs as the job's user). Killed while the job
+    is suspended, `scontrol resume` cannot reach it: the job must not sleep until its time limit; it resumes
+    when the agent is back (the init system restarts it)."""
+    job = submit(cluster, jobdir, COUNTER.format(extra=""), "-w", "c1")
+    wait_for(lambda: len(values(output(jobdir, job))) >= 3, "the job to count to 3", timeout=300)
+    cluster.run("scontrol", "suspend", job, check=True)
+    wait_for(lambda: domstate(job) == "paused", "the VM to pause", timeout=30)
+    argv = ["vmwrap", "--config", str(cluster.base / "vmwrap-c1.toml"), "agent"]
+    pids = subprocess.run(["pgrep", "-f", "--", " ".join(argv[1:]) + "$"], capture_output=True, text=True).stdout.split()
+    assert len(pids) == 1, pids
+    os.kill(int(pids[0]), signal.SIGKILL)
+    cluster.run("scontrol", "resume", job, check=True)
+    time.sleep(5)
+    assert domstate(job) == "paused"          # nobody could resume it yet
+    env = {k: v for k, v in cluster.env.items() if k != "VMWRAP_CONFIG"}
+    cluster.procs.append(subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL))
+    info = cluster.wait_state(job, FINAL, timeout=180)
+    out = output(jobdir, job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), (info, out)
+    assert values(out) == list(range(1, N + 1)), out
+    assert "vmwrap: the VM resumed" in out, out
+    assert not drained(cluster)
+    clean(cluster, job)

@@ -36,6 +36,7 @@ EXIT_FOR = {"user": EXIT_USER, "image": EXIT_IMAGE, "checkpoint": EXIT_CHECKPOIN
 POLL = 0.02
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 SMALL_FILE_MAX = 1 << 16     # error, notice, restored.json: root-written, capped anyway
+RESUME_RETRY_S = 2.0        # a resume the node agent could not do is asked for again this often
 STATUS_TIMELINE_MAX = 1 << 16  # the agent's booted/ready/started/exit lines come first
 STATUS_READ_MAX = 1 << 16    # status bytes taken per poll
 STATUS_LINE_MAX = 4096       # a longer unfinished status "line" is the guest's garbage: dropped
@@ -140,6 +141,7 @@ class Attachment:
         exit_seen_at = None
         term_deadline = kill_deadline = None
         paused = False
+        retry_resume = None   # when to ask again for a resume the node agent could not do (it restarts)
         last_check = 0.0
         status_f = None
 
@@ -184,8 +186,10 @@ class Attachment:
                 sig = self._signals.pop(0)
                 if sig == signal.SIGTSTP and not paused:
                     paused = self._pause()
+                    retry_resume = None
                 elif sig == signal.SIGCONT and paused:
                     paused = not self._resume()
+                    retry_resume = time.monotonic() + RESUME_RETRY_S if paused else None
                 elif sig == signal.SIGTERM and term_deadline is None and self.requeued and self.requeued():
                     # Preempted/requeued: leave the VM as it is for the epilog to save; record how much
                     # of each stream was delivered so that the restored job continues from there.
@@ -203,6 +207,13 @@ class Attachment:
             if self.detached:
                 break
             now = time.monotonic()
+            if paused and retry_resume is not None and now >= retry_resume:
+                # The scheduler resumed the job but its VM stayed paused (the agent was down): a job
+                # must not sleep until its time limit because a node daemon restarted.
+                paused = not self._resume(quiet=True)
+                retry_resume = now + RESUME_RETRY_S if paused else None
+                if not paused:
+                    write_all(self.err_fd, b"vmwrap: the VM resumed\n")
             if term_deadline and now > term_deadline and kill_deadline is None:
                 self.control.send("KILL")
                 kill_deadline = now + 2.0
@@ -278,7 +289,7 @@ class Attachment:
         self._record("paused")
         return True
 
-    def _resume(self) -> bool:
+    def _resume(self, quiet: bool = False) -> bool:
         if self.conn is None:
             if self._stopped_inside:
                 self._stopped_inside = False
@@ -289,7 +300,9 @@ class Attachment:
                 agent.request(self.settings, "resume", self.job_id)
                 return True
             except (NodeError, TypeError) as e:
-                write_all(self.err_fd, f"vmwrap: cannot resume the VM: {e}\n".encode())
+                if not quiet:
+                    write_all(self.err_fd, f"vmwrap: cannot resume the VM: {e}; trying again every "
+                                           f"{RESUME_RETRY_S:.0f} s\n".encode())
                 return False
         dom = domain.lookup(self.conn, self.name)
         if dom is None:
