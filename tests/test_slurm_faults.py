@@ -256,3 +256,68 @@ def test_the_node_agent_killed_while_the_job_is_suspended_the_job_resumes_once_i
     assert "vmwrap: the VM resumed" in out, out
     assert not drained(cluster)
     clean(cluster, job)
+
+
+def _tree(pids: list[int]) -> set[int]:
+    """The given processes and all their descendants."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            f = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(f[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    out, todo = set(), list(pids)
+    while todo:
+        p = todo.pop()
+        if p not in out:
+            out.add(p)
+            todo += children.get(p, [])
+    return out
+
+
+def _pids(pattern: str) -> list[int]:
+    return [int(p) for p in subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True,
+                                           text=True).stdout.split()]
+
+
+@pytest.mark.timeout(600)
+def test_after_a_host_reboot_the_restarted_agent_repairs_the_node(cluster, jobdir):
+    """Every process of node c3 dies at once (slurmd, the node agent, the job's step, payload, 9P server and
+    QEMU); its state dirs stay. When slurmd and the agent (`vmwrap agent --reconcile slurm`) start again,
+    Slurm ends the job and the agent removes what it left, with a ledger record."""
+    job = submit(cluster, jobdir, WAITER, "-w", "c3", "--no-requeue")
+    running(cluster, jobdir, job)
+    slurmd = ["slurmd", "-D", "-N", "c3", "-f", str(cluster.conf)]
+    agent = ["vmwrap", "--config", str(cluster.base / "vmwrap-c3.toml"), "agent"]
+    victims = _tree(_pids(" ".join(slurmd)) + _pids(" ".join(agent[1:]) + "$") + _pids(rf"slurmstepd: \[{job}\.")
+                    + _pids(f"/state/jobs/{job}/") + [qemu_pid(job)])
+    for p in victims:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    wait_for(lambda: qemu_pid(job) is None, "QEMU to die", timeout=30)
+    left = leftovers(cluster, job)
+    assert "run dir on c3" in left, left       # what the "reboot" left: the reconcile has work to do
+    # What slurmctld does once c3 stays silent for SlurmdTimeout (the host did not really reboot here, so
+    # its boot time would not tell slurmctld the job is gone): the node is down, its jobs NODE_FAIL.
+    r = cluster.run("scontrol", "update", "nodename=c3", "state=down", "reason=host rebooted")
+    assert r.returncode == 0, r.stderr
+    env = {k: v for k, v in cluster.env.items() if k != "VMWRAP_CONFIG"}
+    info = cluster.wait_state(job, FINAL, timeout=120)
+    assert info["JobState"] == "NODE_FAIL", info
+    # Boot order: the agent (with its repair pass) comes up before slurmd, as its unit orders it.
+    cluster.procs.append(subprocess.Popen(agent + ["--reconcile", "slurm", "--reconcile-interval", "10"], env=env,
+                                          start_new_session=True, stdout=subprocess.DEVNULL,
+                                          stderr=open(cluster.base / "agent-c3-reboot.log", "w")))
+    clean(cluster, job)
+    from vmwrap.ledger import Ledger
+
+    events = Ledger(cluster.node_dir("c3") / "state" / "ledger.sqlite").events(job)
+    assert [e["detail"]["removed"][:1] for e in events if e["event"] == "reconciled"] == [["run dir"]], events
+    cluster.procs.append(subprocess.Popen(slurmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          start_new_session=True))
+    r = cluster.run("scontrol", "update", "nodename=c3", "state=resume")   # unless ReturnToService=2 did
+    assert r.returncode == 0 or "Invalid node state" in r.stderr, r.stderr
+    wait_for(lambda: not drained(cluster), "c3 back in service", timeout=120)

@@ -53,12 +53,31 @@ def ps(failed: bool, as_json: bool) -> None:
 
 
 @click.command()
+@click.option("--reconcile", "reconcile_with", metavar="SCHEDULER", default=None,
+              help="Also repair this node (as `vmwrap reconcile SCHEDULER`) when the agent starts and then "
+                   "every --reconcile-interval seconds.")
+@click.option("--reconcile-interval", type=click.FloatRange(min=10.0), default=300.0, show_default=True,
+              help="Seconds between repair passes.")
 @friendly_oserrors
-def agent() -> None:
-    """Run the node agent (root, foreground): lets a job's user pause/resume that job's VM."""
-    from .. import agent as agent_mod
+def agent(reconcile_with: str | None, reconcile_interval: float) -> None:
+    """Run the node agent (root, foreground): lets a job's user pause/resume that job's VM.
 
-    agent_mod.serve(settings())
+    With --reconcile, the node also repairs itself: after a crash or reboot (every VM gone, state dirs
+    left) its first pass removes what the jobs the scheduler no longer has left behind."""
+    import threading
+
+    from .. import agent as agent_mod
+    from .. import daemons
+
+    s = settings()
+    if reconcile_with is not None:
+        from ..adapter import scheduler
+
+        sched = scheduler(reconcile_with)   # an unknown name is an error now, not in a thread later
+        threading.Thread(target=daemons.reconcile, args=(sched, s, reconcile_interval, False),
+                         kwargs={"say": lambda line: click.echo(f"reconcile: {line}", err=True)},
+                         name="reconcile", daemon=True).start()
+    agent_mod.serve(s)
 
 
 @click.command()
