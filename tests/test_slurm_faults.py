@@ -144,6 +144,11 @@ def test_libvirtd_restarted_mid_job_the_job_goes_on(cluster, jobdir):
              "libvirtd to exit", timeout=30)
     assert qemu_pid(job), "the guest died with libvirtd"
     subprocess.run(["bash", str(ROOT / "scripts" / "start-libvirtd.sh")], check=True)
+    # the node agent (root's libvirt connection for the job's pause/resume) survived the restart too
+    cluster.run("scontrol", "suspend", job, check=True)
+    wait_for(lambda: domstate(job) == "paused", "the VM to pause after libvirtd's restart", timeout=30)
+    cluster.run("scontrol", "resume", job, check=True)
+    wait_for(lambda: domstate(job) == "running", "the VM to resume", timeout=30)
     (jobdir / "go").write_text("")
     info = cluster.wait_state(job, FINAL, timeout=180)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), (info, output(jobdir, job))

@@ -128,18 +128,43 @@ def _peer_uid(sock: socket.socket) -> int:
     return struct.unpack("iII", creds)[1]  # struct ucred: pid_t pid; uid_t uid; gid_t gid
 
 
+class _Libvirt:
+    """The agent's one libvirt connection, opened again when libvirtd restarted (a restart closes every
+    client's connection; the agent outlives it, and the VMs do too)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.lock = threading.Lock()
+        self._conn = domain.connect(uri)
+
+    def conn(self):
+        with self.lock:
+            try:   # a round trip: isAlive() still says 1 on a connection whose libvirtd went away
+                self._conn.getLibVersion()
+                alive = True
+            except Exception:  # noqa: BLE001 (libvirtError: broken pipe, socket closed)
+                alive = False
+            if not alive:
+                try:
+                    self._conn.close()
+                except Exception:  # noqa: BLE001 (already gone)
+                    pass
+                self._conn = domain.connect(self.uri)   # NodeError: this request fails, the agent goes on
+            return self._conn
+
+
 def serve(settings: Settings) -> None:
     path = socket_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
-    conn = domain.connect(settings.libvirt_uri)
+    libvirt = _Libvirt(settings.libvirt_uri)
 
     class Handler(socketserver.BaseRequestHandler):
         def handle(self):
             uid = self.client_address  # Server.process_request hands over the caller's uid
             try:
                 op, job_id = parse(read_request(self.request))
-                handle(settings, conn, uid, op, job_id)
+                handle(settings, libvirt.conn(), uid, op, job_id)
                 reply = {"ok": True}
             except (VmwrapError, ValueError) as e:
                 reply = {"ok": False, "error": str(e)}
