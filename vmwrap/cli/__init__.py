@@ -15,14 +15,34 @@ from . import checkpoints, config, drain, hooks, images, jobs, node, simulate
 from .context import Site
 
 
+class _UsageLine(click.ClickException):
+    """A usage mistake as one line (click's own prints the usage, a hint and the error on three)."""
+
+    exit_code = 2
+
+
+def _one_line(e: click.UsageError) -> _UsageLine:
+    where = e.ctx.command_path if e.ctx is not None else "vmwrap"
+    return _UsageLine(f"{e.format_message().rstrip('.')} (see '{where} --help')")
+
+
 class _Root(click.Group):
-    """The root group: the single place a VmwrapError turns into a ClickException (exit 1)."""
+    """The root group: the single place a VmwrapError turns into a ClickException (exit 1) and a usage
+    mistake into one error line (exit 2, as click's)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            raise _one_line(e) from e
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except VmwrapError as e:
             raise click.ClickException(str(e)) from e
+        except click.UsageError as e:
+            raise _one_line(e) from e
 
 
 @click.group(cls=_Root)
