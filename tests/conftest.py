@@ -127,14 +127,26 @@ class Site:
         return subprocess.Popen(VMWRAP + ["run", str(path), "--workdir", str(workdir), *args],
                                 env=self.env(), **kw)
 
+    def domains(self) -> list[str]:
+        """This site's VMs only (their files are under its state dir): other sessions' VMs on the same
+        libvirtd are neither this test's leftovers nor its to destroy."""
+        r = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"], capture_output=True, text=True)
+        own = []
+        for n in r.stdout.split():
+            if not n.startswith("vmwrap-") or "kvmprobe" in n:
+                continue
+            xml = subprocess.run(["virsh", "-c", "qemu:///system", "dumpxml", n], capture_output=True, text=True).stdout
+            if str(self.state) + "/" in xml:
+                own.append(n)
+        return own
+
     def leftovers(self) -> list[str]:
         """Per-job files and VMs that should be gone after a job ended."""
         out = []
         jobs = self.state / "jobs"
         if jobs.exists():
             out += [str(p) for p in jobs.iterdir()]
-        r = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"], capture_output=True, text=True)
-        out += [n for n in r.stdout.split() if n.startswith("vmwrap-") and "kvmprobe" not in n]
+        out += self.domains()
         pins = self.cache / "pins"
         if pins.exists():
             out += [str(p) for d in pins.iterdir() for p in d.iterdir()]
@@ -145,9 +157,8 @@ class Site:
 def site(tmp_path, appliance, virt_type):
     s = Site(tmp_path, appliance, virt_type)
     yield s
-    for left in s.leftovers():
-        if left.startswith("vmwrap-"):
-            subprocess.run(["virsh", "-c", "qemu:///system", "destroy", left], capture_output=True)
+    for left in s.domains():
+        subprocess.run(["virsh", "-c", "qemu:///system", "destroy", left], capture_output=True)
 
 
 @pytest.fixture
