@@ -8,65 +8,28 @@ away, and a drained node waits for its running jobs anyway (what `scontrol updat
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
 import subprocess
-import time
-from pathlib import Path
 
 import pytest
 
-from harness.slurm_cluster import Cluster
-from vmwrap.catalog import register
+from harness.slurm_jobs import FINAL, module_cluster, submit, values, wait_for
+from harness.slurm_jobs import jobdir as new_jobdir
 
 pytestmark = pytest.mark.vm
 N = 24
 COUNTER = ("#!/bin/sh\n#VMWRAP --image=busybox\n"
            f"i=0; while [ $i -lt {N} ]; do i=$((i+1)); echo n=$i; sleep 1; done\n")
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
 
 
 @pytest.fixture(scope="module")
 def cluster(appliance, virt_type, test_user):
-    base = Path(f"/var/tmp/vmwrap-drain-{os.getpid()}")
-    shutil.rmtree(base, ignore_errors=True)
-    base.mkdir(parents=True)
-    base.chmod(0o755)
-    register(str(base / "images.toml"), appliance)
-    c = Cluster(base, {"catalog": str(base / "images.toml"), "accel": virt_type, "grace_seconds": 5.0})
-    c.start()
-    yield c
-    c.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    with module_cluster("drain", appliance, virt_type) as c:
+        yield c
 
 
 @pytest.fixture
 def jobdir(cluster, test_user):
-    d = cluster.base / "work" / f"t{os.urandom(3).hex()}"
-    d.mkdir(parents=True)
-    os.chown(d, test_user.pw_uid, test_user.pw_gid)
-    return d
-
-
-def submit(cluster, jobdir, script, *args):
-    r = cluster.sbatch(script, *args, user="vmwrapuser", cwd=jobdir)
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip().split(";")[0]
-
-
-def values(text: str) -> list[int]:
-    return [int(m) for m in re.findall(r"^n=(\d+)$", text, re.M)]
-
-
-def wait_for(cond, what: str, timeout: float = 120):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
+    return new_jobdir(cluster, test_user)
 
 
 def vmwrap_drain(cluster, *args) -> subprocess.CompletedProcess:

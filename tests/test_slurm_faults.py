@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -18,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from harness.slurm_cluster import NODES, Cluster
-from vmwrap.catalog import register
+from harness.slurm_cluster import NODES
+from harness.slurm_jobs import FINAL, module_cluster, submit, values, wait_for
+from harness.slurm_jobs import jobdir as new_jobdir
 from vmwrap.resources import HOOKS
 
 pytestmark = pytest.mark.vm
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
 ROOT = Path(__file__).resolve().parents[1]
 WAITER = "#!/bin/sh\n#VMWRAP --image=busybox --memory=128M\necho up; while [ ! -e go ]; do sleep 1; done; echo done\n"
 N = 20
@@ -33,50 +32,21 @@ COUNTER = ("#!/bin/sh\n#VMWRAP --image=busybox --memory=128M\n{extra}"
 
 @pytest.fixture(scope="module")
 def cluster(appliance, virt_type, test_user):
-    base = Path(f"/var/tmp/vmwrap-faults-{os.getpid()}")
-    shutil.rmtree(base, ignore_errors=True)
-    base.mkdir(parents=True)
-    base.chmod(0o755)
-    register(str(base / "images.toml"), appliance)
-    c = Cluster(base, {"catalog": str(base / "images.toml"), "accel": virt_type, "grace_seconds": 5.0})
-    c.start()
-    yield c
-    c.stop()
-    subprocess.run(["umount", str(base / "checkpoints")], capture_output=True)
-    shutil.rmtree(base, ignore_errors=True)
+    with module_cluster("faults", appliance, virt_type) as c:
+        try:
+            yield c
+        finally:
+            subprocess.run(["umount", str(c.base / "checkpoints")], capture_output=True)
 
 
 @pytest.fixture
 def jobdir(cluster, test_user):
-    d = cluster.base / "work" / f"t{os.urandom(3).hex()}"
-    d.mkdir(parents=True)
-    os.chown(d, test_user.pw_uid, test_user.pw_gid)
-    return d
-
-
-def submit(cluster, d: Path, script: str, *args: str) -> str:
-    r = cluster.sbatch(script, *args, user="vmwrapuser", cwd=d)
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip().split(";")[0]
-
-
-def wait_for(cond, what: str, timeout: float = 180):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
+    return new_jobdir(cluster, test_user)
 
 
 def output(d: Path, job: str) -> str:
     p = d / f"slurm-{job}.out"
     return p.read_text(errors="replace") if p.exists() else ""
-
-
-def values(text: str) -> list[int]:
-    return [int(m) for m in re.findall(r"^n=(\d+)$", text, re.M)]
 
 
 def qemu_pid(job: str) -> int | None:

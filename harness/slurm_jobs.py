@@ -1,0 +1,60 @@
+"""What Slurm VM-job test modules share: a module's cluster, a job dir per test, submitting, waiting."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from harness.slurm_cluster import Cluster
+from vmwrap.catalog import register
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+
+
+@contextmanager
+def module_cluster(name: str, appliance, virt_type: str, **site) -> Iterator[Cluster]:
+    """A fresh 3-node cluster under /var/tmp/vmwrap-NAME-PID offering the test appliance."""
+    base = Path(f"/var/tmp/vmwrap-{name}-{os.getpid()}")
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    base.chmod(0o755)
+    register(str(base / "images.toml"), appliance)
+    c = Cluster(base, {"catalog": str(base / "images.toml"), "accel": virt_type, "grace_seconds": 5.0, **site})
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def jobdir(cluster: Cluster, user) -> Path:
+    d = cluster.base / "work" / f"t{os.urandom(3).hex()}"
+    d.mkdir(parents=True)
+    os.chown(d, user.pw_uid, user.pw_gid)
+    return d
+
+
+def submit(cluster: Cluster, d: Path, script: str, *args: str) -> str:
+    r = cluster.sbatch(script, *args, user="vmwrapuser", cwd=d)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
+def values(text: str) -> list[int]:
+    return [int(m) for m in re.findall(r"^n=(\d+)$", text, re.M)]
+
+
+def wait_for(cond, what: str, timeout: float = 120):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
