@@ -40,6 +40,20 @@ class Image:
     users: list[str] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
     description: str = ""
+    # Where the image came from (e.g. "oci sha256:...", "disk debian 12", "appliance busybox"): provenance.
+    origin: str = ""
+    # Default environment of the job inside this image (an OCI image's Env); the job's own variables win,
+    # except PATH, which is the image's when set (the host's PATH means nothing inside another root).
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        """One content digest for the whole image (kernel, initrd, disk): what accounting records."""
+        import hashlib
+        h = hashlib.sha256()
+        for key, a in sorted(self.artifacts().items()):
+            h.update(f"{key}={a.sha256}\n".encode())
+        return "sha256:" + h.hexdigest()
 
     def artifacts(self) -> dict[str, Artifact]:
         out = {"kernel": self.kernel, "initrd": self.initrd}
@@ -154,7 +168,23 @@ def _image(path: str, name: str, e: dict) -> Image:
         users=[str(u) for u in e.get("users", [])],
         groups=[str(g) for g in e.get("groups", [])],
         description=str(e.get("description", "")),
+        origin=str(e.get("origin", "")),
+        env=_env(path, name, e.get("env", {})),
     )
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _env(path: str, name: str, env: object) -> dict[str, str]:
+    if not isinstance(env, dict):
+        raise NodeError(f"{path}: images.{name}.env must be a table of NAME = \"value\"")
+    out = {}
+    for k, v in env.items():
+        if not _ENV_NAME.match(k) or not isinstance(v, str) or "\0" in v:
+            raise NodeError(f"{path}: images.{name}.env.{k} must be a valid variable name with a string value")
+        out[k] = v
+    return out
 
 
 def _toml_str(s: str) -> str:
@@ -166,6 +196,8 @@ def render_entry(img: Image) -> str:
     lines = [f"[images.{img.name}]", f"boot = {_toml_str(img.boot)}"]
     if img.description:
         lines.append(f"description = {_toml_str(img.description)}")
+    if img.origin:
+        lines.append(f"origin = {_toml_str(img.origin)}")
     if img.memory_mib:
         lines.append(f'memory = "{img.memory_mib}M"')
     if img.cpus:
@@ -174,6 +206,8 @@ def render_entry(img: Image) -> str:
         lines.append(f"cmdline = {_toml_str(img.cmdline)}")
     lines.append("users = [" + ", ".join(_toml_str(u) for u in img.users) + "]")
     lines.append("groups = [" + ", ".join(_toml_str(g) for g in img.groups) + "]")
+    if img.env:
+        lines.append("env = { " + ", ".join(f"{k} = {_toml_str(v)}" for k, v in img.env.items()) + " }")
     for key, a in img.artifacts().items():
         lines.append(
             f"{key} = {{ source = {_toml_str(a.source)}, sha256 = \"{a.sha256}\", size = {a.size}, format = \"{a.format}\" }}"
