@@ -75,6 +75,12 @@ class Settings:
     job_output_max_bytes: int = 10 * 1024**3  # stdout + stderr, staged here until delivered
     console_max_bytes: int = 1024**2           # serial console log and status port, each: evidence only
     job_disk_max_bytes: int = 0                # the qcow2 overlay's allocated size; 0: the image's size bounds it
+    # Deployment (vmwrap.services, docs/admin-guide.md): the site's scheduler picks each daemon's command;
+    # `daemons` lists what `vmwrap daemons start` runs on this node without systemd (comma-separated).
+    scheduler: Literal["none", "slurm", "sge", "condor", "torque", "pbs"] = "none"
+    daemons: str = ""
+    log_file: str = ""                 # daemons append here; empty: stderr (journald under systemd)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @property
     def jobs_dir(self) -> Path:
