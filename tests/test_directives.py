@@ -26,6 +26,12 @@ def test_no_directive():
     assert parse("echo hi\n") == directives.Request()
 
 
+def test_a_huge_bad_image_name_is_shown_cut_short():
+    with pytest.raises(UserError) as e:
+        directives.check_image_name("x/" * 2500)
+    assert "(5000 characters)" in str(e.value) and len(str(e.value)) < 250, str(e.value)
+
+
 def test_similar_prefix_is_not_a_directive():
     assert parse("#VMWRAPPER --image=x\n").image is None
 

@@ -242,3 +242,28 @@ def test_users_may_use_their_own_config(base):
                         "print(config.load(sys.argv[1]).state_dir)", str(cfg)],
                        capture_output=True, text=True, user=USER, group=USER, cwd="/", timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "/var/tmp/mine", r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("argv", [["condor", "gc", "--once"], ["condor", "prestage", "--once", "--cached-ad", "/dev/null"]])
+def test_htcondor_root_daemons_start_from_a_clean_environment(monkeypatch, tmp_path, argv):
+    """They run as root and delete or fetch: PYTHONPATH, LD_PRELOAD or a stray config from the admin's
+    shell must not reach them; the pool's CONDOR_CONFIG does."""
+    from click.testing import CliRunner
+
+    from vmwrap import daemons
+    from vmwrap.cli import main
+
+    seen = {}
+    monkeypatch.setattr(daemons, "gc", lambda *a, **k: seen.update(os.environ) or 0)
+    monkeypatch.setattr(daemons, "prestage", lambda *a, **k: seen.update(os.environ) or 0)
+    cfg = tmp_path / "vmwrap.toml"
+    cfg.write_text(f'catalog = "{tmp_path}/images.toml"\nstate_dir = "{tmp_path}/state"\n')
+    saved = dict(os.environ)
+    try:
+        os.environ.update({"LD_PRELOAD": "/tmp/evil.so", "PYTHONPATH": "/tmp/evil", "CONDOR_CONFIG": "/etc/pool"})
+        r = CliRunner().invoke(main, ["--config", str(cfg), *argv])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert r.exit_code == 0, r.output
+    assert "LD_PRELOAD" not in seen and "PYTHONPATH" not in seen and seen["CONDOR_CONFIG"] == "/etc/pool", seen

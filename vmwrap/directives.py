@@ -32,8 +32,9 @@ class Request:
 
 def check_image_name(name: str) -> str:
     if not IMAGE_NAME.fullmatch(name):
+        shown = repr(name) if len(name) <= 80 else f"{name[:60]!r}... ({len(name)} characters)"
         raise UserError(
-            f"invalid image name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            f"invalid image name {shown}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no paths, quotes, spaces or markup)"
         )
     return name

@@ -60,10 +60,12 @@ def attach(obj, job_id, payload_fd, control_fd):
 def gc(obj, condor_python, interval, once):
     """Delete checkpoints of VM jobs the schedd no longer has (condor_rm of a job waiting saved)."""
     from vmwrap import daemons
+    from vmwrap.rootenv import clean_environment
 
     from .facts import Schedd
     from .hooks import HTCondor
 
+    clean_environment(("CONDOR_CONFIG",))  # root deletes checkpoints: nothing of the caller's shell but the pool
     schedd = Schedd(shlex.split(condor_python) if condor_python else None)
     sys.exit(daemons.gc(HTCondor(schedd=schedd), obj.settings(hook=True), interval, once))
 
