@@ -237,3 +237,36 @@ def test_the_kvm_probe_boots_its_own_copies_of_kernel_and_initrd(tmp_path, monke
     assert not ok and "KVM domain refused" in detail
     assert seen["kernel"] == (b"kernel bytes", seen["uid"], 0o400)
     assert seen["initrd"] == (b"initrd bytes", seen["uid"], 0o400)
+
+
+def _fetch_bounded(args):
+    root, bound, art = args
+    try:
+        got = Cache(root, bound).fetch(art)
+        return "ok", got.hit, got.bytes_transferred
+    except NodeError as e:
+        return type(e).__name__, str(e)[:60], 0
+
+
+def test_two_jobs_fetch_one_image_into_a_nearly_full_cache(tmp_path):
+    """Fault matrix (issue 20): two jobs of one image start at once on a node whose cache has room only
+    after evicting an older image. One fetch, both jobs get the image, the old one goes, nothing half
+    written stays; when the old one is pinned by a running job instead, both fail with cache-full
+    (a passing condition: the node is not drained) and the pinned image is untouched."""
+    old, new = make(tmp_path, "old", 6 << 20), make(tmp_path, "new", 6 << 20)
+    root, bound = tmp_path / "c", 10 << 20
+    Cache(root, bound).fetch(old)
+    with mp.get_context("fork").Pool(2) as pool:
+        results = pool.map(_fetch_bounded, [(root, bound, new)] * 2)
+    assert sorted(results) == [("ok", False, 6 << 20), ("ok", True, 0)], results
+    assert {e.sha256 for e in Cache(root, bound).entries()} == {new.sha256}
+    assert os.listdir(root / "tmp") == []
+
+    c = Cache(root, bound)
+    c.fetch(old)                      # evicts `new` (not pinned) ...
+    c.pin(old.sha256, "job1")         # ... and a running job holds `old`
+    with mp.get_context("fork").Pool(2) as pool:
+        results = pool.map(_fetch_bounded, [(root, bound, new)] * 2)
+    assert [r[0] for r in results] == ["CacheFullError"] * 2, results
+    assert {e.sha256 for e in Cache(root, bound).entries()} == {old.sha256}
+    assert os.listdir(root / "tmp") == []
