@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .cache import sha256_file
@@ -67,19 +68,51 @@ def extract_vmlinux(bzimage: Path, dest: Path) -> None:
     raise NodeError(f"no ELF kernel found inside {bzimage}")
 
 
-def _gunzip(b: bytes) -> bytes:
+def _gunzip(b: bytes, limit: int = 0) -> bytes:
     import zlib
-    return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(b)
+    try:
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(b, limit)
+    except zlib.error as e:
+        raise OSError(str(e)) from None
 
 
-def module_closure(moddir: Path, wanted: list[str]) -> list[str]:
-    """Relative paths of `wanted` modules and their dependencies, dependencies first."""
+# Older kernels have no separate module for these: the named module carries them (9pnet had trans_fd built in).
+PROVIDED_BY = {"9pnet_fd": "9pnet"}
+MAX_MODULE_BYTES = 64 << 20  # a decompressed module above this is not a virtio/9p/ext4 driver
+
+
+@dataclass(frozen=True)
+class KernelModules:
+    """One kernel's module index and a reader for its module files: a host dir, or an imported image's."""
+
+    version: str
+    dep: str  # modules.dep
+    builtin: str  # modules.builtin ('' if the kernel has none)
+    read: Callable[[str], bytes]  # one module file's bytes by its modules.dep path (maybe compressed)
+
+    @classmethod
+    def from_dir(cls, moddir: Path) -> "KernelModules":
+        builtin = moddir / "modules.builtin"
+        return cls(moddir.name, (moddir / "modules.dep").read_text(),
+                   builtin.read_text() if builtin.exists() else "", lambda rel: (moddir / rel).read_bytes())
+
+
+def _mod_name(path: str) -> str:
+    return Path(path).name.split(".ko")[0].replace("-", "_")
+
+
+def module_closure(moddir: Path | KernelModules, wanted: list[str]) -> list[str]:
+    """Relative paths of `wanted` modules and their dependencies, dependencies first.
+
+    A wanted module built into the kernel needs nothing; one that is neither a module nor built in is an error."""
+    km = moddir if isinstance(moddir, KernelModules) else KernelModules.from_dir(moddir)
     deps: dict[str, list[str]] = {}
     by_name: dict[str, str] = {}
-    for line in (moddir / "modules.dep").read_text().splitlines():
+    for line in km.dep.splitlines():
         mod, _, rest = line.partition(":")
         deps[mod] = rest.split()
-        by_name[Path(mod).name.split(".ko")[0].replace("-", "_")] = mod
+        by_name[_mod_name(mod)] = mod
+    builtin = {_mod_name(ln) for ln in km.builtin.split()}
     order: list[str] = []
 
     def visit(m: str) -> None:
@@ -89,11 +122,53 @@ def module_closure(moddir: Path, wanted: list[str]) -> list[str]:
             visit(d)
         order.append(m)
 
-    for name in wanted:
-        if name not in by_name:
-            raise NodeError(f"kernel module {name} not found in {moddir}")
-        visit(by_name[name])
+    for want in wanted:
+        name = want if want in by_name or want in builtin else PROVIDED_BY.get(want, want)
+        if name in by_name:
+            visit(by_name[name])
+        elif name not in builtin:
+            raise NodeError(f"kernel {km.version} has no {want}: neither a module (modules.dep) nor built in "
+                            "(modules.builtin)")
     return order
+
+
+def plain_module(rel: str, data: bytes) -> tuple[str, bytes]:
+    """A module as busybox insmod loads it: decompressed (.ko.xz/.ko.zst/.ko.gz, as newer Debian kernels
+    ship them), its path without the suffix. Output is bounded: the bytes may come from a hostile image."""
+    if rel.endswith(".ko"):
+        return rel, data
+    base, _, ext = rel.rpartition(".")
+    if not base.endswith(".ko") or ext not in ("xz", "zst", "gz"):
+        raise NodeError(f"module {rel}: unknown compression")
+    try:
+        if ext == "xz":
+            d = lzma.LZMADecompressor()
+            out = d.decompress(data, max_length=MAX_MODULE_BYTES + 1)
+        elif ext == "gz":
+            out = _gunzip(data, MAX_MODULE_BYTES + 1)
+        else:
+            out = unzstd(data, MAX_MODULE_BYTES + 1)
+    except (lzma.LZMAError, OSError, EOFError) as e:
+        raise NodeError(f"module {rel} does not decompress: {e}") from None
+    if len(out) > MAX_MODULE_BYTES or out[:4] != b"\x7fELF":
+        raise NodeError(f"module {rel} is not a kernel module once decompressed")
+    return base, out
+
+
+def unzstd(data: bytes, limit: int) -> bytes:
+    """zstd-decompress at most `limit` bytes (a longer output is cut there: callers refuse it)."""
+    with tempfile.TemporaryFile() as f:
+        f.write(data)
+        f.seek(0)
+        with subprocess.Popen(["/usr/bin/zstd", "-dcq"], stdin=f, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL) as p:
+            out = p.stdout.read(limit)
+            if len(out) >= limit:
+                p.kill()
+                return out  # too big: the caller refuses it
+    if p.returncode != 0:
+        raise OSError("zstd failed")
+    return out
 
 
 SIG_MAGIC = b"~Module signature appended~\n"
@@ -115,7 +190,9 @@ def build_helper(dest: Path, source: str = "vmwrap-exec.c") -> None:
     _run(["gcc", "-static", "-Os", "-o", str(dest), str(TEMPLATES / "guest" / source)])
 
 
-def build_initrd(moddir: Path, dest: Path, tmp: Path) -> None:
+def build_initrd(moddir: Path | KernelModules, dest: Path, tmp: Path) -> None:
+    """vmwrap's initramfs agent for one kernel: busybox, helpers, init.sh and that kernel's guest modules."""
+    km = moddir if isinstance(moddir, KernelModules) else KernelModules.from_dir(moddir)
     root = tmp / "initrd"
     for d in ("bin", "proc", "sys", "dev", "etc", "ctl", "newroot", "lib/modules"):
         (root / d).mkdir(parents=True, exist_ok=True)
@@ -123,12 +200,15 @@ def build_initrd(moddir: Path, dest: Path, tmp: Path) -> None:
     os.symlink("busybox", root / "bin" / "sh")
     build_helper(root / "bin" / "vmwrap-exec")
     build_helper(root / "bin" / "vmwrap-relay", "vmwrap-relay.c")
-    mods = module_closure(moddir, GUEST_MODULES)
-    disk_mods = [m for m in module_closure(moddir, GUEST_MODULES + DISK_MODULES) if m not in mods]
-    for m in mods + disk_mods:
-        target = root / "lib" / "modules" / m
+    closure = module_closure(km, GUEST_MODULES)
+    disk_closure = [m for m in module_closure(km, GUEST_MODULES + DISK_MODULES) if m not in closure]
+    names: dict[str, str] = {}
+    for m in closure + disk_closure:
+        names[m], data = plain_module(m, km.read(m))
+        target = root / "lib" / "modules" / names[m]
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(strip_signature((moddir / m).read_bytes()))
+        target.write_bytes(strip_signature(data))
+    mods, disk_mods = [names[m] for m in closure], [names[m] for m in disk_closure]
     (root / "etc" / "vmwrap-modules").write_text("\n".join(mods) + "\n")
     (root / "etc" / "vmwrap-disk-modules").write_text("\n".join(disk_mods) + "\n")
     shutil.copy2(TEMPLATES / "guest" / "init.sh", root / "init")

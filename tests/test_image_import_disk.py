@@ -1,0 +1,104 @@
+"""`vmwrap image import --kind disk`: whole-disk Linux images made without vmwrap, with their own kernel.
+
+Bad input (small bookworm-derived disks, harness/disk_images.py): one specific line, nothing in the out dir or
+the catalog. Then the real thing: a bookworm (GPT) and a trixie (MBR, zstd kernel, .ko.xz modules, virtio
+built in) disk imported and a job run in each with `vmwrap run`, under the image's own kernel and python3.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from harness.disk_images import debian_disk, small_disk
+from vmwrap.catalog import Catalog
+from vmwrap.errors import ImageError
+from vmwrap.imports.disk import import_disk
+
+
+def _import(tmp_path: Path, source: Path, max_bytes: int | None = None):
+    return import_disk(source, "site-os", tmp_path / "out", str(tmp_path / "images.toml"), max_bytes=max_bytes,
+                       on_stage=lambda _s: None)
+
+
+def _nothing_left(tmp_path: Path) -> None:
+    assert not (tmp_path / "out").exists(), list((tmp_path / "out").rglob("*"))
+    assert not (tmp_path / "images.toml").exists()
+
+
+@pytest.mark.parametrize("variant, message", [
+    ("nokernel", r"no kernel: needs /boot/vmlinuz-V with /lib/modules/V/modules\.dep \(vmlinuz versions found: none"),
+    ("novirtio", r"kernel 6\.1\.0-\S+ has no virtio_blk: neither a module \(modules\.dep\) nor built in"),
+    ("unknownfs", r"no Linux root filesystem .* found: partition 1: unknown \(no filesystem signature\); "
+                  r"partition 2: minix$"),
+    ("truncated", r"damaged or truncated qcow2 \(qemu-img check: \d+ corruptions"),
+    ("notimage", r"no Linux root filesystem .* found: whole disk: unknown \(no filesystem signature\)$"),
+    ("backing", r"has a backing file \('/etc/passwd'\): import a standalone image$"),
+])
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, variant, message):
+    src = small_disk(variant)
+    with pytest.raises(ImageError) as e:
+        _import(tmp_path, src)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(src)), msg
+    assert re.search(message, msg), msg
+    _nothing_left(tmp_path)
+
+
+def test_above_max_bytes_is_refused(tmp_path):
+    src = small_disk("good")  # 13 MB of qcow2 file, 57 MiB virtual
+    with pytest.raises(ImageError, match=r"image of \d+ bytes virtual, \d+ on disk: above the limit of 20000000$"):
+        _import(tmp_path, src, max_bytes=20_000_000)
+    _nothing_left(tmp_path)
+
+
+@pytest.mark.parametrize("variant", ["mbr", "bare"])
+def test_mbr_and_bare_filesystem_import(tmp_path, variant):
+    """GPT is covered by the VM tests; an MBR disk and a raw bare ext4 (no table) import the same way."""
+    img = _import(tmp_path, small_disk(variant))
+    assert img.origin.startswith("disk Debian GNU/Linux 12 (bookworm) kernel 6.1.0-")
+    assert Catalog.load(str(tmp_path / "images.toml")).images["site-os"].digest == img.digest
+    assert Path(img.kernel.source).read_bytes()[:4] == b"\x7fELF"  # the PVH ELF, not the bzImage
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["site-os"]  # no temp dir left
+
+
+# --- real VMs: one import and one boot per release -------------------------------------------------
+
+JOB = """#!/bin/sh
+#VMWRAP --image={image}
+python3 -c '
+import platform, sys
+fields = dict(l.rstrip().split("=", 1) for l in open("/etc/os-release") if "=" in l)
+print("codename", fields["VERSION_CODENAME"], "python", sys.version_info[0])
+print("kernel", platform.release())
+sys.exit(7)
+'
+"""
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory, appliance, virt_type):
+    """A site whose catalog holds the bookworm and trixie disks, imported once for the module."""
+    from tests.conftest import Site
+
+    base = tmp_path_factory.mktemp("import-disk")
+    base.chmod(0o755)
+    site = Site(base, None, virt_type)
+    kernels = {}
+    for suite in ("bookworm", "trixie"):
+        img = import_disk(debian_disk(suite), suite, base / "images", str(site.catalog), max_bytes=4 << 30,
+                          on_stage=lambda _s: None)
+        kernels[suite] = img.origin.rsplit(" ", 1)[1]
+    return site, kernels
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("suite", ["bookworm", "trixie"])
+def test_job_runs_on_the_images_own_kernel_and_python(imported, workdir, suite):
+    site, kernels = imported
+    r = site.run(JOB.format(image=suite), workdir, timeout=300)
+    assert r.returncode == 7, r.stderr
+    assert r.stdout.decode().split("\n") == [f"codename {suite} python 3", f"kernel {kernels[suite]}", ""]
+    assert site.leftovers() == []
