@@ -117,6 +117,7 @@ MISTAKES = [
     ("hooks install relative", {}, ["hooks", "install", "relative/dir"], "give an absolute path", None),
     ("plan json without dry run", {}, ["plan", "--json"], "add --dry-run", None),
     ("plan json slurm down", {}, ["plan", "--dry-run", "--json"], "cannot ask Slurm", "scontrol-down"),
+    ("sge plan json without dry run", {}, ["sge", "plan", "--json"], "add --dry-run", None),
     ("unknown option", {}, ["ps", "--bogus"], "No such option '--bogus'", None),
 ]
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
-import select
 import subprocess
 import sys
 import time
@@ -15,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
+from harness.terminal import run_on_pty
 from vmwrap.cache import Cache
 from vmwrap.cli import main
 from vmwrap.config import render
@@ -101,7 +100,7 @@ def test_ps_json_and_table(site, monkeypatch):
     monkeypatch.setattr("vmwrap.domain.connect", lambda uri: conn)
     vms = json.loads(site("ps", "--json").stdout)
     assert [(v["job"], v["state"]) for v in vms] == [("7", "running"), (long, "paused")]
-    assert set(vms[0]) == {"job", "state", "last_event", "since_s"}
+    assert set(vms[0]) == {"job", "state", "last_event", "since_s", "image", "digest", "origin"}
     _fits(site("ps").stdout)
 
 
@@ -134,31 +133,14 @@ def test_plan_dry_run_json(site, monkeypatch):
                               {"job": "13", "action": "note", "seconds": None, "reason": "too long for any gap"}]
     r = site("plan", "--json", code=2)
     assert "add --dry-run" in r.output
+    doc = json.loads(site("sge", "plan", "--dry-run", "--json").stdout)   # Grid Engine's planner: the same shape
+    assert doc["enabled"] is False and doc["actions"][0] == {"job": "12", "action": "limit", "seconds": 1800.0,
+                                                             "reason": "fits the gap before r1"}
 
 
 # --- progress: a pseudo-terminal on stderr gets it; a pipe, --quiet and stdout never do ---
 
-def _run_on_pty(argv: list[str]) -> tuple[int, str, bytes]:
-    """Run argv with stdout on a pipe and stderr on a pseudo-terminal: (exit code, stdout, stderr bytes)."""
-    master, slave = pty.openpty()
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
-                         env={**os.environ, "COLUMNS": "100", "TERM": "xterm"})
-    os.close(slave)
-    err = b""
-    while True:
-        r, _, _ = select.select([master], [], [], 30)
-        if not r:
-            break
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        err += chunk
-    out = p.stdout.read().decode()
-    os.close(master)
-    return p.wait(timeout=30), out, err
+_run_on_pty = run_on_pty
 
 
 def _vmwrap(site, *args: str) -> list[str]:
@@ -186,7 +168,7 @@ import sys
 from vmwrap import appliance
 from vmwrap.catalog import Catalog
 
-def fake_build(name, kind, out_dir, catalog_path, memory_mib=256, users=None, groups=None, on_stage=None):
+def fake_build(name, kind, out_dir, catalog_path, memory_mib=256, users=None, groups=None, on_stage=None, **_):
     for s in ("kernel step", "initrd step", "disk step"):
         on_stage and on_stage(s)
     return Catalog.load(catalog_path).images["a"]

@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 
+from harness.terminal import run_on_pty
 from harness.slurm_jobs import FINAL, module_cluster, submit, values, wait_for
 from harness.slurm_jobs import jobdir as new_jobdir
 
@@ -57,10 +58,13 @@ def test_drain_saves_the_vm_job_elsewhere_and_leaves_the_plain_job(cluster, jobd
     assert "DRAIN" not in node_line(cluster, node)                     # a dry run changes nothing
     assert cluster.job(job)["Restarts"] == "0"
 
-    r = vmwrap_drain(cluster, node, "--reason", "disk swap", "--timeout", "120")
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert f"job {job}: saved" in r.stdout, r.stdout
-    assert f"job {plain}: left running" in r.stdout, r.stdout
+    # On a terminal (stderr), the admin sees the saves counted while they wait.
+    code, stdout, stderr = run_on_pty(["vmwrap", "--config", str(cluster.base / "vmwrap-c1.toml"), "drain", node,
+                                       "--reason", "disk swap", "--timeout", "120"], env=cluster.env, timeout=150)
+    assert code == 0, stdout + stderr.decode(errors="replace")
+    assert f"job {job}: saved" in stdout, stdout
+    assert f"job {plain}: left running" in stdout, stdout
+    assert "saving VM jobs" in stderr.decode(errors="replace") and "1/1" in stderr.decode(errors="replace"), stderr
     line = node_line(cluster, node)
     assert "DRAIN" in line and "Reason=disk swap" in line, line
 
@@ -94,6 +98,9 @@ def test_a_job_slurm_will_not_requeue_is_reported_failed_and_keeps_running(clust
     job = submit(cluster, jobdir, COUNTER, "-w", "c3", "-n", "1", "--mem=1000", "--no-requeue")
     out = jobdir / f"slurm-{job}.out"
     wait_for(lambda: out.exists() and len(values(out.read_text())) >= 2, "the VM job to count to 2")
+    # Asked for c3 by name: requeued, it would wait for c3 to come back, and the admin is told so.
+    dry = vmwrap_drain(cluster, "c3", "--dry-run")
+    assert f"job {job}: would requeue (it asked for node c3 by name (--nodelist)" in dry.stdout, dry.stdout
     r = vmwrap_drain(cluster, "c3", "--reason", "bios update", "--timeout", "60")
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"job {job}: failed (the scheduler refused to requeue it" in r.stdout, r.stdout

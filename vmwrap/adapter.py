@@ -102,6 +102,9 @@ class Drainable(Protocol):
         """Start no new job on `node` (running jobs go on), with `reason` where the scheduler keeps
         one. VmwrapError if refused."""
 
+    # Optional: `pinned_jobs(node) -> set[str]`, the jobs on `node` that asked for it by name. Requeued,
+    # they wait for the node to come back: drain says so (an adapter without it warns of nothing).
+
 
 def schedulers() -> dict[str, Scheduler]:
     """Every installed scheduler adapter by name."""

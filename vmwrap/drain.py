@@ -25,6 +25,7 @@ from .checkpoint import Store
 from .config import Settings
 from .errors import VmwrapError
 from .ledger import Ledger
+from .progress import Report
 
 _NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 REASON_MAX = 200
@@ -75,10 +76,27 @@ def _outcome(store: Store, job: str, since: float) -> Result | None:
     return None
 
 
+_PINNED = ("it asked for node {node} by name (--nodelist), so it waits in the queue until {node} is "
+           "resumed")
+
+
+def _pinned(sched, node: str) -> set[str]:
+    """Jobs that asked for `node` by name, where the adapter can tell (Drainable's optional part)."""
+    ask = getattr(sched, "pinned_jobs", None)
+    if ask is None:
+        return set()
+    try:
+        return set(ask(node))
+    except (RuntimeError, VmwrapError, OSError):
+        return set()                 # only a warning is lost: draining goes on
+
+
 def drain(sched, settings: Settings, node: str, reason: str, timeout: float = 600.0, dry_run: bool = False,
-          say: Callable[[str], None] = print, poll: float = 1.0) -> list[Result]:
+          say: Callable[[str], None] = print, poll: float = 1.0, report: Report | None = None) -> list[Result]:
     """Drain `node` in `sched`, then requeue (save) each of its VM jobs and wait up to `timeout`
-    seconds until each is saved or failed. One ledger event `drained` per VM job."""
+    seconds until each is saved or failed. One ledger event `drained` per VM job; `report` hears
+    how many saves are awaited (total) and each one that ended (an admin's progress bar)."""
+    report = report or (lambda done=0, **_kw: None)
     check_node(node)
     reason = check_reason(reason)
     if not isinstance(sched, Drainable):
@@ -87,12 +105,15 @@ def drain(sched, settings: Settings, node: str, reason: str, timeout: float = 60
         raise VmwrapError(f"--timeout must be more than 0 seconds (got {timeout})")
     saving = settings.workdir_share == "serial"
     jobs = sched.node_jobs(node)     # an unknown node fails here, before anything is changed
+    pinned = _pinned(sched, node)
     if dry_run:
         out = []
         for job, vm in sorted(jobs.items()):
             status = "would requeue" if vm and saving else "left running"
             detail = ("" if saving else f"VMs cannot be saved with workdir_share = {settings.workdir_share!r}") \
                 if vm else "no VM: it runs to its end here"
+            if vm and saving and job in pinned:
+                detail = _PINNED.format(node=node)
             out.append(Result(job, status, detail))
             say(f"job {job}: {status}{f' ({out[-1].detail})' if out[-1].detail else ''}")
         say(f"node {node}: would be drained ({reason})")
@@ -118,12 +139,16 @@ def drain(sched, settings: Settings, node: str, reason: str, timeout: float = 60
             results[job] = Result(job, "failed", f"the scheduler refused to requeue it: {str(e)[:300]}")
     end = time.monotonic() + timeout
     gone_at: dict[str, float] = {}
+    report(total=len(asked))
     while asked:
         for job in list(asked):
             r = _outcome(store, job, asked[job])
+            if r is not None and r.status == "saved" and job in pinned:
+                r = Result(job, "saved", "checkpoint in the store; " + _PINNED.format(node=node))
             if r is not None:
                 results[job] = r
                 del asked[job]
+                report(1)
         if not asked:
             break
         now = time.monotonic()
@@ -137,6 +162,7 @@ def drain(sched, settings: Settings, node: str, reason: str, timeout: float = 60
                 continue
             if now - gone_at.setdefault(job, now) >= min(SETTLE_S, timeout):
                 del asked[job]
+                report(1)
                 if not sched.still_queued()(job):
                     results[job] = Result(job, "ended", "it ended before it could be saved")
                 else:

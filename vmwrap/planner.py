@@ -108,3 +108,20 @@ class Planner:
                 self.sched.vacate(a.job)
         except RuntimeError as e:
             log.error("job %s: %s failed: %s", a.job, what, e)
+
+
+def dry_run_decisions(sched, settings: Settings) -> dict:
+    """One dry pass's decisions as a JSON-able document (`vmwrap ... plan --dry-run --json`).
+
+    NodeError, one line, when the scheduler cannot be asked (its commands missing or its
+    controller unreachable)."""
+    from .errors import NodeError
+
+    try:
+        acts = Planner(sched, settings, dry_run=True).pass_once()
+    except (RuntimeError, OSError) as e:
+        last = (str(e).strip().splitlines() or ["?"])[-1]
+        raise NodeError(f"cannot ask {getattr(sched, 'title', sched.name)} ({str(e).split(':')[0]}): {last}") from None
+    return {"enabled": settings.plan_enabled,
+            "actions": [{"job": a.job, "action": a.kind, "seconds": a.seconds if a.kind == "limit" else None,
+                         "reason": a.reason} for a in acts]}

@@ -33,23 +33,25 @@ def shown(quiet: bool = False, stream: TextIO | None = None) -> bool:
 
 
 @contextmanager
-def progress(what: str, unit: Literal["bytes", "stages"] = "bytes", total: int | None = None,
+def progress(what: str, unit: Literal["bytes", "stages", "items"] = "bytes", total: int | None = None,
              quiet: bool = False) -> Iterator[Report]:
-    """A Report for `what`: a bar with bytes and rate (`unit="bytes"`) or a stage line per stage
-    (`unit="stages"`); a no-op when not shown()."""
+    """A Report for `what`: a bar with bytes and rate (`unit="bytes"`), a bar counting items done of
+    total (`unit="items"`) or a stage line per stage (`unit="stages"`); a no-op when not shown()."""
     if not shown(quiet):
         yield _silent
         return
     from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
-                               TimeElapsedColumn, TransferSpeedColumn)
+    from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, SpinnerColumn,
+                               TextColumn, TimeElapsedColumn, TransferSpeedColumn)
 
     console = Console(file=sys.stderr)
     columns = [SpinnerColumn(), TextColumn("{task.description}")]
     if unit == "bytes":
         columns += [BarColumn(), DownloadColumn(), TransferSpeedColumn()]
+    elif unit == "items":
+        columns += [BarColumn(), MofNCompleteColumn()]
     columns.append(TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=unit == "bytes") as bar:
+    with Progress(*columns, console=console, transient=unit != "stages") as bar:
         task = bar.add_task(what, total=total)
 
         def report(done: int = 0, *, stage: str | None = None, total: int | None = None) -> None:

@@ -107,12 +107,22 @@ def prestage(obj, node, interval, once, bandwidth, horizon):
 @click.option("--interval", type=float, default=5.0, help="Seconds between passes (loop mode).")
 @click.option("--once", is_flag=True, help="One pass, then exit.")
 @click.option("--dry-run", is_flag=True, help="Say what would be done and why; change nothing.")
+@click.option("--json", "as_json", is_flag=True,
+              help="With --dry-run: one pass, its decisions as one JSON document on stdout.")
 @click.pass_obj
-def plan(obj, interval, once, dry_run):
+def plan(obj, interval, once, dry_run, as_json):
     """Run queue heads in the gaps before advance reservations (qrsub), saved in time (root, next
     to sge_qmaster). Settings: plan_* in vmwrap.toml; plan_partitions names cluster queues."""
     from vmwrap import daemons
 
     from .hooks import GridEngine
 
-    sys.exit(daemons.plan(GridEngine(), obj.settings(), interval, once, dry_run))
+    if not as_json:
+        sys.exit(daemons.plan(GridEngine(), obj.settings(), interval, once, dry_run))
+    if not dry_run:
+        raise click.UsageError("--json lists what one pass would do: add --dry-run")
+    import json
+
+    from vmwrap.planner import dry_run_decisions
+
+    click.echo(json.dumps(dry_run_decisions(GridEngine(), obj.settings()), indent=2))

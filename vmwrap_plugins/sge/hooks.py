@@ -269,6 +269,7 @@ class GridEngine:
     puts the queue instance in error state)."""
 
     name = "sge"
+    title = "Grid Engine"
     root_env = ROOT_ENV
     # qmod -rj: the old run ends at its execd's next report (load_report_time, 40 s by default) and its
     # epilog then saves the VM, while the restarted run may already be in its prolog (which GE kills

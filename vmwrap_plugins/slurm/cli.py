@@ -120,14 +120,6 @@ def plan(obj, interval: float, once: bool, dry_run: bool, as_json: bool) -> None
         raise click.UsageError("--json lists what one pass would do: add --dry-run")
     import json
 
-    from vmwrap.planner import Planner
+    from vmwrap.planner import dry_run_decisions
 
-    s = obj.settings()
-    try:
-        acts = Planner(SLURM, s, dry_run=True).pass_once()
-    except (RuntimeError, OSError) as e:  # scontrol/squeue missing or slurmctld unreachable: one line
-        last = (str(e).strip().splitlines() or ["?"])[-1]
-        raise click.ClickException(f"cannot ask Slurm ({str(e).split(':')[0]}): {last}") from None
-    click.echo(json.dumps({"enabled": s.plan_enabled,
-                           "actions": [{"job": a.job, "action": a.kind, "seconds": a.seconds if a.kind == "limit" else None,
-                                        "reason": a.reason} for a in acts]}, indent=2))
+    click.echo(json.dumps(dry_run_decisions(SLURM, obj.settings()), indent=2))

@@ -140,6 +140,7 @@ class Slurm:
     """vmwrap.adapter.Scheduler for Slurm: what slurmd's prolog/epilog environment and slurmctld say."""
 
     name = "slurm"
+    title = "Slurm"
     root_env = ROOT_ENV
 
     def job_id(self, env) -> str:
@@ -230,6 +231,21 @@ class Slurm:
         vm = {str(j.get("job_id")): request(str(j.get("job_id")), j.get("comment")) is not None
               for j in (data.get("jobs", []) if isinstance(data, dict) else []) if isinstance(j, dict)}
         return {i: vm.get(i, False) for i in ids}
+
+    def pinned_jobs(self, node: str) -> set[str]:
+        """Jobs on `node` that asked for it by name (`-w`/`--nodelist`, squeue's %n): requeued, they keep
+        that request and wait for the node to come back."""
+        from .commands import run
+
+        _check_node(node)
+        out = set()
+        for line in run("squeue", "-h", "-w", node, "-t", "RUNNING,SUSPENDED,COMPLETING", "-o", "%A %n").splitlines():
+            job, _, wanted = line.strip().partition(" ")
+            if not re.fullmatch(r"\d{1,10}", job) or not wanted.strip() or wanted.strip() == "(null)":
+                continue
+            if node in run("scontrol", "show", "hostnames", wanted.strip()).split():
+                out.add(job)
+        return out
 
     def drain_node(self, node: str, reason: str) -> None:
         from .commands import run
