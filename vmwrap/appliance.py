@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import lzma
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -239,10 +240,50 @@ def build_busybox_root(dest: Path, tmp: Path, size_mib: int = 64) -> None:
     _ext4(root, dest, tmp, size_mib)
 
 
-def build_debootstrap_root(dest: Path, tmp: Path, suite: str = "bookworm", size_mib: int = 1024) -> None:
+# Debian Policy 5.6.7: lower case letters, digits, '+', '-', '.'; at least two characters, starting
+# with a letter or digit. Anything else never reaches debootstrap's command line.
+DEBIAN_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]{1,99}")
+
+
+def check_packages(packages: list[str]) -> list[str]:
+    """The package names, each checked against Debian's grammar (UserError naming the first bad one)."""
+    from .errors import UserError
+
+    for p in packages:
+        if not DEBIAN_PACKAGE.fullmatch(p):
+            raise UserError(f"--packages: {p[:60]!r} is not a Debian package name (lower-case letters, digits, "
+                            "'+', '-', '.'; at least 2 characters, starting with a letter or digit)")
+    if len(packages) > 200:
+        raise UserError(f"--packages: {len(packages)} packages; at most 200")
+    return packages
+
+
+def build_debootstrap_root(dest: Path, tmp: Path, suite: str = "bookworm", size_mib: int = 1024,
+                           packages: list[str] | None = None, debs: Path | None = None) -> None:
+    """A Debian minbase root with `packages` (and their dependencies); the disk is sized from the tree."""
     root = tmp / "rootfs"
-    _run(["debootstrap", "--variant=minbase", suite, str(root)])
-    _ext4(root, dest, tmp, size_mib)
+    argv = ["debootstrap", "--variant=minbase"]
+    if packages:
+        argv.append("--include=" + ",".join(check_packages(packages)))
+    if debs is not None:  # downloaded .debs kept for the next build (debootstrap checks them again)
+        debs.mkdir(parents=True, exist_ok=True)
+        argv.append(f"--cache-dir={debs}")
+    _run([*argv, suite, str(root)])
+    shutil.rmtree(root / "var" / "cache" / "apt" / "archives", ignore_errors=True)
+    (root / "var" / "cache" / "apt" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+    _ext4(root, dest, tmp, max(size_mib, tree_mib(root) * 5 // 4 + 256))
+
+
+def tree_mib(root: Path) -> int:
+    """MiB the tree takes on disk (allocated blocks, plus one 4 KiB block per inode), links not followed."""
+    total = 0
+    for d, dirs, files in os.walk(root):
+        for n in dirs + files:
+            try:
+                total += os.lstat(os.path.join(d, n)).st_blocks * 512 + 4096
+            except OSError:
+                pass
+    return total >> 20
 
 
 def _ext4(root: Path, dest: Path, tmp: Path, size_mib: int) -> None:
@@ -262,13 +303,32 @@ def artifact(path: Path, fmt: str = "raw", on_bytes: Callable[[int], None] | Non
 
 def build(name: str, kind: str, out_dir: str, catalog_path: str, memory_mib: int = 256,
           users: list[str] | None = None, groups: list[str] | None = None,
-          on_stage: Callable[[str], None] | None = None) -> Image:
+          on_stage: Callable[[str], None] | None = None, packages: list[str] | None = None,
+          policy: dict | None = None) -> Image:
     """Build appliance `name` of `kind` ('busybox' or 'debootstrap') and register it in the catalog.
 
-    `on_stage` hears each step's name before it starts (an admin's stage lines)."""
+    `on_stage` hears each step's name before it starts (an admin's stage lines). `packages`: Debian
+    packages a debootstrap root gets besides minbase. `policy`: catalog policy fields of the Image
+    (max_memory_mib, max_cpus, checkpoint). A failed build of a new image leaves no directory."""
+    from .errors import UserError
+
+    if packages and kind != "debootstrap":
+        raise UserError(f"--packages needs --kind debootstrap (not {kind})")
+    check_packages(packages or [])
     stage = on_stage or (lambda _s: None)
     dest = Path(out_dir) / name
+    fresh = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
+    try:
+        return _build(name, kind, out_dir, catalog_path, memory_mib, users, groups, stage, packages or [],
+                      policy or {}, dest)
+    except BaseException:
+        if fresh:
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
+
+
+def _build(name, kind, out_dir, catalog_path, memory_mib, users, groups, stage, packages, policy, dest) -> Image:
     with tempfile.TemporaryDirectory(prefix="vmwrap-build-") as t:
         tmp = Path(t)
         kernel_cache = Path(out_dir) / ".kernel"
@@ -290,7 +350,7 @@ def build(name: str, kind: str, out_dir: str, catalog_path: str, memory_mib: int
         if kind == "busybox":
             build_busybox_root(dest / "root.qcow2", tmp)
         elif kind == "debootstrap":
-            build_debootstrap_root(dest / "root.qcow2", tmp)
+            build_debootstrap_root(dest / "root.qcow2", tmp, packages=packages, debs=Path(out_dir) / ".debs")
         elif kind != "initramfs":  # initramfs: no root disk, the job runs in the initramfs' busybox
             raise NodeError(f"unknown appliance kind {kind!r} (busybox, debootstrap or initramfs)")
     stage("hash and register in the catalog")
@@ -299,7 +359,11 @@ def build(name: str, kind: str, out_dir: str, catalog_path: str, memory_mib: int
         kernel=artifact(dest / "vmlinux"), initrd=artifact(dest / "initrd.cpio"),
         disk=artifact(dest / "root.qcow2", "qcow2") if (dest / "root.qcow2").exists() else None,
         memory_mib=memory_mib, cpus=1, users=users or [], groups=groups or [],
-        description=f"{kind} appliance, kernel {(Path(out_dir) / '.kernel' / 'version').read_text().strip()}",
+        description=f"{kind} appliance, kernel {(Path(out_dir) / '.kernel' / 'version').read_text().strip()}"
+                    + (f", packages {','.join(packages)}" if packages else ""),
+        origin=f"appliance {kind}" + (" bookworm" if kind == "debootstrap" else "")
+               + (f" +{','.join(packages)}" if packages else ""),
+        **policy,
     )
     register(catalog_path, img)
     return img

@@ -15,6 +15,10 @@ from .errors import NodeError, UserError
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 BOOT_METHODS = ("kernel",)  # 'disk' (firmware boots the disk) is planned; see docs/design.md
+# Guests get no network device at all today; networks per image are another issue (docs/images.md).
+NETWORKS = ("none",)
+KEYS = {"boot", "kernel", "initrd", "disk", "cmdline", "memory", "cpus", "max_memory", "max_cpus", "network",
+        "checkpoint", "users", "groups", "description", "origin", "env"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,21 @@ class Image:
     # Default environment of the job inside this image (an OCI image's Env); the job's own variables win,
     # except PATH, which is the image's when set (the host's PATH means nothing inside another root).
     env: dict[str, str] = field(default_factory=dict)
+    # Site policy: the most memory/CPUs a job's VM of this image may have (None: no limit of the
+    # image's own), its network ("none" only, for now), and whether its VMs may be saved at all.
+    max_memory_mib: int | None = None
+    max_cpus: int | None = None
+    network: str = "none"
+    checkpoint: bool = True
+
+    def check_size(self, memory_mib: int | None, cpus: int | None) -> None:
+        """UserError when a requested size exceeds this image's max_memory/max_cpus: the one check the
+        submit filters and the node's request resolution share."""
+        if memory_mib is not None and self.max_memory_mib and memory_mib > self.max_memory_mib:
+            raise UserError(f"--memory={memory_mib}M is more than image {self.name} allows "
+                            f"(max_memory = {self.max_memory_mib}M)")
+        if cpus is not None and self.max_cpus and cpus > self.max_cpus:
+            raise UserError(f"--cpus={cpus} is more than image {self.name} allows (max_cpus = {self.max_cpus})")
 
     @property
     def digest(self) -> str:
@@ -112,7 +131,9 @@ class Catalog:
         """The image names any user may be told about: a restricted image's name is for its users only."""
         return sorted(n for n, img in self.images.items() if not img.restricted)
 
-    def resolve(self, name: str, user: str, gid: int | None = None) -> Image:
+    def resolve(self, name: str, user: str, gid: int | None = None, *, memory_mib: int | None = None,
+                cpus: int | None = None) -> Image:
+        """The image `user` may run, sized within its policy (the requested memory/CPUs, if known)."""
         check_image_name(name)
         img = self.images.get(name)
         if img is None:
@@ -120,6 +141,7 @@ class Catalog:
             raise UserError(f"unknown image {name!r} (this site offers: {known})")
         if not img.allows(user, gid):
             raise UserError(f"user {user!r} may not use image {name!r} (ask your admin to be added)")
+        img.check_size(memory_mib, cpus)
         return img
 
 
@@ -151,11 +173,32 @@ def _image(path: str, name: str, e: dict) -> Image:
     for k in ("kernel", "initrd"):
         if k not in e:
             raise NodeError(f"{path}: images.{name} needs a [{k}] table for boot='kernel'")
-    try:
-        mem = parse_memory(str(e["memory"])) if "memory" in e else None
-        cpus = parse_cpus(str(e["cpus"])) if "cpus" in e else None
-    except UserError as err:
-        raise NodeError(f"{path}: images.{name}: {err}") from None
+    unknown = sorted(set(e) - KEYS)
+    if unknown:
+        raise NodeError(f"{path}: images.{name}.{unknown[0]} is not a catalog key (known: {', '.join(sorted(KEYS))})")
+    sizes = {}
+    for key in ("memory", "cpus", "max_memory", "max_cpus"):
+        if key in e:
+            try:
+                sizes[key] = (parse_memory if "memory" in key else parse_cpus)(str(e[key]))
+            except UserError as err:
+                raise NodeError(f"{path}: images.{name}.{key}: {str(err).partition(': ')[2] or err}") from None
+    mem, cpus = sizes.get("memory"), sizes.get("cpus")
+    max_mem, max_cpus = sizes.get("max_memory"), sizes.get("max_cpus")
+    if mem and max_mem and mem > max_mem:
+        raise NodeError(f"{path}: images.{name}.memory = {mem}M is more than its max_memory = {max_mem}M")
+    if cpus and max_cpus and cpus > max_cpus:
+        raise NodeError(f"{path}: images.{name}.cpus = {cpus} is more than its max_cpus = {max_cpus}")
+    network = e.get("network", "none")
+    if network not in NETWORKS:
+        raise NodeError(f"{path}: images.{name}.network = {str(network)[:40]!r} is not supported: vmwrap gives "
+                        "guests no network yet (only \"none\")")
+    ckpt = e.get("checkpoint", True)
+    if not isinstance(ckpt, bool):
+        raise NodeError(f"{path}: images.{name}.checkpoint must be true or false")
+    for key in ("users", "groups"):
+        if not isinstance(e.get(key, []), list):
+            raise NodeError(f"{path}: images.{name}.{key} must be a list of names")
     return Image(
         name=name,
         boot=boot,
@@ -170,6 +213,10 @@ def _image(path: str, name: str, e: dict) -> Image:
         description=str(e.get("description", "")),
         origin=str(e.get("origin", "")),
         env=_env(path, name, e.get("env", {})),
+        max_memory_mib=max_mem,
+        max_cpus=max_cpus,
+        network=network,
+        checkpoint=ckpt,
     )
 
 
@@ -202,6 +249,14 @@ def render_entry(img: Image) -> str:
         lines.append(f'memory = "{img.memory_mib}M"')
     if img.cpus:
         lines.append(f"cpus = {img.cpus}")
+    if img.max_memory_mib:
+        lines.append(f'max_memory = "{img.max_memory_mib}M"')
+    if img.max_cpus:
+        lines.append(f"max_cpus = {img.max_cpus}")
+    if img.network != "none":
+        lines.append(f"network = {_toml_str(img.network)}")
+    if not img.checkpoint:
+        lines.append("checkpoint = false")
     if img.cmdline:
         lines.append(f"cmdline = {_toml_str(img.cmdline)}")
     lines.append("users = [" + ", ".join(_toml_str(u) for u in img.users) + "]")

@@ -512,6 +512,23 @@ def _copy_verified(d: Path, name: str, m: dict, job_id: str, dst: Path, uid: int
         raise _bad(job_id, name)
 
 
+class NotSaveable(CheckpointError):
+    """The job's image may not be saved (`checkpoint = false` in the catalog): the job's restart
+    follows its --on-lost-checkpoint policy, with this as the reason."""
+
+
+def refuse_by_policy(run_dir: Path) -> None:
+    """NotSaveable when the image the VM booted says its jobs may not be saved. The launcher wrote the
+    flag into the run dir (root's) from the catalog at boot: the image that really runs decides."""
+    try:
+        meta = json.loads(_read_capped(run_dir / rundir.JOB, JSON_MAX))
+    except (OSError, ValueError):
+        return  # _save reports a run dir without its record
+    if isinstance(meta, dict) and meta.get("checkpoint") is False:
+        raise NotSaveable(f"its VM was not saved: image {meta.get('image')} may not be saved "
+                          "(checkpoint = false in the site's image catalog)")
+
+
 def save(job_id: str, run_dir: Path, store: Store, conn, restarts: int, deadline: float | None = None) -> dict:
     """Quiesce the work dir server, save the VM into the store, and leave the node with no VM.
 
@@ -522,6 +539,7 @@ def save(job_id: str, run_dir: Path, store: Store, conn, restarts: int, deadline
     an older checkpoint of the job: the VM ran on since, so that one would replay work and output.
     """
     try:
+        refuse_by_policy(run_dir)
         return _save(job_id, run_dir, store, conn, restarts, deadline)
     except BaseException:
         shutil.rmtree(store.dir(job_id), ignore_errors=True)

@@ -50,6 +50,11 @@ def _disk_full_fails_the_job(method):
     return wrapper
 
 
+def provenance(image) -> dict[str, str]:
+    """What the ledger records of the image a VM really booted: its content digest and its origin."""
+    return {"digest": image.digest, "origin": image.origin}
+
+
 class Launcher:
     """Root side: validate, fetch, make the overlay and control share, boot the VM (it then waits for GO)."""
 
@@ -95,7 +100,8 @@ class Launcher:
         self._write_control()
         (self.run_dir / rundir.JOB).write_text(json.dumps({
             "job_id": self.job.job_id, "scheduler": self.job.scheduler, "uid": self.job.uid, "gid": self.job.gid,
-            "image": p.image.name, "run_dir": str(self.run_dir), "restarts": self.job.restart_count,
+            "image": p.image.name, "digest": p.image.digest, "checkpoint": p.image.checkpoint,
+            "run_dir": str(self.run_dir), "restarts": self.job.restart_count,
             "disk_format": p.image.disk.format if p.image.disk else None,
             "on_lost_checkpoint": self.on_lost_checkpoint}))
         self.timeline["prepared"] = time.monotonic()
@@ -171,7 +177,7 @@ class Launcher:
         limits.start(self.run_dir, self.job.domain_name, self.settings)  # root watcher: per-job disk limits
         self.timeline["created"] = time.monotonic()
         self.ledger.record(self.job.job_id, self.job.domain_name, "created", virt_type=virt_type,
-                           cpus=p.cpus, memory_mib=p.memory_mib, image=p.image.name)
+                           cpus=p.cpus, memory_mib=p.memory_mib, image=p.image.name, **provenance(p.image))
 
     @_disk_full_fails_the_job
     def restore(self, store) -> dict:
@@ -186,7 +192,7 @@ class Launcher:
                                   memory_overhead_mib=self.settings.vm_memory_overhead_mib)
         limits.start(self.run_dir, self.job.domain_name, self.settings)
         self.timeline["created"] = time.monotonic()
-        self.ledger.record(self.job.job_id, self.job.domain_name, "restored", **info)
+        self.ledger.record(self.job.job_id, self.job.domain_name, "restored", **info, **provenance(self.request.image))
         return info
 
     def notice(self, text: str) -> None:

@@ -55,5 +55,18 @@ class Ledger:
         ).fetchall()
         return {r[1]: dict(ts=r[0], job_id=r[1], domain=r[2], event=r[3], detail=json.loads(r[4])) for r in rows}
 
+    def provenance(self) -> dict[str, dict]:
+        """Per job, the image its VM last booted or was restored from: {image, digest, origin}.
+        Records from before provenance was kept (older ledgers) give None for what they lack."""
+        rows = self.db.execute(
+            "SELECT job_id, detail FROM events WHERE id IN (SELECT MAX(id) FROM events"
+            " WHERE event IN ('created', 'restored') GROUP BY job_id)"
+        ).fetchall()
+        out = {}
+        for job, raw in rows:
+            d = json.loads(raw)
+            out[job] = {k: d.get(k) for k in ("image", "digest", "origin")}
+        return out
+
     def close(self) -> None:
         self.db.close()

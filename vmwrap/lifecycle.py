@@ -40,6 +40,8 @@ class Outcome:
     reason: str = ""
     vm: bool = False                       # the job has (had) a VM on this node
     facts: dict = field(default_factory=dict)
+    image: str = ""                        # the image the job's VM runs (booted or restored), and
+    digest: str = ""                       # its content digest: what the scheduler's accounting records
 
     @property
     def ok(self) -> bool:
@@ -124,7 +126,7 @@ def _start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], 
             try:
                 info = lx.restore(store)  # preempted or requeued: continue where the VM was saved
                 store.mark_ran(job.job_id)  # this start is the one a next checkpoint must be newer than
-                return Outcome(Verdict.RUN, vm=True, facts={"restored": True, **info})
+                return Outcome(Verdict.RUN, vm=True, facts={"restored": True, **info}, **_booted(lx))
             except CheckpointError as e:
                 if (lx.on_lost_checkpoint or "fail") == "fail":
                     raise CheckpointError(f"{e}; not starting the job again from the beginning "
@@ -134,7 +136,7 @@ def _start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], 
         lx.boot()
         if saving:
             store.mark_ran(job.job_id)
-        return Outcome(Verdict.RUN, vm=True, facts={"restored": False})
+        return Outcome(Verdict.RUN, vm=True, facts={"restored": False}, **_booted(lx))
     except CacheFullError as e:
         lx.fail(e)  # the node is healthy, only busy: the job fails with the reason, the node stays up
         launcher.teardown(job.job_id, settings, keep_error=True)
@@ -150,6 +152,11 @@ def _start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], 
         lx.fail(e)
         lx.ledger.record(job.job_id, job.domain_name, "failed", kind=e.kind, scheduler=scheduler, message=str(e))
         return Outcome(Verdict.JOB_FAILED, str(e), vm=True)
+
+
+def _booted(lx: launcher.Launcher) -> dict[str, str]:
+    """The image the job's VM really runs (name, content digest), for the scheduler's accounting."""
+    return {"image": lx.request.image.name, "digest": lx.request.image.digest}
 
 
 def started_as(settings: Settings, job_id: str) -> int | None:
@@ -202,7 +209,7 @@ def end(settings: Settings, job_id: str, *, requeued: bool, restarts: int, sched
                 store.record_rate(info["memory_bytes"], info["total_s"])
                 out.facts["saved"] = True
             except Exception as e:  # noqa: BLE001 (the restart then follows the job's --on-lost-checkpoint)
-                reason = f"saving its VM on {node} failed: {e}"
+                reason = str(e) if isinstance(e, checkpoint.NotSaveable) else f"saving its VM on {node} failed: {e}"
                 store.mark_lost(job_id, reason)
                 ledger.record(job_id, name, "save_failed", scheduler=scheduler, message=str(e))
                 _say("epilog", f"job {job_id}: {reason}")
@@ -235,6 +242,12 @@ def prolog(adapter, settings: Settings, env) -> Outcome:
                 settle=getattr(adapter, "restart_settle", 0.0))
     if out.verdict is Verdict.NODE_FAULT:
         adapter.take_out(env, f"vmwrap: {out.reason}")
+    record = getattr(adapter, "record_provenance", None)  # optional: schedulers with an accounting field
+    if out.verdict is Verdict.RUN and out.digest and record is not None:
+        try:
+            record(env, out.image, out.digest)
+        except Exception as e:  # noqa: BLE001 (accounting only: the job runs regardless)
+            _say("prolog", f"job {adapter.job_id(env)}: could not record the image in the scheduler: {e!r}")
     return out
 
 

@@ -35,7 +35,7 @@ def resolve(job: Job, settings: Settings, catalog: Catalog) -> VmRequest:
     name = req.image or job.image
     if not name:
         raise UserError("no image requested: add '#VMWRAP --image=NAME' to the job script")
-    image = catalog.resolve(name, job.user, job.gid)
+    image = catalog.resolve(name, job.user, job.gid, memory_mib=req.memory_mib, cpus=req.cpus)
     cpus = sizing.cpus(req.cpus, job.cpus, image, settings)
     mem, what = sizing.memory_mib(req.memory_mib, image, settings)
     if job.cpus and req.cpus and req.cpus > job.cpus:

@@ -19,12 +19,18 @@ def memory_mib(requested: int | None, image: Image | None, settings: Settings) -
         return requested, f"--memory={requested}M"
     if image is not None and image.memory_mib:
         return image.memory_mib, f"image {image.name}'s default memory of {image.memory_mib}M"
+    if image is not None and image.max_memory_mib and settings.default_memory_mib > image.max_memory_mib:
+        return image.max_memory_mib, f"image {image.name}'s max_memory of {image.max_memory_mib}M"
     return settings.default_memory_mib, f"the site's default VM memory of {settings.default_memory_mib}M"
 
 
 def cpus(requested: int | None, allocated: int | None, image: Image | None, settings: Settings) -> int:
-    """The VM's CPUs: the request, else what the scheduler allocated, else the image's, else the site's."""
-    return requested or allocated or (image.cpus if image is not None else None) or settings.default_cpus
+    """The VM's CPUs: the request, else what the scheduler allocated, else the image's, else the site's.
+    Only a request is refused above the image's max_cpus (Image.check_size); the others are capped."""
+    n = requested or allocated or (image.cpus if image is not None else None) or settings.default_cpus
+    if not requested and image is not None and image.max_cpus:
+        n = min(n, image.max_cpus)
+    return n
 
 
 def host_memory_mib() -> int:

@@ -33,7 +33,8 @@ def ps(failed: bool, as_json: bool) -> None:
                    [[e["job_id"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"])), e["path"], e["reason"]]
                     for e in died])
         return
-    last = Ledger(s.ledger_path).last_events()
+    ledger = Ledger(s.ledger_path)
+    last, booted = ledger.last_events(), ledger.provenance()
     conn = domain.connect(s.libvirt_uri)
     doms = {d.name(): d for d in conn.listAllDomains() if d.name().startswith("vmwrap-")}
     states = {1: "running", 3: "paused", 5: "shutoff"}
@@ -42,14 +43,16 @@ def ps(failed: bool, as_json: bool) -> None:
     for name, d in sorted(doms.items()):
         job = name[len("vmwrap-"):]
         ev = last.get(job, {})
+        img = booted.get(job, {})
         vms.append({"job": job, "state": states.get(d.state()[0], str(d.state()[0])),
-                    "last_event": ev.get("event"), "since_s": round(now - ev["ts"], 1) if ev else None})
+                    "last_event": ev.get("event"), "since_s": round(now - ev["ts"], 1) if ev else None,
+                    "image": img.get("image"), "digest": img.get("digest"), "origin": img.get("origin")})
     if as_json:
         echo_json(vms)
         return
-    echo_table(["JOB", "STATE", "LAST EVENT", "SINCE"],
-               [[v["job"], v["state"], v["last_event"] or "-", "-" if v["since_s"] is None else f"{v['since_s']:.0f}s"]
-                for v in vms], right={3})
+    echo_table(["JOB", "STATE", "LAST EVENT", "SINCE", "IMAGE", "DIGEST"],
+               [[v["job"], v["state"], v["last_event"] or "-", "-" if v["since_s"] is None else f"{v['since_s']:.0f}s",
+                 v["image"] or "-", (v["digest"] or "-")[:19]] for v in vms], right={3})
 
 
 @click.command()

@@ -480,7 +480,7 @@ def check_request(settings: Settings, params: dict[str, str], user: str, gid: in
         image = req.image or native
         if image is None:
             return None, None, None
-        _catalog(settings.catalog).resolve(image, user, gid)
+        _catalog(settings.catalog).resolve(image, user, gid, memory_mib=req.memory_mib, cpus=req.cpus)
     except VmwrapError as e:
         return None, None, str(e)
     return image, req.memory_mib, None

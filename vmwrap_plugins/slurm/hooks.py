@@ -162,6 +162,21 @@ class Slurm:
             subprocess.run([SCONTROL, "update", f"nodename={node}", "state=drain", f"reason={reason[:200]}"],
                            capture_output=True, timeout=30)
 
+    def record_provenance(self, env, image: str, digest: str) -> None:
+        """The image the VM really booted, in the job's AdminComment (`sacct -o AdminComment`). Only
+        root and Slurm operators can set that field; both values are checked here, not trusted."""
+        from vmwrap.directives import check_image_name
+
+        job_id = self.job_id(env)
+        Job.check_id(job_id)
+        check_image_name(image)
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+            raise VmwrapError(f"not an image digest: {digest[:80]!r}")
+        r = subprocess.run([SCONTROL, "update", f"JobId={job_id}", f"AdminComment=vmwrap image={image} digest={digest}"],
+                           capture_output=True, text=True, errors="replace", timeout=30)
+        if r.returncode != 0:
+            raise VmwrapError(f"scontrol update AdminComment: {(r.stderr or r.stdout).strip()[:200]}")
+
     def still_queued(self):
         r = subprocess.run([SQUEUE, "-h", "-a", "-t", "all", "-o", "%i %T"], capture_output=True, text=True,
                            timeout=60)

@@ -103,7 +103,7 @@ def check(settings: Settings, argv: list[str], script: str, user: str, gid: int)
         return None
     from vmwrap.catalog import Catalog
 
-    Catalog.load(settings.catalog).resolve(image, user, gid)
+    Catalog.load(settings.catalog).resolve(image, user, gid, memory_mib=req.memory_mib, cpus=req.cpus)
     return image
 
 
