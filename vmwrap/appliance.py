@@ -301,6 +301,22 @@ def artifact(path: Path, fmt: str = "raw", on_bytes: Callable[[int], None] | Non
     return Artifact(str(path), sha256(path, on_bytes), path.stat().st_size, fmt)
 
 
+def cached_kernel(out_dir: Path, tmp: Path, stage: Callable[[str], None]) -> Path:
+    """The appliance dir's Debian kernel (vmlinux, modules/, version), downloaded once: every build and
+    tar-based import (vmwrap/imports/) boots it with vmwrap's initramfs agent."""
+    kernel_cache = out_dir / ".kernel"
+    if not (kernel_cache / "version").exists():
+        stage("Debian kernel: download and extract")
+        vmlinuz, moddir = debian_kernel(tmp / "kernel")
+        kernel_cache.mkdir(parents=True, exist_ok=True)
+        extract_vmlinux(vmlinuz, kernel_cache / "vmlinux.tmp")
+        os.replace(kernel_cache / "vmlinux.tmp", kernel_cache / "vmlinux")
+        shutil.rmtree(kernel_cache / "modules", ignore_errors=True)
+        shutil.copytree(moddir, kernel_cache / "modules", symlinks=True)
+        (kernel_cache / "version").write_text(moddir.name + "\n")
+    return kernel_cache
+
+
 def build(name: str, kind: str, out_dir: str, catalog_path: str, memory_mib: int = 256,
           users: list[str] | None = None, groups: list[str] | None = None,
           on_stage: Callable[[str], None] | None = None, packages: list[str] | None = None,
@@ -331,16 +347,7 @@ def build(name: str, kind: str, out_dir: str, catalog_path: str, memory_mib: int
 def _build(name, kind, out_dir, catalog_path, memory_mib, users, groups, stage, packages, policy, dest) -> Image:
     with tempfile.TemporaryDirectory(prefix="vmwrap-build-") as t:
         tmp = Path(t)
-        kernel_cache = Path(out_dir) / ".kernel"
-        if not (kernel_cache / "version").exists():
-            stage("Debian kernel: download and extract")
-            vmlinuz, moddir = debian_kernel(tmp / "kernel")
-            kernel_cache.mkdir(parents=True, exist_ok=True)
-            extract_vmlinux(vmlinuz, kernel_cache / "vmlinux.tmp")
-            os.replace(kernel_cache / "vmlinux.tmp", kernel_cache / "vmlinux")
-            shutil.rmtree(kernel_cache / "modules", ignore_errors=True)
-            shutil.copytree(moddir, kernel_cache / "modules", symlinks=True)
-            (kernel_cache / "version").write_text(moddir.name + "\n")
+        kernel_cache = cached_kernel(Path(out_dir), tmp, stage)
         shutil.copy2(kernel_cache / "vmlinux", dest / "vmlinux")
         stage("initrd: kernel modules and guest agent")
         build_initrd(kernel_cache / "modules", dest / "initrd.cpio", tmp)

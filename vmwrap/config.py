@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 import stat
 import tomllib
 import typing
@@ -22,6 +23,7 @@ DEFAULT_PATH = "/etc/vmwrap/vmwrap.toml"
 
 
 POSITIVE = {"positive": True}  # field metadata: a number that must be more than 0 (others: 0 or more)
+SIZE = {"size": True}  # field metadata: a string that is a size, "20G" (parse_size)
 
 
 @dataclass
@@ -75,6 +77,9 @@ class Settings:
     job_output_max_bytes: int = 10 * 1024**3  # stdout + stderr, staged here until delivered
     console_max_bytes: int = 1024**2           # serial console log and status port, each: evidence only
     job_disk_max_bytes: int = 0                # the qcow2 overlay's allocated size; 0: the image's size bounds it
+    # `vmwrap image import`: most bytes an imported image's files may hold (and any one archive, layer
+    # or partition may be): a hostile archive cannot fill the appliance dir's disk.
+    image_import_max_size: str = field(default="20G", metadata=SIZE)
     # Deployment (vmwrap.services, docs/admin-guide.md): the site's scheduler picks each daemon's command;
     # `daemons` lists what `vmwrap daemons start` runs on this node without systemd (comma-separated).
     scheduler: Literal["none", "slurm", "sge", "condor", "torque", "pbs"] = "none"
@@ -85,6 +90,10 @@ class Settings:
     @property
     def jobs_dir(self) -> Path:
         return Path(self.state_dir) / "jobs"
+
+    @property
+    def image_import_max_bytes(self) -> int:
+        return parse_size(self.image_import_max_size) or 0  # load() checked it
 
     @property
     def ledger_path(self) -> Path:
@@ -222,6 +231,8 @@ def _check(key: str, typ, meta, value, path: str):
     if typ is str:
         if not isinstance(value, str):
             raise bad("a string")
+        if meta.get("size") and parse_size(value) is None:
+            raise bad("a size such as 20G (bytes, or a number with K, M, G or T)")
         return value
     if typ not in (int, float):
         raise TypeError(f"Settings.{key}: load() cannot check a setting of type {typ!r}")
@@ -234,6 +245,18 @@ def _check(key: str, typ, meta, value, path: str):
     if value < 0:
         raise bad("0 or more")
     return typ(value)
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: str) -> int | None:
+    """Bytes of "20G", "512M", "1T", "4096" (binary units; "GiB"/"GB" spellings too); None if not a
+    size above 0."""
+    m = re.fullmatch(r"\s*(\d{1,15})\s*([KMGT]?)(?:I?B)?\s*", value, re.IGNORECASE)
+    if not m or int(m.group(1)) == 0:
+        return None
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
 
 
 def toml_value(v) -> str:

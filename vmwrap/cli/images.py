@@ -9,6 +9,7 @@ import click
 
 from ..errors import VmwrapError
 from .context import echo_json, echo_table, friendly_oserrors, json_option, quiet_option, settings
+from .image_import import image_import
 
 
 @click.group()
@@ -198,6 +199,8 @@ def image_verify(names: tuple[str, ...], quiet: bool) -> None:
     sys.exit(1 if bad else 0)
 
 
+
+image.add_command(image_import)  # vmwrap/cli/image_import.py: OCI, docker/podman saves, SIF, tarballs, disks
 
 # The old spelling of `image`, hidden: the same subcommands, with a deprecation notice on stderr.
 images = click.Group("images", commands=image.commands, hidden=True, deprecated=True,
