@@ -3,7 +3,9 @@
 Batch steps (Slurm), suspend methods (Grid Engine) and wrappers run as the job's user, who must not get
 libvirt access (that is root on the node). They ask this agent over a Unix socket; the caller's uid
 comes from the kernel (SO_PEERCRED) and must own the job (or be root).
-Protocol: one JSON line {"op": "pause"|"resume", "job": ID} -> one JSON line {"ok": bool, "error": str}.
+Protocol: one JSON line {"op": "pause"|"resume", "job": ID} -> one JSON line {"ok": bool, "error": str,
+"protocol": PROTOCOL}; {"op": "ping", "job": ""} (anyone) -> {"ok": true, "protocol": PROTOCOL}: health
+checks (`vmwrap status`), and a client newer than the agent learns what it speaks.
 
 The socket is open to every local user, so the agent bounds what any of them can hold: the request
 line must arrive within REQUEST_TIMEOUT s in all (not per read) and within REQUEST_MAX bytes; at most
@@ -30,6 +32,7 @@ from .job import Job
 from .ledger import Ledger
 
 OPS = ("pause", "resume")
+PROTOCOL = 1  # raised when a request or reply changes meaning; keys are only ever added
 REQUEST_MAX = 4096         # bytes of the one request line
 REQUEST_TIMEOUT = 5.0      # s for the whole request line (and for sending the reply)
 MAX_CLIENTS = 64           # connections served at once; more are refused at once ...
@@ -164,8 +167,9 @@ def serve(settings: Settings) -> None:
             uid = self.client_address  # Server.process_request hands over the caller's uid
             try:
                 op, job_id = parse(read_request(self.request))
-                handle(settings, libvirt.conn(), uid, op, job_id)
-                reply = {"ok": True}
+                if op != "ping":
+                    handle(settings, libvirt.conn(), uid, op, job_id)
+                reply = {"ok": True, "protocol": PROTOCOL}
             except (VmwrapError, ValueError) as e:
                 reply = {"ok": False, "error": str(e)}
             except Exception as e:  # noqa: BLE001 (a bug or a libvirt surprise: this request fails, not the agent)
@@ -232,3 +236,18 @@ def request(settings: Settings, op: str, job_id: str, timeout: float = 2.0) -> N
         raise NodeError(f"vmwrap node agent at {socket_path(settings)} sent no answer to {op}")
     if not reply.get("ok"):
         raise NodeError(f"vmwrap node agent refused {op}: {reply.get('error', 'no reason')}")
+
+
+def ping(settings: Settings, timeout: float = 2.0) -> int:
+    """The running agent's protocol version; NodeError if it does not answer."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(socket_path(settings)))
+            s.sendall(b'{"op": "ping", "job": ""}\n')
+            reply = json.loads(s.makefile("rb").readline(4096) or b"{}")
+    except (OSError, ValueError) as e:
+        raise NodeError(f"vmwrap node agent unreachable at {socket_path(settings)}: {e}") from None
+    if not isinstance(reply, dict) or reply.get("ok") is not True:
+        raise NodeError(f"vmwrap node agent at {socket_path(settings)} did not answer a ping")
+    return int(reply.get("protocol", 0))

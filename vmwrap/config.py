@@ -86,6 +86,8 @@ class Settings:
     daemons: str = ""
     log_file: str = ""                 # daemons append here; empty: stderr (journald under systemd)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Node reports for `vmwrap status` (vmwrap.nodestatus): a directory every node shares, as checkpoint_dir.
+    status_dir: str = "/var/lib/vmwrap/status"
 
     @property
     def jobs_dir(self) -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import click
 
 from ..errors import VmwrapError
-from . import checkpoints, config, daemons, drain, hooks, images, jobs, node, simulate
+from . import checkpoints, config, daemons, drain, hooks, images, jobs, node, simulate, status
 from .context import Site
 
 
@@ -58,7 +58,7 @@ def main(ctx, config_path) -> None:
 
 for _cmd in (jobs.run, jobs.teardown, node.ps, node.agent, images.image, images.images, node.cache,
              checkpoints.checkpoints, node.doctor, node.reconcile, drain.drain, config.config_group, hooks.hooks, simulate.simulate,
-             daemons.daemons):
+             daemons.daemons, status.status):
     main.add_command(_cmd)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 
 import click
 
@@ -55,6 +56,10 @@ def run(name: str) -> None:
         sys.exit(EX_CONFIG)
     logsetup.configure(s)
     logging.getLogger("vmwrap.daemons").info("starting %s: vmwrap %s", name, " ".join(args))
+    if name == "agent":  # the node's report for `vmwrap status`, from the process that answers pings
+        from .. import nodestatus
+
+        threading.Thread(target=nodestatus.publisher, args=(s,), name="status", daemon=True).start()
     cfg = _config_path()
     main.main(args=(["--config", cfg] if cfg else []) + args, prog_name="vmwrap")
 
