@@ -109,3 +109,23 @@ def test_job_runs_on_the_images_own_kernel_and_python(imported, workdir, suite):
     kernel = images[suite].origin.rsplit(" ", 1)[1]
     assert r.stdout.decode().split("\n") == [f"codename {suite} python 3", f"kernel {kernel}", ""]
     assert site.leftovers() == []
+
+
+def test_cli_import_disk(tmp_path):
+    """Through `vmwrap image import --kind disk`: a bad disk is one stderr line and no catalog; a good one lands."""
+    import subprocess as sp
+
+    from tests.conftest import VMWRAP, Site
+
+    site = Site(tmp_path, None, "tcg", appliance_dir=str(tmp_path / "appliances"))
+    bad = sp.run([*VMWRAP, "image", "import", "--kind", "disk", str(small_disk("notimage")), "--name", "x"],
+                 capture_output=True, text=True, env=site.env())
+    assert bad.returncode == 1 and len(bad.stderr.splitlines()) == 1, bad.stderr
+    assert "whole disk: unknown (no filesystem signature)" in bad.stderr
+    assert not site.catalog.exists() and list((tmp_path / "appliances").iterdir()) == []
+    good = sp.run([*VMWRAP, "image", "import", "--kind", "disk", str(small_disk("mbr")), "--name", "site-os",
+                   "--user", "alice", "--quiet"], capture_output=True, text=True, env=site.env())
+    assert good.returncode == 0, good.stderr
+    img = Catalog.load(str(site.catalog)).images["site-os"]
+    assert img.users == ["alice"] and img.origin.startswith("disk Debian GNU/Linux 12 (bookworm) kernel 6.1.0-")
+    assert sorted(p.name for p in (tmp_path / "appliances").iterdir()) == ["site-os"]
