@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import domain, rundir, share
+from . import __version__, domain, rundir, share
 from .errors import CheckpointError, GuestStalledError, NodeError
 from .job import Job
 
@@ -402,8 +402,8 @@ class Store:
             n, digest = _hash_file(tmp / f)
             files[f] = {"bytes": n, "sha256": digest}
         self.last_commit = {"fsync_s": t1 - t0, "hash_s": time.monotonic() - t1}
-        manifest = {"version": VERSION, "job_id": job_id, "created": time.time(), "node": socket.gethostname(),
-                    "files": files}
+        manifest = {"version": VERSION, "vmwrap": __version__, "job_id": job_id, "created": time.time(),
+                    "node": socket.gethostname(), "files": files}
         _write_new(tmp / "manifest.json", json.dumps({**manifest, "mac": _mac(key, manifest)}).encode())
         _fsync_path(tmp / "manifest.json")
         _fsync_path(tmp)
@@ -437,6 +437,11 @@ class Store:
             mac = m.pop("mac", None) if isinstance(m, dict) else None
         except ValueError:
             m, mac = None, None
+        if isinstance(m, dict) and m.get("version") != VERSION:
+            # Before the MAC: the MAC's context names the format, so another format never authenticates.
+            raise CheckpointError(
+                f"the checkpoint of job {job_id} has format {m.get('version')!r} (saved by vmwrap "
+                f"{m.get('vmwrap') or 'before 0.1.0'}); this vmwrap {__version__} restores format {VERSION} only")
         if not isinstance(mac, str) or not hmac.compare_digest(mac.encode(), _mac(key, m).encode()):
             raise CheckpointError(f"the checkpoint of job {job_id} is not authenticated (no valid MAC under this "
                                   f"site's key {self.key_file}): refusing to restore it")

@@ -1,4 +1,8 @@
-"""Node-local SQLite record of every VM's life: accounting and `vmwrap ps` read it."""
+"""Node-local SQLite record of every VM's life: accounting and `vmwrap ps` read it.
+
+The schema is versioned (SQLite's user_version): opening a ledger applies the MIGRATIONS it lacks, in
+one transaction, so an upgraded node keeps its history; a ledger newer than this vmwrap (a downgrade)
+is refused with the reason instead of being written in a shape its readers do not expect."""
 
 from __future__ import annotations
 
@@ -9,9 +13,21 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import NodeError
+
 EVENTS = ("prepare", "created", "booted", "started", "paused", "resumed", "saved", "restored", "exited",
           "destroyed", "failed", "cache_hit", "cache_miss", "prestage", "save_failed", "plan",
           "detached", "wrapper_gone", "pause_failed", "resume_failed", "reconciled", "drained")
+
+
+# MIGRATIONS[n] takes a ledger from schema n-1 to n. 1: the events table (ledgers from before versioning
+# have it already and are at user_version 0: IF NOT EXISTS makes that step a no-op for them).
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ("CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, ts REAL NOT NULL, job_id TEXT NOT NULL,"
+        " domain TEXT NOT NULL, event TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '{}')",
+        "CREATE INDEX IF NOT EXISTS events_job ON events(job_id)"),
+}
+SCHEMA = max(MIGRATIONS)
 
 
 class Ledger:
@@ -19,11 +35,26 @@ class Ledger:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(path), timeout=30, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, ts REAL NOT NULL, job_id TEXT NOT NULL,"
-            " domain TEXT NOT NULL, event TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '{}')"
-        )
-        self.db.execute("CREATE INDEX IF NOT EXISTS events_job ON events(job_id)")
+        self._migrate(str(path))
+
+    def _migrate(self, path: str) -> None:
+        have = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if have == SCHEMA or (have < SCHEMA and not os.access(path, os.W_OK)):
+            return  # current; or a reader (`vmwrap ps` as a user): root's next write migrates it
+        self.db.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait, then see it done
+        try:
+            have = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if have > SCHEMA:
+                raise NodeError(f"ledger {path} has schema {have}, newer than this vmwrap's {SCHEMA} "
+                                "(vmwrap was downgraded): reinstall the newer vmwrap or move the ledger aside")
+            for n in range(have + 1, SCHEMA + 1):
+                for sql in MIGRATIONS[n]:
+                    self.db.execute(sql)
+            self.db.execute(f"PRAGMA user_version = {SCHEMA}")
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def record(self, job_id: str, domain: str, event: str, **detail) -> None:
         if event not in EVENTS:
