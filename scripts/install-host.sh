@@ -45,8 +45,9 @@ mkdir -p /etc/vmwrap
 vmwrap image build --name busybox --kind busybox
 # HTCondor 23.9 is trixie-only: a cached trixie root its test pool runs in (skipped when present).
 bash "$here/scripts/build-condor-root.sh"
-# The node agent (root): lets a job's own user pause/resume its VM (scheduler suspend). Idempotent.
-if ! pgrep -f "vmwrap agent" >/dev/null; then
-  setsid vmwrap agent </dev/null >>/var/log/vmwrap-agent.log 2>&1 &
+# The node agent (root): lets a job's own user pause/resume its VM (scheduler suspend). Idempotent;
+# started as on any node without systemd (docs/admin-guide.md), its log in /var/log/vmwrap/agent.log.
+if ! pgrep -f "vmwrap agent|vmwrap.cli daemons run agent" >/dev/null; then
+  vmwrap daemons start agent
 fi
 vmwrap doctor
