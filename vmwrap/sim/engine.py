@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+import operator
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from ..plan import SaveModel, min_gap
 from .workload import Job, Reservation
 
 INF = math.inf
+_END_OF = operator.itemgetter(1)
 EPS = 1e-6   # a job ending this close after a reservation's start ended in time (float sums)
 
 
@@ -157,6 +159,7 @@ class _Link:
     def __init__(self):
         self.iv: list[tuple[float, float]] = []
         self.img: dict[float, int] = {}       # booking start -> image
+        self._memo = None                     # (t, length, earliest): asked once per queued job
 
     def joinable(self, now: float, img: int) -> float | None:
         """End of a booked, not yet started transfer of `img`, if any."""
@@ -170,17 +173,23 @@ class _Link:
         while i < len(self.iv) and self.iv[i][1] <= now:
             i += 1
         if i:
+            self._memo = None
             for s, _ in self.iv[:i]:
                 self.img.pop(s, None)
             del self.iv[:i]
 
     def earliest(self, t: float, length: float) -> float:
+        m = self._memo
+        if m is not None and m[0] == t and m[1] == length:
+            return m[2]
+        t0 = t
         for s, e in self.iv:
             if e <= t:
                 continue
             if s >= t + length:
                 break
             t = max(t, e)
+        self._memo = (t0, length, t)
         return t
 
     def latest(self, deadline: float, length: float, not_before: float) -> float | None:
@@ -194,12 +203,55 @@ class _Link:
         return t if t >= not_before else None
 
     def book(self, s: float, length: float, img: int) -> None:
+        self._memo = None
         bisect.insort(self.iv, (s, s + length))
         self.img[s] = img
 
 
 # event kinds, in the order they are handled at one instant: things that free nodes first
 _END, _SUSPENDED, _AR_END, _CACHED, _PREEMPT, _AR_START, _CLAIM, _AR_SUBMIT, _SUBMIT, _CANCEL = range(10)
+
+
+def _first_overlap(later, srel, snode, need: float, k: int, horizon: float):
+    """First time at most `horizon` in k nodes' windows, and those nodes; (None, None) if none.
+
+    Each node in `later` (node, release, commitments) has windows [open, close] in which a start
+    needing `need` fits before its next commitment; a node in `srel`/`snode` is free from its
+    release on. Counting over two sorted float lists finds it without sorting tuples."""
+    opens: list[float] = []
+    closes: list[float] = []
+    wins: list[tuple[float, float, int]] = []
+    for n, cur, iv in later:
+        for bs, be in iv:
+            if cur > horizon:
+                break
+            if be <= cur:
+                continue
+            if bs - cur >= need:
+                opens.append(cur)
+                closes.append(bs - need)
+                wins.append((cur, bs - need, n))
+            cur = be
+        if cur <= horizon:
+            opens.append(cur)
+            wins.append((cur, INF, n))
+    opens += [r for r in srel if r <= horizon]
+    opens.sort()
+    closes.sort()
+    j, nc, no = 0, len(closes), len(opens)
+    i = 0
+    while i < no:
+        t = opens[i]
+        while i + 1 < no and opens[i + 1] == t:
+            i += 1
+        while j < nc and closes[j] < t:
+            j += 1
+        if i + 1 - j >= k:
+            have = [m for r, m in zip(srel, snode) if r <= t]
+            have += [m for o, c, m in wins if o <= t <= c]
+            return t, have
+        i += 1
+    return None, None
 
 
 class Simulator:
@@ -214,6 +266,10 @@ class Simulator:
         self.ars = ars if config.reservations else []
         self.save = save or SaveModel(cluster.suspend_mb_s)
         self.susp_s = self.save.budget(cluster.mem_mb)
+        # plan.min_gap's constants (min_run_s 0): the work a save must buy, and the save's budget
+        self._gap_n = (max(0.0, config.threshold * (self.susp_s + self.save.save_seconds(cluster.mem_mb)))
+                       if config.suspend else None)
+        self._gap_b = self.susp_s
         self.resume_s = (cluster.mem_mb / cluster.restore_mb_s if cluster.restore_mb_s
                          else self.save.save_seconds(cluster.mem_mb))
         self.slow = 1.0 + cluster.overhead if config.vm else 1.0
@@ -245,6 +301,7 @@ class Simulator:
         self._dirty = True
         self._fresh: list[Run] = []
         self._blocks = None
+        self._ahead = 3600.0        # _reserve's first horizon, from its last answer
 
     # -- events ---------------------------------------------------------------------------------
     def _push(self, t: float, kind: int, obj) -> None:
@@ -374,9 +431,20 @@ class Simulator:
         return s
 
     def _need(self, run: Run, setup: float) -> float:
-        """Shortest gap this job may start in (vmwrap.plan decides, as the live planner does)."""
-        return min_gap(run.req_left * self.slow, self.c.mem_mb, self.save, setup_s=setup,
-                       factor=self.cfg.threshold, can_save=self.cfg.suspend)
+        """Shortest gap this job may start in (vmwrap.plan decides, as the live planner does):
+        `plan.min_gap` with its constants taken once, the same float operations in the same order
+        (a million calls a workload; `--check` compares the two on every call)."""
+        whole = setup + run.req_left * self.slow
+        if self._gap_n is None:
+            need = whole
+        else:
+            need = min(whole, setup + self._gap_n + self._gap_b)
+        if self.check:
+            ref = min_gap(run.req_left * self.slow, self.c.mem_mb, self.save, setup_s=setup,
+                          factor=self.cfg.threshold, can_save=self.cfg.suspend)
+            if ref != need:
+                raise InvariantError(f"gap for job {run.job.id}: {need} != plan.min_gap's {ref}")
+        return need
 
     def _gaps(self, now: float) -> list:
         """Free nodes by how long they stay free (longest first); cached until the free set changes.
@@ -397,6 +465,14 @@ class Simulator:
         if among is not None:
             occ_end = now + setup + run.req_left * self.slow
             gap = cache[3]
+            easy = blocks.easy
+            if easy is not None or not blocks:   # no blocks, or EASY's one interval (t, e)
+                if easy is not None and easy[0] < occ_end and now < easy[2]:
+                    reserved = easy[1]
+                    out = [n for n in among if gap[n] >= need and n not in reserved]
+                else:
+                    out = [n for n in among if gap[n] >= need]
+                return out if len(out) >= k else []
             out = []
             for n in among:
                 if gap[n] >= need:
@@ -412,7 +488,7 @@ class Simulator:
             return nodes[:m]
         occ_end = now + setup + run.req_left * self.slow
         if blocks.easy is not None:   # O(1) count before building the list
-            t, reserved = blocks.easy
+            t, reserved, e = blocks.easy
             if occ_end <= t:
                 return nodes[:m]
             if cache[2] is None:
@@ -422,6 +498,10 @@ class Simulator:
                 cache[2] = pre
             if m - cache[2][m] < k:
                 return []
+            # EASY's blocks are the head's one interval (t, e) on each reserved node
+            if now < e:
+                return [n for n in nodes[:m] if n not in reserved]
+            return nodes[:m]
         out = []
         for n in nodes[:m]:
             b = blocks.get(n)
@@ -628,10 +708,18 @@ class Simulator:
         fail_q = None
         held_only = self.cfg.transfer == "cache"
         holders = self.holders
+        # after the head, EASY skips a job larger than the free nodes without a call: it fails
+        # _try_start's first test, and fail_q needs no entry for it (whatever it would dominate
+        # is as large, so fails that test too, until a start resets fail_q)
+        skip_big = self.cfg.backfill == "easy" and not anyfree
+        free, queue = self.free, self.queue
         i = 0
-        while i < len(self.queue) and (self.free or anyfree):
-            run = self.queue[i]
+        while i < len(queue) and (free or anyfree):
+            run = queue[i]
             k = run.job.nodes
+            if head_done and skip_big and k > len(free):
+                i += 1
+                continue
             dominated = fail_q is not None and not run.suspensions and fail_q[k] <= run.req_left
             skip = dominated and (not held_only or len(holders[run.job.image]) < k)
             if skip and self.cfg.backfill != "conservative":
@@ -658,7 +746,7 @@ class Simulator:
                 for n in nodes:
                     blocks.setdefault(n, []).append((t, t + dur))
                 if self.cfg.backfill == "easy":
-                    blocks.easy = (t, frozenset(nodes))
+                    blocks.easy = (t, frozenset(nodes), t + dur)
                     self._blocks = blocks
                 if self.cfg.prestage and not run.suspensions and self.cfg.transfer != "none":
                     self._prestage(run, t, nodes, now)
@@ -673,59 +761,60 @@ class Simulator:
         """
         setup = self.boot + (self.resume_s + self.migrate_s if run.suspensions else 0.0)
         need = self._need(run, setup)
-        opens: list[float] = []
-        closes: list[float] = []
-        wins: list[tuple[float, float, int]] = []
+        # A node without commitments after its release has one window [rel, inf) (most nodes:
+        # only rel is kept); the others' windows are collected up to a horizon. Windows opening
+        # after it change no count before it, so an answer found there is the answer; else the
+        # horizon grows, up to the k-th smallest last open (every node's last window opens at
+        # its last commitment's end and never closes), where an answer exists. Reservations are
+        # booked days ahead and walking all their windows was most of a sweep's time.
+        srel: list[float] = []
+        snode: list[int] = []
+        later: list[tuple[int, float, list]] = []
+        finals: list[float] = []
         busy, node_iv = self.busy, self.node_iv
         for n in range(self.c.nodes):
             occ = busy[n]
+            iv = node_iv[n]
             if occ is None:
                 rel = now
             elif isinstance(occ, Run):
                 rel = occ.req_end
-                if node_iv[n]:
+                if iv:
                     u = self._until(n, now)
                     if u < rel:
                         rel = u
+                    iv = node_iv[n]
                 if rel < now:
                     rel = now
             elif isinstance(occ, tuple):   # ("suspending", run, until)
                 rel = occ[2]
             else:                          # an AR
                 rel = occ.start + occ.dur
-            cur = rel
-            iv = node_iv[n]
             b = blocks.get(n) if blocks else None
             if b:
                 iv = sorted(iv + b)
-            for bs, be in iv:
-                if be <= cur:
-                    continue
-                if bs - cur >= need:
-                    opens.append(cur)
-                    closes.append(bs - need)
-                    wins.append((cur, bs - need, n))
-                if be > cur:
-                    cur = be
-            opens.append(cur)
-            wins.append((cur, INF, n))
+            elif not iv:
+                srel.append(rel)
+                snode.append(n)
+                continue
+            later.append((n, rel, iv))
+            last = max(map(_END_OF, iv))
+            finals.append(last if last > rel else rel)
         k = run.job.nodes
-        opens.sort()
-        closes.sort()
-        j, nc, no = 0, len(closes), len(opens)
-        i = 0
-        while i < no:
-            t = opens[i]
-            while i + 1 < no and opens[i + 1] == t:
-                i += 1
-            while j < nc and closes[j] < t:
-                j += 1
-            if i + 1 - j >= k:
-                have = [m for o, c, m in wins if o <= t <= c]
-                # promise the nodes busy now: the free ones stay open to backfilling
-                return t, sorted(have, key=lambda m: (busy[m] is None, m))[:k]
-            i += 1
-        return INF, []
+        finals += srel
+        bound = sorted(finals)[k - 1]
+        ahead = self._ahead
+        while True:
+            horizon = min(now + ahead, bound)
+            t, have = _first_overlap(later, srel, snode, need, k, horizon)
+            if t is not None or horizon >= bound:
+                break
+            ahead *= 4
+        if t is None:
+            return INF, []
+        self._ahead = max(3600.0, 2 * (t - now))
+        # promise the nodes busy now: the free ones stay open to backfilling
+        return t, sorted(have, key=lambda m: (busy[m] is None, m))[:k]
 
     def _prestage(self, run: Run, t: float, nodes: list[int], now: float) -> None:
         """Fetch the head's image onto the nodes it is planned to start on (vmwrap's prestage)."""
