@@ -1,0 +1,90 @@
+"""Image import benchmarks, measured side by side in one run; prints the numbers and ratios.
+
+  import: `import_disk` time per GB for a whole-disk Debian image (bookworm + build-essential, GPT, qcow2,
+          made without vmwrap by harness/disk_images.py and cached)
+  start:  `vmwrap run` start -> first output with that imported Debian image (its own kernel) vs the busybox
+          appliance, interleaved runs, warm cache                                     (goal <= 1.2)
+
+usage: /opt/vmwrap/venv/bin/python benchmarks/images.py [--repeat N]   (run alone: VMs under the heavy lock)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.core import APPLIANCES, first_output, site  # noqa: E402
+from harness.disk_images import debian_disk  # noqa: E402
+from vmwrap import appliance  # noqa: E402
+from vmwrap.imports.disk import import_disk  # noqa: E402
+
+EXTRA = ("build-essential",)  # makes the Debian disk >= 1 GB
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    src = debian_disk("bookworm", EXTRA)
+    made = time.perf_counter() - t0
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-f", "qcow2", str(src)],
+                                     capture_output=True, check=True, text=True).stdout)
+    vsize, data = info["virtual-size"], info["actual-size"]
+    tmp = Path(tempfile.mkdtemp(prefix="vmwrap-bench-images-", dir="/var/tmp"))
+    tmp.chmod(0o755)
+    catalog = tmp / "catalog.toml"
+    try:
+        imports = []
+        for i in range(args.repeat):
+            t = time.perf_counter()
+            img = import_disk(src, "debian-disk", tmp / "images", str(catalog), max_bytes=None,
+                              on_stage=lambda _s: None)
+            imports.append(time.perf_counter() - t)
+        med = statistics.median(imports)
+        print(f"import --kind disk: {src.name} (test disk made in {made:.0f} s, cached), {vsize / 1e9:.2f} GB "
+              f"virtual, {data / 1e9:.2f} GB qcow2 data; median of {args.repeat}: {med:.1f} s = "
+              f"{med / (vsize / 1e9):.1f} s per virtual GB, {med / (data / 1e9):.1f} s per GB of data "
+              f"(all: {', '.join(f'{x:.1f}' for x in imports)} s)")
+        print(f"  imported: {img.origin}; disk {img.disk.size / 1e9:.2f} GB qcow2, kernel "
+              f"{Path(img.kernel.source).name} {img.kernel.size / 2**20:.0f} MiB, initrd {img.initrd.size / 2**20:.1f} MiB")
+
+        appliance.build("vmwrap-bench-disk", "busybox", str(APPLIANCES), str(catalog))
+        env = site(tmp, tmp / "cache")
+        work = tmp / "work"
+        work.mkdir()
+        work.chmod(0o777)
+        jobs = {}
+        for name in ("debian-disk", "vmwrap-bench-disk"):
+            jobs[name] = tmp / f"{name}.sh"
+            jobs[name].write_text(f"#!/bin/sh\n#VMWRAP --image={name}\necho FIRST-OUTPUT\n")
+            r = subprocess.run(["vmwrap", "run", str(jobs[name]), "--workdir", str(work)], env=env,
+                               capture_output=True)  # warms the cache
+            if r.returncode != 0 or b"FIRST-OUTPUT" not in r.stdout:
+                raise SystemExit(f"{name}: job failed: {r.stderr.decode()[-500:]}")
+        times: dict[str, list[float]] = {n: [] for n in jobs}
+        for _ in range(args.repeat):
+            for name, job in jobs.items():  # interleaved: both see the same machine load
+                times[name].append(first_output(["vmwrap", "run", str(job), "--workdir", str(work)], env=env,
+                                                marker=b"FIRST-OUTPUT")[0])
+        deb, bb = statistics.median(times["debian-disk"]), statistics.median(times["vmwrap-bench-disk"])
+        print(f"job start -> first output (warm cache, median of {args.repeat}): imported Debian disk "
+              f"{deb:.2f} s, busybox appliance {bb:.2f} s, ratio = {deb / bb:.2f} (goal <= 1.2); "
+              f"runs: {times}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
