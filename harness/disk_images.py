@@ -118,7 +118,13 @@ def _kernel_version(tree: Path) -> str:
     return next((tree / "usr" / "lib" / "modules").iterdir()).name
 
 
-def _small_tree(dest: Path, kernel: bool = True, drop_module: str | None = None) -> None:
+# A host file the "hostlink" disk's /etc/os-release points at: an importer that follows the image's links on
+# the host would read it and name the image after it.
+HOST_BAIT = CACHE / "disks" / "host-bait-os-release"
+
+
+def _small_tree(dest: Path, kernel: bool = True, drop_module: str | None = None, os_release: str | None = None,
+                extra_links: dict[str, str] | None = None) -> None:
     """Only what an import reads, copied from the cached bookworm tree (symlinks kept as they are)."""
     from vmwrap.appliance import DISK_MODULES, GUEST_MODULES, module_closure
 
@@ -128,8 +134,11 @@ def _small_tree(dest: Path, kernel: bool = True, drop_module: str | None = None)
         (dest / d).mkdir(parents=True)
     for link in ("lib", "bin", "sbin"):
         os.symlink(os.readlink(src / link), dest / link)
-    os.symlink(os.readlink(src / "etc" / "os-release"), dest / "etc" / "os-release")
-    shutil.copy2(src / "usr" / "lib" / "os-release", dest / "usr" / "lib" / "os-release")
+    os.symlink(os_release or os.readlink(src / "etc" / "os-release"), dest / "etc" / "os-release")
+    if os_release is None:
+        shutil.copy2(src / "usr" / "lib" / "os-release", dest / "usr" / "lib" / "os-release")
+    for link, target in (extra_links or {}).items():
+        os.symlink(target, dest / link)
     if kernel:
         shutil.copy2(src / "boot" / f"vmlinuz-{v}", dest / "boot" / f"vmlinuz-{v}")
         os.symlink(f"boot/vmlinuz-{v}", dest / "vmlinuz")
@@ -152,7 +161,8 @@ def small_disk(variant: str) -> Path:
     """A small bookworm-derived test disk (qcow2 unless said otherwise) for one import case:
 
     good, bare (ext4, no table, raw), mbr (good, MBR), nokernel, novirtio, unknownfs, truncated,
-    notimage (a text file), backing (qcow2 whose backing file is a host file)."""
+    notimage (a text file), backing (qcow2 whose backing file is a host file), hostlink (/etc/os-release a
+    link to a host file, through '..' past the image's root), linkloop (/etc/os-release a link loop)."""
 
     def tree_disk(table: str = "gpt", **kw) -> Callable[[Path], None]:
         def make(dest: Path) -> None:
@@ -187,13 +197,18 @@ def small_disk(variant: str) -> Path:
     def notimage(dest: Path) -> None:
         dest.write_text("#!/bin/sh\necho this is a shell script, not a disk image\n" * 200)
 
+    def hostlink(dest: Path) -> None:
+        HOST_BAIT.write_text('PRETTY_NAME="read from the host"\n')
+        tree_disk(os_release="../../../../../../.." + str(HOST_BAIT))(dest)
+
     def backing(dest: Path) -> None:
         _run("qemu-img", "create", "-f", "qcow2", "-F", "raw", "-b", "/etc/passwd", str(dest), "1M")
 
     makers = {
         "good": tree_disk(), "mbr": tree_disk("mbr"), "bare": bare, "nokernel": tree_disk(kernel=False),
         "novirtio": tree_disk(drop_module="virtio_blk"), "unknownfs": unknown, "truncated": truncated,
-        "notimage": notimage, "backing": backing,
+        "notimage": notimage, "backing": backing, "hostlink": hostlink,
+        "linkloop": tree_disk(os_release="os-release.a", extra_links={"etc/os-release.a": "/etc/os-release"}),
     }
     suffix = {"bare": "raw", "notimage": "txt"}.get(variant, "qcow2")
     return _cached(f"small-{variant}-v{VERSION}.{suffix}", makers[variant])

@@ -37,6 +37,9 @@ def _nothing_left(tmp_path: Path) -> None:
     ("truncated", r"damaged or truncated qcow2 \(qemu-img check: \d+ corruptions"),
     ("notimage", r"no Linux root filesystem .* found: whole disk: unknown \(no filesystem signature\)$"),
     ("backing", r"has a backing file \('/etc/passwd'\): import a standalone image$"),
+    ("hostlink", r"no Linux root filesystem .* found: partition 1: unknown \(no filesystem signature\); "
+                 r"partition 2: ext4$"),  # the link resolves inside the image, where there is nothing
+    ("linkloop", r"partition 2: more than 16 symlinks resolving /etc/os-release$"),
 ])
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, variant, message):
     src = small_disk(variant)
