@@ -17,14 +17,18 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
 
 
 @contextmanager
-def module_cluster(name: str, appliance, virt_type: str, **site) -> Iterator[Cluster]:
-    """A fresh 3-node cluster under /var/tmp/vmwrap-NAME-PID offering the test appliance."""
+def module_cluster(name: str, appliance, virt_type: str, *, images=(), accounting: bool = False,
+                   **site) -> Iterator[Cluster]:
+    """A fresh 3-node cluster under /var/tmp/vmwrap-NAME-PID offering the test appliance (and `images`,
+    more catalog entries); `accounting`: with slurmdbd, so that sacct answers."""
     base = Path(f"/var/tmp/vmwrap-{name}-{os.getpid()}")
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     base.chmod(0o755)
-    register(str(base / "images.toml"), appliance)
-    c = Cluster(base, {"catalog": str(base / "images.toml"), "accel": virt_type, "grace_seconds": 5.0, **site})
+    for img in (appliance, *images):
+        register(str(base / "images.toml"), img)
+    c = Cluster(base, {"catalog": str(base / "images.toml"), "accel": virt_type, "grace_seconds": 5.0, **site},
+                accounting=accounting)
     c.start()
     try:
         yield c
