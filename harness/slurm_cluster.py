@@ -8,6 +8,7 @@ one machine.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -311,6 +312,17 @@ echo "hello from inside a per-job VM" > from-the-vm.txt
 ls -l from-the-vm.txt
 """
 
+# Runs in the Debian appliance `scripts/demo.sh` builds once with --packages python3-minimal.
+PYTHON_SCRIPT = """#!/bin/sh
+#SBATCH --job-name=vmwrap-python3
+#VMWRAP --image=python3 --memory=256M
+exec python3 - <<'PY'
+import platform, sys
+print(f"python {sys.version.split()[0]} in a Debian VM (kernel {platform.release()})")
+print("sum of squares below 10**6:", sum(i * i for i in range(10**6)))
+PY
+"""
+
 
 def demo(base: Path = Path("/var/tmp/vmwrap-demo"), user: str = "vmwrapuser") -> int:
     """Start a local cluster, submit one job with sbatch, print its output, stop the cluster."""
@@ -321,26 +333,37 @@ def demo(base: Path = Path("/var/tmp/vmwrap-demo"), user: str = "vmwrapuser") ->
     except KeyError:
         subprocess.run(["useradd", "-m", "-U", user], check=True)
         pw = pwd.getpwnam(user)
-    c = Cluster.for_site(base)
+    from vmwrap.catalog import Catalog
+
+    python3 = "python3" in Catalog.load(vmwrap_config.load().catalog).images
+    c = Cluster.for_site(base, images=("busybox", "python3") if python3 else ("busybox",))
     print(f"== starting slurmctld + 3 slurmd under {base}")
     c.start()
     try:
         work = base / "work"
         work.mkdir()
         os.chown(work, pw.pw_uid, pw.pw_gid)
-        r = c.sbatch(DEMO_SCRIPT.format(host=os.uname().release), user=user, cwd=work)
-        if r.returncode != 0:
-            print(r.stderr)
-            return 1
-        job = r.stdout.strip()
-        print(f"== sbatch (as {user}): submitted job {job}; waiting")
-        info = c.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=180)
-        print(f"== job {job}: {info['JobState']}, exit code {info['ExitCode']}, ran {info['RunTime']} "
-              f"on {info['NodeList']}; slurm-{job}.out:")
-        print((work / f"slurm-{job}.out").read_text(), end="")
+        scripts = [DEMO_SCRIPT.format(host=os.uname().release)] + ([PYTHON_SCRIPT] if python3 else [])
+        jobs = []
+        for script in scripts:  # submitted together: they run at once, on different nodes
+            r = c.sbatch(script, user=user, cwd=work)
+            if r.returncode != 0:
+                print(r.stderr)
+                return 1
+            jobs.append(r.stdout.strip())
+        print(f"== sbatch (as {user}): submitted job(s) {', '.join(jobs)}; waiting")
+        ok = True
+        for job in jobs:
+            info = c.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=180)
+            print(f"== job {job}: {info['JobState']}, exit code {info['ExitCode']}, ran {info['RunTime']} "
+                  f"on {info['NodeList']}; slurm-{job}.out:")
+            print((work / f"slurm-{job}.out").read_text(), end="")
+            admin = re.search(r"AdminComment=(vmwrap image=\S+ digest=\S+)", c.run("scontrol", "show", "job", job).stdout)
+            print(f"== its AdminComment (what sacct records): {admin.group(1) if admin else '-'}")
+            ok = ok and info["JobState"] == "COMPLETED"
         bad = c.sbatch("#!/bin/sh\n#VMWRAP --image=../etc/passwd\n", user=user, cwd=work)
         print(f"== a bad request is refused at submit:\n{bad.stderr.strip()}")
-        return 0 if info["JobState"] == "COMPLETED" else 1
+        return 0 if ok else 1
     finally:
         c.stop()
 
