@@ -84,6 +84,23 @@ def _mbr(raw: Path, parts: list[tuple[int, int]]) -> None:
         f.write(mbr)
 
 
+def _mbr_logical(raw: Path, parts: list[tuple[int, int]]) -> None:
+    """Partition 1 primary; the root a logical partition (5) in an extended one that starts 1 MiB before it."""
+    (p1_first, _), (root_first, root_last) = parts
+    ext_first = root_first - 2048
+    mbr = bytearray(512)
+    struct.pack_into("<4xB3xII", mbr, 446, 0x83, p1_first, ext_first - p1_first)
+    struct.pack_into("<4xB3xII", mbr, 462, 0x05, ext_first, root_last - ext_first + 1)
+    mbr[510:512] = b"\x55\xaa"
+    ebr = bytearray(512)
+    struct.pack_into("<4xB3xII", ebr, 446, 0x83, 2048, root_last - root_first + 1)
+    ebr[510:512] = b"\x55\xaa"
+    with open(raw, "r+b") as f:
+        f.write(mbr)
+        f.seek(ext_first * 512)
+        f.write(ebr)
+
+
 def make_disk(dest: Path, tree: Path | None, root_mib: int, table: str = "gpt",
               second: Callable[[Path, int, int], None] | None = None) -> None:
     """A qcow2 disk: an empty FIRST_MIB partition, then `tree` as ext4 (or `second(raw, offset, size)`)."""
@@ -92,7 +109,7 @@ def make_disk(dest: Path, tree: Path | None, root_mib: int, table: str = "gpt",
     with open(raw, "wb") as f:
         f.truncate((start + root_mib + 1) * MIB)
     parts = [(2048, start * 2048 - 1), (start * 2048, (start + root_mib) * 2048 - 1)]
-    (_gpt if table == "gpt" else _mbr)(raw, parts)
+    {"gpt": _gpt, "mbr": _mbr, "logical": _mbr_logical}[table](raw, parts)
     if second is None:
         _run("mkfs.ext4", "-q", "-F", "-E", f"offset={start * MIB}", "-L", "root", "-d", str(tree), str(raw),
              f"{root_mib}M")
@@ -160,7 +177,7 @@ def _small_tree(dest: Path, kernel: bool = True, drop_module: str | None = None,
 def small_disk(variant: str) -> Path:
     """A small bookworm-derived test disk (qcow2 unless said otherwise) for one import case:
 
-    good, bare (ext4, no table, raw), mbr (good, MBR), nokernel, novirtio, unknownfs, truncated,
+    good, bare (ext4, no table, raw), mbr (good, MBR), logical (root in an MBR logical partition), nokernel, novirtio, unknownfs, truncated,
     notimage (a text file), backing (qcow2 whose backing file is a host file), hostlink (/etc/os-release a
     link to a host file, through '..' past the image's root), linkloop (/etc/os-release a link loop)."""
 
@@ -205,7 +222,7 @@ def small_disk(variant: str) -> Path:
         _run("qemu-img", "create", "-f", "qcow2", "-F", "raw", "-b", "/etc/passwd", str(dest), "1M")
 
     makers = {
-        "good": tree_disk(), "mbr": tree_disk("mbr"), "bare": bare, "nokernel": tree_disk(kernel=False),
+        "good": tree_disk(), "mbr": tree_disk("mbr"), "logical": tree_disk("logical"), "bare": bare, "nokernel": tree_disk(kernel=False),
         "novirtio": tree_disk(drop_module="virtio_blk"), "unknownfs": unknown, "truncated": truncated,
         "notimage": notimage, "backing": backing, "hostlink": hostlink,
         "linkloop": tree_disk(os_release="os-release.a", extra_links={"etc/os-release.a": "/etc/os-release"}),

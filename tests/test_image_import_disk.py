@@ -58,10 +58,14 @@ def test_above_max_bytes_is_refused(tmp_path):
     _nothing_left(tmp_path)
 
 
-@pytest.mark.parametrize("variant", ["mbr", "bare"])
+@pytest.mark.parametrize("variant", ["mbr", "logical", "bare"])
 def test_mbr_and_bare_filesystem_import(tmp_path, variant):
-    """GPT is covered by the VM tests; an MBR disk and a raw bare ext4 (no table) import the same way."""
-    img = _import(tmp_path, small_disk(variant))
+    """GPT is covered by the VM tests; an MBR disk (root primary or logical) and a raw bare ext4 (no table)
+    import the same way."""
+    stages: list[str] = []
+    img = import_disk(small_disk(variant), "site-os", tmp_path / "out", str(tmp_path / "images.toml"),
+                      max_bytes=None, on_stage=stages.append)
+    assert stages[0].startswith("check the image") and stages[-1] == "hash and register in the catalog"
     assert img.origin.startswith("disk Debian GNU/Linux 12 (bookworm) kernel 6.1.0-")
     assert Catalog.load(str(tmp_path / "images.toml")).images["site-os"].digest == img.digest
     assert Path(img.kernel.source).read_bytes()[:4] == b"\x7fELF"  # the PVH ELF, not the bzImage
