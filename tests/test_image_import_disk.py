@@ -7,6 +7,7 @@ built in) disk imported and a job run in each with `vmwrap run`, under the image
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -136,3 +137,11 @@ def test_cli_import_disk(tmp_path):
     img = Catalog.load(str(site.catalog)).images["site-os"]
     assert img.users == ["alice"] and img.origin.startswith("disk Debian GNU/Linux 12 (bookworm) kernel 6.1.0-")
     assert sorted(p.name for p in (tmp_path / "appliances").iterdir()) == ["site-os"]
+
+
+def test_fifo_is_refused_without_hanging(tmp_path):
+    fifo = tmp_path / "disk.qcow2"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match=r"disk\.qcow2: not a regular file$"):
+        _import(tmp_path, fifo)
+    _nothing_left(tmp_path)

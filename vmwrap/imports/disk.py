@@ -202,13 +202,13 @@ class Disk:
 
     @classmethod
     def open(cls, src: Path, max_bytes: int | None) -> "Disk":
-        try:
-            with open(src, "rb") as f:
-                head = f.read(8)
+        try:  # O_NONBLOCK: a FIFO must not hang the import; it is refused below
+            with open(os.open(src, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
                 st = os.fstat(f.fileno())
+                head = f.read(8) if stat.S_ISREG(st.st_mode) else b""
         except OSError as e:
             raise ImageError(f"{src}: cannot read: {e.strerror}") from None
-        if not os.path.isfile(src):
+        if not stat.S_ISREG(st.st_mode):
             raise ImageError(f"{src}: not a regular file")
         for magic, kind in OTHER_MAGIC.items():
             if head.startswith(magic):
@@ -335,15 +335,14 @@ class Disk:
         kind = _ext_kind(head[1024:2048])
         if kind:
             return kind
-        probe = tmp / "probe.raw"
-        probe.write_bytes(head)
+        fd = os.memfd_create("vmwrap-probe")
         try:
-            r = subprocess.run([BLKID, "-p", "-o", "value", "-s", "TYPE", str(probe)], capture_output=True,
-                               text=True, timeout=60)
-            found = r.stdout.strip() if r.returncode == 0 else ""
+            os.write(fd, head)
+            rc, out, _err = _as_nobody([BLKID, "-p", "-o", "value", "-s", "TYPE", f"/proc/self/fd/{fd}"], fd,
+                                       f"{self.path}: blkid")
         finally:
-            probe.unlink()
-        found = re.sub(r"[^A-Za-z0-9_.-]", "", found)[:32]
+            os.close(fd)
+        found = re.sub(r"[^A-Za-z0-9_.-]", "", out.decode("ascii", "replace") if rc == 0 else "")[:32]
         return found or "unknown (no filesystem signature)"
 
 
@@ -396,25 +395,9 @@ class ExtFS:
         os.close(self._fd)
 
     def _debugfs(self, cmd: str) -> bytes:
-        def limits() -> None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_VMLINUX, MAX_VMLINUX))
-            resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-
-        try:
-            with subprocess.Popen([DEBUGFS, "-c", "-R", cmd, f"/proc/self/fd/{self._fd}"], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=self.work,
-                                  pass_fds=(self._fd,),
-                                  user=NOBODY, group=NOBODY, extra_groups=[], preexec_fn=limits) as p:
-                try:
-                    out, err = p.communicate(timeout=DEBUGFS_SECONDS)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    raise ImageError(f"{self.label}: debugfs took over {DEBUGFS_SECONDS} s") from None
-        except FileNotFoundError:
-            raise NodeError(f"{DEBUGFS} is not installed (e2fsprogs)") from None
-        if len(out) > MAX_LISTING:
-            raise ImageError(f"{self.label}: debugfs output above {MAX_LISTING} bytes")
-        if p.returncode != 0 or any(m in err for m in (b"Bad magic number", b"while opening", b"not open",
+        rc, out, err = _as_nobody([DEBUGFS, "-c", "-R", cmd, f"/proc/self/fd/{self._fd}"], self._fd,
+                                  f"{self.label}: debugfs", cwd=self.work)
+        if rc != 0 or any(m in err for m in (b"Bad magic number", b"while opening", b"not open",
                                                        b"while reading", b"Corrupt")):
             lines = [ln for ln in err.decode("utf-8", "replace").splitlines() if ln and not ln.startswith("debugfs 1")]
             why = " ".join(" ".join(lines).split())[:200]
@@ -510,6 +493,29 @@ class ExtFS:
                 raise ImageError(f"{self.label}: implausible module path {rel[:100]!r} in modules.dep")
             return self.read(f"{moddir}/{rel}", appliance.MAX_MODULE_BYTES)
         return read
+
+
+def _as_nobody(argv: list[str], fd: int, what: str, cwd: Path | None = None) -> tuple[int, bytes, bytes]:
+    """Run a parser of hostile bytes as nobody (no groups), the data as open fd `fd`, with bounded time,
+    memory, file sizes and output: (returncode, stdout, stderr)."""
+    def limits() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_VMLINUX, MAX_VMLINUX))
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    try:
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                              cwd=cwd or "/", pass_fds=(fd,), user=NOBODY, group=NOBODY, extra_groups=[],
+                              preexec_fn=limits) as p:
+            try:
+                out, err = p.communicate(timeout=DEBUGFS_SECONDS)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                raise ImageError(f"{what} took over {DEBUGFS_SECONDS} s") from None
+    except FileNotFoundError:
+        raise NodeError(f"{argv[0]} is not installed (e2fsprogs, util-linux)") from None
+    if len(out) > MAX_LISTING:
+        raise ImageError(f"{what}: output above {MAX_LISTING} bytes")
+    return p.returncode, out, err
 
 
 # --- the kernel ----------------------------------------------------------------------------------------
