@@ -148,7 +148,9 @@ class _Claim:
 
 
 class _Blocks(dict):
-    """Per-node intervals promised to queued jobs; `easy` = (time, nodes) of EASY's one promise."""
+    """Per-node intervals promised to queued jobs; `easy` = (time, nodes, end) of EASY's one
+    promise. Computed eagerly: a later pass whose queue is empty keeps it for later arrivals, so
+    a deferred one would be computed on another cluster."""
     easy = None
 
 
@@ -212,12 +214,10 @@ class _Link:
 _END, _SUSPENDED, _AR_END, _CACHED, _PREEMPT, _AR_START, _CLAIM, _AR_SUBMIT, _SUBMIT, _CANCEL = range(10)
 
 
-def _first_overlap(later, srel, snode, need: float, k: int, horizon: float):
-    """First time at most `horizon` in k nodes' windows, and those nodes; (None, None) if none.
-
-    Each node in `later` (node, release, commitments) has windows [open, close] in which a start
-    needing `need` fits before its next commitment; a node in `srel`/`snode` is free from its
-    release on. Counting over two sorted float lists finds it without sorting tuples."""
+def _windows(later, need: float, horizon: float):
+    """Each node in `later` (node, release, commitments) has windows [open, close] in which a
+    start needing `need` fits before its next commitment: those opening by `horizon`, as
+    (opens, closes, (open, close, node))."""
     opens: list[float] = []
     closes: list[float] = []
     wins: list[tuple[float, float, int]] = []
@@ -235,6 +235,13 @@ def _first_overlap(later, srel, snode, need: float, k: int, horizon: float):
         if cur <= horizon:
             opens.append(cur)
             wins.append((cur, INF, n))
+    return opens, closes, wins
+
+
+def _first_overlap(opens, closes, wins, srel, snode, k: int, horizon: float):
+    """First time at most `horizon` in k nodes' windows (`_windows`; a node in `srel`/`snode` is
+    free from its release on), and those nodes; (None, None) if none. Counting over two sorted
+    float lists finds it without sorting tuples."""
     opens += [r for r in srel if r <= horizon]
     opens.sort()
     closes.sort()
@@ -302,6 +309,8 @@ class Simulator:
         self._fresh: list[Run] = []
         self._blocks = None
         self._ahead = 3600.0        # _reserve's first horizon, from its last answer
+        self._ver = 0               # bumped whenever a node's occupant or commitments change
+        self._last_promise = None   # (head, its request left, suspensions, _ver, t, nodes)
 
     # -- events ---------------------------------------------------------------------------------
     def _push(self, t: float, kind: int, obj) -> None:
@@ -395,6 +404,7 @@ class Simulator:
 
     def _release(self, nodes, now: float, img: int | None) -> None:
         self._gap_cache = None
+        self._ver += 1
         for n in nodes:
             self.busy[n] = None
             self.free.add(n)
@@ -465,13 +475,14 @@ class Simulator:
         if among is not None:
             occ_end = now + setup + run.req_left * self.slow
             gap = cache[3]
+            out = [n for n in among if gap[n] >= need]
+            if len(out) < k:
+                return []
             easy = blocks.easy
             if easy is not None or not blocks:   # no blocks, or EASY's one interval (t, e)
                 if easy is not None and easy[0] < occ_end and now < easy[2]:
                     reserved = easy[1]
-                    out = [n for n in among if gap[n] >= need and n not in reserved]
-                else:
-                    out = [n for n in among if gap[n] >= need]
+                    out = [n for n in out if n not in reserved]
                 return out if len(out) >= k else []
             out = []
             for n in among:
@@ -605,6 +616,7 @@ class Simulator:
 
     def _book_claim(self, run: Run, nodes: list[int], now: float, ready: float) -> bool:
         self._gap_cache = None
+        self._ver += 1
         self.seq += 1
         dur = self._setup(run, nodes) + run.req_left * self.slow
         c = _Claim(-self.seq, ready, dur, run, tuple(nodes))
@@ -628,6 +640,7 @@ class Simulator:
         self.ar_nodes.pop(c.id, None)
         c.run.claim = None
         self._gap_cache = None
+        self._ver += 1
 
     def _claim_start(self, c: _Claim, now: float) -> None:
         if c.cancelled:
@@ -657,6 +670,7 @@ class Simulator:
 
     def _start(self, run: Run, nodes: list[int], now: float, ready: float) -> bool:
         self._gap_cache = None
+        self._ver += 1
         for n in nodes:
             if self.busy[n] is not None:
                 raise InvariantError(f"node {n} over-committed at {now}")
@@ -741,16 +755,20 @@ class Simulator:
                 break
             if self.cfg.backfill == "conservative" or not head_done:
                 head_done = True
-                t, nodes = self._reserve(run, now, blocks)
-                dur = run.req_left * self.slow + self._setup(run, ())
-                for n in nodes:
-                    blocks.setdefault(n, []).append((t, t + dur))
-                if self.cfg.backfill == "easy":
-                    blocks.easy = (t, frozenset(nodes), t + dur)
-                    self._blocks = blocks
-                if self.cfg.prestage and not run.suspensions and self.cfg.transfer != "none":
-                    self._prestage(run, t, nodes, now)
+                self._promise(run, now, blocks)
             i += 1
+
+    def _promise(self, run: Run, now: float, blocks: _Blocks) -> None:
+        """Book `run`'s earliest start in `blocks` (EASY's one promise or conservative's every)."""
+        t, nodes = self._reserve(run, now, blocks)
+        dur = run.req_left * self.slow + self._setup(run, ())
+        for n in nodes:
+            blocks.setdefault(n, []).append((t, t + dur))
+        if self.cfg.backfill == "easy":
+            blocks.easy = (t, frozenset(nodes), t + dur)
+            self._blocks = blocks
+        if self.cfg.prestage and not run.suspensions and self.cfg.transfer != "none":
+            self._prestage(run, t, nodes, now)
 
     def _reserve(self, run: Run, now: float, blocks: dict) -> tuple[float, list[int]]:
         """Earliest time `run` could start, and on which nodes (EASY's shadow time).
@@ -759,6 +777,21 @@ class Simulator:
         commitment; the answer is the first open at which k windows overlap. Counting over two
         sorted float lists finds it without sorting tuples, the hot spot of a whole sweep.
         """
+        # The same head on the same nodes after events that changed no node (an image cached, a
+        # job cancelled, a reservation rejected): the answer t still holds if not yet past (only
+        # free nodes' windows moved, to open at now, and those holding t still do; no earlier
+        # time gained a node), so it is reused. Not with other promises in `blocks`.
+        key = (run, run.req_left, run.suspensions, self._ver)
+        last = self._last_promise
+        if not blocks and last is not None and last[:4] == key and last[4] >= now:
+            return last[4], list(last[5])
+        t, nodes = self._shadow(run, now, blocks)
+        if not blocks:
+            self._last_promise = key + (t, tuple(nodes))
+        return t, nodes
+
+    def _shadow(self, run: Run, now: float, blocks: dict) -> tuple[float, list[int]]:
+        """`_reserve` computed."""
         setup = self.boot + (self.resume_s + self.migrate_s if run.suspensions else 0.0)
         need = self._need(run, setup)
         # A node without commitments after its release has one window [rel, inf) (most nodes:
@@ -770,8 +803,11 @@ class Simulator:
         srel: list[float] = []
         snode: list[int] = []
         later: list[tuple[int, float, list]] = []
-        finals: list[float] = []
-        busy, node_iv = self.busy, self.node_iv
+        opens: list[float] = []
+        closes: list[float] = []
+        wins: list[tuple[float, float, int]] = []
+        horizon = now + self._ahead
+        busy, node_iv, node_ars = self.busy, self.node_iv, self.node_ars
         for n in range(self.c.nodes):
             occ = busy[n]
             iv = node_iv[n]
@@ -779,11 +815,12 @@ class Simulator:
                 rel = now
             elif isinstance(occ, Run):
                 rel = occ.req_end
-                if iv:
-                    u = self._until(n, now)
-                    if u < rel:
-                        rel = u
-                    iv = node_iv[n]
+                if iv:   # self._until(n, now), inlined: one call per node and pass
+                    ars = node_ars[n]
+                    if ars[0].start + ars[0].dur <= now:
+                        self._next_ar(n, now)
+                    if ars and ars[0].start < rel:
+                        rel = ars[0].start
                 if rel < now:
                     rel = now
             elif isinstance(occ, tuple):   # ("suspending", run, until)
@@ -798,23 +835,40 @@ class Simulator:
                 snode.append(n)
                 continue
             later.append((n, rel, iv))
-            last = max(map(_END_OF, iv))
-            finals.append(last if last > rel else rel)
+            cur = rel    # _windows' loop, inlined for the first horizon
+            for bs, be in iv:
+                if cur > horizon:
+                    break
+                if be <= cur:
+                    continue
+                if bs - cur >= need:
+                    opens.append(cur)
+                    closes.append(bs - need)
+                    wins.append((cur, bs - need, n))
+                cur = be
+            if cur <= horizon:
+                opens.append(cur)
+                wins.append((cur, INF, n))
         k = run.job.nodes
-        finals += srel
-        bound = sorted(finals)[k - 1]
-        ahead = self._ahead
-        while True:
-            horizon = min(now + ahead, bound)
-            t, have = _first_overlap(later, srel, snode, need, k, horizon)
-            if t is not None or horizon >= bound:
-                break
-            ahead *= 4
+        t, have = _first_overlap(opens, closes, wins, srel, snode, k, horizon)
+        if t is None:
+            finals = [max(rel, max(map(_END_OF, iv))) for _, rel, iv in later] + srel
+            bound = sorted(finals)[k - 1]
+            ahead = self._ahead
+            while t is None and horizon < bound:
+                ahead *= 4
+                horizon = min(now + ahead, bound) if ahead < 1e9 else bound
+                opens, closes, wins = _windows(later, need, horizon)
+                t, have = _first_overlap(opens, closes, wins, srel, snode, k, horizon)
         if t is None:
             return INF, []
         self._ahead = max(3600.0, 2 * (t - now))
         # promise the nodes busy now: the free ones stay open to backfilling
-        return t, sorted(have, key=lambda m: (busy[m] is None, m))[:k]
+        have.sort()
+        pick = [m for m in have if busy[m] is not None]
+        if len(pick) < k:
+            pick += [m for m in have if busy[m] is None]
+        return t, pick[:k]
 
     def _prestage(self, run: Run, t: float, nodes: list[int], now: float) -> None:
         """Fetch the head's image onto the nodes it is planned to start on (vmwrap's prestage)."""
@@ -892,6 +946,7 @@ class Simulator:
                  if isinstance(a, _Claim) and a.start < end and r.start - lead < a.start + a.dur}
         for c in sorted(clash, key=lambda c: c.id):
             self._drop_claim(c)
+        self._ver += 1
         for n in nodes:
             bisect.insort(self.node_ars[n], r, key=lambda a: a.start)
             bisect.insort(self.node_iv[n], (r.start, r.start + r.dur))
@@ -926,6 +981,7 @@ class Simulator:
             mark = ("suspending", run, until)
         else:   # still staging or booting: nothing to save, just give the nodes back
             mark = ("suspending", run, now)
+        self._ver += 1
         for n in run.nodes:
             self.busy[n] = mark
         self._push(mark[2], _SUSPENDED, mark)
@@ -940,6 +996,7 @@ class Simulator:
         self._enqueue(run)
 
     def _ar_start(self, r: Reservation, now: float) -> None:
+        self._ver += 1
         for n in self.ar_nodes[r.id]:
             occ = self.busy[n]
             if isinstance(occ, Run) and occ.end - now <= EPS * max(1.0, now):
