@@ -102,14 +102,19 @@ def _mbr_logical(raw: Path, parts: list[tuple[int, int]]) -> None:
 
 
 def make_disk(dest: Path, tree: Path | None, root_mib: int, table: str = "gpt",
-              second: Callable[[Path, int, int], None] | None = None) -> None:
-    """A qcow2 disk: an empty FIRST_MIB partition, then `tree` as ext4 (or `second(raw, offset, size)`)."""
+              second: Callable[[Path, int, int], None] | None = None, first_mib: int = FIRST_MIB,
+              boot: Path | None = None) -> None:
+    """A qcow2 disk: a first_mib partition (empty, or `boot` as ext4), then `tree` as ext4 (or
+    `second(raw, offset, size)`)."""
     raw = dest.with_suffix(".raw")
-    start = FIRST_MIB + 1
+    start = first_mib + 1
     with open(raw, "wb") as f:
         f.truncate((start + root_mib + 1) * MIB)
     parts = [(2048, start * 2048 - 1), (start * 2048, (start + root_mib) * 2048 - 1)]
     {"gpt": _gpt, "mbr": _mbr, "logical": _mbr_logical}[table](raw, parts)
+    if boot is not None:
+        _run("mkfs.ext4", "-q", "-F", "-E", f"offset={MIB}", "-L", "boot", "-d", str(boot), str(raw),
+             f"{first_mib}M")
     if second is None:
         _run("mkfs.ext4", "-q", "-F", "-E", f"offset={start * MIB}", "-L", "root", "-d", str(tree), str(raw),
              f"{root_mib}M")
@@ -177,7 +182,8 @@ def _small_tree(dest: Path, kernel: bool = True, drop_module: str | None = None,
 def small_disk(variant: str) -> Path:
     """A small bookworm-derived test disk (qcow2 unless said otherwise) for one import case:
 
-    good, bare (ext4, no table, raw), mbr (good, MBR), logical (root in an MBR logical partition), nokernel, novirtio, unknownfs, truncated,
+    good, bare (ext4, no table, raw), mbr (good, MBR), logical (root in an MBR logical partition),
+    bootpart (the kernel on a separate /boot partition 1), nokernel, novirtio, unknownfs, truncated,
     notimage (a text file), backing (qcow2 whose backing file is a host file), hostlink (/etc/os-release a
     link to a host file, through '..' past the image's root), linkloop (/etc/os-release a link loop)."""
 
@@ -187,6 +193,15 @@ def small_disk(variant: str) -> Path:
             _small_tree(tree, **kw)
             make_disk(dest, tree, 48, table)
         return make
+
+    def bootpart(dest: Path) -> None:
+        tree, boot = dest.parent / "tree", dest.parent / "boot"
+        _small_tree(tree, kernel=False)
+        src = debian_root("bookworm", PACKAGES)
+        boot.mkdir()
+        v = _kernel_version(src)
+        shutil.copy2(src / "boot" / f"vmlinuz-{v}", boot / f"vmlinuz-{v}")
+        make_disk(dest, tree, 48, "gpt", first_mib=24, boot=boot)
 
     def unknown(dest: Path) -> None:
         def minix(raw: Path, offset: int, size: int) -> None:
@@ -222,7 +237,7 @@ def small_disk(variant: str) -> Path:
         _run("qemu-img", "create", "-f", "qcow2", "-F", "raw", "-b", "/etc/passwd", str(dest), "1M")
 
     makers = {
-        "good": tree_disk(), "mbr": tree_disk("mbr"), "logical": tree_disk("logical"), "bare": bare, "nokernel": tree_disk(kernel=False),
+        "good": tree_disk(), "mbr": tree_disk("mbr"), "logical": tree_disk("logical"), "bootpart": bootpart, "bare": bare, "nokernel": tree_disk(kernel=False),
         "novirtio": tree_disk(drop_module="virtio_blk"), "unknownfs": unknown, "truncated": truncated,
         "notimage": notimage, "backing": backing, "hostlink": hostlink,
         "linkloop": tree_disk(os_release="os-release.a", extra_links={"etc/os-release.a": "/etc/os-release"}),

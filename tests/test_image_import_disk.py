@@ -31,7 +31,8 @@ def _nothing_left(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("variant, message", [
-    ("nokernel", r"no kernel: needs /boot/vmlinuz-V with /lib/modules/V/modules\.dep \(vmlinuz versions found: none"),
+    ("nokernel", r"no kernel: needs /boot/vmlinuz-V \(or vmlinuz-V on a /boot partition\) with "
+                 r"/lib/modules/V/modules\.dep \(vmlinuz versions found: none\)$"),
     ("novirtio", r"kernel 6\.1\.0-\S+ has no virtio_blk: neither a module \(modules\.dep\) nor built in"),
     ("unknownfs", r"no Linux root filesystem .* found: partition 1: unknown \(no filesystem signature\); "
                   r"partition 2: minix$"),
@@ -59,10 +60,10 @@ def test_above_max_bytes_is_refused(tmp_path):
     _nothing_left(tmp_path)
 
 
-@pytest.mark.parametrize("variant", ["mbr", "logical", "bare"])
+@pytest.mark.parametrize("variant", ["mbr", "logical", "bare", "bootpart"])
 def test_mbr_and_bare_filesystem_import(tmp_path, variant):
-    """GPT is covered by the VM tests; an MBR disk (root primary or logical) and a raw bare ext4 (no table)
-    import the same way."""
+    """GPT is covered by the VM tests; an MBR disk (root primary or logical), a raw bare ext4 (no table) and
+    a GPT disk whose kernel is on a separate /boot partition import the same way."""
     stages: list[str] = []
     img = import_disk(small_disk(variant), "site-os", tmp_path / "out", str(tmp_path / "images.toml"),
                       max_bytes=None, on_stage=stages.append)

@@ -87,25 +87,30 @@ def _import(src: Path, name: str, out: Path, tmp: Path, catalog_path: str, max_b
     regions = disk.regions()
     found: list[str] = []
     fs = None
+    others: list[tuple[str, int, int]] = []  # other ext filesystems: where a separate /boot may be
     for label, offset, size in regions:
         kind = disk.fstype(offset, size, tmp)
         found.append(f"{label}: {kind}")
         if kind not in ROOT_FS:
+            continue
+        if fs is not None:
+            others.append((label, offset, size))
             continue
         slice_ = tmp / f"{label.replace(' ', '')}.raw"
         disk.extract(offset, size, slice_)
         cand = ExtFS(slice_, tmp, f"{src} {label}")
         if cand.exists("/etc/os-release") and (cand.exists("/lib/modules") or cand.exists("/usr/lib/modules")):
             fs = cand
-            break
+            continue
         cand.close()
         slice_.unlink()
+        others.append((label, offset, size))
     if fs is None:
         raise ImageError(f"{src}: no Linux root filesystem (ext2/3/4 with /etc/os-release and /lib/modules) "
                          f"found: {'; '.join(found) or 'nothing'}")
     os_name = _os_release(fs.read("/etc/os-release", MAX_SMALL))
     stage("kernel")
-    version = _newest_kernel(fs, src)
+    version, kfs, kpath = _newest_kernel(fs, disk, others, tmp)
     moddir = f"/lib/modules/{version}"
     km = appliance.KernelModules(version, fs.read(f"{moddir}/modules.dep", MAX_SMALL).decode("utf-8", "replace"),
                                  fs.read(f"{moddir}/modules.builtin", MAX_SMALL).decode("utf-8", "replace")
@@ -116,7 +121,7 @@ def _import(src: Path, name: str, out: Path, tmp: Path, catalog_path: str, max_b
     new.mkdir()
     appliance.build_initrd(km, new / "initrd.cpio", tmp)
     vmlinuz = tmp / "vmlinuz"
-    vmlinuz.write_bytes(fs.read(f"/boot/vmlinuz-{version}", MAX_KERNEL))
+    vmlinuz.write_bytes(kfs.read(kpath, MAX_KERNEL))
     kernel = new / "vmlinux"
     if not pvh_vmlinux(vmlinuz, kernel):
         kernel = new / "vmlinuz"  # no PVH ELF inside: boot the bzImage itself (slower under TCG)
@@ -160,16 +165,37 @@ def _version_key(v: str) -> list:
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.+~_-]", v)]
 
 
-def _newest_kernel(fs: "ExtFS", src: Path) -> str:
-    """The newest /boot/vmlinuz-V that has a lib/modules/V with a modules.dep."""
-    boot = fs.listdir("/boot") if fs.exists("/boot") else {}
-    versions = [n[len("vmlinuz-"):] for n in boot if n.startswith("vmlinuz-")]
-    usable = [v for v in versions if _VERSION.fullmatch(v) and fs.exists(f"/lib/modules/{v}/modules.dep")]
-    if not usable:
-        seen = ", ".join(sorted(versions)[:5]) or "none"
-        raise ImageError(f"{src}: no kernel: needs /boot/vmlinuz-V with /lib/modules/V/modules.dep "
-                         f"(vmlinuz versions found: {seen}; a separate /boot partition is not supported)")
-    return max(usable, key=_version_key)
+def _kernels(fs: "ExtFS", boot: str) -> list[str]:
+    return [n[len("vmlinuz-"):] for n, e in fs.listdir(boot).items() if n.startswith("vmlinuz-")]
+
+
+def _newest_kernel(root: "ExtFS", disk: "Disk", others: list[tuple[str, int, int]],
+                   tmp: Path) -> tuple[str, "ExtFS", str]:
+    """(V, filesystem, path) of the newest vmlinuz-V that has a /lib/modules/V/modules.dep in the root:
+    from the root's /boot, else from a separate /boot partition (another ext fs with vmlinuz-V on top)."""
+    seen: list[str] = []
+
+    def usable(versions: list[str]) -> list[str]:
+        seen.extend(versions)
+        return [v for v in versions if _VERSION.fullmatch(v) and root.exists(f"/lib/modules/{v}/modules.dep")]
+
+    ok = usable(_kernels(root, "/boot"))
+    if ok:
+        v = max(ok, key=_version_key)
+        return v, root, f"/boot/vmlinuz-{v}"
+    for label, offset, size in others:
+        slice_ = tmp / f"{label.replace(' ', '')}.raw"
+        disk.extract(offset, size, slice_)
+        boot = ExtFS(slice_, tmp, f"{disk.path} {label}")
+        ok = usable(_kernels(boot, "/"))
+        if ok:
+            v = max(ok, key=_version_key)
+            return v, boot, f"/vmlinuz-{v}"
+        boot.close()
+        slice_.unlink()
+    shown = ", ".join(sorted(seen)[:5]) or "none"
+    raise ImageError(f"{disk.path}: no kernel: needs /boot/vmlinuz-V (or vmlinuz-V on a /boot partition) with "
+                     f"/lib/modules/V/modules.dep (vmlinuz versions found: {shown})")
 
 
 # --- the disk: format, partitions, slices -----------------------------------------------------------
