@@ -333,3 +333,15 @@ def test_an_oci_import_registers_env_origin_and_an_ext4_root(site, tmp_path):
     assert "Mode:  04755" in stat and "User:     7" in stat and "Group:     8" in stat, stat
     etc = subprocess.run(["debugfs", "-R", "ls /etc", str(raw)], capture_output=True, text=True).stdout
     assert "passwd" not in etc
+
+
+def test_the_job_environment_goes_over_the_image_defaults_but_path_is_the_images(tmp_path):
+    """payload.job_environment: the launcher's ctl/image-env under the job's variables; PATH the image's."""
+    from vmwrap import rundir
+    from vmwrap.payload import job_environment
+
+    job = {"FOO": "job", "HOME": "/home/u", "PATH": "/host/bin"}
+    assert job_environment(tmp_path, job) == job  # no image env (an older run dir): unchanged
+    rundir.ctl(tmp_path).mkdir()
+    (rundir.ctl(tmp_path) / rundir.CTL_IMAGE_ENV).write_bytes(b"FOO=image\0LANG=C.UTF-8\0PATH=/img/bin\0")
+    assert job_environment(tmp_path, job) == {"FOO": "job", "HOME": "/home/u", "LANG": "C.UTF-8", "PATH": "/img/bin"}

@@ -117,6 +117,9 @@ class Launcher:
         os.umask(umask)
         (ctl / rundir.CTL_IDS).write_text(f"{self.job.uid} {self.job.gid} {groups} {umask:o}\n")
         (ctl / rundir.CTL_HOSTNAME).write_text(os.uname().nodename)
+        env = ctl / rundir.CTL_IMAGE_ENV  # the image's defaults under the job's own (payload.job_environment)
+        env.write_bytes(b"".join(f"{k}={v}".encode() + b"\0" for k, v in self.request.image.env.items()))
+        env.chmod(0o644)
         user = ctl / rundir.CTL_USER
         user.mkdir(exist_ok=True)
         os.chown(user, *self.qemu_ids)  # the job hands over its script here; QEMU shares it in

@@ -44,6 +44,20 @@ CONSOLE_TAIL = 2000
 PANIC_WINDOW = 16 * 1024   # bytes read back to find a panic's first line
 PANIC_CONTEXT_LINES = 15
 
+IMAGE_ENV_MAX = 1 << 17  # the catalog's env of an image (imports cap it at 64 KiB)
+
+
+def job_environment(run_dir: Path, environment: dict[str, str]) -> dict[str, str]:
+    """The job's environment over its image's defaults (ctl/image-env, root's): the job's own variables
+    win, except PATH, which is the image's when it sets one (the host's PATH means nothing in its root)."""
+    raw = safeio.read_capped(rundir.ctl(run_dir) / rundir.CTL_IMAGE_ENV, IMAGE_ENV_MAX) or b""
+    image = dict(e.decode("utf-8", "surrogateescape").partition("=")[::2] for e in raw.split(b"\0") if b"=" in e)
+    merged = {**image, **environment}
+    if "PATH" in image:
+        merged["PATH"] = image["PATH"]
+    return merged
+
+
 class Attachment:
     """Either side: hand the job to the waiting guest, stream its output, forward signals.
 
@@ -90,7 +104,8 @@ class Attachment:
             _write_private(user / rundir.USER_SCRIPT, script.encode("utf-8", "surrogateescape"), 0o700)
             _write_private(user / rundir.USER_ENV, b"".join(
                 f"{k}={v}".encode("utf-8", "surrogateescape") + b"\0"
-                for k, v in environment.items() if "\0" not in k + v and "=" not in k), 0o600)
+                for k, v in job_environment(self.run_dir, environment).items() if "\0" not in k + v and "=" not in k),
+                0o600)
             _write_private(user / rundir.USER_ARGS, b"".join(a.encode("utf-8", "surrogateescape") + b"\0" for a in args), 0o600)
             _write_private(user / rundir.USER_LIMITS, own_limits().encode(), 0o600)
             (user / rundir.USER_MERGED).unlink(missing_ok=True)

@@ -33,6 +33,7 @@ CONTROL_SOCKET = "control.sock"  # the guest agent's control port (libvirtd make
 # ctl/: shared read-only into the guest. Root-owned facts at its top, the job's user's hand-over in ctl/user.
 CTL = "ctl"
 CTL_WORKDIR, CTL_IDS, CTL_HOSTNAME, CTL_USER = "workdir", "ids", "hostname", "user"
+CTL_IMAGE_ENV = "image-env"  # the image's default environment, NUL-separated NAME=value (payload.job_environment)
 USER_SCRIPT, USER_ENV, USER_ARGS = "script", "env", "args"
 # The job's process facts the guest reproduces: its resource limits, and whether its stdout and stderr
 # are one file (then the guest sends both over one port, which keeps their order).
