@@ -44,3 +44,27 @@ def test_list_shows_which_configurations_stage_as_haizea():
     lines = {ln.split()[0]: ln for ln in r.output.splitlines()}
     assert "staging=overlap" in lines["vm+reuse-skewed@haizea"] and "staging" not in lines["vm+reuse-skewed"]
     assert max(map(len, lines.values())) <= 100
+
+
+# Haizea's aggressive backfilling (backfill="haizea"): one future lease, booked like a reservation
+NOVM = Cluster(nodes=4, mem_mb=1000, suspend_mb_s=100)
+EASY = Config("easy", suspend=True)
+FUTURE = Config("future", suspend=True, backfill="haizea")
+
+
+def test_a_job_runs_into_the_future_lease_and_is_saved_before_it():
+    # J1 holds 2 of 4 nodes until 1000; J2 (4 nodes) is booked there; J3 (2 nodes, 5000 s) would
+    # delay EASY's promise to J2 so waits, while Haizea starts it and saves it before J2's booking
+    jobs = [Job(1, 0, 1000, 1000, 2), Job(2, 1, 100, 100, 4), Job(3, 2, 5000, 5000, 2)]
+    easy = simulate(jobs, [], EASY, NOVM, check=True)
+    fut = simulate(jobs, [], FUTURE, NOVM, check=True)
+    assert easy.records[2][0] == fut.records[2][0] == 1000
+    assert easy.records[3][0] >= 1100 and easy.records[3][2] == 0
+    assert fut.records[3][0] == 2 and fut.records[3][2] == 1
+
+
+def test_the_future_lease_is_booked_again_when_a_job_ends_early():
+    # J1 asks for 1000 s and ends at 100: J2's booking at 1000 is redone and it starts at 100
+    jobs = [Job(1, 0, 100, 1000, 2), Job(2, 1, 100, 100, 4)]
+    assert simulate(jobs, [], FUTURE, NOVM, check=True).records[2][0] == 100
+

@@ -11,11 +11,13 @@ from vmwrap.sim.workload import SKEWED, assign_images, synthetic
 DIGESTS = {
     "novm": "a44f8c09da72881f",
     "novm+suspend": "4f404bc0e1094cdf",
+    "novm+suspend@haizea": "62ee2c76eca47f92",
     "novm-conservative": "31519e7e90cf7a22",
     "vm+noreuse": "8fa44e27c976f5a4",
     "vm+noreuse@haizea": "f3007a5d47bc9370",
     "vm+predeployed": "6a4a2cab2d6b34eb",
     "vm+predeployed-noplan": "c5abb8aaf00aeea1",
+    "vm+predeployed@haizea": "b926f543e707a339",
     "vm+reuse-skewed": "71f6b383ba07094a",
     "vm+reuse-skewed@haizea": "0bb8953b12af559d",
     "vm+reuse-uniform": "71f6b383ba07094a",

@@ -27,6 +27,10 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
     Config("novm-conservative", backfill="conservative"),
     # the planner off (issue 8's comparison): VMs, image predeployed, no run before reservations
     Config("vm+predeployed-noplan", vm=True),
+    # Haizea's aggressive backfilling (the paper's simulator): one future lease booked like a
+    # reservation, later jobs saved before it; the cells without image transfers
+    Config("novm+suspend@haizea", suspend=True, backfill="haizea"),
+    Config("vm+predeployed@haizea", vm=True, suspend=True, backfill="haizea"),
 )}
 
 #: Published Table 1 (medium ARs of 3 h): extra time to finish all batch work, % over the baseline.

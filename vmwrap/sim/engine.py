@@ -2,8 +2,9 @@
 
 Model (HPDC'08, Sotomayor et al., unless a setting says otherwise):
 - nodes are whole units: a job or AR takes `nodes` nodes exclusively;
-- batch jobs: FCFS with backfilling, EASY (one reservation, for the queue head) or conservative
-  (one for every queued job); the scheduler knows requested times only;
+- batch jobs: FCFS with backfilling, EASY (one reservation, for the queue head), conservative
+  (one for every queued job) or Haizea's aggressive backfilling (one future lease, booked like a
+  reservation); the scheduler knows requested times only;
 - ARs are accepted when requested (on nodes free of other ARs and, without suspension, of running
   jobs that would still run at the AR's start) and start exactly on time or are rejected;
 - with suspension a job may run into an AR's window: it is saved so the save ends at the AR's start
@@ -49,7 +50,13 @@ class Cluster:
 class Config:
     """One way to run the cluster. `transfer`: none (images predeployed), fresh (every start
     transfers, no reuse), cache (node caches). `placement`: any, or cache (prefer nodes holding the
-    image). `prestage`: fetch the queue head's image onto its planned nodes before it starts."""
+    image). `prestage`: fetch the queue head's image onto its planned nodes before it starts.
+    `backfill`: easy, conservative, none, or haizea: Haizea's aggressive backfilling (its
+    HPDC'08 setting), where the first job that cannot start is booked at its earliest start like
+    a reservation (one such future lease at a time: lease_scheduler.py __process_queue,
+    vm_scheduler.py __schedule_asap, can_schedule_in_future), later jobs may run into that
+    booking and be saved before it as before a reservation, and the booking is redone whenever
+    a job ends before its requested time (lease_scheduler.py reevaluate_schedule)."""
     name: str
     vm: bool = False
     suspend: bool = False
@@ -69,8 +76,10 @@ class Config:
     def __post_init__(self) -> None:
         if self.transfer not in ("none", "fresh", "cache"):
             raise ValueError(f"transfer must be none, fresh or cache, not {self.transfer!r}")
-        if self.backfill not in ("easy", "conservative", "none"):
-            raise ValueError(f"backfill must be easy, conservative or none, not {self.backfill!r}")
+        if self.backfill not in ("easy", "conservative", "none", "haizea"):
+            raise ValueError(f"backfill must be easy, conservative, none or haizea, not {self.backfill!r}")
+        if self.backfill == "haizea" and self.staging != "hold":
+            raise ValueError("backfill=haizea is for configurations without image staging")
         if self.placement not in ("any", "cache"):
             raise ValueError(f"placement must be any or cache, not {self.placement!r}")
         if not self.vm and self.transfer != "none":
@@ -311,6 +320,8 @@ class Simulator:
         self._ahead = 3600.0        # _reserve's first horizon, from its last answer
         self._ver = 0               # bumped whenever a node's occupant or commitments change
         self._last_promise = None   # (head, its request left, suspensions, _ver, t, nodes)
+        self._future: _Claim | None = None   # backfill=haizea: the one future lease
+        self._reeval = False        # a job ended before its requested time (backfill=haizea)
 
     # -- events ---------------------------------------------------------------------------------
     def _push(self, t: float, kind: int, obj) -> None:
@@ -396,6 +407,8 @@ class Simulator:
         if abs(run.worked - run.job.run) > 1e-6 * max(1.0, run.job.run):
             raise InvariantError(f"job {run.job.id} ran {run.worked:.3f}s of work, needs {run.job.run}s")
         self._release(run.nodes, now, run.job.image)
+        if run.end < run.req_end:
+            self._reeval = True
         run.done = now
         run.token += 1
         self._done += 1
@@ -585,7 +598,8 @@ class Simulator:
                     self.incoming[n][img] = ready
                 self._push(ready, _CACHED, (tuple(lacking), img, ready))
         if overlap:   # the nodes were chosen free at t_net, not now
-            return self._book_claim(run, chosen, now, t_net)
+            self._book_claim(run, chosen, now, t_net)
+            return True
         return self._start(run, chosen, now, ready)
 
     def _free_at(self, run: Run, now: float, t: float, blocks: dict) -> list[int]:
@@ -614,14 +628,17 @@ class Simulator:
                 out.append(n)
         return out
 
-    def _book_claim(self, run: Run, nodes: list[int], now: float, ready: float) -> bool:
+    def _book_claim(self, run: Run, nodes: list[int], now: float, ready: float,
+                    staged: bool = True) -> _Claim:
+        """Book `run` on `nodes` from `ready`; `staged`: its image transfer starts now (it counts
+        as started), else a future lease (backfill=haizea)."""
         self._gap_cache = None
         self._ver += 1
         self.seq += 1
         dur = self._setup(run, nodes) + run.req_left * self.slow
         c = _Claim(-self.seq, ready, dur, run, tuple(nodes))
         run.claim = c
-        if run.first_start is None:
+        if staged and run.first_start is None:
             run.first_start = now
         for n in nodes:
             bisect.insort(self.node_ars[n], c, key=lambda a: a.start)
@@ -630,7 +647,7 @@ class Simulator:
         if self.cfg.suspend:
             self._push(max(now, ready - self.susp_s), _PREEMPT, c)
         self._push(ready, _CLAIM, c)
-        return True
+        return c
 
     def _unclaim(self, c: _Claim) -> None:
         for n in c.nodes:
@@ -645,6 +662,8 @@ class Simulator:
     def _claim_start(self, c: _Claim, now: float) -> None:
         if c.cancelled:
             return
+        if c is self._future:
+            self._future = None
         self._unclaim(c)
         for n in c.nodes:
             occ = self.busy[n]
@@ -657,6 +676,8 @@ class Simulator:
     def _drop_claim(self, c: _Claim) -> None:
         """A reservation took its nodes (Haizea's ARs preempt best-effort leases): back in line."""
         c.cancelled = True
+        if c is self._future:
+            self._future = None
         self._unclaim(c)
         if not c.run.suspensions:
             c.run.first_start = None
@@ -694,14 +715,18 @@ class Simulator:
     # -- scheduling pass ------------------------------------------------------------------------
     def _schedule(self, now: float) -> None:
         self._gap_cache = None      # node gaps are relative to now
-        # with staging=overlap a job may be booked on busy nodes, so a pass is worth it anyway
-        anyfree = self.cfg.staging == "overlap"
+        haizea = self.cfg.backfill == "haizea"
+        if haizea and self._reeval:
+            self._reevaluate(now)
+        # with staging=overlap a job may be booked on busy nodes, so a pass is worth it anyway;
+        # so may Haizea's future lease
+        anyfree = self.cfg.staging == "overlap" or (haizea and self._future is None)
         if not self.queue or not (self.free or anyfree):
             self._dirty = False
             self._fresh.clear()
             return
         self.link.prune(now)
-        if not self._dirty and self.cfg.backfill == "easy" and self._blocks is not None:
+        if not self._dirty and self.cfg.backfill in ("easy", "haizea") and self._blocks is not None:
             # only arrivals since the last pass: the jobs before them would fail again (nothing
             # freed, gaps only shrank), so try the newcomers against the same promise
             blocks = self._blocks
@@ -715,7 +740,7 @@ class Simulator:
         self._fresh.clear()
         blocks = _Blocks()
         self._blocks = None
-        head_done = False
+        head_done = haizea and self._future is not None
         # Jobs that failed since the last start: a larger, longer job fails the same
         # image-independent test (with caches its own image may still let it start).
         # fail_q[k] = shortest request that failed among jobs of at most k nodes.
@@ -725,7 +750,7 @@ class Simulator:
         # after the head, EASY skips a job larger than the free nodes without a call: it fails
         # _try_start's first test, and fail_q needs no entry for it (whatever it would dominate
         # is as large, so fails that test too, until a start resets fail_q)
-        skip_big = self.cfg.backfill == "easy" and not anyfree
+        skip_big = self.cfg.backfill in ("easy", "haizea") and self.cfg.staging != "overlap"
         free, queue = self.free, self.queue
         i = 0
         while i < len(queue) and (free or anyfree):
@@ -755,8 +780,38 @@ class Simulator:
                 break
             if self.cfg.backfill == "conservative" or not head_done:
                 head_done = True
-                self._promise(run, now, blocks)
+                if haizea:
+                    t, nodes = self._reserve(run, now, blocks)
+                    if t < INF:
+                        self._dequeue(i)
+                        self._future = self._book_claim(run, nodes, now, t, staged=False)
+                        anyfree = False
+                        continue
+                else:
+                    self._promise(run, now, blocks)
             i += 1
+        if haizea and self._future is not None:
+            self._blocks = blocks   # arrivals alone can only start now: the clean path above
+
+    def _reevaluate(self, now: float) -> None:
+        """A job ended before its requested time: the future lease is booked again, first (it may
+        start now), as Haizea's reevaluate_schedule does before the queue is walked."""
+        self._reeval = False
+        c = self._future
+        if c is None:
+            return
+        self._future = None
+        c.cancelled = True
+        self._unclaim(c)
+        run = c.run
+        blocks = _Blocks()
+        if self.free and self._try_start(run, now, blocks):
+            return
+        t, nodes = self._reserve(run, now, blocks)
+        if t < INF:
+            self._future = self._book_claim(run, nodes, now, t, staged=False)
+        else:
+            self._enqueue(run)
 
     def _promise(self, run: Run, now: float, blocks: _Blocks) -> None:
         """Book `run`'s earliest start in `blocks` (EASY's one promise or conservative's every)."""
@@ -944,6 +999,12 @@ class Simulator:
                     self._push(s + self.xfer_s, _CACHED, (tuple(lacking), r.image, s + self.xfer_s))
         clash = {a for n in nodes for a in self.node_ars[n]
                  if isinstance(a, _Claim) and a.start < end and r.start - lead < a.start + a.dur}
+        if self.cfg.backfill == "haizea":
+            # Haizea cancels a future lease only if it would start inside the reservation (or too
+            # close before it to run its threshold and be saved); else it is saved before it
+            # (lease_scheduler.py __preempt_lease, vm_scheduler.py can_suspend_at)
+            clash = {c for c in clash
+                     if r.start - c.start < self._need(c.run, self._setup(c.run, c.nodes))}
         for c in sorted(clash, key=lambda c: c.id):
             self._drop_claim(c)
         self._ver += 1
