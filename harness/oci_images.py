@@ -149,9 +149,11 @@ def tar_dir(src: Path, dest: Path) -> Path:
     return dest
 
 
-def docker_archive(dest: Path, layers: list[bytes | Path], env: list[str] = (), tag: str = "test:latest") -> str:
-    """A classic `docker save` archive (uncompressed layer tars in <id>/layer.tar, the second layer's
-    directory a symlink to a copy as docker dedups); returns the config (image id) digest."""
+def docker_archive(dest: Path, layers: list[bytes | Path], env: list[str] = (), tag: str = "test:latest",
+                   link_to: str | None = None, link_up: str = "../") -> str:
+    """A classic `docker save` archive (uncompressed layer tars in <id>/layer.tar); returns the config
+    (image id) digest. `link_to`: each <id>/layer.tar is a symlink to a tar kept under that directory
+    instead (docker links a layer saved twice to its first copy), reached through `link_up`."""
     work = dest.parent / (dest.name + ".d")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -170,7 +172,12 @@ def docker_archive(dest: Path, layers: list[bytes | Path], env: list[str] = (), 
         diff_ids.append(digest)
         d = work / hashlib.sha256(f"v1 {i} {digest}".encode()).hexdigest()
         d.mkdir()
-        os.rename(raw, d / "layer.tar")
+        if link_to is None:
+            os.rename(raw, d / "layer.tar")
+        else:
+            (work / link_to).mkdir(parents=True, exist_ok=True)
+            os.rename(raw, work / link_to / f"{i}.tar")
+            os.symlink(f"{link_up}{link_to}/{i}.tar", d / "layer.tar")
         (d / "VERSION").write_text("1.0")
         paths.append(f"{d.name}/layer.tar")
     cfg = config(list(env), diff_ids)

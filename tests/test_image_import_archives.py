@@ -212,6 +212,22 @@ def test_a_damaged_squashfs_partition(site, tmp_path):
     refused(site, "sif", s, "squashfs partition cannot be read")
 
 
+def test_links_inside_a_save_archive_stay_inside(site, tmp_path):
+    """Classic saves link a layer to its first copy: followed inside the archive, never out of it."""
+    from vmwrap.imports.oci import _TarStore
+
+    good = tmp_path / "good.tar"
+    oi.docker_archive(good, [oi.tar_bytes(BASE, compress=False)], link_to="shared")
+    store = _TarStore(good)
+    layer = next(n for n in store.members if n.endswith("/layer.tar"))
+    f, size = store.open(layer)
+    assert store.members[layer].issym() and size == len(f.read()) > 0
+    store.close()
+    bad = tmp_path / "bad.tar"
+    oi.docker_archive(bad, [oi.tar_bytes(BASE, compress=False)], link_to="shared", link_up="../../../")
+    refused(site, "docker-archive", bad, "links outside the archive")
+
+
 def test_only_a_linux_amd64_image_is_taken(site, tmp_path):
     layout = tmp_path / "oci"
     oi.oci_layout(layout, [oi.tar_bytes(BASE)], arch="arm64")
@@ -333,6 +349,18 @@ def test_an_oci_import_registers_env_origin_and_an_ext4_root(site, tmp_path):
     assert "Mode:  04755" in stat and "User:     7" in stat and "Group:     8" in stat, stat
     etc = subprocess.run(["debugfs", "-R", "ls /etc", str(raw)], capture_output=True, text=True).stdout
     assert "passwd" not in etc
+
+
+def test_an_oci_layout_inside_a_save_archive(site, tmp_path):
+    """What docker 25+ and `podman save --format oci-archive` write: an OCI layout in a tar."""
+    layout = tmp_path / "oci"
+    mdigest = oi.oci_layout(layout, [oi.tar_bytes(BASE)], env=["A=1"])
+    arch = oi.tar_dir(layout, tmp_path / "saved.tar")
+    for kind, name in (("docker-archive", "d"), ("oci", "o")):
+        r = run_import(site, kind, arch, name)
+        assert r.exit_code == 0, (r.stdout, r.stderr, r.exception)
+        entry = tomllib.loads((site / "images.toml").read_text())["images"][name]
+        assert entry["origin"] == f"oci {mdigest}" and entry["env"] == {"A": "1"}
 
 
 def test_the_job_environment_goes_over_the_image_defaults_but_path_is_the_images(tmp_path):
