@@ -113,7 +113,7 @@ def test_start_status_stop_without_systemd(tmp_path):
         assert r.returncode == 0, r.stdout
         rows = {d["name"]: d for d in json.loads(r.stdout)}
         assert rows["agent"] == {"name": "agent", "where": "node", "configured": True, "pid": pid,
-                                 "command": "vmwrap agent"}
+                                 "command": "vmwrap agent", "answers": True}
         assert rows["gc"]["pid"] is None and rows["gc"]["command"] is None
         assert " INFO vmwrap.daemons: starting agent: vmwrap agent" in log.read_text()
     finally:
@@ -127,3 +127,21 @@ def test_start_status_stop_without_systemd(tmp_path):
     assert _vmwrap(cfg, "daemons", "start").returncode == 0
     _vmwrap(cfg, "daemons", "stop")
     assert "starting agent" not in log.read_text()
+
+
+def test_status_sees_an_agent_started_otherwise(tmp_path):
+    """An agent started without `daemons start` (no pid file) counts when it answers on its socket."""
+    cfg = _site(tmp_path, daemons="agent")
+    p = subprocess.Popen(VMWRAP + ["--config", str(cfg), "agent"], cwd="/", stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin"})
+    try:
+        end = time.monotonic() + 30
+        while not (tmp_path / "state" / "agent.sock").exists() and time.monotonic() < end:
+            time.sleep(0.1)
+        r = _vmwrap(cfg, "daemons", "status")
+        assert r.returncode == 0 and "answers (no pid file)" in r.stdout, r.stdout
+    finally:
+        p.terminate()
+        p.wait(timeout=10)
+    r = _vmwrap(cfg, "daemons", "status", "--json")
+    assert r.returncode == 3 and json.loads(r.stdout)[0]["answers"] is False

@@ -103,13 +103,32 @@ def status(as_json: bool) -> None:
             cmd = "vmwrap " + " ".join(services.argv(name, s))
         except Exception:
             cmd = None
-        rows.append({"name": name, "where": d.where, "configured": name in mine, "pid": services.running(s, name),
-                     "command": cmd})
+        row = {"name": name, "where": d.where, "configured": name in mine, "pid": services.running(s, name),
+               "command": cmd}
+        if name == "agent":  # also one started some other way: it answers on its socket
+            row["answers"] = _agent_answers(s)
+        rows.append(row)
     if as_json:
         echo_json(rows)
     else:
         echo_table(["DAEMON", "WHERE", "HERE", "STATE", "COMMAND"],
                    [[r["name"], r["where"], "yes" if r["configured"] else "-",
-                     f"running {r['pid']}" if r["pid"] else "stopped", r["command"] or "(not for this scheduler)"]
-                    for r in rows])
-    sys.exit(NOT_RUNNING if any(r["configured"] and not r["pid"] for r in rows) else 0)
+                     _state(r), r["command"] or "(not for this scheduler)"] for r in rows])
+    sys.exit(NOT_RUNNING if any(r["configured"] and not (r["pid"] or r.get("answers")) for r in rows) else 0)
+
+
+def _state(row: dict) -> str:
+    if row["pid"]:
+        return f"running {row['pid']}"
+    return "answers (no pid file)" if row.get("answers") else "stopped"
+
+
+def _agent_answers(s) -> bool:
+    from ..agent import ping
+    from ..errors import NodeError
+
+    try:
+        ping(s, timeout=1.0)
+        return True
+    except NodeError:
+        return False
