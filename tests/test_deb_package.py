@@ -84,6 +84,8 @@ def test_install_run_purge(deb, chroot):
     root, upper = chroot
     (root / "tmp" / deb.name).write_bytes(deb.read_bytes())
     _in(root, "apt-get", "install", "-y", "--no-install-recommends", f"/tmp/{deb.name}")
+    # Installing over itself runs the upgrade path (prerm upgrade drops the byte code, postinst compiles).
+    _in(root, "dpkg", "-i", f"/tmp/{deb.name}")
     (root / "tmp" / deb.name).unlink()
 
     assert _in(root, "vmwrap", "--version").stdout == "vmwrap, version 0.1.0\n"
