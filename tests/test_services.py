@@ -145,3 +145,26 @@ def test_status_sees_an_agent_started_otherwise(tmp_path):
         p.wait(timeout=10)
     r = _vmwrap(cfg, "daemons", "status", "--json")
     assert r.returncode == 3 and json.loads(r.stdout)[0]["answers"] is False
+
+
+def test_journald_gets_syslog_levels(monkeypatch, capsys):
+    """Under systemd (JOURNAL_STREAM set) each line carries its priority, so journalctl -p filters."""
+    import logging
+
+    from vmwrap import logsetup
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
+    try:
+        logsetup.configure(Settings(log_level="info"))
+        log = logging.getLogger("vmwrap.test")
+        log.debug("hidden")
+        log.info("hello")
+        log.warning("careful\nsecond line")
+        log.error("bad")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    assert capsys.readouterr().err == ("<6>INFO vmwrap.test: hello\n<4>WARNING vmwrap.test: careful\n<4>second line\n"
+                                       "<3>ERROR vmwrap.test: bad\n")
