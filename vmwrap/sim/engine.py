@@ -322,6 +322,7 @@ class Simulator:
         self._last_promise = None   # (head, its request left, suspensions, _ver, t, nodes)
         self._future: _Claim | None = None   # backfill=haizea: the one future lease
         self._reeval = False        # a job ended before its requested time (backfill=haizea)
+        self._claims = 0            # booked starts (_Claim) in the nodes' commitment lists
 
     # -- events ---------------------------------------------------------------------------------
     def _push(self, t: float, kind: int, obj) -> None:
@@ -638,6 +639,7 @@ class Simulator:
         dur = self._setup(run, nodes) + run.req_left * self.slow
         c = _Claim(-self.seq, ready, dur, run, tuple(nodes))
         run.claim = c
+        self._claims += 1
         if staged and run.first_start is None:
             run.first_start = now
         for n in nodes:
@@ -655,6 +657,7 @@ class Simulator:
             del self.node_ars[n][i]
             self.node_iv[n].remove((c.start, c.start + c.dur))
         self.ar_nodes.pop(c.id, None)
+        self._claims -= 1
         c.run.claim = None
         self._gap_cache = None
         self._ver += 1
@@ -969,10 +972,17 @@ class Simulator:
         end = r.start + r.dur
         lead = self.susp_s if self.cfg.suspend else 0.0
         cands = []
+        node_iv, after = self.node_iv, r.start - lead
         for n in range(self.c.nodes):
-            if any(a.start < end and r.start - lead < a.start + a.dur for a in self.node_ars[n]
-                   if not isinstance(a, _Claim)):
-                continue
+            if self._claims:
+                if any(a.start < end and after < a.start + a.dur for a in self.node_ars[n]
+                       if not isinstance(a, _Claim)):
+                    continue
+            else:   # only reservations: disjoint, so the last one starting before `end` decides
+                iv = node_iv[n]
+                i = bisect.bisect_left(iv, (end,))
+                if i and iv[i - 1][1] > after:
+                    continue
             occ = self.busy[n]
             running_past = isinstance(occ, Run) and occ.req_end > r.start - lead
             if running_past and not self.cfg.suspend:
