@@ -146,3 +146,23 @@ def test_fifo_is_refused_without_hanging(tmp_path):
     with pytest.raises(ImageError, match=r"disk\.qcow2: not a regular file$"):
         _import(tmp_path, fifo)
     _nothing_left(tmp_path)
+
+
+def test_failed_reimport_keeps_the_image_a_new_one_replaces_it(tmp_path):
+    first = _import(tmp_path, small_disk("mbr"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out" / "site-os").iterdir()}
+    catalog = (tmp_path / "images.toml").read_text()
+    with pytest.raises(ImageError, match="no kernel"):
+        _import(tmp_path, small_disk("nokernel"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out" / "site-os").iterdir()} == before
+    (tmp_path / "not-a-catalog").mkdir()  # registering fails last, after the new files were moved in
+    with pytest.raises(ImageError, match=r"small-bare-v1\.raw: .*Is a directory"):
+        import_disk(small_disk("bare"), "site-os", tmp_path / "out", str(tmp_path / "not-a-catalog"),
+                    max_bytes=None, on_stage=lambda _s: None)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out" / "site-os").iterdir()} == before
+    assert (tmp_path / "images.toml").read_text() == catalog
+    again = _import(tmp_path, small_disk("bare"))  # another filesystem (mkfs run): another digest
+    assert again.digest != first.digest
+    assert Catalog.load(str(tmp_path / "images.toml")).images["site-os"].digest == again.digest
+    assert (tmp_path / "images.toml").read_text().count("[images.site-os]") == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["site-os"]
