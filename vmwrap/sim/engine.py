@@ -755,21 +755,24 @@ class Simulator:
         # is as large, so fails that test too, until a start resets fail_q)
         skip_big = self.cfg.backfill in ("easy", "haizea") and self.cfg.staging != "overlap"
         free, queue = self.free, self.queue
+        conservative = self.cfg.backfill == "conservative"
+        nfree = len(free)      # changes in this loop only when a job starts
         i = 0
-        while i < len(queue) and (free or anyfree):
+        while i < len(queue) and (nfree or anyfree):
             run = queue[i]
             k = run.job.nodes
-            if head_done and skip_big and k > len(free):
+            if head_done and skip_big and k > nfree:
                 i += 1
                 continue
             dominated = fail_q is not None and not run.suspensions and fail_q[k] <= run.req_left
             skip = dominated and (not held_only or len(holders[run.job.image]) < k)
-            if skip and self.cfg.backfill != "conservative":
+            if skip and not conservative:
                 i += 1
                 continue
             if not skip and self._try_start(run, now, blocks, general=not dominated):
                 self._dequeue(i)
                 fail_q = None
+                nfree = len(free)
                 continue
             if head_done and not run.suspensions and not dominated:
                 if fail_q is None:
