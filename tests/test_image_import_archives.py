@@ -294,6 +294,21 @@ def _bytes(data: bytes):
     return io.BytesIO(data)
 
 
+def test_no_descriptor_is_left_open(tmp_path):
+    """Good and refused members alike close every directory fd they opened (a layer has ~10^5 members)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    fds = len(os.listdir("/proc/self/fd"))
+    layer = oi.tar_bytes(BASE + [oi.entry("etc/h1", "hardlink", target="etc/passwd"), oi.whiteout("etc/none"),
+                                 oi.opaque("bin"), oi.entry("etc/link", "symlink", target="passwd")])
+    apply_layers([("1", _bytes(layer))], root, "test", None)
+    for bad in (oi.entry("etc/link/x", data=b"x"), oi.entry("etc/h2", "hardlink", target="etc/link"),
+                oi.entry("etc/passwd/sub/h3", "hardlink", target="etc/h1")):
+        with pytest.raises(ImageError):
+            apply_layers([("2", _bytes(oi.tar_bytes([bad])))], root, "test", None)
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
 def test_a_member_over_a_lower_symlink_dir_entry_replaces_the_link(tmp_path):
     """A directory entry where a lower layer had a symlink replaces the link (as docker applies it), and
     what follows lands inside the new directory, never where the link pointed."""

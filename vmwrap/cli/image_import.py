@@ -67,7 +67,7 @@ def image_import(source: Path, kind: str, name: str, memory: str | None, cpus: i
     # users and groups already in it (a restricted image is never briefly open to everyone).
     with tempfile.TemporaryDirectory(dir=out, prefix=f".import-{name}-catalog-") as scratch, \
             progress(f"import {name}", "stages", quiet=quiet) as report:
-        img = run(source.absolute(), name, out, str(Path(scratch) / "images.toml"),
+        img = run(source.resolve(), name, out, str(Path(scratch) / "images.toml"),
                   max_bytes=s.image_import_max_bytes, on_stage=stage_callback(report))
         img = replace(img, memory_mib=mem, cpus=cpus, users=list(users), groups=list(groups),
                       description=description if description is not None else img.description)

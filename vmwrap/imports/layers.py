@@ -397,7 +397,12 @@ class Extractor:
             link_src = self._link_source(m, parts)
             if link_src is None:
                 return  # a link to itself: nothing to do
-        pfd = self._parent(parts, m.name, create=True)
+        try:
+            pfd = self._parent(parts, m.name, create=True)
+        except BaseException:
+            if link_src is not None:
+                os.close(link_src[0])
+            raise
         try:
             try:
                 st = os.stat(last, dir_fd=pfd, follow_symlinks=False)
@@ -437,13 +442,11 @@ class Extractor:
                 except (OverflowError, ValueError, OSError):
                     pass
             else:
-                sfd, sname = link_src
-                try:
-                    os.link(sname, last, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
-                finally:
-                    os.close(sfd)
+                os.link(link_src[1], last, src_dir_fd=link_src[0], dst_dir_fd=pfd, follow_symlinks=False)
         finally:
             os.close(pfd)
+            if link_src is not None:
+                os.close(link_src[0])
 
     def _link_source(self, m: tarfile.TarInfo, parts: list[str]) -> tuple[int, str] | None:
         """(dir fd, name) of the regular file a hard link names, already extracted inside the root."""
