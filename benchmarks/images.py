@@ -2,8 +2,9 @@
 
   import: `import_disk` time per GB for a whole-disk Debian image (bookworm + build-essential, GPT, qcow2,
           made without vmwrap by harness/disk_images.py and cached)
-  start:  `vmwrap run` start -> first output with that imported Debian image (its own kernel) vs the busybox
-          appliance, interleaved runs, warm cache                                     (goal <= 1.2)
+  start:  `vmwrap run` start -> first output with that imported Debian image (its own kernel 6.1) vs the busybox
+          appliance, interleaved runs, warm cache                                     (goal <= 1.2);
+          the imported trixie test disk (kernel 6.12) alongside, for information
 
 usage: /opt/vmwrap/venv/bin/python benchmarks/images.py [--repeat N]   (run alone: VMs under the heavy lock)
 """
@@ -60,13 +61,15 @@ def main() -> None:
         print(f"  imported: {img.origin}; disk {img.disk.size / 1e9:.2f} GB qcow2, kernel "
               f"{Path(img.kernel.source).name} {img.kernel.size / 2**20:.0f} MiB, initrd {img.initrd.size / 2**20:.1f} MiB")
 
+        import_disk(debian_disk("trixie"), "trixie-disk", tmp / "images", str(catalog), max_bytes=None,
+                    on_stage=lambda _s: None)
         appliance.build("vmwrap-bench-disk", "busybox", str(APPLIANCES), str(catalog))
         env = site(tmp, tmp / "cache")
         work = tmp / "work"
         work.mkdir()
         work.chmod(0o777)
         jobs = {}
-        for name in ("debian-disk", "vmwrap-bench-disk"):
+        for name in ("debian-disk", "vmwrap-bench-disk", "trixie-disk"):
             jobs[name] = tmp / f"{name}.sh"
             jobs[name].write_text(f"#!/bin/sh\n#VMWRAP --image={name}\necho FIRST-OUTPUT\n")
             r = subprocess.run(["vmwrap", "run", str(jobs[name]), "--workdir", str(work)], env=env,
@@ -80,8 +83,9 @@ def main() -> None:
                                                 marker=b"FIRST-OUTPUT")[0])
         deb, bb = statistics.median(times["debian-disk"]), statistics.median(times["vmwrap-bench-disk"])
         print(f"job start -> first output (warm cache, median of {args.repeat}): imported Debian disk "
-              f"{deb:.2f} s, busybox appliance {bb:.2f} s, ratio = {deb / bb:.2f} (goal <= 1.2); "
-              f"runs: {times}")
+              f"{deb:.2f} s, busybox appliance {bb:.2f} s, ratio = {deb / bb:.2f} (goal <= 1.2); imported "
+              f"trixie disk {statistics.median(times['trixie-disk']):.2f} s; "
+              f"runs: { {k: [round(x, 2) for x in v] for k, v in times.items()} }")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
