@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from ..imports.layers import NOTE
 from .context import friendly_oserrors, quiet_option, settings
 
 # kind -> (module under vmwrap.imports, function): each takes (source, name, out_dir, catalog_path, *,
@@ -67,9 +68,20 @@ def image_import(source: Path, kind: str, name: str, memory: str | None, cpus: i
     # users and groups already in it (a restricted image is never briefly open to everyone).
     with tempfile.TemporaryDirectory(dir=out, prefix=f".import-{name}-catalog-") as scratch, \
             progress(f"import {name}", "stages", quiet=quiet) as report:
+        stage = stage_callback(report)
+        notes: list[str] = []  # what the admin should know even without a terminal (devices skipped)
+
+        def on_stage(line: str) -> None:
+            if line.startswith(NOTE):
+                notes.append(line)
+            else:
+                stage(line)
+
         img = run(source.resolve(), name, out, str(Path(scratch) / "images.toml"),
-                  max_bytes=s.image_import_max_bytes, on_stage=stage_callback(report))
+                  max_bytes=s.image_import_max_bytes, on_stage=on_stage)
         img = replace(img, memory_mib=mem, cpus=cpus, users=list(users), groups=list(groups),
                       description=description if description is not None else img.description)
         register(s.catalog, img)
+    for line in notes:
+        click.echo(line, err=True)
     click.echo(f"imported {img.name} ({img.origin}) in {time.monotonic() - t0:.1f}s -> {s.catalog}")

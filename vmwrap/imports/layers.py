@@ -34,6 +34,7 @@ HEADER_CHAIN_MAX = 8          # extended headers in front of one member
 HEADERS_ALLOWANCE = 1 << 30   # tar headers and padding on top of max_bytes in the decompressed streams
 CHUNK = 1 << 20
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+NOTE = "note: "  # on_note's lines start so: the CLI shows them after the import, stages only on a terminal
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 GZIP, ZSTD = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
@@ -286,8 +287,8 @@ class Extractor:
                 self.tally.skipped_special += 1
                 if not self._noted_special:
                     self._noted_special = True
-                    self.note(f"{self.source}: device nodes and FIFOs skipped (the guest mounts its own /dev), "
-                              f"first: {m.name[:200]}")
+                    self.note(f"{NOTE}{self.source}: device nodes and FIFOs skipped (the guest mounts its own "
+                              f"/dev), first: {m.name[:200]}")
                 return
             if not (m.isreg() or m.isdir() or m.issym() or m.islnk()):
                 raise self._bad(m.name, f"has an unsupported tar type {m.type!r}")
