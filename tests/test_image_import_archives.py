@@ -324,6 +324,23 @@ def test_a_member_over_a_lower_symlink_dir_entry_replaces_the_link(tmp_path):
     assert (root / "etc/x").read_bytes() == b"in" and list(outside.iterdir()) == []
 
 
+def test_gzip_layers_with_several_members_and_padding(tmp_path):
+    """Two gzip members back to back (pigz, concatenated streams) and zero padding after the last one."""
+    import gzip
+    raw = oi.tar_bytes(BASE + [oi.entry("etc/big", data=os.urandom(300_000))], compress=False)
+    layer = gzip.compress(raw[:100_000]) + gzip.compress(raw[100_000:]) + b"\0" * 4096
+    from vmwrap.imports.layers import _Decompressed
+    assert _Decompressed(_bytes(layer), "t", None).readall() == raw  # the whole stream, padding ignored
+    root = tmp_path / "root"
+    root.mkdir()
+    apply_layers([("1", _bytes(layer))], root, "test", None)
+    assert (root / "etc/big").stat().st_size == 300_000 and (root / "bin/sh").read_bytes() == b"#!fake\n"
+    root2 = tmp_path / "root2"
+    root2.mkdir()
+    with pytest.raises(ImageError, match="truncated gzip stream"):
+        apply_layers([("1", _bytes(layer[:150_000]))], root2, "test", None)
+
+
 def test_zstd_layers_are_refused_clearly_without_the_module(tmp_path):
     try:
         import zstandard  # noqa: F401

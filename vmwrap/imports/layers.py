@@ -115,12 +115,11 @@ class _Decompressed(io.RawIOBase):
             return self.raw.read(n)
         while True:
             if self.z.eof:  # a gzip stream may have several members
-                rest = self.z.unused_data
+                rest = self.z.unused_data or self.raw.read(CHUNK)
+                if not rest.startswith(GZIP[:len(rest)]) or not rest:
+                    self.z = _Ended()  # the end, or padding after the last member: ignored, as gzip(1) does
+                    return b""
                 self.z = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                if not rest:
-                    rest = self.raw.read(CHUNK)
-                    if not rest:
-                        return b""
                 out = self.z.decompress(rest, n)
             else:
                 tail = self.z.unconsumed_tail
@@ -142,6 +141,12 @@ class _Decompressed(io.RawIOBase):
                 raise ImageError(f"{self.label}: the layers decompress to more than the import size limit allows")
         b[:len(data)] = data
         return len(data)
+
+
+class _Ended:
+    """A finished gzip stream: nothing more comes out of it."""
+
+    eof, unused_data = True, b""
 
 
 class _Prefixed(io.RawIOBase):
