@@ -33,7 +33,7 @@ def kernel_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def site(tmp_path, kernel_cache):
+def site_dir(tmp_path, kernel_cache):
     """A config whose appliance dir shares the machine's cached Debian kernel (never downloaded here)."""
     out = tmp_path / "appliances"
     out.mkdir()
@@ -45,25 +45,25 @@ def site(tmp_path, kernel_cache):
     return tmp_path
 
 
-def run_import(site: Path, kind: str, source: Path, name: str = "imp", *extra: str):
-    return CliRunner().invoke(main, ["--config", str(site / "vmwrap.toml"), "image", "import", "--kind", kind,
+def run_import(site_dir: Path, kind: str, source: Path, name: str = "imp", *extra: str):
+    return CliRunner().invoke(main, ["--config", str(site_dir / "vmwrap.toml"), "image", "import", "--kind", kind,
                                      str(source), "--name", name, "--quiet", *extra])
 
 
-def left_behind(site: Path) -> list[str]:
+def left_behind(site_dir: Path) -> list[str]:
     """Anything an import left: files in the appliance dir besides the kernel link, a catalog."""
-    out = [p.name for p in (site / "appliances").iterdir() if p.name != ".kernel"]
-    return out + (["images.toml"] if (site / "images.toml").exists() else [])
+    out = [p.name for p in (site_dir / "appliances").iterdir() if p.name != ".kernel"]
+    return out + (["images.toml"] if (site_dir / "images.toml").exists() else [])
 
 
-def refused(site: Path, kind: str, source: Path, *needles: str) -> str:
-    r = run_import(site, kind, source)
+def refused(site_dir: Path, kind: str, source: Path, *needles: str) -> str:
+    r = run_import(site_dir, kind, source)
     print(r.stderr, end="")  # shown with -s: the corpus's messages
     assert r.exit_code == 1, (r.exit_code, r.stdout, r.stderr, r.exception)
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("Error: "), r.stderr
     for n in needles:
         assert n in r.stderr, r.stderr
-    assert left_behind(site) == []
+    assert left_behind(site_dir) == []
     return r.stderr
 
 
@@ -81,24 +81,24 @@ BASE = [oi.entry("bin", "dir"), oi.entry("bin/sh", data=b"#!fake\n", mode=0o755)
 
 @pytest.mark.parametrize("kind,needle", [("oci", "not a tar archive"), ("docker-archive", "not a tar archive"),
                                          ("sif", "not a SIF file"), ("tarball", "not a valid tar layer")])
-def test_a_file_that_is_no_image(site, tmp_path, kind, needle):
+def test_a_file_that_is_no_image(site_dir, tmp_path, kind, needle):
     junk = tmp_path / "notes.txt"
     junk.write_text("these are my notes, not an image\n" * 40)
-    refused(site, kind, junk, str(junk), needle)
+    refused(site_dir, kind, junk, str(junk), needle)
 
 
-def test_an_oci_directory_without_a_layout(site, tmp_path):
+def test_an_oci_directory_without_a_layout(site_dir, tmp_path):
     (tmp_path / "empty-dir").mkdir()
-    refused(site, "oci", tmp_path / "empty-dir", "not an OCI image layout (no oci-layout file)")
+    refused(site_dir, "oci", tmp_path / "empty-dir", "not an OCI image layout (no oci-layout file)")
 
 
-def test_absolute_member_path(site, tmp_path):
-    refused(site, "tarball", tarball(tmp_path, BASE + [oi.entry("/etc/cron.d/evil", data=b"x")]),
+def test_absolute_member_path(site_dir, tmp_path):
+    refused(site_dir, "tarball", tarball(tmp_path, BASE + [oi.entry("/etc/cron.d/evil", data=b"x")]),
             "member '/etc/cron.d/evil' has an absolute path")
 
 
-def test_dotdot_escape(site, tmp_path):
-    refused(site, "tarball", tarball(tmp_path, BASE + [oi.entry("etc/../../../tmp/evil", data=b"x")]),
+def test_dotdot_escape(site_dir, tmp_path):
+    refused(site_dir, "tarball", tarball(tmp_path, BASE + [oi.entry("etc/../../../tmp/evil", data=b"x")]),
             "member 'etc/../../../tmp/evil' escapes the image root ('..')")
 
 
@@ -108,30 +108,30 @@ def test_dotdot_escape(site, tmp_path):
     ("etc/nothing-here", "not a regular file already extracted"),
     ("bin", "not a regular file already extracted"),
 ])
-def test_hard_link_must_name_an_extracted_file_inside(site, tmp_path, target, why):
-    refused(site, "tarball", tarball(tmp_path, BASE + [oi.entry("etc/copy", "hardlink", target=target)]),
+def test_hard_link_must_name_an_extracted_file_inside(site_dir, tmp_path, target, why):
+    refused(site_dir, "tarball", tarball(tmp_path, BASE + [oi.entry("etc/copy", "hardlink", target=target)]),
             "member 'etc/copy'", why)
 
 
-def test_a_symlink_is_never_followed_while_extracting(site, tmp_path):
+def test_a_symlink_is_never_followed_while_extracting(site_dir, tmp_path):
     """Layer 1 makes etc -> a real host dir; layer 2 writes etc/x: refused, nothing written on the host."""
     outside = tmp_path / "somewhere"
     outside.mkdir()
     layout = tmp_path / "oci"
     oi.oci_layout(layout, [oi.tar_bytes([oi.entry("etc", "symlink", target=str(outside))]),
                            oi.tar_bytes([oi.entry("etc/x", data=b"owned\n")])])
-    refused(site, "oci", layout, "member 'etc/x' lies below 'etc', which is a symlink")
+    refused(site_dir, "oci", layout, "member 'etc/x' lies below 'etc', which is a symlink")
     assert list(outside.iterdir()) == []
     # The same through a relative link that climbs out.
     layout2 = tmp_path / "oci2"
     oi.oci_layout(layout2, [oi.tar_bytes([oi.entry("usr", "dir"),
                                           oi.entry("usr/lib", "symlink", target="../../../../../" + str(outside))]),
                             oi.tar_bytes([oi.entry("usr/lib/y", data=b"owned\n")])])
-    refused(site, "oci", layout2, "'usr/lib', which is a symlink")
+    refused(site_dir, "oci", layout2, "'usr/lib', which is a symlink")
     assert list(outside.iterdir()) == []
 
 
-def test_a_corrupt_layer_is_a_digest_mismatch(site, tmp_path):
+def test_a_corrupt_layer_is_a_digest_mismatch(site_dir, tmp_path):
     layout = tmp_path / "oci"
     oi.oci_layout(layout, [oi.tar_bytes(BASE), oi.tar_bytes([oi.entry("etc/motd", data=b"hello\n" * 100)])])
     manifest = json.loads((layout / "blobs/sha256" / json.loads((layout / "index.json").read_text())
@@ -141,10 +141,10 @@ def test_a_corrupt_layer_is_a_digest_mismatch(site, tmp_path):
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF
     blob.write_bytes(bytes(data))
-    refused(site, "oci", layout, f"layer {bad} digest mismatch")
+    refused(site_dir, "oci", layout, f"layer {bad} digest mismatch")
 
 
-def test_a_corrupt_layer_in_a_docker_save(site, tmp_path):
+def test_a_corrupt_layer_in_a_docker_save(site_dir, tmp_path):
     """Classic docker saves carry no layer digests but the config's diff_ids: checked against those."""
     arch = tmp_path / "img.tar"
     oi.docker_archive(arch, [oi.tar_bytes(BASE, compress=False)])
@@ -152,14 +152,14 @@ def test_a_corrupt_layer_in_a_docker_save(site, tmp_path):
     i = data.index(b"root:x:0:0")
     data[i] = ord("R")
     arch.write_bytes(bytes(data))
-    refused(site, "docker-archive", arch, "layer sha256:", "digest mismatch")
+    refused(site_dir, "docker-archive", arch, "layer sha256:", "digest mismatch")
 
 
-def test_size_above_the_limit(site, tmp_path):
+def test_size_above_the_limit(site_dir, tmp_path):
     """image_import_max_size = 64M in this site: a 65 MiB file (highly compressible) is refused."""
     big = tarball(tmp_path, BASE + [oi.entry("data.bin", data=b"\0" * (65 << 20))])
     assert big.stat().st_size < 1 << 20
-    refused(site, "tarball", big, "image_import_max_size = 67108864 bytes")
+    refused(site_dir, "tarball", big, "image_import_max_size = 67108864 bytes")
 
 
 def test_the_size_setting_is_checked_on_load(tmp_path):
@@ -177,31 +177,31 @@ def _squashfs(tmp_path: Path) -> Path:
     return oi.squashfs(tree, tmp_path / "part.sqfs")
 
 
-def test_truncated_sif(site, tmp_path):
+def test_truncated_sif(site_dir, tmp_path):
     s = tmp_path / "img.sif"
     oi.sif(s, _squashfs(tmp_path))
     size = s.stat().st_size
     with open(s, "r+b") as f:
         f.truncate(size - 100_000)
-    refused(site, "sif", s, "truncated SIF (its squashfs partition ends at byte")
+    refused(site_dir, "sif", s, "truncated SIF (its squashfs partition ends at byte")
     with open(s, "r+b") as f:
         f.truncate(10_000)
-    refused(site, "sif", s, "truncated SIF (descriptor table ends at byte")
+    refused(site_dir, "sif", s, "truncated SIF (descriptor table ends at byte")
 
 
-def test_sif_without_a_squashfs_partition(site, tmp_path):
+def test_sif_without_a_squashfs_partition(site_dir, tmp_path):
     s = tmp_path / "img.sif"
     oi.sif(s, _squashfs(tmp_path), fstype=2)  # ext3
-    refused(site, "sif", s, "no squashfs system partition in the SIF (it has: ext3)")
+    refused(site_dir, "sif", s, "no squashfs system partition in the SIF (it has: ext3)")
 
 
-def test_sif_for_another_architecture(site, tmp_path):
+def test_sif_for_another_architecture(site_dir, tmp_path):
     s = tmp_path / "img.sif"
     oi.sif(s, _squashfs(tmp_path), arch=b"04\0")
-    refused(site, "sif", s, "architecture '04', not amd64")
+    refused(site_dir, "sif", s, "architecture '04', not amd64")
 
 
-def test_a_damaged_squashfs_partition(site, tmp_path):
+def test_a_damaged_squashfs_partition(site_dir, tmp_path):
     part = _squashfs(tmp_path)
     data = bytearray(part.read_bytes())
     for i in range(200, len(data) - 200, 997):
@@ -209,10 +209,10 @@ def test_a_damaged_squashfs_partition(site, tmp_path):
     part.write_bytes(bytes(data))
     s = tmp_path / "img.sif"
     oi.sif(s, part)
-    refused(site, "sif", s, "squashfs partition cannot be read")
+    refused(site_dir, "sif", s, "squashfs partition cannot be read")
 
 
-def test_links_inside_a_save_archive_stay_inside(site, tmp_path):
+def test_links_inside_a_save_archive_stay_inside(site_dir, tmp_path):
     """Classic saves link a layer to its first copy: followed inside the archive, never out of it."""
     from vmwrap.imports.oci import _TarStore
 
@@ -225,26 +225,26 @@ def test_links_inside_a_save_archive_stay_inside(site, tmp_path):
     store.close()
     bad = tmp_path / "bad.tar"
     oi.docker_archive(bad, [oi.tar_bytes(BASE, compress=False)], link_to="shared", link_up="../../../")
-    refused(site, "docker-archive", bad, "links outside the archive")
+    refused(site_dir, "docker-archive", bad, "links outside the archive")
 
 
-def test_only_a_linux_amd64_image_is_taken(site, tmp_path):
+def test_only_a_linux_amd64_image_is_taken(site_dir, tmp_path):
     layout = tmp_path / "oci"
     oi.oci_layout(layout, [oi.tar_bytes(BASE)], arch="arm64")
-    refused(site, "oci", layout, "no linux/amd64 image in the index (it has: linux/arm64)")
+    refused(site_dir, "oci", layout, "no linux/amd64 image in the index (it has: linux/arm64)")
 
 
-def test_bad_env_in_the_config(site, tmp_path):
+def test_bad_env_in_the_config(site_dir, tmp_path):
     layout = tmp_path / "oci"
     oi.oci_layout(layout, [oi.tar_bytes(BASE)], env=["GOOD=1", "BAD NAME=x"])
-    refused(site, "oci", layout, "config Env entry 'BAD NAME=x' is not NAME=value")
+    refused(site_dir, "oci", layout, "config Env entry 'BAD NAME=x' is not NAME=value")
 
 
-def test_a_pax_header_bomb(site, tmp_path):
+def test_a_pax_header_bomb(site_dir, tmp_path):
     """A 10 MiB pax header would be read into memory by tarfile: refused before."""
     ti, _ = oi.entry("etc/big", data=b"x")
     ti.pax_headers = {"comment": "y" * (10 << 20)}
-    refused(site, "tarball", tarball(tmp_path, BASE + [(ti, b"x")]), "extended tar header")
+    refused(site_dir, "tarball", tarball(tmp_path, BASE + [(ti, b"x")]), "extended tar header")
 
 
 # -- layer semantics -----------------------------------------------------------------------------
@@ -357,7 +357,7 @@ def test_zstd_layers_are_refused_clearly_without_the_module(tmp_path):
 
 # -- a whole import (no VM) ----------------------------------------------------------------------
 
-def test_an_oci_import_registers_env_origin_and_an_ext4_root(site, tmp_path):
+def test_an_oci_import_registers_env_origin_and_an_ext4_root(site_dir, tmp_path):
     """Three layers, a linux/arm64 image listed first in the index: the amd64 one is imported; the
     catalog entry has the config's Env and origin 'oci <manifest digest>'; the ext4 root on the
     qcow2 holds layer 3's view with owners and modes; the admin's options are in the one entry."""
@@ -368,14 +368,15 @@ def test_an_oci_import_registers_env_origin_and_an_ext4_root(site, tmp_path):
         oi.tar_bytes([oi.opaque("opt"), oi.entry("opt/tool", data=b"#!/bin/sh\n", mode=0o4755, uid=7, gid=8)]),
         oi.tar_bytes([oi.whiteout("etc/passwd")], compress=False)],
         env=["FOO=bar", "PATH=/opt:/usr/bin:/bin"], other_platform=True)
-    r = run_import(site, "oci", layout, "imp", "--user", "alice", "--memory", "512M")
+    r = run_import(site_dir, "oci", layout, "imp", "--user", "alice", "--memory", "512M")
     assert r.exit_code == 0, (r.stdout, r.stderr, r.exception)
     assert f"imported imp (oci {mdigest})" in r.stdout
-    assert r.stderr == f"note: {layout}: device nodes and FIFOs skipped (the guest mounts its own /dev), first: dev/null\n"
-    entry = tomllib.loads((site / "images.toml").read_text())["images"]["imp"]
+    assert r.stderr == (f"note: {layout}: device nodes and FIFOs skipped (the guest mounts its own /dev), "
+                        "first: dev/null\n")
+    entry = tomllib.loads((site_dir / "images.toml").read_text())["images"]["imp"]
     assert entry["origin"] == f"oci {mdigest}" and entry["env"] == {"FOO": "bar", "PATH": "/opt:/usr/bin:/bin"}
     assert entry["users"] == ["alice"] and entry["memory"] == "512M"
-    assert sorted(os.listdir(site / "appliances")) == [".kernel", "imp"]
+    assert sorted(os.listdir(site_dir / "appliances")) == [".kernel", "imp"]
     raw = tmp_path / "root.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", entry["disk"]["source"], str(raw)], check=True)
     ls = subprocess.run(["debugfs", "-R", "ls -l /opt", str(raw)], capture_output=True, text=True).stdout
@@ -386,15 +387,15 @@ def test_an_oci_import_registers_env_origin_and_an_ext4_root(site, tmp_path):
     assert "passwd" not in etc
 
 
-def test_an_oci_layout_inside_a_save_archive(site, tmp_path):
+def test_an_oci_layout_inside_a_save_archive(site_dir, tmp_path):
     """What docker 25+ and `podman save --format oci-archive` write: an OCI layout in a tar."""
     layout = tmp_path / "oci"
     mdigest = oi.oci_layout(layout, [oi.tar_bytes(BASE)], env=["A=1"])
     arch = oi.tar_dir(layout, tmp_path / "saved.tar")
     for kind, name in (("docker-archive", "d"), ("oci", "o")):
-        r = run_import(site, kind, arch, name)
+        r = run_import(site_dir, kind, arch, name)
         assert r.exit_code == 0, (r.stdout, r.stderr, r.exception)
-        entry = tomllib.loads((site / "images.toml").read_text())["images"][name]
+        entry = tomllib.loads((site_dir / "images.toml").read_text())["images"][name]
         assert entry["origin"] == f"oci {mdigest}" and entry["env"] == {"A": "1"}
 
 

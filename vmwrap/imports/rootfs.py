@@ -154,7 +154,8 @@ def import_tarball(source: Path, name: str, out_dir: Path, catalog_path: str, *,
     def fill(root: Path, work: Path, stage: Callable[[str], None]) -> Filled:
         with open_regular(src, "tarball") as f:
             if max_bytes is not None and os.fstat(f.fileno()).st_size > max_bytes:
-                raise ImageError(f"{src}: larger than the import size limit (image_import_max_size = {max_bytes} bytes)")
+                raise ImageError(f"{src}: larger than the import size limit "
+                                 f"(image_import_max_size = {max_bytes} bytes)")
             hashed = Digested(f, None, None, "tarball")
             apply_layers([("tarball", hashed)], root, str(src), max_bytes, on_note=stage)
             digest = "sha256:" + hashed.h.hexdigest()

@@ -186,6 +186,7 @@ def import_sif(source: Path, name: str, out_dir: Path, catalog_path: str, *, max
         with Extractor(root, str(src), max_bytes, on_note=stage) as ex:
             squashfs_to_layer(part, ex, "squashfs partition", str(src))
         part.unlink()
-        return Filled(origin=f"sif {ident} partition {digest}", description=f"sif import {src.name[:80]} ({digest[:19]})")
+        return Filled(origin=f"sif {ident} partition {digest}",
+                      description=f"sif import {src.name[:80]} ({digest[:19]})")
 
     return run_import("sif", src, name, Path(out_dir), catalog_path, max_bytes, on_stage, fill)
