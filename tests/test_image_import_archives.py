@@ -409,3 +409,27 @@ def test_the_job_environment_goes_over_the_image_defaults_but_path_is_the_images
     rundir.ctl(tmp_path).mkdir()
     (rundir.ctl(tmp_path) / rundir.CTL_IMAGE_ENV).write_bytes(b"FOO=image\0LANG=C.UTF-8\0PATH=/img/bin\0")
     assert job_environment(tmp_path, job) == {"FOO": "job", "HOME": "/home/u", "LANG": "C.UTF-8", "PATH": "/img/bin"}
+
+
+def test_a_failed_reimport_keeps_the_image(site_dir, tmp_path):
+    """Replacing an image: a bad archive changes nothing; a failure to register after the new files were
+    moved in puts the old ones back (files byte for byte, catalog untouched)."""
+    from vmwrap.imports.rootfs import import_tarball
+
+    good = tarball(tmp_path, BASE, "good.tar.gz")
+    r = run_import(site_dir, "tarball", good)
+    assert r.exit_code == 0, (r.stdout, r.stderr, r.exception)
+    img_dir, catalog = site_dir / "appliances" / "imp", site_dir / "images.toml"
+
+    def snapshot():
+        return {p.name: p.read_bytes() for p in img_dir.iterdir()}, catalog.read_bytes()
+    before = snapshot()
+    refused_line = run_import(site_dir, "tarball", tarball(tmp_path, [oi.entry("/abs", data=b"x")], "bad.tar.gz"))
+    assert refused_line.exit_code == 1 and snapshot() == before
+    not_a_catalog = tmp_path / "catalog-dir"
+    not_a_catalog.mkdir()
+    with pytest.raises(ImageError):
+        import_tarball(tarball(tmp_path, BASE + [oi.entry("etc/new", data=b"n")], "new.tar.gz"), "imp",
+                       site_dir / "appliances", str(not_a_catalog / "."), max_bytes=None, on_stage=lambda _s: None)
+    assert snapshot() == before
+    assert sorted(p.name for p in (site_dir / "appliances").iterdir()) == [".kernel", "imp"]
