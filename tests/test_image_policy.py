@@ -63,6 +63,15 @@ def test_policy_round_trips_through_the_catalog_file(tmp_path):
     assert Catalog.load(str(p)).images["open"].checkpoint is True
 
 
+def test_an_invalid_entry_never_reaches_the_catalog_file(tmp_path):
+    p = tmp_path / "c.toml"
+    register(str(p), Image("ok", "kernel", ART, ART))
+    before = p.read_text()
+    with pytest.raises(NodeError, match="images.bad.memory = 1024M is more than its max_memory = 512M"):
+        register(str(p), Image("bad", "kernel", ART, ART, memory_mib=1024, max_memory_mib=512))
+    assert p.read_text() == before and list(Catalog.load(str(p)).images) == ["ok"]
+
+
 def test_resolve_refuses_a_request_above_the_image_policy():
     with pytest.raises(UserError, match=re.escape(TOO_MUCH)):
         CATALOG.resolve("small", "root", memory_mib=1024)

@@ -271,9 +271,13 @@ def render_entry(img: Image) -> str:
 
 
 def register(path: str, img: Image) -> None:
-    """Add or replace one image's entry in the catalog file, atomically."""
+    """Add or replace one image's entry in the catalog file, atomically. The entry is checked as a load
+    would check it first: an invalid one (e.g. memory above max_memory) never reaches the file, where it
+    would make the whole catalog unreadable."""
+    entry = render_entry(img)
+    _image(path, img.name, tomllib.loads(entry)["images"][img.name])
     kept = _without(path, img.name)
-    _write(path, (kept + "\n\n" if kept else "") + render_entry(img))
+    _write(path, (kept + "\n\n" if kept else "") + entry)
 
 
 def unregister(path: str, name: str) -> None:
