@@ -53,6 +53,9 @@ class Settings:
     # serial: the work dir is served by vmwrap's 9P server over virtio-serial (the VM can be saved);
     # virtio-9p: QEMU's own 9p device (a little faster, but a mounted share blocks saving the VM).
     workdir_share: Literal["serial", "virtio-9p"] = "serial"
+    # Start each job's VM by restoring a pre-booted template of its shape (`vmwrap snapshot prepare`,
+    # vmwrap/snapshot.py) instead of booting it; no usable snapshot: a cold boot, as with false.
+    fast_start: bool = False
     checkpoint_dir: str = "/var/lib/vmwrap/checkpoints"  # must be storage every node shares
     # HMAC key authenticating checkpoints (root-owned, mode 0600/0400, the same file on every node):
     # a restore refuses a checkpoint whose manifest it did not sign (docs/checkpoint.md).

@@ -133,8 +133,6 @@ class Launcher:
 
     @_disk_full_fails_the_job
     def boot(self) -> None:
-        import libvirt
-
         p = self.request
         virt_type = accel.choose(self.settings, str(self.paths["kernel"]), str(self.paths["initrd"]),
                                  p.image.kernel.sha256)
@@ -158,7 +156,36 @@ class Launcher:
             os.chown(spec.ninep_socket, *self.qemu_ids)  # QEMU connects to it
         from .checkpoint import record_spec
 
+        started_from, fast = "boot", {}
+        if self.settings.fast_start:  # restore a pre-booted template of this shape; any trouble: cold boot
+            from . import snapshot
+
+            restored, why = snapshot.start(self.conn, self.settings, p.image, spec)
+            fast = {"started_from": "snapshot" if restored else "boot", **({"snapshot": why[:500]} if why else {})}
+            if restored is not None:
+                spec, started_from = restored, "snapshot"
+            elif spec.ninep_socket:  # the attempt's QEMU may have connected to the work dir server: a fresh one
+                share.start(self.run_dir, self.job)
+                os.chown(spec.ninep_socket, *self.qemu_ids)
         record_spec(self.run_dir, spec)  # what a restore must render again (checkpoint.restore_xml)
+        if started_from == "boot":
+            self._create(spec)
+        # libvirtd creates the control socket as root: the job's own batch step talks to it. (The run
+        # dir is root's: nothing in it can have been swapped for a link.)
+        f = self.run_dir / rundir.CONTROL_SOCKET
+        if f.exists():
+            os.chown(f, self.job.uid, self.job.gid)
+            f.chmod(0o600)
+        limits.start(self.run_dir, self.job.domain_name, self.settings)  # root watcher: per-job disk limits
+        self.timeline["created"] = time.monotonic()
+        self.ledger.record(self.job.job_id, self.job.domain_name, "created", virt_type=virt_type,
+                           cpus=p.cpus, memory_mib=p.memory_mib, image=p.image.name, **provenance(p.image),
+                           **fast)
+
+    def _create(self, spec: domain.Spec) -> None:
+        """Cold boot: create the domain paused, give it its memory limit, let it run."""
+        import libvirt
+
         try:
             dom = domain.guarded(self.conn, spec.name, "start",
                                  lambda: self.conn.createXML(domain.render(spec), libvirt.VIR_DOMAIN_START_PAUSED))
@@ -171,16 +198,6 @@ class Launcher:
             raise GuestStalledError(f"the job's VM failed to start ({e.get_error_message()}); this node "
                                     "starts VMs, so its QEMU was probably killed by the job's user") from None
         domain.start_limited(dom, spec.memory_limit_mib)  # the hard limit holds from the first instruction
-        # libvirtd creates the control socket as root: the job's own batch step talks to it. (The run
-        # dir is root's: nothing in it can have been swapped for a link.)
-        f = self.run_dir / rundir.CONTROL_SOCKET
-        if f.exists():
-            os.chown(f, self.job.uid, self.job.gid)
-            f.chmod(0o600)
-        limits.start(self.run_dir, self.job.domain_name, self.settings)  # root watcher: per-job disk limits
-        self.timeline["created"] = time.monotonic()
-        self.ledger.record(self.job.job_id, self.job.domain_name, "created", virt_type=virt_type,
-                           cpus=p.cpus, memory_mib=p.memory_mib, image=p.image.name, **provenance(p.image))
 
     @_disk_full_fails_the_job
     def restore(self, store) -> dict:

@@ -12,6 +12,7 @@ import click
 
 from ..errors import VmwrapError
 from . import checkpoints, config, daemons, drain, hooks, images, jobs, node, simulate, status
+from .snapshots import snapshot
 from .context import Site
 
 
@@ -60,6 +61,7 @@ for _cmd in (jobs.run, jobs.teardown, node.ps, node.agent, images.image, images.
              checkpoints.checkpoints, node.doctor, node.reconcile, drain.drain, config.config_group, hooks.hooks, simulate.simulate,
              daemons.daemons, status.status):
     main.add_command(_cmd)
+main.add_command(snapshot)  # fast start's templates (vmwrap/snapshot.py)
 
 
 def _register_plugins() -> None:

@@ -41,6 +41,26 @@ read -r up _ < /proc/uptime; say "booted $up"
 
 if grep -q 'vmwrap.probe' /proc/cmdline; then say "exit 0"; poweroff -f; fi
 
+# Fast start (vmwrap/snapshot.py): a template guest stops here, before anything job-specific, and is
+# saved; each job's VM is restored from it and the host sends "RESUME <random hex> <epoch seconds>".
+# The seed is written before anything forks: the template idled past the kernel's reseed interval, so
+# the first random use after it reseeds from the host's bytes (clones must not share a random stream).
+RESTORED=
+read -r CMDLINE < /proc/cmdline
+case " $CMDLINE " in *" vmwrap.template "*)
+  say "template $up"
+  while :; do
+    while read -r cmd seed now; do
+      case "$cmd" in RESUME) break 2 ;; TERM|KILL) say "exit 143"; poweroff -f ;; esac
+    done < "$CTL"
+    sleep 0.05
+  done
+  echo "$seed" > /dev/urandom
+  date -u -s "@$now" > /dev/null || echo "vmwrap guest: cannot set the clock to $now" > /dev/console
+  RESTORED=1
+  read -r up _ < /proc/uptime; say "resumed $up" ;;
+esac
+
 mkdir -p /run /ctl && mount -t 9p -o trans=virtio,version=9p2000.L,ro vmwrap_ctl /ctl || fail "cannot mount control share"
 ROOT=/
 if [ -b /dev/vda ]; then
@@ -49,6 +69,10 @@ if [ -b /dev/vda ]; then
   for d in proc sys dev tmp; do mkdir -p "$ROOT/$d"; done
   mount -t proc proc "$ROOT/proc"; mount -t sysfs sys "$ROOT/sys"; mount -t devtmpfs dev "$ROOT/dev"
   chmod 1777 "$ROOT/tmp"
+fi
+# A restored VM is a clone of the template: it gets its own machine id (a cold boot keeps the image's).
+if [ -n "$RESTORED" ] && [ -d "$ROOT/etc" ]; then
+  read -r id < /proc/sys/kernel/random/uuid && echo "${id//-/}" > "$ROOT/etc/machine-id"
 fi
 mkdir -p "$ROOT/.vmwrap" && mount -o bind,ro /ctl "$ROOT/.vmwrap"
 WORKDIR=$(cat /ctl/workdir)
