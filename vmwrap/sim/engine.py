@@ -157,9 +157,10 @@ class _Claim:
 
 
 class _Blocks(dict):
-    """Per-node intervals promised to queued jobs; `easy` = (time, nodes, end) of EASY's one
-    promise. Computed eagerly: a later pass whose queue is empty keeps it for later arrivals, so
-    a deferred one would be computed on another cluster."""
+    """Per-node intervals promised to queued jobs (conservative; EASY's only for staging=overlap's
+    _free_at); `easy` = (time, nodes, end) of EASY's one promise. Computed eagerly: a later pass
+    whose queue is empty keeps it for later arrivals, so a deferred one would be computed on
+    another cluster."""
     easy = None
 
 
@@ -323,6 +324,9 @@ class Simulator:
         self._future: _Claim | None = None   # backfill=haizea: the one future lease
         self._reeval = False        # a job ended before its requested time (backfill=haizea)
         self._claims = 0            # booked starts (_Claim) in the nodes' commitment lists
+        # EASY's promise is read only through `_Blocks.easy` (per-node intervals: _free_at's)
+        self._easy_only = config.backfill == "easy" and config.staging != "overlap"
+        self._overlap = config.staging == "overlap"
 
     # -- events ---------------------------------------------------------------------------------
     def _push(self, t: float, kind: int, obj) -> None:
@@ -509,7 +513,7 @@ class Simulator:
         m = bisect.bisect_right(neg, -need)     # nodes free for at least `need`
         if m < k:
             return []
-        if not blocks:
+        if blocks.easy is None and not blocks:
             return nodes[:m]
         occ_end = now + setup + run.req_left * self.slow
         if blocks.easy is not None:   # O(1) count before building the list
@@ -549,17 +553,18 @@ class Simulator:
         """Start `run` now if it fits. `general=False` skips the image-independent path (any free
         node, with a transfer if needed): the caller knows a smaller, shorter job just failed it."""
         k = run.job.nodes
-        if len(self.free) < k and self.cfg.staging != "overlap":
+        if len(self.free) < k and not self._overlap:
             return False
         img = run.job.image
-        if self.cfg.transfer == "none":
+        transfer = self.cfg.transfer
+        if transfer == "none":
             if not general:
                 return False
             cands = self._fits(run, now, blocks, now, None)
             if len(cands) < k:
                 return False
             return self._start(run, self._pick(run, cands, now), now, now)
-        held = self.holders[img] & self.free if self.cfg.transfer == "cache" else ()
+        held = self.holders[img] & self.free if transfer == "cache" else ()
         held = held if len(self.free) >= k else ()
         if len(held) >= k:
             # nodes that already hold the image, then any node with a transfer (or prestage) first
@@ -569,7 +574,7 @@ class Simulator:
         if not general:
             return False
         t_net = self.link.earliest(now, self.xfer_s) + self.xfer_s
-        overlap = self.cfg.staging == "overlap"
+        overlap = self._overlap
         cands = self._free_at(run, now, t_net, blocks) if overlap else self._fits(run, now, blocks, t_net, None)
         if len(cands) < k:
             return False
@@ -823,8 +828,9 @@ class Simulator:
         """Book `run`'s earliest start in `blocks` (EASY's one promise or conservative's every)."""
         t, nodes = self._reserve(run, now, blocks)
         dur = run.req_left * self.slow + self._setup(run, ())
-        for n in nodes:
-            blocks.setdefault(n, []).append((t, t + dur))
+        if not self._easy_only:
+            for n in nodes:
+                blocks.setdefault(n, []).append((t, t + dur))
         if self.cfg.backfill == "easy":
             blocks.easy = (t, frozenset(nodes), t + dur)
             self._blocks = blocks
