@@ -296,6 +296,19 @@ def test_restore_refuses_another_jobs_checkpoint(restoring, field):
     assert conn.restored == [] and started == [] and not (run_dir / "stdout").exists()
 
 
+def test_restore_refuses_a_disk_saved_over_a_base_the_catalog_has_since_replaced(restoring):
+    store, run_dir, job, paths, started = restoring
+    old, new = "a" * 64, "b" * 64
+    store.commit(stage(store, "21", meta=job_meta("21", disk_sha256=old)), "21")
+    conn = FakeConn()
+    with pytest.raises(CheckpointError, match=r"base sha256 aaaaaaaaaaaa\.\.\., which the catalog has since replaced"):
+        checkpoint.restore("21", run_dir, store, conn, job, {**paths, "disk": Path(f"/cache/blobs/{new}")},
+                           image="busybox")
+    assert conn.restored == [] and started == [] and not (run_dir / "stdout").exists()
+    checkpoint.check_base(job_meta("21", disk_sha256=old), "21", {**paths, "disk": Path(f"/cache/blobs/{old}")})
+    checkpoint.check_base(job_meta("21"), "21", {**paths, "disk": Path(f"/cache/blobs/{new}")})  # older checkpoint
+
+
 @pytest.mark.parametrize("bad", [{"memory_mib": 1 << 40}, {"memory_mib": "128"}, {"cpus": 0}, {"cpus": 4096},
                                  {"virt_type": "xen"}, {"cmdline": "a\nb"}, {"disk": True}, {"ninep": 1},
                                  {"uuid": "x"}, {"work_dir": "/etc"}])

@@ -666,6 +666,22 @@ def check_owner(meta: dict, job: Job, image: str | None) -> None:
                                   f"({meta.get(k)!r}, this job has {v!r}): refusing to restore it")
 
 
+def check_base(meta: dict, job_id: str, paths: dict[str, Path]) -> None:
+    """The saved overlay only makes sense on the very base disk it was written over: an image the
+    admin replaced under the same name since the save would restore as a corrupt file system.
+
+    `paths["disk"]` is the cache's content-addressed blob (its name is its sha256). A checkpoint
+    from before this record (no `disk_sha256`) is restored as before."""
+    saved = meta.get("disk_sha256")
+    if saved is None or "disk" not in paths:
+        return
+    now = Path(paths["disk"]).name
+    if not isinstance(saved, str) or saved != now:
+        raise CheckpointError(f"the checkpoint of job {job_id} holds a disk written over image "
+                              f"{meta.get('image')!r} with base sha256 {str(saved)[:12]}..., which the catalog has "
+                              f"since replaced (now {now[:12]}...): its disk cannot be restored on another base")
+
+
 def restore_xml(meta: dict, job: Job, run_dir: Path, paths: dict[str, Path]) -> tuple[str, domain.Spec]:
     """The restored VM's domain XML: vmwrap's template with this node's paths and the job's identity.
 
@@ -740,6 +756,7 @@ def restore(job_id: str, run_dir: Path, store: Store, conn, job: Job, paths: dic
     except ValueError as e:
         raise CheckpointError(f"checkpoint of job {job_id}: job.json is unusable: {e}") from None
     check_owner(meta, job, image or job.image)
+    check_base(meta, job_id, paths)
     xml, spec = restore_xml(meta, job, run_dir, paths)
     fmt = meta.get("disk_format") or "qcow2"
     if spec.disk and fmt not in ("qcow2", "raw"):

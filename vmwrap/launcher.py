@@ -103,6 +103,7 @@ class Launcher:
             "image": p.image.name, "digest": p.image.digest, "checkpoint": p.image.checkpoint,
             "run_dir": str(self.run_dir), "restarts": self.job.restart_count,
             "disk_format": p.image.disk.format if p.image.disk else None,
+            "disk_sha256": p.image.disk.sha256 if p.image.disk else None,
             "on_lost_checkpoint": self.on_lost_checkpoint}))
         self.timeline["prepared"] = time.monotonic()
 
