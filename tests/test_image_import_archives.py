@@ -240,6 +240,13 @@ def test_bad_env_in_the_config(site_dir, tmp_path):
     refused(site_dir, "oci", layout, "config Env entry 'BAD NAME=x' is not NAME=value")
 
 
+def test_an_overlong_member_name(site_dir, tmp_path):
+    """Names beyond PATH_MAX would only cost memory and syscalls (every component is walked)."""
+    deep = "/".join(["d" * 200] * 25) + "/f"
+    refused(site_dir, "tarball", tarball(tmp_path, BASE + [oi.entry(deep, data=b"x")]),
+            "has a name or link target longer than 4096 bytes")
+
+
 def test_a_pax_header_bomb(site_dir, tmp_path):
     """A 10 MiB pax header would be read into memory by tarfile: refused before."""
     ti, _ = oi.entry("etc/big", data=b"x")
@@ -262,11 +269,14 @@ def test_whiteouts_and_opaque_dirs_follow_oci(tmp_path):
                        oi.entry("usr/bin/su", data=b"su", mode=0o4755, uid=0, gid=0),
                        oi.entry("home", "dir", uid=1234, gid=1235, mode=0o750),
                        oi.entry("home/f", data=b"mine", uid=1234, gid=1235, mode=0o600),
-                       oi.entry("etc/hard", "hardlink", target="etc/a")])
+                       oi.entry("etc/hard", "hardlink", target="etc/a"),
+                       oi.entry("srv", "dir"), oi.entry("srv/sub", "dir"), oi.entry("srv/sub/old", data=b"o")])
     l2 = oi.tar_bytes([oi.whiteout("etc/a"), oi.opaque("opt"), oi.entry("opt/new", data=b"n"),
                        oi.whiteout("var/gone"), oi.entry("etc/b", data=b"B2"),
                        # this layer's own file, then a whiteout of it: whiteouts hide lower layers only
-                       oi.entry("etc/c", data=b"c"), oi.whiteout("etc/c")])
+                       oi.entry("etc/c", data=b"c"), oi.whiteout("etc/c"),
+                       # a directory this layer wrote into, then whited out: only this layer's entries stay
+                       oi.entry("srv/sub/new", data=b"n"), oi.whiteout("srv/sub")])
     l3 = oi.tar_bytes([oi.entry("etc/a", "symlink", target="/nonexistent/target"),
                        oi.entry("var/gone", data=b"now a file")])
     tally = apply_layers([("layer 1", _bytes(l1)), ("layer 2", _bytes(l2)), ("layer 3", _bytes(l3))],
@@ -279,6 +289,7 @@ def test_whiteouts_and_opaque_dirs_follow_oci(tmp_path):
     assert (root / "etc/b").read_bytes() == b"B2" and (root / "etc/c").read_bytes() == b"c"
     assert (root / "etc/hard").read_bytes() == b"a"  # the link survives its name's whiteout
     assert names("opt") == ["new"]  # opaque: layer 1's opt/old1 and opt/sub are gone
+    assert names("srv/sub") == ["new"]
     assert (root / "var/gone").read_bytes() == b"now a file"
     assert names("dev") == [] and names("run") == []
     assert tally.skipped_special == 2 and len(notes) == 1 and notes[0].startswith("note: test: device nodes and "

@@ -30,6 +30,7 @@ from ..errors import ImageError
 
 MAX_MEMBERS = 1_000_000       # all layers together; each costs Python memory while extracting
 HEADER_MAX = 256 * 1024       # one pax or GNU long-name header
+NAME_MAX = 4096               # a member's name or link target (Linux's PATH_MAX)
 HEADER_CHAIN_MAX = 8          # extended headers in front of one member
 HEADERS_ALLOWANCE = 1 << 30   # tar headers and padding on top of max_bytes in the decompressed streams
 CHUNK = 1 << 20
@@ -245,8 +246,11 @@ class Extractor:
         """Apply one layer (a tar, maybe gzip/zstd-compressed). A Digested `raw` is checked at its end;
         a digest mismatch is reported before any error its damage caused."""
         self.label = label
-        self.written: set[str] = set()   # paths this layer made: its own whiteouts do not remove them
-        self.touched: set[str] = set()   # their parent dirs
+        # What this layer made, which its own whiteouts and opaque markers must not remove: entries as
+        # (parent dir inode, name), and the inodes of the directories it wrote into. Inodes, not path
+        # strings: memory stays linear in the members (a path's every prefix would be quadratic).
+        self.written: set[tuple[int, str]] = set()
+        self.touched: set[int] = set()
         try:
             try:
                 tf = open_tar(_Decompressed(raw, f"{self.source}: {label}", self.budget))
@@ -269,14 +273,19 @@ class Extractor:
     def _bad(self, name: str, why: str) -> ImageError:
         return ImageError(f"{self.source}: {self.label}: member {name[:200]!r} {why}")
 
-    def _member(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+    def _count(self) -> None:
         self.tally.members += 1
         if self.tally.members > self.max_members:
             raise ImageError(f"{self.source}: more than {self.max_members} tar members: refused")
+
+    def _member(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        self._count()
         try:
             parts = member_parts(m.name)
         except ValueError as e:
             raise self._bad(m.name, str(e)) from None
+        if len(m.name) > NAME_MAX or len(m.linkname) > NAME_MAX:
+            raise self._bad(m.name, f"has a name or link target longer than {NAME_MAX} bytes")
         if not parts:
             return  # the root itself: vmwrap owns its mode (0755, root)
         base = parts[-1]
@@ -311,7 +320,8 @@ class Extractor:
     # -- path walking ------------------------------------------------------------------------------
     def _parent(self, parts: list[str], name: str, create: bool) -> int | None:
         """An fd of the directory holding parts[-1], walked from the root with O_NOFOLLOW; missing
-        directories are made (root-owned, 0755) when `create`, else None."""
+        directories are made (root-owned, 0755, counted as members) when `create`, which also records
+        every directory on the way as written into by this layer; else None for a missing one."""
         fd = os.dup(self.root_fd)
         try:
             for i, comp in enumerate(parts[:-1]):
@@ -320,6 +330,7 @@ class Extractor:
                 except FileNotFoundError:
                     if not create:
                         return None
+                    self._count()
                     os.mkdir(comp, 0o755, dir_fd=fd)
                     nfd = os.open(comp, DIR_FLAGS, dir_fd=fd)
                 except OSError:
@@ -329,19 +340,23 @@ class Extractor:
                     raise self._bad(name, f"lies below {'/'.join(parts[:i + 1])!r}, which is {what}") from None
                 os.close(fd)
                 fd = nfd
+                if create:
+                    self.touched.add(os.fstat(fd).st_ino)
             out, fd = fd, -1
             return out
         finally:
             if fd >= 0:
                 os.close(fd)
 
-    def _mark(self, parts: list[str]) -> None:
-        self.written.add("/".join(parts))
-        for i in range(1, len(parts)):
-            self.touched.add("/".join(parts[:i]))
-
-    def _mine(self, path: str) -> bool:
-        return path in self.written or path in self.touched
+    def _mine(self, dfd: int, name: str) -> bool:
+        """Whether this layer made `name` in the directory `dfd`, or wrote into it (a directory)."""
+        if (os.fstat(dfd).st_ino, name) in self.written:
+            return True
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return stat.S_ISDIR(st.st_mode) and st.st_ino in self.touched
 
     @staticmethod
     def _remove(dfd: int, name: str) -> None:
@@ -356,13 +371,26 @@ class Extractor:
 
     # -- whiteouts ---------------------------------------------------------------------------------
     def _whiteout(self, parts: list[str], name: str) -> None:
-        if self._mine("/".join(parts)):
-            return  # a whiteout hides lower layers only
+        """Remove what lower layers made at the path; what this layer made there stays (a directory it
+        wrote into keeps only this layer's entries, as an opaque one)."""
         dfd = self._parent(parts, name, create=False)
         if dfd is None:
             return
         try:
-            self._remove(dfd, parts[-1])
+            if not self._mine(dfd, parts[-1]):
+                self._remove(dfd, parts[-1])
+            elif (os.fstat(dfd).st_ino, parts[-1]) not in self.written:
+                self._clear(dfd, parts[-1])
+        finally:
+            os.close(dfd)
+
+    def _clear(self, pfd: int, dname: str) -> None:
+        """Remove the directory's entries this layer did not make."""
+        dfd = os.open(dname, DIR_FLAGS, dir_fd=pfd)
+        try:
+            for entry in os.listdir(dfd):
+                if not self._mine(dfd, entry):
+                    self._remove(dfd, entry)
         finally:
             os.close(dfd)
 
@@ -385,13 +413,11 @@ class Extractor:
                 os.close(pfd)
         else:
             dfd = os.dup(self.root_fd)
-        if dparts:
-            self._mark(dparts)
         try:
-            prefix = "/".join(dparts)
             for entry in os.listdir(dfd):
-                if not self._mine(f"{prefix}/{entry}" if prefix else entry):
+                if not self._mine(dfd, entry):
                     self._remove(dfd, entry)
+            self.touched.add(os.fstat(dfd).st_ino)
         finally:
             os.close(dfd)
 
@@ -416,7 +442,7 @@ class Extractor:
                 st = None
             if st is not None and not (m.isdir() and stat.S_ISDIR(st.st_mode)):
                 self._remove(pfd, last)
-            self._mark(parts)
+            self.written.add((os.fstat(pfd).st_ino, last))
             if m.isdir():
                 if st is None or not stat.S_ISDIR(st.st_mode):
                     os.mkdir(last, 0o700, dir_fd=pfd)
