@@ -79,6 +79,12 @@ BASE = [oi.entry("bin", "dir"), oi.entry("bin/sh", data=b"#!fake\n", mode=0o755)
 
 # -- the bad-input corpus ------------------------------------------------------------------------
 
+def test_bad_options_are_refused_before_reading(site_dir, tmp_path):
+    r = run_import(site_dir, "tarball", tmp_path, "imp", "--memory", "2G", "--max-memory", "1G")
+    assert (r.exit_code, r.stderr) == (1, "Error: --memory=2048M is more than --max-memory=1024M\n")
+    assert left_behind(site_dir) == []
+
+
 @pytest.mark.parametrize("kind,needle", [("oci", "not a tar archive"), ("docker-archive", "not a tar archive"),
                                          ("sif", "not a SIF file"), ("tarball", "not a valid tar layer")])
 def test_a_file_that_is_no_image(site_dir, tmp_path, kind, needle):
@@ -379,7 +385,8 @@ def test_an_oci_import_registers_env_origin_and_an_ext4_root(site_dir, tmp_path)
         oi.tar_bytes([oi.opaque("opt"), oi.entry("opt/tool", data=b"#!/bin/sh\n", mode=0o4755, uid=7, gid=8)]),
         oi.tar_bytes([oi.whiteout("etc/passwd")], compress=False)],
         env=["FOO=bar", "PATH=/opt:/usr/bin:/bin"], other_platform=True)
-    r = run_import(site_dir, "oci", layout, "imp", "--user", "alice", "--memory", "512M")
+    r = run_import(site_dir, "oci", layout, "imp", "--user", "alice", "--memory", "512M", "--max-memory", "1G",
+                   "--no-checkpoint")
     assert r.exit_code == 0, (r.stdout, r.stderr, r.exception)
     assert f"imported imp (oci {mdigest})" in r.stdout
     assert r.stderr == (f"note: {layout}: device nodes and FIFOs skipped (the guest mounts its own /dev), "
@@ -387,6 +394,7 @@ def test_an_oci_import_registers_env_origin_and_an_ext4_root(site_dir, tmp_path)
     entry = tomllib.loads((site_dir / "images.toml").read_text())["images"]["imp"]
     assert entry["origin"] == f"oci {mdigest}" and entry["env"] == {"FOO": "bar", "PATH": "/opt:/usr/bin:/bin"}
     assert entry["users"] == ["alice"] and entry["memory"] == "512M"
+    assert entry["max_memory"] == "1024M" and entry["checkpoint"] is False
     assert sorted(os.listdir(site_dir / "appliances")) == [".kernel", "imp"]
     raw = tmp_path / "root.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", entry["disk"]["source"], str(raw)], check=True)

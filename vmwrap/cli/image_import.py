@@ -50,16 +50,20 @@ def _importer(kind: str):
 @quiet_option
 @friendly_oserrors
 def image_import(source: Path, kind: str, name: str, memory: str | None, cpus: int | None, users: tuple[str, ...],
-                 groups: tuple[str, ...], description: str | None, quiet: bool) -> None:
+                 groups: tuple[str, ...], description: str | None, quiet: bool, max_memory: str | None = None,
+                 max_cpus: int | None = None, checkpoint: bool = True) -> None:
     """Import SOURCE as image NAME: its files under appliance_dir, registered in the catalog last (a failure
     leaves both as they were). Sizes are bounded by image_import_max_size."""
+    # (--max-memory, --max-cpus, --checkpoint: images.policy_options, added where the group registers this.)
     from ..catalog import register
     from ..directives import check_image_name, parse_memory
     from ..progress import progress, stage_callback
+    from .images import policy
 
     s = settings()
     check_image_name(name)
     mem = parse_memory(memory) if memory else None  # a bad option before reading gigabytes
+    pol = policy(max_memory, max_cpus, checkpoint, mem, cpus)
     run = _importer(kind)
     t0 = time.monotonic()
     out = Path(s.appliance_dir)
@@ -79,7 +83,7 @@ def image_import(source: Path, kind: str, name: str, memory: str | None, cpus: i
 
         img = run(source.resolve(), name, out, str(Path(scratch) / "images.toml"),
                   max_bytes=s.image_import_max_bytes, on_stage=on_stage)
-        img = replace(img, memory_mib=mem, cpus=cpus, users=list(users), groups=list(groups),
+        img = replace(img, memory_mib=mem, cpus=cpus, users=list(users), groups=list(groups), **pol,
                       description=description if description is not None else img.description)
         register(s.catalog, img)
     for line in notes:

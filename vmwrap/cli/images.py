@@ -200,7 +200,7 @@ def image_verify(names: tuple[str, ...], quiet: bool) -> None:
 
 
 
-image.add_command(image_import)  # vmwrap/cli/image_import.py: OCI, docker/podman saves, SIF, tarballs, disks
+image.add_command(policy_options(image_import))  # vmwrap/cli/image_import.py: OCI, docker/podman, SIF, tarballs, disks
 
 # The old spelling of `image`, hidden: the same subcommands, with a deprecation notice on stderr.
 images = click.Group("images", commands=image.commands, hidden=True, deprecated=True,
