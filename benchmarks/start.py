@@ -1,0 +1,127 @@
+"""Job start from a pre-booted snapshot (fast_start) vs a cold boot vs a bare QEMU boot, side by side.
+
+  bare:     QEMU boots the same kernel with a one-line busybox initrd to its first output (as core.py)
+  cold:     `vmwrap run` start -> the job's first output, fast_start = false (warm image cache)
+  snapshot: the same with fast_start = true and the shape's template prepared
+Goal: snapshot start <= 0.5 x bare. Also reports QEMU's host memory (RSS) per job beside the guest's
+memory and the snapshot file size per shape (issue 21's footprint).
+
+usage: /opt/vmwrap/venv/bin/python benchmarks/start.py [--repeat N]   (root; libvirtd running)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from core import APPLIANCES, bare_initrd, first_output, med  # noqa: E402
+
+from vmwrap.catalog import Catalog  # noqa: E402
+
+IMAGE = "vmwrap-bench-disk"
+VMWRAP = [sys.executable, "-m", "vmwrap.cli"]
+
+
+def site(tmp: Path, fast: bool) -> dict:
+    cfg = tmp / f"vmwrap-{'fast' if fast else 'cold'}.toml"
+    cfg.write_text(
+        f'catalog = "{tmp / "catalog.toml"}"\ncache_dir = "{tmp / "cache"}"\n'
+        f'state_dir = "{tmp / "state"}"\naccel = "{os.environ.get("VMWRAP_BENCH_ACCEL", "tcg")}"\n'
+        f"fast_start = {'true' if fast else 'false'}\n")
+    return dict(os.environ, VMWRAP_CONFIG=str(cfg), PYTHONPATH=str(HERE.parent))
+
+
+def qemu_rss_mib(state_dir: Path, timeout: float = 60.0) -> float:
+    """RSS of the QEMU running this site's VM, sampled once the job said it runs."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if b"qemu-system" in cmd and str(state_dir).encode() in cmd:
+                    for ln in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if ln.startswith("VmRSS:"):
+                            return int(ln.split()[1]) / 1024
+            except OSError:
+                continue
+        time.sleep(0.05)
+    return float("nan")
+
+
+def rss_of_job(env: dict, job: Path, work: Path, state_dir: Path) -> float:
+    p = subprocess.Popen(VMWRAP + ["run", str(job), "--workdir", str(work)], env=env, stdout=subprocess.PIPE)
+    os.read(p.stdout.fileno(), 64)  # the job runs: its VM is fully up
+    rss = qemu_rss_mib(state_dir)
+    p.communicate()
+    return rss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    from vmwrap import appliance
+
+    tmp = Path(tempfile.mkdtemp(prefix="vmwrap-bench-start-", dir="/var/tmp"))
+    tmp.chmod(0o755)
+    try:
+        appliance.build(IMAGE, "busybox", str(APPLIANCES), str(tmp / "catalog.toml"))
+        img = Catalog.load(str(tmp / "catalog.toml")).images[IMAGE]
+        cold, fast = site(tmp, False), site(tmp, True)
+        work = tmp / "work"
+        work.mkdir()
+        work.chmod(0o777)
+        job = tmp / "job.sh"
+        job.write_text(f"#!/bin/sh\n#VMWRAP --image={IMAGE}\necho FIRST-OUTPUT\n")
+        sleeper = tmp / "sleeper.sh"
+        sleeper.write_text(f"#!/bin/sh\n#VMWRAP --image={IMAGE}\necho FIRST-OUTPUT; sleep 2\n")
+        subprocess.run(VMWRAP + ["run", str(job), "--workdir", str(work)], env=cold, capture_output=True)
+        sizes = {}
+        for mem in (256, 512):
+            t0 = time.perf_counter()
+            r = subprocess.run(VMWRAP + ["snapshot", "prepare", IMAGE, "--memory", str(mem), "--json"], env=fast,
+                               capture_output=True, text=True, check=True)
+            import json
+
+            got = json.loads(r.stdout)
+            sizes[mem] = (got["bytes"], time.perf_counter() - t0)
+        cpio = bare_initrd(tmp)
+        bare_argv = ["qemu-system-x86_64", "-accel", "tcg", "-machine", "pc", "-m", "256", "-nographic",
+                     "-no-reboot", "-kernel", img.kernel.source, "-initrd", str(cpio),
+                     "-append", "console=ttyS0 quiet loglevel=1 panic=-1 mitigations=off acpi=noirq"]
+        bare, cold_t, fast_t = [], [], []
+        for _ in range(args.repeat):  # interleaved: load from other work hits all three alike
+            bare.append(first_output(bare_argv, marker=b"FIRST-OUTPUT")[0])
+            cold_t.append(first_output(VMWRAP + ["run", str(job), "--workdir", str(work)], env=cold,
+                                       marker=b"FIRST-OUTPUT")[0])
+            fast_t.append(first_output(VMWRAP + ["run", str(job), "--workdir", str(work)], env=fast,
+                                       marker=b"FIRST-OUTPUT")[0])
+        b, c, f = med(bare), med(cold_t), med(fast_t)
+        print(f"first output (median of {args.repeat}): bare QEMU boot {b:.2f} s; vmwrap cold start {c:.2f} s "
+              f"(ratio {c / b:.2f}); vmwrap snapshot start {f:.2f} s (ratio {f / b:.2f}, goal <= 0.5)")
+        print(f"  all: bare {[round(x, 2) for x in bare]}, cold {[round(x, 2) for x in cold_t]}, "
+              f"snapshot {[round(x, 2) for x in fast_t]}")
+        rc = rss_of_job(cold, sleeper, work, tmp / "state")
+        rf = rss_of_job(fast, sleeper, work, tmp / "state")
+        print(f"host memory per job (QEMU RSS while the job runs, guest memory 256 MiB): cold boot {rc:.0f} MiB, "
+              f"restored from snapshot {rf:.0f} MiB")
+        for mem, (n, secs) in sizes.items():
+            print(f"snapshot file, {mem} MiB guest, 1 CPU: {n / 2**20:.1f} MiB (prepared in {secs:.1f} s)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
