@@ -138,6 +138,10 @@ def test_cli_import_disk(tmp_path):
     img = Catalog.load(str(site.catalog)).images["site-os"]
     assert img.users == ["alice"] and img.origin.startswith("disk Debian GNU/Linux 12 (bookworm) kernel 6.1.0-")
     assert sorted(p.name for p in (tmp_path / "appliances").iterdir()) == ["site-os"]
+    # restricted to alice: its imported files are root's alone (the cache grants them to alice's jobs)
+    d = tmp_path / "appliances" / "site-os"
+    assert d.stat().st_mode & 0o777 == 0o700
+    assert all(f.stat().st_mode & 0o077 == 0 for f in d.iterdir()), [oct(f.stat().st_mode) for f in d.iterdir()]
 
 
 def test_fifo_is_refused_without_hanging(tmp_path):

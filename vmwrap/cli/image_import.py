@@ -85,7 +85,24 @@ def image_import(source: Path, kind: str, name: str, memory: str | None, cpus: i
                   max_bytes=s.image_import_max_bytes, on_stage=on_stage)
         img = replace(img, memory_mib=mem, cpus=cpus, users=list(users), groups=list(groups), **pol,
                       description=description if description is not None else img.description)
+        if img.restricted:
+            _private(img, out)
         register(s.catalog, img)
     for line in notes:
         click.echo(line, err=True)
     click.echo(f"imported {img.name} ({img.origin}) in {time.monotonic() - t0:.1f}s -> {s.catalog}")
+
+
+def _private(img, out: Path) -> None:
+    """A restricted image's files are for its users' jobs only (the cache grants them): the imported
+    copies in the appliance dir must not be readable by everyone either."""
+    import os
+
+    dirs = set()
+    for a in img.artifacts().values():
+        p = Path(a.source)
+        if p.parent.parent == out:          # the importer's out/NAME/FILE, never a file elsewhere
+            os.chmod(p, 0o600)
+            dirs.add(p.parent)
+    for d in dirs:
+        os.chmod(d, 0o700)
