@@ -199,3 +199,15 @@ def test_a_job_started_from_the_snapshot_is_checkpointed_and_restored(fast, test
     finally:
         launcher.teardown("fast1", settings)
     assert fast.leftovers() == []
+
+
+@pytest.mark.parametrize("args, says", [(["--memory", "64"], "--memory=64M: a guest needs 128M"),
+                                        (["--cpus", "999"], "--cpus=999: this node has"),
+                                        (["--image-typo"], "No such option"),
+                                        (["nosuch"], "no image 'nosuch' in the catalog")])
+def test_prepare_refuses_bad_input_in_one_line_and_leaves_nothing(site, args, says):
+    argv = args if args == ["nosuch"] else ["busybox", *args]
+    r = subprocess.run(VMWRAP + ["snapshot", "prepare", *argv], capture_output=True, text=True, env=site.env(),
+                       timeout=120)
+    assert r.returncode != 0 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (site.cache / "snapshots").exists()

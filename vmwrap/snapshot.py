@@ -257,7 +257,7 @@ def prepare(settings, catalog, image_name: str, cpus: int | None = None, memory_
 
     from . import accel
     from .cache import Cache
-    from .sizing import MIN_MEMORY_MIB
+    from .sizing import MIN_MEMORY_MIB, host_memory_mib
 
     image = catalog.images.get(image_name)
     if image is None:
@@ -268,8 +268,9 @@ def prepare(settings, catalog, image_name: str, cpus: int | None = None, memory_
     memory_mib = memory_mib or image.memory_mib or settings.default_memory_mib
     if not 1 <= cpus <= (os.cpu_count() or 1):
         raise UserError(f"--cpus={cpus}: this node has {os.cpu_count()} CPUs")
-    if memory_mib < MIN_MEMORY_MIB:
-        raise UserError(f"--memory={memory_mib}M is below the {MIN_MEMORY_MIB}M a guest needs")
+    if not MIN_MEMORY_MIB <= memory_mib <= host_memory_mib():
+        raise UserError(f"--memory={memory_mib}M: a guest needs {MIN_MEMORY_MIB}M to {host_memory_mib()}M here")
+    image.check_size(memory_mib, cpus)
     d = _ensure_dir(settings)
     conn = domain.connect(settings.libvirt_uri)
     cache = Cache(settings.cache_dir, settings.cache_max_bytes, settings.verify_on_use)
