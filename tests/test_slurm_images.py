@@ -1,7 +1,9 @@
 """Image policy and provenance on real Slurm 22.05 (3 nodes, slurmdbd accounting, real VMs): a request
 above an image's max_memory is refused at sbatch; a python3 job runs in a Debian appliance built with
 packages, and its image's digest is in sacct's AdminComment and the node's ledger; a requeued job of
-a `checkpoint = false` image is not saved and follows its --on-lost-checkpoint (restart or fail)."""
+a `checkpoint = false` image is not saved and follows its --on-lost-checkpoint (restart or fail);
+an image of each import kind (a whole Debian disk, an OCI layout, a docker save, a SIF, a rootfs
+tarball; all made without vmwrap) runs a python3 script and a C program through sbatch."""
 
 from __future__ import annotations
 
@@ -45,10 +47,30 @@ def python3_disk() -> Path:
     return disk
 
 
+IMPORTS = ("disk", "oci", "docker-archive", "sif", "tarball")
+
+
+def imported_images(base: Path) -> dict:
+    """One image per import kind, imported (as `vmwrap image import` does) into base/appliances from the
+    cached test archives and disk (harness/: debootstrap trees packed without vmwrap)."""
+    from harness.disk_images import debian_disk
+    from test_image_import_vms import archives
+    from vmwrap.cli.image_import import _importer
+
+    out, catalog = base / "appliances", str(base / "imported.toml")
+    out.mkdir(parents=True)
+    (out / ".kernel").symlink_to(APPLIANCES / ".kernel")  # the machine's cached Debian kernel
+    sources = {**archives(), "disk": debian_disk("bookworm")}
+    return {kind: _importer(kind)(sources[kind], f"imp-{kind}", out, catalog, max_bytes=8 << 30,
+                                  on_stage=lambda _s: None) for kind in IMPORTS}
+
+
 @pytest.fixture(scope="module")
-def images(appliance):
-    """Entries sharing the busybox appliance's kernel and initrd (the guest agent under test)."""
+def images(appliance, tmp_path_factory):
+    """Entries sharing the busybox appliance's kernel and initrd (the guest agent under test), and one
+    image of each import kind."""
     return {
+        **imported_images(tmp_path_factory.mktemp("slurm-imports")),
         "small": dataclasses.replace(appliance, name="small", memory_mib=None, max_memory_mib=256),
         "nockpt": dataclasses.replace(appliance, name="nockpt", checkpoint=False),
         "python3": dataclasses.replace(appliance, name="python3", disk=builder.artifact(python3_disk(), "qcow2"),
@@ -111,3 +133,35 @@ def test_requeued_job_of_a_checkpoint_false_image_is_not_saved(cluster, test_use
         events = [e["event"] for n in ("c1", "c2", "c3")
                   for e in Ledger(vmwrap_config.load(str(cluster.base / f"vmwrap-{n}.toml")).ledger_path).events(j)]
         assert "save_failed" in events and "saved" not in events, events
+
+
+@pytest.fixture(scope="module")
+def c_program(tmp_path_factory) -> Path:
+    """A C program built on the host (dynamic, against bookworm's glibc like the images')."""
+    import subprocess
+
+    d = tmp_path_factory.mktemp("cprog")
+    (d / "hello.c").write_text('#include <stdio.h>\nint main(void) { printf("hello from C %d\\n", 42); return 0; }\n')
+    subprocess.run(["gcc", "-O2", "-o", str(d / "hello"), str(d / "hello.c")], check=True)
+    return d / "hello"
+
+
+def test_an_image_of_each_import_kind_runs_python_and_c_through_sbatch(cluster, images, c_program, test_user):
+    import shutil
+
+    jobs = {}
+    for kind in IMPORTS:
+        d = jobdir(cluster, test_user)
+        (d / "hello.py").write_text("import sys\nprint('python', sys.version_info[:2])\n")
+        shutil.copy2(c_program, d / "hello")
+        os.chown(d / "hello", test_user.pw_uid, test_user.pw_gid)
+        jobs[kind] = (d, submit(cluster, d, f"#!/bin/sh\n#VMWRAP --image=imp-{kind} --memory=256M\n"
+                                            "python3 hello.py && ./hello && grep -h ^VERSION_CODENAME= /etc/os-release\n"))
+    for kind, (d, job) in jobs.items():
+        info = cluster.wait_state(job, FINAL, timeout=300)
+        out = (d / f"slurm-{job}.out").read_text()
+        assert info["JobState"] == "COMPLETED", (kind, info, out)
+        assert out.split("\n") == ["python (3, 11)", "hello from C 42", "VERSION_CODENAME=bookworm", ""], (kind, out)
+        want = f"vmwrap image=imp-{kind} digest={images[kind].digest}"
+        wait_for(lambda: cluster.run("sacct", "-n", "-P", "-X", "-j", job, "-o", "AdminComment").stdout.strip() == want,
+                 f"sacct to show {want!r}", timeout=60)
