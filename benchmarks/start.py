@@ -7,6 +7,7 @@ Goal: snapshot start <= 0.5 x bare. Also reports QEMU's host memory (RSS) per jo
 memory and the snapshot file size per shape (issue 21's footprint).
 
 usage: /opt/vmwrap/venv/bin/python benchmarks/start.py [--repeat N]   (root; libvirtd running)
+       /opt/vmwrap/venv/bin/python benchmarks/start.py --slurm N     (the same on the local Slurm cluster)
 """
 
 from __future__ import annotations
@@ -68,10 +69,67 @@ def rss_of_job(env: dict, job: Path, work: Path, state_dir: Path) -> float:
     return rss
 
 
+def slurm(jobs: int) -> None:
+    """On the local 3-node Slurm cluster: the prolog's start (ledger `prepare`) to the job's first command
+    (a file it creates in its work dir: the 9P server stamps it with the host's clock), cold vs snapshot."""
+    import pwd
+    import statistics
+
+    from harness.slurm_cluster import Cluster
+    from vmwrap.ledger import Ledger
+
+    base = Path("/var/tmp/vmwrap-bench-start-slurm")
+    c = Cluster.for_site(base, site_config={"fast_start": True})
+    c.start()
+    try:
+        pw = pwd.getpwnam("vmwrapuser")
+        work = base / "work"
+        work.mkdir()
+        os.chown(work, pw.pw_uid, pw.pw_gid)
+        (work / "vm.sh").write_text('#!/bin/sh\n#VMWRAP --image=busybox\ntouch "started-$SLURM_JOB_ID"\n')
+        nodes = ("c1", "c2", "c3")
+        for node in nodes:
+            subprocess.run(VMWRAP + ["--config", str(base / f"vmwrap-{node}.toml"), "snapshot", "prepare", "busybox"],
+                           check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(HERE.parent)))
+        out = {}
+        for mode in ("snapshot", "cold", "snapshot", "cold"):  # interleaved blocks
+            for node in nodes:
+                f = base / f"vmwrap-{node}.toml"
+                f.write_text(f.read_text().replace(f"fast_start = {'false' if mode == 'snapshot' else 'true'}",
+                                                   f"fast_start = {'true' if mode == 'snapshot' else 'false'}"))
+            for _ in range(jobs):
+                job = c.run("sbatch", "--parsable", "-D", str(work), str(work / "vm.sh"), user="vmwrapuser").stdout.strip()
+                c.wait_state(job, {"COMPLETED", "FAILED"}, timeout=180)
+                for node in nodes:
+                    ev = {e["event"]: e for e in Ledger(c.node_dir(node) / "state" / "ledger.sqlite").events(job)}
+                    if "prepare" in ev and (work / f"started-{job}").exists():
+                        got = ev.get("created", {}).get("detail", {}).get("started_from", "boot")
+                        out.setdefault(got, []).append((work / f"started-{job}").stat().st_mtime - ev["prepare"]["ts"])
+        img = Catalog.load(str(base / "images.toml")).images["busybox"]
+        tmp = Path(tempfile.mkdtemp(prefix="vmwrap-bench-bare-", dir="/var/tmp"))
+        bare_argv = ["qemu-system-x86_64", "-accel", "tcg", "-machine", "pc", "-m", "256", "-nographic",
+                     "-no-reboot", "-kernel", img.kernel.source, "-initrd", str(bare_initrd(tmp)),
+                     "-append", "console=ttyS0 quiet loglevel=1 panic=-1 mitigations=off acpi=noirq"]
+        bare = med([first_output(bare_argv, marker=b"FIRST-OUTPUT")[0] for _ in range(3)])
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"bare QEMU boot of the same kernel to first output: median {bare:.2f} s")
+        for k, v in out.items():
+            print(f"Slurm prolog start -> job script running, {k}: median {statistics.median(v):.2f} s of {len(v)} "
+                  f"({[round(x, 2) for x in v]}), ratio to bare {statistics.median(v) / bare:.2f}"
+                  + (" (goal <= 0.5)" if k == "snapshot" else ""))
+    finally:
+        c.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--slurm", type=int, default=0, metavar="N",
+                    help="instead: N jobs per block on the local Slurm cluster, snapshot and cold blocks alternating")
     args = ap.parse_args()
+    if args.slurm:
+        return slurm(args.slurm)
     from vmwrap import appliance
 
     tmp = Path(tempfile.mkdtemp(prefix="vmwrap-bench-start-", dir="/var/tmp"))
