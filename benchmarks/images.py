@@ -1,7 +1,8 @@
 """Image import benchmarks, measured side by side in one run; prints the numbers and ratios.
 
   import: `import_disk` time per GB for a whole-disk Debian image (bookworm + build-essential, GPT, qcow2,
-          made without vmwrap by harness/disk_images.py and cached)
+          made without vmwrap by harness/disk_images.py and cached), and for each archive kind (OCI layout,
+          docker save, SIF, rootfs tarball) of the tests' bookworm + python3 root (harness/test_archives.py)
   start:  `vmwrap run` start -> first output with that imported Debian image (its own kernel 6.1) vs the busybox
           appliance, interleaved runs, warm cache                                     (goal <= 1.2);
           the imported trixie test disk (kernel 6.12) alongside, for information
@@ -28,6 +29,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.core import APPLIANCES, first_output, site  # noqa: E402
 from harness.disk_images import debian_disk  # noqa: E402
 from vmwrap import appliance  # noqa: E402
+from harness.test_archives import KINDS, archives  # noqa: E402
+from vmwrap.cli.image_import import _importer  # noqa: E402
 from vmwrap.imports.disk import import_disk  # noqa: E402
 
 EXTRA = ("build-essential",)  # makes the Debian disk >= 1 GB
@@ -60,6 +63,24 @@ def main() -> None:
               f"(all: {', '.join(f'{x:.1f}' for x in imports)} s)")
         print(f"  imported: {img.origin}; disk {img.disk.size / 1e9:.2f} GB qcow2, kernel "
               f"{Path(img.kernel.source).name} {img.kernel.size / 2**20:.0f} MiB, initrd {img.initrd.size / 2**20:.1f} MiB")
+
+        (tmp / "arch").mkdir()
+        (tmp / "arch" / ".kernel").symlink_to(APPLIANCES / ".kernel")  # vmwrap's cached Debian kernel
+        packed = {kind: (sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir()
+                         else path.stat().st_size) for kind, path in archives().items()}
+        took: dict[str, list[float]] = {kind: [] for kind in packed}
+        for i in range(args.repeat):
+            for kind, path in archives().items():  # interleaved: every kind sees the same I/O load
+                t = time.perf_counter()
+                img = _importer(kind)(path, f"arch-{kind}", tmp / "arch", str(tmp / "arch.toml"), max_bytes=None,
+                                      on_stage=lambda _s: None)
+                took[kind].append(time.perf_counter() - t)
+        for kind, size in packed.items():
+            med = statistics.median(took[kind])
+            print(f"import --kind {kind}: {size / 1e6:.0f} MB packed -> {img.disk.size / 1e6:.0f} MB qcow2 root; "
+                  f"median of {args.repeat}: {med:.1f} s = {med / (size / 1e9):.1f} s per packed GB "
+                  f"(all: {', '.join(f'{x:.1f}' for x in took[kind])} s)")
+        assert set(KINDS) == set(archives())
 
         import_disk(debian_disk("trixie"), "trixie-disk", tmp / "images", str(catalog), max_bytes=None,
                     on_stage=lambda _s: None)
