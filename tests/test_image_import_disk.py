@@ -132,9 +132,17 @@ def test_cli_import_disk(tmp_path):
     assert bad.returncode == 1 and len(bad.stderr.splitlines()) == 1, bad.stderr
     assert "whole disk: unknown (no filesystem signature)" in bad.stderr
     assert not site.catalog.exists() and list((tmp_path / "appliances").iterdir()) == []
+    # On a terminal the admin sees each stage (stderr only); the result line goes to stdout.
+    from harness.terminal import run_on_pty
+
+    code, out, err = run_on_pty([*VMWRAP, "image", "import", "--kind", "disk", str(small_disk("mbr")), "--name",
+                                 "site-os", "--user", "alice"], env=site.env(), timeout=120)
+    text = err.decode(errors="replace")
+    assert code == 0 and out.startswith("imported site-os (disk Debian GNU/Linux 12") and "\x1b" not in out, (out, text)
+    assert "import site-os" in text and "initrd" in text and "register" in text, text
     good = sp.run([*VMWRAP, "image", "import", "--kind", "disk", str(small_disk("mbr")), "--name", "site-os",
                    "--user", "alice", "--quiet"], capture_output=True, text=True, env=site.env())
-    assert good.returncode == 0, good.stderr
+    assert good.returncode == 0 and good.stderr == "", good.stderr
     img = Catalog.load(str(site.catalog)).images["site-os"]
     assert img.users == ["alice"] and img.origin.startswith("disk Debian GNU/Linux 12 (bookworm) kernel 6.1.0-")
     assert sorted(p.name for p in (tmp_path / "appliances").iterdir()) == ["site-os"]
