@@ -54,7 +54,7 @@ def imported_images(base: Path) -> dict:
     """One image per import kind, imported (as `vmwrap image import` does) into base/appliances from the
     cached test archives and disk (harness/: debootstrap trees packed without vmwrap)."""
     from harness.disk_images import debian_disk
-    from test_image_import_vms import archives
+    from harness.test_archives import archives
     from vmwrap.cli.image_import import _importer
 
     out, catalog = base / "appliances", str(base / "imported.toml")
@@ -165,3 +165,20 @@ def test_an_image_of_each_import_kind_runs_python_and_c_through_sbatch(cluster, 
         want = f"vmwrap image=imp-{kind} digest={images[kind].digest}"
         wait_for(lambda: cluster.run("sacct", "-n", "-P", "-X", "-j", job, "-o", "AdminComment").stdout.strip() == want,
                  f"sacct to show {want!r}", timeout=60)
+
+
+def test_a_job_in_an_imported_full_os_image_is_saved_and_restored(cluster, test_user):
+    """A whole Debian disk with its own kernel still boots through vmwrap's agent and stays saveable:
+    requeued mid-run, its VM is saved and restored and the count goes on, every value once."""
+    d = jobdir(cluster, test_user)
+    job = submit(cluster, d, "#!/bin/sh\n#VMWRAP --image=imp-disk --memory=256M\n"
+                             f"i=0; while [ $i -lt {N} ]; do i=$((i+1)); echo n=$i; sleep 1; done\n", "-p", "requeue")
+    out = d / f"slurm-{job}.out"
+    wait_for(lambda: out.exists() and len(values(out.read_text())) >= 3, "the job to count to 3", timeout=180)
+    assert cluster.run("scontrol", "requeue", job).returncode == 0
+    info = cluster.wait_state(job, FINAL, timeout=240)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, out.read_text())
+    assert values(out.read_text()) == list(range(1, N + 1)), out.read_text()
+    events = [e["event"] for n in ("c1", "c2", "c3")
+              for e in Ledger(vmwrap_config.load(str(cluster.base / f"vmwrap-{n}.toml")).ledger_path).events(job)]
+    assert "saved" in events and "restored" in events, events
