@@ -199,7 +199,6 @@ def image_verify(names: tuple[str, ...], quiet: bool) -> None:
     sys.exit(1 if bad else 0)
 
 
-
 image.add_command(policy_options(image_import))  # vmwrap/cli/image_import.py: OCI, docker/podman, SIF, tarballs, disks
 
 # The old spelling of `image`, hidden: the same subcommands, with a deprecation notice on stderr.
