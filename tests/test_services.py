@@ -168,3 +168,15 @@ def test_journald_gets_syslog_levels(monkeypatch, capsys):
         root.setLevel(saved[1])
     assert capsys.readouterr().err == ("<6>INFO vmwrap.test: hello\n<4>WARNING vmwrap.test: careful\n<4>second line\n"
                                        "<3>ERROR vmwrap.test: bad\n")
+
+
+def test_every_python_package_is_in_the_wheel_and_the_debian_package():
+    """pyproject lists packages by hand (data dirs too): a new subpackage left out installs a vmwrap
+    whose CLI cannot even import (vmwrap.imports was, in a package build)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for top in ("vmwrap", "vmwrap_plugins")
+             for p in (root / top).rglob("__init__.py")}
+    assert found - listed == set(), f"packages missing from pyproject.toml: {sorted(found - listed)}"
