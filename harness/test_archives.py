@@ -65,3 +65,10 @@ def archives() -> dict[str, Path]:
         shutil.rmtree(work)
         (d / ".done").write_text(key + "\n")
     return out
+
+
+def host_c_program(d: Path) -> Path:
+    """A small C program built on the host in `d` (dynamic, against bookworm's glibc like the test images')."""
+    (d / "hello.c").write_text('#include <stdio.h>\nint main(void) { printf("hello from C %d\\n", 42); return 0; }\n')
+    subprocess.run(["gcc", "-O2", "-o", str(d / "hello"), str(d / "hello.c")], check=True)
+    return d / "hello"

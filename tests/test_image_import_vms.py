@@ -50,11 +50,9 @@ def imported(tmp_path_factory, appliance, virt_type):
 
 @pytest.fixture(scope="module")
 def c_program(tmp_path_factory) -> Path:
-    """A C program built on the host (dynamic, against bookworm's glibc like the image's)."""
-    d = tmp_path_factory.mktemp("cprog")
-    (d / "hello.c").write_text('#include <stdio.h>\nint main(void) { printf("hello from C %d\\n", 42); return 0; }\n')
-    subprocess.run(["gcc", "-O2", "-o", str(d / "hello"), str(d / "hello.c")], check=True)
-    return d / "hello"
+    from harness.test_archives import host_c_program
+
+    return host_c_program(tmp_path_factory.mktemp("cprog"))
 
 
 JOB = """#!/bin/sh

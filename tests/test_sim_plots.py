@@ -1,11 +1,9 @@
 """What an admin sees from `vmwrap simulate`: plots worth looking at, progress on a terminal only."""
 
-import os
-import pty
-import select
 import subprocess
 import sys
 
+from harness.terminal import run_on_pty
 from vmwrap.sim import CONFIGS, Cluster
 from vmwrap.sim import report
 from vmwrap.sim.workload import synthetic
@@ -62,22 +60,7 @@ def test_published_cells_only_for_the_table1_workloads():
 
 
 def _on_pty(argv):
-    master, slave = pty.openpty()
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
-                         env={**os.environ, "COLUMNS": "100", "TERM": "xterm"})
-    os.close(slave)
-    err = b""
-    while select.select([master], [], [], 60)[0]:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        err += chunk
-    out = p.stdout.read().decode()
-    os.close(master)
-    return p.wait(timeout=60), out, err
+    return run_on_pty(argv, timeout=60)
 
 
 def test_progress_on_a_terminal_not_a_pipe_nor_with_quiet():

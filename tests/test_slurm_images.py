@@ -137,13 +137,9 @@ def test_requeued_job_of_a_checkpoint_false_image_is_not_saved(cluster, test_use
 
 @pytest.fixture(scope="module")
 def c_program(tmp_path_factory) -> Path:
-    """A C program built on the host (dynamic, against bookworm's glibc like the images')."""
-    import subprocess
+    from harness.test_archives import host_c_program
 
-    d = tmp_path_factory.mktemp("cprog")
-    (d / "hello.c").write_text('#include <stdio.h>\nint main(void) { printf("hello from C %d\\n", 42); return 0; }\n')
-    subprocess.run(["gcc", "-O2", "-o", str(d / "hello"), str(d / "hello.c")], check=True)
-    return d / "hello"
+    return host_c_program(tmp_path_factory.mktemp("cprog"))
 
 
 def test_an_image_of_each_import_kind_runs_python_and_c_through_sbatch(cluster, images, c_program, test_user):

@@ -17,7 +17,6 @@ import lzma
 import os
 import re
 import resource
-import shutil
 import stat
 import struct
 import subprocess
@@ -28,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import appliance
-from ..catalog import Image, register
+from ..catalog import Image
 from ..directives import check_image_name
 from ..errors import ImageError, NodeError, UserError
+from .publish import install
 
 QEMU_IMG = "/usr/bin/qemu-img"
 DEBUGFS = "/usr/sbin/debugfs"
@@ -131,25 +131,11 @@ def _import(src: Path, name: str, out: Path, tmp: Path, catalog_path: str, max_b
     fs.close()
     fs.path.unlink()
     stage("hash and register in the catalog")
-    dest = out / name
-    old = None
-    if dest.exists():
-        old = tmp / "replaced"
-        os.rename(dest, old)
-    os.rename(new, dest)
-    try:
-        img = Image(name=name, boot="kernel",
-                    kernel=appliance.artifact(dest / kernel.name), initrd=appliance.artifact(dest / "initrd.cpio"),
-                    disk=appliance.artifact(dest / "root.qcow2", "qcow2"),
-                    origin=f"disk {os_name} kernel {version}",
-                    description=f"whole-disk import of {src.name}: {os_name}, kernel {version}")
-        register(catalog_path, img)
-    except BaseException:
-        shutil.rmtree(dest, ignore_errors=True)
-        if old is not None:
-            os.rename(old, dest)
-        raise
-    return img
+    return install(new, out / name, tmp, lambda dest: Image(
+        name=name, boot="kernel",
+        kernel=appliance.artifact(dest / kernel.name), initrd=appliance.artifact(dest / "initrd.cpio"),
+        disk=appliance.artifact(dest / "root.qcow2", "qcow2"), origin=f"disk {os_name} kernel {version}",
+        description=f"whole-disk import of {src.name}: {os_name}, kernel {version}"), catalog_path)
 
 
 def _os_release(data: bytes) -> str:

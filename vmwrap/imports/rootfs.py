@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import appliance
-from ..catalog import Image, register
+from ..catalog import Image
 from ..directives import check_image_name
 from ..errors import ImageError, NodeError, UserError
 from .layers import Digested, apply_layers
+from .publish import install
 
 MKFS = "/sbin/mkfs.ext4"
 QEMU_IMG = "/usr/bin/qemu-img"
@@ -126,24 +127,10 @@ def _publish(kind: str, src: Path, name: str, out: Path, work: Path, root: Path,
         f.chmod(0o644)
     new.chmod(0o755)
     stage("hash and register in the catalog")
-    dest = out / name
-    old = None
-    if dest.exists() or dest.is_symlink():
-        old = work / "replaced"
-        os.rename(dest, old)
-    os.rename(new, dest)
-    try:
-        img = Image(name=name, boot="kernel", kernel=appliance.artifact(dest / "vmlinux"),
-                    initrd=appliance.artifact(dest / "initrd.cpio"),
-                    disk=appliance.artifact(dest / "root.qcow2", "qcow2"),
-                    description=filled.description, origin=filled.origin, env=dict(filled.env))
-        register(catalog_path, img)
-    except BaseException:
-        shutil.rmtree(dest, ignore_errors=True)
-        if old is not None:
-            os.rename(old, dest)
-        raise
-    return img
+    return install(new, out / name, work, lambda dest: Image(
+        name=name, boot="kernel", kernel=appliance.artifact(dest / "vmlinux"),
+        initrd=appliance.artifact(dest / "initrd.cpio"), disk=appliance.artifact(dest / "root.qcow2", "qcow2"),
+        description=filled.description, origin=filled.origin, env=dict(filled.env)), catalog_path)
 
 
 def import_tarball(source: Path, name: str, out_dir: Path, catalog_path: str, *, max_bytes: int | None,
