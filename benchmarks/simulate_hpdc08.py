@@ -9,11 +9,15 @@ Table 1 workloads beside ours, also with the constants of Haizea's code (600 MB 
 100 Mb/s read as 12.5 MB/s; `/code`): always with --only-table, with --haizea in the full sweep
 (they add ~4 min of CPU, mostly vm+noreuse@haizea). Haizea's booking (one future lease, saved
 before: novm+suspend@haizea, vm+predeployed@haizea) runs on the Table 1 workloads with
---only-table and on all 72 with --haizea (their worst case is then reported). `--plot-dir` writes
+--only-table and on all 72 with --haizea (their worst case is then reported), also with migration
+as in Haizea's code of the HPDC'08 runs (`/mig`: the memory copy holds no node, it delays the job).
+vmwrap as on Slurm (vmwrap-slurm-*: gap planner, prestage, cache-aware placement, start booked at
+the image's arrival) runs on the Table 1 workloads with the paper's costs and with those measured
+here (`/here`), next to the best VM cell; `--ablate` turns each of its mechanisms off in turn. `--plot-dir` writes
 table1.png and, for the full sweep, sweep.png.
 
 usage: python benchmarks/simulate_hpdc08.py [--traces DIR] [--procs N] [--only-table] [--haizea]
-                                           [--plot-dir DIR]
+                                           [--ablate] [--plot-dir DIR]
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vmwrap.sim import CONFIGS, PAPER_BASELINE_S, PAPER_TABLE1  # noqa: E402
+from vmwrap.sim import CONFIGS, MEASURED_HERE, PAPER_BASELINE_S, PAPER_TABLE1  # noqa: E402
 from vmwrap.sim import report  # noqa: E402
 from vmwrap.sim.engine import Cluster, Config, simulate  # noqa: E402
 from vmwrap.sim.workload import assign_images, image_mix, read_lwf, read_swf  # noqa: E402
@@ -39,12 +43,14 @@ OURS = ["vmwrap-uniform", "vmwrap-skewed", "vm+predeployed-noplan"]
 HAIZEA = ["vm+noreuse@haizea", "vm+reuse-uniform@haizea", "vm+reuse-skewed@haizea"]
 # Haizea's aggressive backfilling (one future lease booked like a reservation), no transfers
 BOOKING = ["novm+suspend@haizea", "vm+predeployed@haizea"]
-# vmwrap's own (prestage + cache-aware placement) with the start booked at the image's arrival and
-# backfill on its nodes until then, as Haizea stages: what vmwrap would gain from it (an experiment,
-# not a configuration of `vmwrap simulate`)
-EXTRA = {c + "@haizea": replace(CONFIGS[c], name=c + "@haizea", staging="overlap")
-         for c in ("vmwrap-uniform", "vmwrap-skewed")}
-OURS_HAIZEA = list(EXTRA)
+# vmwrap as on Slurm: gap planner + prestage + cache-aware placement + the start booked at the
+# image's arrival (backfill on its nodes until then); with the paper's costs and with this machine's
+SLURM = ["vmwrap-slurm-uniform", "vmwrap-slurm-skewed"]
+# each of its mechanisms off in turn (--ablate): which one buys the points
+EXTRA = {f"{c}-no{what}": replace(CONFIGS[c], name=f"{c}-no{what}", **kw)
+         for c in SLURM for what, kw in (("prestage", dict(prestage=False)), ("placement", dict(placement="any")),
+                                         ("overlap", dict(staging="hold")), ("suspend", dict(suspend=False)))}
+ABLATE = list(EXTRA)
 # the constants in Haizea's code rather than the paper's text: batch images of 600 MB
 # (traces/readers.py SWF: vmimagesize = 600), 100 Mb/s divided by 8 (common/utils.py
 # estimate_transfer_time)
@@ -65,8 +71,10 @@ def _one(task):
     if lwf is None:
         r = simulate(_jobs, [], Config("baseline", reservations=False), timeline=False)
     else:
-        cfg = {**CONFIGS, **EXTRA}[name.removesuffix("/code")]
-        cluster = Cluster(**CODE) if name.endswith("/code") else Cluster()
+        base, _, costs = name.partition("/")
+        cfg = {**CONFIGS, **EXTRA}[base]
+        cluster = {"": Cluster(), "code": Cluster(**CODE), "here": MEASURED_HERE, "mig": Cluster(migration="delay"),
+                   "here0": replace(MEASURED_HERE, overhead=0.0)}[costs]
         ars = read_lwf(Path(traces) / "injected_leases" / lwf, 144)
         j, a = assign_images(_jobs, ars, image_mix(cfg.images), seed=1)
         try:
@@ -83,6 +91,8 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--only-table", action="store_true", help="Only the Table 1 workloads (fast).")
     ap.add_argument("--haizea", action="store_true", help="Haizea's staging on the Table 1 workloads too.")
+    ap.add_argument("--ablate", action="store_true",
+                    help="vmwrap-slurm-* with each mechanism off, on the Table 1 workloads.")
     ap.add_argument("--plot-dir", help="Write table1.png (and sweep.png for the full sweep) here.")
     a = ap.parse_args()
     lwfs = sorted(p.name for p in (Path(a.traces) / "injected_leases").glob("*.lwf"))
@@ -91,19 +101,21 @@ def main() -> None:
         lwfs = table_lwfs
     tasks = [(a.traces, None, "baseline")] + [(a.traces, l, c) for l in lwfs for c in PAPER]
     haizea = a.only_table or a.haizea
-    tasks += [(a.traces, l, c) for l in table_lwfs for c in OURS]
+    tasks += [(a.traces, l, c) for l in table_lwfs for c in OURS + SLURM + [c + "/here" for c in SLURM]]
+    if a.ablate:
+        tasks += [(a.traces, l, c) for l in table_lwfs for c in ABLATE + [c + "/here0" for c in SLURM]]
     if haizea:
-        tasks += [(a.traces, l, c) for l in lwfs for c in BOOKING]
-        tasks += [(a.traces, l, c) for l in table_lwfs for c in HAIZEA + OURS_HAIZEA]
+        tasks += [(a.traces, l, c) for l in lwfs for c in BOOKING + [c + "/mig" for c in BOOKING]]
+        tasks += [(a.traces, l, c) for l in table_lwfs for c in HAIZEA]
         tasks += [(a.traces, l, c + "/code") for l in table_lwfs for c in ["vm+predeployed"] + HAIZEA]
     # longest first, so no core idles behind one late, heavy simulation: cost grows with the
     # reservations in the file and with what the configuration models
     weight = {"baseline": 1, "novm": 1, "novm+suspend": 1.5, "vm+predeployed": 1.5, "vm+noreuse": 2,
               "vm+noreuse@haizea": 8, "vm+reuse-uniform@haizea": 5, "vm+reuse-skewed@haizea": 4,
-              "novm+suspend@haizea": 2, "vm+predeployed@haizea": 2, "vmwrap-uniform@haizea": 5,
-              "vmwrap-skewed@haizea": 4}
+              "novm+suspend@haizea": 2, "vm+predeployed@haizea": 2, "vmwrap-slurm-uniform": 5,
+              "vmwrap-slurm-skewed": 4}
     ars = {l: sum(1 for _ in open(Path(a.traces) / "injected_leases" / l)) for l in lwfs}
-    tasks.sort(key=lambda t: -(ars.get(t[1], 0) + 300) * weight.get(t[2], 3))
+    tasks.sort(key=lambda t: -(ars.get(t[1], 0) + 300) * weight.get(t[2].partition("/")[0], 3))
     t0 = time.perf_counter()
     with Pool(a.procs, initializer=_init, initargs=(a.traces,)) as pool:
         out = list(pool.imap_unordered(_one, tasks))
@@ -132,13 +144,11 @@ def main() -> None:
         print(f"{c:22}" + "".join(f"{extra(l, c):+9.2f} |      -    " for l in table_lwfs))
     if haizea:
         print("\nAs Haizea schedules: its booking of the future lease (no transfers), its image staging "
-              "(transfers overlap earlier work), vmwrap's own staged so; ours | paper; then with Haizea's code "
+              "(transfers overlap earlier work); ours | paper; then with Haizea's code "
               "constants (600 MB images, 12.5 MB/s)")
-    for c in BOOKING + HAIZEA if haizea else []:
-        p = PAPER_TABLE1[c.removesuffix("@haizea")]
+    for c in BOOKING + [c + "/mig" for c in BOOKING] + HAIZEA if haizea else []:
+        p = PAPER_TABLE1[c.removesuffix("/mig").removesuffix("@haizea")]
         print(f"{c:26}" + "".join(f"{extra(l, c):+9.2f} | {v:+7.2f} %" for l, v in zip(table_lwfs, p)))
-    for c in OURS_HAIZEA if haizea else []:
-        print(f"{c:26}" + "".join(f"{extra(l, c):+9.2f} |      -   " for l in table_lwfs))
     for c in ["vm+predeployed"] + HAIZEA if haizea else []:
         p = PAPER_TABLE1[c.removesuffix("@haizea")]
         print(f"{c + '/code':26}" + "".join(f"{extra(l, c + '/code'):+9.2f} | {v:+7.2f} %" for l, v in zip(table_lwfs, p)))
@@ -153,6 +163,9 @@ def main() -> None:
             print("with Haizea's booking: " + ", ".join(
                 f"{c} {max(extra(l, c) for l in lwfs):+.2f} % ({sum(extra(l, c) > 10 for l in lwfs)} of "
                 f"{len(lwfs)} above +10 %)" for c in BOOKING))
+            print("same, migration as Haizea's code (no node time, a delay): " + ", ".join(
+                f"{c} {max(extra(l, c + '/mig') for l in lwfs):+.2f} % ({sum(extra(l, c + '/mig') > 10 for l in lwfs)} "
+                f"of {len(lwfs)} above +10 %; worst {max(lwfs, key=lambda l: extra(l, c + '/mig'))})" for c in BOOKING))
         print("paper: at most +10 % with suspension, up to +32.97 % without")
     print("\nthe gap planner off -> on (same cluster, same jobs): extra time %, utilization %, mean wait s, "
           "mean bounded slowdown; paper's extra time in brackets")
@@ -166,17 +179,22 @@ def main() -> None:
             print(f"  {onc:16} rho={r} %: off {cells[0]}  ->  on {cells[1]}")
     best_paper = {l: min(extra(l, c) for c in PAPER[2:]) for l in table_lwfs}
     best_ours = {l: min(extra(l, c) for c in OURS[:2]) for l in table_lwfs}
-    print("\nvmwrap's best (prestage + cache-aware placement + suspend) vs the best published-config VM cell (ours):")
+    print("\nvmwrap's own, nodes held (prestage + cache-aware placement + suspend) vs the best VM cell as vmwrap "
+          "runs (ours):")
     for l, r in zip(table_lwfs, ("10", "20", "30")):
         print(f"  rho={r} %: {best_ours[l]:+.2f} % vs {best_paper[l]:+.2f} %")
+    print("\nvmwrap as on Slurm (gap planner + prestage + cache-aware placement + start at the image's arrival), "
+          "paper's costs / costs measured here; vs the best published VM cell"
+          + (" and the best VM cell as Haizea schedules (ours)" if haizea else ""))
+    for c in SLURM:
+        print(f"  {c:22}" + "".join(f"{extra(l, c):+7.2f} / {extra(l, c + '/here'):+7.2f} %   " for l in table_lwfs))
+    pub = [min(PAPER_TABLE1[c][i] for c in PAPER[2:]) for i in range(3)]
+    print(f"  {'best published VM cell':22}" + "".join(f"{p:+7.2f}             " for p in pub))
     if haizea:
-        print("the same with the start booked at the image's arrival (Haizea's staging) vs the best VM cell "
-              "as Haizea schedules (ours) and the best published VM cell:")
-        for i, (l, r) in enumerate(zip(table_lwfs, ("10", "20", "30"))):
-            ours = min(extra(l, c) for c in OURS_HAIZEA)
-            as_haizea = min(extra(l, c) for c in ["vm+predeployed@haizea"] + HAIZEA)
-            pub = min(PAPER_TABLE1[c][i] for c in PAPER[2:])
-            print(f"  rho={r} %: {ours:+.2f} % vs {as_haizea:+.2f} % (published {pub:+.2f} %)")
+        print(f"  {'best VM cell @haizea':22}" + "".join(
+            f"{min(extra(l, c) for c in ['vm+predeployed@haizea'] + HAIZEA):+7.2f}             " for l in table_lwfs))
+    for c in ABLATE + [c + "/here0" for c in SLURM] if a.ablate else []:
+        print(f"  {c:34}" + "".join(f"{extra(l, c):+7.2f} %  " for l in table_lwfs))
     if a.plot_dir:
         cells = {"ours, vmwrap (nodes held)": {c: tuple(extra(l, c) for l in table_lwfs) for c in PAPER}}
         if haizea:

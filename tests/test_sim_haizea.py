@@ -28,6 +28,19 @@ def test_a_reservation_takes_the_nodes_of_a_booked_start_and_the_job_still_runs(
     assert r.records[2][1] > 250     # after the reservation, not at its booked 130
 
 
+def test_vmwrap_on_slurm_books_the_start_at_the_images_arrival():
+    # vmwrap's own as on Slurm (gap planner, prestage, cache-aware placement, overlap staging):
+    # J2 starts when its image arrives (130) on J1's nodes; vmwrap's own holding waits for 125
+    from vmwrap.sim import CONFIGS
+    jobs = [Job(1, 0, 100, 100, 4, image=0), Job(2, 1, 100, 100, 4, image=1)]
+    ars = [Reservation(100, 120, 10_000, 10, 1, image=0)]
+    slurm = simulate(jobs, ars, CONFIGS["vmwrap-slurm-uniform"], SMALL, check=True)
+    held = simulate(jobs, ars, CONFIGS["vmwrap-uniform"], SMALL, check=True)
+    assert held.records[2][1] == 125 + 10 + 10 + 105
+    assert slurm.records[2][1] == 130 + 10 + 105
+    assert CONFIGS["vmwrap-slurm-skewed"].prestage and CONFIGS["vmwrap-slurm-skewed"].placement == "cache"
+
+
 def test_haizea_books_a_reservations_image_even_without_lead_time():
     # imagetransfer.py __get_last_transfer_slot never checks the slot against now; we reject
     ars = [Reservation(100, 0, 0, 50, 2, image=3)]
@@ -68,3 +81,36 @@ def test_the_future_lease_is_booked_again_when_a_job_ends_early():
     jobs = [Job(1, 0, 100, 1000, 2), Job(2, 1, 100, 100, 4)]
     assert simulate(jobs, [], FUTURE, NOVM, check=True).records[2][0] == 100
 
+
+
+def test_haizea_2008_migration_holds_no_node():
+    # J1 is saved before a reservation on its nodes (the save ends at 300) and resumed on J3's
+    # nodes, free since 200. nodes: the 100 s memory copy holds them, J2 waits; delay (Haizea's
+    # code of the HPDC'08 runs): J1 is back in line only at 400 and J2 uses the nodes meanwhile
+    jobs = [Job(3, 0, 200, 2000, 2), Job(1, 0, 1000, 1000, 2), Job(2, 301, 50, 50, 2)]
+    ars = [Reservation(100, 1, 300, 100, 2)]
+    held = simulate(jobs, ars, EASY, NOVM, check=True)
+    delay = simulate(jobs, ars, EASY, Cluster(nodes=4, mem_mb=1000, suspend_mb_s=100, migration="delay"),
+                     check=True)
+    assert held.records[2][0] == 400 and delay.records[2][0] == 301
+    assert held.records[1] == delay.records[1] == (0, 300 + 10 + 100 + 710, 1)
+
+
+def test_migration_must_be_nodes_or_delay():
+    import pytest
+    with pytest.raises(ValueError, match="migration must be nodes or delay, not 'fast'"):
+        Cluster(migration="fast")
+
+
+def test_cli_takes_haizeas_migration():
+    from click.testing import CliRunner
+
+    from vmwrap.cli import main
+    args = ["simulate", "--synthetic", "--jobs", "60", "--nodes", "16", "--ar-share", "0.3", "--ar-nodes", "4-8",
+            "--configs", "novm+suspend", "--format", "json", "--quiet", "--seed", "3"]
+    held = CliRunner().invoke(main, args)
+    delay = CliRunner().invoke(main, args + ["--migration", "delay"])
+    assert held.exit_code == delay.exit_code == 0, delay.output
+    assert held.output != delay.output      # the copies no longer hold nodes: another schedule
+    bad = CliRunner().invoke(main, args + ["--migration", "fast"])
+    assert bad.exit_code == 2 and "'fast' is not one of 'nodes', 'delay'" in bad.output

@@ -24,6 +24,8 @@ DIGESTS = {
     "vm+reuse-uniform@haizea": "0bb8953b12af559d",
     "vmwrap-skewed": "7c5c202287d4f906",
     "vmwrap-uniform": "7c5c202287d4f906",
+    "vmwrap-slurm-skewed": "9930e75d9a607a01",
+    "vmwrap-slurm-uniform": "9930e75d9a607a01",
 }
 
 

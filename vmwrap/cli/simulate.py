@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 
@@ -23,6 +25,8 @@ import click
 @click.option("--cache-gb", type=float, default=None, help="Image cache per node (default 20).")
 @click.option("--bandwidth", type=float, default=None, help="Image link MB/s (default 10).")
 @click.option("--suspend-rate", type=float, default=None, help="Save/restore MB/s of VM memory (default 50).")
+@click.option("--migration", type=click.Choice(["nodes", "delay"]), default="nodes", show_default=True,
+              help="A resumed job's memory copy holds its new nodes, or only delays it (Haizea's HPDC'08 code).")
 @click.option("--calibrate-from", "ledgers", multiple=True, type=click.Path(dir_okay=False), metavar="LEDGER",
               help="Take boot, save, restore and image-transfer rates from this site's ledger (repeatable).")
 @click.option("--seed", default=0, show_default=True)
@@ -33,7 +37,7 @@ import click
 @click.option("--swf-cancelled", type=click.Choice(["queue", "skip"]), default="queue", show_default=True,
               help="SWF jobs cancelled while waiting: queue them until their user gave up (as HPDC'08), or skip them.")
 def simulate(swf, lwf, synth, jobs, load, ar_share, ar_nodes, ar_hours, names, list_configs, images, nodes,
-             cache_gb, bandwidth, suspend_rate, ledgers, seed, fmt, plot_dir, quiet, check, swf_cancelled):
+             cache_gb, bandwidth, suspend_rate, migration, ledgers, seed, fmt, plot_dir, quiet, check, swf_cancelled):
     """What per-job VMs, image caching and suspend/resume would do to a workload (trace-driven).
 
     Prints, per configuration, when the last batch job finishes (and how much later than with no
@@ -45,12 +49,13 @@ def simulate(swf, lwf, synth, jobs, load, ar_share, ar_nodes, ar_hours, names, l
 
     if list_configs:
         for c in CONFIGS.values():   # only what differs from a plain batch cluster, to fit 100 columns
-            what = [w for w, on in (("vm", c.vm), ("suspend", c.suspend)) if on]
+            # "vm" goes without saying where an image transfer is listed
+            what = [w for w, on in (("vm", c.vm and c.transfer == "none"), ("suspend", c.suspend)) if on]
             what += [f"{k}={getattr(c, k)}" for k, plain in (
                 ("transfer", "none"), ("images", "uniform"), ("backfill", "easy"), ("placement", "any"),
                 ("staging", "hold")) if getattr(c, k) != plain and (k != "images" or c.transfer != "none")]
             what += ["prestage"] if c.prestage else []
-            click.echo(f"{c.name:24} {' '.join(what) or 'batch only, no VMs'}")
+            click.echo(f"{c.name:21} {' '.join(what) or 'batch only, no VMs'}")
         return
     unknown = [n for n in names.split(",") if n not in CONFIGS]
     if unknown:
@@ -69,6 +74,7 @@ def simulate(swf, lwf, synth, jobs, load, ar_share, ar_nodes, ar_hours, names, l
         click.echo(cal.describe(), err=True)
     cluster = report.with_nodes(base_cluster, nodes=nodes, bandwidth_mb_s=bandwidth, suspend_mb_s=suspend_rate,
                                 cache_mb=cache_gb * 1024 if cache_gb else None)
+    cluster = dataclasses.replace(cluster, migration=migration)
     try:
         if synth:
             lo, _, hi = ar_nodes.partition("-")

@@ -44,6 +44,16 @@ class Cluster:
     boot_s: float = 20.0            # VM boot + shutdown
     overhead: float = 0.05          # runtime slowdown inside a VM
     image_mb: float = 4096.0
+    # A job resumed on other nodes first gets its memory copied (mem_mb at bandwidth_mb_s).
+    # nodes: the copy holds the destination nodes (our model). delay: it holds no node, the job
+    # just cannot start again before the copy's time after its save, as in Haizea's code of the
+    # HPDC'08 runs (af1dfa1c, June 2008: slottable.py fitBestEffort sets the earliest start of a
+    # resumption to now + estimateMigrationTime, and scheduler.py schedules no migration, "TODO")
+    migration: str = "nodes"
+
+    def __post_init__(self) -> None:
+        if self.migration not in ("nodes", "delay"):
+            raise ValueError(f"migration must be nodes or delay, not {self.migration!r}")
 
 
 @dataclass(frozen=True)
@@ -293,6 +303,12 @@ class Simulator:
         self.boot = cluster.boot_s if config.vm else 0.0
         self.xfer_s = cluster.image_mb / cluster.bandwidth_mb_s
         self.migrate_s = cluster.mem_mb / cluster.bandwidth_mb_s
+        # migration=delay: the copy costs no node time, the job waits for it out of line
+        # (Haizea's migrate = mem+vm copies the VM's image too: datastruct.py estimateMigrationTime)
+        self.requeue_s = ((cluster.mem_mb + (cluster.image_mb if config.vm else 0.0)) / cluster.bandwidth_mb_s
+                          if cluster.migration == "delay" else 0.0)
+        if self.requeue_s:
+            self.migrate_s = 0.0
         self.slots = int(cluster.cache_mb // cluster.image_mb)
         n = cluster.nodes
         self.busy: list = [None] * n
@@ -1073,6 +1089,9 @@ class Simulator:
         self._release(run.nodes, now, None)
         run.nodes = ()
         run.start = run.work_start = run.end = run.req_end = INF
+        if self.requeue_s and run.suspensions:
+            self._push(now + self.requeue_s, _SUBMIT, run)   # back in line when the copy is done
+            return
         self._enqueue(run)
 
     def _ar_start(self, r: Reservation, now: float) -> None:
