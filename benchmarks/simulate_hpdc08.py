@@ -10,7 +10,7 @@ Table 1 workloads beside ours, also with the constants of Haizea's code (600 MB 
 (they add ~4 min of CPU, mostly vm+noreuse@haizea). Haizea's booking (one future lease, saved
 before: novm+suspend@haizea, vm+predeployed@haizea) runs on the Table 1 workloads with
 --only-table and on all 72 with --haizea (their worst case is then reported), also with migration
-as in Haizea's code of the HPDC'08 runs (`/mig`: the memory copy holds no node, it delays the job).
+as in Haizea's code of June 2008, af1dfa1c (`/mig`: the memory copy holds no node, it delays the job).
 vmwrap as on Slurm (vmwrap-slurm-*: gap planner, prestage, cache-aware placement, start booked at
 the image's arrival) runs on the Table 1 workloads with the paper's costs and with those measured
 here (`/here`), next to the best VM cell; `--ablate` turns each of its mechanisms off in turn. `--plot-dir` writes

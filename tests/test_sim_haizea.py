@@ -86,7 +86,7 @@ def test_the_future_lease_is_booked_again_when_a_job_ends_early():
 def test_haizea_2008_migration_holds_no_node():
     # J1 is saved before a reservation on its nodes (the save ends at 300) and resumed on J3's
     # nodes, free since 200. nodes: the 100 s memory copy holds them, J2 waits; delay (Haizea's
-    # code of the HPDC'08 runs): J1 is back in line only at 400 and J2 uses the nodes meanwhile
+    # code of June 2008): J1 is back in line only at 400 and J2 uses the nodes meanwhile
     jobs = [Job(3, 0, 200, 2000, 2), Job(1, 0, 1000, 1000, 2), Job(2, 301, 50, 50, 2)]
     ars = [Reservation(100, 1, 300, 100, 2)]
     held = simulate(jobs, ars, EASY, NOVM, check=True)

@@ -26,7 +26,7 @@ import click
 @click.option("--bandwidth", type=float, default=None, help="Image link MB/s (default 10).")
 @click.option("--suspend-rate", type=float, default=None, help="Save/restore MB/s of VM memory (default 50).")
 @click.option("--migration", type=click.Choice(["nodes", "delay"]), default="nodes", show_default=True,
-              help="A resumed job's memory copy holds its new nodes, or only delays it (Haizea's HPDC'08 code).")
+              help="A resumed job's memory copy holds its new nodes, or only delays it (Haizea's code of June 2008).")
 @click.option("--calibrate-from", "ledgers", multiple=True, type=click.Path(dir_okay=False), metavar="LEDGER",
               help="Take boot, save, restore and image-transfer rates from this site's ledger (repeatable).")
 @click.option("--seed", default=0, show_default=True)

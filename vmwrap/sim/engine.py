@@ -47,8 +47,9 @@ class Cluster:
     # A job resumed on other nodes first gets its memory copied (mem_mb at bandwidth_mb_s).
     # nodes: the copy holds the destination nodes (our model). delay: it holds no node, the job
     # just cannot start again before the copy's time after its save, as in Haizea's code of the
-    # HPDC'08 runs (af1dfa1c, June 2008: slottable.py fitBestEffort sets the earliest start of a
-    # resumption to now + estimateMigrationTime, and scheduler.py schedules no migration, "TODO")
+    # commit that added the HPDC'08 profile file (af1dfa1c, 5 June 2008; the runs themselves are
+    # not dated): slottable.py fitBestEffort sets the earliest start of a resumption to now +
+    # estimateMigrationTime, and scheduler.py schedules no migration ("TODO: Migrating")
     migration: str = "nodes"
 
     def __post_init__(self) -> None:
