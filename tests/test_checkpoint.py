@@ -428,3 +428,22 @@ def test_a_save_image_swapped_in_the_store_after_its_check_is_not_what_libvirt_r
     conn = FakeConn()
     checkpoint.restore("21", run_dir, store, conn, job, paths, image="busybox")
     assert conn.image == good
+
+
+def test_delete_removes_a_plain_file_or_link_at_the_jobs_dir_without_following_it(tmp_path):
+    """A non-directory where a job's checkpoint dir should be is removed (rmtree used to skip it
+    silently); a link there goes, not what it points at."""
+    store = checkpoint.Store(tmp_path / "ck")
+    store.root.mkdir()
+    (store.root / "42").write_text("not a dir")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    (store.root / "43").symlink_to(outside)
+    (store.root / "44").mkdir()
+    (store.root / "44" / "link").symlink_to(outside)
+    (store.root / ".42.tmp").write_text("half")
+    assert store.delete("42") and store.delete("43") and store.delete("44")
+    assert not store.delete("45")
+    assert sorted(p.name for p in store.root.iterdir()) == []
+    assert (outside / "keep").read_text() == "x"

@@ -221,6 +221,27 @@ def record_spec(run_dir: Path, spec: domain.Spec) -> None:
     _write_new(p, json.dumps(shape).encode())
 
 
+def _remove_entry(p: Path) -> bool:
+    """Remove `p` without following a link; False if nothing was there. A failure is a NodeError naming it."""
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise NodeError(f"cannot remove {p} from the checkpoint store: {os.strerror(e.errno)}") from None
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(p)  # fd-based on Linux: links inside are unlinked, never followed
+        else:
+            os.unlink(p)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise NodeError(f"cannot remove {getattr(e, 'filename', None) or p} from the checkpoint store: "
+                        f"{os.strerror(e.errno) if e.errno else e}") from None
+    return True
+
+
 class Store:
     """The shared checkpoint store; `key_file` is the site's `checkpoint_key_file` (needed to save,
     restore or verify; listing and deleting work without it)."""
@@ -353,13 +374,16 @@ class Store:
         return out
 
     def delete(self, job_id: str) -> bool:
+        """Remove the job's checkpoint, markers and temporaries; True when something stood at its dir.
+
+        Whatever is at the job's dir goes, never followed: a dir by rmtree's fd-based walk, a link or a
+        plain file (a half-written store, a hand-made entry) unlinked, not left to confuse the next save."""
         d = self.dir(job_id)
-        gone = d.exists()
-        shutil.rmtree(d, ignore_errors=True)
+        gone = _remove_entry(d)
         for marker in ("ran", "lost", "deadline"):
             (self.root / f"{d.name}.{marker}").unlink(missing_ok=True)
         for tmp in self.root.glob(f".{job_id}.*") if self.root.exists() else ():
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_entry(tmp)
         return gone
 
     def jobs(self) -> set[str]:
