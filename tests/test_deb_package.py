@@ -117,6 +117,10 @@ def test_install_run_purge(deb, chroot):
     (root / "etc/vmwrap/images.toml").write_text("")  # as `vmwrap image add` would start it
     r = _in(root, "vmwrap", "config", "render", "sge")
     assert f"root@{paths[1]}/sge-prolog $job_owner" in r.stdout, r.stdout
+    # Slurm's wrapped batch steps run the package's vmwrap (`config render`'s default follows the install).
+    _in(root, "vmwrap", "config", "render", "slurm", "--lua-out", "/tmp/job_submit.lua")
+    assert 'local VMWRAP_CMD = "/usr/bin/vmwrap"' in (root / "tmp/job_submit.lua").read_text()
+    (root / "tmp/job_submit.lua").unlink()
     # A hook runs the package's vmwrap: Grid Engine's JSV refuses an image the catalog lacks.
     (root / "tmp/job.sh").write_text("#!/bin/sh\n#VMWRAP --image=nonesuch\necho hi\n")
     r = subprocess.run(["/usr/sbin/chroot", str(root), f"{paths[1]}/sge-jsv"], capture_output=True, text=True, timeout=60,

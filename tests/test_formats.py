@@ -1,18 +1,20 @@
 """Versioned on-disk formats across upgrades (issue 24): a ledger from before versioning is migrated
 with its history, a newer one is refused; a checkpoint of another format is refused naming both
-formats, not reported as forged. No VM."""
+formats, not reported as forged; a run dir or a scheduler-carried request of a newer format fails
+the job with both formats named, never the node. No VM."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
+import re
 import sqlite3
 
 import pytest
 
-from vmwrap import __version__, checkpoint, ledger
-from vmwrap.errors import CheckpointError, NodeError
+from vmwrap import __version__, checkpoint, ledger, payload, rundir, wire
+from vmwrap.errors import CheckpointError, NodeError, UserError
 
 
 def test_ledger_from_before_versioning_is_migrated(tmp_path):
@@ -78,3 +80,75 @@ def test_checkpoint_of_a_newer_format_names_its_vmwrap(tmp_path):
 def test_current_format_restores_and_records_its_vmwrap(tmp_path):
     store = _store(tmp_path, _manifest(checkpoint.VERSION, vmwrap=__version__))
     assert store.manifest("42")["vmwrap"] == __version__
+
+
+# -- the run dir (job.json's "format") ---------------------------------------------------------------
+
+def _run_dir(tmp_path, meta: dict):
+    d = tmp_path / "jobs" / "42"
+    d.mkdir(parents=True)
+    (d / rundir.JOB).write_text(json.dumps(meta))
+    return d
+
+
+def test_run_dir_records_its_format_and_reads_an_unversioned_one_as_format_1(tmp_path):
+    meta = rundir.stamp({"job_id": "42", "restarts": 0})
+    assert meta["format"] == rundir.FORMAT == 1 and meta["vmwrap"] == __version__
+    assert rundir.read_job(_run_dir(tmp_path, meta), "42") == meta
+    old = {"job_id": "42", "restarts": 0}  # what the prolog of a vmwrap before versioning wrote
+    assert rundir.check(old, "42") is old
+    assert rundir.read_job(tmp_path / "nonesuch", "42") is None
+
+
+def test_run_dir_of_a_newer_vmwrap_fails_the_job_naming_both_formats(tmp_path, capfd):
+    d = _run_dir(tmp_path, {"job_id": "42", "format": rundir.FORMAT + 1, "vmwrap": "9.9.9"})
+    want = (f"the run dir of job 42 has format {rundir.FORMAT + 1} (written by vmwrap 9.9.9); this vmwrap "
+            f"{__version__} reads formats up to {rundir.FORMAT}")
+    with pytest.raises(rundir.FormatError, match=re.escape(want)) as e:
+        rundir.read_job(d, "42")
+    assert not isinstance(e.value, NodeError) and e.value.kind == "user"  # the job's failure, not the node's
+    with pytest.raises(rundir.FormatError, match="has no valid format"):
+        rundir.check({"format": "2"}, "42")
+    # The job's payload (its batch step) says so and exits as for a job that cannot run, before any VM I/O.
+    rc = payload.attach(d, "42", "true", {})
+    assert rc == payload.EXIT_USER
+    assert capfd.readouterr().err == f"vmwrap: error: {want}: run the job on a node with vmwrap 9.9.9 or newer\n"
+
+
+# -- the request the scheduler carries (Slurm comment, Grid Engine context) ----------------------------
+
+REQUEST = "image=busybox,memory=512,cpus=2,lost=restart"
+
+
+def test_unversioned_request_is_format_1_and_is_what_is_written():
+    a = wire.Accepted("busybox", 512, 2, "restart")
+    assert wire.FORMAT == 1 and wire.encode(a) == "vmwrap:" + REQUEST  # nodes not yet upgraded read it
+    assert wire.decode("vmwrap:" + REQUEST + " | mine") == a
+    assert wire.decode("vmwrap:v=1," + REQUEST) == a
+    assert wire.decode_context(["vmwrap_image=busybox", "vmwrap_format=1"]) == "busybox"
+
+
+def test_request_of_a_newer_format_fails_the_job_naming_both_formats():
+    body = f"vmwrap:v={wire.FORMAT + 1}," + REQUEST + ",gpus=1"
+    with pytest.raises(wire.WireError) as e:
+        wire.decode(body)
+    assert str(e.value) == (f"the job's VM request (the job's comment) has format {wire.FORMAT + 1}, written by a "
+                            f"newer vmwrap's submit filter; this node's vmwrap {__version__} reads formats up to "
+                            f"{wire.FORMAT}: upgrade vmwrap on this node")
+    assert isinstance(e.value, UserError) and not isinstance(e.value, NodeError)
+    with pytest.raises(wire.WireError, match=rf"vmwrap_format=7\) has format 7.* reads formats up to {wire.FORMAT}"):
+        wire.decode_context(["vmwrap_image=busybox", "vmwrap_format=7"])
+    with pytest.raises(wire.WireError, match="is not a whole number"):
+        wire.decode("vmwrap:v=x," + REQUEST)
+
+
+def test_slurm_prolog_fails_the_job_not_the_node_on_a_newer_request(tmp_path):
+    """Through the Slurm prolog's own reading of its environment: a user error (the job fails with the
+    reason; lifecycle drains only on NodeError)."""
+    from vmwrap_plugins.slurm import hooks
+
+    env = {"SLURM_JOB_ID": "42", "SLURM_JOB_USER": "nobody", "SLURM_JOB_UID": "65534", "SLURM_JOB_GID": "65534",
+           "SLURM_JOB_COMMENT": "vmwrap:v=2," + REQUEST}
+    with pytest.raises(UserError, match="has format 2") as e:
+        hooks.job_from_env(env, show_job=lambda _jid: {})
+    assert not isinstance(e.value, NodeError)

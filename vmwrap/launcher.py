@@ -98,13 +98,13 @@ class Launcher:
             os.chown(ov, *self.qemu_ids)
             ov.chmod(0o600)
         self._write_control()
-        (self.run_dir / rundir.JOB).write_text(json.dumps({
+        (self.run_dir / rundir.JOB).write_text(json.dumps(rundir.stamp({
             "job_id": self.job.job_id, "scheduler": self.job.scheduler, "uid": self.job.uid, "gid": self.job.gid,
             "image": p.image.name, "digest": p.image.digest, "checkpoint": p.image.checkpoint,
             "run_dir": str(self.run_dir), "restarts": self.job.restart_count,
             "disk_format": p.image.disk.format if p.image.disk else None,
             "disk_sha256": p.image.disk.sha256 if p.image.disk else None,
-            "on_lost_checkpoint": self.on_lost_checkpoint}))
+            "on_lost_checkpoint": self.on_lost_checkpoint})))
         self.timeline["prepared"] = time.monotonic()
 
     def _write_control(self) -> None:

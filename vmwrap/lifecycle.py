@@ -204,12 +204,14 @@ def end(settings: Settings, job_id: str, *, requeued: bool, restarts: int, sched
         if requeued and settings.workdir_share == "serial" and not domain.is_gone(conn, name):
             deadline = store.deadline(job_id)   # set by the gap planner: a reservation needs the node
             try:
+                rundir.read_job(run_dir, job_id)  # a newer vmwrap's run dir is not saved on its guesses
                 info = checkpoint.save(job_id, run_dir, store, conn, restarts, deadline=deadline)
                 ledger.record(job_id, name, "saved", scheduler=scheduler, **info)
                 store.record_rate(info["memory_bytes"], info["total_s"])
                 out.facts["saved"] = True
             except Exception as e:  # noqa: BLE001 (the restart then follows the job's --on-lost-checkpoint)
-                reason = str(e) if isinstance(e, checkpoint.NotSaveable) else f"saving its VM on {node} failed: {e}"
+                reason = str(e) if isinstance(e, (checkpoint.NotSaveable, rundir.FormatError)) \
+                    else f"saving its VM on {node} failed: {e}"
                 store.mark_lost(job_id, reason)
                 ledger.record(job_id, name, "save_failed", scheduler=scheduler, message=str(e))
                 _say("epilog", f"job {job_id}: {reason}")

@@ -339,6 +339,13 @@ def attach(run_dir: Path, job_id: str, script: str, environment: dict[str, str],
         kind, _, msg = err.decode(errors="replace").partition("\n")
         write_all(2, f"vmwrap: error: {msg.strip()}\n".encode())
         return EXIT_FOR.get(kind, EXIT_NODE)
+    try:
+        rundir.read_job(Path(run_dir), job_id)  # a run dir of a newer vmwrap (a node downgraded under it)
+    except rundir.FormatError as e:
+        write_all(2, f"vmwrap: error: {e}\n".encode())
+        return EXIT_FOR[e.kind]
+    except (OSError, ValueError):
+        pass  # not readable by the job's user, or half-written: the attachment below says what is wrong
     notice = safeio.read_capped(Path(run_dir) / rundir.NOTICE, SMALL_FILE_MAX)
     if notice:
         write_all(2, notice)

@@ -9,11 +9,21 @@ named by those modules, which own them.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from . import __version__
 from .config import Settings
+from .errors import VmwrapError
 
 DOMAIN_PREFIX = "vmwrap-"
+
+# The run dir's format: job.json's "format" (and the "vmwrap" that wrote it). A run dir written before
+# formats were versioned has neither and is format 1. A vmwrap reads every format up to its own and
+# refuses a newer one (a node downgraded under running jobs) with both formats named: the job fails
+# with that reason, the node stays up. Raise it when a reader of the run dir changes incompatibly.
+FORMAT = 1
+JOB_MAX = 1 << 20  # job.json is root-written; capped anyway
 
 # Root writes these.
 ERROR = "error"            # "<kind>\n<message>\n": the payload prints it and exits with its code
@@ -57,3 +67,38 @@ def ctl(run_dir: Path) -> Path:
 def user_dir(run_dir: Path) -> Path:
     """ctl/user: the job's user writes here (never trust, never follow links in it)."""
     return Path(run_dir) / CTL / CTL_USER
+
+
+class FormatError(VmwrapError):
+    """A run dir written by a newer vmwrap than this one: fail the job, keep the node."""
+
+    kind = "user"  # the payload's exit code for "the job cannot run as asked", never the node's
+
+
+def stamp(meta: dict) -> dict:
+    """job.json's content with this vmwrap's format and version added."""
+    return {**meta, "format": FORMAT, "vmwrap": __version__}
+
+
+def check(meta: dict, job_id: str) -> dict:
+    """`meta` (a job.json) if this vmwrap reads its format; FormatError naming both formats if not."""
+    fmt = meta.get("format", 1) if isinstance(meta, dict) else None
+    if type(fmt) is not int or fmt < 1:
+        raise FormatError(f"the run dir of job {job_id} has no valid format ({str(fmt)[:20]!r})")
+    if fmt > FORMAT:
+        wrote = str(meta.get("vmwrap", "?"))[:40]
+        raise FormatError(f"the run dir of job {job_id} has format {fmt} (written by vmwrap {wrote}); "
+                          f"this vmwrap {__version__} reads formats up to {FORMAT}: run the job on a node "
+                          f"with vmwrap {wrote} or newer")
+    return meta
+
+
+def read_job(run_dir: Path, job_id: str) -> dict | None:
+    """The run dir's job.json, format-checked; None when there is none (no VM was prepared here).
+    ValueError for a file that is not JSON, FormatError for one this vmwrap cannot read."""
+    from . import safeio
+
+    raw = safeio.read_capped(Path(run_dir) / JOB, JOB_MAX)
+    if raw is None:
+        return None
+    return check(json.loads(raw), job_id)

@@ -10,6 +10,12 @@ leaves it where the scheduler carries it to the root prolog, the gap planner and
   the script gives --memory (the planner cannot read the script; the prolog checks it against the
   script); the rest stays in the script's #VMWRAP lines, which root reads from the spooled script.
 
+Versioned (issue 24): FORMAT is what this vmwrap writes and the newest it reads. Format 1 carries no
+version (what every vmwrap so far writes, so nodes not yet upgraded read it during a rolling
+upgrade); a later format starts the comment with `vmwrap:v=N,` (Grid Engine: the context item
+`vmwrap_format=N`). A request of a newer format than this vmwrap's is refused naming both: the job
+fails with that reason (WireError, a user error), the node stays up.
+
 Users write comments and contexts too (`scontrol update comment=`, `qalter -ac`): `decode` trusts
 nothing, bounds every number before int() sees it, and names what is wrong (WireError).
 """
@@ -27,6 +33,9 @@ USER_SEPARATOR = " | "  # the user's own comment follows the request
 FIELDS = ("image", "memory", "cpus", "lost")
 CONTEXT_IMAGE = "vmwrap_image"  # Grid Engine's job context key
 CONTEXT_MEMORY = "vmwrap_memory"  # Grid Engine: the script's --memory in MiB, for the gap planner
+CONTEXT_FORMAT = "vmwrap_format"  # Grid Engine: the request's format when it is not 1
+FORMAT = 1
+VERSION_FIELD = "v"
 
 
 class WireError(UserError):
@@ -92,10 +101,38 @@ def decode(comment: str | None) -> Accepted | None:
     if not comment.startswith(PREFIX):
         return None
     try:
-        return _fields(comment[len(PREFIX):].partition(USER_SEPARATOR)[0])
+        return _fields(_versioned(comment[len(PREFIX):].partition(USER_SEPARATOR)[0]))
+    except FormatError:
+        raise
     except WireError as e:
         raise WireError(f"the job's comment starts with {PREFIX!r} but is not a VM request vmwrap wrote "
                         f"({e}): {_clip(comment, 80)}") from None
+
+
+class FormatError(WireError):
+    """A request written by a newer vmwrap's submit-time check than this node's."""
+
+
+def _too_new(fmt: int, where: str) -> FormatError:
+    from . import __version__
+
+    return FormatError(f"the job's VM request ({where}) has format {fmt}, written by a newer vmwrap's submit "
+                       f"filter; this node's vmwrap {__version__} reads formats up to {FORMAT}: "
+                       "upgrade vmwrap on this node")
+
+
+def _versioned(body: str) -> str:
+    """`body` without its `v=N,` field (format 1 has none); FormatError for a format newer than FORMAT."""
+    key, eq, rest = body.partition("=")
+    if key != VERSION_FIELD or not eq:
+        return body
+    value, _, fields = rest.partition(",")
+    fmt = _number("v", value, 999)
+    if fmt is None:
+        raise WireError("v= gives no format")
+    if fmt > FORMAT:
+        raise _too_new(fmt, "the job's comment")
+    return fields
 
 
 def _fields(body: str) -> Accepted:
@@ -137,11 +174,17 @@ def decode_context(items: Iterable[str]) -> str | None:
     """The image from job context items 'key=value'; None when none names it. `qalter -ac` can change
     the context after the JSV checked it: a value that is not an image name, or two different ones,
     raise UserError."""
-    names = set()
+    names, formats = set(), set()
     for kv in items:
         k, _, v = kv.partition("=")
         if k.strip() == CONTEXT_IMAGE:
             names.add(v.strip())
+        elif k.strip() == CONTEXT_FORMAT:
+            formats.add(v.strip())
+    for f in formats:
+        fmt = _number(CONTEXT_FORMAT, f, 999)
+        if fmt is not None and fmt > FORMAT:
+            raise _too_new(fmt, f"the job's context {CONTEXT_FORMAT}={fmt}")
     if len(names) > 1:
         raise WireError(f"the job's context names more than one {CONTEXT_IMAGE}: "
                         + ", ".join(repr(n[:64]) for n in sorted(names)[:3]))
