@@ -35,7 +35,7 @@ from typing import Iterator
 
 VERSION = "9P2000.L"
 TRACE = bool(os.environ.get("VMWRAP_9P_TRACE"))
-MAX_MSIZE = (1 << 20) + 4096    # fixed server maximum: 1 MiB of data plus headers (the guest asks 65536)
+MAX_MSIZE = (1 << 20) + 4096    # fixed server maximum: 1 MiB of data plus headers (the guest asks 1 MiB)
 MIN_MSIZE = 4096
 NOFID = 0xFFFFFFFF
 NOTAG = 0xFFFF

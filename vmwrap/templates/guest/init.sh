@@ -79,7 +79,7 @@ WORKDIR=$(cat /ctl/workdir)
 mkdir -p "$ROOT$WORKDIR"
 if [ -n "$NINEP" ]; then
   # vmwrap's 9P server over a virtio-serial port: unlike virtio-9p it lets the VM be saved.
-  /bin/vmwrap-relay "$NINEP" /bin/mount -t 9p -o trans=fd,rfdno=3,wfdno=3,version=9p2000.L,msize=65536,cache=none \
+  /bin/vmwrap-relay "$NINEP" /bin/mount -t 9p -o trans=fd,rfdno=3,wfdno=3,version=9p2000.L,msize=1048576,cache=none \
     vmwrap_work "$ROOT$WORKDIR" || fail "cannot mount the work dir: $(dmesg | tail -6)"
 else
   mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=none vmwrap_work "$ROOT$WORKDIR" \
