@@ -96,7 +96,10 @@ class _Dom:
 def test_ps_json_and_table(site, monkeypatch):
     assert json.loads(site("ps", "--json").stdout) == []  # libvirt's test driver: no vmwrap- domain
     long = "j" * 64
-    conn = SimpleNamespace(listAllDomains=lambda: [_Dom("vmwrap-7", 1), _Dom(f"vmwrap-{long}", 3), _Dom("other", 1)])
+    conn = SimpleNamespace(listAllDomains=lambda: [_Dom("vmwrap-7", 1), _Dom(f"vmwrap-{long}", 3), _Dom("other", 1),
+                                                   # vmwrap's own VMs, not jobs: a template and the probes
+                                                   _Dom("vmwrap-template-0123456789ab", 1), _Dom("vmwrap-probe-99", 1),
+                                                   _Dom("vmwrap-kvmprobe-98", 1), _Dom("vmwrap-..", 1)])
     monkeypatch.setattr("vmwrap.domain.connect", lambda uri: conn)
     vms = json.loads(site("ps", "--json").stdout)
     assert [(v["job"], v["state"]) for v in vms] == [("7", "running"), (long, "paused")]

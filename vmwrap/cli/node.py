@@ -36,12 +36,11 @@ def ps(failed: bool, as_json: bool) -> None:
     ledger = Ledger(s.ledger_path)
     last, booted = ledger.last_events(), ledger.provenance()
     conn = domain.connect(s.libvirt_uri)
-    doms = {d.name(): d for d in conn.listAllDomains() if d.name().startswith("vmwrap-")}
+    doms = {job: d for d in conn.listAllDomains() if (job := _job_of_domain(d.name())) is not None}
     states = {1: "running", 3: "paused", 5: "shutoff"}
     now = time.time()
     vms = []
-    for name, d in sorted(doms.items()):
-        job = name[len("vmwrap-"):]
+    for job, d in sorted(doms.items()):
         ev = last.get(job, {})
         img = booted.get(job, {})
         vms.append({"job": job, "state": states.get(d.state()[0], str(d.state()[0])),
@@ -53,6 +52,24 @@ def ps(failed: bool, as_json: bool) -> None:
     echo_table(["JOB", "STATE", "LAST EVENT", "SINCE", "IMAGE", "DIGEST"],
                [[v["job"], v["state"], v["last_event"] or "-", "-" if v["since_s"] is None else f"{v['since_s']:.0f}s",
                  v["image"] or "-", (v["digest"] or "-")[:19]] for v in vms], right={3})
+
+
+# vmwrap's own VMs that are no job's: image templates (snapshot.py) and the boot and KVM probes
+# (domain.py, accel.py). No scheduler's job id starts so.
+NOT_JOBS = ("vmwrap-template-", "vmwrap-probe-", "vmwrap-kvmprobe-")
+
+
+def _job_of_domain(name: str) -> str | None:
+    """The job id a libvirt domain runs, or None when it is not a job's VM.
+
+    Every job VM of this node's libvirtd is listed (on a cluster each node has its own libvirtd)."""
+    from ..job import _JOB_ID
+    from ..rundir import DOMAIN_PREFIX
+
+    if not name.startswith(DOMAIN_PREFIX) or name.startswith(NOT_JOBS):
+        return None
+    job = name[len(DOMAIN_PREFIX):]
+    return job if _JOB_ID.match(job) else None
 
 
 @click.command()
