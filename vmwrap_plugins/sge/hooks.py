@@ -26,7 +26,7 @@ import stat
 import subprocess
 import sys
 
-from vmwrap import agent, directives, lifecycle, payload, rundir, wire
+from vmwrap import directives, lifecycle, payload, rundir, wire
 from vmwrap.config import Settings
 from vmwrap.errors import NodeError, UserError, VmwrapError
 from vmwrap.job import Job
@@ -424,7 +424,10 @@ def method(settings: Settings, action: str, jid: str, pid: int) -> int:
             os.kill(pid, signal.SIGTERM)
             return 0
         if action in ("suspend", "resume") and has_vm:
-            agent.request(settings, "pause" if action == "suspend" else "resume", env_jid)
+            # The job's payload (the starter, $job_pid) pauses and resumes the VM through the node
+            # agent, as Slurm's SIGTSTP/SIGCONT make it do: it retries a resume the agent could not do
+            # (the agent restarts), which this method, run once by GE, could not.
+            os.kill(pid, signal.SIGTSTP if action == "suspend" else signal.SIGCONT)
             return 0
         if action == "terminate":
             os.kill(pid, signal.SIGTERM)  # the attachment stops the job in its VM: TERM, grace, KILL
