@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, domain, rundir, share
+from . import __version__, domain, rundir, share, steps
 from .errors import CheckpointError, GuestStalledError, NodeError
 from .job import Job
 
@@ -830,10 +830,10 @@ def restore(job_id: str, run_dir: Path, store: Store, conn, job: Job, paths: dic
     # As at boot: the hard memory limit holds before the restored guest runs again.
     limit = spec.memory_mib + memory_overhead_mib if memory_overhead_mib is not None else None
     domain.start_limited(conn.lookupByName(job.domain_name), limit)
-    f = run_dir / rundir.CONTROL_SOCKET  # libvirtd made it as root: the job's own batch step talks to it
-    if f.exists():
-        os.chown(f, job.uid, job.gid)
-        f.chmod(0o600)
+    for f in (run_dir / rundir.CONTROL_SOCKET, run_dir / steps.SOCKET):  # libvirtd made them as root: the job's
+        if f.exists():                                                     # own batch step talks to them
+            os.chown(f, job.uid, job.gid)
+            f.chmod(0o600)
     (run_dir / rundir.RESTORED).write_text(json.dumps({"delivered": delivered,
                                                        "restarts": meta.get("restarts", 0)}))
     t_done = time.monotonic()

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import accel, evidence, domain, limits, overlay, rundir, share
+from . import accel, evidence, domain, limits, overlay, rundir, share, steps
 from .cache import Cache
 from .catalog import Catalog
 from .config import Settings
@@ -173,10 +173,10 @@ class Launcher:
             self._create(spec)
         # libvirtd creates the control socket as root: the job's own batch step talks to it. (The run
         # dir is root's: nothing in it can have been swapped for a link.)
-        f = self.run_dir / rundir.CONTROL_SOCKET
-        if f.exists():
-            os.chown(f, self.job.uid, self.job.gid)
-            f.chmod(0o600)
+        for f in (self.run_dir / rundir.CONTROL_SOCKET, self.run_dir / steps.SOCKET):  # and its step port's
+            if f.exists():
+                os.chown(f, self.job.uid, self.job.gid)
+                f.chmod(0o600)
         limits.start(self.run_dir, self.job.domain_name, self.settings)  # root watcher: per-job disk limits
         self.timeline["created"] = time.monotonic()
         self.ledger.record(self.job.job_id, self.job.domain_name, "created", virt_type=virt_type,

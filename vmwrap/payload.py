@@ -24,7 +24,7 @@ import stat
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from . import domain, evidence, limits, rundir, safeio
 from .config import Settings
@@ -43,6 +43,9 @@ STATUS_LINE_MAX = 4096       # a longer unfinished status "line" is the guest's 
 CONSOLE_TAIL = 2000
 PANIC_WINDOW = 16 * 1024   # bytes read back to find a panic's first line
 PANIC_CONTEXT_LINES = 15
+
+if TYPE_CHECKING:
+    from .steps import Launch
 
 IMAGE_ENV_MAX = 1 << 17  # the catalog's env of an image (imports cap it at 64 KiB)
 
@@ -332,8 +335,9 @@ class Attachment:
 
 def attach(run_dir: Path, job_id: str, script: str, environment: dict[str, str], args: list[str] = (),
            grace: float = 30.0, settings: Settings | None = None,
-           requeued: Callable[[], bool] | None = None) -> int:
-    """The job's payload under a scheduler (runs as the job's user): the VM was booted by the prolog."""
+           requeued: Callable[[], bool] | None = None, steps: "Launch | None" = None) -> int:
+    """The job's payload under a scheduler (runs as the job's user): the VM was booted by the prolog.
+    `steps`: the scheduler's step launcher; then `srun` inside the VM runs real steps (vmwrap/steps.py)."""
     err = safeio.read_capped(Path(run_dir) / rundir.ERROR, SMALL_FILE_MAX)
     if err is not None:
         kind, _, msg = err.decode(errors="replace").partition("\n")
@@ -352,12 +356,18 @@ def attach(run_dir: Path, job_id: str, script: str, environment: dict[str, str],
     att = Attachment(Path(run_dir), job_id, grace=grace, settings=settings)
     att.requeued = requeued
     att.install_signal_handlers()
+    from . import steps as job_steps
+
+    server = job_steps.serve(Path(run_dir), steps) if steps is not None else None
     try:
         att.start(script, environment, list(args))
         rc = att.stream()
     except VmwrapError as e:
         write_all(2, f"vmwrap: error: {e}\n".encode())
         return EXIT_FOR[e.kind]
+    finally:
+        if server is not None:
+            server.close()
     if att.killed_by is not None:
         die_by(att.killed_by)
     return rc

@@ -16,6 +16,7 @@ from vmwrap.errors import UserError, VmwrapError
 from vmwrap.job import Job
 
 from .commands import SCONTROL, SQUEUE
+from .steps import srun_command
 
 # What the root prolog/epilog keep of slurmd's environment (vmwrap.rootenv drops everything else);
 # slurmd sets these itself. SLURM_CONF: the slurm.conf scontrol must read to drain this node.
@@ -306,7 +307,7 @@ def attach(settings: Settings, script_path: str, args: list[str]) -> int:
     started_as = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     requeued = (lambda: restarts(job_id) > started_as) if settings.workdir_share == "serial" else None
     return payload.attach(rundir.path(settings, job_id), job_id, original, env, args, grace=settings.grace_seconds,
-                          settings=settings, requeued=requeued)
+                          settings=settings, requeued=requeued, steps=srun_command)
 
 
 def restarts(job_id: str) -> int:

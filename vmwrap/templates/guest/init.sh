@@ -22,6 +22,7 @@ find_ports() {
       org.vmwrap.status) STATUS=/dev/${p##*/} ;; org.vmwrap.stdout) OUT=/dev/${p##*/} ;;
       org.vmwrap.stderr) ERR=/dev/${p##*/} ;; org.vmwrap.control) CTL=/dev/${p##*/} ;;
       org.vmwrap.9p) NINEP=/dev/${p##*/} ;;
+      org.vmwrap.steps) STEPS=/dev/${p##*/} ;;
     esac
   done
 }
@@ -102,6 +103,13 @@ if [ -n "$NINEP" ]; then
   mkdir /ctl.copy && cp -a /ctl/. /ctl.copy/ || fail "cannot copy the job's control files"
   umount "$ROOT/.vmwrap" && umount /ctl && mount -o bind /ctl.copy /ctl && mount -o bind,ro /ctl "$ROOT/.vmwrap" \
     || fail "cannot release the control share"
+fi
+# Steps (vmwrap/steps.py): when the host serves them, `srun` in the job's PATH is vmwrap's shim and the
+# step port is the job's user's (who is root in this VM anyway: nothing to protect from them here).
+if [ -e /ctl/user/steps ]; then
+  [ -n "$STEPS" ] || find_ports
+  { [ -n "$STEPS" ] && mkdir -p "$ROOT/usr/local/bin" && cp /bin/vmwrap-srun "$ROOT/usr/local/bin/srun" \
+    && chown "$UID_:$GID_" "$STEPS"; } || echo "vmwrap guest: cannot offer srun steps" > /dev/console
 fi
 job() { exec /bin/vmwrap-exec "$ROOT" "$UID_" "$GID_" "$GROUPS_" "$UMASK_" "$WORKDIR" /ctl/user/env /ctl/user/args \
   /.vmwrap/user/script /ctl/user/limits; }

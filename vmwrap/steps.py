@@ -1,0 +1,424 @@
+"""Scheduler steps run inside the job's VM: the host end of the guest's `srun` shim (vmwrap-srun.c).
+
+Why this shape: a step must be a real scheduler step (accounting, step environment, limits, signals),
+and only the host can start one. The guest's shim sends its argv over the virtio port org.vmwrap.steps
+(a unix socket QEMU binds in the run dir, `SOCKET`); the job's payload (the job's user, never root)
+serves it in a thread (`StepServer`): the scheduler plugin turns the argv into a host command line
+(`Launch`, e.g. vmwrap_plugins/slurm/steps.py: the real srun with checked options), whose tasks are
+`python -m vmwrap.steps SOCK TOKEN` (`task_main`). Each task connects back to the payload over a
+private unix socket (0700 dir, peer uid checked, per-step random token) and the guest runs the
+command with the task's SLURM_* environment; its output goes back through the scheduler's own I/O.
+Only the host's processes talk to a scheduler, so this works the same across real hosts.
+
+One step at a time per VM (the guest port opens once); a step in flight when the VM is saved for a
+requeue ends with the job's batch step (its srun is killed with the job), as on a bare node.
+Everything from the guest is hostile: frames are bounded (FRAME_MAX), resynchronised on garbage, and
+carry no host path; the guest's argv only reaches the plugin's validator and srun's argv (no shell).
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import selectors
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from . import rundir
+from .errors import UserError
+
+SOCKET = "steps.sock"      # in the run dir: the guest's step port (QEMU binds it, as the job's user)
+MARKER = "steps"           # ctl/user/steps: the guest agent installs its srun shim only when served
+MAGIC = b"VWS1"
+HEADER = struct.Struct(">4scIHI")  # magic, type, step id, task id, length
+FRAME_MAX = 1 << 17
+ENV_PREFIXES = ("SLURM_", "SLURMD_")  # what a task hands to the guest of its own environment
+SEND_TIMEOUT = 30.0         # a peer that reads nothing for this long loses its step, not the server
+FORWARDED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2}
+WARNINGS_MAX = 10
+
+# (guest argv, the task's argv) -> (index of the command in the guest argv, host argv to run);
+# UserError for a request the user must fix (its message reaches the script's stderr).
+Launch = Callable[[list[str], list[str]], tuple[int, list[str]]]
+
+
+def frame(kind: bytes, step: int, task: int, data: bytes = b"") -> bytes:
+    if len(data) > FRAME_MAX:
+        raise ValueError("frame too long")
+    return HEADER.pack(MAGIC, kind, step & 0xFFFFFFFF, task & 0xFFFF, len(data)) + data
+
+
+class Frames:
+    """Incremental frame decoder: bounded buffer, garbage and oversize headers skipped (and counted)."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.skipped = 0
+
+    def feed(self, data: bytes) -> list[tuple[bytes, int, int, bytes]]:
+        self.buf += data
+        out = []
+        while len(self.buf) >= HEADER.size:
+            magic, kind, step, task, n = HEADER.unpack_from(self.buf)
+            if magic != MAGIC or n > FRAME_MAX:
+                i = self.buf.find(MAGIC, 1)
+                drop = i if i > 0 else max(1, len(self.buf) - len(MAGIC) + 1)
+                self.skipped += drop
+                self.buf = self.buf[drop:]
+                continue
+            if len(self.buf) < HEADER.size + n:
+                break
+            out.append((kind, step, task, self.buf[HEADER.size:HEADER.size + n]))
+            self.buf = self.buf[HEADER.size + n:]
+        return out
+
+
+def _status_text(returncode: int) -> bytes:
+    return f"signal {-returncode}".encode() if returncode < 0 else f"exit {returncode & 255}".encode()
+
+
+class _Step:
+    def __init__(self, step_id: int, token: str, proc: subprocess.Popen):
+        self.id, self.token, self.proc = step_id, token, proc
+        self.pipes = {proc.stdout: b"S", proc.stderr: b"T"}
+        self.tasks: dict[int, socket.socket] = {}
+        self.finished: set[int] = set()
+
+
+class StepServer(threading.Thread):
+    """The payload's step service for one job's VM (a daemon thread; the job's user)."""
+
+    def __init__(self, run_dir: Path, launch: Launch, err_fd: int = 2):
+        super().__init__(daemon=True, name="vmwrap steps")
+        self.run_dir = Path(run_dir)
+        self.launch = launch
+        self.err_fd = err_fd
+        self.dir = tempfile.mkdtemp(prefix="vmwrap-steps-")  # 0700, the job's user's
+        self.path = os.path.join(self.dir, "tasks.sock")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(64)
+        self.sel = selectors.DefaultSelector()
+        self.guest: socket.socket | None = None
+        self.frames = Frames()
+        self.step: _Step | None = None
+        self.conns: dict[socket.socket, tuple[Frames, int | None]] = {}
+        self.warnings = 0
+        self._stop = threading.Event()
+
+    def offer(self) -> None:
+        """Tell the guest agent (before GO) that steps are served: it then installs its srun shim."""
+        from .payload import _write_private
+
+        _write_private(rundir.user_dir(self.run_dir) / MARKER, b"", 0o600)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        self.stop()
+        if self.step is not None and self.step.proc.poll() is None:
+            self.step.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _warn(self, msg: str) -> None:
+        if self.warnings < WARNINGS_MAX:
+            self.warnings += 1
+            from .payload import write_all
+
+            write_all(self.err_fd, f"vmwrap: {msg}\n".encode())
+
+    def _to_guest(self, kind: bytes, step: int, task: int, data: bytes = b"") -> None:
+        if self.guest is None:
+            return
+        try:
+            for i in range(0, max(len(data), 1), FRAME_MAX):
+                self.guest.sendall(frame(kind, step, task, data[i:i + FRAME_MAX]))
+        except OSError:  # the guest reads nothing (its shim is gone): this step is lost, not the server
+            self._end_step(kill=True)
+
+    def run(self) -> None:
+        try:
+            self._serve()
+        except Exception as e:  # noqa: BLE001 (a broken step service must not take the job down)
+            self._warn(f"the step service stopped: {e}")
+
+    def _connect(self) -> bool:
+        while not self._stop.is_set():
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(str(self.run_dir / SOCKET))
+            except OSError:
+                s.close()
+                self._stop.wait(0.2)
+                continue
+            s.settimeout(SEND_TIMEOUT)
+            self.guest = s
+            return True
+        return False
+
+    def _serve(self) -> None:
+        if not self._connect():
+            return
+        self.sel.register(self.guest, selectors.EVENT_READ, "guest")
+        self.sel.register(self.listener, selectors.EVENT_READ, "listen")
+        while not self._stop.is_set():
+            for key, _ in self.sel.select(0.2):
+                what = key.data
+                if what == "guest":
+                    try:
+                        data = self.guest.recv(1 << 16)
+                    except OSError:
+                        data = b""
+                    if not data:  # QEMU went away: the VM is gone
+                        self._end_step(kill=True)
+                        return
+                    before = self.frames.skipped
+                    for f in self.frames.feed(data):
+                        self._from_guest(*f)
+                    if self.frames.skipped != before:
+                        self._warn(f"ignored {self.frames.skipped - before} malformed bytes on the VM's step port")
+                elif what == "listen":
+                    self._accept()
+                elif what == "pipe":
+                    self._pump(key.fileobj)
+                else:
+                    self._from_task(key.fileobj)
+            self._check_done()
+
+    # --- the guest's side -------------------------------------------------------------------------
+
+    def _from_guest(self, kind: bytes, step: int, task: int, data: bytes) -> None:
+        if kind == b"Q":
+            self._start(step, data)
+            return
+        s = self.step
+        if s is None or step != s.id:
+            return
+        if kind in (b"O", b"E", b"X"):
+            conn = s.tasks.get(task)
+            if kind == b"X":
+                s.finished.add(task)
+            if conn is not None:
+                try:
+                    conn.sendall(frame(kind, step, task, data))
+                except OSError:
+                    pass
+        elif kind == b"G":
+            sig = _signal(data)
+            if sig is not None and s.proc.poll() is None:
+                s.proc.send_signal(sig)
+
+    def _start(self, step_id: int, data: bytes) -> None:
+        if self.step is not None:  # the previous shim died (the port freed): its step ends now
+            self._end_step(kill=True)
+        if not data.endswith(b"\0") and data:
+            data += b"\0"
+        argv = [a.decode("utf-8", "surrogateescape") for a in data.split(b"\0")[:-1]]
+        token = os.urandom(16).hex()
+        task_argv = [sys.executable, "-m", "vmwrap.steps", self.path, token]
+        try:
+            index, host_argv = self.launch(argv, task_argv)
+        except UserError as e:
+            self._to_guest(b"T", step_id, 0, f"srun: error: vmwrap: {e}\n".encode())
+            self._to_guest(b"Z", step_id, 0, b"exit 1")
+            return
+        try:
+            proc = subprocess.Popen(host_argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, close_fds=True)
+        except OSError as e:
+            self._to_guest(b"T", step_id, 0, f"srun: error: vmwrap: cannot run {host_argv[0]}: {e.strerror}\n".encode())
+            self._to_guest(b"Z", step_id, 0, b"exit 1")
+            return
+        self.step = _Step(step_id, token, proc)
+        for p in (proc.stdout, proc.stderr):
+            os.set_blocking(p.fileno(), False)
+            self.sel.register(p, selectors.EVENT_READ, "pipe")
+        self._to_guest(b"A", step_id, 0, str(index).encode())
+
+    def _pump(self, pipe) -> None:
+        s = self.step
+        try:
+            data = os.read(pipe.fileno(), 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.sel.unregister(pipe)
+            pipe.close()
+            if s is not None:
+                s.pipes.pop(pipe, None)
+            return
+        if s is not None:
+            self._to_guest(s.pipes.get(pipe, b"T"), s.id, 0, data)
+
+    def _check_done(self) -> None:
+        s = self.step
+        if s is None or s.pipes or s.proc.poll() is None:
+            return
+        self._end_step(kill=False)
+        self._to_guest(b"Z", s.id, 0, _status_text(s.proc.returncode))
+
+    def _end_step(self, kill: bool) -> None:
+        s, self.step = self.step, None
+        if s is None:
+            return
+        if kill and s.proc.poll() is None:
+            s.proc.terminate()  # srun passes it on to the tasks; the job's end kills what is left
+        for p in list(s.pipes):
+            try:
+                self.sel.unregister(p)
+            except (KeyError, ValueError):
+                pass
+            p.close()
+        s.pipes.clear()
+        for conn in s.tasks.values():
+            self._drop(conn)
+        if kill:
+            try:
+                s.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                s.proc.kill()
+
+    # --- the tasks' side (host processes started by the scheduler) --------------------------------
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", creds)
+        if uid != os.getuid():
+            conn.close()
+            return
+        conn.settimeout(SEND_TIMEOUT)
+        self.conns[conn] = (Frames(), None)
+        self.sel.register(conn, selectors.EVENT_READ, "task")
+
+    def _drop(self, conn: socket.socket) -> None:
+        if conn in self.conns:
+            self.sel.unregister(conn)
+            del self.conns[conn]
+        conn.close()
+
+    def _from_task(self, conn: socket.socket) -> None:
+        frames, task = self.conns[conn]
+        try:
+            data = conn.recv(1 << 16)
+        except OSError:
+            data = b""
+        s = self.step
+        if not data:
+            if s is not None and task is not None and s.tasks.get(task) is conn:
+                del s.tasks[task]
+                if task not in s.finished:  # the task was killed (scancel, time limit): so is its command
+                    self._to_guest(b"K", s.id, task, b"9")
+            self._drop(conn)
+            return
+        for kind, _, t, body in frames.feed(data):
+            if kind == b"H" and task is None:
+                token, _, env = body.partition(b"\0")
+                if s is None or not hmac.compare_digest(token, s.token.encode()) or t in s.tasks:
+                    self._drop(conn)
+                    return
+                task = t
+                self.conns[conn] = (frames, t)
+                s.tasks[t] = conn
+                self._to_guest(b"R", s.id, t, env)
+            elif kind == b"K" and task is not None and s is not None and s.tasks.get(task) is conn:
+                if _signal(body) is not None:
+                    self._to_guest(b"K", s.id, task, body)
+
+
+def serve(run_dir: Path, launch: Launch) -> StepServer | None:
+    """Start serving the VM's step port, if its VM has one (a VM booted by an older vmwrap has not)."""
+    if not (Path(run_dir) / SOCKET).exists():
+        return None
+    try:
+        server = StepServer(run_dir, launch)
+        server.offer()
+    except OSError:
+        return None
+    server.start()
+    return server
+
+
+def _signal(data: bytes) -> int | None:
+    text = data.decode("ascii", "replace").strip()
+    return int(text) if text.isdigit() and len(text) <= 2 and int(text) in FORWARDED_SIGNALS | {signal.SIGKILL} else None
+
+
+def task_env() -> bytes:
+    """The step's own variables for the guest (the rest of the task's environment is the host's)."""
+    out = b""
+    for k, v in os.environ.items():
+        if k.startswith(ENV_PREFIXES) and "\0" not in k + v:
+            item = f"{k}={v}".encode("utf-8", "surrogateescape") + b"\0"
+            if len(out) + len(item) <= FRAME_MAX - 64:
+                out += item
+    return out
+
+
+def task_main(argv: list[str]) -> int:
+    """One task of a step (run by the scheduler on the node, as the job's user): have the job's VM run
+    the command, relay its output, end as it ended (a signal that killed it kills this process)."""
+    from .payload import die_by, write_all
+
+    if len(argv) != 2:
+        print("usage: python -m vmwrap.steps SOCKET TOKEN", file=sys.stderr)
+        return 2
+    path, token = argv
+    procid = os.environ.get("SLURM_PROCID", "0")
+    task = int(procid) if procid.isdigit() and int(procid) < 0xFFFF else 0
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except OSError as e:
+        print(f"vmwrap: cannot reach the job's VM step service ({e.strerror})", file=sys.stderr)
+        return 1
+    pending: list[int] = []
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, lambda n, _f: pending.append(n))
+    s.sendall(frame(b"H", 0, task, token.encode() + b"\0" + task_env()))
+    s.settimeout(0.2)
+    frames = Frames()
+    while True:
+        while pending:
+            s.sendall(frame(b"K", 0, task, str(pending.pop(0)).encode()))
+        try:
+            data = s.recv(1 << 16)
+        except socket.timeout:
+            continue
+        except InterruptedError:
+            continue
+        except OSError:
+            data = b""
+        if not data:
+            print("vmwrap: the job's VM step service went away during the step", file=sys.stderr)
+            return 1
+        for kind, _, _, body in frames.feed(data):
+            if kind == b"O":
+                write_all(1, body)
+            elif kind == b"E":
+                write_all(2, body)
+            elif kind == b"X":
+                word, _, num = body.decode("ascii", "replace").partition(" ")
+                n = int(num) if num.isdigit() and len(num) <= 3 else 1
+                if word == "signal" and 0 < n < 65:
+                    die_by(n)
+                    return 128 + n
+                return n & 255
+
+
+if __name__ == "__main__":
+    sys.exit(task_main(sys.argv[1:]))
