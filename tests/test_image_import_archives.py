@@ -452,3 +452,57 @@ def test_a_failed_reimport_keeps_the_image(site_dir, tmp_path):
                        site_dir / "appliances", str(not_a_catalog / "."), max_bytes=None, on_stage=lambda _s: None)
     assert snapshot() == before
     assert sorted(p.name for p in (site_dir / "appliances").iterdir()) == [".kernel", "imp"]
+
+
+def test_an_import_killed_mid_way_leaves_nothing_the_next_one_does_not_remove(tmp_path):
+    """A SIGKILLed import's `.import-*` dir (its flock gone with it) is removed by the next import, and the
+    image it had moved aside goes back; a live import's (lock held by another process), a young one and a
+    link are kept."""
+    import sys
+    import time
+
+    from vmwrap.imports import publish
+
+    out = tmp_path / "appliances"
+    out.mkdir()
+    old = time.time() - 3600
+
+    def leftover(name: str) -> Path:
+        d = out / name
+        (d / "rootfs" / "etc").mkdir(parents=True)
+        (d / "rootfs" / "etc" / "os-release").write_text("ID=x\n")
+        os.utime(d, (old, old))
+        return d
+
+    leftover(".import-img-abcd1234")
+    web = leftover(".import-web-zz_91111")
+    (web / "replaced").mkdir()
+    (web / "replaced" / "vmlinuz").write_text("the old image")
+    os.utime(web, (old, old))
+    live = leftover(".import-img-live0000")
+    young = out / ".import-img-young000"
+    young.mkdir()
+    outside = tmp_path / "outside"
+    (outside / "x").mkdir(parents=True)
+    (out / ".import-evil-link0000").symlink_to(outside / "x")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()", str(live)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert publish.remove_stale(out) == [".import-img-abcd1234", ".import-web-zz_91111"]
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    assert sorted(p.name for p in out.iterdir()) == [".import-evil-link0000", ".import-img-live0000",
+                                                     ".import-img-young000", "web"]
+    assert (out / "web" / "vmlinuz").read_text() == "the old image" and (outside / "x").is_dir()
+    # An import's own scratch dir is locked while it runs: even when old, a concurrent import keeps it.
+    with publish.scratch_dir(out, "new") as d:
+        assert d.name.startswith(".import-new-") and d.is_dir()
+        assert d.name not in publish.remove_stale(out, now=time.time() + 3600)
+        assert d.is_dir()
+    assert not d.exists()
+    # Once their importers are gone (and the young one has aged), the others go too; the link stays.
+    publish.remove_stale(out, now=time.time() + 3600)
+    assert sorted(p.name for p in out.iterdir()) == [".import-evil-link0000", "web"]

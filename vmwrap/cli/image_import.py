@@ -4,7 +4,6 @@ disk) as a catalog image that boots with vmwrap's guest agent (vmwrap/imports/).
 from __future__ import annotations
 
 import importlib
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -58,6 +57,7 @@ def image_import(source: Path, kind: str, name: str, memory: str | None, cpus: i
     from ..catalog import register
     from ..directives import check_image_name, parse_memory
     from ..progress import progress, stage_callback
+    from ..imports.publish import scratch_dir
     from .images import policy
 
     s = settings()
@@ -70,7 +70,7 @@ def image_import(source: Path, kind: str, name: str, memory: str | None, cpus: i
     out.mkdir(parents=True, exist_ok=True)
     # The importer registers into a scratch catalog; the site's gets the entry once, with this command's
     # users and groups already in it (a restricted image is never briefly open to everyone).
-    with tempfile.TemporaryDirectory(dir=out, prefix=f".import-{name}-catalog-") as scratch, \
+    with scratch_dir(out, f"{name}-catalog") as scratch, \
             progress(f"import {name}", "stages", quiet=quiet) as report:
         stage = stage_callback(report)
         notes: list[str] = []  # what the admin should know even without a terminal (devices skipped)

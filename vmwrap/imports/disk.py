@@ -30,7 +30,7 @@ from .. import appliance
 from ..catalog import Image
 from ..directives import check_image_name
 from ..errors import ImageError, NodeError, UserError
-from .publish import install
+from .publish import install, scratch_dir
 
 QEMU_IMG = "/usr/bin/qemu-img"
 DEBUGFS = "/usr/sbin/debugfs"
@@ -68,8 +68,8 @@ def import_disk(source: Path, name: str, out_dir: Path, catalog_path: str, *, ma
     made = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out, prefix=f".import-{name}-") as t:
-            return _import(src, name, out, Path(t), catalog_path, max_bytes, on_stage)
+        with scratch_dir(out, name) as t:
+            return _import(src, name, out, t, catalog_path, max_bytes, on_stage)
     except ImageError:
         raise
     except (NodeError, OSError, subprocess.SubprocessError) as e:

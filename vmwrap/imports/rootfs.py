@@ -13,7 +13,6 @@ import os
 import shutil
 import stat
 import subprocess
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from ..catalog import Image
 from ..directives import check_image_name
 from ..errors import ImageError, NodeError, UserError
 from .layers import Digested, apply_layers
-from .publish import install
+from .publish import install, scratch_dir
 
 MKFS = "/sbin/mkfs.ext4"
 QEMU_IMG = "/usr/bin/qemu-img"
@@ -71,8 +70,7 @@ def run_import(kind: str, source: Path, name: str, out_dir: Path, catalog_path: 
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out, prefix=f".import-{name}-") as t:
-            work = Path(t)
+        with scratch_dir(out, name) as work:
             work.chmod(0o700)
             root = work / "rootfs"
             root.mkdir(mode=0o755)
