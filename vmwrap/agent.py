@@ -3,8 +3,9 @@
 Batch steps (Slurm), suspend methods (Grid Engine) and wrappers run as the job's user, who must not get
 libvirt access (that is root on the node). They ask this agent over a Unix socket; the caller's uid
 comes from the kernel (SO_PEERCRED) and must own the job (or be root).
-Protocol: one JSON line {"op": "pause"|"resume", "job": ID} -> one JSON line {"ok": bool, "error": str,
-"protocol": PROTOCOL}; {"op": "ping", "job": ""} (anyone) -> {"ok": true, "protocol": PROTOCOL}: health
+Protocol: one JSON line {"op": "pause"|"resume"|"checkpoint", "job": ID} -> one JSON line {"ok": bool,
+"error": str, "protocol": PROTOCOL} (a periodic checkpoint, vmwrap/periodic.py, adds "saved" and
+"pause_s" or "error"); {"op": "ping", "job": ""} (anyone) -> {"ok": true, "protocol": PROTOCOL}: health
 checks (`vmwrap status`), and a client newer than the agent learns what it speaks.
 
 The socket is open to every local user, so the agent bounds what any of them can hold: the request
@@ -31,7 +32,7 @@ from .errors import NodeError, UserError, VmwrapError
 from .job import Job
 from .ledger import Ledger
 
-OPS = ("pause", "resume")
+OPS = ("pause", "resume", "checkpoint")
 PROTOCOL = 1  # raised when a request or reply changes meaning; keys are only ever added
 REQUEST_MAX = 4096         # bytes of the one request line
 REQUEST_TIMEOUT = 5.0      # s for the whole request line (and for sending the reply)
@@ -53,12 +54,16 @@ def _owner(settings: Settings, job_id: str) -> int:
         raise UserError(f"no VM for job {job_id} on this node") from None
 
 
-def handle(settings: Settings, conn, peer_uid: int, op: str, job_id: str) -> None:
+def handle(settings: Settings, conn, peer_uid: int, op: str, job_id: str) -> dict | None:
     if op not in OPS:
         raise UserError(f"unknown operation {op!r}")
     owner = _owner(settings, job_id)
     if peer_uid not in (0, owner):
         raise UserError(f"uid {peer_uid} does not own job {job_id}")
+    if op == "checkpoint":  # periodic checkpoints (vmwrap/periodic.py): {"saved": bool, ...}
+        from . import periodic
+
+        return periodic.handle(settings, conn, job_id, peer_uid)
     name = rundir.domain_name(job_id)
     dom = domain.lookup(conn, name)
     if dom is None:
@@ -167,9 +172,8 @@ def serve(settings: Settings) -> None:
             uid = self.client_address  # Server.process_request hands over the caller's uid
             try:
                 op, job_id = parse(read_request(self.request))
-                if op != "ping":
-                    handle(settings, libvirt.conn(), uid, op, job_id)
-                reply = {"ok": True, "protocol": PROTOCOL}
+                extra = handle(settings, libvirt.conn(), uid, op, job_id) if op != "ping" else None
+                reply = {**(extra or {}), "ok": True, "protocol": PROTOCOL}
             except (VmwrapError, ValueError) as e:
                 reply = {"ok": False, "error": str(e)}
             except Exception as e:  # noqa: BLE001 (a bug or a libvirt surprise: this request fails, not the agent)
@@ -222,8 +226,8 @@ def serve(settings: Settings) -> None:
         srv.serve_forever()
 
 
-def request(settings: Settings, op: str, job_id: str, timeout: float = 2.0) -> None:
-    """Ask the node agent; raises NodeError if it is unreachable or refuses."""
+def request(settings: Settings, op: str, job_id: str, timeout: float = 2.0) -> dict:
+    """Ask the node agent (its reply); raises NodeError if it is unreachable or refuses."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
@@ -236,6 +240,7 @@ def request(settings: Settings, op: str, job_id: str, timeout: float = 2.0) -> N
         raise NodeError(f"vmwrap node agent at {socket_path(settings)} sent no answer to {op}")
     if not reply.get("ok"):
         raise NodeError(f"vmwrap node agent refused {op}: {reply.get('error', 'no reason')}")
+    return reply
 
 
 def ping(settings: Settings, timeout: float = 2.0) -> int:

@@ -18,6 +18,9 @@ MAX_MEMORY_MIB = 64 * 1024 * 1024  # 64 TiB: anything above is a typo, not a req
 # hangs in boot, 96M boots with 7 MB free; 128M ran every job of the saturated-host tests.
 MIN_MEMORY_MIB = 128
 POLICIES = ("restart", "fail")     # --on-lost-checkpoint
+_DURATION = re.compile(r"^(\d{1,7})([smh]?)$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600}
+MAX_DURATION_S = 366 * 24 * 3600   # a year: anything above is a typo
 
 
 @dataclass
@@ -28,6 +31,7 @@ class Request:
     memory_mib: int | None = None
     cpus: int | None = None
     on_lost_checkpoint: str | None = None
+    checkpoint_every_s: int | None = None
 
 
 def check_image_name(name: str) -> str:
@@ -80,11 +84,25 @@ def _parse_policy(value: str) -> str:
     return value
 
 
+def parse_duration(value: str, option: str = "--checkpoint-every") -> int:
+    """Seconds from '90', '90s', '15m', '2h' (bare numbers are seconds)."""
+    m = _DURATION.match(value.strip())
+    if not m:
+        raise UserError(f"{option}={value}: not a duration; use e.g. 90s, 15m or 2h")
+    n = int(m.group(1)) * _UNIT_S[m.group(2)]
+    if n < 1:
+        raise UserError(f"{option}={value}: must be at least 1s")
+    if n > MAX_DURATION_S:
+        raise UserError(f"{option}={value}: absurdly long (limit {MAX_DURATION_S // 86400} days)")
+    return n
+
+
 _OPTIONS = {
     "image": ("image", check_image_name),
     "memory": ("memory_mib", parse_memory),
     "cpus": ("cpus", parse_cpus),
     "on-lost-checkpoint": ("on_lost_checkpoint", _parse_policy),
+    "checkpoint-every": ("checkpoint_every_s", parse_duration),
 }
 
 

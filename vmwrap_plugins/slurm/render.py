@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grp
+import math
 import pwd
 import shlex
 from pathlib import Path
@@ -11,6 +12,7 @@ import jinja2
 
 from vmwrap import directives, wire
 from vmwrap.catalog import Catalog
+from vmwrap.config import Settings
 from vmwrap.resources import HOOKS, TEMPLATES
 
 from .hooks import MARKER
@@ -38,7 +40,8 @@ def vmwrap_command(vmwrap: str, config: str | None) -> str:
 
 
 def render_lua(catalog: Catalog, vmwrap: str = "/usr/local/bin/vmwrap", config: str | None = None,
-               default_image: str | None = None, active_file: str = "/etc/slurm/vmwrap-active.lua") -> str:
+               default_image: str | None = None, active_file: str = "/etc/slurm/vmwrap-active.lua",
+               min_checkpoint_every_s: float | None = None) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=False,
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     env.filters["lua"] = lua_literal
@@ -56,6 +59,9 @@ def render_lua(catalog: Catalog, vmwrap: str = "/usr/local/bin/vmwrap", config: 
         offer=", ".join(catalog.offered()) or "none",
         vmwrap_cmd=vmwrap_command(vmwrap, config), default_image=default_image, active_file=active_file,
         marker=MARKER, max_cpus=directives.MAX_CPUS, max_memory_mib=directives.MAX_MEMORY_MIB, min_memory_mib=directives.MIN_MEMORY_MIB,
+        max_duration_s=directives.MAX_DURATION_S,
+        min_checkpoint_every_s=math.ceil(Settings.checkpoint_min_every_s if min_checkpoint_every_s is None
+                                         else min_checkpoint_every_s),
         request_prefix=wire.PREFIX, request_format=wire.lua_format(), request_fields=", ".join(wire.FIELDS),
         user_separator=wire.USER_SEPARATOR)
 
@@ -106,7 +112,8 @@ def render_config(settings, lua_out: str | None = None, vmwrap_path: str = "/usr
     if not os.path.isdir(out_dir):
         raise UserError(f"cannot write the Lua filter to {lua_out}: directory {out_dir} does not exist")
     active = os.path.join(out_dir, "vmwrap-active.lua")
-    lua = render_lua(cat, vmwrap_path, node_config, default_image, active_file=active)
+    lua = render_lua(cat, vmwrap_path, node_config, default_image, active_file=active,
+                     min_checkpoint_every_s=settings.checkpoint_min_every_s)
     tmp = f"{lua_out}.tmp.{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(lua)

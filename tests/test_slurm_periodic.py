@@ -1,0 +1,209 @@
+"""Periodic checkpoints on real Slurm (issue 20): `#VMWRAP --checkpoint-every` saves the running VM into
+the shared store while the job goes on; after its node crashes the requeued job continues from the last
+checkpoint on another node, every value exactly once; a save into a full store leaves the job running
+and the last good checkpoint intact; an interval below the site's minimum is refused at submit.
+
+Real Slurm 22.05 (3 nodes), real libvirtd, QEMU guests and node agents; the crash is real SIGKILLs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.slurm_cluster import NODES
+from harness.slurm_jobs import FINAL, module_cluster, submit, values, wait_for
+from harness.slurm_jobs import jobdir as new_jobdir
+from vmwrap.ledger import Ledger
+
+pytestmark = pytest.mark.vm
+EVERY = 5    # s: the job's interval, the site's minimum
+N = 24
+# The guest counts in its shell's memory and appends each value to a work dir file: after a restore the
+# count goes on (values before the checkpoint are not computed again, the file shows each once).
+COUNTER = ("#!/bin/sh\n#VMWRAP --image=busybox --memory=128M\n{extra}"
+           f"i=0; while [ $i -lt {N} ]; do i=$((i+1)); echo n=$i; echo $i >> progress; sleep 1; done\n")
+
+
+@pytest.fixture(scope="module")
+def cluster(appliance, virt_type, test_user):
+    with module_cluster("periodic", appliance, virt_type, checkpoint_min_every_s=float(EVERY)) as c:
+        yield c
+
+
+@pytest.fixture
+def jobdir(cluster, test_user):
+    return new_jobdir(cluster, test_user)
+
+
+def output(d: Path, job: str) -> str:
+    p = d / f"slurm-{job}.out"
+    return p.read_text(errors="replace") if p.exists() else ""
+
+
+def events(cluster, job: str, node: str | None = None) -> list[dict]:
+    return [e for n in ([node] if node else NODES) for e in Ledger(cluster.node_dir(n) / "state" / "ledger.sqlite").events(job)]
+
+
+def named(evs: list[dict], name: str) -> list[dict]:
+    return [e for e in evs if e["event"] == name]
+
+
+def node_of(cluster, job: str) -> str:
+    def where():
+        info = cluster.job(job)
+        return info.get("JobState") == "RUNNING" and info.get("NodeList") in NODES and info["NodeList"]
+    return wait_for(where, f"job {job} to run on a node", timeout=300)
+
+
+def drained(cluster) -> list[str]:
+    r = cluster.run("sinfo", "-h", "-N", "-o", "%N %T %E")
+    return [ln for ln in r.stdout.splitlines() if "drain" in ln.lower() or "down" in ln.lower()]
+
+
+def qemu_pid(job: str) -> int | None:
+    r = subprocess.run(["pgrep", "-f", f"guest=vmwrap-{job},"], capture_output=True, text=True)
+    return int(r.stdout.split()[0]) if r.returncode == 0 and r.stdout.split() else None
+
+
+def _pids(pattern: str) -> list[int]:
+    return [int(p) for p in subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True).stdout.split()]
+
+
+def _tree(pids: list[int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for st in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            f = st.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(f[1]), []).append(int(st.parent.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    out, todo = set(), list(pids)
+    while todo:
+        p = todo.pop()
+        if p not in out:
+            out.add(p)
+            todo += children.get(p, [])
+    return out
+
+
+def store(cluster) -> Path:
+    return cluster.base / "checkpoints"
+
+
+@pytest.mark.timeout(400)
+def test_a_job_with_periodic_checkpoints_runs_through_with_the_same_output(cluster, jobdir):
+    plain_dir = jobdir / "plain"
+    plain_dir.mkdir()
+    os.chown(plain_dir, jobdir.stat().st_uid, jobdir.stat().st_gid)
+    ckpt = submit(cluster, jobdir, COUNTER.format(extra=f"#VMWRAP --checkpoint-every={EVERY}s\n"), "-w", "c1")
+    plain = submit(cluster, plain_dir, COUNTER.format(extra=""), "-w", "c2")
+    for job, d in ((ckpt, jobdir), (plain, plain_dir)):
+        info = cluster.wait_state(job, FINAL, timeout=300)
+        assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), (info, output(d, job))
+    assert output(jobdir, ckpt) == output(plain_dir, plain) == "".join(f"n={i}\n" for i in range(1, N + 1))
+    saves = named(events(cluster, ckpt, "c1"), "checkpointed")
+    assert len(saves) >= 2, [e["detail"] for e in named(events(cluster, ckpt, "c1"), "checkpoint_failed")]
+    assert all(0 < s["detail"]["pause_s"] < 5 for s in saves), saves
+    assert not named(events(cluster, plain, "c2"), "checkpointed")
+    wait_for(lambda: not (store(cluster) / ckpt).exists(), "the ended job's checkpoint to be deleted", timeout=60)
+    assert not drained(cluster)
+
+
+@pytest.mark.timeout(600)
+def test_after_its_node_crashes_the_job_continues_elsewhere_from_its_last_checkpoint(cluster, jobdir, test_user):
+    job = submit(cluster, jobdir, COUNTER.format(extra=f"#VMWRAP --checkpoint-every={EVERY}s\n"), "--requeue")
+    node = node_of(cluster, job)
+    wait_for(lambda: named(events(cluster, job, node), "checkpointed"), "a first periodic checkpoint", timeout=300)
+    wait_for(lambda: len(values(output(jobdir, job))) >= 12, "the job to count on after it", timeout=120)
+    slurmd = ["slurmd", "-D", "-N", node, "-f", str(cluster.conf)]
+    victims = _tree(_pids(" ".join(slurmd)) + _pids(rf"slurmstepd: \[{job}\.") + _pids(f"/state/jobs/{job}/")
+                    + [qemu_pid(job)])
+    for p in victims:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    wait_for(lambda: qemu_pid(job) is None, "QEMU to die", timeout=30)
+    before = len(values(output(jobdir, job)))
+    # What slurmctld does once the node stays silent for SlurmdTimeout: down, its jobs requeued.
+    r = cluster.run("scontrol", "update", f"nodename={node}", "state=down", "reason=crashed")
+    assert r.returncode == 0, r.stderr
+    try:
+        info = cluster.wait_state(job, FINAL, timeout=400)
+        out = output(jobdir, job)
+        assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), (info, out)
+        assert values(out) == list(range(1, N + 1)), out          # every value exactly once
+        new = info["NodeList"]
+        assert new != node
+        assert named(events(cluster, job, new), "restored"), events(cluster, job, new)
+        done = [int(v) for v in (jobdir / "progress").read_text().split()]
+        # Resumed, not started again: the values before the checkpoint were computed once; those
+        # after it (at most an interval and the crash's moment) twice.
+        assert done.count(1) == 1 and sorted(set(done)) == list(range(1, N + 1)), done
+        again = len(done) - N
+        assert 0 <= again <= EVERY + 4 and again <= before, (done, before)
+    finally:
+        cluster.procs.append(subprocess.Popen(slurmd, env={k: v for k, v in cluster.env.items() if k != "VMWRAP_CONFIG"},
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                              start_new_session=True))
+        time.sleep(2)
+        cluster.run("scontrol", "update", f"nodename={node}", "state=resume")
+    # The crashed node's leftovers go with its repair pass; the store keeps nothing of the ended job.
+    env = dict(cluster.env, PATH=os.environ["PATH"])
+    env.pop("VMWRAP_CONFIG", None)
+    r = subprocess.run(["vmwrap", "--config", str(cluster.base / f"vmwrap-{node}.toml"), "reconcile", "slurm", "--once"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: not (cluster.node_dir(node) / "state" / "jobs" / job).exists(), "the crashed run dir to go")
+    wait_for(lambda: not any(p.name.startswith(job) for p in store(cluster).iterdir()), "the checkpoint to go", timeout=60)
+    wait_for(lambda: not drained(cluster), f"{node} back in service", timeout=120)
+
+
+@pytest.mark.timeout(400)
+def test_a_periodic_save_into_a_full_store_keeps_the_job_and_the_last_checkpoint(cluster, jobdir):
+    from vmwrap.checkpoint import Store
+
+    # The shared store on a small file system of its own (filled up below, never the host's disk).
+    store(cluster).mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m,mode=0700", "vmwrap-periodic-store", str(store(cluster))],
+                   check=True)
+    try:
+        _full_store(cluster, jobdir, Store(store(cluster), cluster.base / "checkpoint.key"))
+    finally:
+        subprocess.run(["umount", str(store(cluster))], check=True)
+
+
+def _full_store(cluster, jobdir, st) -> None:
+    job = submit(cluster, jobdir, COUNTER.format(extra=f"#VMWRAP --checkpoint-every={EVERY}s\n"), "-w", "c2")
+    first = wait_for(lambda: named(events(cluster, job, "c2"), "checkpointed"), "a first checkpoint", timeout=300)
+    created = st.verify(job)["created"]
+    # The shared storage fills up: the next saves fail.
+    filler = store(cluster) / ".filler"
+    subprocess.run(["fallocate", "-l", str(os.statvfs(store(cluster)).f_bavail * os.statvfs(store(cluster)).f_frsize
+                                           - (1 << 20)), str(filler)], check=True)
+    try:
+        wait_for(lambda: named(events(cluster, job, "c2"), "checkpoint_failed"), "a failed periodic save", timeout=120)
+        assert st.verify(job)["created"] == created     # the last good checkpoint, whole and authentic
+        assert len(named(events(cluster, job, "c2"), "checkpointed")) == len(first)
+    finally:
+        filler.unlink()
+    info = cluster.wait_state(job, FINAL, timeout=300)
+    out = output(jobdir, job)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), (info, out)
+    assert values(out) == list(range(1, N + 1)), out
+    assert not drained(cluster)
+    wait_for(lambda: not (store(cluster) / job).exists(), "the ended job's checkpoint to be deleted", timeout=60)
+
+
+def test_an_interval_below_the_site_minimum_is_refused_at_submit(cluster, jobdir):
+    r = cluster.sbatch(COUNTER.format(extra="#VMWRAP --checkpoint-every=2s\n"), user="vmwrapuser", cwd=jobdir)
+    assert r.returncode != 0
+    assert f"--checkpoint-every=2s is below this site's minimum of {EVERY}s (checkpoint_min_every_s)" in r.stderr, r.stderr
+    r = cluster.sbatch(COUNTER.format(extra="#VMWRAP --checkpoint-every=soon\n"), user="vmwrapuser", cwd=jobdir)
+    assert r.returncode != 0 and "--checkpoint-every=soon: not a duration" in r.stderr, r.stderr
