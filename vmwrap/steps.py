@@ -10,8 +10,9 @@ private unix socket (0700 dir, peer uid checked, per-step random token) and the 
 command with the task's SLURM_* environment; its output goes back through the scheduler's own I/O.
 Only the host's processes talk to a scheduler, so this works the same across real hosts.
 
-One step at a time per VM (the guest port opens once); a step in flight when the VM is saved for a
-requeue ends with the job's batch step (its srun is killed with the job), as on a bare node.
+One step at a time per VM (the guest port opens once). A step in flight when the VM is saved for a
+requeue ends with the job's batch step (its srun is killed with the job); the restored job's payload
+says B(ye) on connecting and the guest's waiting shim exits 1 with a message.
 Everything from the guest is hostile: frames are bounded (FRAME_MAX), resynchronised on garbage, and
 carry no host path; the guest's argv only reaches the plugin's validator and srun's argv (no shell).
 """
@@ -168,6 +169,7 @@ class StepServer(threading.Thread):
     def _serve(self) -> None:
         if not self._connect():
             return
+        self._to_guest(b"B", 0, 0)  # a shim still waiting from before a save/restore: its step is gone
         self.sel.register(self.guest, selectors.EVENT_READ, "guest")
         self.sel.register(self.listener, selectors.EVENT_READ, "listen")
         while not self._stop.is_set():

@@ -208,6 +208,10 @@ int main(int argc, char **argv) {
         } else if (pf[0].revents & (POLLHUP | POLLERR)) nap(50);
         char type; uint32_t step; int task; unsigned char *data; size_t len;
         while (next_frame(&type, &step, &task, &data, &len)) {
+            if (type == 'B' && cmd_index > 0) {  /* a new payload: this VM was restored while the step ran */
+                fprintf(stderr, "srun: error: vmwrap: the step was lost: the job's VM was saved and restored while it ran\n");
+                return 1;
+            }
             if (step != step_id) { consume(len); continue; }   /* an earlier step's leftovers */
             char text[64] = {0};
             memcpy(text, data, len < sizeof text - 1 ? len : sizeof text - 1);

@@ -1,0 +1,139 @@
+"""`srun` inside a vmwrap job's VM runs real Slurm steps (vmwrap/steps.py, vmwrap-srun.c).
+
+Real Slurm 22.05 (3 nodes, slurmdbd for sacct), real VMs. The same script runs bare and in a VM: its
+output, exit codes and the steps sacct records must match. Jobs of a test are submitted together.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from harness.slurm_jobs import jobdir as make_jobdir
+from harness.slurm_jobs import module_cluster, submit, values, wait_for
+
+pytestmark = pytest.mark.vm
+VM = "#VMWRAP --image=busybox\n"
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+
+STEPS = """\
+echo before
+srun sh -c 'echo "step $SLURM_JOB_ID.$SLURM_STEP_ID proc $SLURM_PROCID of $SLURM_NTASKS"; echo to-err >&2; exit 3'
+echo "rc=$?"
+srun false; echo "rc=$?"
+srun -n 2 -l sh -c 'echo "task $SLURM_PROCID"'
+echo "rc=$?"
+srun sh -c 'kill -9 $$'; echo "rc=$?"
+x=$(srun echo captured); echo "got $x"
+echo after
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(appliance, virt_type, test_user):
+    with module_cluster("steps", appliance, virt_type, accounting=True) as c:
+        yield c
+
+
+@pytest.fixture
+def jobdir(cluster, test_user):
+    return make_jobdir(cluster, test_user)
+
+
+def done(cluster, job, timeout=180):
+    try:
+        return cluster.wait_state(job, FINAL, timeout)
+    except AssertionError:  # what the job wrote so far says where it stopped
+        for f in sorted(cluster.base.glob("work/*/*")):
+            print("==", f, f.read_text(errors="replace")[-3000:] if f.is_file() else "")
+        raise
+
+
+def steps(cluster, job):
+    """sacct's steps of a job: {suffix: (name, state, exit code)} once the job's record is final."""
+    def read():
+        out = cluster.run("sacct", "-n", "-P", "-j", job, "-o", "JobID,JobName,State,ExitCode").stdout
+        rows = {f[0].partition(".")[2] or "job": tuple(f[1:]) for f in (ln.split("|") for ln in out.splitlines() if ln)}
+        return rows if rows.get("job", ("", "RUNNING"))[1] not in ("RUNNING", "PENDING", "") else None
+    return wait_for(read, f"sacct to record job {job}", timeout=30)
+
+
+def normal(text: str, job: str) -> list[str]:
+    """Lines with the job id and node name taken out; srun's two task lines sorted (their order is free)."""
+    text = re.sub(rf"\b{job}\.", "JOB.", text)
+    text = re.sub(r"\bc[1-3]\b", "NODE", text)
+    return sorted(text.splitlines())
+
+
+def order(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.startswith(("before", "rc=", "got", "after"))]
+
+
+def test_srun_steps_match_a_bare_job(cluster, jobdir):
+    bare = submit(cluster, jobdir, "#!/bin/sh\n" + STEPS, "-n", "2", "-e", str(jobdir / "bare-%j.err"))
+    vm = submit(cluster, jobdir, "#!/bin/sh\n" + VM + STEPS, "-n", "2", "-e", str(jobdir / "vm-%j.err"))
+    for job in (vm, bare):
+        assert done(cluster, job, 60)["JobState"] == "COMPLETED"
+    out = {j: (jobdir / f"slurm-{j}.out").read_text() for j in (bare, vm)}
+    err = {j: (jobdir / f"{k}-{j}.err").read_text() for j, k in ((bare, "bare"), (vm, "vm"))}
+    # in order, as the script wrote them (the job has 2 tasks: each step runs 2, as bare)
+    assert order(out[vm]) == order(out[bare]) == ["before", "rc=3", "rc=1", "rc=0", "rc=137", "got captured", "after"]
+    assert "step JOB.0 proc 1 of 2" in normal(out[vm], vm)
+    assert normal(out[vm], vm) == normal(out[bare], bare)
+    assert normal(err[vm], vm) == normal(err[bare], bare), (err[vm], err[bare])
+    assert "to-err" in err[vm] and "srun: error: NODE: tasks 0-1: Exited with exit code 3" in normal(err[vm], vm)
+    # sacct: the same steps, names, states and exit codes as bare
+    bare_steps, vm_steps = steps(cluster, bare), steps(cluster, vm)
+    assert {k: v for k, v in vm_steps.items() if k != "job"} == {k: v for k, v in bare_steps.items() if k != "job"}
+    assert vm_steps["0"] == ("sh", "FAILED", "3:0") and vm_steps["1"] == ("false", "FAILED", "1:0")
+    assert {"0", "1", "2", "3", "4", "batch"} <= set(vm_steps)
+
+
+def test_concurrent_steps_run_one_at_a_time_and_bad_options_are_refused(cluster, jobdir):
+    job = submit(cluster, jobdir, "#!/bin/sh\n" + VM +
+                 "srun sh -c 'sleep 2; echo slow' & srun sh -c 'echo fast' & wait\necho waited\n"
+                 "srun -o /etc/passwd echo x; echo rc=$?\n"
+                 "srun -N 2 echo x; echo rc=$?\n", "-e", str(jobdir / "err"))
+    assert done(cluster, job)["JobState"] == "COMPLETED"
+    out, err = (jobdir / f"slurm-{job}.out").read_text(), (jobdir / "err").read_text()
+    assert sorted(out.splitlines()[:2]) == ["fast", "slow"] and out.splitlines()[2:] == ["waited", "rc=1", "rc=1"]
+    assert "another step is running in this VM; waiting for it" in err
+    assert "srun option '-o' is not supported inside a vmwrap VM" in err
+    assert "invalid value '2' for --nodes (a vmwrap job has one VM on one node)" in err
+
+
+def test_hostile_bytes_on_the_step_port_are_ignored(cluster, jobdir):
+    job = submit(cluster, jobdir, "#!/bin/sh\n" + VM +
+                 "for p in /sys/class/virtio-ports/*; do [ \"$(cat $p/name)\" = org.vmwrap.steps ] && dev=/dev/${p##*/}; done\n"
+                 "head -c 300000 /dev/urandom > $dev\n"
+                 "printf 'VWS1Q\\000\\000\\000\\001\\000\\000\\377\\377\\377\\377' > $dev\n"
+                 "head -c 200000 /dev/zero > $dev\n"
+                 "srun echo still-works; echo rc=$?\n", "-e", str(jobdir / "err"))
+    assert done(cluster, job)["JobState"] == "COMPLETED"
+    assert (jobdir / f"slurm-{job}.out").read_text() == "still-works\nrc=0\n"
+    assert "malformed bytes on the VM's step port" in (jobdir / "err").read_text()
+
+
+def test_steps_still_run_after_the_vm_was_saved_and_restored(cluster, jobdir):
+    job = submit(cluster, jobdir, "#!/bin/sh\n" + VM + "srun echo first\n"
+                 "i=0; while [ $i -lt 12 ]; do i=$((i+1)); echo n=$i; sleep 1; done\nsrun echo second\n",
+                 "-p", "requeue")
+    out = jobdir / f"slurm-{job}.out"
+    wait_for(lambda: out.exists() and len(values(out.read_text())) >= 3, "the job to count to 3")
+    assert cluster.run("scontrol", "requeue", job).returncode == 0
+    info = done(cluster, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
+    text = out.read_text()
+    assert text.startswith("first\n") and text.endswith("n=12\nsecond\n") and values(text) == list(range(1, 13)), text
+
+
+def test_a_step_in_flight_at_a_requeue_fails_cleanly_after_the_restore(cluster, jobdir):
+    job = submit(cluster, jobdir, "#!/bin/sh\n" + VM + "srun sh -c 'echo started; sleep 25; echo slept'\n"
+                 "echo rc=$?\necho end\n", "-p", "requeue", "-e", str(jobdir / "err"))
+    out = jobdir / f"slurm-{job}.out"
+    wait_for(lambda: out.exists() and "started" in out.read_text(), "the step to start")
+    assert cluster.run("scontrol", "requeue", job).returncode == 0
+    info = done(cluster, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
+    assert out.read_text().endswith("rc=1\nend\n") and "slept" not in out.read_text(), out.read_text()
