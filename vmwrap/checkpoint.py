@@ -44,6 +44,9 @@ from .job import Job
 
 FILES = ("memory.save", "overlay.qcow2", "share.json", "stdout", "stderr", "status", "job.json")
 STREAMS = ("stdout", "stderr", "status")
+# How big the job's output files were when `delivered` was recorded (periodic checkpoints): a restart
+# after a crash cuts them back to these sizes (vmwrap/periodic.py).
+OUTPUT_SIZES = ("stdout_size", "stderr_size")
 VERSION = 2
 KEY_FILE = "/etc/vmwrap/checkpoint.key"
 QEMU_IMG = "/usr/bin/qemu-img"
@@ -649,7 +652,7 @@ def _delivered(run_dir: Path) -> dict[str, int]:
         return {}
     if not isinstance(raw, dict):
         return {}
-    return {k: v for k, v in raw.items() if k in STREAMS and type(v) is int and 0 <= v < 1 << 62}
+    return {k: v for k, v in raw.items() if k in STREAMS + OUTPUT_SIZES and type(v) is int and 0 <= v < 1 << 62}
 
 
 def _save_by(dom, path: str, flags: int, deadline: float | None) -> None:
@@ -786,7 +789,7 @@ def restore(job_id: str, run_dir: Path, store: Store, conn, job: Job, paths: dic
     if spec.disk and fmt not in ("qcow2", "raw"):
         raise CheckpointError(f"checkpoint of job {job_id}: unknown disk format {fmt!r}")
     delivered = meta.get("delivered", {})
-    if not isinstance(delivered, dict) or not all(k in STREAMS and type(v) is int and v >= 0
+    if not isinstance(delivered, dict) or not all(k in STREAMS + OUTPUT_SIZES and type(v) is int and v >= 0
                                                   for k, v in delivered.items()):
         raise CheckpointError(f"checkpoint of job {job_id}: unusable delivered offsets")
     try:

@@ -60,6 +60,10 @@ class Settings:
     # HMAC key authenticating checkpoints (root-owned, mode 0600/0400, the same file on every node):
     # a restore refuses a checkpoint whose manifest it did not sign (docs/checkpoint.md).
     checkpoint_key_file: str = "/etc/vmwrap/checkpoint.key"
+    # Periodic checkpoints (vmwrap/periodic.py): the interval of a job that gives no
+    # --checkpoint-every (0: none), and the shortest one a job may ask for (refused at submit below it).
+    checkpoint_every_s: float = 0.0
+    checkpoint_min_every_s: float = field(default=300.0, metadata=POSITIVE)
     # The gap planner (`vmwrap plan`, docs/plan.md): off until enabled; jobs already in a gap are
     # always saved in time, enabled or not.
     plan_enabled: bool = False
@@ -189,6 +193,9 @@ def load(path: str | None = None, from_env: bool = True) -> Settings:
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise NodeError(f"cannot read vmwrap config {path}: {e}") from None
     s = Settings(**checked(data, path))
+    if 0 < s.checkpoint_every_s < s.checkpoint_min_every_s:
+        raise NodeError(f"{path}: checkpoint_every_s must be 0 (off) or at least checkpoint_min_every_s "
+                        f"({s.checkpoint_min_every_s:g}), got {s.checkpoint_every_s:g}")
     if root:
         check_root_owned(s.catalog, "vmwrap catalog")
     return s

@@ -88,6 +88,7 @@ class Attachment:
         self.offsets = {rundir.STDOUT: 0, rundir.STDERR: 0}  # bytes of each stream already delivered
         self.detached = False
         self.killed_by: int | None = None  # the signal that ended the job inside the guest
+        self.checkpoint_every: int | None = None  # s between periodic checkpoints (vmwrap/periodic.py)
 
     def _record(self, event: str, **kw) -> None:
         if self.ledger is not None:
@@ -127,22 +128,47 @@ class Attachment:
 
     def _resume_streams(self, delivered: dict[str, int]) -> None:
         """Continue each stream where the previous run's step stopped delivering it. If the scheduler
-        truncated the output file on restart (it is empty now), deliver everything again instead."""
+        truncated the output file on restart (it is empty now), deliver everything again instead; if it
+        holds more than when the checkpoint was taken (the node crashed after it: a periodic
+        checkpoint), cut it back to that size, so that nothing is delivered twice."""
         for name, fd in ((rundir.STDOUT, self.out_fd), (rundir.STDERR, self.err_fd)):
             off = int(delivered.get(name, 0))
+            size = delivered.get(f"{name}_size")
             try:
                 st = os.fstat(fd)
                 if stat.S_ISREG(st.st_mode) and st.st_size == 0:
                     off = 0
+                elif stat.S_ISREG(st.st_mode) and type(size) is int and 0 <= size < st.st_size:
+                    os.ftruncate(fd, size)
+                    os.lseek(fd, size, os.SEEK_SET)
             except OSError:
                 pass
             self.offsets[name] = off
 
     def _save_offsets(self) -> None:
+        """Record how much of each stream was delivered, and how big the output files are with it."""
+        sizes = {}
+        for name, fd in ((rundir.STDOUT, self.out_fd), (rundir.STDERR, self.err_fd)):
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode):
+                    sizes[f"{name}_size"] = st.st_size
+            except OSError:
+                pass
         try:
             _write_private(rundir.user_dir(self.run_dir) / rundir.DELIVERED,
-                           json.dumps(self.offsets).encode(), 0o600)
+                           json.dumps({**self.offsets, **sizes}).encode(), 0o600)
         except OSError:
+            pass
+
+    def _checkpoint(self) -> None:
+        """Ask the node agent for a periodic checkpoint of the running VM (the caller delivered what
+        the guest wrote and recorded it). A failure is the agent's ledger's: the job runs on."""
+        from . import agent, periodic
+
+        try:
+            agent.request(self.settings, "checkpoint", self.job_id, timeout=periodic.SAVE_TIMEOUT)
+        except (NodeError, TypeError):
             pass
 
     def _gone(self) -> bool:
@@ -160,6 +186,7 @@ class Attachment:
         term_deadline = kill_deadline = None
         paused = False
         retry_resume = None   # when to ask again for a resume the node agent could not do (it restarts)
+        next_checkpoint = time.monotonic() + self.checkpoint_every if self.checkpoint_every else None
         last_check = 0.0
         status_f = None
 
@@ -232,6 +259,14 @@ class Attachment:
                 retry_resume = now + RESUME_RETRY_S if paused else None
                 if not paused:
                     write_all(self.err_fd, b"vmwrap: the VM resumed\n")
+            if (next_checkpoint is not None and now >= next_checkpoint and not paused and exit_code is None
+                    and term_deadline is None and not self._signals):
+                for name, fd in pending.items():
+                    pump(name, fd)
+                self._save_offsets()
+                self._checkpoint()
+                now = time.monotonic()
+                next_checkpoint = now + self.checkpoint_every
             if term_deadline and now > term_deadline and kill_deadline is None:
                 self.control.send("KILL")
                 kill_deadline = now + 2.0
@@ -355,6 +390,10 @@ def attach(run_dir: Path, job_id: str, script: str, environment: dict[str, str],
         write_all(2, notice)
     att = Attachment(Path(run_dir), job_id, grace=grace, settings=settings)
     att.requeued = requeued
+    if settings is not None:
+        from . import periodic
+
+        att.checkpoint_every = periodic.interval(script, settings)
     att.install_signal_handlers()
     from . import steps as job_steps
 
