@@ -189,3 +189,27 @@ def test_a_closed_pipe_is_not_reported_as_a_mistake():
             listing()
         with pytest.raises(click.ClickException, match="^/nonexistent/cache: No such file or directory$"):
             unusable()
+
+
+def test_teardown_with_libvirt_unreachable_says_so_and_exits_as_a_node_fault(good_site, capsys):
+    """Libvirt down at teardown used to be silent ("42: removed", exit 0) though the VM may still run."""
+    from vmwrap import launcher
+    from vmwrap.ledger import Ledger
+    from vmwrap.payload import EXIT_NODE
+
+    tmp, base = good_site
+    (tmp / "site.toml").write_text(config.render({**base, "libvirt_uri": BAD_URI}))
+    (tmp / "state" / "jobs" / "42").mkdir(parents=True)
+    r = CliRunner().invoke(main, ["--config", str(tmp / "site.toml"), "teardown", "42"])
+    assert r.exit_code == EXIT_NODE and r.stdout == "", (r.output, r.exception)
+    [line] = r.stderr.splitlines()
+    assert line.startswith("Error: job 42: its VM vmwrap-42 was not destroyed") and "cannot connect to libvirt" in line
+    s = config.load(str(tmp / "site.toml"))
+    [ev] = [e for e in Ledger(s.ledger_path).events("42") if e["event"] == "failed"]
+    assert ev["detail"]["kind"] == "node" and ev["detail"]["stage"] == "teardown"
+    # From the lifecycle's own callers (no raise): the same line on stderr, the files still go.
+    (tmp / "state" / "jobs" / "43").mkdir()
+    assert launcher.teardown("43", s) is True
+    err = capsys.readouterr().err
+    assert "vmwrap teardown: job 43: its VM vmwrap-43 was not destroyed" in err and "cannot connect to libvirt" in err
+    assert not (tmp / "state" / "jobs" / "43").exists()

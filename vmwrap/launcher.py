@@ -315,22 +315,27 @@ def _clear_run_dir(run_dir: Path, keep: str | None = None) -> None:
 
 
 def teardown(job_id: str, settings: Settings, conn=None, ledger: Ledger | None = None,
-             cache: Cache | None = None, keep_error: bool = False, keep_evidence: bool = True) -> bool:
+             cache: Cache | None = None, keep_error: bool = False, keep_evidence: bool = True,
+             raise_unreachable: bool = False) -> bool:
     """Destroy the job's VM and remove every per-job file and pin. Idempotent; safe from an epilog.
 
     A guest that died without an exit status leaves its console tail and timeline in
-    `<state_dir>/failed/<job>.<time>/` first (`keep_evidence=False` when the VM was saved on purpose)."""
+    `<state_dir>/failed/<job>.<time>/` first (`keep_evidence=False` when the VM was saved on purpose).
+    Libvirt unreachable: the files still go, but never silently (its VM may still run): a `failed`
+    (kind node) ledger record, and a line on stderr or, with `raise_unreachable`, a NodeError at the end."""
     name = rundir.domain_name(job_id)
     did = False
     own_conn = conn is None
     run_dir = rundir.path(settings, job_id)
+    unreachable = None
     try:
         if conn is None:
             conn = domain.connect(settings.libvirt_uri)
         gone_by_itself = domain.is_gone(conn, name)
         did = domain.destroy(conn, name)
-    except NodeError:
+    except NodeError as e:
         gone_by_itself = False  # libvirtd down: nothing we can destroy now; files still go
+        unreachable = f"job {job_id}: its VM {name} was not destroyed (it may still run): {e}"
     finally:
         if own_conn and conn is not None:
             conn.close()
@@ -351,4 +356,13 @@ def teardown(job_id: str, settings: Settings, conn=None, ledger: Ledger | None =
     (cache or Cache(settings.cache_dir, settings.cache_max_bytes)).unpin_job(job_id)
     if did:
         (ledger or Ledger(settings.ledger_path)).record(job_id, name, "destroyed")
+    if unreachable is not None:
+        try:
+            (ledger or Ledger(settings.ledger_path)).record(job_id, name, "failed", kind="node", stage="teardown",
+                                                            message=unreachable)
+        except Exception as e:  # noqa: BLE001 (accounting only: the message below must still go out)
+            unreachable += f" (not in the ledger: {e})"
+        if raise_unreachable:
+            raise NodeError(unreachable)
+        print(f"vmwrap teardown: {unreachable}", file=sys.stderr)
     return did

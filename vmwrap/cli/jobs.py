@@ -58,10 +58,19 @@ def run(script, job_id, user, workdir, image, cpus, memory_mib, scheduler):
 @click.argument("job_id")
 @friendly_oserrors
 def teardown(job_id: str) -> None:
-    """Destroy JOB_ID's VM and remove its files (idempotent; for epilogs and admins)."""
+    """Destroy JOB_ID's VM and remove its files (idempotent; for epilogs and admins).
+
+    Libvirt unreachable (the VM may still run) is a node problem: one error line and exit 69, as
+    `vmwrap run` exits for a node fault, so an epilog can tell it from a job's failure."""
+    from ..errors import NodeError
     from ..job import Job
     from ..launcher import teardown as do_teardown
+    from ..payload import EXIT_NODE
 
     Job(job_id=job_id, scheduler="none", user="root", uid=0, gid=0, work_dir="/", script="")  # validates id
-    did = do_teardown(job_id, site_settings())
+    try:
+        did = do_teardown(job_id, site_settings(), raise_unreachable=True)
+    except NodeError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(EXIT_NODE)
     click.echo(f"{job_id}: {'removed' if did else 'nothing to remove'}")
