@@ -41,8 +41,9 @@ def start_munge() -> None:
 
 class Cluster:
     def __init__(self, base: Path, site_config: dict, extra_conf: str = "", accounting: bool = False,
-                 prestage: bool = False, node_config: dict | None = None):
+                 prestage: bool = False, node_config: dict | None = None, prolog_timeout: int = 120):
         self.base = base
+        self.prolog_timeout = prolog_timeout  # PrologEpilogTimeout (s): short for the prolog-timeout test
         self.conf = base / "slurm.conf"
         self.procs: list[subprocess.Popen] = []
         self.site_config = site_config
@@ -118,7 +119,7 @@ JobSubmitPlugins=lua
 Prolog={hooks}/prolog
 Epilog={hooks}/epilog
 PrologFlags=Alloc
-PrologEpilogTimeout=120
+PrologEpilogTimeout={self.prolog_timeout}
 KillWait=10
 MinJobAge=600
 InactiveLimit=0

@@ -201,6 +201,17 @@ class Cache:
         for e in self.entries():
             if e.sha256 not in keep and not e.pins and self.evict(e.sha256):
                 gone.append(e.sha256)
+        gone += self.clear_crashed_fetches()
+        for d in (self.root / "pins").iterdir():
+            if not any(d.iterdir()):
+                d.rmdir()
+        return gone
+
+    def clear_crashed_fetches(self) -> list[str]:
+        """Remove the partial downloads and size reservations of fetches whose process died (a prolog
+        killed by its scheduler's timeout, a node crash): a live fetch holds its blob's lock. A stale
+        reservation would count against the cache bound for ever. Returns what went."""
+        gone = []
         for p in list((self.root / "tmp").iterdir()) + list((self.root / "reserve").iterdir()):
             sha = p.name.split(".")[0]
             with open(self.root / "locks" / sha, "a") as f:
@@ -213,9 +224,6 @@ class Cache:
                     gone.append(str(p.relative_to(self.root)))
                 finally:
                     fcntl.flock(f, fcntl.LOCK_UN)
-        for d in (self.root / "pins").iterdir():
-            if not any(d.iterdir()):
-                d.rmdir()
         return gone
 
     # -- internals ---------------------------------------------------------

@@ -40,6 +40,10 @@ class Settings:
     libvirt_uri: str = "qemu:///system"
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     grace_seconds: float = 30.0
+    # The scheduler's timeout for the root prolog (Slurm's PrologEpilogTimeout, Torque's $prologalarm);
+    # 0: none known. The prolog then gives up a start (image fetch, restore) in time, fails just the job
+    # with the reason and leaves nothing behind, instead of being killed mid-way (docs/admin-guide.md).
+    prolog_timeout_s: float = 0.0
     verify_on_use: bool = False
     default_memory_mib: int = field(default=256, metadata=POSITIVE)
     default_cpus: int = field(default=1, metadata=POSITIVE)

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -52,6 +55,41 @@ def _say(hook: str, text: str) -> None:
     print(f"vmwrap {hook}: {text}", file=sys.stderr)
 
 
+class PrologTimeout(CacheFullError):
+    """The start would overrun the scheduler's prolog timeout (a slow image source, a long restore).
+
+    Like a busy cache, a passing condition of a healthy node: the job fails with the reason and
+    nothing of it stays; the scheduler never kills the prolog mid-way, which would leave a fetch's
+    pieces behind and drain the node (Slurm: "Prolog error") for what a slow server did."""
+
+
+def prolog_budget(timeout_s: float) -> float:
+    """Seconds the prolog's own work may take within the scheduler's `timeout_s` (0: no limit): the
+    rest (15 s, or a fifth of a short timeout) is kept for failing the job and cleaning up."""
+    return max(timeout_s - min(15.0, timeout_s / 5), 0.5) if timeout_s > 0 else 0.0
+
+
+@contextmanager
+def _deadline(seconds: float, job_id: str, timeout_s: float):
+    """Raise PrologTimeout in the prolog's (main) thread once `seconds` have passed; 0: never."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ring(_signum, _frame):
+        raise PrologTimeout(f"starting job {job_id}'s VM did not finish within {seconds:g} s of the scheduler's "
+                            f"{timeout_s:g} s prolog timeout (a slow image source or checkpoint store?); "
+                            "the job is failed instead of the node")
+
+    old = signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], scheduler: str,
           settle: float = 0.0) -> Outcome:
     """The prolog: boot the job's VM, or restore it when the scheduler restarts a saved job.
@@ -59,9 +97,18 @@ def start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], s
     `read_job()` is the adapter's translation of its hook environment (None: not a VM job); what it
     raises counts like any other error here. `settle`: how long the scheduler may start a restarted
     job before the epilog of its previous run has saved the VM (Grid Engine's `qmod -rj` does not
-    wait for the old run); a restart waits up to that long for a checkpoint newer than its last start."""
+    wait for the old run); a restart waits up to that long for a checkpoint newer than its last start.
+    With `prolog_timeout_s` set, the work stops in time (PrologTimeout) and just the job fails."""
     try:
-        return _start(settings, job_id, read_job, scheduler, settle)
+        with _deadline(prolog_budget(settings.prolog_timeout_s), job_id, settings.prolog_timeout_s):
+            return _start(settings, job_id, read_job, scheduler, settle)
+    except PrologTimeout as e:  # it rang outside _start's own handling (reading the job, a teardown)
+        _say("prolog", f"job {job_id}: {e}")
+        try:
+            launcher.teardown(job_id, settings)
+        except Exception as te:  # noqa: BLE001 (the epilog tears down again; the job must learn why)
+            _say("prolog", f"job {job_id}: cleaning up: {te!r}")
+        return _fail(settings, job_id, e)
     except NodeError as e:
         _say("prolog", f"node fault: {e}")
         return Outcome(Verdict.NODE_FAULT, str(e), vm=True)
@@ -226,6 +273,12 @@ def end(settings: Settings, job_id: str, *, requeued: bool, restarts: int, sched
             _say("epilog", f"job {job_id}: cleaning up after the VM failed: {e!r}")
         if not requeued:
             store.delete(job_id)  # the job ended for good: its checkpoint can never be used again
+        try:  # a prolog killed mid-fetch by the scheduler's timeout left its partial download here
+            from .cache import Cache
+
+            Cache(settings.cache_dir, settings.cache_max_bytes).clear_crashed_fetches()
+        except OSError as e:
+            _say("epilog", f"cache: {e}")
     finally:
         conn.close()
     return out

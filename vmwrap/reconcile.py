@@ -118,6 +118,8 @@ def reconcile(settings: Settings, live: Live, dry_run: bool = False,
                 store.delete(x.job_id)
             ledger.record(x.job_id, rundir.domain_name(x.job_id), "reconciled", removed=x.what)
             say(f"job {x.job_id}: removed {', '.join(x.what)}")
+        for p in cache.clear_crashed_fetches():  # a prolog killed mid-fetch, a crash: no job id to them
+            say(f"cache: removed {p}, left by a fetch that died")
         return found
     finally:
         if conn is not None:
