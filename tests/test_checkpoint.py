@@ -320,6 +320,23 @@ def test_restore_xml_validates_the_recorded_shape(tmp_path, bad):
         checkpoint.restore_xml(job_meta("21", spec=shape(**bad)), job, tmp_path, paths)
 
 
+def test_a_vm_saved_without_a_step_port_is_restored_without_one(tmp_path):
+    """libvirt refuses a restore whose channels differ from the saved VM's ("Target domain channel count 6
+    does not match source 5"): a checkpoint of an older vmwrap (no `steps` in its shape) gets no step port."""
+    job = Job("21", "slurm", "u", UID, GID, "/srv/w", "", image="busybox")
+    paths = {"kernel": Path("/k"), "initrd": Path("/i")}
+
+    def ports(meta):
+        root = ET.fromstring(checkpoint.restore_xml(meta, job, tmp_path, paths)[0])
+        return [c.find("target").get("name") for c in root.iter("channel")]
+    assert "steps" not in job_meta("21")["spec"]
+    assert "org.vmwrap.steps" not in ports(job_meta("21"))
+    assert ports(job_meta("21", spec=shape(steps=True))).count("org.vmwrap.steps") == 1
+    assert len(ports(job_meta("21", spec=shape(steps=True)))) == len(ports(job_meta("21"))) + 1
+    with pytest.raises(CheckpointError, match="unusable VM steps"):
+        checkpoint.restore_xml(job_meta("21", spec=shape(steps="yes")), job, tmp_path, paths)
+
+
 def test_delivered_offsets_from_the_users_dir_are_read_safely(tmp_path):
     user = tmp_path / "ctl" / "user"
     user.mkdir(parents=True)

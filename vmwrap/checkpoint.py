@@ -218,7 +218,7 @@ def record_spec(run_dir: Path, spec: domain.Spec) -> None:
     """Keep the VM's shape beside it (root-only) so a save can record what a restore must render again."""
     shape = {"virt_type": spec.virt_type, "memory_mib": spec.memory_mib, "cpus": spec.cpus,
              "cmdline": spec.cmdline, "work_dir": spec.work_dir, "disk": spec.disk is not None,
-             "ninep": spec.ninep_socket is not None}
+             "ninep": spec.ninep_socket is not None, "steps": spec.steps}
     p = Path(run_dir) / rundir.SPEC
     p.unlink(missing_ok=True)
     _write_new(p, json.dumps(shape).encode())
@@ -736,6 +736,9 @@ def restore_xml(meta: dict, job: Job, run_dir: Path, paths: dict[str, Path]) -> 
     for flag in ("disk", "ninep"):
         if type(s.get(flag)) is not bool:
             raise bad(flag)
+    steps = s.get("steps", False)  # not recorded: saved by a vmwrap whose VMs had no step port
+    if type(steps) is not bool:
+        raise bad("steps")
     if s["disk"] != bool(paths.get("disk")):
         raise bad("disk")
     if s.get("work_dir") != job.work_dir:
@@ -754,7 +757,7 @@ def restore_xml(meta: dict, job: Job, run_dir: Path, paths: dict[str, Path]) -> 
         disk=str(run_dir / rundir.OVERLAY) if s["disk"] else None,
         ctl_dir=str(rundir.ctl(run_dir)), work_dir=job.work_dir, run_dir=str(run_dir), cmdline=cmdline,
         ninep_socket=str(run_dir / share.SOCKET) if s["ninep"] else None,
-        uid=ids[0], gid=ids[1])
+        uid=ids[0], gid=ids[1], steps=steps)
     root = ET.fromstring(domain.render(spec))
     el = ET.Element("uuid")
     el.text = uid

@@ -48,6 +48,9 @@ class Spec:
     uid: int | None = None
     gid: int | None = None
     memory_limit_mib: int | None = None  # hard limit on QEMU's whole memory (guest RAM + QEMU itself)
+    # The step port (org.vmwrap.steps, vmwrap/steps.py). A VM saved by a vmwrap without it must be restored
+    # without it: libvirt refuses a restore whose channel count differs from the saved VM's.
+    steps: bool = True
 
 
 def qemu_identity(uid: int, gid: int) -> tuple[int, int]:
