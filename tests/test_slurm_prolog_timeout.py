@@ -131,7 +131,6 @@ def next_job_runs(cluster, jobdir, node: str) -> None:
     assert output(jobdir, job) == "hello\n"
 
 
-@pytest.mark.skip(reason="not yet run on the cluster (issue 20 prolog timeout, see the commit message)")
 @pytest.mark.timeout(400)
 def test_a_start_that_would_overrun_the_prolog_timeout_fails_the_job_in_time_not_the_node(cluster, jobdir):
     t0 = time.monotonic()
@@ -146,7 +145,6 @@ def test_a_start_that_would_overrun_the_prolog_timeout_fails_the_job_in_time_not
     next_job_runs(cluster, jobdir, "c1")
 
 
-@pytest.mark.skip(reason="not yet run on the cluster (issue 20 prolog timeout, see the commit message)")
 @pytest.mark.timeout(400)
 def test_a_prolog_killed_by_slurms_timeout_leaves_nothing_and_the_node_serves_again(cluster, jobdir):
     job = submit(cluster, jobdir, SLOW, "-w", "c3")
