@@ -113,9 +113,14 @@ def test_clock_is_the_hosts(fast):
     """A clone's clock is the host's, not the template's (saved before the previous tests ran)."""
     save, _ = snapshot_files(fast)
     time.sleep(max(0.0, 6 - (time.time() - save.stat().st_mtime)))  # older than the tolerance below
+    t0 = time.time()
     r = fast.run(HDR + "date +%s\n", fast.work)
-    assert created(fast)[0]["started_from"] == "snapshot"
-    assert abs(int(r.stdout) - time.time()) <= 2.5, (r.stdout, time.time() - save.stat().st_mtime)
+    t1 = time.time()
+    d = created(fast)[0]
+    assert d["started_from"] == "snapshot", d  # the record says why a clone fell back to a cold boot
+    # Within the run (whole seconds, 1 s of slack): the template's clock would read its save time, >= 6 s
+    # before the run began. (The end of the run is no bound tighter than that: a loaded host tears down slowly.)
+    assert t0 - 1 <= int(r.stdout) <= t1 + 1, (r.stdout, t0, t1, t0 - save.stat().st_mtime)
 
 
 def test_stale_snapshot_is_not_used(fast):
