@@ -152,3 +152,32 @@ def test_slurm_prolog_fails_the_job_not_the_node_on_a_newer_request(tmp_path):
     with pytest.raises(UserError, match="has format 2") as e:
         hooks.job_from_env(env, show_job=lambda _jid: {})
     assert not isinstance(e.value, NodeError)
+
+
+def test_torques_wrapped_script_marker_is_versioned(tmp_path, monkeypatch):
+    """Torque carries the request in the wrapped script: its marker line alone is format 1 (what the filter
+    writes), ` v=N` a later one; a newer one fails the job naming both formats, never the node."""
+    from vmwrap.config import Settings
+    from vmwrap_plugins.torque import hooks, jobs, submit
+
+    body = "#!/bin/sh\n#VMWRAP --image=busybox\n{}\nexec x\n"
+    assert jobs.wrapped(body.format(jobs.WRAPPED)) and jobs.wrapped(body.format(jobs.WRAPPED + " v=1"))
+    assert not jobs.wrapped(body.format("#VMWRAP-TORQUE-WRAPPEDX"))
+    with pytest.raises(wire.WireError, match="is not one vmwrap wrote"):
+        jobs.wrapped(body.format(jobs.WRAPPED + " gpus=1"))
+    with pytest.raises(wire.WireError, match="is not a whole number"):
+        jobs.wrapped(body.format(jobs.WRAPPED + " v=99999999999999999999"))
+    with pytest.raises(UserError, match="reserves for scripts it wrapped"):  # users cannot forge any format
+        submit.check(Settings(), [], body.format(jobs.WRAPPED + " v=1"), "u", 0)
+
+    s = Settings(state_dir=str(tmp_path / "state"), checkpoint_dir=str(tmp_path / "ckpt"))
+    monkeypatch.setattr(hooks, "take_out", lambda *a: pytest.fail("the node was taken out"))
+    spool = tmp_path / "mom_priv" / "jobs"
+    spool.mkdir(parents=True)
+    spool.chmod(0o751)
+    sc = spool / "7.srv.SC"
+    sc.write_text(body.format(f"{jobs.WRAPPED} v={wire.FORMAT + 1}"))
+    assert hooks.prologue(s, ["7.srv", "root", "root", "j", "nodes=1", "batch", "", str(sc)], {}) == 0
+    err = (s.jobs_dir / "7.srv" / "error").read_text()
+    assert err.startswith("user\n") and f"has format {wire.FORMAT + 1}" in err and \
+        f"reads formats up to {wire.FORMAT}" in err, err

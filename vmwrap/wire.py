@@ -121,17 +121,24 @@ def _too_new(fmt: int, where: str) -> FormatError:
                        "upgrade vmwrap on this node")
 
 
+def format_of(value: str, where: str) -> int:
+    """The format number a carried request names (text from the job: bounded before int()); FormatError,
+    naming both formats, when it is newer than this vmwrap's."""
+    fmt = _number(VERSION_FIELD, value, 999)
+    if fmt is None:
+        raise WireError(f"{where} gives no format")
+    if fmt > FORMAT:
+        raise _too_new(fmt, where)
+    return fmt
+
+
 def _versioned(body: str) -> str:
     """`body` without its `v=N,` field (format 1 has none); FormatError for a format newer than FORMAT."""
     key, eq, rest = body.partition("=")
     if key != VERSION_FIELD or not eq:
         return body
     value, _, fields = rest.partition(",")
-    fmt = _number("v", value, 999)
-    if fmt is None:
-        raise WireError("v= gives no format")
-    if fmt > FORMAT:
-        raise _too_new(fmt, "the job's comment")
+    format_of(value, "the job's comment")
     return fields
 
 

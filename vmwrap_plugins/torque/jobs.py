@@ -126,5 +126,24 @@ def spooled_script(path: str, torque_id: str, owner_uid: int) -> str | None:
     return None if data is None else data.decode("utf-8", "surrogateescape")
 
 
+def marker(line: str) -> bool:
+    """Whether a line is vmwrap's wrapped-script marker, of any format (users may not write one)."""
+    return line == WRAPPED or line.startswith(WRAPPED + " ")
+
+
 def wrapped(script: str) -> bool:
-    return any(line == WRAPPED for _, line in directives.leading_comment_block(script))
+    """Whether vmwrap's submit filter wrapped the script. Its marker is the carried request's format:
+    `WRAPPED` alone is format 1 (what every filter so far writes), a later one adds ` v=N` (wire.FORMAT);
+    a newer format than this node's fails the job naming both (wire.FormatError, a user error)."""
+    from vmwrap import wire
+
+    for _, line in directives.leading_comment_block(script):
+        if line == WRAPPED:
+            return True
+        if line.startswith(WRAPPED + " "):
+            field = line[len(WRAPPED) + 1:]
+            if not field.startswith(wire.VERSION_FIELD + "="):
+                raise wire.WireError(f"the wrapped script's marker line is not one vmwrap wrote: {field[:40]!r}")
+            wire.format_of(field[len(wire.VERSION_FIELD) + 1:], f"the wrapped script's {WRAPPED} line")
+            return True
+    return False

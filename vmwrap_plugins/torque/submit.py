@@ -25,7 +25,7 @@ from vmwrap.config import Settings
 from vmwrap.errors import UserError, VmwrapError
 from vmwrap.resources import HOOKS
 
-from .jobs import WRAPPED
+from .jobs import WRAPPED, marker
 
 REJECT = 255             # qsub: "administratively rejected"
 NATIVE = "VMWRAP_IMAGE"  # qsub -v VMWRAP_IMAGE=NAME
@@ -85,7 +85,7 @@ def check(settings: Settings, argv: list[str], script: str, user: str, gid: int)
     """The image the job asks for (None: no VM); UserError with the reason for a request to refuse."""
     if "\0" in script:
         raise UserError("the job script contains NUL bytes")
-    if any(line == WRAPPED for _, line in directives.leading_comment_block(script)):
+    if any(marker(line) for _, line in directives.leading_comment_block(script)):
         raise UserError(f"the script contains {WRAPPED}, which vmwrap reserves for scripts it wrapped")
     req = directives.parse(script)
     native = None
