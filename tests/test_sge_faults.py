@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from harness import sge_cell
+from harness.processes import matching, tree
 from harness.sge_cell import Cell
 from vmwrap import agent, config
 from vmwrap.catalog import register
@@ -333,29 +334,6 @@ def test_a_full_checkpoint_store_gives_the_job_its_lost_checkpoint_policy_not_th
         subprocess.run(["umount", str(store)], check=True)
 
 
-def _tree(pids: list[int]) -> set[int]:
-    """The given processes and all their descendants."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            f = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(f[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            pass
-    out, todo = set(), list(pids)
-    while todo:
-        p = todo.pop()
-        if p not in out:
-            out.add(p)
-            todo += children.get(p, [])
-    return out
-
-
-def _pids(pattern: str) -> list[int]:
-    return [int(p) for p in subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True,
-                                           text=True).stdout.split()]
-
-
 @pytest.mark.timeout(400)
 def test_after_a_host_reboot_the_restarted_agent_repairs_the_host(cell, jobdir):
     """Every process of the host dies at once (sge_execd, the node agent, the job's shepherd and
@@ -364,8 +342,8 @@ def test_after_a_host_reboot_the_restarted_agent_repairs_the_host(cell, jobdir):
     left, with a ledger record."""
     job = qsub(cell, jobdir, WAITER, "-r", "n")
     up(jobdir, job)
-    victims = _tree([execd_pid(cell)] + [a.pid for a in cell.agents if a.poll() is None]
-                    + _pids(f"sge_shepherd-{job} ") + _pids(f"/state/jobs/{job}/") + [qemu_pid(job)])
+    victims = tree([execd_pid(cell)] + [a.pid for a in cell.agents if a.poll() is None]
+                   + matching(f"sge_shepherd-{job} ") + matching(f"/state/jobs/{job}/") + [qemu_pid(job)])
     for p in victims:
         try:
             os.kill(p, signal.SIGKILL)

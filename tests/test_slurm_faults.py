@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.processes import matching, tree
 from harness.slurm_cluster import NODES
 from harness.slurm_jobs import FINAL, module_cluster, submit, values, wait_for
 from harness.slurm_jobs import jobdir as new_jobdir
@@ -233,29 +234,6 @@ def test_the_node_agent_killed_while_the_job_is_suspended_the_job_resumes_once_i
     clean(cluster, job)
 
 
-def _tree(pids: list[int]) -> set[int]:
-    """The given processes and all their descendants."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            f = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(f[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            pass
-    out, todo = set(), list(pids)
-    while todo:
-        p = todo.pop()
-        if p not in out:
-            out.add(p)
-            todo += children.get(p, [])
-    return out
-
-
-def _pids(pattern: str) -> list[int]:
-    return [int(p) for p in subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True,
-                                           text=True).stdout.split()]
-
-
 @pytest.mark.timeout(600)
 def test_after_a_host_reboot_the_restarted_agent_repairs_the_node(cluster, jobdir):
     """Every process of node c3 dies at once (slurmd, the node agent, the job's step, payload, 9P server and
@@ -265,8 +243,8 @@ def test_after_a_host_reboot_the_restarted_agent_repairs_the_node(cluster, jobdi
     running(cluster, jobdir, job)
     slurmd = ["slurmd", "-D", "-N", "c3", "-f", str(cluster.conf)]
     agent = ["vmwrap", "--config", str(cluster.base / "vmwrap-c3.toml"), "agent"]
-    victims = _tree(_pids(" ".join(slurmd)) + _pids(" ".join(agent[1:]) + "$") + _pids(rf"slurmstepd: \[{job}\.")
-                    + _pids(f"/state/jobs/{job}/") + [qemu_pid(job)])
+    victims = tree(matching(" ".join(slurmd)) + matching(" ".join(agent[1:]) + "$") + matching(rf"slurmstepd: \[{job}\.")
+                   + matching(f"/state/jobs/{job}/") + [qemu_pid(job)])
     for p in victims:
         try:
             os.kill(p, signal.SIGKILL)

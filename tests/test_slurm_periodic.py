@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.processes import matching, tree
 from harness.slurm_cluster import NODES
 from harness.slurm_jobs import FINAL, module_cluster, submit, values, wait_for
 from harness.slurm_jobs import jobdir as new_jobdir
@@ -71,27 +72,6 @@ def qemu_pid(job: str) -> int | None:
     return int(r.stdout.split()[0]) if r.returncode == 0 and r.stdout.split() else None
 
 
-def _pids(pattern: str) -> list[int]:
-    return [int(p) for p in subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True).stdout.split()]
-
-
-def _tree(pids: list[int]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for st in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            f = st.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(f[1]), []).append(int(st.parent.name))
-        except (OSError, IndexError, ValueError):
-            pass
-    out, todo = set(), list(pids)
-    while todo:
-        p = todo.pop()
-        if p not in out:
-            out.add(p)
-            todo += children.get(p, [])
-    return out
-
-
 def store(cluster) -> Path:
     return cluster.base / "checkpoints"
 
@@ -122,8 +102,8 @@ def test_after_its_node_crashes_the_job_continues_elsewhere_from_its_last_checkp
     wait_for(lambda: named(events(cluster, job, node), "checkpointed"), "a first periodic checkpoint", timeout=300)
     wait_for(lambda: len(values(output(jobdir, job))) >= 12, "the job to count on after it", timeout=120)
     slurmd = ["slurmd", "-D", "-N", node, "-f", str(cluster.conf)]
-    victims = _tree(_pids(" ".join(slurmd)) + _pids(rf"slurmstepd: \[{job}\.") + _pids(f"/state/jobs/{job}/")
-                    + [qemu_pid(job)])
+    victims = tree(matching(" ".join(slurmd)) + matching(rf"slurmstepd: \[{job}\.") + matching(f"/state/jobs/{job}/")
+                   + [qemu_pid(job)])
     for p in victims:
         try:
             os.kill(p, signal.SIGKILL)

@@ -578,6 +578,23 @@ def save(job_id: str, run_dir: Path, store: Store, conn, restarts: int, deadline
         raise
 
 
+def running_vm(job_id: str, run_dir: Path, conn, what: str) -> tuple:
+    """The job's running domain and what a checkpoint records of it: the run dir's job record with the
+    VM's shape (for the restore's XML) and the domain's UUID. NodeError when either is missing."""
+    dom = domain.lookup(conn, rundir.domain_name(job_id))
+    if dom is None or not dom.isActive():
+        raise NodeError(f"job {job_id} has no running VM on this node to {what}")
+    try:
+        meta = json.loads(_read_capped(run_dir / rundir.JOB, JSON_MAX))
+        shape = json.loads(_read_capped(run_dir / rundir.SPEC, JSON_MAX))
+    except (OSError, ValueError) as e:
+        raise NodeError(f"job {job_id}: its run dir does not record the VM's shape (booted by an older "
+                        f"vmwrap?): {e}") from None
+    shape["uuid"] = dom.UUIDString()
+    meta["spec"] = shape
+    return dom, meta
+
+
 def _save(job_id: str, run_dir: Path, store: Store, conn, restarts: int, deadline: float | None) -> dict:
     import libvirt
 
@@ -588,17 +605,7 @@ def _save(job_id: str, run_dir: Path, store: Store, conn, restarts: int, deadlin
         store.check_root()
     t0 = time.monotonic()
     name = rundir.domain_name(job_id)
-    dom = domain.lookup(conn, name)
-    if dom is None or not dom.isActive():
-        raise NodeError(f"job {job_id} has no running VM on this node to save")
-    try:
-        meta = json.loads(_read_capped(run_dir / rundir.JOB, JSON_MAX))
-        shape = json.loads(_read_capped(run_dir / rundir.SPEC, JSON_MAX))
-    except (OSError, ValueError) as e:
-        raise NodeError(f"job {job_id}: its run dir does not record the VM's shape (booted by an older "
-                        f"vmwrap?): {e}") from None
-    shape["uuid"] = dom.UUIDString()
-    meta["spec"] = shape
+    dom, meta = running_vm(job_id, run_dir, conn, "save")
     serial = (run_dir / share.CONTROL).exists()
     if serial:
         share.drain(run_dir)

@@ -68,16 +68,7 @@ def save(job_id: str, run_dir: Path, store: checkpoint.Store, conn, restarts: in
     store._ensure_root()
     t0 = time.monotonic()
     name = rundir.domain_name(job_id)
-    dom = domain.lookup(conn, name)
-    if dom is None or not dom.isActive():
-        raise NodeError(f"job {job_id} has no running VM on this node to checkpoint")
-    try:
-        meta = json.loads(_read_capped(run_dir / rundir.JOB, JSON_MAX))
-        shape = json.loads(_read_capped(run_dir / rundir.SPEC, JSON_MAX))
-    except (OSError, ValueError) as e:
-        raise NodeError(f"job {job_id}: its run dir does not record the VM's shape: {e}") from None
-    shape["uuid"] = dom.UUIDString()
-    meta["spec"] = shape
+    dom, meta = checkpoint.running_vm(job_id, run_dir, conn, "checkpoint")
     tmp = store.staging(job_id)
     serial = (run_dir / share.CONTROL).exists()
     was_running = dom.info()[0] != libvirt.VIR_DOMAIN_PAUSED
