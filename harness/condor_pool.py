@@ -286,10 +286,27 @@ class Pool:
         f = Path(cwd) / f"job-{os.urandom(3).hex()}.sub"
         f.write_text(text)
         os.chmod(f, 0o644)
-        r = self.run("/usr/bin/condor_submit", "-terse", str(f), user=user, cwd=str(cwd))
-        if r.returncode != 0:
-            return -1, r
-        return int(r.stdout.strip().split(".")[0]), r
+        end = time.monotonic() + 60
+        while True:
+            r = self.run("/usr/bin/condor_submit", "-terse", str(f), user=user, cwd=str(cwd))
+            if r.returncode == 0:
+                return int(r.stdout.strip().split(".")[0]), r
+            # A schedd that is alive but did not take the connection (CI saw it once, on a loaded host,
+            # right after a condor_reconfig): nothing was queued, so a second try is what a user does.
+            # A schedd that died is a finding, not a flake: that fails at once with the master's word.
+            unreachable = "Failed to connect to local queue manager" in r.stderr + r.stdout
+            if not unreachable or self.schedd_deaths() or time.monotonic() > end:
+                return -1, subprocess.CompletedProcess(
+                    r.args, r.returncode, r.stdout,
+                    r.stderr + ("\n" + "\n".join(self.schedd_deaths()) + "\n" + self.logs() if unreachable else ""))
+            time.sleep(2)
+
+    def schedd_deaths(self) -> list[str]:
+        """The master's lines on a schedd that exited or died (none while it runs as started)."""
+        log = self.local("log", "MasterLog")
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return [ln for ln in text.splitlines()
+                if "The SCHEDD (pid" in ln and ("exited" in ln or "died" in ln)]
 
     def query(self, what: str, constraint: str = "true", projection: list[str] | None = None) -> list[dict]:
         """jobs (schedd queue), history or startds (collector), through htcondor2 in the chroot."""
