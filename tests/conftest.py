@@ -174,3 +174,23 @@ def workdir(tmp_path):
             break
         os.chmod(parent, os.stat(parent).st_mode | 0o111)
     return d
+
+
+# Wall time per test module (setup + call + teardown of its tests), printed at the end of the run:
+# CI's budget is spent per module (one cluster each), and --durations only shows single phases.
+_MODULE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report) -> None:
+    module = report.nodeid.split("::", 1)[0]
+    _MODULE_SECONDS[module] = _MODULE_SECONDS.get(module, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _MODULE_SECONDS:
+        return
+    terminalreporter.section("seconds per test module (slowest 25)")
+    ranked = sorted(_MODULE_SECONDS.items(), key=lambda kv: kv[1], reverse=True)
+    for module, s in ranked[:25]:
+        terminalreporter.write_line(f"{s:8.1f}s  {module}")
+    terminalreporter.write_line(f"{sum(_MODULE_SECONDS.values()):8.1f}s  all {len(_MODULE_SECONDS)} modules")
