@@ -284,3 +284,34 @@ def test_render_into_a_missing_directory_says_which(tmp_path):
         (tmp_path / "images.toml").write_text("")
         render_config(Settings(catalog=str(tmp_path / "images.toml")), lua_out=str(tmp_path / "absent" / "job_submit.lua"))
     assert not (tmp_path / "absent").exists()
+
+
+def _rendered_conf(tmp_path, **site) -> list[str]:
+    """slurm.conf's lines from `vmwrap config render slurm` (the CLI loads the site config)."""
+    from click.testing import CliRunner
+
+    from vmwrap.cli import main
+    from vmwrap.config import render
+
+    (tmp_path / "images.toml").write_text("")
+    cfg = tmp_path / "vmwrap.toml"
+    cfg.write_text(render({"catalog": str(tmp_path / "images.toml"), **site}))
+    r = CliRunner().invoke(main, ["--config", str(cfg), "config", "render", "slurm",
+                                  "--lua-out", str(tmp_path / "job_submit.lua")])
+    assert r.exit_code == 0, (r.output, r.exception)
+    return r.stdout.splitlines()
+
+
+def test_render_gives_slurm_the_prolog_timeout_vmwrap_keeps_to(tmp_path):
+    """The prolog stops its own work before prolog_timeout_s: Slurm's limit must be that one."""
+    lines = _rendered_conf(tmp_path, prolog_timeout_s=120.5)
+    assert [ln for ln in lines if "PrologEpilogTimeout" in ln or "prolog_timeout_s" in ln] == [
+        "PrologEpilogTimeout=121"], lines
+
+
+def test_render_without_a_prolog_timeout_says_to_set_one(tmp_path):
+    """With none in the site config Slurm gets 300 s, and the admin is told to give vmwrap the same."""
+    lines = _rendered_conf(tmp_path)
+    i = lines.index("PrologEpilogTimeout=300")
+    assert lines[i - 1] == ("# Set prolog_timeout_s = 300 in vmwrap's config too, so that its prolog stops "
+                            "before Slurm kills it."), lines

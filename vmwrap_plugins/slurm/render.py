@@ -66,7 +66,22 @@ def render_lua(catalog: Catalog, vmwrap: str = "/usr/local/bin/vmwrap", config: 
         user_separator=wire.USER_SEPARATOR)
 
 
-def slurm_conf_lines(vmwrap_hooks: Path = HOOKS, prolog_timeout: int = 300) -> str:
+DEFAULT_PROLOG_TIMEOUT_S = 300  # rendered when the site config names no prolog timeout
+
+
+def prolog_timeout_lines(prolog_timeout_s: float) -> list[str]:
+    """Slurm's PrologEpilogTimeout as the site config's `prolog_timeout_s`: vmwrap's prolog stops its
+    own work before that limit only if it knows it, so the two must agree. With none set (0) the
+    default is rendered, with a line asking the admin to tell vmwrap."""
+    if prolog_timeout_s > 0:
+        return [f"PrologEpilogTimeout={math.ceil(prolog_timeout_s)}"]
+    return [f"# Set prolog_timeout_s = {DEFAULT_PROLOG_TIMEOUT_S} in vmwrap's config too, so that its prolog "
+            "stops before Slurm kills it.",
+            f"PrologEpilogTimeout={DEFAULT_PROLOG_TIMEOUT_S}"]
+
+
+def slurm_conf_lines(vmwrap_hooks: Path = HOOKS, prolog_timeout_s: float = 0.0) -> str:
+    """slurm.conf's lines for vmwrap; `prolog_timeout_s` is the site config's (0: none set)."""
     return "\n".join([
         "# vmwrap: per-job VMs (rendered by `vmwrap config render slurm`)",
         "JobSubmitPlugins=lua",
@@ -74,7 +89,7 @@ def slurm_conf_lines(vmwrap_hooks: Path = HOOKS, prolog_timeout: int = 300) -> s
         f"Epilog={vmwrap_hooks / 'slurm-epilog'}",
         "# Alloc: the prolog boots the VM at allocation, overlapping Slurm's own job launch.",
         "PrologFlags=Alloc",
-        f"PrologEpilogTimeout={prolog_timeout}",
+        *prolog_timeout_lines(prolog_timeout_s),
         "# Time for the launcher to shut the guest down gracefully on scancel/time limit.",
         "KillWait=30",
         "# Preemption that saves the VM (docs/checkpoint.md): requeue, not cancel; no GraceTime on",
@@ -88,7 +103,7 @@ def slurm_conf_lines(vmwrap_hooks: Path = HOOKS, prolog_timeout: int = 300) -> s
     ])
 
 
-def render_config(settings, lua_out: str | None = None, vmwrap_path: str = "/usr/local/bin/vmwrap",
+def render_config(settings: Settings, lua_out: str | None = None, vmwrap_path: str = "/usr/local/bin/vmwrap",
                   default_image: str | None = None, node_config: str | None = None,
                   hooks_dir: Path = HOOKS) -> str:
     """`vmwrap config render slurm`: write job_submit.lua (atomically), return slurm.conf's lines."""
@@ -120,4 +135,4 @@ def render_config(settings, lua_out: str | None = None, vmwrap_path: str = "/usr
     os.chmod(tmp, 0o644)
     os.replace(tmp, lua_out)
     print(f"# job_submit.lua written to {lua_out} ({len(cat.images)} images)", file=sys.stderr)
-    return slurm_conf_lines(hooks_dir)
+    return slurm_conf_lines(hooks_dir, settings.prolog_timeout_s)
