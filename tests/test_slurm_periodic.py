@@ -8,6 +8,7 @@ Real Slurm 22.05 (3 nodes), real libvirtd, QEMU guests and node agents; the cras
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -95,12 +96,26 @@ def test_a_job_with_periodic_checkpoints_runs_through_with_the_same_output(clust
     assert not drained(cluster)
 
 
+def checkpointed_values(cluster, job: str, out: str) -> int:
+    """How many values the job's output file held when its last checkpoint was taken: the file's size
+    the checkpoint recorded (what a restart after a crash cuts an appended file back to)."""
+    meta = json.loads((store(cluster) / job / "job.json").read_text())
+    return len(values(out.encode()[:meta["delivered"]["stdout_size"]].decode(errors="replace")))
+
+
 @pytest.mark.timeout(600)
-def test_after_its_node_crashes_the_job_continues_elsewhere_from_its_last_checkpoint(cluster, jobdir, test_user):
-    job = submit(cluster, jobdir, COUNTER.format(extra=f"#VMWRAP --checkpoint-every={EVERY}s\n"), "--requeue")
+@pytest.mark.parametrize("open_mode", [(), ("--open-mode=append",)], ids=["truncate", "append"])
+def test_after_its_node_crashes_the_job_continues_elsewhere_from_its_last_checkpoint(cluster, jobdir, test_user,
+                                                                                    open_mode):
+    """Slurm's default output mode truncates the file on restart (the step delivers it all again);
+    with --open-mode=append it keeps what was delivered after the checkpoint: the step cuts it back."""
+    job = submit(cluster, jobdir, COUNTER.format(extra=f"#VMWRAP --checkpoint-every={EVERY}s\n"), "--requeue",
+                 *open_mode)
     node = node_of(cluster, job)
     wait_for(lambda: named(events(cluster, job, node), "checkpointed"), "a first periodic checkpoint", timeout=300)
-    wait_for(lambda: len(values(output(jobdir, job))) >= 12, "the job to count on after it", timeout=120)
+    # The next save is an interval away: crash once the job has delivered values past this one.
+    seen = len(values(output(jobdir, job)))
+    wait_for(lambda: len(values(output(jobdir, job))) >= seen + 2, "the job to count on after it", timeout=60)
     slurmd = ["slurmd", "-D", "-N", node, "-f", str(cluster.conf)]
     victims = tree(matching(" ".join(slurmd)) + matching(rf"slurmstepd: \[{job}\.") + matching(f"/state/jobs/{job}/")
                    + [qemu_pid(job)])
@@ -111,6 +126,8 @@ def test_after_its_node_crashes_the_job_continues_elsewhere_from_its_last_checkp
             pass
     wait_for(lambda: qemu_pid(job) is None, "QEMU to die", timeout=30)
     before = len(values(output(jobdir, job)))
+    saved = checkpointed_values(cluster, job, output(jobdir, job))
+    assert saved < before < N, (saved, before)    # values delivered after the checkpoint are in the file
     # What slurmctld does once the node stays silent for SlurmdTimeout: down, its jobs requeued.
     r = cluster.run("scontrol", "update", f"nodename={node}", "state=down", "reason=crashed")
     assert r.returncode == 0, r.stderr
