@@ -37,6 +37,7 @@ def _error(tmp_path: Path, text: str) -> str:
     ("plan_max_gap_s = inf", "plan_max_gap_s must be a finite number of seconds, got inf"),
     ("plan_save_margin = nan", "plan_save_margin must be a finite number, got nan"),
     ("default_cpus = 0", "default_cpus must be more than 0, got 0"),
+    ("prolog_timeout_s = 70000", "prolog_timeout_s must be at most 65533 seconds, got 70000"),
     ("plan_save_rate_mb_s = 0.0", "plan_save_rate_mb_s must be more than 0, got 0.0"),
     ('verify_on_use = "yes"', "verify_on_use must be true or false, got 'yes'"),
     ("plan_enabled = 1", "plan_enabled must be true or false, got 1"),

@@ -43,7 +43,8 @@ class Settings:
     # The scheduler's timeout for the root prolog (Slurm's PrologEpilogTimeout, Torque's $prologalarm);
     # 0: none known. The prolog then gives up a start (image fetch, restore) in time, fails just the job
     # with the reason and leaves nothing behind, instead of being killed mid-way (docs/admin-guide.md).
-    prolog_timeout_s: float = 0.0
+    # At most Slurm's own ceiling for PrologEpilogTimeout (a 16-bit field), which the render writes from it.
+    prolog_timeout_s: float = field(default=0.0, metadata={"max": 65533})
     verify_on_use: bool = False
     default_memory_mib: int = field(default=256, metadata=POSITIVE)
     default_cpus: int = field(default=1, metadata=POSITIVE)
@@ -260,6 +261,8 @@ def _check(key: str, typ, meta, value, path: str):
         raise bad("more than 0")
     if value < 0:
         raise bad("0 or more")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise bad(f"at most {meta['max']}" + _unit(key).replace(" of ", " ", 1))
     return typ(value)
 
 
