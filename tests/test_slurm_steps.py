@@ -6,11 +6,16 @@ output, exit codes and the steps sacct records must match. Jobs of a test are su
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from harness.slurm_jobs import jobdir as make_jobdir
+from harness.processes import matching
 from harness.slurm_jobs import module_cluster, submit, values, wait_for
 
 pytestmark = pytest.mark.vm
@@ -137,3 +142,60 @@ def test_a_step_in_flight_at_a_requeue_fails_cleanly_after_the_restore(cluster, 
     info = done(cluster, job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
     assert out.read_text().endswith("rc=1\nend\n") and "slept" not in out.read_text(), out.read_text()
+
+
+def stray_step_dirs() -> set[Path]:
+    """What a job's step service left in the temp dirs (before issue 19: a /tmp/vmwrap-steps-* dir per
+    payload that did not end by itself)."""
+    return {p for d in {"/tmp", tempfile.gettempdir()} for p in Path(d).glob("vmwrap-steps-*")}
+
+
+def job_process(job: str, pattern: str, what: str) -> tuple[int, list[bytes]]:
+    """(pid, argv) of the process of `job` whose command line matches `pattern`."""
+    def find():
+        for pid in matching(pattern):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"SLURM_JOB_ID={job}".encode() in env:
+                return pid, argv
+        return None
+    return wait_for(find, f"job {job}'s {what}", timeout=30)
+
+
+def test_a_job_killed_during_a_step_leaves_nothing_of_its_step_service(cluster, jobdir):
+    """Issue 19: a payload SIGKILLed (OOM, a node agent killing the tree, a time limit past KillWait)
+    has no time to clean up; whatever its step service made must still go with the job. The same after
+    scancel's kill (Slurm's SIGTERM first) and for a job that ends by itself."""
+    before = stray_step_dirs()
+    script = "srun sh -c 'echo started; sleep 300'\necho not-reached\n"
+    killed = submit(cluster, jobdir, "#!/bin/sh\n" + VM + script)
+    bare = submit(cluster, jobdir, "#!/bin/sh\n" + script)
+    cancelled = submit(cluster, jobdir, "#!/bin/sh\n" + VM + script)
+    ends = submit(cluster, jobdir, "#!/bin/sh\n" + VM + "srun echo stepped; echo rc=$?\n")
+    out = {j: jobdir / f"slurm-{j}.out" for j in (killed, bare, cancelled, ends)}
+    for job in (killed, bare, cancelled):
+        wait_for(lambda: out[job].exists() and "started" in out[job].read_text(), f"job {job}'s step to start")
+    socks = []
+    for job in (killed, cancelled):  # the socket the step's task (python -m vmwrap.steps SOCK TOKEN) reached
+        _, argv = job_process(job, "-m vmwrap[.]steps ", "step task")
+        socks.append(os.fsdecode(argv[argv.index(b"vmwrap.steps") + 1]))
+        assert os.path.exists(socks[-1])
+    for job in (killed, bare):  # the batch step's process: the VM job's payload, the bare job's shell
+        pid, _ = job_process(job, "slurm_script", "batch step")
+        os.kill(pid, signal.SIGKILL)
+    assert cluster.run("scancel", "--signal=KILL", "--full", cancelled).returncode == 0
+    info = {j: done(cluster, j) for j in (killed, bare, cancelled, ends)}
+    assert info[ends]["JobState"] == "COMPLETED" and out[ends].read_text() == "stepped\nrc=0\n"
+    # Slurm ends the VM job as it ends the bare one, and neither got past its step
+    assert [info[j][k] for j in (killed, bare) for k in ("JobState", "ExitCode")] == ["FAILED", "0:9"] * 2, info
+    assert info[cancelled]["JobState"] == "CANCELLED", info[cancelled]
+    assert not any("not-reached" in out[j].read_text() for j in (killed, bare, cancelled))
+    # the epilogs ran: the run dirs are gone, and with them the step service's socket; nothing in /tmp
+    run_dirs = [cluster.node_dir(n) / "state" / "jobs" / j for n in ("c1", "c2", "c3") for j in (killed, cancelled, ends)]
+    wait_for(lambda: not any(os.path.lexists(d) for d in run_dirs), "the epilogs to remove the run dirs", timeout=60)
+    for sock in socks:
+        assert not os.path.lexists(sock) and not os.path.lexists(os.path.dirname(sock)), sock
+    assert not stray_step_dirs() - before, stray_step_dirs() - before

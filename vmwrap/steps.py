@@ -6,9 +6,16 @@ and only the host can start one. The guest's shim sends its argv over the virtio
 serves it in a thread (`StepServer`): the scheduler plugin turns the argv into a host command line
 (`Launch`, e.g. vmwrap_plugins/slurm/steps.py: the real srun with checked options), whose tasks are
 `python -m vmwrap.steps SOCK TOKEN` (`task_main`). Each task connects back to the payload over a
-private unix socket (0700 dir, peer uid checked, per-step random token) and the guest runs the
-command with the task's SLURM_* environment; its output goes back through the scheduler's own I/O.
-Only the host's processes talk to a scheduler, so this works the same across real hosts.
+private unix socket (`TASKS` in the run dir's ctl/user, the job's user's 0700 dir; peer uid checked,
+per-step random token) and the guest runs the command with the task's SLURM_* environment; its output
+goes back through the scheduler's own I/O. Only the host's processes talk to a scheduler, so this works
+the same across real hosts.
+
+The task socket lives in the run dir, never in /tmp: a payload killed by SIGKILL (OOM, a node agent, a
+time limit past KillWait) cannot remove anything, and the run dir goes with the job on every exit path
+(the epilog's teardown). A run dir path too long for AF_UNIX (107 bytes) is bound and reached through
+/proc/self/fd/N/ of an O_PATH fd on its dir (`_unix_address`): no chdir, which a threaded process must
+not do.
 
 One step at a time per VM (the guest port opens once). A step in flight when the VM is saved for a
 requeue ends with the job's batch step (its srun is killed with the job); the restored job's payload
@@ -22,15 +29,14 @@ from __future__ import annotations
 import hmac
 import os
 import selectors
-import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import rundir
@@ -38,6 +44,9 @@ from .errors import UserError
 
 SOCKET = "steps.sock"      # in the run dir: the guest's step port (QEMU binds it, as the job's user)
 MARKER = "steps"           # ctl/user/steps: the guest agent installs its srun shim only when served
+TASKS = "tasks.sock"       # ctl/user/tasks.sock: the payload's listener the step's tasks connect to
+UNIX_PATH_MAX = 107        # sun_path's 108 bytes, NUL included
+DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAGIC = b"VWS1"
 HEADER = struct.Struct(">4scIHI")  # magic, type, step id, task id, length
 FRAME_MAX = 1 << 17
@@ -82,6 +91,21 @@ class Frames:
         return out
 
 
+@contextmanager
+def _unix_address(path: str) -> Iterator[str]:
+    """An AF_UNIX address for `path` while the block runs: the path itself when it fits sun_path, else
+    /proc/self/fd/N/NAME with N an O_PATH fd on its dir (Linux resolves it for bind and connect)."""
+    if len(os.fsencode(path)) <= UNIX_PATH_MAX:
+        yield path
+        return
+    parent, name = os.path.split(path)
+    fd = os.open(parent or ".", DIR_FLAGS)
+    try:
+        yield f"/proc/self/fd/{fd}/{name}"
+    finally:
+        os.close(fd)
+
+
 def _status_text(returncode: int) -> bytes:
     return f"signal {-returncode}".encode() if returncode < 0 else f"exit {returncode & 255}".encode()
 
@@ -102,11 +126,27 @@ class StepServer(threading.Thread):
         self.run_dir = Path(run_dir)
         self.launch = launch
         self.err_fd = err_fd
-        self.dir = tempfile.mkdtemp(prefix="vmwrap-steps-")  # 0700, the job's user's
-        self.path = os.path.join(self.dir, "tasks.sock")
+        # ctl/user: the job's user's 0700 dir (ctl above it is root's), removed with the run dir however
+        # the job ends. The payload is that user, so nothing in it is anyone else's to trust or fear.
+        self.dir = rundir.user_dir(self.run_dir)
+        self.path = str(self.dir / TASKS)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(self.path)
-        self.listener.listen(64)
+        self._dfd = -1
+        try:
+            self._dfd = os.open(self.dir, DIR_FLAGS)
+            try:  # a previous payload's (SIGKILLed before a requeue: the run dir stayed for the restore)
+                os.unlink(TASKS, dir_fd=self._dfd)
+            except FileNotFoundError:
+                pass
+            with _unix_address(self.path) as address:
+                self.listener.bind(address)
+            self._ino = os.stat(TASKS, dir_fd=self._dfd, follow_symlinks=False).st_ino
+            self.listener.listen(64)
+        except BaseException:
+            self.listener.close()
+            if self._dfd >= 0:
+                os.close(self._dfd)
+            raise
         self.sel = selectors.DefaultSelector()
         self.guest: socket.socket | None = None
         self.frames = Frames()
@@ -128,7 +168,15 @@ class StepServer(threading.Thread):
         self.stop()
         if self.step is not None and self.step.proc.poll() is None:
             self.step.proc.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self._dfd < 0:
+            return
+        try:  # ours only: the name is gone for new tasks (a SIGKILLed payload leaves it to the teardown)
+            if os.stat(TASKS, dir_fd=self._dfd, follow_symlinks=False).st_ino == self._ino:
+                os.unlink(TASKS, dir_fd=self._dfd)
+        except OSError:
+            pass
+        os.close(self._dfd)
+        self._dfd = -1
 
     def _warn(self, msg: str) -> None:
         if self.warnings < WARNINGS_MAX:
@@ -156,7 +204,8 @@ class StepServer(threading.Thread):
         while not self._stop.is_set():
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                s.connect(str(self.run_dir / SOCKET))
+                with _unix_address(str(self.run_dir / SOCKET)) as address:
+                    s.connect(address)
             except OSError:
                 s.close()
                 self._stop.wait(0.2)
@@ -384,7 +433,8 @@ def task_main(argv: list[str]) -> int:
     task = int(procid) if procid.isdigit() and int(procid) < 0xFFFF else 0
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        s.connect(path)
+        with _unix_address(path) as address:
+            s.connect(address)
     except OSError as e:
         print(f"vmwrap: cannot reach the job's VM step service ({e.strerror})", file=sys.stderr)
         return 1

@@ -1,0 +1,71 @@
+"""The payload's step service (vmwrap/steps.py) without Slurm or a VM: a test plays the guest's step port
+(QEMU's socket in the run dir) and the launcher runs the task command itself instead of srun. What the
+real path does is in tests/test_slurm_steps.py; this covers where the service's socket lives."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import tempfile
+import time
+
+from vmwrap import rundir, steps
+
+
+def _bind(path: str) -> socket.socket:
+    """A listening socket at `path`, however long (the fake guest port and a stale task socket)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
+    try:
+        s.bind(f"/proc/self/fd/{fd}/{os.path.basename(path)}")
+    finally:
+        os.close(fd)
+    s.listen(1)
+    return s
+
+
+def _expect(conn: socket.socket, frames: steps.Frames, kinds: set[bytes], got: list) -> list:
+    """Frames from the service until one of `kinds` arrived (all of them, in order)."""
+    end = time.monotonic() + 30
+    while not any(f[0] in kinds for f in got):
+        assert time.monotonic() < end, f"no {kinds} from the step service; got {got}"
+        data = conn.recv(1 << 16)
+        assert data, f"the step service hung up; got {got}"
+        got += frames.feed(data)
+    return got
+
+
+def test_a_step_runs_through_a_task_socket_in_the_run_dir_even_past_sun_paths_length(tmp_path, monkeypatch):
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))  # what a /tmp socket dir would land in
+    run_dir = tmp_path / ("long-base-" + "d" * (110 - len(str(tmp_path)))) / "jobs" / "42"
+    assert len(str(run_dir / steps.SOCKET)) > steps.UNIX_PATH_MAX  # both sockets need the fd path
+    user = rundir.user_dir(run_dir)
+    user.mkdir(parents=True)
+    user.chmod(0o700)
+    _bind(str(user / steps.TASKS)).close()  # a SIGKILLed payload's, before a requeue: replaced
+    port = _bind(str(run_dir / steps.SOCKET))
+    port.settimeout(30)
+
+    server = steps.serve(run_dir, lambda argv, task: (0, task))  # the task itself stands in for srun
+    assert server is not None
+    try:
+        guest, _ = port.accept()
+        guest.settimeout(30)
+        frames, got = steps.Frames(), []
+        _expect(guest, frames, {b"B"}, got)
+        guest.sendall(steps.frame(b"Q", 7, 0, b"echo\0hi\0"))
+        _expect(guest, frames, {b"R"}, got)  # the task reached the service through its socket
+        assert [f[0] for f in got] == [b"B", b"A", b"R"], got
+        assert stat.S_ISSOCK(os.lstat(user / steps.TASKS).st_mode)
+        assert server.path == str(user / steps.TASKS)
+        assert list(private_tmp.iterdir()) == []  # nothing outside the run dir
+        guest.sendall(steps.frame(b"O", 7, 0, b"hello\n") + steps.frame(b"X", 7, 0, b"exit 3"))
+        _expect(guest, frames, {b"Z"}, got)
+        assert (b"S", 7, 0, b"hello\n") in got and got[-1] == (b"Z", 7, 0, b"exit 3"), got
+    finally:
+        server.close()
+    assert not os.path.lexists(user / steps.TASKS)
+    assert list(private_tmp.iterdir()) == []
