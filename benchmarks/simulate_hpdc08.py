@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vmwrap.sim import CONFIGS, MEASURED_HERE, PAPER_BASELINE_S, PAPER_TABLE1  # noqa: E402
+from vmwrap.sim import CONFIGS, MEASURED_HERE, OPT_IN, PAPER_BASELINE_S, PAPER_TABLE1  # noqa: E402
 from vmwrap.sim import report  # noqa: E402
 from vmwrap.sim.engine import Cluster, Config, simulate  # noqa: E402
 from vmwrap.sim.workload import assign_images, image_mix, read_lwf, read_swf  # noqa: E402
@@ -43,6 +43,9 @@ OURS = ["vmwrap-uniform", "vmwrap-skewed", "vm+predeployed-noplan"]
 HAIZEA = ["vm+noreuse@haizea", "vm+reuse-uniform@haizea", "vm+reuse-skewed@haizea"]
 # Haizea's aggressive backfilling (one future lease booked like a reservation), no transfers
 BOOKING = ["novm+suspend@haizea", "vm+predeployed@haizea"]
+# no VM, no suspension as Haizea ran it: its booking, and reservations cancelling batch jobs
+# (requeued, work lost) when they do not fit on idle nodes; on the Table 1 workloads
+CANCEL = list(OPT_IN)
 # vmwrap as on Slurm: gap planner + prestage + cache-aware placement + the start booked at the
 # image's arrival (backfill on its nodes until then); with the paper's costs and with this machine's
 SLURM = ["vmwrap-slurm-uniform", "vmwrap-slurm-skewed"]
@@ -72,7 +75,7 @@ def _one(task):
         r = simulate(_jobs, [], Config("baseline", reservations=False), timeline=False)
     else:
         base, _, costs = name.partition("/")
-        cfg = {**CONFIGS, **EXTRA}[base]
+        cfg = {**CONFIGS, **OPT_IN, **EXTRA}[base]
         cluster = {"": Cluster(), "code": Cluster(**CODE), "here": MEASURED_HERE, "mig": Cluster(migration="delay"),
                    "here0": replace(MEASURED_HERE, overhead=0.0)}[costs]
         ars = read_lwf(Path(traces) / "injected_leases" / lwf, 144)
@@ -106,7 +109,7 @@ def main() -> None:
         tasks += [(a.traces, l, c) for l in table_lwfs for c in ABLATE + [c + "/here0" for c in SLURM]]
     if haizea:
         tasks += [(a.traces, l, c) for l in lwfs for c in BOOKING + [c + "/mig" for c in BOOKING]]
-        tasks += [(a.traces, l, c) for l in table_lwfs for c in HAIZEA]
+        tasks += [(a.traces, l, c) for l in table_lwfs for c in HAIZEA + CANCEL]
         tasks += [(a.traces, l, c + "/code") for l in table_lwfs for c in ["vm+predeployed"] + HAIZEA]
     # longest first, so no core idles behind one late, heavy simulation: cost grows with the
     # reservations in the file and with what the configuration models
@@ -146,7 +149,7 @@ def main() -> None:
         print("\nAs Haizea schedules: its booking of the future lease (no transfers), its image staging "
               "(transfers overlap earlier work); ours | paper; then with Haizea's code "
               "constants (600 MB images, 12.5 MB/s)")
-    for c in BOOKING + [c + "/mig" for c in BOOKING] + HAIZEA if haizea else []:
+    for c in CANCEL + BOOKING + [c + "/mig" for c in BOOKING] + HAIZEA if haizea else []:
         p = PAPER_TABLE1[c.removesuffix("/mig").removesuffix("@haizea")]
         print(f"{c:26}" + "".join(f"{extra(l, c):+9.2f} | {v:+7.2f} %" for l, v in zip(table_lwfs, p)))
     for c in ["vm+predeployed"] + HAIZEA if haizea else []:

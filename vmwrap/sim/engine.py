@@ -83,6 +83,13 @@ class Config:
     # link and the job's nodes are booked from the image's arrival, free for earlier work till then
     # (haizea imagetransfer.py find_earliest_starting_times; vm_scheduler.py __schedule_asap).
     staging: str = "hold"
+    # Without suspension, a reservation that does not fit on idle nodes may take nodes running
+    # batch jobs: they are cancelled when the reservation is accepted, back in line at their
+    # original place, their work lost (Haizea, June 2008, af1dfa1c: scheduler.py
+    # scheduleExactLease -> slottable.py fitExact(canpreempt=True) -> scheduler.py preempt, "The
+    # lease has to be cancelled and resubmitted", queue.enqueueInOrder by lease id). Off: a
+    # reservation only takes nodes whose jobs end in time (our model).
+    cancel: bool = False
 
     def __post_init__(self) -> None:
         if self.transfer not in ("none", "fresh", "cache"):
@@ -97,6 +104,8 @@ class Config:
             raise ValueError("image transfers need vm=True")
         if self.staging not in ("hold", "overlap"):
             raise ValueError(f"staging must be hold or overlap, not {self.staging!r}")
+        if self.cancel and self.suspend:
+            raise ValueError("cancel is for configurations without suspension (with it jobs are saved)")
 
 
 class Run:
@@ -137,6 +146,8 @@ class Result:
     ars_on_time: int = 0                  # ARs started; never late (a busy node raises InvariantError)
     suspensions: int = 0
     cancelled: int = 0                    # jobs whose users gave up before they started (trace)
+    killed: int = 0                       # runs cancelled for a reservation (Config.cancel)
+    killed_work: float = 0.0              # node-seconds of work those runs lost
     transfers: int = 0
     link_mb: float = 0.0                  # bytes over the repository link
     node_mb: float = 0.0                  # bytes landing on nodes (multicast counted per node)
@@ -1012,11 +1023,25 @@ class Simulator:
             occ = self.busy[n]
             running_past = isinstance(occ, Run) and occ.req_end > r.start - lead
             if running_past and not self.cfg.suspend:
+                if not self.cfg.cancel:
+                    continue
+                # Haizea's fitExact: nodes needing no preemption first, then the others in
+                # node order (prioritizenodes: fewest preemptions, one per single-CPU node)
+                cands.append((True, False, 0.0, n))
+                continue
+            if self.cfg.cancel and self._claims and any(
+                    isinstance(a, _Claim) and a.start < end and r.start < a.start + a.dur for a in self.node_ars[n]):
+                cands.append((True, False, 0.0, n))   # a future lease there is preempted too
                 continue
             cands.append((running_past, self._has(n, r.image) is False, self._until(n, now), n))
         if len(cands) < r.nodes:
             return self._reject(r, f"only {len(cands)} of {r.nodes} nodes free of other commitments")
         nodes = tuple(n for *_, n in sorted(cands)[:r.nodes])
+        if self.cfg.cancel:
+            for n in nodes:
+                occ = self.busy[n]
+                if isinstance(occ, Run) and occ.req_end > r.start:
+                    self._kill(occ, now)
         if self.cfg.transfer != "none":
             lacking = [n for n in nodes if not self._has(n, r.image)]
             if lacking:
@@ -1065,6 +1090,21 @@ class Simulator:
             occ = self.busy[n]
             if isinstance(occ, Run) and occ.end > r.start:   # ending in time: leave it be
                 self._suspend(occ, now, r.start)
+
+    def _kill(self, run: Run, now: float) -> None:
+        """Cancel a running job for a reservation (Config.cancel): its nodes are free now, it is
+        back in line at its original place and will run again from the start (Haizea's preempt
+        removes the lease's VM reservation and keeps its remaining duration as it was)."""
+        run.token += 1
+        self.res.killed += 1
+        self.res.killed_work += max(0.0, now - run.work_start) / self.slow * run.job.nodes
+        self._release(run.nodes, now, None)
+        run.nodes = ()
+        run.start = run.work_start = run.end = run.req_end = INF
+        run.work_left = float(run.job.run)
+        run.req_left = float(run.job.req)
+        run.first_start = None
+        self._enqueue(run)
 
     def _suspend(self, run: Run, now: float, until: float) -> None:
         run.token += 1
