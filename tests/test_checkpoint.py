@@ -4,9 +4,11 @@ verification, the restore's own domain XML, markers, garbage collection."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -464,3 +466,118 @@ def test_delete_removes_a_plain_file_or_link_at_the_jobs_dir_without_following_i
     assert not store.delete("45")
     assert sorted(p.name for p in store.root.iterdir()) == []
     assert (outside / "keep").read_text() == "x"
+
+
+# Issue 21: a save seals what it wrote without reading the checkpoint back.
+
+def _libvirt_like_writer(path: Path, body: bytes, follower, *, prealloc: bool = False, rewrite_at: int | None = None):
+    """Write a save image the way libvirt 9.0 does: header with the "partial" magic, the stream appended
+    in order (its last block padded as O_DIRECT pads it, then truncated back), the header rewritten with
+    the final magic at the end. `prealloc` sizes the file first (a writer vmwrap does not expect);
+    `rewrite_at` changes a byte already followed (ditto)."""
+    header = checkpoint.SAVE_PARTIAL + bytes(range(80))
+    data = header + body
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        if prealloc:
+            os.ftruncate(fd, len(data))
+        piece = 256 << 10
+        for off in range(0, len(data) - len(data) % 4096, piece):
+            os.pwrite(fd, data[off:min(off + piece, len(data) - len(data) % 4096)], off)
+            if off >= 1 << 20 and follower.n == 0:  # let the follower catch up once: it really follows
+                deadline = time.monotonic() + 10
+                while follower.n == 0 and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                assert follower.n > 0, "the follower did not read while the file was being written"
+        tail = len(data) - len(data) % 4096
+        os.pwrite(fd, data[tail:] + b"\0" * (-len(data) % 4096), tail)  # the padded last block
+        time.sleep(0.1)  # its padding is in the file a while: the follower must not take it for data
+        os.ftruncate(fd, len(data))
+        if rewrite_at is not None:
+            deadline = time.monotonic() + 10
+            while follower.n <= rewrite_at and time.monotonic() < deadline:
+                time.sleep(0.005)
+            os.pwrite(fd, b"\xff", rewrite_at)
+    finally:
+        os.close(fd)
+    fd = os.open(path, os.O_WRONLY)  # libvirt reopens the file to mark the image complete
+    os.write(fd, checkpoint.SAVE_MAGIC + header[len(checkpoint.SAVE_PARTIAL):])
+    os.close(fd)
+
+
+@pytest.fixture
+def small_lag(monkeypatch):
+    monkeypatch.setattr(checkpoint, "FOLLOW_LAG", 64 << 10)
+
+
+def test_the_save_image_is_hashed_while_libvirt_writes_it(tmp_path, small_lag):
+    path = tmp_path / "memory.save"
+    body = os.urandom((6 << 20) + 1234)
+    follower = checkpoint._Follower(path)  # started before libvirt creates the file
+    _libvirt_like_writer(path, body, follower)
+    data = path.read_bytes()
+    assert data.startswith(checkpoint.SAVE_MAGIC)
+    assert follower.finish() == (len(data), hashlib.sha256(data).hexdigest())
+
+
+@pytest.mark.parametrize("odd", ["rewrite", "prealloc", "replaced"])
+def test_a_save_image_not_written_as_followed_is_hashed_again(tmp_path, small_lag, monkeypatch, odd):
+    """Whatever the follower cannot vouch for, it says so (None): the caller then hashes the file itself."""
+    monkeypatch.setattr(checkpoint, "FOLLOW_SAMPLES", 1000)  # every piece kept: the check is certain here
+    path = tmp_path / "memory.save"
+    body = os.urandom(4 << 20)
+    follower = checkpoint._Follower(path)
+    _libvirt_like_writer(path, body, follower, prealloc=odd == "prealloc",
+                         rewrite_at=(2 << 20) + 5 if odd == "rewrite" else None)
+    if odd == "replaced":
+        data = path.read_bytes()
+        path.unlink()
+        path.write_bytes(data)
+    assert follower.finish() is None
+
+
+def test_commit_seals_what_was_written_without_reading_it_back(tmp_path, monkeypatch):
+    store = new_store(tmp_path)
+    tmp = stage(store, "50")
+    src = tmp_path / "overlay.src"
+    src.write_bytes(b"QFI\xfb" + os.urandom(3 << 20))
+    (tmp / "overlay.qcow2").unlink()
+    known = {"overlay.qcow2": checkpoint._copy_out(src, tmp / "overlay.qcow2")}
+    assert known["overlay.qcow2"] == (src.stat().st_size, hashlib.sha256(src.read_bytes()).hexdigest())
+    for f in checkpoint.FILES:
+        if f != "overlay.qcow2":
+            data = (tmp / f).read_bytes()
+            (tmp / f).unlink()
+            known[f] = checkpoint._write_sealed(tmp / f, data)
+    real = checkpoint._hash_file
+
+    def no_second_pass(p, *a):
+        raise AssertionError(f"commit read {Path(p).name} back to hash it")
+    monkeypatch.setattr(checkpoint, "_hash_file", no_second_pass)
+    store.commit(tmp, "50", known)
+    assert store.last_commit["reread_bytes"] == 0
+    monkeypatch.setattr(checkpoint, "_hash_file", real)
+    assert store.verify("50")["files"]["overlay.qcow2"]["bytes"] == src.stat().st_size
+
+
+def test_a_staged_file_changed_after_it_was_written_is_not_sealed(tmp_path):
+    """The seal covers the bytes the save wrote: a node that rewrites a staged file before the seal
+    (the store is shared) no longer gets its bytes sealed, the restore finds them corrupt."""
+    store = new_store(tmp_path)
+    tmp = stage(store, "51")
+    known = {f: (len(b := (tmp / f).read_bytes()), hashlib.sha256(b).hexdigest()) for f in checkpoint.FILES}
+    (tmp / "stdout").write_bytes(b"n=1\nn=X\n")
+    store.commit(tmp, "51", known)
+    with pytest.raises(CheckpointError, match="stdout is corrupt"):
+        store.verify("51")
+
+
+def test_commit_still_hashes_what_the_caller_did_not(tmp_path):
+    """periodic checkpoints and a follower that gave up: those files are hashed by the commit itself."""
+    store = new_store(tmp_path)
+    tmp = stage(store, "52")
+    known = {f: (len(b := (tmp / f).read_bytes()), hashlib.sha256(b).hexdigest())
+             for f in checkpoint.FILES if f != "memory.save"}
+    store.commit(tmp, "52", known)
+    assert store.last_commit["reread_bytes"] == 3000
+    store.verify("52")
