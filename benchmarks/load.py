@@ -13,8 +13,6 @@ usage: flock -o /tmp/vmwrap-heavy.lock /opt/vmwrap/venv/bin/python benchmarks/lo
 from __future__ import annotations
 
 import argparse
-import os
-import pwd
 import subprocess
 import sys
 import time
@@ -82,10 +80,7 @@ def main() -> None:
     c = Cluster.for_site(base, site_config={"grace_seconds": 5.0})
     c.start()
     try:
-        pw = pwd.getpwnam(USER)
-        work = base / "work"
-        work.mkdir()
-        os.chown(work, pw.pw_uid, pw.pw_gid)
+        work = c.user_dir(USER)
         warm = batch(c, work, 3, True, 300)[1]   # the image into every node's cache is not the load
         assert all(s == "COMPLETED" for s in warm.values()), warm
         vm_s, vm_states = batch(c, work, a.jobs, True, a.timeout)

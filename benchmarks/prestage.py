@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import http.server
-import os
 import sys
 import threading
 import time
@@ -78,12 +77,7 @@ def main() -> None:
     c = Cluster.for_site(Path("/var/tmp/vmwrap-bench-prestage"), images=[over_http(img, url, files)], prestage=True)
     c.start()
     try:
-        import pwd
-
-        pw = pwd.getpwnam("vmwrapuser")
-        work = c.base / "work"
-        work.mkdir()
-        os.chown(work, pw.pw_uid, pw.pw_gid)
+        work = c.user_dir("vmwrapuser")
         job = "#!/bin/sh\n#VMWRAP --image=busybox\necho hi\n"
         cold = c.sbatch(job, "-w", "c1", "-t", "1", user="vmwrapuser", cwd=work).stdout.strip()
         c.wait_state(cold, {"COMPLETED", "FAILED"}, 300)

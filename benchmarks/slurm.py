@@ -12,7 +12,6 @@ usage: /opt/vmwrap/venv/bin/python benchmarks/slurm.py [--submissions 200] [--jo
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
@@ -54,12 +53,7 @@ def main() -> None:
     c = Cluster.for_site(base)
     c.start()
     try:
-        import pwd
-
-        pw = pwd.getpwnam(USER)
-        work = base / "work"
-        work.mkdir()
-        os.chown(work, pw.pw_uid, pw.pw_gid)
+        work = c.user_dir(USER)
         (work / "vm.sh").write_text("#!/bin/sh\n#VMWRAP --image=busybox\necho hi\n")
         (work / "bare.sh").write_text("#!/bin/sh\necho hi\n")
         block = 50

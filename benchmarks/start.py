@@ -72,7 +72,6 @@ def rss_of_job(env: dict, job: Path, work: Path, state_dir: Path) -> float:
 def slurm(jobs: int) -> None:
     """On the local 3-node Slurm cluster: the prolog's start (ledger `prepare`) to the job's first command
     (a file it creates in its work dir: the 9P server stamps it with the host's clock), cold vs snapshot."""
-    import pwd
     import statistics
 
     from harness.slurm_cluster import Cluster
@@ -82,10 +81,7 @@ def slurm(jobs: int) -> None:
     c = Cluster.for_site(base, site_config={"fast_start": True})
     c.start()
     try:
-        pw = pwd.getpwnam("vmwrapuser")
-        work = base / "work"
-        work.mkdir()
-        os.chown(work, pw.pw_uid, pw.pw_gid)
+        work = c.user_dir("vmwrapuser")
         (work / "vm.sh").write_text('#!/bin/sh\n#VMWRAP --image=busybox\ntouch "started-$SLURM_JOB_ID"\n')
         nodes = ("c1", "c2", "c3")
         for node in nodes:

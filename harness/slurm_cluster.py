@@ -252,6 +252,16 @@ PidFile={self.base}/slurmdbd.pid
         return subprocess.run(cmd, env=self.env, capture_output=True, text=True, input=input, check=check,
                               timeout=120)
 
+    def user_dir(self, user: str, name: str = "work") -> Path:
+        """A new dir in the cluster's base owned by `user`: where that user's jobs run and write."""
+        import pwd
+
+        pw = pwd.getpwnam(user)
+        d = self.base / name
+        d.mkdir()
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+        return d
+
     def sbatch(self, script: str, *args, user: str, cwd: Path) -> subprocess.CompletedProcess:
         path = cwd / f"job-{os.urandom(3).hex()}.sh"
         path.write_text(script)
@@ -341,9 +351,7 @@ def demo(base: Path = Path("/var/tmp/vmwrap-demo"), user: str = "vmwrapuser") ->
     print(f"== starting slurmctld + 3 slurmd under {base}")
     c.start()
     try:
-        work = base / "work"
-        work.mkdir()
-        os.chown(work, pw.pw_uid, pw.pw_gid)
+        work = c.user_dir(pw.pw_name)
         scripts = [DEMO_SCRIPT.format(host=os.uname().release)] + ([PYTHON_SCRIPT] if python3 else [])
         jobs = []
         for script in scripts:  # submitted together: they run at once, on different nodes
