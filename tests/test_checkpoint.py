@@ -581,3 +581,13 @@ def test_commit_still_hashes_what_the_caller_did_not(tmp_path):
     store.commit(tmp, "52", known)
     assert store.last_commit["reread_bytes"] == 3000
     store.verify("52")
+
+
+def test_a_failed_save_stops_the_follower_without_reading_the_rest(tmp_path, monkeypatch):
+    """A save aborted at a reservation's deadline must free the node now, not hash GBs it drops."""
+    monkeypatch.setattr(checkpoint, "FOLLOW_LAG", 1 << 40)  # nothing is read while the save runs
+    path = tmp_path / "memory.save"
+    follower = checkpoint._Follower(path)
+    path.write_bytes(os.urandom(16 << 20))
+    follower.abandon()
+    assert follower.n == 0 and not follower.thread.is_alive()

@@ -213,6 +213,7 @@ class _Follower:
         self.pieces = 0
         self.ident: tuple[int, int] | None = None
         self.failed: BaseException | None = None
+        self.abandoned = False
         self.thread = threading.Thread(target=self._run, name="vmwrap-save-hash", daemon=True)
         self.thread.start()
 
@@ -251,11 +252,13 @@ class _Follower:
             while True:
                 finished = self.done.is_set()  # before the size: once the save returned, all is final
                 end = os.fstat(fd).st_size - (0 if finished else FOLLOW_LAG)
-                while self.n < end:
+                while self.n < end and not self.abandoned:
                     buf = os.pread(fd, min(CHUNK, end - self.n), self.n)
                     if not buf:
                         break
                     self._take(buf)
+                if self.abandoned:
+                    return
                 if finished:
                     if os.pread(fd, 1, self.n):  # grew after its size was taken: not what was hashed
                         raise OSError(errno.EAGAIN, "the save image grew after the save", str(self.path))
@@ -270,6 +273,11 @@ class _Follower:
     def stop(self) -> None:
         self.done.set()
         self.thread.join()
+
+    def abandon(self) -> None:
+        """The save failed (or ran out of time): stop now, without reading what is left of the file."""
+        self.abandoned = True
+        self.stop()
 
     def finish(self) -> tuple[int, str] | None:
         """(size, sha256) of the finished file, or None if the caller must hash it itself."""
@@ -796,7 +804,7 @@ def _save(job_id: str, run_dir: Path, store: Store, conn, restarts: int, deadlin
         manifest = store.commit(tmp, job_id, known)
     except BaseException:
         if follower is not None:
-            follower.stop()
+            follower.abandon()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     t_done = time.monotonic()
