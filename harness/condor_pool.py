@@ -20,6 +20,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from harness import polling
+
 ROOT = Path(os.environ.get("VMWRAP_CONDOR_ROOT", "/var/cache/vmwrap/condor-root"))
 STARTDS = ("node1", "node2")
 PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -507,13 +509,7 @@ class VmwrapSite:
 
     def wait_until(self, cond, what: str, timeout: float):
         """`cond()`'s first true value within `timeout` s; else fail naming `what`, with the logs."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            v = cond()
-            if v:
-                return v
-            time.sleep(0.5)
-        raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
+        return polling.wait_for(cond, what, timeout, self.logs)
 
 
 DEMO_JOB = """#!/bin/sh

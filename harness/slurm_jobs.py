@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from harness.polling import values, wait_for  # noqa: F401 (re-exported: the Slurm modules import them from here)
 from harness.slurm_cluster import Cluster
 from vmwrap.catalog import register
 
@@ -49,16 +48,3 @@ def submit(cluster: Cluster, d: Path, script: str, *args: str) -> str:
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().split(";")[0]
 
-
-def values(text: str) -> list[int]:
-    return [int(m) for m in re.findall(r"^n=(\d+)$", text, re.M)]
-
-
-def wait_for(cond, what: str, timeout: float = 120):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")

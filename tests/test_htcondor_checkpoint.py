@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 
+from harness import polling
 from harness.condor_pool import ROOT, VmwrapSite
+from harness.polling import values
 
 pytestmark = pytest.mark.vm
 N = 24
@@ -37,18 +38,8 @@ def condor(appliance, virt_type, test_user, libvirtd):
         yield site
 
 
-def values(text: str) -> list[int]:
-    return [int(m) for m in re.findall(r"^n=(\d+)$", text, re.M)]
-
-
 def wait_for(cond, what: str, timeout: float, condor):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}\n{condor.logs()}")
+    return polling.wait_for(cond, what, timeout, condor.logs)
 
 
 def submit_counter(condor, extra: str = "") -> tuple[Path, int]:

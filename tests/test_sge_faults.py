@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from harness import sge_cell
+from harness.polling import values, wait_for
 from harness.processes import matching, tree
 from harness.sge_cell import Cell
 from vmwrap import agent, config
@@ -78,20 +79,6 @@ def qsub(cell, jobdir, script: str, *args: str) -> str:
     r = cell.run("qsub", "-terse", "-cwd", "-q", "vmwrap.q", *args, str(path), user="vmwrapuser", cwd=str(jobdir))
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout.strip()
-
-
-def wait_for(cond, what: str, timeout: float = 120):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def values(text: str) -> list[int]:
-    return [int(m) for m in re.findall(r"^n=(\d+)$", text, re.M)]
 
 
 def output(jobdir: Path, job: str) -> tuple[str, str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.polling import values
 from harness.sge_cell import Cell, qconf
 from vmwrap.catalog import register
 from vmwrap.config import render
@@ -134,10 +135,6 @@ def events(cell, job):
 
 def qemu_running(job: str) -> bool:
     return subprocess.run(["pgrep", "-f", f"guest=vmwrap-{job},"], capture_output=True).returncode == 0
-
-
-def values(text: str) -> list[int]:
-    return [int(m) for m in re.findall(r"^n=(\d+)$", text, re.M)]
 
 
 def test_image_is_prestaged_for_the_job_ge_reserved_the_host_for(cell, jobdir):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.polling import values, wait_for
 from harness.slurm_cluster import Cluster
 from vmwrap.catalog import register
 
@@ -52,20 +53,6 @@ def submit(cluster, jobdir, script, *args):
     r = cluster.sbatch(script, *args, user="vmwrapuser", cwd=jobdir)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().split(";")[0]
-
-
-def values(text: str) -> list[int]:
-    return [int(m) for m in re.findall(r"^n=(\d+)$", text, re.M)]
-
-
-def wait_for(cond, what: str, timeout: float = 120):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def qemu_running(job: str) -> bool:
