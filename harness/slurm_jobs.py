@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from harness.polling import values, wait_for  # noqa: F401 (re-exported: the Slurm modules import them from here)
+from harness.polling import jobdir, values, wait_for  # noqa: F401 (re-exported: the Slurm modules import them from here)
 from harness.slurm_cluster import Cluster
 from vmwrap.catalog import register
 
@@ -34,13 +34,6 @@ def module_cluster(name: str, appliance, virt_type: str, *, images=(), accountin
     finally:
         c.stop()
         shutil.rmtree(base, ignore_errors=True)
-
-
-def jobdir(cluster: Cluster, user) -> Path:
-    d = cluster.base / "work" / f"t{os.urandom(3).hex()}"
-    d.mkdir(parents=True)
-    os.chown(d, user.pw_uid, user.pw_gid)
-    return d
 
 
 def submit(cluster: Cluster, d: Path, script: str, *args: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sqlite3
 import subprocess
 import time
@@ -20,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from harness import sge_jobs
 from harness.polling import values, wait_for
-from harness.sge_cell import CKPT, Cell
-from vmwrap.catalog import register
+from harness.sge_cell import CKPT
+from harness.sge_jobs import module_cell
 from vmwrap_plugins.sge import hooks
 
 vm = pytest.mark.vm
@@ -33,29 +33,13 @@ COUNTER = ("#!/bin/sh\n#VMWRAP --image=busybox\n{extra}"
 
 @pytest.fixture(scope="module")
 def cell(appliance, virt_type, test_user):
-    base = Path(f"/var/tmp/vmwrap-sgeckpt-{os.getpid()}")
-    shutil.rmtree(base, ignore_errors=True)
-    base.mkdir(parents=True)
-    base.chmod(0o755)
-    register(str(base / "images.toml"), appliance)
-    c = Cell(base, site_config={"catalog": str(base / "images.toml"), "accel": virt_type, "grace_seconds": 5.0},
-             hosts=2)
-    c.start()
-    yield c
-    c.run("qdel", "-u", "vmwrapuser")
-    c.stop()
-    for name in subprocess.run(["virsh", "-c", "qemu:///system", "list", "--name"], capture_output=True,
-                               text=True).stdout.split():
-        if name.startswith("vmwrap-") and "kvmprobe" not in name:
-            subprocess.run(["virsh", "-c", "qemu:///system", "destroy", name], capture_output=True)
-    shutil.rmtree(base, ignore_errors=True)
+    with module_cell("sgeckpt", appliance, virt_type, hosts=2) as c:
+        yield c
 
 
 @pytest.fixture
 def jobdir(cell, test_user):
-    d = cell.base / "work" / f"t{os.urandom(3).hex()}"
-    d.mkdir(parents=True)
-    os.chown(d, test_user.pw_uid, test_user.pw_gid)
+    d = sge_jobs.jobdir(cell, test_user)
     yield d
     for h in cell.hosts:
         cell.run("qmod", "-e", f"vmwrap.q@{h}")

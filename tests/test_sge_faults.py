@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -20,12 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import sge_cell
+from harness import sge_cell, sge_jobs
 from harness.polling import values, wait_for
 from harness.processes import matching, tree
-from harness.sge_cell import Cell
+from harness.sge_jobs import module_cell
 from vmwrap import agent, config
-from vmwrap.catalog import register
 from vmwrap.errors import NodeError
 
 pytestmark = pytest.mark.vm
@@ -38,32 +36,17 @@ COUNTER = ("#!/bin/sh\n#VMWRAP --image=busybox --memory=128M\n{extra}"
 
 @pytest.fixture(scope="module")
 def cell(appliance, virt_type, test_user):
-    base = Path(f"/var/tmp/vmwrap-sgefaults-{os.getpid()}")
-    shutil.rmtree(base, ignore_errors=True)
-    base.mkdir(parents=True)
-    base.chmod(0o755)
-    (base / "checkpoints").mkdir()
-    register(str(base / "images.toml"), appliance)
-    c = Cell(base, site_config={"catalog": str(base / "images.toml"), "accel": virt_type, "grace_seconds": 5.0},
-             queue={"rerun": "TRUE"})
-    c.start()
-    try:
-        yield c
-    finally:
-        c.run("qdel", "-u", "vmwrapuser")
-        c.stop()
-        subprocess.run(["umount", str(base / "checkpoints")], capture_output=True)
-        for name in virsh("list", "--name").split():
-            if name.startswith("vmwrap-") and "kvmprobe" not in name:
-                virsh("destroy", name)
-        shutil.rmtree(base, ignore_errors=True)
+    with module_cell("sgefaults", appliance, virt_type, queue={"rerun": "TRUE"}) as c:
+        (c.base / "checkpoints").mkdir(exist_ok=True)
+        try:
+            yield c
+        finally:  # a store a test mounted over (full store) goes before the cell's dir
+            subprocess.run(["umount", str(c.base / "checkpoints")], capture_output=True)
 
 
 @pytest.fixture
 def jobdir(cell, test_user):
-    d = cell.base / "work" / f"t{os.urandom(3).hex()}"
-    d.mkdir(parents=True)
-    os.chown(d, test_user.pw_uid, test_user.pw_gid)
+    d = sge_jobs.jobdir(cell, test_user)
     yield d
     cell.run("qmod", "-e", "vmwrap.q")
 

@@ -14,15 +14,14 @@ import io
 import logging
 import os
 import re
-import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from harness.sge_cell import HOST2, Cell, qconf
-from vmwrap.catalog import register
+from harness import sge_jobs
+from harness.sge_cell import HOST2, qconf
+from harness.sge_jobs import module_cell
 from vmwrap_plugins.sge import facts, hooks
 
 IMAGE = "busybox"
@@ -89,19 +88,12 @@ def test_jsv_asks_for_nothing_without_the_complex_or_when_the_job_names_it(monke
 
 @pytest.fixture(scope="module")
 def cell(appliance, virt_type, test_user):
-    base = Path(f"/var/tmp/vmwrap-sgeplace-{os.getpid()}")
-    shutil.rmtree(base, ignore_errors=True)
-    base.mkdir(parents=True)
-    base.chmod(0o755)
-    register(str(base / "images.toml"), appliance)
-    c = Cell(base, site_config={"catalog": str(base / "images.toml"), "accel": virt_type, "grace_seconds": 5.0},
-             hosts=2)
-    c.start()
-    yield c
-    c.run("qdel", "-f", "-u", "vmwrapuser")
-    _undefine(c)
-    c.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    with module_cell("sgeplace", appliance, virt_type, hosts=2) as c:
+        try:
+            yield c
+        finally:
+            c.run("qdel", "-f", "-u", "vmwrapuser")
+            _undefine(c)
 
 
 def _undefine(cell) -> None:
@@ -126,10 +118,7 @@ def _define(cell) -> None:
 
 @pytest.fixture
 def jobdir(cell, test_user):
-    d = cell.base / "work" / f"t{os.urandom(3).hex()}"
-    d.mkdir(parents=True)
-    os.chown(d, test_user.pw_uid, test_user.pw_gid)
-    return d
+    return sge_jobs.jobdir(cell, test_user)
 
 
 def qsub(cell, jobdir) -> str:

@@ -1,0 +1,40 @@
+"""What Grid Engine VM-job test modules share: a module's cell (node agents per host, the test
+appliance in its catalog) and a job dir per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from harness.polling import jobdir  # noqa: F401 (re-exported)
+from harness.sge_cell import Cell
+from vmwrap.catalog import register
+
+
+@contextmanager
+def module_cell(name: str, appliance, virt_type: str, *, hosts: int = 1, queue: dict | None = None,
+                **site) -> Iterator[Cell]:
+    """A fresh cell under /var/tmp/vmwrap-NAME-PID of `hosts` execution hosts; afterwards the test
+    user's jobs are deleted, the cell stopped, and any job VM it left destroyed."""
+    base = Path(f"/var/tmp/vmwrap-{name}-{os.getpid()}")
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    base.chmod(0o755)
+    register(str(base / "images.toml"), appliance)
+    c = Cell(base, site_config={"catalog": str(base / "images.toml"), "accel": virt_type, "grace_seconds": 5.0,
+                                **site}, hosts=hosts, queue=queue)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.run("qdel", "-u", "vmwrapuser")
+        c.stop()
+        for vm in subprocess.run(["virsh", "-c", "qemu:///system", "list", "--name"], capture_output=True,
+                                 text=True).stdout.split():
+            if vm.startswith("vmwrap-") and "kvmprobe" not in vm:
+                subprocess.run(["virsh", "-c", "qemu:///system", "destroy", vm], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
