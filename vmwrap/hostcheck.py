@@ -74,6 +74,26 @@ def root_owned_private(path: str, what: str) -> tuple[str, str]:
     return "ok", f"{what} {path}: root-owned, not writable by others"
 
 
+def shared_store(path: str, local: list[str]) -> tuple[str, str]:
+    """The checkpoint store must be the storage every node shares. On the same file system as a
+    node-local directory (the root, the state dir), it is most likely an unmounted mount point: a save
+    there cannot be restored on another node, and a restart there finds no record that the job ran."""
+    try:
+        dev = os.stat(path).st_dev
+    except OSError as e:
+        return "WARN", f"checkpoint store {path}: {e.strerror} (is the shared storage mounted? where it is missing, " \
+                       "vmwrap creates it on this node's own disk, where no other node finds a save)"
+    for other in local:
+        try:
+            if os.stat(other).st_dev == dev:
+                return "WARN", f"checkpoint store {path} is on the same file system as {other}: not shared storage " \
+                               "(is it mounted?). Fine on a one-node site; elsewhere a job saved here cannot be " \
+                               "restored on another node"
+        except OSError:
+            continue
+    return "ok", f"checkpoint store {path}: a file system of its own (not this node's {', '.join(local)})"
+
+
 def memory_limits(cgroup_root: str = "/sys/fs/cgroup") -> tuple[str, str]:
     """Each VM's QEMU gets a hard memory limit through libvirt's cgroup: it needs the memory controller."""
     v1 = Path(cgroup_root) / "memory"

@@ -173,6 +173,8 @@ def _doctor_checks(s: Settings) -> list[dict]:
         except OSError as e:
             add("FAIL", name, f"{d}: {e.strerror or e}")
     if s.workdir_share == "serial":
+        level, msg = hostcheck.shared_store(s.checkpoint_dir, ["/", s.state_dir])  # before the probe creates it
+        add(level, "checkpoint store shared", msg)
         probe = os.path.join(s.checkpoint_dir, f".doctor.{os.getpid()}")
         try:
             os.makedirs(s.checkpoint_dir, exist_ok=True)
