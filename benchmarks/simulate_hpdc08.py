@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vmwrap.sim import CONFIGS, MEASURED_HERE, OPT_IN, PAPER_BASELINE_S, PAPER_TABLE1  # noqa: E402
+from vmwrap.sim import CONFIGS, MEASURED_HERE, PAPER_BASELINE_S, PAPER_TABLE1  # noqa: E402
 from vmwrap.sim import report  # noqa: E402
 from vmwrap.sim.engine import Cluster, Config, simulate  # noqa: E402
 from vmwrap.sim.workload import assign_images, image_mix, read_lwf, read_swf  # noqa: E402
@@ -45,7 +45,7 @@ HAIZEA = ["vm+noreuse@haizea", "vm+reuse-uniform@haizea", "vm+reuse-skewed@haize
 BOOKING = ["novm+suspend@haizea", "vm+predeployed@haizea"]
 # no VM, no suspension as Haizea ran it: its booking, and reservations cancelling batch jobs
 # (requeued, work lost) when they do not fit on idle nodes; on the Table 1 workloads
-CANCEL = list(OPT_IN)
+CANCEL = [n for n, c in CONFIGS.items() if c.cancel]
 # vmwrap as on Slurm: gap planner + prestage + cache-aware placement + the start booked at the
 # image's arrival (backfill on its nodes until then); with the paper's costs and with this machine's
 SLURM = ["vmwrap-slurm-uniform", "vmwrap-slurm-skewed"]
@@ -75,7 +75,7 @@ def _one(task):
         r = simulate(_jobs, [], Config("baseline", reservations=False), timeline=False)
     else:
         base, _, costs = name.partition("/")
-        cfg = {**CONFIGS, **OPT_IN, **EXTRA}[base]
+        cfg = {**CONFIGS, **EXTRA}[base]
         cluster = {"": Cluster(), "code": Cluster(**CODE), "here": MEASURED_HERE, "mig": Cluster(migration="delay"),
                    "here0": replace(MEASURED_HERE, overhead=0.0)}[costs]
         ars = read_lwf(Path(traces) / "injected_leases" / lwf, 144)

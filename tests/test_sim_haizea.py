@@ -119,7 +119,7 @@ def test_cli_takes_haizeas_migration():
 # Haizea without suspension (novm@haizea): a reservation may take nodes running batch jobs, which
 # are cancelled and requeued, their work lost (scheduler.py scheduleExactLease -> preempt)
 def test_a_reservation_cancels_the_job_on_its_nodes_and_it_runs_again_from_scratch():
-    from vmwrap.sim import OPT_IN
+    from vmwrap.sim import CONFIGS
     # J1 holds all 4 nodes 0-1000; at 100 a reservation asks for 2 nodes at 500-600. Default:
     # rejected (no node free at 500). Haizea: J1 is cancelled at 100 (400 node-s lost), requeued
     # and run again whole after the reservation (check=True: work done == run time)
@@ -127,7 +127,7 @@ def test_a_reservation_cancels_the_job_on_its_nodes_and_it_runs_again_from_scrat
     ars = [Reservation(100, 100, 500, 100, 2)]
     old = simulate(jobs, ars, Config("novm"), NOVM, check=True)
     assert old.ars_rejected == 1 and old.killed == 0 and old.records == {1: (0, 1000, 0)}
-    new = simulate(jobs, ars, OPT_IN["novm@haizea"], NOVM, check=True)
+    new = simulate(jobs, ars, CONFIGS["novm@haizea"], NOVM, check=True)
     assert new.ars_accepted == new.ars_on_time == 1 and new.ars_rejected == 0
     assert new.killed == 1 and new.killed_work == 100 * 4
     assert new.records == {1: (600, 1600, 0)}
@@ -137,17 +137,17 @@ def test_a_reservation_cancels_the_job_on_its_nodes_and_it_runs_again_from_scrat
     jobs.append(Job(2, 50, 1000, 1000, 4))
     easy = simulate(jobs, ars, Config("easy-cancel", cancel=True), NOVM, check=True)
     assert easy.killed == 1 and easy.records == {1: (600, 1600, 0), 2: (1600, 2600, 0)}
-    new = simulate(jobs, ars, OPT_IN["novm@haizea"], NOVM, check=True)
+    new = simulate(jobs, ars, CONFIGS["novm@haizea"], NOVM, check=True)
     assert new.killed == 1 and new.records == {1: (2000, 3000, 0), 2: (1000, 2000, 0)}
     assert simulate(jobs, ars, Config("novm"), NOVM).records == {1: (0, 1000, 0), 2: (1000, 2000, 0)}
 
 
 def test_cancelling_keeps_every_invariant_on_a_busy_mix():
-    from vmwrap.sim import OPT_IN
+    from vmwrap.sim import CONFIGS
     from vmwrap.sim.workload import synthetic
     jobs, ars = synthetic(jobs=150, nodes=16, load=1.2, ar_share=0.3, ar_nodes=(4, 12), ar_hours=1,
                           ar_lead_s=600, mean_run_s=3600, seed=5)
-    r = simulate(jobs, ars, OPT_IN["novm@haizea"], Cluster(nodes=16), check=True)
+    r = simulate(jobs, ars, CONFIGS["novm@haizea"], Cluster(nodes=16), check=True)
     assert r.killed > 0 and r.jobs + r.cancelled == len(jobs) and r.ars_on_time == r.ars_accepted
 
 

@@ -12,6 +12,7 @@ DIGESTS = {
     "novm": "a44f8c09da72881f",
     "novm+suspend": "4f404bc0e1094cdf",
     "novm+suspend@haizea": "62ee2c76eca47f92",
+    "novm@haizea": "2e5d42067045d3b1",
     "novm-conservative": "31519e7e90cf7a22",
     "vm+noreuse": "8fa44e27c976f5a4",
     "vm+noreuse@haizea": "f3007a5d47bc9370",

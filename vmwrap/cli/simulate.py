@@ -55,6 +55,7 @@ def simulate(swf, lwf, synth, jobs, load, ar_share, ar_nodes, ar_hours, names, l
                 ("transfer", "none"), ("images", "uniform"), ("backfill", "easy"), ("placement", "any"),
                 ("staging", "hold")) if getattr(c, k) != plain and (k != "images" or c.transfer != "none")]
             what += ["prestage"] if c.prestage else []
+            what += ["cancel"] if c.cancel else []   # a reservation cancels the batch jobs in its way
             click.echo(f"{c.name:21} {' '.join(what) or 'batch only, no VMs'}")
         return
     unknown = [n for n in names.split(",") if n not in CONFIGS]

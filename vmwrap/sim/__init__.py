@@ -4,7 +4,7 @@ from .engine import Cluster, Config, InvariantError, Result, simulate
 from .workload import Job, Reservation, WorkloadError
 
 __all__ = ["Cluster", "Config", "InvariantError", "Job", "Reservation", "Result", "WorkloadError",
-           "simulate", "CONFIGS", "OPT_IN", "MEASURED_HERE"]
+           "simulate", "CONFIGS", "MEASURED_HERE"]
 
 #: The HPDC'08 configurations (Table 1) and vmwrap's own best: prestage + cache-aware placement.
 CONFIGS: dict[str, Config] = {c.name: c for c in (
@@ -31,6 +31,10 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
     # reservation, later jobs saved before it; the cells without image transfers
     Config("novm+suspend@haizea", suspend=True, backfill="haizea"),
     Config("vm+predeployed@haizea", vm=True, suspend=True, backfill="haizea"),
+    # "no VM, no suspension" as Haizea's HPDC'08 profile ran it (`backfilling: aggressive`,
+    # `suspension: none`): the booking above, and a reservation that does not fit on idle nodes
+    # cancels the batch jobs on the nodes it takes (requeued at their place, work lost)
+    Config("novm@haizea", backfill="haizea", cancel=True),
     # what vmwrap can do on Slurm: the gap planner (suspend), cache-aware placement, prestage, and
     # the start booked at the image's arrival with backfill on those nodes until then (the
     # prestager fetches while earlier jobs run); EASY otherwise, as Slurm's backfill keeps
@@ -38,15 +42,6 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
            placement="cache", prestage=True, staging="overlap"),
     Config("vmwrap-slurm-skewed", vm=True, suspend=True, transfer="cache", images="skewed",
            placement="cache", prestage=True, staging="overlap"),
-)}
-
-#: Opt-in variants, outside CONFIGS (not in `--list` / `--configs`, not in the pinned schedule
-#: digests of tests/test_sim_schedule.py, which cover every CONFIGS entry). novm@haizea: the
-#: "no VM, no suspension" cell as Haizea ran it: its aggressive backfilling (the HPDC'08 profile's
-#: `backfilling: aggressive`, `suspension: none`) and a reservation that does not fit on idle
-#: nodes cancels the batch jobs on the nodes it takes (requeued, work lost).
-OPT_IN: dict[str, Config] = {c.name: c for c in (
-    Config("novm@haizea", backfill="haizea", cancel=True),
 )}
 
 #: Costs measured on this project's machine (TCG guests, local disk): save 697 MiB of a 1 GiB
