@@ -164,7 +164,14 @@ def test_corrupt_checkpoint_follows_the_jobs_policy(cluster, jobdir, policy, dam
             b = f.read(1)
             f.seek(-1, 1)
             f.write(bytes([b[0] ^ 0xFF]))
-    info = cluster.wait_state(job, FINAL, timeout=180)
+    try:
+        info = cluster.wait_state(job, FINAL, timeout=180)
+    except AssertionError as e:  # say where it stands: the job's own words and what c3's ledger saw
+        said = (jobdir / f"slurm-{job}.out").read_text(errors="replace")[-3000:]
+        ledger = subprocess.run(["sqlite3", str(cluster.node_dir("c3") / "state" / "ledger.sqlite"),
+                                 f"select event, detail from events where job_id='{job}'"],
+                                capture_output=True, text=True).stdout[-3000:]
+        raise AssertionError(f"{e}\n-- output:\n{said}\n-- ledger on c3:\n{ledger}") from None
     out = (jobdir / f"slurm-{job}.out").read_text()
     assert ("memory.save is corrupt" if damage == "flip" else "is not authenticated") in out, out
     if policy == "fail":
