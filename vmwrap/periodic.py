@@ -26,7 +26,7 @@ from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
 from . import checkpoint, domain, rundir, share
-from .checkpoint import JSON_MAX, STREAMS, _copy_out, _read_capped, _write_new
+from .checkpoint import JSON_MAX, STREAMS, _copy_out, _read_capped, _write_sealed
 from .config import Settings
 from .errors import NodeError, UserError
 
@@ -70,6 +70,7 @@ def save(job_id: str, run_dir: Path, store: checkpoint.Store, conn, restarts: in
     name = rundir.domain_name(job_id)
     dom, meta = checkpoint.running_vm(job_id, run_dir, conn, "checkpoint")
     tmp = store.staging(job_id)
+    known: dict[str, tuple[int, str]] = {}  # size and sha256 of what this save wrote itself
     serial = (run_dir / share.CONTROL).exists()
     was_running = dom.info()[0] != libvirt.VIR_DOMAIN_PAUSED
     paused_at = resumed_at = None
@@ -95,13 +96,14 @@ def save(job_id: str, run_dir: Path, store: checkpoint.Store, conn, restarts: in
                 raise NodeError(f"libvirt could not save the memory of job {job_id}'s VM: "
                                 f"{e.get_error_message()}") from None
             t_memory = time.monotonic()
+            # hashed as copied: the seal reads back only the memory image (libvirt wrote it)
             if (run_dir / rundir.OVERLAY).exists():
-                _copy_out(run_dir / rundir.OVERLAY, tmp / "overlay.qcow2")
+                known["overlay.qcow2"] = _copy_out(run_dir / rundir.OVERLAY, tmp / "overlay.qcow2")
             else:
-                _write_new(tmp / "overlay.qcow2", b"")
+                known["overlay.qcow2"] = _write_sealed(tmp / "overlay.qcow2", b"")
             for s in STREAMS:
                 src = run_dir / s
-                _copy_out(src, tmp / s) if src.exists() else _write_new(tmp / s, b"")
+                known[s] = _copy_out(src, tmp / s) if src.exists() else _write_sealed(tmp / s, b"")
             delivered = checkpoint._delivered(run_dir)
         finally:
             if paused_at is not None and was_running:
@@ -112,10 +114,10 @@ def save(job_id: str, run_dir: Path, store: checkpoint.Store, conn, restarts: in
                     share.resume(run_dir)
                 except NodeError:
                     pass
-        _write_new(tmp / "share.json", json.dumps(state).encode())
+        known["share.json"] = _write_sealed(tmp / "share.json", json.dumps(state).encode())
         meta.update(restarts=restarts, delivered=delivered)
-        _write_new(tmp / "job.json", json.dumps(meta).encode())
-        manifest = store.commit(tmp, job_id)  # the old checkpoint is replaced only by a sealed new one
+        known["job.json"] = _write_sealed(tmp / "job.json", json.dumps(meta).encode())
+        manifest = store.commit(tmp, job_id, known)  # the old checkpoint is replaced only by a sealed new one
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
