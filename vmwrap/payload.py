@@ -37,6 +37,7 @@ POLL = 0.02
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 SMALL_FILE_MAX = 1 << 16     # error, notice, restored.json: root-written, capped anyway
 RESUME_RETRY_S = 2.0        # a resume the node agent could not do is asked for again this often
+GO_RESEND_S = 2.0           # GO again until the guest says "started" (a line can be lost: stream())
 STATUS_TIMELINE_MAX = 1 << 16  # the agent's booted/ready/started/exit lines come first
 STATUS_READ_MAX = 1 << 16    # status bytes taken per poll
 STATUS_LINE_MAX = 4096       # a longer unfinished status "line" is the guest's garbage: dropped
@@ -102,7 +103,10 @@ class Attachment:
         restored = safeio.read_capped(self.run_dir / rundir.RESTORED, SMALL_FILE_MAX)
         if restored is not None:  # the job already runs in a VM restored from its checkpoint
             self._resume_streams(json.loads(restored).get("delivered", {}))
-            return
+            if "started" in guest_timeline(self.run_dir):
+                return
+            # ... unless it was saved while its guest still booted (a checkpoint or a requeue right after
+            # the start): that guest waits for GO and reads the job's files from this run dir.
         user = rundir.user_dir(self.run_dir)
         try:
             _write_private(user / rundir.USER_SCRIPT, script.encode("utf-8", "surrogateescape"), 0o700)
@@ -184,11 +188,17 @@ class Attachment:
         killed_by: int | None = None
         exit_seen_at = None
         term_deadline = kill_deadline = None
+        # TERM/KILL sent before the guest said it started may be lost: its agent reads GO and closes the
+        # port, dropping what arrived behind it. Such a line is sent again once the job has started.
+        again: list[str] = []
         paused = False
         retry_resume = None   # when to ask again for a resume the node agent could not do (it restarts)
         next_checkpoint = time.monotonic() + self.checkpoint_every if self.checkpoint_every else None
         last_check = 0.0
         status_f = None
+        # The guest agent polls the control port (open, read, close) while no host is attached, and a
+        # port closed just as a line arrives drops it: GO is sent again until the job has started.
+        last_go = self.timeline.get("go")
 
         def pump(name: str, fd: int) -> bool:
             f = files.get(name)
@@ -249,6 +259,8 @@ class Attachment:
                         paused = not self._resume()
                     self.control.send("TERM")
                     term_deadline = time.monotonic() + self.grace
+                    if "started" not in self.timeline:
+                        again.append("TERM")
             if self.detached:
                 break
             now = time.monotonic()
@@ -259,17 +271,29 @@ class Attachment:
                 retry_resume = now + RESUME_RETRY_S if paused else None
                 if not paused:
                     write_all(self.err_fd, b"vmwrap: the VM resumed\n")
+            # Not before the job runs: a guest saved while booting waits for a GO after its restore.
             if (next_checkpoint is not None and now >= next_checkpoint and not paused and exit_code is None
-                    and term_deadline is None and not self._signals):
+                    and term_deadline is None and not self._signals and "started" in self.timeline):
                 for name, fd in pending.items():
                     pump(name, fd)
                 self._save_offsets()
                 self._checkpoint()
                 now = time.monotonic()
                 next_checkpoint = now + self.checkpoint_every
+            if last_go is not None and ("started" in self.timeline or exit_code is not None or term_deadline):
+                last_go = None
+            if last_go is not None and now - last_go >= GO_RESEND_S:
+                self.control.send("GO")
+                last_go = now
+            if again and "started" in self.timeline and exit_code is None:
+                for line in again:
+                    self.control.send(line)
+                again.clear()
             if term_deadline and now > term_deadline and kill_deadline is None:
                 self.control.send("KILL")
                 kill_deadline = now + 2.0
+                if "started" not in self.timeline:
+                    again.append("KILL")
             if kill_deadline and now > kill_deadline and self.conn is not None:
                 domain.destroy(self.conn, self.name)
             if now - last_check > 0.1 or exit_code is not None:
