@@ -43,6 +43,8 @@ mkdir -p /etc/vmwrap
 [ -f /etc/vmwrap/vmwrap.toml ] || cp "$here/docs/vmwrap.toml.example" /etc/vmwrap/vmwrap.toml
 # The checkpoint key (root 0600): a multi-node site copies this one file to every node instead.
 [ -f /etc/vmwrap/checkpoint.key ] || vmwrap checkpoints keygen
+# The shared checkpoint store, stamped once per site (says so and changes nothing when it is already).
+vmwrap checkpoints init
 vmwrap image build --name busybox --kind busybox
 # HTCondor 23.9 is trixie-only: a cached trixie root its test pool runs in (skipped when present).
 bash "$here/scripts/build-condor-root.sh"

@@ -11,6 +11,7 @@ import shutil
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -36,6 +37,7 @@ def new_store(tmp_path: Path, name: str = "ck") -> checkpoint.Store:
     key = tmp_path / f"{name}.key"
     if not key.exists():
         checkpoint.keygen(key)
+    checkpoint.init_store(tmp_path / name, key)  # as `vmwrap checkpoints init` on the shared storage
     return checkpoint.Store(tmp_path / name, key)
 
 
@@ -69,7 +71,7 @@ def test_a_newer_checkpoint_replaces_the_older(tmp_path):
     store.commit(stage(store, "7", b"old"), "7")
     store.commit(stage(store, "7", b"new"), "7")
     assert (store.dir("7") / "memory.save").read_bytes() == b"new"
-    assert [p.name for p in store.root.iterdir()] == ["7"]  # no leftovers of the swap
+    assert sorted(p.name for p in store.root.iterdir()) == [checkpoint.STAMP, "7"]  # no leftovers of the swap
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "symlink"])
@@ -95,7 +97,6 @@ def test_damage_is_detected(tmp_path, damage):
 
 def test_missing_checkpoint_says_why(tmp_path):
     store = new_store(tmp_path)
-    store.root.mkdir()
     with pytest.raises(CheckpointError, match="not saved when the job was requeued"):
         store.verify("5")
     store.mark_lost("5", "saving its VM on c2 failed: No space left on device")
@@ -167,7 +168,7 @@ def test_the_site_key_must_be_roots_alone(tmp_path):
     key = tmp_path / "k"
     store = checkpoint.Store(tmp_path / "ck", key)
     with pytest.raises(NodeError, match=f"checkpoint key {key} does not exist"):
-        store.commit(stage(store, "17"), "17")
+        store.key()
     checkpoint.keygen(key)
     with pytest.raises(NodeError, match="already exists"):
         checkpoint.keygen(key)
@@ -369,9 +370,13 @@ def test_first_start_deletes_a_stale_checkpoint_of_the_same_job_id(tmp_path, mon
 
     class FakeLauncher:
         on_lost_checkpoint = None
+        run_token = "run-1"
+        request = SimpleNamespace(image=SimpleNamespace(checkpoint=True))
 
         def __init__(self, job, settings):
             self.job = job
+            self.run_dir = tmp_path / "run"
+            self.run_dir.mkdir(exist_ok=True)
 
         def prepare(self):
             pass
@@ -412,7 +417,6 @@ def test_gc_keeps_queued_jobs_only(tmp_path):
 def test_shared_records_never_follow_a_planted_link(tmp_path):
     """The planner's deadline and the save-rate log are written by root into the store."""
     store = new_store(tmp_path)
-    store.root.mkdir()
     victim = tmp_path / "victim"
     victim.write_text("keep\n")
     (store.root / "5.deadline").symlink_to(victim)

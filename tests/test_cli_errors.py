@@ -110,7 +110,7 @@ MISTAKES = [
     ("image build bad name", {}, ["image", "build", "--name", "a b"], "invalid image name", None),
     ("teardown bad job id", {}, ["teardown", "../x"], "invalid job id", None),
     ("checkpoint unknown", {}, ["checkpoints", "verify", "nosuch"], "has no checkpoint", "ckpt-dir"),
-    ("checkpoint store missing", {}, ["checkpoints", "verify", "j1"], "is the shared storage mounted?", None),
+    ("checkpoint store missing", {}, ["checkpoints", "verify", "j1"], "shared storage not mounted on this node", None),
     ("checkpoints delete none", {}, ["checkpoints", "delete"], "Missing argument", None),
     ("config render unknown", {}, ["config", "render", "nosuch"], "no scheduler adapter 'nosuch'", None),
     ("reconcile unknown", {}, ["reconcile", "nosuch", "--once"], "no scheduler adapter 'nosuch'", None),
@@ -146,8 +146,10 @@ def test_a_mistake_is_one_error_line_saying_what_to_change(good_site, monkeypatc
         cfg.write_text(over)
     else:
         cfg.write_text(config.render({**base, **over}))
-    if prepare == "ckpt-dir":
-        (tmp / "ckpt").mkdir(mode=0o700)
+    if prepare == "ckpt-dir":  # the site's store, set up as the admin guide says
+        from vmwrap import checkpoint
+
+        checkpoint.init_store(tmp / "ckpt", checkpoint.keygen(tmp / "key"))
     if prepare == "rm-kernel":
         (tmp / "k").unlink()
     if prepare == "scontrol-down":

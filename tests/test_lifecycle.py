@@ -5,6 +5,7 @@ the same lifecycle through their adapters in their own test modules)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 
@@ -78,7 +79,7 @@ class FakeScheduler:
 def lsite(tmp_path, appliance, virt_type):
     s = Site(tmp_path, appliance, virt_type, checkpoint_dir=str(tmp_path / "ckpt"),
              checkpoint_key_file=str(tmp_path / "ckpt.key"))
-    checkpoint.keygen(tmp_path / "ckpt.key")
+    checkpoint.init_store(tmp_path / "ckpt", checkpoint.keygen(tmp_path / "ckpt.key"))
     yield s
     conn = domain.connect("qemu:///system")
     for name in conn.listDomainsID() and [conn.lookupByID(i).name() for i in conn.listDomainsID()]:
@@ -158,6 +159,30 @@ def test_requeue_saves_the_restart_restores_and_the_final_end_deletes_the_checkp
         assert [e for e, _ in events(s, "lc-save") if e in ("saved", "restored")] == ["saved", "restored"]
     finally:
         domain.destroy(conn, "vmwrap-lc-save")
+        conn.close()
+
+
+def test_a_node_that_cannot_restore_the_job_leaves_its_checkpoint_to_the_next(lsite, workdir):
+    """A restart that fails on a node as a node fault (the scheduler takes the node out and starts the
+    job elsewhere) must not cost the job its checkpoint: that node's epilog, which has no VM of the job
+    and no sign it was requeued, deletes nothing; the next node restores."""
+    s, env = lsite.settings(), {"FAKE_JOB_ID": "lc-move"}
+    broken = dataclasses.replace(s, state_dir=str(lsite.base / ("d" * 80)))   # too deep for a VM's sockets
+    store = checkpoint.Store(s.checkpoint_dir, s.checkpoint_key_file)
+    conn = domain.connect(s.libvirt_uri)
+    try:
+        assert lifecycle.prolog(FakeScheduler(job=job(workdir, "lc-move")), s, env).verdict is Verdict.RUN
+        assert lifecycle.epilog(FakeScheduler(requeued=True, restarts=1), s, env).facts["saved"] is True
+        fake = FakeScheduler(job=job(workdir, "lc-move", restarts=1))
+        out = lifecycle.prolog(fake, broken, env)
+        assert out.verdict is Verdict.NODE_FAULT and "too deep" in out.reason and fake.taken_out, out
+        lifecycle.epilog(FakeScheduler(requeued=False, restarts=1), broken, env)   # what the scheduler runs next
+        assert store.exists("lc-move") and store.ran("lc-move")
+        again = lifecycle.prolog(FakeScheduler(job=job(workdir, "lc-move", restarts=1)), s, env)
+        assert again.verdict is Verdict.RUN and again.facts["restored"] is True, again
+    finally:
+        lifecycle.epilog(FakeScheduler(), s, env)
+        domain.destroy(conn, "vmwrap-lc-move")
         conn.close()
 
 

@@ -99,6 +99,20 @@ def test_libvirtd_not_running(site, workdir):
     assert site.leftovers() == []
 
 
+def test_a_state_dir_too_deep_for_the_vms_sockets_is_the_nodes_fault_named(site, workdir):
+    """libvirtd would refuse the control socket's path ("UNIX socket path ... too long") and the job would
+    read as one whose QEMU its user killed: say what to change before anything is made."""
+    deep = site.base / ("d" * 60)
+    site.config.write_text(site.config.read_text().replace(f'state_dir = "{site.state}"', f'state_dir = "{deep}"'))
+    assert f'state_dir = "{deep}"' in site.config.read_text()
+    r = site.run(HDR + "#VMWRAP --image=busybox\n", workdir, "--job-id", "deep-1")
+    err = r.stderr.decode()
+    assert r.returncode == EXIT_NODE, err
+    assert f"the run dir {deep}/jobs/deep-1 is too deep for its VM's sockets" in err, err
+    assert "set a shorter state_dir" in err and "killed" not in err
+    assert not (deep / "jobs" / "deep-1").exists() and site.domains() == []
+
+
 def test_unreadable_script(site, workdir):
     r = subprocess.run([sys.executable, "-m", "vmwrap.cli", "run", str(workdir / "none.sh")],
                        capture_output=True, env=site.env())

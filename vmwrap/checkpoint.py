@@ -50,10 +50,16 @@ STREAMS = ("stdout", "stderr", "status")
 # How big the job's output files were when `delivered` was recorded (periodic checkpoints): a restart
 # after a crash cuts them back to these sizes (vmwrap/periodic.py).
 OUTPUT_SIZES = ("stdout_size", "stderr_size")
+RUN_MAX = 64                        # bytes of a run token (Store.mark_ran)
 VERSION = 2
 KEY_FILE = "/etc/vmwrap/checkpoint.key"
 QEMU_IMG = "/usr/bin/qemu-img"
 MAC_CONTEXT = b"vmwrap checkpoint manifest v2\0"
+# The store's identity stamp (`vmwrap checkpoints init`): tells the shared store from the empty
+# directory a node has at that path when the shared storage is not mounted there.
+STAMP = ".vmwrap-store"
+STAMP_MAX = 4096
+STAMP_CONTEXT = b"vmwrap checkpoint store v1\0"
 JSON_MAX = 1 << 20          # manifest.json, job.json, spec.json
 SHARE_MAX = share.STATE_MAX # share.json: the work dir server's state, as share.state() bounds it
 DELIVERED_MAX = 4096        # the user's delivered.json
@@ -356,6 +362,107 @@ def keygen(path: str | os.PathLike) -> Path:
     return p
 
 
+class StoreUnverified(NodeError):
+    """The checkpoint store is missing, not initialised or another site's: on a node, its shared
+    storage is not there. A start is the node's fault; a save fails like a full store (the job's
+    --on-lost-checkpoint decides, the node stays up)."""
+
+
+def _stamp_mac(key: bytes, store_id: str) -> str:
+    return hmac.new(key, STAMP_CONTEXT + store_id.encode(), hashlib.sha256).hexdigest()
+
+
+def _not_initialised(root: Path, why: str) -> StoreUnverified:
+    # Short: a scheduler keeps about 200 characters of a drained node's reason (Slurm: vmwrap's cut).
+    return StoreUnverified(f"the checkpoint store {root} {why}: shared storage not mounted on this node, or never "
+                           "initialised (`vmwrap checkpoints init`, once per site)")
+
+
+def read_stamp(root: Path) -> dict:
+    """The store's stamp as written (not yet authenticated); StoreUnverified if there is none usable.
+    Never through a link, at most STAMP_MAX bytes, root's file that only root may change."""
+    p = Path(root) / STAMP
+    try:
+        fd = _open_regular(p)
+    except FileNotFoundError:
+        raise _not_initialised(root, f"has no {STAMP} stamp") from None
+    except OSError as e:
+        raise StoreUnverified(f"the checkpoint store's stamp {p} is unusable: {os.strerror(e.errno or 0)}"
+                              + (" (it is a symlink)" if e.errno == errno.ELOOP else "")) from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            raise StoreUnverified(f"the checkpoint store's stamp {p} must be owned by root and writable only by "
+                                  f"root (it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})")
+        data = os.read(fd, STAMP_MAX + 1)
+    finally:
+        os.close(fd)
+    try:
+        if len(data) > STAMP_MAX:
+            raise ValueError(f"larger than {STAMP_MAX} bytes")
+        stamp = json.loads(data)
+        if not isinstance(stamp, dict) or not isinstance(stamp.get("store_id"), str) \
+                or not isinstance(stamp.get("mac"), str):
+            raise ValueError("no store_id and mac")
+    except ValueError as e:
+        raise StoreUnverified(f"the checkpoint store's stamp {p} is unusable ({e}): run `vmwrap checkpoints "
+                              "init` again where the shared storage is mounted") from None
+    return stamp
+
+
+def verify_stamp(root: Path, key: bytes, key_file: str) -> dict:
+    """The store's stamp once its MAC proves this site's key made it; StoreUnverified otherwise."""
+    stamp = read_stamp(root)
+    if not hmac.compare_digest(stamp["mac"].encode(), _stamp_mac(key, stamp["store_id"]).encode()):
+        raise StoreUnverified(
+            f"the checkpoint store {root} belongs to another site or was initialised with another checkpoint key "
+            f"(its stamp {STAMP} does not verify with {key_file}): mount this site's store there, or copy the "
+            "site's key to this node")
+    return stamp
+
+
+def init_store(root: str | os.PathLike, key_file: str | os.PathLike = KEY_FILE) -> tuple[str, Path]:
+    """Stamp the shared store with this site's identity (`vmwrap checkpoints init`, run once per site
+    where the store is mounted). Returns (what happened, the stamp's path): "created" (a new or
+    empty store), "adopted" (an older vmwrap's store, kept as it is) or "already" (stamped, verifies:
+    nothing done). NodeError for a store another site's key stamped, or one root alone cannot own."""
+    root = Path(root)
+    key_file = str(key_file)
+    key = load_key(key_file)
+    try:
+        st = os.lstat(root)
+    except FileNotFoundError:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(root, 0o700)
+        os.chown(root, 0, 0)
+        os.chmod(root, 0o700)
+        st = os.lstat(root)
+    if stat.S_ISLNK(st.st_mode):
+        raise NodeError(f"the checkpoint store {root} is a symbolic link: give checkpoint_dir the real path")
+    store = Store(root, key_file)
+    store.check_root()
+    p = root / STAMP
+    if os.path.lexists(p):
+        verify_stamp(root, key, key_file)
+        return "already", p
+    adopted = any(e.name != STAMP for e in os.scandir(root))
+    store_id = secrets.token_hex(16)
+    body = {"store_id": store_id, "created": time.time(), "host": socket.gethostname(), "vmwrap": __version__,
+            "mac": _stamp_mac(key, store_id)}
+    tmp = root / f"{STAMP}.{os.getpid()}.{secrets.token_hex(3)}"
+    try:
+        _write_new(tmp, json.dumps(body).encode() + b"\n", 0o644)
+        _fsync_path(tmp, 0o644)
+        os.link(tmp, p)  # never replaces a stamp another init wrote meanwhile
+    except FileExistsError:
+        verify_stamp(root, key, key_file)
+        return "already", p
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_path(root)
+    return ("adopted" if adopted else "created"), p
+
+
 def record_spec(run_dir: Path, spec: domain.Spec) -> None:
     """Keep the VM's shape beside it (root-only) so a save can record what a restore must render again."""
     shape = {"virt_type": spec.virt_type, "memory_mib": spec.memory_mib, "cpus": spec.cpus,
@@ -413,14 +520,14 @@ class Store:
                             f"(it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}); refusing to save "
                             "or restore checkpoints there")
 
-    def _ensure_root(self) -> None:
-        if not self.root.exists():
-            self.root.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                self.root.mkdir(mode=0o700)
-            except FileExistsError:
-                pass
+    def check_identity(self) -> dict:
+        """The store is this site's shared store: root's, private, stamped (`vmwrap checkpoints init`)
+        with this site's key. Never creates anything: where the store's path is missing or an
+        unstamped directory, the shared storage is not mounted (StoreUnverified, a NodeError)."""
+        if not os.path.lexists(self.root):
+            raise _not_initialised(self.root, "does not exist")
         self.check_root()
+        return verify_stamp(self.root, self.key(), self.key_file)
 
     def dir(self, job_id: str) -> Path:
         Job.check_id(job_id)
@@ -431,19 +538,46 @@ class Store:
 
     # Markers beside the checkpoints: whether the job ever ran in a VM (so a restart without a
     # checkpoint is a lost checkpoint, not a first start) and why a save failed.
-    def mark_ran(self, job_id: str) -> None:
+    def mark_ran(self, job_id: str, run: str = "") -> None:
+        """This run (its token) is the job's current one: a save of any other run is refused."""
+        self.check_identity()
+        p = self.root / f"{self.dir(job_id).name}.ran"
+        tmp = self.root / f".{p.name}.{os.urandom(3).hex()}"
         try:
-            self._ensure_root()
-            (self.root / f"{self.dir(job_id).name}.ran").touch(0o600)
+            _write_new(tmp, run.encode()[:RUN_MAX])
+            os.rename(tmp, p)   # a new inode: its mtime is this start's (_await_checkpoint reads it)
         except OSError as e:
+            tmp.unlink(missing_ok=True)
             raise NodeError(f"cannot write to the checkpoint store {self.root}: {e}") from None
 
     def ran(self, job_id: str) -> bool:
         return (self.root / f"{self.dir(job_id).name}.ran").exists()
 
-    def mark_lost(self, job_id: str, reason: str) -> None:
+    def current_run(self, job_id: str) -> str | None:
+        """The token of the job's latest start (None: none recorded, or by a vmwrap before tokens)."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            raw = _read_capped(self.root / f"{self.dir(job_id).name}.ran", RUN_MAX)
+        except OSError:
+            return None
+        return raw.decode(errors="replace").strip() or None
+
+    def check_current(self, job_id: str, run: str | None) -> None:
+        """StaleRunError when the job has started again since `run` did (a node cut off from its
+        scheduler ran on while the job was restarted elsewhere): its saves would replace the new
+        run's checkpoint with older work, and its end would delete it."""
+        current = self.current_run(job_id)
+        if run and current and current != run:
+            raise StaleRunError(f"job {job_id} was started again elsewhere since this run began (run "
+                                f"{current[:16]}, this one {run[:16]}): its checkpoint is the new run's")
+
+    def mark_lost(self, job_id: str, reason: str) -> None:
+        """Best effort: a store that is not this site's (not mounted here) gets nothing; the restart
+        then reports the checkpoint as not saved."""
+        try:
+            self.check_identity()
+        except NodeError:
+            return
+        try:
             p = self.root / f"{self.dir(job_id).name}.lost"
             p.unlink(missing_ok=True)
             _write_new(p, reason.encode(errors="replace")[:DELIVERED_MAX])
@@ -480,7 +614,7 @@ class Store:
         return min(rates) if rates else None
 
     def set_deadline(self, job_id: str, when: float) -> None:
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        """OSError where the store is missing (it is never created here)."""
         p = self.root / f"{self.dir(job_id).name}.deadline"
         p.unlink(missing_ok=True)
         _write_new(p, f"{when:.3f}\n".encode())
@@ -554,16 +688,19 @@ class Store:
 
     def staging(self, job_id: str) -> Path:
         """A private temporary directory in the store to build a checkpoint in (never listed)."""
-        self._ensure_root()
+        self.check_identity()
         tmp = self.root / f".{self.dir(job_id).name}.{os.getpid()}.{os.urandom(3).hex()}"
         tmp.mkdir(mode=0o700)
         return tmp
 
-    def commit(self, tmp: Path, job_id: str, known: dict[str, tuple[int, str]] | None = None) -> dict:
+    def commit(self, tmp: Path, job_id: str, known: dict[str, tuple[int, str]] | None = None,
+               run: str | None = None) -> dict:
         """Seal a staged checkpoint (checksums, MAC, fsync) and rename it into place; returns the manifest.
 
         `known` holds the (size, sha256) of files the caller hashed as it wrote them: those are sealed
-        as written, without reading them back; every other file is hashed here."""
+        as written, without reading them back; every other file is hashed here. `run`: the saving
+        run's token; the checkpoint is not put in place if the job has started again since."""
+        self.check_identity()  # still this site's store (not unmounted under the save)
         key = self.key()
         known = known or {}
         files = {}
@@ -587,6 +724,7 @@ class Store:
         _write_new(tmp / "manifest.json", json.dumps({**manifest, "mac": _mac(key, manifest)}).encode())
         _fsync_path(tmp / "manifest.json")
         _fsync_path(tmp)
+        self.check_current(job_id, run)  # again just before it replaces anything
         final = self.dir(job_id)
         old = None
         if final.exists() or final.is_symlink():  # an older checkpoint of the same job: swap, then drop
@@ -602,7 +740,7 @@ class Store:
         """The checkpoint's manifest once its MAC (site key) proves vmwrap wrote it for this job.
 
         CheckpointError if missing or not authentic; NodeError if the store or the key is unfit."""
-        self.check_root()
+        self.check_identity()
         d = self.dir(job_id)
         try:
             raw = _read_capped(d / "manifest.json", JSON_MAX)
@@ -697,6 +835,10 @@ def _copy_verified(d: Path, name: str, m: dict, job_id: str, dst: Path, uid: int
         raise _bad(job_id, name)
 
 
+class StaleRunError(CheckpointError):
+    """This run of the job is no longer its current one (Store.check_current)."""
+
+
 class NotSaveable(CheckpointError):
     """The job's image may not be saved (`checkpoint = false` in the catalog): the job's restart
     follows its --on-lost-checkpoint policy, with this as the reason."""
@@ -723,12 +865,32 @@ def save(job_id: str, run_dir: Path, store: Store, conn, restarts: int, deadline
     free on time and the job's checkpoint counts as lost, with that reason. A failed save also drops
     an older checkpoint of the job: the VM ran on since, so that one would replay work and output.
     """
+    store.check_current(job_id, run_token(run_dir))  # a stale run must not drop the current run's checkpoint
     try:
         refuse_by_policy(run_dir)
         return _save(job_id, run_dir, store, conn, restarts, deadline)
+    except StaleRunError:
+        raise
     except BaseException:
         shutil.rmtree(store.dir(job_id), ignore_errors=True)
         raise
+
+
+def mark_current(store: Store, job_id: str, run_dir: Path, run: str) -> None:
+    """This run is now the job's current one: in the store for every node, in its run dir for itself.
+    A run that never got this far (its start failed first) is nobody's stale copy."""
+    store.mark_ran(job_id, run)
+    (Path(run_dir) / rundir.RUN).write_text(run)
+
+
+def run_token(run_dir: Path) -> str | None:
+    """The token of the run whose run dir this is (root's; None: it never became current, or an
+    older vmwrap's run)."""
+    try:
+        run = _read_capped(Path(run_dir) / rundir.RUN, RUN_MAX).decode(errors="replace").strip()
+    except OSError:
+        return None
+    return run or None
 
 
 def running_vm(job_id: str, run_dir: Path, conn, what: str) -> tuple:
@@ -753,9 +915,7 @@ def _save(job_id: str, run_dir: Path, store: Store, conn, restarts: int, deadlin
 
     if deadline is not None and time.time() >= deadline:
         raise NodeError(f"no time left to save: the node is needed at {time.strftime('%H:%M:%S', time.localtime(deadline))}")
-    store.key()          # fail before pausing the VM and writing GBs: the key is missing or unfit
-    if store.root.exists():
-        store.check_root()
+    store.check_identity()  # fail before pausing the VM and writing GBs: no key, or not this site's store
     t0 = time.monotonic()
     name = rundir.domain_name(job_id)
     dom, meta = running_vm(job_id, run_dir, conn, "save")
@@ -801,7 +961,7 @@ def _save(job_id: str, run_dir: Path, store: Store, conn, restarts: int, deadlin
             known[s] = _copy_out(src, tmp / s) if src.exists() else _write_sealed(tmp / s, b"")
         meta.update(restarts=restarts, delivered=_delivered(run_dir))
         known["job.json"] = _write_sealed(tmp / "job.json", json.dumps(meta).encode())
-        manifest = store.commit(tmp, job_id, known)
+        manifest = store.commit(tmp, job_id, known, run=run_token(run_dir))
     except BaseException:
         if follower is not None:
             follower.abandon()

@@ -81,8 +81,8 @@ def shared_store(path: str, local: list[str]) -> tuple[str, str]:
     try:
         dev = os.stat(path).st_dev
     except OSError as e:
-        return "WARN", f"checkpoint store {path}: {e.strerror} (is the shared storage mounted? where it is missing, " \
-                       "vmwrap creates it on this node's own disk, where no other node finds a save)"
+        return "WARN", f"checkpoint store {path}: {e.strerror} (is the shared storage mounted? vmwrap never " \
+                       "creates it: jobs that checkpoint are refused on this node until it is there)"
     for other in local:
         try:
             if os.stat(other).st_dev == dev:
@@ -92,6 +92,19 @@ def shared_store(path: str, local: list[str]) -> tuple[str, str]:
         except OSError:
             continue
     return "ok", f"checkpoint store {path}: a file system of its own (not this node's {', '.join(local)})"
+
+
+def store_identity(path: str, key_file: str) -> tuple[str, str]:
+    """The store at `path` is this site's shared store (its stamp verifies with this node's key). A
+    FAIL here is what every start of a checkpointing job on this node would refuse as a node fault."""
+    from .checkpoint import Store
+    from .errors import VmwrapError
+
+    try:
+        stamp = Store(path, key_file).check_identity()
+    except VmwrapError as e:
+        return "FAIL", str(e)
+    return "ok", f"checkpoint store {path}: this site's store (id {stamp['store_id'][:12]}, stamped with this key)"
 
 
 def memory_limits(cgroup_root: str = "/sys/fs/cgroup") -> tuple[str, str]:

@@ -68,10 +68,12 @@ class Launcher:
         self.conn = None
         self.timeline: dict[str, float] = {"launcher_start": time.monotonic()}
         self.qemu_ids = domain.qemu_identity(job.uid, job.gid)
+        self.run_token = os.urandom(8).hex()  # this start of the job (checkpoint.Store.check_current)
 
     @_disk_full_fails_the_job
     def prepare(self) -> None:
         """Validate, fetch the image into the cache, make the overlay and control files."""
+        rundir.check_socket_room(self.run_dir)
         self.ledger.record(self.job.job_id, self.job.domain_name, "prepare", scheduler=self.job.scheduler,
                            restart_count=self.job.restart_count)
         catalog = Catalog.load(self.settings.catalog)

@@ -168,11 +168,20 @@ def _start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], 
         if job.restart_count == 0:  # a first start: what the store holds under this id is an older job's
             store.delete(job.job_id)  # (schedulers reuse job ids, e.g. after a controller reset)
         lx.prepare()
+        checkpoints = saving and lx.request.image.checkpoint
+        if checkpoints:
+            # Where the shared store is not mounted its path is a local directory: a save there is
+            # lost to every other node, and a restart finds no record that the job ran and would
+            # silently start it again from the beginning. The node's fault (StoreUnverified): the
+            # scheduler takes it out and runs the job where the store is.
+            store.check_identity()
         if saving and job.restart_count > 0 and store.ran(job.job_id):
             _await_checkpoint(store, job.job_id, settle)
+            # From here this run is the job's current one: a save by an earlier run still going on a
+            # node cut off from the scheduler is refused (and a next checkpoint must be newer than this).
+            checkpoint.mark_current(store, job.job_id, lx.run_dir, lx.run_token)
             try:
                 info = lx.restore(store)  # preempted or requeued: continue where the VM was saved
-                store.mark_ran(job.job_id)  # this start is the one a next checkpoint must be newer than
                 return Outcome(Verdict.RUN, vm=True, facts={"restored": True, **info}, **_booted(lx))
             except CheckpointError as e:
                 if (lx.on_lost_checkpoint or "fail") == "fail":
@@ -181,8 +190,13 @@ def _start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], 
                 lx.notice(f"{e}; starting the job again from the beginning (--on-lost-checkpoint=restart)")
                 store.delete(job.job_id)
         lx.boot()
-        if saving:
-            store.mark_ran(job.job_id)
+        if checkpoints:
+            checkpoint.mark_current(store, job.job_id, lx.run_dir, lx.run_token)
+        elif saving:  # an image that may not be saved: its restart follows the job's policy where the
+            try:      # store is there to tell (it is not required for jobs that never checkpoint)
+                checkpoint.mark_current(store, job.job_id, lx.run_dir, lx.run_token)
+            except NodeError:
+                pass
         return Outcome(Verdict.RUN, vm=True, facts={"restored": False}, **_booted(lx))
     except CacheFullError as e:
         lx.fail(e)  # the node is healthy, only busy: the job fails with the reason, the node stays up
@@ -248,6 +262,20 @@ def end(settings: Settings, job_id: str, *, requeued: bool, restarts: int, sched
     name = rundir.domain_name(job_id)
     out = Outcome(Verdict.RUN, vm=run_dir.exists())
     try:
+        try:
+            store.check_current(job_id, checkpoint.run_token(run_dir))
+            stale = None
+        except checkpoint.StaleRunError as e:
+            stale = str(e)
+        if stale is not None:
+            # Cut off while the job was restarted elsewhere: its VM goes, the new run's checkpoint stays.
+            ledger.record(job_id, name, "stale_run", scheduler=scheduler, message=stale)
+            _say("epilog", f"job {job_id}: {stale}; this run's VM is destroyed, nothing saved or deleted")
+            try:
+                launcher.teardown(job_id, settings, conn=conn)
+            except Exception as e:  # noqa: BLE001 (as below: leftover files are no node fault)
+                _say("epilog", f"job {job_id}: cleaning up: {e!r}")
+            return out
         if requeued and settings.workdir_share == "serial" and not domain.is_gone(conn, name):
             deadline = store.deadline(job_id)   # set by the gap planner: a reservation needs the node
             try:
@@ -271,8 +299,11 @@ def end(settings: Settings, job_id: str, *, requeued: bool, restarts: int, sched
             launcher.teardown(job_id, settings, conn=conn, keep_evidence=not requeued)  # a saved VM did not die
         except Exception as e:  # noqa: BLE001 (the VM is destroyed first; leftover files are no node fault)
             _say("epilog", f"job {job_id}: cleaning up after the VM failed: {e!r}")
-        if not requeued:
+        if not requeued and out.vm:
             store.delete(job_id)  # the job ended for good: its checkpoint can never be used again
+        # No run dir: the job's start failed here as a node fault (its restore never began), and the
+        # scheduler starts it elsewhere, where its checkpoint is all it has. Whether it ended is not this
+        # node's to say: gc_checkpoints removes the checkpoint once the scheduler no longer has the job.
         try:  # a prolog killed mid-fetch by the scheduler's timeout left its partial download here
             from .cache import Cache
 

@@ -64,8 +64,9 @@ def save(job_id: str, run_dir: Path, store: checkpoint.Store, conn, restarts: in
     import libvirt
 
     checkpoint.refuse_by_policy(run_dir)
-    store.key()          # fail before pausing: the key is missing or unfit
-    store._ensure_root()
+    store.check_identity()  # fail before pausing: no key, or the store is not this site's (not mounted?)
+    run = checkpoint.run_token(run_dir)
+    store.check_current(job_id, run)  # the job runs again elsewhere: this run's work is not its latest
     t0 = time.monotonic()
     name = rundir.domain_name(job_id)
     dom, meta = checkpoint.running_vm(job_id, run_dir, conn, "checkpoint")
@@ -117,7 +118,7 @@ def save(job_id: str, run_dir: Path, store: checkpoint.Store, conn, restarts: in
         known["share.json"] = _write_sealed(tmp / "share.json", json.dumps(state).encode())
         meta.update(restarts=restarts, delivered=delivered)
         known["job.json"] = _write_sealed(tmp / "job.json", json.dumps(meta).encode())
-        manifest = store.commit(tmp, job_id, known)  # the old checkpoint is replaced only by a sealed new one
+        manifest = store.commit(tmp, job_id, known, run=run)  # replaced only by a sealed new one of the current run
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

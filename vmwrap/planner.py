@@ -104,7 +104,11 @@ class Planner:
             elif a.kind == "requeue":
                 st = self.state.get(a.job, {})
                 # the epilog must not run past the reservation's start: it stops the save by then
-                self.store.set_deadline(a.job, st.get("ar_start", now) - self.settings.plan_teardown_s)
+                try:
+                    self.store.set_deadline(a.job, st.get("ar_start", now) - self.settings.plan_teardown_s)
+                except OSError as e:  # never created here: a store missing on this host is not mounted
+                    log.error("job %s: cannot record its save's deadline in the checkpoint store %s (is it "
+                              "mounted on this host?): %s; requeued without one", a.job, self.store.root, e)
                 self.sched.vacate(a.job)
         except RuntimeError as e:
             log.error("job %s: %s failed: %s", a.job, what, e)

@@ -10,11 +10,12 @@ named by those modules, which own them.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from . import __version__
 from .config import Settings
-from .errors import VmwrapError
+from .errors import NodeError, VmwrapError
 
 DOMAIN_PREFIX = "vmwrap-"
 
@@ -32,6 +33,7 @@ JOB = "job.json"           # who and what the VM is for (read by checkpoints, ev
 SPEC = "spec.json"         # the VM's shape, what a restore renders again (root-only)
 OVERLAY = "overlay.qcow2"  # the job's copy-on-write disk (QEMU's, as the job's user)
 RESTORED = "restored.json" # present when the VM was restored: where each stream continues
+RUN = "run"                # this run's token, once the store records it as the job's current run
 MEMORY_SAVE = "memory.save"
 SHARE_STATE = "share-state.json"
 
@@ -49,6 +51,20 @@ USER_SCRIPT, USER_ENV, USER_ARGS = "script", "env", "args"
 # are one file (then the guest sends both over one port, which keeps their order).
 USER_LIMITS, USER_MERGED = "limits", "merged"
 DELIVERED = "delivered.json"  # in ctl/user: how much of each stream the job's step delivered
+
+
+# AF_UNIX socket paths end at 107 bytes; libvirtd and QEMU make the run dir's sockets by path.
+SOCKET_PATH_MAX = 107
+RUN_DIR_SOCKETS = (CONTROL_SOCKET, "steps.sock", "9p.sock")  # steps.SOCKET, share.SOCKET
+
+
+def check_socket_room(run_dir: Path) -> None:
+    """Refuse a run dir whose sockets could not be made: QEMU would fail to start with a message that
+    reads like a killed guest. Only the state dir (the site's) can make it that long."""
+    longest = max(len(os.fsencode(Path(run_dir) / name)) for name in RUN_DIR_SOCKETS)
+    if longest > SOCKET_PATH_MAX:
+        raise NodeError(f"the run dir {run_dir} is too deep for its VM's sockets ({longest} bytes; AF_UNIX "
+                        f"allows {SOCKET_PATH_MAX}): set a shorter state_dir in the node's config")
 
 
 def domain_name(job_id: str) -> str:

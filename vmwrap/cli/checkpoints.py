@@ -77,3 +77,23 @@ def checkpoints_keygen() -> None:
     from ..checkpoint import keygen
 
     click.echo(f"created {keygen(settings().checkpoint_key_file)}: copy it to every node (same owner and mode)")
+
+
+@checkpoints.command("init")
+@friendly_oserrors
+def checkpoints_init() -> None:
+    """Stamp the shared checkpoint store with this site's identity (once per site, as root, where the
+    shared storage is mounted; after `keygen`). Nodes refuse a store without this site's stamp: on a
+    node where the storage is not mounted, its path is an empty local directory."""
+    from ..checkpoint import init_store
+
+    s = settings()
+    what, stamp = init_store(s.checkpoint_dir, s.checkpoint_key_file)
+    if what == "already":
+        click.echo(f"{s.checkpoint_dir} is already this site's checkpoint store ({stamp} verifies with "
+                   f"{s.checkpoint_key_file}): nothing to do")
+    elif what == "adopted":
+        click.echo(f"adopted the existing checkpoint store {s.checkpoint_dir} (its checkpoints are kept): wrote {stamp}")
+    else:
+        click.echo(f"initialised the checkpoint store {s.checkpoint_dir}: wrote {stamp}; every node that mounts "
+                   "this storage there may now save and restore checkpoints")

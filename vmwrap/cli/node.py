@@ -173,11 +173,12 @@ def _doctor_checks(s: Settings) -> list[dict]:
         except OSError as e:
             add("FAIL", name, f"{d}: {e.strerror or e}")
     if s.workdir_share == "serial":
-        level, msg = hostcheck.shared_store(s.checkpoint_dir, ["/", s.state_dir])  # before the probe creates it
+        level, msg = hostcheck.shared_store(s.checkpoint_dir, ["/", s.state_dir])
         add(level, "checkpoint store shared", msg)
+        level, msg = hostcheck.store_identity(s.checkpoint_dir, s.checkpoint_key_file)
+        add(level, "checkpoint store identity", msg)
         probe = os.path.join(s.checkpoint_dir, f".doctor.{os.getpid()}")
-        try:
-            os.makedirs(s.checkpoint_dir, exist_ok=True)
+        try:  # never created here: a missing store is an unmounted one
             with open(probe, "w") as f:
                 f.write("x")
             os.unlink(probe)
