@@ -23,6 +23,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from harness.host_share import SGE_FIRST_JOB
 from vmwrap.resources import HOOKS
 from vmwrap_plugins.sge.render import ckpt_config, queue_config  # the cell's queue is the rendered one
 
@@ -30,12 +31,18 @@ SGE_ROOT = Path("/var/lib/gridengine")
 CELL = "default"
 EXECD_SPOOL = Path("/var/spool/gridengine/execd")
 QMASTER_PID = Path("/var/spool/gridengine/qmaster/qmaster.pid")
+JOBSEQNUM = QMASTER_PID.parent / "jobseqnum"   # the last job id qmaster handed out
 HOST2 = "sgehost2"
 NETNS = "vmwrap-sge2"
 VETH = ("vmwsge0", "vmwsge1")           # host side, namespace side
 ADDR = ("10.254.213.1", "10.254.213.2")  # a /30 nothing else on this machine uses
 HOSTS_MARK = "# vmwrap test cell"
 CKPT = "vmwrap"
+# The group ids HOST2's execd tags its jobs' processes with (gid_range, sge_conf(5)): its own, not the
+# global range the first host's execd uses. Both execds share one kernel here, and a shepherd ending a
+# job SIGKILLs every process carrying its job's gid (pdc_kill_addgrpid): with one range both hosts
+# handed out 65400 at once, and a job ending on one host killed the other host's job.
+HOST2_GIDS = "20000-20099"
 
 
 def env() -> dict:
@@ -82,6 +89,19 @@ def _alive(pid: int | None, name: str) -> bool:
 
 def _ip(*args: str, check: bool = True) -> None:
     subprocess.run(["/usr/sbin/ip", *args], check=check, capture_output=True, timeout=30)
+
+
+
+def _first_job_id(first: int) -> None:
+    """Job ids from `first` on (see harness.host_share), as qmaster reads its counter when it starts."""
+    try:
+        last = int(JOBSEQNUM.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        last = 0
+    if last < first - 1:
+        JOBSEQNUM.write_text(f"{first - 1}\n")
+        st = JOBSEQNUM.parent.stat()   # qmaster (GE's admin user) rewrites it
+        os.chown(JOBSEQNUM, st.st_uid, st.st_gid)
 
 
 class Cell:
@@ -152,6 +172,9 @@ class Cell:
             raise RuntimeError("Grid Engine is not installed (scripts/install-host.sh installs it)")
         if self.site_config is not None:
             self._write_configs()
+        from harness.site_store import init_stores
+
+        init_stores(*self.configs.values())  # as the admin guide's setup: `vmwrap checkpoints init`
         # Clients whose IP resolves to 'localhost' are refused unless it is an alias of the host name.
         (common / "host_aliases").write_text(f"{self.host} localhost\n")
         hooks = self._write_hooks()
@@ -160,6 +183,7 @@ class Cell:
         if len(self.hosts) > 1:
             self._network()
         if not _alive(_pid(QMASTER_PID), "sge_qmaster"):
+            _first_job_id(SGE_FIRST_JOB)
             _daemon("/usr/sbin/sge_qmaster")
         _wait(lambda: qconf("-sh", check=False).returncode == 0, "sge_qmaster")
         self.set_server_jsv(hooks / "sge-jsv" if self.jsv == "server" else None)
@@ -177,17 +201,16 @@ class Cell:
         # execd reports its jobs every load_report_time: a rescheduled job's old instance is killed at
         # the next report (qmaster answers it with a kill), so tests want it short.
         self._global_conf(load_report_time="00:00:05")
+        if len(self.hosts) > 1:
+            self._local_conf(HOST2, gid_range=HOST2_GIDS)
         for h in self.hosts:
             if not self._execd_alive(h):
-                prefix = () if h == self.host else (
-                    "/usr/sbin/ip", "netns", "exec", NETNS, "/usr/bin/unshare", "--uts", "/bin/sh", "-c",
-                    f'/bin/hostname {h} && exec "$@"', "sh")
-                _daemon("/usr/sbin/sge_execd", prefix)
+                self.start_execd(h)
         _wait(lambda: all(h in qconf("-sel", check=False).stdout for h in self.hosts), "sge_execd to register")
         for h in self.hosts:
-            if self.site_config is not None:
-                self.agents.append(subprocess.Popen(["vmwrap", "--config", self.configs[h], "agent"],
-                                                    start_new_session=True, stdout=subprocess.DEVNULL,
+            if self.site_config is not None:  # HOST2's agent in its namespaces too: its host name is HOST2's
+                self.agents.append(subprocess.Popen([*self.host_prefix(h), "vmwrap", "--config", self.configs[h],
+                                                     "agent"], start_new_session=True, stdout=subprocess.DEVNULL,
                                                     stderr=subprocess.DEVNULL))
         ckpt = self.base / "ckpt.conf"
         ckpt.write_text(ckpt_config(CKPT, hooks))
@@ -211,6 +234,50 @@ class Cell:
             _wait(lambda: all((self.node_dir(h) / "state" / "agent.sock").exists() for h in self.hosts),
                   "the node agents")
 
+    def host_prefix(self, host: str) -> tuple[str, ...]:
+        """The command prefix that runs a program as on `host`: HOST2's in its network and UTS
+        namespaces (each step execs the next: the program keeps the pid the caller started)."""
+        return () if host == self.host else (
+            "/usr/sbin/ip", "netns", "exec", NETNS, "/usr/bin/unshare", "--uts", "/bin/sh", "-c",
+            f'/bin/hostname {host} && exec "$@"', "sh")
+
+    def start_execd(self, host: str) -> None:
+        """Start `host`'s sge_execd, e.g. again after a test killed it; it takes up what its spool holds."""
+        _daemon("/usr/sbin/sge_execd", self.host_prefix(host))
+
+    def execd_pid(self, host: str) -> int | None:
+        """The pid of `host`'s running sge_execd, None when it is not running."""
+        dirs = ("localhost", host) if host == self.host else (host,)
+        return next((p for d in dirs if _alive(p := _pid(EXECD_SPOOL / d / "execd.pid"), "sge_execd")), None)
+
+    def _local_conf(self, host: str, **settings: str) -> None:
+        """Set entries of `host`'s local configuration (`qconf -Aconf/-Mconf`), keeping its others."""
+        r = qconf("-sconf", host, check=False)
+        lines = [ln for ln in r.stdout.splitlines() if ln.split() and ln.split()[0] not in settings] \
+            if r.returncode == 0 else []
+        lines += [f"{k:<28} {v}" for k, v in settings.items()]
+        (self.base / "conf").mkdir(exist_ok=True)
+        f = self.base / "conf" / host  # -Aconf/-Mconf take the configuration's name from the file's
+        f.write_text("\n".join(lines) + "\n")
+        qconf("-Mconf" if r.returncode == 0 else "-Aconf", str(f))
+
+    def global_conf(self, **settings: str) -> dict[str, str]:
+        """Set entries of GE's global configuration (`qconf -Mconf`); returns their values before, for
+        putting them back (the configuration outlives the cell: qmaster keeps it in its spool)."""
+        before, lines = {}, []
+        for ln in qconf("-sconf", "global").stdout.splitlines():
+            f = ln.split(None, 1)
+            if f and f[0] in settings:
+                before[f[0]] = f[1].strip() if len(f) > 1 else ""
+                ln = f"{f[0]:<28} {settings[f[0]]}"
+            lines.append(ln)
+        lines += [f"{k:<28} {v}" for k, v in settings.items() if k not in before]
+        (self.base / "conf").mkdir(exist_ok=True)
+        f = self.base / "conf" / "global"  # -Mconf takes the configuration's name from the file's
+        f.write_text("\n".join(lines) + "\n")
+        qconf("-Mconf", str(f))
+        return before
+
     def _execd_alive(self, host: str) -> bool:
         # This host's execd resolves its own name through 127.0.0.1, i.e. as 'localhost' (its spool dir).
         dirs = ("localhost", host) if host == self.host else (host,)
@@ -229,8 +296,8 @@ class Cell:
         d = Path("/etc/netns") / NETNS
         d.mkdir(parents=True, exist_ok=True)
         (d / "hosts").write_text(f"127.0.0.1 localhost\n{ADDR[0]} {self.host}\n{ADDR[1]} {HOST2}\n")
-        hosts = Path("/etc/hosts")
-        hosts.write_text(hosts.read_text() + f"{ADDR[1]} {HOST2} {HOSTS_MARK}\n")
+        with open("/etc/hosts", "a") as hosts:  # one appending write: resolvers elsewhere on the host read it
+            hosts.write(f"{ADDR[1]} {HOST2} {HOSTS_MARK}\n")
 
     def _unnetwork(self) -> None:
         # Whatever runs in the second host's namespace is this cell's (its execd, shepherds, jobs).
@@ -243,7 +310,11 @@ class Cell:
         hosts = Path("/etc/hosts")
         text = hosts.read_text()
         if HOSTS_MARK in text:
-            hosts.write_text("".join(ln for ln in text.splitlines(keepends=True) if HOSTS_MARK not in ln))
+            kept = "".join(ln for ln in text.splitlines(keepends=True) if HOSTS_MARK not in ln)
+            if text.startswith(kept):  # our lines are the last ones: cut them off without emptying the file
+                os.truncate(hosts, len(kept.encode()))
+            else:
+                hosts.write_text(kept)
         _ip("link", "del", VETH[0], check=False)
         _ip("netns", "del", NETNS, check=False)
         d = Path("/etc/netns") / NETNS

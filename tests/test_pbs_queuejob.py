@@ -38,8 +38,40 @@ def test_queuejob_rejects_bad_native_requests(settings, variables, resources, me
     assert rc == QSUB_REJECT_STATUS and err.startswith(message), err
 
 
+ONE_NODE = "a vmwrap job runs in one VM on one node"
+
+
+@pytest.mark.parametrize("resources, asked", [
+    ({"select": "2:ncpus=1"}, "-l select asks for 2 chunks"),
+    ({"select": "1:ncpus=2+1:ncpus=2"}, "-l select asks for 2 chunks"),
+    ({"select": "ncpus=1+ncpus=1", "place": "pack"}, "-l select asks for 2 chunks"),
+    ({"select": "3:ncpus=1:mem=1gb", "place": "scatter"}, "-l select asks for 3 chunks"),
+    ({"nodes": "2"}, "-l nodes asks for 2 nodes"),
+    ({"nodes": "2:ppn=1"}, "-l nodes asks for 2 nodes"),
+    ({"nodes": "1:ppn=4+1:ppn=4"}, "-l nodes asks for 2 nodes"),
+    ({"nodes": "host1+host2"}, "-l nodes asks for 2 nodes"),
+    ({"nodes": "2#excl"}, "-l nodes asks for 2 nodes"),
+    ({"select": "9" * 5000 + ":ncpus=1"}, "-l select asks for 1000000 chunks"),
+])
+def test_queuejob_rejects_a_vm_job_on_more_than_one_node(settings, resources, asked):
+    """A VM job is one VM on one node: more than one chunk (whatever `place` says) or old-style node is
+    refused with the reason every scheduler gives (vmwrap.request.multi_node_refusal)."""
+    job = Job({"VMWRAP_IMAGE": "busybox"}, resources)
+    rc, err = qsub(functools.partial(queuejob.check, settings), Event(QUEUEJOB, job, "vmwrapuser"))
+    assert rc == QSUB_REJECT_STATUS, err
+    assert err.startswith(f"qsub: vmwrap: multi-node jobs are not supported yet ({asked}): {ONE_NODE}; ask for one"), err
+    # the same request without an image is not vmwrap's business
+    assert qsub(functools.partial(queuejob.check, settings),
+                Event(QUEUEJOB, Job({}, resources), "vmwrapuser")) == (0, "")
+
+
 @pytest.mark.parametrize("variables, resources", [({}, {}), ({"VMWRAP_IMAGE": "busybox"}, {}),
-                                                  ({"A": "1"}, {"vmwrap_image": "busybox", "ncpus": "2"})])
+                                                  ({"A": "1"}, {"vmwrap_image": "busybox", "ncpus": "2"}),
+                                                  ({}, {"vmwrap_image": "busybox", "select": "1:ncpus=4"}),
+                                                  ({}, {"vmwrap_image": "busybox", "select": "ncpus=4:mem=2gb",
+                                                        "place": "scatter"}),
+                                                  ({"VMWRAP_IMAGE": "busybox"}, {"nodes": "1:ppn=4"}),
+                                                  ({"VMWRAP_IMAGE": "busybox"}, {"nodes": "node01:ppn=2"})])
 def test_queuejob_accepts_good_requests(settings, variables, resources):
     assert qsub(functools.partial(queuejob.check, settings),
                 Event(QUEUEJOB, Job(variables, resources), "vmwrapuser")) == (0, "")

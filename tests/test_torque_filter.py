@@ -105,6 +105,37 @@ def test_filter_rejects_native_and_forged_requests(server, jobdir, test_user, sc
     assert message in err and err.endswith(ADMIN_REJECT), err
 
 
+@pytest.mark.parametrize("script, args, nodes", [
+    ("#!/bin/sh\n#PBS -l nodes=2\n#VMWRAP --image=busybox\necho hi\n", (), 2),
+    ("#!/bin/sh\n#PBS -l nodes=1:ppn=4+1:ppn=4\n#VMWRAP --image=busybox\necho hi\n", (), 2),
+    ("#!/bin/sh\n#PBS -l walltime=60,nodes=2:ppn=1\n#VMWRAP --image=busybox\necho hi\n", (), 2),
+    ("#!/bin/sh\n#VMWRAP --image=busybox\necho hi\n", ("-l", "nodes=3"), 3),
+    ("#!/bin/sh\n#VMWRAP --image=busybox\necho hi\n", ("-Vlnodes=host1+host2",), 2),
+    ("#!/bin/sh\necho hi\n", ("-v", "VMWRAP_IMAGE=busybox", "-l", "nodes=2:ppn=2"), 2),
+    # the command line overrides the script's #PBS line
+    ("#!/bin/sh\n#PBS -l nodes=1:ppn=2\n#VMWRAP --image=busybox\necho hi\n", ("-l", "nodes=2"), 2),
+])
+def test_filter_refuses_a_vm_job_on_more_than_one_node(server, jobdir, test_user, script, args, nodes):
+    """A VM job is one VM on one node (the prologue runs on the mother superior only): refused at qsub
+    with the reason every scheduler gives (vmwrap.request.multi_node_refusal)."""
+    rc, err, job = qsub(server, jobdir, test_user, script, *args)
+    assert (rc, job) == (1, None)
+    assert err.startswith(f"vmwrap: multi-node jobs are not supported yet (-l nodes asks for {nodes} nodes): "
+                          "a vmwrap job runs in one VM on one node; ask for one node with its processors: "
+                          "-l nodes=1:ppn=N\n") and err.endswith(ADMIN_REJECT), err
+
+
+@pytest.mark.parametrize("script, args", [
+    ("#!/bin/sh\n#PBS -N vm\n#PBS -l nodes=1:ppn=4\n#VMWRAP --image=busybox\necho hi\n", ()),
+    ("#!/bin/sh\n#PBS -N vm\n#VMWRAP --image=busybox\necho hi\n", ("-l", "nodes=1:ppn=2,walltime=60")),
+    ("#!/bin/sh\n#PBS -N vm\n#PBS -l nodes=2\n#VMWRAP --image=busybox\necho hi\n", ("-l", "nodes=1:ppn=2")),
+    ("#!/bin/sh\n#PBS -N vm\n#PBS -l nodes=2:ppn=2\necho hi\n", ()),   # no VM: not vmwrap's business
+])
+def test_filter_accepts_a_job_on_one_node(server, jobdir, test_user, script, args):
+    rc, err, job = qsub(server, jobdir, test_user, script, *args)
+    assert (rc, err) == (0, "") and job.name == "vm", err
+
+
 def test_filter_leaves_a_job_without_a_request_alone(server, jobdir, test_user):
     script = "#!/bin/bash\n#PBS -N plain\necho hi\n"
     rc, err, job = qsub(server, jobdir, test_user, script)

@@ -15,6 +15,22 @@ from .errors import UserError
 from .job import Job
 
 
+ONE_NODE = "a vmwrap job runs in one VM on one node"
+
+
+def multi_node_refusal(asked: str, fix: str) -> str:
+    """Why a VM request for more than one node is refused, in the same words on every scheduler:
+    `asked` is what the job asked for in its scheduler's terms ("asked for 2 nodes", "-l select=2:..."),
+    `fix` what to submit instead ("submit with -N 1"). Slurm's job_submit.lua says the same."""
+    return f"multi-node jobs are not supported yet ({asked}): {ONE_NODE}; {fix}"
+
+
+def one_node(nodes: int, asked: str, fix: str) -> None:
+    """The rule: a VM job spans one node (UserError with multi_node_refusal otherwise)."""
+    if nodes > 1:
+        raise UserError(multi_node_refusal(asked, fix))
+
+
 @dataclass
 class VmRequest:
     """The validated request: which image, how many CPUs, how much memory."""

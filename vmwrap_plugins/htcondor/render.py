@@ -12,6 +12,7 @@ import re
 from vmwrap.catalog import Catalog
 from vmwrap.config import Settings
 from vmwrap.directives import IMAGE_NAME
+from vmwrap.request import multi_node_refusal
 
 from .hooks import wrapper_path
 
@@ -36,6 +37,50 @@ def _users_of(groups: list[str]) -> list[str]:
 
 
 CACHED_RANK = 1000
+
+# JobUniverse values other than vanilla (5) that condor_submit writes (condor_universe.h; seen with
+# condor_submit -dump on 23.9). docker and container jobs are vanilla (5) with WantDocker / WantContainer.
+UNIVERSES = {7: "scheduler", 9: "grid", 10: "java", 11: "parallel", 12: "local", 13: "vm"}
+VANILLA_HINT = "submit it in the vanilla universe (universe = vanilla; request_cpus = N for N CPUs on one node)"
+
+
+def _classad_text(s: str) -> str:
+    """A ClassAd string literal of vmwrap's own text."""
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _strcat(template: str, **parts: str) -> str:
+    """A ClassAd strcat() of `template` (vmwrap's text) with each {NAME} replaced by the expression parts[NAME]."""
+    out, rest = [], template
+    while "{" in rest:
+        head, _, tail = rest.partition("{")
+        name, _, rest = tail.partition("}")
+        out += [_classad_text(head), parts[name]]
+    out.append(_classad_text(rest))
+    return "strcat(" + ", ".join(out) + ")"
+
+
+def universe_requirements() -> list[str]:
+    """A VM job is one VM on one node in the vanilla universe: a request for an image in the parallel
+    universe (machine_count N) is refused with the multi-node reason every scheduler gives, one in any
+    other universe (vm, docker, container, grid, scheduler, local, java) with the universe it named."""
+    name = f"strcat(\"#\", string(JobUniverse))"
+    for number, uni in sorted(UNIVERSES.items(), reverse=True):
+        name = f'ifThenElse(JobUniverse == {number}, "{uni}", {name})'
+    name = f'ifThenElse(WantContainer =?= true, "container", {name})'
+    name = f'ifThenElse(WantDocker =?= true, "docker", {name})'
+    hosts = 'ifThenElse(isInteger(MaxHosts), string(MaxHosts), "?")'
+    return [
+        "SUBMIT_REQUIREMENT_VmwrapOneNode = VmwrapImage is undefined || "
+        "(JobUniverse =!= 11 && (MaxHosts is undefined || MaxHosts <= 1))",
+        "SUBMIT_REQUIREMENT_VmwrapOneNode_REASON = " + _strcat(
+            "vmwrap: " + multi_node_refusal("universe = parallel, machine_count = {hosts}", VANILLA_HINT), hosts=hosts),
+        "SUBMIT_REQUIREMENT_VmwrapUniverse = VmwrapImage is undefined || JobUniverse == 11 || "
+        "(JobUniverse == 5 && WantDocker =!= true && WantContainer =!= true)",
+        "SUBMIT_REQUIREMENT_VmwrapUniverse_REASON = " + _strcat(
+            "vmwrap: +VmwrapImage needs the vanilla universe (this job: universe = {name}): the VM is the job's "
+            "whole environment; " + VANILLA_HINT, name=name),
+    ]
 
 
 def rank_expr(weight: float = CACHED_RANK) -> str:
@@ -78,7 +123,8 @@ def submit_side(settings: Settings, cached_rank: float = CACHED_RANK) -> str:
         "COPY Rank VmwrapUserRank",
         f"SET Rank {rank_expr(cached_rank)}",
         "@end",
-        "SUBMIT_REQUIREMENT_NAMES = $(SUBMIT_REQUIREMENT_NAMES) VmwrapType VmwrapName VmwrapKnown VmwrapAllowed",
+        "SUBMIT_REQUIREMENT_NAMES = $(SUBMIT_REQUIREMENT_NAMES) VmwrapType VmwrapName VmwrapKnown VmwrapAllowed "
+        "VmwrapOneNode VmwrapUniverse",
         "SUBMIT_REQUIREMENT_VmwrapType = VmwrapImage is undefined || isString(VmwrapImage)",
         'SUBMIT_REQUIREMENT_VmwrapType_REASON = "vmwrap: +VmwrapImage must be a quoted image name, e.g. +VmwrapImage = \\"debian\\""',
         f'SUBMIT_REQUIREMENT_VmwrapName = VmwrapImage is undefined || regexp("^{pattern}$", VmwrapImage)',
@@ -101,6 +147,7 @@ def submit_side(settings: Settings, cached_rank: float = CACHED_RANK) -> str:
         "SUBMIT_REQUIREMENT_VmwrapAllowed = VmwrapImage is undefined || " + (" || ".join(allowed) or "false"),
         "SUBMIT_REQUIREMENT_VmwrapAllowed_REASON = strcat(\"vmwrap: user \", Owner, \" may not use image \", "
         "VmwrapImage, \" (ask your admin to be added)\")",
+        *universe_requirements(),
     ]
     return "\n".join(lines)
 

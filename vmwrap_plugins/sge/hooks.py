@@ -26,7 +26,7 @@ import stat
 import subprocess
 import sys
 
-from vmwrap import directives, lifecycle, payload, rundir, wire
+from vmwrap import directives, lifecycle, payload, periodic, rundir, wire
 from vmwrap.config import Settings
 from vmwrap.errors import NodeError, UserError, VmwrapError
 from vmwrap.job import Job
@@ -272,8 +272,9 @@ class GridEngine:
     title = "Grid Engine"
     root_env = ROOT_ENV
     # qmod -rj: the old run ends at its execd's next report (load_report_time, 40 s by default) and its
-    # epilog then saves the VM, while the restarted run may already be in its prolog (which GE kills
-    # after 120 s): the lifecycle waits this long for that checkpoint.
+    # epilog then saves the VM, while the restarted run may already be in its prolog (GE never kills a
+    # prolog; a qdel meanwhile only keeps the job from starting): the lifecycle waits this long for
+    # that checkpoint.
     restart_settle = 60.0
 
     def __init__(self, owner: str | None = None):
@@ -476,6 +477,7 @@ def check_request(settings: Settings, params: dict[str, str], user: str, gid: in
                 return None, None, f"cannot read the job script {cmd}: {e.strerror}"
     try:
         req = directives.parse(text)
+        periodic.check(req.checkpoint_every_s, settings)  # what Slurm's job_submit.lua refuses too
         if native is not None:
             directives.check_image_name(native)
         if req.image and native and req.image != native:

@@ -40,10 +40,14 @@ def ckpt_config(name: str = "vmwrap", hooks: Path = HOOKS) -> str:
     interface application-level: GE runs `migr_command` (as the job owner, like the methods) when it
     migrates the job and restarts the job script itself (restart_command is not used), which attaches
     to the VM the prolog restored. when: x = migrate when the job is suspended (qmod -sj, a
-    subordinate queue, suspend_thresholds), s = when its execd shuts down, r = `qmod -rj` may
-    reschedule it (and so may a host that stays unknown longer than reschedule_unknown, but then no
-    save was possible: the job's --on-lost-checkpoint decides). No periodic checkpoints (no m): a VM
-    is saved only when it leaves its host. The VM goes to vmwrap's checkpoint_dir, not ckpt_dir."""
+    subordinate queue, suspend_thresholds), s = when its execd shuts down, r = rescheduled when its
+    host stays unknown longer than `reschedule_unknown` (sge_conf(5); what a job with the rerun flag
+    gets without `-ckpt`); `qmod -rj` may reschedule it too. Nothing can be saved from a dead host: a
+    job with periodic checkpoints (`#VMWRAP --checkpoint-every`, taken by vmwrap's node agent while
+    the job runs) is restored from its last one, at most an interval of work done again; a job
+    without one follows its --on-lost-checkpoint. GE's own periodic checkpoints (m: ckpt_command
+    every min_cpu_interval) are not used: the job's payload keeps vmwrap's interval. The VM goes to
+    vmwrap's checkpoint_dir, not ckpt_dir."""
     c = {
         "ckpt_name": name, "interface": "application-level", "ckpt_command": "none",
         "migr_command": f"{hooks / 'sge-method'} migrate $job_id $job_pid",
@@ -74,6 +78,9 @@ def render_sge(queue: str = "vmwrap.q", hostlist: str = "@allhosts", slots: int 
         f"#    (`qsub -ckpt {ckpt}`: suspending it moves it instead) is saved by the epilog into vmwrap's",
         "#    checkpoint_dir (shared by all hosts, with one checkpoint_key_file) and restored by the prolog",
         "#    wherever GE starts it next; a job that ends for good has its checkpoint deleted.",
+        "#    Host crashes: jobs with `#VMWRAP --checkpoint-every=DURATION` are saved while they run; set",
+        "#    reschedule_unknown (and a max_unheard you can wait for) with `qconf -mconf` and GE restarts a",
+        "#    rerunnable job of a dead host elsewhere, restored from its last checkpoint.",
         "# 5. Cache-aware placement (optional): add this line to the complex list (`qconf -mc`):",
         f"   {CACHED_COMPLEX}",
         "#    and make every execution host an admin host (`qconf -ah HOST`). Each host's prestager",

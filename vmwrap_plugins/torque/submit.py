@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import secrets
 import shlex
 
 from vmwrap import directives
 from vmwrap.config import Settings
 from vmwrap.errors import UserError, VmwrapError
+from vmwrap.request import one_node
 from vmwrap.resources import HOOKS
 
 from .jobs import WRAPPED, marker
@@ -65,6 +67,58 @@ def requested_variables(argv: list[str], script: str) -> list[str]:
     return found
 
 
+# qsub's getopt string (Torque 6.1, src/cmds/qsub_functions.c GETOPT_ARGS): the options that take a value.
+# glibc's getopt permutes, so an option after the script path is still an option.
+_WITH_VALUE = set("aAbcCdDeFiJjkKlLmMNoPpqrSTtuvWw")
+
+
+def _options(args: list[str]):
+    """(option letter, value) of qsub-style arguments, as getopt reads them (`-lnodes=2`, `-l nodes=2`,
+    `-Vl nodes=2`; `--` ends the options)."""
+    i = 0
+    while i < len(args):
+        a = args[i]
+        i += 1
+        if a == "--":
+            return
+        if not a.startswith("-") or a == "-" or a.startswith("--"):
+            continue
+        for k, c in enumerate(a[1:], 1):
+            if c in _WITH_VALUE:
+                if k + 1 < len(a):
+                    yield c, a[k + 1:]
+                elif i < len(args):
+                    yield c, args[i]
+                    i += 1
+                break
+            yield c, ""
+
+
+def resource_list(argv: list[str], script: str) -> dict[str, str]:
+    """The job's `-l` resources as qsub takes them: `#PBS -l` lines first, then the command line,
+    which overrides them (a later value of a resource wins)."""
+    out: dict[str, str] = {}
+    sources = [shlex.split(line[4:]) if _splittable(line) else line[4:].split()
+               for _, line in directives.leading_comment_block(script) if line.startswith("#PBS")]
+    for args in sources + [list(argv)]:
+        for opt, val in _options(args):
+            if opt == "l":
+                for item in val.split(","):
+                    k, _, v = item.partition("=")
+                    out[k.strip()] = v.strip()
+    return out
+
+
+def node_count(spec: str) -> int:
+    """Nodes in a `-l nodes=` spec as Torque counts them (ctnodes, src/server/resc_def_all.c): per
+    `+`-separated part its leading number, else 1 (a host name or property); `#...` adds none."""
+    total = 0
+    for part in spec.split("+"):
+        digits = re.match(r"\s*(\d*)", part).group(1)
+        total += 1 if not digits else (int(digits) if len(digits) <= 6 else 10 ** 6)
+    return total
+
+
 def _splittable(line: str) -> bool:
     try:
         shlex.split(line)
@@ -104,6 +158,10 @@ def check(settings: Settings, argv: list[str], script: str, user: str, gid: int)
     from vmwrap.catalog import Catalog
 
     Catalog.load(settings.catalog).resolve(image, user, gid, memory_mib=req.memory_mib, cpus=req.cpus)
+    nodes = resource_list(argv, script).get("nodes")
+    if nodes is not None:
+        n = node_count(nodes)
+        one_node(n, f"-l nodes asks for {n} nodes", "ask for one node with its processors: -l nodes=1:ppn=N")
     return image
 
 
