@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from harness import polling
+from harness.host_share import CONDOR_FIRST_CLUSTER, destroy_vms_under, keep_logs
 
 ROOT = Path(os.environ.get("VMWRAP_CONDOR_ROOT", "/var/cache/vmwrap/condor-root"))
 STARTDS = ("node1", "node2")
@@ -136,12 +137,17 @@ class Pool:
             "NEGOTIATOR_CYCLE_DELAY = 1",
             "SCHEDD_INTERVAL = 2",
             "UPDATE_INTERVAL = 2",
+            # The negotiator's own ad, which condor_userprio locates it by, is sent every 300 s by
+            # default; two CI runs found none for a minute (cause not found: six reconfigs in a row
+            # never lost it). Sent every 2 s, a lost or expired ad comes back at once.
+            "NEGOTIATOR_UPDATE_INTERVAL = 2",
             "STARTER_UPDATE_INTERVAL = 2",
             "SHADOW_QUEUE_UPDATE_INTERVAL = 2",
             "STARTD_CRON_UPDATE_INTERVAL = 2",
             "JOB_START_DELAY = 0",
             "JOB_START_COUNT = 10",
             "SCHEDD_MIN_INTERVAL = 0",
+            f"SCHEDD_CLUSTER_INITIAL_VALUE = {CONDOR_FIRST_CLUSTER}",  # see harness.host_share
             "NUM_CPUS = 1",
             "MEMORY = 1024",
             "START = True",
@@ -330,13 +336,18 @@ class Pool:
 
     def wait_job(self, cluster: int, proc: int = 0, status=(4,), timeout: float = 180,
                  projection: list[str] | None = None) -> dict:
-        """Until the job's JobStatus is one of `status` (4 completed, 5 held, 3 removed, 2 running)."""
+        """Until the job's JobStatus is one of `status` (4 completed, 5 held, 3 removed, 2 running).
+
+        A job that ended (3, 4) counts once its RemoteHost is gone: the shadow marks the job completed
+        first and only then moves RemoteHost to LastRemoteHost (UniShadow::shutDown), so an ad read in
+        between names the previous run's host as the last one."""
         last: dict = {}
 
         def done():
             nonlocal last
-            last = self.job(cluster, proc, projection and ["JobStatus", *projection]) or {}
-            return last.get("JobStatus") in status
+            last = self.job(cluster, proc, projection and ["JobStatus", "RemoteHost", *projection]) or {}
+            st = last.get("JobStatus")
+            return st in status and not (st in (3, 4) and last.get("RemoteHost"))
 
         self.wait_for(done, f"job {cluster}.{proc} in status {status}", timeout,
                       lambda: f"last: {last}")
@@ -372,6 +383,7 @@ class VmwrapSite:
 
     def __init__(self, base: Path, appliance, virt_type: str, user: str = "vmwrapuser", probe_period: int = 2):
         from vmwrap.catalog import register
+        from vmwrap.checkpoint import init_store, keygen
         from vmwrap.config import Settings, render
         from vmwrap.resources import HOOKS
         from vmwrap_plugins.htcondor import render as condor_render
@@ -384,10 +396,12 @@ class VmwrapSite:
         self.cfg = self.base / "vmwrap.toml"
         self.state = self.base / "state"
         self.checkpoints = self.base / "checkpoints"
+        # The pool's own site key and shared store, set up as the admin guide says (keygen, init).
+        init_store(self.checkpoints, keygen(self.base / "checkpoint.key"))
         # Cluster ids restart at 1 in a fresh pool: a private state dir keeps them apart from other tests.
         values = {"catalog": str(self.base / "images.toml"), "accel": virt_type, "grace_seconds": 5.0,
                   "state_dir": str(self.state), "cache_dir": str(self.base / "cache"),
-                  "checkpoint_dir": str(self.checkpoints)}
+                  "checkpoint_dir": str(self.checkpoints), "checkpoint_key_file": str(self.base / "checkpoint.key")}
         self.cfg.write_text(render(values))
         for s in STARTDS:
             self.node_config(s).write_text(render({**values, "cache_dir": str(self.node_cache_dir(s))}))
@@ -477,11 +491,8 @@ class VmwrapSite:
     def __exit__(self, *exc) -> None:
         self.pool.stop()
         self.stop_bridge()
-        names = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
-                               capture_output=True, text=True).stdout.split()
-        for n in names:
-            if n.startswith("vmwrap-") and (self.state / "jobs" / n[len("vmwrap-"):]).exists():
-                subprocess.run(["virsh", "-c", "qemu:///system", "destroy", n], capture_output=True)
+        destroy_vms_under(self.base)
+        keep_logs(self.base, "condor-" + self.base.name.rsplit("-", 1)[0].removeprefix("vmwrap-"))
         shutil.rmtree(self.base, ignore_errors=True)
 
     def jobdir(self) -> Path:

@@ -28,6 +28,8 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.host_share import worker
+
 QUEUEJOB = 1
 # src/include/hook.h:101-113 (module_pbs_v1.c:440-464 exports them under these names).
 EXECJOB_BEGIN = 0x40
@@ -261,7 +263,7 @@ class Mom:
             d.chmod(mode)
         self.vnode = Vnode(name)
         self.procs: dict[str, subprocess.Popen] = {}
-        self.seq = 200
+        self.seq = 200 + 10_000 * worker()  # VMs are named by job id host-wide: see harness.host_share
 
     def job(self, user: pwd.struct_passwd, script: str, workdir: Path, name: str = "STDIN",
             variables: dict | None = None, resources: dict | None = None) -> PbsJob:

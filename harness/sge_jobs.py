@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from harness.host_share import destroy_vms_under, keep_logs
 from harness.polling import jobdir  # noqa: F401 (re-exported)
 from harness.sge_cell import Cell
 from vmwrap.catalog import register
@@ -33,8 +33,15 @@ def module_cell(name: str, appliance, virt_type: str, *, hosts: int = 1, queue: 
     finally:
         c.run("qdel", "-u", "vmwrapuser")
         c.stop()
-        for vm in subprocess.run(["virsh", "-c", "qemu:///system", "list", "--name"], capture_output=True,
-                                 text=True).stdout.split():
-            if vm.startswith("vmwrap-") and "kvmprobe" not in vm:
-                subprocess.run(["virsh", "-c", "qemu:///system", "destroy", vm], capture_output=True)
+        destroy_vms_under(base)
+        keep_logs(base, f"sge-{name}")
         shutil.rmtree(base, ignore_errors=True)
+
+
+def running_host(cell, job: str) -> str | None:
+    """The host whose vmwrap.q instance runs the job now (qstat's queue column), else None."""
+    for ln in cell.run("qstat", "-u", "*", "-s", "r").stdout.splitlines():
+        f = ln.split()
+        if f and f[0] == job and "r" in f[4]:
+            return next((x.split("@", 1)[1] for x in f if x.startswith("vmwrap.q@")), None)
+    return None

@@ -16,6 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from harness.host_share import destroy_vms_under, host_lock, slurm_first_job
 from vmwrap import config as vmwrap_config
 from vmwrap.resources import HOOKS
 
@@ -29,6 +30,11 @@ def _free_port() -> int:
 
 
 def start_munge() -> None:
+    with host_lock():
+        _start_munge()
+
+
+def _start_munge() -> None:
     if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode == 0:
         return
     os.makedirs("/run/munge", exist_ok=True)
@@ -40,6 +46,8 @@ def start_munge() -> None:
 
 
 class Cluster:
+    stamp_store = True  # False: the store as an older vmwrap left it (no identity stamp; tests/test_upgrade.py)
+
     def __init__(self, base: Path, site_config: dict, extra_conf: str = "", accounting: bool = False,
                  prestage: bool = False, node_config: dict | None = None, prolog_timeout: int = 120):
         self.base = base
@@ -63,9 +71,10 @@ class Cluster:
 
     def write_config(self) -> None:
         host = socket.gethostname()
-        if not (self.base / "checkpoint.key").exists():
-            from vmwrap.checkpoint import keygen
+        from harness.site_store import init_stores
+        from vmwrap.checkpoint import keygen
 
+        if not (self.base / "checkpoint.key").exists():
             keygen(self.base / "checkpoint.key")
         for n in NODES:
             d = self.node_dir(n)
@@ -76,6 +85,9 @@ class Cluster:
                        **self.site_config, state_dir=str(d / "state"), cache_dir=str(d / "cache"),
                        **self.node_config.get(n, {}))
             (self.base / f"vmwrap-{n}.toml").write_text(vmwrap_config.render(cfg))
+        # As the admin guide's setup: the shared store stamped once for the site (a no-op after that).
+        if self.stamp_store:
+            init_stores(*(self.base / f"vmwrap-{n}.toml" for n in NODES))
         (self.base / "ctld").mkdir(exist_ok=True)
         hooks = self.base / "hooks"
         hooks.mkdir(exist_ok=True)
@@ -94,6 +106,7 @@ class Cluster:
             f"Sockets=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=3000 State=UNKNOWN" for n in NODES)
         self.conf.write_text(f"""
 ClusterName=vmwraptest
+FirstJobId={slurm_first_job()}
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmUser=root
@@ -307,11 +320,7 @@ PidFile={self.base}/slurmdbd.pid
                 os.killpg(p.pid, signal.SIGKILL)
         # slurmd leaves job processes behind on shutdown; and VMs are not the job's processes at all
         subprocess.run(["pkill", "-f", f"{self.base}/nodes/"], capture_output=True)
-        names = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--name"], capture_output=True,
-                               text=True).stdout.split()
-        for n in names:
-            if n.startswith("vmwrap-") and "kvmprobe" not in n:
-                subprocess.run(["virsh", "-c", "qemu:///system", "destroy", n], capture_output=True)
+        destroy_vms_under(self.base)
 
 
 DEMO_SCRIPT = """#!/bin/sh

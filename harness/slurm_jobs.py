@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from harness.host_share import keep_logs
 from harness.polling import jobdir, values, wait_for  # noqa: F401 (re-exported: the Slurm modules import them from here)
 from harness.slurm_cluster import Cluster
 from vmwrap.catalog import register
@@ -33,6 +34,7 @@ def module_cluster(name: str, appliance, virt_type: str, *, images=(), accountin
         yield c
     finally:
         c.stop()
+        keep_logs(base, f"slurm-{name}")
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.host_share import worker
+
 # qsub_functions.c (get_script): the filter's exit status -> what qsub prints; qsub then exits 1.
 ADMIN_REJECT = "qsub: Your job has been administratively rejected by the queueing system.\n" \
                "qsub: There may be a more detailed explanation prior to this notice.\n"
@@ -70,7 +72,7 @@ class Server:
         self.base = Path(base)
         self.filter = submit_filter
         self.name = name
-        self.seq = 100
+        self.seq = 100 + 10_000 * worker()  # VMs are named by job id host-wide: see harness.host_share
         self.checkpoint_dir = self.base / "checkpoint"      # $remote_checkpoint_dirs: every mom sees it
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_dir.chmod(0o755)

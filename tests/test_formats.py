@@ -52,6 +52,7 @@ def _store(tmp_path, manifest: dict, sign_as: bytes | None = None) -> checkpoint
     d = tmp_path / "ck" / "42"
     d.mkdir(parents=True, mode=0o700)
     (tmp_path / "ck").chmod(0o700)
+    checkpoint.init_store(tmp_path / "ck", key)  # an older vmwrap's store, adopted (the upgrade path)
     ctx = sign_as if sign_as is not None else checkpoint.MAC_CONTEXT
     mac = hmac.new(checkpoint.load_key(key), ctx + checkpoint._canonical(manifest), hashlib.sha256).hexdigest()
     (d / "manifest.json").write_text(json.dumps({**manifest, "mac": mac}))

@@ -120,13 +120,18 @@ def test_begin_of_a_checkpointed_job_leaves_its_checkpoint_to_the_restart_action
 
 def test_end_after_checkpoint_abort_keeps_the_checkpoint(light, test_user):
     """execjob_end after a successful checkpoint_abort (Exit_status JOB_EXEC_CHKP) keeps the
-    checkpoint and its record; an end without qhold's record deletes a leftover one."""
-    mom, work, _, store = light
+    checkpoint and its record; an end without qhold's record deletes a leftover one where the job's
+    VM ran (its run dir), and leaves it where the job never had a VM (a start that failed there as a
+    node fault: the job runs on elsewhere, from that checkpoint)."""
+    mom, work, cfg, store = light
     job = mom.job(test_user, "#!/bin/sh\n", work)
     ck = _fake_checkpoint(store, job)
     assert mom._event(EXECJOB_END, job, exit_status=JOB_EXEC_CHKP).accepted
     assert ck.exists() and (store / f".{job.id}.pbs.json").exists()
     (store / f".{job.id}.pbs.json").unlink()
+    assert mom._event(EXECJOB_END, job, exit_status=0).accepted
+    assert ck.exists()
+    (cfg.parent / "state" / "jobs" / job.id).mkdir(parents=True)   # its VM ran (and ended) on this mom
     assert mom._event(EXECJOB_END, job, exit_status=0).accepted
     assert not ck.exists()
 
@@ -136,7 +141,7 @@ def test_end_after_checkpoint_abort_keeps_the_checkpoint(light, test_user):
 @pytest.fixture(scope="module")
 def two_moms(appliance, virt_type, test_user):
     from vmwrap.catalog import register
-    from vmwrap.checkpoint import keygen
+    from vmwrap.checkpoint import init_store, keygen
 
     base = Path(f"/var/tmp/vmwrap-pbsck-{os.getpid()}")
     shutil.rmtree(base, ignore_errors=True)
@@ -146,7 +151,7 @@ def two_moms(appliance, virt_type, test_user):
     work.mkdir()
     os.chown(work, test_user.pw_uid, test_user.pw_gid)
     register(str(base / "images.toml"), appliance)
-    keygen(base / "checkpoint.key")
+    init_store(base / "store", keygen(base / "checkpoint.key"))  # the site's key, `vmwrap checkpoints init`
     shared_ck = base / "pbs-checkpoint"        # $checkpoint_path on shared storage
     moms, agents = [], []
     for name in ("node1", "node2"):

@@ -245,9 +245,9 @@ def pbs_vm(appliance, virt_type, test_user):
     work = _dirs(base, test_user)
     register(str(base / "images.toml"), appliance)
     cfg = base / "vmwrap.toml"
-    from vmwrap.checkpoint import keygen
+    from vmwrap.checkpoint import init_store, keygen
 
-    keygen(base / "checkpoint.key")
+    init_store(base / "store", keygen(base / "checkpoint.key"))  # the site's key, `vmwrap checkpoints init`
     cfg.write_text(render({"catalog": str(base / "images.toml"), "accel": virt_type, "grace_seconds": 5.0,
                            "state_dir": str(base / "state"), "cache_dir": str(base / "cache"),
                            "checkpoint_dir": str(base / "store"), "checkpoint_key_file": str(base / "checkpoint.key")}))

@@ -272,6 +272,7 @@ def test_a_user_who_stops_their_qemu_cannot_hang_roots_libvirt_calls(call, site,
             try:
                 if call == "save":
                     store = checkpoint.Store(site.base / "ckpt", checkpoint.keygen(site.base / "ckpt.key"))
+                    checkpoint.init_store(store.root, store.key_file)  # `vmwrap checkpoints init`
                     checkpoint.save(job_id, run_dir, store, conn, 1)
                 else:
                     agent.handle(settings, conn, 0, "pause", job_id)

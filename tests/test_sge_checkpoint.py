@@ -22,7 +22,7 @@ import pytest
 from harness import sge_jobs
 from harness.polling import values, wait_for
 from harness.sge_cell import CKPT
-from harness.sge_jobs import module_cell
+from harness.sge_jobs import module_cell, running_host
 from vmwrap_plugins.sge import hooks
 
 vm = pytest.mark.vm
@@ -59,14 +59,6 @@ def output(jobdir: Path, job: str) -> tuple[str, str]:
     e = next(jobdir.glob(f"*.e{job}"), None)
     return (o.read_text() if o else ""), (e.read_text() if e else "")
 
-
-def running_host(cell, job: str) -> str | None:
-    """The host whose vmwrap.q instance runs the job now (qstat's queue column), else None."""
-    for ln in cell.run("qstat", "-u", "*", "-s", "r").stdout.splitlines():
-        f = ln.split()
-        if f and f[0] == job and "r" in f[4]:
-            return next((x.split("@", 1)[1] for x in f if x.startswith("vmwrap.q@")), None)
-    return None
 
 
 def counting_on(cell, jobdir, job: str, n: int = 5) -> str:
@@ -285,6 +277,8 @@ def test_a_restart_waits_for_the_checkpoint_its_previous_run_is_still_saving(tmp
 
     from vmwrap import checkpoint, lifecycle
 
+    checkpoint.keygen(tmp_path / "key")
+    checkpoint.init_store(tmp_path / "ckpt", tmp_path / "key")  # a site's store (`vmwrap checkpoints init`)
     store = checkpoint.Store(tmp_path / "ckpt", tmp_path / "key")
     (store.root / "7").mkdir(parents=True)
     old = store.root / "7" / "manifest.json"

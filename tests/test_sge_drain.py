@@ -20,7 +20,7 @@ import pytest
 
 from harness import sge_jobs
 from harness.polling import values, wait_for
-from harness.sge_jobs import module_cell
+from harness.sge_jobs import module_cell, running_host
 
 pytestmark = pytest.mark.vm
 N = 24
@@ -55,13 +55,6 @@ def stdout(jobdir: Path, job: str) -> str:
     o = next(jobdir.glob(f"*.o{job}"), None)
     return o.read_text() if o else ""
 
-
-def running_host(cell, job: str) -> str | None:
-    for ln in cell.run("qstat", "-u", "*", "-s", "r").stdout.splitlines():
-        f = ln.split()
-        if f and f[0] == job and "r" in f[4]:
-            return next((x.split("@", 1)[1] for x in f if x.startswith("vmwrap.q@")), None)
-    return None
 
 
 def drain(cell, *args) -> subprocess.Popen:

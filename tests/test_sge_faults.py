@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -23,7 +24,7 @@ from harness import sge_cell, sge_jobs
 from harness.polling import values, wait_for
 from harness.processes import matching, tree
 from harness.sge_jobs import module_cell
-from vmwrap import agent, config
+from vmwrap import agent, checkpoint, config
 from vmwrap.errors import NodeError
 
 pytestmark = pytest.mark.vm
@@ -183,6 +184,7 @@ def test_the_jobs_qemu_killed_fails_the_job_with_a_reason_and_keeps_the_host(cel
     clean(cell, job)
 
 
+@pytest.mark.exclusive  # restarts the host's libvirtd (see conftest)
 @pytest.mark.timeout(300)
 def test_libvirtd_restarted_mid_job_the_job_goes_on_and_still_suspends(cell, jobdir):
     job = qsub(cell, jobdir, WAITER)
@@ -280,6 +282,7 @@ def test_a_full_checkpoint_store_gives_the_job_its_lost_checkpoint_policy_not_th
     store = cell.base / "checkpoints"
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "vmwrap-full-store", str(store)], check=True)
     try:
+        checkpoint.init_store(store, cell.base / "checkpoint.key")  # new storage: `vmwrap checkpoints init`
         extra = "#VMWRAP --on-lost-checkpoint=restart\n" if policy == "restart" else ""
         job = qsub(cell, jobdir, COUNTER.format(extra=extra), "-r", "y")
         wait_for(lambda: len(values(output(jobdir, job)[0])) >= 4, "the job to count to 4", 180)
@@ -298,10 +301,78 @@ def test_a_full_checkpoint_store_gives_the_job_its_lost_checkpoint_policy_not_th
             assert runs[-1]["exit_status"] == "66", (runs, out, err)
             assert "not starting the job again from the beginning" in err, err
         assert re.search(r"sav\w* its VM on \S+ failed: .*(No space left|space)", err, re.I), err
+        # GE ignores the exit status of the old run's epilog after `qmod -rj`, so the queue state
+        # cannot show a host taken out there; execd's log shows a failed epilog.
+        failed_hooks = [ln for ln in execd_log(cell, job) if "exited with exit status" in ln]
+        assert not failed_hooks, failed_hooks
         assert host_ok(cell), cell.queue_state()
         clean(cell, job)
     finally:
         subprocess.run(["umount", str(store)], check=True)
+
+
+def execd_log(cell, job: str) -> list[str]:
+    """sge_execd's messages about `job`'s first run (a failed prolog or epilog is logged there)."""
+    lines = []
+    for d in ("localhost", cell.host):
+        p = sge_cell.EXECD_SPOOL / d / "messages"
+        if p.exists():
+            lines += [ln for ln in p.read_text(errors="replace").splitlines() if f"job {job}.1 " in ln]
+    return lines
+
+
+def _store_elsewhere(cell, local: Path) -> str:
+    """Point the host's checkpoint_dir at `local`, an empty root-owned directory: what the host sees
+    where the shared store is not mounted. Returns the config as it was."""
+    cfg = Path(cell.vmwrap_config)
+    before = cfg.read_text()
+    shared = f'checkpoint_dir = "{cell.base / "checkpoints"}"'
+    assert shared in before, before
+    local.mkdir(mode=0o700)
+    cfg.write_text(before.replace(shared, f'checkpoint_dir = "{local}"'))
+    return before
+
+
+@pytest.mark.timeout(400)
+def test_a_store_unreachable_during_the_save_gives_the_job_its_lost_checkpoint_policy_not_the_host(cell, jobdir):
+    """The shared store disappears from the host (its path now an empty local directory) just before
+    `qmod -rj` has the old run's epilog save the VM. The save fails, nothing is written to the host's
+    own disk, the epilog does not fail (a failed epilog is GE's way to take a host out; Slurm's test
+    asserts the node is not drained), and the restart follows --on-lost-checkpoint (fail: exit 66)."""
+    local = cell.base / "not-mounted"
+    cfg = Path(cell.vmwrap_config)
+    job = qsub(cell, jobdir, COUNTER.format(extra=""), "-r", "y")
+    before = None
+    try:
+        wait_for(lambda: len(values(output(jobdir, job)[0])) >= 4, "the job to count to 4", 180)
+        before = _store_elsewhere(cell, local)
+        assert cell.run("qmod", "-d", "vmwrap.q").returncode == 0   # the restart waits for the old run's epilog
+        assert cell.run("qmod", "-rj", job, user="vmwrapuser").returncode == 0
+        wait_for(lambda: "save_failed" in [e for e, _ in ledger(cell, job)], "the failed save", 120)
+        [failed] = [d for e, d in ledger(cell, job) if e == "save_failed"]
+        assert f"checkpoint store {local} has no .vmwrap-store stamp" in failed["message"], failed
+        assert list(local.iterdir()) == [], list(local.iterdir())   # nothing of the job on the host's disk
+        # qmaster wrote the old run off at `qmod -rj` and ignores its epilog's exit status (no error state
+        # either way): execd's log is where a failed epilog shows ("exited with exit status = 15").
+        wait_for(lambda: not matching(f"sge_shepherd-{job} "), "the old run's shepherd to end", 120)
+        time.sleep(3)                                        # execd reaps it and logs its exit in its loop
+        failed_hooks = [ln for ln in execd_log(cell, job) if "exited with exit status" in ln]
+        assert not failed_hooks, f"the epilog failed on the failed save (the host's fault): {failed_hooks}"
+        cfg.write_text(before)                               # the storage is back for the restart
+        before = None
+        assert cell.run("qmod", "-e", "vmwrap.q").returncode == 0
+        runs = final(cell, job, runs=2)
+        out, err = output(jobdir, job)
+        assert runs[-1]["exit_status"] == "66", (runs, out, err)
+        assert "has no checkpoint to continue from" in err, err
+        assert "not starting the job again from the beginning" in err, err
+        assert host_ok(cell), cell.queue_state()
+        clean(cell, job)
+    finally:
+        if before is not None:
+            cfg.write_text(before)
+        cell.run("qdel", job)
+        shutil.rmtree(local, ignore_errors=True)
 
 
 @pytest.mark.timeout(400)

@@ -157,6 +157,7 @@ def test_image_is_prestaged_for_the_job_ge_reserved_the_host_for(cell, jobdir):
     finished(cell, blocker)
 
 
+@pytest.mark.exclusive  # a save deadline: another worker's load on the 2 cores would move it (see conftest)
 @pytest.mark.timeout(600)
 def test_queue_head_runs_before_the_reservation_is_saved_in_time_and_resumes_after(cell, jobdir):
     start = time.time() + T

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -21,6 +22,7 @@ from harness.processes import matching, tree
 from harness.slurm_cluster import NODES
 from harness.slurm_jobs import FINAL, module_cluster, submit, values, wait_for
 from harness.slurm_jobs import jobdir as new_jobdir
+from vmwrap import checkpoint
 from vmwrap.resources import HOOKS
 
 pytestmark = pytest.mark.vm
@@ -106,6 +108,7 @@ def test_the_jobs_qemu_killed_fails_the_job_with_a_reason_and_keeps_the_node(clu
     clean(cluster, job)
 
 
+@pytest.mark.exclusive  # restarts the host's libvirtd (see conftest)
 @pytest.mark.timeout(600)
 def test_libvirtd_restarted_mid_job_the_job_goes_on(cluster, jobdir):
     job = submit(cluster, jobdir, WAITER, "-w", "c2")
@@ -182,6 +185,7 @@ def test_a_full_checkpoint_store_gives_the_job_its_lost_checkpoint_policy_not_th
     store.mkdir(exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "vmwrap-full-store", str(store)], check=True)
     try:
+        checkpoint.init_store(store, cluster.base / "checkpoint.key")  # new storage: `vmwrap checkpoints init`
         extra = "#VMWRAP --on-lost-checkpoint=restart\n" if policy == "restart" else ""
         job = submit(cluster, jobdir, COUNTER.format(extra=extra), "-p", "requeue", "-w", "c2")
         wait_for(lambda: len(values(output(jobdir, job))) >= 4, "the job to count to 4", timeout=300)
@@ -274,3 +278,98 @@ def test_after_a_host_reboot_the_restarted_agent_repairs_the_node(cluster, jobdi
     r = cluster.run("scontrol", "update", "nodename=c3", "state=resume")   # unless ReturnToService=2 did
     assert r.returncode == 0 or "Invalid node state" in r.stderr, r.stderr
     wait_for(lambda: not drained(cluster), "c3 back in service", timeout=120)
+
+
+def _store_elsewhere(cluster, node: str, local: Path) -> str:
+    """Point `node`'s checkpoint_dir at `local`, an empty root-owned directory: what the node sees where
+    the shared store is not mounted. Returns the config as it was."""
+    cfg = cluster.base / f"vmwrap-{node}.toml"
+    before = cfg.read_text()
+    shared = f'checkpoint_dir = "{cluster.base / "checkpoints"}"'
+    assert shared in before, before
+    local.mkdir(mode=0o700)
+    cfg.write_text(before.replace(shared, f'checkpoint_dir = "{local}"'))
+    return before
+
+
+def _ledger(cluster, node: str, job: str) -> list[dict]:
+    from vmwrap.ledger import Ledger
+
+    path = cluster.node_dir(node) / "state" / "ledger.sqlite"
+    return Ledger(path).events(job) if path.exists() else []
+
+
+@pytest.mark.timeout(600)
+def test_a_restart_on_a_node_without_the_shared_store_drains_that_node_and_restores_elsewhere(cluster, jobdir):
+    """Issue 20: a saved job restarts on c3, where the store's path is an empty local directory (the
+    shared storage not mounted). The prolog refuses as the node's fault (c3 drained with a reason naming
+    the store) instead of starting the job from the beginning; on c1 it restores and every value of its
+    counter is printed exactly once."""
+    local = cluster.base / "c3-not-mounted"
+    before = _store_elsewhere(cluster, "c3", local)
+    job = None
+    try:
+        job = submit(cluster, jobdir, COUNTER.format(extra=""), "-p", "requeue", "-w", "c1", "--open-mode=append")
+        wait_for(lambda: len(values(output(jobdir, job))) >= 4, "the job to count to 4", timeout=300)
+        assert cluster.run("scontrol", "requeuehold", job).returncode == 0
+        wait_for(lambda: (cluster.base / "checkpoints" / job / "manifest.json").exists(), "the checkpoint", timeout=120)
+        assert cluster.run("scontrol", "update", f"jobid={job}", "nodelist=c3").returncode == 0
+        assert cluster.run("scontrol", "release", job).returncode == 0
+        wait_for(lambda: any(ln.startswith("c3 ") for ln in drained(cluster)), "c3 to be taken out", timeout=120)
+        node = cluster.run("scontrol", "-o", "show", "node", "c3").stdout
+        assert f"Reason=vmwrap: the checkpoint store {local} has no .vmwrap-store stamp" in node, node
+        assert "never initialised (`vmwrap checkpoints init`" in node, node  # Slurm keeps 200 characters
+        assert not any(e["event"] in ("created", "restored") for e in _ledger(cluster, "c3", job)), \
+            _ledger(cluster, "c3", job)                      # not started there, neither fresh nor restored
+        assert list(local.iterdir()) == []                   # nothing of the job on c3's own disk
+        wait_for(lambda: cluster.job(job)["JobState"] == "PENDING", "the job to wait again", timeout=120)
+        assert cluster.run("scontrol", "update", f"jobid={job}", "nodelist=c1").returncode == 0
+        cluster.run("scontrol", "release", job)             # if Slurm held it after the failed launch
+        info = cluster.wait_state(job, FINAL, timeout=300)
+        out = output(jobdir, job)
+        assert (info["JobState"], info["ExitCode"], info["NodeList"]) == ("COMPLETED", "0:0", "c1"), (info, out)
+        assert values(out) == list(range(1, N + 1)), out
+        assert "restored" in [e["event"] for e in _ledger(cluster, "c1", job)]
+        clean(cluster, job)
+    finally:
+        (cluster.base / "vmwrap-c3.toml").write_text(before)
+        if job:
+            cluster.run("scancel", job)
+        cluster.run("scontrol", "update", "nodename=c3", "state=resume")
+        shutil.rmtree(local, ignore_errors=True)
+    wait_for(lambda: not drained(cluster), "c3 back in service", timeout=60)
+
+
+@pytest.mark.timeout(600)
+def test_a_store_unreachable_during_the_save_gives_the_job_its_lost_checkpoint_policy_not_the_node(cluster, jobdir):
+    """Issue 20's fault matrix: the shared store disappears from c2 (its path now an empty local
+    directory) just before `scontrol requeue` saves the job's VM. The save fails (nothing written to
+    c2's own disk), the restart follows --on-lost-checkpoint (fail: exit 66), c2 is not drained."""
+    local = cluster.base / "c2-not-mounted"
+    job = submit(cluster, jobdir, COUNTER.format(extra=""), "-p", "requeue", "-w", "c2")
+    cfg = cluster.base / "vmwrap-c2.toml"
+    before = None
+    try:
+        wait_for(lambda: len(values(output(jobdir, job))) >= 4, "the job to count to 4", timeout=300)
+        before = _store_elsewhere(cluster, "c2", local)
+        assert cluster.run("scontrol", "requeuehold", job).returncode == 0
+        wait_for(lambda: "save_failed" in [e["event"] for e in _ledger(cluster, "c2", job)], "the failed save", 120)
+        [failed] = [e for e in _ledger(cluster, "c2", job) if e["event"] == "save_failed"]
+        assert f"checkpoint store {local} has no .vmwrap-store stamp" in failed["detail"]["message"], failed
+        assert list(local.iterdir()) == []
+        cfg.write_text(before)                               # the storage is back for the restart
+        before = None
+        assert not drained(cluster)
+        assert cluster.run("scontrol", "release", job).returncode == 0
+        info = cluster.wait_state(job, FINAL, timeout=300)
+        out = output(jobdir, job)
+        assert (info["JobState"], info["ExitCode"]) == ("FAILED", "66:0"), (info, out)
+        assert "has no checkpoint to continue from" in out, out
+        assert "not starting the job again from the beginning" in out, out
+        assert not drained(cluster)
+        clean(cluster, job)
+    finally:
+        if before is not None:
+            cfg.write_text(before)
+        cluster.run("scancel", job)
+        shutil.rmtree(local, ignore_errors=True)

@@ -75,6 +75,7 @@ def drained(cluster) -> list[str]:
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
 
 
+@pytest.mark.exclusive  # a CPU hog on every core (see conftest)
 @pytest.mark.timeout(1200)
 def test_no_job_fails_because_the_host_is_saturated(cluster, test_user):
     """A CPU hog on every core (load ~2x the cores) while small VM jobs run through Slurm."""
@@ -113,6 +114,7 @@ def _guest_cpu_s(job: str) -> float:
 MACHINES = Path("/sys/fs/cgroup/cpu/machine/cpu.shares")   # libvirt's cgroup of all QEMUs (cgroup v1)
 
 
+@pytest.mark.exclusive  # starves every VM on the host (see conftest)
 @pytest.mark.skipif(not MACHINES.exists(), reason="libvirt's cpu cgroup is not at /sys/fs/cgroup/cpu/machine")
 @pytest.mark.timeout(1500)   # a starved boot takes minutes; the wait below bounds it
 def test_guests_starved_of_cpu_during_boot_still_run(cluster, test_user):

@@ -133,7 +133,12 @@ def test_after_its_node_crashes_the_job_continues_elsewhere_from_its_last_checkp
     r = cluster.run("scontrol", "update", f"nodename={node}", "state=down", "reason=crashed")
     assert r.returncode == 0, r.stderr
     try:
-        info = cluster.wait_state(job, FINAL, timeout=400)
+        try:
+            info = cluster.wait_state(job, FINAL, timeout=400)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\noutput: {output(jobdir, job)!r}\nprogress: "
+                                 f"{(jobdir / 'progress').read_text().split() if (jobdir / 'progress').exists() else None}"
+                                 f"\nledger: {[(e['node'] if 'node' in e else '', e['event']) for e in events(cluster, job)]}") from None
         out = output(jobdir, job)
         assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), (info, out)
         assert values(out) == list(range(1, N + 1)), out          # every value exactly once
@@ -165,13 +170,14 @@ def test_after_its_node_crashes_the_job_continues_elsewhere_from_its_last_checkp
 
 @pytest.mark.timeout(400)
 def test_a_periodic_save_into_a_full_store_keeps_the_job_and_the_last_checkpoint(cluster, jobdir):
-    from vmwrap.checkpoint import Store
+    from vmwrap.checkpoint import Store, init_store
 
     # The shared store on a small file system of its own (filled up below, never the host's disk).
     store(cluster).mkdir(exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m,mode=0700", "vmwrap-periodic-store", str(store(cluster))],
                    check=True)
     try:
+        init_store(store(cluster), cluster.base / "checkpoint.key")  # new storage: `vmwrap checkpoints init`
         _full_store(cluster, jobdir, Store(store(cluster), cluster.base / "checkpoint.key"))
     finally:
         subprocess.run(["umount", str(store(cluster))], check=True)

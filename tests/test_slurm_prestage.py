@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
+from harness.host_share import keep_logs
 from harness.slurm_cluster import Cluster
 from vmwrap.ledger import Ledger
 
@@ -38,8 +40,12 @@ def cluster(images, virt_type, test_user):
                          site_config={"accel": virt_type, "grace_seconds": 5.0}, prestage=True,
                          node_config={"c2": {"cache_max_bytes": room_for_one}})
     c.start()
-    yield c
-    c.stop()
+    try:
+        yield c
+    finally:
+        c.stop()
+        keep_logs(c.base, "slurm-prestage")
+        shutil.rmtree(c.base, ignore_errors=True)   # 230 MB of caches a run (it was left behind)
 
 
 @pytest.fixture

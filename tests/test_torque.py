@@ -33,9 +33,9 @@ def torque(appliance, virt_type, test_user):
     base.mkdir(parents=True)
     base.chmod(0o755)
     register(str(base / "images.toml"), appliance)
-    from vmwrap.checkpoint import keygen
+    from vmwrap.checkpoint import init_store, keygen
 
-    keygen(base / "checkpoint.key")
+    init_store(base / "store", keygen(base / "checkpoint.key"))  # the site's key, `vmwrap checkpoints init`
     agents, moms = [], []
     filt = base / "submitfilter"
     server = None

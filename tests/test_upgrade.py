@@ -60,7 +60,10 @@ def _old_venv(base: Path) -> Path:
 
 
 class _Site(Cluster):
-    """The test cluster with its hooks from `vmwrap hooks install HOOKS` and batch steps calling BIN."""
+    """The test cluster with its hooks from `vmwrap hooks install HOOKS` and batch steps calling BIN;
+    its checkpoint store as the old vmwrap made it (no identity stamp)."""
+
+    stamp_store = False
 
     def __init__(self, base: Path, site: dict, hooks: Path, vmwrap_bin: Path):
         super().__init__(base, site)
@@ -121,7 +124,15 @@ def test_jobs_survive_an_upgrade(site, test_user):
     wait_for(manifest.exists, "the old epilog's checkpoint", timeout=60)
     assert '"vmwrap"' not in manifest.read_text()
 
-    _install(NEW, cluster.hooks, cluster.vmwrap_bin)  # the upgrade
+    # The upgrade, as the admin guide says: the new `vmwrap checkpoints init` adopts the old store
+    # (its checkpoints stay), then the hooks are switched.
+    store = cluster.base / "checkpoints"
+    assert not (store / ".vmwrap-store").exists()
+    r = subprocess.run([str(NEW / "vmwrap"), "--config", str(cluster.base / "vmwrap-c1.toml"), "checkpoints", "init"],
+                       capture_output=True, text=True, cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": "/root"})
+    assert r.returncode == 0 and f"adopted the existing checkpoint store {store}" in r.stdout, (r.stdout, r.stderr)
+    assert manifest.exists()
+    _install(NEW, cluster.hooks, cluster.vmwrap_bin)
     assert f"{NEW}/python" in (cluster.hooks / "slurm-prolog").read_text()
 
     info = cluster.wait_state(running, FINAL, timeout=120)  # ended by the new epilog

@@ -200,6 +200,7 @@ def test_a_save_that_would_run_past_its_deadline_is_stopped(site, workdir):
 
     settings = site.settings()
     store = checkpoint.Store(site.base / "ckpt", checkpoint.keygen(site.base / "ckpt.key"))
+    checkpoint.init_store(store.root, store.key_file)  # `vmwrap checkpoints init`
     p = site.popen(HDR + "i=0; while :; do i=$((i+1)); echo n=$i; sleep 1; done\n", workdir,
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -250,6 +251,7 @@ def test_restore_trusts_only_what_the_site_key_signed(site, workdir, test_user):
     os.chown(workdir, test_user.pw_uid, test_user.pw_gid)
     settings = site.settings()
     store = checkpoint.Store(site.base / "ckpt", checkpoint.keygen(site.base / "ckpt.key"))
+    checkpoint.init_store(store.root, store.key_file)  # `vmwrap checkpoints init`
     script = HDR + "i=0; while :; do i=$((i+1)); echo n=$i; sleep 1; done\n"
 
     def job(restarts):

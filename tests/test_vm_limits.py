@@ -9,6 +9,7 @@ import errno
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from conftest import Site
@@ -23,11 +24,14 @@ pytestmark = pytest.mark.vm
 HDR = "#!/bin/sh\n#VMWRAP --image=busybox\n"
 
 
-def _watchers() -> list[int]:
+def _watchers(site_dir: Path) -> list[int]:
+    """The output-limit watchers of this test's site (their argv names its run dir): another test's
+    jobs on the same host have their own."""
     out = []
     for p in os.listdir("/proc"):
         try:
-            if p.isdigit() and b"vmwrap.limits" in open(f"/proc/{p}/cmdline", "rb").read():
+            argv = open(f"/proc/{p}/cmdline", "rb").read() if p.isdigit() else b""
+            if b"vmwrap.limits" in argv and str(site_dir).encode() + b"/" in argv:
                 out.append(int(p))
         except OSError:
             pass
@@ -36,7 +40,7 @@ def _watchers() -> list[int]:
 
 def test_output_over_job_output_max_bytes_stops_the_job(tmp_path, appliance, virt_type, workdir):
     site = Site(tmp_path, appliance, virt_type, job_output_max_bytes=1 << 20)
-    before = set(_watchers())
+    before = set(_watchers(tmp_path))
     t0 = time.monotonic()
     r = site.run(HDR + "echo start; head -c 200000000 /dev/zero | tr '\\0' x; echo never-reached >&2\n", workdir,
                  "--job-id", "lim-out", timeout=300)
@@ -51,7 +55,7 @@ def test_output_over_job_output_max_bytes_stops_the_job(tmp_path, appliance, vir
     events = [(e["event"], e["detail"].get("kind")) for e in Ledger(site.settings().ledger_path).events("lim-out")]
     assert ("failed", "limit") in events and events[-1][0] == "destroyed"
     assert site.leftovers() == []
-    assert set(_watchers()) <= before
+    assert set(_watchers(tmp_path)) <= before
 
 
 def test_guest_flooding_its_console_is_stopped(tmp_path, appliance, virt_type, workdir):

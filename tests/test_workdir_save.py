@@ -31,6 +31,7 @@ def test_a_save_in_the_middle_of_large_writes_loses_no_byte(site, workdir, test_
     os.chown(workdir, test_user.pw_uid, test_user.pw_gid)
     settings = site.settings()
     store = checkpoint.Store(site.base / "ckpt", checkpoint.keygen(site.base / "ckpt.key"))
+    checkpoint.init_store(store.root, store.key_file)  # `vmwrap checkpoints init`
 
     def job(restarts):
         return Job("wsave1", "test", test_user.pw_name, test_user.pw_uid, test_user.pw_gid, str(workdir), SCRIPT,
