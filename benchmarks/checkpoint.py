@@ -136,7 +136,8 @@ def main() -> None:
             "checkpoint_key_file": str(tmp / "checkpoint.key")}))
         settings = config.load(str(cfg))
         store = checkpoint.Store(a.store, checkpoint.keygen(settings.checkpoint_key_file))
-        store.root.mkdir(parents=True, exist_ok=True)
+        (store.root / checkpoint.STAMP).unlink(missing_ok=True)  # a scratch store: each run has a new key
+        checkpoint.init_store(store.root, store.key_file)  # `vmwrap checkpoints init`
         work = tmp / "work"
         work.mkdir()
         rows = [one(settings, int(m), work, store) for m in a.sizes.split(",")]

@@ -117,6 +117,8 @@ def main() -> None:
             "checkpoint_key_file": str(tmp / "checkpoint.key"), "checkpoint_min_every_s": 1.0}))
         settings = config.load(str(cfg))
         store = checkpoint.Store(a.store, checkpoint.keygen(settings.checkpoint_key_file))
+        (store.root / checkpoint.STAMP).unlink(missing_ok=True)  # a scratch store: each run has a new key
+        checkpoint.init_store(store.root, store.key_file)  # `vmwrap checkpoints init`
         work = tmp / "work"
         work.mkdir()
         for i in range(a.rounds):
