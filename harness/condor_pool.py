@@ -174,8 +174,16 @@ class Pool:
                 f"{u}.VmwrapStartd = \"{s}\"",
                 f"{u}.STARTD_ATTRS = $(STARTD_ATTRS) VmwrapStartd",
             ]
-        text = "\n".join(lines) + "\n"
-        self.config.write_text(text)
+        self.set_config("\n".join(lines) + "\n")
+
+    def set_config(self, text: str) -> None:
+        """Replace the pool's config at once. A daemon still re-reading it after the last
+        condor_reconfig must never see it half written: a schedd that read a truncated config exited
+        with status 44 (DPRINTF_ERROR: its log undefined) in one CI run, where a test's two policy
+        blocks ended back to back. Written in place, 17 such pairs killed it; replaced, 60 did not."""
+        tmp = self.config.with_name(f".{self.config.name}.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, self.config)
 
     def _users(self) -> None:
         """The chroot's passwd/group plus the host's ordinary users (same uids inside and out), bound

@@ -76,12 +76,12 @@ def startd_policy(condor, *lines: str):
     """Startd policy lines appended to the pool's config for the block (condor_reconfig), then taken
     out again: the module's one pool stays as the other tests expect it."""
     before = condor.pool.config.read_text()
-    condor.pool.config.write_text(before + "\n".join(lines) + "\n")
+    condor.pool.set_config(before + "\n".join(lines) + "\n")
     try:
         assert condor.pool.run("/usr/sbin/condor_reconfig").returncode == 0
         yield
     finally:
-        condor.pool.config.write_text(before)
+        condor.pool.set_config(before)
         condor.pool.run("/usr/sbin/condor_reconfig")
 
 
