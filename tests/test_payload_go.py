@@ -205,3 +205,40 @@ def test_a_term_that_arrived_with_go_is_sent_again_once_the_job_started(tmp_path
     a._signals.append(signal.SIGTERM)
     assert a.stream() == 143, seen
     assert seen == ["GO", "TERM", "TERM"], seen
+
+
+def test_a_copy_restarted_elsewhere_stops_at_its_checkpoint_and_delivers_nothing_more(tmp_path, monkeypatch):
+    """The agent answers a periodic checkpoint with `stale` (the job runs again elsewhere; it stopped
+    this VM): the step ends at once as one the scheduler stopped (143), and what the VM wrote after
+    the output delivered for that checkpoint never reaches the job's files, which the new run writes."""
+    from vmwrap import agent
+
+    d = run_dir(tmp_path)
+    (d / rundir.STATUS).write_text("booted 1.0\nready 1.1\nstarted 1.2\n")
+    (d / rundir.STDOUT).write_text("before\n")
+    srv = guest_port.listen(d)
+
+    def guest_runs_on():   # the job goes on in the VM; left alone, it would end 3 s later
+        c, _ = srv.accept()
+        time.sleep(3.0)
+        with open(d / rundir.STATUS, "a") as st:
+            st.write("exit 0\n")
+        c.close()
+
+    threading.Thread(target=guest_runs_on, daemon=True).start()
+
+    def request(settings, op, job_id, timeout=2.0):
+        assert op == "checkpoint"
+        with open(d / rundir.STDOUT, "a") as f:
+            f.write("after\n")   # written by the VM after the step delivered for this checkpoint
+        return {"saved": False, "stale": True, "error": "job j1 was started again elsewhere"}
+
+    monkeypatch.setattr(agent, "request", request)
+    a = attachment(d, tmp_path)
+    a.checkpoint_every = 0.2
+    assert a.control.connect(timeout=5.0)
+    t0 = time.monotonic()
+    assert a.stream() == 143
+    assert time.monotonic() - t0 < 2.5
+    assert (tmp_path / "out").read_text() == "before\n"
+    srv.close()

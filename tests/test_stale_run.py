@@ -104,3 +104,28 @@ def test_a_run_that_never_became_current_ends_as_before(tmp_path, monkeypatch):
     out = lifecycle.end(s, "77", requeued=False, restarts=1, scheduler="slurm")
     assert out.verdict is lifecycle.Verdict.RUN and not store.exists("77")
     assert "stale_run" not in [e["event"] for e in Ledger(s.ledger_path).events("77")]
+
+
+def test_a_stale_runs_periodic_checkpoint_stops_its_vm(tmp_path, monkeypatch):
+    """The old copy on a cut-off node asks for its periodic checkpoint: refused, and its VM is stopped
+    there and then (it would write on into the work dir the new run writes), the checkpoint kept."""
+    store, s = ended_run(tmp_path, monkeypatch, current="new", mine="old")
+    monkeypatch.setattr(periodic, "_last", {})  # the agent's rate limit: this is the job's first
+    stopped = []
+    monkeypatch.setattr(domain, "destroy", lambda conn, name: stopped.append(name) or True)
+    reply = periodic.handle(s, SimpleNamespace(), "77", peer_uid=1234)
+    assert reply["stale"] is True and reply["saved"] is False and "started again elsewhere" in reply["error"]
+    assert stopped == [rundir.domain_name("77")]
+    assert store.exists("77") and store.current_run("77") == "new"
+    events = Ledger(s.ledger_path).events("77")
+    assert [(e["event"], e["detail"].get("stopped")) for e in events] == [("stale_run", True)], events
+
+
+def test_the_current_runs_failed_checkpoint_leaves_its_vm_running(tmp_path, monkeypatch):
+    """Only staleness stops a VM: any other failed periodic save lets the job run on."""
+    store, s = ended_run(tmp_path, monkeypatch, current="mine", mine="mine")
+    monkeypatch.setattr(periodic, "_last", {})
+    monkeypatch.setattr(domain, "destroy", lambda conn, name: pytest.fail("a current run's VM was stopped"))
+    reply = periodic.handle(s, SimpleNamespace(), "77", peer_uid=1234)
+    assert reply["saved"] is False and not reply.get("stale"), reply
+    assert [e["event"] for e in Ledger(s.ledger_path).events("77")] == ["checkpoint_failed"]

@@ -33,6 +33,7 @@ from .ledger import Ledger
 
 EXIT_USER, EXIT_IMAGE, EXIT_CHECKPOINT, EXIT_NODE, EXIT_GUEST = 64, 65, 66, 69, 70
 EXIT_FOR = {"user": EXIT_USER, "image": EXIT_IMAGE, "checkpoint": EXIT_CHECKPOINT, "node": EXIT_NODE}
+EXIT_STALE = 128 + signal.SIGTERM  # a copy the scheduler restarted elsewhere ends as one it stopped
 POLL = 0.02
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 SMALL_FILE_MAX = 1 << 16     # error, notice, restored.json: root-written, capped anyway
@@ -88,6 +89,7 @@ class Attachment:
         self.requeued: Callable[[], bool] | None = None
         self.offsets = {rundir.STDOUT: 0, rundir.STDERR: 0}  # bytes of each stream already delivered
         self.detached = False
+        self.stale: str | None = None  # the job runs again elsewhere: the agent stopped this copy's VM
         self.killed_by: int | None = None  # the signal that ended the job inside the guest
         self.checkpoint_every: int | None = None  # s between periodic checkpoints (vmwrap/periodic.py)
 
@@ -171,9 +173,11 @@ class Attachment:
         from . import agent, periodic
 
         try:
-            agent.request(self.settings, "checkpoint", self.job_id, timeout=periodic.SAVE_TIMEOUT)
+            reply = agent.request(self.settings, "checkpoint", self.job_id, timeout=periodic.SAVE_TIMEOUT)
         except (NodeError, TypeError):
-            pass
+            return
+        if isinstance(reply, dict) and reply.get("stale"):
+            self.stale = str(reply.get("error", ""))[:2000]
 
     def _gone(self) -> bool:
         if self.conn is not None:
@@ -278,6 +282,8 @@ class Attachment:
                     pump(name, fd)
                 self._save_offsets()
                 self._checkpoint()
+                if self.stale is not None:
+                    break   # what the stopped VM wrote since is not the job's: nothing more is delivered
                 now = time.monotonic()
                 next_checkpoint = now + self.checkpoint_every
             if last_go is not None and ("started" in self.timeline or exit_code is not None or term_deadline):
@@ -323,6 +329,10 @@ class Attachment:
         self.control.close()
         if self.detached:
             return 0
+        if self.stale is not None:
+            # Not a word into the job's streams: the run elsewhere writes the same files.
+            self._record("exited", exit_code=EXIT_STALE, message=self.stale)
+            return EXIT_STALE
         why = limits.reason(self.run_dir)  # the root watcher stopped the VM: that is the job's end
         if why is not None:
             write_all(self.err_fd, why.encode())

@@ -163,6 +163,13 @@ def handle(settings: Settings, conn, job_id: str, peer_uid: int) -> dict:
         meta = json.loads(_read_capped(run_dir / rundir.JOB, JSON_MAX))
         restarts = int(meta.get("restarts", 0))
         info = save(job_id, run_dir, store, conn, restarts)
+    except checkpoint.StaleRunError as e:
+        # Cut off while the scheduler restarted the job elsewhere: this copy's work is not the job's, and
+        # running on it would write into the work dir the new run writes. Its VM stops now, not when the
+        # node is back and the scheduler ends the old step (its epilog then finds nothing to save).
+        stopped = domain.destroy(conn, name)
+        ledger.record(job_id, name, "stale_run", by_uid=peer_uid, stopped=stopped, message=str(e)[:2000])
+        return {"saved": False, "stale": True, "error": str(e)}
     except Exception as e:  # noqa: BLE001 (the job runs on with its last good checkpoint)
         ledger.record(job_id, name, "checkpoint_failed", by_uid=peer_uid, message=str(e)[:2000])
         return {"saved": False, "error": str(e)}
