@@ -125,8 +125,35 @@ def test_filter_refuses_a_vm_job_on_more_than_one_node(server, jobdir, test_user
                           "-l nodes=1:ppn=N\n") and err.endswith(ADMIN_REJECT), err
 
 
+PROCS = "-l procs={n} lets Torque take its processors from several nodes"
+PROCS_FIX = "ask for one node with its processors: -l nodes=1:ppn=N"
+TASKS = "-L asks for {n} tasks, which Torque may place on several nodes"
+TASKS_FIX = "ask for one task with its processors: -L tasks=1:lprocs=N"
+
+
+@pytest.mark.parametrize("script, args, n, asked, fix", [
+    ("#!/bin/sh\n#PBS -l procs=4\n#VMWRAP --image=busybox\necho hi\n", (), 4, PROCS, PROCS_FIX),
+    ("#!/bin/sh\n#VMWRAP --image=busybox\necho hi\n", ("-l", "walltime=60,procs=2"), 2, PROCS, PROCS_FIX),
+    ("#!/bin/sh\n#PBS -l procs=1\n#VMWRAP --image=busybox\necho hi\n", ("-l", "procs=8"), 8, PROCS, PROCS_FIX),
+    # Torque 6's -L: each request is `tasks` tasks (default 1), which may land on different nodes
+    ("#!/bin/sh\n#PBS -L tasks=2:lprocs=4\n#VMWRAP --image=busybox\necho hi\n", (), 2, TASKS, TASKS_FIX),
+    ("#!/bin/sh\n#VMWRAP --image=busybox\necho hi\n", ("-L", "tasks=1:lprocs=2", "-L", "lprocs=1"), 2, TASKS,
+     TASKS_FIX),
+])
+def test_filter_refuses_a_vm_job_whose_processors_may_span_nodes(server, jobdir, test_user, script, args, n,
+                                                                 asked, fix):
+    """-l procs=N lets Torque take the N processors from several nodes: refused unless N is 1."""
+    rc, err, job = qsub(server, jobdir, test_user, script, *args)
+    assert (rc, job) == (1, None)
+    assert err.startswith(f"vmwrap: multi-node jobs are not supported yet ({asked.format(n=n)}): a vmwrap job "
+                          f"runs in one VM on one node; {fix}\n") and err.endswith(ADMIN_REJECT), err
+
+
 @pytest.mark.parametrize("script, args", [
     ("#!/bin/sh\n#PBS -N vm\n#PBS -l nodes=1:ppn=4\n#VMWRAP --image=busybox\necho hi\n", ()),
+    ("#!/bin/sh\n#PBS -N vm\n#PBS -l procs=1\n#VMWRAP --image=busybox\necho hi\n", ()),
+    ("#!/bin/sh\n#PBS -N vm\n#PBS -L tasks=1:lprocs=4\n#VMWRAP --image=busybox\necho hi\n", ()),
+    ("#!/bin/sh\n#PBS -N vm\n#PBS -l procs=4\necho hi\n", ()),   # no VM: not vmwrap's business
     ("#!/bin/sh\n#PBS -N vm\n#VMWRAP --image=busybox\necho hi\n", ("-l", "nodes=1:ppn=2,walltime=60")),
     ("#!/bin/sh\n#PBS -N vm\n#PBS -l nodes=2\n#VMWRAP --image=busybox\necho hi\n", ("-l", "nodes=1:ppn=2")),
     ("#!/bin/sh\n#PBS -N vm\n#PBS -l nodes=2:ppn=2\necho hi\n", ()),   # no VM: not vmwrap's business
@@ -202,7 +229,17 @@ def test_bad_memory_is_a_user_error(mem):
         jobs.memory_mib(jobs.resources(f"nodes=1,mem={mem}"), None)
 
 
-def test_prologue_with_crafted_requests_fails_the_job_and_keeps_the_node(tmp_path, monkeypatch):
+MULTI = "multi-node jobs are not supported yet (the job was given {} nodes): a vmwrap job runs in one VM on one node"
+
+
+@pytest.mark.parametrize("resources, env, message", [
+    (f"nodes=1,mem={HUGE}", {}, "cannot read the job's memory request"),
+    ("nodes=2,walltime=60", {}, MULTI.format(2)),          # qalter -l nodes=2 after the filter let it in
+    ("nodes=1:ppn=1+1:ppn=1", {}, MULTI.format(2)),
+    ("procs=4", {"PBS_NUM_NODES": "3"}, MULTI.format(3)),  # procs the scheduler spread
+])
+def test_prologue_with_crafted_requests_fails_the_job_and_keeps_the_node(tmp_path, monkeypatch, resources, env,
+                                                                         message):
     """Appendix G: exit 0 runs the job (its payload prints the reason), never the node's fault."""
     s = Settings(state_dir=str(tmp_path / "state"), catalog=str(tmp_path / "none.toml"),
                  checkpoint_dir=str(tmp_path / "ckpt"))
@@ -212,10 +249,15 @@ def test_prologue_with_crafted_requests_fails_the_job_and_keeps_the_node(tmp_pat
     spool.chmod(0o751)
     sc = spool / "5.srv.SC"
     sc.write_text("#!/bin/sh\n#VMWRAP --image=busybox\n#VMWRAP-TORQUE-WRAPPED\nexec x\n")
-    argv = ["5.srv", "root", "root", "j", f"nodes=1,mem={HUGE}", "batch", "", str(sc)]
-    assert hooks.prologue(s, argv, {}) == 0
+    argv = ["5.srv", "root", "root", "j", resources, "batch", "", str(sc)]
+    assert hooks.prologue(s, argv, env) == 0
     err = (s.jobs_dir / "5.srv" / "error").read_text()
-    assert err.startswith("user\n") and "cannot read the job's memory request" in err
+    assert err.startswith("user\n") and message in err, err
+
+
+def test_prologue_takes_a_one_node_procs_job(tmp_path):
+    assert jobs.node_total(jobs.resources("procs=4"), "1") == 1
+    assert jobs.node_total(jobs.resources("nodes=1:ppn=4")) == 1
 
 
 def test_prologue_refuses_a_vm_request_that_bypassed_the_filter(tmp_path, monkeypatch):

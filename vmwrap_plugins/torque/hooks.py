@@ -31,6 +31,7 @@ from vmwrap.config import Settings
 from vmwrap.errors import NodeError, UserError
 from vmwrap.job import Job
 from vmwrap.payload import EXIT_CHECKPOINT, EXIT_NODE, attach
+from vmwrap.request import one_node
 
 from . import jobs
 
@@ -181,6 +182,10 @@ def prologue_job(env) -> Job | None:
                             "(SUBMITFILTER in torque.cfg); it cannot run in a VM")
         return None
     res = jobs.resources(resource_list)
+    # The filter refused multi-node requests at qsub; `qalter -l` does not run it, and procs=N may or
+    # may not have spread: what pbs_mom gave the job is the truth.
+    n = jobs.node_total(res, env.get("PBS_NUM_NODES", ""))
+    one_node(n, f"the job was given {n} nodes", "ask for one node with its processors: -l nodes=1:ppn=N")
     cpus = jobs.ppn(res, env.get("PBS_NUM_PPN", ""))
     work_dir = env.get("PBS_O_WORKDIR") or pw.pw_dir
     return Job(job_id=jid, scheduler=NAME, user=pw.pw_name, uid=pw.pw_uid, gid=gid, work_dir=work_dir,

@@ -79,6 +79,15 @@ def ppn(res: dict[str, str], env_ppn: str = "") -> int | None:
     return None
 
 
+def node_total(res: dict[str, str], env_nodes: str = "") -> int:
+    """The job's nodes: PBS_NUM_NODES (pbs_mom sets it for the prologue), else the `nodes=` spec's count."""
+    if re.fullmatch(r"\d{1,6}", env_nodes or "") and int(env_nodes) > 0:
+        return int(env_nodes)
+    from .submit import node_count
+
+    return node_count(res["nodes"]) if res.get("nodes") else 1
+
+
 def memory_mib(res: dict[str, str], cpus: int | None) -> int | None:
     """The least memory any of the job's requests grants it (mem, vmem; pmem/pvmem per processor), MiB."""
     found = []

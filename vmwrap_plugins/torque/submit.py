@@ -109,6 +109,20 @@ def resource_list(argv: list[str], script: str) -> dict[str, str]:
     return out
 
 
+def task_count(argv: list[str], script: str) -> int:
+    """Tasks of the job's `-L` requests (Torque 6's NUMA-aware syntax, `-L tasks=N:lprocs=M:...`, one
+    request per -L, each of N tasks; `tasks` defaults to 1), #PBS lines and command line together."""
+    total = 0
+    sources = [shlex.split(line[4:]) if _splittable(line) else line[4:].split()
+               for _, line in directives.leading_comment_block(script) if line.startswith("#PBS")]
+    for args in sources + [list(argv)]:
+        for opt, val in _options(args):
+            if opt == "L":
+                fields = dict(f.partition("=")[::2] for f in val.split(":"))
+                total += node_count(fields["tasks"]) if fields.get("tasks") else 1
+    return total
+
+
 def node_count(spec: str) -> int:
     """Nodes in a `-l nodes=` spec as Torque counts them (ctnodes, src/server/resc_def_all.c): per
     `+`-separated part its leading number, else 1 (a host name or property); `#...` adds none."""
@@ -135,6 +149,22 @@ def shell_option(argv: list[str], script: str) -> bool:
                for _, line in directives.leading_comment_block(script))
 
 
+def one_node_resources(resources: dict[str, str]) -> None:
+    """UserError (multi_node_refusal) when a `-l` resource list may put the job on several nodes: at
+    qsub (the filter) and again in the prologue (pbs_mom's list, after any `qalter -l`)."""
+    fix = "ask for one node with its processors: -l nodes=1:ppn=N"
+    nodes = resources.get("nodes")
+    if nodes is not None:
+        n = node_count(nodes)
+        one_node(n, f"-l nodes asks for {n} nodes", fix)
+    procs = resources.get("procs")
+    if procs is not None:
+        # procs=N: N processors "from one or more qualified nodes" (Torque's own words): the scheduler
+        # may spread them, so only one is certain to be one node.
+        n = node_count(procs)
+        one_node(n, f"-l procs={n} lets Torque take its processors from several nodes", fix)
+
+
 def check(settings: Settings, argv: list[str], script: str, user: str, gid: int) -> str | None:
     """The image the job asks for (None: no VM); UserError with the reason for a request to refuse."""
     if "\0" in script:
@@ -158,10 +188,10 @@ def check(settings: Settings, argv: list[str], script: str, user: str, gid: int)
     from vmwrap.catalog import Catalog
 
     Catalog.load(settings.catalog).resolve(image, user, gid, memory_mib=req.memory_mib, cpus=req.cpus)
-    nodes = resource_list(argv, script).get("nodes")
-    if nodes is not None:
-        n = node_count(nodes)
-        one_node(n, f"-l nodes asks for {n} nodes", "ask for one node with its processors: -l nodes=1:ppn=N")
+    one_node_resources(resource_list(argv, script))
+    tasks = task_count(argv, script)
+    one_node(tasks, f"-L asks for {tasks} tasks, which Torque may place on several nodes",
+             "ask for one task with its processors: -L tasks=1:lprocs=N")
     return image
 
 
