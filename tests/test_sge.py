@@ -171,6 +171,42 @@ def test_bad_requests_are_rejected_at_qsub(cell, jobdir, directive, args, messag
     assert "Unable to run job: vmwrap:" in r.stdout + r.stderr and message in r.stdout + r.stderr, r.stdout + r.stderr
 
 
+PE = ("pe_name {name}\nslots 4\nuser_lists NONE\nxuser_lists NONE\nstart_proc_args NONE\nstop_proc_args NONE\n"
+      "allocation_rule {rule}\ncontrol_slaves FALSE\njob_is_first_task TRUE\nurgency_slots min\n"
+      "accounting_summary FALSE\nqsort_args NONE\n")
+
+
+def test_a_vm_job_with_a_pe_is_accepted_only_when_its_slots_stay_on_one_host(cell, jobdir):
+    """qsub -pe: the JSV asks qmaster for the PE's allocation_rule. $round_robin may spread the slots
+    over hosts: refused with the rule named. $pe_slots keeps them on one host: accepted. A job without
+    an image keeps its PE (not vmwrap's business)."""
+    from harness.sge_cell import qconf
+
+    for name, rule in (("vmwrap_rr", "$round_robin"), ("vmwrap_smp", "$pe_slots")):
+        f = cell.base / f"{name}.pe"
+        f.write_text(PE.format(name=name, rule=rule))
+        qconf("-Ap", str(f))
+    try:
+        vm, plain = jobdir / "pe.sh", jobdir / "plain.sh"
+        vm.write_text(HDR + "echo never\n")
+        plain.write_text("#!/bin/sh\necho plain\n")
+        for p in (vm, plain):
+            os.chown(p, 1234, 1234)
+        sub = lambda *a: cell.run("qsub", "-terse", "-h", "-cwd", "-q", "vmwrap.q", *a,  # noqa: E731
+                                  user="vmwrapuser", cwd=str(jobdir))
+        r = sub("-pe", "vmwrap_rr", "2", str(vm))
+        out = r.stdout + r.stderr
+        assert r.returncode != 0 and ("vmwrap: multi-node jobs are not supported yet (-pe vmwrap_rr 2 may get slots "
+                                      "on several hosts: vmwrap_rr has allocation_rule $round_robin)") in out, out
+        for args in (("-pe", "vmwrap_smp", "2", str(vm)), ("-pe", "vmwrap_rr", "2", str(plain))):
+            r = sub(*args)
+            assert r.returncode == 0, r.stdout + r.stderr
+            cell.run("qdel", r.stdout.strip(), user="vmwrapuser")
+    finally:
+        for name in ("vmwrap_rr", "vmwrap_smp"):
+            qconf("-dp", name, check=False)
+
+
 def test_native_option_for_binary_jobs(cell, jobdir):
     """`qsub -b y -ac vmwrap_image=busybox cmd`: no script to carry a directive."""
     r = cell.run("qsub", "-terse", "-cwd", "-q", "vmwrap.q", "-b", "y", "-ac", "vmwrap_image=busybox",

@@ -14,6 +14,7 @@ job out with a logged reason, never fails a pass.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import os
@@ -431,6 +432,21 @@ def cached_complex_defined() -> bool:
         defined = False
     _sc_seen[:] = [(now, defined)]
     return defined
+
+
+def pe_allocation_rules(pattern: str) -> dict[str, str]:
+    """allocation_rule of each parallel environment a `-pe` name selects (GE takes wildcards there:
+    `-pe mpi* 4` may get any PE whose name matches). RuntimeError when qconf cannot answer."""
+    if not _NAME.fullmatch(pattern.replace("*", "x").replace("?", "x")):
+        raise RuntimeError(f"{pattern[:64]!r} is not a parallel environment name")
+    names = [n for n in run("qconf", "-spl").split() if _NAME.fullmatch(n) and fnmatch.fnmatchcase(n, pattern)]
+    rules = {}
+    for n in names:
+        for ln in run("qconf", "-sp", n).splitlines():
+            key, _, value = ln.strip().partition(" ")
+            if key == "allocation_rule":
+                rules[n] = value.strip()
+    return rules
 
 
 def host_complex_values(text: str) -> dict[str, str]:

@@ -30,6 +30,7 @@ from vmwrap import directives, lifecycle, payload, periodic, rundir, wire
 from vmwrap.config import Settings
 from vmwrap.errors import NodeError, UserError, VmwrapError
 from vmwrap.job import Job
+from vmwrap.request import multi_node_refusal, one_node
 
 CONTEXT = re.compile(r"^context:[ \t]+(.*)$", re.M)
 
@@ -257,6 +258,8 @@ def job_from_env(env: dict[str, str], owner: str) -> Job | None:
         raise UserError(f"the job's context says {wire.CONTEXT_MEMORY}={said} but its script asks for "
                         f"{f'--memory={req.memory_mib}M' if req.memory_mib else 'no --memory'}; "
                         f"`qalter -ac {wire.CONTEXT_MEMORY}=...` may not change it")
+    hosts = pe_hosts(env)   # the JSV refused PEs that may spread; a PE changed since, or no JSV, lands here
+    one_node(len(hosts), f"its parallel environment has slots on {len(hosts)} hosts: {' '.join(hosts[:4])}", PE_FIX)
     n = slots(env)
     return Job(job_id=jid, scheduler="sge", user=owner, uid=pw.pw_uid, gid=pw.pw_gid, work_dir=os.getcwd(),
                script=script, cpus=n, memory_mib=requested_memory_mib(qstat, n), image=image,
@@ -460,6 +463,55 @@ def _catalog(path: str):
     return hit[1]
 
 
+PE_FIX = "use a parallel environment whose allocation_rule is $pe_slots (all its slots on one host), or no -pe"
+OPEN_MAX = 9999999   # what the JSV sees as pe_max for an open range (`-pe NAME 2-`)
+
+
+def pe_refusal(pe: str, lo: str, hi: str) -> str | None:
+    """Why a VM job's `-pe NAME RANGE` could be given slots on several hosts (None: one host for sure).
+    Only `$pe_slots`, or an integer rule N with at most N slots, keeps every slot on one host;
+    `$fill_up` and `$round_robin` spread whatever one host cannot hold."""
+    if not (lo.isdigit() and hi.isdigit()) or len(lo) > 9 or len(hi) > 9:
+        return f"-pe {pe[:64]} {lo[:12]}-{hi[:12]}: not a slot range"
+    n_lo, n_hi = int(lo), int(hi)
+    if n_hi <= 1:
+        return None
+    from . import facts
+
+    try:
+        rules = facts.pe_allocation_rules(pe)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        return f"cannot tell where -pe {pe[:64]} puts its slots ({str(e)[:200]}); submit again later"
+    spread = {n: r for n, r in sorted(rules.items()) if not (r == "$pe_slots" or (r.isdigit() and n_hi <= int(r)))}
+    if not spread:
+        return None   # unknown PEs are qsub's to refuse
+    slots = str(n_lo) if n_lo == n_hi else f"{n_lo}-" if n_hi >= OPEN_MAX else f"{n_lo}-{n_hi}"
+    which = ", ".join(f"{n} has allocation_rule {r}" for n, r in list(spread.items())[:3])
+    return multi_node_refusal(f"-pe {pe} {slots} may get slots on several hosts: {which}", PE_FIX)
+
+
+def pe_hosts(env: dict[str, str]) -> list[str]:
+    """The hosts of the job's parallel environment, from execd's pe_hostfile in the job's active dir
+    (never a path the job's environment names); [] for a job without one."""
+    spool = _active_dir(env)
+    if spool is None:
+        return []
+    try:
+        fd = os.open(os.path.join(spool, "pe_hostfile"), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return []
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return []
+        text = f.read(1 << 20).decode(errors="replace")
+    hosts: list[str] = []
+    for ln in text.splitlines():
+        h = ln.split()[:1]
+        if h and h[0] not in hosts:
+            hosts.append(h[0])
+    return hosts
+
+
 def check_request(settings: Settings, params: dict[str, str], user: str, gid: int,
                   script_optional: bool = False) -> tuple[str | None, int | None, str | None]:
     """(image, memory MiB or None, None) for an acceptable request, (None, None, reason) to reject it. Reads the script body
@@ -488,6 +540,10 @@ def check_request(settings: Settings, params: dict[str, str], user: str, gid: in
         _catalog(settings.catalog).resolve(image, user, gid, memory_mib=req.memory_mib, cpus=req.cpus)
     except VmwrapError as e:
         return None, None, str(e)
+    if params.get("pe_name"):
+        why = pe_refusal(params["pe_name"], params.get("pe_min", "1"), params.get("pe_max", "1"))
+        if why:
+            return None, None, why
     return image, req.memory_mib, None
 
 
