@@ -58,8 +58,10 @@ class _Rejected(SystemExit):
 class Job:
     def __init__(self, variables: dict[str, str] | None = None, resources: dict[str, str] | None = None,
                  id: str = "", euser: str = "", egroup: str = "", ms: bool = True, run_count: int | None = None,
-                 Exit_status: int | None = None):
+                 Exit_status: int | None = None, exec_host: str | None = None):
         self.Variable_List = dict(variables or {})
+        # The hosts the server ran the job on, `host/N*C+host2/N*C` (str of pbs.exec_host; set at run)
+        self.exec_host = exec_host
         self.run_count = run_count          # the server's count of starts (job attribute run_count)
         self.Exit_status = Exit_status      # set for execjob_end/epilogue (mom_hook_func.c:3669-3677)
         self.Resource_List = dict(resources or {})
@@ -233,6 +235,7 @@ class PbsJob:
     run_count: int = 0
     rerun: bool = False
     checkpointed: bool = False   # the server's JOB_SVFLG_CHKPT: the next start restarts from it
+    exec_host: str | None = None  # None: this mom alone (`<mom>/0*<ncpus>`)
     spool: dict[str, bytes] = field(default_factory=dict)   # .OU/.ER the server keeps over a rerun
     history: list[str] = field(default_factory=list)
 
@@ -266,15 +269,17 @@ class Mom:
         self.seq = 200 + 10_000 * worker()  # VMs are named by job id host-wide: see harness.host_share
 
     def job(self, user: pwd.struct_passwd, script: str, workdir: Path, name: str = "STDIN",
-            variables: dict | None = None, resources: dict | None = None) -> PbsJob:
+            variables: dict | None = None, resources: dict | None = None, exec_host: str | None = None) -> PbsJob:
         self.seq += 1
         return PbsJob(self.seq, self.server, name, user, script, str(workdir),
-                      {"PBS_O_WORKDIR": str(workdir), **(variables or {})}, dict(resources or {}))
+                      {"PBS_O_WORKDIR": str(workdir), **(variables or {})}, dict(resources or {}),
+                      exec_host=exec_host)
 
     def _event(self, type_: int, job: PbsJob, **kw) -> MomResult:
         j = Job(job.variables, job.resources, id=job.id, euser=job.user.pw_name,
                 egroup=grp.getgrgid(job.user.pw_gid).gr_name, run_count=job.run_count,
-                Exit_status=kw.pop("exit_status", None))
+                Exit_status=kw.pop("exit_status", None),
+                exec_host=job.exec_host or f"{self.name}/0*{job.resources.get('ncpus', 1)}")
         j._checkpointed = job.checkpointed
         r = mom_hook(self.hook, Event(type_, j, vnode_list={self.name: self.vnode}, **kw), nodename=self.name,
                      pbs_home=str(self.home), hook_config=str(self.hook_config))

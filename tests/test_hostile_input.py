@@ -89,6 +89,14 @@ def test_job_from_env_fills_the_allocation_and_carries_the_request_as_directives
         request.resolve(job, Settings(), CATALOG)
 
 
+def test_slurm_prolog_refuses_a_vm_job_on_several_nodes_even_if_a_field_says_one():
+    """job_submit.lua refuses -N 2 and NumNodes=2 later; past both, the prolog would boot a VM on every
+    node. Users write JobName and Comment: a forged 'NumNodes=1' there never hides the real count."""
+    shown = SHOW.replace("{comment}", "x NumNodes=1").replace("NumNodes=1 ", "NumNodes=2 ", 1)
+    with pytest.raises(UserError, match=r"multi-node jobs are not supported yet \(asked for 2 nodes\): .*-N 1"):
+        hooks.job_from_env(env("vmwrap:image=busybox,memory=,cpus=,lost="), show_job=lambda jid: shown)
+
+
 @pytest.mark.parametrize("field", ["SLURM_JOB_UID", "SLURM_JOB_GID", "SLURM_JOB_RESTART_COUNT"])
 def test_job_from_env_bounds_numbers(field):
     with pytest.raises(UserError, match=field):
@@ -226,3 +234,17 @@ def test_ge_prolog_turns_an_unexpected_exception_into_a_job_failure(settings, tm
     monkeypatch.setattr(sge, "job_from_env", lambda env, owner: int(HUGE))
     assert sge.prolog(settings, ge_env(tmp_path), "root") == 0
     assert "internal error in vmwrap's prolog (ValueError" in (settings.jobs_dir / "12" / "error").read_text()
+
+
+def test_ge_prolog_fails_a_vm_job_whose_pe_spans_hosts_and_keeps_the_queue(settings, tmp_path, monkeypatch):
+    """The JSV refuses a -pe that may spread; a PE changed after qsub (or a cell without the JSV) still
+    gives a VM job slots on several hosts: its prolog fails the job (a user error), not the queue."""
+    spool = tmp_path / "spool" / "active_jobs" / "12.1"
+    spool.mkdir(parents=True)
+    os.chmod(spool, 0o755)
+    (spool / "pe_hostfile").write_text("host1 1 vmwrap.q@host1 UNDEFINED\nhost2 1 vmwrap.q@host2 UNDEFINED\n")
+    monkeypatch.setattr(sge, "qstat_job", lambda jid: QSTAT.format(vmem="1G", image="busybox"))
+    assert sge.prolog(settings, ge_env(tmp_path, NSLOTS="2", SGE_JOB_SPOOL_DIR=str(spool)), "root") == 0
+    err = (settings.jobs_dir / "12" / "error").read_text()
+    assert err.startswith("user\n") and ("multi-node jobs are not supported yet (its parallel environment has "
+                                         "slots on 2 hosts: host1 host2)") in err, err

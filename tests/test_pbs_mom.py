@@ -78,6 +78,26 @@ def test_a_users_mistake_fails_the_job_through_its_payload_not_the_node(light, t
         assert not (Path(settings.state_dir) / "jobs" / f"{job.seq}.pbssrv").exists()
 
 
+def test_a_vm_job_run_on_several_hosts_fails_through_its_payload_not_the_node(light, test_user):
+    """queuejob refuses a multi-chunk VM request at qsub, but `qalter -l select=2:...` does not run it:
+    begin sees the hosts the server ran the job on (exec_host) and fails the job with the shared
+    multi-node reason (exit 64); the vnode stays up. One host, several CPUs, is no refusal."""
+    mom, work, settings = light
+    job = mom.job(test_user, "#!/bin/sh\n#VMWRAP --image=nope\necho never\n", work, name="wide",
+                  exec_host="node1/0*2+node2/0*2")
+    assert mom.start(job) == "running", job.history
+    assert mom.wait(job) == 64
+    out, err = output(job)
+    assert out == "" and ("vmwrap: error: multi-node jobs are not supported yet (the job was given 2 hosts: "
+                          "node1 node2): a vmwrap job runs in one VM on one node") in err, err
+    assert mom.vnode.state == 0
+    job = mom.job(test_user, "#!/bin/sh\n#VMWRAP --image=nope\necho never\n", work, name="one",
+                  exec_host="node1/0*2+node1/1*2")
+    assert mom.start(job) == "running", job.history
+    assert mom.wait(job) == 64
+    assert "unknown image 'nope'" in output(job)[1]   # past the host check, to the catalog's
+
+
 def test_abort_removes_what_begin_left(light, test_user):
     """execjob_abort (mom_comm.c: the job was aborted after begin, e.g. a sister failed to join): the
     job's run dir (here a failed begin's) is removed as by execjob_end."""

@@ -204,7 +204,8 @@ if arg[2] == "submit" then
                 min_nodes = 1, min_mem_per_node = 4294967294 }
   rc = slurm_job_submit(job, {}, 1234)
 else
-  rc = slurm_job_modify({ comment = opt(arg[3]) }, { comment = opt(arg[4]) }, {}, tonumber(arg[5]))
+  rc = slurm_job_modify({ comment = opt(arg[3]), min_nodes = tonumber(arg[6] or "") },
+                        { comment = opt(arg[4]) }, {}, tonumber(arg[5]))
 end
 io.write(rc, "\n", table.concat(slurm.msgs, "\n"), "\n")
 """
@@ -315,3 +316,15 @@ def test_render_without_a_prolog_timeout_says_to_set_one(tmp_path):
     i = lines.index("PrologEpilogTimeout=300")
     assert lines[i - 1] == ("# Set prolog_timeout_s = 300 in vmwrap's config too, so that its prolog stops "
                             "before Slurm kills it."), lines
+
+
+def test_modify_refuses_more_nodes_for_a_vm_job_and_no_other(forge):
+    """`scontrol update job=ID NumNodes=2` does not pass slurm_job_submit: its modify hook says no for a
+    VM job (its comment carries the request), root's change too; a job without a VM may grow."""
+    said = ("vmwrap: multi-node jobs are not supported yet (asked for 2 nodes): a vmwrap job runs in one VM on "
+            "one node; submit with -N 1")
+    for uid in (1234, 0):
+        assert forge("modify", "<nil>", FORGED, uid, 2) == (-1, said)
+    assert forge("modify", "<nil>", FORGED, 1234, 1) == (0, "")
+    assert forge("modify", "<nil>", "plain", 1234, 2) == (0, "")
+    assert forge("modify", "<nil>", "<nil>", 1234, 2) == (0, "")

@@ -55,7 +55,7 @@ if event in ("begin", "end"):
     facts.update(run_count=_attr(j, "run_count"), exit_status=_attr(j, "Exit_status"),
                  checkpointed=bool(j.is_checkpointed()))
 if event == "begin":
-    facts.update(euser=str(j.euser), egroup=str(j.egroup), pbs_home=str(pbs.pbs_conf.get("PBS_MOM_HOME") or pbs.pbs_conf["PBS_HOME"]),
+    facts.update(euser=str(j.euser), egroup=str(j.egroup), exec_host=_attr(j, "exec_host"), pbs_home=str(pbs.pbs_conf.get("PBS_MOM_HOME") or pbs.pbs_conf["PBS_HOME"]),
                  resources={k: _value(j.Resource_List, k) for k in ("ncpus", "mem", "vmwrap_image")},
                  variables={k: _value(j.Variable_List, k) for k in ("VMWRAP_IMAGE", "PBS_O_WORKDIR")})
 config = _config()

@@ -40,6 +40,7 @@ from vmwrap import directives, lifecycle, restart_record, rundir, safeio
 from vmwrap.config import Settings
 from vmwrap.errors import NodeError, UserError
 from vmwrap.job import Job
+from vmwrap.request import one_node
 
 NAME = "pbs"
 EVENTS = ("begin", "launch", "preterm", "end", "abort", "postsuspend", "preresume")
@@ -120,6 +121,16 @@ def spooled_script(pbs_home: str, pbs_id: str) -> str | None:
     return None if data is None else data.decode("utf-8", "surrogateescape")
 
 
+def exec_hosts(exec_host) -> list[str]:
+    """The distinct hosts of the job's exec_host (`host/N*C+host2/N*C`, as the server set it at run)."""
+    hosts: list[str] = []
+    for part in str(exec_host or "")[:65536].split("+"):
+        h = part.split("/", 1)[0].strip()
+        if h and h not in hosts:
+            hosts.append(h[:255])
+    return hosts
+
+
 def begin_job(facts: dict) -> Job | None:
     """The job in the core's terms; None when it asks for no VM (no -v/-l image, no #VMWRAP image)."""
     from .queuejob import RESOURCE, VARIABLE
@@ -138,6 +149,9 @@ def begin_job(facts: dict) -> Job | None:
     script = spooled_script(_str(facts, "pbs_home"), pbs_id) or ""
     if not native and not directives.parse(script).image:
         return None
+    hosts = exec_hosts(facts.get("exec_host"))   # queuejob refused multi-chunk requests; qalter does not run it
+    one_node(len(hosts), f"the job was given {len(hosts)} hosts: {' '.join(hosts[:4])}",
+             "ask for one node: -l select=1:ncpus=N")
     try:
         pw = pwd.getpwnam(_str(facts, "euser", 64))
         gid = grp.getgrnam(_str(facts, "egroup", 64)).gr_gid

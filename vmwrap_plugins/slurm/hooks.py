@@ -14,6 +14,7 @@ from vmwrap import lifecycle, payload, rundir, wire
 from vmwrap.config import Settings
 from vmwrap.errors import UserError, VmwrapError
 from vmwrap.job import Job
+from vmwrap.request import one_node
 
 from .commands import SCONTROL, SQUEUE
 from .steps import srun_command
@@ -105,6 +106,9 @@ def _directives(req: wire.Accepted) -> str:
     return f"#!/bin/sh\n#VMWRAP {' '.join(opts)}\n" if opts else ""
 
 
+_NUM_NODES = re.compile(r"(?:^|\s)NumNodes=(\d{1,6})")
+
+
 def job_from_env(env: dict[str, str], show_job=slurm_job) -> tuple[Job, wire.Accepted] | None:
     """The job as the core sees it: request from the comment, CPUs and memory from Slurm's allocation
     on this node (ceilings vmwrap.request.resolve() enforces). `show_job(id)` returns `scontrol show job -o`."""
@@ -118,7 +122,12 @@ def job_from_env(env: dict[str, str], show_job=slurm_job) -> tuple[Job, wire.Acc
     alloc = allocated_cpus(env.get("SLURM_JOB_CPUS_PER_NODE", ""))
     if req.cpus and alloc and req.cpus > alloc:
         raise UserError(f"--cpus={req.cpus} is more than the {alloc} CPUs Slurm allocated on this node")
-    memory = allocated_memory_mib(show_job(job_id), alloc)
+    shown = show_job(job_id)
+    # job_submit.lua refuses -N 2 for a VM job, and its modify hook a later NumNodes=2; were either
+    # bypassed, every node's prolog would boot a VM. A forged NumNodes= in a user's field only refuses.
+    nodes = max([int(n) for n in _NUM_NODES.findall(shown)] or [1])
+    one_node(nodes, f"asked for {nodes} nodes", "submit with -N 1")
+    memory = allocated_memory_mib(shown, alloc)
     work_dir = env.get("SLURM_JOB_WORK_DIR") or pwd.getpwuid(uid).pw_dir
     job = Job(job_id=job_id, scheduler="slurm", user=user, uid=uid, gid=gid,
               work_dir=work_dir, script=_directives(req), cpus=alloc, memory_mib=memory, image=req.image,
