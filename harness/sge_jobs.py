@@ -38,6 +38,15 @@ def module_cell(name: str, appliance, virt_type: str, *, hosts: int = 1, queue: 
         shutil.rmtree(base, ignore_errors=True)
 
 
+@contextmanager
+def fresh_jobdir(cell, user) -> Iterator[Path]:
+    """A fresh work dir for one test; afterwards every host's queue instance is enabled again (a test
+    that put one in error state, as a node fault does, leaves the next test a working cell)."""
+    yield jobdir(cell, user)
+    for h in cell.hosts:
+        cell.run("qmod", "-e", f"vmwrap.q@{h}")
+
+
 def running_host(cell, job: str) -> str | None:
     """The host whose vmwrap.q instance runs the job now (qstat's queue column), else None."""
     for ln in cell.run("qstat", "-u", "*", "-s", "r").stdout.splitlines():

@@ -36,10 +36,8 @@ def cell(appliance, virt_type, test_user):
 
 @pytest.fixture
 def jobdir(cell, test_user):
-    d = sge_jobs.jobdir(cell, test_user)
-    yield d
-    for h in cell.hosts:
-        cell.run("qmod", "-e", f"vmwrap.q@{h}")
+    with sge_jobs.fresh_jobdir(cell, test_user) as d:
+        yield d
 
 
 def qsub(cell, jobdir, script: str, *args: str) -> str:

@@ -24,6 +24,7 @@ from harness import sge_cell, sge_jobs
 from harness.polling import values, wait_for
 from harness.processes import matching, tree
 from harness.sge_jobs import module_cell
+from harness.site_store import store_elsewhere
 from vmwrap import agent, checkpoint, config
 from vmwrap.errors import NodeError
 
@@ -321,18 +322,6 @@ def execd_log(cell, job: str) -> list[str]:
     return lines
 
 
-def _store_elsewhere(cell, local: Path) -> str:
-    """Point the host's checkpoint_dir at `local`, an empty root-owned directory: what the host sees
-    where the shared store is not mounted. Returns the config as it was."""
-    cfg = Path(cell.vmwrap_config)
-    before = cfg.read_text()
-    shared = f'checkpoint_dir = "{cell.base / "checkpoints"}"'
-    assert shared in before, before
-    local.mkdir(mode=0o700)
-    cfg.write_text(before.replace(shared, f'checkpoint_dir = "{local}"'))
-    return before
-
-
 @pytest.mark.timeout(400)
 def test_a_store_unreachable_during_the_save_gives_the_job_its_lost_checkpoint_policy_not_the_host(cell, jobdir):
     """The shared store disappears from the host (its path now an empty local directory) just before
@@ -345,7 +334,7 @@ def test_a_store_unreachable_during_the_save_gives_the_job_its_lost_checkpoint_p
     before = None
     try:
         wait_for(lambda: len(values(output(jobdir, job)[0])) >= 4, "the job to count to 4", 180)
-        before = _store_elsewhere(cell, local)
+        before = store_elsewhere(Path(cell.vmwrap_config), cell.base / "checkpoints", local)
         assert cell.run("qmod", "-d", "vmwrap.q").returncode == 0   # the restart waits for the old run's epilog
         assert cell.run("qmod", "-rj", job, user="vmwrapuser").returncode == 0
         wait_for(lambda: "save_failed" in [e for e, _ in ledger(cell, job)], "the failed save", 120)

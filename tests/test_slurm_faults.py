@@ -22,6 +22,7 @@ from harness.processes import matching, tree
 from harness.slurm_cluster import NODES
 from harness.slurm_jobs import FINAL, module_cluster, submit, values, wait_for
 from harness.slurm_jobs import jobdir as new_jobdir
+from harness.site_store import store_elsewhere
 from vmwrap import checkpoint
 from vmwrap.resources import HOOKS
 
@@ -281,15 +282,7 @@ def test_after_a_host_reboot_the_restarted_agent_repairs_the_node(cluster, jobdi
 
 
 def _store_elsewhere(cluster, node: str, local: Path) -> str:
-    """Point `node`'s checkpoint_dir at `local`, an empty root-owned directory: what the node sees where
-    the shared store is not mounted. Returns the config as it was."""
-    cfg = cluster.base / f"vmwrap-{node}.toml"
-    before = cfg.read_text()
-    shared = f'checkpoint_dir = "{cluster.base / "checkpoints"}"'
-    assert shared in before, before
-    local.mkdir(mode=0o700)
-    cfg.write_text(before.replace(shared, f'checkpoint_dir = "{local}"'))
-    return before
+    return store_elsewhere(cluster.base / f"vmwrap-{node}.toml", cluster.base / "checkpoints", local)
 
 
 def _ledger(cluster, node: str, job: str) -> list[dict]:

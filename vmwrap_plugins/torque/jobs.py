@@ -79,12 +79,20 @@ def ppn(res: dict[str, str], env_ppn: str = "") -> int | None:
     return None
 
 
+def node_count(spec: str) -> int:
+    """Nodes in a `-l nodes=` spec as Torque counts them (ctnodes, src/server/resc_def_all.c): per
+    `+`-separated part its leading number, else 1 (a host name or property); `#...` adds none."""
+    total = 0
+    for part in spec.split("+"):
+        digits = re.match(r"\s*(\d*)", part).group(1)
+        total += 1 if not digits else (int(digits) if len(digits) <= 6 else 10 ** 6)
+    return total
+
+
 def node_total(res: dict[str, str], env_nodes: str = "") -> int:
     """The job's nodes: PBS_NUM_NODES (pbs_mom sets it for the prologue), else the `nodes=` spec's count."""
     if re.fullmatch(r"\d{1,6}", env_nodes or "") and int(env_nodes) > 0:
         return int(env_nodes)
-    from .submit import node_count
-
     return node_count(res["nodes"]) if res.get("nodes") else 1
 
 

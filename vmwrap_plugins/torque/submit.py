@@ -27,7 +27,7 @@ from vmwrap.errors import UserError, VmwrapError
 from vmwrap.request import one_node
 from vmwrap.resources import HOOKS
 
-from .jobs import WRAPPED, marker
+from .jobs import WRAPPED, marker, node_count
 
 REJECT = 255             # qsub: "administratively rejected"
 NATIVE = "VMWRAP_IMAGE"  # qsub -v VMWRAP_IMAGE=NAME
@@ -94,18 +94,24 @@ def _options(args: list[str]):
             yield c, ""
 
 
-def resource_list(argv: list[str], script: str) -> dict[str, str]:
-    """The job's `-l` resources as qsub takes them: `#PBS -l` lines first, then the command line,
-    which overrides them (a later value of a resource wins)."""
-    out: dict[str, str] = {}
+def _values(argv: list[str], script: str, letter: str):
+    """Every value of option `letter` as qsub takes them: `#PBS` lines of the leading comments
+    first, then the command line (a later value wins where they conflict)."""
     sources = [shlex.split(line[4:]) if _splittable(line) else line[4:].split()
                for _, line in directives.leading_comment_block(script) if line.startswith("#PBS")]
     for args in sources + [list(argv)]:
         for opt, val in _options(args):
-            if opt == "l":
-                for item in val.split(","):
-                    k, _, v = item.partition("=")
-                    out[k.strip()] = v.strip()
+            if opt == letter:
+                yield val
+
+
+def resource_list(argv: list[str], script: str) -> dict[str, str]:
+    """The job's `-l` resources as qsub takes them (the command line overrides `#PBS -l` lines)."""
+    out: dict[str, str] = {}
+    for val in _values(argv, script, "l"):
+        for item in val.split(","):
+            k, _, v = item.partition("=")
+            out[k.strip()] = v.strip()
     return out
 
 
@@ -113,23 +119,9 @@ def task_count(argv: list[str], script: str) -> int:
     """Tasks of the job's `-L` requests (Torque 6's NUMA-aware syntax, `-L tasks=N:lprocs=M:...`, one
     request per -L, each of N tasks; `tasks` defaults to 1), #PBS lines and command line together."""
     total = 0
-    sources = [shlex.split(line[4:]) if _splittable(line) else line[4:].split()
-               for _, line in directives.leading_comment_block(script) if line.startswith("#PBS")]
-    for args in sources + [list(argv)]:
-        for opt, val in _options(args):
-            if opt == "L":
-                fields = dict(f.partition("=")[::2] for f in val.split(":"))
-                total += node_count(fields["tasks"]) if fields.get("tasks") else 1
-    return total
-
-
-def node_count(spec: str) -> int:
-    """Nodes in a `-l nodes=` spec as Torque counts them (ctnodes, src/server/resc_def_all.c): per
-    `+`-separated part its leading number, else 1 (a host name or property); `#...` adds none."""
-    total = 0
-    for part in spec.split("+"):
-        digits = re.match(r"\s*(\d*)", part).group(1)
-        total += 1 if not digits else (int(digits) if len(digits) <= 6 else 10 ** 6)
+    for val in _values(argv, script, "L"):
+        fields = dict(f.partition("=")[::2] for f in val.split(":"))
+        total += node_count(fields["tasks"]) if fields.get("tasks") else 1
     return total
 
 
