@@ -23,6 +23,7 @@ import heapq
 import math
 import operator
 from collections import OrderedDict, defaultdict
+from itertools import compress, count, islice
 from dataclasses import dataclass, field
 
 from ..plan import SaveModel, min_gap
@@ -333,6 +334,7 @@ class Simulator:
         self.ar_nodes: dict[int, tuple[int, ...]] = {}
         self.queue: list[Run] = []
         self.keys: list = []
+        self.qnodes: list[int] = []     # the queue's node counts (_schedule skips the large ones in C)
         self.link = _Link()
         self.ev: list = []
         self.seq = 0
@@ -355,6 +357,9 @@ class Simulator:
         # EASY's promise is read only through `_Blocks.easy` (per-node intervals: _free_at's)
         self._easy_only = config.backfill == "easy" and config.staging != "overlap"
         self._overlap = config.staging == "overlap"
+        # within one pass of _schedule, per image: the shortest request (negated) that failed on the
+        # image's holders among jobs of at most k nodes; reset when a job starts
+        self._held_fail: dict[int, list[float]] | None = None
 
     # -- events ---------------------------------------------------------------------------------
     def _push(self, t: float, kind: int, obj) -> None:
@@ -417,10 +422,12 @@ class Simulator:
         i = bisect.bisect(self.keys, run.key)
         self.keys.insert(i, run.key)
         self.queue.insert(i, run)
+        self.qnodes.insert(i, run.job.nodes)
 
     def _dequeue(self, i: int) -> None:
         del self.queue[i]
         del self.keys[i]
+        del self.qnodes[i]
 
     def _cancel(self, run: Run, now: float) -> None:
         """Its user gave up waiting (as in the trace): gone if it never started, else it runs on."""
@@ -506,7 +513,18 @@ class Simulator:
         """Free nodes by how long they stay free (longest first); cached until the free set changes.
         The third item counts, per prefix, the nodes reserved for the queue head (EASY)."""
         if self._gap_cache is None:
-            pairs = sorted(((self._until(n, now) - now, n) for n in self.free), reverse=True)
+            node_ars = self.node_ars
+            pairs = []
+            for n in self.free:     # self._until(n, now) - now, inlined: once per free node and pass
+                lst = node_ars[n]
+                if not lst:
+                    pairs.append((INF, n))
+                    continue
+                r = lst[0]
+                if r.start + r.dur <= now:
+                    r = self._next_ar(n, now)
+                pairs.append((r.start - now if r else INF, n))
+            pairs.sort(reverse=True)
             self._gap_cache = [[-g for g, _ in pairs], [n for _, n in pairs], None,
                                {n: g for g, n in pairs}]
         return self._gap_cache
@@ -515,8 +533,11 @@ class Simulator:
         """Free nodes this job could start on now, given when its image is ready (only nodes in
         `among`, when given)."""
         setup = (ready - now) + (self.resume_s + self.migrate_s if run.suspensions else self.boot)
-        need = self._need(run, setup)
-        cache = self._gaps(now)
+        if self.check or self._gap_n is None:
+            need = self._need(run, setup)
+        else:   # self._need, inlined (millions of calls a sweep): the same operations in the same order
+            need = min(setup + run.req_left * self.slow, setup + self._gap_n + self._gap_b)
+        cache = self._gap_cache or self._gaps(now)
         k = run.job.nodes
         if among is not None:
             occ_end = now + setup + run.req_left * self.slow
@@ -571,10 +592,18 @@ class Simulator:
         img = run.job.image
         prefer_cache = self.cfg.placement == "cache" and self.cfg.transfer == "cache"
         last = set(run.last_nodes)
+        cache, busy, node_ars = self.cache, self.busy, self.node_ars
 
         def key(n):
-            return (n not in last, (img not in self.cache[n]) if prefer_cache else False,
-                    self.busy[n] is None, self._until(n, now), n)
+            lst = node_ars[n]    # self._until(n, now), inlined
+            if not lst:
+                until = INF
+            elif lst[0].start + lst[0].dur > now:
+                until = lst[0].start
+            else:
+                until = self._until(n, now)
+            return (n not in last, (img not in cache[n]) if prefer_cache else False,
+                    busy[n] is None, until, n)
         return sorted(cands, key=key)[:run.job.nodes]
 
     def _try_start(self, run: Run, now: float, blocks: dict, general: bool = True) -> bool:
@@ -592,13 +621,26 @@ class Simulator:
             if len(cands) < k:
                 return False
             return self._start(run, self._pick(run, cands, now), now, now)
-        held = self.holders[img] & self.free if transfer == "cache" else ()
-        held = held if len(self.free) >= k else ()
-        if len(held) >= k:
-            # nodes that already hold the image, then any node with a transfer (or prestage) first
-            cands = self._fits(run, now, blocks, now, held)
-            if len(cands) >= k:
-                return self._start(run, self._pick(run, cands, now), now, now)
+        held = ()
+        failed = self._held_fail if not run.suspensions else None
+        if transfer == "cache" and len(self.free) >= k:
+            f = failed.get(img) if failed is not None else None
+            if f is None or f[k] < -run.req_left:
+                held = self.holders[img]
+                held = held & self.free if len(held) >= k else ()
+                if len(held) >= k:
+                    # nodes that already hold the image, then any node with a transfer (or prestage) first
+                    cands = self._fits(run, now, blocks, now, held)
+                    if len(cands) >= k:
+                        return self._start(run, self._pick(run, cands, now), now, now)
+                if failed is not None:
+                    # a job of the image needing as many nodes or more, and a request as long or
+                    # longer, fails on its holders too (its need and its end only grow): as fail_q
+                    if f is None:
+                        f = failed[img] = [-INF] * (self.c.nodes + 1)
+                    q = -run.req_left
+                    m = bisect.bisect_left(f, q, k)
+                    f[k:m] = [q] * (m - k)
         if not general:
             return False
         t_net = self.link.earliest(now, self.xfer_s) + self.xfer_s
@@ -779,7 +821,8 @@ class Simulator:
         head_done = haizea and self._future is not None
         # Jobs that failed since the last start: a larger, longer job fails the same
         # image-independent test (with caches its own image may still let it start).
-        # fail_q[k] = shortest request that failed among jobs of at most k nodes.
+        # fail_q[k] = shortest request that failed among jobs of at most k nodes, negated (so the
+        # table is non-decreasing and a failure's update is one bisect and one slice).
         fail_q = None
         held_only = self.cfg.transfer == "cache"
         holders = self.holders
@@ -790,15 +833,24 @@ class Simulator:
         free, queue = self.free, self.queue
         conservative = self.cfg.backfill == "conservative"
         nfree = len(free)      # changes in this loop only when a job starts
+        qnodes = self.qnodes
+        fits = None            # after the head (skip_big): the indices from i of jobs of <= nfree nodes
+        self._held_fail = {} if head_done else None
         i = 0
         while i < len(queue) and (nfree or anyfree):
+            if head_done and skip_big:
+                if fits is None:
+                    fits = compress(count(i), map(nfree.__ge__, islice(qnodes, i, None)))
+                i = next(fits, -1)
+                if i < 0:
+                    break
             run = queue[i]
             k = run.job.nodes
-            if head_done and skip_big and k > nfree:
-                i += 1
-                continue
-            dominated = fail_q is not None and not run.suspensions and fail_q[k] <= run.req_left
+            dominated = fail_q is not None and not run.suspensions and fail_q[k] >= -run.req_left
             skip = dominated and (not held_only or len(holders[run.job.image]) < k)
+            if dominated and not skip and self._held_fail:   # its image's holders failed it too
+                f = self._held_fail.get(run.job.image)
+                skip = f is not None and f[k] >= -run.req_left
             if skip and not conservative:
                 i += 1
                 continue
@@ -806,18 +858,20 @@ class Simulator:
                 self._dequeue(i)
                 fail_q = None
                 nfree = len(free)
+                fits = None
+                self._held_fail = {} if head_done else None
                 continue
             if head_done and not run.suspensions and not dominated:
                 if fail_q is None:
-                    fail_q = [INF] * (self.c.nodes + 1)
-                q = run.req_left
-                for m in range(k, self.c.nodes + 1):
-                    if fail_q[m] <= q:
-                        break      # already as low from here on (the table is non-increasing)
-                    fail_q[m] = q
+                    fail_q = [-INF] * (self.c.nodes + 1)
+                q = -run.req_left
+                m = bisect.bisect_left(fail_q, q, k)   # already as low from m on
+                fail_q[k:m] = [q] * (m - k)
             if self.cfg.backfill == "none":
                 break
             if self.cfg.backfill == "conservative" or not head_done:
+                if not head_done:
+                    self._held_fail = {}
                 head_done = True
                 if haizea:
                     t, nodes = self._reserve(run, now, blocks)
@@ -825,10 +879,13 @@ class Simulator:
                         self._dequeue(i)
                         self._future = self._book_claim(run, nodes, now, t, staged=False)
                         anyfree = False
+                        fits = None
+                        self._held_fail = {}
                         continue
                 else:
                     self._promise(run, now, blocks)
             i += 1
+        self._held_fail = None
         if haizea and self._future is not None:
             self._blocks = blocks   # arrivals alone can only start now: the clean path above
 
