@@ -8,6 +8,8 @@ store). One execution host with its own node agent (harness.sge_cell with site_c
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -26,6 +28,8 @@ from harness.processes import matching, tree
 from harness.sge_jobs import module_cell
 from harness.site_store import store_elsewhere
 from vmwrap import agent, checkpoint, config
+from vmwrap.cache import Cache
+from vmwrap.catalog import register
 from vmwrap.errors import NodeError
 
 pytestmark = pytest.mark.vm
@@ -392,3 +396,78 @@ def test_after_a_host_reboot_the_restarted_agent_repairs_the_host(cell, jobdir):
     events = ledger(cell, job)
     assert [d["removed"][:1] for e, d in events if e == "reconciled"] == [["run dir"]], events
     wait_for(lambda: host_ok(cell), "the queue instance to be in service", 60)
+
+
+def padded_image(cell, appliance, name: str, pad: int):
+    """A second image in the cell's catalog: the appliance with `pad` zero bytes after its initrd (the
+    kernel skips NUL padding between cpio archives), so it boots the same but is a new, larger blob."""
+    d = cell.base / "images" / name
+    d.mkdir(parents=True, exist_ok=True)
+    dst = d / "initrd.cpio"
+    with open(appliance.initrd.source, "rb") as src, open(dst, "wb") as out:
+        shutil.copyfileobj(src, out)
+        out.write(b"\0" * pad)
+    initrd = dataclasses.replace(appliance.initrd, source=str(dst), size=dst.stat().st_size,
+                                 sha256=hashlib.sha256(dst.read_bytes()).hexdigest())
+    img = dataclasses.replace(appliance, name=name, initrd=initrd)
+    register(str(cell.base / "images.toml"), img)
+    return img
+
+
+def fetches(cell, job: str, sha: str) -> list[tuple[str, int]]:
+    return [(e, d["bytes"]) for e, d in ledger(cell, job) if e in ("cache_hit", "cache_miss") and d["sha256"] == sha]
+
+
+@pytest.mark.timeout(600)
+def test_two_jobs_fetch_one_image_into_a_nearly_full_cache(cell, jobdir, appliance):
+    """The host's cache holds the busybox image and has room for a second, larger image only once an
+    older blob goes. Two jobs of the second image released together: one fetch, both run, the old
+    blob is evicted, no partial file stays. Then, with a busybox job holding its blobs, a job of the
+    second image fails with the cache-full reason and the queue instance serves on (the host is not
+    taken out for a busy cache), while the busybox job finishes as usual."""
+    warm = qsub(cell, jobdir, "#!/bin/sh\n#VMWRAP --image=busybox --memory=128M\necho warm\n")
+    assert final(cell, warm)[-1]["exit_status"] == "0"
+    cache = Cache(cell.node_dir(cell.host) / "cache", 1 << 40)
+    old = appliance.initrd
+    assert old.sha256 in {e.sha256 for e in cache.entries()}
+    big = padded_image(cell, appliance, "busybox-big", 4 << 20)
+    used = cache.used_bytes()
+    bound = used + big.initrd.size - old.size // 2      # the new blob fits only once the old initrd goes
+    script = "#!/bin/sh\n#VMWRAP --image=busybox-big --memory=128M\necho big $$\n"
+    before = dict(cell.site_config)
+    cell.site_config["cache_max_bytes"] = bound
+    cell._write_configs()
+    try:
+        jobs = [qsub(cell, jobdir, script, "-h") for _ in range(2)]
+        assert cell.run("qrls", *jobs).returncode == 0
+        for j in jobs:
+            runs = final(cell, j, timeout=300)
+            out, err = output(jobdir, j)
+            assert runs[-1]["exit_status"] == "0" and out.startswith("big "), (runs, out, err)
+        got = sorted(f for j in jobs for f in fetches(cell, j, big.initrd.sha256))
+        assert got == [("cache_hit", 0), ("cache_miss", big.initrd.size)], got     # one fetch
+        left = {e.sha256 for e in cache.entries()}
+        assert big.initrd.sha256 in left and old.sha256 not in left, left
+        assert cache.used_bytes() <= bound and os.listdir(cache.root / "tmp") == []
+        for j in jobs:
+            clean(cell, j)
+
+        holder = qsub(cell, jobdir, WAITER)           # fetches busybox's initrd again, evicting the big one
+        up(jobdir, holder)
+        refused = qsub(cell, jobdir, script)
+        runs = final(cell, refused, timeout=300)
+        out, err = output(jobdir, refused)
+        assert runs[-1]["exit_status"] == "69" and "image cache full" in err, (runs, out, err)   # EXIT_NODE
+        assert f"jobs {holder}" in err, err                       # who holds the cache, named
+        assert host_ok(cell), cell.queue_state()
+        (jobdir / "go").touch()
+        runs = final(cell, holder)
+        assert runs[-1]["exit_status"] == "0" and "done" in output(jobdir, holder)[0], runs
+        assert os.listdir(cache.root / "tmp") == []
+        for j in (refused, holder):
+            clean(cell, j)
+    finally:
+        cell.site_config.clear()
+        cell.site_config.update(before)
+        cell._write_configs()
+        (jobdir / "go").unlink(missing_ok=True)
