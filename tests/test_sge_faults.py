@@ -8,8 +8,6 @@ store). One execution host with its own node agent (harness.sge_cell with site_c
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -23,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from harness import sge_cell, sge_jobs
+from harness.padded_image import padded
 from harness.polling import values, wait_for
 from harness.processes import matching, tree
 from harness.sge_jobs import module_cell
@@ -398,22 +397,6 @@ def test_after_a_host_reboot_the_restarted_agent_repairs_the_host(cell, jobdir):
     wait_for(lambda: host_ok(cell), "the queue instance to be in service", 60)
 
 
-def padded_image(cell, appliance, name: str, pad: int):
-    """A second image in the cell's catalog: the appliance with `pad` zero bytes after its initrd (the
-    kernel skips NUL padding between cpio archives), so it boots the same but is a new, larger blob."""
-    d = cell.base / "images" / name
-    d.mkdir(parents=True, exist_ok=True)
-    dst = d / "initrd.cpio"
-    with open(appliance.initrd.source, "rb") as src, open(dst, "wb") as out:
-        shutil.copyfileobj(src, out)
-        out.write(b"\0" * pad)
-    initrd = dataclasses.replace(appliance.initrd, source=str(dst), size=dst.stat().st_size,
-                                 sha256=hashlib.sha256(dst.read_bytes()).hexdigest())
-    img = dataclasses.replace(appliance, name=name, initrd=initrd)
-    register(str(cell.base / "images.toml"), img)
-    return img
-
-
 def fetches(cell, job: str, sha: str) -> list[tuple[str, int]]:
     return [(e, d["bytes"]) for e, d in ledger(cell, job) if e in ("cache_hit", "cache_miss") and d["sha256"] == sha]
 
@@ -430,7 +413,8 @@ def test_two_jobs_fetch_one_image_into_a_nearly_full_cache(cell, jobdir, applian
     cache = Cache(cell.node_dir(cell.host) / "cache", 1 << 40)
     old = appliance.initrd
     assert old.sha256 in {e.sha256 for e in cache.entries()}
-    big = padded_image(cell, appliance, "busybox-big", 4 << 20)
+    big = padded(appliance, cell.base / "images", "busybox-big", 4 << 20)
+    register(str(cell.base / "images.toml"), big)
     used = cache.used_bytes()
     bound = used + big.initrd.size - old.size // 2      # the new blob fits only once the old initrd goes
     script = "#!/bin/sh\n#VMWRAP --image=busybox-big --memory=128M\necho big $$\n"

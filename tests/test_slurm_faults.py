@@ -8,22 +8,28 @@ restarted, a full store), not simulated in code.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
 
+from harness.padded_image import padded
 from harness.processes import matching, tree
 from harness.slurm_cluster import NODES
 from harness.slurm_jobs import FINAL, module_cluster, submit, values, wait_for
 from harness.slurm_jobs import jobdir as new_jobdir
 from harness.site_store import store_elsewhere
 from vmwrap import checkpoint
+from vmwrap import config as vmwrap_config
+from vmwrap.cache import Cache
 from vmwrap.resources import HOOKS
 
 pytestmark = pytest.mark.vm
@@ -34,9 +40,20 @@ COUNTER = ("#!/bin/sh\n#VMWRAP --image=busybox --memory=128M\n{extra}"
            f"i=0; while [ $i -lt {N} ]; do i=$((i+1)); echo n=$i; sleep 1; done\n")
 
 
+BIG = Path(f"/var/tmp/vmwrap-faults-images-{os.getpid()}")
+
+
 @pytest.fixture(scope="module")
-def cluster(appliance, virt_type, test_user):
-    with module_cluster("faults", appliance, virt_type) as c:
+def big(appliance):
+    """busybox-big: the appliance with a 4 MiB longer initrd (a second image for the cache case)."""
+    shutil.rmtree(BIG, ignore_errors=True)
+    yield padded(appliance, BIG, "busybox-big", 4 << 20)
+    shutil.rmtree(BIG, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(appliance, big, virt_type, test_user):
+    with module_cluster("faults", appliance, virt_type, images=(big,)) as c:
         try:
             yield c
         finally:
@@ -366,3 +383,62 @@ def test_a_store_unreachable_during_the_save_gives_the_job_its_lost_checkpoint_p
             cfg.write_text(before)
         cluster.run("scancel", job)
         shutil.rmtree(local, ignore_errors=True)
+
+
+def fetches(cluster, node: str, job: str, sha: str) -> list[tuple[str, int]]:
+    db = sqlite3.connect(cluster.node_dir(node) / "state" / "ledger.sqlite")
+    try:
+        rows = db.execute("select event, detail from events where job_id=? order by id", (job,)).fetchall()
+    finally:
+        db.close()
+    return [(e, d["bytes"]) for e, d in ((e, json.loads(d)) for e, d in rows)
+            if e in ("cache_hit", "cache_miss") and d["sha256"] == sha]
+
+
+@pytest.mark.timeout(900)
+def test_two_jobs_fetch_one_image_into_a_nearly_full_cache(cluster, jobdir, appliance, big):
+    """c3's cache holds the busybox image and has room for busybox-big only once an older blob goes.
+    Two busybox-big jobs released together on c3: one fetch, both run, the old blob is evicted, no
+    partial file stays. Then, with a busybox job holding its blobs, a busybox-big job fails with the
+    cache-full reason (exit 69) and c3 is not drained, while the busybox job finishes as usual."""
+    warm = submit(cluster, jobdir, "#!/bin/sh\n#VMWRAP --image=busybox --memory=128M\necho warm\n", "-w", "c3")
+    assert cluster.wait_state(warm, FINAL, timeout=300)["JobState"] == "COMPLETED"
+    cache = Cache(cluster.node_dir("c3") / "cache", 1 << 40)
+    old = appliance.initrd
+    assert old.sha256 in {e.sha256 for e in cache.entries()}
+    bound = cache.used_bytes() + big.initrd.size - old.size // 2   # fits only once the old initrd goes
+    conf = cluster.base / "vmwrap-c3.toml"
+    before = conf.read_text()
+    conf.write_text(vmwrap_config.render({**tomllib.loads(before), "cache_max_bytes": bound}))
+    script = "#!/bin/sh\n#VMWRAP --image=busybox-big --memory=128M\necho big $$\n"
+    try:
+        jobs = [submit(cluster, jobdir, script, "-w", "c3", "-H") for _ in range(2)]
+        assert cluster.run("scontrol", "release", ",".join(jobs)).returncode == 0
+        for j in jobs:
+            info = cluster.wait_state(j, FINAL, timeout=300)
+            assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), (info, output(jobdir, j))
+            assert output(jobdir, j).startswith("big "), output(jobdir, j)
+        got = sorted(f for j in jobs for f in fetches(cluster, "c3", j, big.initrd.sha256))
+        assert got == [("cache_hit", 0), ("cache_miss", big.initrd.size)], got     # one fetch
+        left = {e.sha256 for e in cache.entries()}
+        assert big.initrd.sha256 in left and old.sha256 not in left, left
+        assert cache.used_bytes() <= bound and os.listdir(cache.root / "tmp") == []
+        for j in jobs:
+            clean(cluster, j)
+
+        holder = submit(cluster, jobdir, WAITER, "-w", "c3")    # busybox's initrd again: the big one goes
+        running(cluster, jobdir, holder)
+        refused = submit(cluster, jobdir, script, "-w", "c3")
+        info = cluster.wait_state(refused, FINAL, timeout=300)
+        out = output(jobdir, refused)
+        assert (info["JobState"], info["ExitCode"]) == ("FAILED", "69:0"), (info, out)
+        assert "image cache full" in out and f"jobs {holder}" in out, out
+        assert not drained(cluster)
+        (jobdir / "go").touch()
+        info = cluster.wait_state(holder, FINAL, timeout=180)
+        assert info["JobState"] == "COMPLETED" and "done" in output(jobdir, holder), info
+        assert os.listdir(cache.root / "tmp") == []
+        for j in (refused, holder):
+            clean(cluster, j)
+    finally:
+        conf.write_text(before)
