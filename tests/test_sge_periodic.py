@@ -147,6 +147,41 @@ def test_a_job_with_periodic_checkpoints_runs_through_with_the_same_output(cell,
     assert host_ok(cell, a) and host_ok(cell, b), (cell.queue_state(a), cell.queue_state(b))
 
 
+@pytest.mark.timeout(400)
+def test_a_periodic_save_into_a_full_store_keeps_the_job_and_the_last_checkpoint(cell, jobdir):
+    """The shared store fills up while the job runs: the next periodic saves fail (ledger
+    checkpoint_failed), the last good checkpoint stays whole and authentic, the job runs through once
+    with its whole output, and the host is not taken out. The twin of Slurm's."""
+    from vmwrap.checkpoint import Store, init_store
+
+    a = cell.hosts[0]
+    path = store(cell)       # the shared store on a small file system of its own, filled up below
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m,mode=0700", "vmwrap-sge-periodic-store", str(path)],
+                   check=True)
+    try:
+        init_store(path, cell.base / "checkpoint.key")   # new storage: `vmwrap checkpoints init`
+        st = Store(path, cell.base / "checkpoint.key")
+        job = qsub(cell, jobdir, COUNTER.format(extra=f"#VMWRAP --checkpoint-every={EVERY}s\n"), queue=f"vmwrap.q@{a}")
+        first = wait_for(lambda: named(events(cell, job, a), "checkpointed"), "a first checkpoint", 300)
+        created = st.verify(job)["created"]
+        filler = path / ".filler"
+        vfs = os.statvfs(path)
+        subprocess.run(["fallocate", "-l", str(vfs.f_bavail * vfs.f_frsize - (1 << 20)), str(filler)], check=True)
+        try:
+            wait_for(lambda: named(events(cell, job, a), "checkpoint_failed"), "a failed periodic save", 120)
+            assert st.verify(job)["created"] == created      # the last good checkpoint, whole and authentic
+            assert len(named(events(cell, job, a), "checkpointed")) == len(first)
+        finally:
+            filler.unlink()
+        runs = final(cell, job)
+        assert [r["exit_status"] for r in runs] == ["0"], (runs, output(jobdir, job), errors(jobdir, job))
+        assert output(jobdir, job) == "".join(f"n={i}\n" for i in range(1, N + 1))
+        assert host_ok(cell, a), cell.queue_state(a)
+        wait_for(lambda: not (path / job).exists(), "the ended job's checkpoint to be deleted", timeout=60)
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
 def checkpointed_values(cell, job: str, out: str) -> int:
     """How many values the job's output file held when its last checkpoint was taken: the file's size
     the checkpoint recorded (what a restart after a crash cuts GE's appended -o file back to)."""
