@@ -335,6 +335,7 @@ class Simulator:
         self.queue: list[Run] = []
         self.keys: list = []
         self.qnodes: list[int] = []     # the queue's node counts (_schedule skips the large ones in C)
+        self.qreq: list[float] = []     # and requests left (-inf: a saved job, never dominated)
         self.link = _Link()
         self.ev: list = []
         self.seq = 0
@@ -423,11 +424,13 @@ class Simulator:
         self.keys.insert(i, run.key)
         self.queue.insert(i, run)
         self.qnodes.insert(i, run.job.nodes)
+        self.qreq.insert(i, -INF if run.suspensions else run.req_left)
 
     def _dequeue(self, i: int) -> None:
         del self.queue[i]
         del self.keys[i]
         del self.qnodes[i]
+        del self.qreq[i]
 
     def _cancel(self, run: Run, now: float) -> None:
         """Its user gave up waiting (as in the trace): gone if it never started, else it runs on."""
@@ -833,14 +836,26 @@ class Simulator:
         free, queue = self.free, self.queue
         conservative = self.cfg.backfill == "conservative"
         nfree = len(free)      # changes in this loop only when a job starts
-        qnodes = self.qnodes
-        fits = None            # after the head (skip_big): the indices from i of jobs of <= nfree nodes
+        qnodes, qreq = self.qnodes, self.qreq
+        # after the head (skip_big): the indices from i of jobs of <= nfree nodes; without image
+        # caches (a dominated job is skipped) only those fail_q does not dominate: request < thr[k],
+        # the shortest failed one of as few nodes (-inf above nfree). The scan is lazy, so a failure
+        # updating thr in place moves the bar for the jobs after it.
+        fits = thr = None
+        c_skip = skip_big and not held_only and not conservative
+        nodes_n = self.c.nodes
         self._held_fail = {} if head_done else None
         i = 0
         while i < len(queue) and (nfree or anyfree):
             if head_done and skip_big:
                 if fits is None:
-                    fits = compress(count(i), map(nfree.__ge__, islice(qnodes, i, None)))
+                    if c_skip:
+                        thr = ([INF] * (nfree + 1) if fail_q is None else [-x for x in fail_q[:nfree + 1]]) \
+                            + [-INF] * (nodes_n - nfree)
+                        fits = compress(count(i), map(operator.lt, islice(qreq, i, None),
+                                                      map(thr.__getitem__, islice(qnodes, i, None))))
+                    else:
+                        fits = compress(count(i), map(nfree.__ge__, islice(qnodes, i, None)))
                 i = next(fits, -1)
                 if i < 0:
                     break
@@ -867,6 +882,9 @@ class Simulator:
                 q = -run.req_left
                 m = bisect.bisect_left(fail_q, q, k)   # already as low from m on
                 fail_q[k:m] = [q] * (m - k)
+                if thr is not None:
+                    hi = min(m, nfree + 1)
+                    thr[k:hi] = [run.req_left] * (hi - k)
             if self.cfg.backfill == "none":
                 break
             if self.cfg.backfill == "conservative" or not head_done:
