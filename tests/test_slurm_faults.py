@@ -8,12 +8,10 @@ restarted, a full store), not simulated in code.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import signal
-import sqlite3
 import subprocess
 import time
 import tomllib
@@ -386,13 +384,8 @@ def test_a_store_unreachable_during_the_save_gives_the_job_its_lost_checkpoint_p
 
 
 def fetches(cluster, node: str, job: str, sha: str) -> list[tuple[str, int]]:
-    db = sqlite3.connect(cluster.node_dir(node) / "state" / "ledger.sqlite")
-    try:
-        rows = db.execute("select event, detail from events where job_id=? order by id", (job,)).fetchall()
-    finally:
-        db.close()
-    return [(e, d["bytes"]) for e, d in ((e, json.loads(d)) for e, d in rows)
-            if e in ("cache_hit", "cache_miss") and d["sha256"] == sha]
+    return [(e["event"], e["detail"]["bytes"]) for e in _ledger(cluster, node, job)
+            if e["event"] in ("cache_hit", "cache_miss") and e["detail"]["sha256"] == sha]
 
 
 @pytest.mark.timeout(900)

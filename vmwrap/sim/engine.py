@@ -271,6 +271,14 @@ def _windows(later, need: float, horizon: float):
     return opens, closes, wins
 
 
+def _lower_from(table: list[float], k: int, q: float) -> int:
+    """Lower a non-decreasing table of negated requests to q from index k on (a failed request of k
+    nodes); returns where it was already as low."""
+    m = bisect.bisect_left(table, q, k)
+    table[k:m] = [q] * (m - k)
+    return m
+
+
 def _first_overlap(opens, closes, wins, srel, snode, k: int, horizon: float):
     """First time at most `horizon` in k nodes' windows (`_windows`; a node in `srel`/`snode` is
     free from its release on), and those nodes; (None, None) if none. Counting over two sorted
@@ -536,11 +544,8 @@ class Simulator:
         """Free nodes this job could start on now, given when its image is ready (only nodes in
         `among`, when given)."""
         setup = (ready - now) + (self.resume_s + self.migrate_s if run.suspensions else self.boot)
-        if self.check or self._gap_n is None:
-            need = self._need(run, setup)
-        else:   # self._need, inlined (millions of calls a sweep): the same operations in the same order
-            need = min(setup + run.req_left * self.slow, setup + self._gap_n + self._gap_b)
-        cache = self._gap_cache or self._gaps(now)
+        need = self._need(run, setup)
+        cache = self._gaps(now)
         k = run.job.nodes
         if among is not None:
             occ_end = now + setup + run.req_left * self.slow
@@ -595,18 +600,10 @@ class Simulator:
         img = run.job.image
         prefer_cache = self.cfg.placement == "cache" and self.cfg.transfer == "cache"
         last = set(run.last_nodes)
-        cache, busy, node_ars = self.cache, self.busy, self.node_ars
 
         def key(n):
-            lst = node_ars[n]    # self._until(n, now), inlined
-            if not lst:
-                until = INF
-            elif lst[0].start + lst[0].dur > now:
-                until = lst[0].start
-            else:
-                until = self._until(n, now)
-            return (n not in last, (img not in cache[n]) if prefer_cache else False,
-                    busy[n] is None, until, n)
+            return (n not in last, (img not in self.cache[n]) if prefer_cache else False,
+                    self.busy[n] is None, self._until(n, now), n)
         return sorted(cands, key=key)[:run.job.nodes]
 
     def _try_start(self, run: Run, now: float, blocks: dict, general: bool = True) -> bool:
@@ -641,9 +638,7 @@ class Simulator:
                     # longer, fails on its holders too (its need and its end only grow): as fail_q
                     if f is None:
                         f = failed[img] = [-INF] * (self.c.nodes + 1)
-                    q = -run.req_left
-                    m = bisect.bisect_left(f, q, k)
-                    f[k:m] = [q] * (m - k)
+                    _lower_from(f, k, -run.req_left)
         if not general:
             return False
         t_net = self.link.earliest(now, self.xfer_s) + self.xfer_s
@@ -879,9 +874,7 @@ class Simulator:
             if head_done and not run.suspensions and not dominated:
                 if fail_q is None:
                     fail_q = [-INF] * (self.c.nodes + 1)
-                q = -run.req_left
-                m = bisect.bisect_left(fail_q, q, k)   # already as low from m on
-                fail_q[k:m] = [q] * (m - k)
+                m = _lower_from(fail_q, k, -run.req_left)
                 if thr is not None:
                     hi = min(m, nfree + 1)
                     thr[k:hi] = [run.req_left] * (hi - k)
