@@ -45,6 +45,16 @@ def test_image_add_list_verify_remove(admin):
     assert r.returncode != 0 and "no image 'deb'" in r.stderr
 
 
+def test_image_add_sets_the_network_policy_and_list_shows_it(admin):
+    t = admin.tmp
+    admin("image", "add", "net", "--kernel", str(t / "k"), "--initrd", str(t / "i"), "--network", "nat")
+    admin("image", "add", "off", "--kernel", str(t / "k"), "--initrd", str(t / "i"))
+    rows = {ln.split()[0]: ln for ln in admin("image", "list").stdout.splitlines()[1:]}
+    assert rows["net"].split()[3] == "nat" and rows["off"].split()[3] == "-"
+    r = admin("image", "add", "x", "--kernel", str(t / "k"), "--initrd", str(t / "i"), "--network", "bridge", ok=False)
+    assert r.returncode != 0 and "'bridge' is not one of 'none', 'nat'" in r.stderr
+
+
 def test_image_add_refuses_bad_names(admin):
     t = admin.tmp
     r = admin("image", "add", "../x", "--kernel", str(t / "k"), "--initrd", str(t / "i"), ok=False)

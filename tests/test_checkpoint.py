@@ -314,7 +314,7 @@ def test_restore_refuses_a_disk_saved_over_a_base_the_catalog_has_since_replaced
 
 @pytest.mark.parametrize("bad", [{"memory_mib": 1 << 40}, {"memory_mib": "128"}, {"cpus": 0}, {"cpus": 4096},
                                  {"virt_type": "xen"}, {"cmdline": "a\nb"}, {"disk": True}, {"ninep": 1},
-                                 {"uuid": "x"}, {"work_dir": "/etc"}])
+                                 {"uuid": "x"}, {"work_dir": "/etc"}, {"network": "bridge"}, {"network": 1}])
 def test_restore_xml_validates_the_recorded_shape(tmp_path, bad):
     job = Job("21", "slurm", "u", UID, GID, "/srv/w", "", image="busybox")
     paths = {"kernel": Path("/k"), "initrd": Path("/i")}
@@ -338,6 +338,17 @@ def test_a_vm_saved_without_a_step_port_is_restored_without_one(tmp_path):
     assert len(ports(job_meta("21", spec=shape(steps=True)))) == len(ports(job_meta("21"))) + 1
     with pytest.raises(CheckpointError, match="unusable VM steps"):
         checkpoint.restore_xml(job_meta("21", spec=shape(steps="yes")), job, tmp_path, paths)
+
+
+def test_a_vm_saved_with_a_network_is_restored_with_it(tmp_path):
+    job = Job("21", "slurm", "u", UID, GID, "/srv/w", "", image="busybox")
+    paths = {"kernel": Path("/k"), "initrd": Path("/i")}
+
+    def cards(meta):
+        return [i.get("type") for i in ET.fromstring(checkpoint.restore_xml(meta, job, tmp_path, paths)[0]).iter("interface")]
+    assert "network" not in job_meta("21")["spec"] and cards(job_meta("21")) == []  # an older vmwrap's: none
+    assert cards(job_meta("21", spec=shape(network="nat"))) == ["user"]
+    assert cards(job_meta("21", spec=shape(network="none"))) == []
 
 
 def test_delivered_offsets_from_the_users_dir_are_read_safely(tmp_path):

@@ -29,6 +29,16 @@ def test_resources_and_type():
     assert ctl.find("readonly") is not None
 
 
+def test_a_nat_network_is_a_user_mode_virtio_card_with_a_stable_mac_and_none_has_no_card():
+    assert ET.fromstring(domain.render(spec())).find("devices/interface") is None
+    root = ET.fromstring(domain.render(spec(network="nat")))
+    (card,) = root.findall("devices/interface")
+    assert card.get("type") == "user" and card.find("model").get("type") == "virtio"
+    mac = card.find("mac").get("address")
+    assert mac.startswith("52:54:00:") and mac == spec(network="nat").mac != spec(name="vmwrap-2").mac
+    assert [c.tag for c in card] == ["mac", "model"]  # no port forwarded in, no guestfwd
+
+
 def test_destroy_is_idempotent_on_test_driver():
     conn = domain.connect("test:///default")
     xml = domain.render(spec(name="vmwrap-t1", disk=None, ctl_dir=None, work_dir=None)).replace("type='qemu'", "type='test'", 1)

@@ -39,7 +39,7 @@ ENTRY = "[images.x]\nkernel={source='/a', sha256='%s', size=1}\ninitrd={source='
     ("max_cpus = 'two'", "images.x.max_cpus: not a whole number"),
     ("memory = '1G'\nmax_memory = '512M'", "images.x.memory = 1024M is more than its max_memory = 512M"),
     ("cpus = 4\nmax_cpus = 2", "images.x.cpus = 4 is more than its max_cpus = 2"),
-    ("network = 'bridge'", "images.x.network = 'bridge' is not supported: vmwrap gives guests no network yet"),
+    ("network = 'bridge'", "images.x.network = 'bridge' is not supported: it is one of \"none\", \"nat\""),
     ("checkpoint = 'no'", "images.x.checkpoint must be true or false"),
     ("max_mem = '1G'", "images.x.max_mem is not a catalog key"),
     ("users = 'alice'", "images.x.users must be a list of names"),
@@ -61,6 +61,8 @@ def test_policy_round_trips_through_the_catalog_file(tmp_path):
     assert "checkpoint = false" in render_entry(img) and "network" not in render_entry(img)
     register(str(p), Image("open", "kernel", ART, ART))
     assert Catalog.load(str(p)).images["open"].checkpoint is True
+    register(str(p), Image("net", "kernel", ART, ART, network="nat"))
+    assert Catalog.load(str(p)).images["net"].network == "nat"
 
 
 def test_an_invalid_entry_never_reaches_the_catalog_file(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.netprobe import Host, get
 from harness.slurm_cluster import Cluster
 from vmwrap.catalog import register
 
@@ -25,6 +27,9 @@ def cluster(appliance, virt_type, test_user):
     base.chmod(0o755)
     catalog = base / "images.toml"
     register(str(catalog), appliance)
+    nat = copy.deepcopy(appliance)
+    nat.name, nat.network = "busybox-nat", "nat"  # the catalog's network policy: NAT out, nothing in
+    register(str(catalog), nat)
     c = Cluster(base, {"catalog": str(catalog), "accel": virt_type, "grace_seconds": 5.0}, accounting=True)
     c.start()
     yield c
@@ -59,6 +64,20 @@ def test_job_runs_in_its_own_vm(cluster, jobdir, test_user):
     assert f"kernel {guest_kernel}" in out and os.uname().release not in out
     assert f"uid {test_user.pw_uid}\n{jobdir}\njob {job}\n" in out
     assert (jobdir / f"slurm-{job}.out").stat().st_uid == test_user.pw_uid
+
+
+def test_a_nat_image_reaches_the_host_as_the_jobs_user_and_others_have_no_network(cluster, jobdir, test_user):
+    host = Host()
+    try:
+        nat = submit(cluster, jobdir, "#!/bin/sh\n#VMWRAP --image=busybox-nat\nls /sys/class/net\n"
+                     + get("10.0.2.2", host.port, "slurm"))
+        none = submit(cluster, jobdir, HDR + "ls /sys/class/net\n")
+        assert [done(cluster, j)["JobState"] for j in (nat, none)] == ["COMPLETED", "COMPLETED"]
+        assert (jobdir / f"slurm-{nat}.out").read_text() == "eth0\nlo\ngot slurm\n"
+        assert (jobdir / f"slurm-{none}.out").read_text() == "lo\n"
+        assert host.seen == [("/slurm", test_user.pw_uid)]
+    finally:
+        host.close()
 
 
 def test_exit_code_seen_by_slurm_and_sacct(cluster, jobdir):

@@ -22,6 +22,7 @@ from .resources import TEMPLATES
 
 GUEST_MODULES = ["virtio_pci", "virtio_console", "9p", "9pnet_virtio", "9pnet_fd"]
 DISK_MODULES = ["virtio_blk", "crc32c_generic", "ext4"]  # loaded only when the VM has a root disk
+NET_MODULES = ["virtio_net"]  # loaded only when the VM has a network card (an image with network = "nat")
 BUSYBOX = "/bin/busybox"
 
 
@@ -204,8 +205,12 @@ def build_initrd(moddir: Path | KernelModules, dest: Path, tmp: Path) -> None:
     build_helper(root / "bin" / "vmwrap-srun", "vmwrap-srun.c")
     closure = module_closure(km, GUEST_MODULES)
     disk_closure = [m for m in module_closure(km, GUEST_MODULES + DISK_MODULES) if m not in closure]
+    try:  # a kernel without virtio-net still boots jobs without a network
+        net_closure = [m for m in module_closure(km, GUEST_MODULES + NET_MODULES) if m not in closure]
+    except NodeError:
+        net_closure = []
     names: dict[str, str] = {}
-    for m in closure + disk_closure:
+    for m in dict.fromkeys(closure + disk_closure + net_closure):
         names[m], data = plain_module(m, km.read(m))
         target = root / "lib" / "modules" / names[m]
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -213,6 +218,7 @@ def build_initrd(moddir: Path | KernelModules, dest: Path, tmp: Path) -> None:
     mods, disk_mods = [names[m] for m in closure], [names[m] for m in disk_closure]
     (root / "etc" / "vmwrap-modules").write_text("\n".join(mods) + "\n")
     (root / "etc" / "vmwrap-disk-modules").write_text("\n".join(disk_mods) + "\n")
+    (root / "etc" / "vmwrap-net-modules").write_text("".join(names[m] + "\n" for m in net_closure))
     shutil.copy2(TEMPLATES / "guest" / "init.sh", root / "init")
     (root / "init").chmod(0o755)
     _cpio(root, dest)

@@ -15,8 +15,9 @@ from .errors import NodeError, UserError
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 BOOT_METHODS = ("kernel",)  # 'disk' (firmware boots the disk) is planned; see docs/design.md
-# Guests get no network device at all today; networks per image are another issue (docs/images.md).
-NETWORKS = ("none",)
+# The image's network, chosen by the site in its catalog (docs/catalog.md): "none", no network device at
+# all; "nat", QEMU's user-mode NAT out of the node as the job's own user (vmwrap/domain.py), no port in.
+NETWORKS = ("none", "nat")
 KEYS = {"boot", "kernel", "initrd", "disk", "cmdline", "memory", "cpus", "max_memory", "max_cpus", "network",
         "checkpoint", "users", "groups", "description", "origin", "env"}
 
@@ -50,7 +51,7 @@ class Image:
     # except PATH, which is the image's when set (the host's PATH means nothing inside another root).
     env: dict[str, str] = field(default_factory=dict)
     # Site policy: the most memory/CPUs a job's VM of this image may have (None: no limit of the
-    # image's own), its network ("none" only, for now), and whether its VMs may be saved at all.
+    # image's own), its network (NETWORKS), and whether its VMs may be saved at all.
     max_memory_mib: int | None = None
     max_cpus: int | None = None
     network: str = "none"
@@ -191,8 +192,8 @@ def _image(path: str, name: str, e: dict) -> Image:
         raise NodeError(f"{path}: images.{name}.cpus = {cpus} is more than its max_cpus = {max_cpus}")
     network = e.get("network", "none")
     if network not in NETWORKS:
-        raise NodeError(f"{path}: images.{name}.network = {str(network)[:40]!r} is not supported: vmwrap gives "
-                        "guests no network yet (only \"none\")")
+        raise NodeError(f"{path}: images.{name}.network = {str(network)[:40]!r} is not supported: it is one of "
+                        + ", ".join(f'"{n}"' for n in NETWORKS))
     ckpt = e.get("checkpoint", True)
     if not isinstance(ckpt, bool):
         raise NodeError(f"{path}: images.{name}.checkpoint must be true or false")

@@ -43,6 +43,7 @@ from pathlib import Path
 
 from . import __version__, domain, rundir, share, steps
 from .errors import CheckpointError, GuestStalledError, NodeError
+from .catalog import NETWORKS
 from .job import Job
 
 FILES = ("memory.save", "overlay.qcow2", "share.json", "stdout", "stderr", "status", "job.json")
@@ -467,7 +468,7 @@ def record_spec(run_dir: Path, spec: domain.Spec) -> None:
     """Keep the VM's shape beside it (root-only) so a save can record what a restore must render again."""
     shape = {"virt_type": spec.virt_type, "memory_mib": spec.memory_mib, "cpus": spec.cpus,
              "cmdline": spec.cmdline, "work_dir": spec.work_dir, "disk": spec.disk is not None,
-             "ninep": spec.ninep_socket is not None, "steps": spec.steps}
+             "ninep": spec.ninep_socket is not None, "steps": spec.steps, "network": spec.network}
     p = Path(run_dir) / rundir.SPEC
     p.unlink(missing_ok=True)
     _write_new(p, json.dumps(shape).encode())
@@ -1072,6 +1073,9 @@ def restore_xml(meta: dict, job: Job, run_dir: Path, paths: dict[str, Path]) -> 
     steps = s.get("steps", False)  # not recorded: saved by a vmwrap whose VMs had no step port
     if type(steps) is not bool:
         raise bad("steps")
+    network = s.get("network", "none")  # not recorded: saved by a vmwrap whose VMs had no network
+    if network not in NETWORKS:
+        raise bad("network")
     if s["disk"] != bool(paths.get("disk")):
         raise bad("disk")
     if s.get("work_dir") != job.work_dir:
@@ -1090,7 +1094,7 @@ def restore_xml(meta: dict, job: Job, run_dir: Path, paths: dict[str, Path]) -> 
         disk=str(run_dir / rundir.OVERLAY) if s["disk"] else None,
         ctl_dir=str(rundir.ctl(run_dir)), work_dir=job.work_dir, run_dir=str(run_dir), cmdline=cmdline,
         ninep_socket=str(run_dir / share.SOCKET) if s["ninep"] else None,
-        uid=ids[0], gid=ids[1], steps=steps)
+        uid=ids[0], gid=ids[1], steps=steps, network=network)
     root = ET.fromstring(domain.render(spec))
     el = ET.Element("uuid")
     el.text = uid

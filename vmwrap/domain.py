@@ -51,6 +51,17 @@ class Spec:
     # The step port (org.vmwrap.steps, vmwrap/steps.py). A VM saved by a vmwrap without it must be restored
     # without it: libvirt refuses a restore whose channel count differs from the saved VM's.
     steps: bool = True
+    # The image's network (catalog.NETWORKS). "nat" is QEMU's user-mode stack (slirp) inside the job's own
+    # QEMU: the guest's connections leave the node as the job's user, under the site's rules for that user,
+    # and nothing listens on the host for it. The MAC comes from the domain name so a restore keeps it.
+    network: str = "none"
+
+    @property
+    def mac(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256(self.name.encode()).digest()
+        return "52:54:00:" + ":".join(f"{b:02x}" for b in h[:3])  # QEMU's locally administered prefix
 
 
 def qemu_identity(uid: int, gid: int) -> tuple[int, int]:
@@ -70,7 +81,9 @@ def qemu_identity(uid: int, gid: int) -> tuple[int, int]:
 
 def render(spec: Spec) -> str:
     cmdline = " ".join(x for x in (BASE_CMDLINE, spec.cmdline) if x)
-    return _env.get_template("domain.xml.j2").render(**{**spec.__dict__, "cmdline": cmdline})
+    if spec.network not in ("none", "nat"):
+        raise NodeError(f"unknown VM network {spec.network[:40]!r}")
+    return _env.get_template("domain.xml.j2").render(**{**spec.__dict__, "cmdline": cmdline, "mac": spec.mac})
 
 
 def start_limited(dom, memory_limit_mib: int | None) -> None:

@@ -148,7 +148,7 @@ class Launcher:
             disk=str(self.run_dir / rundir.OVERLAY) if p.image.disk else None,
             ctl_dir=str(rundir.ctl(self.run_dir)), work_dir=self.job.work_dir,
             run_dir=str(self.run_dir), cmdline=p.image.cmdline, uid=self.qemu_ids[0], gid=self.qemu_ids[1],
-            memory_limit_mib=p.memory_mib + self.settings.vm_memory_overhead_mib,
+            memory_limit_mib=p.memory_mib + self.settings.vm_memory_overhead_mib, network=p.image.network,
         )
         if domain.lookup(self.conn, self.job.domain_name) is not None:
             raise NodeError(f"a VM named {self.job.domain_name} already exists on this node "

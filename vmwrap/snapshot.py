@@ -199,6 +199,8 @@ def start(conn, settings, image, spec: domain.Spec) -> tuple[domain.Spec | None,
 
     if image.restricted:
         return None, "restricted images always cold-boot"
+    if image.network != "none":  # templates have no network card (and a NAT stack's state is per VM)
+        return None, f"images with network = {image.network!r} always cold-boot"
     shape = Shape(image.digest, spec.cpus, spec.memory_mib, spec.virt_type, settings.workdir_share,
                   spec.disk is not None, spec.cmdline)
     try:
@@ -284,6 +286,8 @@ def prepare(settings, catalog, image_name: str, cpus: int | None = None, memory_
         raise UserError(f"no image {image_name!r} in the catalog")
     if image.restricted:
         raise UserError(f"image {image_name} is restricted: its jobs always cold-boot (no shared snapshot)")
+    if image.network != "none":
+        raise UserError(f"image {image_name} has network = {image.network!r}: its jobs always cold-boot (no snapshot)")
     cpus = cpus or image.cpus or settings.default_cpus
     memory_mib = memory_mib or image.memory_mib or settings.default_memory_mib
     if not 1 <= cpus <= (os.cpu_count() or 1):

@@ -50,10 +50,10 @@ def _importer(kind: str):
 @friendly_oserrors
 def image_import(source: Path, kind: str, name: str, memory: str | None, cpus: int | None, users: tuple[str, ...],
                  groups: tuple[str, ...], description: str | None, quiet: bool, max_memory: str | None = None,
-                 max_cpus: int | None = None, checkpoint: bool = True) -> None:
+                 max_cpus: int | None = None, checkpoint: bool = True, network: str = "none") -> None:
     """Import SOURCE as image NAME: its files under appliance_dir, registered in the catalog last (a failure
     leaves both as they were). Sizes are bounded by image_import_max_size."""
-    # (--max-memory, --max-cpus, --checkpoint: images.policy_options, added where the group registers this.)
+    # (--max-memory, --max-cpus, --checkpoint, --network: images.policy_options, added where the group registers this.)
     from ..catalog import register
     from ..directives import check_image_name, parse_memory
     from ..progress import progress, stage_callback
@@ -63,7 +63,7 @@ def image_import(source: Path, kind: str, name: str, memory: str | None, cpus: i
     s = settings()
     check_image_name(name)
     mem = parse_memory(memory) if memory else None  # a bad option before reading gigabytes
-    pol = policy(max_memory, max_cpus, checkpoint, mem, cpus)
+    pol = policy(max_memory, max_cpus, checkpoint, mem, cpus, network)
     run = _importer(kind)
     t0 = time.monotonic()
     out = Path(s.appliance_dir)

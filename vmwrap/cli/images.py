@@ -24,13 +24,15 @@ def policy_options(f):
         click.option("--max-cpus", type=click.IntRange(min=1), default=None, help="Most CPUs a job's VM may ask for."),
         click.option("--checkpoint/--no-checkpoint", default=True,
                      help="Whether jobs of this image may be saved (preemption, requeue, drain)."),
+        click.option("--network", type=click.Choice(["none", "nat"]), default="none",
+                     help="none: no network device; nat: NAT out of the node as the job's user, nothing in."),
     ]):
         f = opt(f)
     return f
 
 
 def policy(max_memory: str | None, max_cpus: int | None, checkpoint: bool, memory_mib: int | None,
-           cpus: int | None = None) -> dict:
+           cpus: int | None = None, network: str = "none") -> dict:
     """Image fields from the policy options, checked as the catalog will check them on load."""
     from ..directives import parse_memory
     from ..errors import UserError
@@ -43,7 +45,7 @@ def policy(max_memory: str | None, max_cpus: int | None, checkpoint: bool, memor
         raise UserError(f"--memory={memory_mib}M is more than --max-memory={max_mib}M")
     if max_cpus and cpus and cpus > max_cpus:
         raise UserError(f"--cpus={cpus} is more than --max-cpus={max_cpus}")
-    return {"max_memory_mib": max_mib, "max_cpus": max_cpus, "checkpoint": checkpoint}
+    return {"max_memory_mib": max_mib, "max_cpus": max_cpus, "checkpoint": checkpoint, "network": network}
 
 
 @image.command("build")
@@ -57,7 +59,7 @@ def policy(max_memory: str | None, max_cpus: int | None, checkpoint: bool, memor
 @quiet_option
 @friendly_oserrors
 def image_build(name: str, kind: str, memory_mib: int, packages: str, max_memory: str | None,
-                max_cpus: int | None, checkpoint: bool, quiet: bool) -> None:
+                max_cpus: int | None, checkpoint: bool, network: str, quiet: bool) -> None:
     """Build an appliance from Debian packages and register it in the catalog (stages on a terminal)."""
     from .. import appliance
     from ..directives import check_image_name
@@ -66,7 +68,7 @@ def image_build(name: str, kind: str, memory_mib: int, packages: str, max_memory
     s = settings()
     check_image_name(name)
     pkgs = appliance.check_packages([p.strip() for p in packages.split(",") if p.strip()])
-    pol = policy(max_memory, max_cpus, checkpoint, memory_mib, 1)
+    pol = policy(max_memory, max_cpus, checkpoint, memory_mib, 1, network)
     t0 = time.monotonic()
     with progress(f"build {name}", "stages", quiet=quiet) as report:
         img = appliance.build(name, kind, s.appliance_dir, s.catalog, memory_mib=memory_mib,
@@ -100,9 +102,9 @@ def image_list(as_json: bool) -> None:
 
 
 def _policy_cell(i) -> str:
-    """e.g. 'mem<=2048M cpus<=2 no-ckpt' ('-' for no limits); the network is always none today."""
+    """e.g. 'mem<=2048M cpus<=2 no-ckpt nat' ('-' for no limits; no network is not shown)."""
     parts = ([f"mem<={i.max_memory_mib}M"] if i.max_memory_mib else []) + ([f"cpus<={i.max_cpus}"] if i.max_cpus else [])
-    return " ".join(parts + ([] if i.checkpoint else ["no-ckpt"])) or "-"
+    return " ".join(parts + ([] if i.checkpoint else ["no-ckpt"]) + ([] if i.network == "none" else [i.network])) or "-"
 
 
 @image.command("add")
@@ -120,7 +122,7 @@ def _policy_cell(i) -> str:
 @quiet_option
 @friendly_oserrors
 def image_add(name, kernel, initrd, disk, disk_format, memory, cpus, users, groups, description, max_memory,
-              max_cpus, checkpoint, quiet) -> None:
+              max_cpus, checkpoint, network, quiet) -> None:
     """Register existing appliance files (hashed now, progress on a terminal) in the catalog."""
     from pathlib import Path
 
@@ -132,7 +134,7 @@ def image_add(name, kernel, initrd, disk, disk_format, memory, cpus, users, grou
     s = settings()
     check_image_name(name)
     mem = parse_memory(memory) if memory else None  # a bad size before hashing GBs
-    pol = policy(max_memory, max_cpus, checkpoint, mem, cpus)
+    pol = policy(max_memory, max_cpus, checkpoint, mem, cpus, network)
 
     def hashed(key: str, path: str, fmt: str = "raw"):
         p = Path(path).resolve()

@@ -7,11 +7,21 @@ export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 load() { while read -r m; do insmod "/lib/modules/$m" || echo "vmwrap: insmod $m failed"; done < "$1"; }
 load /etc/vmwrap-modules
-# The disk drivers only when the VM has a virtio disk (PCI ids 1af4:1001 legacy, 1af4:1042 modern).
+# The disk drivers only when the VM has a virtio disk (PCI ids 1af4:1001 legacy, 1af4:1042 modern), the
+# network card's only when it has one (1af4:1000, 1af4:1041: an image whose catalog entry says network = "nat").
+DISK=; NET=
 for d in /sys/bus/pci/devices/*; do
   read -r dev < "$d/device"
-  case "$dev" in 0x1001|0x1042) load /etc/vmwrap-disk-modules; break ;; esac
+  case "$dev" in 0x1001|0x1042) DISK=1 ;; 0x1000|0x1041) NET=1 ;; esac
 done
+[ -n "$DISK" ] && load /etc/vmwrap-disk-modules
+# QEMU's user-mode NAT (vmwrap/domain.py) always answers as gateway 10.0.2.2 and DNS 10.0.2.3: a fixed
+# address is as good as DHCP here and costs no round trips.
+if [ -n "$NET" ]; then
+  load /etc/vmwrap-net-modules
+  { ip link set lo up && ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2; } \
+    || echo "vmwrap guest: cannot configure the network: $(ip addr 2>&1 | tail -4)" > /dev/console
+fi
 
 # Find the vmwrap virtio ports by name (the shell builtin read: no fork per port under TCG).
 find_ports() {
@@ -74,6 +84,9 @@ fi
 # A restored VM is a clone of the template: it gets its own machine id (a cold boot keeps the image's).
 if [ -n "$RESTORED" ] && [ -d "$ROOT/etc" ]; then
   read -r id < /proc/sys/kernel/random/uuid && echo "${id//-/}" > "$ROOT/etc/machine-id"
+fi
+if [ -n "$NET" ] && [ -d "$ROOT/etc" ]; then
+  rm -f "$ROOT/etc/resolv.conf"; echo "nameserver 10.0.2.3" > "$ROOT/etc/resolv.conf"
 fi
 mkdir -p "$ROOT/.vmwrap" && mount -o bind,ro /ctl "$ROOT/.vmwrap"
 WORKDIR=$(cat /ctl/workdir)
