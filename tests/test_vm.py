@@ -47,11 +47,12 @@ def test_non_ascii_bytes_pass_through(site, workdir):
 
 def test_runs_as_job_user_in_work_dir_with_spaces(site, workdir, test_user):
     os.chown(workdir, test_user.pw_uid, test_user.pw_gid)  # a VM job's work dir is its user's
-    r = site.run(HDR + 'id -u; id -g; pwd; echo data > "made by job.txt"; umask\n', workdir,
+    r = site.run(HDR + 'id -u; id -g; pwd; echo data > "made by job.txt"; umask; hostname\n', workdir,
                  "--user", test_user.pw_name)
-    uid, gid, pwd, _umask = r.stdout.decode().split("\n")[:4]
+    uid, gid, pwd, _umask, host = r.stdout.decode().split("\n")[:5]
     assert r.returncode == 0, r.stderr
     assert (int(uid), int(gid), pwd) == (test_user.pw_uid, test_user.pw_gid, str(workdir))
+    assert host == os.uname().nodename  # as a bare job on this node would say
     made = workdir / "made by job.txt"
     assert made.read_text() == "data\n"
     assert (made.stat().st_uid, made.stat().st_gid) == (test_user.pw_uid, test_user.pw_gid)

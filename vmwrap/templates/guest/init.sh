@@ -100,7 +100,7 @@ else
     || fail "cannot mount the work dir"
 fi
 read -r UID_ GID_ GROUPS_ UMASK_ < /ctl/ids
-read -r h < /ctl/hostname && [ -n "$h" ] && hostname "$h"
+read -r h < /ctl/hostname; [ -n "$h" ] && hostname "$h"  # (no newline in the file: read fails, h is set)
 
 read -r up _ < /proc/uptime; say "ready $up"
 # Wait for the host's GO: the job's script, environment and arguments are written by whoever attaches
