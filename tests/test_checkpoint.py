@@ -340,6 +340,19 @@ def test_a_vm_saved_without_a_step_port_is_restored_without_one(tmp_path):
         checkpoint.restore_xml(job_meta("21", spec=shape(steps="yes")), job, tmp_path, paths)
 
 
+def test_a_vm_saved_without_a_shell_port_is_restored_without_one(tmp_path):
+    job = Job("21", "slurm", "u", UID, GID, "/srv/w", "", image="busybox")
+    paths = {"kernel": Path("/k"), "initrd": Path("/i")}
+
+    def ports(meta):
+        root = ET.fromstring(checkpoint.restore_xml(meta, job, tmp_path, paths)[0])
+        return [c.find("target").get("name") for c in root.iter("channel")]
+    assert "shell" not in job_meta("21")["spec"] and "org.vmwrap.shell" not in ports(job_meta("21"))
+    assert ports(job_meta("21", spec=shape(shell=True))).count("org.vmwrap.shell") == 1
+    with pytest.raises(CheckpointError, match="unusable VM shell"):
+        checkpoint.restore_xml(job_meta("21", spec=shape(shell=1)), job, tmp_path, paths)
+
+
 def test_a_vm_saved_with_a_network_is_restored_with_it(tmp_path):
     job = Job("21", "slurm", "u", UID, GID, "/srv/w", "", image="busybox")
     paths = {"kernel": Path("/k"), "initrd": Path("/i")}

@@ -80,6 +80,21 @@ def test_a_nat_image_reaches_the_host_as_the_jobs_user_and_others_have_no_networ
         host.close()
 
 
+def test_vmwrap_shell_reaches_a_running_jobs_vm_through_an_overlapping_step(cluster, jobdir, test_user):
+    """What docs/shell.md tells a user: `srun --jobid=J --overlap vmwrap shell J` on the job's node."""
+    job = submit(cluster, jobdir, HDR + "echo up\nsleep 300\n")
+    try:
+        _wait_output(jobdir / f"slurm-{job}.out", "up\n")
+        vmwrap = shutil.which("vmwrap")
+        r = cluster.run("srun", f"--jobid={job}", "--overlap", vmwrap, "--config", str(cluster.base / "vmwrap-%n.toml"),
+                        "shell", job, 'echo "$(uname -r) $(id -u) $SLURM_JOB_ID"; exit 4', user="vmwrapuser")
+        guest_kernel = (Path("/var/cache/vmwrap/appliances/.kernel/version")).read_text().strip()
+        assert (r.returncode, r.stdout.replace("\r", "")) == (4, f"{guest_kernel} {test_user.pw_uid} {job}\n"), r.stderr
+    finally:
+        cluster.run("scancel", job)
+    done(cluster, job)
+
+
 def test_exit_code_seen_by_slurm_and_sacct(cluster, jobdir):
     job = submit(cluster, jobdir, HDR + "echo failing; exit 3\n")
     ok = submit(cluster, jobdir, HDR + "echo fine\n")

@@ -3,9 +3,10 @@
 Batch steps (Slurm), suspend methods (Grid Engine) and wrappers run as the job's user, who must not get
 libvirt access (that is root on the node). They ask this agent over a Unix socket; the caller's uid
 comes from the kernel (SO_PEERCRED) and must own the job (or be root).
-Protocol: one JSON line {"op": "pause"|"resume"|"checkpoint", "job": ID} -> one JSON line {"ok": bool,
-"error": str, "protocol": PROTOCOL} (a periodic checkpoint, vmwrap/periodic.py, adds "saved" and
-"pause_s" or "error"); {"op": "ping", "job": ""} (anyone) -> {"ok": true, "protocol": PROTOCOL}: health
+Protocol: one JSON line {"op": "pause"|"resume"|"checkpoint"|"shell", "job": ID} -> one JSON line {"ok":
+bool, "error": str, "protocol": PROTOCOL} (a periodic checkpoint, vmwrap/periodic.py, adds "saved" and
+"pause_s" or "error"; "shell" sends a socket connected to the VM's shell port with its reply, SCM_RIGHTS,
+vmwrap/shell.py); {"op": "ping", "job": ""} (anyone) -> {"ok": true, "protocol": PROTOCOL}: health
 checks (`vmwrap status`), and a client newer than the agent learns what it speaks.
 
 The socket is open to every local user, so the agent bounds what any of them can hold: the request
@@ -32,7 +33,7 @@ from .errors import NodeError, UserError, VmwrapError
 from .job import Job
 from .ledger import Ledger
 
-OPS = ("pause", "resume", "checkpoint")
+OPS = ("pause", "resume", "checkpoint", "shell")
 PROTOCOL = 1  # raised when a request or reply changes meaning; keys are only ever added
 REQUEST_MAX = 4096         # bytes of the one request line
 REQUEST_TIMEOUT = 5.0      # s for the whole request line (and for sending the reply)
@@ -64,6 +65,12 @@ def handle(settings: Settings, conn, peer_uid: int, op: str, job_id: str) -> dic
         from . import periodic
 
         return periodic.handle(settings, conn, job_id, peer_uid)
+    if op == "shell":  # the caller gets the connected port itself (Handler sends it); nothing else of root's
+        from . import shell
+
+        port = shell.connect_port(settings, job_id)
+        Ledger(settings.ledger_path).record(job_id, rundir.domain_name(job_id), "shell", by_uid=peer_uid, via="agent")
+        return {"_fd": port}
     name = rundir.domain_name(job_id)
     dom = domain.lookup(conn, name)
     if dom is None:
@@ -120,13 +127,17 @@ def read_request(sock: socket.socket, timeout: float | None = None) -> bytes:
             raise UserError(f"the request is longer than {REQUEST_MAX} bytes: send {USAGE}")
 
 
-def _reply(sock: socket.socket, reply: dict, timeout: float) -> None:
+def _reply(sock: socket.socket, reply: dict, timeout: float, fd: int | None = None) -> None:
     try:
         if timeout:
             sock.settimeout(timeout)
         else:
             sock.setblocking(False)  # a line fits the empty send buffer; never wait on the client
-        sock.sendall(json.dumps(reply).encode() + b"\n")
+        line = json.dumps(reply).encode() + b"\n"
+        if fd is not None:  # the line and the descriptor in one message: the client reads both at once
+            sent = sock.sendmsg([line], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+            line = line[sent:]
+        sock.sendall(line)
     except OSError:
         pass  # the client went away (or reads nothing): its loss
 
@@ -179,7 +190,12 @@ def serve(settings: Settings) -> None:
             except Exception as e:  # noqa: BLE001 (a bug or a libvirt surprise: this request fails, not the agent)
                 print(f"vmwrap agent: request of uid {uid} failed: {e!r}", file=sys.stderr, flush=True)
                 reply = {"ok": False, "error": f"the node agent failed: {e}"}
-            _reply(self.request, reply, REQUEST_TIMEOUT)
+            port = reply.pop("_fd", None)
+            try:
+                _reply(self.request, reply, REQUEST_TIMEOUT, port.fileno() if port is not None else None)
+            finally:
+                if port is not None:
+                    port.close()  # the caller holds its own copy now
 
     class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         daemon_threads = True

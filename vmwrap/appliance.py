@@ -203,6 +203,7 @@ def build_initrd(moddir: Path | KernelModules, dest: Path, tmp: Path) -> None:
     build_helper(root / "bin" / "vmwrap-exec")
     build_helper(root / "bin" / "vmwrap-relay", "vmwrap-relay.c")
     build_helper(root / "bin" / "vmwrap-srun", "vmwrap-srun.c")
+    build_helper(root / "bin" / "vmwrap-shell", "vmwrap-shell.c")
     closure = module_closure(km, GUEST_MODULES)
     disk_closure = [m for m in module_closure(km, GUEST_MODULES + DISK_MODULES) if m not in closure]
     try:  # a kernel without virtio-net still boots jobs without a network

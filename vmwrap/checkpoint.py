@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, domain, rundir, share, steps
+from . import __version__, domain, rundir, share, shell, steps
 from .errors import CheckpointError, GuestStalledError, NodeError
 from .catalog import NETWORKS
 from .job import Job
@@ -468,7 +468,7 @@ def record_spec(run_dir: Path, spec: domain.Spec) -> None:
     """Keep the VM's shape beside it (root-only) so a save can record what a restore must render again."""
     shape = {"virt_type": spec.virt_type, "memory_mib": spec.memory_mib, "cpus": spec.cpus,
              "cmdline": spec.cmdline, "work_dir": spec.work_dir, "disk": spec.disk is not None,
-             "ninep": spec.ninep_socket is not None, "steps": spec.steps, "network": spec.network}
+             "ninep": spec.ninep_socket is not None, "steps": spec.steps, "shell": spec.shell, "network": spec.network}
     p = Path(run_dir) / rundir.SPEC
     p.unlink(missing_ok=True)
     _write_new(p, json.dumps(shape).encode())
@@ -1073,6 +1073,9 @@ def restore_xml(meta: dict, job: Job, run_dir: Path, paths: dict[str, Path]) -> 
     steps = s.get("steps", False)  # not recorded: saved by a vmwrap whose VMs had no step port
     if type(steps) is not bool:
         raise bad("steps")
+    shell = s.get("shell", False)  # not recorded: saved by a vmwrap whose VMs had no shell port
+    if type(shell) is not bool:
+        raise bad("shell")
     network = s.get("network", "none")  # not recorded: saved by a vmwrap whose VMs had no network
     if network not in NETWORKS:
         raise bad("network")
@@ -1094,7 +1097,7 @@ def restore_xml(meta: dict, job: Job, run_dir: Path, paths: dict[str, Path]) -> 
         disk=str(run_dir / rundir.OVERLAY) if s["disk"] else None,
         ctl_dir=str(rundir.ctl(run_dir)), work_dir=job.work_dir, run_dir=str(run_dir), cmdline=cmdline,
         ninep_socket=str(run_dir / share.SOCKET) if s["ninep"] else None,
-        uid=ids[0], gid=ids[1], steps=steps, network=network)
+        uid=ids[0], gid=ids[1], steps=steps, shell=shell, network=network)
     root = ET.fromstring(domain.render(spec))
     el = ET.Element("uuid")
     el.text = uid
@@ -1177,6 +1180,10 @@ def restore(job_id: str, run_dir: Path, store: Store, conn, job: Job, paths: dic
         if f.exists():                                                     # own batch step talks to them
             os.chown(f, job.uid, job.gid)
             f.chmod(0o600)
+    shell_port = run_dir / shell.SOCKET  # root's alone: the node agent opens it for the job's user (shell.py)
+    if shell_port.exists():
+        os.chown(shell_port, 0, 0)
+        shell_port.chmod(0o600)
     (run_dir / rundir.RESTORED).write_text(json.dumps({"delivered": delivered,
                                                        "restarts": meta.get("restarts", 0)}))
     t_done = time.monotonic()

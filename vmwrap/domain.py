@@ -51,6 +51,9 @@ class Spec:
     # The step port (org.vmwrap.steps, vmwrap/steps.py). A VM saved by a vmwrap without it must be restored
     # without it: libvirt refuses a restore whose channel count differs from the saved VM's.
     steps: bool = True
+    # The shell port (org.vmwrap.shell, vmwrap/shell.py: `vmwrap shell JOBID`); as for steps, a VM saved
+    # without it is restored without it.
+    shell: bool = True
     # The image's network (catalog.NETWORKS). "nat" is QEMU's user-mode stack (slirp) inside the job's own
     # QEMU: the guest's connections leave the node as the job's user, under the site's rules for that user,
     # and nothing listens on the host for it. The MAC comes from the domain name so a restore keeps it.

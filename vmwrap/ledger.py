@@ -18,7 +18,7 @@ from .errors import NodeError
 EVENTS = ("prepare", "created", "booted", "started", "paused", "resumed", "saved", "restored", "exited",
           "destroyed", "failed", "cache_hit", "cache_miss", "prestage", "save_failed", "plan",
           "detached", "wrapper_gone", "pause_failed", "resume_failed", "reconciled", "drained",
-          "checkpointed", "checkpoint_failed", "stale_run")
+          "checkpointed", "checkpoint_failed", "stale_run", "shell")
 
 
 # MIGRATIONS[n] takes a ledger from schema n-1 to n. 1: the events table (ledgers from before versioning

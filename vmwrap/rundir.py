@@ -55,7 +55,7 @@ DELIVERED = "delivered.json"  # in ctl/user: how much of each stream the job's s
 
 # AF_UNIX socket paths end at 107 bytes; libvirtd and QEMU make the run dir's sockets by path.
 SOCKET_PATH_MAX = 107
-RUN_DIR_SOCKETS = (CONTROL_SOCKET, "steps.sock", "9p.sock")  # steps.SOCKET, share.SOCKET
+RUN_DIR_SOCKETS = (CONTROL_SOCKET, "steps.sock", "9p.sock", "shell.sock")  # steps, share, shell .SOCKET
 
 
 def check_socket_room(run_dir: Path) -> None:

@@ -57,7 +57,7 @@ def main(ctx, config_path) -> None:
     ctx.obj = Site(config_path)
 
 
-for _cmd in (jobs.run, jobs.teardown, node.ps, node.agent, images.image, images.images, node.cache,
+for _cmd in (jobs.run, jobs.teardown, jobs.shell, node.ps, node.agent, images.image, images.images, node.cache,
              checkpoints.checkpoints, node.doctor, node.reconcile, drain.drain, config.config_group, hooks.hooks, simulate.simulate,
              daemons.daemons, status.status):
     main.add_command(_cmd)

@@ -74,3 +74,19 @@ def teardown(job_id: str) -> None:
         click.echo(f"Error: {e}", err=True)
         sys.exit(EXIT_NODE)
     click.echo(f"{job_id}: {'removed' if did else 'nothing to remove'}")
+
+
+@click.command()
+@click.argument("job_id")
+@click.argument("command", required=False)
+@friendly_oserrors
+def shell(job_id: str, command: str | None) -> None:
+    """A shell inside JOB_ID's running VM on this node, as the job's user (or run COMMAND there).
+
+    Only the job's own user (or root) gets one: the node agent checks. Exits with the shell's status;
+    255 when the VM went away first."""
+    from .. import shell as sh
+    from ..job import Job
+
+    Job(job_id=job_id, scheduler="none", user="root", uid=0, gid=0, work_dir="/", script="")  # validates id
+    sys.exit(sh.run(site_settings(), job_id, command))

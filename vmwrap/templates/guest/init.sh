@@ -32,7 +32,7 @@ find_ports() {
       org.vmwrap.status) STATUS=/dev/${p##*/} ;; org.vmwrap.stdout) OUT=/dev/${p##*/} ;;
       org.vmwrap.stderr) ERR=/dev/${p##*/} ;; org.vmwrap.control) CTL=/dev/${p##*/} ;;
       org.vmwrap.9p) NINEP=/dev/${p##*/} ;;
-      org.vmwrap.steps) STEPS=/dev/${p##*/} ;;
+      org.vmwrap.steps) STEPS=/dev/${p##*/} ;; org.vmwrap.shell) SHELLPORT=/dev/${p##*/} ;;
     esac
   done
 }
@@ -59,6 +59,11 @@ if grep -q 'vmwrap.probe' /proc/cmdline; then say "exit 0"; poweroff -f; fi
 RESTORED=
 read -r CMDLINE < /proc/cmdline
 case " $CMDLINE " in *" vmwrap.template "*)
+  # Zero the memory the boot used and freed (the initrd's image, the kernel's init sections): the save
+  # then stores those pages as zero-page flags, and every job's restore reads that much less.
+  while read -r k v _; do [ "$k" = MemFree: ] && break; done < /proc/meminfo
+  dd if=/dev/zero of=/dev/null bs=$((v * 9 / 10))k count=1 2>/dev/null
+  read -r up _ < /proc/uptime
   say "template $up"
   while :; do
     while read -r cmd seed now; do
@@ -131,6 +136,15 @@ job() { exec /bin/vmwrap-exec "$ROOT" "$UID_" "$GID_" "$GROUPS_" "$UMASK_" "$WOR
 if [ -e /ctl/user/merged ]; then job < /dev/null > "$OUT" 2>&1 & else job < /dev/null > "$OUT" 2> "$ERR" & fi
 JOB=$!
 read -r up _ < /proc/uptime; say "started $up"
+# `vmwrap shell JOBID` (vmwrap/shell.py): shells on new terminals in the job's root as its user, served
+# once the job runs (off its start's critical path). The root gets the same terminals (tty, ttyname).
+[ -n "$SHELLPORT" ] || find_ports
+if [ -n "$SHELLPORT" ]; then
+  ( mkdir -p /dev/pts && mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts \
+      && { [ "$ROOT" = / ] || { mkdir -p "$ROOT/dev/pts" && mount -o bind /dev/pts "$ROOT/dev/pts"; }; } \
+      && exec /bin/vmwrap-shell "$SHELLPORT" "$ROOT" "$UID_" "$GID_" "$GROUPS_" "$UMASK_" "$WORKDIR" /ctl/user/env \
+    ) < /dev/null > /dev/console 2>&1 &
+fi
 # The host may disconnect and reconnect (EOF then): keep reading.
 ( while :; do
     while read -r cmd; do

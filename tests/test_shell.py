@@ -1,0 +1,96 @@
+"""`vmwrap shell JOBID` with a real guest: a terminal in the running job's VM for the job's own user only,
+through the node agent (the kernel's word for the caller's uid)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import select
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+
+import pytest
+
+from vmwrap import agent
+
+pytestmark = pytest.mark.vm
+WAIT = 120
+
+
+def _as(user, site, argv, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vmwrap.cli", *argv], env=site.env(TERM="xterm-256color"),
+                            user=user.pw_uid, group=user.pw_gid, extra_groups=[], **kw)
+
+
+def _read_until_exit(fd: int, p: subprocess.Popen, send: list[tuple[bytes, bytes]]) -> bytes:
+    """Everything the terminal shows until p exits; each (wait_for, then_type) pair types once seen."""
+    out, end = b"", time.time() + WAIT
+    while time.time() < end:
+        while send and send[0][0] in out:
+            os.write(fd, send.pop(0)[1])
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            out += chunk
+            if chunk:
+                continue
+        if p.poll() is not None:
+            return out
+    raise AssertionError(f"vmwrap shell did not end: {out[-2000:]!r}")
+
+
+def test_a_jobs_user_gets_a_terminal_in_its_vm_and_nobody_else_does(site, workdir, test_user):
+    import pwd
+
+    os.chown(workdir, test_user.pw_uid, test_user.pw_gid)
+    settings = site.settings()
+    threading.Thread(target=agent.serve, args=(settings,), daemon=True).start()
+    job = site.popen("#!/bin/sh\n#VMWRAP --image=busybox\necho up\nsleep 300\necho never\n", workdir,
+                     "--user", test_user.pw_name, "--job-id", "sh1", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert job.stdout.readline() == b"up\n"
+        # Interactive, on a terminal of 33 x 101: the guest's terminal has that size, the caller's TERM,
+        # the job's user and work dir; the shell's exit status is vmwrap shell's.
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+        p = _as(test_user, site, ["shell", "sh1"], stdin=slave, stdout=slave, stderr=slave)
+        os.close(slave)
+        out = _read_until_exit(master, p, [(b"$ ", b"stty size; id -u; tty; echo T=$TERM; pwd; echo $((6*7))\r"),
+                                           (b"42", b"exit 3\r")])
+        os.close(master)
+        text = out.decode(errors="replace").replace("\r", "")
+        assert p.returncode == 3, text
+        for want in ("33 101\n", f"\n{test_user.pw_uid}\n", "/dev/pts/", "T=xterm-256color\n", f"{workdir}\n", "42\n"):
+            assert want in text, (want, text)
+        # One command, no terminal on our side: its output and status.
+        r = _as(test_user, site, ["shell", "sh1", "echo hi from $(hostname); exit 4"], stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        o, e = r.communicate(timeout=WAIT)
+        assert (r.returncode, o.replace(b"\r", b"")) == (4, f"hi from {os.uname().nodename}\n".encode()), e
+        # Another user: refused by the agent, naming why; nothing reaches the VM.
+        nobody = pwd.getpwnam("nobody")
+        r = _as(nobody, site, ["shell", "sh1", "echo leaked"], stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        o, e = r.communicate(timeout=WAIT)
+        assert r.returncode == 1 and o == b"" and f"uid {nobody.pw_uid} does not own job sh1".encode() in e, e
+        port = site.state / "jobs" / "sh1" / "shell.sock"
+        st = os.stat(port)
+        assert (st.st_uid, st.st_mode & 0o777) == (0, 0o600)  # only root (the agent) opens it
+        # The job itself ran on, untouched by the sessions.
+        assert job.poll() is None
+    finally:
+        job.terminate()
+        job.communicate(timeout=WAIT)
+    r = _as(test_user, site, ["shell", "sh1", "true"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+    o, e = r.communicate(timeout=WAIT)
+    assert r.returncode == 1 and b"no VM for job sh1 on this node" in e, e
+    assert site.leftovers() == []

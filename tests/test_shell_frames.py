@@ -1,0 +1,27 @@
+"""The host end of `vmwrap shell`'s framing (vmwrap/shell.py): what the guest sends is hostile."""
+
+import pytest
+
+from vmwrap import shell
+from vmwrap.errors import UserError
+
+
+def test_frames_are_split_and_joined_as_they_arrive():
+    buf = bytearray(shell.frame(b"D", b"abc") + shell.frame(b"X", b"3")[:4])
+    assert list(shell.frames(buf)) == [(b"D", b"abc")]
+    buf += shell.frame(b"X", b"3")[4:]
+    assert list(shell.frames(buf)) == [(b"X", b"3")] and buf == b""
+
+
+def test_an_oversized_length_drops_the_buffer_instead_of_waiting_for_it():
+    buf = bytearray(b"D" + (shell.FRAME_MAX + 1).to_bytes(4, "big") + b"x" * 10)
+    assert list(shell.frames(buf)) == [] and buf == b""
+
+
+def test_the_open_request_carries_size_term_and_command_and_refuses_what_cannot_pass():
+    assert shell.open_request(33, 101, "xterm-256color", None) == shell.frame(b"O", b"33 101 xterm-256color")
+    assert shell.open_request(24, 80, "bad term;rm", "id") == shell.frame(b"O", b"24 80 dumb\0id")
+    with pytest.raises(UserError, match="NUL"):
+        shell.open_request(24, 80, "xterm", "a\0b")
+    with pytest.raises(UserError, match="longer than"):
+        shell.open_request(24, 80, "xterm", "x" * shell.FRAME_MAX)

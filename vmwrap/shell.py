@@ -1,0 +1,202 @@
+"""`vmwrap shell JOBID [COMMAND]`: a shell (or one command) on a new terminal inside a running job's VM.
+
+Why this shape: the VM's shell port (org.vmwrap.shell, a unix socket QEMU binds in the run dir, root's
+0600) is opened only by the node agent (root), and only for the job's own user or root, whose uid the
+kernel tells it (SO_PEERCRED, vmwrap/agent.py); the agent hands the connected socket over (SCM_RIGHTS)
+and is out of the way. The guest end (templates/guest/vmwrap-shell.c) runs the shell as the job's user
+in the job's root, work dir and environment. One session at a time per VM: a second waits for the first.
+
+Frames both ways: 1 type byte, 4-byte big-endian length, payload (at most FRAME_MAX). Host to guest:
+O "ROWS COLS TERM" [NUL COMMAND] opens, D data, W "ROWS COLS" on a resize, E the end of stdin. Guest to
+host: D output, X "STATUS" (the exit code, 128+N for signal N). The guest is hostile: frames are bounded,
+garbage is dropped, and its bytes only reach the caller's own terminal (as ssh's do).
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import re
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+
+from . import rundir
+from .errors import NodeError, UserError
+
+SOCKET = "shell.sock"   # in the run dir: the guest's shell port (QEMU binds it; root's 0600)
+FRAME_MAX = 65536
+HEADER = struct.Struct(">cI")
+LOST = 255              # the VM went away before the shell said how it ended (as ssh's 255)
+_TERM = re.compile(r"^[A-Za-z0-9._+-]{1,63}$")
+
+
+def port_path(settings, job_id: str) -> Path:
+    return rundir.path(settings, job_id) / SOCKET
+
+
+def connect_port(settings, job_id: str) -> socket.socket:
+    """The agent's side (root): a connection to the job's shell port. UserError if the job has none here."""
+    p = port_path(settings, job_id)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(p))
+    except FileNotFoundError:
+        s.close()
+        raise UserError(f"job {job_id}'s VM has no shell port on this node (started by an older vmwrap, "
+                        "or not running here)") from None
+    except OSError as e:
+        s.close()
+        raise UserError(f"cannot reach job {job_id}'s VM: {os.strerror(e.errno)}") from None
+    return s
+
+
+def frame(kind: bytes, payload: bytes = b"") -> bytes:
+    return HEADER.pack(kind, len(payload)) + payload
+
+
+def frames(buf: bytearray):
+    """Complete frames at the head of `buf` (consumed), as (type, payload); a bad length drops the buffer."""
+    while len(buf) >= HEADER.size:
+        kind, n = HEADER.unpack_from(buf)
+        if n > FRAME_MAX:
+            del buf[:]
+            return
+        if len(buf) < HEADER.size + n:
+            return
+        payload = bytes(buf[HEADER.size:HEADER.size + n])
+        del buf[:HEADER.size + n]
+        yield kind, payload
+
+
+def open_request(rows: int, cols: int, term: str, command: str | None) -> bytes:
+    if not _TERM.match(term):
+        term = "dumb"
+    body = f"{rows} {cols} {term}".encode()
+    if command is not None:
+        if "\0" in command:
+            raise UserError("the command must not contain NUL bytes")
+        body += b"\0" + command.encode()
+    if len(body) > FRAME_MAX:
+        raise UserError(f"the command is longer than {FRAME_MAX - 64} bytes")
+    return frame(b"O", body)
+
+
+def request_port(settings, job_id: str, timeout: float = 5.0) -> socket.socket:
+    """Ask the node agent for the job's shell port (the caller's uid must own the job)."""
+    from .agent import socket_path
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(socket_path(settings)))
+            s.sendall(json.dumps({"op": "shell", "job": job_id}).encode() + b"\n")
+            fds = array.array("i")
+            msg, anc, _flags, _addr = s.recvmsg(4096, socket.CMSG_SPACE(fds.itemsize))
+        except OSError as e:
+            raise NodeError(f"vmwrap node agent unreachable at {socket_path(settings)}: {e}") from None
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+        try:
+            reply = json.loads(msg.split(b"\n", 1)[0] or b"{}")
+        except ValueError:
+            reply = {}
+        if not isinstance(reply, dict) or not reply.get("ok") or not fds:
+            for fd in fds:
+                os.close(fd)
+            why = reply.get("error", "no answer") if isinstance(reply, dict) else "no answer"
+            if "unknown operation" in str(why):
+                why += " (the node agent predates `vmwrap shell`: restart it)"
+            raise UserError(f"no shell in job {job_id}: {why}")
+        for fd in fds[1:]:
+            os.close(fd)
+        return socket.socket(fileno=fds[0])
+
+
+def run(settings, job_id: str, command: str | None = None, stdin: int = 0, stdout: int = 1,
+        waiting_note_s: float = 5.0) -> int:
+    """The session, relayed between this process's stdin/stdout and the VM; returns its exit status."""
+    port = request_port(settings, job_id)
+    tty = os.isatty(stdin)
+    rows, cols = 24, 80
+    if tty:
+        try:
+            cols, rows = os.get_terminal_size(stdin)
+        except OSError:
+            pass
+    port.sendall(open_request(rows, cols, os.environ.get("TERM", "dumb"), command))
+    saved = None
+    if tty:
+        import termios
+        import tty as ttymod
+
+        saved = termios.tcgetattr(stdin)
+        ttymod.setraw(stdin)
+    resized = []
+    old_winch = signal.signal(signal.SIGWINCH, lambda *_: resized.append(1)) if tty else None
+    try:
+        status = _relay(port, stdin, stdout, job_id, resized, waiting_note_s)
+    except OSError:
+        status = None  # the VM's end went away mid-write: as a closed session
+    finally:
+        if saved is not None:
+            import termios
+
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        if old_winch is not None:
+            signal.signal(signal.SIGWINCH, old_winch)
+        port.close()
+    if status is None:
+        sys.stderr.write(f"vmwrap shell: job {job_id}'s VM closed the session (the job ended?)\n")
+        return LOST
+    return status
+
+
+def _relay(port: socket.socket, stdin: int, stdout: int, job_id: str, resized: list,
+           waiting_note_s: float) -> int | None:
+    """Frames until the guest says how the session ended (its status) or the port closes (None)."""
+    buf, status, seen, start, reading = bytearray(), None, False, time.monotonic(), True
+    while status is None:
+        if resized:
+            resized.clear()
+            try:
+                c, r = os.get_terminal_size(stdin)
+                port.sendall(frame(b"W", f"{r} {c}".encode()))
+            except OSError:
+                pass
+        watch = [port] + ([stdin] if reading else [])
+        try:
+            ready, _, _ = select.select(watch, [], [], 0.5)
+        except InterruptedError:
+            continue
+        if not seen and time.monotonic() - start > waiting_note_s:
+            seen = True
+            os.write(2, f"vmwrap shell: waiting for job {job_id}'s VM (is another shell of it open?)\r\n".encode())
+        if stdin in ready:
+            data = os.read(stdin, FRAME_MAX)
+            if data:
+                port.sendall(frame(b"D", data))
+            else:
+                reading = False
+                port.sendall(frame(b"E"))
+        if port in ready:
+            data = port.recv(1 << 16)
+            if not data:
+                break
+            seen = True
+            buf += data
+            for kind, payload in frames(buf):
+                if kind == b"D":
+                    os.write(stdout, payload)
+                elif kind == b"X":
+                    try:
+                        status = max(0, min(255, int(payload)))
+                    except ValueError:
+                        status = LOST
+    return status
