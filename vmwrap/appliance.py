@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .cache import sha256_file
 from .catalog import Artifact, Image, register
-from .errors import NodeError
+from .errors import NodeError, VmwrapError
 from .resources import TEMPLATES
 
 GUEST_MODULES = ["virtio_pci", "virtio_console", "9p", "9pnet_virtio", "9pnet_fd"]
@@ -206,16 +206,24 @@ def build_initrd(moddir: Path | KernelModules, dest: Path, tmp: Path) -> None:
     build_helper(root / "bin" / "vmwrap-shell", "vmwrap-shell.c")
     closure = module_closure(km, GUEST_MODULES)
     disk_closure = [m for m in module_closure(km, GUEST_MODULES + DISK_MODULES) if m not in closure]
-    try:  # a kernel without virtio-net still boots jobs without a network
-        net_closure = [m for m in module_closure(km, GUEST_MODULES + NET_MODULES) if m not in closure]
-    except NodeError:
-        net_closure = []
     names: dict[str, str] = {}
-    for m in dict.fromkeys(closure + disk_closure + net_closure):
-        names[m], data = plain_module(m, km.read(m))
-        target = root / "lib" / "modules" / names[m]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(strip_signature(data))
+
+    def put(mods: list[str]) -> None:
+        got = {m: plain_module(m, km.read(m)) for m in mods if m not in names}  # all read before any is written
+        for m, (name, data) in got.items():
+            names[m] = name
+            target = root / "lib" / "modules" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(strip_signature(data))
+
+    put(closure + disk_closure)
+    # Optional: a kernel (or an imported image's /lib/modules) without virtio-net or one of its
+    # dependencies still boots jobs, only not those of images with a network.
+    try:
+        net_closure = [m for m in module_closure(km, GUEST_MODULES + NET_MODULES) if m not in closure]
+        put(net_closure)
+    except (VmwrapError, OSError):
+        net_closure = []
     mods, disk_mods = [names[m] for m in closure], [names[m] for m in disk_closure]
     (root / "etc" / "vmwrap-modules").write_text("\n".join(mods) + "\n")
     (root / "etc" / "vmwrap-disk-modules").write_text("\n".join(disk_mods) + "\n")
