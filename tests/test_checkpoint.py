@@ -283,6 +283,18 @@ def test_restore_uses_vmwraps_own_xml_not_the_saved_one(restoring):
     assert json.loads((run_dir / "spec.json").read_text())["memory_mib"] == 128  # a second save finds it
 
 
+def test_a_network_the_site_took_from_the_image_since_the_save_is_not_restored(restoring):
+    store, run_dir, job, paths, started = restoring
+    store.commit(stage(store, "21", meta=job_meta("21", spec=shape(network="nat"))), "21")
+    conn = FakeConn()
+    with pytest.raises(CheckpointError, match="has network 'nat', which image busybox no longer has .its catalog "
+                                              "entry says network = 'none'"):
+        checkpoint.restore("21", run_dir, store, conn, job, paths, image="busybox", network="none")
+    assert conn.restored == [] and started == []
+    checkpoint.restore("21", run_dir, store, conn, job, paths, image="busybox", network="nat")
+    assert [i.get("type") for i in ET.fromstring(conn.restored[0][1]).iter("interface")] == ["user"]
+
+
 @pytest.mark.parametrize("field", ["uid", "gid", "image", "job_id"])
 def test_restore_refuses_another_jobs_checkpoint(restoring, field):
     store, run_dir, job, paths, started = restoring

@@ -1106,11 +1106,13 @@ def restore_xml(meta: dict, job: Job, run_dir: Path, paths: dict[str, Path]) -> 
 
 
 def restore(job_id: str, run_dir: Path, store: Store, conn, job: Job, paths: dict[str, Path],
-            image: str | None = None, memory_overhead_mib: int | None = None) -> dict:
+            image: str | None = None, memory_overhead_mib: int | None = None, network: str | None = None) -> dict:
     """Bring the saved VM back on this node: streams, disk, work dir server, then the VM itself.
 
     `paths` are this node's cached kernel/initrd/disk of the job's image (the caller fetched them);
-    `image` the image name the caller resolved for the job (default `job.image`).
+    `image` the image name the caller resolved for the job (default `job.image`); `network` that
+    image's network in the catalog now: a VM saved with a network the site has since taken away
+    from the image is not restored with it (the job's --on-lost-checkpoint decides).
     """
     import libvirt
 
@@ -1128,6 +1130,9 @@ def restore(job_id: str, run_dir: Path, store: Store, conn, job: Job, paths: dic
     check_owner(meta, job, image or job.image)
     check_base(meta, job_id, paths)
     xml, spec = restore_xml(meta, job, run_dir, paths)
+    if network is not None and spec.network != network and spec.network != "none":
+        raise CheckpointError(f"the checkpoint of job {job_id} has network {spec.network!r}, which image "
+                              f"{image or job.image} no longer has (its catalog entry says network = {network!r})")
     fmt = meta.get("disk_format") or "qcow2"
     if spec.disk and fmt not in ("qcow2", "raw"):
         raise CheckpointError(f"checkpoint of job {job_id}: unknown disk format {fmt!r}")

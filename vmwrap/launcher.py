@@ -215,7 +215,7 @@ class Launcher:
             raise NodeError(f"a VM named {self.job.domain_name} already exists on this node "
                             f"(stale job? vmwrap teardown {self.job.job_id})")
         info = checkpoint.restore(self.job.job_id, self.run_dir, store, self.conn, self.job, self.paths,
-                                  image=self.request.image.name,
+                                  image=self.request.image.name, network=self.request.image.network,
                                   memory_overhead_mib=self.settings.vm_memory_overhead_mib)
         limits.start(self.run_dir, self.job.domain_name, self.settings)
         self.timeline["created"] = time.monotonic()

@@ -11,6 +11,7 @@ load /etc/vmwrap-modules
 # network card's only when it has one (1af4:1000, 1af4:1041: an image whose catalog entry says network = "nat").
 DISK=; NET=
 for d in /sys/bus/pci/devices/*; do
+  read -r ven < "$d/vendor"; [ "$ven" = 0x1af4 ] || continue
   read -r dev < "$d/device"
   case "$dev" in 0x1001|0x1042) DISK=1 ;; 0x1000|0x1041) NET=1 ;; esac
 done
