@@ -63,24 +63,32 @@ def test_a_jobs_user_gets_a_terminal_in_its_vm_and_nobody_else_does(site, workdi
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
         p = _as(test_user, site, ["shell", "sh1"], stdin=slave, stdout=slave, stderr=slave)
         os.close(slave)
-        out = _read_until_exit(master, p, [(b"$ ", b"stty size; id -u; tty; echo T=$TERM; pwd; echo $((6*7))\r"),
+        out = _read_until_exit(master, p, [(b"$ ", b"stty size; id -u; tty; stat -c U=%u $(tty); echo T=$TERM; pwd; echo $((6*7))\r"),
                                            (b"42", b"exit 3\r")])
         os.close(master)
         text = out.decode(errors="replace").replace("\r", "")
         assert p.returncode == 3, text
-        for want in ("33 101\n", f"\n{test_user.pw_uid}\n", "/dev/pts/", "T=xterm-256color\n", f"{workdir}\n", "42\n"):
+        for want in ("33 101\n", f"\n{test_user.pw_uid}\n", "/dev/pts/", f"U={test_user.pw_uid}\n", "T=xterm-256color\n",
+                     f"{workdir}\n", "42\n"):
             assert want in text, (want, text)
         # One command, no terminal on our side: its output and status.
         r = _as(test_user, site, ["shell", "sh1", "echo hi from $(hostname); exit 4"], stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         o, e = r.communicate(timeout=WAIT)
-        assert (r.returncode, o.replace(b"\r", b"")) == (4, f"hi from {os.uname().nodename}\n".encode()), e
+        assert (r.returncode, o) == (4, f"hi from {os.uname().nodename}\n".encode()), e
+        # Without a terminal the command gets pipes: bytes pass untouched, the end of stdin ends its input,
+        # and input it does not read yet waits without stopping its output.
+        data = bytes(range(256)) * 2048  # 512 KiB, every byte value (^C, ^D, \r included)
+        r = _as(test_user, site, ["shell", "sh1", "echo first; sleep 2; cat; echo last >&2"], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        o, e = r.communicate(data, timeout=WAIT)
+        assert (r.returncode, o[:6], o[6:-5], o[-5:]) == (0, b"first\n", data, b"last\n"), (len(o), e)
         # Another user: refused by the agent, naming why; nothing reaches the VM.
         nobody = pwd.getpwnam("nobody")
         r = _as(nobody, site, ["shell", "sh1", "echo leaked"], stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         o, e = r.communicate(timeout=WAIT)
-        assert r.returncode == 1 and o == b"" and f"uid {nobody.pw_uid} does not own job sh1".encode() in e, e
+        assert r.returncode == 255 and o == b"" and f"uid {nobody.pw_uid} does not own job sh1".encode() in e, e
         port = site.state / "jobs" / "sh1" / "shell.sock"
         st = os.stat(port)
         assert (st.st_uid, st.st_mode & 0o777) == (0, 0o600)  # only root (the agent) opens it
@@ -92,5 +100,5 @@ def test_a_jobs_user_gets_a_terminal_in_its_vm_and_nobody_else_does(site, workdi
     r = _as(test_user, site, ["shell", "sh1", "true"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE)
     o, e = r.communicate(timeout=WAIT)
-    assert r.returncode == 1 and b"no VM for job sh1 on this node" in e, e
+    assert r.returncode == 255 and b"no VM for job sh1 on this node" in e, e
     assert site.leftovers() == []

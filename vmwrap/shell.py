@@ -4,10 +4,11 @@ Why this shape: the VM's shell port (org.vmwrap.shell, a unix socket QEMU binds 
 0600) is opened only by the node agent (root), and only for the job's own user or root, whose uid the
 kernel tells it (SO_PEERCRED, vmwrap/agent.py); the agent hands the connected socket over (SCM_RIGHTS)
 and is out of the way. The guest end (templates/guest/vmwrap-shell.c) runs the shell as the job's user
-in the job's root, work dir and environment. One session at a time per VM: a second waits for the first.
+in the job's root, work dir and environment. One session at a time per VM: a second waits in QEMU's listen queue until the first ends, and
+the agent refuses more at once (it never waits on that queue).
 
 Frames both ways: 1 type byte, 4-byte big-endian length, payload (at most FRAME_MAX). Host to guest:
-O "ROWS COLS TERM" [NUL COMMAND] opens, D data, W "ROWS COLS" on a resize, E the end of stdin. Guest to
+O "ROWS COLS TERM tty|pipe" [NUL COMMAND] opens, D data, W "ROWS COLS" on a resize, E the end of stdin. Guest to
 host: D output, X "STATUS" (the exit code, 128+N for signal N). The guest is hostile: frames are bounded,
 garbage is dropped, and its bytes only reach the caller's own terminal (as ssh's do).
 """
@@ -21,6 +22,7 @@ import re
 import select
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -32,7 +34,8 @@ from .errors import NodeError, UserError
 SOCKET = "shell.sock"   # in the run dir: the guest's shell port (QEMU binds it; root's 0600)
 FRAME_MAX = 65536
 HEADER = struct.Struct(">cI")
-LOST = 255              # the VM went away before the shell said how it ended (as ssh's 255)
+LOST = 255              # the VM went away before the shell said how it ended, or no session (as ssh's 255)
+PENDING_MAX = 4 * FRAME_MAX  # caller's input the guest has not taken yet
 _TERM = re.compile(r"^[A-Za-z0-9._+-]{1,63}$")
 
 
@@ -40,19 +43,28 @@ def port_path(settings, job_id: str) -> Path:
     return rundir.path(settings, job_id) / SOCKET
 
 
-def connect_port(settings, job_id: str) -> socket.socket:
-    """The agent's side (root): a connection to the job's shell port. UserError if the job has none here."""
+def connect_port(settings, job_id: str, timeout: float = 2.0) -> socket.socket:
+    """The agent's side (root): a connection to the job's shell port. UserError if the job has none here
+    or another session holds it (the VM's QEMU takes one connection at a time: never wait for it)."""
     p = port_path(settings, job_id)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        s.connect(str(p))
+        st = os.lstat(p)
     except FileNotFoundError:
-        s.close()
         raise UserError(f"job {job_id}'s VM has no shell port on this node (started by an older vmwrap, "
                         "or not running here)") from None
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+        raise NodeError(f"{p} is not root's own socket (mode {st.st_mode & 0o7777:o}, uid {st.st_uid}): not used")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(str(p))
+    except (BlockingIOError, TimeoutError):
+        s.close()
+        raise UserError(f"another `vmwrap shell` session of job {job_id} is open: try again when it ends") from None
     except OSError as e:
         s.close()
-        raise UserError(f"cannot reach job {job_id}'s VM: {os.strerror(e.errno)}") from None
+        raise UserError(f"cannot reach job {job_id}'s VM: {os.strerror(e.errno) if e.errno else e}") from None
+    s.setblocking(True)  # the descriptor's mode travels with it to the caller
     return s
 
 
@@ -74,10 +86,12 @@ def frames(buf: bytearray):
         yield kind, payload
 
 
-def open_request(rows: int, cols: int, term: str, command: str | None) -> bytes:
+def open_request(rows: int, cols: int, term: str, command: str | None, tty: bool = True) -> bytes:
+    """O: the terminal's size and TERM and "tty", or "pipe" when the caller has no terminal (the command
+    then gets pipes: its bytes pass untouched and the end of stdin is an end of file)."""
     if not _TERM.match(term):
         term = "dumb"
-    body = f"{rows} {cols} {term}".encode()
+    body = f"{rows} {cols} {term} {'tty' if tty else 'pipe'}".encode()
     if command is not None:
         if "\0" in command:
             raise UserError("the command must not contain NUL bytes")
@@ -130,7 +144,7 @@ def run(settings, job_id: str, command: str | None = None, stdin: int = 0, stdou
             cols, rows = os.get_terminal_size(stdin)
         except OSError:
             pass
-    port.sendall(open_request(rows, cols, os.environ.get("TERM", "dumb"), command))
+    port.sendall(open_request(rows, cols, os.environ.get("TERM", "dumb"), command, tty))
     saved = None
     if tty:
         import termios
@@ -140,6 +154,10 @@ def run(settings, job_id: str, command: str | None = None, stdin: int = 0, stdou
         ttymod.setraw(stdin)
     resized = []
     old_winch = signal.signal(signal.SIGWINCH, lambda *_: resized.append(1)) if tty else None
+
+    def ended(sig, _frame):
+        raise SystemExit(128 + sig)  # through the finally below: the caller's terminal is restored
+    old_ends = {sig: signal.signal(sig, ended) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         status = _relay(port, stdin, stdout, job_id, resized, waiting_note_s)
     except OSError:
@@ -151,6 +169,8 @@ def run(settings, job_id: str, command: str | None = None, stdin: int = 0, stdou
             termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
         if old_winch is not None:
             signal.signal(signal.SIGWINCH, old_winch)
+        for sig, handler in old_ends.items():
+            signal.signal(sig, handler)
         port.close()
     if status is None:
         sys.stderr.write(f"vmwrap shell: job {job_id}'s VM closed the session (the job ended?)\n")
@@ -158,42 +178,63 @@ def run(settings, job_id: str, command: str | None = None, stdin: int = 0, stdou
     return status
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            select.select([], [fd], [], 1.0)
+
+
 def _relay(port: socket.socket, stdin: int, stdout: int, job_id: str, resized: list,
            waiting_note_s: float) -> int | None:
-    """Frames until the guest says how the session ended (its status) or the port closes (None)."""
-    buf, status, seen, start, reading = bytearray(), None, False, time.monotonic(), True
+    """Frames until the guest says how the session ended (its status) or the port closes (None).
+    Nothing blocks: what the guest has not taken yet waits here (stdin is not read while over
+    PENDING_MAX), so its output is always read."""
+    port.setblocking(False)
+    buf, pending = bytearray(), bytearray()
+    status, seen, start, reading = None, False, time.monotonic(), True
     while status is None:
         if resized:
             resized.clear()
             try:
                 c, r = os.get_terminal_size(stdin)
-                port.sendall(frame(b"W", f"{r} {c}".encode()))
+                pending += frame(b"W", f"{r} {c}".encode())
             except OSError:
                 pass
-        watch = [port] + ([stdin] if reading else [])
+        rlist = [port] + ([stdin] if reading and len(pending) < PENDING_MAX else [])
         try:
-            ready, _, _ = select.select(watch, [], [], 0.5)
+            ready, writable, _ = select.select(rlist, [port] if pending else [], [], 0.5)
         except InterruptedError:
             continue
         if not seen and time.monotonic() - start > waiting_note_s:
             seen = True
-            os.write(2, f"vmwrap shell: waiting for job {job_id}'s VM (is another shell of it open?)\r\n".encode())
+            os.write(2, f"vmwrap shell: waiting for job {job_id}'s VM\r\n".encode())
+        if writable:
+            try:
+                del pending[:port.send(pending)]
+            except BlockingIOError:
+                pass
         if stdin in ready:
             data = os.read(stdin, FRAME_MAX)
             if data:
-                port.sendall(frame(b"D", data))
+                pending += frame(b"D", data)
             else:
                 reading = False
-                port.sendall(frame(b"E"))
+                pending += frame(b"E")
         if port in ready:
-            data = port.recv(1 << 16)
+            try:
+                data = port.recv(1 << 16)
+            except BlockingIOError:
+                continue
             if not data:
                 break
             seen = True
             buf += data
             for kind, payload in frames(buf):
                 if kind == b"D":
-                    os.write(stdout, payload)
+                    _write_all(stdout, payload)
                 elif kind == b"X":
                     try:
                         status = max(0, min(255, int(payload)))

@@ -84,9 +84,14 @@ def shell(job_id: str, command: str | None) -> None:
     """A shell inside JOB_ID's running VM on this node, as the job's user (or run COMMAND there).
 
     Only the job's own user (or root) gets one: the node agent checks. Exits with the shell's status;
-    255 when the VM went away first."""
+    255 when there was no session (refused, no such VM) or the VM went away first, as ssh does."""
     from .. import shell as sh
     from ..job import Job
 
-    Job(job_id=job_id, scheduler="none", user="root", uid=0, gid=0, work_dir="/", script="")  # validates id
-    sys.exit(sh.run(site_settings(), job_id, command))
+    try:
+        Job(job_id=job_id, scheduler="none", user="root", uid=0, gid=0, work_dir="/", script="")  # validates id
+        code = sh.run(site_settings(), job_id, command)
+    except VmwrapError as e:
+        click.echo(f"Error: {e}", err=True)
+        code = sh.LOST
+    sys.exit(code)
