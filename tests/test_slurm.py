@@ -140,7 +140,7 @@ def test_job_without_directive_runs_bare(cluster, jobdir):
 
 
 @pytest.mark.parametrize("directive, message", [
-    ("--image=nope", "unknown image 'nope' (this site offers: busybox)"),
+    ("--image=nope", "unknown image 'nope' (this site offers: busybox, busybox-nat)"),
     ("--image=../x", "invalid image name '../x'"),
     ("--image='busybox'", "invalid image name \"'busybox'\""),
     ("--image=<x>&", "invalid image name '<x>&'"),
