@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, domain, rundir, share, shell, steps
+from . import __version__, domain, rundir, share
 from .errors import CheckpointError, GuestStalledError, NodeError
 from .catalog import NETWORKS
 from .job import Job
@@ -1181,14 +1181,7 @@ def restore(job_id: str, run_dir: Path, store: Store, conn, job: Job, paths: dic
     # As at boot: the hard memory limit holds before the restored guest runs again.
     limit = spec.memory_mib + memory_overhead_mib if memory_overhead_mib is not None else None
     domain.start_limited(conn.lookupByName(job.domain_name), limit)
-    for f in (run_dir / rundir.CONTROL_SOCKET, run_dir / steps.SOCKET):  # libvirtd made them as root: the job's
-        if f.exists():                                                     # own batch step talks to them
-            os.chown(f, job.uid, job.gid)
-            f.chmod(0o600)
-    shell_port = run_dir / shell.SOCKET  # root's alone: the node agent opens it for the job's user (shell.py)
-    if shell_port.exists():
-        os.chown(shell_port, 0, 0)
-        shell_port.chmod(0o600)
+    rundir.own_ports(run_dir, job.uid, job.gid)  # as at boot
     (run_dir / rundir.RESTORED).write_text(json.dumps({"delivered": delivered,
                                                        "restarts": meta.get("restarts", 0)}))
     t_done = time.monotonic()

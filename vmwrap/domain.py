@@ -84,7 +84,9 @@ def qemu_identity(uid: int, gid: int) -> tuple[int, int]:
 
 def render(spec: Spec) -> str:
     cmdline = " ".join(x for x in (BASE_CMDLINE, spec.cmdline) if x)
-    if spec.network not in ("none", "nat"):
+    from .catalog import NETWORKS
+
+    if spec.network not in NETWORKS:
         raise NodeError(f"unknown VM network {spec.network[:40]!r}")
     return _env.get_template("domain.xml.j2").render(**{**spec.__dict__, "cmdline": cmdline, "mac": spec.mac})
 

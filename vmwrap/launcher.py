@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import accel, evidence, domain, limits, overlay, rundir, share, shell, steps
+from . import accel, evidence, domain, limits, overlay, rundir, share
 from .cache import Cache
 from .catalog import Catalog
 from .config import Settings
@@ -175,14 +175,7 @@ class Launcher:
             self._create(spec)
         # libvirtd creates the control socket as root: the job's own batch step talks to it. (The run
         # dir is root's: nothing in it can have been swapped for a link.)
-        for f in (self.run_dir / rundir.CONTROL_SOCKET, self.run_dir / steps.SOCKET):  # and its step port's
-            if f.exists():
-                os.chown(f, self.job.uid, self.job.gid)
-                f.chmod(0o600)
-        shell_port = self.run_dir / shell.SOCKET  # root's alone: the node agent opens it for the job's user (shell.py)
-        if shell_port.exists():
-            os.chown(shell_port, 0, 0)
-            shell_port.chmod(0o600)
+        rundir.own_ports(self.run_dir, self.job.uid, self.job.gid)
         limits.start(self.run_dir, self.job.domain_name, self.settings)  # root watcher: per-job disk limits
         self.timeline["created"] = time.monotonic()
         self.ledger.record(self.job.job_id, self.job.domain_name, "created", virt_type=virt_type,

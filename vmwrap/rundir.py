@@ -55,7 +55,19 @@ DELIVERED = "delivered.json"  # in ctl/user: how much of each stream the job's s
 
 # AF_UNIX socket paths end at 107 bytes; libvirtd and QEMU make the run dir's sockets by path.
 SOCKET_PATH_MAX = 107
-RUN_DIR_SOCKETS = (CONTROL_SOCKET, "steps.sock", "9p.sock", "shell.sock")  # steps, share, shell .SOCKET
+STEPS_SOCKET = "steps.sock"      # the guest's step port (vmwrap/steps.py)
+SHELL_SOCKET = "shell.sock"      # the guest's shell port (vmwrap/shell.py)
+RUN_DIR_SOCKETS = (CONTROL_SOCKET, STEPS_SOCKET, "9p.sock", SHELL_SOCKET)  # "9p.sock": share.SOCKET
+
+
+def own_ports(run_dir: Path, uid: int, gid: int) -> None:
+    """After a boot or a restore (libvirtd made the port sockets as root): the job's own batch step talks
+    to the control and step ports; the shell port stays root's alone, for the node agent to open."""
+    for name, ids in ((CONTROL_SOCKET, (uid, gid)), (STEPS_SOCKET, (uid, gid)), (SHELL_SOCKET, (0, 0))):
+        f = Path(run_dir) / name
+        if f.exists():
+            os.chown(f, *ids)
+            f.chmod(0o600)
 
 
 def check_socket_room(run_dir: Path) -> None:

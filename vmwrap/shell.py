@@ -31,7 +31,7 @@ from pathlib import Path
 from . import rundir
 from .errors import NodeError, UserError
 
-SOCKET = "shell.sock"   # in the run dir: the guest's shell port (QEMU binds it; root's 0600)
+SOCKET = rundir.SHELL_SOCKET  # in the run dir: the guest's shell port (QEMU binds it; root's 0600)
 FRAME_MAX = 65536
 HEADER = struct.Struct(">cI")
 LOST = 255              # the VM went away before the shell said how it ended, or no session (as ssh's 255)

@@ -42,7 +42,7 @@ from pathlib import Path
 from . import rundir
 from .errors import UserError
 
-SOCKET = "steps.sock"      # in the run dir: the guest's step port (QEMU binds it, as the job's user)
+SOCKET = rundir.STEPS_SOCKET  # in the run dir: the guest's step port (QEMU binds it, as the job's user)
 MARKER = "steps"           # ctl/user/steps: the guest agent installs its srun shim only when served
 TASKS = "tasks.sock"       # ctl/user/tasks.sock: the payload's listener the step's tasks connect to
 UNIX_PATH_MAX = 107        # sun_path's 108 bytes, NUL included
