@@ -15,12 +15,19 @@ def get(host: str, port, path: str) -> str:
     return f"printf 'GET /{path} HTTP/1.0\\r\\n\\r\\n' | nc -w 20 {host} {port} | tail -n 1\n"
 
 
-def socket_owner(ip: str, port: int) -> int | None:
-    """The uid owning the TCP socket whose local end is ip:port (/proc/net/tcp), None if there is none."""
-    want = f"{socket.inet_aton(ip)[::-1].hex().upper()}:{port:04X}"
+def _hex(ip: str, port: int) -> str:
+    return f"{socket.inet_aton(ip)[::-1].hex().upper()}:{port:04X}"
+
+
+def socket_owner(ip: str, port: int, peer: tuple[str, int]) -> int | None:
+    """The uid owning the live TCP socket ip:port -> peer (/proc/net/tcp), None if there is none.
+
+    Both ends are matched and TIME_WAIT entries (state 06, uid 0) skipped: an earlier connection from the
+    same local port to another peer may linger there."""
+    local, remote = _hex(ip, port), _hex(*peer)
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         f = line.split()
-        if f[1] == want:
+        if f[1] == local and f[2] == remote and f[3] != "06":
             return int(f[7])
     return None
 
@@ -33,7 +40,7 @@ class Host:
 
         class H(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
-                seen.append((self.path, socket_owner(*self.client_address[:2])))
+                seen.append((self.path, socket_owner(*self.client_address[:2], self.connection.getsockname()[:2])))
                 body = f"got {self.path.strip('/')}\n".encode()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
