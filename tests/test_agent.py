@@ -168,3 +168,29 @@ def test_connections_are_bounded_per_uid_and_in_all(running_agent, monkeypatch, 
         time.sleep(0.1)
     else:
         pytest.fail("the agent never served again")
+
+
+def test_a_pause_or_resume_asked_again_after_a_lost_answer_is_no_error(running_agent, test_user):
+    """An agent killed between doing a request and answering it leaves its caller asking again (the
+    payload retries a resume until the agent is back): the repeat finds the VM already so and succeeds,
+    without a second ledger event."""
+    import libvirt
+
+    from vmwrap.ledger import Ledger
+
+    conn = libvirt.open("test:///default")   # the agent's connection shares this in-process driver
+    xml = conn.lookupByName("test").XMLDesc().replace("<name>test</name>", "<name>vmwrap-78</name>")
+    xml = "\n".join(ln for ln in xml.splitlines() if "<uuid>" not in ln)
+    dom = conn.defineXML(xml)
+    dom.create()
+    try:
+        (running_agent.jobs_dir / "78" / "ctl").mkdir(parents=True)
+        (running_agent.jobs_dir / "78" / "ctl" / "ids").write_text(f"{test_user.pw_uid} {test_user.pw_gid} - 22\n")
+        replies = [agent.request(running_agent, op, "78")["changed"] for op in ("pause", "pause", "resume", "resume")]
+        assert replies == [True, False, True, False]
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        events = [e["event"] for e in Ledger(running_agent.ledger_path).events("78")]
+        assert events == ["paused", "resumed"]
+    finally:
+        dom.destroy()
+        dom.undefine()

@@ -152,6 +152,74 @@ def test_sigtstp_pauses_and_sigcont_resumes(site, workdir):
     assert nums == list(range(nums[0], 30))
 
 
+def _wait(cond, what: str, timeout: float = 60):
+    end = time.time() + timeout
+    while not cond():
+        assert time.time() < end, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_an_agent_killed_after_pausing_but_before_answering_does_not_leave_the_vm_paused(site, workdir, test_user):
+    """The payload of a job's user pauses its VM through the node agent. An agent killed after it paused
+    the VM but before it answered made the payload fall back to stopping the job's processes inside,
+    and the resume then only continued those: the VM stayed paused for good (seen in CI under Slurm).
+    The resume must reach the agent too, retried until the agent is back."""
+    import json
+    import socket
+    import threading
+
+    from vmwrap import agent, launcher, payload
+    from vmwrap.job import Job
+
+    os.chown(workdir, test_user.pw_uid, test_user.pw_gid)
+    settings = site.settings()
+    script = HDR + "i=0; while [ $i -lt 25 ]; do echo $i; i=$((i+1)); sleep 0.2; done\n"
+    lx = launcher.Launcher(Job("lost1", "test", test_user.pw_name, test_user.pw_uid, test_user.pw_gid,
+                               str(workdir), script), settings)
+    path = agent.socket_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dying = socket.socket(socket.AF_UNIX)
+    dying.bind(str(path))
+    dying.listen()
+    asked = []
+
+    def pause_and_die():
+        c, _ = dying.accept()
+        asked.append(json.loads(c.makefile("rb").readline())["op"])
+        lx.conn.lookupByName("vmwrap-lost1").suspend()
+        c.close()
+        dying.close()
+        path.unlink()
+
+    out = open(site.base / "lost1.out", "w+b")
+    try:
+        lx.prepare()
+        lx.boot()
+        att = payload.Attachment(lx.run_dir, "lost1", out_fd=out.fileno(), err_fd=out.fileno(), settings=settings)
+        att.start(script, {"PATH": "/bin:/usr/bin"}, [])
+        rc = []
+        streaming = threading.Thread(target=lambda: rc.append(att.stream()), daemon=True)
+        streaming.start()
+        _wait(lambda: b"3\n" in (lx.run_dir / "stdout").read_bytes(), "the job to count to 3")
+        threading.Thread(target=pause_and_die, daemon=True).start()
+        att._signals.append(signal.SIGTSTP)     # what the scheduler's suspend sends first
+        _wait(lambda: not path.exists(), "the stand-in agent to pause the VM and die")
+        assert asked == ["pause"] and _domstate("vmwrap-lost1") == "paused"
+        att._signals.append(signal.SIGCONT)     # resumed while no agent runs: asked again until one does
+        time.sleep(3)
+        assert _domstate("vmwrap-lost1") == "paused" and streaming.is_alive()
+        threading.Thread(target=agent.serve, args=(settings,), daemon=True).start()   # the agent is back
+        streaming.join(90)
+        out.seek(0)
+        said = out.read().decode()
+        assert rc == [0], said
+        assert [int(x) for x in (lx.run_dir / "stdout").read_text().split()] == list(range(25))
+        assert "gave no answer to pause" in said and "vmwrap: the VM resumed" in said, said
+    finally:
+        out.close()
+        launcher.teardown("lost1", settings)
+
+
 def _ledger(site, job_id):
     from vmwrap.ledger import Ledger
 

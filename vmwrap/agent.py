@@ -78,11 +78,13 @@ def handle(settings: Settings, conn, peer_uid: int, op: str, job_id: str) -> dic
     import libvirt
 
     try:
-        domain.guarded(conn, name, op, dom.suspend if op == "pause" else dom.resume)
+        changed = domain.set_paused(conn, name, dom, op == "pause")
     except libvirt.libvirtError as e:
         raise NodeError(f"{op} failed: {e.get_error_message()}") from None
-    Ledger(settings.ledger_path).record(job_id, name, "paused" if op == "pause" else "resumed",
-                                        by_uid=peer_uid, via="agent")
+    if changed:
+        Ledger(settings.ledger_path).record(job_id, name, "paused" if op == "pause" else "resumed",
+                                            by_uid=peer_uid, via="agent")
+    return {"changed": changed}
 
 
 def parse(line: bytes) -> tuple[str, str]:
@@ -242,18 +244,27 @@ def serve(settings: Settings) -> None:
         srv.serve_forever()
 
 
+class Unanswered(NodeError):
+    """The agent took the request and gave no answer (killed, restarted, too slow): it may have done it."""
+
+
 def request(settings: Settings, op: str, job_id: str, timeout: float = 2.0) -> dict:
-    """Ask the node agent (its reply); raises NodeError if it is unreachable or refuses."""
+    """Ask the node agent (its reply); raises NodeError if it is unreachable or refuses, Unanswered if
+    the request reached it but no answer came back."""
+    sent = False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(str(socket_path(settings)))
             s.sendall(json.dumps({"op": op, "job": job_id}).encode() + b"\n")
-            reply = json.loads(s.makefile("rb").readline() or b"{}")
+            sent = True
+            reply = json.loads(s.makefile("rb").readline() or b"null")
     except (OSError, ValueError) as e:
+        if sent:
+            raise Unanswered(f"vmwrap node agent at {socket_path(settings)} gave no answer to {op}: {e}") from None
         raise NodeError(f"vmwrap node agent unreachable at {socket_path(settings)}: {e}") from None
     if not isinstance(reply, dict):
-        raise NodeError(f"vmwrap node agent at {socket_path(settings)} sent no answer to {op}")
+        raise Unanswered(f"vmwrap node agent at {socket_path(settings)} gave no answer to {op}")
     if not reply.get("ok"):
         raise NodeError(f"vmwrap node agent refused {op}: {reply.get('error', 'no reason')}")
     return reply

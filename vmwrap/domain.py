@@ -215,6 +215,17 @@ def guarded(conn, name: str, what: str, call: Callable[[], object], timeout: flo
     return box.get("value")
 
 
+def set_paused(conn, name: str, dom, paused: bool) -> bool:
+    """Pause or resume the VM (guarded); False when it already was so. A request may be repeated
+    after its answer was lost (the node agent killed between doing it and saying so): that is no error."""
+    import libvirt
+
+    if (dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED) == paused:
+        return False
+    guarded(conn, name, "pause" if paused else "resume", dom.suspend if paused else dom.resume)
+    return True
+
+
 def _qemu_pid(name: str) -> int | None:
     """The pid libvirtd recorded for domain `name`'s QEMU, if that process is still that QEMU."""
     try:

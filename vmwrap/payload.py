@@ -82,6 +82,7 @@ class Attachment:
         self.control = domain.Control(self.run_dir)
         self.settings = settings
         self._stopped_inside = False
+        self._agent_may_have_paused = False
         self._signals: list[int] = []
         self.timeline: dict[str, float] = {}
         # The scheduler's answer to "is this SIGTERM a requeue/preemption?": then the step only
@@ -359,9 +360,12 @@ class Attachment:
             agent.request(self.settings, "pause", self.job_id)
             return True
         except NodeError as e:
+            # An agent killed between pausing the VM and answering paused it all the same: the
+            # resume must then ask the agent too, or the VM stays paused while the job is resumed.
+            self._agent_may_have_paused = isinstance(e, agent.Unanswered)
             write_all(self.err_fd, f"vmwrap: {e}; stopping the job's processes inside the VM instead\n".encode())
             self._stopped_inside = self.control.send("STOP")
-            return self._stopped_inside
+            return self._stopped_inside or self._agent_may_have_paused
 
     def _pause(self) -> bool:
         if self.conn is None:
@@ -380,11 +384,14 @@ class Attachment:
         if self.conn is None:
             if self._stopped_inside:
                 self._stopped_inside = False
-                return self.control.send("CONT")
+                sent = self.control.send("CONT")
+                if not self._agent_may_have_paused:
+                    return sent
             try:
                 from . import agent
 
                 agent.request(self.settings, "resume", self.job_id)
+                self._agent_may_have_paused = False
                 return True
             except (NodeError, TypeError) as e:
                 if not quiet:
@@ -395,7 +402,8 @@ class Attachment:
         if dom is None:
             return True
         try:
-            domain.guarded(self.conn, self.name, "resume", dom.resume)
+            if not domain.set_paused(self.conn, self.name, dom, False):
+                return True
         except Exception:
             return False
         self._record("resumed")
