@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -28,3 +30,27 @@ def matching(pattern: str) -> list[int]:
     """Pids whose whole command line matches `pattern` (pgrep -f)."""
     return [int(p) for p in subprocess.run(["/usr/bin/pgrep", "-f", "--", pattern], capture_output=True,
                                            text=True).stdout.split()]
+
+
+def crash(pids: list[int | None]) -> set[int]:
+    """Play a host crash: the given processes and all their descendants die together, none able to react
+    to another's death. Killed one by one, a shepherd that outlived its job's processes for an instant
+    recorded the job as ended and started its epilog, which deleted the job's checkpoint (the rescheduled
+    run then started over). Every process is stopped first, the tree read again until nothing new is
+    in it, then every one is killed. Returns the pids killed."""
+    stopped: set[int] = set()
+    todo = tree([p for p in pids if p])
+    while todo - stopped:
+        for p in todo - stopped:
+            try:
+                os.kill(p, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        stopped |= todo
+        todo = tree(sorted(stopped))
+    for p in stopped:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return stopped

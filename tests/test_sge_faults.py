@@ -23,7 +23,7 @@ import pytest
 from harness import sge_cell, sge_jobs
 from harness.padded_image import padded
 from harness.polling import values, wait_for
-from harness.processes import matching, tree
+from harness.processes import crash, matching
 from harness.sge_jobs import module_cell
 from harness.site_store import store_elsewhere
 from vmwrap import agent, checkpoint, config
@@ -375,13 +375,8 @@ def test_after_a_host_reboot_the_restarted_agent_repairs_the_host(cell, jobdir):
     left, with a ledger record."""
     job = qsub(cell, jobdir, WAITER, "-r", "n")
     up(jobdir, job)
-    victims = tree([execd_pid(cell)] + [a.pid for a in cell.agents if a.poll() is None]
+    crash([execd_pid(cell)] + [a.pid for a in cell.agents if a.poll() is None]
                    + matching(f"sge_shepherd-{job} ") + matching(f"/state/jobs/{job}/") + [qemu_pid(job)])
-    for p in victims:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     for a in cell.agents:
         a.poll()
     wait_for(lambda: qemu_pid(job) is None, "QEMU to die", 30)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -24,7 +23,7 @@ import pytest
 
 from harness import sge_jobs
 from harness.polling import values, wait_for
-from harness.processes import matching, tree
+from harness.processes import crash, matching
 from harness.sge_jobs import module_cell, running_host
 
 pytestmark = pytest.mark.vm
@@ -206,13 +205,8 @@ def test_after_its_host_crashes_the_job_continues_on_the_other_host_from_its_las
     wait_for(lambda: len(values(output(jobdir, job))) > seen, "the job to count on after it", timeout=60)
     execd = cell.execd_pid(node)
     assert execd, f"no sge_execd on {node}"
-    victims = tree([execd] + matching(f"sge_shepherd-{job} ") + matching(f"/state/jobs/{job}/")
+    crash([execd] + matching(f"sge_shepherd-{job} ") + matching(f"/state/jobs/{job}/")
                    + [p for p in [qemu_pid(job)] if p])
-    for p in victims:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     try:
         wait_for(lambda: qemu_pid(job) is None, "QEMU to die", timeout=30)
         before = len(values(output(jobdir, job)))

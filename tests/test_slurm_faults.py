@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from harness.padded_image import padded
-from harness.processes import matching, tree
+from harness.processes import crash, matching
 from harness.slurm_cluster import NODES
 from harness.slurm_jobs import FINAL, module_cluster, submit, values, wait_for
 from harness.slurm_jobs import jobdir as new_jobdir
@@ -263,13 +263,8 @@ def test_after_a_host_reboot_the_restarted_agent_repairs_the_node(cluster, jobdi
     running(cluster, jobdir, job)
     slurmd = ["slurmd", "-D", "-N", "c3", "-f", str(cluster.conf)]
     agent = ["vmwrap", "--config", str(cluster.base / "vmwrap-c3.toml"), "agent"]
-    victims = tree(matching(" ".join(slurmd)) + matching(" ".join(agent[1:]) + "$") + matching(rf"slurmstepd: \[{job}\.")
+    crash(matching(" ".join(slurmd)) + matching(" ".join(agent[1:]) + "$") + matching(rf"slurmstepd: \[{job}\.")
                    + matching(f"/state/jobs/{job}/") + [qemu_pid(job)])
-    for p in victims:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     wait_for(lambda: qemu_pid(job) is None, "QEMU to die", timeout=30)
     left = leftovers(cluster, job)
     assert "run dir on c3" in left, left       # what the "reboot" left: the reconcile has work to do

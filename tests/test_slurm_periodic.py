@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from harness.processes import matching, tree
+from harness.processes import crash, matching
 from harness.slurm_cluster import NODES
 from harness.slurm_jobs import FINAL, module_cluster, submit, values, wait_for
 from harness.slurm_jobs import jobdir as new_jobdir
@@ -118,13 +117,8 @@ def test_after_its_node_crashes_the_job_continues_elsewhere_from_its_last_checkp
     seen = len(values(output(jobdir, job)))
     wait_for(lambda: len(values(output(jobdir, job))) > seen, "the job to count on after it", timeout=60)
     slurmd = ["slurmd", "-D", "-N", node, "-f", str(cluster.conf)]
-    victims = tree(matching(" ".join(slurmd)) + matching(rf"slurmstepd: \[{job}\.") + matching(f"/state/jobs/{job}/")
+    crash(matching(" ".join(slurmd)) + matching(rf"slurmstepd: \[{job}\.") + matching(f"/state/jobs/{job}/")
                    + [qemu_pid(job)])
-    for p in victims:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     wait_for(lambda: qemu_pid(job) is None, "QEMU to die", timeout=30)
     before = len(values(output(jobdir, job)))
     saved = checkpointed_values(cluster, job, output(jobdir, job))
