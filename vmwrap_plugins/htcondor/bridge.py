@@ -352,11 +352,12 @@ class Bridge:
         if dom is None:
             return False
         try:
-            domain.guarded(conn, name, op, dom.suspend if op == "pause" else dom.resume)
+            changed = domain.set_paused(conn, name, dom, op == "pause")
         except Exception as e:  # noqa: BLE001 (the job goes on unpaused; the ledger says why)
             self._record(job_id, f"{op}_failed", message=str(e)[:500])
             return False
-        self._record(job_id, "paused" if op == "pause" else "resumed", via="condor-suspend")
+        if changed:
+            self._record(job_id, "paused" if op == "pause" else "resumed", via="condor-suspend")
         return True
 
     def _record(self, job_id: str, event: str, **kw) -> None:

@@ -287,13 +287,7 @@ def _pause(settings: Settings, jid: str, pause: bool) -> dict:
         dom = domain.lookup(conn, rundir.domain_name(jid))
         if dom is None:
             return {}
-        import libvirt
-
-        state = dom.state()[0]
-        if pause and state == libvirt.VIR_DOMAIN_RUNNING:
-            domain.guarded(conn, rundir.domain_name(jid), what, dom.suspend)
-        elif not pause and state == libvirt.VIR_DOMAIN_PAUSED:
-            domain.guarded(conn, rundir.domain_name(jid), what, dom.resume)
+        domain.set_paused(conn, rundir.domain_name(jid), dom, pause)
     except Exception as e:  # noqa: BLE001 (the scheduler learns why; the node stays up)
         return {"reject": f"vmwrap: cannot {what} the job's VM: {e}"}
     finally:
