@@ -123,6 +123,13 @@ def scheduler(name: str) -> Scheduler:
     return found[name]
 
 
-def cli_groups() -> list:
-    """The click command groups plugins add to `vmwrap` (e.g. `vmwrap slurm ...`)."""
-    return [ep.load() for ep in entry_points(group=CLI_GROUP)]
+def cli_names() -> list[str]:
+    """The names of the commands plugins add to `vmwrap` (e.g. `vmwrap slurm ...`), none loaded."""
+    return [ep.name for ep in entry_points(group=CLI_GROUP)]
+
+
+def cli_group(name: str):
+    """The plugin command `vmwrap NAME` (a click command or group), None if no plugin adds one."""
+    for ep in entry_points(group=CLI_GROUP, name=name):
+        return ep.load()
+    return None

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import transport
 from .catalog import Artifact
 from .errors import CacheFullError, ImageError, NodeError
 
@@ -299,6 +298,8 @@ class Cache:
         h = hashlib.sha256()
         n = 0
         t0 = time.monotonic()
+        from . import transport  # here: its HTTP and TLS modules cost a cached job's start ~10 ms
+
         try:
             with transport.open_source(art.source) as src, open(tmp, "wb") as dst:
                 while True:
