@@ -196,7 +196,7 @@ def build_initrd(moddir: Path | KernelModules, dest: Path, tmp: Path) -> None:
     """vmwrap's initramfs agent for one kernel: busybox, helpers, init.sh and that kernel's guest modules."""
     km = moddir if isinstance(moddir, KernelModules) else KernelModules.from_dir(moddir)
     root = tmp / "initrd"
-    for d in ("bin", "proc", "sys", "dev", "etc", "ctl", "newroot", "lib/modules"):
+    for d in ("bin", "proc", "sys", "dev", "etc", "ctl", "ctl.copy", "newroot", "run", "lib/modules"):
         (root / d).mkdir(parents=True, exist_ok=True)
     shutil.copy2(BUSYBOX, root / "bin" / "busybox")
     os.symlink("busybox", root / "bin" / "sh")

@@ -78,12 +78,14 @@ case " $CMDLINE " in *" vmwrap.template "*)
   read -r up _ < /proc/uptime; say "resumed $up" ;;
 esac
 
-mkdir -p /run /ctl && mount -t 9p -o trans=virtio,version=9p2000.L,ro vmwrap_ctl /ctl || fail "cannot mount control share"
+# /run, /ctl, /ctl.copy and /newroot are in the initramfs (vmwrap/appliance.py): after a restore every command
+# here is on the job's start path, and a fork and exec of busybox costs milliseconds under TCG.
+mount -t 9p -o trans=virtio,version=9p2000.L,ro vmwrap_ctl /ctl || fail "cannot mount control share"
 ROOT=/
 if [ -b /dev/vda ]; then
-  mkdir -p /newroot && mount -t ext4 /dev/vda /newroot || fail "cannot mount the appliance disk"
+  mount -t ext4 /dev/vda /newroot || fail "cannot mount the appliance disk"
   ROOT=/newroot
-  for d in proc sys dev tmp; do mkdir -p "$ROOT/$d"; done
+  mkdir -p "$ROOT/proc" "$ROOT/sys" "$ROOT/dev" "$ROOT/tmp"
   mount -t proc proc "$ROOT/proc"; mount -t sysfs sys "$ROOT/sys"; mount -t devtmpfs dev "$ROOT/dev"
   chmod 1777 "$ROOT/tmp"
 fi
@@ -95,7 +97,7 @@ if [ -n "$NET" ] && [ -d "$ROOT/etc" ]; then
   rm -f "$ROOT/etc/resolv.conf"; echo "nameserver 10.0.2.3" > "$ROOT/etc/resolv.conf"
 fi
 mkdir -p "$ROOT/.vmwrap" && mount -o bind,ro /ctl "$ROOT/.vmwrap"
-WORKDIR=$(cat /ctl/workdir)
+IFS= read -r WORKDIR < /ctl/workdir  # (no newline in the file: read fails, WORKDIR is set)
 mkdir -p "$ROOT$WORKDIR"
 if [ -n "$NINEP" ]; then
   # vmwrap's 9P server over a virtio-serial port: unlike virtio-9p it lets the VM be saved.
@@ -119,7 +121,7 @@ while :; do
 done
 if [ -n "$NINEP" ]; then
   # A mounted virtio-9p share blocks saving the VM: keep a copy of the control files in RAM instead.
-  mkdir /ctl.copy && cp -a /ctl/. /ctl.copy/ || fail "cannot copy the job's control files"
+  cp -a /ctl/. /ctl.copy/ || fail "cannot copy the job's control files"   # (/ctl.copy: in the initramfs)
   umount "$ROOT/.vmwrap" && umount /ctl && mount -o bind /ctl.copy /ctl && mount -o bind,ro /ctl "$ROOT/.vmwrap" \
     || fail "cannot release the control share"
 fi
