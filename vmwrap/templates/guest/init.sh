@@ -80,15 +80,19 @@ esac
 
 # /run, /ctl, /ctl.copy and /newroot are in the initramfs (vmwrap/appliance.py): after a restore every command
 # here is on the job's start path, and a fork and exec of busybox costs milliseconds under TCG.
-mount -t 9p -o trans=virtio,version=9p2000.L,ro vmwrap_ctl /ctl || fail "cannot mount control share"
+CTLD=/ctl   # the job's control files (a copy in RAM once handed over, with vmwrap's 9P)
+# The control share's mount waits on QEMU, the disk's mostly runs here: one overlaps the other.
+mount -t 9p -o trans=virtio,version=9p2000.L,ro vmwrap_ctl /ctl & CTL_MOUNT=$!
 ROOT=/
 if [ -b /dev/vda ]; then
   mount -t ext4 /dev/vda /newroot || fail "cannot mount the appliance disk"
   ROOT=/newroot
-  mkdir -p "$ROOT/proc" "$ROOT/sys" "$ROOT/dev" "$ROOT/tmp"
+  [ -d "$ROOT/proc" ] && [ -d "$ROOT/sys" ] && [ -d "$ROOT/dev" ] && [ -d "$ROOT/tmp" ] \
+    || mkdir -p "$ROOT/proc" "$ROOT/sys" "$ROOT/dev" "$ROOT/tmp"
   mount -t proc proc "$ROOT/proc"; mount -t sysfs sys "$ROOT/sys"; mount -t devtmpfs dev "$ROOT/dev"
   chmod 1777 "$ROOT/tmp"
 fi
+wait "$CTL_MOUNT" || fail "cannot mount control share"
 # A restored VM is a clone of the template: it gets its own machine id (a cold boot keeps the image's).
 if [ -n "$RESTORED" ] && [ -d "$ROOT/etc" ]; then
   read -r id < /proc/sys/kernel/random/uuid && echo "${id//-/}" > "$ROOT/etc/machine-id"
@@ -96,7 +100,9 @@ fi
 if [ -n "$NET" ] && [ -d "$ROOT/etc" ]; then
   rm -f "$ROOT/etc/resolv.conf"; echo "nameserver 10.0.2.3" > "$ROOT/etc/resolv.conf"
 fi
-mkdir -p "$ROOT/.vmwrap" && mount -o bind,ro /ctl "$ROOT/.vmwrap"
+# The job's files as it sees them (/.vmwrap). With vmwrap's 9P the share is copied to RAM once the job is
+# handed over (below), and bound from there.
+mkdir -p "$ROOT/.vmwrap" && { [ -n "$NINEP" ] || mount -o bind,ro /ctl "$ROOT/.vmwrap"; }
 IFS= read -r WORKDIR < /ctl/workdir  # (no newline in the file: read fails, WORKDIR is set)
 mkdir -p "$ROOT$WORKDIR"
 if [ -n "$NINEP" ]; then
@@ -122,21 +128,21 @@ done
 if [ -n "$NINEP" ]; then
   # A mounted virtio-9p share blocks saving the VM: keep a copy of the control files in RAM instead.
   cp -a /ctl/. /ctl.copy/ || fail "cannot copy the job's control files"   # (/ctl.copy: in the initramfs)
-  umount "$ROOT/.vmwrap" && umount /ctl && mount -o bind /ctl.copy /ctl && mount -o bind,ro /ctl "$ROOT/.vmwrap" \
-    || fail "cannot release the control share"
+  umount /ctl && mount -o bind,ro /ctl.copy "$ROOT/.vmwrap" || fail "cannot release the control share"
+  CTLD=/ctl.copy
 fi
 # Steps (vmwrap/steps.py): when the host serves them, `srun` in the job's PATH is vmwrap's shim and the
 # step port is the job's user's (who is root in this VM anyway: nothing to protect from them here).
-if [ -e /ctl/user/steps ]; then
+if [ -e "$CTLD/user/steps" ]; then
   [ -n "$STEPS" ] || find_ports
   { [ -n "$STEPS" ] && mkdir -p "$ROOT/usr/local/bin" && cp /bin/vmwrap-srun "$ROOT/usr/local/bin/srun" \
     && chown "$UID_:$GID_" "$STEPS"; } || echo "vmwrap guest: cannot offer srun steps" > /dev/console
 fi
-job() { exec /bin/vmwrap-exec "$ROOT" "$UID_" "$GID_" "$GROUPS_" "$UMASK_" "$WORKDIR" /ctl/user/env /ctl/user/args \
-  /.vmwrap/user/script /ctl/user/limits; }
+job() { exec /bin/vmwrap-exec "$ROOT" "$UID_" "$GID_" "$GROUPS_" "$UMASK_" "$WORKDIR" "$CTLD/user/env" "$CTLD/user/args" \
+  /.vmwrap/user/script "$CTLD/user/limits"; }
 # One output file on the host for both streams: send both over the one port (a port opens only once),
 # in the order they were written.
-if [ -e /ctl/user/merged ]; then job < /dev/null > "$OUT" 2>&1 & else job < /dev/null > "$OUT" 2> "$ERR" & fi
+if [ -e "$CTLD/user/merged" ]; then job < /dev/null > "$OUT" 2>&1 & else job < /dev/null > "$OUT" 2> "$ERR" & fi
 JOB=$!
 read -r up _ < /proc/uptime; say "started $up"
 # `vmwrap shell JOBID` (vmwrap/shell.py): shells on new terminals in the job's root as its user, served
@@ -145,7 +151,7 @@ read -r up _ < /proc/uptime; say "started $up"
 if [ -n "$SHELLPORT" ]; then
   ( mkdir -p /dev/pts && mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts \
       && { [ "$ROOT" = / ] || { mkdir -p "$ROOT/dev/pts" && mount -o bind /dev/pts "$ROOT/dev/pts"; }; } \
-      && exec /bin/vmwrap-shell "$SHELLPORT" "$ROOT" "$UID_" "$GID_" "$GROUPS_" "$UMASK_" "$WORKDIR" /ctl/user/env \
+      && exec /bin/vmwrap-shell "$SHELLPORT" "$ROOT" "$UID_" "$GID_" "$GROUPS_" "$UMASK_" "$WORKDIR" "$CTLD/user/env" \
     ) < /dev/null > /dev/console 2>&1 &
 fi
 # The host may disconnect and reconnect (EOF then): keep reading.
