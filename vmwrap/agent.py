@@ -4,7 +4,8 @@ Batch steps (Slurm), suspend methods (Grid Engine) and wrappers run as the job's
 libvirt access (that is root on the node). They ask this agent over a Unix socket; the caller's uid
 comes from the kernel (SO_PEERCRED) and must own the job (or be root).
 Protocol: one JSON line {"op": "pause"|"resume"|"checkpoint"|"shell", "job": ID} -> one JSON line {"ok":
-bool, "error": str, "protocol": PROTOCOL} (a periodic checkpoint, vmwrap/periodic.py, adds "saved" and
+bool, "error": str, "protocol": PROTOCOL} (pause and resume add "changed": false when the VM already was so,
+which a request repeated after a lost answer finds; a periodic checkpoint, vmwrap/periodic.py, adds "saved" and
 "pause_s" or "error"; "shell" sends a socket connected to the VM's shell port with its reply, SCM_RIGHTS,
 vmwrap/shell.py); {"op": "ping", "job": ""} (anyone) -> {"ok": true, "protocol": PROTOCOL}: health
 checks (`vmwrap status`), and a client newer than the agent learns what it speaks.
