@@ -152,13 +152,6 @@ def test_sigtstp_pauses_and_sigcont_resumes(site, workdir):
     assert nums == list(range(nums[0], 30))
 
 
-def _wait(cond, what: str, timeout: float = 60):
-    end = time.time() + timeout
-    while not cond():
-        assert time.time() < end, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def test_an_agent_killed_after_pausing_but_before_answering_does_not_leave_the_vm_paused(site, workdir, test_user):
     """The payload of a job's user pauses its VM through the node agent. An agent killed after it paused
     the VM but before it answered made the payload fall back to stopping the job's processes inside,
@@ -168,6 +161,7 @@ def test_an_agent_killed_after_pausing_but_before_answering_does_not_leave_the_v
     import socket
     import threading
 
+    from harness.polling import wait_for
     from vmwrap import agent, launcher, payload
     from vmwrap.job import Job
 
@@ -200,10 +194,10 @@ def test_an_agent_killed_after_pausing_but_before_answering_does_not_leave_the_v
         rc = []
         streaming = threading.Thread(target=lambda: rc.append(att.stream()), daemon=True)
         streaming.start()
-        _wait(lambda: b"3\n" in (lx.run_dir / "stdout").read_bytes(), "the job to count to 3")
+        wait_for(lambda: b"3\n" in (lx.run_dir / "stdout").read_bytes(), "the job to count to 3")
         threading.Thread(target=pause_and_die, daemon=True).start()
         att._signals.append(signal.SIGTSTP)     # what the scheduler's suspend sends first
-        _wait(lambda: not path.exists(), "the stand-in agent to pause the VM and die")
+        wait_for(lambda: not path.exists(), "the stand-in agent to pause the VM and die")
         assert asked == ["pause"] and _domstate("vmwrap-lost1") == "paused"
         att._signals.append(signal.SIGCONT)     # resumed while no agent runs: asked again until one does
         time.sleep(3)
