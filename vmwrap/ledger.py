@@ -29,14 +29,27 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX IF NOT EXISTS events_job ON events(job_id)"),
 }
 SCHEMA = max(MIGRATIONS)
+OPEN_TIMEOUT = 30.0   # s: how long a hook waits for the ledger others are writing
 
 
 class Ledger:
     def __init__(self, path: str | os.PathLike):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path), timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self._migrate(str(path))
+        deadline = time.monotonic() + OPEN_TIMEOUT
+        while True:
+            self.db = sqlite3.connect(str(path), timeout=OPEN_TIMEOUT, isolation_level=None)
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self._migrate(str(path))
+                return
+            except sqlite3.OperationalError as e:
+                # Switching a new ledger to WAL, or opening one while its last user cleans up, answers
+                # SQLITE_BUSY at once, without SQLite's busy handler: two hooks opening a node's first
+                # ledger together failed a job ("database is locked"). Wait as SQLite would.
+                self.db.close()
+                if getattr(e, "sqlite_errorcode", 0) & 0xff != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def _migrate(self, path: str) -> None:
         have = self.db.execute("PRAGMA user_version").fetchone()[0]
