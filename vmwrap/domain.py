@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
@@ -10,17 +11,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import jinja2
-
 from . import rundir, safeio
 from .errors import GuestStalledError, NodeError
 from .resources import TEMPLATES
 
-_env = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-    autoescape=jinja2.select_autoescape(enabled_extensions=("xml", "j2"), default=True),
-    undefined=jinja2.StrictUndefined,
-)
+
+@functools.cache
+def _templates():
+    """jinja2 on first render only: the job's payload (on every job's start path) renders no XML."""
+    import jinja2
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("xml", "j2"), default=True),
+        undefined=jinja2.StrictUndefined,
+    )
+
+
 # no_timer_check: the kernel's boot-time IO-APIC timer check busy-waits for a few timer ticks and
 # panics ("IO-APIC + timer doesn't work!") when a starved QEMU delivers too few: on a saturated host
 # that killed guests 2-4 s into boot (reproduced: 10 of 12 guests at nice 19 under 4 CPU hogs).
@@ -88,7 +94,7 @@ def render(spec: Spec) -> str:
 
     if spec.network not in NETWORKS:
         raise NodeError(f"unknown VM network {spec.network[:40]!r}")
-    return _env.get_template("domain.xml.j2").render(**{**spec.__dict__, "cmdline": cmdline, "mac": spec.mac})
+    return _templates().get_template("domain.xml.j2").render(**{**spec.__dict__, "cmdline": cmdline, "mac": spec.mac})
 
 
 def start_limited(dom, memory_limit_mib: int | None) -> None:
