@@ -38,7 +38,7 @@ def test_every_command_is_found_by_its_name():
 def test_the_job_start_path_imports_neither_package_metadata_nor_templates():
     """The prolog finds its plugin and the batch step runs the payload without importlib.metadata
     (vmwrap's own entry points are read from its dist-info) or jinja2 (the payload renders no XML):
-    ~50 ms less on each job's start, measured in benchmarks/start.py --slurm."""
+    17-20 ms less per hook command, measured side by side (docs/design.md)."""
     code = ("import sys\nfrom vmwrap.cli import main\n"
             "for argv in (['slurm', 'prolog', '--help'], ['slurm', 'attach', '--help']):\n"
             "    try:\n        main(argv, prog_name='vmwrap')\n    except SystemExit:\n        pass\n"

@@ -17,8 +17,8 @@ epilog (vmwrap.lifecycle.end) stops the save by then.
 
 from __future__ import annotations
 
-import importlib
 import os
+import pkgutil
 import sys
 from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
@@ -142,15 +142,15 @@ def _load(group: str, name: str):
     """The object entry point `name` of `group` names: vmwrap's own first, then any distribution's."""
     value = _own_entry_point(group, name)
     if value is not None:
-        module, _, attr = value.partition(":")
-        obj = importlib.import_module(module.strip())
-        for part in attr.split("[")[0].strip().split(".") if attr else ():
-            obj = getattr(obj, part)
-        return obj
+        return pkgutil.resolve_name(value.split("[")[0].strip())
     from importlib.metadata import entry_points
     for ep in entry_points(group=group, name=name):
         return ep.load()
     return None
+
+
+def _instance(obj):
+    return obj() if isinstance(obj, type) else obj
 
 
 def schedulers() -> dict[str, Scheduler]:
@@ -158,15 +158,13 @@ def schedulers() -> dict[str, Scheduler]:
     from importlib.metadata import entry_points
     found = {}
     for ep in entry_points(group=GROUP):
-        obj = ep.load()
-        inst = obj() if isinstance(obj, type) else obj
+        inst = _instance(ep.load())
         found[inst.name] = inst
     return found
 
 
 def scheduler(name: str) -> Scheduler:
-    obj = _load(GROUP, name)
-    inst = obj() if isinstance(obj, type) else obj
+    inst = _instance(_load(GROUP, name))
     if inst is not None and getattr(inst, "name", None) == name:
         return inst
     found = schedulers()
