@@ -6,16 +6,15 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
-import select
 import struct
 import subprocess
 import sys
 import termios
 import threading
-import time
 
 import pytest
 
+from harness.terminal import read_until_exit
 from vmwrap import agent
 
 pytestmark = pytest.mark.vm
@@ -25,26 +24,6 @@ WAIT = 120
 def _as(user, site, argv, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "vmwrap.cli", *argv], env=site.env(TERM="xterm-256color"),
                             user=user.pw_uid, group=user.pw_gid, extra_groups=[], **kw)
-
-
-def _read_until_exit(fd: int, p: subprocess.Popen, send: list[tuple[bytes, bytes]]) -> bytes:
-    """Everything the terminal shows until p exits; each (wait_for, then_type) pair types once seen."""
-    out, end = b"", time.time() + WAIT
-    while time.time() < end:
-        while send and send[0][0] in out:
-            os.write(fd, send.pop(0)[1])
-        r, _, _ = select.select([fd], [], [], 0.2)
-        if r:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                chunk = b""
-            out += chunk
-            if chunk:
-                continue
-        if p.poll() is not None:
-            return out
-    raise AssertionError(f"vmwrap shell did not end: {out[-2000:]!r}")
 
 
 def test_a_jobs_user_gets_a_terminal_in_its_vm_and_nobody_else_does(site, workdir, test_user):
@@ -63,7 +42,7 @@ def test_a_jobs_user_gets_a_terminal_in_its_vm_and_nobody_else_does(site, workdi
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
         p = _as(test_user, site, ["shell", "sh1"], stdin=slave, stdout=slave, stderr=slave)
         os.close(slave)
-        out = _read_until_exit(master, p, [(b"$ ", b"stty size; id -u; tty; stat -c U=%u $(tty); echo T=$TERM; pwd; echo $((6*7))\r"),
+        out = read_until_exit(master, p, [(b"$ ", b"stty size; id -u; tty; stat -c U=%u $(tty); echo T=$TERM; pwd; echo $((6*7))\r"),
                                            (b"42", b"exit 3\r")])
         os.close(master)
         text = out.decode(errors="replace").replace("\r", "")

@@ -13,6 +13,7 @@ import pytest
 
 from harness.netprobe import Host, get
 from harness.slurm_cluster import Cluster
+from harness.terminal import read_until_exit, start_on_terminal
 from vmwrap.catalog import register
 
 pytestmark = pytest.mark.vm
@@ -93,6 +94,59 @@ def test_vmwrap_shell_reaches_a_running_jobs_vm_through_an_overlapping_step(clus
     finally:
         cluster.run("scancel", job)
     done(cluster, job)
+
+
+def test_salloc_with_an_image_is_a_shell_in_the_jobs_vm(cluster, jobdir, test_user):
+    """`salloc --container=IMAGE` (docs/interactive.md): salloc's shell runs in the job's VM on a terminal of
+    the caller's size, as the job's user, in its work dir, with the job's environment; `srun` there runs a
+    step in the VM; the shell's exit status is salloc's; the VM is gone when the shell ends."""
+    master, p = start_on_terminal(["runuser", "-u", "vmwrapuser", "--", "env", f"SLURM_CONF={cluster.conf}", "TERM=xterm",
+                                   "salloc", "--container=busybox"], rows=31, cols=97, cwd=jobdir, env=cluster.env)
+    try:
+        out = read_until_exit(master, p, [(b"$ ", b'echo "in $(uname -r) $(id -u) $(pwd) job=$SLURM_JOB_ID"; stty size; '
+                                                   b"srun -n 1 sh -c 'echo step $SLURM_STEP_ID $(uname -r)'; exit 3\r")])
+    finally:
+        os.close(master)
+    text = out.decode(errors="replace").replace("\r", "")
+    guest_kernel = (Path("/var/cache/vmwrap/appliances/.kernel/version")).read_text().strip()
+    job = text.split("Granted job allocation ", 1)[1].split()[0]
+    assert p.returncode == 3, text
+    assert f"in {guest_kernel} {test_user.pw_uid} {jobdir} job={job}\n31 97\n" in text, text
+    assert f"step 0 {guest_kernel}\n" in text, text  # salloc's own step is the interactive one, as bare
+    info = done(cluster, job)
+    node = info["NodeList"]
+    end = time.time() + 30
+    while (f"vmwrap-{job}" in _domains() or (cluster.node_dir(node) / "state" / "jobs" / job).exists()) \
+            and time.time() < end:
+        time.sleep(0.2)
+    assert f"vmwrap-{job}" not in _domains()
+    assert not (cluster.node_dir(node) / "state" / "jobs" / job).exists()
+
+
+def test_salloc_whose_vm_cannot_start_says_why_and_gives_no_host_shell(cluster, jobdir):
+    r = subprocess.run(["runuser", "-u", "vmwrapuser", "--", "env", f"SLURM_CONF={cluster.conf}", "salloc",
+                        "--container=busybox", "--mem=40M"], cwd=jobdir, env=cluster.env, capture_output=True,
+                       text=True, timeout=120, input="echo on-the-host\n")
+    assert r.returncode != 0 and "on-the-host" not in r.stdout, (r.stdout, r.stderr)
+    assert "vmwrap: error: image busybox's default memory of 256M is more than the job's allocation of 40M" in r.stderr
+    assert r.returncode == 64, r.stderr  # a user error, as a batch job's
+
+
+def test_salloc_without_an_image_is_slurms_own_interactive_step(cluster, jobdir):
+    """Jobs without an image are untouched: salloc's step is the user's shell on the node."""
+    master, p = start_on_terminal(["runuser", "-u", "vmwrapuser", "--", "env", f"SLURM_CONF={cluster.conf}",
+                                   "SHELL=/bin/sh", "salloc"], cwd=jobdir, env=cluster.env)
+    try:
+        out = read_until_exit(master, p, [(b"$ ", b"uname -r; exit 5\r")])
+    finally:
+        os.close(master)
+    text = out.decode(errors="replace").replace("\r", "")
+    assert p.returncode == 5 and f"\n{os.uname().release}\n" in text, text
+
+
+def test_srun_with_an_image_outside_an_allocation_is_refused(cluster, jobdir):
+    r = cluster.run("srun", "--container=busybox", "true", user="vmwrapuser")
+    assert r.returncode != 0 and "srun --container=IMAGE starts its command on the node, not in a VM" in r.stderr
 
 
 def test_exit_code_seen_by_slurm_and_sacct(cluster, jobdir):

@@ -22,8 +22,11 @@ HARNESS = r"""
 slurm = { SUCCESS = 0, ERROR = -1, msgs = {} }
 function slurm.log_user(m) table.insert(slurm.msgs, m) end
 dofile(arg[1])
-local job = { script = io.read("*a"), user_name = arg[2], group_id = tonumber(arg[3]),
-              min_nodes = tonumber(arg[4]), min_mem_per_node = tonumber(arg[5]) }
+local script = io.read("*a")
+if arg[7] == "interactive" then script = nil end  -- salloc / srun: no batch script
+local job = { script = script, user_name = arg[2], group_id = tonumber(arg[3]),
+              min_nodes = tonumber(arg[4]), min_mem_per_node = tonumber(arg[5]),
+              container = arg[6] ~= "" and arg[6] or nil, argc = tonumber(arg[8]) }
 local rc = slurm_job_submit(job, {}, 1000)
 io.write(rc, "\n", table.concat(slurm.msgs, "\n"), "\n--SCRIPT--\n", job.script or "", "\n--COMMENT--\n",
          job.comment or "", "\n--MEM--\n", tostring(job.min_mem_per_node), "\n")
@@ -36,9 +39,11 @@ def lua(tmp_path_factory):
     (d / "job_submit.lua").write_text(render_lua(CATALOG, "/usr/local/bin/vmwrap", "/etc/vmwrap/vm %n.toml"))
     (d / "harness.lua").write_text(HARNESS)
 
-    def submit(script, user="root", gid=0, nodes=4294967294, mem=4294967294):
+    def submit(script, user="root", gid=0, nodes=4294967294, mem=4294967294, container="", argc=0):
+        """script None: an interactive submission (salloc: argc 0; srun CMD: argc > 0)."""
         r = subprocess.run(["lua5.1", str(d / "harness.lua"), str(d / "job_submit.lua"), user, str(gid), str(nodes),
-                            str(mem)], input=script, capture_output=True, text=True, check=True)
+                            str(mem), container, "batch" if script is not None else "interactive", str(argc)],
+                           input=script or "", capture_output=True, text=True, check=True)
         rc, rest = r.stdout.split("\n", 1)
         msg, rest = rest.split("\n--SCRIPT--\n", 1)
         new_script, rest = rest.split("\n--COMMENT--\n", 1)
@@ -147,6 +152,49 @@ def test_memory_above_allocation_rejected(lua):
     assert rc == -1 and msg == "vmwrap: --memory=2048M is more than the job's allocation of 1024M (--mem)"
 
 
+def test_salloc_container_asks_for_a_vm_and_passes_every_check_a_batch_job_does(lua):
+    """`salloc --container=IMAGE`: the request goes into the comment (the prolog boots the VM); no script."""
+    rc, msg, new, comment, _ = lua(None, container="busybox")
+    assert (rc, msg, new, comment) == (0, "", "", "vmwrap:image=busybox,memory=,cpus=,lost=")
+    assert wire.decode(comment) == wire.Accepted("busybox")
+    assert lua(None, user="alice", container="private")[0] == 0
+    refused = {
+        "nope": "vmwrap: unknown image 'nope' (this site offers: busybox)",
+        "../x": "vmwrap: --container: invalid image name '../x': use 1-64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit (no paths, quotes, spaces or markup)",
+        "private": "vmwrap: user 'bob' may not use image 'private' (ask your admin to be added)",
+    }
+    for image, why in refused.items():
+        rc, msg, _, comment, _ = lua(None, user="bob", gid=4242, container=image)
+        assert (rc, msg, comment) == (-1, why, ""), image
+    rc, msg, *_ = lua(None, container="busybox", nodes=2)
+    assert rc == -1 and "multi-node jobs are not supported yet (asked for 2 nodes)" in msg
+
+
+def test_interactive_jobs_without_a_container_are_untouched(lua):
+    assert lua(None)[:4] == (0, "", "", "")
+    assert lua(None, argc=2)[:4] == (0, "", "", "")
+
+
+def test_srun_container_outside_an_allocation_is_refused_with_what_to_use(lua):
+    """srun's command would start on the node, not in the VM: refused, naming salloc and sbatch."""
+    rc, msg, _, comment, _ = lua(None, container="busybox", argc=1)
+    assert rc == -1 and comment == ""
+    assert msg.startswith("vmwrap: srun --container=IMAGE starts its command on the node, not in a VM: use "
+                          "`salloc --container=IMAGE`") and "#VMWRAP --image=IMAGE" in msg
+
+
+def test_sbatch_container_names_the_image_like_a_directive(lua):
+    rc, msg, new, comment, _ = lua("#!/bin/sh\necho hi\n", container="busybox")
+    assert (rc, msg, comment) == (0, "", "vmwrap:image=busybox,memory=,cpus=,lost=")
+    assert new.endswith("#VMWRAP-ORIGINAL-SCRIPT\n#!/bin/sh\necho hi\n") and " slurm attach " in new
+    same = lua("#!/bin/sh\n#VMWRAP --image=busybox --cpus=1\n", container="busybox")
+    assert (same[0], same[3]) == (0, "vmwrap:image=busybox,memory=,cpus=1,lost=")
+    rc, msg, _, comment, _ = lua("#!/bin/sh\n#VMWRAP --image=grp\n", container="busybox")
+    assert (rc, msg, comment) == (-1, "vmwrap: --container=busybox and #VMWRAP --image=grp name different images: "
+                                      "give one", "")
+
+
 def test_lua_literal_escapes_everything():
     s = 'a"b\\c\nd]]e\x00é'
     out = subprocess.run(["lua5.1", "-e", f"io.write({lua_literal(s)})"], capture_output=True, check=True).stdout
@@ -169,7 +217,7 @@ def test_prefer_nodes_holding_the_image_only_when_safe(tmp_path):
     def prefer(script, **fields):
         extra = "".join(f", {k} = {v!r}" if isinstance(v, str) else f", {k} = {v}" for k, v in fields.items())
         h = HARNESS.replace('"\\n--MEM--\\n"', '"\\n--PREFER--\\n", tostring(job.prefer), "\\n--MEM--\\n"')
-        h = h.replace("min_mem_per_node = tonumber(arg[5]) }", "min_mem_per_node = tonumber(arg[5])" + extra + " }")
+        h = h.replace("argc = tonumber(arg[8]) }", "argc = tonumber(arg[8])" + extra + " }")
         (tmp_path / "harness.lua").write_text(h.replace("'", '"') if False else h)
         r = subprocess.run(["lua5.1", str(tmp_path / "harness.lua"), str(tmp_path / "job_submit.lua"), "root", "0",
                             "1", "4294967294"], input=script, capture_output=True, text=True, check=True)
@@ -328,3 +376,20 @@ def test_modify_refuses_more_nodes_for_a_vm_job_and_no_other(forge):
     assert forge("modify", "<nil>", FORGED, 1234, 1) == (0, "")
     assert forge("modify", "<nil>", "plain", 1234, 2) == (0, "")
     assert forge("modify", "<nil>", "<nil>", 1234, 2) == (0, "")
+
+
+def test_render_runs_sallocs_interactive_step_through_vmwrap(tmp_path):
+    """`salloc --container=IMAGE`: Slurm's interactive step is `vmwrap slurm interactive`, with the
+    vmwrap and node config the batch steps use."""
+    lines = _rendered_conf(tmp_path)
+    assert "LaunchParameters=use_interactive_step" in lines
+    assert ('InteractiveStepOptions="--interactive --preserve-env --pty /usr/local/bin/vmwrap slurm interactive"'
+            in lines), lines
+    from vmwrap.config import Settings
+    from vmwrap_plugins.slurm.render import render_config
+
+    (tmp_path / "empty.toml").write_text("")
+    conf = render_config(Settings(catalog=str(tmp_path / "empty.toml")), lua_out=str(tmp_path / "j.lua"),
+                         vmwrap_path="/opt/v/bin/vmwrap", node_config="/etc/vmwrap/%n.toml")
+    assert ('InteractiveStepOptions="--interactive --preserve-env --pty /opt/v/bin/vmwrap --config '
+            '/etc/vmwrap/%n.toml slurm interactive"') in conf.splitlines()

@@ -49,6 +49,15 @@ def attach(obj, script, args):
 
 
 @slurm.command()
+@click.pass_obj
+def interactive(obj):
+    """salloc's interactive step (InteractiveStepOptions, job's user): a shell in the job's VM."""
+    from . import hooks
+
+    sys.exit(hooks.interactive(obj.settings(hook=True)))
+
+
+@slurm.command()
 @click.option("--interval", type=float, default=60.0, help="Seconds between passes (loop mode).")
 @click.option("--once", is_flag=True, help="One pass, then exit (cron or timer).")
 @click.pass_obj

@@ -319,6 +319,24 @@ def attach(settings: Settings, script_path: str, args: list[str]) -> int:
                           settings=settings, requeued=requeued, steps=srun_command)
 
 
+def interactive(settings: Settings) -> int:
+    """salloc's interactive step (InteractiveStepOptions; the job's user, on the job's first node): a
+    terminal in the job's VM when the job asked for an image, else the user's shell, as Slurm's default."""
+    job_id = os.environ.get("SLURM_JOB_ID", "")
+    Job.check_id(job_id)
+    if not rundir.path(settings, job_id).is_dir():
+        if os.environ.get("SLURM_CONTAINER"):  # asked for an image, yet no VM here: never a host shell instead
+            print(f"vmwrap: error: job {job_id} asked for image {os.environ['SLURM_CONTAINER'][:64]!r} but has "
+                  "no VM on this node (is vmwrap's prolog in slurm.conf?)", file=sys.stderr)
+            return payload.EXIT_NODE
+        shell = os.environ.get("SHELL") or pwd.getpwuid(os.getuid()).pw_shell or "/bin/sh"
+        os.execvp(shell, [shell])
+    from vmwrap.interactive import session
+
+    env = {k: v for k, v in os.environ.items() if k != "VMWRAP_CONFIG"}
+    return session(settings, job_id, env, steps=srun_command)
+
+
 def restarts(job_id: str) -> int:
     """Slurm's restart count of the job now (it grows the moment the job is requeued or preempted)."""
     try:

@@ -80,8 +80,10 @@ def prolog_timeout_lines(prolog_timeout_s: float) -> list[str]:
             f"PrologEpilogTimeout={DEFAULT_PROLOG_TIMEOUT_S}"]
 
 
-def slurm_conf_lines(vmwrap_hooks: Path = HOOKS, prolog_timeout_s: float = 0.0) -> str:
-    """slurm.conf's lines for vmwrap; `prolog_timeout_s` is the site config's (0: none set)."""
+def slurm_conf_lines(vmwrap_hooks: Path = HOOKS, prolog_timeout_s: float = 0.0,
+                     vmwrap_cmd: str = "/usr/local/bin/vmwrap") -> str:
+    """slurm.conf's lines for vmwrap; `prolog_timeout_s` is the site config's (0: none set); `vmwrap_cmd`
+    runs salloc's interactive step (the job's user)."""
     return "\n".join([
         "# vmwrap: per-job VMs (rendered by `vmwrap config render slurm`)",
         "JobSubmitPlugins=lua",
@@ -99,6 +101,10 @@ def slurm_conf_lines(vmwrap_hooks: Path = HOOKS, prolog_timeout_s: float = 0.0) 
         "#PartitionName=... PreemptMode=REQUEUE GraceTime=0",
         "#AuthInfo=cred_expire=30",
         "# On the head node, as a loop or a timer: `vmwrap slurm gc` (checkpoints of jobs cancelled while saved).",
+        "# Interactive jobs: `salloc --container=IMAGE` gives a shell in the job's VM (docs/interactive.md);",
+        "# salloc without an image gets the user's shell on the node, as Slurm's default step.",
+        "LaunchParameters=use_interactive_step",
+        f'InteractiveStepOptions="--interactive --preserve-env --pty {vmwrap_cmd} slurm interactive"',
         "",
     ])
 
@@ -135,4 +141,4 @@ def render_config(settings: Settings, lua_out: str | None = None, vmwrap_path: s
     os.chmod(tmp, 0o644)
     os.replace(tmp, lua_out)
     print(f"# job_submit.lua written to {lua_out} ({len(cat.images)} images)", file=sys.stderr)
-    return slurm_conf_lines(hooks_dir, settings.prolog_timeout_s)
+    return slurm_conf_lines(hooks_dir, settings.prolog_timeout_s, vmwrap_command(vmwrap_path, node_config))
