@@ -255,6 +255,15 @@ def test_subordinate_queue_suspension_pauses_the_vm(cell, jobdir):
         cell.run("qconf", "-dq", "urgent.q")
 
 
+def test_qrsh_asking_for_an_image_is_refused_at_submit(cell, jobdir):
+    """The session would start on the host beside the VM (docs/interactive.md): the JSV refuses it."""
+    r = cell.run("qrsh", "-now", "no", "-ac", "vmwrap_image=busybox", "/bin/echo", "on-the-host", user="vmwrapuser",
+                 cwd=str(jobdir))
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "on-the-host" not in r.stdout, out
+    assert "vmwrap: interactive jobs (qrsh) cannot run in a VM under Grid Engine yet: submit the work with qsub" in out
+
+
 def test_server_jsv_rejects_at_submit_without_the_client_cost(cell, jobdir):
     """jsv_url (one JSV process in sge_qmaster, run as the admin user): `-ac` and readable scripts."""
     from harness.sge_cell import CELL, SGE_ROOT

@@ -96,3 +96,20 @@ def test_the_jsv_refuses_a_vm_job_with_a_spreading_pe_and_leaves_other_jobs_alon
     assert image is None and why.startswith("multi-node jobs are not supported yet (-pe mpi 2 may get"), why
     assert hooks.check_request(s, {**vm, "pe_name": "smp"}, "bob", 100) == ("busybox", None, None)
     assert hooks.check_request(s, {k: v for k, v in vm.items() if k != "ac"}, "bob", 100) == (None, None, None)
+
+
+def test_the_jsv_refuses_an_interactive_vm_job_and_leaves_other_interactive_jobs_alone(monkeypatch, tmp_path):
+    """qrsh/qlogin/qsh would start their session on the host beside the VM: refused, saying what to do."""
+    from types import SimpleNamespace
+
+    from vmwrap.config import Settings
+
+    monkeypatch.setattr(hooks, "_catalog", lambda path: SimpleNamespace(resolve=lambda *a, **k: None))
+    s = Settings(state_dir=str(tmp_path))
+    for client in ("qrsh", "qlogin", "qsh"):
+        image, _, why = hooks.check_request(s, {"CLIENT": client, "ac": "vmwrap_image=busybox"}, "bob", 100)
+        assert image is None and why == (f"interactive jobs ({client}) cannot run in a VM under Grid Engine yet: "
+                                         "submit the work with qsub; `vmwrap shell JOBID` on its host then opens a "
+                                         "shell in its VM")
+        assert hooks.check_request(s, {"CLIENT": client}, "bob", 100) == (None, None, None)
+    assert hooks.check_request(s, {"CLIENT": "qsub", "ac": "vmwrap_image=busybox"}, "bob", 100) == ("busybox", None, None)

@@ -512,6 +512,10 @@ def pe_hosts(env: dict[str, str]) -> list[str]:
     return hosts
 
 
+# The JSV's CLIENT of an interactive submission (jsv(1); qrsh sends `PARAM CLIENT qrsh`, seen on 8.1.9).
+INTERACTIVE_CLIENTS = ("qrsh", "qlogin", "qsh")
+
+
 def check_request(settings: Settings, params: dict[str, str], user: str, gid: int,
                   script_optional: bool = False) -> tuple[str | None, int | None, str | None]:
     """(image, memory MiB or None, None) for an acceptable request, (None, None, reason) to reject it. Reads the script body
@@ -540,6 +544,10 @@ def check_request(settings: Settings, params: dict[str, str], user: str, gid: in
         _catalog(settings.catalog).resolve(image, user, gid, memory_mib=req.memory_mib, cpus=req.cpus)
     except VmwrapError as e:
         return None, None, str(e)
+    client = params.get("CLIENT", "")
+    if client in INTERACTIVE_CLIENTS:  # the session would start on the host, beside the VM, not in it
+        return None, None, (f"interactive jobs ({client}) cannot run in a VM under Grid Engine yet: submit the work "
+                            "with qsub; `vmwrap shell JOBID` on its host then opens a shell in its VM")
     if params.get("pe_name"):
         why = pe_refusal(params["pe_name"], params.get("pe_min", "1"), params.get("pe_max", "1"))
         if why:
