@@ -56,6 +56,18 @@ def test_vm_job_in_another_universe_is_refused_at_submit(condor, universe, lines
     assert f"vmwrap: +VmwrapImage needs the vanilla universe (this job: universe = {universe})" in out, out
 
 
+def test_interactive_vm_job_is_refused_at_submit(condor):
+    """condor_submit -interactive: its session would start beside the VM (docs/interactive.md)."""
+    d = condor.jobdir()
+    f = d / "interactive.sub"
+    f.write_text('request_memory = 256\n+VmwrapImage = "busybox"\nqueue\n')
+    f.chmod(0o644)
+    r = condor.pool.run("/usr/bin/condor_submit", "-interactive", str(f), user=condor.user, cwd=str(d), timeout=60)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert "vmwrap: interactive jobs (condor_submit -interactive) cannot run in a VM under HTCondor yet" in out, out
+
+
 def test_parallel_job_without_an_image_is_untouched(condor):
     cluster, r = _submit(condor, ["universe = parallel", "machine_count = 2"], image=False)
     assert cluster > 0, r.stdout + r.stderr

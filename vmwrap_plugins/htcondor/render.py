@@ -75,6 +75,11 @@ def universe_requirements() -> list[str]:
         "(JobUniverse =!= 11 && (MaxHosts is undefined || MaxHosts <= 1))",
         "SUBMIT_REQUIREMENT_VmwrapOneNode_REASON = " + _strcat(
             "vmwrap: " + multi_node_refusal("universe = parallel, machine_count = {hosts}", VANILLA_HINT), hosts=hosts),
+        # condor_submit -interactive: the session (condor_ssh_to_job) would start beside the VM, not in it.
+        "SUBMIT_REQUIREMENT_VmwrapInteractive = VmwrapImage is undefined || InteractiveJob =!= true",
+        'SUBMIT_REQUIREMENT_VmwrapInteractive_REASON = "vmwrap: interactive jobs (condor_submit -interactive) '
+        'cannot run in a VM under HTCondor yet: submit the work as a batch job; condor_ssh_to_job does not '
+        'enter its VM, vmwrap shell JOBID on its execute node does"',
         "SUBMIT_REQUIREMENT_VmwrapUniverse = VmwrapImage is undefined || JobUniverse == 11 || "
         "(JobUniverse == 5 && WantDocker =!= true && WantContainer =!= true)",
         "SUBMIT_REQUIREMENT_VmwrapUniverse_REASON = " + _strcat(
@@ -124,7 +129,7 @@ def submit_side(settings: Settings, cached_rank: float = CACHED_RANK) -> str:
         f"SET Rank {rank_expr(cached_rank)}",
         "@end",
         "SUBMIT_REQUIREMENT_NAMES = $(SUBMIT_REQUIREMENT_NAMES) VmwrapType VmwrapName VmwrapKnown VmwrapAllowed "
-        "VmwrapOneNode VmwrapUniverse",
+        "VmwrapOneNode VmwrapUniverse VmwrapInteractive",
         "SUBMIT_REQUIREMENT_VmwrapType = VmwrapImage is undefined || isString(VmwrapImage)",
         'SUBMIT_REQUIREMENT_VmwrapType_REASON = "vmwrap: +VmwrapImage must be a quoted image name, e.g. +VmwrapImage = \\"debian\\""',
         f'SUBMIT_REQUIREMENT_VmwrapName = VmwrapImage is undefined || regexp("^{pattern}$", VmwrapImage)',
