@@ -58,8 +58,9 @@ class _Rejected(SystemExit):
 class Job:
     def __init__(self, variables: dict[str, str] | None = None, resources: dict[str, str] | None = None,
                  id: str = "", euser: str = "", egroup: str = "", ms: bool = True, run_count: int | None = None,
-                 Exit_status: int | None = None, exec_host: str | None = None):
+                 Exit_status: int | None = None, exec_host: str | None = None, interactive: int | None = None):
         self.Variable_List = dict(variables or {})
+        self.interactive = interactive      # `qsub -I`: the job attribute `interactive` (a long, qsub's port)
         # The hosts the server ran the job on, `host/N*C+host2/N*C` (str of pbs.exec_host; set at run)
         self.exec_host = exec_host
         self.run_count = run_count          # the server's count of starts (job attribute run_count)

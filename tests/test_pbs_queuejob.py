@@ -38,6 +38,16 @@ def test_queuejob_rejects_bad_native_requests(settings, variables, resources, me
     assert rc == QSUB_REJECT_STATUS and err.startswith(message), err
 
 
+def test_queuejob_rejects_an_interactive_vm_job_and_leaves_other_interactive_jobs_alone(settings):
+    """qsub -I: the session would start on the node beside the VM."""
+    check = functools.partial(queuejob.check, settings)
+    rc, err = qsub(check, Event(QUEUEJOB, Job({}, {"vmwrap_image": "busybox"}, interactive=40123), "vmwrapuser"))
+    assert rc == QSUB_REJECT_STATUS and err.startswith(
+        "qsub: vmwrap: interactive jobs (qsub -I) cannot run in a VM under PBS yet: submit the work as a batch job"), err
+    assert qsub(check, Event(QUEUEJOB, Job({}, {}, interactive=40123), "vmwrapuser")) == (0, "")
+    assert qsub(check, Event(QUEUEJOB, Job({}, {"vmwrap_image": "busybox"}, interactive=0), "vmwrapuser")) == (0, "")
+
+
 ONE_NODE = "a vmwrap job runs in one VM on one node"
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from vmwrap import directives
 from vmwrap.config import Settings
-from vmwrap.errors import VmwrapError
+from vmwrap.errors import UserError, VmwrapError
 from vmwrap.request import one_node
 
 VARIABLE = "VMWRAP_IMAGE"     # qsub -v VMWRAP_IMAGE=NAME
@@ -36,8 +36,6 @@ def _get(mapping, key: str) -> str | None:
 
 def native_image(job) -> str | None:
     """The image named by -v or -l (UserError if they disagree or one is not an image name)."""
-    from vmwrap.errors import UserError
-
     var = _get(job.Variable_List, VARIABLE)
     res = _get(job.Resource_List, RESOURCE)
     for v in (var, res):
@@ -86,6 +84,13 @@ def check_one_node(job) -> None:
         one_node(n, f"-l nodes asks for {n} nodes", "ask for one node: -l select=1:ncpus=N (or -l nodes=1:ppn=N)")
 
 
+def interactive(job) -> bool:
+    """Whether the job is `qsub -I`: its `interactive` attribute (a long: qsub's port for the session;
+    unset for batch jobs)."""
+    v = getattr(job, "interactive", None)
+    return v is not None and v is not False and str(v).strip().lower() not in ("", "0", "false")
+
+
 def check(settings: Settings, pbs) -> None:
     """The hook's body: accept, or reject with `vmwrap: <reason>`."""
     e = pbs.event()
@@ -102,6 +107,9 @@ def check(settings: Settings, pbs) -> None:
             except KeyError:
                 gid = None
             Catalog.load(settings.catalog).resolve(image, user, gid)
+            if interactive(e.job):  # the session would start on the node, beside the VM
+                raise UserError("interactive jobs (qsub -I) cannot run in a VM under PBS yet: submit the work "
+                                "as a batch job; `vmwrap shell JOBID` on its node then opens a shell in its VM")
             check_one_node(e.job)
     except VmwrapError as err:
         e.reject(f"vmwrap: {err}")

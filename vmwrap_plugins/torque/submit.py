@@ -180,6 +180,9 @@ def check(settings: Settings, argv: list[str], script: str, user: str, gid: int)
     from vmwrap.catalog import Catalog
 
     Catalog.load(settings.catalog).resolve(image, user, gid, memory_mib=req.memory_mib, cpus=req.cpus)
+    if any(True for _ in _values(argv, script, "I")):  # the session would start on the node, beside the VM
+        raise UserError("interactive jobs (qsub -I) cannot run in a VM under Torque yet: submit the work as a "
+                        "batch job; `vmwrap shell JOBID` on its node then opens a shell in its VM")
     one_node_resources(resource_list(argv, script))
     tasks = task_count(argv, script)
     one_node(tasks, f"-L asks for {tasks} tasks, which Torque may place on several nodes",
