@@ -210,6 +210,22 @@ def test_site_default_image_wraps_jobs_without_directive(tmp_path):
     assert "vmwrap:image=busybox," in r.stdout and "#VMWRAP-ORIGINAL-SCRIPT\n#!/bin/sh\necho bare\n" in r.stdout
 
 
+def test_site_default_image_gives_salloc_a_vm_and_leaves_srun_alone(tmp_path):
+    """With a default image every salloc's shell is in a VM; `srun CMD` without --container stays bare."""
+    (tmp_path / "job_submit.lua").write_text(render_lua(CATALOG, default_image="busybox"))
+    (tmp_path / "harness.lua").write_text(HARNESS)
+
+    def submit(argc: int) -> list[str]:
+        r = subprocess.run(["lua5.1", str(tmp_path / "harness.lua"), str(tmp_path / "job_submit.lua"), "bob", "1",
+                            "1", "4294967294", "", "interactive", str(argc)], input="", capture_output=True,
+                           text=True, check=True)
+        return r.stdout.split("\n")
+    out = submit(0)
+    assert out[0] == "0" and "vmwrap:image=busybox,memory=,cpus=,lost=" in out
+    out = submit(2)
+    assert out[0] == "0" and not any(ln.startswith("vmwrap:") for ln in out)
+
+
 def test_prefer_nodes_holding_the_image_only_when_safe(tmp_path):
     active = tmp_path / "vmwrap-active.lua"
     (tmp_path / "job_submit.lua").write_text(render_lua(CATALOG, active_file=str(active)))
