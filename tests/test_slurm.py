@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import select
 import shutil
 import subprocess
 import time
@@ -115,6 +116,33 @@ def test_salloc_with_an_image_is_a_shell_in_the_jobs_vm(cluster, jobdir, test_us
     assert f"step 0 {guest_kernel}\n" in text, text  # salloc's own step is the interactive one, as bare
     info = done(cluster, job)
     node = info["NodeList"]
+    end = time.time() + 30
+    while (f"vmwrap-{job}" in _domains() or (cluster.node_dir(node) / "state" / "jobs" / job).exists()) \
+            and time.time() < end:
+        time.sleep(0.2)
+    assert f"vmwrap-{job}" not in _domains()
+    assert not (cluster.node_dir(node) / "state" / "jobs" / job).exists()
+
+
+def test_scancel_of_an_interactive_vm_job_ends_the_session_and_the_vm(cluster, jobdir):
+    """The other exit path: the job is cancelled under the user's shell."""
+    master, p = start_on_terminal(["runuser", "-u", "vmwrapuser", "--", "env", f"SLURM_CONF={cluster.conf}", "TERM=xterm",
+                                   "salloc", "--container=busybox"], cwd=jobdir, env=cluster.env)
+    job, out = None, b""
+    try:
+        end = time.time() + 120
+        while time.time() < end and b"$ " not in out:
+            r, _, _ = select.select([master], [], [], 0.5)
+            if r:
+                out += os.read(master, 65536)
+        assert b"$ " in out, out
+        job = out.decode(errors="replace").split("Granted job allocation ", 1)[1].split()[0]
+        assert cluster.run("scancel", job).returncode == 0
+        out += read_until_exit(master, p, [])
+    finally:
+        os.close(master)
+    assert p.returncode != 0, out
+    node = done(cluster, job)["NodeList"]
     end = time.time() + 30
     while (f"vmwrap-{job}" in _domains() or (cluster.node_dir(node) / "state" / "jobs" / job).exists()) \
             and time.time() < end:
