@@ -30,6 +30,9 @@ GE_CASES = tuple(c for c in CORPUS if not c.args and not c.array and not c.depen
     Case("ge-merged-streams", "for i in 1 2 3 4 5 6; do echo out$i; echo err$i >&2; done\n", args=("-j", "y")),
     Case("ge-shell-option", "echo shell-ok; exit 4\n", args=("-S", "/bin/sh")),
     Case("ge-qdel-while-running", "echo started\nsleep 600\necho never\n", cancel_after="started"),
+    Case("ge-array-tasks", 'echo "task $SGE_TASK_ID of $SGE_TASK_FIRST-$SGE_TASK_LAST step $SGE_TASK_STEPSIZE"\n',
+         args=("-t", "1-3"), array=3),
+    Case("ge-hold-jid", "echo after-dependency\n", depends=True),
 )
 
 
@@ -62,31 +65,39 @@ def _submit(cell, case: Case, vm: bool, user) -> tuple[Path, str]:
     script = script.with_name(f"{case.name}.sh")
     script.write_text(case.script(vm))
     script.chmod(0o755)
-    r = cell.run("qsub", "-terse", "-cwd", "-q", "vmwrap.q", *case.args, str(script), *case.script_args,
+    hold = ()
+    if case.depends:  # -hold_jid on a short bare job submitted first
+        first = cell.run("qsub", "-terse", "-cwd", "-q", "vmwrap.q", "-o", "/dev/null", "-j", "y", "-b", "y",
+                         "/bin/sleep", "2", user=USER, cwd=str(d))
+        assert first.returncode == 0, first.stdout + first.stderr
+        hold = ("-hold_jid", first.stdout.strip().split(".")[0])
+    r = cell.run("qsub", "-terse", "-cwd", "-q", "vmwrap.q", *hold, *case.args, str(script), *case.script_args,
                  user=USER, cwd=str(d))
     assert r.returncode == 0, (case.name, r.stdout + r.stderr)
     return d, r.stdout.strip().split(".")[0]
 
 
-def _acct(cell, job: str, timeout: float = 400) -> dict:
+def _acct(cell, job: str, tasks: int = 0, timeout: float = 400) -> list[dict]:
+    """qacct's records of the job (one per array task, by task number)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         r = cell.run("qacct", "-j", job)
-        if r.returncode == 0 and "exit_status" in r.stdout:
-            return dict(re.findall(r"^(\w+)\s+(.*?)\s*$", r.stdout, re.M))
+        if r.returncode == 0 and r.stdout.count("exit_status") >= max(1, tasks):
+            recs = [dict(re.findall(r"^(\w+)\s+(.*?)\s*$", part, re.M)) for part in re.split(r"^=+$", r.stdout, flags=re.M)]
+            return sorted((rec for rec in recs if "exit_status" in rec), key=lambda rec: rec.get("taskid", ""))
         time.sleep(0.5)
     raise AssertionError(f"job {job} did not finish: {cell.run('qstat', '-j', job).stdout}")
 
 
 def _observe(cell, case: Case, d: Path, job: str) -> dict:
-    acct = _acct(cell, job)
-    obs = {"exit_status": acct.get("exit_status"), "failed": acct.get("failed")}
+    recs = _acct(cell, job, case.array)
+    obs = {"exit_status": [rec.get("exit_status") for rec in recs], "failed": [rec.get("failed") for rec in recs],
+           "tasks": [rec.get("taskid") for rec in recs]}
     skip = set()
     for kind in ("o", "e"):
-        f = next(d.glob(f"*.{kind}{job}"), None)
-        obs[kind] = (f.name.rsplit(".", 1)[0], f.read_bytes(), oct(f.stat().st_mode & 0o777)) if f else None
-        if f:
-            skip.add(f.name)
+        found = sorted(d.glob(f"*.{kind}{job}")) + sorted(d.glob(f"*.{kind}{job}.*"))
+        obs[kind] = [(f.name.replace(job, "JOB"), f.read_bytes(), oct(f.stat().st_mode & 0o777)) for f in found]
+        skip |= {f.name for f in found}
     obs["files"] = files(d, skip)
     return obs
 
@@ -108,7 +119,7 @@ def runs(cell, test_user) -> dict[str, tuple[dict, dict]]:
 
 
 def test_the_grid_engine_corpus_is_big_enough():
-    assert len(GE_CASES) >= 30 and len({c.name for c in GE_CASES}) == len(GE_CASES)
+    assert len(GE_CASES) >= 32 and len({c.name for c in GE_CASES}) == len(GE_CASES)
 
 
 def _documented(case: str, bare: dict, vm: dict) -> None:
