@@ -116,12 +116,7 @@ def test_salloc_with_an_image_is_a_shell_in_the_jobs_vm(cluster, jobdir, test_us
     assert f"step 0 {guest_kernel}\n" in text, text  # salloc's own step is the interactive one, as bare
     info = done(cluster, job)
     node = info["NodeList"]
-    end = time.time() + 30
-    while (f"vmwrap-{job}" in _domains() or (cluster.node_dir(node) / "state" / "jobs" / job).exists()) \
-            and time.time() < end:
-        time.sleep(0.2)
-    assert f"vmwrap-{job}" not in _domains()
-    assert not (cluster.node_dir(node) / "state" / "jobs" / job).exists()
+    _wait_gone(cluster, node, job, 30)
 
 
 def test_scancel_of_an_interactive_vm_job_ends_the_session_and_the_vm(cluster, jobdir):
@@ -143,12 +138,7 @@ def test_scancel_of_an_interactive_vm_job_ends_the_session_and_the_vm(cluster, j
         os.close(master)
     assert p.returncode != 0, out
     node = done(cluster, job)["NodeList"]
-    end = time.time() + 30
-    while (f"vmwrap-{job}" in _domains() or (cluster.node_dir(node) / "state" / "jobs" / job).exists()) \
-            and time.time() < end:
-        time.sleep(0.2)
-    assert f"vmwrap-{job}" not in _domains()
-    assert not (cluster.node_dir(node) / "state" / "jobs" / job).exists()
+    _wait_gone(cluster, node, job, 30)
 
 
 def test_salloc_whose_vm_cannot_start_says_why_and_gives_no_host_shell(cluster, jobdir):
@@ -343,6 +333,16 @@ def test_suspend_and_resume(cluster, jobdir):
     assert [e["detail"].get("via") for e in events if e["event"] in ("paused", "resumed")] == ["agent", "agent"]
 
 
+def _wait_gone(cluster, node: str, job: str, seconds: float) -> None:
+    """The job's VM and its run dir on `node` are gone within `seconds` (the epilog's teardown)."""
+    end = time.time() + seconds
+    while (f"vmwrap-{job}" in _domains() or (cluster.node_dir(node) / "state" / "jobs" / job).exists()) \
+            and time.time() < end:
+        time.sleep(0.2)
+    assert f"vmwrap-{job}" not in _domains()
+    assert not (cluster.node_dir(node) / "state" / "jobs" / job).exists()
+
+
 def _domstate(name):
     return subprocess.run(["virsh", "-c", "qemu:///system", "domstate", name], capture_output=True, text=True).stdout.strip()
 
@@ -377,12 +377,7 @@ def test_time_limit_stops_the_vm_and_cleans_up(cluster, jobdir):
     node = info["NodeList"]
     out = (jobdir / f"slurm-{job}.out").read_text()
     assert "started" in out and "term-inside" in out  # the job inside got SIGTERM, as it would bare
-    end = time.time() + 15
-    while (f"vmwrap-{job}" in _domains() or (cluster.node_dir(node) / "state" / "jobs" / job).exists()) \
-            and time.time() < end:
-        time.sleep(0.2)
-    assert f"vmwrap-{job}" not in _domains()
-    assert not (cluster.node_dir(node) / "state" / "jobs" / job).exists()
+    _wait_gone(cluster, node, job, 15)
 
 
 def test_preemption_suspend_gang_pauses_the_vm(cluster, jobdir):
