@@ -48,6 +48,10 @@ def session(settings: Settings, job_id: str, environment: dict[str, str],
             os.dup2(null, 0)
             rc = payload.attach(run_dir, job_id, HOLD, environment, grace=settings.grace_seconds,
                                 settings=settings, steps=steps)
+        except BaseException:  # a bug of ours: said, not swallowed by os._exit
+            import traceback
+
+            traceback.print_exc()
         finally:
             os._exit(rc)
 
@@ -59,6 +63,7 @@ def session(settings: Settings, job_id: str, environment: dict[str, str],
 
     signal.signal(signal.SIGCHLD, reaped)
     try:
+        reaped(signal.SIGCHLD, None)  # a payload that ended before the handler was there
         status = shell.run(settings, job_id)
     except _PayloadEnded as ended:
         return ended.code
