@@ -25,6 +25,14 @@ def multi_node_refusal(asked: str, fix: str) -> str:
     return f"multi-node jobs are not supported yet ({asked}): {ONE_NODE}; {fix}"
 
 
+def interactive_refusal(command: str, scheduler: str, submit: str, where: str = "node") -> str:
+    """Why an interactive job asking for an image is refused where the scheduler's session would start
+    beside the VM, in the same words on every scheduler: `command` is how it was asked ("qsub -I"),
+    `submit` how to submit the work instead ("with qsub"), `where` the host the job runs on."""
+    return (f"interactive jobs ({command}) cannot run in a VM under {scheduler} yet: submit the work {submit}; "
+            f"`vmwrap shell JOBID` on its {where} then opens a shell in its VM")
+
+
 def one_node(nodes: int, asked: str, fix: str) -> None:
     """The rule: a VM job spans one node (UserError with multi_node_refusal otherwise)."""
     if nodes > 1:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from vmwrap import directives
 from vmwrap.config import Settings
 from vmwrap.errors import UserError, VmwrapError
-from vmwrap.request import one_node
+from vmwrap.request import interactive_refusal, one_node
 
 VARIABLE = "VMWRAP_IMAGE"     # qsub -v VMWRAP_IMAGE=NAME
 RESOURCE = "vmwrap_image"     # qsub -l vmwrap_image=NAME (qmgr: create resource vmwrap_image type=string)
@@ -108,8 +108,7 @@ def check(settings: Settings, pbs) -> None:
                 gid = None
             Catalog.load(settings.catalog).resolve(image, user, gid)
             if interactive(e.job):  # the session would start on the node, beside the VM
-                raise UserError("interactive jobs (qsub -I) cannot run in a VM under PBS yet: submit the work "
-                                "as a batch job; `vmwrap shell JOBID` on its node then opens a shell in its VM")
+                raise UserError(interactive_refusal("qsub -I", "PBS", "as a batch job"))
             check_one_node(e.job)
     except VmwrapError as err:
         e.reject(f"vmwrap: {err}")

@@ -30,7 +30,7 @@ from vmwrap import directives, lifecycle, payload, periodic, rundir, wire
 from vmwrap.config import Settings
 from vmwrap.errors import NodeError, UserError, VmwrapError
 from vmwrap.job import Job
-from vmwrap.request import multi_node_refusal, one_node
+from vmwrap.request import interactive_refusal, multi_node_refusal, one_node
 
 CONTEXT = re.compile(r"^context:[ \t]+(.*)$", re.M)
 
@@ -546,8 +546,7 @@ def check_request(settings: Settings, params: dict[str, str], user: str, gid: in
         return None, None, str(e)
     client = params.get("CLIENT", "")
     if client in INTERACTIVE_CLIENTS:  # the session would start on the host, beside the VM, not in it
-        return None, None, (f"interactive jobs ({client}) cannot run in a VM under Grid Engine yet: submit the work "
-                            "with qsub; `vmwrap shell JOBID` on its host then opens a shell in its VM")
+        return None, None, interactive_refusal(client, "Grid Engine", "with qsub", "host")
     if params.get("pe_name"):
         why = pe_refusal(params["pe_name"], params.get("pe_min", "1"), params.get("pe_max", "1"))
         if why:

@@ -24,7 +24,7 @@ import shlex
 from vmwrap import directives
 from vmwrap.config import Settings
 from vmwrap.errors import UserError, VmwrapError
-from vmwrap.request import one_node
+from vmwrap.request import interactive_refusal, one_node
 from vmwrap.resources import HOOKS
 
 from .jobs import WRAPPED, marker, node_count
@@ -181,8 +181,7 @@ def check(settings: Settings, argv: list[str], script: str, user: str, gid: int)
 
     Catalog.load(settings.catalog).resolve(image, user, gid, memory_mib=req.memory_mib, cpus=req.cpus)
     if any(True for _ in _values(argv, script, "I")):  # the session would start on the node, beside the VM
-        raise UserError("interactive jobs (qsub -I) cannot run in a VM under Torque yet: submit the work as a "
-                        "batch job; `vmwrap shell JOBID` on its node then opens a shell in its VM")
+        raise UserError(interactive_refusal("qsub -I", "Torque", "as a batch job"))
     one_node_resources(resource_list(argv, script))
     tasks = task_count(argv, script)
     one_node(tasks, f"-L asks for {tasks} tasks, which Torque may place on several nodes",
