@@ -155,3 +155,49 @@ def test_cancel_is_for_configurations_without_suspension():
     import pytest
     with pytest.raises(ValueError, match="cancel is for configurations without suspension"):
         Config("x", suspend=True, cancel=True)
+
+
+def test_haizeas_mapping_runs_a_job_whole_where_best_fit_saves_it():
+    # A reservation takes 1 of 4 nodes from 500. The 1000 s job fits on all 4 now: best fit (our
+    # model) takes the node the reservation needs soonest and saves the job at 490; Haizea's
+    # mapping (slottable.py, spring 2008) takes the lowest-numbered node free until the job's end
+    jobs = [Job(1, 1, 1000, 1000, 1)]
+    ars = [Reservation(100, 0, 500, 100, 1)]
+    fit = simulate(jobs, ars, EASY, NOVM, check=True)
+    mapped = simulate(jobs, ars, Config("mapped", suspend=True, mapping="haizea"), NOVM, check=True)
+    assert fit.records[1][2] == 1
+    assert mapped.records == {1: (1, 1001, 0)}
+
+
+def test_haizeas_mapping_runs_a_saved_job_to_the_latest_end_k_nodes_allow():
+    # Reservations take 1 node from 200 and 2 from 400, each for 1000 s; the 2-node job must be
+    # saved either way. Best fit starts it on the node needed at 200 (saved at 190, resumed at 200,
+    # saved again at 390); Haizea's mapping on two nodes free until 400 at least (saved at 390 only)
+    # and resumed at 1200 with a 100 s memory copy: 1200 + 10 + 100 + 611 left
+    jobs = [Job(1, 1, 1000, 1000, 2)]
+    ars = [Reservation(100, 0, 200, 1000, 1), Reservation(101, 0, 400, 1000, 2)]
+    fit = simulate(jobs, ars, EASY, NOVM, check=True)
+    mapped = simulate(jobs, ars, Config("mapped", suspend=True, mapping="haizea"), NOVM, check=True)
+    assert fit.records == {1: (1, 2041, 2)}
+    assert mapped.records == {1: (1, 1921, 1)}
+
+
+def test_the_future_lease_holds_its_place_until_its_vm_ends_as_in_haizeas_2008_code():
+    # J1 holds 3 of 4 nodes until 1000; J2 (2 nodes) is the future lease, booked at 1000 and run to
+    # 1500. start (Haizea since 2009): when J2 starts, J3 (4 nodes) is booked at 1500, and J4 starts
+    # on the 2 free nodes and is saved before J3. end (scheduler.py handleEndVM, 2008): no booking
+    # while J2 runs, so J4 runs whole from 1000, and J3 is booked at J4's end
+    jobs = [Job(1, 0, 1000, 1000, 3), Job(2, 1, 500, 500, 2), Job(3, 2, 100, 100, 4), Job(4, 3, 1000, 1000, 2)]
+    start = simulate(jobs, [], FUTURE, NOVM, check=True)
+    end = simulate(jobs, [], Config("end", suspend=True, backfill="haizea", future_until="end"), NOVM, check=True)
+    assert start.records[2] == end.records[2] == (1000, 1500, 0)
+    assert start.records[3][0] == 1500 and start.records[4][2] == 1
+    assert end.records[4] == (1000, 2000, 0) and end.records[3][0] == 2000
+
+
+def test_mapping_and_future_until_are_checked():
+    import pytest
+    with pytest.raises(ValueError, match="mapping must be fit or haizea, not 'best'"):
+        Config("x", mapping="best")
+    with pytest.raises(ValueError, match="future_until must be start or end, not 'never'"):
+        Config("x", future_until="never")

@@ -91,8 +91,25 @@ class Config:
     # lease has to be cancelled and resubmitted", queue.enqueueInOrder by lease id). Off: a
     # reservation only takes nodes whose jobs end in time (our model).
     cancel: bool = False
+    # Which of the nodes a job fits on it takes. fit: those whose next commitment comes soonest
+    # (best fit; our model). haizea: Haizea's mapping of June 2008 (af1dfa1c, slottable.py
+    # fitBestEffort step 4 and AvailabilityWindow.findPhysNodesForVMs): the lease runs to the
+    # latest end k nodes allow (its whole request if it can), on the lowest-numbered nodes free
+    # until then; a resumed lease takes its last nodes first.
+    mapping: str = "fit"
+    # backfill=haizea: when the one future lease's place is free again. start: when the booked
+    # lease starts (Haizea since 2009: vm_scheduler.py _handle_start_vm removes it from
+    # future_leases). end: when its VM stops (ends, is saved or cancelled), as in Haizea's code of
+    # spring 2008 (1da0e66 of 19 May and af1dfa1c: scheduler.py handleEndVM decrements
+    # numbesteffortres for a VM reservation made in the future, handleStartVM does not); until
+    # then later jobs can only start now.
+    future_until: str = "start"
 
     def __post_init__(self) -> None:
+        if self.future_until not in ("start", "end"):
+            raise ValueError(f"future_until must be start or end, not {self.future_until!r}")
+        if self.mapping not in ("fit", "haizea"):
+            raise ValueError(f"mapping must be fit or haizea, not {self.mapping!r}")
         if self.transfer not in ("none", "fresh", "cache"):
             raise ValueError(f"transfer must be none, fresh or cache, not {self.transfer!r}")
         if self.backfill not in ("easy", "conservative", "none", "haizea"):
@@ -361,6 +378,7 @@ class Simulator:
         self._ver = 0               # bumped whenever a node's occupant or commitments change
         self._last_promise = None   # (head, its request left, suspensions, _ver, t, nodes)
         self._future: _Claim | None = None   # backfill=haizea: the one future lease
+        self._future_run: Run | None = None  # its lease once started, with future_until=end
         self._reeval = False        # a job ended before its requested time (backfill=haizea)
         self._claims = 0            # booked starts (_Claim) in the nodes' commitment lists
         # EASY's promise is read only through `_Blocks.easy` (per-node intervals: _free_at's)
@@ -458,6 +476,7 @@ class Simulator:
         if abs(run.worked - run.job.run) > 1e-6 * max(1.0, run.job.run):
             raise InvariantError(f"job {run.job.id} ran {run.worked:.3f}s of work, needs {run.job.run}s")
         self._release(run.nodes, now, run.job.image)
+        self._vm_stopped(run)
         if run.end < run.req_end:
             self._reeval = True
         run.done = now
@@ -600,11 +619,25 @@ class Simulator:
         img = run.job.image
         prefer_cache = self.cfg.placement == "cache" and self.cfg.transfer == "cache"
         last = set(run.last_nodes)
+        if self.cfg.mapping == "haizea":
+            return self._pick_haizea(run, cands, now, last)
 
         def key(n):
             return (n not in last, (img not in self.cache[n]) if prefer_cache else False,
                     self.busy[n] is None, self._until(n, now), n)
         return sorted(cands, key=key)[:run.job.nodes]
+
+    def _pick_haizea(self, run: Run, cands: list[int], now: float, last: set) -> list[int]:
+        """Haizea's mapping (Config.mapping): the end is the k-th longest free time among the
+        candidates, capped at the whole request; the nodes free until then, the last ones first,
+        then by number."""
+        k = run.job.nodes
+        gap = self._gaps(now)[3]
+        setup = self.resume_s + self.migrate_s if run.suspensions else self.boot
+        whole = setup + run.req_left * self.slow
+        end = min(whole, sorted((gap[n] for n in cands), reverse=True)[k - 1])
+        canfit = sorted(n for n in cands if gap[n] >= end)
+        return sorted(canfit, key=lambda n: n not in last)[:k]
 
     def _try_start(self, run: Run, now: float, blocks: dict, general: bool = True) -> bool:
         """Start `run` now if it fits. `general=False` skips the image-independent path (any free
@@ -740,6 +773,8 @@ class Simulator:
             return
         if c is self._future:
             self._future = None
+            if self.cfg.future_until == "end":
+                self._future_run = c.run
         self._unclaim(c)
         for n in c.nodes:
             occ = self.busy[n]
@@ -796,7 +831,8 @@ class Simulator:
             self._reevaluate(now)
         # with staging=overlap a job may be booked on busy nodes, so a pass is worth it anyway;
         # so may Haizea's future lease
-        anyfree = self.cfg.staging == "overlap" or (haizea and self._future is None)
+        anyfree = self.cfg.staging == "overlap" or (haizea and self._future is None
+                                                    and self._future_run is None)
         if not self.queue or not (self.free or anyfree):
             self._dirty = False
             self._fresh.clear()
@@ -816,7 +852,7 @@ class Simulator:
         self._fresh.clear()
         blocks = _Blocks()
         self._blocks = None
-        head_done = haizea and self._future is not None
+        head_done = haizea and (self._future is not None or self._future_run is not None)
         # Jobs that failed since the last start: a larger, longer job fails the same
         # image-independent test (with caches its own image may still let it start).
         # fail_q[k] = shortest request that failed among jobs of at most k nodes, negated (so the
@@ -897,7 +933,7 @@ class Simulator:
                     self._promise(run, now, blocks)
             i += 1
         self._held_fail = None
-        if haizea and self._future is not None:
+        if haizea and (self._future is not None or self._future_run is not None):
             self._blocks = blocks   # arrivals alone can only start now: the clean path above
 
     def _reevaluate(self, now: float) -> None:
@@ -1164,6 +1200,7 @@ class Simulator:
         back in line at its original place and will run again from the start (Haizea's preempt
         removes the lease's VM reservation and keeps its remaining duration as it was)."""
         run.token += 1
+        self._vm_stopped(run)
         self.res.killed += 1
         self.res.killed_work += max(0.0, now - run.work_start) / self.slow * run.job.nodes
         self._release(run.nodes, now, None)
@@ -1174,8 +1211,14 @@ class Simulator:
         run.first_start = None
         self._enqueue(run)
 
+    def _vm_stopped(self, run: Run) -> None:
+        if run is self._future_run:
+            self._future_run = None
+            self._dirty = True
+
     def _suspend(self, run: Run, now: float, until: float) -> None:
         run.token += 1
+        self._vm_stopped(run)
         if now >= run.work_start:
             done = (now - run.work_start) / self.slow
             run.worked += done
