@@ -89,12 +89,19 @@ def test_job_from_env_fills_the_allocation_and_carries_the_request_as_directives
         request.resolve(job, Settings(), CATALOG)
 
 
-def test_slurm_prolog_refuses_a_vm_job_on_several_nodes_even_if_a_field_says_one():
-    """job_submit.lua refuses -N 2 and NumNodes=2 later; past both, the prolog would boot a VM on every
-    node. Users write JobName and Comment: a forged 'NumNodes=1' there never hides the real count."""
+def test_slurm_prolog_refuses_a_vm_job_on_several_nodes_without_slurmds_node_list():
+    """A multi-node job's VMs are placed from slurmd's SLURM_JOB_NODELIST (never from the job record, whose
+    JobName and Comment users write). Slurm counting 2 nodes without that list fails the job: its VM is
+    never booted as if it were alone; a forged 'NumNodes=1' in a field does not hide the count."""
     shown = SHOW.replace("{comment}", "x NumNodes=1").replace("NumNodes=1 ", "NumNodes=2 ", 1)
-    with pytest.raises(UserError, match=r"multi-node jobs are not supported yet \(asked for 2 nodes\): .*-N 1"):
+    with pytest.raises(VmwrapError, match=r"job 77 has 2 nodes but slurmd gave no node list"):
         hooks.job_from_env(env("vmwrap:image=busybox,memory=,cpus=,lost="), show_job=lambda jid: shown)
+
+
+@pytest.mark.parametrize("value", ["c[1-2] c3", "-c1", "c1;reboot", "c1\nc2", "$(x)"])
+def test_slurm_node_list_is_a_host_list_or_refused(value):
+    with pytest.raises(VmwrapError, match="SLURM_JOB_NODELIST=.* from slurmd is not a host list"):
+        hooks.node_list({"SLURM_JOB_NODELIST": value})
 
 
 @pytest.mark.parametrize("field", ["SLURM_JOB_UID", "SLURM_JOB_GID", "SLURM_JOB_RESTART_COUNT"])

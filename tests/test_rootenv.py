@@ -25,7 +25,7 @@ SPY = r"""
 import json, os, sys
 import vmwrap_plugins.slurm.hooks as sh, vmwrap_plugins.sge.hooks as gh
 out = sys.argv[1]
-def spy(settings, *rest):
+def spy(settings, *rest, **kw):
     with open(out, "w") as f:
         json.dump({"environ": dict(os.environ), "rest": [r for r in rest if isinstance(r, (dict, str, list))],
                    "state_dir": settings.state_dir}, f)

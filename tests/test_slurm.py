@@ -230,27 +230,6 @@ def test_bad_directive_rejected_at_submit(cluster, jobdir, directive, message):
     assert "sbatch: error: vmwrap: " in r.stderr and message in r.stderr
 
 
-def test_multi_node_rejected_at_submit(cluster, jobdir):
-    r = cluster.sbatch(HDR + "echo hi\n", "-N", "2", user="vmwrapuser", cwd=jobdir)
-    assert r.returncode != 0 and "multi-node jobs are not supported yet" in r.stderr
-
-
-def test_a_pending_vm_job_cannot_be_made_multi_node(cluster, jobdir):
-    """scontrol update NumNodes=2 does not pass slurm_job_submit: the modify hook refuses it for a VM job
-    (Slurm 22.05's scontrol then says only "Unspecified error"); a job without a VM may grow."""
-    plain = submit(cluster, jobdir, "#!/bin/sh\necho bare\n", "-H")
-    vm = submit(cluster, jobdir, HDR + "echo vm\n", "-H")
-    try:
-        r = cluster.run("scontrol", "update", f"JobId={vm}", "NumNodes=2", user="vmwrapuser")
-        assert r.returncode != 0, r.stdout + r.stderr
-        assert cluster.job(vm)["NumNodes"] == "1", cluster.job(vm)
-        r = cluster.run("scontrol", "update", f"JobId={plain}", "NumNodes=2", user="vmwrapuser")
-        assert r.returncode == 0, r.stdout + r.stderr
-        assert cluster.job(plain)["NumNodes"].startswith("2"), cluster.job(plain)
-    finally:
-        cluster.run("scancel", plain, vm)
-
-
 def test_memory_above_allocation_rejected_at_submit(cluster, jobdir):
     r = cluster.sbatch("#!/bin/sh\n#VMWRAP --image=busybox --memory=1G\n", "--mem=512M", user="vmwrapuser", cwd=jobdir)
     assert r.returncode != 0 and "--memory=1024M is more than the job's allocation of 512M" in r.stderr

@@ -64,6 +64,10 @@ class Spec:
     # QEMU: the guest's connections leave the node as the job's user, under the site's rules for that user,
     # and nothing listens on the host for it. The MAC comes from the domain name so a restore keeps it.
     network: str = "none"
+    # A multi-node job's private network (vmwrap/jobnet.py): the bridge this host has for it, and the
+    # card's MAC there (jobnet.mac of the node's index). None: a one-node job, no such card.
+    job_bridge: str | None = None
+    job_mac: str | None = None
 
     @property
     def mac(self) -> str:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import rundir
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .jobnet import Plan
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -28,6 +32,9 @@ class Job:
     restart_count: int = 0
     on_lost_checkpoint: str | None = None  # restart | fail (None: fail), when the directive is not in the script
     groups: list[int] = field(default_factory=list)
+    # A job spanning several nodes: all of them, their hosts' addresses and this node's place (one VM
+    # on each, joined by the job's private network, vmwrap/jobnet.py). None: a one-node job.
+    nodes: Plan | None = None
 
     def __post_init__(self) -> None:
         self.check_id(self.job_id)
@@ -40,8 +47,13 @@ class Job:
             raise UserError(f"invalid job id {job_id!r}: use letters, digits, '.', '_', '-' (max 64)")
 
     @property
+    def index(self) -> int:
+        """This node's place among the job's nodes (0: the first, where the batch script runs)."""
+        return self.nodes.index if self.nodes else 0
+
+    @property
     def domain_name(self) -> str:
-        return rundir.domain_name(self.job_id)
+        return rundir.domain_name(self.job_id, self.index)
 
 
 def validate_host_path(path: str, what: str) -> None:

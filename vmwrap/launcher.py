@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import accel, evidence, domain, limits, overlay, rundir, share
+from . import accel, evidence, domain, jobnet, limits, overlay, rundir, share
 from .cache import Cache
 from .catalog import Catalog
 from .config import Settings
@@ -106,7 +106,8 @@ class Launcher:
             "run_dir": str(self.run_dir), "restarts": self.job.restart_count,
             "disk_format": p.image.disk.format if p.image.disk else None,
             "disk_sha256": p.image.disk.sha256 if p.image.disk else None,
-            "on_lost_checkpoint": self.on_lost_checkpoint})))
+            "on_lost_checkpoint": self.on_lost_checkpoint,
+            "node_index": self.job.index, "nodes": len(self.job.nodes.nodes) if self.job.nodes else 1})))
         self.timeline["prepared"] = time.monotonic()
 
     def _write_control(self) -> None:
@@ -119,7 +120,15 @@ class Launcher:
         umask = os.umask(0o022)
         os.umask(umask)
         (ctl / rundir.CTL_IDS).write_text(f"{self.job.uid} {self.job.gid} {groups} {umask:o}\n")
-        (ctl / rundir.CTL_HOSTNAME).write_text(os.uname().nodename)
+        plan = self.job.nodes
+        # A multi-node job's VMs are named as its nodes, which the job network's hosts file resolves.
+        (ctl / rundir.CTL_HOSTNAME).write_text(plan.nodes[plan.index] if plan else os.uname().nodename)
+        for name, text in ((rundir.CTL_JOBNET, plan.guest_config() if plan else None),
+                           (rundir.CTL_PEER, "1\n" if plan and plan.index else None)):
+            if text is None:
+                (ctl / name).unlink(missing_ok=True)
+            else:
+                (ctl / name).write_text(text)
         env = ctl / rundir.CTL_IMAGE_ENV  # the image's defaults under the job's own (payload.job_environment)
         env.write_bytes(b"".join(f"{k}={v}".encode() + b"\0" for k, v in self.request.image.env.items()))
         env.chmod(0o644)
@@ -150,6 +159,8 @@ class Launcher:
             run_dir=str(self.run_dir), cmdline=p.image.cmdline, uid=self.qemu_ids[0], gid=self.qemu_ids[1],
             memory_limit_mib=p.memory_mib + self.settings.vm_memory_overhead_mib, network=p.image.network,
         )
+        if self.job.nodes:
+            spec.job_bridge, spec.job_mac = jobnet.join(self.job.nodes), jobnet.mac(self.job.index)
         if domain.lookup(self.conn, self.job.domain_name) is not None:
             raise NodeError(f"a VM named {self.job.domain_name} already exists on this node "
                             f"(stale job? vmwrap teardown {self.job.job_id})")
@@ -160,7 +171,8 @@ class Launcher:
         from .checkpoint import record_spec
 
         started_from, fast = "boot", {}
-        if self.settings.fast_start:  # restore a pre-booted template of this shape; any trouble: cold boot
+        # restore a pre-booted template of this shape (any trouble: cold boot); templates have no job network
+        if self.settings.fast_start and not spec.job_bridge:
             from . import snapshot
 
             restored, why = snapshot.start(self.conn, self.settings, p.image, spec)
@@ -315,17 +327,22 @@ def _clear_run_dir(run_dir: Path, keep: str | None = None) -> None:
 
 def teardown(job_id: str, settings: Settings, conn=None, ledger: Ledger | None = None,
              cache: Cache | None = None, keep_error: bool = False, keep_evidence: bool = True,
-             raise_unreachable: bool = False) -> bool:
+             raise_unreachable: bool = False, index: int | None = None) -> bool:
     """Destroy the job's VM and remove every per-job file and pin. Idempotent; safe from an epilog.
+
+    `index`: the node's place in a multi-node job, which names its VM (rundir.domain_name); None: as
+    the run dir records it (0 without one). The job's network leaves this host with its last VM here.
 
     A guest that died without an exit status leaves its console tail and timeline in
     `<state_dir>/failed/<job>.<time>/` first (`keep_evidence=False` when the VM was saved on purpose).
     Libvirt unreachable: the files still go, but never silently (its VM may still run): a `failed`
     (kind node) ledger record, and a line on stderr or, with `raise_unreachable`, a NodeError at the end."""
-    name = rundir.domain_name(job_id)
+    run_dir = rundir.path(settings, job_id)
+    if index is None:
+        index = rundir.placement(run_dir)[0]
+    name = rundir.domain_name(job_id, index)
     did = False
     own_conn = conn is None
-    run_dir = rundir.path(settings, job_id)
     unreachable = None
     try:
         if conn is None:
@@ -346,6 +363,8 @@ def teardown(job_id: str, settings: Settings, conn=None, ledger: Ledger | None =
                                                             evidence=str(kept))
     limits.stop(run_dir)
     share.stop(run_dir)
+    if unreachable is None and os.path.lexists(f"/sys/class/net/{jobnet.bridge_name(job_id)}"):
+        jobnet.leave(job_id)
     if run_dir.exists():
         if keep_error and (run_dir / rundir.ERROR).exists():  # the job's payload still has to report it
             _clear_run_dir(run_dir, keep=rundir.ERROR)

@@ -160,7 +160,7 @@ def _start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], 
         return _fail(settings, job_id, e)
     if job is None:
         return Outcome(Verdict.RUN)
-    launcher.teardown(job.job_id, settings)  # leftovers of an earlier run of the same job id
+    launcher.teardown(job.job_id, settings, index=job.index)  # leftovers of an earlier run of the same job id
     lx = launcher.Launcher(job, settings)
     saving = settings.workdir_share == "serial"
     store = checkpoint.Store(settings.checkpoint_dir, settings.checkpoint_key_file)
@@ -168,14 +168,20 @@ def _start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], 
         if job.restart_count == 0:  # a first start: what the store holds under this id is an older job's
             store.delete(job.job_id)  # (schedulers reuse job ids, e.g. after a controller reset)
         lx.prepare()
-        checkpoints = saving and lx.request.image.checkpoint
+        if job.nodes and job.restart_count > 0:   # its VMs were not saved (end): they cannot continue
+            why = f"its VMs span {len(job.nodes.nodes)} nodes, which vmwrap does not save"
+            if (lx.on_lost_checkpoint or "fail") == "fail":
+                raise CheckpointError(f"job {job.job_id} was requeued, but {why}; not starting it again from the "
+                                      "beginning (add '#VMWRAP --on-lost-checkpoint=restart' to allow that)")
+            lx.notice(f"{why}; starting the job again from the beginning (--on-lost-checkpoint=restart)")
+        checkpoints = saving and lx.request.image.checkpoint and not job.nodes
         if checkpoints:
             # Where the shared store is not mounted its path is a local directory: a save there is
             # lost to every other node, and a restart finds no record that the job ran and would
             # silently start it again from the beginning. The node's fault (StoreUnverified): the
             # scheduler takes it out and runs the job where the store is.
             store.check_identity()
-        if saving and job.restart_count > 0 and store.ran(job.job_id):
+        if checkpoints and job.restart_count > 0 and store.ran(job.job_id):
             _await_checkpoint(store, job.job_id, settle)
             # From here this run is the job's current one: a save by an earlier run still going on a
             # node cut off from the scheduler is refused (and a next checkpoint must be newer than this).
@@ -192,7 +198,7 @@ def _start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], 
         lx.boot()
         if checkpoints:
             checkpoint.mark_current(store, job.job_id, lx.run_dir, lx.run_token)
-        elif saving:  # an image that may not be saved: its restart follows the job's policy where the
+        elif saving and not job.nodes:  # an image that may not be saved: its restart follows the job's policy where the
             try:      # store is there to tell (it is not required for jobs that never checkpoint)
                 checkpoint.mark_current(store, job.job_id, lx.run_dir, lx.run_token)
             except NodeError:
@@ -200,12 +206,12 @@ def _start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], 
         return Outcome(Verdict.RUN, vm=True, facts={"restored": False}, **_booted(lx))
     except CacheFullError as e:
         lx.fail(e)  # the node is healthy, only busy: the job fails with the reason, the node stays up
-        launcher.teardown(job.job_id, settings, keep_error=True)
+        launcher.teardown(job.job_id, settings, keep_error=True, index=job.index)
         return Outcome(Verdict.JOB_FAILED, str(e), vm=True)
     except NodeError as e:
         # The scheduler requeues the job and takes the node out: leave nothing that would make the
         # epilog believe a VM may still be running here.
-        launcher.teardown(job.job_id, settings)
+        launcher.teardown(job.job_id, settings, index=job.index)
         lx.ledger.record(job.job_id, job.domain_name, "failed", kind=e.kind, scheduler=scheduler, message=str(e))
         _say("prolog", f"node fault: {e}")
         return Outcome(Verdict.NODE_FAULT, str(e), vm=True)
@@ -237,7 +243,7 @@ def requeued(settings: Settings, job_id: str, restarts_now: int) -> bool:
 
 
 def end(settings: Settings, job_id: str, *, requeued: bool, restarts: int, scheduler: str, node: str = "",
-        **facts) -> Outcome:
+        index: int | None = None, **facts) -> Outcome:
     """The epilog: save the VM when the scheduler requeued (or vacated) the job, then tear everything
     down; delete the job's checkpoint when it ended for good. Idempotent. A node fault only when
     libvirt is unreachable while a VM of this job may still run (it cannot be destroyed)."""
@@ -259,7 +265,10 @@ def end(settings: Settings, job_id: str, *, requeued: bool, restarts: int, sched
         return Outcome(Verdict.RUN)
     store = checkpoint.Store(settings.checkpoint_dir, settings.checkpoint_key_file)
     ledger = Ledger(settings.ledger_path)
-    name = rundir.domain_name(job_id)
+    recorded, spans = rundir.placement(run_dir)
+    if index is None:   # the node's place in a multi-node job (the adapter knows it even without a run dir)
+        index = recorded
+    name = rundir.domain_name(job_id, index)
     out = Outcome(Verdict.RUN, vm=run_dir.exists())
     try:
         try:
@@ -272,11 +281,17 @@ def end(settings: Settings, job_id: str, *, requeued: bool, restarts: int, sched
             ledger.record(job_id, name, "stale_run", scheduler=scheduler, message=stale)
             _say("epilog", f"job {job_id}: {stale}; this run's VM is destroyed, nothing saved or deleted")
             try:
-                launcher.teardown(job_id, settings, conn=conn)
+                launcher.teardown(job_id, settings, conn=conn, index=index)
             except Exception as e:  # noqa: BLE001 (as below: leftover files are no node fault)
                 _say("epilog", f"job {job_id}: cleaning up: {e!r}")
             return out
-        if requeued and settings.workdir_share == "serial" and not domain.is_gone(conn, name):
+        if requeued and spans > 1:   # never half-saved: the restart follows --on-lost-checkpoint (_start)
+            if index == 0:
+                ledger.record(job_id, name, "save_failed", scheduler=scheduler,
+                              message=f"a job on {spans} nodes is not saved")
+                _say("epilog", f"job {job_id}: requeued; its VMs span {spans} nodes and are not saved")
+            out.facts["saved"] = False
+        elif requeued and settings.workdir_share == "serial" and not domain.is_gone(conn, name):
             deadline = store.deadline(job_id)   # set by the gap planner: a reservation needs the node
             try:
                 rundir.read_job(run_dir, job_id)  # a newer vmwrap's run dir is not saved on its guesses
@@ -296,7 +311,7 @@ def end(settings: Settings, job_id: str, *, requeued: bool, restarts: int, sched
         elif run_dir.exists():
             ledger.record(job_id, name, "exited", scheduler=scheduler, **facts, **payload.guest_timeline(run_dir))
         try:
-            launcher.teardown(job_id, settings, conn=conn, keep_evidence=not requeued)  # a saved VM did not die
+            launcher.teardown(job_id, settings, conn=conn, keep_evidence=not requeued, index=index)  # a saved VM did not die
         except Exception as e:  # noqa: BLE001 (the VM is destroyed first; leftover files are no node fault)
             _say("epilog", f"job {job_id}: cleaning up after the VM failed: {e!r}")
         if not requeued and out.vm:
@@ -341,7 +356,9 @@ def epilog(adapter, settings: Settings, env, **facts) -> Outcome:
     """A root epilog through an adapter: end (save if requeued), take the node out on a node fault."""
     job_id = adapter.job_id(env)
     requeued_, restarts = adapter.requeue_state(settings, env)
-    out = end(settings, job_id, requeued=requeued_, restarts=restarts, scheduler=adapter.name, **facts)
+    place = getattr(adapter, "node_index", None)   # optional: schedulers that run multi-node VM jobs
+    out = end(settings, job_id, requeued=requeued_, restarts=restarts, scheduler=adapter.name,
+              index=place(env) if place is not None else None, **facts)
     if out.verdict is Verdict.NODE_FAULT:
         adapter.take_out(env, f"vmwrap: {out.reason}")
     return out

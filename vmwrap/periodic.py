@@ -148,6 +148,8 @@ def handle(settings: Settings, conn, job_id: str, peer_uid: int) -> dict:
     run_dir = rundir.path(settings, job_id)
     if settings.workdir_share != "serial":
         raise UserError("this site's VMs cannot be saved (workdir_share is not serial)")
+    if rundir.placement(run_dir)[1] > 1:
+        raise UserError(f"job {job_id} runs on several nodes: its VMs are not saved")
     gap = settings.checkpoint_min_every_s * SLACK
     now = time.monotonic()
     if now - _last.get(job_id, -1e18) < gap:

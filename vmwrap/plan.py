@@ -240,6 +240,8 @@ def plan_pass(now: float, reservations: list[Reservation], jobs: list[QueuedJob]
 def _not_a_candidate(j: QueuedJob, p: Policy, in_gaps: int) -> str:
     if not j.saveable:
         return "not in a saveable VM: never put into a gap"
+    if j.nodes > 1:
+        return "its VMs span several nodes and are not saved: never put into a gap"
     if p.partitions and j.partition not in p.partitions:
         return f"partition {j.partition} is not planned"
     if p.users and j.user not in p.users:

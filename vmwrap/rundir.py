@@ -45,6 +45,8 @@ CONTROL_SOCKET = "control.sock"  # the guest agent's control port (libvirtd make
 # ctl/: shared read-only into the guest. Root-owned facts at its top, the job's user's hand-over in ctl/user.
 CTL = "ctl"
 CTL_WORKDIR, CTL_IDS, CTL_HOSTNAME, CTL_USER = "workdir", "ids", "hostname", "user"
+CTL_JOBNET = "jobnet"  # a multi-node job's network for the guest (jobnet.Plan.guest_config)
+CTL_PEER = "peer"      # present on a multi-node job's other nodes: no script here, serve sessions only
 CTL_IMAGE_ENV = "image-env"  # the image's default environment, NUL-separated NAME=value (payload.job_environment)
 USER_SCRIPT, USER_ENV, USER_ARGS = "script", "env", "args"
 # The job's process facts the guest reproduces: its resource limits, and whether its stdout and stderr
@@ -79,9 +81,20 @@ def check_socket_room(run_dir: Path) -> None:
                         f"allows {SOCKET_PATH_MAX}): set a shorter state_dir in the node's config")
 
 
-def domain_name(job_id: str) -> str:
-    """The libvirt name of a job's VM (teardown finds leftovers by it)."""
-    return DOMAIN_PREFIX + job_id
+def domain_name(job_id: str, index: int = 0) -> str:
+    """The libvirt name of a job's VM (teardown finds leftovers by it). A multi-node job's VM on its
+    k-th node (k >= 1) is `vmwrap-JOB@k`: nodes sharing a host (and its libvirtd) keep theirs apart."""
+    return DOMAIN_PREFIX + job_id + (f"@{index}" if index else "")
+
+
+def split_domain_name(name: str) -> tuple[str, int] | None:
+    """(job id, node index) of a job VM's libvirt name, or None if it is not one (the id unchecked)."""
+    if not name.startswith(DOMAIN_PREFIX):
+        return None
+    job_id, at, k = name[len(DOMAIN_PREFIX):].partition("@")
+    if at and not (k.isdigit() and k[0] != "0" and len(k) <= 6):
+        return None
+    return job_id, int(k) if at else 0
 
 
 def path(settings: Settings, job_id: str) -> Path:
@@ -119,6 +132,20 @@ def check(meta: dict, job_id: str) -> dict:
                           f"this vmwrap {__version__} reads formats up to {FORMAT}: run the job on a node "
                           f"with vmwrap {wrote} or newer")
     return meta
+
+
+def placement(run_dir: Path) -> tuple[int, int]:
+    """(this node's index, how many nodes) of the job whose run dir this is, as its job record (root's)
+    says: a multi-node job's VM name and whether it may be saved; (0, 1) without a record."""
+    from . import safeio
+
+    try:
+        rec = json.loads(safeio.read_capped(Path(run_dir) / JOB, JOB_MAX) or b"{}")
+        k, n = rec.get("node_index", 0), rec.get("nodes", 1)
+    except (OSError, ValueError, AttributeError):
+        return 0, 1
+    ok = isinstance(k, int) and isinstance(n, int) and 0 <= k < n <= 1 << 20
+    return (k, n) if ok else (0, 1)
 
 
 def read_job(run_dir: Path, job_id: str) -> dict | None:

@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import rundir
-from .errors import UserError
+from .errors import NodeError, UserError
 
 SOCKET = rundir.STEPS_SOCKET  # in the run dir: the guest's step port (QEMU binds it, as the job's user)
 MARKER = "steps"           # ctl/user/steps: the guest agent installs its srun shim only when served
@@ -470,6 +470,35 @@ def task_main(argv: list[str]) -> int:
                     die_by(n)
                     return 128 + n
                 return n & 255
+
+
+# What a task on another node runs its command with: the guest's own defaults, and the step's variables.
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def peer_task(settings, job_id: str, command: list[str]) -> int:
+    """One task of a multi-node job's step on another node than its batch script's: the job's VM here
+    runs no payload to serve steps, so the command goes to it through a shell session (the node agent
+    checks that the caller owns the job; vmwrap/shell.py). The session is a pipe: the command's output
+    and errors arrive as one stream, on this task's stdout; one such task per node at a time (a VM
+    serves one session at a time)."""
+    import shlex
+
+    from . import shell
+
+    if not command:
+        print("vmwrap: no command for this task", file=sys.stderr)
+        return 2
+    env = {"PATH": GUEST_PATH, **{k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}}
+    line = "exec env -i " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + " " + shlex.join(command)
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        return shell.run(settings, job_id, line, stdin=null, stdout=1, waiting_note_s=600.0)
+    except (UserError, NodeError) as e:
+        print(f"vmwrap: {e}", file=sys.stderr)
+        return 1
+    finally:
+        os.close(null)
 
 
 if __name__ == "__main__":

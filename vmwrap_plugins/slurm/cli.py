@@ -45,7 +45,7 @@ def attach(obj, script, args):
     """The batch step (job's user): hand the job to its VM and stream its output."""
     from . import hooks
 
-    sys.exit(hooks.attach(obj.settings(hook=True), script, list(args)))
+    sys.exit(hooks.attach(obj.settings(hook=True), script, list(args), config_path=obj.config_path))
 
 
 @slurm.command()
@@ -54,7 +54,7 @@ def interactive(obj):
     """salloc's interactive step (InteractiveStepOptions, job's user): a shell in the job's VM."""
     from . import hooks
 
-    sys.exit(hooks.interactive(obj.settings(hook=True)))
+    sys.exit(hooks.interactive(obj.settings(hook=True), config_path=obj.config_path))
 
 
 @slurm.command()

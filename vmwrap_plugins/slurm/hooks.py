@@ -10,11 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from vmwrap import lifecycle, payload, rundir, wire
+from vmwrap import jobnet, lifecycle, payload, rundir, wire
 from vmwrap.config import Settings
-from vmwrap.errors import UserError, VmwrapError
+from vmwrap.errors import NodeError, UserError, VmwrapError
 from vmwrap.job import Job
-from vmwrap.request import one_node
 
 from .commands import SCONTROL, SQUEUE
 from .steps import srun_command
@@ -24,7 +23,7 @@ from .steps import srun_command
 ROOT_ENV = ("SLURM_JOB_ID", "SLURM_JOB_USER", "SLURM_JOB_UID", "SLURM_JOB_GID", "SLURM_JOB_WORK_DIR",
             "SLURM_JOB_CPUS_PER_NODE", "SLURM_JOB_RESTART_COUNT", "SLURM_JOB_COMMENT", "SLURM_JOB_PARTITION",
             "SLURMD_NODENAME", "SLURM_SCRIPT_CONTEXT", "SLURM_JOB_EXIT_CODE", "SLURM_JOB_EXIT_CODE2",
-            "SLURM_JOB_DERIVED_EC", "SLURM_CONF")
+            "SLURM_JOB_DERIVED_EC", "SLURM_CONF", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
 
 # job_submit.lua puts it above the user's script; the batch step runs what follows it.
 MARKER = "#VMWRAP-ORIGINAL-SCRIPT"
@@ -123,18 +122,75 @@ def job_from_env(env: dict[str, str], show_job=slurm_job) -> tuple[Job, wire.Acc
     if req.cpus and alloc and req.cpus > alloc:
         raise UserError(f"--cpus={req.cpus} is more than the {alloc} CPUs Slurm allocated on this node")
     shown = show_job(job_id)
-    # job_submit.lua refuses -N 2 for a VM job, and its modify hook a later NumNodes=2; were either
-    # bypassed, every node's prolog would boot a VM. A forged NumNodes= in a user's field only refuses.
-    nodes = max([int(n) for n in _NUM_NODES.findall(shown)] or [1])
-    one_node(nodes, f"asked for {nodes} nodes", "submit with -N 1")
+    # Slurm's node list (slurmd's, not the job record's, whose user-written fields could forge one)
+    # says where the job's VMs are; NumNodes only cross-checks it.
+    names = node_list(env)
+    counted = max([int(n) for n in _NUM_NODES.findall(shown)] or [1])
+    if counted > 1 and len(names) < 2:
+        raise VmwrapError(f"job {job_id} has {counted} nodes but slurmd gave no node list (SLURM_JOB_NODELIST)")
+    plan = None
+    if len(names) > 1:
+        node = env.get("SLURMD_NODENAME", "")
+        if node not in names:
+            raise VmwrapError(f"this node ({_clip(node)}) is not in job {job_id}'s node list")
+        plan = jobnet.Plan(job_id, tuple(names), tuple(node_addresses(names)), names.index(node))
     memory = allocated_memory_mib(shown, alloc)
     work_dir = env.get("SLURM_JOB_WORK_DIR") or pwd.getpwuid(uid).pw_dir
     job = Job(job_id=job_id, scheduler="slurm", user=user, uid=uid, gid=gid,
               work_dir=work_dir, script=_directives(req), cpus=alloc, memory_mib=memory, image=req.image,
               restart_count=_env_int(env, "SLURM_JOB_RESTART_COUNT", 6, default=0),
               on_lost_checkpoint=req.on_lost_checkpoint,
-              groups=[g for g in os.getgrouplist(user, gid) if g != gid])
+              groups=[g for g in os.getgrouplist(user, gid) if g != gid], nodes=plan)
     return job, req
+
+
+_HOSTLIST = re.compile(r"[A-Za-z0-9_.,\[\]-]{1,4000}")
+
+
+def node_list(env) -> list[str]:
+    """The job's nodes in order (`scontrol show hostnames $SLURM_JOB_NODELIST`; slurmd 22.05 names it
+    SLURM_NODELIST only); [] without a list."""
+    value = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
+    if not value:
+        return []
+    if not _HOSTLIST.fullmatch(value) or value.startswith("-"):
+        raise VmwrapError(f"SLURM_JOB_NODELIST={_clip(value)} from slurmd is not a host list")
+    if _NODE.fullmatch(value):
+        return [value]   # one node: nothing to expand (every one-node job's epilog asks)
+    r = subprocess.run([SCONTROL, "show", "hostnames", value], capture_output=True, text=True, timeout=30)
+    names = r.stdout.split()
+    if r.returncode != 0 or not names:
+        raise VmwrapError(f"cannot expand job node list {_clip(value)}: {r.stderr.strip()[:200]}")
+    for n in names:
+        _check_node(n)
+    return names
+
+
+_NODE_ADDR = re.compile(r"^NodeName=(\S+) .*?\bNodeAddr=(\S+)", re.M)
+
+
+def node_addresses(names: list[str]) -> list[str]:
+    """Each node's host address (its NodeAddr, resolved), for the job network's tunnels."""
+    import ipaddress
+    import socket
+
+    r = subprocess.run([SCONTROL, "show", "node", "-o", ",".join(names)], capture_output=True, text=True,
+                       errors="replace", timeout=30)
+    found = dict(_NODE_ADDR.findall(r.stdout))
+    out = []
+    for n in names:
+        addr = found.get(n)
+        if addr is None:
+            raise NodeError(f"cannot read node {n}'s address from Slurm (scontrol show node: {r.stderr.strip()[:200]})")
+        try:
+            ipaddress.ip_address(addr)
+        except ValueError:
+            try:
+                addr = socket.gethostbyname(addr)
+            except OSError as e:
+                raise NodeError(f"node {n}'s address {_clip(addr)} does not resolve: {e}") from None
+        out.append(addr)
+    return out
 
 
 _NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -159,6 +215,15 @@ class Slurm:
     def job(self, env) -> Job | None:
         parsed = job_from_env(dict(env))
         return parsed[0] if parsed else None
+
+    def node_index(self, env) -> int | None:
+        """This node's place in a multi-node job (its VM's name); None for a one-node job or no list."""
+        try:
+            names = node_list(env)
+        except VmwrapError:
+            return None
+        node = env.get("SLURMD_NODENAME", "")
+        return names.index(node) if len(names) > 1 and node in names else None
 
     def requeue_state(self, settings: Settings, env) -> tuple[bool, int]:
         """Slurm counts restarts: more than when the VM started here means requeued or preempted."""
@@ -304,7 +369,19 @@ def epilog(settings: Settings, env: dict[str, str]) -> int:
     return 0 if out.ok else 1
 
 
-def attach(settings: Settings, script_path: str, args: list[str]) -> int:
+def step_launcher(job_id: str, config_path: str | None):
+    """vmwrap.steps' Launch for this job: srun_command, whose tasks are this plugin's (vmwrap_plugins.slurm.task)
+    so that a multi-node job's tasks on its other nodes run in those nodes' VMs; they get the command."""
+    node = os.environ.get("SLURMD_NODENAME", "")
+
+    def launch(argv: list[str], task: list[str]) -> tuple[int, list[str]]:
+        ours = [task[0], "-m", "vmwrap_plugins.slurm.task", *task[3:], job_id, node, config_path or "", "--"]
+        index, host = srun_command(argv, ours)
+        return index, host + argv[index:]
+    return launch
+
+
+def attach(settings: Settings, script_path: str, args: list[str], config_path: str | None = None) -> int:
     """The batch step: runs as the job's user; the VM is already booting."""
     text = Path(script_path).read_text(encoding="utf-8", errors="surrogateescape")
     _, sep, original = text.partition(MARKER + "\n")
@@ -316,10 +393,10 @@ def attach(settings: Settings, script_path: str, args: list[str]) -> int:
     started_as = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     requeued = (lambda: restarts(job_id) > started_as) if settings.workdir_share == "serial" else None
     return payload.attach(rundir.path(settings, job_id), job_id, original, env, args, grace=settings.grace_seconds,
-                          settings=settings, requeued=requeued, steps=srun_command)
+                          settings=settings, requeued=requeued, steps=step_launcher(job_id, config_path))
 
 
-def interactive(settings: Settings) -> int:
+def interactive(settings: Settings, config_path: str | None = None) -> int:
     """salloc's interactive step (InteractiveStepOptions; the job's user, on the job's first node): a
     terminal in the job's VM when the job asked for an image, else the user's shell, as Slurm's default."""
     job_id = os.environ.get("SLURM_JOB_ID", "")
@@ -334,7 +411,7 @@ def interactive(settings: Settings) -> int:
     from vmwrap.interactive import session
 
     env = {k: v for k, v in os.environ.items() if k != "VMWRAP_CONFIG"}
-    return session(settings, job_id, env, steps=srun_command)
+    return session(settings, job_id, env, steps=step_launcher(job_id, config_path))
 
 
 def restarts(job_id: str) -> int:

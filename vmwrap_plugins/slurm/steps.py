@@ -1,9 +1,9 @@
 """`srun` inside a vmwrap job's VM, Slurm's side: the guest's srun argv as a checked host srun command.
 
-The argv comes from the guest (hostile): only options whose meaning stays inside this job's one-node
+The argv comes from the guest (hostile): only options whose meaning stays inside this job's
 allocation are passed on, each value checked against a strict pattern; options naming host files,
-host programs, other jobs or other nodes (--output, --prolog, --jobid, --bcast, -N 2, --pty...) are
-refused with a message naming them. The command and its arguments never reach the host: the task
+host programs, other jobs or nodes by name (--output, --prolog, --jobid, --bcast, --nodelist, --pty...)
+are refused with a message naming them. `-N` spreads a multi-node job's step over its VMs. The command and its arguments never reach the host: the task
 (vmwrap.steps) has the guest run them. See vmwrap/steps.py for the whole path.
 """
 
@@ -21,7 +21,7 @@ SRUN = os.path.join(SLURM_BIN, "srun")
 COUNT = re.compile(r"[1-9][0-9]{0,5}")
 PATTERNS = {
     "ntasks": COUNT, "cpus-per-task": COUNT, "ntasks-per-node": COUNT,
-    "nodes": re.compile(r"1(-1)?"),
+    "nodes": re.compile(r"[1-9][0-9]{0,5}(-[1-9][0-9]{0,5})?"),
     "job-name": re.compile(r"[A-Za-z0-9._+-]{1,64}"),
     "time": re.compile(r"[0-9][0-9:-]{0,15}"),
     "mem": re.compile(r"[0-9]{1,9}[KMGT]?"), "mem-per-cpu": re.compile(r"[0-9]{1,9}[KMGT]?"),
@@ -62,8 +62,7 @@ def srun_command(argv: list[str], task: list[str]) -> tuple[int, list[str]]:
                     raise UserError(f"option {a!r} needs a value")
                 value = argv[i]
             if not PATTERNS[name].fullmatch(value):
-                hint = " (a vmwrap job has one VM on one node)" if name == "nodes" else ""
-                raise UserError(f"invalid value {value[:80]!r} for --{name}{hint}")
+                raise UserError(f"invalid value {value[:80]!r} for --{name}")
             opts.append(f"--{name}={value}")
             named |= name == "job-name"
         else:

@@ -8,7 +8,8 @@ mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 load() { while read -r m; do insmod "/lib/modules/$m" || echo "vmwrap: insmod $m failed"; done < "$1"; }
 load /etc/vmwrap-modules
 # The disk drivers only when the VM has a virtio disk (PCI ids 1af4:1001 legacy, 1af4:1042 modern), the
-# network card's only when it has one (1af4:1000, 1af4:1041: an image whose catalog entry says network = "nat").
+# network cards' only when it has one (1af4:1000, 1af4:1041: an image whose catalog entry says network = "nat",
+# or a multi-node job's private network, vmwrap/jobnet.py).
 DISK=; NET=
 for d in /sys/bus/pci/devices/*; do
   read -r ven < "$d/vendor"; [ "$ven" = 0x1af4 ] || continue
@@ -17,11 +18,19 @@ for d in /sys/bus/pci/devices/*; do
 done
 [ -n "$DISK" ] && load /etc/vmwrap-disk-modules
 # QEMU's user-mode NAT (vmwrap/domain.py) always answers as gateway 10.0.2.2 and DNS 10.0.2.3: a fixed
-# address is as good as DHCP here and costs no round trips.
+# address is as good as DHCP here and costs no round trips. Its card's MAC starts 52:54:00 (the job
+# network's 52:54:01, set up below once the control files are there).
+card() { for i in /sys/class/net/eth*; do read -r a < "$i/address"; case "$a" in $1) echo "${i##*/}"; return ;; esac; done; }
+NAT=
 if [ -n "$NET" ]; then
   load /etc/vmwrap-net-modules
-  { ip link set lo up && ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2; } \
-    || echo "vmwrap guest: cannot configure the network: $(ip addr 2>&1 | tail -4)" > /dev/console
+  ip link set lo up
+  NATIF=$(card '52:54:00:*')
+  if [ -n "$NATIF" ]; then
+    NAT=1
+    { ip link set "$NATIF" up && ip addr add 10.0.2.15/24 dev "$NATIF" && ip route add default via 10.0.2.2; } \
+      || echo "vmwrap guest: cannot configure the network: $(ip addr 2>&1 | tail -4)" > /dev/console
+  fi
 fi
 
 # Find the vmwrap virtio ports by name (the shell builtin read: no fork per port under TCG).
@@ -97,8 +106,16 @@ wait "$CTL_MOUNT" || fail "cannot mount control share"
 if [ -n "$RESTORED" ] && [ -d "$ROOT/etc" ]; then
   read -r id < /proc/sys/kernel/random/uuid && echo "${id//-/}" > "$ROOT/etc/machine-id"
 fi
-if [ -n "$NET" ] && [ -d "$ROOT/etc" ]; then
+if [ -n "$NAT" ] && [ -d "$ROOT/etc" ]; then
   rm -f "$ROOT/etc/resolv.conf"; echo "nameserver 10.0.2.3" > "$ROOT/etc/resolv.conf"
+fi
+# A multi-node job's private network: this VM's card and address, then its nodes' names (jobnet.Plan).
+if [ -e /ctl/jobnet ]; then
+  { read -r JMAC JADDR; JIF=$(card "$JMAC")
+    { [ -n "$JIF" ] && ip link set "$JIF" up && ip addr add "$JADDR" dev "$JIF"; } \
+      || echo "vmwrap guest: cannot configure the job network ($JMAC $JADDR): $(ip addr 2>&1 | tail -4)" > /dev/console
+    if [ -d "$ROOT/etc" ]; then [ -e "$ROOT/etc/hosts" ] || echo "127.0.0.1 localhost" > "$ROOT/etc/hosts"; cat >> "$ROOT/etc/hosts"; fi
+  } < /ctl/jobnet
 fi
 # The job's files as it sees them (/.vmwrap). With vmwrap's 9P the share is copied to RAM once the job is
 # handed over (below), and bound from there.
@@ -117,6 +134,25 @@ read -r UID_ GID_ GROUPS_ UMASK_ < /ctl/ids
 read -r h < /ctl/hostname; [ -n "$h" ] && hostname "$h"  # (no newline in the file: read fails, h is set)
 
 read -r up _ < /proc/uptime; say "ready $up"
+# `vmwrap shell JOBID` (vmwrap/shell.py): shells on new terminals in the job's root as its user. The root gets the
+# same terminals (tty, ttyname).
+serve_shells() {
+  [ -n "$SHELLPORT" ] || find_ports
+  [ -n "$SHELLPORT" ] || return 0
+  ( mkdir -p /dev/pts && mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts \
+      && { [ "$ROOT" = / ] || { mkdir -p "$ROOT/dev/pts" && mount -o bind /dev/pts "$ROOT/dev/pts"; }; } \
+      && exec /bin/vmwrap-shell "$SHELLPORT" "$ROOT" "$UID_" "$GID_" "$GROUPS_" "$UMASK_" "$WORKDIR" "$CTLD/user/env" \
+    ) < /dev/null > /dev/console 2>&1 &
+}
+# A multi-node job's VM on its other nodes runs no script: the job's steps reach it through shell
+# sessions (vmwrap/steps.py), until the epilog destroys it.
+if [ -e /ctl/peer ]; then
+  serve_shells
+  while :; do
+    while read -r cmd; do case "$cmd" in TERM|KILL) say "exit 143"; poweroff -f ;; esac; done < "$CTL"
+    sleep 0.2
+  done
+fi
 # Wait for the host's GO: the job's script, environment and arguments are written by whoever attaches
 # (the launcher, or the user-side payload under a scheduler) into /ctl/user before it says GO.
 while :; do
@@ -145,15 +181,8 @@ job() { exec /bin/vmwrap-exec "$ROOT" "$UID_" "$GID_" "$GROUPS_" "$UMASK_" "$WOR
 if [ -e "$CTLD/user/merged" ]; then job < /dev/null > "$OUT" 2>&1 & else job < /dev/null > "$OUT" 2> "$ERR" & fi
 JOB=$!
 read -r up _ < /proc/uptime; say "started $up"
-# `vmwrap shell JOBID` (vmwrap/shell.py): shells on new terminals in the job's root as its user, served
-# once the job runs (off its start's critical path). The root gets the same terminals (tty, ttyname).
-[ -n "$SHELLPORT" ] || find_ports
-if [ -n "$SHELLPORT" ]; then
-  ( mkdir -p /dev/pts && mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts \
-      && { [ "$ROOT" = / ] || { mkdir -p "$ROOT/dev/pts" && mount -o bind /dev/pts "$ROOT/dev/pts"; }; } \
-      && exec /bin/vmwrap-shell "$SHELLPORT" "$ROOT" "$UID_" "$GID_" "$GROUPS_" "$UMASK_" "$WORKDIR" "$CTLD/user/env" \
-    ) < /dev/null > /dev/console 2>&1 &
-fi
+# Shells are served once the job runs (off its start's critical path).
+serve_shells
 # The host may disconnect and reconnect (EOF then): keep reading.
 ( while :; do
     while read -r cmd; do

@@ -1,0 +1,138 @@
+"""Multi-node VM jobs on real Slurm 22.05: a VM on each of the job's nodes, joined by the job's private
+network (vmwrap/jobnet.py), steps spread over them, nothing of it visible to other jobs or the host.
+
+The 3 nodes share this host (and its libvirtd): a job's VMs on c1 and c2 are vmwrap-ID and vmwrap-ID@1
+and share one bridge; across real hosts the bridges are joined by VXLAN (not exercised here).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from dataclasses import replace
+
+import pytest
+
+from harness.slurm_jobs import jobdir as make_jobdir
+from harness.slurm_jobs import module_cluster, submit
+from vmwrap import jobnet
+
+pytestmark = pytest.mark.vm
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+
+SPREAD = """#!/bin/sh
+#VMWRAP --image=busybox
+echo "batch on $(hostname)"
+srun -N 2 -n 2 -l sh -c 'echo "$(hostname) $(uname -r) uid=$(id -u) node=$SLURM_NODEID of $SLURM_NNODES"' | sort
+echo "srun rc=$?"
+nc -l -p 5000 > got &
+me=$(hostname)
+srun -N 2 -n 2 sh -c 'if [ "$SLURM_NODEID" = 1 ]; then echo "hello from $(hostname)" | nc -w 5 '"$me"' 5000; fi'
+echo "send rc=$?"
+wait
+echo "received: $(cat got)"
+srun -N 2 -n 2 sh -c 'exit $((SLURM_NODEID + 3))'
+echo "exit rc=$?"
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(appliance, virt_type, test_user):
+    nat = replace(appliance, name="busybox-nat", network="nat")
+    with module_cluster("multinode", appliance, virt_type, images=(nat,)) as c:
+        yield c
+
+
+@pytest.fixture
+def jobdir(cluster, test_user):
+    return make_jobdir(cluster, test_user)
+
+
+def _domains() -> set[str]:
+    r = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"], capture_output=True, text=True)
+    return set(r.stdout.split())
+
+
+def _wait(cond, what: str, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while not cond():
+        if time.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def test_a_two_node_job_gets_a_vm_on_each_node_and_steps_across_them(cluster, jobdir, test_user):
+    job = submit(cluster, jobdir, SPREAD, "-N", "2")
+    info = cluster.wait_state(job, FINAL, 240)
+    out = (jobdir / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", out
+    nodes = subprocess.run(["scontrol", "show", "hostnames", info["NodeList"]], capture_output=True, text=True,
+                           env=cluster.env).stdout.split()
+    assert len(nodes) == 2, info
+    lines = out.splitlines()
+    assert lines[0] == f"batch on {nodes[0]}", out
+    host_kernel = os.uname().release
+    tasks = [ln for ln in lines if ln[:3] in ("0: ", "1: ")]
+    assert len(tasks) == 2, out
+    for k, ln in enumerate(tasks):   # each task in its own node's VM, as the job's user
+        name, kernel, uid, where, _, count = ln[3:].split()
+        assert (name, uid, where, count) == (nodes[k], f"uid={test_user.pw_uid}", f"node={k}", "2"), out
+        assert kernel != host_kernel, out
+    assert "srun rc=0" in lines and "send rc=0" in lines, out
+    # the second node's VM reached the first's by its node name, over the job's own network
+    assert f"received: hello from {nodes[1]}" in lines, out
+    assert "exit rc=4" in lines, out   # the step's exit code is its worst task's, as bare
+    # every VM and the network are gone with the job
+    _wait(lambda: not {f"vmwrap-{job}", f"vmwrap-{job}@1"} & _domains(), "the job's VMs to go")
+    _wait(lambda: not os.path.lexists(f"/sys/class/net/{jobnet.bridge_name(job)}"), "the job's bridge to go")
+
+
+HOLD = """#!/bin/sh
+#VMWRAP --image=busybox
+nc -l -p 5000 > got &
+touch ready-$SLURM_JOB_ID
+while [ ! -e intruder-done ]; do sleep 1; done
+echo self | nc -w 3 127.0.0.1 5000
+wait
+echo "received: $(cat got)"
+"""
+
+INTRUDER = """#!/bin/sh
+#VMWRAP --image=busybox-nat
+while [ -z "$(ls ready-* 2>/dev/null)" ]; do sleep 1; done
+echo intruder | nc -w 3 10.77.0.1 5000; echo "intruder rc=$?"
+touch intruder-done
+"""
+
+
+def test_no_other_job_nor_the_host_reaches_a_jobs_network(cluster, jobdir):
+    """Job A (2 nodes) listens on its network; job B on the third node, whose VM has NAT to the host's
+    network, cannot reach it, nor can the host itself: the bridge has no address of the host's."""
+    a = submit(cluster, jobdir, HOLD, "-N", "2")
+    b = submit(cluster, jobdir, INTRUDER)
+    try:
+        _wait(lambda: (jobdir / f"ready-{a}").exists(), "job A's listener", 180)
+        br = jobnet.bridge_name(a)
+        assert len(os.listdir(f"/sys/class/net/{br}/brif")) == 2   # A's two VMs' cards, nobody else's
+        addrs = subprocess.run(["ip", "-o", "addr", "show", "dev", br], capture_output=True, text=True).stdout
+        assert addrs.strip() == "", addrs
+        # The host has no route into the segment; its packets for 10.77.0.1 leave by its own network,
+        # whose answer (a connect may even succeed, as this machine's upstream accepts any) is not A's.
+        route = subprocess.run(["ip", "route", "get", "10.77.0.1"], capture_output=True, text=True).stdout
+        assert f"dev {br}" not in route, route
+        try:
+            with socket.create_connection(("10.77.0.1", 5000), timeout=3) as s:
+                s.sendall(b"host\n")
+        except OSError:
+            pass
+        info = cluster.wait_state(a, FINAL, 240)
+        out_a = (jobdir / f"slurm-{a}.out").read_text()
+        # A's listener took one connection: its own, last; neither B's nor the host's bytes arrived
+        assert info["JobState"] == "COMPLETED" and "received: self" in out_a.splitlines(), out_a
+        assert cluster.wait_state(b, FINAL, 120)["JobState"] == "COMPLETED"
+        assert "intruder rc=" in (jobdir / f"slurm-{b}.out").read_text()
+    finally:
+        cluster.run("scancel", a, b)
+    _wait(lambda: not os.path.lexists(f"/sys/class/net/{jobnet.bridge_name(a)}"), "job A's bridge to go")
