@@ -93,7 +93,7 @@ HOLD = """#!/bin/sh
 #VMWRAP --image=busybox
 nc -l -p 5000 > got &
 touch ready-$SLURM_JOB_ID
-while [ ! -e intruder-done ]; do sleep 1; done
+while [ ! -e intruder-done ] || [ ! -e host-done ]; do sleep 1; done
 echo self | nc -w 3 127.0.0.1 5000
 wait
 echo "received: $(cat got)"
@@ -115,7 +115,10 @@ def test_no_other_job_nor_the_host_reaches_a_jobs_network(cluster, jobdir):
     try:
         _wait(lambda: (jobdir / f"ready-{a}").exists(), "job A's listener", 180)
         br = jobnet.bridge_name(a)
-        assert len(os.listdir(f"/sys/class/net/{br}/brif")) == 2   # A's two VMs' cards, nobody else's
+        # A's two VMs' cards, nobody else's (the batch script may start before the other node's VM)
+        _wait(lambda: len(os.listdir(f"/sys/class/net/{br}/brif")) == 2, "job A's second VM", 60)
+        time.sleep(2)
+        assert len(os.listdir(f"/sys/class/net/{br}/brif")) == 2
         addrs = subprocess.run(["ip", "-o", "addr", "show", "dev", br], capture_output=True, text=True).stdout
         assert addrs.strip() == "", addrs
         # The host has no route into the segment; its packets for 10.77.0.1 leave by its own network,
@@ -127,6 +130,7 @@ def test_no_other_job_nor_the_host_reaches_a_jobs_network(cluster, jobdir):
                 s.sendall(b"host\n")
         except OSError:
             pass
+        (jobdir / "host-done").touch()
         info = cluster.wait_state(a, FINAL, 240)
         out_a = (jobdir / f"slurm-{a}.out").read_text()
         # A's listener took one connection: its own, last; neither B's nor the host's bytes arrived
@@ -136,3 +140,20 @@ def test_no_other_job_nor_the_host_reaches_a_jobs_network(cluster, jobdir):
     finally:
         cluster.run("scancel", a, b)
     _wait(lambda: not os.path.lexists(f"/sys/class/net/{jobnet.bridge_name(a)}"), "job A's bridge to go")
+
+
+def test_a_requeued_multi_node_job_is_not_saved_and_fails_rather_than_start_over(cluster, jobdir):
+    """Its VMs are never saved: the restart fails the job with the reason (the default
+    --on-lost-checkpoint); it is neither half-restored nor silently run again from the start."""
+    job = submit(cluster, jobdir, "#!/bin/sh\n#VMWRAP --image=busybox\necho started\nsleep 600\n",
+                 "-N", "2", "-p", "requeue", "--open-mode=append")
+    out = jobdir / f"slurm-{job}.out"
+    _wait(lambda: out.exists() and "started" in out.read_text(), "the job to start", 180)
+    assert cluster.run("scontrol", "requeue", job).returncode == 0
+    info = cluster.wait_state(job, FINAL, 180)
+    text = out.read_text()
+    assert info["JobState"] != "COMPLETED" and info["Restarts"] == "1", info
+    assert text.count("started") == 1, text
+    assert (f"job {job} was requeued, but its VMs span 2 nodes, which vmwrap does not save; not starting it "
+            "again from the beginning (add '#VMWRAP --on-lost-checkpoint=restart' to allow that)") in text, text
+    _wait(lambda: not {f"vmwrap-{job}", f"vmwrap-{job}@1"} & _domains(), "the job's VMs to go")

@@ -133,6 +133,16 @@ def kvm_for_jobs() -> tuple[str, str] | None:
                    "chmod 0666 /dev/kvm (the upstream udev default) to use KVM"
 
 
+def job_networks() -> tuple[str, str]:
+    """Multi-node jobs' private networks (vmwrap/jobnet.py) need iproute2 where the prolog calls it."""
+    from .jobnet import BRIDGE, IP
+
+    missing = [p for p in (IP, BRIDGE) if not os.access(p, os.X_OK)]
+    if missing:
+        return "WARN", f"{' and '.join(missing)} missing (Debian: iproute2): multi-node VM jobs fail on this node"
+    return "ok", "iproute2 present: multi-node jobs get their private network (docs/multinode.md)"
+
+
 def check(settings: Settings) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     try:
@@ -147,6 +157,7 @@ def check(settings: Settings) -> list[tuple[str, str]]:
         out.append(("WARN", "workdir_share = virtio-9p: QEMU exports the work dir itself (as the job's user, "
                             "squash mode); VMs cannot be saved"))
     out.append(memory_limits())
+    out.append(job_networks())
     kvm = kvm_for_jobs()
     if kvm:
         out.append(kvm)

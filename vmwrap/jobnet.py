@@ -33,6 +33,7 @@ from .errors import NodeError, UserError
 IP = "/usr/sbin/ip"
 BRIDGE = "/usr/sbin/bridge"
 LOCK = Path("/run/vmwrap-jobnet.lock")  # host-wide: nodes sharing a host share a job's bridge
+HOLDERS = Path("/run/vmwrap-jobnet")      # per bridge, the job's node indices whose VM is on this host
 PORT = 4789
 SUBNET = ipaddress.ip_network("10.77.0.0/16")
 MAX_NODES = 254 * 256
@@ -135,10 +136,32 @@ def _write(path: str, value: str) -> None:
         pass  # an option this kernel lacks (no br_netfilter, no IPv6): nothing to turn off
 
 
+def _holders(br: str) -> set[int]:
+    try:
+        text = (HOLDERS / br).read_text()
+    except OSError:
+        return set()
+    return {int(w) for w in text.split() if w.isdigit() and len(w) <= 7}
+
+
+def _set_holders(br: str, held: set[int]) -> None:
+    HOLDERS.mkdir(mode=0o700, exist_ok=True)
+    f = HOLDERS / br
+    if held:
+        tmp = HOLDERS / f".{br}.tmp"
+        tmp.write_text(" ".join(map(str, sorted(held))) + "\n")
+        os.replace(tmp, f)
+    else:
+        f.unlink(missing_ok=True)
+
+
 def join(plan: Plan) -> str:
-    """Make the job's segment reach this host (idempotent); returns the bridge the VM joins."""
+    """Make the job's segment reach this host (idempotent); returns the bridge the VM joins. The node
+    is recorded as a holder first: another node of the job on this host leaving (or a prolog clearing
+    its own leftovers) never removes a bridge a VM is about to join."""
     br, vx = bridge_name(plan.job_id), vxlan_name(plan.job_id)
     with _locked():
+        _set_holders(br, _holders(br) | {plan.index})
         if not _exists(br):
             _ip("link", "add", br, "type", "bridge")
             # The host has no business on the segment: no IPv6 address, no bridged traffic to its firewall
@@ -161,19 +184,21 @@ def join(plan: Plan) -> str:
     return br
 
 
-def leave(job_id: str) -> bool:
-    """Remove the job's segment from this host once no VM of the job is on it (idempotent): the VM's
-    tap left with its VM; a bridge with only the tunnel, or nothing, goes."""
+def leave(job_id: str, index: int) -> bool:
+    """Node `index` of the job no longer has its VM on this host (its tap left with it): the segment
+    goes once no node of the job here holds it and no VM's card is on it (idempotent)."""
     br, vx = bridge_name(job_id), vxlan_name(job_id)
     with _locked():
-        if not _exists(br):
-            return False
+        held = _holders(br) - {index}
+        _set_holders(br, held)
+        if held or not _exists(br):
+            return False   # another node of this host still has (or is about to have) a VM on it
         try:
             ports = set(os.listdir(f"/sys/class/net/{br}/brif"))
         except OSError:
             ports = set()
         if ports - {vx}:
-            return False   # another node of this host still has a VM of the job on it
+            return False
         if _exists(vx):
             _ip("link", "del", vx)
         _ip("link", "del", br)

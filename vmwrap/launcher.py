@@ -364,7 +364,7 @@ def teardown(job_id: str, settings: Settings, conn=None, ledger: Ledger | None =
     limits.stop(run_dir)
     share.stop(run_dir)
     if unreachable is None and os.path.lexists(f"/sys/class/net/{jobnet.bridge_name(job_id)}"):
-        jobnet.leave(job_id)
+        jobnet.leave(job_id, index)
     if run_dir.exists():
         if keep_error and (run_dir / rundir.ERROR).exists():  # the job's payload still has to report it
             _clear_run_dir(run_dir, keep=rundir.ERROR)

@@ -33,24 +33,26 @@ from .ledger import Ledger
 class Leftover:
     job_id: str
     what: list[str] = field(default_factory=list)   # "vm", "run dir", "pin <sha>", "checkpoint"
+    index: int | None = None   # a multi-node job's VM found here: its node's place (its name)
 
 
-def _our_domains(settings: Settings, conn) -> dict[str, str]:
-    """job id -> domain name of every VM (running or not) whose run dir is this site's."""
+def _our_domains(settings: Settings, conn) -> dict[str, tuple[str, int]]:
+    """job id -> (domain name, node index) of every VM (running or not) whose run dir is this site's."""
     out = {}
     jobs_dir = str(settings.jobs_dir)
     for dom in conn.listAllDomains():
         name = dom.name()
-        job_id = name[len(rundir.DOMAIN_PREFIX):]
-        if not name.startswith(rundir.DOMAIN_PREFIX) or not _JOB_ID.match(job_id):
+        parsed = rundir.split_domain_name(name)
+        if parsed is None or not _JOB_ID.match(parsed[0]):
             continue
+        job_id, index = parsed
         try:
             xml = ET.fromstring(dom.XMLDesc(0))
         except Exception:  # noqa: BLE001 (it vanished meanwhile, or libvirt's own error kinds)
             continue
         console = str(Path(jobs_dir) / job_id / rundir.CONSOLE)
         if any(s.get("path") == console for s in xml.iter("source")):
-            out[job_id] = name
+            out[job_id] = name, index
     return out
 
 
@@ -69,8 +71,9 @@ def find(settings: Settings, live: Live, conn=None) -> list[Leftover]:
             found.setdefault(job_id, Leftover(job_id)).what.append(what)
 
     if conn is not None:
-        for job_id in _our_domains(settings, conn):
+        for job_id, (_, index) in _our_domains(settings, conn).items():
             add(job_id, "vm")
+            found[job_id].index = index
     jobs_dir = Path(settings.jobs_dir)
     if jobs_dir.is_dir():
         for p in sorted(jobs_dir.iterdir()):
@@ -110,13 +113,13 @@ def reconcile(settings: Settings, live: Live, dry_run: bool = False,
         cache = Cache(settings.cache_dir, settings.cache_max_bytes)
         store = None
         for x in found:
-            teardown(x.job_id, settings, conn=conn, ledger=ledger, cache=cache)
+            teardown(x.job_id, settings, conn=conn, ledger=ledger, cache=cache, index=x.index)
             if "checkpoint" in x.what:
                 from .checkpoint import Store
 
                 store = store or Store(settings.checkpoint_dir)
                 store.delete(x.job_id)
-            ledger.record(x.job_id, rundir.domain_name(x.job_id), "reconciled", removed=x.what)
+            ledger.record(x.job_id, rundir.domain_name(x.job_id, x.index or 0), "reconciled", removed=x.what)
             say(f"job {x.job_id}: removed {', '.join(x.what)}")
         for p in cache.clear_crashed_fetches():  # a prolog killed mid-fetch, a crash: no job id to them
             say(f"cache: removed {p}, left by a fetch that died")

@@ -64,12 +64,12 @@ def _job_of_domain(name: str) -> str | None:
 
     Every job VM of this node's libvirtd is listed (on a cluster each node has its own libvirtd)."""
     from ..job import _JOB_ID
-    from ..rundir import DOMAIN_PREFIX
+    from ..rundir import split_domain_name
 
-    if not name.startswith(DOMAIN_PREFIX) or name.startswith(NOT_JOBS):
+    parsed = None if name.startswith(NOT_JOBS) else split_domain_name(name)
+    if parsed is None:
         return None
-    job = name[len(DOMAIN_PREFIX):]
-    return job if _JOB_ID.match(job) else None
+    return parsed[0] if _JOB_ID.match(parsed[0]) else None   # a multi-node job's VM here: vmwrap-JOB@K
 
 
 @click.command()

@@ -1,0 +1,96 @@
+"""A multi-node job's private network on this host (vmwrap/jobnet.py): real bridges and VXLAN devices
+made with iproute2, as the prolog makes them (root)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from vmwrap import jobnet
+from vmwrap.errors import NodeError, UserError
+
+
+def _job() -> str:
+    return f"t{os.urandom(4).hex()}"
+
+
+def _link(name: str) -> str:
+    return subprocess.run(["ip", "-d", "link", "show", name], capture_output=True, text=True).stdout
+
+
+def test_a_job_gets_one_bridge_per_host_and_a_tunnel_only_to_its_other_hosts():
+    job = _job()
+    here = jobnet.Plan(job, ("c1", "c2", "c3"), ("127.0.0.1", "192.0.2.77", "127.0.0.1"), 0)
+    br, vx = jobnet.bridge_name(job), jobnet.vxlan_name(job)
+    try:
+        assert jobnet.join(here) == br
+        assert jobnet.join(jobnet.Plan(job, here.nodes, here.addrs, 2)) == br   # the host's other node: same bridge
+        assert "bridge" in _link(br) and f"vxlan id {jobnet.vni(job)} " in _link(vx)
+        assert f"master {br}" in _link(vx)
+        fdb = subprocess.run(["bridge", "fdb", "show", "dev", vx], capture_output=True, text=True).stdout
+        assert "dst 192.0.2.77" in fdb and "dst 127.0.0.1" not in fdb, fdb
+        # the host is not on the segment: no address, IPv6 off
+        assert subprocess.run(["ip", "-o", "addr", "show", "dev", br], capture_output=True, text=True).stdout == ""
+        assert open(f"/proc/sys/net/ipv6/conf/{br}/disable_ipv6").read().strip() == "1"
+        assert not jobnet.leave(job, 0)   # node 2 of the job still holds it
+        assert jobnet.leave(job, 2) and not os.path.lexists(f"/sys/class/net/{br}")
+        assert not os.path.lexists(f"/sys/class/net/{vx}")
+        assert not jobnet.leave(job, 2)   # idempotent
+    finally:
+        subprocess.run(["ip", "link", "del", vx], capture_output=True)
+        subprocess.run(["ip", "link", "del", br], capture_output=True)
+
+
+def test_nodes_on_one_host_need_no_tunnel_and_the_bridge_stays_while_a_node_holds_it():
+    job = _job()
+    plan = jobnet.Plan(job, ("c1", "c2"), ("127.0.0.1", "127.0.0.1"), 1)
+    br = jobnet.bridge_name(job)
+    tap = f"vmwt{os.urandom(4).hex()}"
+    try:
+        jobnet.join(plan)
+        assert not os.path.lexists(f"/sys/class/net/{jobnet.vxlan_name(job)}")
+        # the host's other node clearing its leftovers before it boots: node 1 has joined, its VM not yet
+        assert not jobnet.leave(job, 0) and os.path.lexists(f"/sys/class/net/{br}")
+        subprocess.run(["ip", "tuntap", "add", tap, "mode", "tap"], check=True)
+        subprocess.run(["ip", "link", "set", tap, "master", br], check=True)
+        jobnet.join(jobnet.Plan(job, plan.nodes, plan.addrs, 0))
+        assert not jobnet.leave(job, 1) and not jobnet.leave(job, 0)   # a VM's card is still on it
+        subprocess.run(["ip", "link", "del", tap], check=True)
+        assert jobnet.leave(job, 0) and not os.path.lexists(f"/sys/class/net/{br}")
+    finally:
+        subprocess.run(["ip", "link", "del", tap], capture_output=True)
+        subprocess.run(["ip", "link", "del", br], capture_output=True)
+
+
+def test_the_guest_learns_its_card_address_and_every_nodes_name():
+    plan = jobnet.Plan("123", ("c1", "c2"), ("10.0.0.1", "10.0.0.2"), 1)
+    assert plan.guest_config() == "52:54:01:00:00:01 10.77.0.2/16\n10.77.0.1 c1\n10.77.0.2 c2\n"
+    assert jobnet.address(0) == "10.77.0.1/16" and jobnet.address(254) == "10.77.1.1/16"
+    assert jobnet.vni("123") == 124 and 1 <= jobnet.vni("a.b") <= 0xFFFFFF
+    assert len(jobnet.bridge_name("x" * 64)) <= 15 and jobnet.bridge_name("1") != jobnet.bridge_name("2")
+
+
+@pytest.mark.parametrize("nodes, addrs, why", [
+    (("c1", "c2"), ("10.0.0.1", "not-an-ip"), "is not an IP address"),
+    (("c1", "-x"), ("10.0.0.1", "10.0.0.2"), "is not a plain host name"),
+    (("c1", "c2;reboot"), ("10.0.0.1", "10.0.0.2"), "is not a plain host name"),
+    (("c1",), ("10.0.0.1", "10.0.0.2"), "inconsistent node list"),
+])
+def test_node_names_and_addresses_from_the_scheduler_are_checked(nodes, addrs, why):
+    with pytest.raises(NodeError, match=why):
+        jobnet.Plan("123", nodes, addrs, 0)
+
+
+def test_more_nodes_than_addresses_exist_is_the_jobs_error():
+    with pytest.raises(UserError, match="at most"):
+        jobnet.address(jobnet.MAX_NODES)
+
+
+def test_doctor_says_whether_multi_node_jobs_can_get_their_network(monkeypatch):
+    from vmwrap import hostcheck
+    assert hostcheck.job_networks()[0] == "ok"
+    monkeypatch.setattr(jobnet, "BRIDGE", "/nonexistent/bridge")
+    level, text = hostcheck.job_networks()
+    assert level == "WARN" and "/nonexistent/bridge missing (Debian: iproute2)" in text
