@@ -94,3 +94,21 @@ def test_doctor_says_whether_multi_node_jobs_can_get_their_network(monkeypatch):
     monkeypatch.setattr(jobnet, "BRIDGE", "/nonexistent/bridge")
     level, text = hostcheck.job_networks()
     assert level == "WARN" and "/nonexistent/bridge missing (Debian: iproute2)" in text
+
+
+def test_a_multi_node_jobs_vm_is_never_checkpointed_on_its_users_request(tmp_path):
+    """The agent's `checkpoint` op (vmwrap.periodic.handle): a job on several nodes is refused before
+    anything is paused or written (its VMs are never saved: docs/multinode.md)."""
+    import json
+
+    from vmwrap import periodic, rundir
+    from vmwrap.config import Settings
+    settings = Settings(state_dir=str(tmp_path), workdir_share="serial")
+    run_dir = rundir.path(settings, "55")
+    run_dir.mkdir(parents=True)
+    (run_dir / rundir.JOB).write_text(json.dumps({"job_id": "55", "node_index": 1, "nodes": 2, "uid": 1234}))
+    with pytest.raises(UserError, match="job 55 runs on several nodes: its VMs are not saved"):
+        periodic.handle(settings, None, "55", 1234)
+    assert rundir.placement(run_dir) == (1, 2)
+    (run_dir / rundir.JOB).write_text(json.dumps({"node_index": 3, "nodes": 2}))
+    assert rundir.placement(run_dir) == (0, 1)   # nonsense in the record: as if one node
