@@ -157,3 +157,32 @@ def test_a_requeued_multi_node_job_is_not_saved_and_fails_rather_than_start_over
     assert (f"job {job} was requeued, but its VMs span 2 nodes, which vmwrap does not save; not starting it "
             "again from the beginning (add '#VMWRAP --on-lost-checkpoint=restart' to allow that)") in text, text
     _wait(lambda: not {f"vmwrap-{job}", f"vmwrap-{job}@1"} & _domains(), "the job's VMs to go")
+
+
+PARITY = """#!/bin/sh
+srun -N 2 -n 2 -l sh -c 'echo "node $SLURM_NODEID proc $SLURM_PROCID of $SLURM_NTASKS on $(hostname) nodes $SLURM_NNODES"' \\
+  | sort
+echo "rc=$?"
+srun -N 2 -n 2 sh -c 'exit $((SLURM_NODEID + 5))'; echo "rc=$?"
+srun -N 2 -n 2 -l sh -c '[ "$SLURM_NODEID" = 1 ] && echo only-the-second'; echo "rc=$?"
+"""
+
+
+def test_a_multi_node_vm_job_prints_what_the_bare_job_prints(cluster, jobdir):
+    """The parity harness's multi-node case: the same script bare and with #VMWRAP, on 2 nodes each; the
+    node names, step variables, output lines and exit codes match (the bare job's nodes are the host's
+    Slurm nodes, the VM job's are VMs named after them)."""
+    bare = submit(cluster, jobdir, PARITY, "-N", "2")
+    vm = submit(cluster, jobdir, PARITY.replace("#!/bin/sh\n", "#!/bin/sh\n#VMWRAP --image=busybox\n"), "-N", "2")
+    outs = {}
+    for job in (bare, vm):
+        info = cluster.wait_state(job, FINAL, 240)
+        assert info["JobState"] == "COMPLETED", info
+        nodes = subprocess.run(["scontrol", "show", "hostnames", info["NodeList"]], capture_output=True, text=True,
+                               env=cluster.env).stdout.split()
+        text = (jobdir / f"slurm-{job}.out").read_text()
+        for k, n in enumerate(nodes):
+            text = text.replace(f" on {n} ", f" on NODE{k} ")
+        outs[job] = text
+    assert outs[vm] == outs[bare], (outs[bare], outs[vm])
+    assert "1: node 1 proc 1 of 2 on NODE1 nodes 2" in outs[vm] and "rc=6" in outs[vm], outs[vm]

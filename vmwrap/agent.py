@@ -70,10 +70,10 @@ def handle(settings: Settings, conn, peer_uid: int, op: str, job_id: str) -> dic
         from . import shell
 
         port = shell.connect_port(settings, job_id)
-        name = rundir.domain_name(job_id, rundir.placement(rundir.path(settings, job_id))[0])
-        Ledger(settings.ledger_path).record(job_id, name, "shell", by_uid=peer_uid, via="agent")
+        Ledger(settings.ledger_path).record(job_id, rundir.vm_name(settings, job_id), "shell", by_uid=peer_uid,
+                                            via="agent")
         return {"_fd": port}
-    name = rundir.domain_name(job_id, rundir.placement(rundir.path(settings, job_id))[0])
+    name = rundir.vm_name(settings, job_id)
     dom = domain.lookup(conn, name)
     if dom is None:
         raise UserError(f"no VM for job {job_id} on this node")

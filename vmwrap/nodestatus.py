@@ -43,8 +43,7 @@ def collect(settings: Settings) -> dict:
             states[d.name()] = STATES.get(d.state()[0], str(d.state()[0]))
     except Exception as e:  # noqa: BLE001 (libvirt down is what the report is for)
         libvirt = {"ok": False, "detail": str(e)}
-    vms = [{"job": j, "state": states.get(rundir.domain_name(j, rundir.placement(rundir.path(settings, j))[0]), "no VM")}
-           for j in jobs]
+    vms = [{"job": j, "state": states.get(rundir.vm_name(settings, j), "no VM")} for j in jobs]
     try:
         agent_ok = {"ok": True, "protocol": agent.ping(settings)}
     except Exception as e:  # noqa: BLE001

@@ -148,6 +148,11 @@ def placement(run_dir: Path) -> tuple[int, int]:
     return (k, n) if ok else (0, 1)
 
 
+def vm_name(settings: Settings, job_id: str) -> str:
+    """The libvirt name of the job's VM on this node, as its run dir records the node's place."""
+    return domain_name(job_id, placement(path(settings, job_id))[0])
+
+
 def read_job(run_dir: Path, job_id: str) -> dict | None:
     """The run dir's job.json, format-checked; None when there is none (no VM was prepared here).
     ValueError for a file that is not JSON, FormatError for one this vmwrap cannot read."""
