@@ -2,8 +2,10 @@
 
 The argv comes from the guest (hostile): only options whose meaning stays inside this job's
 allocation are passed on, each value checked against a strict pattern; options naming host files,
-host programs, other jobs or nodes by name (--output, --prolog, --jobid, --bcast, --nodelist, --pty...)
-are refused with a message naming them. `-N` spreads a multi-node job's step over its VMs. The command and its arguments never reach the host: the task
+host programs or other jobs (--output, --prolog, --jobid, --bcast, --pty...) are refused with a message
+naming them. `-N` and `-w` spread a multi-node job's step over its VMs (srun itself keeps a step
+inside its job's nodes), as MPI launchers do (OpenMPI's starts its daemons with `srun --nodelist=...
+--cpu-bind=none`). The command and its arguments never reach the host: the task
 (vmwrap.steps) has the guest run them. See vmwrap/steps.py for the whole path.
 """
 
@@ -26,10 +28,14 @@ PATTERNS = {
     "time": re.compile(r"[0-9][0-9:-]{0,15}"),
     "mem": re.compile(r"[0-9]{1,9}[KMGT]?"), "mem-per-cpu": re.compile(r"[0-9]{1,9}[KMGT]?"),
     "wait": re.compile(r"[0-9]{1,6}"),
+    "nodelist": re.compile(r"[A-Za-z0-9][A-Za-z0-9_.,\[\]-]{0,1023}"),   # a host list, never a file
+    "cpu-bind": re.compile(r"[a-z_]{1,20}(,[a-z_]{1,20}){0,4}"),
+    "mpi": re.compile(r"none"),
 }
+ALIASES = {"cpu_bind": "cpu-bind"}
 FLAGS = {"label", "unbuffered", "quiet", "verbose", "exclusive", "overlap", "exact", "disable-status",
          "kill-on-bad-exit"}
-SHORT = {"n": "ntasks", "c": "cpus-per-task", "N": "nodes", "J": "job-name", "t": "time", "W": "wait",
+SHORT = {"n": "ntasks", "c": "cpus-per-task", "N": "nodes", "w": "nodelist", "J": "job-name", "t": "time", "W": "wait",
          "l": "label", "u": "unbuffered", "Q": "quiet", "v": "verbose", "X": "disable-status", "K": "kill-on-bad-exit"}
 ARGV_MAX = 1024
 
@@ -50,6 +56,7 @@ def srun_command(argv: list[str], task: list[str]) -> tuple[int, list[str]]:
             break
         if a.startswith("--"):
             name, eq, value = a[2:].partition("=")
+            name = ALIASES.get(name, name)
         else:
             name, eq, value = SHORT.get(a[1:2], "?" + a[:2]), "", a[2:]
             eq = "=" if value else ""
