@@ -7,7 +7,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 
 export DEBIAN_FRONTEND=noninteractive
 pkgs=(qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-      libvirt-dev pkg-config busybox-static e2fsprogs gcc libc6-dev tini cpio sqlite3 iproute2
+      libvirt-dev pkg-config busybox-static e2fsprogs gcc libc6-dev tini cpio sqlite3 iproute2 libopenmpi-dev openmpi-bin
       python3-venv python3-dev debootstrap kmod squashfs-tools squashfs-tools-ng zstd
       slurmctld slurmd slurm-client munge slurm-wlm-basic-plugins lua5.1 slurmdbd mariadb-server
       gridengine-master gridengine-exec gridengine-client gridengine-common

@@ -472,24 +472,27 @@ def task_main(argv: list[str]) -> int:
                 return n & 255
 
 
-# What a task on another node runs its command with: the guest's own defaults, and the step's variables.
+# A task on another node whose environment has no PATH at all runs its command with this one.
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def peer_task(settings, job_id: str, command: list[str]) -> int:
     """One task of a multi-node job's step on another node than its batch script's: the job's VM here
     runs no payload to serve steps, so the command goes to it through a shell session (the node agent
-    checks that the caller owns the job; vmwrap/shell.py). The session is a pipe: the command's output
-    and errors arrive as one stream, on this task's stdout; one such task per node at a time (a VM
-    serves one session at a time)."""
+    checks that the caller owns the job; vmwrap/shell.py). The command gets the task's environment (the
+    job's, as srun propagates it, with the step's variables) over the image's, as the batch script's
+    VM gets the job's (payload.job_environment): MPI daemons need HOME and the like. The session is a
+    pipe: the command's output and errors arrive as one stream, on this task's stdout; one such task
+    per node at a time (a VM serves one session at a time)."""
     import shlex
 
-    from . import shell
+    from . import payload, shell
 
     if not command:
         print("vmwrap: no command for this task", file=sys.stderr)
         return 2
-    env = {"PATH": GUEST_PATH, **{k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}}
+    own = {k: v for k, v in os.environ.items() if k != "VMWRAP_CONFIG" and "\0" not in k + v}
+    env = {"PATH": GUEST_PATH, **payload.job_environment(rundir.path(settings, job_id), own)}
     line = "exec env -i " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + " " + shlex.join(command)
     null = os.open(os.devnull, os.O_RDONLY)
     try:

@@ -147,6 +147,11 @@ serve_shells() {
 # A multi-node job's VM on its other nodes runs no script: the job's steps reach it through shell
 # sessions (vmwrap/steps.py), until the epilog destroys it.
 if [ -e /ctl/peer ]; then
+  # Sessions are all this VM serves: wait for its port as for the others (the driver may still be
+  # probing it this early; the batch script's VM gets here only after its job started).
+  i=0
+  while { [ -z "$SHELLPORT" ] || [ ! -e "$SHELLPORT" ]; } && [ $i -lt 6000 ]; do sleep 0.02; i=$((i+1)); find_ports; done
+  [ -n "$SHELLPORT" ] && [ -e "$SHELLPORT" ] || echo "vmwrap guest: shell port not found after 120 s: $(ls /sys/class/virtio-ports 2>&1)" > /dev/console
   serve_shells
   while :; do
     while read -r cmd; do case "$cmd" in TERM|KILL) say "exit 143"; poweroff -f ;; esac; done < "$CTL"
