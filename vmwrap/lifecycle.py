@@ -181,7 +181,7 @@ def _start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], 
             # silently start it again from the beginning. The node's fault (StoreUnverified): the
             # scheduler takes it out and runs the job where the store is.
             store.check_identity()
-        if checkpoints and job.restart_count > 0 and store.ran(job.job_id):
+        if saving and not job.nodes and job.restart_count > 0 and store.ran(job.job_id):
             _await_checkpoint(store, job.job_id, settle)
             # From here this run is the job's current one: a save by an earlier run still going on a
             # node cut off from the scheduler is refused (and a next checkpoint must be newer than this).
