@@ -255,3 +255,25 @@ def test_ge_prolog_fails_a_vm_job_whose_pe_spans_hosts_and_keeps_the_queue(setti
     err = (settings.jobs_dir / "12" / "error").read_text()
     assert err.startswith("user\n") and ("multi-node jobs are not supported yet (its parallel environment has "
                                          "slots on 2 hosts: host1 host2)") in err, err
+
+
+def test_a_node_address_slurm_cannot_give_fails_the_job_not_this_node(monkeypatch):
+    """The job network's tunnels need every node's address: slurmctld not answering, or another node's
+    NodeAddr that does not resolve, is no fault of the node whose prolog asks (it is not drained)."""
+    import subprocess as sp
+
+    from vmwrap.errors import NodeError
+
+    def shown(out: str, rc: int = 0):
+        return lambda *a, **k: sp.CompletedProcess(a, rc, out, "slurm_load_node error")
+    monkeypatch.setattr(hooks.subprocess, "run", shown("", 1))
+    with pytest.raises(VmwrapError, match="cannot read node c1's address from Slurm") as e:
+        hooks.node_addresses(["c1", "c2"])
+    assert not isinstance(e.value, NodeError)
+    monkeypatch.setattr(hooks.subprocess, "run", shown("NodeName=c1 Arch=x NodeAddr=10.0.0.1 x\n"
+                                                        "NodeName=c2 Arch=x NodeAddr=no-such-host.invalid x\n"))
+    with pytest.raises(VmwrapError, match="node c2's address 'no-such-host.invalid' does not resolve") as e:
+        hooks.node_addresses(["c1", "c2"])
+    assert not isinstance(e.value, NodeError)
+    monkeypatch.setattr(hooks.subprocess, "run", shown("NodeName=c1 NodeAddr=10.0.0.1 x\nNodeName=c2 NodeAddr=10.0.0.2 x\n"))
+    assert hooks.node_addresses(["c1", "c2"]) == ["10.0.0.1", "10.0.0.2"]

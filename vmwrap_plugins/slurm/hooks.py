@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vmwrap import jobnet, lifecycle, payload, rundir, wire
 from vmwrap.config import Settings
-from vmwrap.errors import NodeError, UserError, VmwrapError
+from vmwrap.errors import UserError, VmwrapError
 from vmwrap.job import Job
 
 from .commands import SCONTROL, SQUEUE
@@ -170,7 +170,8 @@ _NODE_ADDR = re.compile(r"^NodeName=(\S+) .*?\bNodeAddr=(\S+)", re.M)
 
 
 def node_addresses(names: list[str]) -> list[str]:
-    """Each node's host address (its NodeAddr, resolved), for the job network's tunnels."""
+    """Each node's host address (its NodeAddr, resolved), for the job network's tunnels. What Slurm
+    cannot tell now, or another node's address that does not resolve, fails the job: this node is fine."""
     import ipaddress
     import socket
 
@@ -181,14 +182,14 @@ def node_addresses(names: list[str]) -> list[str]:
     for n in names:
         addr = found.get(n)
         if addr is None:
-            raise NodeError(f"cannot read node {n}'s address from Slurm (scontrol show node: {r.stderr.strip()[:200]})")
+            raise VmwrapError(f"cannot read node {n}'s address from Slurm (scontrol show node: {r.stderr.strip()[:200]})")
         try:
             ipaddress.ip_address(addr)
         except ValueError:
             try:
                 addr = socket.gethostbyname(addr)
             except OSError as e:
-                raise NodeError(f"node {n}'s address {_clip(addr)} does not resolve: {e}") from None
+                raise VmwrapError(f"node {n}'s address {_clip(addr)} does not resolve: {e}") from None
         out.append(addr)
     return out
 
