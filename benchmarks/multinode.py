@@ -59,7 +59,7 @@ def main() -> None:
     a = ap.parse_args()
     from vmwrap.catalog import Catalog
 
-    mpi = Catalog.load(str(APPLIANCES / "mpi-catalog.toml")).images["vmwrap-mpi"]  # built by the test suite
+    mpi = Catalog.load(str(APPLIANCES / "vmwrap-mpi-catalog.toml")).images["vmwrap-mpi"]  # built by the tests
     mpi.name = "mpi"
     base = Path("/var/tmp/vmwrap-bench-multinode")
     c = Cluster.for_site(base, images=("busybox", mpi))

@@ -27,33 +27,30 @@ def libvirtd():
     return "qemu:///system"
 
 
-@pytest.fixture(scope="session")
-def appliance(libvirtd):
-    """The busybox appliance's catalog entry (built once per machine, outside the repository)."""
-    from vmwrap import appliance as builder
-    from vmwrap.catalog import Catalog
-
-    # Rebuilt only when what goes into it changed (the guest agent, its builder, busybox),
-    # under a lock: a rebuild rewrites the initrd in place, which would break a VM test of another
-    # pytest session that is booting it at the same moment ("checksum mismatch").
+def cached_appliance(name: str, kind: str, inputs: list[Path], packages: list[str] | None = None):
+    """Appliance `name` (kind, Debian packages) built once per machine under APPLIANCES with its own
+    catalog, rebuilt only when what goes into it changed: the guest agent, its builder, `inputs`, the
+    packages. Under a lock: a rebuild rewrites the initrd in place, which would break a VM test of another
+    pytest session that is booting it at the same moment ("checksum mismatch")."""
     import fcntl
     import hashlib
 
+    from vmwrap import appliance as builder
+    from vmwrap.catalog import Catalog
+
     APPLIANCES.mkdir(parents=True, exist_ok=True)
-    cat_path = APPLIANCES / "test-catalog.toml"
-    h = hashlib.sha256()
-    inputs = sorted((ROOT / "vmwrap" / "templates" / "guest").iterdir()) + [ROOT / "vmwrap" / "appliance.py",
-                                                                           Path(builder.BUSYBOX)]
-    for f in inputs:  # the kernel is fetched once per machine and never changes under a stamp
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    cat_path = APPLIANCES / ("test-catalog.toml" if name == "vmwrap-test" else f"{name}-catalog.toml")
+    h = hashlib.sha256(",".join(packages or []).encode() + b"\0")
+    for f in sorted((ROOT / "vmwrap" / "templates" / "guest").iterdir()) + [ROOT / "vmwrap" / "appliance.py", *inputs]:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())   # the kernel is fetched once per machine, never changes
     key = h.hexdigest()
-    stamp = APPLIANCES / "vmwrap-test" / ".inputs"
+    stamp = APPLIANCES / name / ".inputs"
     with open(APPLIANCES / ".test-appliance.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         img = None
         if stamp.exists() and stamp.read_text() == key:
             try:
-                img = Catalog.load(str(cat_path)).images.get("vmwrap-test")
+                img = Catalog.load(str(cat_path)).images.get(name)
             except Exception:
                 img = None
             if img is not None and not all(Path(a.source).is_file() and Path(a.source).stat().st_size == a.size
@@ -61,8 +58,17 @@ def appliance(libvirtd):
                 img = None
         if img is None:
             stamp.unlink(missing_ok=True)
-            img = builder.build("vmwrap-test", "busybox", str(APPLIANCES), str(cat_path))
+            img = builder.build(name, kind, str(APPLIANCES), str(cat_path), packages=packages)
             stamp.write_text(key)
+    return img
+
+
+@pytest.fixture(scope="session")
+def appliance(libvirtd):
+    """The busybox appliance's catalog entry (built once per machine, outside the repository)."""
+    from vmwrap import appliance as builder
+
+    img = cached_appliance("vmwrap-test", "busybox", [Path(builder.BUSYBOX)])
     img.name = "busybox"
     return img
 

@@ -44,27 +44,9 @@ echo "exit rc=$?"
 def mpi_appliance(appliance):
     """A Debian appliance with OpenMPI (openmpi-bin), built once per machine beside the test appliance
     (its .debs cached there too), rebuilt when the guest agent or its builder changed."""
-    import fcntl
-    import hashlib
+    from conftest import cached_appliance
 
-    from vmwrap import appliance as builder
-    from vmwrap.catalog import Catalog
-
-    root = Path(__file__).resolve().parent.parent
-    out = Path(os.environ.get("VMWRAP_APPLIANCE_DIR", "/var/cache/vmwrap/appliances"))
-    cat = out / "mpi-catalog.toml"
-    h = hashlib.sha256(b"openmpi-bin\0")
-    for f in sorted((root / "vmwrap" / "templates" / "guest").iterdir()) + [root / "vmwrap" / "appliance.py"]:
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
-    stamp = out / "vmwrap-mpi" / ".inputs"
-    with open(out / ".test-appliance.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        img = None
-        if stamp.exists() and stamp.read_text() == h.hexdigest():
-            img = Catalog.load(str(cat)).images.get("vmwrap-mpi")
-        if img is None:
-            img = builder.build("vmwrap-mpi", "debootstrap", str(out), str(cat), packages=["openmpi-bin"])
-            stamp.write_text(h.hexdigest())
+    img = cached_appliance("vmwrap-mpi", "debootstrap", [], packages=["openmpi-bin"])
     img.name = "mpi"
     return img
 

@@ -108,10 +108,14 @@ class Plan:
         return "\n".join(lines) + "\n"
 
 
-def _ip(*args: str) -> None:
-    r = subprocess.run([IP, *args], capture_output=True, text=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+def _run(tool: str, *args: str) -> None:
+    r = subprocess.run([tool, *args], capture_output=True, text=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
     if r.returncode != 0:
-        raise NodeError(f"ip {' '.join(args)}: {r.stderr.strip()[-300:]}")
+        raise NodeError(f"{os.path.basename(tool)} {' '.join(args)}: {r.stderr.strip()[-300:]}")
+
+
+def _ip(*args: str) -> None:
+    _run(IP, *args)
 
 
 def _exists(name: str) -> bool:
@@ -175,10 +179,7 @@ def join(plan: Plan) -> str:
                 "local", plan.addrs[plan.index], "nolearning")
             _write(f"/proc/sys/net/ipv6/conf/{vx}/disable_ipv6", "1")
             for a in remote:  # flood and learn toward the job's hosts only
-                r = subprocess.run([BRIDGE, "fdb", "append", "00:00:00:00:00:00", "dev", vx, "dst", a],
-                                   capture_output=True, text=True)
-                if r.returncode != 0:
-                    raise NodeError(f"bridge fdb append ... dst {a}: {r.stderr.strip()[-300:]}")
+                _run(BRIDGE, "fdb", "append", "00:00:00:00:00:00", "dev", vx, "dst", a)
             _ip("link", "set", vx, "master", br)
             _ip("link", "set", vx, "up")
     return br

@@ -162,7 +162,9 @@ def _start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], 
         return Outcome(Verdict.RUN)
     launcher.teardown(job.job_id, settings, index=job.index)  # leftovers of an earlier run of the same job id
     lx = launcher.Launcher(job, settings)
-    saving = settings.workdir_share == "serial"
+    # whether this start keeps the store's record of the job's runs: a multi-node job's VMs are never
+    # saved, and its restart is decided just below instead
+    saving = settings.workdir_share == "serial" and not job.nodes
     store = checkpoint.Store(settings.checkpoint_dir, settings.checkpoint_key_file)
     try:
         if job.restart_count == 0:  # a first start: what the store holds under this id is an older job's
@@ -174,14 +176,14 @@ def _start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], 
                 raise CheckpointError(f"job {job.job_id} was requeued, but {why}; not starting it again from the "
                                       "beginning (add '#VMWRAP --on-lost-checkpoint=restart' to allow that)")
             lx.notice(f"{why}; starting the job again from the beginning (--on-lost-checkpoint=restart)")
-        checkpoints = saving and lx.request.image.checkpoint and not job.nodes
+        checkpoints = saving and lx.request.image.checkpoint
         if checkpoints:
             # Where the shared store is not mounted its path is a local directory: a save there is
             # lost to every other node, and a restart finds no record that the job ran and would
             # silently start it again from the beginning. The node's fault (StoreUnverified): the
             # scheduler takes it out and runs the job where the store is.
             store.check_identity()
-        if saving and not job.nodes and job.restart_count > 0 and store.ran(job.job_id):
+        if saving and job.restart_count > 0 and store.ran(job.job_id):
             _await_checkpoint(store, job.job_id, settle)
             # From here this run is the job's current one: a save by an earlier run still going on a
             # node cut off from the scheduler is refused (and a next checkpoint must be newer than this).
@@ -198,7 +200,7 @@ def _start(settings: Settings, job_id: str, read_job: Callable[[], Job | None], 
         lx.boot()
         if checkpoints:
             checkpoint.mark_current(store, job.job_id, lx.run_dir, lx.run_token)
-        elif saving and not job.nodes:  # an image that may not be saved: its restart follows the job's policy where the
+        elif saving:  # an image that may not be saved: its restart follows the job's policy where the
             try:      # store is there to tell (it is not required for jobs that never checkpoint)
                 checkpoint.mark_current(store, job.job_id, lx.run_dir, lx.run_token)
             except NodeError:
