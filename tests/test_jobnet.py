@@ -112,3 +112,39 @@ def test_a_multi_node_jobs_vm_is_never_checkpointed_on_its_users_request(tmp_pat
     assert rundir.placement(run_dir) == (1, 2)
     (run_dir / rundir.JOB).write_text(json.dumps({"node_index": 3, "nodes": 2}))
     assert rundir.placement(run_dir) == (0, 1)   # nonsense in the record: as if one node
+
+
+def test_reconcile_removes_the_network_an_ended_job_left_and_no_other(tmp_path):
+    """A multi-node job whose VMs and run dirs went without its epilog (slurmd killed, then its node
+    cleaned by hand, or a test cluster stopped mid-job) leaves its bridge and tunnel: reconcile finds them
+    by the site recorded with them and removes those of jobs the scheduler no longer has. Another site's
+    (several test clusters share a host) and a live job's stay."""
+    from vmwrap import reconcile
+    from vmwrap.config import Settings
+
+    settings = Settings(state_dir=str(tmp_path / "state"), cache_dir=str(tmp_path / "cache"),
+                        checkpoint_dir=str(tmp_path / "ckpt"), libvirt_uri="test:///default")
+    ended, live, other = _job(), _job(), _job()
+    addrs = ("127.0.0.1", "192.0.2.77")
+    try:
+        for job, site in ((ended, settings.jobs_dir), (live, settings.jobs_dir), (other, "/elsewhere/jobs")):
+            jobnet.join(jobnet.Plan(job, ("c1", "c2"), addrs, 0), site=str(site))
+        jobnet.join(jobnet.Plan(ended, ("c1", "c2"), addrs, 1))   # the host's other node: same record
+        assert {ended, live} <= set(jobnet.networks(str(settings.jobs_dir)))
+        assert other not in jobnet.networks(str(settings.jobs_dir))
+        said: list[str] = []
+        found = reconcile.reconcile(settings, lambda: (lambda j: j != ended), say=said.append)
+        assert [(x.job_id, x.what) for x in found] == [(ended, ["network"])], said
+        assert not os.path.lexists(f"/sys/class/net/{jobnet.bridge_name(ended)}")
+        assert not os.path.lexists(f"/sys/class/net/{jobnet.vxlan_name(ended)}")
+        assert ended not in jobnet.networks(str(settings.jobs_dir))
+        for job in (live, other):
+            assert os.path.lexists(f"/sys/class/net/{jobnet.bridge_name(job)}")
+        assert f"job {ended}: removed network" in said
+        assert reconcile.find(settings, lambda: (lambda j: False)) == [
+            reconcile.Leftover(live, ["network"])]   # once ended, the live one's would go too
+    finally:
+        for job in (ended, live, other):
+            jobnet.clear(job)
+            subprocess.run(["ip", "link", "del", jobnet.vxlan_name(job)], capture_output=True)
+            subprocess.run(["ip", "link", "del", jobnet.bridge_name(job)], capture_output=True)

@@ -140,32 +140,38 @@ def _write(path: str, value: str) -> None:
         pass  # an option this kernel lacks (no br_netfilter, no IPv6): nothing to turn off
 
 
-def _holders(br: str) -> set[int]:
+def _record(br: str) -> tuple[set[int], str]:
+    """The bridge's holders (node indices) and its owner line ("JOB SITE": whose it is, for reconcile)."""
     try:
-        text = (HOLDERS / br).read_text()
+        first, _, rest = (HOLDERS / br).read_text().partition("\n")
     except OSError:
-        return set()
-    return {int(w) for w in text.split() if w.isdigit() and len(w) <= 7}
+        return set(), ""
+    return {int(w) for w in first.split() if w.isdigit() and len(w) <= 7}, rest.strip()
 
 
-def _set_holders(br: str, held: set[int]) -> None:
+def _holders(br: str) -> set[int]:
+    return _record(br)[0]
+
+
+def _set_holders(br: str, held: set[int], owner: str = "") -> None:
     HOLDERS.mkdir(mode=0o700, exist_ok=True)
     f = HOLDERS / br
     if held:
         tmp = HOLDERS / f".{br}.tmp"
-        tmp.write_text(" ".join(map(str, sorted(held))) + "\n")
+        tmp.write_text(" ".join(map(str, sorted(held))) + "\n" + (owner + "\n" if owner else ""))
         os.replace(tmp, f)
     else:
         f.unlink(missing_ok=True)
 
 
-def join(plan: Plan) -> str:
+def join(plan: Plan, site: str = "") -> str:
     """Make the job's segment reach this host (idempotent); returns the bridge the VM joins. The node
     is recorded as a holder first: another node of the job on this host leaving (or a prolog clearing
-    its own leftovers) never removes a bridge a VM is about to join."""
+    its own leftovers) never removes a bridge a VM is about to join. `site` (the site's jobs dir) is
+    recorded with the job's id: reconcile finds the networks of its own ended jobs (`networks`)."""
     br, vx = bridge_name(plan.job_id), vxlan_name(plan.job_id)
     with _locked():
-        _set_holders(br, _holders(br) | {plan.index})
+        _set_holders(br, _holders(br) | {plan.index}, f"{plan.job_id} {site}" if site else _record(br)[1])
         if not _exists(br):
             _ip("link", "add", br, "type", "bridge")
             # The host has no business on the segment: no IPv6 address, no bridged traffic to its firewall
@@ -188,19 +194,52 @@ def join(plan: Plan) -> str:
 def leave(job_id: str, index: int) -> bool:
     """Node `index` of the job no longer has its VM on this host (its tap left with it): the segment
     goes once no node of the job here holds it and no VM's card is on it (idempotent)."""
-    br, vx = bridge_name(job_id), vxlan_name(job_id)
+    br = bridge_name(job_id)
     with _locked():
-        held = _holders(br) - {index}
-        _set_holders(br, held)
-        if held or not _exists(br):
+        held, owner = _record(br)
+        held.discard(index)
+        _set_holders(br, held, owner)
+        if held:
             return False   # another node of this host still has (or is about to have) a VM on it
+        return _remove(job_id)
+
+
+def networks(site: str) -> list[str]:
+    """The ids of the jobs whose network site `site` made on this host and which is still here, as
+    their holders record says (reconcile asks the scheduler which of them ended)."""
+    out = []
+    with _locked():
         try:
-            ports = set(os.listdir(f"/sys/class/net/{br}/brif"))
+            files = sorted(p.name for p in HOLDERS.iterdir() if p.name.startswith("vmwj"))
         except OSError:
-            ports = set()
-        if ports - {vx}:
-            return False
-        if _exists(vx):
-            _ip("link", "del", vx)
-        _ip("link", "del", br)
+            return []
+        for br in files:
+            job_id, _, where = _record(br)[1].partition(" ")
+            if where == site and job_id and bridge_name(job_id) == br:
+                out.append(job_id)
+    return out
+
+
+def clear(job_id: str) -> bool:
+    """The job ended everywhere (reconcile): no node of it here holds its segment any more, which goes
+    unless a VM's card is still on it (idempotent)."""
+    with _locked():
+        _set_holders(bridge_name(job_id), set())
+        return _remove(job_id)
+
+
+def _remove(job_id: str) -> bool:
+    """The bridge and tunnel, unless a VM's card is on the bridge (under the lock)."""
+    br, vx = bridge_name(job_id), vxlan_name(job_id)
+    if not _exists(br):
+        return False
+    try:
+        ports = set(os.listdir(f"/sys/class/net/{br}/brif"))
+    except OSError:
+        ports = set()
+    if ports - {vx}:
+        return False
+    if _exists(vx):
+        _ip("link", "del", vx)
+    _ip("link", "del", br)
     return True

@@ -160,7 +160,8 @@ class Launcher:
             memory_limit_mib=p.memory_mib + self.settings.vm_memory_overhead_mib, network=p.image.network,
         )
         if self.job.nodes:
-            spec.job_bridge, spec.job_mac = jobnet.join(self.job.nodes), jobnet.mac(self.job.index)
+            spec.job_bridge = jobnet.join(self.job.nodes, site=str(self.settings.jobs_dir))
+            spec.job_mac = jobnet.mac(self.job.index)
         if domain.lookup(self.conn, self.job.domain_name) is not None:
             raise NodeError(f"a VM named {self.job.domain_name} already exists on this node "
                             f"(stale job? vmwrap teardown {self.job.job_id})")

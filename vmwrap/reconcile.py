@@ -1,16 +1,17 @@
 """Repair a node: remove what belongs to no live job of the scheduler.
 
 An epilog cleans up after its own job, but a node that crashed, a slurmd killed mid-job or an epilog
-that timed out leaves a VM, its run dir (overlay, ports, 9P server, limit watcher) and cache pins
-behind, and an idle job cancelled while saved leaves its checkpoint. Each belongs to a job id; a job
-id the scheduler no longer has (the adapter's `still_queued`, which answers True for every job when
-the scheduler cannot be reached) is torn down here exactly as its epilog would have done, and
-each removal is a `reconciled` record in the ledger.
+that timed out leaves a VM, its run dir (overlay, ports, 9P server, limit watcher), cache pins and a
+multi-node job's network (vmwrap/jobnet.py) behind, and an idle job cancelled while saved leaves its
+checkpoint. Each belongs to a job id; a job id the scheduler no longer has (the adapter's
+`still_queued`, which answers True for every job when the scheduler cannot be reached) is torn down
+here exactly as its epilog would have done, and each removal is a `reconciled` record in the ledger.
 
 Only this site's own leftovers are touched: a VM counts when its console is in this site's jobs dir
-(several sites may share a libvirtd: test clusters, or nodes of one host), and names that are not
-valid job ids are never acted on. A job the scheduler still has is left alone even if it now runs
-elsewhere: its epilog may be saving the VM at this moment.
+(several sites may share a libvirtd: test clusters, or nodes of one host), a network when its record
+names this site's jobs dir, and names that are not valid job ids are never acted on. A job the
+scheduler still has is left alone even if it now runs elsewhere: its epilog may be saving the VM at
+this moment.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import domain, rundir
+from . import domain, jobnet, rundir
 from .cache import Cache
 from .config import Settings
 from .errors import NodeError
@@ -32,7 +33,7 @@ from .ledger import Ledger
 @dataclass
 class Leftover:
     job_id: str
-    what: list[str] = field(default_factory=list)   # "vm", "run dir", "pin <sha>", "checkpoint"
+    what: list[str] = field(default_factory=list)   # "vm", "run dir", "pin <sha>", "checkpoint", "network"
     index: int | None = None   # a multi-node job's VM found here: its node's place (its name)
 
 
@@ -84,6 +85,8 @@ def find(settings: Settings, live: Live, conn=None) -> list[Leftover]:
         for d in sorted(pins.iterdir()):
             for p in sorted(d.iterdir()) if d.is_dir() and not d.is_symlink() else ():
                 add(p.name, f"pin {d.name[:12]}")
+    for job_id in jobnet.networks(str(settings.jobs_dir)):  # a multi-node job's network, its VMs and files gone
+        add(job_id, "network")
     from .checkpoint import Store
 
     try:
@@ -114,6 +117,8 @@ def reconcile(settings: Settings, live: Live, dry_run: bool = False,
         store = None
         for x in found:
             teardown(x.job_id, settings, conn=conn, ledger=ledger, cache=cache, index=x.index)
+            if "network" in x.what:
+                jobnet.clear(x.job_id)
             if "checkpoint" in x.what:
                 from .checkpoint import Store
 
