@@ -7,7 +7,7 @@ Protocol: one JSON line {"op": "pause"|"resume"|"checkpoint"|"shell", "job": ID}
 bool, "error": str, "protocol": PROTOCOL} (pause and resume add "changed": false when the VM already was so,
 which a request repeated after a lost answer finds; a periodic checkpoint, vmwrap/periodic.py, adds "saved" and
 "pause_s" or "error"; "shell" sends a socket connected to the VM's shell port with its reply, SCM_RIGHTS,
-vmwrap/shell.py); {"op": "ping", "job": ""} (anyone) -> {"ok": true, "protocol": PROTOCOL}: health
+vmwrap/shell.py; "retry": true instead while the guest has not opened that port: ask again shortly); {"op": "ping", "job": ""} (anyone) -> {"ok": true, "protocol": PROTOCOL}: health
 checks (`vmwrap status`), and a client newer than the agent learns what it speaks.
 
 The socket is open to every local user, so the agent bounds what any of them can hold: the request
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from . import domain, rundir, safeio
 from .config import Settings
-from .errors import NodeError, UserError, VmwrapError
+from .errors import NodeError, NotReadyError, UserError, VmwrapError
 from .job import Job
 from .ledger import Ledger
 
@@ -69,6 +69,9 @@ def handle(settings: Settings, conn, peer_uid: int, op: str, job_id: str) -> dic
     if op == "shell":  # the caller gets the connected port itself (Handler sends it); nothing else of root's
         from . import shell
 
+        dom = domain.lookup(conn, rundir.vm_name(settings, job_id))
+        if dom is not None and domain.channel_open(dom, shell.CHANNEL) is False:
+            raise NotReadyError(f"job {job_id}'s VM has not opened its shell port yet (it is still starting)")
         port = shell.connect_port(settings, job_id)
         Ledger(settings.ledger_path).record(job_id, rundir.vm_name(settings, job_id), "shell", by_uid=peer_uid,
                                             via="agent")
@@ -190,7 +193,7 @@ def serve(settings: Settings) -> None:
                 extra = handle(settings, libvirt.conn(), uid, op, job_id) if op != "ping" else None
                 reply = {**(extra or {}), "ok": True, "protocol": PROTOCOL}
             except (VmwrapError, ValueError) as e:
-                reply = {"ok": False, "error": str(e)}
+                reply = {"ok": False, "error": str(e), **({"retry": True} if isinstance(e, NotReadyError) else {})}
             except Exception as e:  # noqa: BLE001 (a bug or a libvirt surprise: this request fails, not the agent)
                 print(f"vmwrap agent: request of uid {uid} failed: {e!r}", file=sys.stderr, flush=True)
                 reply = {"ok": False, "error": f"the node agent failed: {e}"}

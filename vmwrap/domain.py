@@ -269,6 +269,21 @@ def _destroy_for(conn, name: str, t: threading.Thread) -> None:
     t.join(30)
 
 
+def channel_open(dom, name: str) -> bool | None:
+    """Whether the guest has its virtio port `name` open (libvirt tracks what QEMU reports); None when
+    libvirt does not say (a VM started by an older vmwrap, a port without a name)."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(dom.XMLDesc(0))
+    except Exception:  # noqa: BLE001 (libvirtError: the domain went away; a parse error)
+        return None
+    for target in root.iterfind("./devices/channel/target"):
+        if target.get("name") == name and target.get("state") in ("connected", "disconnected"):
+            return target.get("state") == "connected"
+    return None
+
+
 def memory_limit_mib(dom) -> int | None:
     """The live domain's hard memory limit, None if unlimited."""
     v = dom.memoryParameters().get("hard_limit")

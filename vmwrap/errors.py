@@ -13,6 +13,10 @@ class UserError(VmwrapError):
     kind = "user"
 
 
+class NotReadyError(UserError):
+    """The job's VM cannot take this request yet (it is still starting): the caller asks again shortly."""
+
+
 class ImageError(VmwrapError):
     """The site's image is unusable (checksum mismatch, unreachable source). Fail the job, keep the node."""
 

@@ -29,9 +29,11 @@ import time
 from pathlib import Path
 
 from . import rundir
-from .errors import NodeError, UserError
+from .errors import NodeError, NotReadyError, UserError
 
 SOCKET = rundir.SHELL_SOCKET  # in the run dir: the guest's shell port (QEMU binds it; root's 0600)
+CHANNEL = "org.vmwrap.shell"  # its virtio port's name (domain.xml.j2)
+READY_WAIT_S = 600.0    # how long a session waits for a starting VM to open its shell port
 FRAME_MAX = 65536
 HEADER = struct.Struct(">cI")
 LOST = 255              # the VM went away before the shell said how it ended, or no session (as ssh's 255)
@@ -125,6 +127,8 @@ def request_port(settings, job_id: str, timeout: float = 5.0) -> socket.socket:
             for fd in fds:
                 os.close(fd)
             why = reply.get("error", "no answer") if isinstance(reply, dict) else "no answer"
+            if isinstance(reply, dict) and reply.get("retry") is True:
+                raise NotReadyError(str(why))
             if "unknown operation" in str(why):
                 why += " (the node agent predates `vmwrap shell`: restart it)"
             raise UserError(f"no shell in job {job_id}: {why}")
@@ -133,10 +137,28 @@ def request_port(settings, job_id: str, timeout: float = 5.0) -> socket.socket:
         return socket.socket(fileno=fds[0])
 
 
+def ready_port(settings, job_id: str, waiting_note_s: float, ready_wait_s: float = READY_WAIT_S) -> socket.socket:
+    """The shell port once the job's VM has opened it (the agent says when it has not yet: a VM still
+    starting, a step that reached a node before its VM booted); UserError after `ready_wait_s`."""
+    start = time.monotonic()
+    noted = False
+    while True:
+        try:
+            return request_port(settings, job_id)
+        except NotReadyError as e:
+            waited = time.monotonic() - start
+            if waited >= ready_wait_s:
+                raise UserError(f"{e} after {waited:.0f} s: giving up") from None
+            if not noted and waited >= waiting_note_s:
+                noted = True
+                sys.stderr.write(f"vmwrap shell: waiting for job {job_id}'s VM to start\r\n")
+            time.sleep(0.25)
+
+
 def run(settings, job_id: str, command: str | None = None, stdin: int = 0, stdout: int = 1,
-        waiting_note_s: float = 5.0) -> int:
+        waiting_note_s: float = 5.0, ready_wait_s: float = READY_WAIT_S) -> int:
     """The session, relayed between this process's stdin/stdout and the VM; returns its exit status."""
-    port = request_port(settings, job_id)
+    port = ready_port(settings, job_id, waiting_note_s, ready_wait_s)
     tty = os.isatty(stdin)
     rows, cols = 24, 80
     if tty:

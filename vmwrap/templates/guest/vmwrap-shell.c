@@ -6,8 +6,8 @@
  * batch job's). MODE "tty": on a new pseudo-terminal the user owns, W frames resize it, E (the caller's
  * stdin ended) types its end-of-file character. MODE "pipe" (the caller has no terminal): stdin a pipe
  * that E closes, stdout and stderr one pipe, bytes untouched. D frames carry data both ways; X "STATUS"
- * ends the session (exit code, or 128+N for signal N). When the host goes away the session gets SIGHUP,
- * and SIGKILL 2 s later: the port must be free for the next one.
+ * ends the session (exit code, or 128+N for signal N). When the host is gone (not back within 2 s: see
+ * host_gone) the session gets SIGHUP, and SIGKILL 2 s later: the port must be free for the next one.
  * Frames: 1 type byte, 4-byte big-endian length, payload (at most FRAME_MAX bytes).
  * Nothing blocks: input for the shell waits in a bounded queue (the port is not read while it is full),
  * so a shell that reads nothing cannot stop its output, nor the host's leaving, from being seen.
@@ -37,12 +37,42 @@ static size_t have;
 static unsigned char queue[QUEUE_MAX];  /* host input not yet taken by the shell */
 static size_t queued;
 
+/* Whether the host is connected, as far as the driver knows yet: while it is not, a read says EOF at
+ * once and poll says POLLHUP. */
+static int host_connected(int port) {
+    struct pollfd f = {.fd = port, .events = POLLIN};
+    return poll(&f, 1, 0) >= 0 && !(f.revents & POLLHUP);
+}
+
+/* The host is really gone: still not connected after GRACE_MS. The driver learns of a host's coming
+ * and going from control messages handled later than data: a new session's O frame can be read
+ * before its host counts as connected, and the previous host's leaving can be learnt after the next
+ * one's O frame (an EOF then is stale). Without this grace such a session was taken for abandoned:
+ * its shell killed, no X sent, the host waiting for ever (seen under load: a multi-node step hung). */
+#define GRACE_MS 2000
+static int host_gone(int port) {
+    sigset_t io;
+    sigemptyset(&io); sigaddset(&io, SIGIO);
+    for (int waited = 0; waited < GRACE_MS; waited += 50) {
+        if (host_connected(port)) return 0;
+        sigtimedwait(&io, NULL, &(struct timespec){.tv_nsec = 50 * 1000000L});  /* the driver's news, or 50 ms */
+    }
+    return !host_connected(port);
+}
+
 static int write_all(int fd, const void *p, size_t n) {
     const unsigned char *b = p;
+    int away_ms = 0;  /* how long the host has not been connected while this waits to write */
     while (n) {
         ssize_t w = write(fd, b, n);
         if (w < 0 && errno == EINTR) continue;
-        if (w < 0 && errno == EAGAIN) { struct pollfd f = {.fd = fd, .events = POLLOUT}; poll(&f, 1, 1000); continue; }
+        if (w < 0 && errno == EAGAIN) {  /* the host's buffer is full, or the host is not connected now */
+            struct pollfd f = {.fd = fd, .events = POLLOUT};
+            poll(&f, 1, 100);
+            away_ms = host_connected(fd) ? 0 : away_ms + 100;
+            if (away_ms >= GRACE_MS) return -1;
+            continue;
+        }
         if (w <= 0) return -1;
         b += w; n -= (size_t)w;
     }
@@ -138,10 +168,14 @@ static void child(char **argv, const char *term, const char *cmd, int tty) {
     _exit(127);
 }
 
-/* One session on an open port; returns when it ended or the host left. */
+/* One session on an open port; returns when it ended or the host left. An O frame during a session is
+ * a new host's (the previous one left without our noticing): that session ends and the next one
+ * starts with the O frame kept (`reopen`). */
+static int reopen;
 static void session(int port, char **argv) {
     char type; unsigned char *p; size_t n;
-    have = 0; queued = 0;
+    if (!reopen) have = 0;
+    reopen = 0; queued = 0;
     for (;;) {  /* wait for O */
         while (!frame(&type, &p, &n)) {
             struct pollfd f = {.fd = port, .events = POLLIN};
@@ -184,6 +218,7 @@ static void session(int port, char **argv) {
     unsigned char out[16384];
     for (;;) {
         while (queued < QUEUE_MAX - FRAME_MAX && frame(&type, &p, &n)) {
+            if (type == 'O') { reopen = 1; break; }  /* kept in `in` for the next session */
             if (type == 'D' && !input_done) enqueue(p, n);
             else if (type == 'W' && tty) winsize(to_child, p, n);
             else if (type == 'E' && !input_done) {
@@ -199,6 +234,7 @@ static void session(int port, char **argv) {
             if (w > 0) { memmove(queue, queue + w, queued - (size_t)w); queued -= (size_t)w; }
             else if (w < 0 && errno != EAGAIN && errno != EINTR) queued = 0;  /* the shell closed its input */
         }
+        if (reopen) { left = 1; break; }
         if (!tty && input_done && !queued && to_child >= 0) { close(to_child); to_child = -1; }
         struct pollfd fds[3] = {{.fd = from_child, .events = POLLIN},
                                 {.fd = queued < QUEUE_MAX - FRAME_MAX ? port : -1, .events = POLLIN},
@@ -210,7 +246,7 @@ static void session(int port, char **argv) {
             if (r < 0 && (errno == EINTR || errno == EAGAIN)) continue;
             break;  /* EOF or EIO: every process holding the terminal or the pipe is gone */
         }
-        if (fds[1].revents && !fill(port)) { left = 1; break; }
+        if (fds[1].revents && !fill(port) && host_gone(port)) { left = 1; break; }
     }
     if (left) { kill(-pid, SIGHUP); kill(pid, SIGHUP); }
     int st = -1;
@@ -244,6 +280,7 @@ int main(int argc, char **argv) {
         fcntl(port, F_SETFL, fcntl(port, F_GETFL) | O_ASYNC);
         for (;;) {
             session(port, argv);
+            if (reopen) continue;
             struct timespec t = {.tv_sec = 5};
             sigtimedwait(&io, NULL, &t);  /* the host left (or never came): until it connects again */
             while (sigtimedwait(&io, NULL, &(struct timespec){0}) > 0) {}
