@@ -153,9 +153,11 @@ if [ -e /ctl/peer ]; then
   while { [ -z "$SHELLPORT" ] || [ ! -e "$SHELLPORT" ]; } && [ $i -lt 6000 ]; do sleep 0.02; i=$((i+1)); find_ports; done
   [ -n "$SHELLPORT" ] && [ -e "$SHELLPORT" ] || echo "vmwrap guest: shell port not found after 120 s: $(ls /sys/class/virtio-ports 2>&1)" > /dev/console
   serve_shells
+  # No host attaches here as a rule (its epilog destroys the VM): while none is, each open reads EOF at
+  # once, and each open and close is two control messages through QEMU to libvirtd: look seldom.
   while :; do
     while read -r cmd; do case "$cmd" in TERM|KILL) say "exit 143"; poweroff -f ;; esac; done < "$CTL"
-    sleep 0.2
+    sleep 2
   done
 fi
 # Wait for the host's GO: the job's script, environment and arguments are written by whoever attaches
