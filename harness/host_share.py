@@ -58,6 +58,20 @@ def destroy_vms_under(base) -> list[str]:
     return gone
 
 
+def clear_job_networks_under(base) -> list[str]:
+    """Remove the multi-node jobs' networks (vmwrap/jobnet.py) that sites under `base` made and left (a
+    cluster stopped mid-job runs no epilog), once their VMs are destroyed; returns the job ids."""
+    from vmwrap import jobnet
+
+    prefix = str(base).rstrip("/") + "/"
+    cleared = []
+    for job_id, site in jobnet.owners():
+        if site.startswith(prefix):
+            jobnet.clear(job_id)
+            cleared.append(job_id)
+    return cleared
+
+
 LOGS = "/var/tmp/vmwrap-test-logs"
 _KEEP_MAX = 1 << 20
 

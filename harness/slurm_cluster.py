@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from harness.host_share import destroy_vms_under, host_lock, slurm_first_job
+from harness.host_share import clear_job_networks_under, destroy_vms_under, host_lock, slurm_first_job
 from vmwrap import config as vmwrap_config
 from vmwrap.resources import HOOKS
 
@@ -323,6 +323,7 @@ PidFile={self.base}/slurmdbd.pid
         # slurmd leaves job processes behind on shutdown; and VMs are not the job's processes at all
         subprocess.run(["pkill", "-f", f"{self.base}/nodes/"], capture_output=True)
         destroy_vms_under(self.base)
+        clear_job_networks_under(self.base)
 
 
 DEMO_SCRIPT = """#!/bin/sh

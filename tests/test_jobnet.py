@@ -148,3 +148,20 @@ def test_reconcile_removes_the_network_an_ended_job_left_and_no_other(tmp_path):
             jobnet.clear(job)
             subprocess.run(["ip", "link", "del", jobnet.vxlan_name(job)], capture_output=True)
             subprocess.run(["ip", "link", "del", jobnet.bridge_name(job)], capture_output=True)
+
+
+def test_a_stopped_test_clusters_job_networks_go_with_it(tmp_path):
+    """The harness's cluster stop (no epilog runs) removes the networks its sites made, and only those."""
+    from harness.host_share import clear_job_networks_under
+
+    mine, other = _job(), _job()
+    plan = ("c1", "c2"), ("127.0.0.1", "127.0.0.1")
+    try:
+        jobnet.join(jobnet.Plan(mine, *plan, 1), site=str(tmp_path / "nodes" / "c2" / "state" / "jobs"))
+        jobnet.join(jobnet.Plan(other, *plan, 1), site=str(tmp_path) + "-other/jobs")
+        assert clear_job_networks_under(tmp_path) == [mine]
+        assert not os.path.lexists(f"/sys/class/net/{jobnet.bridge_name(mine)}")
+        assert os.path.lexists(f"/sys/class/net/{jobnet.bridge_name(other)}")
+    finally:
+        for job in (mine, other):
+            jobnet.clear(job)

@@ -204,9 +204,8 @@ def leave(job_id: str, index: int) -> bool:
         return _remove(job_id)
 
 
-def networks(site: str) -> list[str]:
-    """The ids of the jobs whose network site `site` made on this host and which is still here, as
-    their holders record says (reconcile asks the scheduler which of them ended)."""
+def owners() -> list[tuple[str, str]]:
+    """(job id, site) of every job network on this host whose record names them."""
     out = []
     with _locked():
         try:
@@ -214,10 +213,16 @@ def networks(site: str) -> list[str]:
         except OSError:
             return []
         for br in files:
-            job_id, _, where = _record(br)[1].partition(" ")
-            if where == site and job_id and bridge_name(job_id) == br:
-                out.append(job_id)
+            job_id, _, site = _record(br)[1].partition(" ")
+            if job_id and site and bridge_name(job_id) == br:
+                out.append((job_id, site))
     return out
+
+
+def networks(site: str) -> list[str]:
+    """The ids of the jobs whose network site `site` made on this host and which is still here, as
+    their records say (reconcile asks the scheduler which of them ended)."""
+    return [job_id for job_id, where in owners() if where == site]
 
 
 def clear(job_id: str) -> bool:
