@@ -64,7 +64,7 @@ def universe_requirements() -> list[str]:
     """A VM job is one VM on one node in the vanilla universe: a request for an image in the parallel
     universe (machine_count N) is refused with the multi-node reason every scheduler gives, one in any
     other universe (vm, docker, container, grid, scheduler, local, java) with the universe it named."""
-    name = f"strcat(\"#\", string(JobUniverse))"
+    name = "strcat(\"#\", string(JobUniverse))"
     for number, uni in sorted(UNIVERSES.items(), reverse=True):
         name = f'ifThenElse(JobUniverse == {number}, "{uni}", {name})'
     name = f'ifThenElse(WantContainer =?= true, "container", {name})'

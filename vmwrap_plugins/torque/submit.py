@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import re
 import secrets
 import shlex
 
