@@ -37,6 +37,8 @@ wait
 echo "received: $(cat got)"
 srun -N 2 -n 2 sh -c 'exit $((SLURM_NODEID + 3))'
 echo "exit rc=$?"
+srun -N 2 -n 8 -O sh -c 'sleep 1; echo "many $SLURM_PROCID $(hostname)"' | sort
+echo "many rc=$?"
 """
 
 
@@ -97,6 +99,10 @@ def test_a_two_node_job_gets_a_vm_on_each_node_and_steps_across_them(cluster, jo
     # the second node's VM reached the first's by its node name, over the job's own network
     assert f"received: hello from {nodes[1]}" in lines, out
     assert "exit rc=4" in lines, out   # the step's exit code is its worst task's, as bare
+    # four tasks per node: on the second node each waits for the VM's sessions before it (one at a time;
+    # QEMU's listen queue holds two more, the fourth is told "busy" and asks again)
+    assert [ln for ln in lines if ln.startswith("many ")] == [
+        f"many {i} {nodes[i // 4]}" for i in range(8)] + ["many rc=0"], out
     # every VM and the network are gone with the job
     _wait(lambda: not {f"vmwrap-{job}", f"vmwrap-{job}@1"} & _domains(), "the job's VMs to go")
     _wait(lambda: not os.path.lexists(f"/sys/class/net/{jobnet.bridge_name(job)}"), "the job's bridge to go")

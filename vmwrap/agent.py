@@ -7,7 +7,8 @@ Protocol: one JSON line {"op": "pause"|"resume"|"checkpoint"|"shell", "job": ID}
 bool, "error": str, "protocol": PROTOCOL} (pause and resume add "changed": false when the VM already was so,
 which a request repeated after a lost answer finds; a periodic checkpoint, vmwrap/periodic.py, adds "saved" and
 "pause_s" or "error"; "shell" sends a socket connected to the VM's shell port with its reply, SCM_RIGHTS,
-vmwrap/shell.py; "retry": true instead while the guest has not opened that port: ask again shortly); {"op": "ping", "job": ""} (anyone) -> {"ok": true, "protocol": PROTOCOL}: health
+vmwrap/shell.py; "retry": true instead while the guest has not opened that port, "busy": true while other
+sessions hold it: ask again shortly); {"op": "ping", "job": ""} (anyone) -> {"ok": true, "protocol": PROTOCOL}: health
 checks (`vmwrap status`), and a client newer than the agent learns what it speaks.
 
 The socket is open to every local user, so the agent bounds what any of them can hold: the request
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from . import domain, rundir, safeio
 from .config import Settings
-from .errors import NodeError, NotReadyError, UserError, VmwrapError
+from .errors import BusyError, NodeError, NotReadyError, UserError, VmwrapError
 from .job import Job
 from .ledger import Ledger
 
@@ -193,7 +194,8 @@ def serve(settings: Settings) -> None:
                 extra = handle(settings, libvirt.conn(), uid, op, job_id) if op != "ping" else None
                 reply = {**(extra or {}), "ok": True, "protocol": PROTOCOL}
             except (VmwrapError, ValueError) as e:
-                reply = {"ok": False, "error": str(e), **({"retry": True} if isinstance(e, NotReadyError) else {})}
+                reply = {"ok": False, "error": str(e), **({"retry": True} if isinstance(e, NotReadyError) else {}),
+                         **({"busy": True} if isinstance(e, BusyError) else {})}
             except Exception as e:  # noqa: BLE001 (a bug or a libvirt surprise: this request fails, not the agent)
                 print(f"vmwrap agent: request of uid {uid} failed: {e!r}", file=sys.stderr, flush=True)
                 reply = {"ok": False, "error": f"the node agent failed: {e}"}
@@ -223,7 +225,7 @@ def serve(settings: Settings) -> None:
             if busy:
                 why = (f"uid {uid} already has {mine} requests open" if mine >= MAX_CLIENTS_PER_UID
                        else f"{total} requests are open")
-                _reply(request, {"ok": False, "error": f"the node agent is busy ({why}): try again"}, 0)
+                _reply(request, {"ok": False, "error": f"the node agent is busy ({why}): try again", "busy": True}, 0)
                 self.shutdown_request(request)
                 return
             try:

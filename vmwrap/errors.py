@@ -17,6 +17,11 @@ class NotReadyError(UserError):
     """The job's VM cannot take this request yet (it is still starting): the caller asks again shortly."""
 
 
+class BusyError(UserError):
+    """What the request needs is taken by others for now (the VM's shell port, the node agent's slots):
+    a caller that can wait asks again shortly."""
+
+
 class ImageError(VmwrapError):
     """The site's image is unusable (checksum mismatch, unreachable source). Fail the job, keep the node."""
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from . import rundir
-from .errors import NodeError, NotReadyError, UserError
+from .errors import BusyError, NodeError, NotReadyError, UserError
 
 SOCKET = rundir.SHELL_SOCKET  # in the run dir: the guest's shell port (QEMU binds it; root's 0600)
 CHANNEL = "org.vmwrap.shell"  # its virtio port's name (domain.xml.j2)
@@ -45,7 +45,7 @@ def port_path(settings, job_id: str) -> Path:
     return rundir.path(settings, job_id) / SOCKET
 
 
-def connect_port(settings, job_id: str, timeout: float = 2.0) -> socket.socket:
+def connect_port(settings, job_id: str) -> socket.socket:
     """The agent's side (root): a connection to the job's shell port. UserError if the job has none here
     or another session holds it (the VM's QEMU takes one connection at a time: never wait for it)."""
     p = port_path(settings, job_id)
@@ -57,12 +57,12 @@ def connect_port(settings, job_id: str, timeout: float = 2.0) -> socket.socket:
     if not stat.S_ISSOCK(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
         raise NodeError(f"{p} is not root's own socket (mode {st.st_mode & 0o7777:o}, uid {st.st_uid}): not used")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
+    s.setblocking(False)  # QEMU's listen queue full (a session open, one more waiting): busy at once
     try:
         s.connect(str(p))
     except (BlockingIOError, TimeoutError):
         s.close()
-        raise UserError(f"another `vmwrap shell` session of job {job_id} is open: try again when it ends") from None
+        raise BusyError(f"another `vmwrap shell` session of job {job_id} is open: try again when it ends") from None
     except OSError as e:
         s.close()
         raise UserError(f"cannot reach job {job_id}'s VM: {os.strerror(e.errno) if e.errno else e}") from None
@@ -129,6 +129,8 @@ def request_port(settings, job_id: str, timeout: float = 5.0) -> socket.socket:
             why = reply.get("error", "no answer") if isinstance(reply, dict) else "no answer"
             if isinstance(reply, dict) and reply.get("retry") is True:
                 raise NotReadyError(str(why))
+            if isinstance(reply, dict) and reply.get("busy") is True:
+                raise BusyError(str(why))
             if "unknown operation" in str(why):
                 why += " (the node agent predates `vmwrap shell`: restart it)"
             raise UserError(f"no shell in job {job_id}: {why}")
@@ -137,14 +139,21 @@ def request_port(settings, job_id: str, timeout: float = 5.0) -> socket.socket:
         return socket.socket(fileno=fds[0])
 
 
-def ready_port(settings, job_id: str, waiting_note_s: float, ready_wait_s: float = READY_WAIT_S) -> socket.socket:
+def ready_port(settings, job_id: str, waiting_note_s: float, ready_wait_s: float = READY_WAIT_S,
+               wait_busy: bool = False) -> socket.socket:
     """The shell port once the job's VM has opened it (the agent says when it has not yet: a VM still
-    starting, a step that reached a node before its VM booted); UserError after `ready_wait_s`."""
+    starting, a step that reached a node before its VM booted); UserError after `ready_wait_s`.
+    `wait_busy`: while other sessions hold the port, wait for them (as long as they last) instead of
+    refusing (a step's tasks on one node, each a session of that node's VM)."""
     start = time.monotonic()
     noted = False
     while True:
         try:
             return request_port(settings, job_id)
+        except BusyError:
+            if not wait_busy:
+                raise
+            time.sleep(0.1)
         except NotReadyError as e:
             waited = time.monotonic() - start
             if waited >= ready_wait_s:
@@ -156,9 +165,9 @@ def ready_port(settings, job_id: str, waiting_note_s: float, ready_wait_s: float
 
 
 def run(settings, job_id: str, command: str | None = None, stdin: int = 0, stdout: int = 1,
-        waiting_note_s: float = 5.0, ready_wait_s: float = READY_WAIT_S) -> int:
+        waiting_note_s: float = 5.0, ready_wait_s: float = READY_WAIT_S, wait_busy: bool = False) -> int:
     """The session, relayed between this process's stdin/stdout and the VM; returns its exit status."""
-    port = ready_port(settings, job_id, waiting_note_s, ready_wait_s)
+    port = ready_port(settings, job_id, waiting_note_s, ready_wait_s, wait_busy)
     tty = os.isatty(stdin)
     rows, cols = 24, 80
     if tty:

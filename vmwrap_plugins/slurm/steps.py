@@ -34,9 +34,10 @@ PATTERNS = {
 }
 ALIASES = {"cpu_bind": "cpu-bind"}
 FLAGS = {"label", "unbuffered", "quiet", "verbose", "exclusive", "overlap", "exact", "disable-status",
-         "kill-on-bad-exit"}
+         "kill-on-bad-exit", "overcommit"}
 SHORT = {"n": "ntasks", "c": "cpus-per-task", "N": "nodes", "w": "nodelist", "J": "job-name", "t": "time", "W": "wait",
-         "l": "label", "u": "unbuffered", "Q": "quiet", "v": "verbose", "X": "disable-status", "K": "kill-on-bad-exit"}
+         "l": "label", "u": "unbuffered", "Q": "quiet", "v": "verbose", "X": "disable-status", "K": "kill-on-bad-exit",
+         "O": "overcommit"}
 ARGV_MAX = 1024
 
 
