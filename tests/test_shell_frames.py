@@ -21,6 +21,8 @@ def test_an_oversized_length_drops_the_buffer_instead_of_waiting_for_it():
 def test_the_open_request_carries_size_term_and_command_and_refuses_what_cannot_pass():
     assert shell.open_request(33, 101, "xterm-256color", None) == shell.frame(b"O", b"33 101 xterm-256color tty")
     assert shell.open_request(24, 80, "bad term;rm", "id", tty=False) == shell.frame(b"O", b"24 80 dumb pipe\0id")
+    assert shell.open_request(24, 80, "xterm", "id", tty=False, split=True) == shell.frame(b"O", b"24 80 xterm pipe split\0id")
+    assert shell.open_request(24, 80, "xterm", None, split=True) == shell.frame(b"O", b"24 80 xterm tty")  # a terminal: one
     with pytest.raises(UserError, match="NUL"):
         shell.open_request(24, 80, "xterm", "a\0b")
     with pytest.raises(UserError, match="longer than"):

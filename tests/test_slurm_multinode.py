@@ -39,6 +39,7 @@ srun -N 2 -n 2 sh -c 'exit $((SLURM_NODEID + 3))'
 echo "exit rc=$?"
 srun -N 2 -n 8 -O sh -c 'sleep 1; echo "many $SLURM_PROCID $(hostname)"' | sort
 echo "many rc=$?"
+srun -N 2 -n 2 sh -c 'echo "out $SLURM_NODEID"; echo "err $SLURM_NODEID" >&2' | sort
 """
 
 
@@ -79,9 +80,10 @@ def _wait(cond, what: str, timeout: float = 120) -> None:
 
 
 def test_a_two_node_job_gets_a_vm_on_each_node_and_steps_across_them(cluster, jobdir, test_user):
-    job = submit(cluster, jobdir, SPREAD, "-N", "2")
+    job = submit(cluster, jobdir, SPREAD, "-N", "2", "-e", "slurm-%j.err")
     info = cluster.wait_state(job, FINAL, 240)
     out = (jobdir / f"slurm-{job}.out").read_text()
+    err = (jobdir / f"slurm-{job}.err").read_text()
     assert info["JobState"] == "COMPLETED", out
     nodes = subprocess.run(["scontrol", "show", "hostnames", info["NodeList"]], capture_output=True, text=True,
                            env=cluster.env).stdout.split()
@@ -103,6 +105,9 @@ def test_a_two_node_job_gets_a_vm_on_each_node_and_steps_across_them(cluster, jo
     # QEMU's listen queue holds two more, the fourth is told "busy" and asks again)
     assert [ln for ln in lines if ln.startswith("many ")] == [
         f"many {i} {nodes[i // 4]}" for i in range(8)] + ["many rc=0"], out
+    # each task's errors reach the job's error file, on the second node too (not its output)
+    assert [ln for ln in lines if ln[:4] in ("out ", "err ")] == ["out 0", "out 1"], out
+    assert sorted(ln for ln in err.splitlines() if ln.startswith("err ")) == ["err 0", "err 1"], err
     # every VM and the network are gone with the job
     _wait(lambda: not {f"vmwrap-{job}", f"vmwrap-{job}@1"} & _domains(), "the job's VMs to go")
     _wait(lambda: not os.path.lexists(f"/sys/class/net/{jobnet.bridge_name(job)}"), "the job's bridge to go")

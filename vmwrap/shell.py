@@ -8,8 +8,8 @@ in the job's root, work dir and environment. One session at a time per VM: a sec
 the agent refuses more at once (it never waits on that queue).
 
 Frames both ways: 1 type byte, 4-byte big-endian length, payload (at most FRAME_MAX). Host to guest:
-O "ROWS COLS TERM tty|pipe" [NUL COMMAND] opens, D data, W "ROWS COLS" on a resize, E the end of stdin. Guest to
-host: D output, X "STATUS" (the exit code, 128+N for signal N). The guest is hostile: frames are bounded,
+O "ROWS COLS TERM tty|pipe[ split]" [NUL COMMAND] opens, D data, W "ROWS COLS" on a resize, E the end of stdin.
+Guest to host: D output, e errors (split pipes only), X "STATUS" (the exit code, 128+N for signal N). The guest is hostile: frames are bounded,
 garbage is dropped, and its bytes only reach the caller's own terminal (as ssh's do).
 """
 
@@ -88,12 +88,14 @@ def frames(buf: bytearray):
         yield kind, payload
 
 
-def open_request(rows: int, cols: int, term: str, command: str | None, tty: bool = True) -> bytes:
+def open_request(rows: int, cols: int, term: str, command: str | None, tty: bool = True,
+                 split: bool = False) -> bytes:
     """O: the terminal's size and TERM and "tty", or "pipe" when the caller has no terminal (the command
-    then gets pipes: its bytes pass untouched and the end of stdin is an end of file)."""
+    then gets pipes: its bytes pass untouched and the end of stdin is an end of file); "pipe split":
+    its errors apart, as e frames (a guest agent older than that ignores the word: one stream)."""
     if not _TERM.match(term):
         term = "dumb"
-    body = f"{rows} {cols} {term} {'tty' if tty else 'pipe'}".encode()
+    body = f"{rows} {cols} {term} {'tty' if tty else 'pipe split' if split else 'pipe'}".encode()
     if command is not None:
         if "\0" in command:
             raise UserError("the command must not contain NUL bytes")
@@ -165,8 +167,10 @@ def ready_port(settings, job_id: str, waiting_note_s: float, ready_wait_s: float
 
 
 def run(settings, job_id: str, command: str | None = None, stdin: int = 0, stdout: int = 1,
-        waiting_note_s: float = 5.0, ready_wait_s: float = READY_WAIT_S, wait_busy: bool = False) -> int:
-    """The session, relayed between this process's stdin/stdout and the VM; returns its exit status."""
+        waiting_note_s: float = 5.0, ready_wait_s: float = READY_WAIT_S, wait_busy: bool = False,
+        stderr: int | None = None) -> int:
+    """The session, relayed between this process's stdin/stdout and the VM; returns its exit status.
+    `stderr`: without a terminal, the command's errors go there apart (else with its output)."""
     port = ready_port(settings, job_id, waiting_note_s, ready_wait_s, wait_busy)
     tty = os.isatty(stdin)
     rows, cols = 24, 80
@@ -175,7 +179,7 @@ def run(settings, job_id: str, command: str | None = None, stdin: int = 0, stdou
             cols, rows = os.get_terminal_size(stdin)
         except OSError:
             pass
-    port.sendall(open_request(rows, cols, os.environ.get("TERM", "dumb"), command, tty))
+    port.sendall(open_request(rows, cols, os.environ.get("TERM", "dumb"), command, tty, split=stderr is not None))
     saved = None
     if tty:
         import termios
@@ -190,7 +194,7 @@ def run(settings, job_id: str, command: str | None = None, stdin: int = 0, stdou
         raise SystemExit(128 + sig)  # through the finally below: the caller's terminal is restored
     old_ends = {sig: signal.signal(sig, ended) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        status = _relay(port, stdin, stdout, job_id, resized, waiting_note_s)
+        status = _relay(port, stdin, stdout, job_id, resized, waiting_note_s, stdout if stderr is None else stderr)
     except OSError:
         status = None  # the VM's end went away mid-write: as a closed session
     finally:
@@ -219,7 +223,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _relay(port: socket.socket, stdin: int, stdout: int, job_id: str, resized: list,
-           waiting_note_s: float) -> int | None:
+           waiting_note_s: float, stderr: int) -> int | None:
     """Frames until the guest says how the session ended (its status) or the port closes (None).
     Nothing blocks: what the guest has not taken yet waits here (stdin is not read while over
     PENDING_MAX), so its output is always read."""
@@ -266,6 +270,8 @@ def _relay(port: socket.socket, stdin: int, stdout: int, job_id: str, resized: l
             for kind, payload in frames(buf):
                 if kind == b"D":
                     _write_all(stdout, payload)
+                elif kind == b"e":
+                    _write_all(stderr, payload)
                 elif kind == b"X":
                     try:
                         status = max(0, min(255, int(payload)))

@@ -482,7 +482,7 @@ def peer_task(settings, job_id: str, command: list[str]) -> int:
     checks that the caller owns the job; vmwrap/shell.py). The command gets the task's environment (the
     job's, as srun propagates it, with the step's variables) over the image's, as the batch script's
     VM gets the job's (payload.job_environment): MPI daemons need HOME and the like. The session is a
-    pipe: the command's output and errors arrive as one stream, on this task's stdout. A VM serves one
+    pipe: the command's output and errors arrive on this task's stdout and stderr. A VM serves one
     session at a time: the step's other tasks on this node wait for theirs."""
     import shlex
 
@@ -496,7 +496,7 @@ def peer_task(settings, job_id: str, command: list[str]) -> int:
     line = "exec env -i " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + " " + shlex.join(command)
     null = os.open(os.devnull, os.O_RDONLY)
     try:
-        return shell.run(settings, job_id, line, stdin=null, stdout=1, waiting_note_s=600.0, wait_busy=True)
+        return shell.run(settings, job_id, line, stdin=null, stdout=1, stderr=2, waiting_note_s=600.0, wait_busy=True)
     except (UserError, NodeError) as e:
         print(f"vmwrap: {e}", file=sys.stderr)
         return 1

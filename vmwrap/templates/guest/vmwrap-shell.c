@@ -5,7 +5,8 @@
  * in the job's root, work dir and environment (its TERM, COLUMNS and LINES are the caller's, not the
  * batch job's). MODE "tty": on a new pseudo-terminal the user owns, W frames resize it, E (the caller's
  * stdin ended) types its end-of-file character. MODE "pipe" (the caller has no terminal): stdin a pipe
- * that E closes, stdout and stderr one pipe, bytes untouched. D frames carry data both ways; X "STATUS"
+ * that E closes, stdout and stderr one pipe, bytes untouched; with a fifth word "split" stderr is a pipe of its
+ * own whose bytes come as e frames (older guests ignore the word). D frames carry data both ways; X "STATUS"
  * ends the session (exit code, or 128+N for signal N). When the host is gone (not back within 2 s: see
  * host_gone) the session gets SIGHUP, and SIGKILL 2 s later: the port must be free for the next one.
  * Frames: 1 type byte, 4-byte big-endian length, payload (at most FRAME_MAX bytes).
@@ -189,27 +190,29 @@ static void session(int port, char **argv) {
     memcpy(open_, p, n); open_[n] = '\0';
     drop(n);
     const char *cmd = strlen(open_) < n ? open_ + strlen(open_) + 1 : NULL;
-    unsigned rows = 24, cols = 80; char termname[64] = "dumb", mode[8] = "tty", term[80];
-    sscanf(open_, "%u %u %63s %7s", &rows, &cols, termname, mode);
+    unsigned rows = 24, cols = 80; char termname[64] = "dumb", mode[8] = "tty", split[8] = "", term[80];
+    sscanf(open_, "%u %u %63s %7s %7s", &rows, &cols, termname, mode, split);
     int tty = strcmp(mode, "pipe") != 0;
     snprintf(term, sizeof term, "TERM=%s", termname);
     struct winsize ws = {.ws_row = (unsigned short)(rows && rows < 10000 ? rows : 24),
                          .ws_col = (unsigned short)(cols && cols < 10000 ? cols : 80)};
-    int to_child = -1, from_child = -1;  /* the shell's input and output, our ends */
+    int to_child = -1, from_child = -1, from_err = -1;  /* the shell's input, output (and errors), our ends */
     pid_t pid;
     if (tty) {
         pid = forkpty(&to_child, NULL, NULL, &ws);
         from_child = to_child;
     } else {
-        int a[2], b[2];
-        if (pipe2(a, O_CLOEXEC) != 0 || pipe2(b, O_CLOEXEC) != 0) { send_frame(port, 'X', "127", 3); return; }
+        int a[2], b[2], c[2] = {-1, -1};  /* c: errors apart ("split": e frames), else with the output */
+        if (pipe2(a, O_CLOEXEC) != 0 || pipe2(b, O_CLOEXEC) != 0
+            || (strcmp(split, "split") == 0 && pipe2(c, O_CLOEXEC) != 0)) { send_frame(port, 'X', "127", 3); return; }
         pid = fork();
         if (pid == 0) {
             setsid();
-            dup2(a[0], 0); dup2(b[1], 1); dup2(b[1], 2);
+            dup2(a[0], 0); dup2(b[1], 1); dup2(c[1] >= 0 ? c[1] : b[1], 2);
         }
         close(a[0]); close(b[1]);
-        to_child = a[1]; from_child = b[0];
+        if (c[1] >= 0) close(c[1]);
+        to_child = a[1]; from_child = b[0]; from_err = c[0];
     }
     if (pid < 0) { send_frame(port, 'X', "127", 3); return; }
     if (pid == 0) { close(port); child(argv, term, cmd, tty); }
@@ -236,14 +239,24 @@ static void session(int port, char **argv) {
         }
         if (reopen) { left = 1; break; }
         if (!tty && input_done && !queued && to_child >= 0) { close(to_child); to_child = -1; }
-        struct pollfd fds[3] = {{.fd = from_child, .events = POLLIN},
+        struct pollfd fds[4] = {{.fd = from_child, .events = POLLIN},
                                 {.fd = queued < QUEUE_MAX - FRAME_MAX ? port : -1, .events = POLLIN},
-                                {.fd = queued && to_child >= 0 ? to_child : -1, .events = POLLOUT}};
-        if (poll(fds, 3, -1) < 0) { if (errno == EINTR) continue; break; }
+                                {.fd = queued && to_child >= 0 ? to_child : -1, .events = POLLOUT},
+                                {.fd = from_err, .events = POLLIN}};
+        if (poll(fds, 4, -1) < 0) { if (errno == EINTR) continue; break; }
+        if (fds[3].revents) {
+            ssize_t r = read(from_err, out, sizeof out);
+            if (r > 0) { if (send_frame(port, 'e', out, (size_t)r) < 0) { left = 1; break; } continue; }
+            if (r < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+            close(from_err); from_err = -1;
+            if (from_child < 0) break;  /* both ends of file: every process holding the pipes is gone */
+            continue;
+        }
         if (fds[0].revents) {
             ssize_t r = read(from_child, out, sizeof out);
             if (r > 0) { if (send_frame(port, 'D', out, (size_t)r) < 0) { left = 1; break; } continue; }
             if (r < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+            if (from_err >= 0) { close(from_child); from_child = -1; continue; }  /* errors may still come */
             break;  /* EOF or EIO: every process holding the terminal or the pipe is gone */
         }
         if (fds[1].revents && !fill(port) && host_gone(port)) { left = 1; break; }
@@ -263,6 +276,7 @@ static void session(int port, char **argv) {
     if (!left) send_frame(port, 'X', buf, (size_t)len);
     if (to_child >= 0) close(to_child);
     if (from_child >= 0 && from_child != to_child) close(from_child);
+    if (from_err >= 0) close(from_err);
 }
 
 int main(int argc, char **argv) {
