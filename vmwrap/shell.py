@@ -4,13 +4,15 @@ Why this shape: the VM's shell port (org.vmwrap.shell, a unix socket QEMU binds 
 0600) is opened only by the node agent (root), and only for the job's own user or root, whose uid the
 kernel tells it (SO_PEERCRED, vmwrap/agent.py); the agent hands the connected socket over (SCM_RIGHTS)
 and is out of the way. The guest end (templates/guest/vmwrap-shell.c) runs the shell as the job's user
-in the job's root, work dir and environment. One session at a time per VM: a second waits in QEMU's listen queue until the first ends, and
-the agent refuses more at once (it never waits on that queue).
+in the job's root, work dir and environment. One session at a time per VM: the next ones wait in QEMU's
+listen queue (two at most) until it ends, and beyond that the agent answers "busy" at once (it never
+waits on that queue); a multi-node step's tasks then ask again, `vmwrap shell` gives up.
 
 Frames both ways: 1 type byte, 4-byte big-endian length, payload (at most FRAME_MAX). Host to guest:
 O "ROWS COLS TERM tty|pipe[ split]" [NUL COMMAND] opens, D data, W "ROWS COLS" on a resize, E the end of stdin.
-Guest to host: D output, e errors (split pipes only), X "STATUS" (the exit code, 128+N for signal N). The guest is hostile: frames are bounded,
-garbage is dropped, and its bytes only reach the caller's own terminal (as ssh's do).
+Guest to host: D output, e errors (split pipes only), X "STATUS" (the exit code, 128+N for signal N). The
+guest is hostile: frames are bounded, garbage is dropped, and its bytes only reach the caller's own
+terminal (as ssh's do).
 """
 
 from __future__ import annotations
