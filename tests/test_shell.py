@@ -146,7 +146,7 @@ def test_back_to_back_sessions_into_a_busy_vm_each_end_with_their_status(site, w
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert job.stdout.readline() == b"up\n"
-        for i in range(40):
+        for i in range(30):
             r = _as(test_user, site, ["shell", "sh3", f"echo s{i}; exit 7"], stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             try:
