@@ -205,17 +205,17 @@ def leave(job_id: str, index: int) -> bool:
 
 
 def owners() -> list[tuple[str, str]]:
-    """(job id, site) of every job network on this host whose record names them."""
+    """(job id, site) of every job network on this host whose record names them (none for a caller
+    that may not read the records: they are root's)."""
     out = []
-    with _locked():
-        try:
-            files = sorted(p.name for p in HOLDERS.iterdir() if p.name.startswith("vmwj"))
-        except OSError:
-            return []
-        for br in files:
-            job_id, _, site = _record(br)[1].partition(" ")
-            if job_id and site and bridge_name(job_id) == br:
-                out.append((job_id, site))
+    try:
+        with _locked():
+            for br in sorted(p.name for p in HOLDERS.iterdir() if p.name.startswith("vmwj")):
+                job_id, _, site = _record(br)[1].partition(" ")
+                if job_id and site and bridge_name(job_id) == br:
+                    out.append((job_id, site))
+    except OSError:
+        return []
     return out
 
 
