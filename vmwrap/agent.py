@@ -194,8 +194,11 @@ def serve(settings: Settings) -> None:
                 extra = handle(settings, libvirt.conn(), uid, op, job_id) if op != "ping" else None
                 reply = {**(extra or {}), "ok": True, "protocol": PROTOCOL}
             except (VmwrapError, ValueError) as e:
-                reply = {"ok": False, "error": str(e), **({"retry": True} if isinstance(e, NotReadyError) else {}),
-                         **({"busy": True} if isinstance(e, BusyError) else {})}
+                reply = {"ok": False, "error": str(e)}
+                if isinstance(e, NotReadyError):
+                    reply["retry"] = True
+                elif isinstance(e, BusyError):
+                    reply["busy"] = True
             except Exception as e:  # noqa: BLE001 (a bug or a libvirt surprise: this request fails, not the agent)
                 print(f"vmwrap agent: request of uid {uid} failed: {e!r}", file=sys.stderr, flush=True)
                 reply = {"ok": False, "error": f"the node agent failed: {e}"}

@@ -149,10 +149,6 @@ def _record(br: str) -> tuple[set[int], str]:
     return {int(w) for w in first.split() if w.isdigit() and len(w) <= 7}, rest.strip()
 
 
-def _holders(br: str) -> set[int]:
-    return _record(br)[0]
-
-
 def _set_holders(br: str, held: set[int], owner: str = "") -> None:
     HOLDERS.mkdir(mode=0o700, exist_ok=True)
     f = HOLDERS / br
@@ -171,7 +167,8 @@ def join(plan: Plan, site: str = "") -> str:
     recorded with the job's id: reconcile finds the networks of its own ended jobs (`networks`)."""
     br, vx = bridge_name(plan.job_id), vxlan_name(plan.job_id)
     with _locked():
-        _set_holders(br, _holders(br) | {plan.index}, f"{plan.job_id} {site}" if site else _record(br)[1])
+        held, owner = _record(br)
+        _set_holders(br, held | {plan.index}, f"{plan.job_id} {site}" if site else owner)
         if not _exists(br):
             _ip("link", "add", br, "type", "bridge")
             # The host has no business on the segment: no IPv6 address, no bridged traffic to its firewall

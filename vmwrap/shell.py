@@ -59,7 +59,7 @@ def connect_port(settings, job_id: str) -> socket.socket:
     if not stat.S_ISSOCK(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
         raise NodeError(f"{p} is not root's own socket (mode {st.st_mode & 0o7777:o}, uid {st.st_uid}): not used")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.setblocking(False)  # QEMU's listen queue full (a session open, one more waiting): busy at once
+    s.setblocking(False)  # QEMU's listen queue full (a session open, two more waiting): busy at once
     try:
         s.connect(str(p))
     except (BlockingIOError, TimeoutError):
