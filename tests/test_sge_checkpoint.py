@@ -14,6 +14,7 @@ import os
 import re
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +34,9 @@ COUNTER = ("#!/bin/sh\n#VMWRAP --image=busybox\n{extra}"
 
 @pytest.fixture(scope="module")
 def cell(appliance, virt_type, test_user):
-    with module_cell("sgeckpt", appliance, virt_type, hosts=2) as c:
+    # fast_start: a host with a prepared snapshot of the job's shape restores it instead of booting;
+    # the snapshots are prepared by one test only, the others cold-boot as without it
+    with module_cell("sgeckpt", appliance, virt_type, hosts=2, fast_start=True) as c:
         yield c
 
 
@@ -137,6 +140,32 @@ def test_qmod_rj_continues_on_the_other_host_with_the_vms_memory(cell, jobdir):
     other = next(h for h in cell.hosts if h != first)
     assert cell.run("qmod", "-e", f"vmwrap.q@{other}").returncode == 0
     check_moved(cell, jobdir, job, first)
+
+
+@vm
+def test_a_job_started_from_a_snapshot_under_grid_engine_moves_like_a_booted_one(cell, jobdir):
+    """Issue 21: the pre-booted snapshot start works under Grid Engine (the core's, not Slurm's), and
+    the VM it started is saved on one host and restored on the other like a cold-booted one."""
+    vmwrap = [sys.executable, "-I", "-m", "vmwrap.cli"]
+    for h in cell.hosts:
+        r = subprocess.run(vmwrap + ["--config", cell.configs[h], "snapshot", "prepare", "busybox"],
+                           capture_output=True, text=True, cwd="/")
+        assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        job = qsub(cell, jobdir, COUNTER.format(extra=""), "-r", "y")
+        first = counting_on(cell, jobdir, job)
+        created = dict(ledger(cell, first, job))["created"]
+        assert created.get("started_from") == "snapshot", created
+        for h in cell.hosts:
+            assert cell.run("qmod", "-d", f"vmwrap.q@{h}").returncode == 0
+        assert cell.run("qmod", "-rj", job, user="vmwrapuser").returncode == 0
+        wait_for(lambda: (store(cell) / job / "manifest.json").exists(), "the checkpoint", 90)
+        other = next(h for h in cell.hosts if h != first)
+        assert cell.run("qmod", "-e", f"vmwrap.q@{other}").returncode == 0
+        check_moved(cell, jobdir, job, first)
+    finally:
+        for h in cell.hosts:
+            subprocess.run(vmwrap + ["--config", cell.configs[h], "snapshot", "clear"], capture_output=True, cwd="/")
 
 
 @vm
