@@ -68,7 +68,6 @@ def test_missing_catalog(tmp_path):
 def test_an_unknown_image_error_names_only_open_images():
     """Every user saw the names of every restricted image in the "unknown image" error and in the
     submit filters rendered from the catalog (Lua, HTCondor); a restricted image is for its users only."""
-    from vmwrap.config import Settings
     from vmwrap_plugins.slurm.render import render_lua
 
     cat = Catalog({"open": entry("open"), "secret-proj": entry("secret-proj", users=["alice"]),

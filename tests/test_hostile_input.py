@@ -4,13 +4,12 @@ Pure unit tests: scheduler output is fed in, no scheduler runs."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 
 from vmwrap_plugins.sge import hooks as sge
-from vmwrap_plugins.slurm import hooks, planner, prestage
+from vmwrap_plugins.slurm import hooks
 from vmwrap import request, wire
 from vmwrap.catalog import Artifact, Catalog, Image
 from vmwrap.config import Settings

@@ -7,14 +7,12 @@ import hashlib
 import os
 import stat
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
 
 HDR = "#!/bin/sh\n#VMWRAP --image=busybox\n"
 

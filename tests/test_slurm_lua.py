@@ -1,7 +1,5 @@
 """The rendered job_submit.lua under Lua 5.1 (what Slurm 22.05 links), against the Python parser's cases."""
 
-import dataclasses
-import json
 import subprocess
 
 import pytest

@@ -21,7 +21,6 @@ pytestmark = pytest.mark.vm
 def images(appliance):
     from conftest import APPLIANCES
     from vmwrap import appliance as builder
-    from vmwrap.catalog import Catalog
 
     cat = APPLIANCES / "test-catalog-b.toml"
     b = builder.build("vmwrap-test-b", "busybox", str(APPLIANCES), str(cat))

@@ -4,7 +4,6 @@ every node with exit codes for monitoring; hostile or stale reports are shown, n
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys

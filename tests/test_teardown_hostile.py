@@ -1,7 +1,6 @@
 """Teardown and save against what the job's user (or its QEMU) can leave in the run dir."""
 
 import os
-from pathlib import Path
 
 import pytest
 

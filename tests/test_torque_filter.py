@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.torque_contract import ADMIN_REJECT, FILTER_ERROR, Mom, Server
+from harness.torque_contract import ADMIN_REJECT, FILTER_ERROR, Server
 from vmwrap import directives
 from vmwrap.catalog import Artifact, Image, register
 from vmwrap.config import Settings, render
