@@ -1,6 +1,7 @@
 """The node agent obeys a job's owner (and root) only, as the kernel reports the caller's uid."""
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -155,7 +156,8 @@ def test_connections_are_bounded_per_uid_and_in_all(running_agent, monkeypatch, 
         monkeypatch.setattr(agent, "MAX_CLIENTS_PER_UID", 8)
         monkeypatch.setattr(agent, "MAX_CLIENTS", 3)
         reply = _ask_raw(running_agent, b"", timeout=5)
-        assert reply["ok"] is False and "busy (3 requests are open)" in reply["error"], reply
+        # the owner's request may count for a moment after its answer (its thread ends after replying)
+        assert reply["ok"] is False and re.search(r"busy \([34] requests are open\)", reply["error"]), reply
     finally:
         for s in idle:
             s.close()
