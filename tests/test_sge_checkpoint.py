@@ -132,7 +132,12 @@ def test_qmod_rj_continues_on_the_other_host_with_the_vms_memory(cell, jobdir):
     restart it at once, and this cell's two hosts share one libvirtd, where the restart's prolog
     would destroy the old run's VM by its name (separate hosts have separate libvirtds)."""
     job = qsub(cell, jobdir, COUNTER.format(extra=""), "-r", "y")
-    first = counting_on(cell, jobdir, job)
+    move_by_qmod_rj(cell, jobdir, job, counting_on(cell, jobdir, job))
+
+
+def move_by_qmod_rj(cell, jobdir, job: str, first: str) -> None:
+    """Reschedule the job counting on `first` with both queue instances disabled, let the other host
+    take it once its checkpoint is there, and check it moved (check_moved)."""
     for h in cell.hosts:
         assert cell.run("qmod", "-d", f"vmwrap.q@{h}").returncode == 0
     assert cell.run("qmod", "-rj", job, user="vmwrapuser").returncode == 0
@@ -156,13 +161,7 @@ def test_a_job_started_from_a_snapshot_under_grid_engine_moves_like_a_booted_one
         first = counting_on(cell, jobdir, job)
         created = dict(ledger(cell, first, job))["created"]
         assert created.get("started_from") == "snapshot", created
-        for h in cell.hosts:
-            assert cell.run("qmod", "-d", f"vmwrap.q@{h}").returncode == 0
-        assert cell.run("qmod", "-rj", job, user="vmwrapuser").returncode == 0
-        wait_for(lambda: (store(cell) / job / "manifest.json").exists(), "the checkpoint", 90)
-        other = next(h for h in cell.hosts if h != first)
-        assert cell.run("qmod", "-e", f"vmwrap.q@{other}").returncode == 0
-        check_moved(cell, jobdir, job, first)
+        move_by_qmod_rj(cell, jobdir, job, first)
     finally:
         for h in cell.hosts:
             subprocess.run(vmwrap + ["--config", cell.configs[h], "snapshot", "clear"], capture_output=True, cwd="/")
