@@ -130,10 +130,10 @@ def main() -> None:
         tasks += [(a.traces, l, c) for l in lwfs for c in BOOKING + [c + "/mig" for c in BOOKING]]
         tasks += [(a.traces, l, c) for l in table_lwfs for c in HAIZEA + CANCEL]
         tasks += [(a.traces, l, c + "/mig") for l in table_lwfs for c in Y2008]
+        tasks += [(a.traces, l, c + "/code") for l in table_lwfs for c in ["vm+predeployed"] + HAIZEA]
     active = [l for l in profile_injections(a.traces) if l in lwfs]
     if a.haizea and not a.only_table:   # Haizea's 2008 rules on the injections its profile runs
         tasks += [(a.traces, l, c + "/mig") for l in active if l not in table_lwfs for c in Y2008]
-        tasks += [(a.traces, l, c + "/code") for l in table_lwfs for c in ["vm+predeployed"] + HAIZEA]
     # longest first, so no core idles behind one late, heavy simulation: cost grows with the
     # reservations in the file and with what the configuration models
     weight = {"baseline": 1, "novm": 1, "novm+suspend": 1.5, "vm+predeployed": 1.5, "vm+noreuse": 2,
@@ -158,6 +158,10 @@ def main() -> None:
 
     def extra(l, c):
         return (res[(l, c)][0] / base - 1) * 100
+
+    def worst_of(configs, suffix: str, over: list[str]) -> str:
+        return ", ".join(f"{c} {max(extra(l, c + suffix) for l in over):+.2f} % ({sum(extra(l, c + suffix) > 10 for l in over)} "
+                         f"of {len(over)} above +10 %; worst {max(over, key=lambda l: extra(l, c + suffix))})" for c in configs)
 
     print(f"baseline (no reservations, no VMs): all batch work done at {base:,.0f} s; "
           f"paper {PAPER_BASELINE_S:,} s ({(base / PAPER_BASELINE_S - 1) * 100:+.2f} %)")
@@ -192,20 +196,15 @@ def main() -> None:
             print("with Haizea's booking: " + ", ".join(
                 f"{c} {max(extra(l, c) for l in lwfs):+.2f} % ({sum(extra(l, c) > 10 for l in lwfs)} of "
                 f"{len(lwfs)} above +10 %)" for c in BOOKING))
-            print("same, migration as Haizea's code (no node time, a delay): " + ", ".join(
-                f"{c} {max(extra(l, c + '/mig') for l in lwfs):+.2f} % ({sum(extra(l, c + '/mig') > 10 for l in lwfs)} "
-                f"of {len(lwfs)} above +10 %; worst {max(lwfs, key=lambda l: extra(l, c + '/mig'))})" for c in BOOKING))
+            print("same, migration as Haizea's code (no node time, a delay): " + worst_of(BOOKING, "/mig", lwfs))
         if active and len(active) < len(lwfs):
             print(f"over the {len(active)} injections the profile file runs (its active `injectionfiles:` line; "
                   "the 72-file list above it is commented out): " + ", ".join(
                       f"{c} {max(extra(l, c) for l in active):+.2f} %" for c in PAPER))
             if haizea:
-                print("  same, with Haizea's booking and its migration: " + ", ".join(
-                    f"{c} {max(extra(l, c + '/mig') for l in active):+.2f} % ({sum(extra(l, c + '/mig') > 10 for l in active)} "
-                    f"of {len(active)} above +10 %; worst {max(active, key=lambda l: extra(l, c + '/mig'))})" for c in BOOKING))
-                print("  same, also with Haizea's 2008 node mapping and future-lease rule: " + ", ".join(
-                    f"{c} {max(extra(l, c + '/mig') for l in active):+.2f} % ({sum(extra(l, c + '/mig') > 10 for l in active)} "
-                    f"of {len(active)} above +10 %; worst {max(active, key=lambda l: extra(l, c + '/mig'))})" for c in Y2008))
+                print("  same, with Haizea's booking and its migration: " + worst_of(BOOKING, "/mig", active))
+                print("  same, also with Haizea's 2008 node mapping and future-lease rule: "
+                      + worst_of(Y2008, "/mig", active))
         print("paper: at most +10 % with suspension, up to +32.97 % without")
     print("\nthe gap planner off -> on (same cluster, same jobs): extra time %, utilization %, mean wait s, "
           "mean bounded slowdown; paper's extra time in brackets")
