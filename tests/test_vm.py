@@ -341,10 +341,8 @@ def test_restore_trusts_only_what_the_site_key_signed(site, workdir, test_user):
         mem = store.dir("ckpt1") / "memory.save"
         # A node holding the key wrote QEMU arguments into the saved XML (the worst case): not used.
         saved = lx.conn.saveImageGetXMLDesc(str(mem), 0)
-        evil = saved
-        if "xmlns:qemu=" not in evil:  # vmwrap's own XML declares libvirt's QEMU namespace (domain.xml.j2)
-            evil = evil.replace("<domain ", "<domain xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0' ", 1)
-        evil = evil.replace("</domain>", "<qemu:commandline><qemu:arg value='-fw_cfg'/>"
+        # (vmwrap's domain XML already declares libvirt's QEMU namespace: domain.xml.j2)
+        evil = saved.replace("</domain>", "<qemu:commandline><qemu:arg value='-fw_cfg'/>"
                             "<qemu:arg value='name=opt/vmwrap-evil,string=1'/></qemu:commandline></domain>")
         lx.conn.saveImageDefineXML(str(mem), evil, 0)
         assert "vmwrap-evil" in lx.conn.saveImageGetXMLDesc(str(mem), 0)
