@@ -196,3 +196,68 @@ def test_a_pause_or_resume_asked_again_after_a_lost_answer_is_no_error(running_a
     finally:
         dom.destroy()
         dom.undefine()
+
+
+def test_each_shell_session_gets_a_free_port_of_the_vm_with_its_lock_until_all_are_taken(running_agent):
+    """The agent hands out a shell port no session holds, with its lock (SCM_RIGHTS), which the caller
+    holds as long as the session lasts: sessions run side by side up to the VM's ports, one more is
+    "busy" at once, and a session's end frees its port. Ports the guest has not opened are skipped."""
+    import socket
+
+    from vmwrap import rundir, shell
+    from vmwrap.errors import BusyError, NotReadyError
+
+    run_dir = rundir.path(running_agent, "77")
+    listeners = []
+    for i in range(rundir.SHELL_PORTS):   # as QEMU binds them: root's 0600, in the run dir
+        ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        ls.bind(str(run_dir / rundir.shell_socket(i)))
+        os.chmod(run_dir / rundir.shell_socket(i), 0o600)
+        ls.listen(4)
+        ls.setblocking(False)
+        listeners.append(ls)
+
+    def which() -> int:   # the port a session reached
+        for i, ls in enumerate(listeners):
+            try:
+                ls.accept()[0].close()
+                return i
+            except BlockingIOError:
+                pass
+        raise AssertionError("no port was connected")
+
+    try:
+        ports = []
+        for _ in range(rundir.SHELL_PORTS):
+            ports.append(shell.request_port(running_agent, "77"))
+            assert ports[-1].lock is not None
+        assert sorted(which() for _ in ports) == list(range(rundir.SHELL_PORTS))
+        with pytest.raises(BusyError, match=f"{rundir.SHELL_PORTS} sessions of job 77 are open"):
+            shell.request_port(running_agent, "77")
+        ports.pop(2).close()        # a session ends: its port is the one free
+        ports.append(shell.request_port(running_agent, "77"))
+        assert which() == 2
+        for p in ports:
+            p.close()
+        # the guest has opened only ports 1 and 3 (a VM still starting, an older guest agent)
+        opened = {shell.channel(i): i in (1, 3) for i in range(rundir.SHELL_PORTS)}
+        first, lock = shell.connect_port(running_agent, "77", opened)
+        assert which() == 1
+        second, lock2 = shell.connect_port(running_agent, "77", opened)
+        assert which() == 3
+        with pytest.raises(BusyError):
+            shell.connect_port(running_agent, "77", opened)
+        for p, fd in ((first, lock), (second, lock2)):
+            p.close()
+            os.close(fd)
+        with pytest.raises(NotReadyError, match="has not opened its shell port yet"):
+            shell.connect_port(running_agent, "77", {shell.channel(i): False for i in range(rundir.SHELL_PORTS)})
+        # a VM of one port (an older vmwrap): no lock, the session waits in QEMU's queue as before
+        for i in range(1, rundir.SHELL_PORTS):
+            os.unlink(run_dir / rundir.shell_socket(i))
+        port, lock = shell.connect_port(running_agent, "77")
+        assert lock is None and which() == 0
+        port.close()
+    finally:
+        for ls in listeners:
+            ls.close()

@@ -159,3 +159,54 @@ def test_back_to_back_sessions_into_a_busy_vm_each_end_with_their_status(site, w
         job.terminate()
         job.communicate(timeout=WAIT)
     assert site.leftovers() == []
+
+
+def test_sessions_run_side_by_side_up_to_the_vms_ports_and_a_killed_one_frees_its_port(site, workdir, test_user):
+    """A VM serves rundir.SHELL_PORTS sessions at once (a multi-node step's tasks on one node wait for each
+    other, as MPI ranks do): each session here waits until all have started, which one port would never
+    let happen. One more is refused at once ("busy"), and a session whose caller is killed (SIGKILL: it
+    cannot clean up) leaves its port to the next."""
+    from vmwrap import rundir
+
+    k = rundir.SHELL_PORTS
+    os.chown(workdir, test_user.pw_uid, test_user.pw_gid)
+    settings = site.settings()
+    threading.Thread(target=agent.serve, args=(settings,), daemon=True).start()
+    job = site.popen("#!/bin/sh\n#VMWRAP --image=busybox\necho up\nsleep 300\n", workdir, "--user", test_user.pw_name,
+                     "--job-id", "sh4", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # each session says it is in, then waits (60 s at most) for the others to be
+    meet = ("touch in.{i}; n=0; while [ $(ls in.* | wc -l) -lt {k} ] && [ $n -lt 300 ]; do sleep 0.2; n=$((n+1)); "
+            "done; echo {i}:$(ls in.* | wc -l); exit {i}")
+    try:
+        assert job.stdout.readline() == b"up\n"
+        ps = [_as(test_user, site, ["shell", "sh4", meet.format(i=i, k=k)], stdin=subprocess.DEVNULL,
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(k)]
+        deadline = time.monotonic() + WAIT
+        while len(list(workdir.glob("in.*"))) < k and time.monotonic() < deadline and all(p.poll() is None for p in ps):
+            time.sleep(0.2)
+        # all ports held: one more is refused at once, saying why
+        r = _as(test_user, site, ["shell", "sh4", "echo extra"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE)
+        o, e = r.communicate(timeout=WAIT)
+        assert r.returncode == 255 and f"{k} sessions of job sh4 are open".encode() in e, (o, e)
+        for i, p in enumerate(ps):
+            o, e = p.communicate(timeout=WAIT)
+            assert (p.returncode, o) == (i, f"{i}:{k}\n".encode()), (i, o, e)
+        # a caller killed mid-session: its port is free again for the next sessions (all k at once)
+        for f in workdir.glob("in.*"):
+            f.unlink()
+        killed = _as(test_user, site, ["shell", "sh4", "sleep 300"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE)
+        time.sleep(3)
+        killed.kill()
+        killed.communicate(timeout=WAIT)
+        ps = [_as(test_user, site, ["shell", "sh4", meet.format(i=i, k=k)], stdin=subprocess.DEVNULL,
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(k)]
+        for i, p in enumerate(ps):
+            o, e = p.communicate(timeout=WAIT)
+            assert (p.returncode, o) == (i, f"{i}:{k}\n".encode()), (i, o, e)
+        assert job.poll() is None
+    finally:
+        job.terminate()
+        job.communicate(timeout=WAIT)
+    assert site.leftovers() == []

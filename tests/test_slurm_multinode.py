@@ -37,7 +37,9 @@ wait
 echo "received: $(cat got)"
 srun -N 2 -n 2 sh -c 'exit $((SLURM_NODEID + 3))'
 echo "exit rc=$?"
-srun -N 2 -n 8 -O sh -c 'sleep 1; echo "many $SLURM_PROCID $(hostname)"' | sort
+srun -N 2 -n 8 -O sh -c 'touch meet.$SLURM_NODEID.$SLURM_PROCID; n=0
+  while [ $(ls meet.$SLURM_NODEID.* | wc -l) -lt 4 ] && [ $n -lt 300 ]; do sleep 0.2; n=$((n+1)); done
+  echo "many $SLURM_PROCID $(hostname) $(ls meet.$SLURM_NODEID.* | wc -l)"' | sort
 echo "many rc=$?"
 srun -N 2 -n 2 sh -c 'echo "out $SLURM_NODEID"; echo "err $SLURM_NODEID" >&2' | sort
 """
@@ -101,10 +103,10 @@ def test_a_two_node_job_gets_a_vm_on_each_node_and_steps_across_them(cluster, jo
     # the second node's VM reached the first's by its node name, over the job's own network
     assert f"received: hello from {nodes[1]}" in lines, out
     assert "exit rc=4" in lines, out   # the step's exit code is its worst task's, as bare
-    # four tasks per node: on the second node each waits for the VM's sessions before it (one at a time;
-    # QEMU's listen queue holds two more, the fourth is told "busy" and asks again)
+    # four tasks per node, each waiting until all four of its node have started: they run side by side,
+    # on the second node too (a session each, on the VM's shell ports)
     assert [ln for ln in lines if ln.startswith("many ")] == [
-        f"many {i} {nodes[i // 4]}" for i in range(8)] + ["many rc=0"], out
+        f"many {i} {nodes[i // 4]} 4" for i in range(8)] + ["many rc=0"], out
     # each task's errors reach the job's error file, on the second node too (not its output)
     assert [ln for ln in lines if ln[:4] in ("out ", "err ")] == ["out 0", "out 1"], out
     assert sorted(ln for ln in err.splitlines() if ln.startswith("err ")) == ["err 0", "err 1"], err

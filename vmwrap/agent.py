@@ -6,9 +6,9 @@ comes from the kernel (SO_PEERCRED) and must own the job (or be root).
 Protocol: one JSON line {"op": "pause"|"resume"|"checkpoint"|"shell", "job": ID} -> one JSON line {"ok":
 bool, "error": str, "protocol": PROTOCOL} (pause and resume add "changed": false when the VM already was so,
 which a request repeated after a lost answer finds; a periodic checkpoint, vmwrap/periodic.py, adds "saved" and
-"pause_s" or "error"; "shell" sends a socket connected to the VM's shell port with its reply, SCM_RIGHTS,
-vmwrap/shell.py; "retry": true instead while the guest has not opened that port, "busy": true while other
-sessions hold it: ask again shortly); {"op": "ping", "job": ""} (anyone) -> {"ok": true, "protocol": PROTOCOL}: health
+"pause_s" or "error"; "shell" sends a socket connected to a free shell port of the VM, and that port's
+lock, with its reply, SCM_RIGHTS, vmwrap/shell.py; "retry": true instead while the guest has not opened its
+ports, "busy": true while other sessions hold them all: ask again shortly); {"op": "ping", "job": ""} (anyone) -> {"ok": true, "protocol": PROTOCOL}: health
 checks (`vmwrap status`), and a client newer than the agent learns what it speaks.
 
 The socket is open to every local user, so the agent bounds what any of them can hold: the request
@@ -71,12 +71,16 @@ def handle(settings: Settings, conn, peer_uid: int, op: str, job_id: str) -> dic
         from . import shell
 
         dom = domain.lookup(conn, rundir.vm_name(settings, job_id))
-        if dom is not None and domain.channel_open(dom, shell.CHANNEL) is False:
-            raise NotReadyError(f"job {job_id}'s VM has not opened its shell port yet (it is still starting)")
-        port = shell.connect_port(settings, job_id)
-        Ledger(settings.ledger_path).record(job_id, rundir.vm_name(settings, job_id), "shell", by_uid=peer_uid,
-                                            via="agent")
-        return {"_fd": port}
+        port, lock = shell.connect_port(settings, job_id, domain.channel_states(dom) if dom is not None else None)
+        try:
+            Ledger(settings.ledger_path).record(job_id, rundir.vm_name(settings, job_id), "shell", by_uid=peer_uid,
+                                                via="agent")
+        except BaseException:
+            port.close()
+            if lock is not None:
+                os.close(lock)  # never a port left locked by nobody's session
+            raise
+        return {"_fd": port, "_lock": lock}
     name = rundir.vm_name(settings, job_id)
     dom = domain.lookup(conn, name)
     if dom is None:
@@ -135,15 +139,15 @@ def read_request(sock: socket.socket, timeout: float | None = None) -> bytes:
             raise UserError(f"the request is longer than {REQUEST_MAX} bytes: send {USAGE}")
 
 
-def _reply(sock: socket.socket, reply: dict, timeout: float, fd: int | None = None) -> None:
+def _reply(sock: socket.socket, reply: dict, timeout: float, fds: list[int] = ()) -> None:
     try:
         if timeout:
             sock.settimeout(timeout)
         else:
             sock.setblocking(False)  # a line fits the empty send buffer; never wait on the client
         line = json.dumps(reply).encode() + b"\n"
-        if fd is not None:  # the line and the descriptor in one message: the client reads both at once
-            sent = sock.sendmsg([line], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+        if fds:  # the line and the descriptors in one message: the client reads them at once
+            sent = sock.sendmsg([line], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
             line = line[sent:]
         sock.sendall(line)
     except OSError:
@@ -202,12 +206,15 @@ def serve(settings: Settings) -> None:
             except Exception as e:  # noqa: BLE001 (a bug or a libvirt surprise: this request fails, not the agent)
                 print(f"vmwrap agent: request of uid {uid} failed: {e!r}", file=sys.stderr, flush=True)
                 reply = {"ok": False, "error": f"the node agent failed: {e}"}
-            port = reply.pop("_fd", None)
+            port, lock = reply.pop("_fd", None), reply.pop("_lock", None)
             try:
-                _reply(self.request, reply, REQUEST_TIMEOUT, port.fileno() if port is not None else None)
+                _reply(self.request, reply, REQUEST_TIMEOUT,
+                       [port.fileno()] + ([lock] if lock is not None else []) if port is not None else [])
             finally:
                 if port is not None:
-                    port.close()  # the caller holds its own copy now
+                    port.close()  # the caller holds its own copies now (or, gone, let go of the lock)
+                if lock is not None:
+                    os.close(lock)
 
     class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         daemon_threads = True

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import rundir, safeio
+from .rundir import SHELL_PORTS
 from .errors import GuestStalledError, NodeError
 from .resources import TEMPLATES
 
@@ -57,9 +58,10 @@ class Spec:
     # The step port (org.vmwrap.steps, vmwrap/steps.py). A VM saved by a vmwrap without it must be restored
     # without it: libvirt refuses a restore whose channel count differs from the saved VM's.
     steps: bool = True
-    # The shell port (org.vmwrap.shell, vmwrap/shell.py: `vmwrap shell JOBID`); as for steps, a VM saved
-    # without it is restored without it.
+    # The shell ports (org.vmwrap.shell, .1, .2...: vmwrap/shell.py, `vmwrap shell JOBID` and a multi-node
+    # step's tasks), a session each at a time; as for steps, a VM saved with fewer is restored with as many.
     shell: bool = True
+    shell_ports: int = SHELL_PORTS
     # The image's network (catalog.NETWORKS). "nat" is QEMU's user-mode stack (slirp) inside the job's own
     # QEMU: the guest's connections leave the node as the job's user, under the site's rules for that user,
     # and nothing listens on the host for it. The MAC comes from the domain name so a restore keeps it.
@@ -269,19 +271,22 @@ def _destroy_for(conn, name: str, t: threading.Thread) -> None:
     t.join(30)
 
 
-def channel_open(dom, name: str) -> bool | None:
-    """Whether the guest has its virtio port `name` open (libvirt tracks what QEMU reports); None when
-    libvirt does not say (a VM started by an older vmwrap, a port without a name)."""
+def channel_states(dom) -> dict[str, bool]:
+    """Which of the guest's named virtio ports it has open (libvirt tracks what QEMU reports); a port
+    libvirt says nothing of (a VM started by an older vmwrap, a port without a name) is left out."""
     import xml.etree.ElementTree as ET
 
     try:
         root = ET.fromstring(dom.XMLDesc(0))
     except Exception:  # noqa: BLE001 (libvirtError: the domain went away; a parse error)
-        return None
-    for target in root.iterfind("./devices/channel/target"):
-        if target.get("name") == name and target.get("state") in ("connected", "disconnected"):
-            return target.get("state") == "connected"
-    return None
+        return {}
+    return {t.get("name"): t.get("state") == "connected" for t in root.iterfind("./devices/channel/target")
+            if t.get("name") and t.get("state") in ("connected", "disconnected")}
+
+
+def channel_open(dom, name: str) -> bool | None:
+    """Whether the guest has its virtio port `name` open; None when libvirt does not say."""
+    return channel_states(dom).get(name)
 
 
 def memory_limit_mib(dom) -> int | None:

@@ -58,14 +58,25 @@ DELIVERED = "delivered.json"  # in ctl/user: how much of each stream the job's s
 # AF_UNIX socket paths end at 107 bytes; libvirtd and QEMU make the run dir's sockets by path.
 SOCKET_PATH_MAX = 107
 STEPS_SOCKET = "steps.sock"      # the guest's step port (vmwrap/steps.py)
-SHELL_SOCKET = "shell.sock"      # the guest's shell port (vmwrap/shell.py)
-RUN_DIR_SOCKETS = (CONTROL_SOCKET, STEPS_SOCKET, "9p.sock", SHELL_SOCKET)  # "9p.sock": share.SOCKET
+SHELL_SOCKET = "shell.sock"      # the guest's first shell port (vmwrap/shell.py)
+# Sessions a VM serves at once, a shell port each: a multi-node step's tasks on one node run side by
+# side (MPI ranks, tasks that wait for each other), and a user's `vmwrap shell` next to them.
+SHELL_PORTS = 4
+
+
+def shell_socket(i: int) -> str:
+    """The run dir's socket of shell port i (the first keeps the name VMs of one port had)."""
+    return SHELL_SOCKET if i == 0 else f"shell{i}.sock"
+
+
+SHELL_SOCKETS = tuple(shell_socket(i) for i in range(SHELL_PORTS))
+RUN_DIR_SOCKETS = (CONTROL_SOCKET, STEPS_SOCKET, "9p.sock", *SHELL_SOCKETS)  # "9p.sock": share.SOCKET
 
 
 def own_ports(run_dir: Path, uid: int, gid: int) -> None:
     """After a boot or a restore (libvirtd made the port sockets as root): the job's own batch step talks
     to the control and step ports; the shell port stays root's alone, for the node agent to open."""
-    for name, ids in ((CONTROL_SOCKET, (uid, gid)), (STEPS_SOCKET, (uid, gid)), (SHELL_SOCKET, (0, 0))):
+    for name, ids in ((CONTROL_SOCKET, (uid, gid)), (STEPS_SOCKET, (uid, gid)), *((n, (0, 0)) for n in SHELL_SOCKETS)):
         f = Path(run_dir) / name
         if f.exists():
             os.chown(f, *ids)

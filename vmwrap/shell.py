@@ -4,9 +4,12 @@ Why this shape: the VM's shell port (org.vmwrap.shell, a unix socket QEMU binds 
 0600) is opened only by the node agent (root), and only for the job's own user or root, whose uid the
 kernel tells it (SO_PEERCRED, vmwrap/agent.py); the agent hands the connected socket over (SCM_RIGHTS)
 and is out of the way. The guest end (templates/guest/vmwrap-shell.c) runs the shell as the job's user
-in the job's root, work dir and environment. One session at a time per VM: the next ones wait in QEMU's
-listen queue (two at most) until it ends, and beyond that the agent answers "busy" at once (it never
-waits on that queue); a multi-node step's tasks then ask again, `vmwrap shell` gives up.
+in the job's root, work dir and environment. A VM has rundir.SHELL_PORTS ports, one session each at a
+time (QEMU's socket takes one connection and queues the next behind it): the agent hands out a port
+whose lock it could take (`shellN.lock` in the run dir, root's), with the lock, which the caller holds
+as long as its session lasts (the kernel lets go of it when the caller dies). All taken: the agent
+answers "busy" at once; a multi-node step's tasks then ask again, `vmwrap shell` gives up. (A VM of an
+older vmwrap has the one port and no locks: its next sessions wait in QEMU's listen queue.)
 
 Frames both ways: 1 type byte, 4-byte big-endian length, payload (at most FRAME_MAX). Host to guest:
 O "ROWS COLS TERM tty|pipe[ split]" [NUL COMMAND] opens, D data, W "ROWS COLS" on a resize, E the end of stdin.
@@ -18,6 +21,7 @@ terminal (as ssh's do).
 from __future__ import annotations
 
 import array
+import fcntl
 import json
 import os
 import re
@@ -33,8 +37,8 @@ from pathlib import Path
 from . import rundir
 from .errors import BusyError, NodeError, NotReadyError, UserError
 
-SOCKET = rundir.SHELL_SOCKET  # in the run dir: the guest's shell port (QEMU binds it; root's 0600)
-CHANNEL = "org.vmwrap.shell"  # its virtio port's name (domain.xml.j2)
+SOCKET = rundir.SHELL_SOCKET  # in the run dir: the guest's first shell port (QEMU binds it; root's 0600)
+CHANNEL = "org.vmwrap.shell"  # its virtio port's name (domain.xml.j2); port i's is CHANNEL.i
 READY_WAIT_S = 600.0    # how long a session waits for a starting VM to open its shell port
 FRAME_MAX = 65536
 HEADER = struct.Struct(">cI")
@@ -43,21 +47,71 @@ PENDING_MAX = 4 * FRAME_MAX  # caller's input the guest has not taken yet
 _TERM = re.compile(r"^[A-Za-z0-9._+-]{1,63}$")
 
 
-def port_path(settings, job_id: str) -> Path:
-    return rundir.path(settings, job_id) / SOCKET
+def port_path(settings, job_id: str, i: int = 0) -> Path:
+    return rundir.path(settings, job_id) / rundir.shell_socket(i)
 
 
-def connect_port(settings, job_id: str) -> socket.socket:
-    """The agent's side (root): a connection to the job's shell port. UserError if the job has none here
-    or another session holds it (the VM's QEMU takes one connection at a time: never wait for it)."""
-    p = port_path(settings, job_id)
-    try:
-        st = os.lstat(p)
-    except FileNotFoundError:
+def channel(i: int) -> str:
+    return CHANNEL if i == 0 else f"{CHANNEL}.{i}"
+
+
+def connect_port(settings, job_id: str, opened: dict[str, bool] | None = None) -> tuple[socket.socket, int | None]:
+    """The agent's side (root): a connection to a free shell port of the job's VM, and the port's lock
+    (None for a VM of one port), which the session's caller must hold until it ends. `opened`: which
+    ports the guest has open (domain.channel_states); a port it has not opened yet is skipped.
+    UserError if the job has no port here, NotReadyError if the guest opened none yet, BusyError if
+    other sessions hold them all (never wait on QEMU's queue)."""
+    rd = rundir.path(settings, job_id)
+    ports = []
+    for i in range(rundir.SHELL_PORTS):
+        p = rd / rundir.shell_socket(i)
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+            raise NodeError(f"{p} is not root's own socket (mode {st.st_mode & 0o7777:o}, uid {st.st_uid}): not used")
+        ports.append(i)
+    if not ports:
         raise UserError(f"job {job_id}'s VM has no shell port on this node (started by an older vmwrap, "
-                        "or not running here)") from None
-    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
-        raise NodeError(f"{p} is not root's own socket (mode {st.st_mode & 0o7777:o}, uid {st.st_uid}): not used")
+                        "or not running here)")
+    ready = [i for i in ports if (opened or {}).get(channel(i)) is not False]
+    if not ready:
+        raise NotReadyError(f"job {job_id}'s VM has not opened its shell port yet (it is still starting)")
+    for i in ready:
+        lock = _take(rd, i) if len(ports) > 1 else None
+        if lock is False:
+            continue
+        try:
+            return _connect(port_path(settings, job_id, i), job_id), lock
+        except BusyError:
+            if lock is None:
+                raise
+            os.close(lock)   # a session of an older agent (no lock) holds it
+        except BaseException:
+            if lock is not None:
+                os.close(lock)
+            raise
+    raise BusyError(f"{len(ports)} sessions of job {job_id} are open (as many as its VM serves at once): "
+                    "try again when one ends")
+
+
+def _take(rd: Path, i: int) -> int | bool:
+    """Port i's lock (a descriptor holding it), or False while another session holds it. The run dir is
+    root's: nobody else can have put a link there."""
+    fd = os.open(rd / f"shell{i}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _connect(p: Path, job_id: str) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.setblocking(False)  # QEMU's listen queue full (a session open, two more waiting): busy at once
     try:
@@ -107,8 +161,22 @@ def open_request(rows: int, cols: int, term: str, command: str | None, tty: bool
     return frame(b"O", body)
 
 
-def request_port(settings, job_id: str, timeout: float = 5.0) -> socket.socket:
-    """Ask the node agent for the job's shell port (the caller's uid must own the job)."""
+class Port(socket.socket):
+    """A connection to a VM's shell port, with the port's lock (the agent's `connect_port`): closing one
+    lets go of the other, for the next session."""
+    __slots__ = ("lock",)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            lock, self.lock = getattr(self, "lock", None), None
+            if lock is not None:
+                os.close(lock)
+
+
+def request_port(settings, job_id: str, timeout: float = 5.0) -> Port:
+    """Ask the node agent for a shell port of the job's VM (the caller's uid must own the job)."""
     from .agent import socket_path
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -138,13 +206,15 @@ def request_port(settings, job_id: str, timeout: float = 5.0) -> socket.socket:
             if "unknown operation" in str(why):
                 why += " (the node agent predates `vmwrap shell`: restart it)"
             raise UserError(f"no shell in job {job_id}: {why}")
-        for fd in fds[1:]:
+        for fd in fds[2:]:
             os.close(fd)
-        return socket.socket(fileno=fds[0])
+        port = Port(fileno=fds[0])
+        port.lock = fds[1] if len(fds) > 1 else None
+        return port
 
 
 def ready_port(settings, job_id: str, waiting_note_s: float, ready_wait_s: float = READY_WAIT_S,
-               wait_busy: bool = False) -> socket.socket:
+               wait_busy: bool = False) -> Port:
     """The shell port once the job's VM has opened it (the agent says when it has not yet: a VM still
     starting, a step that reached a node before its VM booted); UserError after `ready_wait_s`.
     `wait_busy`: while other sessions hold the port, wait for them (as long as they last) instead of

@@ -482,8 +482,8 @@ def peer_task(settings, job_id: str, command: list[str]) -> int:
     checks that the caller owns the job; vmwrap/shell.py). The command gets the task's environment (the
     job's, as srun propagates it, with the step's variables) over the image's, as the batch script's
     VM gets the job's (payload.job_environment): MPI daemons need HOME and the like. The session is a
-    pipe: the command's output and errors arrive on this task's stdout and stderr. A VM serves one
-    session at a time: the step's other tasks on this node wait for theirs."""
+    pipe: the command's output and errors arrive on this task's stdout and stderr. A VM serves
+    rundir.SHELL_PORTS sessions at once: the step's tasks on this node beyond that wait for a free one."""
     import shlex
 
     from . import payload, shell

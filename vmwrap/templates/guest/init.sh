@@ -35,6 +35,7 @@ fi
 
 # Find the vmwrap virtio ports by name (the shell builtin read: no fork per port under TCG).
 find_ports() {
+  SHELLMORE=
   for p in /sys/class/virtio-ports/*; do
     [ -e "$p/name" ] || continue
     read -r n < "$p/name"
@@ -43,6 +44,7 @@ find_ports() {
       org.vmwrap.stderr) ERR=/dev/${p##*/} ;; org.vmwrap.control) CTL=/dev/${p##*/} ;;
       org.vmwrap.9p) NINEP=/dev/${p##*/} ;;
       org.vmwrap.steps) STEPS=/dev/${p##*/} ;; org.vmwrap.shell) SHELLPORT=/dev/${p##*/} ;;
+      org.vmwrap.shell.[1-9]*) SHELLMORE="$SHELLMORE /dev/${p##*/}" ;;
     esac
   done
 }
@@ -135,12 +137,15 @@ read -r h < /ctl/hostname; [ -n "$h" ] && hostname "$h"  # (no newline in the fi
 
 read -r up _ < /proc/uptime; say "ready $up"
 # `vmwrap shell JOBID` (vmwrap/shell.py): shells on new terminals in the job's root as its user. The root gets the
-# same terminals (tty, ttyname).
+# same terminals (tty, ttyname). A server per shell port: as many sessions at once as the VM has ports.
 serve_shells() {
-  [ -n "$SHELLPORT" ] || find_ports
+  find_ports
   [ -n "$SHELLPORT" ] || return 0
   ( mkdir -p /dev/pts && mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts \
       && { [ "$ROOT" = / ] || { mkdir -p "$ROOT/dev/pts" && mount -o bind /dev/pts "$ROOT/dev/pts"; }; } \
+      && for port in $SHELLMORE; do
+           /bin/vmwrap-shell "$port" "$ROOT" "$UID_" "$GID_" "$GROUPS_" "$UMASK_" "$WORKDIR" "$CTLD/user/env" &
+         done \
       && exec /bin/vmwrap-shell "$SHELLPORT" "$ROOT" "$UID_" "$GID_" "$GROUPS_" "$UMASK_" "$WORKDIR" "$CTLD/user/env" \
     ) < /dev/null > /dev/console 2>&1 &
 }

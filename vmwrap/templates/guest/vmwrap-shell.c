@@ -1,4 +1,5 @@
-/* vmwrap-shell: the guest end of `vmwrap shell JOBID` (vmwrap/shell.py), one session at a time.
+/* vmwrap-shell: the guest end of `vmwrap shell JOBID` (vmwrap/shell.py), one session at a time on
+ * its port (the guest agent starts one per shell port).
  * usage: vmwrap-shell PORT ROOT UID GID GROUPS UMASK CWD ENVFILE
  * Serves the virtio port PORT (org.vmwrap.shell) for the job's life: the host opens a session with an
  * O frame "ROWS COLS TERM MODE" [NUL COMMAND]; this forks a shell (or `sh -c COMMAND`) as the job's user
