@@ -17,6 +17,7 @@ import pytest
 from harness.slurm_jobs import jobdir as make_jobdir
 from harness.processes import matching
 from harness.slurm_jobs import module_cluster, submit, values, wait_for
+from vmwrap import rundir
 
 pytestmark = pytest.mark.vm
 VM = "#VMWRAP --image=busybox\n"
@@ -114,15 +115,24 @@ def test_srun_steps_match_a_bare_job(cluster, jobdir):
     assert {"0", "1", "2", "3", "4", "batch"} <= set(vm_steps)
 
 
-def test_concurrent_steps_run_one_at_a_time_and_bad_options_are_refused(cluster, jobdir):
-    job = submit(cluster, jobdir, "#!/bin/sh\n" + VM +
-                 "srun sh -c 'sleep 2; echo slow' & srun sh -c 'echo fast' & wait\necho waited\n"
+def test_steps_run_at_once_up_to_the_vms_step_ports_and_bad_options_are_refused(cluster, jobdir):
+    """Four steps at once (a step port each), each waiting until all four have started: one port would
+    never let them. A fifth waits for a free port, saying so, and then runs."""
+    k = rundir.STEPS_PORTS
+    # each step says it is in, waits (60 s at most) for the others, then holds its port until `go`
+    meet = (f"srun --overlap sh -c 'touch in.$SLURM_STEP_ID; n=0; while [ $(ls in.* | wc -l) -lt {k} ] "
+            "&& [ $n -lt 300 ]; do sleep 0.2; n=$((n+1)); done; m=$(ls in.* | wc -l); "
+            "while [ ! -e go ] && [ $n -lt 300 ]; do sleep 0.2; n=$((n+1)); done; echo met $m' &\n")
+    job = submit(cluster, jobdir, "#!/bin/sh\n" + VM + meet * k +
+                 "n=0; while [ $(ls in.* 2>/dev/null | wc -l) -lt " + str(k) + " ] && [ $n -lt 300 ]; do sleep 0.2; n=$((n+1)); done\n"
+                 "srun --overlap echo fifth &\nsleep 3; touch go; wait\necho waited\n"
                  "srun -o /etc/passwd echo x; echo rc=$?\n"
                  "srun -N 0 echo x; echo rc=$?\n", "-e", str(jobdir / "err"))
     assert done(cluster, job)["JobState"] == "COMPLETED"
     out, err = (jobdir / f"slurm-{job}.out").read_text(), (jobdir / "err").read_text()
-    assert sorted(out.splitlines()[:2]) == ["fast", "slow"] and out.splitlines()[2:] == ["waited", "rc=1", "rc=1"]
-    assert "another step is running in this VM; waiting for it" in err
+    lines = out.splitlines()
+    assert sorted(lines[:k + 1]) == ["fifth"] + [f"met {k}"] * k and lines[k + 1:] == ["waited", "rc=1", "rc=1"], out
+    assert f"{k} steps are running in this VM (as many as it runs at once); waiting for one to end" in err, err
     assert "srun option '-o' is not supported inside a vmwrap VM" in err
     assert "invalid value '0' for --nodes" in err
 

@@ -60,7 +60,7 @@ def test_a_step_runs_through_a_task_socket_in_the_run_dir_even_past_sun_paths_le
         _expect(guest, frames, {b"R"}, got)  # the task reached the service through its socket
         assert [f[0] for f in got] == [b"B", b"A", b"R"], got
         assert stat.S_ISSOCK(os.lstat(user / steps.TASKS).st_mode)
-        assert server.path == str(user / steps.TASKS)
+        assert [s.path for s in server.servers] == [str(user / steps.TASKS)]  # the one port of this VM
         assert list(private_tmp.iterdir()) == []  # nothing outside the run dir
         guest.sendall(steps.frame(b"O", 7, 0, b"hello\n") + steps.frame(b"X", 7, 0, b"exit 3"))
         _expect(guest, frames, {b"Z"}, got)
@@ -69,3 +69,39 @@ def test_a_step_runs_through_a_task_socket_in_the_run_dir_even_past_sun_paths_le
         server.close()
     assert not os.path.lexists(user / steps.TASKS)
     assert list(private_tmp.iterdir()) == []
+
+
+def test_each_step_port_is_served_apart_so_steps_run_at_once(tmp_path):
+    """A VM with several step ports runs that many steps at once: each port has its own server and task
+    socket, and a step in flight on one (its task still running) does not hold up a step on another."""
+    run_dir = tmp_path / "jobs" / "43"
+    user = rundir.user_dir(run_dir)
+    user.mkdir(parents=True)
+    user.chmod(0o700)
+    ports = [_bind(str(run_dir / rundir.steps_socket(i))) for i in range(rundir.STEPS_PORTS)]
+    server = steps.serve(run_dir, lambda argv, task: (0, task))
+    assert server is not None
+    try:
+        assert [s.path for s in server.servers] == [str(user / steps.tasks_socket(i)) for i in range(rundir.STEPS_PORTS)]
+        guests, frames, got = [], [], []
+        for i, port in enumerate(ports):   # a step on each port, none ended yet
+            port.settimeout(30)
+            g, _ = port.accept()
+            g.settimeout(30)
+            guests.append(g)
+            frames.append(steps.Frames())
+            got.append([])
+            _expect(g, frames[i], {b"B"}, got[i])
+            g.sendall(steps.frame(b"Q", 100 + i, 0, b"echo\0hi\0"))
+        for i, g in enumerate(guests):     # every step's task reached its own port's server
+            _expect(g, frames[i], {b"R"}, got[i])
+            assert [f[:2] for f in got[i]] == [(b"B", 0), (b"A", 100 + i), (b"R", 100 + i)], got[i]
+        for i, g in reversed(list(enumerate(guests))):   # they end in any order
+            g.sendall(steps.frame(b"X", 100 + i, 0, b"exit 0"))
+            _expect(g, frames[i], {b"Z"}, got[i])
+            assert got[i][-1] == (b"Z", 100 + i, 0, b"exit 0"), got[i]
+    finally:
+        server.close()
+        for p in ports:
+            p.close()
+    assert not [p for p in user.iterdir() if p.name.startswith("tasks")]

@@ -468,8 +468,8 @@ def record_spec(run_dir: Path, spec: domain.Spec) -> None:
     """Keep the VM's shape beside it (root-only) so a save can record what a restore must render again."""
     shape = {"virt_type": spec.virt_type, "memory_mib": spec.memory_mib, "cpus": spec.cpus,
              "cmdline": spec.cmdline, "work_dir": spec.work_dir, "disk": spec.disk is not None,
-             "ninep": spec.ninep_socket is not None, "steps": spec.steps, "shell": spec.shell, "shell_ports": spec.shell_ports,
-             "network": spec.network}
+             "ninep": spec.ninep_socket is not None, "steps": spec.steps, "steps_ports": spec.steps_ports,
+             "shell": spec.shell, "shell_ports": spec.shell_ports, "network": spec.network}
     p = Path(run_dir) / rundir.SPEC
     p.unlink(missing_ok=True)
     _write_new(p, json.dumps(shape).encode())
@@ -1080,6 +1080,9 @@ def restore_xml(meta: dict, job: Job, run_dir: Path, paths: dict[str, Path]) -> 
     shell_ports = s.get("shell_ports", 1)  # not recorded: saved by a vmwrap whose VMs had one
     if type(shell_ports) is not int or not 1 <= shell_ports <= 16:
         raise bad("shell_ports")
+    steps_ports = s.get("steps_ports", 1)  # likewise
+    if type(steps_ports) is not int or not 1 <= steps_ports <= 16:
+        raise bad("steps_ports")
     network = s.get("network", "none")  # not recorded: saved by a vmwrap whose VMs had no network
     if network not in NETWORKS:
         raise bad("network")
@@ -1101,7 +1104,8 @@ def restore_xml(meta: dict, job: Job, run_dir: Path, paths: dict[str, Path]) -> 
         disk=str(run_dir / rundir.OVERLAY) if s["disk"] else None,
         ctl_dir=str(rundir.ctl(run_dir)), work_dir=job.work_dir, run_dir=str(run_dir), cmdline=cmdline,
         ninep_socket=str(run_dir / share.SOCKET) if s["ninep"] else None,
-        uid=ids[0], gid=ids[1], steps=steps, shell=shell, shell_ports=shell_ports, network=network)
+        uid=ids[0], gid=ids[1], steps=steps, steps_ports=steps_ports, shell=shell, shell_ports=shell_ports,
+        network=network)
     root = ET.fromstring(domain.render(spec))
     el = ET.Element("uuid")
     el.text = uid

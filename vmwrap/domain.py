@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import rundir, safeio
-from .rundir import SHELL_PORTS
+from .rundir import SHELL_PORTS, STEPS_PORTS
 from .errors import GuestStalledError, NodeError
 from .resources import TEMPLATES
 
@@ -58,6 +58,7 @@ class Spec:
     # The step port (org.vmwrap.steps, vmwrap/steps.py). A VM saved by a vmwrap without it must be restored
     # without it: libvirt refuses a restore whose channel count differs from the saved VM's.
     steps: bool = True
+    steps_ports: int = STEPS_PORTS  # steps at once, a port each; a VM saved with fewer is restored with as many
     # The shell ports (org.vmwrap.shell, .1, .2...: vmwrap/shell.py, `vmwrap shell JOBID` and a multi-node
     # step's tasks), a session each at a time; as for steps, a VM saved with fewer is restored with as many.
     shell: bool = True

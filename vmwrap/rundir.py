@@ -70,13 +70,24 @@ def shell_socket(i: int) -> str:
 
 
 SHELL_SOCKETS = tuple(shell_socket(i) for i in range(SHELL_PORTS))
-RUN_DIR_SOCKETS = (CONTROL_SOCKET, STEPS_SOCKET, "9p.sock", *SHELL_SOCKETS)  # "9p.sock": share.SOCKET
+# Steps a VM runs at once, a step port each (`srun a & srun b`, one feeding the other).
+STEPS_PORTS = 4
+
+
+def steps_socket(i: int) -> str:
+    """The run dir's socket of step port i (the first keeps the name VMs of one port had)."""
+    return STEPS_SOCKET if i == 0 else f"steps{i}.sock"
+
+
+STEPS_SOCKETS = tuple(steps_socket(i) for i in range(STEPS_PORTS))
+RUN_DIR_SOCKETS = (CONTROL_SOCKET, "9p.sock", *STEPS_SOCKETS, *SHELL_SOCKETS)  # "9p.sock": share.SOCKET
 
 
 def own_ports(run_dir: Path, uid: int, gid: int) -> None:
     """After a boot or a restore (libvirtd made the port sockets as root): the job's own batch step talks
     to the control and step ports; the shell port stays root's alone, for the node agent to open."""
-    for name, ids in ((CONTROL_SOCKET, (uid, gid)), (STEPS_SOCKET, (uid, gid)), *((n, (0, 0)) for n in SHELL_SOCKETS)):
+    for name, ids in ((CONTROL_SOCKET, (uid, gid)), *((n, (uid, gid)) for n in STEPS_SOCKETS),
+                      *((n, (0, 0)) for n in SHELL_SOCKETS)):
         f = Path(run_dir) / name
         if f.exists():
             os.chown(f, *ids)

@@ -70,7 +70,8 @@ def inputs(shape: Shape, conn) -> dict:
     """Everything the key covers; recorded beside the snapshot and compared again before a restore."""
     t = hashlib.sha256((TEMPLATES / "domain.xml.j2").read_bytes() + domain.BASE_CMDLINE.encode()).hexdigest()
     return {"format": FORMAT, **shape.__dict__, "vmwrap": __version__, "domain_template": t,
-            "shell_ports": rundir.SHELL_PORTS, "qemu": int(conn.getVersion()), "libvirt": int(conn.getLibVersion())}
+            "shell_ports": rundir.SHELL_PORTS, "steps_ports": rundir.STEPS_PORTS,
+            "qemu": int(conn.getVersion()), "libvirt": int(conn.getLibVersion())}
 
 
 def key(ins: dict) -> str:

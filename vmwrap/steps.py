@@ -17,7 +17,9 @@ time limit past KillWait) cannot remove anything, and the run dir goes with the 
 /proc/self/fd/N/ of an O_PATH fd on its dir (`_unix_address`): no chdir, which a threaded process must
 not do.
 
-One step at a time per VM (the guest port opens once). A step in flight when the VM is saved for a
+A VM runs rundir.STEPS_PORTS steps at once, a step port each (a guest port opens once: the shim takes
+one that is free, and waits when all are taken); the payload serves each port in a thread of its own
+with its own task socket (`StepServers`). A step in flight when the VM is saved for a
 requeue ends with the job's batch step (its srun is killed with the job); the restored job's payload
 says B(ye) on connecting and the guest's waiting shim exits 1 with a message.
 Everything from the guest is hostile: frames are bounded (FRAME_MAX), resynchronised on garbage, and
@@ -118,29 +120,36 @@ class _Step:
         self.finished: set[int] = set()
 
 
-class StepServer(threading.Thread):
-    """The payload's step service for one job's VM (a daemon thread; the job's user)."""
+def tasks_socket(i: int) -> str:
+    """The task socket of step port i's server, in ctl/user."""
+    return TASKS if i == 0 else f"tasks{i}.sock"
 
-    def __init__(self, run_dir: Path, launch: Launch, err_fd: int = 2):
-        super().__init__(daemon=True, name="vmwrap steps")
+
+class StepServer(threading.Thread):
+    """The payload's step service for one step port of a job's VM (a daemon thread; the job's user)."""
+
+    def __init__(self, run_dir: Path, launch: Launch, err_fd: int = 2, index: int = 0):
+        super().__init__(daemon=True, name=f"vmwrap steps {index}")
         self.run_dir = Path(run_dir)
         self.launch = launch
         self.err_fd = err_fd
+        self.port = rundir.steps_socket(index)
+        self.tasks = tasks_socket(index)
         # ctl/user: the job's user's 0700 dir (ctl above it is root's), removed with the run dir however
         # the job ends. The payload is that user, so nothing in it is anyone else's to trust or fear.
         self.dir = rundir.user_dir(self.run_dir)
-        self.path = str(self.dir / TASKS)
+        self.path = str(self.dir / self.tasks)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._dfd = -1
         try:
             self._dfd = os.open(self.dir, DIR_FLAGS)
             try:  # a previous payload's (SIGKILLed before a requeue: the run dir stayed for the restore)
-                os.unlink(TASKS, dir_fd=self._dfd)
+                os.unlink(self.tasks, dir_fd=self._dfd)
             except FileNotFoundError:
                 pass
             with _unix_address(self.path) as address:
                 self.listener.bind(address)
-            self._ino = os.stat(TASKS, dir_fd=self._dfd, follow_symlinks=False).st_ino
+            self._ino = os.stat(self.tasks, dir_fd=self._dfd, follow_symlinks=False).st_ino
             self.listener.listen(64)
         except BaseException:
             self.listener.close()
@@ -171,8 +180,8 @@ class StepServer(threading.Thread):
         if self._dfd < 0:
             return
         try:  # ours only: the name is gone for new tasks (a SIGKILLed payload leaves it to the teardown)
-            if os.stat(TASKS, dir_fd=self._dfd, follow_symlinks=False).st_ino == self._ino:
-                os.unlink(TASKS, dir_fd=self._dfd)
+            if os.stat(self.tasks, dir_fd=self._dfd, follow_symlinks=False).st_ino == self._ino:
+                os.unlink(self.tasks, dir_fd=self._dfd)
         except OSError:
             pass
         os.close(self._dfd)
@@ -204,7 +213,7 @@ class StepServer(threading.Thread):
         while not self._stop.is_set():
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                with _unix_address(str(self.run_dir / SOCKET)) as address:
+                with _unix_address(str(self.run_dir / self.port)) as address:
                     s.connect(address)
             except OSError:
                 s.close()
@@ -391,17 +400,35 @@ class StepServer(threading.Thread):
                     self._to_guest(b"K", s.id, task, body)
 
 
-def serve(run_dir: Path, launch: Launch) -> StepServer | None:
-    """Start serving the VM's step port, if its VM has one (a VM booted by an older vmwrap has not)."""
-    if not (Path(run_dir) / SOCKET).exists():
-        return None
+class StepServers:
+    """The servers of a VM's step ports, one each."""
+
+    def __init__(self, servers: list[StepServer]):
+        self.servers = servers
+
+    def close(self) -> None:
+        for s in self.servers:
+            s.close()
+
+
+def serve(run_dir: Path, launch: Launch) -> StepServers | None:
+    """Start serving the VM's step ports, if its VM has them (a VM booted by an older vmwrap has none, or
+    one)."""
+    servers: list[StepServer] = []
     try:
-        server = StepServer(run_dir, launch)
-        server.offer()
+        for i, name in enumerate(rundir.STEPS_SOCKETS):
+            if (Path(run_dir) / name).exists():
+                servers.append(StepServer(run_dir, launch, index=i))
+        if not servers:
+            return None
+        servers[0].offer()
     except OSError:
+        for s in servers:
+            s.close()
         return None
-    server.start()
-    return server
+    for s in servers:
+        s.start()
+    return StepServers(servers)
 
 
 def _signal(data: bytes) -> int | None:

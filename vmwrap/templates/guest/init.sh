@@ -35,7 +35,7 @@ fi
 
 # Find the vmwrap virtio ports by name (the shell builtin read: no fork per port under TCG).
 find_ports() {
-  SHELLMORE=
+  SHELLMORE= STEPSMORE=
   for p in /sys/class/virtio-ports/*; do
     [ -e "$p/name" ] || continue
     read -r n < "$p/name"
@@ -45,6 +45,7 @@ find_ports() {
       org.vmwrap.9p) NINEP=/dev/${p##*/} ;;
       org.vmwrap.steps) STEPS=/dev/${p##*/} ;; org.vmwrap.shell) SHELLPORT=/dev/${p##*/} ;;
       org.vmwrap.shell.[1-9]*) SHELLMORE="$SHELLMORE /dev/${p##*/}" ;;
+      org.vmwrap.steps.[1-9]*) STEPSMORE="$STEPSMORE /dev/${p##*/}" ;;
     esac
   done
 }
@@ -182,9 +183,9 @@ fi
 # Steps (vmwrap/steps.py): when the host serves them, `srun` in the job's PATH is vmwrap's shim and the
 # step port is the job's user's (who is root in this VM anyway: nothing to protect from them here).
 if [ -e "$CTLD/user/steps" ]; then
-  [ -n "$STEPS" ] || find_ports
+  find_ports
   { [ -n "$STEPS" ] && mkdir -p "$ROOT/usr/local/bin" && cp /bin/vmwrap-srun "$ROOT/usr/local/bin/srun" \
-    && chown "$UID_:$GID_" "$STEPS"; } || echo "vmwrap guest: cannot offer srun steps" > /dev/console
+    && chown "$UID_:$GID_" "$STEPS" $STEPSMORE; } || echo "vmwrap guest: cannot offer srun steps" > /dev/console
 fi
 job() { exec /bin/vmwrap-exec "$ROOT" "$UID_" "$GID_" "$GROUPS_" "$UMASK_" "$WORKDIR" "$CTLD/user/env" "$CTLD/user/args" \
   /.vmwrap/user/script "$CTLD/user/limits"; }

@@ -5,7 +5,8 @@
  * back for the command to be run here. Each task's environment is this process's own plus the
  * step's SLURM_* variables from the host; its stdout/stderr go back through srun (labels, -o) and
  * come out on this process's stdout/stderr; it exits as the host's srun did.
- * One step at a time per VM: the port opens once (EBUSY), so a second srun waits for the first.
+ * A VM has a few step ports (org.vmwrap.steps, .1, .2, ...), each opening once (EBUSY): this takes one
+ * that is free, so that many steps run at once; with all taken it waits for one.
  * Frames both ways: "VWS1" type(1) step(4) task(2) len(4) data(len <= FRAME_MAX), big-endian; the
  * host's frames are bounded and checked, and anything not for this step is skipped. */
 #define _GNU_SOURCE
@@ -61,12 +62,17 @@ static void send_frame(char type, int task, const void *data, size_t len) {
     if (put_all(port, (const char *)buf, HDR + len) < 0) { perror("vmwrap srun: writing to the host"); exit(1); }
 }
 
-/* The port's device, found by name (the shim runs in the job's root, which has /sys). */
-static int find_port(char *path, size_t size) {
+/* The step ports' devices, found by name (the shim runs in the job's root, which has /sys): PORT_NAME
+ * and PORT_NAME.N. Returns how many (at most MAX_PORTS). */
+#define MAX_PORTS 16
+static char ports[MAX_PORTS][300];
+static int find_ports(void) {
     DIR *d = opendir("/sys/class/virtio-ports");
     struct dirent *e;
-    if (!d) return -1;
-    while ((e = readdir(d))) {
+    int n = 0;
+    size_t l = strlen(PORT_NAME);
+    if (!d) return 0;
+    while ((e = readdir(d)) && n < MAX_PORTS) {
         char p[512], name[64] = {0};
         if (e->d_name[0] == '.') continue;
         snprintf(p, sizeof p, "/sys/class/virtio-ports/%s/name", e->d_name);
@@ -74,10 +80,11 @@ static int find_port(char *path, size_t size) {
         if (!f) continue;
         if (fgets(name, sizeof name, f)) name[strcspn(name, "\n")] = 0;
         fclose(f);
-        if (strcmp(name, PORT_NAME) == 0) { snprintf(path, size, "/dev/%s", e->d_name); closedir(d); return 0; }
+        if (strncmp(name, PORT_NAME, l) == 0 && (name[l] == 0 || (name[l] == '.' && name[l + 1] >= '1' && name[l + 1] <= '9')))
+            snprintf(ports[n++], sizeof ports[0], "/dev/%s", e->d_name);
     }
     closedir(d);
-    return -1;
+    return n;
 }
 
 /* Input from the host, reassembled into frames; bytes before a magic are skipped. */
@@ -160,15 +167,21 @@ static void reap(void) {
 }
 
 int main(int argc, char **argv) {
-    char path[300];
     size_t total = 0;
     for (int i = 1; i < argc; i++) total += strlen(argv[i]) + 1;
     if (total > FRAME_MAX) { fprintf(stderr, "srun: error: vmwrap: the command line is longer than %d bytes\n", FRAME_MAX); return 1; }
-    if (find_port(path, sizeof path) < 0) { fprintf(stderr, "srun: error: vmwrap: this VM has no step port (%s)\n", PORT_NAME); return 1; }
+    int nports = find_ports();
+    if (nports == 0) { fprintf(stderr, "srun: error: vmwrap: this VM has no step port (%s)\n", PORT_NAME); return 1; }
     int said = 0;
-    while ((port = open(path, O_RDWR | O_CLOEXEC)) < 0) {
-        if (errno != EBUSY) { fprintf(stderr, "srun: error: vmwrap: %s: %s\n", path, strerror(errno)); return 1; }
-        if (!said++) fprintf(stderr, "srun: vmwrap: another step is running in this VM; waiting for it (steps in a VM run one at a time)\n");
+    for (;;) {
+        int i;
+        for (i = 0; i < nports; i++) {
+            if ((port = open(ports[i], O_RDWR | O_CLOEXEC)) >= 0) break;
+            if (errno != EBUSY) { fprintf(stderr, "srun: error: vmwrap: %s: %s\n", ports[i], strerror(errno)); return 1; }
+        }
+        if (i < nports) break;
+        if (!said++) fprintf(stderr, "srun: vmwrap: %d steps are running in this VM (as many as it runs at once); "
+                                     "waiting for one to end\n", nports);
         nap(100);
     }
     int ur = open("/dev/urandom", O_RDONLY);
