@@ -202,6 +202,7 @@ def test_each_shell_session_gets_a_free_port_of_the_vm_with_its_lock_until_all_a
     """The agent hands out a shell port no session holds, with its lock (SCM_RIGHTS), which the caller
     holds as long as the session lasts: sessions run side by side up to the VM's ports, one more is
     "busy" at once, and a session's end frees its port. Ports the guest has not opened are skipped."""
+    import fcntl
     import socket
 
     from vmwrap import rundir, shell
@@ -230,7 +231,8 @@ def test_each_shell_session_gets_a_free_port_of_the_vm_with_its_lock_until_all_a
         ports = []
         for _ in range(rundir.SHELL_PORTS):
             ports.append(shell.request_port(running_agent, "77"))
-            assert ports[-1].lock is not None
+            # the caller's copy of the lock is read-only: no writing into a file of root's
+            assert fcntl.fcntl(ports[-1].lock, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
         assert sorted(which() for _ in ports) == list(range(rundir.SHELL_PORTS))
         with pytest.raises(BusyError, match=f"{rundir.SHELL_PORTS} sessions of job 77 are open"):
             shell.request_port(running_agent, "77")

@@ -98,8 +98,9 @@ def connect_port(settings, job_id: str, opened: dict[str, bool] | None = None) -
 
 def _take(rd: Path, i: int) -> int | bool:
     """Port i's lock (a descriptor holding it), or False while another session holds it. The run dir is
-    root's: nobody else can have put a link there."""
-    fd = os.open(rd / f"shell{i}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    root's: nobody else can have put a link there. Read-only: the caller gets the descriptor, and must
+    not be able to write into a file of root's (no quota would bound it)."""
+    fd = os.open(rd / f"shell{i}.lock", os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
