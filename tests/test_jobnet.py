@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -165,3 +166,94 @@ def test_a_stopped_test_clusters_job_networks_go_with_it(tmp_path):
     finally:
         for job in (mine, other):
             jobnet.clear(job)
+
+
+# One host of the test below: jobnet with its own lock and holders (hosts share nothing but the wire).
+_HOST = """
+import sys
+from pathlib import Path
+from vmwrap import jobnet
+jobnet.LOCK, jobnet.HOLDERS = Path(sys.argv[1] + ".lock"), Path(sys.argv[1])
+op, job, index = sys.argv[2], sys.argv[3], int(sys.argv[4])
+plan = jobnet.Plan(job, ("c1", "c2"), ("10.99.0.1", "10.99.0.2"), index)
+print(jobnet.join(plan) if op == "join" else jobnet.leave(job, index))
+"""
+_SERVE = """
+import socket, sys
+s = socket.create_server((sys.argv[1], 5000)); s.settimeout(30)
+c, _ = s.accept(); c.sendall(b"hello from " + sys.argv[1].encode()); c.close()
+"""
+_ASK = """
+import socket, sys
+try:
+    print(socket.create_connection((sys.argv[1], 5000), timeout=3).recv(100).decode())
+except OSError as e:
+    print("unreachable:", e)
+"""
+
+
+def test_two_hosts_join_a_jobs_segment_over_vxlan_and_another_jobs_vms_do_not_reach_it(tmp_path):
+    """Across real hosts the job's bridges are joined by VXLAN (one host here: each host is a network
+    namespace of its own, wired to the other by a veth pair on 10.99.0.0/24, each VM's card a veth end in a
+    namespace of its own). Job 1's VM on host A reaches job 1's VM on host B through the tunnel, the only
+    path; job 2, on the same hosts and the same addresses, does not reach it. Both hosts' leave() remove
+    the bridge and the tunnel."""
+    import sys
+    from pathlib import Path
+
+    tag = os.urandom(3).hex()
+    ns = {k: f"vmw{k}{tag}" for k in ("hA", "hB", "g1A", "g1B", "g2A")}
+    job1, job2 = f"9{os.urandom(3).hex()}", f"8{os.urandom(3).hex()}"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+
+    def run(n: str, *cmd: str) -> str:
+        r = subprocess.run(["ip", "netns", "exec", ns[n], *cmd], capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 0, (cmd, r.stderr)
+        return r.stdout.strip()
+
+    def host(n: str, op: str, job: str, index: int) -> str:
+        return run(n, sys.executable, "-c", _HOST, str(tmp_path / n), op, job, str(index))
+
+    def vm(guest: str, on: str, job: str, index: int, ip: str) -> None:
+        """A VM's card: a veth whose one end is on the job's bridge of host `on`, the other the guest's."""
+        v = f"v{guest}{tag}"[:15]
+        run(on, "ip", "link", "add", v, "type", "veth", "peer", "name", "card", "netns", ns[guest])
+        run(on, "ip", "link", "set", v, "master", jobnet.bridge_name(job), "up")
+        run(guest, "ip", "link", "set", "card", "address", jobnet.mac(index), "up")
+        run(guest, "ip", "addr", "add", f"{ip}/16", "dev", "card")
+
+    try:
+        for n in ns.values():
+            subprocess.run(["ip", "netns", "add", n], check=True)
+        run("hA", "ip", "link", "add", "wire", "type", "veth", "peer", "name", "wire", "netns", ns["hB"])
+        for n, a in (("hA", "10.99.0.1"), ("hB", "10.99.0.2")):
+            run(n, "ip", "addr", "add", f"{a}/24", "dev", "wire")
+            run(n, "ip", "link", "set", "wire", "up")
+            run(n, "ip", "link", "set", "lo", "up")
+        assert host("hA", "join", job1, 0) == host("hB", "join", job1, 1) == jobnet.bridge_name(job1)
+        assert host("hA", "join", job2, 0) == host("hB", "join", job2, 1) == jobnet.bridge_name(job2)
+        # each host tunnels to the other only
+        assert "dst 10.99.0.2" in run("hA", "bridge", "fdb", "show", "dev", jobnet.vxlan_name(job1))
+        assert "dst 10.99.0.1" in run("hB", "bridge", "fdb", "show", "dev", jobnet.vxlan_name(job1))
+        vm("g1A", "hA", job1, 0, "10.77.0.1")
+        vm("g1B", "hB", job1, 1, "10.77.0.2")
+        vm("g2A", "hA", job2, 0, "10.77.0.1")
+        server = subprocess.Popen(["ip", "netns", "exec", ns["g1B"], sys.executable, "-c", _SERVE, "10.77.0.2"])
+        try:
+            time.sleep(0.5)
+            assert run("g2A", sys.executable, "-c", _ASK, "10.77.0.2").startswith("unreachable:")   # another job
+            assert run("g1A", sys.executable, "-c", _ASK, "10.77.0.2") == "hello from 10.77.0.2"   # over the tunnel
+        finally:
+            server.kill()
+            server.wait()
+        # the VMs gone (their cards with them), each host's leave removes its bridge and tunnel
+        for guest in ("g1A", "g1B", "g2A"):
+            subprocess.run(["ip", "netns", "del", ns.pop(guest)], check=True)
+        for n, i in (("hA", 0), ("hB", 1)):
+            for job in (job1, job2):
+                assert host(n, "leave", job, i) == "True"
+            assert run(n, "ip", "-o", "link", "show", "type", "bridge") == ""
+            assert run(n, "ip", "-o", "link", "show", "type", "vxlan") == ""
+    finally:
+        for n in ns.values():
+            subprocess.run(["ip", "netns", "del", n], capture_output=True)
