@@ -17,6 +17,7 @@ from vmwrap.errors import NodeError
 @pytest.fixture
 def running_agent(libvirtd, test_user):
     import shutil
+    import socket
     import tempfile
     from pathlib import Path
 
@@ -24,10 +25,20 @@ def running_agent(libvirtd, test_user):
     s = Settings(state_dir=str(tmp_path / "state"), libvirt_uri="test:///default")
     t = threading.Thread(target=agent.serve, args=(s,), daemon=True)
     t.start()
-    for _ in range(50):
-        if agent.socket_path(s).exists():
+    # listening, not only bound: a test connecting between the agent's bind and listen was refused
+    # (ConnectionRefusedError, seen once on a loaded host)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.settimeout(30)
+                probe.connect(str(agent.socket_path(s)))
+                probe.sendall(b'{"op": "ping", "job": ""}\n')
+                assert b'"ok": true' in probe.makefile("rb").readline()
             break
-        time.sleep(0.05)
+        except (FileNotFoundError, ConnectionRefusedError):
+            assert time.monotonic() < deadline, "the agent never listened"
+            time.sleep(0.05)
     (s.jobs_dir / "77" / "ctl").mkdir(parents=True)
     # job 77 belongs to the test user, whatever uid it got (the demo creates it without a fixed one)
     (s.jobs_dir / "77" / "ctl" / "ids").write_text(f"{test_user.pw_uid} {test_user.pw_gid} - 22\n")
