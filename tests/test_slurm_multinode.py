@@ -41,6 +41,7 @@ srun -N 2 -n 8 -O sh -c 'touch meet.$SLURM_NODEID.$SLURM_PROCID; n=0
   while [ $(ls meet.$SLURM_NODEID.* | wc -l) -lt 4 ] && [ $n -lt 300 ]; do sleep 0.2; n=$((n+1)); done
   echo "many $SLURM_PROCID $(hostname) $(ls meet.$SLURM_NODEID.* | wc -l)"' | sort
 echo "many rc=$?"
+echo "wide $(srun -N 2 -n 12 -O sh -c 'sleep 1; echo "$SLURM_PROCID"' | sort -n | tr '\n' ' ')"
 srun -N 2 -n 2 sh -c 'echo "out $SLURM_NODEID"; echo "err $SLURM_NODEID" >&2' | sort
 """
 
@@ -107,6 +108,8 @@ def test_a_two_node_job_gets_a_vm_on_each_node_and_steps_across_them(cluster, jo
     # on the second node too (a session each, on the VM's shell ports)
     assert [ln for ln in lines if ln.startswith("many ")] == [
         f"many {i} {nodes[i // 4]} 4" for i in range(8)] + ["many rc=0"], out
+    # six tasks per node: on the second node, two wait for a free session and then run
+    assert f"wide {' '.join(map(str, range(12)))} " in lines, out
     # each task's errors reach the job's error file, on the second node too (not its output)
     assert [ln for ln in lines if ln[:4] in ("out ", "err ")] == ["out 0", "out 1"], out
     assert sorted(ln for ln in err.splitlines() if ln.startswith("err ")) == ["err 0", "err 1"], err

@@ -40,6 +40,7 @@ from .errors import BusyError, NodeError, NotReadyError, UserError
 SOCKET = rundir.SHELL_SOCKET  # in the run dir: the guest's first shell port (QEMU binds it; root's 0600)
 CHANNEL = "org.vmwrap.shell"  # its virtio port's name (domain.xml.j2); port i's is CHANNEL.i
 READY_WAIT_S = 600.0    # how long a session waits for a starting VM to open its shell port
+BUSY_POLL_MAX_S = 0.5   # a task waiting for a free shell port asks the agent at least this often
 FRAME_MAX = 65536
 HEADER = struct.Struct(">cI")
 LOST = 255              # the VM went away before the shell said how it ended, or no session (as ssh's 255)
@@ -218,17 +219,21 @@ def ready_port(settings, job_id: str, waiting_note_s: float, ready_wait_s: float
                wait_busy: bool = False) -> Port:
     """The shell port once the job's VM has opened it (the agent says when it has not yet: a VM still
     starting, a step that reached a node before its VM booted); UserError after `ready_wait_s`.
-    `wait_busy`: while other sessions hold the port, wait for them (as long as they last) instead of
-    refusing (a step's tasks on one node, each a session of that node's VM)."""
+    `wait_busy`: while other sessions hold the ports, wait for them (as long as they last) instead of
+    refusing (a step's tasks on one node, each a session of that node's VM). Asked again after
+    0.1 s, then less and less often, up to every BUSY_POLL_MAX_S: each ask costs the node agent a
+    thread and a libvirt call, and a step of many tasks per node has many of them waiting."""
     start = time.monotonic()
     noted = False
+    busy_delay = 0.1
     while True:
         try:
             return request_port(settings, job_id)
         except BusyError:
             if not wait_busy:
                 raise
-            time.sleep(0.1)
+            time.sleep(busy_delay)
+            busy_delay = min(busy_delay * 1.5, BUSY_POLL_MAX_S)
         except NotReadyError as e:
             waited = time.monotonic() - start
             if waited >= ready_wait_s:
