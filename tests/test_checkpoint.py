@@ -365,6 +365,24 @@ def test_a_vm_saved_without_a_shell_port_is_restored_without_one(tmp_path):
         checkpoint.restore_xml(job_meta("21", spec=shape(shell=1)), job, tmp_path, paths)
 
 
+def test_a_vm_saved_with_several_step_and_shell_ports_is_restored_with_as_many(tmp_path):
+    """A checkpoint records how many step and shell ports its VM had (none recorded: one each, as older
+    vmwraps' VMs had): libvirt refuses a restore whose channel count differs from the saved VM's."""
+    job = Job("21", "slurm", "u", UID, GID, "/srv/w", "", image="busybox")
+    paths = {"kernel": Path("/k"), "initrd": Path("/i")}
+
+    def ports(meta):
+        root = ET.fromstring(checkpoint.restore_xml(meta, job, tmp_path, paths)[0])
+        return [c.find("target").get("name") for c in root.iter("channel")]
+    got = ports(job_meta("21", spec=shape(steps=True, steps_ports=4, shell=True, shell_ports=3)))
+    assert [p for p in got if p.startswith(("org.vmwrap.steps", "org.vmwrap.shell"))] == [
+        "org.vmwrap.steps", "org.vmwrap.steps.1", "org.vmwrap.steps.2", "org.vmwrap.steps.3",
+        "org.vmwrap.shell", "org.vmwrap.shell.1", "org.vmwrap.shell.2"]
+    for bad in ({"steps_ports": 0}, {"steps_ports": 99}, {"shell_ports": "4"}, {"shell_ports": True}):
+        with pytest.raises(CheckpointError, match=f"unusable VM {next(iter(bad))}"):
+            checkpoint.restore_xml(job_meta("21", spec=shape(steps=True, shell=True, **bad)), job, tmp_path, paths)
+
+
 def test_a_vm_saved_with_a_network_is_restored_with_it(tmp_path):
     job = Job("21", "slurm", "u", UID, GID, "/srv/w", "", image="busybox")
     paths = {"kernel": Path("/k"), "initrd": Path("/i")}

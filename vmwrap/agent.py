@@ -8,8 +8,9 @@ bool, "error": str, "protocol": PROTOCOL} (pause and resume add "changed": false
 which a request repeated after a lost answer finds; a periodic checkpoint, vmwrap/periodic.py, adds "saved" and
 "pause_s" or "error"; "shell" sends a socket connected to a free shell port of the VM, and that port's
 lock, with its reply, SCM_RIGHTS, vmwrap/shell.py; "retry": true instead while the guest has not opened its
-ports, "busy": true while other sessions hold them all: ask again shortly); {"op": "ping", "job": ""} (anyone) -> {"ok": true, "protocol": PROTOCOL}: health
-checks (`vmwrap status`), and a client newer than the agent learns what it speaks.
+ports, "busy": true while other sessions hold them all: ask again shortly); {"op": "ping", "job": ""}
+(anyone) -> {"ok": true, "protocol": PROTOCOL}: health checks (`vmwrap status`), and a client newer than
+the agent learns what it speaks.
 
 The socket is open to every local user, so the agent bounds what any of them can hold: the request
 line must arrive within REQUEST_TIMEOUT s in all (not per read) and within REQUEST_MAX bytes; at most
@@ -139,7 +140,7 @@ def read_request(sock: socket.socket, timeout: float | None = None) -> bytes:
             raise UserError(f"the request is longer than {REQUEST_MAX} bytes: send {USAGE}")
 
 
-def _reply(sock: socket.socket, reply: dict, timeout: float, fds: list[int] = ()) -> None:
+def _reply(sock: socket.socket, reply: dict, timeout: float, fds: tuple[int, ...] = ()) -> None:
     try:
         if timeout:
             sock.settimeout(timeout)
@@ -207,9 +208,9 @@ def serve(settings: Settings) -> None:
                 print(f"vmwrap agent: request of uid {uid} failed: {e!r}", file=sys.stderr, flush=True)
                 reply = {"ok": False, "error": f"the node agent failed: {e}"}
             port, lock = reply.pop("_fd", None), reply.pop("_lock", None)
+            fds = () if port is None else (port.fileno(),) if lock is None else (port.fileno(), lock)
             try:
-                _reply(self.request, reply, REQUEST_TIMEOUT,
-                       [port.fileno()] + ([lock] if lock is not None else []) if port is not None else [])
+                _reply(self.request, reply, REQUEST_TIMEOUT, fds)
             finally:
                 if port is not None:
                     port.close()  # the caller holds its own copies now (or, gone, let go of the lock)
