@@ -174,9 +174,11 @@ def test_sessions_run_side_by_side_up_to_the_vms_ports_and_a_killed_one_frees_it
     threading.Thread(target=agent.serve, args=(settings,), daemon=True).start()
     job = site.popen("#!/bin/sh\n#VMWRAP --image=busybox\necho up\nsleep 300\n", workdir, "--user", test_user.pw_name,
                      "--job-id", "sh4", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    # each session says it is in, then waits (60 s at most) for the others to be
+    # each session says it is in, waits (60 s at most in all) for the others to be, then holds its port
+    # until `go` (else the first to leave would free a port before the fifth asks)
     meet = ("touch in.{i}; n=0; while [ $(ls in.* | wc -l) -lt {k} ] && [ $n -lt 300 ]; do sleep 0.2; n=$((n+1)); "
-            "done; echo {i}:$(ls in.* | wc -l); exit {i}")
+            "done; m=$(ls in.* | wc -l); while [ ! -e go ] && [ $n -lt 300 ]; do sleep 0.2; n=$((n+1)); done; "
+            "echo {i}:$m; exit {i}")
     try:
         assert job.stdout.readline() == b"up\n"
         ps = [_as(test_user, site, ["shell", "sh4", meet.format(i=i, k=k)], stdin=subprocess.DEVNULL,
@@ -189,10 +191,12 @@ def test_sessions_run_side_by_side_up_to_the_vms_ports_and_a_killed_one_frees_it
                 stderr=subprocess.PIPE)
         o, e = r.communicate(timeout=WAIT)
         assert r.returncode == 255 and f"{k} sessions of job sh4 are open".encode() in e, (o, e)
+        (workdir / "go").touch()
         for i, p in enumerate(ps):
             o, e = p.communicate(timeout=WAIT)
             assert (p.returncode, o) == (i, f"{i}:{k}\n".encode()), (i, o, e)
-        # a caller killed mid-session: its port is free again for the next sessions (all k at once)
+        # a caller killed mid-session: its port is free again for the next sessions (all k at once; `go`
+        # is there: they end once they have met)
         for f in workdir.glob("in.*"):
             f.unlink()
         killed = _as(test_user, site, ["shell", "sh4", "sleep 300"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
