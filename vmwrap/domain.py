@@ -101,7 +101,10 @@ def render(spec: Spec) -> str:
 
     if spec.network not in NETWORKS:
         raise NodeError(f"unknown VM network {spec.network[:40]!r}")
-    return _templates().get_template("domain.xml.j2").render(**{**spec.__dict__, "cmdline": cmdline, "mac": spec.mac})
+    return _templates().get_template("domain.xml.j2").render(**{
+        **spec.__dict__, "cmdline": cmdline, "mac": spec.mac,
+        "steps_sockets": [rundir.steps_socket(i) for i in range(spec.steps_ports)],
+        "shell_sockets": [rundir.shell_socket(i) for i in range(spec.shell_ports)]})
 
 
 def start_limited(dom, memory_limit_mib: int | None) -> None:

@@ -64,9 +64,16 @@ SHELL_SOCKET = "shell.sock"      # the guest's first shell port (vmwrap/shell.py
 SHELL_PORTS = 4
 
 
+def numbered(name: str, i: int) -> str:
+    """The i-th of several sockets named like `name` (the first keeps the name VMs of one port had):
+    shell.sock, shell1.sock, ..."""
+    stem, _, ext = name.partition(".")
+    return name if i == 0 else f"{stem}{i}.{ext}"
+
+
 def shell_socket(i: int) -> str:
-    """The run dir's socket of shell port i (the first keeps the name VMs of one port had)."""
-    return SHELL_SOCKET if i == 0 else f"shell{i}.sock"
+    """The run dir's socket of shell port i."""
+    return numbered(SHELL_SOCKET, i)
 
 
 SHELL_SOCKETS = tuple(shell_socket(i) for i in range(SHELL_PORTS))
@@ -75,8 +82,8 @@ STEPS_PORTS = 4
 
 
 def steps_socket(i: int) -> str:
-    """The run dir's socket of step port i (the first keeps the name VMs of one port had)."""
-    return STEPS_SOCKET if i == 0 else f"steps{i}.sock"
+    """The run dir's socket of step port i."""
+    return numbered(STEPS_SOCKET, i)
 
 
 STEPS_SOCKETS = tuple(steps_socket(i) for i in range(STEPS_PORTS))

@@ -122,7 +122,7 @@ class _Step:
 
 def tasks_socket(i: int) -> str:
     """The task socket of step port i's server, in ctl/user."""
-    return TASKS if i == 0 else f"tasks{i}.sock"
+    return rundir.numbered(TASKS, i)
 
 
 class StepServer(threading.Thread):
