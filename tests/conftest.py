@@ -216,7 +216,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
     terminalreporter.write_line(f"{sum(_MODULE_SECONDS.values()):8.1f}s  all {len(_MODULE_SECONDS)} modules")
 
 
-# Two pytest-xdist workers share this host (scripts/test.sh). A module's tests stay on one worker (its
+# Three pytest-xdist workers share this host (scripts/test.sh). A module's tests stay on one worker (its
 # module-scoped cluster starts once); every module using one of the host's singletons (Grid Engine's
 # one cell under /var/lib/gridengine, the HTCondor root's mounts) runs on the same worker, one after
 # another. Tests marked `exclusive` disturb every VM on the host (a libvirtd restart, a second libvirtd,
