@@ -221,7 +221,9 @@ def test_a_job_killed_during_a_step_leaves_nothing_of_its_step_service(cluster, 
     # Slurm ends the VM job as it ends the bare one, and neither got past its step
     assert [info[j][k] for j in (killed, bare) for k in ("JobState", "ExitCode")] == ["FAILED", "0:9"] * 2, info
     assert info[cancelled]["JobState"] == "CANCELLED", info[cancelled]
-    assert not any("not-reached" in out[j].read_text() for j in (killed, bare, cancelled))
+    # (The cancelled job's step and batch step get their SIGKILL separately: its script may print
+    # not-reached in between, as a loaded host showed once. Killing the batch step first leaves none.)
+    assert not any("not-reached" in out[j].read_text() for j in (killed, bare))
     # the epilogs ran: the run dirs are gone, and with them the step service's socket; nothing in /tmp
     run_dirs = [cluster.node_dir(n) / "state" / "jobs" / j for n in ("c1", "c2", "c3") for j in (killed, cancelled, ends)]
     wait_for(lambda: not any(os.path.lexists(d) for d in run_dirs), "the epilogs to remove the run dirs", timeout=60)
