@@ -552,10 +552,11 @@ def _libvirt_like_writer(path: Path, body: bytes, follower, *, prealloc: bool = 
         time.sleep(0.1)  # its padding is in the file a while: the follower must not take it for data
         os.ftruncate(fd, len(data))
         if rewrite_at is not None:
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 60  # the follower runs at nice 19: a loaded host delays it
             while follower.n <= rewrite_at and time.monotonic() < deadline:
                 time.sleep(0.005)
-            os.pwrite(fd, b"\xff", rewrite_at)
+            assert follower.n > rewrite_at, "the follower did not get past the byte to rewrite"
+            os.pwrite(fd, bytes([data[rewrite_at] ^ 0xff]), rewrite_at)  # flipped: never the same byte
     finally:
         os.close(fd)
     fd = os.open(path, os.O_WRONLY)  # libvirt reopens the file to mark the image complete
