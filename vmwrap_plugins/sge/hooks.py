@@ -30,7 +30,7 @@ from vmwrap import directives, lifecycle, payload, periodic, rundir, wire
 from vmwrap.config import Settings
 from vmwrap.errors import NodeError, UserError, VmwrapError
 from vmwrap.job import Job
-from vmwrap.request import interactive_refusal, multi_node_refusal, one_node
+from vmwrap.request import interactive_refusal
 
 CONTEXT = re.compile(r"^context:[ \t]+(.*)$", re.M)
 
@@ -258,12 +258,10 @@ def job_from_env(env: dict[str, str], owner: str) -> Job | None:
         raise UserError(f"the job's context says {wire.CONTEXT_MEMORY}={said} but its script asks for "
                         f"{f'--memory={req.memory_mib}M' if req.memory_mib else 'no --memory'}; "
                         f"`qalter -ac {wire.CONTEXT_MEMORY}=...` may not change it")
-    hosts = pe_hosts(env)   # the JSV refused PEs that may spread; a PE changed since, or no JSV, lands here
-    one_node(len(hosts), f"its parallel environment has slots on {len(hosts)} hosts: {' '.join(hosts[:4])}", PE_FIX)
-    n = slots(env)
+    plan, n = job_plan(env, jid)
     return Job(job_id=jid, scheduler="sge", user=owner, uid=pw.pw_uid, gid=pw.pw_gid, work_dir=os.getcwd(),
                script=script, cpus=n, memory_mib=requested_memory_mib(qstat, n), image=image,
-               restart_count=restarted(env),
+               restart_count=restarted(env), nodes=plan,
                groups=[g for g in os.getgrouplist(owner, pw.pw_gid) if g != pw.pw_gid])
 
 
@@ -463,14 +461,17 @@ def _catalog(path: str):
     return hit[1]
 
 
-PE_FIX = "use a parallel environment whose allocation_rule is $pe_slots (all its slots on one host), or no -pe"
+PE_FIX = ("use one with control_slaves TRUE (a VM on each host, started by the job's qrsh -inherit tasks), "
+          "or one whose allocation_rule is $pe_slots (all its slots on one host), or no -pe")
 OPEN_MAX = 9999999   # what the JSV sees as pe_max for an open range (`-pe NAME 2-`)
 
 
-def pe_refusal(pe: str, lo: str, hi: str) -> str | None:
-    """Why a VM job's `-pe NAME RANGE` could be given slots on several hosts (None: one host for sure).
-    Only `$pe_slots`, or an integer rule N with at most N slots, keeps every slot on one host;
-    `$fill_up` and `$round_robin` spread whatever one host cannot hold."""
+def pe_refusal(pe: str, lo: str, hi: str, saved: str | None = None) -> str | None:
+    """Why a VM job's `-pe NAME RANGE` cannot be run (None: it can). Only `$pe_slots`, or an integer
+    rule N with at most N slots, keeps every slot on one host; `$fill_up` and `$round_robin` spread
+    whatever one host cannot hold. A spread job gets a VM on each host: the master's from the prolog,
+    the others' from its first `qrsh -inherit` task there, which needs control_slaves TRUE. Its VMs
+    are never saved, so `saved` (how the job asked to be: "-ckpt vmwrap", ...) refuses it too."""
     if not (lo.isdigit() and hi.isdigit()) or len(lo) > 9 or len(hi) > 9:
         return f"-pe {pe[:64]} {lo[:12]}-{hi[:12]}: not a slot range"
     n_lo, n_hi = int(lo), int(hi)
@@ -479,20 +480,30 @@ def pe_refusal(pe: str, lo: str, hi: str) -> str | None:
     from . import facts
 
     try:
-        rules = facts.pe_allocation_rules(pe)
+        pes = facts.pe_settings(pe)
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         return f"cannot tell where -pe {pe[:64]} puts its slots ({str(e)[:200]}); submit again later"
-    spread = {n: r for n, r in sorted(rules.items()) if not (r == "$pe_slots" or (r.isdigit() and n_hi <= int(r)))}
+    spread = {n: p for n, p in sorted(pes.items())
+              if not ((r := p.get("allocation_rule", "")) == "$pe_slots" or (r.isdigit() and n_hi <= int(r)))}
     if not spread:
         return None   # unknown PEs are qsub's to refuse
     slots = str(n_lo) if n_lo == n_hi else f"{n_lo}-" if n_hi >= OPEN_MAX else f"{n_lo}-{n_hi}"
-    which = ", ".join(f"{n} has allocation_rule {r}" for n, r in list(spread.items())[:3])
-    return multi_node_refusal(f"-pe {pe} {slots} may get slots on several hosts: {which}", PE_FIX)
+    loose = {n: p for n, p in spread.items() if p.get("control_slaves", "").upper() != "TRUE"}
+    if loose:
+        which = ", ".join(f"{n} has allocation_rule {p.get('allocation_rule', '?')} and control_slaves "
+                          f"{p.get('control_slaves', '?')}" for n, p in list(loose.items())[:3])
+        return (f"-pe {pe} {slots} may get slots on several hosts ({which}), and a VM job spans hosts only "
+                f"in a parallel environment with control_slaves TRUE; {PE_FIX}")
+    if saved:
+        return (f"-pe {pe} {slots} may get slots on several hosts, and the VMs of a job spanning hosts are "
+                f"never saved: drop {saved}, or use a parallel environment whose allocation_rule is $pe_slots")
+    return None
 
 
-def pe_hosts(env: dict[str, str]) -> list[str]:
-    """The hosts of the job's parallel environment, from execd's pe_hostfile in the job's active dir
-    (never a path the job's environment names); [] for a job without one."""
+def pe_allocation(env: dict[str, str]) -> list[tuple[str, int]]:
+    """(host, slots) of the job's parallel environment in execd's order (the master's host first),
+    from execd's pe_hostfile in the job's active dir (never a path the job's environment names); []
+    for a job without one. A host listed for several queues is summed."""
     spool = _active_dir(env)
     if spool is None:
         return []
@@ -504,12 +515,43 @@ def pe_hosts(env: dict[str, str]) -> list[str]:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return []
         text = f.read(1 << 20).decode(errors="replace")
-    hosts: list[str] = []
+    alloc: dict[str, int] = {}
     for ln in text.splitlines():
-        h = ln.split()[:1]
-        if h and h[0] not in hosts:
-            hosts.append(h[0])
-    return hosts
+        f = ln.split()
+        if len(f) >= 2 and re.fullmatch(r"\d{1,6}", f[1]):
+            alloc[f[0]] = alloc.get(f[0], 0) + int(f[1])
+        elif f:
+            raise NodeError(f"execd's pe_hostfile has a line that is not 'HOST SLOTS ...': {ln[:100]!r}")
+    return list(alloc.items())
+
+
+def host_addresses(hosts: list[str]) -> list[str]:
+    """Each host's address as this host resolves it (as GE itself does), for the job network's
+    tunnels; a host that does not resolve fails the job, not this host."""
+    import socket
+
+    out = []
+    for h in hosts:
+        try:
+            out.append(socket.getaddrinfo(h, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0])
+        except (OSError, IndexError):
+            raise VmwrapError(f"cannot resolve host {h[:80]!r} of the job's parallel environment") from None
+    return out
+
+
+def job_plan(env: dict[str, str], jid: str) -> tuple[object | None, int]:
+    """(the job network's plan or None, this host's CPUs): a job whose PE spans hosts gets one VM on
+    each (this one from the prolog on the master's host), joined as Slurm's multi-node jobs are."""
+    alloc = pe_allocation(env)
+    if len(alloc) <= 1:
+        return None, slots(env)
+    from vmwrap import jobnet
+
+    hosts = [h for h, _ in alloc]
+    me = env.get("HOSTNAME", "")
+    if me not in hosts:
+        raise NodeError(f"this host ({me[:80]!r}) is not in job {jid}'s pe_hostfile ({' '.join(hosts[:4])})")
+    return jobnet.Plan(jid, tuple(hosts), tuple(host_addresses(hosts)), hosts.index(me)), dict(alloc)[me]
 
 
 # The JSV's CLIENT of an interactive submission (jsv(1); qrsh sends `PARAM CLIENT qrsh`, seen on 8.1.9).
@@ -548,7 +590,10 @@ def check_request(settings: Settings, params: dict[str, str], user: str, gid: in
     if client in INTERACTIVE_CLIENTS:  # the session would start on the host, beside the VM, not in it
         return None, None, interactive_refusal(client, "Grid Engine", "with qsub", "host")
     if params.get("pe_name"):
-        why = pe_refusal(params["pe_name"], params.get("pe_min", "1"), params.get("pe_max", "1"))
+        ckpt = params.get("ckpt", "")
+        saved = f"-ckpt {ckpt[:64]}" if ckpt and ckpt.upper() != "NONE" else \
+            "#VMWRAP --checkpoint-every" if req.checkpoint_every_s else None
+        why = pe_refusal(params["pe_name"], params.get("pe_min", "1"), params.get("pe_max", "1"), saved)
         if why:
             return None, None, why
     return image, req.memory_mib, None
