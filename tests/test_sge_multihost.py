@@ -1,0 +1,85 @@
+"""Grid Engine jobs spanning hosts (issue 19, tight integration): a VM job in a parallel environment
+with control_slaves TRUE gets a VM on each of its hosts, joined by the job's private network. The
+master host's VM comes from the prolog, with the hosts and its slots from execd's pe_hostfile.
+A real two-host Grid Engine 8.1.9 cell (harness.sge_cell)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+import pytest
+
+from harness.polling import wait_for
+from harness.sge_cell import HOST2, qconf
+from harness.sge_jobs import fresh_jobdir, module_cell
+
+pytestmark = pytest.mark.vm
+HDR = "#!/bin/sh\n#VMWRAP --image=busybox --memory=128M\n"
+PE = ("pe_name {name}\nslots 8\nuser_lists NONE\nxuser_lists NONE\nstart_proc_args NONE\nstop_proc_args NONE\n"
+      "allocation_rule $round_robin\ncontrol_slaves {control}\njob_is_first_task TRUE\nurgency_slots min\n"
+      "accounting_summary FALSE\nqsort_args NONE\n")
+
+
+@pytest.fixture(scope="module")
+def cell(appliance, virt_type, test_user):
+    with module_cell("sgemulti", appliance, virt_type, hosts=2) as c:
+        for name, control in (("tight", "TRUE"), ("loose", "FALSE")):
+            f = c.base / f"{name}.pe"
+            f.write_text(PE.format(name=name, control=control))
+            qconf("-Mp" if qconf("-sp", name, check=False).returncode == 0 else "-Ap", str(f))
+            qconf("-aattr", "queue", "pe_list", name, "vmwrap.q", check=False)
+        yield c
+
+
+@pytest.fixture
+def jobdir(cell, test_user):
+    with fresh_jobdir(cell, test_user) as d:
+        yield d
+
+
+def qsub(cell, jobdir, script: str, *args: str):
+    path = jobdir / f"job-{os.urandom(3).hex()}.sh"
+    path.write_text(script)
+    os.chown(path, 1234, 1234)
+    return cell.run("qsub", "-terse", "-cwd", "-q", "vmwrap.q", *args, str(path), user="vmwrapuser", cwd=str(jobdir))
+
+
+def finished(cell, job: str, timeout: float = 240) -> dict:
+    wait_for(lambda: cell.run("qstat", "-j", job).returncode != 0, f"job {job} to end", timeout)
+
+    def record():
+        text = cell.run("qacct", "-j", job).stdout
+        return dict(re.findall(r"^(\w+)\s+(.*?)\s*$", text, re.M)) if "exit_status" in text else None
+
+    return wait_for(record, f"job {job}'s accounting record", 30)
+
+
+def test_a_pe_without_control_slaves_is_refused_at_qsub_and_one_with_it_is_accepted(cell, jobdir):
+    r = qsub(cell, jobdir, HDR + "echo never\n", "-h", "-pe", "loose", "2")
+    assert r.returncode != 0 and "control_slaves FALSE" in r.stdout + r.stderr, r.stdout + r.stderr
+    r = qsub(cell, jobdir, HDR + "echo never\n", "-h", "-pe", "tight", "2", "-ckpt", "vmwrap")
+    assert r.returncode != 0 and "never saved: drop -ckpt vmwrap" in r.stdout + r.stderr, r.stdout + r.stderr
+    r = qsub(cell, jobdir, HDR + "echo held\n", "-h", "-pe", "tight", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    cell.run("qdel", r.stdout.strip())
+
+
+def test_the_masters_vm_joins_the_job_network_with_every_host_named(cell, jobdir):
+    r = qsub(cell, jobdir, HDR + "echo \"on $(hostname)\"; grep -E ' (vm|" + HOST2 + ")$' /etc/hosts | sort\n"
+             "echo err >&2; exit 3\n", "-pe", "tight", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = r.stdout.strip()
+    acct = finished(cell, job)
+    out = next(jobdir.glob(f"*.o{job}")).read_text()
+    err = next(jobdir.glob(f"*.e{job}")).read_text()
+    print(acct, out, err)
+    assert acct["exit_status"] == "3" and err == "err\n", (acct, out, err)
+    master = acct["hostname"]
+    lines = out.splitlines()
+    assert lines[0] == f"on {master}", out
+    assert sorted(ln.split()[1] for ln in lines[1:]) == sorted([cell.host, HOST2]), out
+    assert all(ln.startswith("10.77.0.") for ln in lines[1:]), out
+    left = subprocess.run(["pgrep", "-f", f"guest=vmwrap-{job}"], capture_output=True, text=True).stdout
+    assert not left, left
