@@ -68,7 +68,7 @@ def test_a_pe_without_control_slaves_is_refused_at_qsub_and_one_with_it_is_accep
 
 def test_the_masters_vm_joins_the_job_network_with_every_host_named(cell, jobdir):
     r = qsub(cell, jobdir, HDR + "echo \"on $(hostname)\"; grep -E ' (vm|" + HOST2 + ")$' /etc/hosts | sort\n"
-             "echo err >&2; exit 3\n", "-pe", "tight", "2")
+             "echo err >&2; exit 3\n", "-pe", "tight", "2", "-masterq", f"vmwrap.q@{cell.host}")
     assert r.returncode == 0, r.stdout + r.stderr
     job = r.stdout.strip()
     acct = finished(cell, job)
