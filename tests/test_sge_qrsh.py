@@ -1,0 +1,45 @@
+"""Issue 19 (Grid Engine tight integration, groundwork): the guest's `qrsh -inherit` as a checked host
+command. The guest is hostile: its host must be one of the job's, its options few, and its command
+must never reach the host shell qrsh_starter runs tasks through."""
+
+import shlex
+
+import pytest
+
+from vmwrap.errors import UserError
+from vmwrap_plugins.sge import steps
+
+TASK = ["/opt/vmwrap/venv/bin/python", "-m", "vmwrap_plugins.sge.task", "/run/vmwrap/jobs/7/tasks.sock", "tok", "7"]
+HOSTS = ["vm", "sgehost2"]
+
+
+def test_openmpis_call_becomes_qrsh_with_the_command_as_one_inert_word():
+    argv = ["-inherit", "-nostdin", "-V", "sgehost2", "orted", "-mca", "ess", "env", "$(reboot)", "a b;c"]
+    host = steps.qrsh_command(argv, TASK, HOSTS)
+    assert host[:4] == ["/usr/bin/qrsh", "-inherit", "-nostdin", "sgehost2"] and host[4:-1] == TASK
+    # what qrsh_starter's `sh -c "..."` makes of the joined words: exactly the words given
+    assert shlex.split(" ".join(host[4:])) == host[4:]
+    assert steps.decode_command(host[-1]) == ["orted", "-mca", "ess", "env", "$(reboot)", "a b;c"]
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["sgehost2", "hostname"], "only `qrsh -inherit HOST COMMAND`"),
+    (["-inherit", "-l", "h_rt=1", "sgehost2", "x"], "qrsh option '-l' is not supported"),
+    (["-inherit", "-nostdin"], "no host given"),
+    (["-inherit", "otherhost", "x"], "host 'otherhost' is not one of this job's hosts (vm sgehost2)"),
+    (["-inherit", "vm"], "no command given"),
+])
+def test_what_is_not_a_task_on_the_jobs_hosts_is_refused(argv, said):
+    with pytest.raises(UserError) as e:
+        steps.qrsh_command(argv, TASK, HOSTS)
+    assert said in str(e.value)
+
+
+def test_a_task_word_a_shell_would_touch_is_never_sent():
+    with pytest.raises(UserError, match="not shell-inert"):
+        steps.qrsh_command(["-inherit", "vm", "x"], [*TASK[:3], "/tmp/a b"], HOSTS)
+
+
+def test_a_forged_command_word_is_refused():
+    with pytest.raises(UserError, match="not what the job's qrsh sent"):
+        steps.decode_command("$(id)")
