@@ -83,3 +83,23 @@ def test_the_masters_vm_joins_the_job_network_with_every_host_named(cell, jobdir
     assert all(ln.startswith("10.77.0.") for ln in lines[1:]), out
     left = subprocess.run(["pgrep", "-f", f"guest=vmwrap-{job}"], capture_output=True, text=True).stdout
     assert not left, left
+
+
+def test_qrsh_inherit_in_the_vm_runs_a_task_of_the_job_as_bare_qrsh_would(cell, jobdir):
+    """The guest's `qrsh -inherit HOST CMD` (what MPI launchers run) goes through the host's qrsh to
+    HOST; on the master's own host the task is run by the master's VM. Other qrsh uses, and hosts not
+    the job's, are refused with the reason and fail as qrsh fails."""
+    script = (HDR + "qrsh -inherit -nostdin -V " + cell.host + " sh -c 'echo \"task on $(hostname) as $(id -u)\"; "
+              "echo task-err >&2; exit 4'; echo \"rc=$?\"\n"
+              "qrsh -inherit nosuchhost true; echo \"rc=$?\"\nqrsh hostname; echo \"rc=$?\"\n")
+    r = qsub(cell, jobdir, script, "-pe", "tight", "2", "-masterq", f"vmwrap.q@{cell.host}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = r.stdout.strip()
+    acct = finished(cell, job)
+    out = next(jobdir.glob(f"*.o{job}")).read_text()
+    err = next(jobdir.glob(f"*.e{job}")).read_text()
+    print(acct, out, err)
+    assert out == f"task on {cell.host} as 1234\nrc=4\nrc=1\nrc=1\n", (out, err)
+    assert "task-err\n" in err, err
+    assert "host 'nosuchhost' is not one of this job's hosts" in err, err
+    assert "only `qrsh -inherit HOST COMMAND` runs inside a vmwrap VM" in err, err

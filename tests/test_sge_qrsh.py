@@ -15,8 +15,8 @@ HOSTS = ["vm", "sgehost2"]
 
 def test_openmpis_call_becomes_qrsh_with_the_command_as_one_inert_word():
     argv = ["-inherit", "-nostdin", "-V", "sgehost2", "orted", "-mca", "ess", "env", "$(reboot)", "a b;c"]
-    host = steps.qrsh_command(argv, TASK, HOSTS)
-    assert host[:4] == ["/usr/bin/qrsh", "-inherit", "-nostdin", "sgehost2"] and host[4:-1] == TASK
+    index, host = steps.qrsh_command(argv, TASK, HOSTS)
+    assert index == 4 and host[:4] == ["/usr/bin/qrsh", "-inherit", "-nostdin", "sgehost2"] and host[4:-1] == TASK
     # what qrsh_starter's `sh -c "..."` makes of the joined words: exactly the words given
     assert shlex.split(" ".join(host[4:])) == host[4:]
     assert steps.decode_command(host[-1]) == ["orted", "-mca", "ess", "env", "$(reboot)", "a b;c"]

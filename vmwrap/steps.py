@@ -46,6 +46,7 @@ from .errors import NodeError, UserError
 
 SOCKET = rundir.STEPS_SOCKET  # in the run dir: the guest's step port (QEMU binds it, as the job's user)
 MARKER = "steps"           # ctl/user/steps: the guest agent installs its srun shim only when served
+SHIM_NAMES = ("srun", "qrsh")   # what the marker may name (init.sh allows the same)
 TASKS = "tasks.sock"       # ctl/user/tasks.sock: the payload's listener the step's tasks connect to
 UNIX_PATH_MAX = 107        # sun_path's 108 bytes, NUL included
 DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -164,11 +165,14 @@ class StepServer(threading.Thread):
         self.warnings = 0
         self._stop = threading.Event()
 
-    def offer(self) -> None:
-        """Tell the guest agent (before GO) that steps are served: it then installs its srun shim."""
+    def offer(self, name: str = "srun") -> None:
+        """Tell the guest agent (before GO) that steps are served: it then installs its shim under
+        `name` (the scheduler's launcher: srun, qrsh; an empty marker, from an older host, is srun)."""
         from .payload import _write_private
 
-        _write_private(rundir.user_dir(self.run_dir) / MARKER, b"", 0o600)
+        if name not in SHIM_NAMES:
+            raise ValueError(f"no step shim is named {name!r}")
+        _write_private(rundir.user_dir(self.run_dir) / MARKER, b"" if name == "srun" else name.encode(), 0o600)
 
     def stop(self) -> None:
         self._stop.set()
@@ -411,9 +415,9 @@ class StepServers:
             s.close()
 
 
-def serve(run_dir: Path, launch: Launch) -> StepServers | None:
+def serve(run_dir: Path, launch: Launch, shim: str = "srun") -> StepServers | None:
     """Start serving the VM's step ports, if its VM has them (a VM booted by an older vmwrap has none, or
-    one)."""
+    one); the guest's shim is named `shim`."""
     servers: list[StepServer] = []
     try:
         for i, name in enumerate(rundir.STEPS_SOCKETS):
@@ -421,7 +425,7 @@ def serve(run_dir: Path, launch: Launch) -> StepServers | None:
                 servers.append(StepServer(run_dir, launch, index=i))
         if not servers:
             return None
-        servers[0].offer()
+        servers[0].offer(shim)
     except OSError:
         for s in servers:
             s.close()

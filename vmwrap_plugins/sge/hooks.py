@@ -382,7 +382,9 @@ def starter(settings: Settings, argv: list[str]) -> int:
     if not argv:
         print("vmwrap sge starter: no job command", file=sys.stderr)
         return 2
-    if not run_dir.exists():
+    if not run_dir.exists() or os.environ.get("JOB_SCRIPT") == "QRSH":
+        # (a `qrsh -inherit` task of the job, here or on another host, runs as given: it is
+        # vmwrap_plugins.sge.task, started by the job's payload for its VM's qrsh)
         os.execvp(argv[0], argv)
     script, args = _payload(argv)
     env = {k: v for k, v in os.environ.items() if k != "VMWRAP_CONFIG"}
@@ -392,7 +394,23 @@ def starter(settings: Settings, argv: list[str]) -> int:
     host = os.environ.get("HOSTNAME", "")  # execd's name for this host (set after the job's variables)
     again = (lambda: marker.exists() or rescheduled(jid, host)) if settings.workdir_share == "serial" else None
     return payload.attach(run_dir, jid, script, env, args, grace=settings.grace_seconds, settings=settings,
-                          requeued=again)
+                          requeued=again, steps=step_launcher(jid, env, os.environ.get("VMWRAP_CONFIG")),
+                          steps_name="qrsh")
+
+
+def step_launcher(job_id: str, env: dict[str, str], config_path: str | None):
+    """vmwrap.steps' Launch for this job: the guest's `qrsh -inherit HOST CMD` as a host qrsh running
+    vmwrap_plugins.sge.task on HOST (this host: the task reaches this VM's step service; another of the
+    job's hosts: that host's VM of the job runs the command)."""
+    from .steps import qrsh_command
+
+    hosts = [h for h, _ in pe_allocation(env)] or [env.get("HOSTNAME", "")]
+    master = env.get("HOSTNAME", "")
+
+    def launch(argv: list[str], task: list[str]) -> tuple[int, list[str]]:
+        ours = [task[0], "-m", "vmwrap_plugins.sge.task", *task[3:], job_id, master, config_path or "-"]
+        return qrsh_command(argv, ours, hosts)
+    return launch
 
 
 def _payload(argv: list[str]) -> tuple[str, list[str]]:

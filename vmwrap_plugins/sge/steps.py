@@ -41,9 +41,10 @@ def decode_command(word: str) -> list[str]:
     return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0")]
 
 
-def qrsh_command(argv: list[str], task: list[str], hosts: list[str]) -> list[str]:
-    """The host argv running `task` (checked words: the task program and its arguments) on the host
-    the guest's `qrsh -inherit ... HOST COMMAND...` names, with COMMAND appended encoded."""
+def qrsh_command(argv: list[str], task: list[str], hosts: list[str]) -> tuple[int, list[str]]:
+    """(index of the command in `argv`, the host argv running `task` (checked words: the task program
+    and its arguments) on the host the guest's `qrsh -inherit ... HOST COMMAND...` names, with COMMAND
+    appended encoded)."""
     if len(argv) > ARGV_MAX:
         raise UserError(f"more than {ARGV_MAX} arguments")
     if "-inherit" not in argv[:1]:
@@ -67,4 +68,4 @@ def qrsh_command(argv: list[str], task: list[str], hosts: list[str]) -> list[str
     for w in task:
         if not _SAFE.fullmatch(w):
             raise UserError(f"internal: task word {w[:40]!r} is not shell-inert")
-    return [QRSH, "-inherit", *opts, host, *task, encode_command(argv[i + 1:])]
+    return i + 1, [QRSH, "-inherit", *opts, host, *task, encode_command(argv[i + 1:])]
