@@ -106,7 +106,8 @@ def _first_job_id(first: int) -> None:
 
 class Cell:
     def __init__(self, base: Path, vmwrap_config: str | None = None, slots: int = 2, jsv: str = "client",
-                 hosts: int = 1, site_config: dict | None = None, queue: dict | None = None):
+                 hosts: int = 1, site_config: dict | None = None, queue: dict | None = None,
+                 shared_jobnet: bool = False):
         """`vmwrap_config`: one config file for a one-host cell whose caller runs its own node agent;
         or `site_config` (settings every host shares): then the cell writes vmwrap-<host>.toml per
         host and runs a node agent per host. `queue`: extra vmwrap.q settings (e.g. rerun)."""
@@ -125,6 +126,11 @@ class Cell:
             h: str(base / f"vmwrap-{h}.toml") for h in self.hosts}
         self.vmwrap_config = self.configs[self.host]
         self.agents: list[subprocess.Popen] = []
+        # HOST2's VMs are started by the one libvirtd, in this host's network namespace: a job bridge
+        # HOST2's prolog or agent made in HOST2's namespace would be invisible to it. With
+        # shared_jobnet they run in this host's network namespace with a hosts file giving both hosts
+        # one address, so jobnet takes them for nodes sharing a host (one bridge, no tunnel).
+        self.shared_jobnet = shared_jobnet
 
     def node_dir(self, host: str) -> Path:
         return self.base / "nodes" / host
@@ -158,11 +164,18 @@ class Cell:
         hooks = self.base / "hooks"
         hooks.mkdir(parents=True, exist_ok=True)
         cases = "".join(f"  {h}) cfg='{c}' ;;\n" for h, c in self.configs.items())
+        hop = ""
+        if self.shared_jobnet and len(self.hosts) > 1:
+            (self.base / "hosts.shared").write_text(f"127.0.0.1 localhost\n{ADDR[0]} {self.host} {HOST2}\n")
+            hop = (f'if [ "$(/bin/uname -n)" = {HOST2} ] && [ "$(readlink /proc/self/ns/net)" != "$(readlink /proc/1/ns/net)" ]; then\n'
+                   f'  exec /usr/bin/nsenter --net=/proc/1/ns/net -- /usr/bin/unshare --mount -- /bin/sh -c '
+                   f'\'mount --bind {self.base / "hosts.shared"} /etc/hosts && exec "$0" "$@"\' "$0" "$@"\nfi\n')
         for kind in ("prolog", "epilog", "starter", "method", "jsv"):
             h = hooks / f"sge-{kind}"
             pick = (f"cfg='{self.vmwrap_config}'\n" if kind == "jsv" or len(self.hosts) == 1 else
                     f"case $(/bin/uname -n) in\n{cases}  *) echo 'vmwrap test cell: unknown host' >&2; exit 1 ;;\nesac\n")
-            h.write_text(f"#!/bin/sh\n{pick}exec {HOOKS}/sge-{kind} --config \"$cfg\" \"$@\"\n")
+            h.write_text(f"#!/bin/sh\n{hop if kind in ('prolog', 'epilog') else ''}{pick}"
+                         f"exec {HOOKS}/sge-{kind} --config \"$cfg\" \"$@\"\n")
             h.chmod(0o755)
         return hooks
 

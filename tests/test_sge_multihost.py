@@ -24,7 +24,7 @@ PE = ("pe_name {name}\nslots 8\nuser_lists NONE\nxuser_lists NONE\nstart_proc_ar
 
 @pytest.fixture(scope="module")
 def cell(appliance, virt_type, test_user):
-    with module_cell("sgemulti", appliance, virt_type, hosts=2) as c:
+    with module_cell("sgemulti", appliance, virt_type, hosts=2, shared_jobnet=True) as c:
         for name, control in (("tight", "TRUE"), ("loose", "FALSE")):
             f = c.base / f"{name}.pe"
             f.write_text(PE.format(name=name, control=control))
@@ -103,3 +103,15 @@ def test_qrsh_inherit_in_the_vm_runs_a_task_of_the_job_as_bare_qrsh_would(cell, 
     assert "task-err\n" in err, err
     assert "host 'nosuchhost' is not one of this job's hosts" in err, err
     assert "only `qrsh -inherit HOST COMMAND` runs inside a vmwrap VM" in err, err
+
+
+def test_the_masters_vm_boots_on_the_second_host_too(cell, jobdir):
+    """The master task on the harness's second host (its own network namespace): its VM's job bridge
+    must be where libvirtd is (Cell(shared_jobnet=True))."""
+    r = qsub(cell, jobdir, HDR + "echo \"on $(hostname)\"\n", "-pe", "tight", "2", "-masterq", f"vmwrap.q@{HOST2}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = r.stdout.strip()
+    acct = finished(cell, job)
+    out = next(jobdir.glob(f"*.o{job}")).read_text()
+    err = next(jobdir.glob(f"*.e{job}")).read_text()
+    assert (acct["hostname"], acct["exit_status"], out, err) == (HOST2, "0", f"on {HOST2}\n", ""), (acct, out, err)
