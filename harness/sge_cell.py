@@ -222,7 +222,12 @@ class Cell:
         _wait(lambda: all(h in qconf("-sel", check=False).stdout for h in self.hosts), "sge_execd to register")
         for h in self.hosts:
             if self.site_config is not None:  # HOST2's agent in its namespaces too: its host name is HOST2's
-                self.agents.append(subprocess.Popen([*self.host_prefix(h), "vmwrap", "--config", self.configs[h],
+                prefix = self.host_prefix(h)
+                if self.shared_jobnet and h == HOST2:   # its job bridges where libvirtd is (see __init__)
+                    prefix = ("/usr/bin/unshare", "--uts", "--mount", "/bin/sh", "-c",
+                              f'/bin/hostname {h} && mount --bind {self.base / "hosts.shared"} /etc/hosts && exec "$@"',
+                              "sh")
+                self.agents.append(subprocess.Popen([*prefix, "vmwrap", "--config", self.configs[h],
                                                      "agent"], start_new_session=True, stdout=subprocess.DEVNULL,
                                                     stderr=subprocess.DEVNULL))
         ckpt = self.base / "ckpt.conf"

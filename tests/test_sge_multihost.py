@@ -115,3 +115,29 @@ def test_the_masters_vm_boots_on_the_second_host_too(cell, jobdir):
     out = next(jobdir.glob(f"*.o{job}")).read_text()
     err = next(jobdir.glob(f"*.e{job}")).read_text()
     assert (acct["hostname"], acct["exit_status"], out, err) == (HOST2, "0", f"on {HOST2}\n", ""), (acct, out, err)
+
+
+def test_a_task_on_the_other_host_runs_in_that_hosts_vm_booted_for_it(cell, jobdir):
+    """No prolog runs on a slave host: the job's first `qrsh -inherit` task there has its node agent
+    boot that host's VM of the job (checked: the task holds a group execd gave the job's task there,
+    its uid owns the job; sized by qmaster's slots there). The task runs in it, its output and exit
+    code come back through qrsh; the two VMs share the job's network. Once the job is gone, the
+    slave host's repair pass removes its VM."""
+    script = (HDR + "qrsh -inherit " + HOST2 + " sh -c 'echo \"task on $(hostname) cpus $(nproc)\"; "
+              "echo task-err >&2; exit 5'; echo \"rc=$?\"\n"
+              "qrsh -inherit " + HOST2 + " sh -c 'nc -l -p 5000 > got; cat got' &\n"
+              "sleep 3; echo \"hello from $(hostname)\" | nc -w 5 " + HOST2 + " 5000; wait\n")
+    r = qsub(cell, jobdir, script, "-pe", "tight", "2", "-masterq", f"vmwrap.q@{cell.host}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = r.stdout.strip()
+    acct = finished(cell, job, timeout=300)
+    out = next(jobdir.glob(f"*.o{job}")).read_text()
+    err = next(jobdir.glob(f"*.e{job}")).read_text()
+    print(acct, out, err)
+    assert out == f"task on {HOST2} cpus 1\nrc=5\nhello from {cell.host}\n", (out, err)
+    assert "task-err\n" in err, err
+    r = subprocess.run([*cell.host_prefix(cell.host), "vmwrap", "--config", cell.configs[HOST2], "reconcile", "sge",
+                        "--once"], capture_output=True, text=True, timeout=120)
+    print(r.stdout, r.stderr)
+    wait_for(lambda: not subprocess.run(["pgrep", "-f", f"guest=vmwrap-{job}"], capture_output=True).stdout,
+             "the job's VMs to go", 60)

@@ -119,3 +119,19 @@ def test_pe_settings_reads_the_rule_and_whether_slaves_are_controlled(monkeypatc
                                        "mpi": {"allocation_rule": "$round_robin", "control_slaves": "TRUE"}}
     with pytest.raises(RuntimeError, match="not a parallel environment name"):
         facts.pe_settings("mpi;reboot")
+
+
+def test_the_spool_a_task_names_is_only_taken_in_execds_shape(tmp_path):
+    def claimed(value):
+        p = subprocess.Popen(["/bin/sleep", "30"], env={"SGE_JOB_SPOOL_DIR": value})
+        try:
+            return petask.claimed_spool(p.pid, "301536")
+        finally:
+            p.kill()
+            p.wait()
+
+    assert claimed("/var/spool/gridengine/execd/vm/active_jobs/301536.1/1.vm") == "/var/spool/gridengine/execd/vm"
+    for bad in ("/var/spool/x/active_jobs/301537.1/1.vm", "/var/spool/x/active_jobs/301536.1",
+                "/var/spool/../x/active_jobs/301536.1/1.vm", "var/active_jobs/301536.1/1.vm",
+                "/var/spool/x/jobs/301536.1/1.vm"):
+        assert claimed(bad) is None, bad

@@ -22,6 +22,7 @@ import os
 import pwd
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -294,6 +295,45 @@ class GridEngine:
         before = lifecycle.started_as(settings, job_id(env)) or 0
         again = migrated(env) or rescheduled(job_id(env), env.get("HOSTNAME", ""))
         return again, before + 1 if again else before
+
+    def peer_job(self, settings: Settings, pid: int, uid: int, job_id: str) -> Job:
+        """This host's VM of a job spanning hosts, for the job's first `qrsh -inherit` task here (no
+        prolog runs on a slave host; the node agent boots it): `pid` must hold a group execd gave one
+        of the job's tasks on this host, `uid` must own the job, and what the VM gets is qmaster's
+        (this host's slots, the job's requests), never what the task says."""
+        from . import facts, petask
+
+        num = job_id.split(".")[0]
+        spool = petask.claimed_spool(pid, num)
+        if spool is None or not petask.is_task_of(pid, num, spool):
+            raise UserError(f"the caller is no task of job {job_id} on this host")
+        qstat = qstat_job(job_id)
+        if qstat is None:
+            raise VmwrapError(f"cannot read job {job_id}'s resource requests with qstat -j")
+        fields = dict(re.findall(r"^(owner|cwd|sge_o_home):[ \t]+(\S.*?)\s*$", qstat, re.M))
+        try:
+            pw = pwd.getpwnam(fields.get("owner", ""))
+        except KeyError:
+            raise VmwrapError(f"job {job_id}'s owner {fields.get('owner', '')[:40]!r} is unknown here") from None
+        if uid not in (0, pw.pw_uid):
+            raise UserError(f"uid {uid} does not own job {job_id}")
+        image = parse_context(qstat)
+        if not image:
+            raise UserError(f"job {job_id} asked for no VM")
+        alloc = facts.job_allocation(num)
+        me = socket.gethostname().split(".")[0]
+        here = [i for i, (h, _) in enumerate(alloc) if h.split(".")[0] == me]
+        if len(alloc) < 2 or not here:
+            raise UserError(f"job {job_id} does not span hosts with this one ({me[:60]})")
+        hosts = [h for h, _ in alloc]
+        from vmwrap import jobnet
+
+        plan = jobnet.Plan(job_id, tuple(hosts), tuple(host_addresses(hosts)), here[0])
+        n = alloc[here[0]][1]
+        return Job(job_id=job_id, scheduler="sge", user=pw.pw_name, uid=pw.pw_uid, gid=pw.pw_gid,
+                   work_dir=fields.get("cwd") or fields.get("sge_o_home") or pw.pw_dir, script="", cpus=n,
+                   memory_mib=requested_memory_mib(qstat, n), image=image, nodes=plan,
+                   groups=[g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid])
 
     def take_out(self, env, reason: str) -> None:
         print(f"vmwrap: {reason}", file=sys.stderr)  # execd logs it with the queue's error state

@@ -101,3 +101,27 @@ def is_task_of(pid: int, job: str, spool: str) -> bool:
     """Whether process `pid` holds a group execd gave one of `job`'s tasks on this host."""
     mine = task_groups(spool, job)
     return bool(mine) and bool(mine & process_groups(pid))
+
+
+ENVIRON_MAX = 1 << 20       # bytes of /proc/PID/environ looked at
+
+
+def claimed_spool(pid: int, job: str) -> str | None:
+    """This host's execd spool as the task's own environment names it (SGE_JOB_SPOOL_DIR, execd's
+    `<spool>/active_jobs/<job>.<task>/<pe task>`), when it has that shape; a hint only: `is_task_of`
+    must then find the process's group in that spool's records of `job`."""
+    try:
+        with open(f"/proc/{int(pid)}/environ", "rb") as f:
+            env = f.read(ENVIRON_MAX)
+    except OSError:
+        return None
+    for item in env.split(b"\0"):
+        if item.startswith(b"SGE_JOB_SPOOL_DIR="):
+            path = item[len(b"SGE_JOB_SPOOL_DIR="):].decode("utf-8", "replace")
+            parts = path.split("/")
+            if (len(parts) >= 5 and path.startswith("/") and os.path.normpath(path) == path
+                    and parts[-3] == ACTIVE and _JOB_DIR.fullmatch(parts[-2])
+                    and _JOB_DIR.fullmatch(parts[-2]).group(1) == job and _PETASK.fullmatch(parts[-1])):
+                return "/".join(parts[:-3])
+            return None
+    return None

@@ -30,11 +30,20 @@ def main(argv: list[str]) -> int:
     except UserError as e:
         print(f"vmwrap: {e}", file=sys.stderr)
         return 2
+    from vmwrap import agent
     from vmwrap import config as config_mod
+    from vmwrap.errors import NodeError
 
-    # Not yet: this host's VM of the job is booted by its node agent for the first task (issue 19,
-    # notes/GE_TIGHT_PLAN.md step 4); until then only a host where it runs already serves the task.
-    return peer_task(config_mod.load(None if config == "-" else config), job, command)
+    settings = config_mod.load(None if config == "-" else config)
+    try:   # no prolog ran here: the node agent boots this host's VM of the job for its first task
+        agent.request(settings, "peer", job, timeout=PEER_START_TIMEOUT)
+    except NodeError as e:
+        print(f"vmwrap: {e}", file=sys.stderr)
+        return 1
+    return peer_task(settings, job, command)
+
+
+PEER_START_TIMEOUT = 900.0   # s: the image may have to be fetched first, as in a prolog
 
 
 if __name__ == "__main__":
