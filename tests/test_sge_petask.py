@@ -125,6 +125,10 @@ def test_the_spool_a_task_names_is_only_taken_in_execds_shape(tmp_path):
     def claimed(value):
         p = subprocess.Popen(["/bin/sleep", "30"], env={"SGE_JOB_SPOOL_DIR": value})
         try:
+            for _ in range(200):   # until it has exec'd (before, its environment is this process's)
+                if open(f"/proc/{p.pid}/cmdline", "rb").read().startswith(b"/bin/sleep"):
+                    break
+                time.sleep(0.01)
             return petask.claimed_spool(p.pid, "301536")
         finally:
             p.kill()
