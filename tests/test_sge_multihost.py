@@ -24,7 +24,7 @@ PE = ("pe_name {name}\nslots 8\nuser_lists NONE\nxuser_lists NONE\nstart_proc_ar
 
 @pytest.fixture(scope="module")
 def cell(appliance, virt_type, test_user):
-    with module_cell("sgemulti", appliance, virt_type, hosts=2, shared_jobnet=True) as c:
+    with module_cell("sgemulti", appliance, virt_type, hosts=2, shared_jobnet=True, scheduler="sge") as c:
         for name, control in (("tight", "TRUE"), ("loose", "FALSE")):
             f = c.base / f"{name}.pe"
             f.write_text(PE.format(name=name, control=control))

@@ -503,6 +503,14 @@ def task_main(argv: list[str]) -> int:
                 return n & 255
 
 
+def _text(s: str) -> bool:
+    try:
+        s.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 # A task on another node whose environment has no PATH at all runs its command with this one.
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -522,7 +530,8 @@ def peer_task(settings, job_id: str, command: list[str]) -> int:
     if not command:
         print("vmwrap: no command for this task", file=sys.stderr)
         return 2
-    own = {k: v for k, v in os.environ.items() if k != "VMWRAP_CONFIG" and "\0" not in k + v}
+    # (values that are not text, as Grid Engine's QRSH_COMMAND with its \xff separators, stay behind)
+    own = {k: v for k, v in os.environ.items() if k != "VMWRAP_CONFIG" and "\0" not in k + v and _text(k + v)}
     env = {"PATH": GUEST_PATH, **payload.job_environment(rundir.path(settings, job_id), own)}
     line = "exec env -i " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + " " + shlex.join(command)
     null = os.open(os.devnull, os.O_RDONLY)

@@ -415,7 +415,7 @@ def epilog(settings: Settings, env: dict[str, str]) -> int:
     return 0 if lifecycle.epilog(GridEngine(), settings, env).ok else 1
 
 
-def starter(settings: Settings, argv: list[str]) -> int:
+def starter(settings: Settings, argv: list[str], config_path: str | None = None) -> int:
     """starter_method (job owner): a job with a VM attaches to it; any other job runs as usual."""
     jid = job_id(os.environ)
     run_dir = rundir.path(settings, jid)
@@ -434,7 +434,7 @@ def starter(settings: Settings, argv: list[str]) -> int:
     host = os.environ.get("HOSTNAME", "")  # execd's name for this host (set after the job's variables)
     again = (lambda: marker.exists() or rescheduled(jid, host)) if settings.workdir_share == "serial" else None
     return payload.attach(run_dir, jid, script, env, args, grace=settings.grace_seconds, settings=settings,
-                          requeued=again, steps=step_launcher(jid, env, os.environ.get("VMWRAP_CONFIG")),
+                          requeued=again, steps=step_launcher(jid, env, config_path),
                           steps_name="qrsh")
 
 
