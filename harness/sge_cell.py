@@ -129,7 +129,7 @@ class Cell:
         # HOST2's VMs are started by the one libvirtd, in this host's network namespace: a job bridge
         # HOST2's prolog or agent made in HOST2's namespace would be invisible to it. With
         # shared_jobnet they run in this host's network namespace with a hosts file giving both hosts
-        # one address, so jobnet takes them for nodes sharing a host (one bridge, no tunnel).
+        # this host's loopback address, so jobnet takes them for nodes sharing a host (one bridge, no tunnel).
         self.shared_jobnet = shared_jobnet
 
     def node_dir(self, host: str) -> Path:
@@ -166,7 +166,9 @@ class Cell:
         cases = "".join(f"  {h}) cfg='{c}' ;;\n" for h, c in self.configs.items())
         hop = ""
         if self.shared_jobnet and len(self.hosts) > 1:
-            (self.base / "hosts.shared").write_text(f"127.0.0.1 localhost\n{ADDR[0]} {self.host} {HOST2}\n")
+            # both at 127.0.0.1: as this host's, so their GE clients (the agent's qstat) reach qmaster from
+            # an address it resolves (host_aliases: localhost is this host)
+            (self.base / "hosts.shared").write_text(f"127.0.0.1 localhost {self.host} {HOST2}\n")
             hop = (f'if [ "$(/bin/uname -n)" = {HOST2} ] && [ "$(readlink /proc/self/ns/net)" != "$(readlink /proc/1/ns/net)" ]; then\n'
                    f'  exec /usr/bin/nsenter --net=/proc/1/ns/net -- /usr/bin/unshare --mount -- /bin/sh -c '
                    f'\'mount --bind {self.base / "hosts.shared"} /etc/hosts && exec "$0" "$@"\' "$0" "$@"\nfi\n')

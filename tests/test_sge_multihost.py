@@ -92,7 +92,8 @@ def test_qrsh_inherit_in_the_vm_runs_a_task_of_the_job_as_bare_qrsh_would(cell, 
     script = (HDR + "qrsh -inherit -nostdin -V " + cell.host + " sh -c 'echo \"task on $(hostname) as $(id -u)\"; "
               "echo task-err >&2; exit 4'; echo \"rc=$?\"\n"
               "qrsh -inherit nosuchhost true; echo \"rc=$?\"\nqrsh hostname; echo \"rc=$?\"\n")
-    r = qsub(cell, jobdir, script, "-pe", "tight", "2", "-masterq", f"vmwrap.q@{cell.host}")
+    # 4 slots, round robin: 2 on each host, the master task holds one of its host's, the task the other
+    r = qsub(cell, jobdir, script, "-pe", "tight", "4", "-masterq", f"vmwrap.q@{cell.host}")
     assert r.returncode == 0, r.stdout + r.stderr
     job = r.stdout.strip()
     acct = finished(cell, job)
@@ -101,7 +102,7 @@ def test_qrsh_inherit_in_the_vm_runs_a_task_of_the_job_as_bare_qrsh_would(cell, 
     print(acct, out, err)
     assert out == f"task on {cell.host} as 1234\nrc=4\nrc=1\nrc=1\n", (out, err)
     assert "task-err\n" in err, err
-    assert "host 'nosuchhost' is not one of this job's hosts" in err, err
+    assert "qrsh: error: vmwrap: host 'nosuchhost' is not one of this job's hosts" in err, err
     assert "only `qrsh -inherit HOST COMMAND` runs inside a vmwrap VM" in err, err
 
 

@@ -43,3 +43,45 @@ def test_a_task_word_a_shell_would_touch_is_never_sent():
 def test_a_forged_command_word_is_refused():
     with pytest.raises(UserError, match="not what the job's qrsh sent"):
         steps.decode_command("$(id)")
+
+
+def test_a_task_knows_its_host_by_execds_name_for_it():
+    """The master's host is told apart by the name execd gave the task's dir, not the environment's
+    HOSTNAME (GE sets none for a task) or the system's spelling of it."""
+    from vmwrap_plugins.sge.task import this_host
+
+    spool = "/var/spool/gridengine/execd/sgehost2/active_jobs/301807.1/2.sgehost2"
+    assert this_host({"SGE_JOB_SPOOL_DIR": spool, "HOSTNAME": "vm"}) == "sgehost2"
+    assert this_host({"SGE_JOB_SPOOL_DIR": spool.replace("2.sgehost2", "1.node1.example.org")}) == "node1.example.org"
+    import socket
+    assert this_host({"HOSTNAME": "elsewhere"}) == socket.gethostname()
+
+
+def test_the_starter_runs_a_vm_task_with_its_own_hosts_config(monkeypatch, tmp_path):
+    """A task the job's VM started runs as given, told this host's config (from this host's starter
+    line, never the job's variables); any other qrsh task keeps the job's environment untouched."""
+    from vmwrap.config import Settings
+    from vmwrap_plugins.sge import hooks
+
+    ran = []
+
+    def fake_exec(path, argv, env=None):
+        ran.append((argv, env))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(hooks.os, "execve", fake_exec)
+    monkeypatch.setattr(hooks.os, "execvp", lambda path, argv: fake_exec(path, argv))
+    monkeypatch.setenv("JOB_SCRIPT", "QRSH")
+    monkeypatch.setenv("JOB_ID", "7")
+    monkeypatch.setenv("VMWRAP_CONFIG", "/home/user/mine.toml")
+    settings = Settings(state_dir=str(tmp_path))
+    task = [*TASK[:3], "sock", "tok", "7", "vm", "ZWNobw=="]
+    with pytest.raises(SystemExit):
+        hooks.starter(settings, task, config_path="/etc/vmwrap/node2.toml")
+    assert ran[-1][0] == task and ran[-1][1]["VMWRAP_CONFIG"] == "/etc/vmwrap/node2.toml"
+    with pytest.raises(SystemExit):
+        hooks.starter(settings, task)
+    assert "VMWRAP_CONFIG" not in ran[-1][1]
+    with pytest.raises(SystemExit):
+        hooks.starter(settings, ["/bin/hostname"], config_path="/etc/vmwrap/node2.toml")
+    assert ran[-1] == (["/bin/hostname"], None)

@@ -129,8 +129,11 @@ def tasks_socket(i: int) -> str:
 class StepServer(threading.Thread):
     """The payload's step service for one step port of a job's VM (a daemon thread; the job's user)."""
 
-    def __init__(self, run_dir: Path, launch: Launch, err_fd: int = 2, index: int = 0):
+    def __init__(self, run_dir: Path, launch: Launch, err_fd: int = 2, index: int = 0, shim: str = "srun"):
         super().__init__(daemon=True, name=f"vmwrap steps {index}")
+        if shim not in SHIM_NAMES:
+            raise ValueError(f"no step shim is named {shim!r}")
+        self.shim = shim  # what the guest's user typed: the messages say it as that command would
         self.run_dir = Path(run_dir)
         self.launch = launch
         self.err_fd = err_fd
@@ -165,13 +168,13 @@ class StepServer(threading.Thread):
         self.warnings = 0
         self._stop = threading.Event()
 
-    def offer(self, name: str = "srun") -> None:
+    def offer(self) -> None:
         """Tell the guest agent (before GO) that steps are served: it then installs its shim under
-        `name` (the scheduler's launcher: srun, qrsh; an empty marker, from an older host, is srun)."""
+        this server's name (the scheduler's launcher: srun, qrsh; an empty marker, from an older host,
+        is srun)."""
         from .payload import _write_private
 
-        if name not in SHIM_NAMES:
-            raise ValueError(f"no step shim is named {name!r}")
+        name = self.shim
         _write_private(rundir.user_dir(self.run_dir) / MARKER, b"" if name == "srun" else name.encode(), 0o600)
 
     def stop(self) -> None:
@@ -292,14 +295,14 @@ class StepServer(threading.Thread):
         try:
             index, host_argv = self.launch(argv, task_argv)
         except UserError as e:
-            self._to_guest(b"T", step_id, 0, f"srun: error: vmwrap: {e}\n".encode())
+            self._to_guest(b"T", step_id, 0, f"{self.shim}: error: vmwrap: {e}\n".encode())
             self._to_guest(b"Z", step_id, 0, b"exit 1")
             return
         try:
             proc = subprocess.Popen(host_argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, close_fds=True)
         except OSError as e:
-            self._to_guest(b"T", step_id, 0, f"srun: error: vmwrap: cannot run {host_argv[0]}: {e.strerror}\n".encode())
+            self._to_guest(b"T", step_id, 0, f"{self.shim}: error: vmwrap: cannot run {host_argv[0]}: {e.strerror}\n".encode())
             self._to_guest(b"Z", step_id, 0, b"exit 1")
             return
         self.step = _Step(step_id, token, proc)
@@ -422,10 +425,10 @@ def serve(run_dir: Path, launch: Launch, shim: str = "srun") -> StepServers | No
     try:
         for i, name in enumerate(rundir.STEPS_SOCKETS):
             if (Path(run_dir) / name).exists():
-                servers.append(StepServer(run_dir, launch, index=i))
+                servers.append(StepServer(run_dir, launch, index=i, shim=shim))
         if not servers:
             return None
-        servers[0].offer(shim)
+        servers[0].offer()
     except OSError:
         for s in servers:
             s.close()

@@ -422,9 +422,15 @@ def starter(settings: Settings, argv: list[str], config_path: str | None = None)
     if not argv:
         print("vmwrap sge starter: no job command", file=sys.stderr)
         return 2
-    if not run_dir.exists() or os.environ.get("JOB_SCRIPT") == "QRSH":
-        # (a `qrsh -inherit` task of the job, here or on another host, runs as given: it is
-        # vmwrap_plugins.sge.task, started by the job's payload for its VM's qrsh)
+    if os.environ.get("JOB_SCRIPT") == "QRSH" and argv[1:3] == ["-m", TASK_MODULE]:
+        # a `qrsh -inherit` task the job's VM started, here or on another host: it runs as given and
+        # asks this host's agent, named by this host's config (the master's path means nothing here)
+        env = dict(os.environ)
+        env.pop("VMWRAP_CONFIG", None)
+        if config_path:
+            env["VMWRAP_CONFIG"] = config_path
+        os.execve(argv[0], argv, env)
+    if not run_dir.exists() or os.environ.get("JOB_SCRIPT") == "QRSH":  # no VM, or a task of a job's own
         os.execvp(argv[0], argv)
     script, args = _payload(argv)
     env = {k: v for k, v in os.environ.items() if k != "VMWRAP_CONFIG"}
@@ -434,11 +440,14 @@ def starter(settings: Settings, argv: list[str], config_path: str | None = None)
     host = os.environ.get("HOSTNAME", "")  # execd's name for this host (set after the job's variables)
     again = (lambda: marker.exists() or rescheduled(jid, host)) if settings.workdir_share == "serial" else None
     return payload.attach(run_dir, jid, script, env, args, grace=settings.grace_seconds, settings=settings,
-                          requeued=again, steps=step_launcher(jid, env, config_path),
+                          requeued=again, steps=step_launcher(jid, env),
                           steps_name="qrsh")
 
 
-def step_launcher(job_id: str, env: dict[str, str], config_path: str | None):
+TASK_MODULE = "vmwrap_plugins.sge.task"
+
+
+def step_launcher(job_id: str, env: dict[str, str]):
     """vmwrap.steps' Launch for this job: the guest's `qrsh -inherit HOST CMD` as a host qrsh running
     vmwrap_plugins.sge.task on HOST (this host: the task reaches this VM's step service; another of the
     job's hosts: that host's VM of the job runs the command)."""
@@ -448,7 +457,7 @@ def step_launcher(job_id: str, env: dict[str, str], config_path: str | None):
     master = env.get("HOSTNAME", "")
 
     def launch(argv: list[str], task: list[str]) -> tuple[int, list[str]]:
-        ours = [task[0], "-m", "vmwrap_plugins.sge.task", *task[3:], job_id, master, config_path or "-"]
+        ours = [task[0], "-m", TASK_MODULE, *task[3:], job_id, master]
         return qrsh_command(argv, ours, hosts)
     return launch
 
