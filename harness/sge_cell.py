@@ -34,6 +34,7 @@ QMASTER_PID = Path("/var/spool/gridengine/qmaster/qmaster.pid")
 JOBSEQNUM = QMASTER_PID.parent / "jobseqnum"   # the last job id qmaster handed out
 HOST2 = "sgehost2"
 NETNS = "vmwrap-sge2"
+HOSTNS = "vmwrap-sgehost"  # this host's own network namespace, named (Cell(shared_jobnet=True))
 VETH = ("vmwsge0", "vmwsge1")           # host side, namespace side
 ADDR = ("10.254.213.1", "10.254.213.2")  # a /30 nothing else on this machine uses
 HOSTS_MARK = "# vmwrap test cell"
@@ -169,8 +170,10 @@ class Cell:
             # both at 127.0.0.1: as this host's, so their GE clients (the agent's qstat) reach qmaster from
             # an address it resolves (host_aliases: localhost is this host)
             (self.base / "hosts.shared").write_text(f"127.0.0.1 localhost {self.host} {HOST2}\n")
-            hop = (f'if [ "$(/bin/uname -n)" = {HOST2} ] && [ "$(readlink /proc/self/ns/net)" != "$(readlink /proc/1/ns/net)" ]; then\n'
-                   f'  exec /usr/bin/nsenter --net=/proc/1/ns/net -- /usr/bin/unshare --mount -- /bin/sh -c '
+            # (the host's namespace by the name _network gave it: /proc/1/ns/net is not root's to open here)
+            hop = (f'if [ "$(/bin/uname -n)" = {HOST2} ] && [ -z "$VMWRAP_TEST_HOPPED" ]; then\n'
+                   f'  export VMWRAP_TEST_HOPPED=1\n'
+                   f'  exec /usr/bin/nsenter --net=/run/netns/{HOSTNS} -- /usr/bin/unshare --mount -- /bin/sh -c '
                    f'\'mount --bind {self.base / "hosts.shared"} /etc/hosts && exec "$0" "$@"\' "$0" "$@"\nfi\n')
         for kind in ("prolog", "epilog", "starter", "method", "jsv"):
             h = hooks / f"sge-{kind}"
@@ -307,6 +310,9 @@ class Cell:
         """The second host's namespace: its own address, and a hosts file naming the qmaster host."""
         self._unnetwork()
         _ip("netns", "add", NETNS)
+        if self.shared_jobnet:  # a name for this host's own namespace, for HOST2's hooks to come back to
+            Path("/run/netns", HOSTNS).touch()
+            subprocess.run(["/bin/mount", "--bind", "/proc/self/ns/net", f"/run/netns/{HOSTNS}"], check=True)
         _ip("link", "add", VETH[0], "type", "veth", "peer", "name", VETH[1], "netns", NETNS)
         _ip("addr", "add", f"{ADDR[0]}/30", "dev", VETH[0])
         _ip("link", "set", VETH[0], "up")
@@ -337,6 +343,7 @@ class Cell:
                 hosts.write_text(kept)
         _ip("link", "del", VETH[0], check=False)
         _ip("netns", "del", NETNS, check=False)
+        _ip("netns", "del", HOSTNS, check=False)   # only the name: `ip netns del` unmounts and removes it
         d = Path("/etc/netns") / NETNS
         (d / "hosts").unlink(missing_ok=True)
         if d.exists():

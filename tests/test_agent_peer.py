@@ -38,7 +38,8 @@ def test_the_vm_is_booted_once_for_a_task_of_the_job_and_never_for_another_calle
         rundir.path(s, job_id).mkdir(parents=True)
         return lifecycle.Outcome(lifecycle.Verdict.RUN, "", vm=True)
 
-    monkeypatch.setattr(adapter, "scheduler", lambda name: SimpleNamespace(name=name, peer_job=peer_job))
+    monkeypatch.setattr(adapter, "scheduler", lambda name: SimpleNamespace(
+        name=name, peer_job=peer_job, peer_running=lambda *a: lambda: True))
     monkeypatch.setattr(lifecycle, "start", start)
     with pytest.raises(UserError, match="no task of job 7"):
         agent.handle(settings, None, 1234, "peer", "7", 999)
@@ -55,8 +56,30 @@ def test_the_vm_is_booted_once_for_a_task_of_the_job_and_never_for_another_calle
 def test_a_vm_that_did_not_start_is_the_callers_error_not_the_nodes(settings, monkeypatch):
     job = Job(job_id="8", scheduler="sge", user="u", uid=1, gid=1, work_dir="/tmp", script="")
     monkeypatch.setattr(adapter, "scheduler",
-                        lambda name: SimpleNamespace(name=name, peer_job=lambda *a: job))
+                        lambda name: SimpleNamespace(name=name, peer_job=lambda *a: job,
+                                                     peer_running=lambda *a: lambda: True))
     monkeypatch.setattr(lifecycle, "start", lambda *a, **k: lifecycle.Outcome(
         lifecycle.Verdict.NODE_FAULT, "libvirt refused", vm=True))
     with pytest.raises(UserError, match="job 8's VM on this node did not start: libvirt refused"):
         agent.handle(settings, None, 1, "peer", "8", 5)
+
+
+def test_the_vm_goes_once_the_scheduler_no_longer_runs_the_job_here_and_never_on_a_failed_look(settings, monkeypatch):
+    """No epilog runs on such a node: the agent watches the adapter's look and ends the VM itself."""
+    import threading
+
+    ended = []
+    monkeypatch.setattr(lifecycle, "end", lambda s, job_id, **kw: ended.append((job_id, kw)))
+    looks = iter([True, OSError("qmaster unreachable"), True, False])
+
+    def running():
+        v = next(looks)
+        if isinstance(v, Exception):
+            raise v
+        return v
+
+    t = threading.Thread(target=agent._watch_peer, args=(settings, "sge", "9", running, 0.01))
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and ended == [("9", {"requeued": False, "restarts": 0, "scheduler": "sge"})]
+    assert next(looks, "all used") == "all used"

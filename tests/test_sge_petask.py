@@ -3,6 +3,7 @@ execd started for a job's task from any other, by execd's records only; and wher
 with how many slots per host. Layouts and output as probed on this machine's GE 8.1.9."""
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -139,3 +140,25 @@ def test_the_spool_a_task_names_is_only_taken_in_execds_shape(tmp_path):
                 "/var/spool/../x/active_jobs/301536.1/1.vm", "var/active_jobs/301536.1/1.vm",
                 "/var/spool/x/jobs/301536.1/1.vm"):
         assert claimed(bad) is None, bad
+
+
+def test_a_slave_hosts_vm_runs_while_execd_keeps_the_jobs_dir_of_that_run(tmp_path):
+    """The agent's look for a slave host's VM (GridEngine.peer_running): the job's dir under execd's
+    spool; once execd removed it (the job ended here), the VM goes."""
+    from vmwrap.config import Settings
+    from vmwrap_plugins.sge.hooks import GridEngine
+
+    spool, d = _spool(tmp_path)
+    p = subprocess.Popen(["/bin/sleep", "30"], env={"SGE_JOB_SPOOL_DIR": str(d / "1.vm")})
+    try:
+        for _ in range(200):
+            if open(f"/proc/{p.pid}/cmdline", "rb").read().startswith(b"/bin/sleep"):
+                break
+            time.sleep(0.01)
+        running = GridEngine().peer_running(Settings(), p.pid, "301536")
+    finally:
+        p.kill()
+        p.wait()
+    assert running()
+    shutil.rmtree(d)
+    assert not running()

@@ -119,6 +119,12 @@ class PeerStarting(Protocol):
         caller, from the kernel) is a task of `job_id` on this node by the scheduler's own records and
         `uid` owns the job; its CPUs, memory and node list from the scheduler, never from the task."""
 
+    def peer_running(self, settings: Settings, pid: int, job_id: str) -> Callable[[], bool]:
+        """Called with `peer_job`'s caller, once it passed: a look the agent repeats (every few seconds)
+        while this node's VM of the job runs; False once the scheduler no longer runs the job on this
+        node (the agent then tears the VM down: no epilog runs here). May raise when unsure: the VM
+        then stays."""
+
 
 def _own_entry_point(group: str, name: str) -> str | None:
     """vmwrap's own entry point `name` of `group` ("module:attr"), read from the first vmwrap dist-info

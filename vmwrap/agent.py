@@ -79,10 +79,37 @@ def _peer(settings: Settings, peer_pid: int, peer_uid: int, job_id: str) -> dict
         job = peer_job(settings, peer_pid, peer_uid, job_id)   # checked on every call, first or not
         if rundir.path(settings, job_id).exists():
             return {"changed": False}
-        out = lifecycle.start(settings, job_id, lambda: job, sched.name)
+        running = sched.peer_running(settings, peer_pid, job_id)
+        try:
+            out = lifecycle.start(settings, job_id, lambda: job, sched.name)
+        finally:  # whatever start left behind goes when the job is gone from this node
+            threading.Thread(target=_watch_peer, args=(settings, sched.name, job_id, running),
+                             name=f"vmwrap peer {job_id}", daemon=True).start()
         if out.verdict is not lifecycle.Verdict.RUN:
             raise UserError(f"job {job_id}'s VM on this node did not start: {out.reason}")
         return {"changed": True}
+
+
+PEER_POLL = 2.0   # s between looks at whether a peer VM's job still runs on this node
+
+
+def _watch_peer(settings: Settings, scheduler: str, job_id: str, running, poll: float = PEER_POLL) -> None:
+    """No epilog runs here either: once the scheduler no longer runs the job on this node, its VM is
+    torn down as an epilog would (never saved: such jobs are refused a checkpoint). Should the agent
+    stop first, `vmwrap reconcile` removes what is left."""
+    from . import lifecycle
+
+    while True:
+        try:
+            if not running():
+                break
+        except Exception:  # noqa: BLE001 - unsure is running: a VM is never torn down on a failed look
+            pass
+        time.sleep(poll)
+    try:
+        lifecycle.end(settings, job_id, requeued=False, restarts=0, scheduler=scheduler)
+    except Exception as e:  # noqa: BLE001 - the repair pass removes it later
+        print(f"vmwrap agent: job {job_id}'s VM on this node: {e}", file=sys.stderr)
 
 
 def handle(settings: Settings, conn, peer_uid: int, op: str, job_id: str, peer_pid: int = 0) -> dict | None:

@@ -335,6 +335,28 @@ class GridEngine:
                    memory_mib=requested_memory_mib(qstat, n), image=image, nodes=plan,
                    groups=[g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid])
 
+    def peer_running(self, settings: Settings, pid: int, job_id: str):
+        """execd keeps the job's dir (`<spool>/active_jobs/JOB.TASK`) while the job runs on this host
+        and removes it once the job ended here: the look is that dir still being there (and no other
+        dir by that name: a job run again here gets a new one, unless its inode number was reused)."""
+        from . import petask
+
+        num, _, task = job_id.partition(".")
+        spool = petask.claimed_spool(pid, num)  # peer_job proved it a moment ago (the task's execd records)
+        if spool is None:
+            raise UserError(f"the caller is no task of job {job_id} on this host")
+        path = os.path.join(spool, petask.ACTIVE, f"{num}.{task or 1}")
+        st = os.lstat(path)
+        first = (st.st_dev, st.st_ino)
+
+        def running() -> bool:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                return False
+            return (st.st_dev, st.st_ino) == first
+        return running
+
     def take_out(self, env, reason: str) -> None:
         print(f"vmwrap: {reason}", file=sys.stderr)  # execd logs it with the queue's error state
 
