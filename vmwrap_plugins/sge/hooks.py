@@ -43,7 +43,7 @@ SGE_CELL = "default"
 ADMIN_USER = "sgeadmin"  # Debian's GE admin user: execd's spool belongs to it
 # What the root prolog/epilog keep of their environment (execd sets these itself; `qsub -v` cannot
 # override them, verified on 8.1.9). Everything else is the job's and is dropped (vmwrap.rootenv).
-ROOT_ENV = ("JOB_ID", "SGE_TASK_ID", "JOB_SCRIPT", "NSLOTS", "SGE_JOB_SPOOL_DIR", "RESTARTED", "HOSTNAME")
+ROOT_ENV = ("JOB_ID", "SGE_TASK_ID", "JOB_SCRIPT", "NSLOTS", "SGE_JOB_SPOOL_DIR", "RESTARTED", "HOSTNAME", "PE")
 ROOT_FIXED = {"SGE_ROOT": SGE_ROOT, "SGE_CELL": SGE_CELL}
 
 
@@ -637,9 +637,20 @@ def job_plan(env: dict[str, str], jid: str) -> tuple[object | None, int]:
     from vmwrap import jobnet
 
     hosts = [h for h, _ in alloc]
+    pe = env.get("PE", "")
+    from . import facts
+
+    try:   # the JSV checked what qsub named; the PE may have changed since, or the cell have no JSV
+        control = facts.pe_settings(pe).get(pe, {}).get("control_slaves", "") if pe else ""
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        raise VmwrapError(f"cannot read parallel environment {pe[:64]!r}'s control_slaves: {str(e)[:200]}") from None
+    if control.upper() != "TRUE":
+        raise UserError(f"the job's parallel environment {pe[:64] or '?'} gave it slots on {len(hosts)} hosts "
+                        f"({' '.join(h[:80] for h in hosts[:4])}) and has control_slaves {control or '?'}: a VM job "
+                        f"spans hosts only in one with control_slaves TRUE; {PE_FIX}")
     me = env.get("HOSTNAME", "")
     if me not in hosts:
-        raise NodeError(f"this host ({me[:80]!r}) is not in job {jid}'s pe_hostfile ({' '.join(hosts[:4])})")
+        raise VmwrapError(f"this host ({me[:80]!r}) is not in job {jid}'s pe_hostfile ({' '.join(hosts[:4])})")
     return jobnet.Plan(jid, tuple(hosts), tuple(host_addresses(hosts)), hosts.index(me)), dict(alloc)[me]
 
 
