@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vmwrap.errors import NodeError
+from vmwrap.errors import NodeError, VmwrapError
 from vmwrap_plugins.sge import facts, hooks
 
 RULES = {"smp": "$pe_slots", "mpi": "$round_robin", "fill": "$fill_up", "four": "4", "tight": "$round_robin"}
@@ -91,10 +91,15 @@ def test_a_job_spanning_hosts_gets_the_job_network_and_this_hosts_slots(tmp_path
     env = active_dir(tmp_path, "host2 2 vmwrap.q@host2 UNDEFINED\nhost1 1 vmwrap.q@host1 UNDEFINED\n")
     monkeypatch.setattr(hooks, "host_addresses", lambda hosts: [{"host1": "10.0.0.1", "host2": "10.0.0.2"}[h]
                                                                 for h in hosts])
+    from vmwrap_plugins.sge import facts
+
+    monkeypatch.setattr(facts, "pe_settings", lambda pe: {"mpi": {"control_slaves": "TRUE"}})
+    env = {**env, "PE": "mpi"}
     plan, cpus = hooks.job_plan({**env, "HOSTNAME": "host2", "NSLOTS": "3"}, "7")
     assert (plan.nodes, plan.addrs, plan.index, cpus) == (("host2", "host1"), ("10.0.0.2", "10.0.0.1"), 0, 2)
-    with pytest.raises(NodeError, match="this host \\('host9'\\) is not in job 7's pe_hostfile"):
+    with pytest.raises(VmwrapError, match="this host \\('host9'\\) is not in job 7's pe_hostfile") as e:
         hooks.job_plan({**env, "HOSTNAME": "host9", "NSLOTS": "3"}, "7")
+    assert not isinstance(e.value, NodeError)   # the job fails, the host stays up
     one = active_dir(tmp_path / "one", "host1 4 vmwrap.q@host1 UNDEFINED\n")
     assert hooks.job_plan({**one, "HOSTNAME": "host1", "NSLOTS": "4"}, "7") == (None, 4)
 
