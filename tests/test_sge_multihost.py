@@ -56,6 +56,18 @@ def finished(cell, job: str, timeout: float = 240) -> dict:
     return wait_for(record, f"job {job}'s accounting record", 30)
 
 
+def run(cell, jobdir, script: str, *args: str, timeout: float = 240) -> tuple[str, dict, str, str]:
+    """(job id, accounting record, stdout, stderr) of a job run to its end."""
+    r = qsub(cell, jobdir, script, *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = r.stdout.strip()
+    acct = finished(cell, job, timeout)
+    out = next(jobdir.glob(f"*.o{job}")).read_text()
+    err = next(jobdir.glob(f"*.e{job}")).read_text()
+    print(acct, out, err)
+    return job, acct, out, err
+
+
 def test_a_pe_without_control_slaves_is_refused_at_qsub_and_one_with_it_is_accepted(cell, jobdir):
     r = qsub(cell, jobdir, HDR + "echo never\n", "-h", "-pe", "loose", "2")
     assert r.returncode != 0 and "control_slaves FALSE" in r.stdout + r.stderr, r.stdout + r.stderr
@@ -67,14 +79,8 @@ def test_a_pe_without_control_slaves_is_refused_at_qsub_and_one_with_it_is_accep
 
 
 def test_the_masters_vm_joins_the_job_network_with_every_host_named(cell, jobdir):
-    r = qsub(cell, jobdir, HDR + "echo \"on $(hostname)\"; grep -E ' (vm|" + HOST2 + ")$' /etc/hosts | sort\n"
-             "echo err >&2; exit 3\n", "-pe", "tight", "2", "-masterq", f"vmwrap.q@{cell.host}")
-    assert r.returncode == 0, r.stdout + r.stderr
-    job = r.stdout.strip()
-    acct = finished(cell, job)
-    out = next(jobdir.glob(f"*.o{job}")).read_text()
-    err = next(jobdir.glob(f"*.e{job}")).read_text()
-    print(acct, out, err)
+    script = HDR + "echo \"on $(hostname)\"; grep -E ' (vm|" + HOST2 + ")$' /etc/hosts | sort\necho err >&2; exit 3\n"
+    job, acct, out, err = run(cell, jobdir, script, "-pe", "tight", "2", "-masterq", f"vmwrap.q@{cell.host}")
     assert acct["exit_status"] == "3" and err == "err\n", (acct, out, err)
     master = acct["hostname"]
     lines = out.splitlines()
@@ -93,13 +99,7 @@ def test_qrsh_inherit_in_the_vm_runs_a_task_of_the_job_as_bare_qrsh_would(cell, 
               "echo task-err >&2; exit 4'; echo \"rc=$?\"\n"
               "qrsh -inherit nosuchhost true; echo \"rc=$?\"\nqrsh hostname; echo \"rc=$?\"\n")
     # 4 slots, round robin: 2 on each host, the master task holds one of its host's, the task the other
-    r = qsub(cell, jobdir, script, "-pe", "tight", "4", "-masterq", f"vmwrap.q@{cell.host}")
-    assert r.returncode == 0, r.stdout + r.stderr
-    job = r.stdout.strip()
-    acct = finished(cell, job)
-    out = next(jobdir.glob(f"*.o{job}")).read_text()
-    err = next(jobdir.glob(f"*.e{job}")).read_text()
-    print(acct, out, err)
+    job, acct, out, err = run(cell, jobdir, script, "-pe", "tight", "4", "-masterq", f"vmwrap.q@{cell.host}")
     assert out == f"task on {cell.host} as 1234\nrc=4\nrc=1\nrc=1\n", (out, err)
     assert "task-err\n" in err, err
     assert "qrsh: error: vmwrap: host 'nosuchhost' is not one of this job's hosts" in err, err
@@ -109,12 +109,8 @@ def test_qrsh_inherit_in_the_vm_runs_a_task_of_the_job_as_bare_qrsh_would(cell, 
 def test_the_masters_vm_boots_on_the_second_host_too(cell, jobdir):
     """The master task on the harness's second host (its own network namespace): its VM's job bridge
     must be where libvirtd is (Cell(shared_jobnet=True))."""
-    r = qsub(cell, jobdir, HDR + "echo \"on $(hostname)\"\n", "-pe", "tight", "2", "-masterq", f"vmwrap.q@{HOST2}")
-    assert r.returncode == 0, r.stdout + r.stderr
-    job = r.stdout.strip()
-    acct = finished(cell, job)
-    out = next(jobdir.glob(f"*.o{job}")).read_text()
-    err = next(jobdir.glob(f"*.e{job}")).read_text()
+    job, acct, out, err = run(cell, jobdir, HDR + "echo \"on $(hostname)\"\n", "-pe", "tight", "2",
+                              "-masterq", f"vmwrap.q@{HOST2}")
     assert (acct["hostname"], acct["exit_status"], out, err) == (HOST2, "0", f"on {HOST2}\n", ""), (acct, out, err)
 
 
@@ -128,13 +124,8 @@ def test_a_task_on_the_other_host_runs_in_that_hosts_vm_booted_for_it(cell, jobd
               "echo task-err >&2; exit 5'; echo \"rc=$?\"\n"
               "qrsh -inherit " + HOST2 + " sh -c 'nc -l -p 5000 > got; cat got' &\n"
               "sleep 3; echo \"hello from $(hostname)\" | nc -w 5 " + HOST2 + " 5000; wait\n")
-    r = qsub(cell, jobdir, script, "-pe", "tight", "2", "-masterq", f"vmwrap.q@{cell.host}")
-    assert r.returncode == 0, r.stdout + r.stderr
-    job = r.stdout.strip()
-    acct = finished(cell, job, timeout=300)
-    out = next(jobdir.glob(f"*.o{job}")).read_text()
-    err = next(jobdir.glob(f"*.e{job}")).read_text()
-    print(acct, out, err)
+    job, acct, out, err = run(cell, jobdir, script, "-pe", "tight", "2", "-masterq", f"vmwrap.q@{cell.host}",
+                              timeout=300)
     assert out == f"task on {HOST2} cpus 1\nrc=5\nhello from {cell.host}\n", (out, err)
     assert "task-err\n" in err, err
     wait_for(lambda: not subprocess.run(["pgrep", "-f", f"guest=vmwrap-{job}"], capture_output=True).stdout,
