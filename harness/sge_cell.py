@@ -34,6 +34,7 @@ QMASTER_PID = Path("/var/spool/gridengine/qmaster/qmaster.pid")
 JOBSEQNUM = QMASTER_PID.parent / "jobseqnum"   # the last job id qmaster handed out
 HOST2 = "sgehost2"
 NETNS = "vmwrap-sge2"
+HOSTNS = "vmwrap-sgehost"  # this host's own network namespace, named (Cell(shared_jobnet=True))
 VETH = ("vmwsge0", "vmwsge1")           # host side, namespace side
 ADDR = ("10.254.213.1", "10.254.213.2")  # a /30 nothing else on this machine uses
 HOSTS_MARK = "# vmwrap test cell"
@@ -106,7 +107,8 @@ def _first_job_id(first: int) -> None:
 
 class Cell:
     def __init__(self, base: Path, vmwrap_config: str | None = None, slots: int = 2, jsv: str = "client",
-                 hosts: int = 1, site_config: dict | None = None, queue: dict | None = None):
+                 hosts: int = 1, site_config: dict | None = None, queue: dict | None = None,
+                 shared_jobnet: bool = False):
         """`vmwrap_config`: one config file for a one-host cell whose caller runs its own node agent;
         or `site_config` (settings every host shares): then the cell writes vmwrap-<host>.toml per
         host and runs a node agent per host. `queue`: extra vmwrap.q settings (e.g. rerun)."""
@@ -125,6 +127,11 @@ class Cell:
             h: str(base / f"vmwrap-{h}.toml") for h in self.hosts}
         self.vmwrap_config = self.configs[self.host]
         self.agents: list[subprocess.Popen] = []
+        # HOST2's VMs are started by the one libvirtd, in this host's network namespace: a job bridge
+        # HOST2's prolog or agent made in HOST2's namespace would be invisible to it. With
+        # shared_jobnet they run in this host's network namespace with a hosts file giving both hosts
+        # this host's loopback address, so jobnet takes them for nodes sharing a host (one bridge, no tunnel).
+        self.shared_jobnet = shared_jobnet
 
     def node_dir(self, host: str) -> Path:
         return self.base / "nodes" / host
@@ -158,11 +165,22 @@ class Cell:
         hooks = self.base / "hooks"
         hooks.mkdir(parents=True, exist_ok=True)
         cases = "".join(f"  {h}) cfg='{c}' ;;\n" for h, c in self.configs.items())
+        hop = ""
+        if self.shared_jobnet and len(self.hosts) > 1:
+            # both at 127.0.0.1: as this host's, so their GE clients (the agent's qstat) reach qmaster from
+            # an address it resolves (host_aliases: localhost is this host)
+            (self.base / "hosts.shared").write_text(f"127.0.0.1 localhost {self.host} {HOST2}\n")
+            # (the host's namespace by the name _network gave it: /proc/1/ns/net is not root's to open here)
+            hop = (f'if [ "$(/bin/uname -n)" = {HOST2} ] && [ -z "$VMWRAP_TEST_HOPPED" ]; then\n'
+                   f'  export VMWRAP_TEST_HOPPED=1\n'
+                   f'  exec /usr/bin/nsenter --net=/run/netns/{HOSTNS} -- /usr/bin/unshare --mount -- /bin/sh -c '
+                   f'\'mount --bind {self.base / "hosts.shared"} /etc/hosts && exec "$0" "$@"\' "$0" "$@"\nfi\n')
         for kind in ("prolog", "epilog", "starter", "method", "jsv"):
             h = hooks / f"sge-{kind}"
             pick = (f"cfg='{self.vmwrap_config}'\n" if kind == "jsv" or len(self.hosts) == 1 else
                     f"case $(/bin/uname -n) in\n{cases}  *) echo 'vmwrap test cell: unknown host' >&2; exit 1 ;;\nesac\n")
-            h.write_text(f"#!/bin/sh\n{pick}exec {HOOKS}/sge-{kind} --config \"$cfg\" \"$@\"\n")
+            h.write_text(f"#!/bin/sh\n{hop if kind in ('prolog', 'epilog') else ''}{pick}"
+                         f"exec {HOOKS}/sge-{kind} --config \"$cfg\" \"$@\"\n")
             h.chmod(0o755)
         return hooks
 
@@ -209,7 +227,12 @@ class Cell:
         _wait(lambda: all(h in qconf("-sel", check=False).stdout for h in self.hosts), "sge_execd to register")
         for h in self.hosts:
             if self.site_config is not None:  # HOST2's agent in its namespaces too: its host name is HOST2's
-                self.agents.append(subprocess.Popen([*self.host_prefix(h), "vmwrap", "--config", self.configs[h],
+                prefix = self.host_prefix(h)
+                if self.shared_jobnet and h == HOST2:   # its job bridges where libvirtd is (see __init__)
+                    prefix = ("/usr/bin/unshare", "--uts", "--mount", "/bin/sh", "-c",
+                              f'/bin/hostname {h} && mount --bind {self.base / "hosts.shared"} /etc/hosts && exec "$@"',
+                              "sh")
+                self.agents.append(subprocess.Popen([*prefix, "vmwrap", "--config", self.configs[h],
                                                      "agent"], start_new_session=True, stdout=subprocess.DEVNULL,
                                                     stderr=subprocess.DEVNULL))
         ckpt = self.base / "ckpt.conf"
@@ -287,6 +310,9 @@ class Cell:
         """The second host's namespace: its own address, and a hosts file naming the qmaster host."""
         self._unnetwork()
         _ip("netns", "add", NETNS)
+        if self.shared_jobnet:  # a name for this host's own namespace, for HOST2's hooks to come back to
+            Path("/run/netns", HOSTNS).touch()
+            subprocess.run(["/bin/mount", "--bind", "/proc/self/ns/net", f"/run/netns/{HOSTNS}"], check=True)
         _ip("link", "add", VETH[0], "type", "veth", "peer", "name", VETH[1], "netns", NETNS)
         _ip("addr", "add", f"{ADDR[0]}/30", "dev", VETH[0])
         _ip("link", "set", VETH[0], "up")
@@ -317,6 +343,7 @@ class Cell:
                 hosts.write_text(kept)
         _ip("link", "del", VETH[0], check=False)
         _ip("netns", "del", NETNS, check=False)
+        _ip("netns", "del", HOSTNS, check=False)   # only the name: `ip netns del` unmounts and removes it
         d = Path("/etc/netns") / NETNS
         (d / "hosts").unlink(missing_ok=True)
         if d.exists():

@@ -17,7 +17,7 @@ from vmwrap.catalog import register
 
 @contextmanager
 def module_cell(name: str, appliance, virt_type: str, *, hosts: int = 1, queue: dict | None = None,
-                **site) -> Iterator[Cell]:
+                shared_jobnet: bool = False, **site) -> Iterator[Cell]:
     """A fresh cell under /var/tmp/vmwrap-NAME-PID of `hosts` execution hosts; afterwards the test
     user's jobs are deleted, the cell stopped, and any job VM it left destroyed."""
     base = Path(f"/var/tmp/vmwrap-{name}-{os.getpid()}")
@@ -26,7 +26,7 @@ def module_cell(name: str, appliance, virt_type: str, *, hosts: int = 1, queue: 
     base.chmod(0o755)
     register(str(base / "images.toml"), appliance)
     c = Cell(base, site_config={"catalog": str(base / "images.toml"), "accel": virt_type, "grace_seconds": 5.0,
-                                **site}, hosts=hosts, queue=queue)
+                                **site}, hosts=hosts, queue=queue, shared_jobnet=shared_jobnet)
     c.start()
     try:
         yield c

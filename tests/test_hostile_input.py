@@ -242,18 +242,35 @@ def test_ge_prolog_turns_an_unexpected_exception_into_a_job_failure(settings, tm
     assert "internal error in vmwrap's prolog (ValueError" in (settings.jobs_dir / "12" / "error").read_text()
 
 
-def test_ge_prolog_fails_a_vm_job_whose_pe_spans_hosts_and_keeps_the_queue(settings, tmp_path, monkeypatch):
-    """The JSV refuses a -pe that may spread; a PE changed after qsub (or a cell without the JSV) still
-    gives a VM job slots on several hosts: its prolog fails the job (a user error), not the queue."""
+def test_ge_prolog_fails_a_vm_job_whose_pe_spans_hosts_without_control_slaves_and_keeps_the_queue(
+        settings, tmp_path, monkeypatch):
+    """The JSV refuses a -pe that may spread without control_slaves TRUE; a PE changed after qsub (or a
+    cell without the JSV) still gives a VM job slots on several hosts: its prolog fails the job (a user
+    error), not the queue. So does a host of its pe_hostfile that does not resolve, or qconf failing."""
+    from vmwrap_plugins.sge import facts
+
     spool = tmp_path / "spool" / "active_jobs" / "12.1"
     spool.mkdir(parents=True)
     os.chmod(spool, 0o755)
     (spool / "pe_hostfile").write_text("host1 1 vmwrap.q@host1 UNDEFINED\nhost2 1 vmwrap.q@host2 UNDEFINED\n")
     monkeypatch.setattr(sge, "qstat_job", lambda jid: QSTAT.format(vmem="1G", image="busybox"))
-    assert sge.prolog(settings, ge_env(tmp_path, NSLOTS="2", SGE_JOB_SPOOL_DIR=str(spool)), "root") == 0
+    env = ge_env(tmp_path, NSLOTS="2", SGE_JOB_SPOOL_DIR=str(spool), PE="mpi", HOSTNAME="host1")
+    control = {"control_slaves": "FALSE", "allocation_rule": "$round_robin"}
+    monkeypatch.setattr(facts, "pe_settings", lambda pe: {pe: control})
+    assert sge.prolog(settings, env, "root") == 0
     err = (settings.jobs_dir / "12" / "error").read_text()
-    assert err.startswith("user\n") and ("multi-node jobs are not supported yet (its parallel environment has "
-                                         "slots on 2 hosts: host1 host2)") in err, err
+    assert err.startswith("user\n") and ("the job's parallel environment mpi gave it slots on 2 hosts (host1 host2) "
+                                         "and has control_slaves FALSE") in err, err
+    control["control_slaves"] = "TRUE"
+    assert sge.prolog(settings, env, "root") == 0
+    err = (settings.jobs_dir / "12" / "error").read_text()
+    assert "cannot resolve host 'host1' of the job's parallel environment" in err, err
+
+    def no_qmaster(pe):
+        raise RuntimeError("qconf -sp mpi: unable to contact qmaster")
+    monkeypatch.setattr(facts, "pe_settings", no_qmaster)
+    assert sge.prolog(settings, env, "root") == 0
+    assert "cannot read parallel environment 'mpi''s control_slaves" in (settings.jobs_dir / "12" / "error").read_text()
 
 
 def test_a_node_address_slurm_cannot_give_fails_the_job_not_this_node(monkeypatch):

@@ -196,8 +196,9 @@ def test_a_vm_job_with_a_pe_is_accepted_only_when_its_slots_stay_on_one_host(cel
                                   user="vmwrapuser", cwd=str(jobdir))
         r = sub("-pe", "vmwrap_rr", "2", str(vm))
         out = r.stdout + r.stderr
-        assert r.returncode != 0 and ("vmwrap: multi-node jobs are not supported yet (-pe vmwrap_rr 2 may get slots "
-                                      "on several hosts: vmwrap_rr has allocation_rule $round_robin)") in out, out
+        assert r.returncode != 0 and ("vmwrap: -pe vmwrap_rr 2 may get slots on several hosts (vmwrap_rr has "
+                                      "allocation_rule $round_robin and control_slaves FALSE), and a VM job spans "
+                                      "hosts only in a parallel environment with control_slaves TRUE") in out, out
         for args in (("-pe", "vmwrap_smp", "2", str(vm)), ("-pe", "vmwrap_rr", "2", str(plain))):
             r = sub(*args)
             assert r.returncode == 0, r.stdout + r.stderr

@@ -36,7 +36,7 @@ from .errors import BusyError, NodeError, NotReadyError, UserError, VmwrapError
 from .job import Job
 from .ledger import Ledger
 
-OPS = ("pause", "resume", "checkpoint", "shell")
+OPS = ("pause", "resume", "checkpoint", "shell", "peer")
 PROTOCOL = 1  # raised when a request or reply changes meaning; keys are only ever added
 REQUEST_MAX = 4096         # bytes of the one request line
 REQUEST_TIMEOUT = 5.0      # s for the whole request line (and for sending the reply)
@@ -58,9 +58,65 @@ def _owner(settings: Settings, job_id: str) -> int:
         raise UserError(f"no VM for job {job_id} on this node") from None
 
 
-def handle(settings: Settings, conn, peer_uid: int, op: str, job_id: str) -> dict | None:
+_peer_locks: dict[str, threading.Lock] = {}
+_peer_locks_lock = threading.Lock()
+
+
+def _peer(settings: Settings, peer_pid: int, peer_uid: int, job_id: str) -> dict:
+    """Boot this node's VM of a job spanning nodes for the job's first task here, on schedulers that
+    run no hook on a job's other nodes (Grid Engine's slave hosts): the adapter's `peer_job` checks that
+    the caller is a task of the job its uid owns and says what the VM gets. Later tasks find it."""
+    from . import adapter, lifecycle
+
+    Job.check_id(job_id)
+    sched = adapter.scheduler(settings.scheduler)
+    peer_job = getattr(sched, "peer_job", None)
+    if peer_job is None:
+        raise UserError(f"{settings.scheduler} starts each node's VM of a job itself")
+    with _peer_locks_lock:
+        lock = _peer_locks.setdefault(job_id, threading.Lock())
+    with lock:
+        job = peer_job(settings, peer_pid, peer_uid, job_id)   # checked on every call, first or not
+        if rundir.path(settings, job_id).exists():
+            return {"changed": False}
+        running = sched.peer_running(settings, peer_pid, job_id)
+        try:
+            out = lifecycle.start(settings, job_id, lambda: job, sched.name)
+        finally:  # whatever start left behind goes when the job is gone from this node
+            threading.Thread(target=_watch_peer, args=(settings, sched.name, job_id, running),
+                             name=f"vmwrap peer {job_id}", daemon=True).start()
+        if out.verdict is not lifecycle.Verdict.RUN:
+            raise UserError(f"job {job_id}'s VM on this node did not start: {out.reason}")
+        return {"changed": True}
+
+
+PEER_POLL = 2.0   # s between looks at whether a peer VM's job still runs on this node
+
+
+def _watch_peer(settings: Settings, scheduler: str, job_id: str, running, poll: float = PEER_POLL) -> None:
+    """No epilog runs here either: once the scheduler no longer runs the job on this node, its VM is
+    torn down as an epilog would (never saved: such jobs are refused a checkpoint). Should the agent
+    stop first, `vmwrap reconcile` removes what is left."""
+    from . import lifecycle
+
+    while True:
+        try:
+            if not running():
+                break
+        except Exception:  # noqa: BLE001 - unsure is running: a VM is never torn down on a failed look
+            pass
+        time.sleep(poll)
+    try:
+        lifecycle.end(settings, job_id, requeued=False, restarts=0, scheduler=scheduler)
+    except Exception as e:  # noqa: BLE001 - the repair pass removes it later
+        print(f"vmwrap agent: job {job_id}'s VM on this node: {e}", file=sys.stderr)
+
+
+def handle(settings: Settings, conn, peer_uid: int, op: str, job_id: str, peer_pid: int = 0) -> dict | None:
     if op not in OPS:
         raise UserError(f"unknown operation {op!r}")
+    if op == "peer":
+        return _peer(settings, peer_pid, peer_uid, job_id)
     owner = _owner(settings, job_id)
     if peer_uid not in (0, owner):
         raise UserError(f"uid {peer_uid} does not own job {job_id}")
@@ -155,6 +211,11 @@ def _reply(sock: socket.socket, reply: dict, timeout: float, fds: tuple[int, ...
         pass  # the client went away (or reads nothing): its loss
 
 
+def _peer_pid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("iII"))
+    return struct.unpack("iII", creds)[0]
+
+
 def _peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("iII"))
     return struct.unpack("iII", creds)[1]  # struct ucred: pid_t pid; uid_t uid; gid_t gid
@@ -196,7 +257,8 @@ def serve(settings: Settings) -> None:
             uid = self.client_address  # Server.process_request hands over the caller's uid
             try:
                 op, job_id = parse(read_request(self.request))
-                extra = handle(settings, libvirt.conn(), uid, op, job_id) if op != "ping" else None
+                pid = _peer_pid(self.request)
+                extra = handle(settings, libvirt.conn(), uid, op, job_id, pid) if op != "ping" else None
                 reply = {**(extra or {}), "ok": True, "protocol": PROTOCOL}
             except (VmwrapError, ValueError) as e:
                 reply = {"ok": False, "error": str(e)}

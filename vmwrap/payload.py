@@ -412,9 +412,11 @@ class Attachment:
 
 def attach(run_dir: Path, job_id: str, script: str, environment: dict[str, str], args: list[str] = (),
            grace: float = 30.0, settings: Settings | None = None,
-           requeued: Callable[[], bool] | None = None, steps: "Launch | None" = None) -> int:
+           requeued: Callable[[], bool] | None = None, steps: "Launch | None" = None,
+           steps_name: str = "srun") -> int:
     """The job's payload under a scheduler (runs as the job's user): the VM was booted by the prolog.
-    `steps`: the scheduler's step launcher; then `srun` inside the VM runs real steps (vmwrap/steps.py)."""
+    `steps`: the scheduler's step launcher; then `srun` (or `steps_name`: Grid Engine's `qrsh`) inside
+    the VM runs real steps (vmwrap/steps.py)."""
     err = safeio.read_capped(Path(run_dir) / rundir.ERROR, SMALL_FILE_MAX)
     if err is not None:
         kind, _, msg = err.decode(errors="replace").partition("\n")
@@ -439,7 +441,7 @@ def attach(run_dir: Path, job_id: str, script: str, environment: dict[str, str],
     att.install_signal_handlers()
     from . import steps as job_steps
 
-    server = job_steps.serve(Path(run_dir), steps) if steps is not None else None
+    server = job_steps.serve(Path(run_dir), steps, steps_name) if steps is not None else None
     try:
         att.start(script, environment, list(args))
         rc = att.stream()

@@ -46,6 +46,7 @@ from .errors import NodeError, UserError
 
 SOCKET = rundir.STEPS_SOCKET  # in the run dir: the guest's step port (QEMU binds it, as the job's user)
 MARKER = "steps"           # ctl/user/steps: the guest agent installs its srun shim only when served
+SHIM_NAMES = ("srun", "qrsh")   # what the marker may name (init.sh allows the same)
 TASKS = "tasks.sock"       # ctl/user/tasks.sock: the payload's listener the step's tasks connect to
 UNIX_PATH_MAX = 107        # sun_path's 108 bytes, NUL included
 DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -128,8 +129,11 @@ def tasks_socket(i: int) -> str:
 class StepServer(threading.Thread):
     """The payload's step service for one step port of a job's VM (a daemon thread; the job's user)."""
 
-    def __init__(self, run_dir: Path, launch: Launch, err_fd: int = 2, index: int = 0):
+    def __init__(self, run_dir: Path, launch: Launch, err_fd: int = 2, index: int = 0, shim: str = "srun"):
         super().__init__(daemon=True, name=f"vmwrap steps {index}")
+        if shim not in SHIM_NAMES:
+            raise ValueError(f"no step shim is named {shim!r}")
+        self.shim = shim  # what the guest's user typed: the messages say it as that command would
         self.run_dir = Path(run_dir)
         self.launch = launch
         self.err_fd = err_fd
@@ -165,10 +169,13 @@ class StepServer(threading.Thread):
         self._stop = threading.Event()
 
     def offer(self) -> None:
-        """Tell the guest agent (before GO) that steps are served: it then installs its srun shim."""
+        """Tell the guest agent (before GO) that steps are served: it then installs its shim under
+        this server's name (the scheduler's launcher: srun, qrsh; an empty marker, from an older host,
+        is srun)."""
         from .payload import _write_private
 
-        _write_private(rundir.user_dir(self.run_dir) / MARKER, b"", 0o600)
+        name = self.shim
+        _write_private(rundir.user_dir(self.run_dir) / MARKER, b"" if name == "srun" else name.encode(), 0o600)
 
     def stop(self) -> None:
         self._stop.set()
@@ -288,14 +295,14 @@ class StepServer(threading.Thread):
         try:
             index, host_argv = self.launch(argv, task_argv)
         except UserError as e:
-            self._to_guest(b"T", step_id, 0, f"srun: error: vmwrap: {e}\n".encode())
+            self._to_guest(b"T", step_id, 0, f"{self.shim}: error: vmwrap: {e}\n".encode())
             self._to_guest(b"Z", step_id, 0, b"exit 1")
             return
         try:
             proc = subprocess.Popen(host_argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, close_fds=True)
         except OSError as e:
-            self._to_guest(b"T", step_id, 0, f"srun: error: vmwrap: cannot run {host_argv[0]}: {e.strerror}\n".encode())
+            self._to_guest(b"T", step_id, 0, f"{self.shim}: error: vmwrap: cannot run {host_argv[0]}: {e.strerror}\n".encode())
             self._to_guest(b"Z", step_id, 0, b"exit 1")
             return
         self.step = _Step(step_id, token, proc)
@@ -411,14 +418,14 @@ class StepServers:
             s.close()
 
 
-def serve(run_dir: Path, launch: Launch) -> StepServers | None:
+def serve(run_dir: Path, launch: Launch, shim: str = "srun") -> StepServers | None:
     """Start serving the VM's step ports, if its VM has them (a VM booted by an older vmwrap has none, or
-    one)."""
+    one); the guest's shim is named `shim`."""
     servers: list[StepServer] = []
     try:
         for i, name in enumerate(rundir.STEPS_SOCKETS):
             if (Path(run_dir) / name).exists():
-                servers.append(StepServer(run_dir, launch, index=i))
+                servers.append(StepServer(run_dir, launch, index=i, shim=shim))
         if not servers:
             return None
         servers[0].offer()
@@ -499,6 +506,14 @@ def task_main(argv: list[str]) -> int:
                 return n & 255
 
 
+def _text(s: str) -> bool:
+    try:
+        s.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 # A task on another node whose environment has no PATH at all runs its command with this one.
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -518,7 +533,8 @@ def peer_task(settings, job_id: str, command: list[str]) -> int:
     if not command:
         print("vmwrap: no command for this task", file=sys.stderr)
         return 2
-    own = {k: v for k, v in os.environ.items() if k != "VMWRAP_CONFIG" and "\0" not in k + v}
+    # (values that are not text, as Grid Engine's QRSH_COMMAND with its \xff separators, stay behind)
+    own = {k: v for k, v in os.environ.items() if k != "VMWRAP_CONFIG" and "\0" not in k + v and _text(k + v)}
     env = {"PATH": GUEST_PATH, **payload.job_environment(rundir.path(settings, job_id), own)}
     line = "exec env -i " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + " " + shlex.join(command)
     null = os.open(os.devnull, os.O_RDONLY)

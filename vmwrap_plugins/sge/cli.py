@@ -44,7 +44,7 @@ def starter(obj, argv):
     """starter_method: run the job in its VM (or as usual without one)."""
     from . import hooks
 
-    sys.exit(hooks.starter(obj.settings(hook=True), list(argv)))
+    sys.exit(hooks.starter(obj.settings(hook=True), list(argv), config_path=obj.config_path))
 
 
 @sge.command()

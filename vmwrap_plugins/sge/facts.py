@@ -437,16 +437,53 @@ def cached_complex_defined() -> bool:
 def pe_allocation_rules(pattern: str) -> dict[str, str]:
     """allocation_rule of each parallel environment a `-pe` name selects (GE takes wildcards there:
     `-pe mpi* 4` may get any PE whose name matches). RuntimeError when qconf cannot answer."""
+    return {n: s["allocation_rule"] for n, s in pe_settings(pattern).items() if "allocation_rule" in s}
+
+
+def pe_settings(pattern: str) -> dict[str, dict[str, str]]:
+    """allocation_rule and control_slaves of each parallel environment a `-pe` name selects. A VM
+    job may span hosts only in a PE with control_slaves TRUE: its other hosts' VMs are booted by the
+    job's first `qrsh -inherit` task there (no prolog runs on a slave host)."""
     if not _NAME.fullmatch(pattern.replace("*", "x").replace("?", "x")):
         raise RuntimeError(f"{pattern[:64]!r} is not a parallel environment name")
     names = [n for n in run("qconf", "-spl").split() if _NAME.fullmatch(n) and fnmatch.fnmatchcase(n, pattern)]
-    rules = {}
+    out: dict[str, dict[str, str]] = {}
     for n in names:
+        keep = {}
         for ln in run("qconf", "-sp", n).splitlines():
             key, _, value = ln.strip().partition(" ")
-            if key == "allocation_rule":
-                rules[n] = value.strip()
-    return rules
+            if key in ("allocation_rule", "control_slaves"):
+                keep[key] = value.strip()
+        out[n] = keep
+    return out
+
+
+def allocation_from_xml(text: str, job: str) -> list[tuple[str, int]]:
+    """(host, slots) of a running job from `qstat -g t -u '*' -xml`, one entry per host (a host's
+    queue instances summed), the MASTER task's host first. [] when qstat does not list it running."""
+    if not _ID.fullmatch(job):
+        raise RuntimeError(f"{job[:20]!r} is not a job id")
+    hosts: dict[str, int] = {}
+    master = None
+    for j in _xml(text, "qstat -g t -xml").iter("job_list"):
+        if (j.findtext("JB_job_number") or "").strip() != job:
+            continue
+        host = host_of((j.findtext("queue_name") or "").strip())
+        slots = (j.findtext("slots") or "").strip()
+        if host is None or not slots.isdigit() or len(slots) > 6:
+            raise RuntimeError(f"job {job}: unreadable queue instance or slots in qstat -g t")
+        hosts[host] = hosts.get(host, 0) + int(slots)
+        if (j.findtext("master") or "").strip() == "MASTER":
+            master = host
+    if master is None:
+        return []
+    return [(master, hosts[master])] + [(h, n) for h, n in hosts.items() if h != master]
+
+
+def job_allocation(job: str) -> list[tuple[str, int]]:
+    """Where qmaster runs `job` and with how many slots per host (see allocation_from_xml): what a
+    slave host's VM is sized by, never what the job's own processes say."""
+    return allocation_from_xml(run("qstat", "-g", "t", "-u", "*", "-xml"), job)
 
 
 def host_complex_values(text: str) -> dict[str, str]:

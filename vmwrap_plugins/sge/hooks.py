@@ -22,6 +22,7 @@ import os
 import pwd
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from vmwrap import directives, lifecycle, payload, periodic, rundir, wire
 from vmwrap.config import Settings
 from vmwrap.errors import NodeError, UserError, VmwrapError
 from vmwrap.job import Job
-from vmwrap.request import interactive_refusal, multi_node_refusal, one_node
+from vmwrap.request import interactive_refusal
 
 CONTEXT = re.compile(r"^context:[ \t]+(.*)$", re.M)
 
@@ -42,7 +43,7 @@ SGE_CELL = "default"
 ADMIN_USER = "sgeadmin"  # Debian's GE admin user: execd's spool belongs to it
 # What the root prolog/epilog keep of their environment (execd sets these itself; `qsub -v` cannot
 # override them, verified on 8.1.9). Everything else is the job's and is dropped (vmwrap.rootenv).
-ROOT_ENV = ("JOB_ID", "SGE_TASK_ID", "JOB_SCRIPT", "NSLOTS", "SGE_JOB_SPOOL_DIR", "RESTARTED", "HOSTNAME")
+ROOT_ENV = ("JOB_ID", "SGE_TASK_ID", "JOB_SCRIPT", "NSLOTS", "SGE_JOB_SPOOL_DIR", "RESTARTED", "HOSTNAME", "PE")
 ROOT_FIXED = {"SGE_ROOT": SGE_ROOT, "SGE_CELL": SGE_CELL}
 
 
@@ -258,12 +259,10 @@ def job_from_env(env: dict[str, str], owner: str) -> Job | None:
         raise UserError(f"the job's context says {wire.CONTEXT_MEMORY}={said} but its script asks for "
                         f"{f'--memory={req.memory_mib}M' if req.memory_mib else 'no --memory'}; "
                         f"`qalter -ac {wire.CONTEXT_MEMORY}=...` may not change it")
-    hosts = pe_hosts(env)   # the JSV refused PEs that may spread; a PE changed since, or no JSV, lands here
-    one_node(len(hosts), f"its parallel environment has slots on {len(hosts)} hosts: {' '.join(hosts[:4])}", PE_FIX)
-    n = slots(env)
+    plan, n = job_plan(env, jid)
     return Job(job_id=jid, scheduler="sge", user=owner, uid=pw.pw_uid, gid=pw.pw_gid, work_dir=os.getcwd(),
                script=script, cpus=n, memory_mib=requested_memory_mib(qstat, n), image=image,
-               restart_count=restarted(env),
+               restart_count=restarted(env), nodes=plan,
                groups=[g for g in os.getgrouplist(owner, pw.pw_gid) if g != pw.pw_gid])
 
 
@@ -296,6 +295,67 @@ class GridEngine:
         before = lifecycle.started_as(settings, job_id(env)) or 0
         again = migrated(env) or rescheduled(job_id(env), env.get("HOSTNAME", ""))
         return again, before + 1 if again else before
+
+    def peer_job(self, settings: Settings, pid: int, uid: int, job_id: str) -> Job:
+        """This host's VM of a job spanning hosts, for the job's first `qrsh -inherit` task here (no
+        prolog runs on a slave host; the node agent boots it): `pid` must hold a group execd gave one
+        of the job's tasks on this host, `uid` must own the job, and what the VM gets is qmaster's
+        (this host's slots, the job's requests), never what the task says."""
+        from . import facts, petask
+
+        num = job_id.split(".")[0]
+        spool = petask.claimed_spool(pid, num)
+        if spool is None or not petask.is_task_of(pid, num, spool):
+            raise UserError(f"the caller is no task of job {job_id} on this host")
+        qstat = qstat_job(job_id)
+        if qstat is None:
+            raise VmwrapError(f"cannot read job {job_id}'s resource requests with qstat -j")
+        fields = dict(re.findall(r"^(owner|cwd|sge_o_home):[ \t]+(\S.*?)\s*$", qstat, re.M))
+        try:
+            pw = pwd.getpwnam(fields.get("owner", ""))
+        except KeyError:
+            raise VmwrapError(f"job {job_id}'s owner {fields.get('owner', '')[:40]!r} is unknown here") from None
+        if uid not in (0, pw.pw_uid):
+            raise UserError(f"uid {uid} does not own job {job_id}")
+        image = parse_context(qstat)
+        if not image:
+            raise UserError(f"job {job_id} asked for no VM")
+        alloc = facts.job_allocation(num)
+        me = socket.gethostname().split(".")[0]
+        here = [i for i, (h, _) in enumerate(alloc) if h.split(".")[0] == me]
+        if len(alloc) < 2 or not here:
+            raise UserError(f"job {job_id} does not span hosts with this one ({me[:60]})")
+        hosts = [h for h, _ in alloc]
+        from vmwrap import jobnet
+
+        plan = jobnet.Plan(job_id, tuple(hosts), tuple(host_addresses(hosts)), here[0])
+        n = alloc[here[0]][1]
+        return Job(job_id=job_id, scheduler="sge", user=pw.pw_name, uid=pw.pw_uid, gid=pw.pw_gid,
+                   work_dir=fields.get("cwd") or fields.get("sge_o_home") or pw.pw_dir, script="", cpus=n,
+                   memory_mib=requested_memory_mib(qstat, n), image=image, nodes=plan,
+                   groups=[g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid])
+
+    def peer_running(self, settings: Settings, pid: int, job_id: str):
+        """execd keeps the job's dir (`<spool>/active_jobs/JOB.TASK`) while the job runs on this host
+        and removes it once the job ended here: the look is that dir still being there (and no other
+        dir by that name: a job run again here gets a new one, unless its inode number was reused)."""
+        from . import petask
+
+        num, _, task = job_id.partition(".")
+        spool = petask.claimed_spool(pid, num)  # peer_job proved it a moment ago (the task's execd records)
+        if spool is None:
+            raise UserError(f"the caller is no task of job {job_id} on this host")
+        path = os.path.join(spool, petask.ACTIVE, f"{num}.{task or 1}")
+        st = os.lstat(path)
+        first = (st.st_dev, st.st_ino)
+
+        def running() -> bool:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                return False
+            return (st.st_dev, st.st_ino) == first
+        return running
 
     def take_out(self, env, reason: str) -> None:
         print(f"vmwrap: {reason}", file=sys.stderr)  # execd logs it with the queue's error state
@@ -377,14 +437,22 @@ def epilog(settings: Settings, env: dict[str, str]) -> int:
     return 0 if lifecycle.epilog(GridEngine(), settings, env).ok else 1
 
 
-def starter(settings: Settings, argv: list[str]) -> int:
+def starter(settings: Settings, argv: list[str], config_path: str | None = None) -> int:
     """starter_method (job owner): a job with a VM attaches to it; any other job runs as usual."""
     jid = job_id(os.environ)
     run_dir = rundir.path(settings, jid)
     if not argv:
         print("vmwrap sge starter: no job command", file=sys.stderr)
         return 2
-    if not run_dir.exists():
+    if os.environ.get("JOB_SCRIPT") == "QRSH" and argv[1:3] == ["-m", TASK_MODULE]:
+        # a `qrsh -inherit` task the job's VM started, here or on another host: it runs as given and
+        # asks this host's agent, named by this host's config (the master's path means nothing here)
+        env = dict(os.environ)
+        env.pop("VMWRAP_CONFIG", None)
+        if config_path:
+            env["VMWRAP_CONFIG"] = config_path
+        os.execve(argv[0], argv, env)
+    if not run_dir.exists() or os.environ.get("JOB_SCRIPT") == "QRSH":  # no VM, or a task of a job's own
         os.execvp(argv[0], argv)
     script, args = _payload(argv)
     env = {k: v for k, v in os.environ.items() if k != "VMWRAP_CONFIG"}
@@ -394,7 +462,26 @@ def starter(settings: Settings, argv: list[str]) -> int:
     host = os.environ.get("HOSTNAME", "")  # execd's name for this host (set after the job's variables)
     again = (lambda: marker.exists() or rescheduled(jid, host)) if settings.workdir_share == "serial" else None
     return payload.attach(run_dir, jid, script, env, args, grace=settings.grace_seconds, settings=settings,
-                          requeued=again)
+                          requeued=again, steps=step_launcher(jid, env),
+                          steps_name="qrsh")
+
+
+TASK_MODULE = "vmwrap_plugins.sge.task"
+
+
+def step_launcher(job_id: str, env: dict[str, str]):
+    """vmwrap.steps' Launch for this job: the guest's `qrsh -inherit HOST CMD` as a host qrsh running
+    vmwrap_plugins.sge.task on HOST (this host: the task reaches this VM's step service; another of the
+    job's hosts: that host's VM of the job runs the command)."""
+    from .steps import qrsh_command
+
+    hosts = [h for h, _ in pe_allocation(env)] or [env.get("HOSTNAME", "")]
+    master = env.get("HOSTNAME", "")
+
+    def launch(argv: list[str], task: list[str]) -> tuple[int, list[str]]:
+        ours = [task[0], "-m", TASK_MODULE, *task[3:], job_id, master]
+        return qrsh_command(argv, ours, hosts)
+    return launch
 
 
 def _payload(argv: list[str]) -> tuple[str, list[str]]:
@@ -463,14 +550,17 @@ def _catalog(path: str):
     return hit[1]
 
 
-PE_FIX = "use a parallel environment whose allocation_rule is $pe_slots (all its slots on one host), or no -pe"
+PE_FIX = ("use one with control_slaves TRUE (a VM on each host, started by the job's qrsh -inherit tasks), "
+          "or one whose allocation_rule is $pe_slots (all its slots on one host), or no -pe")
 OPEN_MAX = 9999999   # what the JSV sees as pe_max for an open range (`-pe NAME 2-`)
 
 
-def pe_refusal(pe: str, lo: str, hi: str) -> str | None:
-    """Why a VM job's `-pe NAME RANGE` could be given slots on several hosts (None: one host for sure).
-    Only `$pe_slots`, or an integer rule N with at most N slots, keeps every slot on one host;
-    `$fill_up` and `$round_robin` spread whatever one host cannot hold."""
+def pe_refusal(pe: str, lo: str, hi: str, saved: str | None = None) -> str | None:
+    """Why a VM job's `-pe NAME RANGE` cannot be run (None: it can). Only `$pe_slots`, or an integer
+    rule N with at most N slots, keeps every slot on one host; `$fill_up` and `$round_robin` spread
+    whatever one host cannot hold. A spread job gets a VM on each host: the master's from the prolog,
+    the others' from its first `qrsh -inherit` task there, which needs control_slaves TRUE. Its VMs
+    are never saved, so `saved` (how the job asked to be: "-ckpt vmwrap", ...) refuses it too."""
     if not (lo.isdigit() and hi.isdigit()) or len(lo) > 9 or len(hi) > 9:
         return f"-pe {pe[:64]} {lo[:12]}-{hi[:12]}: not a slot range"
     n_lo, n_hi = int(lo), int(hi)
@@ -479,20 +569,30 @@ def pe_refusal(pe: str, lo: str, hi: str) -> str | None:
     from . import facts
 
     try:
-        rules = facts.pe_allocation_rules(pe)
+        pes = facts.pe_settings(pe)
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         return f"cannot tell where -pe {pe[:64]} puts its slots ({str(e)[:200]}); submit again later"
-    spread = {n: r for n, r in sorted(rules.items()) if not (r == "$pe_slots" or (r.isdigit() and n_hi <= int(r)))}
+    spread = {n: p for n, p in sorted(pes.items())
+              if not ((r := p.get("allocation_rule", "")) == "$pe_slots" or (r.isdigit() and n_hi <= int(r)))}
     if not spread:
         return None   # unknown PEs are qsub's to refuse
     slots = str(n_lo) if n_lo == n_hi else f"{n_lo}-" if n_hi >= OPEN_MAX else f"{n_lo}-{n_hi}"
-    which = ", ".join(f"{n} has allocation_rule {r}" for n, r in list(spread.items())[:3])
-    return multi_node_refusal(f"-pe {pe} {slots} may get slots on several hosts: {which}", PE_FIX)
+    loose = {n: p for n, p in spread.items() if p.get("control_slaves", "").upper() != "TRUE"}
+    if loose:
+        which = ", ".join(f"{n} has allocation_rule {p.get('allocation_rule', '?')} and control_slaves "
+                          f"{p.get('control_slaves', '?')}" for n, p in list(loose.items())[:3])
+        return (f"-pe {pe} {slots} may get slots on several hosts ({which}), and a VM job spans hosts only "
+                f"in a parallel environment with control_slaves TRUE; {PE_FIX}")
+    if saved:
+        return (f"-pe {pe} {slots} may get slots on several hosts, and the VMs of a job spanning hosts are "
+                f"never saved: drop {saved}, or use a parallel environment whose allocation_rule is $pe_slots")
+    return None
 
 
-def pe_hosts(env: dict[str, str]) -> list[str]:
-    """The hosts of the job's parallel environment, from execd's pe_hostfile in the job's active dir
-    (never a path the job's environment names); [] for a job without one."""
+def pe_allocation(env: dict[str, str]) -> list[tuple[str, int]]:
+    """(host, slots) of the job's parallel environment in execd's order (the master's host first),
+    from execd's pe_hostfile in the job's active dir (never a path the job's environment names); []
+    for a job without one. A host listed for several queues is summed."""
     spool = _active_dir(env)
     if spool is None:
         return []
@@ -504,12 +604,54 @@ def pe_hosts(env: dict[str, str]) -> list[str]:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return []
         text = f.read(1 << 20).decode(errors="replace")
-    hosts: list[str] = []
+    alloc: dict[str, int] = {}
     for ln in text.splitlines():
-        h = ln.split()[:1]
-        if h and h[0] not in hosts:
-            hosts.append(h[0])
-    return hosts
+        f = ln.split()
+        if len(f) >= 2 and re.fullmatch(r"\d{1,6}", f[1]):
+            alloc[f[0]] = alloc.get(f[0], 0) + int(f[1])
+        elif f:
+            raise NodeError(f"execd's pe_hostfile has a line that is not 'HOST SLOTS ...': {ln[:100]!r}")
+    return list(alloc.items())
+
+
+def host_addresses(hosts: list[str]) -> list[str]:
+    """Each host's address as this host resolves it (as GE itself does), for the job network's
+    tunnels; a host that does not resolve fails the job, not this host."""
+    import socket
+
+    out = []
+    for h in hosts:
+        try:
+            out.append(socket.getaddrinfo(h, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0])
+        except (OSError, IndexError):
+            raise VmwrapError(f"cannot resolve host {h[:80]!r} of the job's parallel environment") from None
+    return out
+
+
+def job_plan(env: dict[str, str], jid: str) -> tuple[object | None, int]:
+    """(the job network's plan or None, this host's CPUs): a job whose PE spans hosts gets one VM on
+    each (this one from the prolog on the master's host), joined as Slurm's multi-node jobs are."""
+    alloc = pe_allocation(env)
+    if len(alloc) <= 1:
+        return None, slots(env)
+    from vmwrap import jobnet
+
+    hosts = [h for h, _ in alloc]
+    pe = env.get("PE", "")
+    from . import facts
+
+    try:   # the JSV checked what qsub named; the PE may have changed since, or the cell have no JSV
+        control = facts.pe_settings(pe).get(pe, {}).get("control_slaves", "") if pe else ""
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        raise VmwrapError(f"cannot read parallel environment {pe[:64]!r}'s control_slaves: {str(e)[:200]}") from None
+    if control.upper() != "TRUE":
+        raise UserError(f"the job's parallel environment {pe[:64] or '?'} gave it slots on {len(hosts)} hosts "
+                        f"({' '.join(h[:80] for h in hosts[:4])}) and has control_slaves {control or '?'}: a VM job "
+                        f"spans hosts only in one with control_slaves TRUE; {PE_FIX}")
+    me = env.get("HOSTNAME", "")
+    if me not in hosts:
+        raise VmwrapError(f"this host ({me[:80]!r}) is not in job {jid}'s pe_hostfile ({' '.join(hosts[:4])})")
+    return jobnet.Plan(jid, tuple(hosts), tuple(host_addresses(hosts)), hosts.index(me)), dict(alloc)[me]
 
 
 # The JSV's CLIENT of an interactive submission (jsv(1); qrsh sends `PARAM CLIENT qrsh`, seen on 8.1.9).
@@ -548,7 +690,10 @@ def check_request(settings: Settings, params: dict[str, str], user: str, gid: in
     if client in INTERACTIVE_CLIENTS:  # the session would start on the host, beside the VM, not in it
         return None, None, interactive_refusal(client, "Grid Engine", "with qsub", "host")
     if params.get("pe_name"):
-        why = pe_refusal(params["pe_name"], params.get("pe_min", "1"), params.get("pe_max", "1"))
+        ckpt = params.get("ckpt", "")
+        saved = f"-ckpt {ckpt[:64]}" if ckpt and ckpt.upper() != "NONE" else \
+            "#VMWRAP --checkpoint-every" if req.checkpoint_every_s else None
+        why = pe_refusal(params["pe_name"], params.get("pe_min", "1"), params.get("pe_max", "1"), saved)
         if why:
             return None, None, why
     return image, req.memory_mib, None

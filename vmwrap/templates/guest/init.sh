@@ -182,10 +182,13 @@ if [ -n "$NINEP" ]; then
 fi
 # Steps (vmwrap/steps.py): when the host serves them, `srun` in the job's PATH is vmwrap's shim and the
 # step port is the job's user's (who is root in this VM anyway: nothing to protect from them here).
+# The marker names the shim (the scheduler's launcher: Grid Engine's is `qrsh -inherit`); empty: srun.
 if [ -e "$CTLD/user/steps" ]; then
   find_ports
-  { [ -n "$STEPS" ] && mkdir -p "$ROOT/usr/local/bin" && cp /bin/vmwrap-srun "$ROOT/usr/local/bin/srun" \
-    && chown "$UID_:$GID_" "$STEPS" $STEPSMORE; } || echo "vmwrap guest: cannot offer srun steps" > /dev/console
+  SHIM=$(head -c 16 "$CTLD/user/steps")
+  case "$SHIM" in ""|srun) SHIM=srun ;; qrsh) ;; *) SHIM= ;; esac
+  { [ -n "$STEPS" ] && [ -n "$SHIM" ] && mkdir -p "$ROOT/usr/local/bin" && cp /bin/vmwrap-srun "$ROOT/usr/local/bin/$SHIM" \
+    && chown "$UID_:$GID_" "$STEPS" $STEPSMORE; } || echo "vmwrap guest: cannot offer steps" > /dev/console
 fi
 job() { exec /bin/vmwrap-exec "$ROOT" "$UID_" "$GID_" "$GROUPS_" "$UMASK_" "$WORKDIR" "$CTLD/user/env" "$CTLD/user/args" \
   /.vmwrap/user/script "$CTLD/user/limits"; }

@@ -106,6 +106,8 @@ static int next_frame(char *type, uint32_t *step, int *task, unsigned char **dat
 
 static void consume(size_t len) { memmove(in, in + HDR + len, inlen - HDR - len); inlen -= HDR + len; }
 
+static const char *prog = "srun";  /* the launcher this shim is installed as (main) */
+
 static void on_signal(int sig) { pending_sig = sig; }
 
 static void start_task(int id, char **cmd, const unsigned char *env, size_t envlen) {
@@ -138,7 +140,7 @@ static void start_task(int id, char **cmd, const unsigned char *env, size_t envl
         dup2(o[1], 1); dup2(e[1], 2);
         environ = envp;
         execvp(cmd[0], cmd);
-        fprintf(stderr, "vmwrap srun: %s: %s\n", cmd[0], strerror(errno));
+        fprintf(stderr, "vmwrap %s: %s: %s\n", prog, cmd[0], strerror(errno));
         _exit(errno == ENOENT ? 127 : 126);
     }
     close(o[1]); close(e[1]);
@@ -167,21 +169,25 @@ static void reap(void) {
 }
 
 int main(int argc, char **argv) {
+    /* installed as the scheduler's launcher (srun, or qrsh): its messages say that name, as the real one would */
+    const char *base = argc > 0 && argv[0] ? strrchr(argv[0], '/') : NULL;
+    base = base ? base + 1 : (argc > 0 && argv[0] ? argv[0] : "");
+    prog = strcmp(base, "qrsh") == 0 ? "qrsh" : "srun";
     size_t total = 0;
     for (int i = 1; i < argc; i++) total += strlen(argv[i]) + 1;
-    if (total > FRAME_MAX) { fprintf(stderr, "srun: error: vmwrap: the command line is longer than %d bytes\n", FRAME_MAX); return 1; }
+    if (total > FRAME_MAX) { fprintf(stderr, "%s: error: vmwrap: the command line is longer than %d bytes\n", prog, FRAME_MAX); return 1; }
     int nports = find_ports();
-    if (nports == 0) { fprintf(stderr, "srun: error: vmwrap: this VM has no step port (%s)\n", PORT_NAME); return 1; }
+    if (nports == 0) { fprintf(stderr, "%s: error: vmwrap: this VM has no step port (%s)\n", prog, PORT_NAME); return 1; }
     int said = 0;
     for (;;) {
         int i;
         for (i = 0; i < nports; i++) {
             if ((port = open(ports[i], O_RDWR | O_CLOEXEC)) >= 0) break;
-            if (errno != EBUSY) { fprintf(stderr, "srun: error: vmwrap: %s: %s\n", ports[i], strerror(errno)); return 1; }
+            if (errno != EBUSY) { fprintf(stderr, "%s: error: vmwrap: %s: %s\n", prog, ports[i], strerror(errno)); return 1; }
         }
         if (i < nports) break;
-        if (!said++) fprintf(stderr, "srun: vmwrap: %d steps are running in this VM (as many as it runs at once); "
-                                     "waiting for one to end\n", nports);
+        if (!said++) fprintf(stderr, "%s: vmwrap: %d steps are running in this VM (as many as it runs at once); "
+                                     "waiting for one to end\n", prog, nports);
         nap(100);
     }
     int ur = open("/dev/urandom", O_RDONLY);
@@ -208,7 +214,7 @@ int main(int argc, char **argv) {
         }
         if (pending_sig) { char s[8]; snprintf(s, sizeof s, "%d", (int)pending_sig); pending_sig = 0; send_frame('G', 0, s, strlen(s)); }
         if (cmd_index < 0 && time(NULL) - asked > 120) {
-            fprintf(stderr, "srun: error: vmwrap: the host did not answer the step request in 120 s\n");
+            fprintf(stderr, "%s: error: vmwrap: the host did not answer the step request in 120 s\n", prog);
             return 1;
         }
         if (poll(pf, (nfds_t)n, 200) < 0) { if (errno == EINTR) continue; perror("poll"); return 1; }
@@ -222,7 +228,7 @@ int main(int argc, char **argv) {
         char type; uint32_t step; int task; unsigned char *data; size_t len;
         while (next_frame(&type, &step, &task, &data, &len)) {
             if (type == 'B' && cmd_index > 0) {  /* a new payload: this VM was restored while the step ran */
-                fprintf(stderr, "srun: error: vmwrap: the step was lost: the job's VM was saved and restored while it ran\n");
+                fprintf(stderr, "%s: error: vmwrap: the step was lost: the job's VM was saved and restored while it ran\n", prog);
                 return 1;
             }
             if (step != step_id) { consume(len); continue; }   /* an earlier step's leftovers */
@@ -230,7 +236,7 @@ int main(int argc, char **argv) {
             memcpy(text, data, len < sizeof text - 1 ? len : sizeof text - 1);
             if (type == 'A') {
                 int k = atoi(text);
-                if (k < 0 || k >= argc - 1) { fprintf(stderr, "srun: error: vmwrap: bad answer from the host\n"); return 1; }
+                if (k < 0 || k >= argc - 1) { fprintf(stderr, "%s: error: vmwrap: bad answer from the host\n", prog); return 1; }
                 cmd_index = k + 1;
             } else if (type == 'R' && cmd_index > 0) {
                 start_task(task, argv + cmd_index, data, len);

@@ -1,0 +1,87 @@
+"""Issue 19 (Grid Engine tight integration, groundwork): the guest's `qrsh -inherit` as a checked host
+command. The guest is hostile: its host must be one of the job's, its options few, and its command
+must never reach the host shell qrsh_starter runs tasks through."""
+
+import shlex
+
+import pytest
+
+from vmwrap.errors import UserError
+from vmwrap_plugins.sge import steps
+
+TASK = ["/opt/vmwrap/venv/bin/python", "-m", "vmwrap_plugins.sge.task", "/run/vmwrap/jobs/7/tasks.sock", "tok", "7"]
+HOSTS = ["vm", "sgehost2"]
+
+
+def test_openmpis_call_becomes_qrsh_with_the_command_as_one_inert_word():
+    argv = ["-inherit", "-nostdin", "-V", "sgehost2", "orted", "-mca", "ess", "env", "$(reboot)", "a b;c"]
+    index, host = steps.qrsh_command(argv, TASK, HOSTS)
+    assert index == 4 and host[:4] == ["/usr/bin/qrsh", "-inherit", "-nostdin", "sgehost2"] and host[4:-1] == TASK
+    # what qrsh_starter's `sh -c "..."` makes of the joined words: exactly the words given
+    assert shlex.split(" ".join(host[4:])) == host[4:]
+    assert steps.decode_command(host[-1]) == ["orted", "-mca", "ess", "env", "$(reboot)", "a b;c"]
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["sgehost2", "hostname"], "only `qrsh -inherit HOST COMMAND`"),
+    (["-inherit", "-l", "h_rt=1", "sgehost2", "x"], "qrsh option '-l' is not supported"),
+    (["-inherit", "-nostdin"], "no host given"),
+    (["-inherit", "otherhost", "x"], "host 'otherhost' is not one of this job's hosts (vm sgehost2)"),
+    (["-inherit", "vm"], "no command given"),
+])
+def test_what_is_not_a_task_on_the_jobs_hosts_is_refused(argv, said):
+    with pytest.raises(UserError) as e:
+        steps.qrsh_command(argv, TASK, HOSTS)
+    assert said in str(e.value)
+
+
+def test_a_task_word_a_shell_would_touch_is_never_sent():
+    with pytest.raises(UserError, match="not shell-inert"):
+        steps.qrsh_command(["-inherit", "vm", "x"], [*TASK[:3], "/tmp/a b"], HOSTS)
+
+
+def test_a_forged_command_word_is_refused():
+    with pytest.raises(UserError, match="not what the job's qrsh sent"):
+        steps.decode_command("$(id)")
+
+
+def test_a_task_knows_its_host_by_execds_name_for_it():
+    """The master's host is told apart by the name execd gave the task's dir, not the environment's
+    HOSTNAME (GE sets none for a task) or the system's spelling of it."""
+    from vmwrap_plugins.sge.task import this_host
+
+    spool = "/var/spool/gridengine/execd/sgehost2/active_jobs/301807.1/2.sgehost2"
+    assert this_host({"SGE_JOB_SPOOL_DIR": spool, "HOSTNAME": "vm"}) == "sgehost2"
+    assert this_host({"SGE_JOB_SPOOL_DIR": spool.replace("2.sgehost2", "1.node1.example.org")}) == "node1.example.org"
+    import socket
+    assert this_host({"HOSTNAME": "elsewhere"}) == socket.gethostname()
+
+
+def test_the_starter_runs_a_vm_task_with_its_own_hosts_config(monkeypatch, tmp_path):
+    """A task the job's VM started runs as given, told this host's config (from this host's starter
+    line, never the job's variables); any other qrsh task keeps the job's environment untouched."""
+    from vmwrap.config import Settings
+    from vmwrap_plugins.sge import hooks
+
+    ran = []
+
+    def fake_exec(path, argv, env=None):
+        ran.append((argv, env))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(hooks.os, "execve", fake_exec)
+    monkeypatch.setattr(hooks.os, "execvp", lambda path, argv: fake_exec(path, argv))
+    monkeypatch.setenv("JOB_SCRIPT", "QRSH")
+    monkeypatch.setenv("JOB_ID", "7")
+    monkeypatch.setenv("VMWRAP_CONFIG", "/home/user/mine.toml")
+    settings = Settings(state_dir=str(tmp_path))
+    task = [*TASK[:3], "sock", "tok", "7", "vm", "ZWNobw=="]
+    with pytest.raises(SystemExit):
+        hooks.starter(settings, task, config_path="/etc/vmwrap/node2.toml")
+    assert ran[-1][0] == task and ran[-1][1]["VMWRAP_CONFIG"] == "/etc/vmwrap/node2.toml"
+    with pytest.raises(SystemExit):
+        hooks.starter(settings, task)
+    assert "VMWRAP_CONFIG" not in ran[-1][1]
+    with pytest.raises(SystemExit):
+        hooks.starter(settings, ["/bin/hostname"], config_path="/etc/vmwrap/node2.toml")
+    assert ran[-1] == (["/bin/hostname"], None)

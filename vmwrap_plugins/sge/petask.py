@@ -1,0 +1,127 @@
+"""Whether a process was started by this host's execd for a given Grid Engine job.
+
+A slave host of a tightly integrated parallel job runs no prolog (execd writes `prolog=none` into
+every pe task's config): its VM has to be booted for the job's first `qrsh -inherit` task there, at
+the task's request. `qrsh -inherit` is not authenticated (security_mode none), so the node agent
+believes only execd's own records: execd gives the job's master and each pe task a supplementary
+group of its own (gid_range, sge_conf(5)) and writes it to `addgrpid` in the task's directory under
+its spool (`active_jobs/<job>.<array task>/` and its `<n>.<host>/` pe task subdirectories, the GE
+admin user's). A user cannot add a group to their own processes, so a process holding one of those
+groups is that job's. The caller still checks the process's uid against the job's owner.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import stat
+
+from .hooks import ADMIN_USER
+
+ACTIVE = "active_jobs"
+_JOB = re.compile(r"\d{1,10}")
+_JOB_DIR = re.compile(r"(\d{1,10})\.(\d{1,10})")
+_PETASK = re.compile(r"\d{1,10}\.[A-Za-z0-9_.-]{1,255}")
+_GID = re.compile(rb"\d{1,10}\n?")
+ENTRIES_MAX = 4096          # pe tasks of one job on one host looked at, at most
+STATUS_MAX = 64 << 10       # /proc/PID/status is a few KiB
+
+
+def _trusted_dir(path: str, owners: set[int]) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o022 and st.st_uid in owners
+
+
+def _gid_in(path: str, owners: set[int]) -> int | None:
+    """The number in an addgrpid file execd (root or the GE admin user) wrote; never a link."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in owners or st.st_mode & 0o022:
+            return None
+        data = os.read(fd, 16)
+    finally:
+        os.close(fd)
+    return int(data) if _GID.fullmatch(data) else None
+
+
+def task_groups(spool: str, job: str) -> set[int]:
+    """The groups execd gave job `job`'s master and pe tasks on this host (`spool`: this host's
+    execd spool dir, from root's configuration)."""
+    if not _JOB.fullmatch(job):
+        raise ValueError(f"{job[:20]!r} is not a job id")
+    try:
+        owners = {0, pwd.getpwnam(ADMIN_USER).pw_uid}
+    except KeyError:
+        owners = {0}
+    active = os.path.join(spool, ACTIVE)
+    if not _trusted_dir(active, owners):
+        return set()
+    groups: set[int] = set()
+    seen = 0
+    with os.scandir(active) as it:
+        for e in it:
+            m = _JOB_DIR.fullmatch(e.name)
+            if not m or m.group(1) != job or not _trusted_dir(e.path, owners):
+                continue
+            if (g := _gid_in(os.path.join(e.path, "addgrpid"), owners)) is not None:
+                groups.add(g)
+            with os.scandir(e.path) as tasks:
+                for t in tasks:
+                    seen += 1
+                    if seen > ENTRIES_MAX:
+                        return groups
+                    if _PETASK.fullmatch(t.name) and _trusted_dir(t.path, owners) \
+                            and (g := _gid_in(os.path.join(t.path, "addgrpid"), owners)) is not None:
+                        groups.add(g)
+    return groups
+
+
+def process_groups(pid: int) -> set[int]:
+    """The supplementary groups of process `pid` (/proc/PID/status `Groups:`); empty if it is gone."""
+    try:
+        with open(f"/proc/{int(pid)}/status", "rb") as f:
+            text = f.read(STATUS_MAX)
+    except OSError:
+        return set()
+    for ln in text.splitlines():
+        if ln.startswith(b"Groups:"):
+            return {int(x) for x in ln[7:].split() if x.isdigit()}
+    return set()
+
+
+def is_task_of(pid: int, job: str, spool: str) -> bool:
+    """Whether process `pid` holds a group execd gave one of `job`'s tasks on this host."""
+    mine = task_groups(spool, job)
+    return bool(mine) and bool(mine & process_groups(pid))
+
+
+ENVIRON_MAX = 1 << 20       # bytes of /proc/PID/environ looked at
+
+
+def claimed_spool(pid: int, job: str) -> str | None:
+    """This host's execd spool as the task's own environment names it (SGE_JOB_SPOOL_DIR, execd's
+    `<spool>/active_jobs/<job>.<task>/<pe task>`), when it has that shape; a hint only: `is_task_of`
+    must then find the process's group in that spool's records of `job`."""
+    try:
+        with open(f"/proc/{int(pid)}/environ", "rb") as f:
+            env = f.read(ENVIRON_MAX)
+    except OSError:
+        return None
+    for item in env.split(b"\0"):
+        if item.startswith(b"SGE_JOB_SPOOL_DIR="):
+            path = item[len(b"SGE_JOB_SPOOL_DIR="):].decode("utf-8", "replace")
+            parts = path.split("/")
+            if (len(parts) >= 5 and path.startswith("/") and os.path.normpath(path) == path
+                    and parts[-3] == ACTIVE and _JOB_DIR.fullmatch(parts[-2])
+                    and _JOB_DIR.fullmatch(parts[-2]).group(1) == job and _PETASK.fullmatch(parts[-1])):
+                return "/".join(parts[:-3])
+            return None
+    return None
