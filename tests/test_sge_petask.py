@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from vmwrap import directives
 from vmwrap_plugins.sge import facts, petask
 
 # `qstat -g t -u '*' -xml` of a 2-slot $round_robin job whose master task ran on the second host
@@ -170,7 +171,7 @@ def test_the_spool_a_task_names_is_only_taken_in_execds_shape(tmp_path):
 QSTAT_J = ("job_number:                 301536\nowner:                      vmwrapuser\n"
            "sge_o_home:                 /home/vmwrapuser\ncwd:                        /work/t1\n"
            "hard resource_list:         h_vmem=256M\nenv_list:                   owner: root\n"
-           "context:                    vmwrap_image=busybox\n")
+           "context:                    vmwrap_image=busybox,vmwrap_memory=192\n")
 
 
 def test_a_slave_hosts_vm_is_its_tasks_run_sized_by_qmaster_and_runs_while_execd_keeps_that_runs_dir(
@@ -210,6 +211,7 @@ def test_a_slave_hosts_vm_is_its_tasks_run_sized_by_qmaster_and_runs_while_execd
     assert (job.user, job.uid, job.cpus, job.memory_mib, job.image, job.work_dir) == \
         ("vmwrapuser", 1234, 2, 512, "busybox", "/work/t1")
     assert job.nodes.nodes == ("zeta", "alpha", me) and job.nodes.index == 2   # the master, then by name
+    assert directives.parse(job.script).memory_mib == 192   # as the master's VM: the script's, by the JSV
     assert found.running()
     shutil.rmtree(d)
     assert not found.running()

@@ -332,6 +332,8 @@ class GridEngine:
         image = parse_context(qstat)
         if not image:
             raise UserError(f"job {job_id} asked for no VM")
+        # the script (spooled on the master's host only) asked the memory; the JSV put it in the context
+        said = wire.decode_context_memory(kv for m in CONTEXT.finditer(qstat) for kv in m.group(1).split(","))
         alloc = dict(facts.job_allocation(num, task or None))
         master = next(iter(alloc), None)
         me = socket.gethostname().split(".")[0]
@@ -344,7 +346,8 @@ class GridEngine:
         plan = jobnet.Plan(job_id, tuple(hosts), tuple(host_addresses(hosts)), hosts.index(here[0]))
         n = alloc[here[0]]
         job = Job(job_id=job_id, scheduler="sge", user=pw.pw_name, uid=pw.pw_uid, gid=pw.pw_gid,
-                  work_dir=fields.get("cwd") or fields.get("sge_o_home") or pw.pw_dir, script="", cpus=n,
+                  work_dir=fields.get("cwd") or fields.get("sge_o_home") or pw.pw_dir,
+                  script=f"#VMWRAP --memory={said}M\n" if said else "", cpus=n,
                   memory_mib=requested_memory_mib(qstat, n), image=image, nodes=plan,
                   groups=[g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid])
         path = os.path.join(spool, petask.ACTIVE, f"{num}.{run_task}")
