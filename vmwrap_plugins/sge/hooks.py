@@ -480,6 +480,18 @@ def starter(settings: Settings, argv: list[str], config_path: str | None = None)
 TASK_MODULE = "vmwrap_plugins.sge.task"
 
 
+def execd_spool(job_spool_dir: str) -> str | None:
+    """This host's execd spool from a job's or task's SGE_JOB_SPOOL_DIR (`<spool>/active_jobs/JOB.T`,
+    and `/<pe task>` under it for a task); None if it does not read so."""
+    parts = job_spool_dir.split("/")
+    if not job_spool_dir.startswith("/") or os.path.normpath(job_spool_dir) != job_spool_dir:
+        return None
+    for k in (-2, -3):
+        if len(parts) > -k + 1 and parts[k] == "active_jobs":
+            return "/".join(parts[:k])
+    return None
+
+
 def step_launcher(job_id: str, env: dict[str, str]):
     """vmwrap.steps' Launch for this job: the guest's `qrsh -inherit HOST CMD` as a host qrsh running
     vmwrap_plugins.sge.task on HOST (this host: the task reaches this VM's step service; another of the
@@ -487,7 +499,9 @@ def step_launcher(job_id: str, env: dict[str, str]):
     from .steps import qrsh_command
 
     hosts = [h for h, _ in pe_allocation(env)] or [env.get("HOSTNAME", "")]
-    master = env.get("HOSTNAME", "")
+    # the master's host as its tasks can tell it: execd's spool there (<execd_spool_dir>/<host>, which
+    # a task's SGE_JOB_SPOOL_DIR starts with); host names may be spelt otherwise (host_aliases)
+    master = execd_spool(env.get("SGE_JOB_SPOOL_DIR", "")) or env.get("HOSTNAME", "")
 
     def launch(argv: list[str], task: list[str]) -> tuple[int, list[str]]:
         ours = [task[0], "-m", TASK_MODULE, *task[3:], job_id, master]
