@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from vmwrap import directives
 from vmwrap_plugins.sge import facts, petask
 
 # `qstat -g t -u '*' -xml` of a 2-slot $round_robin job whose master task ran on the second host
@@ -32,6 +33,14 @@ QSTAT_G_T = """<?xml version='1.0'?>
       <JB_job_number>7</JB_job_number><JB_name>x</JB_name><JB_owner>bob</JB_owner>
       <state>r</state><queue_name>vmwrap.q@vm</queue_name><master>MASTER</master><slots>1</slots>
     </job_list>
+    <job_list state="running">
+      <JB_job_number>9</JB_job_number><JB_name>a</JB_name><JB_owner>bob</JB_owner>
+      <state>r</state><queue_name>vmwrap.q@vm</queue_name><master>MASTER</master><slots>2</slots><tasks>1</tasks>
+    </job_list>
+    <job_list state="running">
+      <JB_job_number>9</JB_job_number><JB_name>a</JB_name><JB_owner>bob</JB_owner>
+      <state>r</state><queue_name>vmwrap.q@sgehost2</queue_name><master>MASTER</master><slots>4</slots><tasks>2</tasks>
+    </job_list>
   </queue_info>
   <job_info></job_info>
 </job_info>
@@ -42,6 +51,10 @@ def test_allocation_puts_the_master_first_and_sums_a_hosts_queue_instances():
     assert facts.allocation_from_xml(QSTAT_G_T, "301536") == [("sgehost2", 1), ("vm", 3)]
     assert facts.allocation_from_xml(QSTAT_G_T, "7") == [("vm", 1)]
     assert facts.allocation_from_xml(QSTAT_G_T, "8") == []
+    # an array job: each task is its own run, with its own hosts and slots
+    assert facts.allocation_from_xml(QSTAT_G_T, "9", "2") == [("sgehost2", 4)]
+    assert facts.allocation_from_xml(QSTAT_G_T, "9", "1") == [("vm", 2)]
+    assert facts.allocation_from_xml(QSTAT_G_T, "9") == []
 
 
 def test_allocation_refuses_what_does_not_read_as_qstat_wrote_it():
@@ -75,6 +88,11 @@ def test_task_groups_are_the_masters_and_each_pe_tasks(tmp_path):
     assert petask.task_groups(str(spool), "7") == set()          # not on this host
     with pytest.raises(ValueError):
         petask.task_groups(str(spool), "../301536")
+    other = spool / petask.ACTIVE / "301536.2"   # another task of an array job proves nothing of this one
+    other.mkdir(mode=0o755)
+    (other / "addgrpid").write_text("30001\n")
+    assert petask.task_groups(str(spool), "301536", "2") == {30001}
+    assert 30001 not in petask.task_groups(str(spool), "301536")
 
 
 def test_records_a_user_could_have_written_or_linked_are_ignored(tmp_path):
@@ -135,30 +153,65 @@ def test_the_spool_a_task_names_is_only_taken_in_execds_shape(tmp_path):
             p.kill()
             p.wait()
 
-    assert claimed("/var/spool/gridengine/execd/vm/active_jobs/301536.1/1.vm") == "/var/spool/gridengine/execd/vm"
-    for bad in ("/var/spool/x/active_jobs/301537.1/1.vm", "/var/spool/x/active_jobs/301536.1",
-                "/var/spool/../x/active_jobs/301536.1/1.vm", "var/active_jobs/301536.1/1.vm",
-                "/var/spool/x/jobs/301536.1/1.vm"):
-        assert claimed(bad) is None, bad
-
-
-def test_a_slave_hosts_vm_runs_while_execd_keeps_the_jobs_dir_of_that_run(tmp_path):
-    """The agent's look for a slave host's VM (GridEngine.peer_running): the job's dir under execd's
-    spool; once execd removed it (the job ended here), the VM goes."""
-    from vmwrap.config import Settings
-    from vmwrap_plugins.sge.hooks import GridEngine
-
     spool, d = _spool(tmp_path)
-    p = subprocess.Popen(["/bin/sleep", "30"], env={"SGE_JOB_SPOOL_DIR": str(d / "1.vm")})
+    assert claimed(f"{d}/1.vm") == str(spool)
+    for bad in (f"{spool}/active_jobs/301537.1/1.vm", str(d), f"{spool}/../vm/active_jobs/301536.1/1.vm",
+                f"{str(d)[1:]}/1.vm", f"{spool}/jobs/301536.1/1.vm", f"{spool}/active_jobs/301536.2/1.vm"):
+        assert claimed(bad) is None, bad
+    # a path through a link or a dir a user could write is never taken: its owner could swap it later
+    user_dir = tmp_path / "home"
+    user_dir.mkdir(mode=0o777)
+    user_dir.chmod(0o777)
+    (user_dir / "link").symlink_to(spool)
+    assert claimed(f"{user_dir}/link/active_jobs/301536.1/1.vm") is None
+    d.chmod(0o777)
+    assert claimed(f"{d}/1.vm") is None
+
+
+QSTAT_J = ("job_number:                 301536\nowner:                      vmwrapuser\n"
+           "sge_o_home:                 /home/vmwrapuser\ncwd:                        /work/t1\n"
+           "hard resource_list:         h_vmem=256M\nenv_list:                   owner: root\n"
+           "context:                    vmwrap_image=busybox,vmwrap_memory=192\n")
+
+
+def test_a_slave_hosts_vm_is_its_tasks_run_sized_by_qmaster_and_runs_while_execd_keeps_that_runs_dir(
+        tmp_path, monkeypatch, test_user):
+    """GridEngine.peer_job: the caller must hold a group execd gave a task in that run's dir, run as
+    the uid asking, which must own the job; the id names the run exactly once (123, or 123.4 for an
+    array task); the VM's hosts are in the one order all hosts compute, its size qmaster's. Its look
+    says running while execd keeps that run's dir, and not once execd removed it."""
+    import socket
+
+    from vmwrap.config import Settings
+    from vmwrap.errors import UserError
+    from vmwrap_plugins.sge import hooks
+
+    spool, d = _spool(tmp_path, tasks=(("1.vm", 65400),))
+    me = socket.gethostname().split(".")[0]
+    monkeypatch.setattr(hooks, "qstat_job", lambda jid: QSTAT_J)
+    monkeypatch.setattr(facts, "job_allocation", lambda job, task=None: [("zeta", 1), (me, 2), ("alpha", 1)])
+    monkeypatch.setattr(hooks, "host_addresses", lambda hosts: [f"10.0.0.{i}" for i, _ in enumerate(hosts)])
+    task = subprocess.Popen([sys.executable, "-c", "import os, sys; os.setgroups([65400]); "
+                             "os.setgid(1234); os.setuid(1234); sys.stdin.read()"], stdin=subprocess.PIPE,
+                            env={"SGE_JOB_SPOOL_DIR": f"{d}/1.vm"})
     try:
-        for _ in range(200):
-            if open(f"/proc/{p.pid}/cmdline", "rb").read().startswith(b"/bin/sleep"):
+        for _ in range(100):
+            if petask.process_groups(task.pid) == {65400}:
                 break
-            time.sleep(0.01)
-        running = GridEngine().peer_running(Settings(), p.pid, "301536")
+            time.sleep(0.05)
+        found = hooks.GridEngine().peer_job(Settings(), task.pid, 1234, "301536")
+        for job_id, uid, said in (("301536.1", 1234, "is not an array job"),
+                                  ("301536.", 1234, "not a Grid Engine job id"),
+                                  ("301536", 1235, "no task of job"), ("301537", 1234, "no task of job")):
+            with pytest.raises(UserError, match=said):
+                hooks.GridEngine().peer_job(Settings(), task.pid, uid, job_id)
     finally:
-        p.kill()
-        p.wait()
-    assert running()
+        task.communicate(b"")
+    job = found.job
+    assert (job.user, job.uid, job.cpus, job.memory_mib, job.image, job.work_dir) == \
+        ("vmwrapuser", 1234, 2, 512, "busybox", "/work/t1")
+    assert job.nodes.nodes == ("zeta", "alpha", me) and job.nodes.index == 2   # the master, then by name
+    assert directives.parse(job.script).memory_mib == 192   # as the master's VM: the script's, by the JSV
+    assert found.running()
     shutil.rmtree(d)
-    assert not running()
+    assert not found.running()

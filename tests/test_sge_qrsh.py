@@ -45,16 +45,21 @@ def test_a_forged_command_word_is_refused():
         steps.decode_command("$(id)")
 
 
-def test_a_task_knows_its_host_by_execds_name_for_it():
-    """The master's host is told apart by the name execd gave the task's dir, not the environment's
-    HOSTNAME (GE sets none for a task) or the system's spelling of it."""
-    from vmwrap_plugins.sge.task import this_host
+def test_a_task_knows_the_masters_host_by_execds_spool_there():
+    """The master names its host by execd's spool there, which a task's dir there starts with: host
+    names may be spelt otherwise (host_aliases), and GE sets no HOSTNAME for a task."""
+    from vmwrap_plugins.sge.hooks import execd_spool
+    from vmwrap_plugins.sge.task import on_master_host
 
-    spool = "/var/spool/gridengine/execd/sgehost2/active_jobs/301807.1/2.sgehost2"
-    assert this_host({"SGE_JOB_SPOOL_DIR": spool, "HOSTNAME": "vm"}) == "sgehost2"
-    assert this_host({"SGE_JOB_SPOOL_DIR": spool.replace("2.sgehost2", "1.node1.example.org")}) == "node1.example.org"
-    import socket
-    assert this_host({"HOSTNAME": "elsewhere"}) == socket.gethostname()
+    master = execd_spool("/var/spool/gridengine/execd/localhost/active_jobs/301807.1")
+    assert master == "/var/spool/gridengine/execd/localhost"
+    here = {"SGE_JOB_SPOOL_DIR": "/var/spool/gridengine/execd/localhost/active_jobs/301807.1/2.vm", "HOSTNAME": "x"}
+    there = {"SGE_JOB_SPOOL_DIR": "/var/spool/gridengine/execd/sgehost2/active_jobs/301807.1/1.sgehost2",
+             "HOSTNAME": "vm"}
+    assert on_master_host(here, master) and not on_master_host(there, master)
+    assert on_master_host(there, "sgehost2") and not on_master_host(here, "sgehost2")   # named by name
+    for bad in ("", "relative/active_jobs/1.1", "/var/spool/x/1.1", "/a/../b/active_jobs/1.1"):
+        assert execd_spool(bad) is None, bad
 
 
 def test_the_starter_runs_a_vm_task_with_its_own_hosts_config(monkeypatch, tmp_path):

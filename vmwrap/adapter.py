@@ -21,6 +21,7 @@ import os
 import pkgutil
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from .config import Settings
@@ -108,22 +109,28 @@ class Drainable(Protocol):
     # they wait for the node to come back: drain says so (an adapter without it warns of nothing).
 
 
+@dataclass(frozen=True)
+class PeerRun:
+    """What `peer_job` found: the job as this node's VM of it must be booted, which run of the job the
+    caller is of (a restart on this node is another: its VM is not this one's), and a look the agent
+    repeats every few seconds while the VM runs, False once the scheduler no longer runs that run on
+    this node (no epilog runs here either: the agent then tears the VM down). The look may raise when
+    unsure: the VM then stays, until a later look or `vmwrap reconcile`."""
+    job: Job
+    run: str
+    running: Callable[[], bool]
+
+
 @runtime_checkable
 class PeerStarting(Protocol):
     """For schedulers that run no hook on a job's other nodes (Grid Engine's slave hosts of a tightly
     integrated parallel job): the node agent's `peer` request boots this node's VM of the job for the
     job's first task here (vmwrap.agent)."""
 
-    def peer_job(self, settings: Settings, pid: int, uid: int, job_id: str) -> Job:
-        """The job as this node's VM of it must be booted: UserError unless process `pid` (the
-        caller, from the kernel) is a task of `job_id` on this node by the scheduler's own records and
-        `uid` owns the job; its CPUs, memory and node list from the scheduler, never from the task."""
-
-    def peer_running(self, settings: Settings, pid: int, job_id: str) -> Callable[[], bool]:
-        """Called with `peer_job`'s caller, once it passed: a look the agent repeats (every few seconds)
-        while this node's VM of the job runs; False once the scheduler no longer runs the job on this
-        node (the agent then tears the VM down: no epilog runs here). May raise when unsure: the VM
-        then stays."""
+    def peer_job(self, settings: Settings, pid: int, uid: int, job_id: str) -> PeerRun:
+        """UserError unless process `pid` (the caller, from the kernel) is a task of `job_id` (the
+        job's canonical id) on this node by the scheduler's own records, runs as `uid`, and `uid` owns
+        the job; the VM's CPUs, memory and node list from the scheduler, never from the task."""
 
 
 def _own_entry_point(group: str, name: str) -> str | None:

@@ -65,7 +65,8 @@ _peer_locks_lock = threading.Lock()
 def _peer(settings: Settings, peer_pid: int, peer_uid: int, job_id: str) -> dict:
     """Boot this node's VM of a job spanning nodes for the job's first task here, on schedulers that
     run no hook on a job's other nodes (Grid Engine's slave hosts): the adapter's `peer_job` checks that
-    the caller is a task of the job its uid owns and says what the VM gets. Later tasks find it."""
+    the caller is a task of the job its uid owns and says what the VM gets. Later tasks of the same
+    run find it; a VM of an earlier run of the job (restarted on this node) goes first."""
     from . import adapter, lifecycle
 
     Job.check_id(job_id)
@@ -73,32 +74,57 @@ def _peer(settings: Settings, peer_pid: int, peer_uid: int, job_id: str) -> dict
     peer_job = getattr(sched, "peer_job", None)
     if peer_job is None:
         raise UserError(f"{settings.scheduler} starts each node's VM of a job itself")
-    with _peer_locks_lock:
+    found = peer_job(settings, peer_pid, peer_uid, job_id)   # checked on every call, first or not
+    with _peer_locks_lock:   # a lock per job that passed the check, dropped with its watcher
         lock = _peer_locks.setdefault(job_id, threading.Lock())
     with lock:
-        job = peer_job(settings, peer_pid, peer_uid, job_id)   # checked on every call, first or not
-        if rundir.path(settings, job_id).exists():
-            return {"changed": False}
-        running = sched.peer_running(settings, peer_pid, job_id)
-        try:
-            out = lifecycle.start(settings, job_id, lambda: job, sched.name)
-        finally:  # whatever start left behind goes when the job is gone from this node
-            threading.Thread(target=_watch_peer, args=(settings, sched.name, job_id, running),
-                             name=f"vmwrap peer {job_id}", daemon=True).start()
+        run_dir = rundir.path(settings, job_id)
+        if run_dir.exists():
+            have = _peer_run(run_dir)
+            if have == found.run:
+                return {"changed": False}
+            if have is None:
+                raise UserError(f"job {job_id}'s VM on this node was not started for its tasks")
+            _end_peer(settings, sched.name, job_id)   # an earlier run's, never saved
+        out = lifecycle.start(settings, job_id, lambda: found.job, sched.name)
         if out.verdict is not lifecycle.Verdict.RUN:
+            _end_peer(settings, sched.name, job_id)   # what the failed start left: no epilog comes
             raise UserError(f"job {job_id}'s VM on this node did not start: {out.reason}")
+        fd = os.open(run_dir / PEER_RUN, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:   # the run dir is root's (the job's user has only ctl/user)
+            f.write(found.run.encode())
+        threading.Thread(target=_watch_peer, args=(settings, sched.name, job_id, found.run, found.running),
+                         name=f"vmwrap peer {job_id}", daemon=True).start()
         return {"changed": True}
 
 
-PEER_POLL = 2.0   # s between looks at whether a peer VM's job still runs on this node
+PEER_RUN = "peer-run"   # in a peer VM's run dir (root's): which run of the job the agent booted it for
+PEER_POLL = 2.0         # s between looks at whether a peer VM's job still runs on this node
+PEER_END_TRIES = 10     # libvirt unreachable: tried again PEER_POLL * 15 s apart, then left to reconcile
 
 
-def _watch_peer(settings: Settings, scheduler: str, job_id: str, running, poll: float = PEER_POLL) -> None:
-    """No epilog runs here either: once the scheduler no longer runs the job on this node, its VM is
-    torn down as an epilog would (never saved: such jobs are refused a checkpoint). Should the agent
-    stop first, `vmwrap reconcile` removes what is left."""
+def _peer_run(run_dir: Path) -> str | None:
+    try:
+        data = safeio.read_capped(run_dir / PEER_RUN, 256)
+    except OSError:
+        return None
+    return None if data is None else data.decode("ascii", "replace")
+
+
+def _end_peer(settings: Settings, scheduler: str, job_id: str) -> bool:
     from . import lifecycle
 
+    out = lifecycle.end(settings, job_id, requeued=False, restarts=0, scheduler=scheduler)
+    if out.verdict is lifecycle.Verdict.NODE_FAULT:
+        print(f"vmwrap agent: job {job_id}'s VM on this node: {out.reason}", file=sys.stderr)
+        return False
+    return True
+
+
+def _watch_peer(settings: Settings, scheduler: str, job_id: str, run: str, running, poll: float = PEER_POLL) -> None:
+    """No epilog runs on such a node: once the scheduler no longer runs this run of the job here, its
+    VM is torn down as an epilog would (never saved: such jobs are refused a checkpoint), unless
+    another run's VM has taken its place. Should the agent stop first, `vmwrap reconcile` removes it."""
     while True:
         try:
             if not running():
@@ -106,10 +132,24 @@ def _watch_peer(settings: Settings, scheduler: str, job_id: str, running, poll: 
         except Exception:  # noqa: BLE001 - unsure is running: a VM is never torn down on a failed look
             pass
         time.sleep(poll)
+    with _peer_locks_lock:
+        lock = _peer_locks.setdefault(job_id, threading.Lock())
     try:
-        lifecycle.end(settings, job_id, requeued=False, restarts=0, scheduler=scheduler)
-    except Exception as e:  # noqa: BLE001 - the repair pass removes it later
-        print(f"vmwrap agent: job {job_id}'s VM on this node: {e}", file=sys.stderr)
+        for attempt in range(PEER_END_TRIES):
+            with lock:
+                if _peer_run(rundir.path(settings, job_id)) != run:
+                    return   # gone already, or another run's VM now
+                try:
+                    if _end_peer(settings, scheduler, job_id):
+                        return
+                except Exception as e:  # noqa: BLE001 - the repair pass removes it later
+                    print(f"vmwrap agent: job {job_id}'s VM on this node: {e}", file=sys.stderr)
+                    return
+            time.sleep(poll * 15)
+    finally:
+        with _peer_locks_lock:
+            if _peer_locks.get(job_id) is lock and not lock.locked() and not rundir.path(settings, job_id).exists():
+                del _peer_locks[job_id]
 
 
 def handle(settings: Settings, conn, peer_uid: int, op: str, job_id: str, peer_pid: int = 0) -> dict | None:

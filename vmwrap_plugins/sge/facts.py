@@ -458,32 +458,33 @@ def pe_settings(pattern: str) -> dict[str, dict[str, str]]:
     return out
 
 
-def allocation_from_xml(text: str, job: str) -> list[tuple[str, int]]:
-    """(host, slots) of a running job from `qstat -g t -u '*' -xml`, one entry per host (a host's
-    queue instances summed), the MASTER task's host first. [] when qstat does not list it running."""
-    if not _ID.fullmatch(job):
-        raise RuntimeError(f"{job[:20]!r} is not a job id")
+def allocation_from_xml(text: str, job: str, task: str | None = None) -> list[tuple[str, int]]:
+    """(host, slots) of a running job (of its array task `task`) from `qstat -g t -u '*' -xml`, one
+    entry per host (a host's queue instances summed), the MASTER task's host first. [] when qstat does
+    not list it running."""
+    if not _ID.fullmatch(job) or (task is not None and not _ID.fullmatch(task)):
+        raise RuntimeError(f"{job[:20]!r}.{(task or '')[:20]!r} is not a job id")
     hosts: dict[str, int] = {}
     master = None
     for j in _xml(text, "qstat -g t -xml").iter("job_list"):
-        if (j.findtext("JB_job_number") or "").strip() != job:
+        if (j.findtext("JB_job_number") or "").strip() != job or (j.findtext("tasks") or "").strip() != (task or ""):
             continue
         host = host_of((j.findtext("queue_name") or "").strip())
         slots = (j.findtext("slots") or "").strip()
         if host is None or not slots.isdigit() or len(slots) > 6:
             raise RuntimeError(f"job {job}: unreadable queue instance or slots in qstat -g t")
         hosts[host] = hosts.get(host, 0) + int(slots)
-        if (j.findtext("master") or "").strip() == "MASTER":
+        if (j.findtext("master") or "").strip() == "MASTER" and master is None:
             master = host
     if master is None:
         return []
     return [(master, hosts[master])] + [(h, n) for h, n in hosts.items() if h != master]
 
 
-def job_allocation(job: str) -> list[tuple[str, int]]:
-    """Where qmaster runs `job` and with how many slots per host (see allocation_from_xml): what a
-    slave host's VM is sized by, never what the job's own processes say."""
-    return allocation_from_xml(run("qstat", "-g", "t", "-u", "*", "-xml"), job)
+def job_allocation(job: str, task: str | None = None) -> list[tuple[str, int]]:
+    """Where qmaster runs `job` (its array task `task`) and with how many slots per host (see
+    allocation_from_xml): what a slave host's VM is sized by, never what the job's own processes say."""
+    return allocation_from_xml(run("qstat", "-g", "t", "-u", "*", "-xml"), job, task)
 
 
 def host_complex_values(text: str) -> dict[str, str]:

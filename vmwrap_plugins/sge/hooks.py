@@ -296,21 +296,33 @@ class GridEngine:
         again = migrated(env) or rescheduled(job_id(env), env.get("HOSTNAME", ""))
         return again, before + 1 if again else before
 
-    def peer_job(self, settings: Settings, pid: int, uid: int, job_id: str) -> Job:
+    def peer_job(self, settings: Settings, pid: int, uid: int, job_id: str):
         """This host's VM of a job spanning hosts, for the job's first `qrsh -inherit` task here (no
         prolog runs on a slave host; the node agent boots it): `pid` must hold a group execd gave one
-        of the job's tasks on this host, `uid` must own the job, and what the VM gets is qmaster's
-        (this host's slots, the job's requests), never what the task says."""
+        of the job's tasks in that very run's dir on this host, run as `uid`, and `uid` must own the
+        job; what the VM gets is qmaster's (this host's slots, the job's requests), never what the task
+        says. The run is execd's dir of it; it runs while that dir does and qmaster has it here."""
+        from vmwrap.adapter import PeerRun
+
         from . import facts, petask
 
-        num = job_id.split(".")[0]
-        spool = petask.claimed_spool(pid, num)
-        if spool is None or not petask.is_task_of(pid, num, spool):
-            raise UserError(f"the caller is no task of job {job_id} on this host")
-        qstat = qstat_job(job_id)
+        num, dot, task = job_id.partition(".")
+        if not _JOB_NUM.fullmatch(num) or (dot and not _JOB_NUM.fullmatch(task)):
+            raise UserError(f"{job_id[:40]!r} is not a Grid Engine job id")
+        qstat = qstat_job(num)
         if qstat is None:
             raise VmwrapError(f"cannot read job {job_id}'s resource requests with qstat -j")
-        fields = dict(re.findall(r"^(owner|cwd|sge_o_home):[ \t]+(\S.*?)\s*$", qstat, re.M))
+        array = re.search(r"^job-array tasks:", qstat, re.M) is not None
+        if array != bool(dot):   # one name per run: 123 (no array) or 123.4 (array task 4)
+            raise UserError(f"job {num} {'is' if array else 'is not'} an array job: "
+                            f"{'name its task, ' + num + '.T' if array else 'its id is ' + num}")
+        run_task = task or "1"
+        spool = petask.claimed_spool(pid, num, run_task)
+        if spool is None or not petask.is_task_of(pid, num, spool, run_task) or petask.process_uid(pid) != uid:
+            raise UserError(f"the caller is no task of job {job_id} on this host")
+        fields = {}
+        for key, value in re.findall(r"^(owner|cwd|sge_o_home):[ \t]+(\S.*?)\s*$", qstat, re.M):
+            fields.setdefault(key, value)   # the first: qstat's own line, before any of the job's values
         try:
             pw = pwd.getpwnam(fields.get("owner", ""))
         except KeyError:
@@ -320,42 +332,41 @@ class GridEngine:
         image = parse_context(qstat)
         if not image:
             raise UserError(f"job {job_id} asked for no VM")
-        alloc = facts.job_allocation(num)
+        # the script (spooled on the master's host only) asked the memory; the JSV put it in the context
+        said = wire.decode_context_memory(kv for m in CONTEXT.finditer(qstat) for kv in m.group(1).split(","))
+        alloc = dict(facts.job_allocation(num, task or None))
+        master = next(iter(alloc), None)
         me = socket.gethostname().split(".")[0]
-        here = [i for i, (h, _) in enumerate(alloc) if h.split(".")[0] == me]
+        here = [h for h in alloc if h.split(".")[0] == me]
         if len(alloc) < 2 or not here:
             raise UserError(f"job {job_id} does not span hosts with this one ({me[:60]})")
-        hosts = [h for h, _ in alloc]
+        hosts = job_hosts(master, list(alloc))
         from vmwrap import jobnet
 
-        plan = jobnet.Plan(job_id, tuple(hosts), tuple(host_addresses(hosts)), here[0])
-        n = alloc[here[0]][1]
-        return Job(job_id=job_id, scheduler="sge", user=pw.pw_name, uid=pw.pw_uid, gid=pw.pw_gid,
-                   work_dir=fields.get("cwd") or fields.get("sge_o_home") or pw.pw_dir, script="", cpus=n,
-                   memory_mib=requested_memory_mib(qstat, n), image=image, nodes=plan,
-                   groups=[g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid])
-
-    def peer_running(self, settings: Settings, pid: int, job_id: str):
-        """execd keeps the job's dir (`<spool>/active_jobs/JOB.TASK`) while the job runs on this host
-        and removes it once the job ended here: the look is that dir still being there (and no other
-        dir by that name: a job run again here gets a new one, unless its inode number was reused)."""
-        from . import petask
-
-        num, _, task = job_id.partition(".")
-        spool = petask.claimed_spool(pid, num)  # peer_job proved it a moment ago (the task's execd records)
-        if spool is None:
-            raise UserError(f"the caller is no task of job {job_id} on this host")
-        path = os.path.join(spool, petask.ACTIVE, f"{num}.{task or 1}")
+        plan = jobnet.Plan(job_id, tuple(hosts), tuple(host_addresses(hosts)), hosts.index(here[0]))
+        n = alloc[here[0]]
+        job = Job(job_id=job_id, scheduler="sge", user=pw.pw_name, uid=pw.pw_uid, gid=pw.pw_gid,
+                  work_dir=fields.get("cwd") or fields.get("sge_o_home") or pw.pw_dir,
+                  script=f"#VMWRAP --memory={said}M\n" if said else "", cpus=n,
+                  memory_mib=requested_memory_mib(qstat, n), image=image, nodes=plan,
+                  groups=[g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid])
+        path = os.path.join(spool, petask.ACTIVE, f"{num}.{run_task}")
         st = os.lstat(path)
         first = (st.st_dev, st.st_ino)
+        looks = [0]
 
         def running() -> bool:
             try:
-                st = os.lstat(path)
-            except FileNotFoundError:
+                st = os.lstat(path)   # a trusted path (claimed_spool): execd's alone, no link on the way
+            except (FileNotFoundError, NotADirectoryError):
                 return False
-            return (st.st_dev, st.st_ino) == first
-        return running
+            if (st.st_dev, st.st_ino) != first:
+                return False
+            looks[0] += 1
+            if looks[0] % PEER_QMASTER_EVERY == 0:   # and qmaster still runs it here (raises when unsure)
+                return here[0] in dict(facts.job_allocation(num, task or None))
+            return True
+        return PeerRun(job, f"{first[0]}:{first[1]}", running)
 
     def take_out(self, env, reason: str) -> None:
         print(f"vmwrap: {reason}", file=sys.stderr)  # execd logs it with the queue's error state
@@ -469,6 +480,18 @@ def starter(settings: Settings, argv: list[str], config_path: str | None = None)
 TASK_MODULE = "vmwrap_plugins.sge.task"
 
 
+def execd_spool(job_spool_dir: str) -> str | None:
+    """This host's execd spool from a job's or task's SGE_JOB_SPOOL_DIR (`<spool>/active_jobs/JOB.T`,
+    and `/<pe task>` under it for a task); None if it does not read so."""
+    parts = job_spool_dir.split("/")
+    if not job_spool_dir.startswith("/") or os.path.normpath(job_spool_dir) != job_spool_dir:
+        return None
+    for k in (-2, -3):
+        if len(parts) > -k + 1 and parts[k] == "active_jobs":
+            return "/".join(parts[:k])
+    return None
+
+
 def step_launcher(job_id: str, env: dict[str, str]):
     """vmwrap.steps' Launch for this job: the guest's `qrsh -inherit HOST CMD` as a host qrsh running
     vmwrap_plugins.sge.task on HOST (this host: the task reaches this VM's step service; another of the
@@ -476,7 +499,9 @@ def step_launcher(job_id: str, env: dict[str, str]):
     from .steps import qrsh_command
 
     hosts = [h for h, _ in pe_allocation(env)] or [env.get("HOSTNAME", "")]
-    master = env.get("HOSTNAME", "")
+    # the master's host as its tasks can tell it: execd's spool there (<execd_spool_dir>/<host>, which
+    # a task's SGE_JOB_SPOOL_DIR starts with); host names may be spelt otherwise (host_aliases)
+    master = execd_spool(env.get("SGE_JOB_SPOOL_DIR", "")) or env.get("HOSTNAME", "")
 
     def launch(argv: list[str], task: list[str]) -> tuple[int, list[str]]:
         ours = [task[0], "-m", TASK_MODULE, *task[3:], job_id, master]
@@ -628,6 +653,17 @@ def host_addresses(hosts: list[str]) -> list[str]:
     return out
 
 
+_JOB_NUM = re.compile(r"[1-9][0-9]{0,9}")
+PEER_QMASTER_EVERY = 15   # a slave VM's looks (2 s apart) between asking qmaster whether its job still runs here
+
+
+def job_hosts(master: str | None, hosts: list[str]) -> list[str]:
+    """The job's hosts in the one order every host computes alike (the job network gives node K the
+    K-th address): the master's first, then the others by name. The master's prolog has them from
+    pe_hostfile, a slave's agent from qstat, each in its own order."""
+    return ([master] if master in hosts else []) + sorted(h for h in hosts if h != master)
+
+
 def job_plan(env: dict[str, str], jid: str) -> tuple[object | None, int]:
     """(the job network's plan or None, this host's CPUs): a job whose PE spans hosts gets one VM on
     each (this one from the prolog on the master's host), joined as Slurm's multi-node jobs are."""
@@ -651,6 +687,7 @@ def job_plan(env: dict[str, str], jid: str) -> tuple[object | None, int]:
     me = env.get("HOSTNAME", "")
     if me not in hosts:
         raise VmwrapError(f"this host ({me[:80]!r}) is not in job {jid}'s pe_hostfile ({' '.join(hosts[:4])})")
+    hosts = job_hosts(me, hosts)   # this prolog runs on the master's host
     return jobnet.Plan(jid, tuple(hosts), tuple(host_addresses(hosts)), hosts.index(me)), dict(alloc)[me]
 
 

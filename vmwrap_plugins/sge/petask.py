@@ -21,7 +21,6 @@ from .hooks import ADMIN_USER
 
 ACTIVE = "active_jobs"
 _JOB = re.compile(r"\d{1,10}")
-_JOB_DIR = re.compile(r"(\d{1,10})\.(\d{1,10})")
 _PETASK = re.compile(r"\d{1,10}\.[A-Za-z0-9_.-]{1,255}")
 _GID = re.compile(rb"\d{1,10}\n?")
 ENTRIES_MAX = 4096          # pe tasks of one job on one host looked at, at most
@@ -52,35 +51,58 @@ def _gid_in(path: str, owners: set[int]) -> int | None:
     return int(data) if _GID.fullmatch(data) else None
 
 
-def task_groups(spool: str, job: str) -> set[int]:
-    """The groups execd gave job `job`'s master and pe tasks on this host (`spool`: this host's
-    execd spool dir, from root's configuration)."""
-    if not _JOB.fullmatch(job):
-        raise ValueError(f"{job[:20]!r} is not a job id")
+def _owners() -> set[int]:
     try:
-        owners = {0, pwd.getpwnam(ADMIN_USER).pw_uid}
+        return {0, pwd.getpwnam(ADMIN_USER).pw_uid}
     except KeyError:
-        owners = {0}
-    active = os.path.join(spool, ACTIVE)
-    if not _trusted_dir(active, owners):
+        return {0}
+
+
+def trusted_path(path: str, owners: set[int] | None = None) -> bool:
+    """Whether every component of `path` (absolute, normalized) is a real directory that root or
+    the GE admin user owns and nobody else can write (above it, a root-owned sticky dir will do): a
+    user can neither have made it nor swap a link into it later."""
+    owners = _owners() if owners is None else owners
+    if not path.startswith("/") or os.path.normpath(path) != path:
+        return False
+    parts = path.split("/")[1:]
+    return all(_trusted_dir(c, owners) or _sticky_root_dir(c)
+               for c in ("/" + "/".join(parts[:k]) for k in range(len(parts))) if c) \
+        and _trusted_dir(path, owners)
+
+
+def _sticky_root_dir(path: str) -> bool:
+    """A root-owned sticky dir (/tmp, /var/tmp): others may add their own entries, never replace
+    root's, so a root-owned dir in it stays root's."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and bool(st.st_mode & stat.S_ISVTX)
+
+
+def task_groups(spool: str, job: str, task: str = "1") -> set[int]:
+    """The groups execd gave job `job` (array task `task`; 1 for a job that is no array)'s master and
+    pe tasks on this host, from that run's own dir (`spool`: this host's execd spool dir, a trusted
+    path). Another task of an array job proves nothing about this one."""
+    if not _JOB.fullmatch(job) or not _JOB.fullmatch(task):
+        raise ValueError(f"{job[:20]!r}.{task[:20]!r} is not a job id")
+    owners = _owners()
+    d = os.path.join(spool, ACTIVE, f"{job}.{task}")
+    if not trusted_path(d, owners):
         return set()
     groups: set[int] = set()
+    if (g := _gid_in(os.path.join(d, "addgrpid"), owners)) is not None:
+        groups.add(g)
     seen = 0
-    with os.scandir(active) as it:
-        for e in it:
-            m = _JOB_DIR.fullmatch(e.name)
-            if not m or m.group(1) != job or not _trusted_dir(e.path, owners):
-                continue
-            if (g := _gid_in(os.path.join(e.path, "addgrpid"), owners)) is not None:
+    with os.scandir(d) as tasks:
+        for t in tasks:
+            seen += 1
+            if seen > ENTRIES_MAX:
+                break
+            if _PETASK.fullmatch(t.name) and _trusted_dir(t.path, owners) \
+                    and (g := _gid_in(os.path.join(t.path, "addgrpid"), owners)) is not None:
                 groups.add(g)
-            with os.scandir(e.path) as tasks:
-                for t in tasks:
-                    seen += 1
-                    if seen > ENTRIES_MAX:
-                        return groups
-                    if _PETASK.fullmatch(t.name) and _trusted_dir(t.path, owners) \
-                            and (g := _gid_in(os.path.join(t.path, "addgrpid"), owners)) is not None:
-                        groups.add(g)
     return groups
 
 
@@ -97,19 +119,35 @@ def process_groups(pid: int) -> set[int]:
     return set()
 
 
-def is_task_of(pid: int, job: str, spool: str) -> bool:
-    """Whether process `pid` holds a group execd gave one of `job`'s tasks on this host."""
-    mine = task_groups(spool, job)
+def process_uid(pid: int) -> int | None:
+    """The real uid of process `pid` (/proc/PID/status `Uid:`), None if it is gone."""
+    try:
+        with open(f"/proc/{int(pid)}/status", "rb") as f:
+            text = f.read(STATUS_MAX)
+    except OSError:
+        return None
+    for ln in text.splitlines():
+        if ln.startswith(b"Uid:"):
+            f = ln[4:].split()
+            return int(f[0]) if f and f[0].isdigit() else None
+    return None
+
+
+def is_task_of(pid: int, job: str, spool: str, task: str = "1") -> bool:
+    """Whether process `pid` holds a group execd gave one of `job`'s tasks (of array task `task`) on
+    this host."""
+    mine = task_groups(spool, job, task)
     return bool(mine) and bool(mine & process_groups(pid))
 
 
 ENVIRON_MAX = 1 << 20       # bytes of /proc/PID/environ looked at
 
 
-def claimed_spool(pid: int, job: str) -> str | None:
+def claimed_spool(pid: int, job: str, task: str = "1") -> str | None:
     """This host's execd spool as the task's own environment names it (SGE_JOB_SPOOL_DIR, execd's
-    `<spool>/active_jobs/<job>.<task>/<pe task>`), when it has that shape; a hint only: `is_task_of`
-    must then find the process's group in that spool's records of `job`."""
+    `<spool>/active_jobs/<job>.<task>/<pe task>`), when it has that shape and every component of it up
+    to the job's run dir is execd's (trusted_path: no link or dir of a user's on the way); a hint
+    only: `is_task_of` must then find the process's group in that run's records."""
     try:
         with open(f"/proc/{int(pid)}/environ", "rb") as f:
             env = f.read(ENVIRON_MAX)
@@ -120,8 +158,8 @@ def claimed_spool(pid: int, job: str) -> str | None:
             path = item[len(b"SGE_JOB_SPOOL_DIR="):].decode("utf-8", "replace")
             parts = path.split("/")
             if (len(parts) >= 5 and path.startswith("/") and os.path.normpath(path) == path
-                    and parts[-3] == ACTIVE and _JOB_DIR.fullmatch(parts[-2])
-                    and _JOB_DIR.fullmatch(parts[-2]).group(1) == job and _PETASK.fullmatch(parts[-1])):
+                    and parts[-3] == ACTIVE and parts[-2] == f"{job}.{task}" and _PETASK.fullmatch(parts[-1])
+                    and trusted_path("/".join(parts[:-1]))):
                 return "/".join(parts[:-3])
             return None
     return None

@@ -3,7 +3,7 @@ job's hosts (vmwrap_plugins/sge/steps.py made its command line: every word shell
 
 On the master's host the job's payload serves the task (vmwrap.steps.task_main: the VM's shim runs the
 command); on another host of the job that host's VM of the job runs it (vmwrap.steps.peer_task).
-argv: SOCKET TOKEN JOB MASTER COMMAND (MASTER: execd's name of the master's host; COMMAND: the guest's,
+argv: SOCKET TOKEN JOB MASTER COMMAND (MASTER: execd's spool on the master's host; COMMAND: the guest's,
 encoded). This host's config: $VMWRAP_CONFIG as this host's starter set it from its own command line.
 """
 
@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m vmwrap_plugins.sge.task SOCKET TOKEN JOB MASTER COMMAND", file=sys.stderr)
         return 2
     sock, token, job, master, word = argv
-    if this_host(os.environ) == master:
+    if on_master_host(dict(os.environ), master):
         return task_main([sock, token])
     try:
         command = decode_command(word)
@@ -44,14 +44,17 @@ def main(argv: list[str]) -> int:
     return peer_task(settings, job, command)
 
 
-def this_host(env: dict[str, str]) -> str:
-    """execd's name of the host this task runs on: the last part of its task dir
-    (`.../active_jobs/JOB.1/<pe task>.<host>`), the name GE wrote in the pe_hostfile the master was
-    compared by. GE sets no HOSTNAME for a task; the system's own name may be another spelling."""
-    pe_task, dot, host = os.path.basename(env.get("SGE_JOB_SPOOL_DIR", "")).partition(".")
-    if pe_task.isdigit() and dot and host:
-        return host
-    return socket.gethostname()
+def on_master_host(env: dict[str, str], master: str) -> bool:
+    """Whether this task runs on the master's host: execd's spool here (from the task's dir, as execd
+    set it) is the one the master named (its own); host names may be spelt otherwise (host_aliases:
+    this cell's first host is `vm` to qmaster and `localhost` to its execd). A master whose spool did
+    not read so names its host."""
+    from .hooks import execd_spool
+
+    spool = execd_spool(env.get("SGE_JOB_SPOOL_DIR", ""))
+    if master.startswith("/"):
+        return spool == master
+    return (os.path.basename(env.get("SGE_JOB_SPOOL_DIR", "")).partition(".")[2] or socket.gethostname()) == master
 
 
 PEER_START_TIMEOUT = 900.0   # s: the image may have to be fetched first, as in a prolog
