@@ -124,3 +124,29 @@ def test_the_vm_goes_once_the_scheduler_no_longer_runs_the_job_here_and_never_on
     (run_dir / agent.PEER_RUN).write_text("run2")   # another run's VM took its place: left alone
     agent._watch_peer(settings, "sge", "9", "run1", lambda: False, 0.01)
     assert len(ended) == 1
+
+
+def test_a_request_of_a_run_that_ended_meanwhile_touches_nothing(settings, monkeypatch, booted):
+    """A task of run 1 that waited behind run 2's start must not end run 2's VM to boot its own."""
+    rundir.path(settings, "7").mkdir(parents=True)
+    (rundir.path(settings, "7") / agent.PEER_RUN).write_text("run2")
+    monkeypatch.setattr(adapter, "scheduler", lambda name: SimpleNamespace(
+        name=name, peer_job=lambda s, pid, uid, job_id: adapter.PeerRun(_job(job_id), "run1", lambda: False)))
+    with pytest.raises(UserError, match="no longer runs this run on this node"):
+        agent.handle(settings, None, 1234, "peer", "7", 1)
+    assert booted == [] and (rundir.path(settings, "7") / agent.PEER_RUN).read_text() == "run2"
+
+
+def test_a_restarted_agent_watches_the_vms_it_finds_again(settings, monkeypatch, booted):
+    watched = []
+    monkeypatch.setattr(agent, "_watch_peer", lambda s, sched, job_id, run, running: watched.append((job_id, run)))
+    monkeypatch.setattr(adapter, "scheduler", lambda name: SimpleNamespace(
+        name=name, peer_job=lambda s, pid, uid, job_id: adapter.PeerRun(_job(job_id), "run1", lambda: True)))
+    assert agent.handle(settings, None, 1234, "peer", "7", 1)["changed"]
+    for t in list(agent._peer_watchers.values()):
+        t.join(5)
+    agent._peer_watchers.clear()   # as after a restart of the agent: the VM runs, nobody watches it
+    assert not agent.handle(settings, None, 1234, "peer", "7", 1)["changed"]
+    for t in list(agent._peer_watchers.values()):
+        t.join(5)
+    assert watched == [("7", "run1"), ("7", "run1")]

@@ -3,6 +3,7 @@ execd started for a job's task from any other, by execd's records only; and wher
 with how many slots per host. Layouts and output as probed on this machine's GE 8.1.9."""
 
 import os
+from contextlib import contextmanager
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,8 @@ QSTAT_G_T = """<?xml version='1.0'?>
   <queue_info>
     <job_list state="running">
       <JB_job_number>301536</JB_job_number><JB_name>job.sh</JB_name><JB_owner>vmwrapuser</JB_owner>
-      <state>r</state><queue_name>vmwrap.q@sgehost2</queue_name><master>MASTER</master><slots>1</slots>
+      <state>r</state><JAT_start_time>2026-12-07T10:42:34</JAT_start_time>
+      <queue_name>vmwrap.q@sgehost2</queue_name><master>MASTER</master><slots>1</slots>
     </job_list>
     <job_list state="running">
       <JB_job_number>301536</JB_job_number><JB_name>job.sh</JB_name><JB_owner>vmwrapuser</JB_owner>
@@ -55,6 +57,8 @@ def test_allocation_puts_the_master_first_and_sums_a_hosts_queue_instances():
     assert facts.allocation_from_xml(QSTAT_G_T, "9", "2") == [("sgehost2", 4)]
     assert facts.allocation_from_xml(QSTAT_G_T, "9", "1") == [("vm", 2)]
     assert facts.allocation_from_xml(QSTAT_G_T, "9") == []
+    assert facts.start_from_xml(QSTAT_G_T, "301536") == "2026-12-07T10:42:34"
+    assert facts.start_from_xml(QSTAT_G_T, "8") == ""
 
 
 def test_allocation_refuses_what_does_not_read_as_qstat_wrote_it():
@@ -140,32 +144,50 @@ def test_pe_settings_reads_the_rule_and_whether_slaves_are_controlled(monkeypatc
         facts.pe_settings("mpi;reboot")
 
 
-def test_the_spool_a_task_names_is_only_taken_in_execds_shape(tmp_path):
-    def claimed(value):
-        p = subprocess.Popen(["/bin/sleep", "30"], env={"SGE_JOB_SPOOL_DIR": value})
-        try:
-            for _ in range(200):   # until it has exec'd (before, its environment is this process's)
-                if open(f"/proc/{p.pid}/cmdline", "rb").read().startswith(b"/bin/sleep"):
-                    break
-                time.sleep(0.01)
-            return petask.claimed_spool(p.pid, "301536")
-        finally:
-            p.kill()
-            p.wait()
+@contextmanager
+def under_shepherd(tmp_path, cwd, code="import sys; sys.stdin.read()", env=None):
+    """A process (python running `code`) under a stand-in sge_shepherd (a shell by that name, root's,
+    started in `cwd` as execd starts its shepherds); yields the process's pid."""
+    shepherd = tmp_path / "bin" / petask.SHEPHERD
+    if not shepherd.exists():
+        shepherd.parent.mkdir(exist_ok=True)
+        shutil.copy("/bin/sh", shepherd)
+    sh = subprocess.Popen([str(shepherd), "-c", f"{sys.executable} -c '{code}'; :"], cwd=str(cwd),
+                          stdin=subprocess.PIPE, env=env or {})
+    try:
+        child = None
+        for _ in range(200):
+            try:
+                kids = open(f"/proc/{sh.pid}/task/{sh.pid}/children").read().split()
+            except OSError:
+                kids = []
+            if kids and open(f"/proc/{kids[0]}/cmdline", "rb").read().startswith(sys.executable.encode()):
+                child = int(kids[0])
+                break
+            time.sleep(0.01)
+        assert child is not None, "the task did not start under its shepherd"
+        yield child
+    finally:
+        sh.communicate(b"")
 
+
+def test_which_task_a_process_is_comes_from_its_shepherds_dir_never_its_environment(tmp_path):
     spool, d = _spool(tmp_path)
-    assert claimed(f"{d}/1.vm") == str(spool)
-    for bad in (f"{spool}/active_jobs/301537.1/1.vm", str(d), f"{spool}/../vm/active_jobs/301536.1/1.vm",
-                f"{str(d)[1:]}/1.vm", f"{spool}/jobs/301536.1/1.vm", f"{spool}/active_jobs/301536.2/1.vm"):
-        assert claimed(bad) is None, bad
-    # a path through a link or a dir a user could write is never taken: its owner could swap it later
-    user_dir = tmp_path / "home"
-    user_dir.mkdir(mode=0o777)
-    user_dir.chmod(0o777)
-    (user_dir / "link").symlink_to(spool)
-    assert claimed(f"{user_dir}/link/active_jobs/301536.1/1.vm") is None
+    with under_shepherd(tmp_path, d / "1.vm", env={"SGE_JOB_SPOOL_DIR": "/elsewhere/active_jobs/301536.1/1.x"}) as pid:
+        assert petask.shepherd_dir(pid) == f"{d}/1.vm"
+        assert petask.task_spool(pid, "301536") == (str(spool), "vm")
+        assert petask.task_spool(pid, "301537") is None and petask.task_spool(pid, "301536", "2") is None
+    with under_shepherd(tmp_path, d) as pid:   # the master's dir: no pe task
+        assert petask.task_spool(pid, "301536") is None
+    plain = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE, cwd=d / "1.vm")
+    try:
+        assert petask.shepherd_dir(plain.pid) is None   # no shepherd above it: no task of anything
+    finally:
+        plain.communicate(b"")
+    # a dir a user could write on the way is never taken: its owner could swap what is under it
     d.chmod(0o777)
-    assert claimed(f"{d}/1.vm") is None
+    with under_shepherd(tmp_path, d / "1.vm") as pid:
+        assert petask.task_spool(pid, "301536") is None
 
 
 QSTAT_J = ("job_number:                 301536\nowner:                      vmwrapuser\n"
@@ -189,29 +211,30 @@ def test_a_slave_hosts_vm_is_its_tasks_run_sized_by_qmaster_and_runs_while_execd
     spool, d = _spool(tmp_path, tasks=(("1.vm", 65400),))
     me = socket.gethostname().split(".")[0]
     monkeypatch.setattr(hooks, "qstat_job", lambda jid: QSTAT_J)
-    monkeypatch.setattr(facts, "job_allocation", lambda job, task=None: [("zeta", 1), (me, 2), ("alpha", 1)])
     monkeypatch.setattr(hooks, "host_addresses", lambda hosts: [f"10.0.0.{i}" for i, _ in enumerate(hosts)])
-    task = subprocess.Popen([sys.executable, "-c", "import os, sys; os.setgroups([65400]); "
-                             "os.setgid(1234); os.setuid(1234); sys.stdin.read()"], stdin=subprocess.PIPE,
-                            env={"SGE_JOB_SPOOL_DIR": f"{d}/1.vm"})
-    try:
+    monkeypatch.setattr(facts, "job_run", lambda job, task=None: ([("zeta", 1), (me, 2), ("alpha", 1)],
+                                                                 "2026-12-07T10:42:34"))
+    with under_shepherd(tmp_path, d / "1.vm", "import os, sys; os.setgroups([65400]); os.setgid(1234); "
+                        "os.setuid(1234); sys.stdin.read()") as pid:
         for _ in range(100):
-            if petask.process_groups(task.pid) == {65400}:
+            if petask.process_groups(pid) == {65400}:
                 break
             time.sleep(0.05)
-        found = hooks.GridEngine().peer_job(Settings(), task.pid, 1234, "301536")
+        found = hooks.GridEngine().peer_job(Settings(), pid, 1234, "301536")
         for job_id, uid, said in (("301536.1", 1234, "is not an array job"),
                                   ("301536.", 1234, "not a Grid Engine job id"),
                                   ("301536", 1235, "no task of job"), ("301537", 1234, "no task of job")):
             with pytest.raises(UserError, match=said):
-                hooks.GridEngine().peer_job(Settings(), task.pid, uid, job_id)
-    finally:
-        task.communicate(b"")
+                hooks.GridEngine().peer_job(Settings(), pid, uid, job_id)
+        monkeypatch.setattr(facts, "job_run", lambda job, task=None: ([(me, 2), ("alpha", 1)], "t"))
+        with pytest.raises(UserError, match="master host: its VM is the prolog's"):
+            hooks.GridEngine().peer_job(Settings(), pid, 1234, "301536")
     job = found.job
     assert (job.user, job.uid, job.cpus, job.memory_mib, job.image, job.work_dir) == \
         ("vmwrapuser", 1234, 2, 512, "busybox", "/work/t1")
     assert job.nodes.nodes == ("zeta", "alpha", me) and job.nodes.index == 2   # the master, then by name
     assert directives.parse(job.script).memory_mib == 192   # as the master's VM: the script's, by the JSV
+    assert found.run.endswith(":2026-12-07T10:42:34")   # a run started again is another run
     assert found.running()
     shutil.rmtree(d)
     assert not found.running()

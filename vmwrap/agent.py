@@ -75,27 +75,54 @@ def _peer(settings: Settings, peer_pid: int, peer_uid: int, job_id: str) -> dict
     if peer_job is None:
         raise UserError(f"{settings.scheduler} starts each node's VM of a job itself")
     found = peer_job(settings, peer_pid, peer_uid, job_id)   # checked on every call, first or not
-    with _peer_locks_lock:   # a lock per job that passed the check, dropped with its watcher
+    with _peer_locks_lock:   # a lock per job that passed the check (kept: a waiter must find the same one)
         lock = _peer_locks.setdefault(job_id, threading.Lock())
     with lock:
+        try:
+            still = found.running()
+        except Exception:  # noqa: BLE001 - unsure is running
+            still = True
+        if not still:   # waited behind another run's start: this run is over, its task with it
+            raise UserError(f"job {job_id} no longer runs this run on this node")
         run_dir = rundir.path(settings, job_id)
         if run_dir.exists():
             have = _peer_run(run_dir)
             if have == found.run:
+                _ensure_watcher(settings, sched.name, job_id, found)   # the agent may have restarted
                 return {"changed": False}
             if have is None:
                 raise UserError(f"job {job_id}'s VM on this node was not started for its tasks")
             _end_peer(settings, sched.name, job_id)   # an earlier run's, never saved
         out = lifecycle.start(settings, job_id, lambda: found.job, sched.name)
-        if out.verdict is not lifecycle.Verdict.RUN:
-            _end_peer(settings, sched.name, job_id)   # what the failed start left: no epilog comes
-            raise UserError(f"job {job_id}'s VM on this node did not start: {out.reason}")
-        fd = os.open(run_dir / PEER_RUN, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as f:   # the run dir is root's (the job's user has only ctl/user)
-            f.write(found.run.encode())
-        threading.Thread(target=_watch_peer, args=(settings, sched.name, job_id, found.run, found.running),
-                         name=f"vmwrap peer {job_id}", daemon=True).start()
+        try:
+            if out.verdict is not lifecycle.Verdict.RUN:
+                raise UserError(f"job {job_id}'s VM on this node did not start: {out.reason}")
+            fd = os.open(run_dir / PEER_RUN, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)
+            with os.fdopen(fd, "wb") as f:   # the run dir is root's (the job's user has only ctl/user)
+                f.write(found.run.encode())
+            _ensure_watcher(settings, sched.name, job_id, found)
+        except BaseException:
+            try:   # what the start left: no epilog comes
+                _end_peer(settings, sched.name, job_id)
+            except Exception as e:  # noqa: BLE001 - the reason that counts is the first
+                print(f"vmwrap agent: job {job_id}'s VM on this node: {e}", file=sys.stderr)
+            raise
         return {"changed": True}
+
+
+_peer_watchers: dict[tuple[str, str], threading.Thread] = {}   # (job, run) -> its watcher
+
+
+def _ensure_watcher(settings: Settings, scheduler: str, job_id: str, found) -> None:
+    with _peer_locks_lock:
+        t = _peer_watchers.get((job_id, found.run))
+        if t is not None and t.is_alive():
+            return
+        t = threading.Thread(target=_watch_peer, args=(settings, scheduler, job_id, found.run, found.running),
+                             name=f"vmwrap peer {job_id}", daemon=True)
+        _peer_watchers[(job_id, found.run)] = t
+    t.start()
 
 
 PEER_RUN = "peer-run"   # in a peer VM's run dir (root's): which run of the job the agent booted it for
@@ -135,7 +162,7 @@ def _watch_peer(settings: Settings, scheduler: str, job_id: str, run: str, runni
     with _peer_locks_lock:
         lock = _peer_locks.setdefault(job_id, threading.Lock())
     try:
-        for attempt in range(PEER_END_TRIES):
+        for _ in range(PEER_END_TRIES):
             with lock:
                 if _peer_run(rundir.path(settings, job_id)) != run:
                     return   # gone already, or another run's VM now
@@ -148,8 +175,8 @@ def _watch_peer(settings: Settings, scheduler: str, job_id: str, run: str, runni
             time.sleep(poll * 15)
     finally:
         with _peer_locks_lock:
-            if _peer_locks.get(job_id) is lock and not lock.locked() and not rundir.path(settings, job_id).exists():
-                del _peer_locks[job_id]
+            if _peer_watchers.get((job_id, run)) is threading.current_thread():
+                del _peer_watchers[(job_id, run)]
 
 
 def handle(settings: Settings, conn, peer_uid: int, op: str, job_id: str, peer_pid: int = 0) -> dict | None:

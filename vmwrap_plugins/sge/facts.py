@@ -481,6 +481,22 @@ def allocation_from_xml(text: str, job: str, task: str | None = None) -> list[tu
     return [(master, hosts[master])] + [(h, n) for h, n in hosts.items() if h != master]
 
 
+def start_from_xml(text: str, job: str, task: str | None = None) -> str:
+    """When qmaster started this run of `job` (its MASTER task's JAT_start_time in `qstat -g t -xml`);
+    '' when qstat does not list it running. A run started again is another run."""
+    for j in _xml(text, "qstat -g t -xml").iter("job_list"):
+        if ((j.findtext("JB_job_number") or "").strip() == job and (j.findtext("tasks") or "").strip() == (task or "")
+                and (j.findtext("master") or "").strip() == "MASTER"):
+            return (j.findtext("JAT_start_time") or "").strip()[:64]
+    return ""
+
+
+def job_run(job: str, task: str | None = None) -> tuple[list[tuple[str, int]], str]:
+    """job_allocation and start_from_xml from one `qstat -g t`."""
+    text = run("qstat", "-g", "t", "-u", "*", "-xml")
+    return allocation_from_xml(text, job, task), start_from_xml(text, job, task)
+
+
 def job_allocation(job: str, task: str | None = None) -> list[tuple[str, int]]:
     """Where qmaster runs `job` (its array task `task`) and with how many slots per host (see
     allocation_from_xml): what a slave host's VM is sized by, never what the job's own processes say."""

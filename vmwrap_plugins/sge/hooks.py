@@ -301,7 +301,9 @@ class GridEngine:
         prolog runs on a slave host; the node agent boots it): `pid` must hold a group execd gave one
         of the job's tasks in that very run's dir on this host, run as `uid`, and `uid` must own the
         job; what the VM gets is qmaster's (this host's slots, the job's requests), never what the task
-        says. The run is execd's dir of it; it runs while that dir does and qmaster has it here."""
+        says. Which task the caller is comes from its shepherd's dir, never its environment. The run is
+        execd's dir of it and qmaster's start time; it runs while that dir does (and qmaster has it here:
+        asked every 5 minutes)."""
         from vmwrap.adapter import PeerRun
 
         from . import facts, petask
@@ -317,8 +319,12 @@ class GridEngine:
             raise UserError(f"job {num} {'is' if array else 'is not'} an array job: "
                             f"{'name its task, ' + num + '.T' if array else 'its id is ' + num}")
         run_task = task or "1"
-        spool = petask.claimed_spool(pid, num, run_task)
-        if spool is None or not petask.is_task_of(pid, num, spool, run_task) or petask.process_uid(pid) != uid:
+        found = petask.task_spool(pid, num, run_task)
+        if found is None or petask.process_uids(pid) != {uid}:
+            raise UserError(f"the caller is no task of job {job_id} on this host")
+        spool, execd_host = found
+        task_dir = petask.shepherd_dir(pid) or ""
+        if not petask.holds_group_of(pid, task_dir):
             raise UserError(f"the caller is no task of job {job_id} on this host")
         fields = {}
         for key, value in re.findall(r"^(owner|cwd|sge_o_home):[ \t]+(\S.*?)\s*$", qstat, re.M):
@@ -334,12 +340,15 @@ class GridEngine:
             raise UserError(f"job {job_id} asked for no VM")
         # the script (spooled on the master's host only) asked the memory; the JSV put it in the context
         said = wire.decode_context_memory(kv for m in CONTEXT.finditer(qstat) for kv in m.group(1).split(","))
-        alloc = dict(facts.job_allocation(num, task or None))
+        listed, started = facts.job_run(num, task or None)
+        alloc = dict(listed)
         master = next(iter(alloc), None)
-        me = socket.gethostname().split(".")[0]
-        here = [h for h in alloc if h.split(".")[0] == me]
-        if len(alloc) < 2 or not here:
-            raise UserError(f"job {job_id} does not span hosts with this one ({me[:60]})")
+        me = {socket.gethostname().split(".")[0], execd_host.split(".")[0]}   # qmaster may spell it otherwise
+        here = [h for h in alloc if h.split(".")[0] in me]
+        if len(alloc) < 2 or not here or not started:
+            raise UserError(f"job {job_id} does not span hosts with this one ({execd_host[:60]})")
+        if here[0] == master:
+            raise UserError(f"this is job {job_id}'s master host: its VM is the prolog's")
         hosts = job_hosts(master, list(alloc))
         from vmwrap import jobnet
 
@@ -350,23 +359,24 @@ class GridEngine:
                   script=f"#VMWRAP --memory={said}M\n" if said else "", cpus=n,
                   memory_mib=requested_memory_mib(qstat, n), image=image, nodes=plan,
                   groups=[g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid])
-        path = os.path.join(spool, petask.ACTIVE, f"{num}.{run_task}")
+        path = os.path.join(spool, petask.ACTIVE, f"{num}.{run_task}")   # trusted (task_spool)
         st = os.lstat(path)
         first = (st.st_dev, st.st_ino)
         looks = [0]
 
         def running() -> bool:
             try:
-                st = os.lstat(path)   # a trusted path (claimed_spool): execd's alone, no link on the way
+                st = os.lstat(path)   # a trusted path (task_spool): execd's alone, no link on the way
             except (FileNotFoundError, NotADirectoryError):
                 return False
             if (st.st_dev, st.st_ino) != first:
                 return False
             looks[0] += 1
-            if looks[0] % PEER_QMASTER_EVERY == 0:   # and qmaster still runs it here (raises when unsure)
-                return here[0] in dict(facts.job_allocation(num, task or None))
+            if looks[0] % PEER_QMASTER_EVERY == 0:   # and qmaster still runs this run here (raises when unsure)
+                now, since = facts.job_run(num, task or None)
+                return here[0] in dict(now) and since == started
             return True
-        return PeerRun(job, f"{first[0]}:{first[1]}", running)
+        return PeerRun(job, f"{first[0]}:{first[1]}:{started}", running)
 
     def take_out(self, env, reason: str) -> None:
         print(f"vmwrap: {reason}", file=sys.stderr)  # execd logs it with the queue's error state
@@ -654,7 +664,7 @@ def host_addresses(hosts: list[str]) -> list[str]:
 
 
 _JOB_NUM = re.compile(r"[1-9][0-9]{0,9}")
-PEER_QMASTER_EVERY = 15   # a slave VM's looks (2 s apart) between asking qmaster whether its job still runs here
+PEER_QMASTER_EVERY = 150  # a slave VM's looks (2 s apart) between asking qmaster whether its job still runs here
 
 
 def job_hosts(master: str | None, hosts: list[str]) -> list[str]:

@@ -7,7 +7,9 @@ believes only execd's own records: execd gives the job's master and each pe task
 group of its own (gid_range, sge_conf(5)) and writes it to `addgrpid` in the task's directory under
 its spool (`active_jobs/<job>.<array task>/` and its `<n>.<host>/` pe task subdirectories, the GE
 admin user's). A user cannot add a group to their own processes, so a process holding one of those
-groups is that job's. The caller still checks the process's uid against the job's owner.
+groups is that job's. Which task dir a process is of comes from its shepherd's working dir (execd
+starts it there), never from the process's own environment. The caller still checks the process's
+uid against the job's owner.
 """
 
 from __future__ import annotations
@@ -119,20 +121,6 @@ def process_groups(pid: int) -> set[int]:
     return set()
 
 
-def process_uid(pid: int) -> int | None:
-    """The real uid of process `pid` (/proc/PID/status `Uid:`), None if it is gone."""
-    try:
-        with open(f"/proc/{int(pid)}/status", "rb") as f:
-            text = f.read(STATUS_MAX)
-    except OSError:
-        return None
-    for ln in text.splitlines():
-        if ln.startswith(b"Uid:"):
-            f = ln[4:].split()
-            return int(f[0]) if f and f[0].isdigit() else None
-    return None
-
-
 def is_task_of(pid: int, job: str, spool: str, task: str = "1") -> bool:
     """Whether process `pid` holds a group execd gave one of `job`'s tasks (of array task `task`) on
     this host."""
@@ -140,26 +128,79 @@ def is_task_of(pid: int, job: str, spool: str, task: str = "1") -> bool:
     return bool(mine) and bool(mine & process_groups(pid))
 
 
-ENVIRON_MAX = 1 << 20       # bytes of /proc/PID/environ looked at
+SHEPHERD = "sge_shepherd"
+ANCESTORS_MAX = 16          # processes walked up from a task to its shepherd
 
 
-def claimed_spool(pid: int, job: str, task: str = "1") -> str | None:
-    """This host's execd spool as the task's own environment names it (SGE_JOB_SPOOL_DIR, execd's
-    `<spool>/active_jobs/<job>.<task>/<pe task>`), when it has that shape and every component of it up
-    to the job's run dir is execd's (trusted_path: no link or dir of a user's on the way); a hint
-    only: `is_task_of` must then find the process's group in that run's records."""
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(comm, parent pid) of process `pid` from /proc/PID/stat; None if it is gone."""
     try:
-        with open(f"/proc/{int(pid)}/environ", "rb") as f:
-            env = f.read(ENVIRON_MAX)
+        with open(f"/proc/{int(pid)}/stat", "rb") as f:
+            text = f.read(4096)
     except OSError:
         return None
-    for item in env.split(b"\0"):
-        if item.startswith(b"SGE_JOB_SPOOL_DIR="):
-            path = item[len(b"SGE_JOB_SPOOL_DIR="):].decode("utf-8", "replace")
-            parts = path.split("/")
-            if (len(parts) >= 5 and path.startswith("/") and os.path.normpath(path) == path
-                    and parts[-3] == ACTIVE and parts[-2] == f"{job}.{task}" and _PETASK.fullmatch(parts[-1])
-                    and trusted_path("/".join(parts[:-1]))):
-                return "/".join(parts[:-3])
+    head, _, rest = text.rpartition(b")")   # comm may hold spaces and ')': the last ')' ends it
+    fields = rest.split()
+    if not head or len(fields) < 2 or not fields[1].isdigit():
+        return None
+    return head.partition(b"(")[2].decode("utf-8", "replace"), int(fields[1])
+
+
+def process_uids(pid: int) -> set[int]:
+    """The real, effective, saved and file-system uids of process `pid` (/proc/PID/status `Uid:`);
+    empty if it is gone."""
+    try:
+        with open(f"/proc/{int(pid)}/status", "rb") as f:
+            text = f.read(STATUS_MAX)
+    except OSError:
+        return set()
+    for ln in text.splitlines():
+        if ln.startswith(b"Uid:"):
+            return {int(x) for x in ln[4:].split() if x.isdigit()}
+    return set()
+
+
+def shepherd_dir(pid: int) -> str | None:
+    """The dir of the task `pid` runs under as execd knows it: the working dir of its nearest
+    sge_shepherd above it (execd starts each shepherd in the job's or pe task's dir under its spool,
+    where the shepherd reads its config). A user can set their environment, not their ancestors."""
+    owners = _owners()
+    p = int(pid)
+    for _ in range(ANCESTORS_MAX):
+        st = _stat(p)
+        if st is None:
             return None
+        comm, parent = st
+        if comm == SHEPHERD:
+            uids = process_uids(p)
+            if not uids or not uids <= owners:
+                return None
+            try:
+                return os.readlink(f"/proc/{p}/cwd")
+            except OSError:
+                return None
+        if parent <= 1:
+            return None
+        p = parent
+    return None
+
+
+def holds_group_of(pid: int, task_dir: str) -> bool:
+    """Whether process `pid` holds the group execd gave the pe task whose dir is `task_dir`."""
+    gid = _gid_in(os.path.join(task_dir, "addgrpid"), _owners())
+    return gid is not None and gid in process_groups(pid)
+
+
+def task_spool(pid: int, job: str, task: str = "1") -> tuple[str, str] | None:
+    """(this host's execd spool, execd's name for this host) for process `pid`, a pe task of job
+    `job` (array task `task`) by its shepherd's dir (`<spool>/active_jobs/<job>.<task>/<n>.<host>`),
+    when every component of it is execd's (trusted_path); the caller must then find the
+    process's group in that run's records."""
+    path = shepherd_dir(pid)
+    if path is None:
+        return None
+    parts = path.split("/")
+    if (len(parts) >= 5 and path.startswith("/") and os.path.normpath(path) == path and parts[-3] == ACTIVE
+            and parts[-2] == f"{job}.{task}" and _PETASK.fullmatch(parts[-1]) and trusted_path(path)):
+        return "/".join(parts[:-3]), parts[-1].partition(".")[2]
     return None
