@@ -108,17 +108,22 @@ def task_groups(spool: str, job: str, task: str = "1") -> set[int]:
     return groups
 
 
-def process_groups(pid: int) -> set[int]:
-    """The supplementary groups of process `pid` (/proc/PID/status `Groups:`); empty if it is gone."""
+def _status_ids(pid: int, key: bytes) -> set[int]:
+    """The numbers of line `key` (b"Groups:", b"Uid:") of /proc/PID/status; empty if it is gone."""
     try:
         with open(f"/proc/{int(pid)}/status", "rb") as f:
             text = f.read(STATUS_MAX)
     except OSError:
         return set()
     for ln in text.splitlines():
-        if ln.startswith(b"Groups:"):
-            return {int(x) for x in ln[7:].split() if x.isdigit()}
+        if ln.startswith(key):
+            return {int(x) for x in ln[len(key):].split() if x.isdigit()}
     return set()
+
+
+def process_groups(pid: int) -> set[int]:
+    """The supplementary groups of process `pid` (/proc/PID/status `Groups:`); empty if it is gone."""
+    return _status_ids(pid, b"Groups:")
 
 
 def is_task_of(pid: int, job: str, spool: str, task: str = "1") -> bool:
@@ -149,15 +154,7 @@ def _stat(pid: int) -> tuple[str, int] | None:
 def process_uids(pid: int) -> set[int]:
     """The real, effective, saved and file-system uids of process `pid` (/proc/PID/status `Uid:`);
     empty if it is gone."""
-    try:
-        with open(f"/proc/{int(pid)}/status", "rb") as f:
-            text = f.read(STATUS_MAX)
-    except OSError:
-        return set()
-    for ln in text.splitlines():
-        if ln.startswith(b"Uid:"):
-            return {int(x) for x in ln[4:].split() if x.isdigit()}
-    return set()
+    return _status_ids(pid, b"Uid:")
 
 
 def shepherd_dir(pid: int) -> str | None:
