@@ -323,8 +323,10 @@ class GridEngine:
         if found is None or petask.process_uids(pid) != {uid}:
             raise UserError(f"the caller is no task of job {job_id} on this host")
         spool, execd_host = found
-        task_dir = petask.shepherd_dir(pid) or ""
-        if not petask.holds_group_of(pid, task_dir):
+        task_dir = petask.shepherd_dir(pid) or ""   # read again: it must still be the run's, and trusted
+        run_dir = os.path.join(spool, petask.ACTIVE, f"{num}.{run_task}")
+        if os.path.dirname(task_dir) != run_dir or not petask.trusted_path(task_dir) \
+                or not petask.holds_group_of(pid, task_dir):
             raise UserError(f"the caller is no task of job {job_id} on this host")
         fields = {}
         for key, value in re.findall(r"^(owner|cwd|sge_o_home):[ \t]+(\S.*?)\s*$", qstat, re.M):
@@ -359,7 +361,7 @@ class GridEngine:
                   script=f"#VMWRAP --memory={said}M\n" if said else "", cpus=n,
                   memory_mib=requested_memory_mib(qstat, n), image=image, nodes=plan,
                   groups=[g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid])
-        path = os.path.join(spool, petask.ACTIVE, f"{num}.{run_task}")   # trusted (task_spool)
+        path = run_dir   # trusted (task_spool)
         st = os.lstat(path)
         first = (st.st_dev, st.st_ino)
         looks = [0]
