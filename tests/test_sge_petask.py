@@ -85,52 +85,49 @@ def _spool(tmp_path, job="301536", master_gid=20000, tasks=(("1.vm", 65400),)):
     return spool, d
 
 
-def test_task_groups_are_the_masters_and_each_pe_tasks(tmp_path):
-    spool, _ = _spool(tmp_path, tasks=(("1.vm", 65400), ("2.vm", 65401)))
-    _spool(tmp_path / "other", job="7", master_gid=30000)
-    assert petask.task_groups(str(spool), "301536") == {20000, 65400, 65401}
-    assert petask.task_groups(str(spool), "7") == set()          # not on this host
-    with pytest.raises(ValueError):
-        petask.task_groups(str(spool), "../301536")
-    other = spool / petask.ACTIVE / "301536.2"   # another task of an array job proves nothing of this one
-    other.mkdir(mode=0o755)
-    (other / "addgrpid").write_text("30001\n")
-    assert petask.task_groups(str(spool), "301536", "2") == {30001}
-    assert 30001 not in petask.task_groups(str(spool), "301536")
-
-
-def test_records_a_user_could_have_written_or_linked_are_ignored(tmp_path):
-    spool, d = _spool(tmp_path)
-    os.chown(d / "1.vm" / "addgrpid", 1234, 1234)                # not execd's
-    assert petask.task_groups(str(spool), "301536") == {20000}
-    (d / "addgrpid").chmod(0o666)                                # writable by anyone
-    assert petask.task_groups(str(spool), "301536") == set()
-    (d / "addgrpid").unlink()
-    (d / "addgrpid").symlink_to(tmp_path / "forged")
-    (tmp_path / "forged").write_text("0\n")
-    assert petask.task_groups(str(spool), "301536") == set()
-    (spool / petask.ACTIVE).chmod(0o777)                         # a spool anyone may write
-    assert petask.task_groups(str(spool), "301536") == set()
-
-
-def test_only_a_process_holding_a_tasks_group_is_the_jobs(tmp_path):
-    spool, _ = _spool(tmp_path, tasks=(("1.vm", 65400),))
-    holder = subprocess.Popen([sys.executable, "-c", "import os, sys; os.setgroups([65400]); "
-                               "os.setgid(1234); os.setuid(1234); sys.stdin.read()"], stdin=subprocess.PIPE)
-    other = subprocess.Popen([sys.executable, "-c", "import os, sys; os.setgroups([1234]); "
-                              "os.setgid(1234); os.setuid(1234); sys.stdin.read()"], stdin=subprocess.PIPE)
+@contextmanager
+def holding(groups):
+    """A process of uid 1234 holding supplementary `groups`, as execd's shepherd leaves a task."""
+    p = subprocess.Popen([sys.executable, "-c", f"import os, sys; os.setgroups({list(groups)!r}); "
+                          "os.setgid(1234); os.setuid(1234); sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
-        for _ in range(100):   # until both have dropped to the user
-            if petask.process_groups(holder.pid) == {65400} and petask.process_groups(other.pid) == {1234}:
+        for _ in range(100):   # until it has dropped to the user
+            if petask.process_groups(p.pid) == set(groups):
                 break
             time.sleep(0.05)
-        assert petask.is_task_of(holder.pid, "301536", str(spool))
-        assert not petask.is_task_of(other.pid, "301536", str(spool))
-        assert not petask.is_task_of(holder.pid, "301537", str(spool))
+        yield p.pid
     finally:
-        for p in (holder, other):
-            p.communicate(b"")
-    assert petask.process_groups(holder.pid) == set()            # gone
+        p.communicate(b"")
+
+
+def test_only_a_process_holding_its_tasks_group_is_that_tasks(tmp_path):
+    _, d = _spool(tmp_path, tasks=(("1.vm", 65400), ("2.vm", 65401)))
+    with holding([65400]) as holder, holding([1234]) as other:
+        assert petask.holds_group_of(holder, str(d / "1.vm"))
+        assert not petask.holds_group_of(holder, str(d / "2.vm"))   # another task's group
+        assert not petask.holds_group_of(other, str(d / "1.vm"))
+        assert not petask.holds_group_of(holder, str(d / "3.vm"))   # no such task
+    assert petask.process_groups(holder) == set()                  # gone
+    assert not petask.holds_group_of(holder, str(d / "1.vm"))
+
+
+def test_group_records_a_user_could_have_written_or_linked_are_ignored(tmp_path):
+    _, d = _spool(tmp_path, tasks=(("1.vm", 65400),))
+    rec = d / "1.vm" / "addgrpid"
+    with holding([65400]) as pid:
+        assert petask.holds_group_of(pid, str(d / "1.vm"))
+        os.chown(rec, 1234, 1234)                                    # not execd's
+        assert not petask.holds_group_of(pid, str(d / "1.vm"))
+        os.chown(rec, 0, 0)
+        rec.chmod(0o666)                                             # writable by anyone
+        assert not petask.holds_group_of(pid, str(d / "1.vm"))
+        rec.unlink()
+        (tmp_path / "forged").write_text("65400\n")
+        rec.symlink_to(tmp_path / "forged")                          # a link, even to the right number
+        assert not petask.holds_group_of(pid, str(d / "1.vm"))
+        rec.unlink()
+        rec.write_text("65400 0\n")                                 # not one number
+        assert not petask.holds_group_of(pid, str(d / "1.vm"))
 
 
 def test_pe_settings_reads_the_rule_and_whether_slaves_are_controlled(monkeypatch):

@@ -22,10 +22,8 @@ import stat
 from .hooks import ADMIN_USER
 
 ACTIVE = "active_jobs"
-_JOB = re.compile(r"\d{1,10}")
 _PETASK = re.compile(r"\d{1,10}\.[A-Za-z0-9_.-]{1,255}")
 _GID = re.compile(rb"\d{1,10}\n?")
-ENTRIES_MAX = 4096          # pe tasks of one job on one host looked at, at most
 STATUS_MAX = 64 << 10       # /proc/PID/status is a few KiB
 
 
@@ -83,31 +81,6 @@ def _sticky_root_dir(path: str) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and bool(st.st_mode & stat.S_ISVTX)
 
 
-def task_groups(spool: str, job: str, task: str = "1") -> set[int]:
-    """The groups execd gave job `job` (array task `task`; 1 for a job that is no array)'s master and
-    pe tasks on this host, from that run's own dir (`spool`: this host's execd spool dir, a trusted
-    path). Another task of an array job proves nothing about this one."""
-    if not _JOB.fullmatch(job) or not _JOB.fullmatch(task):
-        raise ValueError(f"{job[:20]!r}.{task[:20]!r} is not a job id")
-    owners = _owners()
-    d = os.path.join(spool, ACTIVE, f"{job}.{task}")
-    if not trusted_path(d, owners):
-        return set()
-    groups: set[int] = set()
-    if (g := _gid_in(os.path.join(d, "addgrpid"), owners)) is not None:
-        groups.add(g)
-    seen = 0
-    with os.scandir(d) as tasks:
-        for t in tasks:
-            seen += 1
-            if seen > ENTRIES_MAX:
-                break
-            if _PETASK.fullmatch(t.name) and _trusted_dir(t.path, owners) \
-                    and (g := _gid_in(os.path.join(t.path, "addgrpid"), owners)) is not None:
-                groups.add(g)
-    return groups
-
-
 def _status_ids(pid: int, key: bytes) -> set[int]:
     """The numbers of line `key` (b"Groups:", b"Uid:") of /proc/PID/status; empty if it is gone."""
     try:
@@ -124,13 +97,6 @@ def _status_ids(pid: int, key: bytes) -> set[int]:
 def process_groups(pid: int) -> set[int]:
     """The supplementary groups of process `pid` (/proc/PID/status `Groups:`); empty if it is gone."""
     return _status_ids(pid, b"Groups:")
-
-
-def is_task_of(pid: int, job: str, spool: str, task: str = "1") -> bool:
-    """Whether process `pid` holds a group execd gave one of `job`'s tasks (of array task `task`) on
-    this host."""
-    mine = task_groups(spool, job, task)
-    return bool(mine) and bool(mine & process_groups(pid))
 
 
 SHEPHERD = "sge_shepherd"
