@@ -16,7 +16,8 @@ The worst cases are also printed over the 36 injections the profile file runs (i
 vmwrap as on Slurm (vmwrap-slurm-*: gap planner, prestage, cache-aware placement, start booked at
 the image's arrival) runs on the Table 1 workloads with the paper's costs and with those measured
 here (`/here`), next to the best VM cell; `--ablate` turns each of its mechanisms off in turn. `--plot-dir` writes
-table1.png and, for the full sweep, sweep.png.
+table1.png and, for the full sweep, sweep.png. The engine is the compiled one where
+`python -m vmwrap.sim.native build` made it (the install script does): the last line says which.
 
 usage: python benchmarks/simulate_hpdc08.py [--traces DIR] [--procs N] [--only-table] [--haizea]
                                            [--ablate] [--plot-dir DIR]
@@ -35,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vmwrap.sim import CONFIGS, MEASURED_HERE, PAPER_BASELINE_S, PAPER_TABLE1  # noqa: E402
-from vmwrap.sim import report  # noqa: E402
+from vmwrap.sim import native, report  # noqa: E402
 from vmwrap.sim.engine import Cluster, Config, simulate  # noqa: E402
 from vmwrap.sim.workload import assign_images, image_mix, read_lwf, read_swf  # noqa: E402
 
@@ -257,6 +258,9 @@ def main() -> None:
     rejected = sum(r[5] for r in res.values())
     print(f"\nsweep: {len(tasks)} simulations, {events:,} events, wall {wall:.0f} s on {a.procs} processes "
           f"({events / wall:,.0f} events/s; {cpu:.0f} s of simulation CPU); reservations rejected: {rejected}")
+    print("engine: " + ("compiled (vmwrap/sim/native.py)" if native.is_native() else
+                        f"Python ({native.PURE_ENV} set, or no build of this engine.py: "
+                        "python -m vmwrap.sim.native build)"))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ if [ ! -x "$venv/bin/python" ]; then "$py" -m venv "$venv"; fi
 "$venv/bin/pip" install -q --upgrade pip >/dev/null
 "$venv/bin/pip" install -q -e "$here[test]"
 ln -sf "$venv/bin/vmwrap" /usr/local/bin/vmwrap
+# The simulator's engine compiled (vmwrap/sim/native.py; ~30 s, redone only when engine.py changed).
+"$venv/bin/python" -m vmwrap.sim.native build
 
 # Site configuration and the test appliance (built from Debian packages, cached outside the repo).
 mkdir -p /etc/vmwrap

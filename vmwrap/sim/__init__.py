@@ -1,7 +1,10 @@
 """Trace-driven simulation of what per-job VMs, image caches and suspend/resume buy on a workload."""
 
-from .engine import Cluster, Config, InvariantError, Result, simulate
-from .workload import Job, Reservation, WorkloadError
+from . import native
+
+native.install()   # the engine compiled from this very source, where one was built (native.py)
+from .engine import Cluster, Config, InvariantError, Result, simulate  # noqa: E402
+from .workload import Job, Reservation, WorkloadError  # noqa: E402
 
 __all__ = ["Cluster", "Config", "InvariantError", "Job", "Reservation", "Result", "WorkloadError",
            "simulate", "CONFIGS", "MEASURED_HERE"]
