@@ -158,6 +158,8 @@ def test_connections_are_bounded_per_uid_and_in_all(running_agent, monkeypatch, 
         reply = _ask_raw(running_agent, b"", timeout=5)  # sends nothing: refused without waiting for it
         assert reply["ok"] is False and "busy (uid 0 already has 3 requests open)" in reply["error"], reply
         assert time.monotonic() - t0 < 10  # not after the 30 s request deadline (a loaded host is slow)
+        with pytest.raises(agent.Busy, match="busy"):   # what a caller that may ask again tells apart
+            agent.request(running_agent, "pause", "77", timeout=5)
         code = ("from vmwrap import agent; from vmwrap.config import Settings\n"
                 f"s = Settings(state_dir={str(running_agent.state_dir)!r})\n"
                 "try:\n    agent.request(s, 'pause', '77')\nexcept Exception as e:\n    print(e)\n")

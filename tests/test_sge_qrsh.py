@@ -90,3 +90,34 @@ def test_the_starter_runs_a_vm_task_with_its_own_hosts_config(monkeypatch, tmp_p
     with pytest.raises(SystemExit):
         hooks.starter(settings, ["/bin/hostname"], config_path="/etc/vmwrap/node2.toml")
     assert ran[-1] == (["/bin/hostname"], None)
+
+
+def test_a_task_the_agent_turns_away_as_busy_asks_again_until_its_deadline(monkeypatch):
+    """All of a job's tasks on a host may start at once, more than the agent serves one user at a time:
+    a task turned away as busy asks again (any other refusal is final); past the deadline it fails."""
+    from vmwrap import agent
+    from vmwrap.errors import NodeError
+    from vmwrap_plugins.sge import task
+
+    answers, asked = [], []
+
+    def request(settings, op, job, timeout):
+        asked.append((op, job))
+        a = answers.pop(0)
+        if a is not None:
+            raise a
+        return {"ok": True}
+
+    monkeypatch.setattr(agent, "request", request)
+    monkeypatch.setattr(task, "PEER_RETRY_FIRST", 0.01)
+    answers[:] = [agent.Busy("busy"), agent.Busy("busy"), None]
+    task.start_peer(None, "7")
+    assert asked == [("peer", "7")] * 3
+    answers[:], asked[:] = [NodeError("refused: not your job"), None], []
+    with pytest.raises(NodeError, match="not your job"):
+        task.start_peer(None, "7")
+    assert len(asked) == 1
+    monkeypatch.setattr(task, "PEER_START_TIMEOUT", 0.3)
+    answers[:] = [agent.Busy("still busy")] * 1000
+    with pytest.raises(agent.Busy, match="still busy"):
+        task.start_peer(None, "7")

@@ -391,6 +391,10 @@ def serve(settings: Settings) -> None:
         srv.serve_forever()
 
 
+class Busy(NodeError):
+    """The agent refused for load (too many requests open, every shell port taken): ask again shortly."""
+
+
 class Unanswered(NodeError):
     """The agent took the request and gave no answer (killed, restarted, too slow): it may have done it."""
 
@@ -403,17 +407,23 @@ def request(settings: Settings, op: str, job_id: str, timeout: float = 2.0) -> d
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(str(socket_path(settings)))
-            s.sendall(json.dumps({"op": op, "job": job_id}).encode() + b"\n")
-            sent = True
+            try:
+                s.sendall(json.dumps({"op": op, "job": job_id}).encode() + b"\n")
+                sent = True
+            except (BrokenPipeError, ConnectionResetError):
+                pass   # turned away at once (busy): its answer may be there to read all the same
             reply = json.loads(s.makefile("rb").readline() or b"null")
     except (OSError, ValueError) as e:
         if sent:
             raise Unanswered(f"vmwrap node agent at {socket_path(settings)} gave no answer to {op}: {e}") from None
         raise NodeError(f"vmwrap node agent unreachable at {socket_path(settings)}: {e}") from None
     if not isinstance(reply, dict):
+        if not sent:
+            raise NodeError(f"vmwrap node agent at {socket_path(settings)} hung up before taking {op}")
         raise Unanswered(f"vmwrap node agent at {socket_path(settings)} gave no answer to {op}")
     if not reply.get("ok"):
-        raise NodeError(f"vmwrap node agent refused {op}: {reply.get('error', 'no reason')}")
+        refused = Busy if reply.get("busy") is True else NodeError
+        raise refused(f"vmwrap node agent refused {op}: {reply.get('error', 'no reason')}")
     return reply
 
 

@@ -10,8 +10,10 @@ encoded). This host's config: $VMWRAP_CONFIG as this host's starter set it from 
 from __future__ import annotations
 
 import os
+import random
 import socket
 import sys
+import time
 
 from vmwrap.errors import UserError
 from vmwrap.steps import peer_task, task_main
@@ -31,17 +33,35 @@ def main(argv: list[str]) -> int:
     except UserError as e:
         print(f"vmwrap: {e}", file=sys.stderr)
         return 2
-    from vmwrap import agent
     from vmwrap import config as config_mod
     from vmwrap.errors import NodeError
 
     settings = config_mod.load()
     try:   # no prolog ran here: the node agent boots this host's VM of the job for its first task
-        agent.request(settings, "peer", job, timeout=PEER_START_TIMEOUT)
+        start_peer(settings, job)
     except NodeError as e:
         print(f"vmwrap: {e}", file=sys.stderr)
         return 1
     return peer_task(settings, job, command)
+
+
+def start_peer(settings, job: str) -> None:
+    """Have this host's agent boot (or find) the job's VM here. A job's tasks may all start at once, more
+    than the agent serves a user at a time (vmwrap.agent.MAX_CLIENTS_PER_UID, the others waiting for the
+    boot): a task the agent turned away as busy asks again, until PEER_START_TIMEOUT."""
+    from vmwrap import agent
+
+    deadline = time.monotonic() + PEER_START_TIMEOUT
+    delay = PEER_RETRY_FIRST
+    while True:
+        try:
+            agent.request(settings, "peer", job, timeout=max(1.0, deadline - time.monotonic()))
+            return
+        except agent.Busy:
+            if time.monotonic() + delay >= deadline:
+                raise
+        time.sleep(delay * random.uniform(0.5, 1.0))   # tasks turned away together come back apart
+        delay = min(delay * 2, PEER_RETRY_MAX)
 
 
 def on_master_host(env: dict[str, str], master: str) -> bool:
@@ -58,6 +78,7 @@ def on_master_host(env: dict[str, str], master: str) -> bool:
 
 
 PEER_START_TIMEOUT = 900.0   # s: the image may have to be fetched first, as in a prolog
+PEER_RETRY_FIRST, PEER_RETRY_MAX = 0.2, 5.0   # s between asks of a busy agent: doubling, at most
 
 
 if __name__ == "__main__":
