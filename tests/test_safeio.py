@@ -173,3 +173,28 @@ def test_attach_ignores_an_error_symlink(tmp_path, capfd):
     with pytest.raises(FileNotFoundError):  # it goes on to hand the job over: no ctl dir here
         payload.attach(tmp_path, "j1", "", {})
     assert "from a link" not in capfd.readouterr().err
+
+
+def test_a_proc_file_of_a_process_that_exits_while_read_reads_as_gone(monkeypatch):
+    """A process reaped between the open of its /proc file and the read fails the read with ESRCH (seen:
+    libvirtd reaping a saved VM's QEMU while vmwrap's guard looked at it, failing the save): that is
+    the process gone, never an error of the caller."""
+    from vmwrap import domain
+
+    child = subprocess.Popen(["sleep", "100"])
+    opened = safeio.open_regular
+
+    def open_then_reap(path, dir_fd=None):
+        fd = opened(path, dir_fd)
+        child.kill()
+        child.wait()
+        return fd
+
+    monkeypatch.setattr(safeio, "open_regular", open_then_reap)
+    with pytest.raises(ProcessLookupError):
+        safeio.read_capped(f"/proc/{child.pid}/stat", 4096)
+    child = subprocess.Popen(["sleep", "100"])
+    assert safeio.read_proc(f"/proc/{child.pid}/stat", 4096) is None
+    child = subprocess.Popen(["sleep", "100"])
+    monkeypatch.setattr(domain, "_qemu_pid", lambda name: child.pid)
+    assert domain.qemu_state("vmwrap-1") is None

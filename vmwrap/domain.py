@@ -179,7 +179,7 @@ def qemu_state(name: str) -> str | None:
     pid = _qemu_pid(name)
     if pid is None:
         return None
-    stat = safeio.read_capped(f"/proc/{pid}/stat", 4096) or b""
+    stat = safeio.read_proc(f"/proc/{pid}/stat", 4096) or b""
     rest = stat[stat.rfind(b")") + 1:].split()
     return rest[0].decode(errors="replace") if rest else None
 
@@ -248,7 +248,7 @@ def _qemu_pid(name: str) -> int | None:
         pid = int(safeio.read_capped(QEMU_PIDFILE_DIR / f"{name}.pid", 32) or b"")
     except ValueError:
         return None
-    cmd = safeio.read_capped(f"/proc/{pid}/cmdline", 1 << 16) or b""
+    cmd = safeio.read_proc(f"/proc/{pid}/cmdline", 1 << 16) or b""
     return pid if f"guest={name},".encode() in cmd else None
 
 

@@ -31,7 +31,7 @@ def start_time(pid: int) -> int | None:
 
     The name (field 2, in parentheses) is the process's own choice and may hold ')' and spaces: the
     fields are counted from after its last ')'."""
-    raw = safeio.read_capped(f"/proc/{int(pid)}/stat", STAT_MAX)
+    raw = safeio.read_proc(f"/proc/{int(pid)}/stat", STAT_MAX)
     if not raw:
         return None
     fields = raw[raw.rfind(b")") + 1:].split()
@@ -43,7 +43,7 @@ def start_time(pid: int) -> int | None:
 
 def uids(pid: int) -> tuple[int, ...] | None:
     """Real, effective, saved and file-system uid of process `pid`, or None."""
-    raw = safeio.read_capped(f"/proc/{int(pid)}/status", STATUS_MAX)
+    raw = safeio.read_proc(f"/proc/{int(pid)}/status", STATUS_MAX)
     for line in (raw or b"").splitlines():
         if line.startswith(b"Uid:"):
             try:

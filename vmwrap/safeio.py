@@ -65,6 +65,15 @@ def read_capped(path: str | os.PathLike, limit: int, dir_fd: int | None = None) 
         os.close(fd)
 
 
+def read_proc(path: str, limit: int) -> bytes | None:
+    """read_capped of a /proc/PID file; None once the process is gone. A process that exits between
+    the open and the read fails the read with ESRCH (seen when libvirtd reaps a saved VM's QEMU)."""
+    try:
+        return read_capped(path, limit)
+    except (ProcessLookupError, FileNotFoundError):
+        return None
+
+
 def tail_capped(path: str | os.PathLike, n: int, dir_fd: int | None = None) -> bytes | None:
     """The last `n` bytes at most of the regular file `path` (seeks: the file's size costs nothing)."""
     fd = open_regular(path, dir_fd)
