@@ -14,7 +14,9 @@ import pytest
 from harness.condor_pool import ROOT, VmwrapSite
 from harness.parity import CORPUS, Case, files
 
-pytestmark = pytest.mark.vm
+# The corpus (a bare and a VM twin of each case) runs in its fixture, which counts against the first
+# test's timeout: 285-300 s on a fresh machine building appliances beside it (rehearsal of 2026-12-07).
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
 if not (ROOT / ".vmwrap-condor-root").exists():
     pytest.skip(f"no HTCondor root at {ROOT} (scripts/build-condor-root.sh)", allow_module_level=True)

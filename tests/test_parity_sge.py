@@ -17,7 +17,9 @@ from harness.sge_cell import Cell
 from vmwrap.catalog import register
 from vmwrap.config import render
 
-pytestmark = pytest.mark.vm
+# The corpus (a bare and a VM twin of each case) runs in its fixture, which counts against the first
+# test's timeout: 285-300 s on a fresh machine building appliances beside it (rehearsal of 2026-12-07).
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 USER = "vmwrapuser"
 
 # The corpus's cases that use no Slurm option or variable, and Grid Engine's own.

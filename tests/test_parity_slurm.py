@@ -17,7 +17,9 @@ from harness.parity import CORPUS, Case, files
 from harness.slurm_cluster import Cluster
 from vmwrap.catalog import register
 
-pytestmark = pytest.mark.vm
+# The corpus (a bare and a VM twin of each case) runs in its fixture, which counts against the first
+# test's timeout: 285-300 s on a fresh machine building appliances beside it (rehearsal of 2026-12-07).
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
 USER = "vmwrapuser"
 
