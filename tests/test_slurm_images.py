@@ -20,7 +20,8 @@ from vmwrap import appliance as builder
 from vmwrap import config as vmwrap_config
 from vmwrap.ledger import Ledger
 
-pytestmark = pytest.mark.vm
+# The first test's fixtures build the images once per machine (debootstrap): 250 s on a fresh one.
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 APPLIANCES = Path(os.environ.get("VMWRAP_APPLIANCE_DIR", "/var/cache/vmwrap/appliances"))
 PACKAGES = ["python3-minimal"]
 N = 12
