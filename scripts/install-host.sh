@@ -37,8 +37,9 @@ if [ ! -x "$venv/bin/python" ]; then "$py" -m venv "$venv"; fi
 "$venv/bin/pip" install -q --upgrade pip >/dev/null
 "$venv/bin/pip" install -q -e "$here[test]"
 ln -sf "$venv/bin/vmwrap" /usr/local/bin/vmwrap
-# The simulator's engine compiled (vmwrap/sim/native.py; ~30 s, redone only when engine.py changed).
-"$venv/bin/python" -m vmwrap.sim.native build
+# The simulator's engine compiled (vmwrap/sim/native.py; ~30 s of CPU, redone only when engine.py
+# changed), beside the image builds below.
+"$venv/bin/python" -m vmwrap.sim.native build & native=$!
 
 # Site configuration and the test appliance (built from Debian packages, cached outside the repo).
 mkdir -p /etc/vmwrap
@@ -55,4 +56,5 @@ bash "$here/scripts/build-condor-root.sh"
 if ! pgrep -f "vmwrap agent|vmwrap.cli daemons run agent" >/dev/null; then
   vmwrap daemons start agent
 fi
+wait "$native" || echo "install-host: the simulator runs as Python (no compiled engine)" >&2
 vmwrap doctor
