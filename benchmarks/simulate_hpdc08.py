@@ -17,7 +17,7 @@ vmwrap as on Slurm (vmwrap-slurm-*: gap planner, prestage, cache-aware placement
 the image's arrival) runs on the Table 1 workloads with the paper's costs and with those measured
 here (`/here`), next to the best VM cell; `--ablate` turns each of its mechanisms off in turn. `--plot-dir` writes
 table1.png and, for the full sweep, sweep.png. The engine is the compiled one where
-`python -m vmwrap.sim.native build` made it (the install script does): the last line says which.
+`python -m vmwrap.sim build` made it (the install script does): the last line says which.
 
 usage: python benchmarks/simulate_hpdc08.py [--traces DIR] [--procs N] [--only-table] [--haizea]
                                            [--ablate] [--plot-dir DIR]
@@ -260,7 +260,7 @@ def main() -> None:
           f"({events / wall:,.0f} events/s; {cpu:.0f} s of simulation CPU); reservations rejected: {rejected}")
     print("engine: " + ("compiled (vmwrap/sim/native.py)" if native.is_native() else
                         f"Python ({native.PURE_ENV} set, or no build of this engine.py: "
-                        "python -m vmwrap.sim.native build)"))
+                        "python -m vmwrap.sim build)"))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ if [ ! -x "$venv/bin/python" ]; then "$py" -m venv "$venv"; fi
 ln -sf "$venv/bin/vmwrap" /usr/local/bin/vmwrap
 # The simulator's engine compiled (vmwrap/sim/native.py; ~30 s of CPU, redone only when engine.py
 # changed), beside the image builds below.
-"$venv/bin/python" -m vmwrap.sim.native build & native=$!
+(cd / && "$venv/bin/python" -I -m vmwrap.sim build) & native=$!
 
 # Site configuration and the test appliance (built from Debian packages, cached outside the repo).
 mkdir -p /etc/vmwrap

@@ -88,3 +88,21 @@ def test_a_build_anyone_but_root_could_have_written_is_never_loaded(build, tmp_p
         assert not native._trusted(copy)
     finally:
         shutil.rmtree(d)
+
+
+def test_a_build_that_will_not_load_leaves_the_python_engine(build):
+    """A trusted file that is no loadable module for this Python (another interpreter's, cut short):
+    the simulator still imports, on its Python engine."""
+    d = native.NATIVE_DIR.parent / f"sim-bad-{os.getpid()}"
+    d.mkdir(mode=0o755)
+    try:
+        (d / build.name).write_bytes(b"\x7fELF not really")
+        code = ("import os, sys\nfrom vmwrap.sim import native\n"
+                f"del sys.modules[native.MODULE]; os.environ.pop(native.PURE_ENV)\n"
+                f"print(native.install(native.Path({str(d)!r})), native.MODULE in sys.modules)\n"
+                "import vmwrap.sim.engine as e; print(e.__file__.endswith('.py'))\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                           env={**os.environ, native.PURE_ENV: "1"}, timeout=120)
+        assert r.returncode == 0 and r.stdout.split() == ["False", "False", "True"], (r.stdout, r.stderr)
+    finally:
+        shutil.rmtree(d)
