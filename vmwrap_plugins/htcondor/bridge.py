@@ -126,7 +126,7 @@ def receive(sock: socket.socket, timeout: float = REQUEST_TIMEOUT) -> tuple[list
 
 def _stat_fields(pid: int) -> tuple[str, int] | None:
     """(state, ppid) of a process from /proc/PID/stat (the command name may hold ') '), or None."""
-    raw = safeio.read_capped(Path(f"/proc/{pid}/stat"), 4096)
+    raw = safeio.read_proc(f"/proc/{pid}/stat", 4096)
     if not raw:
         return None
     rest = raw.rpartition(b")")[2].split()
@@ -143,7 +143,7 @@ def under_starter(pid: int) -> bool:
         if f is None or f[1] <= 1:
             return False
         pid = f[1]
-        comm = (safeio.read_capped(Path(f"/proc/{pid}/comm"), 64) or b"").strip()
+        comm = (safeio.read_proc(f"/proc/{pid}/comm", 64) or b"").strip()
         ids = procs.uids(pid)
         if comm == STARTER.encode() and ids is not None and ids[0] == 0:
             return True
