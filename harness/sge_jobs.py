@@ -17,14 +17,16 @@ from vmwrap.catalog import register
 
 @contextmanager
 def module_cell(name: str, appliance, virt_type: str, *, hosts: int = 1, queue: dict | None = None,
-                shared_jobnet: bool = False, **site) -> Iterator[Cell]:
-    """A fresh cell under /var/tmp/vmwrap-NAME-PID of `hosts` execution hosts; afterwards the test
-    user's jobs are deleted, the cell stopped, and any job VM it left destroyed."""
+                shared_jobnet: bool = False, images=(), **site) -> Iterator[Cell]:
+    """A fresh cell under /var/tmp/vmwrap-NAME-PID of `hosts` execution hosts offering the test
+    appliance (and `images`); afterwards the test user's jobs are deleted, the cell stopped, and any
+    job VM it left destroyed."""
     base = Path(f"/var/tmp/vmwrap-{name}-{os.getpid()}")
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     base.chmod(0o755)
-    register(str(base / "images.toml"), appliance)
+    for img in (appliance, *images):
+        register(str(base / "images.toml"), img)
     c = Cell(base, site_config={"catalog": str(base / "images.toml"), "accel": virt_type, "grace_seconds": 5.0,
                                 **site}, hosts=hosts, queue=queue, shared_jobnet=shared_jobnet)
     c.start()

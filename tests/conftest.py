@@ -74,6 +74,15 @@ def appliance(libvirtd):
 
 
 @pytest.fixture(scope="session")
+def mpi_appliance(appliance):
+    """A Debian appliance with OpenMPI (openmpi-bin), built once per machine beside the test appliance
+    (its .debs cached there too), rebuilt when the guest agent or its builder changed."""
+    img = cached_appliance("vmwrap-mpi", "debootstrap", [], packages=["openmpi-bin"])
+    img.name = "mpi"
+    return img
+
+
+@pytest.fixture(scope="session")
 def virt_type(appliance, tmp_path_factory):
     """Probe KVM once per session; every test site then states the verdict explicitly."""
     from vmwrap import accel

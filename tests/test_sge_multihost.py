@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -23,8 +25,9 @@ PE = ("pe_name {name}\nslots 8\nuser_lists NONE\nxuser_lists NONE\nstart_proc_ar
 
 
 @pytest.fixture(scope="module")
-def cell(appliance, virt_type, test_user):
-    with module_cell("sgemulti", appliance, virt_type, hosts=2, shared_jobnet=True, scheduler="sge") as c:
+def cell(appliance, mpi_appliance, virt_type, test_user):
+    with module_cell("sgemulti", appliance, virt_type, hosts=2, shared_jobnet=True, scheduler="sge",
+                     images=(mpi_appliance,)) as c:
         for name, control in (("tight", "TRUE"), ("loose", "FALSE")):
             f = c.base / f"{name}.pe"
             f.write_text(PE.format(name=name, control=control))
@@ -95,12 +98,13 @@ def test_qrsh_inherit_in_the_vm_runs_a_task_of_the_job_as_bare_qrsh_would(cell, 
     """The guest's `qrsh -inherit HOST CMD` (what MPI launchers run) goes through the host's qrsh to
     HOST; on the master's own host the task is run by the master's VM. Other qrsh uses, and hosts not
     the job's, are refused with the reason and fail as qrsh fails."""
-    script = (HDR + "qrsh -inherit -nostdin -V " + cell.host + " sh -c 'echo \"task on $(hostname) as $(id -u)\"; "
-              "echo task-err >&2; exit 4'; echo \"rc=$?\"\n"
+    script = (HDR + "qrsh -inherit -nostdin -V " + cell.host + " 'echo \"task on $(hostname) as $(id -u)\";' "
+              "'echo task-err >&2; exit 4'; echo \"rc=$?\"\n"
+              "qrsh -inherit -noshell " + cell.host + " printf '%s|\\n' 'a  b' '$HOME'; echo \"rc=$?\"\n"
               "qrsh -inherit nosuchhost true; echo \"rc=$?\"\nqrsh hostname; echo \"rc=$?\"\n")
     # 4 slots, round robin: 2 on each host, the master task holds one of its host's, the task the other
     job, acct, out, err = run(cell, jobdir, script, "-pe", "tight", "4", "-masterq", f"vmwrap.q@{cell.host}")
-    assert out == f"task on {cell.host} as 1234\nrc=4\nrc=1\nrc=1\n", (out, err)
+    assert out == f"task on {cell.host} as 1234\nrc=4\na  b|\n$HOME|\nrc=0\nrc=1\nrc=1\n", (out, err)
     assert "task-err\n" in err, err
     assert "qrsh: error: vmwrap: host 'nosuchhost' is not one of this job's hosts" in err, err
     assert "only `qrsh -inherit HOST COMMAND` runs inside a vmwrap VM" in err, err
@@ -120,9 +124,9 @@ def test_a_task_on_the_other_host_runs_in_that_hosts_vm_booted_for_it(cell, jobd
     its uid owns the job; sized by qmaster's slots there). The task runs in it, its output and exit
     code come back through qrsh; the two VMs share the job's network. Once the job ended there
     (execd removed its dir), the slave host's agent removes its VM: no epilog runs there either."""
-    script = (HDR + "qrsh -inherit " + HOST2 + " sh -c 'echo \"task on $(hostname) cpus $(nproc)\"; "
-              "echo task-err >&2; exit 5'; echo \"rc=$?\"\n"
-              "qrsh -inherit " + HOST2 + " sh -c 'nc -l -p 5000 > got; cat got' &\n"
+    script = (HDR + "qrsh -inherit " + HOST2 + " 'echo \"task on $(hostname) cpus $(nproc)\";' "
+              "'echo task-err >&2; exit 5'; echo \"rc=$?\"\n"
+              "qrsh -inherit " + HOST2 + " 'nc -l -p 5000 > got; cat got' &\n"
               "sleep 3; echo \"hello from $(hostname)\" | nc -w 5 " + HOST2 + " 5000; wait\n")
     job, acct, out, err = run(cell, jobdir, script, "-pe", "tight", "2", "-masterq", f"vmwrap.q@{cell.host}",
                               timeout=300)
@@ -131,3 +135,30 @@ def test_a_task_on_the_other_host_runs_in_that_hosts_vm_booted_for_it(cell, jobd
     # the VM's QEMU goes first, its run dir after it (the same teardown, an instant later)
     wait_for(lambda: not subprocess.run(["pgrep", "-f", f"guest=vmwrap-{job}"], capture_output=True).stdout
              and not (cell.node_dir(HOST2) / "state" / "jobs" / job).exists(), "the job's VMs to go", 60)
+
+
+MPI = """#!/bin/sh
+#VMWRAP --image=mpi
+echo "hosts $(sort "$PE_HOSTFILE" | cut -d' ' -f1,2 | tr '\\n' ' ')"
+mpirun -np 2 --map-by node ./mpi_pingpong 200 4 > mpi.out
+echo "mpirun rc=$?"
+cat mpi.out
+"""
+
+
+def test_an_mpi_program_runs_across_the_vms_of_two_hosts(cell, jobdir, test_user):
+    """Debian's OpenMPI in the appliance, as it runs under Grid Engine bare: it reads the job's hosts
+    from $PE_HOSTFILE (the VM's copy of execd's) and starts its daemon on the other host with
+    `qrsh -inherit` ($SGE_ROOT/bin/$ARC/qrsh, where it looks: the guest's shim there too), which boots
+    that host's VM; the two ranks talk over the job's network."""
+    exe = jobdir / "mpi_pingpong"
+    r = subprocess.run(["mpicc", "-O2", "-o", str(exe), str(Path(__file__).resolve().parent.parent / "benchmarks" /
+                                                             "mpi_pingpong.c")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    shutil.chown(exe, test_user.pw_name, test_user.pw_gid)
+    job, acct, out, err = run(cell, jobdir, MPI, "-pe", "tight", "2", "-masterq", f"vmwrap.q@{cell.host}",
+                              timeout=400)
+    assert acct["exit_status"] == "0", (acct, out, err)
+    assert f"hosts {' '.join(f'{h} 1' for h in sorted([cell.host, HOST2]))} " in out, (out, err)
+    assert f"rank 0 of 2 on {cell.host}" in out and f"rank 1 of 2 on {HOST2}" in out, (out, err)
+    assert "mpi latency_us " in out and "mpirun rc=0" in out, (out, err)

@@ -19,7 +19,14 @@ def test_openmpis_call_becomes_qrsh_with_the_command_as_one_inert_word():
     assert index == 4 and host[:4] == ["/usr/bin/qrsh", "-inherit", "-nostdin", "sgehost2"] and host[4:-1] == TASK
     # what qrsh_starter's `sh -c "..."` makes of the joined words: exactly the words given
     assert shlex.split(" ".join(host[4:])) == host[4:]
-    assert steps.decode_command(host[-1]) == ["orted", "-mca", "ess", "env", "$(reboot)", "a b;c"]
+    # ... and on that host (in its VM) the words run as qrsh_starter runs them bare: joined, by a shell
+    assert steps.decode_command(host[-1]) == ["/bin/sh", "-c", "orted -mca ess env $(reboot) a b;c"]
+
+
+def test_with_noshell_the_task_is_the_words_as_given():
+    argv = ["-inherit", "-noshell", "sgehost2", "printf", "%s\n", "a b"]
+    index, host = steps.qrsh_command(argv, TASK, HOSTS)
+    assert index == 3 and steps.decode_command(host[-1]) == ["printf", "%s\n", "a b"]
 
 
 @pytest.mark.parametrize("argv, said", [
@@ -90,6 +97,36 @@ def test_the_starter_runs_a_vm_task_with_its_own_hosts_config(monkeypatch, tmp_p
     with pytest.raises(SystemExit):
         hooks.starter(settings, ["/bin/hostname"], config_path="/etc/vmwrap/node2.toml")
     assert ran[-1] == (["/bin/hostname"], None)
+
+
+def test_the_vm_gets_the_jobs_pe_hostfile_and_qrsh_where_open_mpi_looks(tmp_path):
+    """$PE_HOSTFILE names a copy of execd's pe_hostfile (from the job's active dir, never the path the
+    environment names) in the VM's control files; qrsh goes to $SGE_ROOT/bin/$ARC as well."""
+    from vmwrap import rundir
+    from vmwrap_plugins.sge import hooks
+
+    active = tmp_path / "spool" / "vm" / "active_jobs" / "7.1"
+    active.mkdir(parents=True)
+    (active / "pe_hostfile").write_text("vm 1 vmwrap.q@vm UNDEFINED\nsgehost2 1 vmwrap.q@sgehost2 UNDEFINED\n")
+    run_dir = tmp_path / "run"
+    rundir.user_dir(run_dir).mkdir(parents=True)
+    env = {"SGE_JOB_SPOOL_DIR": str(active), "PE_HOSTFILE": "/elsewhere/pe_hostfile",
+           "SGE_ROOT": "/usr/share/gridengine", "ARC": "lx-amd64"}
+    assert hooks.guest_view(run_dir, env) == ("/usr/share/gridengine/bin/lx-amd64",)
+    assert env["PE_HOSTFILE"] == "/.vmwrap/user/given.pe_hostfile"
+    given = rundir.user_dir(run_dir) / "given.pe_hostfile"
+    assert given.read_bytes() == (active / "pe_hostfile").read_bytes()
+    # a job in no parallel environment, or whose spool dir is not execd's: nothing given
+    for env in ({"SGE_ROOT": "/usr/share/gridengine", "ARC": "lx-amd64"},
+                {"SGE_JOB_SPOOL_DIR": str(tmp_path), "PE_HOSTFILE": str(active / "pe_hostfile")}):
+        given.unlink(missing_ok=True)
+        before = dict(env)
+        hooks.guest_view(run_dir, env)
+        assert env.get("PE_HOSTFILE") == before.get("PE_HOSTFILE") and not given.exists()
+    (active / "pe_hostfile").unlink()
+    (active / "pe_hostfile").symlink_to("/etc/passwd")     # never a link
+    env = {"SGE_JOB_SPOOL_DIR": str(active), "PE_HOSTFILE": "/x"}
+    assert hooks.guest_view(run_dir, env) == () and env["PE_HOSTFILE"] == "/x"
 
 
 def test_a_task_the_agent_turns_away_as_busy_asks_again_until_its_deadline(monkeypatch):

@@ -48,17 +48,6 @@ srun -N 2 -n 2 sh -c 'echo "out $SLURM_NODEID"; echo "err $SLURM_NODEID" >&2' | 
 
 
 @pytest.fixture(scope="module")
-def mpi_appliance(appliance):
-    """A Debian appliance with OpenMPI (openmpi-bin), built once per machine beside the test appliance
-    (its .debs cached there too), rebuilt when the guest agent or its builder changed."""
-    from conftest import cached_appliance
-
-    img = cached_appliance("vmwrap-mpi", "debootstrap", [], packages=["openmpi-bin"])
-    img.name = "mpi"
-    return img
-
-
-@pytest.fixture(scope="module")
 def cluster(appliance, mpi_appliance, virt_type, test_user):
     nat = replace(appliance, name="busybox-nat", network="nat")
     with module_cluster("multinode", appliance, virt_type, images=(nat, mpi_appliance)) as c:

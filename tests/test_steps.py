@@ -105,3 +105,25 @@ def test_each_step_port_is_served_apart_so_steps_run_at_once(tmp_path):
         for p in ports:
             p.close()
     assert not [p for p in user.iterdir() if p.name.startswith("tasks")]
+
+
+def test_the_guest_is_told_where_else_to_put_its_shim_and_only_plain_absolute_dirs(tmp_path):
+    """Tools that look for the launcher outside PATH (Open MPI: $SGE_ROOT/bin/$ARC/qrsh) find the shim
+    there too; the marker of dirs lists only plain absolute ones, and is gone when there are none."""
+    run_dir = tmp_path / "jobs" / "44"
+    user = rundir.user_dir(run_dir)
+    user.mkdir(parents=True)
+    port = _bind(str(run_dir / steps.SOCKET))
+    dirs = ("/usr/share/gridengine/bin/lx-amd64", "relative/bin", "/a/../etc", "/a/.hidden", "/a b", "/x\n/etc")
+    server = steps.serve(run_dir, lambda argv, task: (0, task), "qrsh", dirs)
+    try:
+        assert (user / steps.MARKER).read_bytes() == b"qrsh"
+        assert (user / steps.MARKER_DIRS).read_bytes() == b"/usr/share/gridengine/bin/lx-amd64\n"
+    finally:
+        server.close()
+    server = steps.serve(run_dir, lambda argv, task: (0, task), "qrsh")
+    try:
+        assert not (user / steps.MARKER_DIRS).exists()   # a requeued payload's earlier dirs do not stay
+    finally:
+        server.close()
+        port.close()

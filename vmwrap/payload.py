@@ -19,6 +19,7 @@ import errno
 import json
 import math
 import os
+import re
 import signal
 import stat
 import sys
@@ -410,13 +411,27 @@ class Attachment:
         return True
 
 
+GUEST_CTL = "/.vmwrap"   # where the job's root shows its control files (the guest agent binds them there)
+GIVEN = "given."         # ctl/user/given.NAME: a file the scheduler gave the job, as the job sees it
+_GIVEN_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+def give(run_dir: Path, name: str, data: bytes) -> str:
+    """Hand the guest a copy of a file the scheduler gave the job on the host (Grid Engine's
+    pe_hostfile), before the job starts; returns its path in the guest, for the job's environment."""
+    if not _GIVEN_NAME.fullmatch(name):
+        raise ValueError(f"{name[:40]!r} is not a name for a file given to the guest")
+    _write_private(rundir.user_dir(run_dir) / (GIVEN + name), data, 0o644)
+    return f"{GUEST_CTL}/{rundir.CTL_USER}/{GIVEN}{name}"
+
+
 def attach(run_dir: Path, job_id: str, script: str, environment: dict[str, str], args: list[str] = (),
            grace: float = 30.0, settings: Settings | None = None,
            requeued: Callable[[], bool] | None = None, steps: "Launch | None" = None,
-           steps_name: str = "srun") -> int:
+           steps_name: str = "srun", shim_dirs: tuple[str, ...] = ()) -> int:
     """The job's payload under a scheduler (runs as the job's user): the VM was booted by the prolog.
     `steps`: the scheduler's step launcher; then `srun` (or `steps_name`: Grid Engine's `qrsh`) inside
-    the VM runs real steps (vmwrap/steps.py)."""
+    the VM runs real steps (vmwrap/steps.py), and is also installed in `shim_dirs`."""
     err = safeio.read_capped(Path(run_dir) / rundir.ERROR, SMALL_FILE_MAX)
     if err is not None:
         kind, _, msg = err.decode(errors="replace").partition("\n")
@@ -441,7 +456,7 @@ def attach(run_dir: Path, job_id: str, script: str, environment: dict[str, str],
     att.install_signal_handlers()
     from . import steps as job_steps
 
-    server = job_steps.serve(Path(run_dir), steps, steps_name) if steps is not None else None
+    server = job_steps.serve(Path(run_dir), steps, steps_name, shim_dirs) if steps is not None else None
     try:
         att.start(script, environment, list(args))
         rc = att.stream()

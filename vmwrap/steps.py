@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import re
 import selectors
 import signal
 import socket
@@ -46,6 +47,8 @@ from .errors import NodeError, UserError
 
 SOCKET = rundir.STEPS_SOCKET  # in the run dir: the guest's step port (QEMU binds it, as the job's user)
 MARKER = "steps"           # ctl/user/steps: the guest agent installs its srun shim only when served
+MARKER_DIRS = "steps.dirs"  # ctl/user/steps.dirs: more dirs the guest installs it in, one a line
+_SHIM_DIR = re.compile(r"(/[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,63}){1,16}")
 SHIM_NAMES = ("srun", "qrsh")   # what the marker may name (init.sh allows the same)
 TASKS = "tasks.sock"       # ctl/user/tasks.sock: the payload's listener the step's tasks connect to
 UNIX_PATH_MAX = 107        # sun_path's 108 bytes, NUL included
@@ -129,11 +132,15 @@ def tasks_socket(i: int) -> str:
 class StepServer(threading.Thread):
     """The payload's step service for one step port of a job's VM (a daemon thread; the job's user)."""
 
-    def __init__(self, run_dir: Path, launch: Launch, err_fd: int = 2, index: int = 0, shim: str = "srun"):
+    def __init__(self, run_dir: Path, launch: Launch, err_fd: int = 2, index: int = 0, shim: str = "srun",
+                 shim_dirs: tuple[str, ...] = ()):
         super().__init__(daemon=True, name=f"vmwrap steps {index}")
         if shim not in SHIM_NAMES:
             raise ValueError(f"no step shim is named {shim!r}")
         self.shim = shim  # what the guest's user typed: the messages say it as that command would
+        # where tools look for the launcher besides PATH (Open MPI: $SGE_ROOT/bin/$ARC/qrsh); absolute,
+        # plain names only: the guest agent makes them in the job's root
+        self.shim_dirs = tuple(d for d in shim_dirs if _SHIM_DIR.fullmatch(d) and "/." not in d)
         self.run_dir = Path(run_dir)
         self.launch = launch
         self.err_fd = err_fd
@@ -176,6 +183,11 @@ class StepServer(threading.Thread):
 
         name = self.shim
         _write_private(rundir.user_dir(self.run_dir) / MARKER, b"" if name == "srun" else name.encode(), 0o600)
+        dirs = rundir.user_dir(self.run_dir) / MARKER_DIRS
+        if self.shim_dirs:
+            _write_private(dirs, "".join(d + "\n" for d in self.shim_dirs).encode(), 0o600)
+        else:
+            dirs.unlink(missing_ok=True)
 
     def stop(self) -> None:
         self._stop.set()
@@ -418,14 +430,14 @@ class StepServers:
             s.close()
 
 
-def serve(run_dir: Path, launch: Launch, shim: str = "srun") -> StepServers | None:
+def serve(run_dir: Path, launch: Launch, shim: str = "srun", shim_dirs: tuple[str, ...] = ()) -> StepServers | None:
     """Start serving the VM's step ports, if its VM has them (a VM booted by an older vmwrap has none, or
-    one); the guest's shim is named `shim`."""
+    one); the guest's shim is named `shim`, in its PATH and in each of `shim_dirs`."""
     servers: list[StepServer] = []
     try:
         for i, name in enumerate(rundir.STEPS_SOCKETS):
             if (Path(run_dir) / name).exists():
-                servers.append(StepServer(run_dir, launch, index=i, shim=shim))
+                servers.append(StepServer(run_dir, launch, index=i, shim=shim, shim_dirs=shim_dirs))
         if not servers:
             return None
         servers[0].offer()

@@ -26,6 +26,7 @@ import socket
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 from vmwrap import directives, lifecycle, payload, periodic, rundir, wire
 from vmwrap.config import Settings
@@ -484,9 +485,10 @@ def starter(settings: Settings, argv: list[str], config_path: str | None = None)
     # or running elsewhere) leaves the VM running for the epilog to save; any other stops it in its VM.
     host = os.environ.get("HOSTNAME", "")  # execd's name for this host (set after the job's variables)
     again = (lambda: marker.exists() or rescheduled(jid, host)) if settings.workdir_share == "serial" else None
+    shim_dirs = guest_view(run_dir, env)
     return payload.attach(run_dir, jid, script, env, args, grace=settings.grace_seconds, settings=settings,
                           requeued=again, steps=step_launcher(jid, env),
-                          steps_name="qrsh")
+                          steps_name="qrsh", shim_dirs=shim_dirs)
 
 
 TASK_MODULE = "vmwrap_plugins.sge.task"
@@ -626,29 +628,55 @@ def pe_refusal(pe: str, lo: str, hi: str, saved: str | None = None) -> str | Non
     return None
 
 
-def pe_allocation(env: dict[str, str]) -> list[tuple[str, int]]:
-    """(host, slots) of the job's parallel environment in execd's order (the master's host first),
-    from execd's pe_hostfile in the job's active dir (never a path the job's environment names); []
-    for a job without one. A host listed for several queues is summed."""
+def _pe_hostfile(env: dict[str, str]) -> bytes | None:
+    """execd's pe_hostfile in the job's active dir (never a path the job's environment names); None
+    for a job without one."""
     spool = _active_dir(env)
     if spool is None:
-        return []
+        return None
     try:
         fd = os.open(os.path.join(spool, "pe_hostfile"), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return []
+        return None
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return []
-        text = f.read(1 << 20).decode(errors="replace")
+            return None
+        return f.read(PE_HOSTFILE_MAX)
+
+
+PE_HOSTFILE_MAX = 1 << 20
+
+
+def pe_allocation(env: dict[str, str]) -> list[tuple[str, int]]:
+    """(host, slots) of the job's parallel environment in execd's order (the master's host first),
+    from execd's pe_hostfile; [] for a job without one. A host listed for several queues is summed."""
+    data = _pe_hostfile(env)
+    if data is None:
+        return []
     alloc: dict[str, int] = {}
-    for ln in text.splitlines():
+    for ln in data.decode(errors="replace").splitlines():
         f = ln.split()
         if len(f) >= 2 and re.fullmatch(r"\d{1,6}", f[1]):
             alloc[f[0]] = alloc.get(f[0], 0) + int(f[1])
         elif f:
             raise NodeError(f"execd's pe_hostfile has a line that is not 'HOST SLOTS ...': {ln[:100]!r}")
     return list(alloc.items())
+
+
+def guest_view(run_dir: Path, env: dict[str, str]) -> tuple[str, ...]:
+    """What a parallel job's tools look for in its VM as on the host: $PE_HOSTFILE names a copy of
+    execd's, and qrsh is also $SGE_ROOT/bin/$ARC/qrsh (where Open MPI's gridengine support looks for
+    it). Changes `env`; returns the dirs the guest installs its qrsh in besides its PATH."""
+    data = _pe_hostfile(env) if env.get("PE_HOSTFILE") else None
+    if data is not None:
+        try:
+            env["PE_HOSTFILE"] = payload.give(run_dir, "pe_hostfile", data)
+        except FileNotFoundError:
+            pass   # no VM to hand it to (its start failed): the attachment says why
+        except OSError as e:
+            print(f"vmwrap: warning: cannot hand the VM the job's pe_hostfile: {e.strerror}", file=sys.stderr)
+    root, arc = env.get("SGE_ROOT", "").rstrip("/"), env.get("ARC", "").strip("/")
+    return (f"{root}/bin/{arc}",) if root.startswith("/") and arc else ()
 
 
 def host_addresses(hosts: list[str]) -> list[str]:

@@ -7,7 +7,9 @@ the guest (hostile): HOST must be one of the job's own hosts, and the options ar
 meaning stays inside the job. The command never reaches a host shell: qrsh_starter runs what it is
 given through the user's login shell (`$SHELL -c "ARGS JOINED BY SPACES"`), so the host argv holds
 only checked words and the guest's command travels as one base64 word, which the task
-(vmwrap_plugins.sge.task, on the slave host) decodes and has that host's VM of the job run.
+(vmwrap_plugins.sge.task, on the slave host) decodes and has that host's VM of the job run. In the VM
+the command runs as qrsh_starter runs it bare: `/bin/sh -c "WORDS JOINED"`, or the words as they
+are with -noshell.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import re
 from vmwrap.errors import UserError
 
 QRSH = "/usr/bin/qrsh"
-FLAGS = {"-nostdin", "-V", "-verbose"}
+FLAGS = {"-nostdin", "-noshell", "-V", "-verbose"}
+SHELL = "/bin/sh"   # the guest's: the user's login shell there is unknown (qrsh_starter's fallback)
 ARGV_MAX = 1024
 ENCODED_MAX = 96 << 10          # qrsh's own command line limit is far above this; the guest's is not
 _SAFE = re.compile(r"[A-Za-z0-9_./:=@%+,-]{1,4096}")   # a word no shell splits or expands
@@ -68,4 +71,11 @@ def qrsh_command(argv: list[str], task: list[str], hosts: list[str]) -> tuple[in
     for w in task:
         if not _SAFE.fullmatch(w):
             raise UserError(f"internal: task word {w[:40]!r} is not shell-inert")
-    return i + 1, [QRSH, "-inherit", *opts, host, *task, encode_command(argv[i + 1:])]
+    return i + 1, [QRSH, "-inherit", *opts, host, *task, encode_command(task_command(argv[1:i], argv[i + 1:]))]
+
+
+def task_command(options: list[str], words: list[str]) -> list[str]:
+    """What qrsh_starter runs for the words after HOST: the user's shell with them joined by single
+    blanks (MPI launchers send shell syntax: Open MPI's "( test ! -r ./.profile || ...; orted ... )"),
+    or with -noshell the words as they are (the guest's shim does the same for its own host's tasks)."""
+    return list(words) if "-noshell" in options else [SHELL, "-c", " ".join(words)]

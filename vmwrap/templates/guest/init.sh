@@ -189,6 +189,12 @@ if [ -e "$CTLD/user/steps" ]; then
   case "$SHIM" in ""|srun) SHIM=srun ;; qrsh) ;; *) SHIM= ;; esac
   { [ -n "$STEPS" ] && [ -n "$SHIM" ] && mkdir -p "$ROOT/usr/local/bin" && cp /bin/vmwrap-srun "$ROOT/usr/local/bin/$SHIM" \
     && chown "$UID_:$GID_" "$STEPS" $STEPSMORE; } || echo "vmwrap guest: cannot offer steps" > /dev/console
+  # and where the job's tools look for it besides PATH (Open MPI: $SGE_ROOT/bin/$ARC/qrsh)
+  [ -n "$SHIM" ] && [ -e "$CTLD/user/steps.dirs" ] && head -c 4096 "$CTLD/user/steps.dirs" | head -n 16 | while IFS= read -r d; do
+    case "$d" in /*) ;; *) continue ;; esac
+    case "$d" in */.*|*//*) continue ;; esac
+    { mkdir -p "$ROOT$d" && cp /bin/vmwrap-srun "$ROOT$d/$SHIM"; } || echo "vmwrap guest: cannot put $SHIM in $d" > /dev/console
+  done
 fi
 job() { exec /bin/vmwrap-exec "$ROOT" "$UID_" "$GID_" "$GROUPS_" "$UMASK_" "$WORKDIR" "$CTLD/user/env" "$CTLD/user/args" \
   /.vmwrap/user/script "$CTLD/user/limits"; }

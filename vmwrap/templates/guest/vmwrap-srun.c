@@ -110,6 +110,23 @@ static const char *prog = "srun";  /* the launcher this shim is installed as (ma
 
 static void on_signal(int sig) { pending_sig = sig; }
 
+/* What qrsh_starter runs for a `qrsh -inherit HOST WORDS...` task: the user's shell with the words
+ * joined by single blanks (`sh -c "WORDS"`; MPI launchers send shell syntax such as Open MPI's
+ * "( test ! -r ./.profile || . ./.profile; orted ... )"), unless -noshell came before HOST: the words
+ * as they are. srun's words are always a program and its arguments. */
+static char **task_command(int argc, char **argv, int cmd_index) {
+    if (strcmp(prog, "qrsh") != 0) return argv + cmd_index;
+    for (int i = 1; i < cmd_index - 1; i++) if (strcmp(argv[i], "-noshell") == 0) return argv + cmd_index;
+    size_t n = 1;
+    for (int i = cmd_index; i < argc; i++) n += strlen(argv[i]) + 1;
+    char *line = malloc(n), **cmd = calloc(4, sizeof *cmd);
+    if (!line || !cmd) { perror("vmwrap qrsh: malloc"); exit(1); }
+    line[0] = 0;
+    for (int i = cmd_index; i < argc; i++) { if (i > cmd_index) strcat(line, " "); strcat(line, argv[i]); }
+    cmd[0] = "/bin/sh"; cmd[1] = "-c"; cmd[2] = line;
+    return cmd;
+}
+
 static void start_task(int id, char **cmd, const unsigned char *env, size_t envlen) {
     struct task *t = NULL;
     for (int i = 0; i < MAX_TASKS; i++) if (!tasks[i].used) { t = &tasks[i]; break; }
@@ -201,6 +218,7 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < sizeof forwarded / sizeof *forwarded; i++) signal(forwarded[i], on_signal);
     signal(SIGPIPE, SIG_IGN);
     int cmd_index = -1;
+    char **cmd = NULL;
     time_t asked = time(NULL);
     for (;;) {
         struct pollfd pf[1 + 2 * MAX_TASKS];
@@ -238,8 +256,9 @@ int main(int argc, char **argv) {
                 int k = atoi(text);
                 if (k < 0 || k >= argc - 1) { fprintf(stderr, "%s: error: vmwrap: bad answer from the host\n", prog); return 1; }
                 cmd_index = k + 1;
+                cmd = task_command(argc, argv, cmd_index);
             } else if (type == 'R' && cmd_index > 0) {
-                start_task(task, argv + cmd_index, data, len);
+                start_task(task, cmd, data, len);
             } else if (type == 'K') {
                 int sig = atoi(text);
                 for (int i = 0; i < MAX_TASKS; i++)
