@@ -107,7 +107,7 @@ def test_each_step_port_is_served_apart_so_steps_run_at_once(tmp_path):
     assert not [p for p in user.iterdir() if p.name.startswith("tasks")]
 
 
-def test_the_guest_is_told_where_else_to_put_its_shim_and_only_plain_absolute_dirs(tmp_path):
+def test_the_guest_is_told_where_else_to_put_its_shim_and_only_plain_absolute_dirs(tmp_path, capfd):
     """Tools that look for the launcher outside PATH (Open MPI: $SGE_ROOT/bin/$ARC/qrsh) find the shim
     there too; the marker of dirs lists only plain absolute ones, and is gone when there are none."""
     run_dir = tmp_path / "jobs" / "44"
@@ -121,6 +121,8 @@ def test_the_guest_is_told_where_else_to_put_its_shim_and_only_plain_absolute_di
         assert (user / steps.MARKER_DIRS).read_bytes() == b"/usr/share/gridengine/bin/lx-amd64\n"
     finally:
         server.close()
+    err = capfd.readouterr().err   # the job is told which were left out, once each
+    assert err.count("vmwrap: warning: no qrsh in") == 5 and "'relative/bin'" in err and "'/a/../etc'" in err, err
     server = steps.serve(run_dir, lambda argv, task: (0, task), "qrsh")
     try:
         assert not (user / steps.MARKER_DIRS).exists()   # a requeued payload's earlier dirs do not stay

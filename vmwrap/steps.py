@@ -140,7 +140,7 @@ class StepServer(threading.Thread):
         self.shim = shim  # what the guest's user typed: the messages say it as that command would
         # where tools look for the launcher besides PATH (Open MPI: $SGE_ROOT/bin/$ARC/qrsh); absolute,
         # plain names only: the guest agent makes them in the job's root
-        self.shim_dirs = tuple(d for d in shim_dirs if _SHIM_DIR.fullmatch(d) and "/." not in d)
+        self.shim_dirs = tuple(d for d in shim_dirs if plain_dir(d))
         self.run_dir = Path(run_dir)
         self.launch = launch
         self.err_fd = err_fd
@@ -430,9 +430,21 @@ class StepServers:
             s.close()
 
 
+def plain_dir(d: str) -> bool:
+    """An absolute dir of plain names (no `.` or `..` component, nothing a shell or the guest could
+    read otherwise), for the guest agent to install a shim in."""
+    return bool(_SHIM_DIR.fullmatch(d)) and "/." not in d
+
+
 def serve(run_dir: Path, launch: Launch, shim: str = "srun", shim_dirs: tuple[str, ...] = ()) -> StepServers | None:
     """Start serving the VM's step ports, if its VM has them (a VM booted by an older vmwrap has none, or
     one); the guest's shim is named `shim`, in its PATH and in each of `shim_dirs`."""
+    from .payload import write_all
+
+    for d in shim_dirs:
+        if not plain_dir(d):
+            write_all(2, f"vmwrap: warning: no {shim} in {d[:200]!r} inside the VM: not a plain absolute "
+                         "path (tools looking for it there will not find it)\n".encode(errors="replace"))
     servers: list[StepServer] = []
     try:
         for i, name in enumerate(rundir.STEPS_SOCKETS):
