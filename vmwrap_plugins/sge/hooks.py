@@ -628,6 +628,9 @@ def pe_refusal(pe: str, lo: str, hi: str, saved: str | None = None) -> str | Non
     return None
 
 
+PE_HOSTFILE_MAX = 1 << 20   # bytes of execd's pe_hostfile read (a line per queue instance)
+
+
 def _pe_hostfile(env: dict[str, str]) -> bytes | None:
     """execd's pe_hostfile in the job's active dir (never a path the job's environment names); None
     for a job without one."""
@@ -642,9 +645,6 @@ def _pe_hostfile(env: dict[str, str]) -> bytes | None:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
         return f.read(PE_HOSTFILE_MAX)
-
-
-PE_HOSTFILE_MAX = 1 << 20
 
 
 def pe_allocation(env: dict[str, str]) -> list[tuple[str, int]]:
