@@ -28,7 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vmwrap import directives, lifecycle, payload, periodic, rundir, wire
+from vmwrap import directives, lifecycle, payload, periodic, rundir, safeio, wire
 from vmwrap.config import Settings
 from vmwrap.errors import NodeError, UserError, VmwrapError
 from vmwrap.job import Job
@@ -638,13 +638,9 @@ def _pe_hostfile(env: dict[str, str]) -> bytes | None:
     if spool is None:
         return None
     try:
-        fd = os.open(os.path.join(spool, "pe_hostfile"), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        return safeio.read_capped(os.path.join(spool, "pe_hostfile"), PE_HOSTFILE_MAX)
     except OSError:
         return None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return f.read(PE_HOSTFILE_MAX)
 
 
 def pe_allocation(env: dict[str, str]) -> list[tuple[str, int]]:

@@ -19,6 +19,8 @@ import pwd
 import re
 import stat
 
+from vmwrap import procs, safeio
+
 from .hooks import ADMIN_USER
 
 ACTIVE = "active_jobs"
@@ -82,13 +84,8 @@ def _sticky_root_dir(path: str) -> bool:
 
 
 def _status_ids(pid: int, key: bytes) -> set[int]:
-    """The numbers of line `key` (b"Groups:", b"Uid:") of /proc/PID/status; empty if it is gone."""
-    try:
-        with open(f"/proc/{int(pid)}/status", "rb") as f:
-            text = f.read(STATUS_MAX)
-    except OSError:
-        return set()
-    for ln in text.splitlines():
+    """The numbers of line `key` (b"Groups:") of /proc/PID/status; empty if it is gone."""
+    for ln in (safeio.read_proc(f"/proc/{int(pid)}/status", STATUS_MAX) or b"").splitlines():
         if ln.startswith(key):
             return {int(x) for x in ln[len(key):].split() if x.isdigit()}
     return set()
@@ -105,11 +102,7 @@ ANCESTORS_MAX = 16          # processes walked up from a task to its shepherd
 
 def _stat(pid: int) -> tuple[str, int] | None:
     """(comm, parent pid) of process `pid` from /proc/PID/stat; None if it is gone."""
-    try:
-        with open(f"/proc/{int(pid)}/stat", "rb") as f:
-            text = f.read(4096)
-    except OSError:
-        return None
+    text = safeio.read_proc(f"/proc/{int(pid)}/stat", 4096) or b""
     head, _, rest = text.rpartition(b")")   # comm may hold spaces and ')': the last ')' ends it
     fields = rest.split()
     if not head or len(fields) < 2 or not fields[1].isdigit():
@@ -120,7 +113,7 @@ def _stat(pid: int) -> tuple[str, int] | None:
 def process_uids(pid: int) -> set[int]:
     """The real, effective, saved and file-system uids of process `pid` (/proc/PID/status `Uid:`);
     empty if it is gone."""
-    return _status_ids(pid, b"Uid:")
+    return set(procs.uids(pid) or ())
 
 
 def shepherd_dir(pid: int) -> str | None:
