@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import NodeError, UserError
+from .errors import NodeError, UserError, VmwrapError
 
 IP = "/usr/sbin/ip"
 BRIDGE = "/usr/sbin/bridge"
@@ -65,6 +65,20 @@ def address(index: int) -> str:
     if not 0 <= index < MAX_NODES:
         raise UserError(f"a VM job spans at most {MAX_NODES} nodes")
     return f"10.77.{index // 254}.{index % 254 + 1}/16"
+
+
+def resolve(hosts: list[str], what: str) -> list[str]:
+    """Each host's IPv4 address as this host resolves it (as the scheduler itself does), for the job
+    network's tunnels; a host that does not resolve fails the job (`what`: whose host it is), not this host."""
+    import socket
+
+    out = []
+    for h in hosts:
+        try:
+            out.append(socket.getaddrinfo(h, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0])
+        except (OSError, IndexError):
+            raise VmwrapError(f"cannot resolve host {h[:80]!r} of {what}") from None
+    return out
 
 
 def mac(index: int) -> str:

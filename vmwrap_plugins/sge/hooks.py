@@ -676,17 +676,9 @@ def guest_view(run_dir: Path, env: dict[str, str]) -> tuple[str, ...]:
 
 
 def host_addresses(hosts: list[str]) -> list[str]:
-    """Each host's address as this host resolves it (as GE itself does), for the job network's
-    tunnels; a host that does not resolve fails the job, not this host."""
-    import socket
+    from vmwrap import jobnet
 
-    out = []
-    for h in hosts:
-        try:
-            out.append(socket.getaddrinfo(h, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0])
-        except (OSError, IndexError):
-            raise VmwrapError(f"cannot resolve host {h[:80]!r} of the job's parallel environment") from None
-    return out
+    return jobnet.resolve(hosts, "the job's parallel environment")
 
 
 _JOB_NUM = re.compile(r"[1-9][0-9]{0,9}")
