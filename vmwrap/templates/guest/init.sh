@@ -182,11 +182,12 @@ if [ -n "$NINEP" ]; then
 fi
 # Steps (vmwrap/steps.py): when the host serves them, `srun` in the job's PATH is vmwrap's shim and the
 # step port is the job's user's (who is root in this VM anyway: nothing to protect from them here).
-# The marker names the shim (the scheduler's launcher: Grid Engine's is `qrsh -inherit`); empty: srun.
+# The marker names the shim (the scheduler's launcher: Grid Engine's is `qrsh -inherit`, PBS's
+# pbs_tmrsh); empty: srun.
 if [ -e "$CTLD/user/steps" ]; then
   find_ports
   SHIM=$(head -c 16 "$CTLD/user/steps")
-  case "$SHIM" in ""|srun) SHIM=srun ;; qrsh) ;; *) SHIM= ;; esac
+  case "$SHIM" in ""|srun) SHIM=srun ;; qrsh|pbs_tmrsh) ;; *) SHIM= ;; esac
   { [ -n "$STEPS" ] && [ -n "$SHIM" ] && mkdir -p "$ROOT/usr/local/bin" && cp /bin/vmwrap-srun "$ROOT/usr/local/bin/$SHIM" \
     && chown "$UID_:$GID_" "$STEPS" $STEPSMORE; } || echo "vmwrap guest: cannot offer steps" > /dev/console
   # and where the job's tools look for it besides PATH (Open MPI: $SGE_ROOT/bin/$ARC/qrsh)

@@ -186,10 +186,11 @@ static void reap(void) {
 }
 
 int main(int argc, char **argv) {
-    /* installed as the scheduler's launcher (srun, or qrsh): its messages say that name, as the real one would */
+    /* installed as the scheduler's launcher (srun, qrsh or pbs_tmrsh): its messages say that name, as the
+     * real one would; pbs_tmrsh's words, as srun's, are a program and its arguments (tm_spawn's argv) */
     const char *base = argc > 0 && argv[0] ? strrchr(argv[0], '/') : NULL;
     base = base ? base + 1 : (argc > 0 && argv[0] ? argv[0] : "");
-    prog = strcmp(base, "qrsh") == 0 ? "qrsh" : "srun";
+    prog = strcmp(base, "qrsh") == 0 ? "qrsh" : strcmp(base, "pbs_tmrsh") == 0 ? "pbs_tmrsh" : "srun";
     size_t total = 0;
     for (int i = 1; i < argc; i++) total += strlen(argv[i]) + 1;
     if (total > FRAME_MAX) { fprintf(stderr, "%s: error: vmwrap: the command line is longer than %d bytes\n", prog, FRAME_MAX); return 1; }
