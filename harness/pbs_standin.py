@@ -58,11 +58,13 @@ class _Rejected(SystemExit):
 class Job:
     def __init__(self, variables: dict[str, str] | None = None, resources: dict[str, str] | None = None,
                  id: str = "", euser: str = "", egroup: str = "", ms: bool = True, run_count: int | None = None,
-                 Exit_status: int | None = None, exec_host: str | None = None, interactive: int | None = None):
+                 Exit_status: int | None = None, exec_host: str | None = None, interactive: int | None = None,
+                 exec_vnode: str | None = None):
         self.Variable_List = dict(variables or {})
         self.interactive = interactive      # `qsub -I`: the job attribute `interactive` (a long, qsub's port)
         # The hosts the server ran the job on, `host/N*C+host2/N*C` (str of pbs.exec_host; set at run)
         self.exec_host = exec_host
+        self.exec_vnode = exec_vnode        # `(vnode:ncpus=N:mem=M)+(...)`, a group per chunk (set at run)
         self.run_count = run_count          # the server's count of starts (job attribute run_count)
         self.Exit_status = Exit_status      # set for execjob_end/epilogue (mom_hook_func.c:3669-3677)
         self.Resource_List = dict(resources or {})
@@ -110,14 +112,14 @@ class Event:
 
 
 def module(event: Event, *, nodename: str = "node1", pbs_home: str = "/var/spool/pbs",
-           hook_config: str | None = None, log: list[str] | None = None) -> types.ModuleType:
+           hook_config: str | None = None, log: list[str] | None = None, pbs_exec: str = "/opt/pbs") -> types.ModuleType:
     m = types.ModuleType("pbs")
     for name, value in globals().items():
         if name.startswith("EXECJOB_") or name in ("QUEUEJOB", "ND_OFFLINE"):
             setattr(m, name, value)
     m.event = lambda: event
     m.get_local_nodename = lambda: nodename
-    m.pbs_conf = {"PBS_HOME": pbs_home, "PBS_EXEC": "/opt/pbs"}
+    m.pbs_conf = {"PBS_HOME": pbs_home, "PBS_EXEC": pbs_exec}
     m.hook_config_filename = hook_config
     m.logjobmsg = lambda jobid, msg: (log if log is not None else []).append(f"{jobid};{msg}")
     return m
@@ -179,11 +181,12 @@ class MomResult:
 
 
 def mom_hook(hook, event: Event, *, nodename: str = "node1", pbs_home: str = "/var/spool/pbs",
-             hook_config: str | None = None) -> MomResult:
+             hook_config: str | None = None, pbs_exec: str = "/opt/pbs") -> MomResult:
     """Run a mom hook (a file as `qmgr import hook` installs it) for `event` as pbs_mom does."""
     event.vnode_list.setdefault(nodename, Vnode(nodename))
     log: list[str] = []
-    ok, msg = _run(hook, module(event, nodename=nodename, pbs_home=pbs_home, hook_config=hook_config, log=log))
+    ok, msg = _run(hook, module(event, nodename=nodename, pbs_home=pbs_home, hook_config=hook_config, log=log,
+                                pbs_exec=pbs_exec))
     return MomResult(ok, msg, event, log)
 
 
@@ -237,6 +240,9 @@ class PbsJob:
     rerun: bool = False
     checkpointed: bool = False   # the server's JOB_SVFLG_CHKPT: the next start restarts from it
     exec_host: str | None = None  # None: this mom alone (`<mom>/0*<ncpus>`)
+    exec_vnode: str | None = None
+    sisters: list = field(default_factory=list)   # the moms of the job's other hosts (exec_host's order)
+    cookie: str = field(default_factory=lambda: os.urandom(16).hex())   # PBS_JOBCOOKIE
     spool: dict[str, bytes] = field(default_factory=dict)   # .OU/.ER the server keeps over a rerun
     history: list[str] = field(default_factory=list)
 
@@ -253,8 +259,9 @@ class Mom:
     with the job's environment; output to PBS_HOME/spool/<ID>.OU/.ER, delivered as NAME.o<SEQ>."""
 
     def __init__(self, base: Path, name: str, hook: Path, hook_config: Path, server: str = "pbssrv",
-                 config: str = "", checkpoint_path: Path | None = None):
+                 config: str = "", checkpoint_path: Path | None = None, pbs_exec: Path | None = None):
         self.name, self.hook, self.hook_config, self.server = name, hook, hook_config, server
+        self.pbs_exec = str(pbs_exec or "/opt/pbs")    # pbs.conf's PBS_EXEC (where pbs_tmrsh is)
         self.actions, self.transmogrify = parse_mom_config(config)   # mom_priv/config
         self.home = Path(base) / name / "pbs"
         # `$checkpoint_path` (mom_main.c:3227), default PBS_HOME/checkpoint
@@ -270,29 +277,50 @@ class Mom:
         self.seq = 200 + 10_000 * worker()  # VMs are named by job id host-wide: see harness.host_share
 
     def job(self, user: pwd.struct_passwd, script: str, workdir: Path, name: str = "STDIN",
-            variables: dict | None = None, resources: dict | None = None, exec_host: str | None = None) -> PbsJob:
+            variables: dict | None = None, resources: dict | None = None, exec_host: str | None = None,
+            sisters: list | None = None, exec_vnode: str | None = None) -> PbsJob:
+        """A job for this mom as its primary execution host; with `sisters` (their moms) one chunk on
+        each of the job's hosts, this one first, unless `exec_host`/`exec_vnode` say otherwise."""
         self.seq += 1
+        resources = dict(resources or {})
+        if sisters and exec_host is None:
+            n, mem = resources.get("ncpus", "1"), resources.get("mem")
+            exec_host = "+".join(f"{m.name}/0*{n}" for m in [self, *sisters])
+            exec_vnode = "+".join(f"({m.name}:ncpus={n}{':mem=' + mem if mem else ''})" for m in [self, *sisters])
         return PbsJob(self.seq, self.server, name, user, script, str(workdir),
-                      {"PBS_O_WORKDIR": str(workdir), **(variables or {})}, dict(resources or {}),
-                      exec_host=exec_host)
+                      {"PBS_O_WORKDIR": str(workdir), **(variables or {})}, resources,
+                      exec_host=exec_host, exec_vnode=exec_vnode, sisters=list(sisters or []))
 
-    def _event(self, type_: int, job: PbsJob, **kw) -> MomResult:
-        j = Job(job.variables, job.resources, id=job.id, euser=job.user.pw_name,
+    def _event(self, type_: int, job: PbsJob, ms: bool = True, **kw) -> MomResult:
+        j = Job(job.variables, job.resources, id=job.id, euser=job.user.pw_name, ms=ms,
                 egroup=grp.getgrgid(job.user.pw_gid).gr_name, run_count=job.run_count,
                 Exit_status=kw.pop("exit_status", None),
-                exec_host=job.exec_host or f"{self.name}/0*{job.resources.get('ncpus', 1)}")
+                exec_host=job.exec_host or f"{self.name}/0*{job.resources.get('ncpus', 1)}",
+                exec_vnode=job.exec_vnode or f"({self.name}:ncpus={job.resources.get('ncpus', 1)})")
         j._checkpointed = job.checkpointed
         r = mom_hook(self.hook, Event(type_, j, vnode_list={self.name: self.vnode}, **kw), nodename=self.name,
-                     pbs_home=str(self.home), hook_config=str(self.hook_config))
+                     pbs_home=str(self.home), hook_config=str(self.hook_config), pbs_exec=self.pbs_exec)
         job.history.append(f"{type_:#x} {r.outcome} {r.message}".strip())
         return r
 
     def _env(self, job: PbsJob) -> dict[str, str]:
+        """The top shell's (start_exec.c:3492-3551): its task is 1 ("%u"), its node 0."""
         pw = job.user
         return {"HOME": pw.pw_dir, "LOGNAME": pw.pw_name, "USER": pw.pw_name, "SHELL": "/bin/sh",
                 "PATH": "/bin:/usr/bin", "PBS_JOBID": job.id, "PBS_JOBNAME": job.name,
                 "PBS_ENVIRONMENT": "PBS_BATCH", "PBS_O_WORKDIR": job.workdir, "PBS_QUEUE": "workq",
+                "PBS_NODEFILE": str(self.nodefile(job)), "PBS_NODENUM": "0", "PBS_TASKNUM": "1",
+                "PBS_JOBCOOKIE": job.cookie, "PBS_MOMPORT": "15003",
                 **{k: v for k, v in job.variables.items() if not k.startswith("PBS_")}}
+
+    def nodefile(self, job: PbsJob) -> Path:
+        """PBS_HOME/aux/<ID> (0644, start_exec.c:1863-1906): a line per MPI process (one per chunk by
+        default), its host's name, in chunk order; written on every mom of the job."""
+        path = self.home / "aux" / job.id
+        hosts = [c.split("/", 1)[0] for c in (job.exec_host or f"{self.name}/0").split("+")]
+        path.write_text("".join(h + "\n" for h in hosts))
+        path.chmod(0o644)
+        return path
 
     def start(self, job: PbsJob) -> str:
         """Spool the script, execjob_begin, execjob_launch, exec the (possibly rewritten) program; a
@@ -307,6 +335,12 @@ class Mom:
         if not r.accepted:
             job.state = "Q"
             return r.outcome
+        for sister in job.sisters:   # IM_JOIN_JOB: the nodefile, then execjob_begin (mom_comm.c:3134, 3188)
+            sister.nodefile(job)
+            r = sister._event(EXECJOB_BEGIN, job, ms=False)
+            if not r.accepted:
+                job.state = "Q"
+                return r.outcome
         if job.checkpointed:
             return self._restart(job)
         os.chown(sc, job.user.pw_uid, job.user.pw_gid)       # start_exec.c:3283
@@ -314,14 +348,9 @@ class Mom:
         if not r.accepted:
             return r.outcome
         ev = r.event
-        out = open(self.spool / f"{job.id}.OU", "wb")
-        err = open(self.spool / f"{job.id}.ER", "wb")
-        out.write(job.spool.pop("OU", b""))
-        err.write(job.spool.pop("ER", b""))
-        out.flush()
-        err.flush()
-        for f in (out, err):
-            os.chown(f.name, job.user.pw_uid, job.user.pw_gid)
+        self._open_spool(job)   # appended to: TM tasks' output arrives there too (demux)
+        out = open(self.spool / f"{job.id}.OU", "ab")
+        err = open(self.spool / f"{job.id}.ER", "ab")
         rfd, wfd = os.pipe()
         os.write(wfd, f"{sc}\n".encode())
         os.close(wfd)
@@ -455,6 +484,8 @@ class Mom:
         job.exit_status = rc if rc >= 0 else 256 - rc
         if job.rerun:   # requests.c:1983 JOB_EXEC_RERUN, kept over the task's status (catch_child.c:491)
             job.exit_status = JOB_EXEC_RERUN
+        for sister in job.sisters:   # IM_DELETE_JOB: execjob_end there (mom_comm.c:3650)
+            sister._event(EXECJOB_END, job, ms=False, exit_status=job.exit_status)
         self._event(EXECJOB_END, job, exit_status=job.exit_status)
         if job.rerun:   # the mom sends the output files to the server for safe keeping and deletes
             job.state = "Q"  # hers; the next run's mom gets them back (server/req_jobobit.c:785-860)
@@ -546,3 +577,154 @@ print("    job_state = " + jobs[jid])
 """)
     path.chmod(0o755)
     return path
+
+
+# --- the TM interface: pbs_tmrsh spawning a task on one of a job's moms -----------------------------
+
+TMRSH = '''#!/usr/bin/python3 -I
+# pbs_tmrsh as OpenPBS's (src/cmds/pbs_tmrsh.c): [-n] [-l user] host [-n] [-l user] command...; -l
+# must be the caller; needs PBS_ENVIRONMENT, PBS_JOBID, PBS_NODEFILE (and tm_init's PBS_JOBCOOKIE);
+# the task goes to the node of the first nodefile line that is `host`; its argv is the command, no
+# environment sent (envp NULL); exits with the task's exit value, 255 on its own errors.
+import json, os, pwd, socket, sys
+SOCK = %r
+args, me = sys.argv[1:], pwd.getpwuid(os.getuid()).pw_name
+def die(msg):
+    print("pbs_tmrsh: " + msg, file=sys.stderr)
+    sys.exit(255)
+def opts(i):
+    while i < len(args) and args[i].startswith("-"):
+        a = args[i]
+        if a == "-n":
+            i += 1
+        elif a.startswith("-l"):
+            user = a[2:] or (args[i + 1] if i + 1 < len(args) else "")
+            if user != me:
+                die("%%s: bad user" %% user)
+            i += 1 if a[2:] else 2
+        else:
+            die("usage: pbs_tmrsh [-n][-l username] host [-n][-l username] command [args...]")
+    return i
+if len(args) < 2:
+    die("usage: pbs_tmrsh [-n][-l username] host [-n][-l username] command [args...]")
+i = opts(0)
+host = args[i] if i < len(args) else die("no host")
+i = opts(i + 1)
+if i >= len(args):
+    die("usage: pbs_tmrsh [-n][-l username] host [-n][-l username] command [args...]")
+for v in ("PBS_ENVIRONMENT", "PBS_JOBID", "PBS_NODEFILE", "PBS_JOBCOOKIE"):
+    if not os.environ.get(v):
+        die("%%s not set" %% v)
+lines = [ln.strip() for ln in open(os.environ["PBS_NODEFILE"])]
+if host not in lines:
+    die('host "%%s" is not a node in job <%%s>' %% (host, os.environ["PBS_JOBID"]))
+s = socket.socket(socket.AF_UNIX)
+s.connect(SOCK)
+s.sendall(json.dumps({"job": os.environ["PBS_JOBID"], "cookie": os.environ["PBS_JOBCOOKIE"],
+                      "line": lines.index(host), "argv": args[i:]}).encode() + b"\\n")
+reply = b""
+while not reply.endswith(b"\\n"):
+    chunk = s.recv(4096)
+    if not chunk:
+        die("lost the mom")
+    reply += chunk
+reply = json.loads(reply)
+if "error" in reply:
+    die(reply["error"])
+sys.exit(reply["exit"] & 0xff)
+'''
+
+
+class Tm:
+    """The moms' TM interface as pbs_tmrsh reaches it (root, a thread of the test): tm_spawn on the
+    mom of a job's node runs execjob_launch there (start_process, start_exec.c:5002: progname =
+    argv[0], argv, the task's environment), then the task as the job's user in its home, stdin
+    /dev/null, its output appended to the job's .OU/.ER on the primary mom (demux), and answers its
+    exit value (WEXITSTATUS, or 0x100 + the signal). The task's environment (start_exec.c:4855-4951):
+    the job's Variable_List, HOME, PBS_JOBNAME, PBS_JOBID, PBS_QUEUE, PBS_JOBCOOKIE, PBS_NODENUM (the
+    host's place in the job), PBS_TASKNUM ("%8.8X"), PBS_MOMPORT, PBS_ENVIRONMENT, ENVIRONMENT; no
+    PATH, SHELL, USER or LOGNAME."""
+
+    def __init__(self, base: Path):
+        import socket
+        import threading
+
+        self.sock_path = Path(base) / "tm.sock"
+        self.sock_path.unlink(missing_ok=True)
+        self.jobs: dict[str, PbsJob] = {}
+        self.moms: dict[str, Mom] = {}
+        self.tasks = 1
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(str(self.sock_path))
+        self.sock_path.chmod(0o777)
+        self.sock.listen(64)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def install(self, pbs_exec: Path) -> Path:
+        """PBS_EXEC/bin/pbs_tmrsh talking to this interface."""
+        (Path(pbs_exec) / "bin").mkdir(parents=True, exist_ok=True)
+        for d in (Path(pbs_exec), Path(pbs_exec) / "bin"):
+            d.chmod(0o755)
+        tool = Path(pbs_exec) / "bin" / "pbs_tmrsh"
+        tool.write_text(TMRSH % str(self.sock_path))
+        tool.chmod(0o755)
+        return tool
+
+    def add(self, job: PbsJob, ms: Mom) -> None:
+        self.jobs[job.id] = job
+        self.moms[job.id] = ms
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._spawn, args=(conn,), daemon=True).start()
+
+    def _spawn(self, conn) -> None:
+        with conn:
+            data = b""
+            while not data.endswith(b"\n") and len(data) < 1 << 20:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            req = json.loads(data)
+            job = self.jobs.get(req["job"])
+            if job is None or req["cookie"] != job.cookie:
+                conn.sendall(b'{"error": "tm_init failed"}\n')
+                return
+            ms = self.moms[job.id]
+            hosts = [c.split("/", 1)[0] for c in job.exec_host.split("+")]
+            node = list(dict.fromkeys(hosts)).index(hosts[req["line"]])
+            mom = [ms, *job.sisters][node]
+            self.tasks += 1
+            pw = job.user
+            env = {**{k: v for k, v in job.variables.items()}, "HOME": pw.pw_dir, "PBS_JOBNAME": job.name,
+                   "PBS_JOBID": job.id, "PBS_QUEUE": "workq", "PBS_JOBCOOKIE": job.cookie, "PBS_NODENUM": str(node),
+                   "PBS_TASKNUM": f"{self.tasks:08X}", "PBS_MOMPORT": "15003", "PBS_ENVIRONMENT": "PBS_BATCH",
+                   "ENVIRONMENT": "BATCH"}
+            argv = list(req["argv"])
+            r = mom._event(EXECJOB_LAUNCH, job, ms=node == 0, progname=argv[0], argv=argv, env=env)
+            if not r.accepted:   # JOB_EXEC_FAILHOOK_DELETE (start_exec.c:5007)
+                conn.sendall(json.dumps({"error": f"tm_spawn failed: {r.message}"}).encode() + b"\n")
+                return
+            ev = r.event
+            with open(ms.spool / f"{job.id}.OU", "ab") as out, open(ms.spool / f"{job.id}.ER", "ab") as err:
+                try:
+                    p = subprocess.Popen(ev.argv, executable=ev.progname, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=err, env=ev.env,
+                                         cwd=pw.pw_dir if os.path.isdir(pw.pw_dir) else "/", user=pw.pw_uid,
+                                         group=pw.pw_gid, extra_groups=os.getgrouplist(pw.pw_name, pw.pw_gid),
+                                         start_new_session=True)
+                except OSError as e:
+                    conn.sendall(json.dumps({"error": f"tm_spawn failed: {e}"}).encode() + b"\n")
+                    return
+            rc = p.wait()
+            conn.sendall(json.dumps({"exit": rc if rc >= 0 else 0x100 - rc}).encode() + b"\n")

@@ -94,6 +94,19 @@ def test_actions_refuse_a_periodic_checkpoint_and_bad_arguments(light, test_user
     assert r.returncode == 1 and "no such action" in r.stderr, r.stderr
 
 
+def test_qhold_of_a_job_whose_vms_span_hosts_is_refused_and_it_runs_on(light, test_user):
+    """Saving one host's VM of a multi-node job and not the others would be half a job: checkpoint_abort
+    fails (the hold is refused, the job runs on) before it touches the VM."""
+    _, _, cfg, _ = light
+    run_dir = cfg.parent / "state" / "jobs" / "5.pbssrv"
+    run_dir.mkdir(parents=True)
+    (run_dir / "job.json").write_text(json.dumps({"uid": test_user.pw_uid, "node_index": 0, "nodes": 2}))
+    r = _action(cfg, "checkpoint_abort", "5.pbssrv", str(test_user.pw_uid), str(test_user.pw_gid), "/x/00000001")
+    assert r.returncode == 1 and "job 5.pbssrv's VMs span 2 hosts, which vmwrap does not save: it runs on" in r.stderr, \
+        r.stderr
+    assert not (run_dir / "pbs-checkpoint").exists()
+
+
 def _fake_checkpoint(store: Path, job) -> Path:
     jid = job.id
     (store / jid).mkdir()

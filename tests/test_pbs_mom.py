@@ -78,24 +78,35 @@ def test_a_users_mistake_fails_the_job_through_its_payload_not_the_node(light, t
         assert not (Path(settings.state_dir) / "jobs" / f"{job.seq}.pbssrv").exists()
 
 
-def test_a_vm_job_run_on_several_hosts_fails_through_its_payload_not_the_node(light, test_user):
-    """queuejob refuses a multi-chunk VM request at qsub, but `qalter -l select=2:...` does not run it:
-    begin sees the hosts the server ran the job on (exec_host) and fails the job with the shared
-    multi-node reason (exit 64); the vnode stays up. One host, several CPUs, is no refusal."""
+def test_a_vm_job_on_several_hosts_names_its_image_at_qsub(light, test_user):
+    """Only the primary execution host gets the job script: a job spanning hosts whose image is named
+    only by `#VMWRAP` fails through its payload (exit 64) saying so; the vnode stays up. One host,
+    several chunks, is one VM as ever."""
     mom, work, settings = light
     job = mom.job(test_user, "#!/bin/sh\n#VMWRAP --image=nope\necho never\n", work, name="wide",
                   exec_host="node1/0*2+node2/0*2")
     assert mom.start(job) == "running", job.history
     assert mom.wait(job) == 64
     out, err = output(job)
-    assert out == "" and ("vmwrap: error: multi-node jobs are not supported yet (the job was given 2 hosts: "
-                          "node1 node2): a vmwrap job runs in one VM on one node") in err, err
+    assert out == "" and ("vmwrap: error: the job runs on 2 hosts and names its image only in the script, which "
+                          "the other hosts never get: name it at qsub (-l vmwrap_image=NAME or -v VMWRAP_IMAGE=NAME)"
+                          ) in err, err
     assert mom.vnode.state == 0
     job = mom.job(test_user, "#!/bin/sh\n#VMWRAP --image=nope\necho never\n", work, name="one",
                   exec_host="node1/0*2+node1/1*2")
     assert mom.start(job) == "running", job.history
     assert mom.wait(job) == 64
     assert "unknown image 'nope'" in output(job)[1]   # past the host check, to the catalog's
+
+
+def test_a_host_of_the_job_that_does_not_resolve_fails_the_job_not_the_node(light, test_user):
+    mom, work, settings = light
+    job = mom.job(test_user, "#!/bin/sh\necho never\n", work, name="far", variables={"VMWRAP_IMAGE": "nope"},
+                  exec_host="localhost/0*2+node1/0*2")
+    assert mom.start(job) == "running", job.history
+    assert mom.wait(job) == 69   # EX_UNAVAILABLE: the site's, not the user's mistake
+    assert "vmwrap: error: cannot resolve host 'node1' of the job's exec_host" in output(job)[1]   # this mom's name
+    assert mom.vnode.state == 0
 
 
 def test_abort_removes_what_begin_left(light, test_user):
@@ -168,15 +179,42 @@ def test_launch_rewrites_progname_and_argv_only_for_a_vm_job(light, test_user):
     r = mom_hook(HOOK, Event(EXECJOB_LAUNCH, Job(id=vm.id), progname="/bin/sh", argv=["-sh"]),
                  pbs_home=str(mom.home), hook_config=str(mom.hook_config))
     assert r.accepted and r.event.progname == str(HOOKS / "pbs-job")
-    assert r.event.argv == ["pbs-job", "--config", str(Path(mom.hook_config).parent / "vmwrap.toml")]
+    cfg = str(Path(mom.hook_config).parent / "vmwrap.toml")
+    assert r.event.argv == ["pbs-job", "--config", cfg, "--pbs-exec", "/opt/pbs"]
 
 
-def test_a_sister_mom_boots_nothing(light, test_user):
+def test_launch_of_a_tm_task_runs_it_as_spawned_and_gives_vmwraps_own_this_hosts_config(light, test_user):
+    """execjob_launch also runs for every TM task (start_exec.c start_process), on any host: PBS_TASKNUM
+    is then eight hex digits (the top shell's is "1"). A task is never made the payload; vmwrap's own
+    (`pbs-job task ...`, from the payload's pbs_tmrsh) gets this host's config before its words."""
+    mom, work, _ = light
+    vm = mom.job(test_user, "#!/bin/sh\ntrue\n", work, variables={"VMWRAP_IMAGE": "nope"})
+    (mom.jobs / f"{vm.id}.SC").write_text(vm.script)
+    assert mom._event(EXECJOB_BEGIN, vm).accepted
+    cfg = str(Path(mom.hook_config).parent / "vmwrap.toml")
+    ours = [str(HOOKS / "pbs-job"), "task", "/run/x/tasks.sock", "ab12", vm.id, "--", "hostname", "-s"]
+    for ms, tasknum, argv, want in [
+            (True, "00000002", ["/bin/hostname"], ["/bin/hostname"]),
+            (False, "00000003", ["a.out", "x"], ["a.out", "x"]),
+            (True, "00000004", ours, [ours[0], "--config", cfg, *ours[1:]]),
+            (False, "00000005", ours, [ours[0], "--config", cfg, *ours[1:]]),
+            (False, None, ours, [ours[0], "--config", cfg, *ours[1:]]),
+            (True, "00000006", [ours[0], "job"], [ours[0], "job"])]:
+        r = mom_hook(HOOK, Event(EXECJOB_LAUNCH, Job(id=vm.id, ms=ms), progname=argv[0], argv=argv,
+                                 env={"PBS_TASKNUM": tasknum} if tasknum else {}),
+                     pbs_home=str(mom.home), hook_config=str(mom.hook_config))
+        assert r.accepted and (r.event.progname, r.event.argv) == (argv[0], want), (ms, tasknum, argv)
+
+
+def test_a_sister_mom_starts_its_hosts_vm_of_the_job(light, test_user):
+    """execjob_begin runs on every mom of the job (mom_comm.c IM_JOIN_JOB): a sister starts its own VM
+    of the job; here it fails for the job (no such image) and the vnode stays up, as on the primary."""
     mom, work, settings = light
     r = mom_hook(HOOK, Event(EXECJOB_BEGIN, Job({"VMWRAP_IMAGE": "nope"}, id="7.pbssrv", euser=test_user.pw_name,
                                                  egroup=test_user.pw_name, ms=False)),
                  pbs_home=str(mom.home), hook_config=str(mom.hook_config))
-    assert r.accepted and not (Path(settings.state_dir) / "jobs" / "7.pbssrv").exists()
+    assert r.accepted and (Path(settings.state_dir) / "jobs" / "7.pbssrv" / "error").exists()
+    assert mom.vnode.state == 0
 
 
 def test_vmwrap_unable_to_run_offlines_the_vnode_and_requeues(light, tmp_path):

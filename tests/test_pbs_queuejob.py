@@ -48,31 +48,13 @@ def test_queuejob_rejects_an_interactive_vm_job_and_leaves_other_interactive_job
     assert qsub(check, Event(QUEUEJOB, Job({}, {"vmwrap_image": "busybox"}, interactive=0), "vmwrapuser")) == (0, "")
 
 
-ONE_NODE = "a vmwrap job runs in one VM on one node"
-
-
-@pytest.mark.parametrize("resources, asked", [
-    ({"select": "2:ncpus=1"}, "-l select asks for 2 chunks"),
-    ({"select": "1:ncpus=2+1:ncpus=2"}, "-l select asks for 2 chunks"),
-    ({"select": "ncpus=1+ncpus=1", "place": "pack"}, "-l select asks for 2 chunks"),
-    ({"select": "3:ncpus=1:mem=1gb", "place": "scatter"}, "-l select asks for 3 chunks"),
-    ({"nodes": "2"}, "-l nodes asks for 2 nodes"),
-    ({"nodes": "2:ppn=1"}, "-l nodes asks for 2 nodes"),
-    ({"nodes": "1:ppn=4+1:ppn=4"}, "-l nodes asks for 2 nodes"),
-    ({"nodes": "host1+host2"}, "-l nodes asks for 2 nodes"),
-    ({"nodes": "2#excl"}, "-l nodes asks for 2 nodes"),
-    ({"select": "9" * 5000 + ":ncpus=1"}, "-l select asks for 1000000 chunks"),
-])
-def test_queuejob_rejects_a_vm_job_on_more_than_one_node(settings, resources, asked):
-    """A VM job is one VM on one node: more than one chunk (whatever `place` says) or old-style node is
-    refused with the reason every scheduler gives (vmwrap.request.multi_node_refusal)."""
+@pytest.mark.parametrize("resources", [{"select": "2:ncpus=1"}, {"select": "1:ncpus=2+1:ncpus=2"},
+                                       {"select": "3:ncpus=1:mem=1gb", "place": "scatter"}, {"nodes": "2:ppn=1"},
+                                       {"nodes": "host1+host2"}])
+def test_queuejob_accepts_a_vm_job_over_several_chunks(settings, resources):
+    """Several chunks are a multi-node VM job (a VM on each host they land on, mom.py): queued as asked."""
     job = Job({"VMWRAP_IMAGE": "busybox"}, resources)
-    rc, err = qsub(functools.partial(queuejob.check, settings), Event(QUEUEJOB, job, "vmwrapuser"))
-    assert rc == QSUB_REJECT_STATUS, err
-    assert err.startswith(f"qsub: vmwrap: multi-node jobs are not supported yet ({asked}): {ONE_NODE}; ask for one"), err
-    # the same request without an image is not vmwrap's business
-    assert qsub(functools.partial(queuejob.check, settings),
-                Event(QUEUEJOB, Job({}, resources), "vmwrapuser")) == (0, "")
+    assert qsub(functools.partial(queuejob.check, settings), Event(QUEUEJOB, job, "vmwrapuser")) == (0, "")
 
 
 @pytest.mark.parametrize("variables, resources", [({}, {}), ({"VMWRAP_IMAGE": "busybox"}, {}),

@@ -55,9 +55,15 @@ if event in ("begin", "end"):
     facts.update(run_count=_attr(j, "run_count"), exit_status=_attr(j, "Exit_status"),
                  checkpointed=bool(j.is_checkpointed()))
 if event == "begin":
-    facts.update(euser=str(j.euser), egroup=str(j.egroup), exec_host=_attr(j, "exec_host"), pbs_home=str(pbs.pbs_conf.get("PBS_MOM_HOME") or pbs.pbs_conf["PBS_HOME"]),
+    facts.update(euser=str(j.euser), egroup=str(j.egroup), exec_host=_attr(j, "exec_host"),
+                 exec_vnode=_attr(j, "exec_vnode"), pbs_home=str(pbs.pbs_conf.get("PBS_MOM_HOME") or pbs.pbs_conf["PBS_HOME"]),
                  resources={k: _value(j.Resource_List, k) for k in ("ncpus", "mem", "vmwrap_image")},
                  variables={k: _value(j.Variable_List, k) for k in ("VMWRAP_IMAGE", "PBS_O_WORKDIR")})
+if event == "launch":
+    # The job's top shell (the primary host only; PBS_TASKNUM "1") or a TM task (pbs_tmrsh, pbsdsh: any
+    # host; PBS_TASKNUM eight hex digits, argv the spawned words) (start_exec.c finish_exec, start_process)
+    facts.update(tasknum=_value(e.env, "PBS_TASKNUM"), argv=[str(a)[:4096] for a in (e.argv or [])[:8]],
+                 pbs_exec=str(pbs.pbs_conf.get("PBS_EXEC") or ""))
 config = _config()
 argv = [PYTHON, "-I", "-m", "vmwrap_plugins.pbs"] + (["--config", str(config)] if config else []) + ["pbs", "mom", event]
 try:
@@ -81,6 +87,9 @@ if reply.get("offline"):
 if event == "launch" and reply.get("progname"):
     e.progname = str(reply["progname"])
     e.argv = [str(a) for a in reply["argv"]]
+if event == "launch" and reply.get("argv_from"):
+    # a task of vmwrap's: its words from the reply's, then the spawned words after them, unchanged
+    e.argv = [str(a) for a in reply["argv_from"]] + [str(a) for a in e.argv][int(reply["keep_after"]):]
 if reply.get("reject"):
     if event == "launch" and reply.get("offline"):
         j.rerun()  # requeue, not delete, a job this node could not start

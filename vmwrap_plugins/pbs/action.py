@@ -110,6 +110,10 @@ def checkpoint_abort(settings: Settings, pbs_id: str, jid: str, pw: pwd.struct_p
     if meta.get("uid") not in (None, pw.pw_uid):
         print(f"vmwrap: job {pbs_id}'s VM belongs to another user", file=sys.stderr)
         return 1
+    hosts = rundir.placement(run_dir)[1]
+    if hosts > 1:   # one host's VM saved and the others not would be half a job
+        print(f"vmwrap: job {pbs_id}'s VMs span {hosts} hosts, which vmwrap does not save: it runs on", file=sys.stderr)
+        return 1
     work_dir = (safeio.read_capped(rundir.ctl(run_dir) / rundir.CTL_WORKDIR, 4096) or b"").decode(errors="replace")
     _write_result(run_dir / HOLD, pbs_id)
     delivered = rundir.user_dir(run_dir) / rundir.DELIVERED   # the payload detached: its offsets are in

@@ -44,6 +44,16 @@ def job(obj, args):
 @pbs.command(context_settings=_ARGV)
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
+def task(obj, argv):
+    """A TM task the payload's pbs_tmrsh spawned (the user): SOCKET TOKEN JOB -- COMMAND..."""
+    from . import task as task_
+
+    sys.exit(task_.main(obj.settings(hook=True), list(argv)))
+
+
+@pbs.command(context_settings=_ARGV)
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
 def action(obj, argv):
     """pbs_mom's `$action checkpoint_abort|checkpoint|restart` script (root): ACTION %jobid %uid %gid %path."""
     import os

@@ -10,6 +10,10 @@ the VM; qdel's SIGTERM (after execjob_preterm marked the run dir) asks the guest
 qrerun's SIGTERM (no such mark) detaches, and execjob_end saves the VM for the next run; qhold's
 checkpoint_abort action marks the run dir, we detach and leave once it saved the VM. After qrls the
 restart action (root, then the job's user) restores the VM and runs `run` in place of this payload.
+
+In the VM, `pbs_tmrsh HOST COMMAND...` (also at $PBS_EXEC/bin/pbs_tmrsh) runs COMMAND in HOST's VM
+of the job through the host's own pbs_tmrsh (vmwrap_plugins/pbs/steps.py, task.py), and
+$PBS_NODEFILE names a copy of the mom's.
 """
 
 from __future__ import annotations
@@ -19,14 +23,18 @@ import re
 import signal
 import sys
 
-from vmwrap import rundir, safeio
+from pathlib import Path
+
+from vmwrap import payload as payload_mod, rundir, safeio
 from vmwrap.config import Settings
 from vmwrap.errors import UserError
+from vmwrap.job import validate_host_path
 from vmwrap.payload import EXIT_NODE, attach
 
 from .mom import DELETED, SCRIPT_MAX, job_id
 
 STDIN_MAX = 16 << 20
+NODEFILE_MAX = 1 << 20   # bytes of $PBS_NODEFILE read (a line per MPI process of the job)
 
 
 def script_from_stdin(data: bytes) -> str:
@@ -44,17 +52,63 @@ def script_from_stdin(data: bytes) -> str:
 
 
 def payload(settings: Settings, stdin, args: list[str]) -> int:
+    """`ARGS` from execjob_launch: `[--pbs-exec DIR]` (the mom's PBS_EXEC, where pbs_tmrsh is)."""
     pbs_id = os.environ.get("PBS_JOBID", "")
+    pbs_exec = None
     try:
+        if args[:1] == ["--pbs-exec"] and len(args) >= 2:
+            pbs_exec, args = args[1].rstrip("/") or "/", args[2:]
+            validate_host_path(pbs_exec, "PBS_EXEC")
         job_id(pbs_id)
         script = script_from_stdin(stdin.read(STDIN_MAX))
     except (UserError, OSError) as e:
         print(f"vmwrap: error: {e}", file=sys.stderr)
         return EXIT_NODE
-    return run(settings, pbs_id, script, args)
+    return run(settings, pbs_id, script, args, pbs_exec)
 
 
-def run(settings: Settings, pbs_id: str, script: str, args: list[str]) -> int:
+def node_hosts(data: bytes | None) -> list[str]:
+    """The job's hosts, each once, in $PBS_NODEFILE's order (a line per MPI process; pbs_tmrsh takes
+    the first line that is the host it is given)."""
+    lines = (data or b"").decode("utf-8", "replace").splitlines()
+    return list(dict.fromkeys(ln.strip() for ln in lines if ln.strip()))
+
+
+def guest_view(run_dir: Path, jid: str, env: dict[str, str], pbs_exec: str | None):
+    """(vmwrap.steps' Launch for pbs_tmrsh, the dirs the guest installs its pbs_tmrsh in besides its
+    PATH): $PBS_NODEFILE in `env` (the guest's) names a copy of the mom's, read as the job's user,
+    no link followed, and PATH ends with $PBS_EXEC/bin, where the guest has its pbs_tmrsh. No
+    launcher without PBS_EXEC (the host's pbs_tmrsh is unknown)."""
+    from vmwrap.resources import HOOKS
+
+    from .mom import PAYLOAD
+    from .steps import TASK, tmrsh_command
+
+    data = None
+    if env.get("PBS_NODEFILE"):
+        try:
+            data = safeio.read_capped(env["PBS_NODEFILE"], NODEFILE_MAX)
+            if data is not None:
+                env["PBS_NODEFILE"] = payload_mod.give(run_dir, "pbs_nodefile", data)
+        except FileNotFoundError:
+            pass   # no VM to hand it to (its start failed): the attachment says why
+        except OSError as e:
+            print(f"vmwrap: warning: cannot hand the VM the job's PBS_NODEFILE: {e.strerror}", file=sys.stderr)
+    if pbs_exec is None:
+        return None, ()
+    hosts, tmrsh = node_hosts(data), f"{pbs_exec}/bin/pbs_tmrsh"
+    # on the host the job's login shell has $PBS_EXEC/bin in PATH from PBS's /etc/profile.d/pbs.sh
+    path = env.get("PATH", "")
+    if f"{pbs_exec}/bin" not in path.split(":"):
+        env["PATH"] = f"{path}:{pbs_exec}/bin" if path else f"{pbs_exec}/bin"
+
+    def launch(argv: list[str], task: list[str]) -> tuple[int, list[str]]:
+        # task: [python, -m, vmwrap.steps, SOCKET, TOKEN] as the step server runs it on this host
+        return tmrsh_command(argv, [str(HOOKS / PAYLOAD), TASK, *task[3:5], jid], hosts, tmrsh)
+    return launch, (f"{pbs_exec}/bin",)
+
+
+def run(settings: Settings, pbs_id: str, script: str, args: list[str], pbs_exec: str | None = None) -> int:
     """Attach to the job's VM (booted by execjob_begin, or restored by the restart action)."""
     from .action import HOLD, wait_saved, watch_hold
 
@@ -81,7 +135,9 @@ def run(settings: Settings, pbs_id: str, script: str, args: list[str]) -> int:
         return detached[-1]
 
     watch_hold(run_dir)
-    rc = attach(run_dir, jid, script, env, args, grace=settings.grace_seconds, settings=settings, requeued=requeued)
+    steps, shim_dirs = guest_view(run_dir, jid, env, pbs_exec)
+    rc = attach(run_dir, jid, script, env, args, grace=settings.grace_seconds, settings=settings, requeued=requeued,
+                steps=steps, steps_name="pbs_tmrsh", shim_dirs=shim_dirs)
     if (run_dir / HOLD).exists():
         return wait_saved(run_dir)
     return 128 + signal.SIGTERM if any(detached) else rc

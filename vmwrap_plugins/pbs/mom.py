@@ -38,9 +38,8 @@ from pathlib import Path
 
 from vmwrap import directives, lifecycle, restart_record, rundir, safeio
 from vmwrap.config import Settings
-from vmwrap.errors import NodeError, UserError
+from vmwrap.errors import NodeError, UserError, VmwrapError
 from vmwrap.job import Job
-from vmwrap.request import one_node
 
 NAME = "pbs"
 EVENTS = ("begin", "launch", "preterm", "end", "abort", "postsuspend", "preresume")
@@ -121,14 +120,51 @@ def spooled_script(pbs_home: str, pbs_id: str) -> str | None:
     return None if data is None else data.decode("utf-8", "surrogateescape")
 
 
-def exec_hosts(exec_host) -> list[str]:
-    """The distinct hosts of the job's exec_host (`host/N*C+host2/N*C`, as the server set it at run)."""
-    hosts: list[str] = []
+def exec_chunks(exec_host) -> list[tuple[str, int]]:
+    """(host, CPUs) of each chunk of the job's exec_host (`host/N*C+host2/N*C`, as the server set it at
+    run; `*C` left out for one CPU)."""
+    chunks = []
     for part in str(exec_host or "")[:65536].split("+"):
-        h = part.split("/", 1)[0].strip()
-        if h and h not in hosts:
-            hosts.append(h[:255])
-    return hosts
+        host, _, rest = part.partition("/")
+        host, count = host.strip()[:255], rest.partition("*")[2]
+        if host:
+            chunks.append((host, int(count) if re.fullmatch(r"[1-9]\d{0,4}", count) else 1))
+    return chunks
+
+
+def chunk_memory(exec_vnode) -> list[int | None]:
+    """The memory (MiB) of each chunk of the job's exec_vnode (`(vn:ncpus=2:mem=1048576kb)+(vn2:...)`,
+    a chunk over several vnodes `(vn1:mem=1gb+vn2:mem=1gb)`): the server writes exec_host and exec_vnode
+    chunk by chunk, so the K-th of one is the K-th of the other. None for a chunk without mem."""
+    out: list[int | None] = []
+    for chunk in re.findall(r"\(([^()]*)\)", str(exec_vnode or "")[:65536]):
+        total = None
+        for m in re.finditer(r":mem=([^:+)]*)", chunk):
+            total = (total or 0) + (memory_mib(m.group(1)) or 0)
+        out.append(total)
+    return out
+
+
+def host_plan(facts: dict, jid: str) -> tuple[object | None, int | None, int | None]:
+    """(the job network's plan or None, this host's CPUs, this host's memory in MiB; None: the job's
+    request): a job whose chunks landed on several hosts gets one VM on each (every mom's execjob_begin
+    boots its own), sized by the chunks on that host, joined as Slurm's multi-node jobs are. Every mom
+    numbers the hosts alike: exec_host's order, the primary execution host first."""
+    chunks = exec_chunks(facts.get("exec_host"))
+    hosts = list(dict.fromkeys(h for h, _ in chunks))
+    if len(hosts) <= 1:
+        return None, None, None
+    from vmwrap import jobnet
+
+    me = _str(facts, "node", 255)
+    if me not in hosts:
+        raise VmwrapError(f"this mom ({me[:80]!r}) is not one of job {jid}'s hosts ({' '.join(hosts[:4])})")
+    cpus = sum(n for h, n in chunks if h == me)
+    memory = chunk_memory(facts.get("exec_vnode"))
+    mine = [memory[k] if k < len(memory) else None for k, (h, _) in enumerate(chunks) if h == me]
+    mem = None if None in mine else sum(mine)
+    plan = jobnet.Plan(jid, tuple(hosts), tuple(jobnet.resolve(hosts, "the job's exec_host")), hosts.index(me))
+    return plan, cpus, mem
 
 
 def begin_job(facts: dict) -> Job | None:
@@ -149,9 +185,11 @@ def begin_job(facts: dict) -> Job | None:
     script = spooled_script(_str(facts, "pbs_home"), pbs_id) or ""
     if not native and not directives.parse(script).image:
         return None
-    hosts = exec_hosts(facts.get("exec_host"))   # queuejob refused multi-chunk requests; qalter does not run it
-    one_node(len(hosts), f"the job was given {len(hosts)} hosts: {' '.join(hosts[:4])}",
-             "ask for one node: -l select=1:ncpus=N")
+    hosts = set(h for h, _ in exec_chunks(facts.get("exec_host")))
+    if len(hosts) > 1 and not native:
+        raise UserError(f"the job runs on {len(hosts)} hosts and names its image only in the script, which "
+                        f"the other hosts never get: name it at qsub (-l {RESOURCE}=NAME or -v {VARIABLE}=NAME)")
+    plan, host_cpus, host_mem = host_plan(facts, jid)
     try:
         pw = pwd.getpwnam(_str(facts, "euser", 64))
         gid = grp.getgrnam(_str(facts, "egroup", 64)).gr_gid
@@ -160,12 +198,12 @@ def begin_job(facts: dict) -> Job | None:
     if pw.pw_uid == 0:
         raise UserError("root's jobs do not run in VMs")
     work_dir = str(variables.get("PBS_O_WORKDIR") or pw.pw_dir)
-    cpus = ncpus(resources.get("ncpus"))
     runs = _int(facts, "run_count")
     return Job(job_id=jid, scheduler=NAME, user=pw.pw_name, uid=pw.pw_uid, gid=gid, work_dir=work_dir,
-               script=script, cpus=cpus, memory_mib=memory_mib(resources.get("mem")),
+               script=script, cpus=host_cpus or ncpus(resources.get("ncpus")),
+               memory_mib=host_mem if plan else memory_mib(resources.get("mem")),
                image=native[0] if native else None, restart_count=max(runs - 1, 0),
-               groups=[g for g in os.getgrouplist(pw.pw_name, gid) if g != gid])
+               groups=[g for g in os.getgrouplist(pw.pw_name, gid) if g != gid], nodes=plan)
 
 
 def handle(settings: Settings, event: str, facts: dict, config_path: str | None = None) -> dict:
@@ -177,8 +215,8 @@ def handle(settings: Settings, event: str, facts: dict, config_path: str | None 
         jid = job_id(_str(facts, "job", 300))
     except UserError as e:
         return {"log": f"vmwrap: {e}"}    # nothing of vmwrap's can exist under that name
-    if not facts.get("ms", True) and event != "end" and event != "abort":
-        return {}                         # a sister: the VM runs on the primary execution host only
+    if event == "preterm" and not facts.get("ms", True):
+        return {}                         # a sister's VM runs no payload to tell
     if event == "begin":
         from .action import held
 
@@ -193,13 +231,7 @@ def handle(settings: Settings, event: str, facts: dict, config_path: str | None 
             launcher.teardown(jid, settings)
         return {"log": f"vmwrap: {out.verdict.value}{': ' + out.reason if out.reason else ''}"} if out.vm else {}
     if event == "launch":
-        if not (rundir.path(settings, jid) / rundir.JOB).exists() and \
-                not (rundir.path(settings, jid) / rundir.ERROR).exists():
-            return {}                     # no VM job: the login shell runs as usual
-        from vmwrap.resources import HOOKS
-
-        return {"progname": str(HOOKS / PAYLOAD),
-                "argv": [PAYLOAD, *(["--config", config_path] if config_path else [])]}
+        return _launch(settings, jid, facts, config_path)
     if event == "preterm":
         _mark_deleted(settings, jid)
         return {}
@@ -221,6 +253,28 @@ def handle(settings: Settings, event: str, facts: dict, config_path: str | None 
             return {"offline": f"vmwrap: {out.reason}", "log": f"vmwrap: {out.reason}"}
         return {}
     return _pause(settings, jid, event == "postsuspend")
+
+
+def _launch(settings: Settings, jid: str, facts: dict, config_path: str | None) -> dict:
+    """execjob_launch: the job's top shell becomes the payload when the job has a VM here; a TM task
+    that is vmwrap's (`pbs-job task ...`, which the payload's pbs_tmrsh spawned) gets this host's
+    config; any other TM task runs as spawned."""
+    from vmwrap.resources import HOOKS
+
+    from .steps import TASK
+
+    vm = (rundir.path(settings, jid) / rundir.JOB).exists() or (rundir.path(settings, jid) / rundir.ERROR).exists()
+    tasknum, argv = facts.get("tasknum"), facts.get("argv")
+    if isinstance(tasknum, str) and re.fullmatch(r"[0-9A-Fa-f]{8}", tasknum) or not facts.get("ms", True):
+        if vm and config_path and isinstance(argv, list) and argv[:2] == [str(HOOKS / PAYLOAD), TASK]:
+            return {"argv_from": [str(HOOKS / PAYLOAD), "--config", config_path, TASK], "keep_after": 2}
+        return {}
+    if not vm:
+        return {}                     # no VM job: the login shell runs as usual
+    pbs_exec = _str(facts, "pbs_exec", 1024)
+    return {"progname": str(HOOKS / PAYLOAD),
+            "argv": [PAYLOAD, *(["--config", config_path] if config_path else []),
+                     *(["--pbs-exec", pbs_exec] if pbs_exec.startswith("/") else [])]}
 
 
 def _record(settings: Settings, jid: str, pbs_id: str) -> None:
