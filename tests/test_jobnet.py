@@ -10,7 +10,7 @@ import time
 import pytest
 
 from vmwrap import jobnet
-from vmwrap.errors import NodeError, UserError
+from vmwrap.errors import NodeError, UserError, VmwrapError
 
 
 def _job() -> str:
@@ -73,15 +73,25 @@ def test_the_guest_learns_its_card_address_and_every_nodes_name():
     assert len(jobnet.bridge_name("x" * 64)) <= 15 and jobnet.bridge_name("1") != jobnet.bridge_name("2")
 
 
-@pytest.mark.parametrize("nodes, addrs, why", [
-    (("c1", "c2"), ("10.0.0.1", "not-an-ip"), "is not an IP address"),
-    (("c1", "-x"), ("10.0.0.1", "10.0.0.2"), "is not a plain host name"),
-    (("c1", "c2;reboot"), ("10.0.0.1", "10.0.0.2"), "is not a plain host name"),
-    (("c1",), ("10.0.0.1", "10.0.0.2"), "inconsistent node list"),
+@pytest.mark.parametrize("nodes, addrs, why, node_fault", [
+    (("c1", "c2"), ("10.0.0.1", "not-an-ip"), "is not an IP address", False),
+    (("c1", "-x"), ("10.0.0.1", "10.0.0.2"), "is not a plain host name", False),
+    (("c1", "c2;reboot"), ("10.0.0.1", "10.0.0.2"), "is not a plain host name", False),
+    (("c1", "a" * 64), ("10.0.0.1", "10.0.0.2"), "is not a plain host name", False),
+    (("c1",), ("10.0.0.1", "10.0.0.2"), "inconsistent node list", True),
 ])
-def test_node_names_and_addresses_from_the_scheduler_are_checked(nodes, addrs, why):
-    with pytest.raises(NodeError, match=why):
+def test_node_names_and_addresses_from_the_scheduler_are_checked(nodes, addrs, why, node_fault):
+    """A name or address vmwrap cannot use fails the job (a user may choose the hosts: PBS's
+    `-l select=...:host=X`), never the node; an inconsistent list is the adapter's (a node fault)."""
+    with pytest.raises(VmwrapError, match=why) as e:
         jobnet.Plan("123", nodes, addrs, 0)
+    assert isinstance(e.value, NodeError) is node_fault
+
+
+def test_a_host_that_does_not_resolve_fails_the_job():
+    with pytest.raises(VmwrapError, match="cannot resolve host") as e:
+        jobnet.resolve(["a" * 70 + ".example"], "the job's exec_host")   # a label over 63 bytes
+    assert not isinstance(e.value, NodeError)
 
 
 def test_more_nodes_than_addresses_exist_is_the_jobs_error():

@@ -67,6 +67,17 @@ def address(index: int) -> str:
     return f"10.77.{index // 254}.{index % 254 + 1}/16"
 
 
+def check_nodes(job_id: str, nodes) -> None:
+    """A job's node names as its guests get them. One vmwrap cannot use fails the job, never the node:
+    a user may pick the hosts (PBS's `-l select=...:host=X`) of a cluster whose names a guest does not take."""
+    if len(nodes) > MAX_NODES:
+        raise UserError(f"a VM job spans at most {MAX_NODES} nodes")
+    for n in nodes:
+        if not _NODE.match(n):
+            raise VmwrapError(f"job {job_id}: node name {n[:70]!r} is not a plain host name "
+                              "(letters, digits, '.', '_', '-'; at most 63)")
+
+
 def resolve(hosts: list[str], what: str) -> list[str]:
     """Each host's IPv4 address as this host resolves it (as the scheduler itself does), for the job
     network's tunnels; a host that does not resolve fails the job (`what`: whose host it is), not this host."""
@@ -76,7 +87,7 @@ def resolve(hosts: list[str], what: str) -> list[str]:
     for h in hosts:
         try:
             out.append(socket.getaddrinfo(h, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0])
-        except (OSError, IndexError):
+        except (OSError, IndexError, UnicodeError, ValueError):   # a label over 63 bytes: UnicodeError
             raise VmwrapError(f"cannot resolve host {h[:80]!r} of {what}") from None
     return out
 
@@ -98,16 +109,12 @@ class Plan:
     def __post_init__(self) -> None:
         if len(self.nodes) != len(self.addrs) or not 0 <= self.index < len(self.nodes):
             raise NodeError(f"job {self.job_id}: inconsistent node list for its network")
-        if len(self.nodes) > MAX_NODES:
-            raise UserError(f"a VM job spans at most {MAX_NODES} nodes")
-        for n in self.nodes:
-            if not _NODE.match(n):
-                raise NodeError(f"job {self.job_id}: node name {n[:70]!r} is not a plain host name")
+        check_nodes(self.job_id, self.nodes)
         for a in self.addrs:
             try:
                 ipaddress.ip_address(a)
             except ValueError:
-                raise NodeError(f"job {self.job_id}: node address {a[:70]!r} is not an IP address") from None
+                raise VmwrapError(f"job {self.job_id}: node address {a[:70]!r} is not an IP address") from None
 
     @property
     def remote(self) -> list[str]:
