@@ -23,27 +23,18 @@ from pathlib import Path
 import pytest
 
 from harness.pbs_standin import (EXECJOB_BEGIN, EXECJOB_LAUNCH, EXECJOB_PRERESUME, ND_OFFLINE, Event, Job, Mom,
-                                 hook_config, mom_hook, output, wait_for)
+                                 clean_up, hook_config, mom_hook, node_agent, output, site_dirs, wait_for)
 from vmwrap.config import Settings, render
 from vmwrap.resources import HOOKS
 
 HOOK = HOOKS / "pbs-mom.py"
 
 
-def _dirs(base: Path, user) -> Path:
-    base.mkdir(parents=True, exist_ok=True)
-    base.chmod(0o755)
-    w = base / "work"
-    w.mkdir(exist_ok=True)
-    os.chown(w, user.pw_uid, user.pw_gid)
-    return w
-
-
 @pytest.fixture
 def light(tmp_path, test_user):
     """A mom whose vmwrap has an empty catalog: no VM can boot (no lock needed)."""
     base = Path(f"/var/tmp/vmwrap-pbsl-{os.getpid()}-{os.urandom(2).hex()}")
-    work = _dirs(base, test_user)
+    work = site_dirs(base, test_user)
     (base / "images.toml").write_text("")
     cfg = base / "vmwrap.toml"
     cfg.write_text(render({"catalog": str(base / "images.toml"), "state_dir": str(base / "state")}))
@@ -184,26 +175,34 @@ def test_launch_rewrites_progname_and_argv_only_for_a_vm_job(light, test_user):
 
 
 def test_launch_of_a_tm_task_runs_it_as_spawned_and_gives_vmwraps_own_this_hosts_config(light, test_user):
-    """execjob_launch also runs for every TM task (start_exec.c start_process), on any host: PBS_TASKNUM
-    is then eight hex digits (the top shell's is "1"). A task is never made the payload; vmwrap's own
-    (`pbs-job task ...`, from the payload's pbs_tmrsh) gets this host's config before its words."""
+    """execjob_launch also runs for every TM task (start_exec.c start_process), on any host, once the job
+    runs: only the first launch of a run on the primary host is its top shell and becomes the payload
+    (a task's spawner may set PBS_TASKNUM to the top shell's "1"); a task runs as spawned, vmwrap's own
+    (`pbs-job task ...`, from the payload's pbs_tmrsh) with this host's config before its words."""
     mom, work, _ = light
     vm = mom.job(test_user, "#!/bin/sh\ntrue\n", work, variables={"VMWRAP_IMAGE": "nope"})
     (mom.jobs / f"{vm.id}.SC").write_text(vm.script)
     assert mom._event(EXECJOB_BEGIN, vm).accepted
     cfg = str(Path(mom.hook_config).parent / "vmwrap.toml")
     ours = [str(HOOKS / "pbs-job"), "task", "/run/x/tasks.sock", "ab12", vm.id, "--", "hostname", "-s"]
+
+    def launch(ms, tasknum, argv):
+        r = mom_hook(HOOK, Event(EXECJOB_LAUNCH, Job(id=vm.id, ms=ms), progname=argv[0], argv=argv,
+                                 env={"PBS_TASKNUM": tasknum}),
+                     pbs_home=str(mom.home), hook_config=str(mom.hook_config))
+        assert r.accepted
+        return r.event.progname, r.event.argv
+
+    assert launch(False, "00000002", ["/bin/hostname"]) == ("/bin/hostname", ["/bin/hostname"])  # a sister's task
+    assert launch(True, "1", ["-sh"])[0] == str(HOOKS / "pbs-job")          # the top shell: the payload
     for ms, tasknum, argv, want in [
             (True, "00000002", ["/bin/hostname"], ["/bin/hostname"]),
+            (True, "1", ["/bin/sh", "-c", "id"], ["/bin/sh", "-c", "id"]),   # says it is task 1: it is not
             (False, "00000003", ["a.out", "x"], ["a.out", "x"]),
             (True, "00000004", ours, [ours[0], "--config", cfg, *ours[1:]]),
             (False, "00000005", ours, [ours[0], "--config", cfg, *ours[1:]]),
-            (False, None, ours, [ours[0], "--config", cfg, *ours[1:]]),
             (True, "00000006", [ours[0], "job"], [ours[0], "job"])]:
-        r = mom_hook(HOOK, Event(EXECJOB_LAUNCH, Job(id=vm.id, ms=ms), progname=argv[0], argv=argv,
-                                 env={"PBS_TASKNUM": tasknum} if tasknum else {}),
-                     pbs_home=str(mom.home), hook_config=str(mom.hook_config))
-        assert r.accepted and (r.event.progname, r.event.argv) == (argv[0], want), (ms, tasknum, argv)
+        assert launch(ms, tasknum, argv) == (argv[0], want), (ms, tasknum, argv)
 
 
 def test_a_sister_mom_starts_its_hosts_vm_of_the_job(light, test_user):
@@ -299,8 +298,7 @@ def pbs_vm(appliance, virt_type, test_user):
     from vmwrap.catalog import register
 
     base = Path(f"/var/tmp/vmwrap-pbs-{os.getpid()}")
-    shutil.rmtree(base, ignore_errors=True)
-    work = _dirs(base, test_user)
+    work = site_dirs(base, test_user, fresh=True)
     register(str(base / "images.toml"), appliance)
     cfg = base / "vmwrap.toml"
     from vmwrap.checkpoint import init_store, keygen
@@ -309,21 +307,10 @@ def pbs_vm(appliance, virt_type, test_user):
     cfg.write_text(render({"catalog": str(base / "images.toml"), "accel": virt_type, "grace_seconds": 5.0,
                            "state_dir": str(base / "state"), "cache_dir": str(base / "cache"),
                            "checkpoint_dir": str(base / "store"), "checkpoint_key_file": str(base / "checkpoint.key")}))
-    agent = subprocess.Popen([sys.executable, "-m", "vmwrap.cli", "--config", str(cfg), "agent"],
-                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: (base / "state" / "agent.sock").exists(), "the node agent", 30)
+    agent = node_agent(cfg, base / "state")
     mom = Mom(base, "node1", HOOK, hook_config(base / "hook.json", cfg))
     yield mom, work, base
-    for p in mom.procs.values():   # a failed test's job (perhaps stopped by a suspend): its session
-        try:
-            os.killpg(p.pid, 9)
-        except ProcessLookupError:
-            pass
-    agent.kill()
-    agent.wait()
-    for d in (base / "state" / "jobs").glob("*"):
-        subprocess.run(["virsh", "-c", "qemu:///system", "destroy", f"vmwrap-{d.name}"], capture_output=True)
-    shutil.rmtree(base, ignore_errors=True)
+    clean_up(base, [mom], [agent])
 
 
 def _domain(job) -> str:

@@ -13,14 +13,13 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 import pytest
 
-from harness.pbs_standin import Mom, Tm, hook_config, output, wait_for
+from harness.pbs_standin import Mom, Tm, clean_up, hook_config, node_agent, output, site_dirs, wait_for
 from vmwrap.config import render
 from vmwrap.errors import UserError, VmwrapError
 from vmwrap.resources import HOOKS
@@ -109,36 +108,18 @@ def pbs_pair(appliance, mpi_appliance, virt_type, test_user):
     _etc_hosts(True)
     assert all(socket.gethostbyname(h) == "127.0.0.1" for h in HOSTS)
     base = Path(f"/var/tmp/vmwrap-pbsmn-{os.getpid()}")
-    shutil.rmtree(base, ignore_errors=True)
-    base.mkdir(parents=True)
-    base.chmod(0o755)
-    work = base / "work"
-    work.mkdir()
-    os.chown(work, test_user.pw_uid, test_user.pw_gid)
+    work = site_dirs(base, test_user, fresh=True)
     tm = Tm(base)
     tm.install(base / "pbs")
     moms, agents = [], []
     for i, name in enumerate(HOSTS):
         cfg = _mom_config(base, (appliance, mpi_appliance), virt_type, f"m{i}")
-        agents.append(subprocess.Popen([sys.executable, "-m", "vmwrap.cli", "--config", str(cfg), "agent"],
-                                       start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_for(lambda: (cfg.parent / "state" / "agent.sock").exists(), "the node agent", 30)
+        agents.append(node_agent(cfg, cfg.parent / "state"))
         moms.append(Mom(base / f"m{i}", name, HOOK, hook_config(cfg.parent / "hook.json", cfg), pbs_exec=base / "pbs"))
     moms[1].seq = moms[0].seq + 5000   # one server's job ids: the sister never makes its own
     yield moms, tm, work, base
-    for p in moms[0].procs.values():
-        try:
-            os.killpg(p.pid, 9)
-        except ProcessLookupError:
-            pass
-    for a in agents:
-        a.kill()
-        a.wait()
     tm.close()
-    for d in base.glob("m*/state/jobs/*"):
-        for dom in (f"vmwrap-{d.name}", f"vmwrap-{d.name}@1"):
-            subprocess.run(["virsh", "-c", "qemu:///system", "destroy", dom], capture_output=True)
-    shutil.rmtree(base, ignore_errors=True)
+    clean_up(base, moms, agents)
     _etc_hosts(False)
 
 
@@ -152,12 +133,13 @@ def test_a_job_on_two_hosts_runs_tasks_in_each_hosts_vm_through_pbs_tmrsh(pbs_pa
     """`-l select=2:ncpus=1 -l vmwrap_image=busybox`: each mom's execjob_begin boots its host's VM (the
     sister's `vmwrap-JOB@1`); in the first, $PBS_NODEFILE lists both hosts and `pbs_tmrsh HOST CMD`
     runs CMD in that host's VM, with the task's exit value, its output in the job's .o/.e as for a
-    bare task (demux); the VMs reach each other by the hosts' names on the job's network; execjob_end
-    on each mom leaves no VM."""
+    bare task (demux); the VMs reach each other by the hosts' names on the job's network; the guest
+    does not get the TM credentials; execjob_end on each mom leaves no VM."""
     moms, tm, work, base = pbs_pair
     h0, h1 = HOSTS
     script = f"""#!/bin/sh
 cat "$PBS_NODEFILE"
+echo "cookie ${{PBS_JOBCOOKIE:-none}} ${{PBS_MOMPORT:-none}}"
 pbs_tmrsh {h1} sh -c 'echo "task on $(hostname) uid $(id -u)"; echo task-err >&2; exit 5'
 echo "remote exit $?"
 pbs_tmrsh {h0} sh -c 'echo "task here on $(hostname)"'
@@ -181,7 +163,7 @@ exit 3
     assert moms[0].wait(job, timeout=600) == 3, output(job)
     out, err = output(job)
     lines = out.splitlines()
-    assert lines[:2] == [h0, h1], out + err
+    assert lines[:3] == [h0, h1, "cookie none none"], out + err   # TM's credentials stay on the host
     assert f"task on {h1} uid {test_user.pw_uid}" in lines, out + err
     assert "remote exit 5" in lines and "task-err" in err.splitlines(), out + err
     assert f"task here on {h0}" in lines and "local exit 0" in lines, out + err

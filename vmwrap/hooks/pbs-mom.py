@@ -60,10 +60,9 @@ if event == "begin":
                  resources={k: _value(j.Resource_List, k) for k in ("ncpus", "mem", "vmwrap_image")},
                  variables={k: _value(j.Variable_List, k) for k in ("VMWRAP_IMAGE", "PBS_O_WORKDIR")})
 if event == "launch":
-    # The job's top shell (the primary host only; PBS_TASKNUM "1") or a TM task (pbs_tmrsh, pbsdsh: any
-    # host; PBS_TASKNUM eight hex digits, argv the spawned words) (start_exec.c finish_exec, start_process)
-    facts.update(tasknum=_value(e.env, "PBS_TASKNUM"), argv=[str(a)[:4096] for a in (e.argv or [])[:8]],
-                 pbs_exec=str(pbs.pbs_conf.get("PBS_EXEC") or ""))
+    # The job's top shell (the primary host, first) or a TM task (pbs_tmrsh, pbsdsh: any host; argv the
+    # spawned words) (start_exec.c finish_exec, start_process)
+    facts.update(argv=[str(a)[:4096] for a in (e.argv or [])[:8]], pbs_exec=str(pbs.pbs_conf.get("PBS_EXEC") or ""))
 config = _config()
 argv = [PYTHON, "-I", "-m", "vmwrap_plugins.pbs"] + (["--config", str(config)] if config else []) + ["pbs", "mom", event]
 try:

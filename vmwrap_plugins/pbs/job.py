@@ -35,6 +35,9 @@ from .mom import DELETED, SCRIPT_MAX, job_id
 
 STDIN_MAX = 16 << 20
 NODEFILE_MAX = 1 << 20   # bytes of $PBS_NODEFILE read (a line per MPI process of the job)
+# What a TM client needs besides PBS_JOBID (tm.c tm_init): with them a guest that reaches the host's
+# loopback (a NAT image) could tm_spawn outside every VM, past the pbs_tmrsh checks
+TM_CREDENTIALS = ("PBS_JOBCOOKIE", "PBS_MOMPORT")
 
 
 def script_from_stdin(data: bytes) -> str:
@@ -77,13 +80,15 @@ def node_hosts(data: bytes | None) -> list[str]:
 def guest_view(run_dir: Path, jid: str, env: dict[str, str], pbs_exec: str | None):
     """(vmwrap.steps' Launch for pbs_tmrsh, the dirs the guest installs its pbs_tmrsh in besides its
     PATH): $PBS_NODEFILE in `env` (the guest's) names a copy of the mom's, read as the job's user,
-    no link followed, and PATH ends with $PBS_EXEC/bin, where the guest has its pbs_tmrsh. No
-    launcher without PBS_EXEC (the host's pbs_tmrsh is unknown)."""
+    no link followed, PATH ends with $PBS_EXEC/bin, where the guest has its pbs_tmrsh, and the TM
+    credentials are left out. No launcher without PBS_EXEC (the host's pbs_tmrsh is unknown)."""
     from vmwrap.resources import HOOKS
 
     from .mom import PAYLOAD
     from .steps import TASK, tmrsh_command
 
+    for k in TM_CREDENTIALS:   # the guest reaches the host only through its checked pbs_tmrsh
+        env.pop(k, None)
     data = None
     if env.get("PBS_NODEFILE"):
         try:

@@ -44,6 +44,7 @@ from vmwrap.job import Job
 NAME = "pbs"
 EVENTS = ("begin", "launch", "preterm", "end", "abort", "postsuspend", "preresume")
 DELETED = "pbs-deleted"       # in a run dir: execjob_preterm saw a qdel (root's file)
+LAUNCHED = "pbs-launched"     # in a run dir: execjob_launch made the job's top shell the payload (root's)
 RERUN_STATUSES = {-11, -14}   # JOB_EXEC_RERUN, JOB_EXEC_RERUN_SIS_FAIL (src/include/job.h:941-944)
 RESTART_SETTLE = 120.0        # s a rerun job's begin waits for its previous run's end to save the VM
 FACTS_MAX = 1 << 20           # bytes of JSON the hook body may hand over
@@ -159,6 +160,7 @@ def host_plan(facts: dict, jid: str) -> tuple[object | None, int | None, int | N
     me = _str(facts, "node", 255)
     if me not in hosts:
         raise VmwrapError(f"this mom ({me[:80]!r}) is not one of job {jid}'s hosts ({' '.join(hosts[:4])})")
+    jobnet.check_nodes(jid, hosts)   # before asking the resolver about any of them
     cpus = sum(n for h, n in chunks if h == me)
     memory = chunk_memory(facts.get("exec_vnode"))
     mine = [memory[k] if k < len(memory) else None for k, (h, _) in enumerate(chunks) if h == me]
@@ -256,25 +258,39 @@ def handle(settings: Settings, event: str, facts: dict, config_path: str | None 
 
 
 def _launch(settings: Settings, jid: str, facts: dict, config_path: str | None) -> dict:
-    """execjob_launch: the job's top shell becomes the payload when the job has a VM here; a TM task
-    that is vmwrap's (`pbs-job task ...`, which the payload's pbs_tmrsh spawned) gets this host's
-    config; any other TM task runs as spawned."""
+    """execjob_launch runs for the job's top shell (on the primary execution host, first) and for every
+    TM task (pbs_tmrsh, pbsdsh; on any host of the job, only once the job runs) (start_exec.c
+    finish_exec, start_process). On the primary host the first launch of a VM job's run becomes the
+    payload (LAUNCHED, root's, made at most once per run dir: never PBS_TASKNUM, which a task's
+    spawner may set); every later one is a task and runs as spawned, vmwrap's own (`pbs-job task
+    ...`, which the payload's pbs_tmrsh spawned) with this host's config."""
     from vmwrap.resources import HOOKS
 
     from .steps import TASK
 
-    vm = (rundir.path(settings, jid) / rundir.JOB).exists() or (rundir.path(settings, jid) / rundir.ERROR).exists()
-    tasknum, argv = facts.get("tasknum"), facts.get("argv")
-    if isinstance(tasknum, str) and re.fullmatch(r"[0-9A-Fa-f]{8}", tasknum) or not facts.get("ms", True):
-        if vm and config_path and isinstance(argv, list) and argv[:2] == [str(HOOKS / PAYLOAD), TASK]:
-            return {"argv_from": [str(HOOKS / PAYLOAD), "--config", config_path, TASK], "keep_after": 2}
-        return {}
-    if not vm:
-        return {}                     # no VM job: the login shell runs as usual
-    pbs_exec = _str(facts, "pbs_exec", 1024)
-    return {"progname": str(HOOKS / PAYLOAD),
-            "argv": [PAYLOAD, *(["--config", config_path] if config_path else []),
-                     *(["--pbs-exec", pbs_exec] if pbs_exec.startswith("/") else [])]}
+    run_dir = rundir.path(settings, jid)
+    if not (run_dir / rundir.JOB).exists() and not (run_dir / rundir.ERROR).exists():
+        return {}                     # no VM job: the login shell (or task) runs as usual
+    if facts.get("ms", True) and _first_launch(run_dir):
+        pbs_exec = _str(facts, "pbs_exec", 1024)
+        return {"progname": str(HOOKS / PAYLOAD),
+                "argv": [PAYLOAD, *(["--config", config_path] if config_path else []),
+                         *(["--pbs-exec", pbs_exec] if pbs_exec.startswith("/") else [])]}
+    argv = facts.get("argv")
+    if config_path and isinstance(argv, list) and argv[:2] == [str(HOOKS / PAYLOAD), TASK]:
+        return {"argv_from": [str(HOOKS / PAYLOAD), "--config", config_path, TASK], "keep_after": 2}
+    return {}
+
+
+def _first_launch(run_dir: Path) -> bool:
+    """Whether this is the run's first launch here (made LAUNCHED now; a run dir not root's, or a link
+    in its place, never counts as first)."""
+    try:
+        fd = os.open(run_dir / LAUNCHED, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
 
 
 def _record(settings: Settings, jid: str, pbs_id: str) -> None:

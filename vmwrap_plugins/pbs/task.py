@@ -22,6 +22,8 @@ def main(settings, argv: list[str]) -> int:
         print("usage: vmwrap pbs task SOCKET TOKEN JOB -- COMMAND...", file=sys.stderr)
         return 2
     sock, token, job, command = argv[0], argv[1], argv[2], argv[4:]
+    # the mom's PBS_NODENUM (pbs_tmrsh hands tm_spawn no environment); a task of the user's own with
+    # another only reaches a socket it has no token for, or a VM of the user's job, as the user
     if os.environ.get("PBS_NODENUM") == "0":
         return task_main([sock, token])
     from vmwrap.job import Job
