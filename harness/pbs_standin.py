@@ -552,6 +552,44 @@ def wait_for(cond, what: str, timeout: float = 120.0, every: float = 0.2):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def site_dirs(base: Path, user: pwd.struct_passwd, fresh: bool = False) -> Path:
+    """A test's dir (0755: moms and jobs reach into it) and the job's work dir in it (the user's)."""
+    if fresh:
+        shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True, exist_ok=True)
+    base.chmod(0o755)
+    work = base / "work"
+    work.mkdir(exist_ok=True)
+    os.chown(work, user.pw_uid, user.pw_gid)
+    return work
+
+
+def node_agent(cfg: Path, state_dir: Path) -> subprocess.Popen:
+    """vmwrap's node agent of a mom's host (root), with that host's config; up once it listens."""
+    agent = subprocess.Popen([sys.executable, "-m", "vmwrap.cli", "--config", str(cfg), "agent"],
+                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: (Path(state_dir) / "agent.sock").exists(), "the node agent", 30)
+    return agent
+
+
+def clean_up(base: Path, moms: list, agents: list[subprocess.Popen]) -> None:
+    """After a test's moms: their jobs' sessions (a failed test's job, perhaps stopped by a suspend),
+    the node agents, every VM whose run dir is under `base` (a sister's is JOB@K), then `base`."""
+    for mom in moms:
+        for p in mom.procs.values():
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for a in agents:
+        a.kill()
+        a.wait()
+    for d in Path(base).glob("**/state/jobs/*"):
+        for dom in (f"vmwrap-{d.name}", f"vmwrap-{d.name}@1"):
+            subprocess.run(["virsh", "-c", "qemu:///system", "destroy", dom], capture_output=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
 def hook_config(path: Path, vmwrap_config: Path) -> Path:
     """The hook's configuration file (`qmgr import hook NAME application/x-config default FILE`)."""
     path.write_text(json.dumps({"config": str(vmwrap_config)}))
@@ -641,9 +679,11 @@ class Tm:
     argv[0], argv, the task's environment), then the task as the job's user in its home, stdin
     /dev/null, its output appended to the job's .OU/.ER on the primary mom (demux), and answers its
     exit value (WEXITSTATUS, or 0x100 + the signal). The task's environment (start_exec.c:4855-4951):
-    the job's Variable_List, HOME, PBS_JOBNAME, PBS_JOBID, PBS_QUEUE, PBS_JOBCOOKIE, PBS_NODENUM (the
-    host's place in the job), PBS_TASKNUM ("%8.8X"), PBS_MOMPORT, PBS_ENVIRONMENT, ENVIRONMENT; no
-    PATH, SHELL, USER or LOGNAME."""
+    the mom's pbs_environment file (PATH=/bin:/usr/bin), the job's Variable_List, HOME, PBS_JOBNAME,
+    PBS_JOBID, PBS_QUEUE, PBS_JOBCOOKIE, PBS_NODENUM (the host's place in the job), PBS_TASKNUM
+    ("%8.8X"), PBS_MOMPORT, PBS_ENVIRONMENT, ENVIRONMENT, then the spawner's envp (pbs_tmrsh sends
+    none); no SHELL, USER or LOGNAME. Not as PBS: HOST is matched to nodefile lines as a string (the
+    real host_match also tries the resolver and the domain), and the TM port is a unix socket."""
 
     def __init__(self, base: Path):
         import socket
@@ -706,7 +746,7 @@ class Tm:
             mom = [ms, *job.sisters][node]
             self.tasks += 1
             pw = job.user
-            env = {**{k: v for k, v in job.variables.items()}, "HOME": pw.pw_dir, "PBS_JOBNAME": job.name,
+            env = {"PATH": "/bin:/usr/bin", **job.variables, "HOME": pw.pw_dir, "PBS_JOBNAME": job.name,
                    "PBS_JOBID": job.id, "PBS_QUEUE": "workq", "PBS_JOBCOOKIE": job.cookie, "PBS_NODENUM": str(node),
                    "PBS_TASKNUM": f"{self.tasks:08X}", "PBS_MOMPORT": "15003", "PBS_ENVIRONMENT": "PBS_BATCH",
                    "ENVIRONMENT": "BATCH"}

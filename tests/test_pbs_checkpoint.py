@@ -18,13 +18,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from harness.pbs_standin import EXECJOB_BEGIN, EXECJOB_END, JOB_EXEC_CHKP, Mom, hook_config, output, \
-    parse_mom_config, wait_for
+from harness.pbs_standin import EXECJOB_BEGIN, EXECJOB_END, JOB_EXEC_CHKP, Mom, clean_up, hook_config, node_agent, \
+    output, parse_mom_config, site_dirs, wait_for
 from vmwrap.config import Settings, render
 from vmwrap.resources import HOOKS
 
@@ -157,12 +156,7 @@ def two_moms(appliance, virt_type, test_user):
     from vmwrap.checkpoint import init_store, keygen
 
     base = Path(f"/var/tmp/vmwrap-pbsck-{os.getpid()}")
-    shutil.rmtree(base, ignore_errors=True)
-    base.mkdir(parents=True)
-    base.chmod(0o755)
-    work = base / "work"
-    work.mkdir()
-    os.chown(work, test_user.pw_uid, test_user.pw_gid)
+    work = site_dirs(base, test_user, fresh=True)
     register(str(base / "images.toml"), appliance)
     init_store(base / "store", keygen(base / "checkpoint.key"))  # the site's key, `vmwrap checkpoints init`
     shared_ck = base / "pbs-checkpoint"        # $checkpoint_path on shared storage
@@ -173,25 +167,11 @@ def two_moms(appliance, virt_type, test_user):
                                "state_dir": str(base / name / "state"), "cache_dir": str(base / name / "cache"),
                                "checkpoint_dir": str(base / "store"),
                                "checkpoint_key_file": str(base / "checkpoint.key")}))
-        agents.append(subprocess.Popen([sys.executable, "-m", "vmwrap.cli", "--config", str(cfg), "agent"],
-                                       start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_for(lambda: (base / name / "state" / "agent.sock").exists(), "the node agent", 30)
+        agents.append(node_agent(cfg, base / name / "state"))
         moms.append(Mom(base, name, HOOK, hook_config(base / f"{name}-hook.json", cfg), config=_mom_config(cfg),
                         checkpoint_path=shared_ck))
     yield moms, work, base
-    for mom in moms:
-        for p in mom.procs.values():
-            try:
-                os.killpg(p.pid, 9)
-            except ProcessLookupError:
-                pass
-    for a in agents:
-        a.kill()
-        a.wait()
-    for name in ("node1", "node2"):
-        for d in (base / name / "state" / "jobs").glob("*"):
-            subprocess.run(["virsh", "-c", "qemu:///system", "destroy", f"vmwrap-{d.name}"], capture_output=True)
-    shutil.rmtree(base, ignore_errors=True)
+    clean_up(base, moms, agents)
 
 
 def _qemu_running(domain: str) -> bool:
