@@ -335,10 +335,13 @@ class Mom:
         if not r.accepted:
             job.state = "Q"
             return r.outcome
-        for sister in job.sisters:   # IM_JOIN_JOB: the nodefile, then execjob_begin (mom_comm.c:3134, 3188)
+        for k, sister in enumerate(job.sisters):   # IM_JOIN_JOB: the nodefile, then execjob_begin (mom_comm.c:3134, 3188)
             sister.nodefile(job)
             r = sister._event(EXECJOB_BEGIN, job, ms=False)
-            if not r.accepted:
+            if not r.accepted:   # the join failed: the job is aborted on the moms that have it, and requeued
+                for m in job.sisters[:k]:
+                    m._event(EXECJOB_ABORT, job, ms=False)
+                self._event(EXECJOB_ABORT, job)
                 job.state = "Q"
                 return r.outcome
         if job.checkpointed:

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 import pytest
 
-from harness.pbs_standin import Mom, Tm, clean_up, hook_config, node_agent, output, site_dirs, wait_for
+from harness.pbs_standin import ND_OFFLINE, Mom, Tm, clean_up, hook_config, node_agent, output, site_dirs, wait_for
 from vmwrap.config import render
 from vmwrap.errors import UserError, VmwrapError
 from vmwrap.resources import HOOKS
@@ -124,8 +124,41 @@ def pbs_pair(appliance, mpi_appliance, virt_type, test_user):
 
 
 def _vms_gone(base: Path, job) -> bool:
+    """No VM of the job, no run dir on any mom, no job network left."""
+    from vmwrap import jobnet
+
     r = subprocess.run(["pgrep", "-f", f"guest=vmwrap-{job.id}"], capture_output=True)
-    return r.returncode != 0 and not any(base.glob(f"m*/state/jobs/{job.id}"))
+    return r.returncode != 0 and not any(base.glob(f"*/state/jobs/{job.id}")) and \
+        not os.path.lexists(f"/sys/class/net/{jobnet.bridge_name(job.id)}")
+
+
+@pytest.mark.vm
+def test_qdel_of_a_job_on_two_hosts_leaves_no_vm_and_no_network(pbs_pair, test_user):
+    moms, tm, work, base = pbs_pair
+    job = moms[0].job(test_user, "#!/bin/sh\necho started\nsleep 300\n", work, name="del",
+                      resources={"vmwrap_image": "busybox", "ncpus": "1"}, sisters=[moms[1]])
+    tm.add(job, moms[0])
+    assert moms[0].start(job) == "running", job.history
+    wait_for(lambda: "started" in moms[0].spool_out(job), "the job to run", 120)
+    assert subprocess.run(["pgrep", "-f", f"guest=vmwrap-{job.id}@1,"], capture_output=True).returncode == 0
+    moms[0].qdel(job)
+    moms[0].wait(job, timeout=120)
+    wait_for(lambda: _vms_gone(base, job), "both VMs and the job's network gone", 60)
+
+
+@pytest.mark.vm
+def test_a_sister_that_cannot_join_requeues_the_job_and_the_primary_tears_its_vm_down(pbs_pair, test_user):
+    """A sister whose vmwrap cannot run rejects its begin and goes offline (its fault); the job is
+    aborted on the primary (execjob_abort), whose VM goes with it, and requeued."""
+    moms, tm, work, base = pbs_pair
+    broken = Mom(base / "broken", HOSTS[1], HOOK, hook_config(base / "broken.json", base / "no-such.toml"),
+                 pbs_exec=base / "pbs")
+    job = moms[0].job(test_user, "#!/bin/sh\necho never\n", work, name="nojoin",
+                      resources={"vmwrap_image": "busybox", "ncpus": "1"}, sisters=[broken])
+    assert moms[0].start(job) == "requeued", job.history
+    assert broken.vnode.state == ND_OFFLINE and "vmwrap" in broken.vnode.comment
+    assert moms[0].vnode.state == 0
+    wait_for(lambda: _vms_gone(base, job), "the primary's VM gone", 60)
 
 
 @pytest.mark.vm
