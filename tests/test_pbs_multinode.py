@@ -147,6 +147,38 @@ def test_qdel_of_a_job_on_two_hosts_leaves_no_vm_and_no_network(pbs_pair, test_u
 
 
 @pytest.mark.vm
+def test_a_rerun_job_on_two_hosts_starts_again_on_both_as_its_script_allows(pbs_pair, test_user):
+    """qrerun: no VM of a multi-node job is saved; the primary's script allows a fresh start
+    (--on-lost-checkpoint=restart), and the sister, which never sees the script, starts its VM again
+    too, so the second run's tasks reach it (never half a job)."""
+    moms, tm, work, base = pbs_pair
+    h1 = HOSTS[1]
+    d = work / "rerun"
+    d.mkdir()
+    os.chown(d, test_user.pw_uid, test_user.pw_gid)
+    script = f"""#!/bin/sh
+#VMWRAP --on-lost-checkpoint=restart
+cd {d}
+if [ -e ran ]; then pbs_tmrsh {h1} sh -c 'echo "again on $(hostname)"'; echo "task $?"; exit 0; fi
+touch ran; echo first; sleep 300
+"""
+    job = moms[0].job(test_user, script, work, name="rr", resources={"vmwrap_image": "busybox", "ncpus": "1"},
+                      sisters=[moms[1]])
+    tm.add(job, moms[0])
+    assert moms[0].start(job) == "running", job.history
+    wait_for(lambda: "first" in moms[0].spool_out(job), "the first run", 120)
+    moms[0].qrerun(job)
+    moms[0].wait(job, timeout=120)
+    assert job.state == "Q"
+    assert moms[0].start(job) == "running", job.history
+    assert moms[0].wait(job, timeout=300) == 0, output(job)
+    out, err = output(job)
+    assert f"again on {h1}" in out and "task 0" in out, (out, err)
+    assert "starting the job again from the beginning (--on-lost-checkpoint=restart)" in err, err
+    wait_for(lambda: _vms_gone(base, job), "both VMs gone", 60)
+
+
+@pytest.mark.vm
 def test_a_sister_that_cannot_join_requeues_the_job_and_the_primary_tears_its_vm_down(pbs_pair, test_user):
     """A sister whose vmwrap cannot run rejects its begin and goes offline (its fault); the job is
     aborted on the primary (execjob_abort), whose VM goes with it, and requeued."""

@@ -205,7 +205,10 @@ def begin_job(facts: dict) -> Job | None:
                script=script, cpus=host_cpus or ncpus(resources.get("ncpus")),
                memory_mib=host_mem if plan else memory_mib(resources.get("mem")),
                image=native[0] if native else None, restart_count=max(runs - 1, 0),
-               groups=[g for g in os.getgrouplist(pw.pw_name, gid) if g != gid], nodes=plan)
+               groups=[g for g in os.getgrouplist(pw.pw_name, gid) if g != gid], nodes=plan,
+               # a requeued job's sister has no script to say whether it may start again: the primary
+               # decides (its --on-lost-checkpoint); a VM here is torn down with the job if it does not
+               on_lost_checkpoint="restart" if plan is not None and plan.index > 0 else None)
 
 
 def handle(settings: Settings, event: str, facts: dict, config_path: str | None = None) -> dict:
