@@ -36,7 +36,7 @@ import grp
 import re
 from pathlib import Path
 
-from vmwrap import directives, lifecycle, restart_record, rundir, safeio
+from vmwrap import directives, jobnet, lifecycle, restart_record, rundir, safeio
 from vmwrap.config import Settings
 from vmwrap.errors import NodeError, UserError, VmwrapError
 from vmwrap.job import Job
@@ -146,17 +146,15 @@ def chunk_memory(exec_vnode) -> list[int | None]:
     return out
 
 
-def host_plan(facts: dict, jid: str) -> tuple[object | None, int | None, int | None]:
-    """(the job network's plan or None, this host's CPUs, this host's memory in MiB; None: the job's
-    request): a job whose chunks landed on several hosts gets one VM on each (every mom's execjob_begin
+def host_plan(facts: dict, jid: str) -> tuple[jobnet.Plan | None, int | None, int | None]:
+    """(the job network's plan, this host's CPUs, this host's memory in MiB: None when its chunks say
+    none), or (None, None, None) for a job on one host, sized by its request: a job whose chunks landed on several hosts gets one VM on each (every mom's execjob_begin
     boots its own), sized by the chunks on that host, joined as Slurm's multi-node jobs are. Every mom
     numbers the hosts alike: exec_host's order, the primary execution host first."""
     chunks = exec_chunks(facts.get("exec_host"))
     hosts = list(dict.fromkeys(h for h, _ in chunks))
     if len(hosts) <= 1:
         return None, None, None
-    from vmwrap import jobnet
-
     me = _str(facts, "node", 255)
     if me not in hosts:
         raise VmwrapError(f"this mom ({me[:80]!r}) is not one of job {jid}'s hosts ({' '.join(hosts[:4])})")
@@ -286,8 +284,8 @@ def _launch(settings: Settings, jid: str, facts: dict, config_path: str | None) 
 
 
 def _first_launch(run_dir: Path) -> bool:
-    """Whether this is the run's first launch here (made LAUNCHED now; a run dir not root's, or a link
-    in its place, never counts as first)."""
+    """Whether this is the run's first launch here: LAUNCHED made now, in the run dir root made at
+    begin (a link in its place never counts as first)."""
     try:
         fd = os.open(run_dir / LAUNCHED, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     except OSError:

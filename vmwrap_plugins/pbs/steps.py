@@ -1,7 +1,7 @@
 """`pbs_tmrsh` inside a vmwrap job's VM, PBS's side: the guest's argv as a checked host pbs_tmrsh
 command (vmwrap.steps' `Launch`, as vmwrap_plugins/sge/steps.py is for `qrsh -inherit`).
 
-pbs_tmrsh is PBS's rsh for MPI launchers (`mpirun --mca plm_rsh_agent pbs_tmrsh`): `pbs_tmrsh [-n]
+pbs_tmrsh is PBS's rsh for MPI launchers (their rsh agent; docs/multinode.md): `pbs_tmrsh [-n]
 [-l USER] HOST [-n] [-l USER] COMMAND...` spawns COMMAND's words through the TM interface on the
 job's host HOST (the first line of $PBS_NODEFILE that is HOST), as the job's user, with no shell, and
 exits with the task's exit value (OpenPBS src/cmds/pbs_tmrsh.c). The argv comes from the guest
@@ -12,8 +12,8 @@ rule), and the host argv holds no word of the guest's before the task program's 
 
 from __future__ import annotations
 
-import pwd
 import os
+import pwd
 
 from vmwrap.errors import UserError
 
