@@ -170,11 +170,14 @@ class Cell:
             # both at 127.0.0.1: as this host's, so their GE clients (the agent's qstat) reach qmaster from
             # an address it resolves (host_aliases: localhost is this host)
             (self.base / "hosts.shared").write_text(f"127.0.0.1 localhost {self.host} {HOST2}\n")
-            # (the host's namespace by the name _network gave it: /proc/1/ns/net is not root's to open here)
+            # (the host's namespace by the name _network gave it: /proc/1/ns/net is not root's to open here);
+            # /sys mounted again there, so that /sys/class/net is the host namespace's (the job network's
+            # teardown looks for the job's bridge there: it was left behind, one per run)
             hop = (f'if [ "$(/bin/uname -n)" = {HOST2} ] && [ -z "$VMWRAP_TEST_HOPPED" ]; then\n'
                    f'  export VMWRAP_TEST_HOPPED=1\n'
                    f'  exec /usr/bin/nsenter --net=/run/netns/{HOSTNS} -- /usr/bin/unshare --mount -- /bin/sh -c '
-                   f'\'mount --bind {self.base / "hosts.shared"} /etc/hosts && exec "$0" "$@"\' "$0" "$@"\nfi\n')
+                   f'\'mount -t sysfs sysfs /sys && mount --bind {self.base / "hosts.shared"} /etc/hosts && '
+                   f'exec "$0" "$@"\' "$0" "$@"\nfi\n')
         for kind in ("prolog", "epilog", "starter", "method", "jsv"):
             h = hooks / f"sge-{kind}"
             pick = (f"cfg='{self.vmwrap_config}'\n" if kind == "jsv" or len(self.hosts) == 1 else

@@ -116,6 +116,9 @@ def test_the_masters_vm_boots_on_the_second_host_too(cell, jobdir):
     job, acct, out, err = run(cell, jobdir, HDR + "echo \"on $(hostname)\"\n", "-pe", "tight", "2",
                               "-masterq", f"vmwrap.q@{HOST2}")
     assert (acct["hostname"], acct["exit_status"], out, err) == (HOST2, "0", f"on {HOST2}\n", ""), (acct, out, err)
+    from vmwrap import jobnet   # the epilog there took the job's network down with its VM
+
+    wait_for(lambda: not os.path.lexists(f"/sys/class/net/{jobnet.bridge_name(job)}"), "the job's bridge gone", 60)
 
 
 def test_a_task_on_the_other_host_runs_in_that_hosts_vm_booted_for_it(cell, jobdir):
