@@ -425,6 +425,18 @@ def give(run_dir: Path, name: str, data: bytes) -> str:
     return f"{GUEST_CTL}/{rundir.CTL_USER}/{GIVEN}{name}"
 
 
+def hand_over(run_dir: Path, env: dict[str, str], var: str, name: str, data: bytes) -> None:
+    """`give` a file the scheduler gave the job and point the guest's `env[var]` at the copy; a VM
+    that is not there (its start failed: the attachment says why) gets nothing, a copy that cannot be
+    written is a warning on the job's stderr (the job runs on without it)."""
+    try:
+        env[var] = give(run_dir, name, data)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        write_all(2, f"vmwrap: warning: cannot hand the VM the job's {var}: {e.strerror}\n".encode())
+
+
 def attach(run_dir: Path, job_id: str, script: str, environment: dict[str, str], args: list[str] = (),
            grace: float = 30.0, settings: Settings | None = None,
            requeued: Callable[[], bool] | None = None, steps: "Launch | None" = None,

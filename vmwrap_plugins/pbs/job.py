@@ -22,7 +22,6 @@ import os
 import re
 import signal
 import sys
-
 from pathlib import Path
 
 from vmwrap import payload as payload_mod, rundir, safeio
@@ -93,12 +92,10 @@ def guest_view(run_dir: Path, jid: str, env: dict[str, str], pbs_exec: str | Non
     if env.get("PBS_NODEFILE"):
         try:
             data = safeio.read_capped(env["PBS_NODEFILE"], NODEFILE_MAX)
-            if data is not None:
-                env["PBS_NODEFILE"] = payload_mod.give(run_dir, "pbs_nodefile", data)
-        except FileNotFoundError:
-            pass   # no VM to hand it to (its start failed): the attachment says why
         except OSError as e:
-            print(f"vmwrap: warning: cannot hand the VM the job's PBS_NODEFILE: {e.strerror}", file=sys.stderr)
+            print(f"vmwrap: warning: cannot read the job's PBS_NODEFILE: {e.strerror}", file=sys.stderr)
+        if data is not None:
+            payload_mod.hand_over(run_dir, env, "PBS_NODEFILE", "pbs_nodefile", data)
     if pbs_exec is None:
         return None, ()
     hosts, tmrsh = node_hosts(data), f"{pbs_exec}/bin/pbs_tmrsh"

@@ -665,12 +665,7 @@ def guest_view(run_dir: Path, env: dict[str, str]) -> tuple[str, ...]:
     it). Changes `env`; returns the dirs the guest installs its qrsh in besides its PATH."""
     data = _pe_hostfile(env) if env.get("PE_HOSTFILE") else None
     if data is not None:
-        try:
-            env["PE_HOSTFILE"] = payload.give(run_dir, "pe_hostfile", data)
-        except FileNotFoundError:
-            pass   # no VM to hand it to (its start failed): the attachment says why
-        except OSError as e:
-            print(f"vmwrap: warning: cannot hand the VM the job's pe_hostfile: {e.strerror}", file=sys.stderr)
+        payload.hand_over(run_dir, env, "PE_HOSTFILE", "pe_hostfile", data)
     root, arc = env.get("SGE_ROOT", "").rstrip("/"), env.get("ARC", "").strip("/")
     return (f"{root}/bin/{arc}",) if root.startswith("/") and arc else ()
 
