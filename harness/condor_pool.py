@@ -389,7 +389,8 @@ class VmwrapSite:
     its own cache (`node_config`: cache-NODE) whose prestager (`advertise`) writes NODE.cached, the
     file that startd's probe publishes."""
 
-    def __init__(self, base: Path, appliance, virt_type: str, user: str = "vmwrapuser", probe_period: int = 2):
+    def __init__(self, base: Path, appliance, virt_type: str, user: str = "vmwrapuser", probe_period: int = 2,
+                 dedicated: bool = False):
         from vmwrap.catalog import register
         from vmwrap.checkpoint import init_store, keygen
         from vmwrap.config import Settings, render
@@ -427,6 +428,9 @@ class VmwrapSite:
                  + condor_render.execute_side(str(self.sock), str(hooks / "condor-wrapper"), probe_period) + "\n"
                  + "\n".join(f"{s.upper()}.STARTD_CRON_VMWRAP_ARGS = --fault-ad --socket {self.sock} "
                              f"--cached-ad {self.cached_ad(s)}" for s in STARTDS))
+        if dedicated:   # the parallel universe: the startds serve the schedd's dedicated scheduler
+            extra += ('\nDedicatedScheduler = "DedicatedScheduler@$(FULL_HOSTNAME)"'
+                      "\nSTARTD_ATTRS = $(STARTD_ATTRS) DedicatedScheduler")
         self.pool = Pool(self.base, extra_config=extra)
         self.bridge: subprocess.Popen | None = None
 

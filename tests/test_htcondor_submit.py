@@ -1,6 +1,6 @@
 """What condor_submit accepts as a VM job on a real HTCondor 23.9 pool (harness.condor_pool): a
-vmwrap job is one VM on one node in the vanilla universe. A job asking for an image in the parallel
-universe (machine_count N) or any other universe is refused at submit with a reason naming what it
+vmwrap job is one VM on one node in the vanilla universe, or one VM per node in the parallel universe.
+A job asking for an image in any other universe is refused at submit with a reason naming what it
 asked for and what to submit instead; a vanilla job with several CPUs is accepted and runs in a VM."""
 
 from __future__ import annotations
@@ -33,12 +33,11 @@ def _submit(condor, universe_lines: list[str], image: bool = True):
     return condor.submit(d, text)
 
 
-def test_parallel_universe_vm_job_is_refused_at_submit(condor):
+def test_parallel_universe_vm_job_is_accepted_at_submit(condor):
+    """One VM per node (tests/test_htcondor_parallel.py runs one); this pool has no dedicated scheduler."""
     cluster, r = _submit(condor, ["universe = parallel", "machine_count = 2"])
-    out = r.stdout + r.stderr
-    assert cluster == -1, out
-    assert ("vmwrap: multi-node jobs are not supported yet (universe = parallel, machine_count = 2): "
-            "a vmwrap job runs in one VM on one node; submit it in the vanilla universe") in out, out
+    assert cluster > 0, r.stdout + r.stderr
+    condor.pool.run("/usr/bin/condor_rm", str(cluster), user=condor.user)
 
 
 @pytest.mark.parametrize("universe, lines", [
@@ -53,7 +52,8 @@ def test_vm_job_in_another_universe_is_refused_at_submit(condor, universe, lines
     cluster, r = _submit(condor, lines)
     out = r.stdout + r.stderr
     assert cluster == -1, out
-    assert f"vmwrap: +VmwrapImage needs the vanilla universe (this job: universe = {universe})" in out, out
+    assert f"vmwrap: +VmwrapImage needs the vanilla or parallel universe (this job: universe = {universe})" in out, out
+    assert "or, for several nodes, the parallel universe (universe = parallel; machine_count = N)" in out, out
 
 
 def test_interactive_vm_job_is_refused_at_submit(condor):

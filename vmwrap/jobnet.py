@@ -100,11 +100,14 @@ def mac(index: int) -> str:
 
 @dataclass(frozen=True)
 class Plan:
-    """Where a job's VMs are: its nodes in order, their hosts' addresses, and this node's place."""
+    """Where a job's VMs are: its nodes in order, their hosts' addresses, and this node's place.
+    `peers_run_script`: every node runs the job's script (HTCondor's parallel universe), not only the
+    first, whose steps reach the others (Slurm, Grid Engine, PBS)."""
     job_id: str
     nodes: tuple[str, ...]
     addrs: tuple[str, ...]   # each node's host address (the scheduler's NodeAddr)
     index: int
+    peers_run_script: bool = False
 
     def __post_init__(self) -> None:
         if len(self.nodes) != len(self.addrs) or not 0 <= self.index < len(self.nodes):

@@ -107,7 +107,8 @@ class Launcher:
             "disk_format": p.image.disk.format if p.image.disk else None,
             "disk_sha256": p.image.disk.sha256 if p.image.disk else None,
             "on_lost_checkpoint": self.on_lost_checkpoint,
-            "node_index": self.job.index, "nodes": len(self.job.nodes.nodes) if self.job.nodes else 1})))
+            "node_index": self.job.index, "nodes": len(self.job.nodes.nodes) if self.job.nodes else 1,
+            "network": self.job.nodes.job_id if self.job.nodes else None})))
         self.timeline["prepared"] = time.monotonic()
 
     def _write_control(self) -> None:
@@ -124,7 +125,7 @@ class Launcher:
         # A multi-node job's VMs are named as its nodes, which the job network's hosts file resolves.
         (ctl / rundir.CTL_HOSTNAME).write_text(plan.nodes[plan.index] if plan else os.uname().nodename)
         for name, text in ((rundir.CTL_JOBNET, plan.guest_config() if plan else None),
-                           (rundir.CTL_PEER, "1\n" if plan and plan.index else None)):
+                           (rundir.CTL_PEER, "1\n" if plan and plan.index and not plan.peers_run_script else None)):
             if text is None:
                 (ctl / name).unlink(missing_ok=True)
             else:
@@ -364,8 +365,9 @@ def teardown(job_id: str, settings: Settings, conn=None, ledger: Ledger | None =
                                                             evidence=str(kept))
     limits.stop(run_dir)
     share.stop(run_dir)
-    if unreachable is None and os.path.lexists(f"/sys/class/net/{jobnet.bridge_name(job_id)}"):
-        jobnet.leave(job_id, index)
+    net = rundir.network(run_dir) or job_id
+    if unreachable is None and os.path.lexists(f"/sys/class/net/{jobnet.bridge_name(net)}"):
+        jobnet.leave(net, index)
     if run_dir.exists():
         if keep_error and (run_dir / rundir.ERROR).exists():  # the job's payload still has to report it
             _clear_run_dir(run_dir, keep=rundir.ERROR)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from . import __version__
@@ -25,6 +26,7 @@ DOMAIN_PREFIX = "vmwrap-"
 # with that reason, the node stays up. Raise it when a reader of the run dir changes incompatibly.
 FORMAT = 1
 JOB_MAX = 1 << 20  # job.json is root-written; capped anyway
+_NETWORK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a job id (Job.check_id)
 
 # Root writes these.
 ERROR = "error"            # "<kind>\n<message>\n": the payload prints it and exits with its code
@@ -175,6 +177,18 @@ def placement(run_dir: Path) -> tuple[int, int]:
         return 0, 1
     ok = isinstance(k, int) and isinstance(n, int) and 0 <= k < n <= 1 << 20
     return (k, n) if ok else (0, 1)
+
+
+def network(run_dir: Path) -> str | None:
+    """The id of the job network this node's VM joined, as its job record says, when it is not the
+    node's own job id: HTCondor's parallel nodes each have a job id (`C.P.K`) but share `C.P`'s network."""
+    from . import safeio
+
+    try:
+        net = json.loads(safeio.read_capped(Path(run_dir) / JOB, JOB_MAX) or b"{}").get("network")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return net if isinstance(net, str) and _NETWORK_ID.match(net) else None
 
 
 def vm_name(settings: Settings, job_id: str) -> str:

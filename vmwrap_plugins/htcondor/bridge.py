@@ -54,8 +54,8 @@ from vmwrap.job import validate_host_path
 from vmwrap.ledger import Ledger
 from vmwrap.rootenv import BASE
 
-from .facts import Schedd, split_id
-from .hooks import PAYLOAD_MAX, SCRIPT_MAX, HTCondor, hold_reason, job_from_ad
+from .facts import Schedd, node_job_id, split_id, split_node_id
+from .hooks import PARALLEL, PAYLOAD_MAX, SCRIPT_MAX, HTCondor, find_node, hold_reason, job_from_ad
 
 REQUEST_TIMEOUT = 10.0
 MAX_CLIENTS = 64
@@ -136,18 +136,27 @@ def _stat_fields(pid: int) -> tuple[str, int] | None:
         return None
 
 
-def under_starter(pid: int) -> bool:
-    """The process descends from a condor_starter that runs as root (a user cannot make one)."""
+def under_starter(pid: int) -> int | None:
+    """The pid of the root condor_starter the process descends from (a user cannot make one), or None."""
     for _ in range(ANCESTRY_MAX):
         f = _stat_fields(pid)
         if f is None or f[1] <= 1:
-            return False
+            return None
         pid = f[1]
         comm = (safeio.read_proc(f"/proc/{pid}/comm", 64) or b"").strip()
         ids = procs.uids(pid)
         if comm == STARTER.encode() and ids is not None and ids[0] == 0:
-            return True
-    return False
+            return pid
+    return None
+
+
+def starter_slot(pid: int) -> str | None:
+    """The slot a condor_starter runs for: its `-a SLOT` (the startd starts it so; root's process)."""
+    argv = (safeio.read_proc(f"/proc/{pid}/cmdline", 4096) or b"").split(b"\0")
+    for i, a in enumerate(argv[:-1]):
+        if a == b"-a":
+            return argv[i + 1].decode(errors="replace")
+    return None
 
 
 def peer_cwd(pid: int) -> str:
@@ -186,8 +195,10 @@ class Bridge:
             return any(remote_host.endswith("@" + s) or remote_host == s for s in self.startds)
         return remote_host.rpartition("@")[2].split(".")[0] == os.uname().nodename.split(".")[0]
 
-    def verify(self, job_id: str, uid: int, pid: int) -> dict:
-        if not under_starter(pid):
+    def verify(self, job_id: str, uid: int, pid: int, claimed_node=None) -> tuple[dict, int | None]:
+        """The schedd's ad of the caller's running job, and for a parallel job the caller's node."""
+        starter = under_starter(pid)
+        if starter is None:
             raise Refused("only a job's wrapper under the node's condor_starter may ask for its VM")
         cluster, proc = split_id(job_id)
         ad = self.schedd.job(cluster, proc)
@@ -204,26 +215,31 @@ class Bridge:
             raise Refused(f"job {job_id} is not a job of {owner} in the schedd")
         if ad.get("JobStatus") != 2:
             raise Refused(f"job {job_id} is not running (JobStatus {ad.get('JobStatus')})")
+        if ad.get("JobUniverse") == PARALLEL:   # RemoteHost is node 0's; this may be any node
+            return ad, find_node(ad, starter_slot(starter) or "", self._local, claimed_node)
         if not self._local(ad.get("RemoteHost")):
             raise Refused(f"job {job_id} runs on {str(ad.get('RemoteHost'))[:80]}, not on this node")
-        return ad
+        return ad, None
 
     def serve_one(self, sock: socket.socket, pid: int, uid: int) -> None:
         fds: list[int] = []
         try:
             fds, req = receive(sock)
-            job_id = req["job"]
-            ad = self.verify(job_id, uid, pid)
+            ad, node = self.verify(req["job"], uid, pid, req["env"].get("_CONDOR_PROCNO"))
+            job_id = node_job_id(req["job"], node or 0)
             work_dir = peer_cwd(pid)
             try:
-                job, err = job_from_ad(ad, uid, work_dir, req["script"]), None
+                job, err = job_from_ad(ad, uid, work_dir, req["script"], node), None
             except VmwrapError as e:
                 job, err = None, e
             if job is None and err is None:
                 _reply(sock, {"bare": True})  # the schedd says: no VM (the wrapper runs it as usual)
                 return
+            if node is not None:   # the guest is told its node as the schedd numbers it
+                req["env"]["_CONDOR_PROCNO"] = str(node)
             adapter = HTCondor(job, err, fault_file=self.fault_file)
-            adapter.saveable = isinstance(ad.get("Iwd"), str) and os.path.realpath(ad["Iwd"]) == work_dir
+            # HTCondor starts a parallel job again from the beginning (all nodes): vmwrap saves none of its VMs
+            adapter.saveable = node is None and isinstance(ad.get("Iwd"), str) and os.path.realpath(ad["Iwd"]) == work_dir
             self.run(sock, pid, job_id, adapter, req, fds)
         except NodeError as e:  # e.g. the schedd did not answer: not the job's fault, nor proof of a bad node
             _reply(sock, {"requeue": hold_reason(str(e))})
@@ -291,7 +307,7 @@ class Bridge:
         """The starter's SIGTERM is a vacate when the schedd still has the job running (condor_rm
         marks it removed, condor_hold held, before the starter is told). Unknown: save (GC cleans up)."""
         try:
-            ad = self.schedd.job(*split_id(job_id))
+            ad = self.schedd.job(*split_id(split_node_id(job_id)[0]))
         except VmwrapError:
             return True
         return ad is not None and ad.get("JobStatus") == 2
@@ -302,7 +318,7 @@ class Bridge:
         payload's exit code, or None when the wrapper is gone."""
         child, control = self._child(adapter._job, req, fds)
         conn = domain.connect(self.settings.libvirt_uri)
-        name = rundir.domain_name(job_id)
+        name = adapter._job.domain_name
         born = procs.start_time(pid)
         paused = False
         term_sent = False
@@ -366,7 +382,7 @@ class Bridge:
         try:
             ledger = Ledger(self.settings.ledger_path)
             try:
-                ledger.record(job_id, rundir.domain_name(job_id), event, scheduler="condor", **kw)
+                ledger.record(job_id, rundir.vm_name(self.settings, job_id), event, scheduler="condor", **kw)
             finally:
                 ledger.close()
         except Exception:  # noqa: BLE001 (accounting only)

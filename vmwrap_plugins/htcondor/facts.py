@@ -16,7 +16,7 @@ from vmwrap.errors import NodeError, UserError
 
 # Attributes root reads from the schedd for a starting job.
 JOB_ATTRS = ["ClusterId", "ProcId", "Owner", "JobStatus", "VmwrapImage", "RequestCpus", "RequestMemory",
-             "NumJobStarts", "JobRunCount", "Iwd", "RemoteHost", "JobUniverse", "CpusProvisioned",
+             "NumJobStarts", "JobRunCount", "Iwd", "RemoteHost", "RemoteHosts", "JobUniverse", "CpusProvisioned",
              "MemoryProvisioned"]
 ANSWER_MAX = 1 << 20
 _QUERY = r"""
@@ -36,6 +36,7 @@ def val(ad, k):
 print(json.dumps([{k: val(ad, k) for k in proj} for ad in ads]))
 """
 JOB_ID = re.compile(r"^(\d{1,10})\.(\d{1,10})$")
+NODE_ID = re.compile(r"^(\d{1,10}\.\d{1,10})(?:\.([1-9]\d{0,5}))?$")
 
 # Idle VM jobs and the startds each could run (its Requirements and the machine's, both ways, against
 # the machine's whole slot: a busy node is still where the job is likely to start next), in the order
@@ -95,6 +96,20 @@ def split_id(job: str) -> tuple[int, int]:
     if not m:
         raise UserError(f"not an HTCondor job id (CLUSTER.PROC): {str(job)[:40]!r}")
     return int(m.group(1)), int(m.group(2))
+
+
+def split_node_id(job: str) -> tuple[str, int]:
+    """vmwrap's id of one node's VM of a condor job: 'CLUSTER.PROC' for a vanilla job and a parallel
+    job's node 0, 'CLUSTER.PROC.K' for its node K (each node has a run dir and a VM of its own, and two
+    may share a host); ('CLUSTER.PROC', K). UserError for anything else."""
+    m = NODE_ID.fullmatch(job if isinstance(job, str) else "")
+    if not m:
+        raise UserError(f"not an HTCondor job id (CLUSTER.PROC[.NODE]): {str(job)[:40]!r}")
+    return m.group(1), int(m.group(2) or 0)
+
+
+def node_job_id(job: str, node: int) -> str:
+    return job if node == 0 else f"{job}.{node}"
 
 
 class Schedd:

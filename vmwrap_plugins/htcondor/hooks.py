@@ -12,15 +12,16 @@ import json
 import logging
 import os
 import pwd
+import re
 import sys
 from pathlib import Path
 
-from vmwrap import directives, payload, rundir, safeio
+from vmwrap import directives, jobnet, payload, rundir, safeio
 from vmwrap.config import Settings
-from vmwrap.errors import UserError
+from vmwrap.errors import NodeError, UserError
 from vmwrap.job import Job
 
-from .facts import split_id
+from .facts import node_job_id, split_node_id
 
 NAME = "condor"
 PAYLOAD_MAX = 1 << 20   # bytes of argv + environment a wrapper hands over
@@ -57,9 +58,56 @@ def _restarts(ad: dict) -> int:
     return 0
 
 
-def job_from_ad(ad: dict, uid: int, work_dir: str, script: str = "") -> Job | None:
+PARALLEL = 11           # JobUniverse of universe = parallel
+SLOT_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+
+
+def remote_hosts(ad: dict) -> list[str]:
+    """A parallel job's slots in node order (the schedd's RemoteHosts: node 0 first, as the dedicated
+    scheduler numbers them; condor_ssh_to_job relies on the same order)."""
+    v = ad.get("RemoteHosts")
+    hosts = [h.strip() for h in v[:65536].split(",")] if isinstance(v, str) else []
+    if not hosts or not all(h.count("@") >= 1 and h.rpartition("@")[2] for h in hosts):
+        raise NodeError(f"the schedd gives parallel job {ad.get('ClusterId')}.{ad.get('ProcId')} no node list "
+                        f"(RemoteHosts {str(v)[:80]!r})")
+    return hosts
+
+
+def find_node(ad: dict, slot: str, local, claimed) -> int:
+    """This starter's node of a parallel job: the place in RemoteHosts of `slot` (from the root-owned
+    starter's command line) on one of this host's startds (`local(name)`). Two nodes may have the same
+    slot name on one host (two startds); only then does the starter's _CONDOR_PROCNO (`claimed`, from
+    the wrapper) pick among them: what the job's user could change there picks only among its own nodes."""
+    if not SLOT_NAME.match(slot or ""):
+        raise NodeError(f"the job's condor_starter names no slot (-a {str(slot)[:40]!r})")
+    hosts = remote_hosts(ad)
+    mine = [k for k, h in enumerate(hosts) if h.startswith(slot + "@") and local(h)]
+    if len(mine) == 1:
+        return mine[0]
+    if not mine:
+        raise UserError(f"parallel job {ad.get('ClusterId')}.{ad.get('ProcId')} has no node in slot {slot} of "
+                        "this host")
+    if isinstance(claimed, str) and claimed.isdigit() and int(claimed) in mine:
+        return int(claimed)
+    raise UserError(f"parallel job {ad.get('ClusterId')}.{ad.get('ProcId')}: _CONDOR_PROCNO {str(claimed)[:12]!r} "
+                    f"is none of its nodes in slot {slot} here ({', '.join(map(str, mine))})")
+
+
+def parallel_plan(ad: dict, node: int) -> jobnet.Plan:
+    """The job network of a parallel job's VMs: nodes named node0..nodeN-1 (HTCondor's $(Node); two may
+    share a host name), each at its slot's host."""
+    job = f"{ad.get('ClusterId')}.{ad.get('ProcId')}"
+    hosts = [h.rpartition("@")[2] for h in remote_hosts(ad)]
+    names = tuple(f"node{k}" for k in range(len(hosts)))
+    jobnet.check_nodes(job, hosts)   # before asking the resolver about any of them
+    return jobnet.Plan(job, names, tuple(jobnet.resolve(hosts, f"parallel job {job}'s RemoteHosts")), node,
+                       peers_run_script=True)
+
+
+def job_from_ad(ad: dict, uid: int, work_dir: str, script: str = "", node: int | None = None) -> Job | None:
     """The core's Job from the schedd's ad of a running job and the head of its executable (its
-    `#VMWRAP` lines, read by the wrapper as the job's user). None: it asked for no VM."""
+    `#VMWRAP` lines, read by the wrapper as the job's user). None: it asked for no VM. `node`: a
+    parallel job's node here, whose VM joins the others on the job's network."""
     image = ad.get("VmwrapImage")
     if image is not None:
         if not isinstance(image, str):
@@ -74,7 +122,8 @@ def job_from_ad(ad: dict, uid: int, work_dir: str, script: str = "") -> Job | No
     cluster, proc = ad.get("ClusterId"), ad.get("ProcId")
     pw = pwd.getpwuid(uid)
     restarts = _restarts(ad)
-    return Job(job_id=f"{cluster}.{proc}", scheduler=NAME, user=pw.pw_name, uid=uid, gid=pw.pw_gid,
+    plan = parallel_plan(ad, node) if node is not None else None
+    return Job(job_id=node_job_id(f"{cluster}.{proc}", node or 0), nodes=plan, scheduler=NAME, user=pw.pw_name, uid=uid, gid=pw.pw_gid,
                work_dir=work_dir, script=script, cpus=_whole(_given(ad, "Cpus"), "request_cpus", 4096),
                memory_mib=_whole(_given(ad, "Memory"), "request_memory (MiB)", 1 << 24),
                image=image or req.image, restart_count=restarts,
@@ -169,7 +218,7 @@ class HTCondor:
             have = self.schedd.job_ids()
         except Exception:  # noqa: BLE001 (NodeError, or the bindings' own kinds)
             return lambda j: True
-        return lambda j: j in have
+        return lambda j: j in have or j.count(".") == 2 and j.rpartition(".")[0] in have  # a parallel job's node K
 
     def planned_starts(self) -> list[dict] | None:
         """HTCondor plans no start times: the schedd's idle VM jobs stand in, each on the startds
@@ -270,7 +319,7 @@ def attach(settings: Settings, job_id: str, payload_fd: int, control_fd: int | N
     """The job's payload, as the job's user (the bridge started this with the wrapper's stdin,
     stdout and stderr): hand argv and environment to the waiting VM, stream its output back. On a
     vacate it detaches and leaves the VM to the bridge's epilog, which saves it."""
-    split_id(job_id)
+    split_node_id(job_id)
     with os.fdopen(payload_fd, "rb") as f:
         raw = f.read(PAYLOAD_MAX + 1)
     if len(raw) > PAYLOAD_MAX:

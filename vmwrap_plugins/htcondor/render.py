@@ -12,7 +12,6 @@ import re
 from vmwrap.catalog import Catalog
 from vmwrap.config import Settings
 from vmwrap.directives import IMAGE_NAME
-from vmwrap.request import multi_node_refusal
 
 from .hooks import wrapper_path
 
@@ -41,7 +40,8 @@ CACHED_RANK = 1000
 # JobUniverse values other than vanilla (5) that condor_submit writes (condor_universe.h; seen with
 # condor_submit -dump on 23.9). docker and container jobs are vanilla (5) with WantDocker / WantContainer.
 UNIVERSES = {7: "scheduler", 9: "grid", 10: "java", 11: "parallel", 12: "local", 13: "vm"}
-VANILLA_HINT = "submit it in the vanilla universe (universe = vanilla; request_cpus = N for N CPUs on one node)"
+VANILLA_HINT = ("submit it in the vanilla universe (universe = vanilla; request_cpus = N for N CPUs on one node) "
+                "or, for several nodes, the parallel universe (universe = parallel; machine_count = N)")
 
 
 def _classad_text(s: str) -> str:
@@ -61,20 +61,15 @@ def _strcat(template: str, **parts: str) -> str:
 
 
 def universe_requirements() -> list[str]:
-    """A VM job is one VM on one node in the vanilla universe: a request for an image in the parallel
-    universe (machine_count N) is refused with the multi-node reason every scheduler gives, one in any
-    other universe (vm, docker, container, grid, scheduler, local, java) with the universe it named."""
+    """A VM job runs in the vanilla universe (one VM) or the parallel universe (one VM per node, joined
+    by the job's network); one in any other universe (vm, docker, container, grid, scheduler, local,
+    java) is refused with the universe it named."""
     name = "strcat(\"#\", string(JobUniverse))"
     for number, uni in sorted(UNIVERSES.items(), reverse=True):
         name = f'ifThenElse(JobUniverse == {number}, "{uni}", {name})'
     name = f'ifThenElse(WantContainer =?= true, "container", {name})'
     name = f'ifThenElse(WantDocker =?= true, "docker", {name})'
-    hosts = 'ifThenElse(isInteger(MaxHosts), string(MaxHosts), "?")'
     return [
-        "SUBMIT_REQUIREMENT_VmwrapOneNode = VmwrapImage is undefined || "
-        "(JobUniverse =!= 11 && (MaxHosts is undefined || MaxHosts <= 1))",
-        "SUBMIT_REQUIREMENT_VmwrapOneNode_REASON = " + _strcat(
-            "vmwrap: " + multi_node_refusal("universe = parallel, machine_count = {hosts}", VANILLA_HINT), hosts=hosts),
         # condor_submit -interactive: the session (condor_ssh_to_job) would start beside the VM, not in it.
         "SUBMIT_REQUIREMENT_VmwrapInteractive = VmwrapImage is undefined || InteractiveJob =!= true",
         'SUBMIT_REQUIREMENT_VmwrapInteractive_REASON = "vmwrap: interactive jobs (condor_submit -interactive) '
@@ -83,7 +78,7 @@ def universe_requirements() -> list[str]:
         "SUBMIT_REQUIREMENT_VmwrapUniverse = VmwrapImage is undefined || JobUniverse == 11 || "
         "(JobUniverse == 5 && WantDocker =!= true && WantContainer =!= true)",
         "SUBMIT_REQUIREMENT_VmwrapUniverse_REASON = " + _strcat(
-            "vmwrap: +VmwrapImage needs the vanilla universe (this job: universe = {name}): the VM is the job's "
+            "vmwrap: +VmwrapImage needs the vanilla or parallel universe (this job: universe = {name}): the VM is the job's "
             "whole environment; " + VANILLA_HINT, name=name),
     ]
 
@@ -109,7 +104,7 @@ def submit_side(settings: Settings, cached_rank: float = CACHED_RANK) -> str:
         # reason) or VmwrapRequeue (the node's fault: back to idle). The user's own on_exit_hold,
         # on_exit_hold_reason and on_exit_remove still apply, kept under Vmwrap* names.
         "JOB_TRANSFORM_VmwrapHold @=end",
-        "REQUIREMENTS JobUniverse == 5",
+        "REQUIREMENTS JobUniverse == 5 || JobUniverse == 11",
         "SET WantIOProxy true",
         "COPY OnExitHold VmwrapUserOnExitHold",
         "COPY OnExitHoldReason VmwrapUserOnExitHoldReason",
@@ -129,7 +124,7 @@ def submit_side(settings: Settings, cached_rank: float = CACHED_RANK) -> str:
         f"SET Rank {rank_expr(cached_rank)}",
         "@end",
         "SUBMIT_REQUIREMENT_NAMES = $(SUBMIT_REQUIREMENT_NAMES) VmwrapType VmwrapName VmwrapKnown VmwrapAllowed "
-        "VmwrapOneNode VmwrapUniverse VmwrapInteractive",
+        "VmwrapUniverse VmwrapInteractive",
         "SUBMIT_REQUIREMENT_VmwrapType = VmwrapImage is undefined || isString(VmwrapImage)",
         'SUBMIT_REQUIREMENT_VmwrapType_REASON = "vmwrap: +VmwrapImage must be a quoted image name, e.g. +VmwrapImage = \\"debian\\""',
         f'SUBMIT_REQUIREMENT_VmwrapName = VmwrapImage is undefined || regexp("^{pattern}$", VmwrapImage)',
@@ -192,5 +187,9 @@ def render_condor(settings: Settings, socket: str = SOCKET, wrapper: str | None 
         f"# holds to {socket}.cached, which the probe below publishes as VmwrapCachedImages:",
         f"#   vmwrap condor prestage --socket {socket}",
         f"# A node fault is kept in {socket}.fault until you remove it (the startd then matches VM jobs again).",
+        "# Parallel-universe VM jobs (one VM per node, joined by the job's network) need HTCondor's own",
+        "# dedicated scheduling on these startds, e.g.:",
+        '#   DedicatedScheduler = "DedicatedScheduler@<the schedd\'s Name>"',
+        "#   STARTD_ATTRS = $(STARTD_ATTRS) DedicatedScheduler",
         execute_side(socket, wrapper),
     ]) + "\n"
