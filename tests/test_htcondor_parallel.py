@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from harness.condor_pool import ROOT, VmwrapSite
+from harness.pbs_standin import node_agent
 from vmwrap import jobnet
 from vmwrap.errors import NodeError, UserError, VmwrapError
 from vmwrap_plugins.htcondor.facts import node_job_id, split_node_id
@@ -149,7 +150,7 @@ def test_every_node_runs_in_its_own_vm_and_they_talk_over_the_jobs_network(condo
 
 @needs_pool
 @pytest.mark.vm
-def test_condor_rm_takes_every_nodes_vm_and_the_network(condor):
+def test_a_nodes_vm_takes_its_users_shell_and_condor_rm_takes_every_vm_and_the_network(condor):
     cluster, d = _submit(condor, "#!/bin/sh\necho up $_CONDOR_PROCNO\nsleep 600\n")
     end = time.monotonic() + 180
     while time.monotonic() < end and not all((d / f"out.{k}").exists() and "up" in (d / f"out.{k}").read_text()
@@ -157,6 +158,20 @@ def test_condor_rm_takes_every_nodes_vm_and_the_network(condor):
         time.sleep(1)
     assert len(_vms(cluster)) == 2, (_vms(cluster), condor.logs())
     assert os.path.lexists(f"/sys/class/net/{jobnet.bridge_name(f'{cluster}.0')}")
+    # `vmwrap shell C.P.K`: node K's VM, for the job's user only (the node agent checks)
+    agent = node_agent(condor.cfg, condor.state)
+    try:
+        def shell(user: str) -> subprocess.CompletedProcess:
+            return subprocess.run(["runuser", "-u", user, "--", "vmwrap", "--config", str(condor.cfg), "shell",
+                                   f"{cluster}.0.1", "hostname; echo $_CONDOR_PROCNO"], capture_output=True,
+                                  text=True, timeout=60, stdin=subprocess.DEVNULL, cwd="/")
+        mine = shell(condor.user)
+        assert (mine.returncode, mine.stdout.split()) == (0, ["node1", "1"]), mine
+        other = shell("nobody")
+        assert other.returncode == 255 and "node1" not in other.stdout, other
+    finally:
+        agent.kill()
+        agent.wait()
     condor.pool.run("/usr/bin/condor_rm", str(cluster), user=condor.user, check=True)
     _gone(condor, cluster)
 
