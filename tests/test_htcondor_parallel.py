@@ -212,3 +212,38 @@ def test_a_parallel_job_started_again_follows_its_lost_checkpoint_policy(condor,
         said = (d / "out.0").read_text() + (d / "err.0").read_text()
         assert "starting the job again from the beginning" in said and "done 0" in said, said
     _gone(condor, cluster)
+
+
+# Bare twins (the parity harness's idea, docs/parity.md): the same parallel job with and without its
+# image, one after the other on the same pool; what the schedd and the user see of each node must match.
+PARITY = {
+    "exits": '[ "$_CONDOR_PROCNO" = 0 ] || { echo "out $_CONDOR_PROCNO/$_CONDOR_NPROCS"; echo "err 1" >&2; exit 5; }\n'
+             'sleep 4\necho "out 0/$_CONDOR_NPROCS"\necho "err 0" >&2\nexit 3\n',
+    "node0-killed-by-a-signal": '[ "$_CONDOR_PROCNO" = 0 ] || { echo started; sleep 600; echo never; }\n'
+                                'sleep 4\necho going\nkill -SEGV $$\n',
+}
+
+
+@needs_pool
+@pytest.mark.vm
+@pytest.mark.parametrize("case", sorted(PARITY))
+def test_a_parallel_vm_job_looks_like_its_bare_twin(condor, case):
+    seen = {}
+    for vm in (False, True):
+        d = condor.jobdir()
+        (d / "job.sh").write_text("#!/bin/sh\n" + PARITY[case])
+        os.chown(d / "job.sh", 1234, 1234)
+        (d / "job.sh").chmod(0o755)
+        cluster, r = condor.submit(d, "\n".join([
+            "universe = parallel", "executable = job.sh", "machine_count = 2", "request_memory = 256",
+            "should_transfer_files = NO", "output = out.$(Node)", "error = err.$(Node)", "log = log.txt",
+            *(['+VmwrapImage = "busybox"'] if vm else []), "queue", ""]))
+        assert cluster > 0, r.stdout + r.stderr
+        ad = condor.pool.wait_job(cluster, 0, (3, 4, 5), 240, ["ExitCode", "ExitBySignal", "ExitSignal", "HoldReason"])
+        seen[vm] = ({k: ad.get(k) for k in ("JobStatus", "ExitCode", "ExitBySignal", "ExitSignal", "HoldReason")},
+                    {f: (d / f).read_bytes() for f in ("out.0", "err.0", "out.1", "err.1")})
+        ran = condor.ledger(f"{cluster}.0") if (condor.state / "ledger.sqlite").exists() else []
+        assert ("created" in [e for e, _ in ran]) == vm
+        _gone(condor, cluster)
+    assert seen[False][0]["JobStatus"] == 4 and seen[False][1]["out.0"], seen[False]
+    assert seen[True] == seen[False]
