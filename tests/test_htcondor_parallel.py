@@ -46,8 +46,12 @@ def test_a_starter_is_the_node_its_slot_is_in_the_schedds_node_order():
         find_node(AD, "slot1_1", lambda h: False, "0")
     with pytest.raises(NodeError, match="names no slot"):
         find_node(AD, "slot1_1@x", local, "0")
+    with pytest.raises(UserError, match="_CONDOR_PROCNO"):
+        find_node(AD, "slot1_1", local, "\u00b9")                  # a digit to str.isdigit, not to int()
     with pytest.raises(NodeError, match="no node list"):
         find_node({**AD, "RemoteHosts": None}, "slot1_1", local, "0")
+    with pytest.raises(NodeError, match="no node list"):         # refused whole, never cut to a shorter list
+        find_node({**AD, "RemoteHosts": AD["RemoteHosts"] + "," + "x" * 70000 + "@h"}, "slot1_1", local, "0")
 
 
 def test_each_node_is_a_job_of_its_own_on_the_jobs_one_network(tmp_path, test_user):
@@ -65,6 +69,57 @@ def test_each_node_is_a_job_of_its_own_on_the_jobs_one_network(tmp_path, test_us
         with pytest.raises(UserError):
             split_node_id(bad)
     assert node_job_id("12.0", 0) == "12.0" and node_job_id("12.0", 2) == "12.0.2"
+
+
+def test_the_bridge_serves_one_request_per_vm_at_a_time(monkeypatch):
+    """A second request for the same VM waits for the first to end (then says it waited: the caller
+    verifies its job again); one for another VM does not; one still waiting after SERVE_WAIT goes back
+    to the queue (NodeError: requeue), never racing the first to boot."""
+    import threading
+
+    from vmwrap_plugins.htcondor import bridge
+
+    b = bridge.Bridge(settings=None, config_path=None, schedd=None)
+    order, first_in, release = [], threading.Event(), threading.Event()
+
+    def first():
+        with b._alone("7.0.1") as waited:
+            order.append(("first", waited))
+            first_in.set()
+            release.wait(10)
+        order.append("first out")
+
+    def second():
+        with b._alone("7.0.1") as waited:
+            order.append(("second", waited))
+
+    t1 = threading.Thread(target=first)
+    t1.start()
+    first_in.wait(10)
+    with b._alone("7.0") as waited:            # node 0 of the same job: its own VM, not held up
+        assert waited is False
+    t2 = threading.Thread(target=second)
+    t2.start()
+    t2.join(0.5)
+    assert t2.is_alive() and order == [("first", False)]
+    release.set()
+    t1.join(10)
+    t2.join(10)
+    assert order == [("first", False), "first out", ("second", True)] and not b._serving
+    monkeypatch.setattr(bridge, "SERVE_WAIT", 0.2)
+    with b._alone("7.0.1"):
+        t3_error = []
+
+        def third():
+            try:
+                with b._alone("7.0.1"):
+                    pass
+            except NodeError as e:
+                t3_error.append(str(e))
+        t3 = threading.Thread(target=third)
+        t3.start()
+        t3.join(5)
+    assert t3_error and "still being served on this node" in t3_error[0] and not b._serving
 
 
 def test_the_gc_keeps_the_nodes_of_a_job_the_schedd_still_has():
@@ -158,6 +213,11 @@ def test_a_nodes_vm_takes_its_users_shell_and_condor_rm_takes_every_vm_and_the_n
         time.sleep(1)
     assert len(_vms(cluster)) == 2, (_vms(cluster), condor.logs())
     assert os.path.lexists(f"/sys/class/net/{jobnet.bridge_name(f'{cluster}.0')}")
+    # What the bridge believes of the running job is the schedd's and the shadow's: not its owner's to edit
+    for attr, value in (("RemoteHosts", f'"slot1_1@node1@{os.uname().nodename},slot1_1@node1@{os.uname().nodename}"'),
+                        ("RemoteHost", '"slot9@elsewhere"'), ("CpusProvisioned", "64")):
+        r = condor.pool.run("/usr/bin/condor_qedit", str(cluster), attr, value, user=condor.user)
+        assert r.returncode != 0 and "protected attribute" in r.stdout + r.stderr, (attr, r)
     # `vmwrap shell C.P.K`: node K's VM, for the job's user only (the node agent checks)
     agent = node_agent(condor.cfg, condor.state)
     try:

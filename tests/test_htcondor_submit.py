@@ -43,6 +43,7 @@ def test_parallel_universe_vm_job_is_accepted_at_submit(condor):
 @pytest.mark.parametrize("universe, lines", [
     ("vm", ["universe = vm", "vm_type = kvm", "vm_memory = 256", "vm_disk = disk.img:vda:w"]),
     ("docker", ["universe = docker", "docker_image = debian"]),
+    ("docker", ["universe = parallel", "machine_count = 2", "+WantDocker = true"]),   # docker in disguise
     ("container", ["universe = container", "container_image = debian.sif"]),
     ("grid", ["universe = grid", "grid_resource = batch slurm"]),
     ("scheduler", ["universe = scheduler"]),

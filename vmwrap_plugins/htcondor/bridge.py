@@ -45,6 +45,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from vmwrap import domain, lifecycle, procs, rundir, safeio
@@ -63,6 +64,7 @@ MAX_CLIENTS_PER_UID = 16
 ANCESTRY_MAX = 32
 STARTER = "condor_starter"
 WATCH = 0.1             # s between looks at the wrapper's state
+SERVE_WAIT = 120.0      # s a request waits for an earlier one for the same VM to end
 
 
 class Refused(UserError):
@@ -187,6 +189,8 @@ class Bridge:
         self.schedd = schedd
         self.startds = list(startds or [])
         self.python = python
+        self._serving: dict[str, list] = {}   # per node job id: [its lock, requests holding or awaiting it]
+        self._serving_lock = threading.Lock()
 
     def _local(self, remote_host) -> bool:
         if not isinstance(remote_host, str):
@@ -240,7 +244,10 @@ class Bridge:
             adapter = HTCondor(job, err, fault_file=self.fault_file)
             # HTCondor starts a parallel job again from the beginning (all nodes): vmwrap saves none of its VMs
             adapter.saveable = node is None and isinstance(ad.get("Iwd"), str) and os.path.realpath(ad["Iwd"]) == work_dir
-            self.run(sock, pid, job_id, adapter, req, fds)
+            with self._alone(job_id) as waited:
+                if waited and self.verify(req["job"], uid, pid, req["env"].get("_CONDOR_PROCNO"))[1] != node:
+                    raise Refused(f"job {job_id}: its node changed while its request waited")  # verify: still running here
+                self.run(sock, pid, job_id, adapter, req, fds)
         except NodeError as e:  # e.g. the schedd did not answer: not the job's fault, nor proof of a bad node
             _reply(sock, {"requeue": hold_reason(str(e))})
         except VmwrapError as e:
@@ -302,6 +309,29 @@ class Bridge:
 
         threading.Thread(target=feed, daemon=True).start()
         return child, cw
+
+    @contextmanager
+    def _alone(self, job_id: str):
+        """One request per VM at a time, prolog to epilog: a second one for the same id (the next run
+        matched here while the last one's save still runs, or a user's second connection) waits for
+        the first, then starts from what it left; never two boots racing for one VM name, whose loser
+        would read as this node's fault. Still busy after SERVE_WAIT: back to the queue."""
+        with self._serving_lock:
+            entry = self._serving.setdefault(job_id, [threading.Lock(), 0])
+            entry[1] += 1   # requests holding or awaiting it: the last one out removes it
+        try:
+            waited = not entry[0].acquire(blocking=False)
+            if waited and not entry[0].acquire(timeout=SERVE_WAIT):
+                raise NodeError(f"job {job_id}: an earlier request for its VM is still being served on this node")
+            try:
+                yield waited
+            finally:
+                entry[0].release()
+        finally:
+            with self._serving_lock:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._serving[job_id]
 
     def vacating(self, job_id: str) -> bool:
         """The starter's SIGTERM is a vacate when the schedd still has the job running (condor_rm

@@ -60,13 +60,14 @@ def _restarts(ad: dict) -> int:
 
 PARALLEL = 11           # JobUniverse of universe = parallel
 SLOT_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+REMOTE_HOSTS_MAX = 1 << 16   # characters of a parallel job's RemoteHosts (refused whole above it, never cut)
 
 
 def remote_hosts(ad: dict) -> list[str]:
     """A parallel job's slots in node order (the schedd's RemoteHosts: node 0 first, as the dedicated
     scheduler numbers them; condor_ssh_to_job relies on the same order)."""
     v = ad.get("RemoteHosts")
-    hosts = [h.strip() for h in v[:65536].split(",")] if isinstance(v, str) else []
+    hosts = [h.strip() for h in v.split(",")] if isinstance(v, str) and len(v) <= REMOTE_HOSTS_MAX else []
     if not hosts or not all(h.count("@") >= 1 and h.rpartition("@")[2] for h in hosts):
         raise NodeError(f"the schedd gives parallel job {ad.get('ClusterId')}.{ad.get('ProcId')} no node list "
                         f"(RemoteHosts {str(v)[:80]!r})")
@@ -87,7 +88,7 @@ def find_node(ad: dict, slot: str, local, claimed) -> int:
     if not mine:
         raise UserError(f"parallel job {ad.get('ClusterId')}.{ad.get('ProcId')} has no node in slot {slot} of "
                         "this host")
-    if isinstance(claimed, str) and claimed.isdigit() and int(claimed) in mine:
+    if isinstance(claimed, str) and re.fullmatch(r"[0-9]{1,6}", claimed) and int(claimed) in mine:
         return int(claimed)
     raise UserError(f"parallel job {ad.get('ClusterId')}.{ad.get('ProcId')}: _CONDOR_PROCNO {str(claimed)[:12]!r} "
                     f"is none of its nodes in slot {slot} here ({', '.join(map(str, mine))})")
@@ -100,8 +101,9 @@ def parallel_plan(ad: dict, node: int) -> jobnet.Plan:
     hosts = [h.rpartition("@")[2] for h in remote_hosts(ad)]
     names = tuple(f"node{k}" for k in range(len(hosts)))
     jobnet.check_nodes(job, hosts)   # before asking the resolver about any of them
-    return jobnet.Plan(job, names, tuple(jobnet.resolve(hosts, f"parallel job {job}'s RemoteHosts")), node,
-                       peers_run_script=True)
+    unique = list(dict.fromkeys(hosts))   # several nodes per machine: each machine asked once
+    addr = dict(zip(unique, jobnet.resolve(unique, f"parallel job {job}'s RemoteHosts")))
+    return jobnet.Plan(job, names, tuple(addr[h] for h in hosts), node, peers_run_script=True)
 
 
 def job_from_ad(ad: dict, uid: int, work_dir: str, script: str = "", node: int | None = None) -> Job | None:

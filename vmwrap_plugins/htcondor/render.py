@@ -36,6 +36,7 @@ def _users_of(groups: list[str]) -> list[str]:
 
 
 CACHED_RANK = 1000
+TRUSTED_ATTRS = ("RemoteHost", "RemoteHosts", "CpusProvisioned", "MemoryProvisioned")
 
 # JobUniverse values other than vanilla (5) that condor_submit writes (condor_universe.h; seen with
 # condor_submit -dump on 23.9). docker and container jobs are vanilla (5) with WantDocker / WantContainer.
@@ -75,8 +76,8 @@ def universe_requirements() -> list[str]:
         'SUBMIT_REQUIREMENT_VmwrapInteractive_REASON = "vmwrap: interactive jobs (condor_submit -interactive) '
         'cannot run in a VM under HTCondor yet: submit the work as a batch job; condor_ssh_to_job does not '
         'enter its VM, vmwrap shell JOBID on its execute node does"',
-        "SUBMIT_REQUIREMENT_VmwrapUniverse = VmwrapImage is undefined || JobUniverse == 11 || "
-        "(JobUniverse == 5 && WantDocker =!= true && WantContainer =!= true)",
+        "SUBMIT_REQUIREMENT_VmwrapUniverse = VmwrapImage is undefined || "
+        "((JobUniverse == 5 || JobUniverse == 11) && WantDocker =!= true && WantContainer =!= true)",
         "SUBMIT_REQUIREMENT_VmwrapUniverse_REASON = " + _strcat(
             "vmwrap: +VmwrapImage needs the vanilla or parallel universe (this job: universe = {name}): the VM is the job's "
             "whole environment; " + VANILLA_HINT, name=name),
@@ -97,6 +98,10 @@ def submit_side(settings: Settings, cached_rank: float = CACHED_RANK) -> str:
     pattern = IMAGE_NAME.pattern.lstrip("^").rstrip("$")
     known = "{" + ", ".join(_classad_str(n) for n in names) + "}"
     lines = [
+        # What the node's bridge believes of a running job's ad, set by the schedd and the shadow: its
+        # owner may not condor_qedit or chirp them (only queue superusers, qmgmt.cpp SetAttribute).
+        # JobUniverse, Owner, ClusterId and ProcId are immutable already (SYSTEM_IMMUTABLE_JOB_ATTRS).
+        "PROTECTED_JOB_ATTRS = $(PROTECTED_JOB_ATTRS) " + " ".join(TRUSTED_ATTRS),
         "JOB_TRANSFORM_NAMES = $(JOB_TRANSFORM_NAMES) VmwrapHold Vmwrap",
         # Every vanilla job: one whose executable says `#VMWRAP --image=NAME` is known as a VM job only
         # on its node (the schedd never reads the executable), where a bad request must still hold it.
