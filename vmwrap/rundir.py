@@ -165,16 +165,22 @@ def check(meta: dict, job_id: str) -> dict:
     return meta
 
 
-def placement(run_dir: Path) -> tuple[int, int]:
-    """(this node's index, how many nodes) of the job whose run dir this is, as its job record (root's)
-    says: a multi-node job's VM name and whether it may be saved; (0, 1) without a record."""
+def _record(run_dir: Path) -> dict:
+    """The run dir's job record (root's job.json) as a mapping; {} when there is none or it is unreadable."""
     from . import safeio
 
     try:
         rec = json.loads(safeio.read_capped(Path(run_dir) / JOB, JOB_MAX) or b"{}")
-        k, n = rec.get("node_index", 0), rec.get("nodes", 1)
-    except (OSError, ValueError, AttributeError):
-        return 0, 1
+    except (OSError, ValueError):
+        return {}
+    return rec if isinstance(rec, dict) else {}
+
+
+def placement(run_dir: Path) -> tuple[int, int]:
+    """(this node's index, how many nodes) of the job whose run dir this is, as its job record (root's)
+    says: a multi-node job's VM name and whether it may be saved; (0, 1) without a record."""
+    rec = _record(run_dir)
+    k, n = rec.get("node_index", 0), rec.get("nodes", 1)
     ok = isinstance(k, int) and isinstance(n, int) and 0 <= k < n <= 1 << 20
     return (k, n) if ok else (0, 1)
 
@@ -182,12 +188,7 @@ def placement(run_dir: Path) -> tuple[int, int]:
 def network(run_dir: Path) -> str | None:
     """The id of the job network this node's VM joined, as its job record says, when it is not the
     node's own job id: HTCondor's parallel nodes each have a job id (`C.P.K`) but share `C.P`'s network."""
-    from . import safeio
-
-    try:
-        net = json.loads(safeio.read_capped(Path(run_dir) / JOB, JOB_MAX) or b"{}").get("network")
-    except (OSError, ValueError, AttributeError):
-        return None
+    net = _record(run_dir).get("network")
     return net if isinstance(net, str) and _NETWORK_ID.match(net) else None
 
 

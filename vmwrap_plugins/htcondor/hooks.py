@@ -125,8 +125,8 @@ def job_from_ad(ad: dict, uid: int, work_dir: str, script: str = "", node: int |
     pw = pwd.getpwuid(uid)
     restarts = _restarts(ad)
     plan = parallel_plan(ad, node) if node is not None else None
-    return Job(job_id=node_job_id(f"{cluster}.{proc}", node or 0), nodes=plan, scheduler=NAME, user=pw.pw_name, uid=uid, gid=pw.pw_gid,
-               work_dir=work_dir, script=script, cpus=_whole(_given(ad, "Cpus"), "request_cpus", 4096),
+    return Job(job_id=node_job_id(f"{cluster}.{proc}", node or 0), nodes=plan, scheduler=NAME, user=pw.pw_name,
+               uid=uid, gid=pw.pw_gid, work_dir=work_dir, script=script, cpus=_whole(_given(ad, "Cpus"), "request_cpus", 4096),
                memory_mib=_whole(_given(ad, "Memory"), "request_memory (MiB)", 1 << 24),
                image=image or req.image, restart_count=restarts,
                groups=[g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid])
@@ -220,7 +220,12 @@ class HTCondor:
             have = self.schedd.job_ids()
         except Exception:  # noqa: BLE001 (NodeError, or the bindings' own kinds)
             return lambda j: True
-        return lambda j: j in have or j.count(".") == 2 and j.rpartition(".")[0] in have  # a parallel job's node K
+        def queued(j: str) -> bool:   # a parallel job's node K (C.P.K) lives as long as its job C.P
+            try:
+                return split_node_id(j)[0] in have
+            except UserError:
+                return j in have
+        return queued
 
     def planned_starts(self) -> list[dict] | None:
         """HTCondor plans no start times: the schedd's idle VM jobs stand in, each on the startds
